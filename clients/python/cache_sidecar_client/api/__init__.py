@@ -1,0 +1,1 @@
+"""Generated API code (see proto/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated code for cachesidecar.v1 (see proto/generate.py)."""

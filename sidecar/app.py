@@ -1,0 +1,262 @@
+"""The daemon's lifecycle: wire config, database, engine, listener and gRPC
+server together, supervise the background tasks, and shut down cleanly.
+
+Start-up order matters for correctness: the tables start loading only once
+the listener's LISTEN is active (``Engine.listener_connected``), so no change
+can slip between the snapshot and the notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from sidecar import embedded, events, server, triggers
+from sidecar.barrier import Barrier
+from sidecar.config import Config, TableConfig, parse_table_name, redact_dsn, scrub
+from sidecar.db import CONNECTION_ERRORS, PgDatabase, connect_kwargs
+from sidecar.engine import Engine
+from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
+from sidecar.listener import Listener, backoff_delay
+from sidecar.schema import TableSchema
+
+log = logging.getLogger(__name__)
+
+
+def wants_embedded(config: Config, environ: dict[str, str] | None = None) -> bool:
+    """No database given anywhere (flag, file, CACHE_SIDECAR_*, PG*): use the embedded one."""
+    environ = dict(os.environ) if environ is None else environ
+    if config.embedded:
+        return True
+    return config.dsn is None and not any(environ.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
+
+
+class Daemon:
+    """One running sidecar. ``run()`` returns the process exit code."""
+
+    def __init__(self, config: Config, on_ready: Callable[[Daemon], None] | None = None) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.stop_event = asyncio.Event()
+        self.embedded: embedded.EmbeddedPostgres | None = None
+        self.db: PgDatabase | None = None
+        self.engine: Engine | None = None
+        self.listener: Listener | None = None
+        self.server: server.Server | None = None
+        self._health_dirty = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        try:
+            await self._start()
+        except SidecarError as exc:
+            log.error("%s", scrub(str(exc), self.config.dsn))
+            await self._close()
+            return 2 if isinstance(exc, ConfigError) else 1
+        try:
+            return await self._supervise()
+        finally:
+            await self._close()
+
+    # ---------------------------------------------------------------- start
+
+    async def _start(self) -> None:
+        config = self.config
+        if wants_embedded(config):
+            config = await self._start_embedded(config)
+        if not config.tables:
+            raise ConfigError(
+                "tables", "no tables configured: add [[tables]] to the config file or --table NAME"
+            )
+        log.info("connecting to %s", redact_dsn(config.dsn))
+        self.db = await self._connect_with_retry(config)
+        schemas = [await self.db.describe(table) for table in config.tables]
+        await self._check_triggers(config, schemas)
+
+        self.engine = engine = Engine.from_config(config, self.db, schemas)
+        db = self.db
+        engine.barrier = Barrier(lambda token: db.notify(config.channel, events.sync_payload(token)))
+        self.server = await server.start(engine, config.listen)
+        engine.on_state_change(self._health_dirty.set)
+        self.listener = Listener(
+            connect=lambda: asyncpg.connect(**connect_kwargs(config, "cache-sidecar-listener")),
+            channel=config.channel,
+            on_event=engine.handle,
+            on_up=engine.listener_connected,
+            on_down=engine.listener_lost,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            reconnect_min_delay=config.reconnect_min_delay,
+            reconnect_max_delay=config.reconnect_max_delay,
+        )
+        self.config = config
+        log.info(
+            "serving %s on %s",
+            ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
+            ", ".join(self.server.addresses),
+        )
+
+    async def _start_embedded(self, config: Config) -> Config:
+        self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
+        dsn = await asyncio.to_thread(self.embedded.start)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(embedded.DEMO_SQL)
+        finally:
+            await conn.close()
+        tables = config.tables
+        if not tables:
+            schema, name = parse_table_name(embedded.DEMO_TABLE)
+            tables = (TableConfig(schema=schema, name=name, mode="full"),)
+        return dataclasses.replace(config, dsn=dsn, tables=tables, install_triggers=True)
+
+    async def _connect_with_retry(self, config: Config) -> PgDatabase:
+        attempt = 0
+        while True:
+            try:
+                return await PgDatabase.connect(config)
+            except Unavailable as exc:
+                delay = backoff_delay(
+                    attempt, max(config.reconnect_min_delay, 0.5), config.reconnect_max_delay
+                )
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _check_triggers(self, config: Config, schemas: list[TableSchema]) -> None:
+        assert self.db is not None
+        sets = [triggers.TriggerSet(s, config.channel, config.bulk_threshold) for s in schemas]
+        async with self.db.pool.acquire() as conn:
+            if config.install_triggers:
+                changed = await triggers.install(conn, sets)
+                if changed:
+                    log.info("installed triggers on %s", ", ".join(changed))
+                return
+            for trigger_set in sets:
+                state = await triggers.installed_state(conn, trigger_set)
+                if state == "missing":
+                    raise SchemaError(
+                        f"table {trigger_set.schema.qualified} has no cache-sidecar triggers, so its "
+                        "cache could never learn of changes; run 'cache-sidecar triggers install' "
+                        "(or 'triggers sql' for a DBA) or start with --install-triggers"
+                    )
+                if state == "outdated":
+                    log.warning(
+                        "the triggers on %s differ from this configuration (channel, bulk threshold "
+                        "or version); run 'cache-sidecar triggers install' to update them",
+                        trigger_set.schema.qualified,
+                    )
+
+    # ---------------------------------------------------------------- run
+
+    async def _supervise(self) -> int:
+        assert self.listener is not None and self.server is not None
+        self._install_signal_handlers()
+        tasks = {
+            asyncio.create_task(self.listener.run(), name="listener"),
+            asyncio.create_task(self._follow_health(), name="health"),
+        }
+        stop = asyncio.create_task(self.stop_event.wait(), name="stop")
+        if self.on_ready is not None:
+            self.on_ready(self)
+        done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for task in done:
+            if task is stop:
+                continue
+            exc = task.exception()
+            if exc is not None:
+                log.critical("background task %s failed; exiting", task.get_name(), exc_info=exc)
+            else:
+                log.critical("background task %s ended unexpectedly; exiting", task.get_name())
+            code = 1
+        await self._shutdown(tasks | {stop})
+        return code
+
+    async def _follow_health(self) -> None:
+        assert self.server is not None and self.engine is not None
+        serving: bool | None = None
+        while True:
+            await self._health_dirty.wait()
+            self._health_dirty.clear()
+            ready = self.engine.ready
+            if ready != serving:
+                serving = ready
+                await self.server.set_serving(ready)
+                if ready:
+                    log.info(
+                        "ready: every table is loaded and the listener is up (revision %s)",
+                        self.engine.revision,
+                    )
+                else:
+                    log.warning("not serving from memory: %s", self._why_not_ready())
+
+    def _why_not_ready(self) -> str:
+        assert self.engine is not None
+        if not self.engine.listener_up:
+            return "listener down; reads go to the database"
+        loading = [name for name, table in self.engine.tables.items() if not table.loaded]
+        return f"loading {', '.join(loading)}"
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(1)
+        log.info(
+            "%s: shutting down (grace period %.0fs)", signal.Signals(signum).name, self.config.grace_period
+        )
+        self.stop_event.set()
+
+    async def _shutdown(self, tasks: set[asyncio.Task[Any]]) -> None:
+        assert self.server is not None
+        await self.server.set_serving(False)
+        # Stop accepting calls; in-flight calls get the grace period.
+        await self.server.grpc_server.stop(self.config.grace_period)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("stopped")
+
+    async def _close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.db.close(), 5)
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def call_with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work(conn)`` on one connection (for the ``triggers`` command)."""
+    try:
+        conn = await asyncpg.connect(**connect_kwargs(config, "cache-sidecar-cli"))
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(
+            f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
+        ) from None
+    except (asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError(
+            "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
+        ) from None
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()

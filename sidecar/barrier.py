@@ -1,0 +1,110 @@
+"""The read barrier: prove the cache reflects every commit that completed
+before a request began.
+
+A round sends ``pg_notify(<channel>, <token>)`` and waits for the token to
+come back on the LISTEN connection. PostgreSQL delivers notifications in
+commit order, so every change committed before the token was sent has been
+received by then; the round then waits until the engine has *applied*
+everything received up to the token (refetches included).
+
+Rounds are shared: callers that arrive while a round is in flight cannot use
+it (its token may predate their start), so they gather on the next round,
+which is sent as soon as the current one lands. However many callers there
+are, at most one token is in flight: no stampede onto the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from sidecar.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class _Round:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.sent = False
+        self.received_at: int | None = None  # the engine's seq when the token arrived
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+class Barrier:
+    """Coalescing read barrier over ``send`` (a NOTIFY) and the listener's tokens."""
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], timeout: float = 30.0) -> None:
+        self._send = send
+        self.timeout = timeout  # a round that takes longer than this fails (token lost?)
+        self._current: _Round | None = None  # sent, awaiting its token
+        self._next: _Round | None = None  # gathering callers, sent when current lands
+        self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(6)
+        self.rounds = 0
+
+    async def wait(self) -> None:
+        """Return once a round sent after this call began has completed."""
+        round_ = self._next
+        if round_ is None:
+            round_ = self._next = _Round(f"{self._prefix}-{next(self._ids)}")
+            if self._current is None:
+                self._launch()
+        await asyncio.shield(round_.done)
+
+    def _launch(self) -> None:
+        round_, self._next = self._next, None
+        if round_ is None:
+            return
+        self._current = round_
+        self.rounds += 1
+        asyncio.get_running_loop().create_task(self._run(round_), name=f"barrier {round_.token}")
+
+    async def _run(self, round_: _Round) -> None:
+        try:
+            await self._send(round_.token)
+            round_.sent = True
+            await asyncio.wait_for(asyncio.shield(round_.done), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not round_.done.done():
+                reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+                log.warning("read barrier round failed: %s", reason)
+                round_.done.set_exception(Unavailable(f"read barrier failed: {reason}"))
+        finally:
+            if self._current is round_:
+                self._current = None
+            self._launch()
+
+    # ---------------------------------------------------------- engine side
+
+    def token_received(self, token: str, seq: int) -> bool:
+        """The listener saw ``token`` at batch ``seq``; True if it was ours."""
+        round_ = self._current
+        if round_ is None or round_.token != token:
+            return False
+        round_.received_at = seq
+        return True
+
+    def applied(self, applied: int) -> None:
+        """The engine applied everything up to ``applied``."""
+        round_ = self._current
+        if (
+            round_ is not None
+            and round_.received_at is not None
+            and applied >= round_.received_at
+            and not round_.done.done()
+        ):
+            round_.done.set_result(None)
+
+    def fail_all(self, reason: str) -> None:
+        """The listener went down: tokens in flight will never arrive."""
+        for round_ in (self._current, self._next):
+            if round_ is not None and not round_.done.done():
+                round_.done.set_exception(Unavailable(f"read barrier impossible: {reason}"))
+        self._next = None

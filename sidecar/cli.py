@@ -1,0 +1,321 @@
+"""``cache-sidecar``: the command line. The only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar import config as cfg
+from sidecar.errors import ConfigError, SidecarError
+
+log = logging.getLogger("sidecar")
+
+DESCRIPTION = """\
+Keep PostgreSQL tables cached in memory, current from LISTEN/NOTIFY, and serve
+them over gRPC to every process of an application.
+
+With no database configured, 'serve' starts an embedded PostgreSQL with a demo
+table, so a first try needs no setup at all.
+"""
+
+SERVE_EPILOG = """\
+configuration (highest precedence first):
+  flags  >  CACHE_SIDECAR_* environment  >  TOML file (--config or
+  CACHE_SIDECAR_CONFIG)  >  defaults. The database may also come from the
+  standard PG* variables (PGHOST, PGUSER, PGPASSWORD, ...).
+
+settings (TOML key / environment variable):
+{settings}
+  tables / CACHE_SIDECAR_TABLES ("schema.table[:mode],...")
+      [[tables]] name, mode ("full" or "lazy"), max_rows, ttl_seconds, where
+
+examples:
+  cache-sidecar serve                          # embedded PostgreSQL + demo table
+  cache-sidecar serve --dsn postgresql://app@db/app --table public.patron \\
+      --table public.prices:lazy --install-triggers
+  cache-sidecar serve --config sidecar.toml --listen unix:///run/cache/grpc.sock
+"""
+
+
+def _settings_help() -> str:
+    lines = []
+    for setting in cfg.SETTINGS:
+        default = getattr(cfg.Config(), setting.attr)
+        lines.append(f"  {setting.key} / {setting.env}  (default: {default!r})\n      {setting.help}")
+    return "\n".join(lines)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    group.add_argument("--dsn", help="PostgreSQL DSN (default: PG* variables; serve: embedded PostgreSQL)")
+    group.add_argument(
+        "--table",
+        dest="tables",
+        action="append",
+        metavar="NAME[:MODE]",
+        help="cache this table (schema.table, mode full or lazy); repeatable, replaces the file's tables",
+    )
+    if serve:
+        group.add_argument(
+            "--listen",
+            action="append",
+            metavar="ADDRESS",
+            help="gRPC address, host:port or unix:///path; repeatable (default 127.0.0.1:50051)",
+        )
+        group.add_argument(
+            "--install-triggers",
+            action="store_true",
+            default=None,
+            help="install or update the tables' change triggers at start",
+        )
+        group.add_argument(
+            "--embedded",
+            action="store_true",
+            default=None,
+            help="use an embedded PostgreSQL even if PG* variables are set",
+        )
+        group.add_argument(
+            "--embedded-data-dir", metavar="DIR", help="keep the embedded cluster's data in DIR"
+        )
+        group.add_argument(
+            "--ping-interval",
+            type=float,
+            metavar="SECONDS",
+            help="ping the LISTEN connection after this much silence (default 5)",
+        )
+        group.add_argument(
+            "--grace-period",
+            type=float,
+            metavar="SECONDS",
+            help="time in-flight calls get on SIGTERM (default 10)",
+        )
+        group.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the effective configuration (secrets redacted) and exit",
+        )
+    group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+    group.add_argument("--channel", help="NOTIFY channel (default cache_sidecar)")
+    group.add_argument(
+        "--bulk-threshold",
+        type=int,
+        metavar="ROWS",
+        help="rows per statement above which triggers send one whole-table event",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cache-sidecar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"cache-sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon: load the tables, follow changes, serve gRPC.",
+        epilog=SERVE_EPILOG.format(settings=_settings_help()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_flags(serve, serve=True)
+
+    trig = commands.add_parser(
+        "triggers",
+        help="print, install or remove the change triggers",
+        description="Manage the triggers that send a NOTIFY on every committed change of a cached table. "
+        "'sql' prints the script for review (nothing is changed); install is idempotent; uninstall "
+        "removes exactly what install created.",
+    )
+    trig.add_argument("action", choices=("sql", "install", "uninstall"))
+    trig.add_argument(
+        "--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead"
+    )
+    _add_config_flags(trig, serve=False)
+
+    get = commands.add_parser(
+        "get",
+        help="read rows through a running sidecar",
+        description="Read one row by key (one value per key column) and print it as JSON.",
+    )
+    get.add_argument("table", help="schema.table")
+    get.add_argument("key", nargs="+", help="key part(s), in primary-key column order")
+    get.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    get.add_argument("--strong", action="store_true", help="pass the read barrier first")
+
+    tables = commands.add_parser("tables", help="list a running sidecar's tables")
+    tables.add_argument(
+        "--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)"
+    )
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "database.dsn": args.dsn,
+        "database.embedded": getattr(args, "embedded", None),
+        "database.embedded_data_dir": getattr(args, "embedded_data_dir", None),
+        "server.listen": getattr(args, "listen", None),
+        "server.install_triggers": getattr(args, "install_triggers", None),
+        "server.grace_period": getattr(args, "grace_period", None),
+        "listener.ping_interval": getattr(args, "ping_interval", None),
+        "listener.channel": args.channel,
+        "triggers.bulk_threshold": args.bulk_threshold,
+        "logging.level": args.log_level,
+        "tables": args.tables,
+    }
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("get", "tables"):
+        return _client_command(args)
+    try:
+        config = cfg.load(
+            args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr)
+        )
+    except ConfigError as exc:
+        print(f"cache-sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(config.log_level)
+    if args.command == "serve":
+        if args.print_config:
+            print("\n".join(cfg.describe(config)))
+            return 0
+        return _serve(config)
+    return _triggers(config, args)
+
+
+def _serve(config: cfg.Config) -> int:
+    from sidecar.app import Daemon
+
+    log.info("cache-sidecar %s starting", __version__)
+
+    def announce(daemon: Daemon) -> None:
+        if daemon.embedded is not None and daemon.server is not None:
+            _print_demo_banner(daemon)
+
+    try:
+        return asyncio.run(Daemon(config, on_ready=announce).run())
+    except KeyboardInterrupt:  # a signal before handlers were installed
+        return 130
+
+
+def _print_demo_banner(daemon: Any) -> None:
+    import shlex
+
+    target = next(
+        (a for a in daemon.server.addresses if not a.startswith("unix:")), daemon.server.addresses[0]
+    )
+    me = sys.argv[0] if sys.argv[0].endswith("cache-sidecar") else f"{sys.executable} -m sidecar"
+    psql = f"{shlex.quote(daemon.embedded.psql)} {shlex.quote(daemon.config.dsn)}"
+    print(
+        f"""
+  cache-sidecar is serving the demo table public.patron from an embedded PostgreSQL.
+
+    gRPC      {target}
+    database  {daemon.config.dsn}
+
+  Try it from another terminal:
+    {me} get public.patron 1 --target {target}
+    {psql} -c "UPDATE patron SET fav_dish = 'waffles' WHERE id = 1"
+    {me} get public.patron 1 --target {target}     # the cache followed
+
+  Stop with Ctrl-C.
+""",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
+    from sidecar import triggers
+    from sidecar.app import call_with_db
+    from sidecar.db import describe_table
+
+    if not config.tables:
+        print(
+            "cache-sidecar: error: config tables: no tables configured (--table NAME or [[tables]])",
+            file=sys.stderr,
+        )
+        return 2
+    if config.dsn is None and not _pg_env():
+        print(
+            "cache-sidecar: error: config database.dsn: no database given (--dsn or PG* variables)",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def work(conn: Any) -> int:
+        sets = [
+            triggers.TriggerSet(await describe_table(conn, table), config.channel, config.bulk_threshold)
+            for table in config.tables
+        ]
+        if args.action == "sql":
+            print(triggers.script(sets, uninstall=args.uninstall_sql), end="")
+        elif args.action == "install":
+            changed = await triggers.install(conn, sets)
+            print(f"installed: {', '.join(changed)}" if changed else "already installed: nothing to do")
+        else:
+            changed = await triggers.uninstall(conn, sets)
+            print(f"removed: {', '.join(changed)}" if changed else "not installed: nothing to do")
+        return 0
+
+    try:
+        return asyncio.run(call_with_db(config, work))
+    except SidecarError as exc:
+        print(f"cache-sidecar: error: {cfg.scrub(str(exc), config.dsn)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _pg_env() -> bool:
+    import os
+
+    return any(os.environ.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sidecar.api.v1 import cache_pb2 as pb
+    from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.CacheStub(channel)
+        try:
+            if args.command == "tables":
+                listing = stub.ListTables(pb.ListTablesRequest(), timeout=10)
+                for t in listing.tables:
+                    keys = ", ".join(f"{c.name} {c.type}" for c in t.key_columns)
+                    mode = pb.TableMode.Name(t.mode).lower()
+                    print(f"{t.name}\t{mode}\trows={t.row_count}\tloaded={t.loaded}\tkey=({keys})")
+                print(f"revision {listing.revision.epoch}/{listing.revision.number}")
+                return 0
+            options = pb.ReadOptions(consistency=pb.STRONG if args.strong else pb.EVENTUAL)
+            key = pb.Key(parts=[pb.KeyPart(string_value=part) for part in args.key])
+            reply = stub.Get(pb.GetRequest(table=args.table, key=key, options=options), timeout=10)
+        except grpc.RpcError as exc:
+            print(f"cache-sidecar: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if not reply.found:
+        print("not found", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(reply.row), indent=2))
+    return 0

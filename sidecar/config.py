@@ -1,0 +1,556 @@
+"""Configuration: one frozen, validated object from defaults, a TOML file, the
+environment and flags (in rising order of precedence).
+
+Every setting is declared once in ``SETTINGS``: its TOML key, type, default,
+environment variable and help text, so the file, the environment, ``--help``
+and the README cannot drift apart. Errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "CACHE_SIDECAR_"
+DEFAULT_LISTEN = ("127.0.0.1:50051",)
+TableMode = Literal["full", "lazy"]
+TABLE_MODES: tuple[TableMode, ...] = ("full", "lazy")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One cached table."""
+
+    schema: str
+    name: str
+    mode: TableMode = "full"
+    max_rows: int = 100_000
+    ttl_seconds: float | None = None
+    where: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        """The table's name as the API spells it: ``schema.table``."""
+        return qualified_name(self.schema, self.name)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's whole configuration (see ``SETTINGS`` for each field's meaning)."""
+
+    dsn: str | None = None
+    embedded: bool = False
+    embedded_data_dir: str | None = None
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    connect_timeout: float = 10.0
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    install_triggers: bool = False
+    max_batch_keys: int = 1000
+    grace_period: float = 10.0
+    channel: str = "cache_sidecar"
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    reconnect_min_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    bulk_threshold: int = 1000
+    refetch_batch_size: int = 500
+    refetch_concurrency: int = 2
+    log_level: str = "info"
+    tables: tuple[TableConfig, ...] = field(default_factory=tuple)
+
+    def table(self, qualified: str) -> TableConfig:
+        for table in self.tables:
+            if table.qualified == qualified:
+                return table
+        raise KeyError(qualified)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A scalar setting: where it lives in the file, its flag, and how to parse it."""
+
+    key: str  # dotted TOML key, e.g. "server.listen"
+    attr: str  # Config field
+    kind: str  # str | int | float | bool | list
+    help: str
+    flag: str | None = None
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.replace(".", "_").upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "database.dsn",
+        "dsn",
+        "str",
+        "PostgreSQL DSN (libpq URL or key=value). Without it "
+        "(and without PGHOST/PGDATABASE) an embedded PostgreSQL is started.",
+        flag="--dsn",
+        secret=True,
+    ),
+    Setting(
+        "database.embedded",
+        "embedded",
+        "bool",
+        "Start an embedded PostgreSQL with a demo table (needs the 'embedded' extra).",
+        flag="--embedded",
+    ),
+    Setting(
+        "database.embedded_data_dir",
+        "embedded_data_dir",
+        "str",
+        "Keep the embedded cluster's data here (default: a temporary directory).",
+        flag="--embedded-data-dir",
+    ),
+    Setting("database.pool_min_size", "pool_min_size", "int", "Query pool: minimum connections.", minimum=0),
+    Setting("database.pool_max_size", "pool_max_size", "int", "Query pool: maximum connections.", minimum=1),
+    Setting(
+        "database.connect_timeout",
+        "connect_timeout",
+        "float",
+        "Seconds to wait for a database connection.",
+        minimum=0.1,
+    ),
+    Setting(
+        "server.listen",
+        "listen",
+        "list",
+        "gRPC listen address (host:port or unix:///path); "
+        "repeatable. Binding all interfaces (0.0.0.0) must be asked for explicitly.",
+        flag="--listen",
+    ),
+    Setting(
+        "server.install_triggers",
+        "install_triggers",
+        "bool",
+        "Install (or update) the change triggers of the cached tables at start.",
+        flag="--install-triggers",
+    ),
+    Setting(
+        "server.max_batch_keys", "max_batch_keys", "int", "Most keys one BatchGet may ask for.", minimum=1
+    ),
+    Setting(
+        "server.grace_period",
+        "grace_period",
+        "float",
+        "Seconds in-flight calls get to finish on SIGTERM.",
+        flag="--grace-period",
+        minimum=0,
+    ),
+    Setting("listener.channel", "channel", "str", "NOTIFY channel the triggers send on."),
+    Setting(
+        "listener.ping_interval",
+        "ping_interval",
+        "float",
+        "Seconds of silence after which the LISTEN connection is pinged.",
+        flag="--ping-interval",
+        minimum=0.05,
+    ),
+    Setting(
+        "listener.ping_timeout",
+        "ping_timeout",
+        "float",
+        "Seconds a ping may take before the LISTEN connection is declared dead.",
+        minimum=0.05,
+    ),
+    Setting(
+        "listener.reconnect_min_delay",
+        "reconnect_min_delay",
+        "float",
+        "First reconnect backoff, seconds (doubles per failure, with jitter).",
+        minimum=0,
+    ),
+    Setting(
+        "listener.reconnect_max_delay",
+        "reconnect_max_delay",
+        "float",
+        "Reconnect backoff cap, seconds.",
+        minimum=0,
+    ),
+    Setting(
+        "triggers.bulk_threshold",
+        "bulk_threshold",
+        "int",
+        "Rows changed by one statement above which the trigger sends one whole-table event instead of keys.",
+        minimum=1,
+    ),
+    Setting(
+        "cache.refetch_batch_size",
+        "refetch_batch_size",
+        "int",
+        "Most keys refetched by one query.",
+        minimum=1,
+    ),
+    Setting(
+        "cache.refetch_concurrency",
+        "refetch_concurrency",
+        "int",
+        "Refetch queries in flight at once, per table.",
+        minimum=1,
+    ),
+    Setting(
+        "logging.level",
+        "log_level",
+        "str",
+        "Log level.",
+        flag="--log-level",
+        choices=("debug", "info", "warning", "error"),
+    ),
+)
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+TABLE_KEYS = {"name", "mode", "max_rows", "ttl_seconds", "where"}
+TABLES_ENV = ENV_PREFIX + "TABLES"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Config:
+    """Build the configuration: defaults < file < environment < flags.
+
+    ``flags`` maps setting keys (``"server.listen"``) and ``"tables"`` to
+    already-typed values; ``None`` values mean "not given".
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    tables: list[TableConfig] | None = None
+
+    path = path or env.get(CONFIG_ENV) or None
+    if path is not None:
+        file_values, tables = _read_file(Path(path))
+        values.update(file_values)
+
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is not None:
+            values[setting.attr] = _parse_env(setting, raw)
+    if env.get(TABLES_ENV):
+        tables = [parse_table_spec(spec, TABLES_ENV) for spec in _split_list(env[TABLES_ENV])]
+    known = {s.env for s in SETTINGS} | {TABLES_ENV, CONFIG_ENV}
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known and warn is not None:
+            warn(f"ignoring unknown environment variable {name}")
+
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key == "tables":
+            tables = [parse_table_spec(spec, "--table") for spec in value]
+            continue
+        setting = SETTINGS_BY_KEY[key]
+        values[setting.attr] = _check(setting, value, setting.flag or key)
+
+    if tables is not None:
+        values["tables"] = tuple(tables)
+    config = Config(**values)
+    _validate(config)
+    return config
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], list[TableConfig] | None]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+
+    values: dict[str, Any] = {}
+    tables: list[TableConfig] | None = None
+    for section, content in data.items():
+        if section == "tables":
+            tables = _read_tables(content)
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(section, "unknown key (settings live in sections such as [server])")
+        for name, value in content.items():
+            key = f"{section}.{name}"
+            setting = SETTINGS_BY_KEY.get(key)
+            if setting is None:
+                raise ConfigError(key, f"unknown key{_suggest(key)}")
+            values[setting.attr] = _check(setting, value, key)
+    return values, tables
+
+
+def _read_tables(content: Any) -> list[TableConfig]:
+    if not isinstance(content, list):
+        raise ConfigError("tables", "must be an array of tables ([[tables]])")
+    tables = []
+    for index, entry in enumerate(content):
+        where = f"tables[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table with at least 'name'")
+        for name in entry:
+            if name not in TABLE_KEYS:
+                raise ConfigError(f"{where}.{name}", f"unknown key (known: {', '.join(sorted(TABLE_KEYS))})")
+        if "name" not in entry:
+            raise ConfigError(f"{where}.name", "is required")
+        tables.append(_table_from_dict(entry, where))
+    return tables
+
+
+def _table_from_dict(entry: Mapping[str, Any], where: str) -> TableConfig:
+    name = entry["name"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name", "must be a string like 'public.patron'")
+    schema, table = parse_table_name(name, f"{where}.name")
+    mode = entry.get("mode", "full")
+    if mode not in TABLE_MODES:
+        raise ConfigError(f"{where}.mode", f"must be one of {', '.join(TABLE_MODES)}, not {mode!r}")
+    max_rows = entry.get("max_rows", 100_000)
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        raise ConfigError(f"{where}.max_rows", f"must be a positive integer, not {max_rows!r}")
+    ttl = entry.get("ttl_seconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
+        raise ConfigError(f"{where}.ttl_seconds", f"must be a positive number, not {ttl!r}")
+    where_sql = entry.get("where")
+    if where_sql is not None and (not isinstance(where_sql, str) or not where_sql.strip()):
+        raise ConfigError(f"{where}.where", "must be a non-empty SQL condition")
+    if mode == "full" and ("max_rows" in entry or ttl is not None):
+        raise ConfigError(where, "max_rows and ttl_seconds apply to mode = 'lazy' only")
+    return TableConfig(
+        schema=schema,
+        name=table,
+        mode=mode,
+        max_rows=max_rows,
+        ttl_seconds=float(ttl) if ttl is not None else None,
+        where=where_sql,
+    )
+
+
+def parse_table_spec(spec: str, where: str) -> TableConfig:
+    """``schema.table[:full|lazy]``, as given to ``--table`` or CACHE_SIDECAR_TABLES."""
+    name, _, mode = spec.strip().rpartition(":") if _has_mode(spec) else (spec.strip(), "", "")
+    entry: dict[str, Any] = {"name": name}
+    if mode:
+        entry["mode"] = mode
+    return _table_from_dict(entry, f"{where} {spec!r}")
+
+
+def _has_mode(spec: str) -> bool:
+    return bool(re.search(r":[A-Za-z]+\s*$", spec)) and not spec.rstrip().endswith('"')
+
+
+def _parse_env(setting: Setting, raw: str) -> Any:
+    where = f"{setting.env} ({setting.key})"
+    value: Any
+    if setting.kind == "list":
+        value = _split_list(raw)
+    elif setting.kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            value = True
+        elif lowered in ("0", "false", "no", "off", ""):
+            value = False
+        else:
+            raise ConfigError(where, f"must be true or false, not {raw!r}")
+    elif setting.kind in ("int", "float"):
+        try:
+            value = int(raw) if setting.kind == "int" else float(raw)
+        except ValueError:
+            raise ConfigError(
+                where, f"must be a{'n integer' if setting.kind == 'int' else ' number'}, not {raw!r}"
+            ) from None
+    else:
+        value = raw
+    return _check(setting, value, where)
+
+
+def _check(setting: Setting, value: Any, where: str) -> Any:
+    """Type- and range-check one value; return it in the Config field's type."""
+    kind = setting.kind
+    shown = "a value" if setting.secret else repr(value)
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(where, f"must be a list of strings, not {shown}")
+        if not value:
+            raise ConfigError(where, "must not be empty")
+        return tuple(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"must be true or false, not {shown}")
+        return value
+    if kind in ("int", "float"):
+        ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
+        if not ok or isinstance(value, bool):
+            raise ConfigError(where, f"must be a{'n integer' if kind == 'int' else ' number'}, not {shown}")
+        if setting.minimum is not None and value < setting.minimum:
+            raise ConfigError(where, f"must be at least {setting.minimum:g}, not {value}")
+        return int(value) if kind == "int" else float(value)
+    if not isinstance(value, str):
+        raise ConfigError(where, f"must be a string, not {shown}")
+    if setting.choices is not None and value.lower() not in setting.choices:
+        raise ConfigError(where, f"must be one of {', '.join(setting.choices)}, not {value!r}")
+    return value.lower() if setting.choices is not None else value
+
+
+def _validate(config: Config) -> None:
+    for address in config.listen:
+        parse_listen_address(address)
+    if config.pool_min_size > config.pool_max_size:
+        raise ConfigError("database.pool_min_size", "must not exceed database.pool_max_size")
+    if config.reconnect_min_delay > config.reconnect_max_delay:
+        raise ConfigError("listener.reconnect_min_delay", "must not exceed listener.reconnect_max_delay")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", config.channel):
+        raise ConfigError("listener.channel", f"must be a plain identifier, not {config.channel!r}")
+    seen: set[str] = set()
+    for table in config.tables:
+        if table.qualified in seen:
+            raise ConfigError("tables", f"{table.qualified} is configured twice")
+        seen.add(table.qualified)
+
+
+def _split_list(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SETTINGS_BY_KEY), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# ---------------------------------------------------------------- names
+
+
+_IDENT = r'(?:"(?:[^"]|"")+"|[^."\s]+)'
+
+
+def parse_table_name(text: str, where: str = "table") -> tuple[str, str]:
+    """Split ``schema.table`` the way PostgreSQL reads it: unquoted parts fold
+    to lower case, quoted parts are exact; the schema defaults to ``public``."""
+    match = re.fullmatch(rf"\s*(?:({_IDENT})\.)?({_IDENT})\s*", text)
+    if match is None:
+        raise ConfigError(where, f"{text!r} is not a table name like 'public.patron'")
+    schema_part, table_part = match.groups()
+    return (_unquote(schema_part) if schema_part else "public"), _unquote(table_part)
+
+
+def _unquote(part: str) -> str:
+    if part.startswith('"'):
+        return part[1:-1].replace('""', '"')
+    return part.lower()
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for SQL, always (safe for any name)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name(schema: str, table: str) -> str:
+    """``schema.table`` for display and API lookups, quoting only where needed."""
+    return f"{_display(schema)}.{_display(table)}"
+
+
+def _display(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
+
+
+# ---------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A parsed ``server.listen`` entry."""
+
+    text: str
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def all_interfaces(self) -> bool:
+        return self.host in ("0.0.0.0", "::", "[::]", "")
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix://") if text.startswith("unix://") else text.removeprefix("unix:")
+        if not path:
+            raise ConfigError("server.listen", f"{text!r} has no socket path")
+        return ListenAddress(text=text, unix_path=path)
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d+)", text)
+    if match is None:
+        raise ConfigError("server.listen", f"{text!r} is not host:port or unix:///path")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ConfigError("server.listen", f"{text!r}: port must be 0-65535")
+    return ListenAddress(text=text, host=match.group(1), port=port)
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def redact_dsn(dsn: str | None) -> str:
+    """The DSN with any password replaced, safe to log."""
+    if not dsn:
+        return "(PG* environment)"
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            user, colon, password = userinfo.partition(":")
+            if password:
+                userinfo = f"{user}:***"
+            elif colon:
+                userinfo = user
+            netloc = f"{userinfo}@{hostinfo}"
+        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def scrub(text: str, dsn: str | None) -> str:
+    """Remove the DSN's password from any message (e.g. a driver error)."""
+    if not dsn:
+        return text
+    password: str | None = None
+    if "://" in dsn:
+        password = urlsplit(dsn).password
+    else:
+        match = re.search(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+        password = match.group(1).strip("'") if match else None
+    text = text.replace(dsn, redact_dsn(dsn))
+    return text.replace(password, "***") if password else text
+
+
+def describe(config: Config) -> Sequence[str]:
+    """Lines describing the effective configuration, secrets redacted."""
+    lines = []
+    for setting in SETTINGS:
+        value = getattr(config, setting.attr)
+        if setting.secret:
+            value = redact_dsn(value) if value else None
+        lines.append(f"{setting.key} = {value!r}")
+    for table in config.tables:
+        lines.append(f"table {table.qualified} mode={table.mode}")
+    return lines

@@ -1,0 +1,374 @@
+"""The cache core: routes change events to the tables, numbers transaction
+batches, tracks revisions and serves reads, with no gRPC and no SQL in sight.
+
+Reads are answered from a table's memory only while the listener is up and
+the table is loaded. Otherwise they go to the database (correct, slower, not
+cached) -- notifications may be missing, so memory cannot be trusted -- and
+fail with ``Unavailable`` if the database is unreachable too, unless the
+caller allows stale answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.barrier import Barrier
+from sidecar.cache import (
+    FETCH_ERRORS,
+    Flights,
+    FullTable,
+    LazyTable,
+    Row,
+    TableCache,
+    await_all,
+    release_waiters,
+)
+from sidecar.config import Config, parse_table_name, qualified_name
+from sidecar.db import Database
+from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, Unavailable, UnknownTable
+from sidecar.events import Event, RowChange, SyncToken, TableChange
+from sidecar.keys import Key, coerce_key, key_text
+from sidecar.schema import TableSchema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    epoch: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}/{self.number}"
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    ignored: int = 0  # events for tables this sidecar does not cache
+    bad_keys: int = 0  # keys that did not fit their columns (degraded to whole-table)
+    passthrough_reads: int = 0
+    stale_reads: int = 0
+
+
+class Engine:
+    """Tables, the batch sequence, revisions and the read path."""
+
+    def __init__(
+        self,
+        db: Database,
+        schemas: Sequence[TableSchema],
+        *,
+        max_batch_keys: int = 1000,
+        refetch_batch_size: int = 500,
+        refetch_concurrency: int = 2,
+    ) -> None:
+        self.db = db
+        self.max_batch_keys = max_batch_keys
+        self.epoch = new_epoch()
+        self.seq = 0  # transaction batches received (and sidecar-made batches)
+        self.applied = 0  # every batch <= applied is reflected in every table
+        self.listener_up = False
+        self.stats = EngineStats()
+        self._open_xid: int | None = None
+        self._batch_open = False
+        self._state_listeners: list[Callable[[], None]] = []
+        self._was_ready = False
+        self._connected_before = False
+        self._passthrough = Flights()
+        self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
+        self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
+        self._past_epochs: set[str] = set()
+        self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.tables: dict[str, TableCache] = {}
+        self._by_pg_name: dict[tuple[str, str], TableCache] = {}
+        for schema in schemas:
+            table: TableCache
+            if schema.config.mode == "full":
+                table = FullTable(
+                    schema,
+                    db,
+                    current_seq=lambda: self.seq,
+                    on_progress=self._progress,
+                    batch_size=refetch_batch_size,
+                    concurrency=refetch_concurrency,
+                )
+            else:
+                table = LazyTable(
+                    schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds
+                )
+            self.tables[schema.qualified] = table
+            self._by_pg_name[(schema.config.schema, schema.config.name)] = table
+
+    @classmethod
+    def from_config(cls, config: Config, db: Database, schemas: Sequence[TableSchema]) -> Engine:
+        return cls(
+            db,
+            schemas,
+            max_batch_keys=config.max_batch_keys,
+            refetch_batch_size=config.refetch_batch_size,
+            refetch_concurrency=config.refetch_concurrency,
+        )
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def revision(self) -> Revision:
+        return Revision(self.epoch, self.applied)
+
+    @property
+    def ready(self) -> bool:
+        """Serving from memory: the listener is up and every table is loaded."""
+        return self.listener_up and all(t.loaded for t in self.tables.values())
+
+    def on_state_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``ready`` may have changed."""
+        self._state_listeners.append(callback)
+
+    def _state_changed(self) -> None:
+        ready = self.ready
+        if ready == self._was_ready:
+            return
+        self._was_ready = ready
+        for callback in self._state_listeners:
+            callback()
+
+    def _progress(self) -> None:
+        oldest = self.seq + 1
+        if self._batch_open:
+            oldest = self.seq
+        for table in self.tables.values():
+            low = table.low_water()
+            if low is not None and low < oldest:
+                oldest = low
+        applied = oldest - 1
+        if applied > self.applied:
+            self.applied = applied
+            if self._revision_waiters:
+                self._revision_waiters = release_waiters(self._revision_waiters, applied)
+        if self.barrier is not None:
+            self.barrier.applied(self.applied)
+        self._state_changed()
+
+    # ------------------------------------------------------------ listener side
+
+    def listener_connected(self) -> None:
+        """LISTEN is active: (re)build every table, in a new epoch.
+
+        Notifications sent while no connection listened are lost, so memory
+        is rebuilt from scratch: full tables reload, lazy tables empty.
+        """
+        if self._connected_before:
+            self._past_epochs.add(self.epoch)
+            self.epoch = new_epoch()
+            log.info("rebuilding every table after reconnect (new epoch %s)", self.epoch)
+        self._connected_before = True
+        self.seq += 1
+        self._batch_open = False
+        self._open_xid = None
+        self.listener_up = True
+        for table in self.tables.values():
+            table.rebuild(self.seq)
+        self._progress()
+
+    def listener_lost(self, reason: str) -> None:
+        self.listener_up = False
+        if self.barrier is not None:
+            self.barrier.fail_all(f"listener down ({reason})")
+        self._state_changed()
+
+    def handle(self, event: Event) -> None:
+        """Apply one parsed notification (called synchronously by the listener)."""
+        if isinstance(event, SyncToken):
+            if self.barrier is not None and self.barrier.token_received(event.token, self.seq):
+                self._progress()
+            return
+        table = self._by_pg_name.get((event.schema, event.table))
+        if table is None:
+            self.stats.ignored += 1
+            return
+        self.stats.events += 1
+        seq = self._batch_seq(event.xid)
+        if isinstance(event, TableChange):
+            log.debug("%s: whole table changed (%s)", table.schema.qualified, event.reason)
+            table.changed_all(seq)
+        elif isinstance(event, RowChange):
+            columns = table.schema.key_columns
+            try:
+                keys = [coerce_key(columns, parts) for parts in event.keys]
+                keys += [coerce_key(columns, parts) for parts in event.old_keys]
+            except InvalidKey as exc:
+                # Never guess: a key we cannot read could be any row.
+                self.stats.bad_keys += 1
+                log.warning(
+                    "%s: unreadable key in notification (%s); reloading the table",
+                    table.schema.qualified,
+                    exc,
+                )
+                table.changed_all(seq)
+            else:
+                table.changed(keys, seq)
+        self._progress()
+
+    def _batch_seq(self, xid: int) -> int:
+        """The batch an event belongs to: consecutive events of one transaction
+        share one, until the loop iteration that received them ends."""
+        if self._batch_open and self._open_xid == xid:
+            return self.seq
+        self.seq += 1
+        self._open_xid = xid
+        if not self._batch_open:
+            self._batch_open = True
+            asyncio.get_running_loop().call_soon(self._close_batch)
+        return self.seq
+
+    def _close_batch(self) -> None:
+        self._batch_open = False
+        self._progress()
+
+    # ------------------------------------------------------------ consistency
+
+    async def sync(self) -> Revision:
+        """Read barrier: every commit completed before this call is applied."""
+        if not self.listener_up or self.barrier is None:
+            raise Unavailable("the listener is down; the cache cannot be brought up to date now")
+        await self.barrier.wait()
+        return self.revision
+
+    async def wait_revision(self, epoch: str, number: int) -> None:
+        """Wait until the cache has reached ``(epoch, number)``."""
+        if epoch == self.epoch:
+            if self.applied >= number:
+                return
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._revision_waiters.append((number, future))
+            await future
+            return
+        if epoch in self._past_epochs:
+            return  # rebuilt since: newer than anything of that epoch
+        # Another process's (or a previous run's) revision: prove freshness instead.
+        if self.listener_up:
+            await self.sync()
+
+    async def prepare_read(self, strong: bool, min_revision: Revision | None) -> None:
+        """Honour read options before answering (see ReadOptions in the API)."""
+        if strong and self.listener_up:
+            await self.sync()
+        if min_revision is not None:
+            await self.wait_revision(min_revision.epoch, min_revision.number)
+
+    # ------------------------------------------------------------ reads
+
+    def table(self, name: str) -> TableCache:
+        table = self.tables.get(name)
+        if table is not None:
+            return table
+        try:
+            schema, relname = parse_table_name(name)
+        except ConfigError:
+            raise InvalidRequest(f"{name!r} is not a table name like 'public.patron'") from None
+        table = self.tables.get(qualified_name(schema, relname))
+        if table is None:
+            known = ", ".join(self.tables) or "none"
+            raise UnknownTable(f"table {name!r} is not cached here (cached: {known})")
+        return table
+
+    def keys(self, table: TableCache, raw_keys: Sequence[Sequence[Any]]) -> list[Key]:
+        columns = table.schema.key_columns
+        if len(raw_keys) > self.max_batch_keys:
+            raise InvalidRequest(
+                f"{len(raw_keys)} keys requested; at most {self.max_batch_keys} per call "
+                "(server.max_batch_keys)"
+            )
+        return [coerce_key(columns, parts) for parts in raw_keys]
+
+    async def get(self, name: str, parts: Sequence[Any], allow_stale: bool = False) -> Row:
+        """One row (``None`` if there is none)."""
+        table = self.table(name)
+        key = coerce_key(table.schema.key_columns, parts)
+        if self.listener_up and table.loaded:
+            hit, row = table.peek(key)
+            if hit:
+                return row
+            return (await table.get_many((key,)))[0]
+        return (await self._read_through(table, [key], allow_stale))[0]
+
+    async def get_many(
+        self, name: str, raw_keys: Sequence[Sequence[Any]], allow_stale: bool = False
+    ) -> list[Row]:
+        """Rows in key order (``None`` where there is none)."""
+        table = self.table(name)
+        keys = self.keys(table, raw_keys)
+        if self.listener_up and table.loaded:
+            return await table.get_many(keys)
+        return await self._read_through(table, keys, allow_stale)
+
+    async def _read_through(self, table: TableCache, keys: list[Key], allow_stale: bool) -> list[Row]:
+        """Read from the database, uncached (memory cannot be trusted now)."""
+        self.stats.passthrough_reads += 1
+        flight_keys = [(table.schema.qualified, key) for key in keys]
+        futures, new = self._passthrough.join(flight_keys)
+        if new:
+            asyncio.get_running_loop().create_task(
+                self._fetch_through(table, futures, new), name=f"{table.schema.qualified} read-through"
+            )
+        try:
+            return await await_all([futures[k] for k in flight_keys])
+        except Unavailable:
+            if not allow_stale or not table.loaded:
+                raise
+            self.stats.stale_reads += 1
+            return [table.stale_get(key) for key in keys]
+
+    async def _fetch_through(
+        self, table: TableCache, futures: dict[Any, Any], flight_keys: list[Any]
+    ) -> None:
+        keys = [key for _, key in flight_keys]
+        try:
+            rows = await self.db.fetch(table.schema, keys)
+        except FETCH_ERRORS as exc:
+            self._passthrough.fail(
+                futures,
+                flight_keys,
+                Unavailable(
+                    f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"
+                ),
+            )
+            return
+        self._passthrough.land(
+            futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()}
+        )
+
+    # ------------------------------------------------------------ invalidation
+
+    async def invalidate(self, name: str, raw_keys: Sequence[Sequence[Any]] | None, refresh: bool) -> None:
+        """Drop cached rows of ``name`` (all of them when ``raw_keys`` is None)."""
+        table = self.table(name)
+        keys = None if raw_keys is None else self.keys(table, raw_keys)
+        self.seq += 1  # a batch of the sidecar's own making
+        seq = self.seq
+        if keys is None:
+            log.info("%s: invalidated (whole table)", table.schema.qualified)
+            table.changed_all(seq)
+        else:
+            log.debug("%s: invalidated %s", table.schema.qualified, ", ".join(map(key_text, keys[:10])))
+            table.changed(keys, seq)
+        self._progress()
+        if refresh and self.listener_up and table.loaded:
+            if isinstance(table, FullTable):
+                await table.get_many(keys or [])
+            elif keys:
+                await table.get_many(keys)
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            table.close()

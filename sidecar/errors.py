@@ -1,0 +1,43 @@
+"""The daemon's exceptions: one root, and each docstring is the default message."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """cache-sidecar failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(SidecarError):
+    """The configuration is invalid."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config {key}: {problem}")
+
+
+class SchemaError(SidecarError):
+    """A configured table cannot be cached as it is defined in the database."""
+
+
+class UnknownTable(SidecarError):
+    """The table is not cached by this sidecar."""
+
+
+class InvalidRequest(SidecarError):
+    """The request is malformed."""
+
+
+class InvalidKey(InvalidRequest):
+    """The key does not fit the table's primary key."""
+
+
+class Unavailable(SidecarError):
+    """The database cannot be reached; the cache cannot answer correctly right now."""
+
+
+class PayloadError(SidecarError):
+    """A notification payload could not be parsed."""

@@ -1,0 +1,107 @@
+"""Typed change events, parsed from NOTIFY payloads at the edge.
+
+The triggers (``triggers.py``) send compact JSON:
+
+    {"v":1,"s":"public","t":"patron","x":7301,"op":"U","k":[[1],[2]],"o":[[9]]}
+    {"v":1,"s":"public","t":"patron","x":7302,"op":"T","all":"truncate"}
+
+``k`` are the keys the statement wrote (or deleted), ``o`` the keys an UPDATE
+moved away from, ``all`` a reason the whole table changed. The sidecar's own
+read-barrier tokens travel on the same channel as ``{"v":1,"sync":"<token>"}``
+so that they are ordered with the changes.
+"""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.errors import PayloadError
+
+PAYLOAD_VERSION = 1
+
+
+class Op(enum.Enum):
+    INSERT = "I"
+    UPDATE = "U"
+    DELETE = "D"
+    TRUNCATE = "T"
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """A statement changed these rows (keys as raw JSON parts, not yet coerced)."""
+
+    schema: str
+    table: str
+    op: Op
+    xid: int
+    keys: tuple[tuple[Any, ...], ...]
+    old_keys: tuple[tuple[Any, ...], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TableChange:
+    """Too much changed to name the rows (TRUNCATE, a bulk statement, an oversized key)."""
+
+    schema: str
+    table: str
+    op: Op
+    xid: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncToken:
+    """A read-barrier token the sidecar sent itself."""
+
+    token: str
+
+
+Event = RowChange | TableChange | SyncToken
+
+
+def parse(payload: str) -> Event:
+    """Parse one payload; raise ``PayloadError`` saying what is wrong."""
+    try:
+        data = json.loads(payload, parse_float=decimal.Decimal)
+    except ValueError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError("not a JSON object")
+    if data.get("v") != PAYLOAD_VERSION:
+        raise PayloadError(f"unsupported payload version {data.get('v')!r}")
+    if "sync" in data:
+        token = data["sync"]
+        if not isinstance(token, str):
+            raise PayloadError("sync token is not a string")
+        return SyncToken(token)
+
+    schema, table, xid = data.get("s"), data.get("t"), data.get("x")
+    if not isinstance(schema, str) or not isinstance(table, str):
+        raise PayloadError("missing schema or table name")
+    if not isinstance(xid, int) or isinstance(xid, bool):
+        raise PayloadError("missing transaction id")
+    try:
+        op = Op(data.get("op"))
+    except ValueError:
+        raise PayloadError(f"unknown operation {data.get('op')!r}") from None
+
+    if "all" in data:
+        return TableChange(schema, table, op, xid, str(data["all"]))
+    if op is Op.TRUNCATE:
+        raise PayloadError("TRUNCATE without 'all'")
+    return RowChange(schema, table, op, xid, _keys(data.get("k")), _keys(data.get("o", [])))
+
+
+def _keys(value: Any) -> tuple[tuple[Any, ...], ...]:
+    if not isinstance(value, list) or not all(isinstance(k, list) and k for k in value):
+        raise PayloadError("keys are not a list of non-empty arrays")
+    return tuple(tuple(k) for k in value)
+
+
+def sync_payload(token: str) -> str:
+    return json.dumps({"v": PAYLOAD_VERSION, "sync": token}, separators=(",", ":"))

@@ -1,0 +1,119 @@
+"""The gRPC server: binds the listen addresses and serves the Cache service,
+standard health (``grpc.health.v1``) and server reflection.
+
+Health is SERVING only while the engine serves from memory (listener up,
+every table loaded); both the overall status ("") and the Cache service's
+follow it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from sidecar.config import parse_listen_address
+from sidecar.engine import Engine
+from sidecar.errors import ConfigError
+from sidecar.service import CacheService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Server:
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    addresses: list[str] = field(default_factory=list)  # as bound (ports resolved)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+async def start(engine: Engine, listen: Sequence[str]) -> Server:
+    """Bind every address and start serving; health starts NOT_SERVING."""
+    result = _build(engine, listen)
+    await result.set_serving(False)
+    await result.grpc_server.start()
+    return result
+
+
+def _build(engine: Engine, listen: Sequence[str]) -> Server:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_CacheServicer_to_server(CacheService(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    result = Server(server, health_servicer)
+    for text in listen:
+        address = parse_listen_address(text)
+        if address.unix_path is not None:
+            _clear_stale_socket(address.unix_path)
+            target = f"unix:{address.unix_path}"
+            _bind(server, target, text)
+            result.addresses.append(f"unix://{os.path.abspath(address.unix_path)}")
+        else:
+            port = _bind(server, text, text)
+            host = address.host or "0.0.0.0"
+            result.addresses.append(f"{host}:{port}")
+            if address.all_interfaces:
+                log.warning(
+                    "gRPC listening on all interfaces (%s): any host that can reach it can read the cache",
+                    text,
+                )
+    return result
+
+
+def _bind(server: grpc.aio.Server, target: str, text: str) -> int:
+    try:
+        port: int = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise ConfigError("server.listen", f"cannot listen on {text}: {exc}") from None
+    if port == 0 and not target.startswith("unix:"):
+        raise ConfigError("server.listen", f"cannot listen on {text} (address in use?)")
+    return port
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a previous run (never a regular file)."""
+    import socket
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConfigError("server.listen", f"directory {directory} does not exist") from None
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError("server.listen", f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listening: stale
+    else:
+        raise ConfigError("server.listen", f"{path} is in use by another process")
+    finally:
+        probe.close()

@@ -1,0 +1,270 @@
+"""Change capture: the trigger SQL, and installing or removing it.
+
+Per cached table, install creates one function (in the table's schema) and
+four statement-level triggers on the table:
+
+* INSERT / UPDATE / DELETE triggers read the statement's transition tables
+  and send the changed primary keys with ``pg_notify``, in chunks that stay
+  under PostgreSQL's 8000-byte payload limit. One statement sends one
+  notification per chunk, never one per row; above ``bulk_threshold`` rows it
+  sends a single whole-table event instead.
+* The TRUNCATE trigger sends a whole-table event.
+* A key whose JSON exceeds ``MAX_KEY_BYTES`` also degrades to a whole-table event.
+
+Payloads never carry row data (see ``events.py`` for the format). Every
+identifier is quoted. The function's comment carries a fingerprint of its
+definition, so installing again is a no-op when nothing changed, and uninstall
+removes exactly these five objects.
+
+Requires PostgreSQL 11 or newer (transition tables, ``EXECUTE FUNCTION``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.config import quote_ident
+from sidecar.errors import SchemaError
+from sidecar.schema import TableSchema
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = 110000
+MAX_KEY_BYTES = 1000  # one key's JSON; larger keys degrade to a whole-table event
+CHUNK_BYTES = 6000  # keys per notification; + one key + header stays < 8000
+TRIGGERS = {
+    "INSERT": "cache_sidecar_insert",
+    "UPDATE": "cache_sidecar_update",
+    "DELETE": "cache_sidecar_delete",
+    "TRUNCATE": "cache_sidecar_truncate",
+}
+COMMENT_PREFIX = "cache-sidecar change capture"
+INSTALL_LOCK = 0x63616368  # advisory lock id: concurrent installs (many pods) take turns
+
+
+@dataclass(frozen=True)
+class TriggerSet:
+    """The SQL objects for one table."""
+
+    schema: TableSchema
+    channel: str
+    bulk_threshold: int
+
+    @property
+    def function_name(self) -> str:
+        base = f"cache_sidecar_notify_{self.schema.config.name}"
+        if len(base.encode()) <= 63:
+            return base
+        digest = hashlib.sha1(self.schema.config.name.encode()).hexdigest()[:8]
+        return (
+            f"cache_sidecar_notify_{self.schema.config.name.encode()[:30].decode(errors='ignore')}_{digest}"
+        )
+
+    @property
+    def function_sql_name(self) -> str:
+        return f"{quote_ident(self.schema.config.schema)}.{quote_ident(self.function_name)}"
+
+    def _key_json(self, alias: str) -> str:
+        parts = []
+        for column in self.schema.key_columns:
+            ref = f"{alias}.{quote_ident(column.name)}"
+            # bytea as hex whatever the writer's bytea_output says
+            parts.append(f"'\\x' || encode({ref}, 'hex')" if column.type_name == "bytea" else ref)
+        return f"json_build_array({', '.join(parts)})::text"
+
+    def _chunks(self, source: str) -> str:
+        """A query yielding one payload per chunk, from a keys CTE source."""
+        return f"""
+    FOR payload IN
+      WITH keys AS ({source}),
+      sized AS (SELECT kind, key, sum(octet_length(key) + 1) OVER (ORDER BY kind, key) AS run FROM keys)
+      SELECT head || ',"k":[' || coalesce(string_agg(key, ',') FILTER (WHERE kind = 'k'), '')
+                  || '],"o":[' || coalesce(string_agg(key, ',') FILTER (WHERE kind = 'o'), '') || ']}}'
+      FROM sized GROUP BY run / {CHUNK_BYTES}
+    LOOP
+      PERFORM pg_notify({_literal(self.channel)}, payload);
+    END LOOP;"""
+
+    def function_body(self) -> str:
+        new_keys = f"SELECT 'k'::text AS kind, {self._key_json('n')} AS key FROM cs_new n"
+        old_keys = f"SELECT 'k'::text AS kind, {self._key_json('o')} AS key FROM cs_old o"
+        moved = (
+            f"{new_keys} UNION ALL SELECT 'o', key FROM ("
+            f"SELECT {self._key_json('o')} AS key FROM cs_old o "
+            f"EXCEPT SELECT {self._key_json('n')} FROM cs_new n) moved"
+        )
+        channel = _literal(self.channel)
+        whole = f"PERFORM pg_notify({channel}, head || ',\"all\":\"' || reason || '\"}}');"
+        return f"""
+DECLARE
+  head text;
+  payload text;
+  reason text;
+  n bigint;
+  widest int;
+BEGIN
+  head := '{{"v":1,"s":' || to_json(TG_TABLE_SCHEMA::text)::text
+       || ',"t":' || to_json(TG_TABLE_NAME::text)::text
+       || ',"x":' || txid_current()::text
+       || ',"op":"' || left(TG_OP, 1) || '"';
+  IF TG_OP = 'TRUNCATE' THEN
+    reason := 'truncate';
+    {whole}
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({old_keys}) k;
+  ELSIF TG_OP = 'UPDATE' THEN
+    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({moved}) k;
+  ELSE
+    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({new_keys}) k;
+  END IF;
+  IF n = 0 THEN
+    RETURN NULL;
+  END IF;
+  IF n > {self.bulk_threshold} OR widest > {MAX_KEY_BYTES} THEN
+    reason := CASE WHEN n > {self.bulk_threshold} THEN 'bulk' ELSE 'oversized key' END;
+    {whole}
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'DELETE' THEN{self._chunks(old_keys)}
+  ELSIF TG_OP = 'UPDATE' THEN{self._chunks(moved)}
+  ELSE{self._chunks(new_keys)}
+  END IF;
+  RETURN NULL;
+END"""
+
+    def fingerprint(self) -> str:
+        text = "\n".join((self.function_body(), *self._trigger_lines()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def comment(self) -> str:
+        return (
+            f"{COMMENT_PREFIX} for {self.schema.qualified} "
+            f"(channel {self.channel}, bulk_threshold {self.bulk_threshold}, "
+            f"fingerprint {self.fingerprint()})"
+        )
+
+    def _trigger_lines(self) -> list[str]:
+        table = self.schema.sql_name
+        function = self.function_sql_name
+        return [
+            f"CREATE TRIGGER {TRIGGERS['INSERT']} AFTER INSERT ON {table} "
+            f"REFERENCING NEW TABLE AS cs_new FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
+            f"CREATE TRIGGER {TRIGGERS['UPDATE']} AFTER UPDATE ON {table} "
+            f"REFERENCING OLD TABLE AS cs_old NEW TABLE AS cs_new "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
+            f"CREATE TRIGGER {TRIGGERS['DELETE']} AFTER DELETE ON {table} "
+            f"REFERENCING OLD TABLE AS cs_old FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
+            f"CREATE TRIGGER {TRIGGERS['TRUNCATE']} AFTER TRUNCATE ON {table} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
+        ]
+
+    def install_sql(self) -> str:
+        table = self.schema.sql_name
+        drops = "\n".join(f"DROP TRIGGER IF EXISTS {name} ON {table};" for name in TRIGGERS.values())
+        return (
+            f"-- {self.schema.qualified}: key ({', '.join(c.name for c in self.schema.key_columns)})\n"
+            f"CREATE OR REPLACE FUNCTION {self.function_sql_name}() RETURNS trigger\n"
+            f"LANGUAGE plpgsql AS $cache_sidecar${self.function_body()}\n$cache_sidecar$;\n"
+            f"COMMENT ON FUNCTION {self.function_sql_name}() IS {_literal(self.comment())};\n"
+            f"{drops}\n" + "\n".join(self._trigger_lines()) + "\n"
+        )
+
+    def uninstall_sql(self) -> str:
+        table = self.schema.sql_name
+        drops = "\n".join(f"DROP TRIGGER IF EXISTS {name} ON {table};" for name in TRIGGERS.values())
+        return f"-- {self.schema.qualified}\n{drops}\nDROP FUNCTION IF EXISTS {self.function_sql_name}();\n"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def script(sets: Sequence[TriggerSet], uninstall: bool = False) -> str:
+    """The whole install (or uninstall) script, one transaction, for a DBA to review."""
+    body = "".join((s.uninstall_sql() if uninstall else s.install_sql()) + "\n" for s in sets)
+    return f"BEGIN;\nSELECT pg_advisory_xact_lock({INSTALL_LOCK});\n\n{body}COMMIT;\n"
+
+
+STATE_SQL = """
+SELECT (SELECT obj_description(p.oid, 'pg_proc')
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0) AS comment,
+       EXISTS (SELECT 1
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0) AS has_function,
+       (SELECT count(*) FROM pg_catalog.pg_trigger tg
+         WHERE tg.tgrelid = $3::regclass AND tg.tgname = ANY($4::text[])
+           AND NOT tg.tgisinternal) AS triggers
+"""
+
+
+async def installed_state(conn: Any, trigger_set: TriggerSet) -> str:
+    """'current', 'outdated' (partly there, or another definition) or 'missing'."""
+    row = await conn.fetchrow(
+        STATE_SQL,
+        trigger_set.schema.config.schema,
+        trigger_set.function_name,
+        trigger_set.schema.sql_name,
+        list(TRIGGERS.values()),
+    )
+    if not row["has_function"] and row["triggers"] == 0:
+        return "missing"
+    if row["triggers"] == len(TRIGGERS) and row["comment"] == trigger_set.comment():
+        return "current"
+    return "outdated"
+
+
+async def check_server(conn: Any) -> None:
+    version = int(await conn.fetchval("SHOW server_version_num"))
+    if version < MIN_SERVER_VERSION:
+        raise SchemaError(
+            f"PostgreSQL {version // 10000} is too old: cache-sidecar's triggers need 11 or newer"
+        )
+
+
+async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
+    """Install (idempotently) in one transaction; return the tables changed."""
+    await check_server(conn)
+    changed = []
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+        for trigger_set in sets:
+            if await installed_state(conn, trigger_set) == "current":
+                continue
+            await _run(
+                conn, trigger_set.install_sql(), f"installing triggers on {trigger_set.schema.qualified}"
+            )
+            changed.append(trigger_set.schema.qualified)
+    return changed
+
+
+async def uninstall(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
+    """Remove exactly what ``install`` created; return the tables changed."""
+    changed = []
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+        for trigger_set in sets:
+            if await installed_state(conn, trigger_set) == "missing":
+                continue
+            await _run(
+                conn, trigger_set.uninstall_sql(), f"removing triggers from {trigger_set.schema.qualified}"
+            )
+            changed.append(trigger_set.schema.qualified)
+    return changed
+
+
+async def _run(conn: Any, sql: str, doing: str) -> None:
+    import asyncpg
+
+    try:
+        await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        raise SchemaError(f"{doing} failed: {exc}") from None
