@@ -7,9 +7,10 @@ commit order, so every change committed before the token was sent has been
 received by then; the round then waits until the engine has *applied*
 everything received up to the token (refetches included).
 
-Rounds are shared: callers that arrive while a round is in flight cannot use
-it (its token may predate their start), so they gather on the next round,
-which is sent as soon as the current one lands. However many callers there
+Rounds are shared: a caller joins the current round if its NOTIFY has not
+been sent yet; once it has, the token may predate the caller's start, so the
+caller gathers on the next round, which is sent as soon as the current one
+lands. However many callers there
 are, at most one token is in flight: no stampede onto the database.
 """
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class _Round:
     def __init__(self, token: str) -> None:
         self.token = token
-        self.sent = False
+        self.sending = False  # once True, later callers cannot use this round
         self.received_at: int | None = None  # the engine's seq when the token arrived
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -49,6 +50,10 @@ class Barrier:
 
     async def wait(self) -> None:
         """Return once a round sent after this call began has completed."""
+        current = self._current
+        if current is not None and not current.sending:
+            await asyncio.shield(current.done)  # its NOTIFY is not sent yet: still good
+            return
         round_ = self._next
         if round_ is None:
             round_ = self._next = _Round(f"{self._prefix}-{next(self._ids)}")
@@ -66,8 +71,8 @@ class Barrier:
 
     async def _run(self, round_: _Round) -> None:
         try:
+            round_.sending = True
             await self._send(round_.token)
-            round_.sent = True
             await asyncio.wait_for(asyncio.shield(round_.done), self.timeout)
         except asyncio.CancelledError:
             raise

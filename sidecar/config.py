@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sidecar.errors import ConfigError
 
@@ -533,14 +533,20 @@ def scrub(text: str, dsn: str | None) -> str:
     """Remove the DSN's password from any message (e.g. a driver error)."""
     if not dsn:
         return text
-    password: str | None = None
-    if "://" in dsn:
-        password = urlsplit(dsn).password
-    else:
-        match = re.search(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
-        password = match.group(1).strip("'") if match else None
     text = text.replace(dsn, redact_dsn(dsn))
+    password = _password(dsn)
     return text.replace(password, "***") if password else text
+
+
+def _password(dsn: str) -> str | None:
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password:
+            return parts.password
+        match = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
+        return unquote(match.group(1)) if match and match.group(1) else None
+    match = re.search(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+    return match.group(1).strip("'") if match else None
 
 
 def describe(config: Config) -> Sequence[str]:

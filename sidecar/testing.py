@@ -1,0 +1,111 @@
+"""An in-memory ``Database`` for tests: the caches and the engine run against
+it with no PostgreSQL, and tests can pause fetches to force interleavings.
+
+A fetch reads the data when it *starts* (as a query's snapshot would) and can
+then be held at a gate, so a test can commit a change and deliver its
+notification while an older read is still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from sidecar.config import TableConfig
+from sidecar.db import Rows
+from sidecar.errors import SchemaError
+from sidecar.keys import Key, KeyColumn
+from sidecar.schema import TableSchema
+
+
+def int_key_schema(name: str = "public.items", mode: str = "full", **table: Any) -> TableSchema:
+    """A table keyed by one int8 column ``id``."""
+    schema, _, relname = name.partition(".")
+    config = TableConfig(schema=schema, name=relname, mode=mode, **table)  # type: ignore[arg-type]
+    return TableSchema(config=config, key_columns=(KeyColumn.create("id", "int8", "bigint"),))
+
+
+class MemoryDatabase:
+    """Tables as dicts of key -> row JSON bytes."""
+
+    def __init__(self, *schemas: TableSchema) -> None:
+        self.schemas = {s.qualified: s for s in schemas}
+        self.data: dict[str, dict[Key, bytes]] = {s.qualified: {} for s in schemas}
+        self.fetches: list[tuple[str, tuple[Key, ...]]] = []
+        self.loads: list[str] = []
+        self.notified: list[tuple[str, str]] = []
+        self.error: BaseException | None = None  # raised by every query while set
+        self._gate: asyncio.Event | None = None
+        self._held = 0
+        self._held_changed = asyncio.Condition()
+
+    # ---------------------------------------------------------- test controls
+
+    def put(self, table: str, key: Key, **row: Any) -> None:
+        self.data[table][key] = json.dumps(row, separators=(",", ":")).encode()
+
+    def delete(self, table: str, key: Key) -> None:
+        self.data[table].pop(key, None)
+
+    def hold(self) -> None:
+        """Make later queries wait (after reading their snapshot) until ``release``."""
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
+    async def held(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until ``count`` queries are waiting at the gate."""
+        async with asyncio.timeout(timeout), self._held_changed:
+            await self._held_changed.wait_for(lambda: self._held >= count)
+
+    async def _pass_gate(self) -> None:
+        gate = self._gate
+        if gate is None:
+            await asyncio.sleep(0)  # a real query always yields
+            return
+        async with self._held_changed:
+            self._held += 1
+            self._held_changed.notify_all()
+        try:
+            await gate.wait()
+        finally:
+            self._held -= 1
+
+    # ---------------------------------------------------------- Database
+
+    async def describe(self, table: TableConfig) -> TableSchema:
+        try:
+            return self.schemas[table.qualified]
+        except KeyError:
+            raise SchemaError(f"table {table.qualified} does not exist") from None
+
+    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+        if self.error is not None:
+            raise self.error
+        self.loads.append(schema.qualified)
+        snapshot = dict(self.data[schema.qualified])
+        await self._pass_gate()
+        if self.error is not None:
+            raise self.error
+        yield snapshot
+
+    async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
+        if self.error is not None:
+            raise self.error
+        self.fetches.append((schema.qualified, tuple(keys)))
+        table = self.data[schema.qualified]
+        snapshot = {key: table[key] for key in keys if key in table}
+        await self._pass_gate()
+        if self.error is not None:
+            raise self.error
+        return snapshot
+
+    async def notify(self, channel: str, payload: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.notified.append((channel, payload))

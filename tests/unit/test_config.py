@@ -1,0 +1,162 @@
+"""Configuration: precedence, validation messages that name the key, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar import config as cfg
+from sidecar.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(text)
+    return path
+
+
+FILE = """
+[database]
+dsn = "postgresql://app:s3cret@db/app"
+[server]
+listen = ["127.0.0.1:6000", "unix:///tmp/cs.sock"]
+install_triggers = true
+[listener]
+ping_interval = 2.5
+[[tables]]
+name = "public.patron"
+[[tables]]
+name = "prices"
+mode = "lazy"
+max_rows = 50
+ttl_seconds = 30
+"""
+
+
+def test_defaults_are_safe():
+    config = cfg.load(env={})
+    assert config.listen == ("127.0.0.1:50051",)  # loopback unless asked otherwise
+    assert config.dsn is None and config.tables == ()
+    assert not config.install_triggers
+
+
+def test_file_is_read(tmp_path):
+    config = cfg.load(write(tmp_path, FILE), env={})
+    assert config.dsn == "postgresql://app:s3cret@db/app"
+    assert config.listen == ("127.0.0.1:6000", "unix:///tmp/cs.sock")
+    assert config.ping_interval == 2.5 and config.install_triggers
+    assert [t.qualified for t in config.tables] == ["public.patron", "public.prices"]
+    lazy = config.tables[1]
+    assert (lazy.mode, lazy.max_rows, lazy.ttl_seconds) == ("lazy", 50, 30.0)
+
+
+def test_precedence_flag_over_env_over_file(tmp_path):
+    path = write(tmp_path, FILE)
+    env = {"CACHE_SIDECAR_LISTENER_PING_INTERVAL": "7", "CACHE_SIDECAR_SERVER_LISTEN": "127.0.0.1:1,127.0.0.1:2"}
+    config = cfg.load(path, env=env)
+    assert config.ping_interval == 7.0 and config.listen == ("127.0.0.1:1", "127.0.0.1:2")
+    config = cfg.load(path, env=env, flags={"listener.ping_interval": 9.0, "tables": ["x.y:lazy"]})
+    assert config.ping_interval == 9.0
+    assert [(t.qualified, t.mode) for t in config.tables] == [("x.y", "lazy")]
+
+
+def test_env_tables_and_config_path(tmp_path):
+    path = write(tmp_path, FILE)
+    config = cfg.load(env={"CACHE_SIDECAR_CONFIG": str(path), "CACHE_SIDECAR_TABLES": "a.b, c:lazy"})
+    assert [(t.qualified, t.mode) for t in config.tables] == [("a.b", "full"), ("public.c", "lazy")]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("[server]\nlisten = 5", "server.listen", "list of strings"),
+        ("[server]\nlisen = ['a:1']", "server.lisen", "did you mean server.listen"),
+        ("[server]\nlisten = ['nonsense']", "server.listen", "host:port"),
+        ("[listener]\nping_interval = 0", "listener.ping_interval", "at least"),
+        ("[listener]\nchannel = 'bad channel'", "listener.channel", "plain identifier"),
+        ("[logging]\nlevel = 'loud'", "logging.level", "one of"),
+        ("[[tables]]\nmode = 'full'", "tables[0].name", "required"),
+        ("[[tables]]\nname = 'a'\nmode = 'eager'", "tables[0].mode", "full, lazy"),
+        ("[[tables]]\nname = 'a'\nmax_rows = 5", "tables[0]", "lazy"),
+        ("[[tables]]\nname = 'a'\ncolour = 'red'", "tables[0].colour", "unknown key"),
+        ("[[tables]]\nname = 'a'\n[[tables]]\nname = 'public.a'", "tables", "twice"),
+        ("[database]\npool_min_size = 9\npool_max_size = 2", "database.pool_min_size", "exceed"),
+        ("not toml = = =", "--config", "not valid TOML"),
+    ],
+)
+def test_file_errors_name_the_key(tmp_path, text, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        cfg.load(write(tmp_path, text), env={})
+    assert info.value.key == key
+    assert fragment in str(info.value)
+
+
+def test_env_errors_name_the_variable():
+    with pytest.raises(ConfigError, match="CACHE_SIDECAR_SERVER_MAX_BATCH_KEYS .server.max_batch_keys.: must be an integer"):
+        cfg.load(env={"CACHE_SIDECAR_SERVER_MAX_BATCH_KEYS": "lots"})
+    with pytest.raises(ConfigError, match="CACHE_SIDECAR_SERVER_INSTALL_TRIGGERS"):
+        cfg.load(env={"CACHE_SIDECAR_SERVER_INSTALL_TRIGGERS": "perhaps"})
+
+
+def test_unknown_env_is_warned_not_fatal():
+    warnings: list[str] = []
+    cfg.load(env={"CACHE_SIDECAR_LISTNE": "x"}, warn=warnings.append)
+    assert warnings == ["ignoring unknown environment variable CACHE_SIDECAR_LISTNE"]
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="file not found"):
+        cfg.load("/nonexistent/sidecar.toml", env={})
+
+
+def test_secret_never_in_errors_or_description(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        cfg.load(env={}, flags={"database.dsn": 5})
+    assert "5" not in str(info.value)
+    config = cfg.load(write(tmp_path, FILE), env={})
+    assert "s3cret" not in "\n".join(cfg.describe(config))
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown", "password"),
+    [
+        ("postgresql://app:s3cret@db:5432/app", "postgresql://app:***@db:5432/app", "s3cret"),
+        (
+            "postgresql://app@db/app?password=s3cret&sslmode=require",
+            "postgresql://app@db/app?password=***&sslmode=require",
+            "s3cret",
+        ),
+        ("host=db user=app password=s3cret dbname=app", "host=db user=app password=*** dbname=app", "s3cret"),
+        ("host=db password='s3 cret' dbname=app", "host=db password=*** dbname=app", "s3 cret"),
+        ("postgresql://postgres:@/postgres?host=/tmp/x", "postgresql://postgres@/postgres?host=/tmp/x", None),
+    ],
+)
+def test_redact_dsn(dsn, shown, password):
+    assert cfg.redact_dsn(dsn) == shown
+    if password:
+        scrubbed = cfg.scrub(f"failed for {dsn}: password {password} rejected", dsn)
+        assert password not in scrubbed and "***" in scrubbed
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("patron", ("public", "patron")),
+        ("Sales.Orders", ("sales", "orders")),
+        ('"Sales"."Big Orders"', ("Sales", "Big Orders")),
+        ('app."we""ird.name"', ("app", 'we"ird.name')),
+    ],
+)
+def test_table_names_follow_postgres_rules(text, parsed):
+    assert cfg.parse_table_name(text) == parsed
+    assert cfg.parse_table_name(cfg.qualified_name(*parsed)) == parsed
+
+
+def test_listen_addresses():
+    assert cfg.parse_listen_address("unix:///run/x.sock").unix_path == "/run/x.sock"
+    assert cfg.parse_listen_address("unix:rel.sock").unix_path == "rel.sock"
+    assert cfg.parse_listen_address("[::1]:50051").port == 50051
+    assert cfg.parse_listen_address("0.0.0.0:1").all_interfaces
+    with pytest.raises(ConfigError, match="0-65535"):
+        cfg.parse_listen_address("127.0.0.1:70000")

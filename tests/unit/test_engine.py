@@ -1,0 +1,182 @@
+"""The engine against the in-memory database: batching, revisions, the read
+path while the listener is down, the barrier, invalidation, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.barrier import Barrier
+from sidecar.engine import Engine, Revision
+from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
+from sidecar.events import Op, RowChange, SyncToken, TableChange
+from sidecar.testing import MemoryDatabase, int_key_schema
+
+FULL = "public.items"
+LAZY = "public.lazy"
+
+
+def row(value: str) -> bytes:
+    return ('{"name":"' + value + '"}').encode()
+
+
+async def eventually(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+def change(table: str, xid: int, *ids: int, op: Op = Op.UPDATE) -> RowChange:
+    schema, _, name = table.partition(".")
+    return RowChange(schema, name, op, xid, tuple((i,) for i in ids))
+
+
+@pytest.fixture
+def db() -> MemoryDatabase:
+    db = MemoryDatabase(int_key_schema(FULL), int_key_schema(LAZY, mode="lazy", max_rows=10))
+    for i in range(1, 4):
+        db.put(FULL, (i,), name=f"v{i}")
+        db.put(LAZY, (i,), name=f"v{i}")
+    return db
+
+
+@pytest.fixture
+async def engine(db: MemoryDatabase):
+    engine = Engine(db, list(db.schemas.values()), max_batch_keys=5)
+
+    async def send(token: str) -> None:  # the listener hears our NOTIFY right back
+        asyncio.get_running_loop().call_soon(engine.handle, SyncToken(token))
+
+    engine.barrier = Barrier(send)
+    engine.listener_connected()
+    await eventually(lambda: engine.ready)
+    yield engine
+    engine.close()
+
+
+async def test_ready_after_connect_and_load(engine: Engine):
+    assert engine.ready
+    assert engine.revision.number == engine.seq
+
+
+async def test_events_of_one_transaction_form_one_batch(engine: Engine, db: MemoryDatabase):
+    start = engine.seq
+    db.put(FULL, (1,), name="x")
+    db.put(FULL, (2,), name="y")
+    engine.handle(change(FULL, 500, 1))
+    engine.handle(change(FULL, 500, 2))  # same transaction, same burst
+    engine.handle(change(FULL, 501, 3))  # next transaction
+    assert engine.seq == start + 2
+    assert engine.applied < engine.seq
+    assert await engine.get_many(FULL, [[1], [2]]) == [row("x"), row("y")]
+    await eventually(lambda: engine.applied == engine.seq)
+
+
+async def test_revision_never_goes_backwards_and_epoch_changes_on_reconnect(engine: Engine):
+    before = engine.revision
+    engine.handle(change(FULL, 9, 1))
+    await eventually(lambda: engine.applied == engine.seq)
+    assert engine.revision.number > before.number and engine.revision.epoch == before.epoch
+    engine.listener_lost("test")
+    engine.listener_connected()
+    await eventually(lambda: engine.ready)
+    assert engine.revision.epoch != before.epoch
+
+
+async def test_unknown_tables_events_are_ignored(engine: Engine):
+    seq = engine.seq
+    engine.handle(change("public.other", 1, 1))
+    assert engine.stats.ignored == 1 and engine.seq == seq
+
+
+async def test_unreadable_key_in_notification_reloads_the_table(engine: Engine, db: MemoryDatabase):
+    loads = len(db.loads)
+    engine.handle(RowChange("public", "items", Op.UPDATE, 7, (("not-a-number",),)))
+    assert engine.stats.bad_keys == 1
+    await eventually(lambda: len(db.loads) == loads + 1 and engine.applied == engine.seq)
+
+
+async def test_truncate_reloads_full_and_clears_lazy(engine: Engine, db: MemoryDatabase):
+    assert await engine.get(LAZY, [1]) == row("v1")
+    db.data[FULL].clear()
+    db.data[LAZY].clear()
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 8, "truncate"))
+    engine.handle(TableChange("public", "lazy", Op.TRUNCATE, 8, "truncate"))
+    assert await engine.get(FULL, [1]) is None
+    assert await engine.get(LAZY, [1]) is None
+
+
+async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engine, db: MemoryDatabase):
+    engine.listener_lost("test")
+    assert not engine.ready
+    db.put(FULL, (1,), name="changed while deaf")
+    assert await engine.get(FULL, [1]) == row("changed while deaf")  # not the stale memory
+    assert engine.tables[FULL].rows[(1,)] == row("v1")  # and not cached
+    assert engine.stats.passthrough_reads == 1
+
+
+async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
+    engine.listener_lost("test")
+    db.error = OSError("connection refused")
+    with pytest.raises(Unavailable):
+        await engine.get(FULL, [1])
+    assert await engine.get(FULL, [1], allow_stale=True) == row("v1")
+    assert await engine.get_many(FULL, [[1], [9]], allow_stale=True) == [row("v1"), None]
+
+
+async def test_table_names_and_bad_keys(engine: Engine):
+    assert await engine.get("items", [1]) == row("v1")  # schema defaults to public
+    with pytest.raises(UnknownTable, match="not cached here"):
+        await engine.get("public.nope", [1])
+    with pytest.raises(InvalidRequest):
+        await engine.get("a.b.c", [1])
+    with pytest.raises(InvalidKey, match="id"):
+        await engine.get(FULL, ["abc"])
+    with pytest.raises(InvalidKey, match=r"2 part\(s\) but the primary key is \(id\)"):
+        await engine.get(FULL, [1, 2])
+    with pytest.raises(InvalidRequest, match="max_batch_keys"):
+        await engine.get_many(FULL, [[i] for i in range(6)])
+
+
+async def test_invalidate(engine: Engine, db: MemoryDatabase):
+    await engine.get(LAZY, [1])
+    db.put(LAZY, (1,), name="manual")
+    await engine.invalidate(LAZY, [[1]], refresh=True)
+    assert engine.tables[LAZY].cache[(1,)] == row("manual")
+    db.put(FULL, (2,), name="manual")
+    await engine.invalidate(FULL, None, refresh=False)
+    assert await engine.get(FULL, [2]) == row("manual")
+
+
+async def test_sync_waits_for_refetches_and_shares_rounds(engine: Engine, db: MemoryDatabase):
+    db.hold()
+    engine.handle(change(FULL, 20, 1))
+    syncs = [asyncio.create_task(engine.sync()) for _ in range(20)]
+    await db.held(1)
+    await asyncio.sleep(0.01)
+    assert not any(s.done() for s in syncs)  # the refetch before the token is not applied yet
+    db.release()
+    revisions = await asyncio.wait_for(asyncio.gather(*syncs), 5)
+    assert {r for r in revisions} == {engine.revision}
+    assert engine.barrier is not None and engine.barrier.rounds == 1
+
+
+async def test_sync_fails_fast_while_listener_down(engine: Engine):
+    engine.listener_lost("test")
+    with pytest.raises(Unavailable, match="listener"):
+        await engine.sync()
+
+
+async def test_min_revision_waits_within_epoch_and_passes_old_epochs(engine: Engine):
+    target = engine.revision.number + 1
+    waiter = asyncio.create_task(engine.wait_revision(engine.epoch, target))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    engine.handle(change(FULL, 30, 1))
+    await asyncio.wait_for(waiter, 5)
+    old = engine.epoch
+    engine.listener_lost("test")
+    engine.listener_connected()
+    await engine.wait_revision(old, 10**9)  # rebuilt since: newer than anything of that epoch
+    await engine.prepare_read(strong=False, min_revision=Revision("someone-else", 5))  # proves via barrier

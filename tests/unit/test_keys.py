@@ -1,0 +1,109 @@
+"""Key coercion per column type: what fits, what is refused, with the column named."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+
+import pytest
+
+from sidecar.errors import InvalidKey, SchemaError
+from sidecar.keys import KeyColumn, coerce_key, normalize_stored, part_kind
+
+U = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+UTC = dt.UTC
+
+
+def col(type_name: str, sql_type: str | None = None, **kw) -> KeyColumn:
+    return KeyColumn.create("k", type_name, sql_type or type_name, **kw)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "given", "expected"),
+    [
+        ("int2", 7, 7),
+        ("int4", "42", 42),
+        ("int8", 2**63 - 1, 2**63 - 1),
+        ("int8", "9223372036854775807", 9223372036854775807),
+        ("int8", 5.0, 5),
+        ("int8", decimal.Decimal("12"), 12),
+        ("text", "héllo", "héllo"),
+        ("varchar", "", ""),
+        ("bpchar", "ab   ", "ab"),
+        ("uuid", U.upper(), uuid.UUID(U)),
+        ("uuid", uuid.UUID(U).bytes, uuid.UUID(U)),
+        ("bool", True, True),
+        ("bool", "false", False),
+        ("numeric", "1.50", decimal.Decimal("1.5")),
+        ("numeric", decimal.Decimal("1.50"), decimal.Decimal("1.50")),
+        ("numeric", 3, decimal.Decimal(3)),
+        ("float8", 1.5, 1.5),
+        ("float8", "2.25", 2.25),
+        ("date", "2024-02-29", dt.date(2024, 2, 29)),
+        ("timestamp", "2024-01-01T12:30:00", dt.datetime(2024, 1, 1, 12, 30)),
+        ("timestamptz", "2024-01-01T12:30:00+02:00", dt.datetime(2024, 1, 1, 10, 30, tzinfo=UTC)),
+        ("timestamptz", "2024-01-01T10:30:00", dt.datetime(2024, 1, 1, 10, 30, tzinfo=UTC)),
+        ("bytea", b"\x00\xff", b"\x00\xff"),
+        ("bytea", "\\x00ff", b"\x00\xff"),
+    ],
+)
+def test_fits(type_name, given, expected):
+    (value,) = coerce_key([col(type_name)], [given])
+    assert value == expected
+    assert hash(value) == hash(expected)  # a key must find the stored row
+
+
+@pytest.mark.parametrize(
+    ("type_name", "given", "fragment"),
+    [
+        ("int4", 2**31, "out of range for int4"),
+        ("int2", "12x", "not an integer"),
+        ("int8", True, "not an integer"),
+        ("int8", 1.5, "not an integer"),
+        ("text", 5, "not a string"),
+        ("text", "a\x00b", "NUL"),
+        ("uuid", "not-a-uuid", "not a UUID"),
+        ("bool", "maybe", "not a boolean"),
+        ("numeric", "NaN", "finite"),
+        ("numeric", "abc", "not a number"),
+        ("float8", "nan", "NaN"),
+        ("date", "29/02/2024", "ISO date"),
+        ("timestamp", "2024-01-01T00:00:00+00:00", "UTC offset"),
+        ("timestamptz", "yesterday", "ISO 8601"),
+        ("bytea", "00ff", "hex"),
+    ],
+)
+def test_refused_with_column_named(type_name, given, fragment):
+    with pytest.raises(InvalidKey) as info:
+        coerce_key([col(type_name)], [given])
+    assert "key column k" in str(info.value) and fragment in str(info.value)
+
+
+def test_composite_keys_and_arity():
+    columns = [KeyColumn.create("tenant", "int4", "integer"), KeyColumn.create("sku", "text", "text")]
+    assert coerce_key(columns, ["3", "x-1"]) == (3, "x-1")
+    with pytest.raises(InvalidKey, match=r"1 part\(s\) but the primary key is \(tenant, sku\)"):
+        coerce_key(columns, [3])
+
+
+def test_enum_keys_are_text_and_unknown_types_are_refused_at_start():
+    assert coerce_key([col("mood", is_enum=True)], ["happy"]) == ("happy",)
+    with pytest.raises(SchemaError, match="type point, which cannot be a cache key"):
+        KeyColumn.create("k", "point", "point")
+
+
+def test_stored_char_keys_compare_like_postgres():
+    assert normalize_stored([col("bpchar")], ["ab   "]) == ("ab",)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(1, "int_value"), (True, "bool_value"), ("x", "string_value"), (1.5, "double_value"),
+     (b"x", "bytes_value"), (uuid.UUID(U), "string_value"), (dt.date(2024, 1, 1), "string_value")],
+)
+def test_part_kind_round_trips(value, kind):
+    assert part_kind(value)[0] == kind
+    column = {bool: "bool", int: "int8", str: "text", float: "float8", bytes: "bytea",
+              uuid.UUID: "uuid", dt.date: "date"}[type(value)]
+    assert coerce_key([col(column)], [part_kind(value)[1]]) == (value,)

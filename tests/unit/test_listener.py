@@ -1,0 +1,32 @@
+"""Listener pieces that need no database: backoff, payload handling."""
+
+from __future__ import annotations
+
+from sidecar import events
+from sidecar.listener import Listener, backoff_delay
+
+
+def test_backoff_doubles_is_capped_and_jittered():
+    assert backoff_delay(0, 0.1, 10, rand=lambda: 0.0) == 0.05
+    assert backoff_delay(0, 0.1, 10, rand=lambda: 1.0) == 0.1
+    assert backoff_delay(3, 0.1, 10, rand=lambda: 1.0) == 0.8
+    assert backoff_delay(50, 0.1, 10, rand=lambda: 1.0) == 10
+    assert 5 <= backoff_delay(50, 0.1, 10) <= 10
+
+
+def make_listener(received: list) -> Listener:
+    async def never():  # pragma: no cover - not called here
+        raise AssertionError
+
+    return Listener(connect=never, channel="c", on_event=received.append, on_up=lambda: None,
+                    on_down=lambda reason: None)
+
+
+def test_good_payloads_become_events_and_bad_ones_are_counted_and_skipped():
+    received: list = []
+    listener = make_listener(received)
+    listener._notified(None, 1, "c", '{"v":1,"s":"a","t":"b","x":1,"op":"D","k":[[1]]}')
+    listener._notified(None, 1, "c", "garbage")
+    listener._notified(None, 1, "c", '{"v":1,"s":"a","t":"b","x":2,"op":"T","all":"truncate"}')
+    assert [type(e) for e in received] == [events.RowChange, events.TableChange]
+    assert listener.stats.notifications == 3 and listener.stats.rejected == 1
