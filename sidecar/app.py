@@ -43,9 +43,12 @@ def wants_embedded(config: Config, environ: dict[str, str] | None = None) -> boo
 class Daemon:
     """One running sidecar. ``run()`` returns the process exit code."""
 
-    def __init__(self, config: Config, on_ready: Callable[[Daemon], None] | None = None) -> None:
+    def __init__(
+        self, config: Config, on_ready: Callable[[Daemon], None] | None = None, handle_signals: bool = True
+    ) -> None:
         self.config = config
         self.on_ready = on_ready
+        self.handle_signals = handle_signals
         self.stop_event = asyncio.Event()
         self.embedded: embedded.EmbeddedPostgres | None = None
         self.db: PgDatabase | None = None
@@ -160,7 +163,8 @@ class Daemon:
 
     async def _supervise(self) -> int:
         assert self.listener is not None and self.server is not None
-        self._install_signal_handlers()
+        if self.handle_signals:
+            self._install_signal_handlers()
         tasks = {
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),

@@ -31,10 +31,11 @@ _INT_RANGES = {
 
 
 def _fail(column: str, type_name: str, value: Any, why: str = "") -> InvalidKey:
+    """``column`` is the label shown to users: "name (sql type)"."""
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return InvalidKey(f"key column {column} ({type_name}): {shown} {why or 'does not fit'}")
+    return InvalidKey(f"key column {column}: {shown} {why or 'does not fit'}")
 
 
 def _int(column: str, type_name: str) -> Callable[[Any], int]:
@@ -234,7 +235,8 @@ class KeyColumn:
                 f"key column {name} has type {sql_type}, which cannot be a cache key "
                 f"(supported: {', '.join(SUPPORTED_KEY_TYPES)})"
             )
-        return cls(name, type_name, sql_type, factory(name, "text" if is_enum else type_name))
+        label = f"{name} ({sql_type})"
+        return cls(name, type_name, sql_type, factory(label, "text" if is_enum else type_name))
 
 
 def coerce_key(columns: Sequence[KeyColumn], parts: Sequence[Any]) -> Key:

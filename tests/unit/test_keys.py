@@ -77,7 +77,7 @@ def test_fits(type_name, given, expected):
 def test_refused_with_column_named(type_name, given, fragment):
     with pytest.raises(InvalidKey) as info:
         coerce_key([col(type_name)], [given])
-    assert "key column k" in str(info.value) and fragment in str(info.value)
+    assert f"key column k ({type_name})" in str(info.value) and fragment in str(info.value)
 
 
 def test_composite_keys_and_arity():

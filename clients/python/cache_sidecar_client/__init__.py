@@ -1,0 +1,34 @@
+"""Client for cache-sidecar: PostgreSQL tables cached in memory, served over gRPC.
+
+    from cache_sidecar_client import Client
+
+    with Client("127.0.0.1:50051") as cache:
+        patron = cache.get("public.patron", 1)        # dict, or None
+        rows = cache.batch_get("public.patron", [1, 2, 3])
+"""
+
+from cache_sidecar_client._convert import Revision, TableInfo
+from cache_sidecar_client.client import AsyncClient, Client
+from cache_sidecar_client.errors import (
+    CacheSidecarError,
+    DeadlineExceeded,
+    InvalidArgument,
+    OutOfRange,
+    TableNotFound,
+    Unavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "CacheSidecarError",
+    "Client",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "OutOfRange",
+    "Revision",
+    "TableInfo",
+    "TableNotFound",
+    "Unavailable",
+]

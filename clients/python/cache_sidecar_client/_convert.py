@@ -1,0 +1,107 @@
+"""Python values <-> API messages: keys, rows, revisions, read options."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cache_sidecar_client.api.v1 import cache_pb2 as pb
+
+Consistency = Literal["eventual", "strong"]
+Row = dict[str, Any]
+Decoder = Callable[[bytes], Any]
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A position in the sidecar's stream of applied changes (see the API docs)."""
+
+    epoch: str
+    number: int
+
+    @classmethod
+    def from_pb(cls, message: pb.Revision) -> Revision:
+        return cls(message.epoch, message.number)
+
+    def to_pb(self) -> pb.Revision:
+        return pb.Revision(epoch=self.epoch, number=self.number)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    key_columns: tuple[tuple[str, str], ...]  # (name, type)
+    mode: str  # "full" | "lazy"
+    row_count: int
+    loaded: bool
+    max_rows: int
+    bytes: int
+
+
+def key_part(value: Any) -> pb.KeyPart:
+    if isinstance(value, bool):
+        return pb.KeyPart(bool_value=value)
+    if isinstance(value, int):
+        if _INT64[0] <= value <= _INT64[1]:
+            return pb.KeyPart(int_value=value)
+        return pb.KeyPart(string_value=str(value))
+    if isinstance(value, str):
+        return pb.KeyPart(string_value=value)
+    if isinstance(value, float):
+        return pb.KeyPart(double_value=value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return pb.KeyPart(bytes_value=bytes(value))
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return pb.KeyPart(string_value=value.isoformat())
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return pb.KeyPart(string_value=str(value))
+    raise TypeError(f"cannot send {type(value).__name__} as a key part")
+
+
+def to_key(key: Any) -> pb.Key:
+    """A scalar for one key column, a tuple (or list) for a composite key."""
+    parts = key if isinstance(key, tuple | list) else (key,)
+    return pb.Key(parts=[key_part(part) for part in parts])
+
+
+def from_key(key: pb.Key) -> Any:
+    """An event's key as Python: a scalar for one column, a tuple for several."""
+    values = tuple(getattr(part, part.WhichOneof("kind") or "string_value") for part in key.parts)
+    return values[0] if len(values) == 1 else values
+
+
+def read_options(
+    consistency: Consistency, min_revision: Revision | None, allow_stale: bool
+) -> pb.ReadOptions | None:
+    if consistency == "eventual" and min_revision is None and not allow_stale:
+        return None
+    if consistency not in ("eventual", "strong"):
+        raise ValueError(f"consistency must be 'eventual' or 'strong', not {consistency!r}")
+    return pb.ReadOptions(
+        consistency=pb.STRONG if consistency == "strong" else pb.EVENTUAL,
+        min_revision=min_revision.to_pb() if min_revision else None,
+        allow_stale=allow_stale,
+    )
+
+
+def table_info(message: pb.TableInfo) -> TableInfo:
+    return TableInfo(
+        name=message.name,
+        key_columns=tuple((c.name, c.type) for c in message.key_columns),
+        mode=pb.TableMode.Name(message.mode).lower(),
+        row_count=message.row_count,
+        loaded=message.loaded,
+        max_rows=message.max_rows,
+        bytes=message.bytes,
+    )
+
+
+def default_decoder(data: bytes) -> Any:
+    return json.loads(data)

@@ -1,0 +1,92 @@
+"""The documented type mapping, value by value: PostgreSQL value -> row JSON,
+and client key -> the row it names, for every supported key type."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+
+import pytest
+from cache_sidecar_client import AsyncClient
+
+# (column type, SQL literal, JSON value the row carries) -- the README's table.
+VALUES = [
+    ("int2", "-32768", -32768),
+    ("int4", "2147483647", 2147483647),
+    ("int8", "9223372036854775807", 9223372036854775807),
+    ("numeric", "12345678901234567890.000000000000000001", decimal.Decimal("12345678901234567890.000000000000000001")),
+    ("numeric", "'NaN'", "NaN"),
+    ("float8", "0.1", 0.1),
+    ("float8", "'Infinity'", "Infinity"),
+    ("float4", "1.5", 1.5),
+    ("text", "'héllo \"quoted\" \\n'", 'héllo "quoted" \\n'),
+    ("bool", "true", True),
+    ("uuid", "'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    ("date", "'2024-02-29'", "2024-02-29"),
+    ("timestamp", "'2024-01-01 10:00:00.123456'", "2024-01-01T10:00:00.123456"),
+    ("timestamptz", "'2024-01-01 10:00:00+05:30'", "2024-01-01T04:30:00+00:00"),
+    ("timestamptz", "'infinity'", "infinity"),
+    ("bytea", "'\\x00ff10'", "\\x00ff10"),
+    ("json", "'{\"b\": [1, 2.50]}'", {"b": [1, decimal.Decimal("2.50")]}),
+    ("jsonb", "'{\"b\": [1, 2.50], \"a\": null}'", {"a": None, "b": [1, decimal.Decimal("2.50")]}),
+    ("int4[]", "'{1,NULL,3}'", [1, None, 3]),
+    ("text[]", "'{a,\"b c\"}'", ["a", "b c"]),
+    ("int4", "NULL", None),
+]
+
+
+async def test_row_json_mapping_value_by_value(start_daemon, db, schema):
+    columns = ", ".join(f"c{i} {t}" for i, (t, _, _) in enumerate(VALUES))
+    literals = ", ".join(lit for _, lit, _ in VALUES)
+    await db.execute(f"CREATE TABLE {schema}.typed (id int PRIMARY KEY, {columns})")
+    await db.execute(f"INSERT INTO {schema}.typed VALUES (1, {literals})")
+    sidecar = await start_daemon([f"{schema}.typed"])
+    import json
+
+    async with AsyncClient(sidecar.target, decoder=lambda b: json.loads(b, parse_float=decimal.Decimal)) as cache:
+        row = await cache.get(f"{schema}.typed", 1)
+    for i, (sql_type, literal, expected) in enumerate(VALUES):
+        got = row[f"c{i}"]
+        if isinstance(expected, float):
+            assert float(got) == expected, sql_type
+        else:
+            assert got == expected, f"{sql_type} {literal}: {got!r}"
+
+
+KEYS = [
+    # (key column type, SQL literal, what a client passes)
+    ("int2", "7", 7),
+    ("int4", "7", "7"),
+    ("int8", "9007199254740993", 9007199254740993),
+    ("numeric", "1.50", decimal.Decimal("1.5")),
+    ("numeric(6,2)", "1.50", "1.50"),
+    ("text", "'héllo'", "héllo"),
+    ("varchar(8)", "'v'", "v"),
+    ("char(4)", "'ab'", "ab"),
+    ("uuid", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'", uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+    ("bool", "true", True),
+    ("date", "'2024-02-29'", dt.date(2024, 2, 29)),
+    ("timestamp", "'2024-01-01 10:00:00'", "2024-01-01T10:00:00"),
+    ("timestamptz", "'2024-01-01 10:00:00+00'", dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+    ("bytea", "'\\x00ff'", b"\x00\xff"),
+    ("float8", "0.5", 0.5),
+]
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+async def test_every_key_type_finds_its_row(start_daemon, db, schema, mode):
+    for i, (sql_type, literal, _) in enumerate(KEYS):
+        await db.execute(f"CREATE TABLE {schema}.k{i} (id {sql_type} PRIMARY KEY, tag text)")
+        await db.execute(f"INSERT INTO {schema}.k{i} VALUES ({literal}, 'found')")
+    await db.execute(f"CREATE TYPE {schema}.mood AS ENUM ('happy', 'sad')")
+    await db.execute(f"CREATE TABLE {schema}.kenum (id {schema}.mood, n int, tag text, PRIMARY KEY (id, n))")
+    await db.execute(f"INSERT INTO {schema}.kenum VALUES ('sad', 3, 'found')")
+    tables = [f"{schema}.k{i}:{mode}" for i in range(len(KEYS))] + [f"{schema}.kenum:{mode}"]
+    sidecar = await start_daemon(tables)
+    async with AsyncClient(sidecar.target) as cache:
+        for i, (sql_type, _, key) in enumerate(KEYS):
+            row = await cache.get(f"{schema}.k{i}", key)
+            assert row is not None and row["tag"] == "found", sql_type
+        assert (await cache.get(f"{schema}.kenum", ("sad", 3)))["tag"] == "found"
+        assert await cache.get(f"{schema}.kenum", ("happy", 3)) is None

@@ -1,0 +1,112 @@
+"""PostgreSQL servers for the tests: the embedded one (pgserver), an external
+one (SIDECAR_TEST_DSN), or a system installation's binaries."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Postgres:
+    """A server the tests may use; ``restart`` is None when they may not restart it."""
+
+    dsn: str
+    version: str
+    handle: Any = None
+    kind: str = "embedded"
+
+    @property
+    def can_restart(self) -> bool:
+        return self.handle is not None and hasattr(self.handle, "restart")
+
+    def restart(self) -> None:
+        self.handle.restart()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+
+
+class EmbeddedServer:
+    """pgserver's cluster (works as root: it runs the server as a 'pgserver' user)."""
+
+    def __init__(self) -> None:
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver
+
+        self._pgserver = pgserver
+        self.server = pgserver.get_server(tempfile.mkdtemp(prefix="sidecar-test-pg-"), cleanup_mode="delete")
+        self.dsn = self.server.get_uri()
+        self.socket_dir = self.dsn.split("host=")[-1]
+
+    def restart(self) -> None:
+        self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata,
+                              user=self.server.system_user)
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def system_bindir() -> str | None:
+    """A system PostgreSQL's bin directory, if one is installed."""
+    explicit = os.environ.get("SIDECAR_TEST_PG_BINDIR")
+    if explicit:
+        return explicit
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), reverse=True)
+    if candidates:
+        return os.path.dirname(candidates[0])
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if os.path.exists(os.path.join(bindir, "postgres")):
+            return bindir
+    return None
+
+
+class LocalCluster:
+    """A throwaway cluster from a bin directory, on a Unix socket. As root, the
+    server runs as a non-root user (PostgreSQL refuses root)."""
+
+    def __init__(self, bindir: str, run_as: str | None = None) -> None:
+        self.bindir = bindir
+        self.base = Path(tempfile.mkdtemp(prefix="sidecar-test-syspg-"))
+        self.data = self.base / "data"
+        self.user = run_as if os.geteuid() == 0 else None
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chmod(self.base, 0o755)
+            os.chown(self.base, entry.pw_uid, entry.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.port = _free_port()
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-o",
+                  f"-h '' -k {self.base} -p {self.port} -c fsync=off", "start")
+        self.dsn = f"postgresql://postgres@/postgres?host={self.base}&port={self.port}"
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run([os.path.join(self.bindir, program), *args], check=True, capture_output=True,
+                       user=self.user, timeout=60)
+
+    def restart(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "restart")
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
