@@ -11,14 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 from cache_sidecar_client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import grpc
 
 EXE = [sys.executable, "-m", "sidecar"]
 
@@ -92,9 +90,24 @@ def test_serve_then_signal_exits_zero(postgres, table, tmp_path, signum):
     port = free_port()
     sock = tmp_path / "grpc.sock"
     process = subprocess.Popen(
-        [*EXE, "serve", "--dsn", postgres.dsn, "--table", table, "--install-triggers",
-         "--listen", f"127.0.0.1:{port}", "--listen", f"unix://{sock}", "--grace-period", "5"],
-        env=clean_env(), stderr=subprocess.PIPE, text=True,
+        [
+            *EXE,
+            "serve",
+            "--dsn",
+            postgres.dsn,
+            "--table",
+            table,
+            "--install-triggers",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--listen",
+            f"unix://{sock}",
+            "--grace-period",
+            "5",
+        ],
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_serving(f"127.0.0.1:{port}", process)
@@ -117,7 +130,10 @@ def test_embedded_quick_start(tmp_path):
     port = free_port()
     process = subprocess.Popen(
         [*EXE, "serve", "--listen", f"127.0.0.1:{port}"],
-        env=clean_env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         wait_serving(f"127.0.0.1:{port}", process, timeout=120)
@@ -130,8 +146,12 @@ def test_embedded_quick_start(tmp_path):
             assert cache.get("public.patron", 1)["name"] == "Ada"
             run_sql(dsn, "UPDATE patron SET fav_dish = 'waffles' WHERE id = 1")
             eventually(lambda: cache.get("public.patron", 1)["fav_dish"] == "waffles")
-        got = subprocess.run([*EXE, "get", "public.patron", "1", "--target", f"127.0.0.1:{port}"],
-                             capture_output=True, text=True, timeout=30)
+        got = subprocess.run(
+            [*EXE, "get", "public.patron", "1", "--target", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert got.returncode == 0 and '"waffles"' in got.stdout
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
@@ -152,11 +172,17 @@ def test_help_and_version():
 def test_config_errors_exit_2_and_name_the_key(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[server]\nlisten = ['127.0.0.1:99999']\n")
-    out = subprocess.run([*EXE, "serve", "--config", str(config)], capture_output=True, text=True, env=clean_env())
+    out = subprocess.run(
+        [*EXE, "serve", "--config", str(config)], capture_output=True, text=True, env=clean_env()
+    )
     assert out.returncode == 2
     assert "server.listen" in out.stderr and "0-65535" in out.stderr
-    out = subprocess.run([*EXE, "serve", "--dsn", "postgresql://u:pw-secret@127.0.0.1:1/db", "--print-config"],
-                         capture_output=True, text=True, env=clean_env())
+    out = subprocess.run(
+        [*EXE, "serve", "--dsn", "postgresql://u:pw-secret@127.0.0.1:1/db", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
     assert out.returncode == 0 and "pw-secret" not in out.stdout and "u:***@" in out.stdout
 
 
@@ -170,14 +196,20 @@ def test_triggers_command(postgres, table):
     assert first.stdout.startswith("installed:") and again.stdout.startswith("already installed")
     gone = subprocess.run([*base, "uninstall", *flags], capture_output=True, text=True, env=clean_env())
     assert gone.returncode == 0 and gone.stdout.startswith("removed:")
-    missing = subprocess.run([*base, "install", "--dsn", postgres.dsn, "--table", "public.no_such"],
-                             capture_output=True, text=True, env=clean_env())
+    missing = subprocess.run(
+        [*base, "install", "--dsn", postgres.dsn, "--table", "public.no_such"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
 def test_unreachable_sidecar_is_a_clear_cli_error():
-    out = subprocess.run([*EXE, "get", "public.patron", "1", "--target", f"127.0.0.1:{free_port()}"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*EXE, "get", "public.patron", "1", "--target", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
-
-

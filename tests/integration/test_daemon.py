@@ -50,8 +50,9 @@ async def test_full_table_follows_every_kind_of_change(start_daemon, db, patrons
 
 
 async def test_lazy_table_reads_through_and_follows_changes(start_daemon, db, patrons):
-    sidecar = await start_daemon([cfg.TableConfig(schema=patrons.split(".")[0], name="patron", mode="lazy",
-                                                  max_rows=3)])
+    sidecar = await start_daemon(
+        [cfg.TableConfig(schema=patrons.split(".")[0], name="patron", mode="lazy", max_rows=3)]
+    )
     async with AsyncClient(sidecar.target) as cache:
         assert [r["id"] for r in await cache.batch_get(patrons, [1, 2, 3, 4, 5])] == [1, 2, 3, 4, 5]
         table = sidecar.engine.tables[patrons]
@@ -94,7 +95,9 @@ async def test_health_follows_the_listener(start_daemon, db, patrons):
     channel = grpc.aio.insecure_channel(sidecar.target)
     health = health_pb2_grpc.HealthStub(channel)
     assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
-    assert (await health.Check(health_pb2.HealthCheckRequest(service="cachesidecar.v1.Cache"))).status == SERVING
+    assert (
+        await health.Check(health_pb2.HealthCheckRequest(service="cachesidecar.v1.Cache"))
+    ).status == SERVING
     seen: list[int] = []
 
     async def watch() -> None:
@@ -114,7 +117,7 @@ async def test_bad_requests_get_clear_statuses_and_disturb_nothing(start_daemon,
     async with AsyncClient(sidecar.target) as cache:
         with pytest.raises(TableNotFound, match="not cached here"):
             await cache.get("public.nope", 1)
-        with pytest.raises(InvalidArgument, match="key column id .integer.: 'abc' is not an integer"):
+        with pytest.raises(InvalidArgument, match=r"key column id \(integer\): 'abc' is not an integer"):
             await cache.get(patrons, "abc")
         with pytest.raises(InvalidArgument, match="out of range for int4"):
             await cache.get(patrons, 2**40)
@@ -182,15 +185,18 @@ async def test_reflection_lists_the_services(start_daemon, patrons):
         ("CREATE TABLE {s}.nokey (v int)", True, "has no primary key"),
         ("", True, "does not exist"),
         ("CREATE TABLE {s}.nokey (id int PRIMARY KEY)", False, "has no cache-sidecar triggers"),
-        ("CREATE TABLE {s}.nokey (id point, n int, PRIMARY KEY (n)); ALTER TABLE {s}.nokey DROP CONSTRAINT "
-         "nokey_pkey; CREATE UNIQUE INDEX ON {s}.nokey (n)", True, "has no primary key"),
+        ("CREATE TABLE {s}.nokey (id interval PRIMARY KEY)", True, "which cannot be a cache key"),
     ],
 )
 async def test_start_up_errors_are_clear(postgres, db, schema, caplog, ddl, install, message):
     if ddl:
         await db.execute(ddl.format(s=schema))
-    config = cfg.Config(dsn=postgres.dsn, listen=("127.0.0.1:0",), install_triggers=install,
-                        tables=(cfg.TableConfig(schema=schema, name="nokey"),))
+    config = cfg.Config(
+        dsn=postgres.dsn,
+        listen=("127.0.0.1:0",),
+        install_triggers=install,
+        tables=(cfg.TableConfig(schema=schema, name="nokey"),),
+    )
     assert await Daemon(config, handle_signals=False).run() == 1
     assert message in caplog.text
 
@@ -199,7 +205,9 @@ async def test_wrong_password_is_a_config_error_without_the_password(postgres, c
     if postgres.kind != "embedded":
         pytest.skip("needs a server whose authentication we know")
     dsn = postgres.dsn.replace("postgres:@", "nobody_here:hunter2@")
-    config = cfg.Config(dsn=dsn, listen=("127.0.0.1:0",), tables=(cfg.TableConfig(schema="public", name="x"),))
+    config = cfg.Config(
+        dsn=dsn, listen=("127.0.0.1:0",), tables=(cfg.TableConfig(schema="public", name="x"),)
+    )
     assert await Daemon(config, handle_signals=False).run() == 2
     assert "database.dsn" in caplog.text and "hunter2" not in caplog.text
 

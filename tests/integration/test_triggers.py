@@ -75,14 +75,20 @@ def parsed(payloads: list[str]) -> list[events.Event]:
 async def test_install_is_idempotent_and_uninstall_removes_exactly_what_it_made(pg):
     conn, _ = pg
     await conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-    await conn.execute("CREATE FUNCTION keep_me() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
-    await conn.execute("CREATE TRIGGER user_trigger AFTER INSERT ON items FOR EACH ROW EXECUTE FUNCTION keep_me()")
+    await conn.execute(
+        "CREATE FUNCTION keep_me() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'"
+    )
+    await conn.execute(
+        "CREATE TRIGGER user_trigger AFTER INSERT ON items FOR EACH ROW EXECUTE FUNCTION keep_me()"
+    )
 
     async def objects() -> tuple[int, int]:
         functions = await conn.fetchval(
-            "SELECT count(*) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace"
+        )
         trigger_count = await conn.fetchval(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass AND NOT tgisinternal")
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass AND NOT tgisinternal"
+        )
         return functions, trigger_count
 
     before = await objects()
@@ -194,10 +200,19 @@ async def test_quoted_identifiers_and_schemas(pg):
 
 
 KEY_TYPES = [
-    ("int2", "12"), ("int8", "9007199254740993"), ("numeric", "12.50"), ("text", "'héllo \"q\"'"),
-    ("varchar(10)", "'v'"), ("char(4)", "'ab'"), ("uuid", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"),
-    ("bool", "true"), ("date", "'2024-02-29'"), ("timestamp", "'2024-01-01 10:00:00.123456'"),
-    ("timestamptz", "'2024-01-01 10:00:00+05:30'"), ("bytea", "'\\x00ff10'"), ("float8", "0.1"),
+    ("int2", "12"),
+    ("int8", "9007199254740993"),
+    ("numeric", "12.50"),
+    ("text", "'héllo \"q\"'"),
+    ("varchar(10)", "'v'"),
+    ("char(4)", "'ab'"),
+    ("uuid", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"),
+    ("bool", "true"),
+    ("date", "'2024-02-29'"),
+    ("timestamp", "'2024-01-01 10:00:00.123456'"),
+    ("timestamptz", "'2024-01-01 10:00:00+05:30'"),
+    ("bytea", "'\\x00ff10'"),
+    ("float8", "0.1"),
 ]
 
 
@@ -206,7 +221,9 @@ async def test_payload_keys_coerce_back_to_the_stored_key(pg, sql_type, literal)
     conn, capture = pg
     await conn.execute(f"CREATE TABLE k (id {sql_type}, n int, PRIMARY KEY (id, n))")
     trigger_set = await install(conn, "k")
-    await conn.execute("SET TimeZone = 'America/New_York'; SET bytea_output = 'escape'")  # a writer's odd session
+    await conn.execute(
+        "SET TimeZone = 'America/New_York'; SET bytea_output = 'escape'"
+    )  # a writer's odd session
     await conn.execute(f"INSERT INTO k VALUES ({literal}, 1)")
     (event,) = parsed(await capture.drain(conn))
     stored = await conn.fetchrow("SELECT id, n FROM k")

@@ -15,7 +15,11 @@ VALUES = [
     ("int2", "-32768", -32768),
     ("int4", "2147483647", 2147483647),
     ("int8", "9223372036854775807", 9223372036854775807),
-    ("numeric", "12345678901234567890.000000000000000001", decimal.Decimal("12345678901234567890.000000000000000001")),
+    (
+        "numeric",
+        "12345678901234567890.000000000000000001",
+        decimal.Decimal("12345678901234567890.000000000000000001"),
+    ),
     ("numeric", "'NaN'", "NaN"),
     ("float8", "0.1", 0.1),
     ("float8", "'Infinity'", "Infinity"),
@@ -29,7 +33,7 @@ VALUES = [
     ("timestamptz", "'infinity'", "infinity"),
     ("bytea", "'\\x00ff10'", "\\x00ff10"),
     ("json", "'{\"b\": [1, 2.50]}'", {"b": [1, decimal.Decimal("2.50")]}),
-    ("jsonb", "'{\"b\": [1, 2.50], \"a\": null}'", {"a": None, "b": [1, decimal.Decimal("2.50")]}),
+    ("jsonb", '\'{"b": [1, 2.50], "a": null}\'', {"a": None, "b": [1, decimal.Decimal("2.50")]}),
     ("int4[]", "'{1,NULL,3}'", [1, None, 3]),
     ("text[]", "'{a,\"b c\"}'", ["a", "b c"]),
     ("int4", "NULL", None),
@@ -44,7 +48,9 @@ async def test_row_json_mapping_value_by_value(start_daemon, db, schema):
     sidecar = await start_daemon([f"{schema}.typed"])
     import json
 
-    async with AsyncClient(sidecar.target, decoder=lambda b: json.loads(b, parse_float=decimal.Decimal)) as cache:
+    async with AsyncClient(
+        sidecar.target, decoder=lambda b: json.loads(b, parse_float=decimal.Decimal)
+    ) as cache:
         row = await cache.get(f"{schema}.typed", 1)
     for i, (sql_type, literal, expected) in enumerate(VALUES):
         got = row[f"c{i}"]
@@ -68,7 +74,11 @@ KEYS = [
     ("bool", "true", True),
     ("date", "'2024-02-29'", dt.date(2024, 2, 29)),
     ("timestamp", "'2024-01-01 10:00:00'", "2024-01-01T10:00:00"),
-    ("timestamptz", "'2024-01-01 10:00:00+00'", dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+    (
+        "timestamptz",
+        "'2024-01-01 10:00:00+00'",
+        dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+    ),
     ("bytea", "'\\x00ff'", b"\x00\xff"),
     ("float8", "0.5", 0.5),
 ]

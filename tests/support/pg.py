@@ -50,8 +50,9 @@ class EmbeddedServer:
         self.socket_dir = self.dsn.split("host=")[-1]
 
     def restart(self) -> None:
-        self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata,
-                              user=self.server.system_user)
+        self._pgserver.pg_ctl(
+            ["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user
+        )
 
     def stop(self) -> None:
         self.server.cleanup()
@@ -88,13 +89,27 @@ class LocalCluster:
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.port = _free_port()
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-o",
-                  f"-h '' -k {self.base} -p {self.port} -c fsync=off", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.base / "log"),
+            "-w",
+            "-o",
+            f"-h '' -k {self.base} -p {self.port} -c fsync=off",
+            "start",
+        )
         self.dsn = f"postgresql://postgres@/postgres?host={self.base}&port={self.port}"
 
     def _run(self, program: str, *args: str) -> None:
-        subprocess.run([os.path.join(self.bindir, program), *args], check=True, capture_output=True,
-                       user=self.user, timeout=60)
+        subprocess.run(
+            [os.path.join(self.bindir, program), *args],
+            check=True,
+            capture_output=True,
+            user=self.user,
+            timeout=60,
+        )
 
     def restart(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "restart")

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-                     what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
     """Poll ``check`` (sync or async) until it returns a truthy value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None

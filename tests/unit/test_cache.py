@@ -9,6 +9,7 @@ import pytest
 from sidecar.cache import FullTable, LazyTable
 from sidecar.errors import Unavailable
 from sidecar.testing import MemoryDatabase, int_key_schema
+from tests.support.waiting import eventually
 
 T = "public.items"
 
@@ -38,12 +39,6 @@ def row(value: str) -> bytes:
 async def within(awaitable, timeout: float = 5.0):
     """Await with a deadline: a broken wait fails the test instead of hanging it."""
     return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Op, RowChange, SyncToken, TableChange
 from sidecar.testing import MemoryDatabase, int_key_schema
+from tests.support.waiting import eventually
 
 FULL = "public.items"
 LAZY = "public.lazy"
@@ -19,12 +20,6 @@ LAZY = "public.lazy"
 
 def row(value: str) -> bytes:
     return ('{"name":"' + value + '"}').encode()
-
-
-async def eventually(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 def change(table: str, xid: int, *ids: int, op: Op = Op.UPDATE) -> RowChange:
@@ -116,7 +111,9 @@ async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engin
     assert engine.stats.passthrough_reads == 1
 
 
-async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
+async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(
+    engine: Engine, db: MemoryDatabase
+):
     engine.listener_lost("test")
     db.error = OSError("connection refused")
     with pytest.raises(Unavailable):

@@ -99,11 +99,25 @@ def test_stored_char_keys_compare_like_postgres():
 
 @pytest.mark.parametrize(
     ("value", "kind"),
-    [(1, "int_value"), (True, "bool_value"), ("x", "string_value"), (1.5, "double_value"),
-     (b"x", "bytes_value"), (uuid.UUID(U), "string_value"), (dt.date(2024, 1, 1), "string_value")],
+    [
+        (1, "int_value"),
+        (True, "bool_value"),
+        ("x", "string_value"),
+        (1.5, "double_value"),
+        (b"x", "bytes_value"),
+        (uuid.UUID(U), "string_value"),
+        (dt.date(2024, 1, 1), "string_value"),
+    ],
 )
 def test_part_kind_round_trips(value, kind):
     assert part_kind(value)[0] == kind
-    column = {bool: "bool", int: "int8", str: "text", float: "float8", bytes: "bytea",
-              uuid.UUID: "uuid", dt.date: "date"}[type(value)]
+    column = {
+        bool: "bool",
+        int: "int8",
+        str: "text",
+        float: "float8",
+        bytes: "bytea",
+        uuid.UUID: "uuid",
+        dt.date: "date",
+    }[type(value)]
     assert coerce_key([col(column)], [part_kind(value)[1]]) == (value,)

@@ -18,8 +18,9 @@ def make_listener(received: list) -> Listener:
     async def never():  # pragma: no cover - not called here
         raise AssertionError
 
-    return Listener(connect=never, channel="c", on_event=received.append, on_up=lambda: None,
-                    on_down=lambda reason: None)
+    return Listener(
+        connect=never, channel="c", on_event=received.append, on_up=lambda: None, on_down=lambda reason: None
+    )
 
 
 def test_good_payloads_become_events_and_bad_ones_are_counted_and_skipped():

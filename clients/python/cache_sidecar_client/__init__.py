@@ -1,10 +1,10 @@
 """Client for cache-sidecar: PostgreSQL tables cached in memory, served over gRPC.
 
-    from cache_sidecar_client import Client
+from cache_sidecar_client import Client
 
-    with Client("127.0.0.1:50051") as cache:
-        patron = cache.get("public.patron", 1)        # dict, or None
-        rows = cache.batch_get("public.patron", [1, 2, 3])
+with Client("127.0.0.1:50051") as cache:
+    patron = cache.get("public.patron", 1)        # dict, or None
+    rows = cache.batch_get("public.patron", [1, 2, 3])
 """
 
 from cache_sidecar_client._convert import Revision, TableInfo

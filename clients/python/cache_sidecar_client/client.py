@@ -44,19 +44,30 @@ class _Requests:
         self.last_revision = seen
         return seen
 
-    def get(self, table: str, key: Any, consistency: Consistency, min_revision: Revision | None,
-            allow_stale: bool) -> pb.GetRequest:
-        return pb.GetRequest(table=table, key=to_key(key),
-                             options=read_options(consistency, min_revision, allow_stale))
+    def get(
+        self, table: str, key: Any, consistency: Consistency, min_revision: Revision | None, allow_stale: bool
+    ) -> pb.GetRequest:
+        return pb.GetRequest(
+            table=table, key=to_key(key), options=read_options(consistency, min_revision, allow_stale)
+        )
 
     def got(self, reply: pb.GetResponse) -> Any:
         self._seen(reply.revision)
         return self.decode(reply.row) if reply.found else None
 
-    def batch_get(self, table: str, keys: Iterable[Any], consistency: Consistency,
-                  min_revision: Revision | None, allow_stale: bool) -> pb.BatchGetRequest:
-        return pb.BatchGetRequest(table=table, keys=[to_key(k) for k in keys],
-                                  options=read_options(consistency, min_revision, allow_stale))
+    def batch_get(
+        self,
+        table: str,
+        keys: Iterable[Any],
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+    ) -> pb.BatchGetRequest:
+        return pb.BatchGetRequest(
+            table=table,
+            keys=[to_key(k) for k in keys],
+            options=read_options(consistency, min_revision, allow_stale),
+        )
 
     def got_batch(self, reply: pb.BatchGetResponse) -> list[Any]:
         self._seen(reply.revision)
@@ -76,8 +87,14 @@ class _Requests:
 class Client:
     """Blocking client. Thread-safe; use one per process."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT,
-                 decoder: Decoder = default_decoder, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        decoder: Decoder = default_decoder,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
@@ -95,22 +112,42 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def get(self, table: str, key: Any, *, consistency: Consistency = "eventual",
-            min_revision: Revision | None = None, allow_stale: bool = False,
-            timeout: float | None = None) -> dict[str, Any] | None:
+    def get(
+        self,
+        table: str,
+        key: Any,
+        *,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | None:
         """One row by primary key, or ``None``."""
         request = self._r.get(table, key, consistency, min_revision, allow_stale)
         return self._r.got(self._call(self._stub.Get, request, timeout))  # type: ignore[no-any-return]
 
-    def batch_get(self, table: str, keys: Iterable[Any], *, consistency: Consistency = "eventual",
-                  min_revision: Revision | None = None, allow_stale: bool = False,
-                  timeout: float | None = None) -> list[dict[str, Any] | None]:
+    def batch_get(
+        self,
+        table: str,
+        keys: Iterable[Any],
+        *,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any] | None]:
         """Rows in the order of ``keys`` (``None`` where there is none)."""
         request = self._r.batch_get(table, keys, consistency, min_revision, allow_stale)
         return self._r.got_batch(self._call(self._stub.BatchGet, request, timeout))
 
-    def invalidate(self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False,
-                   timeout: float | None = None) -> Revision:
+    def invalidate(
+        self,
+        table: str,
+        keys: Sequence[Any] | None = None,
+        *,
+        refresh: bool = False,
+        timeout: float | None = None,
+    ) -> Revision:
         """Drop cached rows (all of the table's when ``keys`` is None); ``refresh`` refetches now."""
         reply = self._call(self._stub.Invalidate, self._r.invalidate(table, keys, refresh), timeout)
         return self._r._seen(reply.revision)
@@ -135,8 +172,14 @@ class Client:
 class AsyncClient:
     """asyncio client. Create it inside a running event loop."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = DEFAULT_TIMEOUT,
-                 decoder: Decoder = default_decoder, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        decoder: Decoder = default_decoder,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
@@ -153,20 +196,40 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def get(self, table: str, key: Any, *, consistency: Consistency = "eventual",
-                  min_revision: Revision | None = None, allow_stale: bool = False,
-                  timeout: float | None = None) -> dict[str, Any] | None:
+    async def get(
+        self,
+        table: str,
+        key: Any,
+        *,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | None:
         request = self._r.get(table, key, consistency, min_revision, allow_stale)
         return self._r.got(await self._call(self._stub.Get, request, timeout))  # type: ignore[no-any-return]
 
-    async def batch_get(self, table: str, keys: Iterable[Any], *, consistency: Consistency = "eventual",
-                        min_revision: Revision | None = None, allow_stale: bool = False,
-                        timeout: float | None = None) -> list[dict[str, Any] | None]:
+    async def batch_get(
+        self,
+        table: str,
+        keys: Iterable[Any],
+        *,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any] | None]:
         request = self._r.batch_get(table, keys, consistency, min_revision, allow_stale)
         return self._r.got_batch(await self._call(self._stub.BatchGet, request, timeout))
 
-    async def invalidate(self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False,
-                         timeout: float | None = None) -> Revision:
+    async def invalidate(
+        self,
+        table: str,
+        keys: Sequence[Any] | None = None,
+        *,
+        refresh: bool = False,
+        timeout: float | None = None,
+    ) -> Revision:
         reply = await self._call(self._stub.Invalidate, self._r.invalidate(table, keys, refresh), timeout)
         return self._r._seen(reply.revision)
 
@@ -182,6 +245,7 @@ class AsyncClient:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
