@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sidecar import __version__
@@ -15,6 +15,11 @@ from sidecar import config as cfg
 from sidecar.errors import ConfigError, SidecarError
 
 log = logging.getLogger("sidecar")
+
+# grpcio 1.85's EventEngine client/listener cost ~25% more CPU per call than
+# the older I/O manager in our measurements (see README, "Performance"); an
+# operator's own GRPC_EXPERIMENTS setting wins.
+GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 DESCRIPTION = """\
 Keep PostgreSQL tables cached in memory, current from LISTEN/NOTIFY, and serve
@@ -184,6 +189,9 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)  # before gRPC starts
     args = build_parser().parse_args(argv)
     if args.command in ("get", "tables"):
         return _client_command(args)
@@ -212,10 +220,28 @@ def _serve(config: cfg.Config) -> int:
         if daemon.embedded is not None and daemon.server is not None:
             _print_demo_banner(daemon)
 
+    runner = _event_loop_runner(config.event_loop)
     try:
-        return asyncio.run(Daemon(config, on_ready=announce).run())
+        return runner(Daemon(config, on_ready=announce).run())
     except KeyboardInterrupt:  # a signal before handlers were installed
         return 130
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """``asyncio.run`` or ``uvloop.run``, as configured (server.event_loop)."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit(
+                    "cache-sidecar: error: config server.event_loop: uvloop is not installed"
+                ) from None
+        else:
+            log.info("event loop: uvloop")
+            return uvloop.run
+    log.info("event loop: asyncio")
+    return asyncio.run
 
 
 def _print_demo_banner(daemon: Any) -> None:

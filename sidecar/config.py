@@ -56,6 +56,7 @@ class Config:
     install_triggers: bool = False
     max_batch_keys: int = 1000
     grace_period: float = 10.0
+    event_loop: str = "auto"
     channel: str = "cache_sidecar"
     ping_interval: float = 5.0
     ping_timeout: float = 5.0
@@ -153,6 +154,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds in-flight calls get to finish on SIGTERM.",
         flag="--grace-period",
         minimum=0,
+    ),
+    Setting(
+        "server.event_loop",
+        "event_loop",
+        "str",
+        "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
+        choices=("auto", "uvloop", "asyncio"),
     ),
     Setting("listener.channel", "channel", "str", "NOTIFY channel the triggers send on."),
     Setting(

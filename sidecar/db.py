@@ -17,10 +17,11 @@ from sidecar.config import Config, TableConfig, redact_dsn, scrub
 from sidecar.errors import ConfigError, SchemaError, Unavailable
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import TableSchema
+from sidecar.wire import entry
 
 log = logging.getLogger(__name__)
 
-Rows = dict[Key, bytes]
+Rows = dict[Key, bytes]  # key -> cache entry (see wire.py)
 
 # asyncpg/OS errors that mean "the database is unreachable or went away".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -158,6 +159,7 @@ class PgDatabase:
 
 
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:
+    """Key -> the row's cache entry (its JSON, already in response encoding)."""
     if width == 1 and columns[0].type_name != "bpchar":
-        return {(r[0],): r[1].encode() for r in records}
-    return {normalize_stored(columns, tuple(r[:width])): r[width].encode() for r in records}
+        return {(r[0],): entry(r[1].encode()) for r in records}
+    return {normalize_stored(columns, tuple(r[:width])): entry(r[width].encode()) for r in records}

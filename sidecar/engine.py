@@ -32,7 +32,7 @@ from sidecar.config import Config, parse_table_name, qualified_name
 from sidecar.db import Database
 from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, RowChange, SyncToken, TableChange
-from sidecar.keys import Key, coerce_key, key_text
+from sidecar.keys import Key, coerce_key, coerce_single, key_text
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -283,13 +283,21 @@ class Engine:
         return table
 
     def keys(self, table: TableCache, raw_keys: Sequence[Sequence[Any]]) -> list[Key]:
+        """Coerce keys given as parts (one sequence of parts per key)."""
+        self._check_batch(len(raw_keys))
         columns = table.schema.key_columns
-        if len(raw_keys) > self.max_batch_keys:
-            raise InvalidRequest(
-                f"{len(raw_keys)} keys requested; at most {self.max_batch_keys} per call "
-                "(server.max_batch_keys)"
-            )
         return [coerce_key(columns, parts) for parts in raw_keys]
+
+    def single_keys(self, table: TableCache, values: Sequence[Any]) -> list[Key]:
+        """Coerce keys given as bare values of a one-column primary key."""
+        self._check_batch(len(values))
+        return coerce_single(table.schema.key_columns, values)
+
+    def _check_batch(self, count: int) -> None:
+        if count > self.max_batch_keys:
+            raise InvalidRequest(
+                f"{count} keys requested; at most {self.max_batch_keys} per call (server.max_batch_keys)"
+            )
 
     async def get(self, name: str, parts: Sequence[Any], allow_stale: bool = False) -> Row:
         """One row (``None`` if there is none)."""
@@ -307,7 +315,10 @@ class Engine:
     ) -> list[Row]:
         """Rows in key order (``None`` where there is none)."""
         table = self.table(name)
-        keys = self.keys(table, raw_keys)
+        return await self.read(table, self.keys(table, raw_keys), allow_stale)
+
+    async def read(self, table: TableCache, keys: list[Key], allow_stale: bool = False) -> list[Row]:
+        """Rows of already coerced keys, in order."""
         if self.listener_up and table.loaded:
             return await table.get_many(keys)
         return await self._read_through(table, keys, allow_stale)

@@ -249,6 +249,21 @@ def coerce_key(columns: Sequence[KeyColumn], parts: Sequence[Any]) -> Key:
     return tuple(column.coerce(part) for column, part in zip(columns, parts, strict=True))
 
 
+def coerce_single(columns: Sequence[KeyColumn], values: Sequence[Any]) -> list[Key]:
+    """Coerce many values of a one-column key (the compact BatchGet forms)."""
+    if len(columns) != 1:
+        names = ", ".join(c.name for c in columns)
+        raise InvalidKey(f"key has 1 part(s) but the primary key is ({names})")
+    column = columns[0]
+    bounds = _INT_RANGES.get(column.type_name)
+    if bounds is not None and all(type(v) is int for v in values):
+        low, high = bounds
+        if all(low <= v <= high for v in values):  # the common case, without a call per key
+            return [(v,) for v in values]
+    coerce = column.coerce
+    return [(coerce(v),) for v in values]
+
+
 def normalize_stored(columns: Sequence[KeyColumn], values: Sequence[Any]) -> Key:
     """A key as loaded from the database, normalized like a coerced one."""
     if any(c.type_name == "bpchar" for c in columns):

@@ -17,16 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.config import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
-from sidecar.service import CacheService
+from sidecar.service import SERVICE_NAME, CacheService, add_to_server
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -60,7 +57,7 @@ def _build(engine: Engine, listen: Sequence[str]) -> Server:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_CacheServicer_to_server(CacheService(engine), server)
+    add_to_server(CacheService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 
@@ -47,20 +47,27 @@ def key_parts(key: pb.Key, where: str = "key") -> list[Any]:
     return parts
 
 
-class CacheService(pb_grpc.CacheServicer):
-    """Thin adapter from gRPC to ``Engine``."""
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
+
+
+class CacheService:
+    """Thin adapter from gRPC to ``Engine``.
+
+    Get and BatchGet answer with bytes already in protobuf encoding (rows are
+    cached encoded, see ``wire.py``); ``add_to_server`` registers them with a
+    pass-through serializer.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._revision_key: Revision | None = None
-        self._revision_msg = pb.Revision()
+        self._revisions = wire.Revisions()
+
+    def _current(self) -> wire.Revisions:
+        self._revisions.update(self.engine.epoch, self.engine.applied)
+        return self._revisions
 
     def _revision(self) -> pb.Revision:
-        revision = self.engine.revision
-        if revision != self._revision_key:  # built once per revision, not per call
-            self._revision_key = revision
-            self._revision_msg = pb.Revision(epoch=revision.epoch, number=revision.number)
-        return self._revision_msg
+        return self._current().message
 
     async def _call(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` bounded by the call's deadline; turn errors into statuses."""
@@ -89,32 +96,37 @@ class CacheService(pb_grpc.CacheServicer):
             async with asyncio.timeout(self.engine.max_wait):
                 await self.engine.prepare_read(strong, min_revision)
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
-        async def work() -> pb.GetResponse:
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Answers an encoded GetResponse."""
+
+        async def work() -> bytes:
             parts = key_parts(request.key)
             options = request.options
             if options.consistency == pb.STRONG or options.HasField("min_revision"):
                 await self._prepare(options)
             row = await self.engine.get(request.table, parts, options.allow_stale)
-            if row is None:
-                return pb.GetResponse(found=False, revision=self._revision())
-            return pb.GetResponse(found=True, row=row, revision=self._revision())
+            return wire.get_response(row, self._current())
 
         return await self._call(context, work)
 
-    async def BatchGet(
-        self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.BatchGetResponse:
-        async def work() -> pb.BatchGetResponse:
-            keys = [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
+    async def BatchGet(self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Answers an encoded BatchGetResponse."""
+
+        async def work() -> bytes:
+            table = self.engine.table(request.table)
+            forms = [f for f in ("keys", "int_keys", "string_keys") if getattr(request, f)]
+            if len(forms) > 1:
+                raise InvalidRequest(f"give one of keys, int_keys and string_keys, not {' and '.join(forms)}")
+            if request.int_keys:
+                keys = self.engine.single_keys(table, request.int_keys)
+            elif request.string_keys:
+                keys = self.engine.single_keys(table, request.string_keys)
+            else:
+                parts = [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
+                keys = self.engine.keys(table, parts)
             await self._prepare(request.options)
-            rows = await self.engine.get_many(request.table, keys, request.options.allow_stale)
-            return pb.BatchGetResponse(
-                rows=[
-                    pb.RowResult(found=True, row=row) if row is not None else pb.RowResult() for row in rows
-                ],
-                revision=self._revision(),
-            )
+            rows = await self.engine.read(table, keys, request.options.allow_stale)
+            return wire.batch_get_response(rows, self._current())
 
         return await self._call(context, work)
 
@@ -168,3 +180,31 @@ class CacheService(pb_grpc.CacheServicer):
     ) -> AsyncIterator[pb.WatchResponse]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not implemented yet")
         yield pb.WatchResponse()  # pragma: no cover - makes this an async generator
+
+
+def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
+    """Register the Cache service (as the generated code would, but with
+    Get and BatchGet answering pre-encoded bytes)."""
+
+    def unary(method: Any, request: Any, response: Any) -> grpc.RpcMethodHandler:
+        serializer = None if response is None else response.SerializeToString
+        return grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=request.FromString, response_serializer=serializer
+        )
+
+    handlers = {
+        "Get": unary(service.Get, pb.GetRequest, None),
+        "BatchGet": unary(service.BatchGet, pb.BatchGetRequest, None),
+        "Invalidate": unary(service.Invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
+        "Sync": unary(service.Sync, pb.SyncRequest, pb.SyncResponse),
+        "ListTables": unary(service.ListTables, pb.ListTablesRequest, pb.ListTablesResponse),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            service.Watch,
+            request_deserializer=pb.WatchRequest.FromString,
+            response_serializer=pb.WatchResponse.SerializeToString,
+        ),
+    }
+    missing = set(pb.DESCRIPTOR.services_by_name["Cache"].methods_by_name) - set(handlers)
+    assert not missing, f"unregistered RPCs: {missing}"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -18,6 +18,7 @@ from sidecar.db import Rows
 from sidecar.errors import SchemaError
 from sidecar.keys import Key, KeyColumn
 from sidecar.schema import TableSchema
+from sidecar.wire import entry
 
 
 def int_key_schema(name: str = "public.items", mode: str = "full", **table: Any) -> TableSchema:
@@ -44,7 +45,7 @@ class MemoryDatabase:
     # ---------------------------------------------------------- test controls
 
     def put(self, table: str, key: Key, **row: Any) -> None:
-        self.data[table][key] = json.dumps(row, separators=(",", ":")).encode()
+        self.data[table][key] = entry(json.dumps(row, separators=(",", ":")).encode())
 
     def delete(self, table: str, key: Key) -> None:
         self.data[table].pop(key, None)

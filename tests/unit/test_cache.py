@@ -9,6 +9,7 @@ import pytest
 from sidecar.cache import FullTable, LazyTable
 from sidecar.errors import Unavailable
 from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 T = "public.items"
@@ -33,7 +34,7 @@ class Seq:
 
 
 def row(value: str) -> bytes:
-    return ('{"name":"' + value + '"}').encode()
+    return entry(('{"name":"' + value + '"}').encode())
 
 
 async def within(awaitable, timeout: float = 5.0):

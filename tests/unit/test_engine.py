@@ -12,6 +12,7 @@ from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Op, RowChange, SyncToken, TableChange
 from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 FULL = "public.items"
@@ -19,7 +20,7 @@ LAZY = "public.lazy"
 
 
 def row(value: str) -> bytes:
-    return ('{"name":"' + value + '"}').encode()
+    return entry(('{"name":"' + value + '"}').encode())
 
 
 def change(table: str, xid: int, *ids: int, op: Op = Op.UPDATE) -> RowChange:

@@ -71,6 +71,16 @@ def to_key(key: Any) -> pb.Key:
     return pb.Key(parts=[key_part(part) for part in parts])
 
 
+def batch_keys(keys: list[Any]) -> dict[str, Any]:
+    """BatchGetRequest key fields: the compact lists when every key is a plain
+    int (or str) of a one-column key, Key messages otherwise."""
+    if keys and all(type(k) is int and _INT64[0] <= k <= _INT64[1] for k in keys):
+        return {"int_keys": keys}
+    if keys and all(type(k) is str for k in keys):
+        return {"string_keys": keys}
+    return {"keys": [to_key(k) for k in keys]}
+
+
 def from_key(key: pb.Key) -> Any:
     """An event's key as Python: a scalar for one column, a tuple for several."""
     values = tuple(getattr(part, part.WhichOneof("kind") or "string_value") for part in key.parts)

@@ -103,14 +103,18 @@ class GetResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., row: _Optional[bytes] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
-    __slots__ = ("table", "keys", "options")
+    __slots__ = ("table", "keys", "options", "int_keys", "string_keys")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    INT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
     table: str
     keys: _containers.RepeatedCompositeFieldContainer[Key]
     options: ReadOptions
-    def __init__(self, table: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., options: _Optional[_Union[ReadOptions, _Mapping]] = ...) -> None: ...
+    int_keys: _containers.RepeatedScalarFieldContainer[int]
+    string_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., options: _Optional[_Union[ReadOptions, _Mapping]] = ..., int_keys: _Optional[_Iterable[int]] = ..., string_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RowResult(_message.Message):
     __slots__ = ("found", "row")

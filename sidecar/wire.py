@@ -1,0 +1,82 @@
+"""The hot responses' protobuf encoding, done once per row instead of per read.
+
+A cached row is kept as an *entry*: the encoded ``RowResult`` (``found =
+true``, ``row = <JSON>``) wrapped as one element of ``BatchGetResponse.rows``:
+
+    0a <len>  08 01  12 <len> <row JSON>
+    ^ rows    ^found ^ row
+
+``GetResponse`` numbers ``found`` and ``row`` as ``RowResult`` does, so a Get
+answer is the entry without its two-byte-ish wrapper, plus the revision field.
+A BatchGet answer is the entries joined, plus the revision field. Serving a
+read therefore encodes nothing per row: it joins bytes made at load time.
+``tests/unit/test_wire.py`` checks every form against the protobuf runtime.
+"""
+
+from __future__ import annotations
+
+from sidecar.api.v1 import cache_pb2 as pb
+
+MISSING_ENTRY = b"\x0a\x00"  # an empty RowResult: found = false
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def entry(row_json: bytes) -> bytes:
+    """Encode a row's JSON once, as it is cached."""
+    body = b"\x08\x01\x12" + _varint(len(row_json)) + row_json
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def _header(entry_bytes: bytes) -> int:
+    """Length of the entry's ``0a <len>`` wrapper."""
+    index = 1
+    while entry_bytes[index] & 0x80:
+        index += 1
+    return index + 1
+
+
+def row_json(entry_bytes: bytes) -> bytes:
+    """The row's JSON back out of an entry."""
+    position = _header(entry_bytes) + 3  # past 08 01 12: at the row's length varint
+    while entry_bytes[position] & 0x80:
+        position += 1
+    return entry_bytes[position + 1 :]
+
+
+class Revisions:
+    """The revision field of each response, encoded once per revision."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, int] | None = None
+        self.get_field = b""  # GetResponse.revision (field 3)
+        self.batch_field = b""  # BatchGetResponse.revision (field 2)
+        self.message = pb.Revision()
+
+    def update(self, epoch: str, number: int) -> None:
+        if self._key == (epoch, number):
+            return
+        self._key = (epoch, number)
+        self.message = pb.Revision(epoch=epoch, number=number)
+        body = self.message.SerializeToString()
+        self.get_field = b"\x1a" + _varint(len(body)) + body
+        self.batch_field = b"\x12" + _varint(len(body)) + body
+
+
+def get_response(entry_bytes: bytes | None, revisions: Revisions) -> bytes:
+    """An encoded GetResponse."""
+    if entry_bytes is None:
+        return revisions.get_field
+    return entry_bytes[_header(entry_bytes) :] + revisions.get_field
+
+
+def batch_get_response(entries: list[bytes | None], revisions: Revisions) -> bytes:
+    """An encoded BatchGetResponse, rows in the order given."""
+    return b"".join([e if e is not None else MISSING_ENTRY for e in entries]) + revisions.batch_field
