@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)  # before gRPC starts
+    # Nothing here forks a process that uses gRPC (the embedded PostgreSQL's
+    # helpers do fork), so skip gRPC's fork handlers and their log noise.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     if args.command in ("get", "tables"):
         return _client_command(args)

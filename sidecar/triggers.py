@@ -99,6 +99,11 @@ class TriggerSet:
         )
         channel = _literal(self.channel)
         whole = f"PERFORM pg_notify({channel}, head || ',\"all\":\"' || reason || '\"}}');"
+        summary = (
+            "SELECT max(octet_length(key)), sum(octet_length(key) + 1), "
+            "string_agg(key, ',') FILTER (WHERE kind = 'k'), string_agg(key, ',') FILTER (WHERE kind = 'o') "
+            "INTO widest, total, new_list, old_list FROM ({keys}) k;"
+        )
         return f"""
 DECLARE
   head text;
@@ -106,6 +111,9 @@ DECLARE
   reason text;
   n bigint;
   widest int;
+  total bigint;
+  new_list text;
+  old_list text;
 BEGIN
   head := '{{"v":1,"s":' || to_json(TG_TABLE_SCHEMA::text)::text
        || ',"t":' || to_json(TG_TABLE_NAME::text)::text
@@ -116,19 +124,35 @@ BEGIN
     {whole}
     RETURN NULL;
   END IF;
+  -- Count first: a bulk statement degrades before any key is built.
   IF TG_OP = 'DELETE' THEN
-    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({old_keys}) k;
-  ELSIF TG_OP = 'UPDATE' THEN
-    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({moved}) k;
+    SELECT count(*) INTO n FROM cs_old;
   ELSE
-    SELECT count(*), max(octet_length(key)) INTO n, widest FROM ({new_keys}) k;
+    SELECT count(*) INTO n FROM cs_new;
   END IF;
   IF n = 0 THEN
     RETURN NULL;
   END IF;
-  IF n > {self.bulk_threshold} OR widest > {MAX_KEY_BYTES} THEN
-    reason := CASE WHEN n > {self.bulk_threshold} THEN 'bulk' ELSE 'oversized key' END;
+  IF n > {self.bulk_threshold} THEN
+    reason := 'bulk';
     {whole}
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    {summary.format(keys=old_keys)}
+  ELSIF TG_OP = 'UPDATE' THEN
+    {summary.format(keys=moved)}
+  ELSE
+    {summary.format(keys=new_keys)}
+  END IF;
+  IF widest > {MAX_KEY_BYTES} THEN
+    reason := 'oversized key';
+    {whole}
+    RETURN NULL;
+  END IF;
+  IF total <= {CHUNK_BYTES} THEN  -- the common case: one notification
+    PERFORM pg_notify({channel}, head || ',"k":[' || coalesce(new_list, '') || '],"o":['
+                                 || coalesce(old_list, '') || ']}}');
     RETURN NULL;
   END IF;
   IF TG_OP = 'DELETE' THEN{self._chunks(old_keys)}
