@@ -162,7 +162,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
         choices=("auto", "uvloop", "asyncio"),
     ),
-    Setting("listener.channel", "channel", "str", "NOTIFY channel the triggers send on."),
+    Setting("listener.channel", "channel", "str", "NOTIFY channel the triggers send on.", flag="--channel"),
     Setting(
         "listener.ping_interval",
         "ping_interval",
@@ -197,6 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
         "bulk_threshold",
         "int",
         "Rows changed by one statement above which the trigger sends one whole-table event instead of keys.",
+        flag="--bulk-threshold",
         minimum=1,
     ),
     Setting(
