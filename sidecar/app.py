@@ -100,6 +100,7 @@ class Daemon:
             ping_timeout=config.ping_timeout,
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
+            redact=lambda text: scrub(text, config.dsn),
         )
         self.config = config
         log.info(

@@ -186,6 +186,19 @@ def _configure_logging(level: str) -> None:
     )
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    logging.getLogger("asyncpg.pool").addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """asyncpg's pool logs a traceback per retry while the database is down:
+    keep the message and the error, drop the traceback."""
+    if record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

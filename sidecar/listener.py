@@ -58,6 +58,7 @@ class Listener:
         ping_timeout: float = 5.0,
         reconnect_min_delay: float = 0.1,
         reconnect_max_delay: float = 10.0,
+        redact: Callable[[str], str] = lambda text: text,
     ) -> None:
         self._connect = connect
         self.channel = channel
@@ -68,6 +69,7 @@ class Listener:
         self.ping_timeout = ping_timeout
         self.reconnect_min_delay = reconnect_min_delay
         self.reconnect_max_delay = reconnect_max_delay
+        self._redact = redact  # keeps a DSN's password out of logged driver errors
         self.stats = ListenerStats()
         self.connected = False
         self.backend_pid: int | None = None
@@ -83,7 +85,9 @@ class Listener:
                 conn = await self._connect()
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = backoff_delay(attempt, self.reconnect_min_delay, self.reconnect_max_delay)
-                log.warning("listener: cannot connect (%s); retrying in %.2fs", _brief(exc), delay)
+                log.warning(
+                    "listener: cannot connect (%s); retrying in %.2fs", self._redact(_brief(exc)), delay
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
@@ -96,7 +100,7 @@ class Listener:
                 self.connected = False
                 self.backend_pid = None
                 self.stats.disconnects += 1
-                log.warning("listener: connection lost (%s); reconnecting", reason)
+                log.warning("listener: connection lost (%s); reconnecting", self._redact(reason))
                 self._on_down(reason)
             await asyncio.sleep(backoff_delay(0, self.reconnect_min_delay, self.reconnect_max_delay))
 

@@ -139,6 +139,43 @@ async def test_bad_requests_get_clear_statuses_and_disturb_nothing(start_daemon,
         assert all(isinstance(r, InvalidArgument) for r in results[20:])
 
 
+async def test_malformed_messages_get_clear_statuses(start_daemon, db, schema, patrons):
+    from sidecar.api.v1 import cache_pb2 as pb
+    from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+
+    await db.execute(f"CREATE TABLE {schema}.pair (a int, b text, PRIMARY KEY (a, b))")
+    sidecar = await start_daemon([patrons, f"{schema}.pair"])
+    one = pb.Key(parts=[pb.KeyPart(int_value=1)])
+    cases = [
+        ("Get", pb.GetRequest(table=patrons, key=pb.Key(parts=[pb.KeyPart()])), "has no value"),
+        (
+            "Get",
+            pb.GetRequest(table=patrons, key=one, options=pb.ReadOptions(min_revision=pb.Revision(number=3))),
+            "min_revision needs the epoch",
+        ),
+        ("BatchGet", pb.BatchGetRequest(table=patrons, keys=[one], int_keys=[1]), "give one of keys"),
+        ("BatchGet", pb.BatchGetRequest(table=f"{schema}.pair", int_keys=[1]), "primary key is (a, b)"),
+        ("BatchGet", pb.BatchGetRequest(table=patrons, string_keys=["x"]), "'x' is not an integer"),
+        ("Invalidate", pb.InvalidateRequest(table=patrons, keys=[one], all_rows=True), "not both"),
+    ]
+    async with grpc.aio.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.CacheStub(channel)
+        for method, request, message in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await getattr(stub, method)(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
+            assert message in info.value.details()
+        # a revision the cache has not reached: bounded by the caller's deadline
+        future = pb.Revision(epoch=sidecar.engine.epoch, number=sidecar.engine.applied + 1000)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Get(
+                pb.GetRequest(table=patrons, key=one, options=pb.ReadOptions(min_revision=future)),
+                timeout=0.3,
+            )
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await stub.Get(pb.GetRequest(table=patrons, key=one), timeout=5)).found  # still serving
+
+
 async def test_watch_is_declared_but_not_yet_implemented(start_daemon, patrons):
     from sidecar.api.v1 import cache_pb2, cache_pb2_grpc
 

@@ -1,0 +1,80 @@
+"""The Python client's conversions and error mapping (no server needed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+
+import grpc
+import pytest
+from cache_sidecar_client import InvalidArgument, TableNotFound, Unavailable
+from cache_sidecar_client._convert import batch_keys, from_key, read_options, to_key
+from cache_sidecar_client.errors import CacheSidecarError, from_rpc_error
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "sent"),
+    [
+        (5, "int_value", 5),
+        (2**70, "string_value", str(2**70)),
+        (True, "bool_value", True),
+        ("x", "string_value", "x"),
+        (1.5, "double_value", 1.5),
+        (b"\x00", "bytes_value", b"\x00"),
+        (uuid.UUID(int=1), "string_value", "00000000-0000-0000-0000-000000000001"),
+        (decimal.Decimal("1.50"), "string_value", "1.50"),
+        (dt.date(2024, 2, 29), "string_value", "2024-02-29"),
+    ],
+)
+def test_key_parts(value, field, sent):
+    (part,) = to_key(value).parts
+    assert part.WhichOneof("kind") == field and getattr(part, field) == sent
+
+
+def test_composite_keys_and_round_trip():
+    key = to_key((3, "sku"))
+    assert [p.WhichOneof("kind") for p in key.parts] == ["int_value", "string_value"]
+    assert from_key(key) == (3, "sku") and from_key(to_key(7)) == 7
+    with pytest.raises(TypeError, match="cannot send object"):
+        to_key(object())
+
+
+def test_batch_keys_use_compact_forms_when_they_can():
+    assert batch_keys([1, 2]) == {"int_keys": [1, 2]}
+    assert batch_keys(["a", "b"]) == {"string_keys": ["a", "b"]}
+    assert "keys" in batch_keys([1, "a"]) and "keys" in batch_keys([True]) and "keys" in batch_keys([(1, 2)])
+    assert "keys" in batch_keys([2**64])
+
+
+def test_read_options():
+    assert read_options("eventual", None, False) is None  # nothing to send
+    assert read_options("strong", None, False).consistency == 2
+    with pytest.raises(ValueError, match="consistency"):
+        read_options("linearizable", None, False)  # type: ignore[arg-type]
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.NOT_FOUND, TableNotFound),
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.INTERNAL, CacheSidecarError),
+    ],
+)
+def test_errors_map_to_a_small_hierarchy(code, cls):
+    error = from_rpc_error(FakeRpcError(code, "why"))
+    assert type(error) is cls and isinstance(error, CacheSidecarError)
+    assert error.code == code and str(error) == f"{code.name}: why"
