@@ -266,18 +266,10 @@ def main() -> None:
 
     # The sidecar sets this for itself; the floor server and this client get the same.
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
-    dsn = os.environ.get("SIDECAR_TEST_DSN")
-    server = None
-    if dsn is None:
-        from tests.support.pg import EmbeddedServer
+    from tests.support.pg import database
 
-        server = EmbeddedServer()
-        dsn = server.dsn
-    try:
+    with database() as dsn:
         asyncio.run(run(dsn, args.rows, args.seconds))
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import random
 import time
 from collections.abc import Callable
@@ -100,18 +99,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    dsn = os.environ.get("SIDECAR_TEST_DSN")
-    server = None
-    if dsn is None:
-        from tests.support.pg import EmbeddedServer
+    from tests.support.pg import database
 
-        server = EmbeddedServer()
-        dsn = server.dsn
-    try:
+    with database() as dsn:
         asyncio.run(run(dsn, args.seconds))
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ one (SIDECAR_TEST_DSN), or a system installation's binaries."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,20 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         self.server.cleanup()
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    """A DSN for scripts (benchmarks): SIDECAR_TEST_DSN, else an embedded server for the duration."""
+    external = os.environ.get("SIDECAR_TEST_DSN")
+    if external:
+        yield external
+        return
+    server = EmbeddedServer()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
 
 
 def system_bindir() -> str | None:
