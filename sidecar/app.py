@@ -65,6 +65,10 @@ class Daemon:
             log.error("%s", scrub(str(exc), self.config.dsn))
             await self._close()
             return 2 if isinstance(exc, ConfigError) else 1
+        except Exception as exc:  # e.g. the database dropped mid start-up
+            log.error("start-up failed: %s", scrub(f"{type(exc).__name__}: {exc}", self.config.dsn))
+            await self._close()
+            return 1
         try:
             return await self._supervise()
         finally:
@@ -240,6 +244,8 @@ class Daemon:
         log.info("stopped")
 
     async def _close(self) -> None:
+        if self.server is not None and self.listener is None:  # start-up failed after binding
+            await self.server.grpc_server.stop(0)
         if self.engine is not None:
             self.engine.close()
         if self.db is not None:

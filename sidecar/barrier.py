@@ -45,6 +45,7 @@ class Barrier:
         self._current: _Round | None = None  # sent, awaiting its token
         self._next: _Round | None = None  # gathering callers, sent when current lands
         self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = secrets.token_hex(6)
         self.rounds = 0
 
@@ -62,18 +63,24 @@ class Barrier:
         await asyncio.shield(round_.done)
 
     def _launch(self) -> None:
+        if self._current is not None:
+            return  # one token in flight at a time
         round_, self._next = self._next, None
         if round_ is None:
             return
         self._current = round_
         self.rounds += 1
-        asyncio.get_running_loop().create_task(self._run(round_), name=f"barrier {round_.token}")
+        task = asyncio.get_running_loop().create_task(self._run(round_), name=f"barrier {round_.token}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, round_: _Round) -> None:
         try:
-            round_.sending = True
-            await self._send(round_.token)
-            await asyncio.wait_for(asyncio.shield(round_.done), self.timeout)
+            # One deadline for sending the NOTIFY and for its token to come back.
+            async with asyncio.timeout(self.timeout):
+                round_.sending = True
+                await self._send(round_.token)
+                await asyncio.shield(round_.done)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -112,4 +119,6 @@ class Barrier:
         for round_ in (self._current, self._next):
             if round_ is not None and not round_.done.done():
                 round_.done.set_exception(Unavailable(f"read barrier impossible: {reason}"))
+        # Rounds after a reconnect must not queue behind a NOTIFY that may hang.
+        self._current = None
         self._next = None

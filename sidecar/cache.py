@@ -47,7 +47,15 @@ Row = bytes | None
 
 
 def _unavailable(what: str, exc: BaseException) -> Unavailable:
+    """The error readers see when a query failed; an unexpected one is logged in full."""
+    if not isinstance(exc, FETCH_ERRORS):
+        log.error("%s failed unexpectedly", what, exc_info=exc)
     return Unavailable(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+class Rerouted(Exception):
+    """Internal: memory stopped being trustworthy while a read waited (the
+    listener went down); the engine answers the read from the database."""
 
 
 class Flights:
@@ -100,6 +108,12 @@ class Flights:
             if not future.done():
                 future.set_exception(exc)
 
+    def seal(self, futures: dict[Key, asyncio.Future[Row]], keys: Iterable[Key]) -> None:
+        """The query for these flights is being sent: later readers must not join them."""
+        for key in keys:
+            if self._flights.get(key) is futures[key]:
+                del self._flights[key]
+
     def detach(self, key: Key) -> bool:
         return self._flights.pop(key, None) is not None
 
@@ -117,8 +131,9 @@ async def await_all(futures: Sequence[asyncio.Future[Row]]) -> list[Row]:
     return [await asyncio.shield(f) if not f.done() else f.result() for f in futures]
 
 
-class _Tasks:
-    """Keeps references to a table's fetch tasks and logs what they leak."""
+class TaskSet:
+    """Keeps references to short-lived tasks (asyncio holds only weak ones)
+    and logs any that fail."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -169,13 +184,14 @@ class FullTable:
         self._inflight: set[Key] = set()
         self._waiters: dict[Key, list[tuple[int, asyncio.Future[None]]]] = {}
         self._reload_needed = 0  # a reload must reach at least this seq
+        self._reload_oldest = 0  # the oldest whole-table change not yet reloaded
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
         self._table_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._fetching = 0
         self._failures = 0
         self._dispatch_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._tasks = _Tasks(schema.qualified)
+        self._tasks = TaskSet(schema.qualified)
 
     # -------------------------------------------------------------- state
 
@@ -188,7 +204,7 @@ class FullTable:
 
     def low_water(self) -> int | None:
         """The oldest received seq not yet applied to this table, if any."""
-        oldest = self._reload_needed if self._reload_needed > self._reload_done else None
+        oldest = self._reload_oldest if self._reload_needed > self._reload_done else None
         if self._pending:
             key_oldest = min(p[0] for p in self._pending.values())
             oldest = key_oldest if oldest is None else min(oldest, key_oldest)
@@ -214,8 +230,18 @@ class FullTable:
 
     def changed_all(self, seq: int) -> None:
         """The whole table changed in batch ``seq``: reload it."""
+        if self._reload_needed <= self._reload_done:
+            self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
         self._schedule()
+
+    def reroute(self) -> None:
+        """Memory can no longer be trusted (listener down): readers waiting on
+        refetches are sent to the database instead of waiting here."""
+        for waiters in (self._table_waiters, *self._waiters.values()):
+            _fail_all(waiters, Rerouted())
+        self._table_waiters = []
+        self._waiters.clear()
 
     def close(self) -> None:
         self._tasks.cancel()
@@ -289,7 +315,7 @@ class FullTable:
     async def _refetch(self, keys: list[Key], level: int) -> None:
         try:
             rows = await self.db.fetch(self.schema, keys)
-        except FETCH_ERRORS as exc:
+        except Exception as exc:  # never leave keys stuck in flight
             self._fetching -= 1
             self._inflight.difference_update(keys)
             for key in keys:
@@ -327,7 +353,7 @@ class FullTable:
         try:
             async for chunk in self.db.load(self.schema):
                 fresh.update(chunk)
-        except FETCH_ERRORS as exc:
+        except Exception as exc:
             self._reloading = False
             self._failed(f"loading {self.schema.qualified}", exc, None)
             return
@@ -338,6 +364,7 @@ class FullTable:
         self.loaded = True
         self.reloads += 1
         self._reload_done = level
+        self._reload_oldest = level + 1  # (a lower bound for changes that came during the load)
         for key, pending in list(self._pending.items()):
             if pending[1] <= level:
                 del self._pending[key]
@@ -437,7 +464,7 @@ class LazyTable:
         self.misses = 0
         self.fills = 0
         self._flights = Flights()
-        self._tasks = _Tasks(schema.qualified)
+        self._tasks = TaskSet(schema.qualified)
 
     @property
     def row_count(self) -> int:
@@ -500,7 +527,7 @@ class LazyTable:
     async def _fill(self, futures: dict[Key, asyncio.Future[Row]], keys: list[Key]) -> None:
         try:
             rows = await self.db.fetch(self.schema, keys)
-        except FETCH_ERRORS as exc:
+        except Exception as exc:  # never leave readers of a flight hanging
             self._flights.fail(futures, keys, _unavailable(f"reading {self.schema.qualified}", exc))
             return
         self.fills += 1

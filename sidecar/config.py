@@ -52,6 +52,7 @@ class Config:
     pool_min_size: int = 1
     pool_max_size: int = 8
     connect_timeout: float = 10.0
+    query_timeout: float = 10.0
     listen: tuple[str, ...] = DEFAULT_LISTEN
     install_triggers: bool = False
     max_batch_keys: int = 1000
@@ -127,6 +128,13 @@ SETTINGS: tuple[Setting, ...] = (
         "connect_timeout",
         "float",
         "Seconds to wait for a database connection.",
+        minimum=0.1,
+    ),
+    Setting(
+        "database.query_timeout",
+        "query_timeout",
+        "float",
+        "Seconds a query (load chunk, refetch, NOTIFY) or a wait for a pool connection may take.",
         minimum=0.1,
     ),
     Setting(

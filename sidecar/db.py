@@ -109,9 +109,10 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
 class PgDatabase:
     """``Database`` over an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str | None = None, timeout: float = 10.0) -> None:
         self.pool = pool
         self._dsn = dsn
+        self.timeout = timeout  # per query and per wait for a connection: a stall must not hang readers
 
     @classmethod
     async def connect(cls, config: Config) -> PgDatabase:
@@ -119,6 +120,7 @@ class PgDatabase:
             pool = await asyncpg.create_pool(
                 min_size=config.pool_min_size,
                 max_size=config.pool_max_size,
+                command_timeout=config.query_timeout,
                 **connect_kwargs(config, "cache-sidecar"),
             )
         except CONNECTION_ERRORS as exc:  # may fix itself: the caller may retry
@@ -129,19 +131,22 @@ class PgDatabase:
             raise ConfigError(
                 "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
             ) from None
-        return cls(pool, config.dsn)
+        return cls(pool, config.dsn, config.query_timeout)
 
     async def close(self) -> None:
         await self.pool.close()
 
     async def describe(self, table: TableConfig) -> TableSchema:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.timeout) as conn:
             return await describe_table(conn, table)
 
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         width = len(schema.key_columns)
         columns = schema.key_columns
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with (
+            self.pool.acquire(timeout=self.timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             cursor = await conn.cursor(schema.select_all_sql())
             while records := await cursor.fetch(10_000):
                 yield _rows(records, columns, width)
@@ -149,12 +154,12 @@ class PgDatabase:
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         columns = schema.key_columns
         args = [[key[i] for key in keys] for i in range(len(columns))]
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.timeout) as conn:
             records = await conn.fetch(schema.select_keys_sql(), *args)
         return _rows(records, columns, len(columns))
 
     async def notify(self, channel: str, payload: str) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.timeout) as conn:
             await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 

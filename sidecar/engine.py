@@ -23,8 +23,10 @@ from sidecar.cache import (
     Flights,
     FullTable,
     LazyTable,
+    Rerouted,
     Row,
     TableCache,
+    TaskSet,
     await_all,
     release_waiters,
 )
@@ -85,6 +87,7 @@ class Engine:
         self._was_ready = False
         self._connected_before = False
         self._passthrough = Flights()
+        self._tasks = TaskSet("engine")
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self._past_epochs: set[str] = set()
@@ -181,9 +184,21 @@ class Engine:
         self._progress()
 
     def listener_lost(self, reason: str) -> None:
+        """Notifications may be missed from now on: stop trusting memory.
+
+        Waiting readers are released to read from the database (which is
+        fresher than any revision they waited for); barriers fail.
+        """
         self.listener_up = False
         if self.barrier is not None:
             self.barrier.fail_all(f"listener down ({reason})")
+        for table in self.tables.values():
+            if isinstance(table, FullTable):
+                table.reroute()
+        for _, future in self._revision_waiters:
+            if not future.done():
+                future.set_result(None)
+        self._revision_waiters = []
         self._state_changed()
 
     def handle(self, event: Event) -> None:
@@ -245,7 +260,13 @@ class Engine:
         return self.revision
 
     async def wait_revision(self, epoch: str, number: int) -> None:
-        """Wait until the cache has reached ``(epoch, number)``."""
+        """Wait until the cache has reached ``(epoch, number)``.
+
+        While the listener is down there is nothing to wait for: reads then
+        go to the database, which is newer than any revision.
+        """
+        if not self.listener_up:
+            return
         if epoch == self.epoch:
             if self.applied >= number:
                 return
@@ -307,8 +328,7 @@ class Engine:
             hit, row = table.peek(key)
             if hit:
                 return row
-            return (await table.get_many((key,)))[0]
-        return (await self._read_through(table, [key], allow_stale))[0]
+        return (await self.read(table, [key], allow_stale))[0]
 
     async def get_many(
         self, name: str, raw_keys: Sequence[Sequence[Any]], allow_stale: bool = False
@@ -320,7 +340,10 @@ class Engine:
     async def read(self, table: TableCache, keys: list[Key], allow_stale: bool = False) -> list[Row]:
         """Rows of already coerced keys, in order."""
         if self.listener_up and table.loaded:
-            return await table.get_many(keys)
+            try:
+                return await table.get_many(keys)
+            except Rerouted:
+                pass  # the listener went down while we waited
         return await self._read_through(table, keys, allow_stale)
 
     async def _read_through(self, table: TableCache, keys: list[Key], allow_stale: bool) -> list[Row]:
@@ -329,9 +352,7 @@ class Engine:
         flight_keys = [(table.schema.qualified, key) for key in keys]
         futures, new = self._passthrough.join(flight_keys)
         if new:
-            asyncio.get_running_loop().create_task(
-                self._fetch_through(table, futures, new), name=f"{table.schema.qualified} read-through"
-            )
+            self._tasks.spawn(self._fetch_through(table, futures, new), "read-through")
         try:
             return await await_all([futures[k] for k in flight_keys])
         except Unavailable:
@@ -343,10 +364,15 @@ class Engine:
     async def _fetch_through(
         self, table: TableCache, futures: dict[Any, Any], flight_keys: list[Any]
     ) -> None:
+        # Readers that join from now on began after this query is sent, so it
+        # may miss commits they must see: they start their own.
+        self._passthrough.seal(futures, flight_keys)
         keys = [key for _, key in flight_keys]
         try:
             rows = await self.db.fetch(table.schema, keys)
-        except FETCH_ERRORS as exc:
+        except Exception as exc:  # never leave the flight's readers hanging
+            if not isinstance(exc, FETCH_ERRORS):
+                log.error("read-through of %s failed unexpectedly", table.schema.qualified, exc_info=exc)
             self._passthrough.fail(
                 futures,
                 flight_keys,
@@ -381,5 +407,6 @@ class Engine:
                 await table.get_many(keys)
 
     def close(self) -> None:
+        self._tasks.cancel()
         for table in self.tables.values():
             table.close()

@@ -150,7 +150,8 @@ class CacheService:
 
     async def Sync(self, request: pb.SyncRequest, context: grpc.aio.ServicerContext) -> pb.SyncResponse:
         async def work() -> pb.SyncResponse:
-            await self.engine.sync()
+            async with asyncio.timeout(self.engine.max_wait):  # also without a client deadline
+                await self.engine.sync()
             return pb.SyncResponse(revision=self._revision())
 
         return await self._call(context, work)

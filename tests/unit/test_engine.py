@@ -178,3 +178,96 @@ async def test_min_revision_waits_within_epoch_and_passes_old_epochs(engine: Eng
     engine.listener_connected()
     await engine.wait_revision(old, 10**9)  # rebuilt since: newer than anything of that epoch
     await engine.prepare_read(strong=False, min_revision=Revision("someone-else", 5))  # proves via barrier
+
+
+# ------------------------------------------------------------------ found in review
+
+
+async def test_read_through_never_joins_a_query_sent_before_it_began(db: MemoryDatabase):
+    """While a full table first loads, reads go to the database; a read that
+    starts after a notification must not share a query sent before it."""
+    engine = Engine(db, list(db.schemas.values()))
+    db.hold()
+    engine.listener_connected()
+    await db.held(1)  # the initial load is in flight: reads pass through
+    first = asyncio.create_task(engine.get(FULL, [1]))
+    await db.held(2)  # its query read "v1"
+    db.put(FULL, (1,), name="new")
+    engine.handle(change(FULL, 77, 1))
+    second = asyncio.create_task(engine.get(FULL, [1]))
+    await db.held(3)  # a query of its own
+    db.release()
+    assert await asyncio.wait_for(first, 5) == row("v1")
+    assert await asyncio.wait_for(second, 5) == row("new")
+    engine.close()
+
+
+async def test_sync_recovers_after_a_notify_that_hung(engine: Engine):
+    stuck = asyncio.Event()
+    sends = 0
+
+    async def send(token: str) -> None:
+        nonlocal sends
+        sends += 1
+        if sends == 1:
+            await stuck.wait()  # the first NOTIFY hangs (a stalled pool connection)
+        asyncio.get_running_loop().call_soon(engine.handle, SyncToken(token))
+
+    engine.barrier = Barrier(send, timeout=30)
+    first = asyncio.create_task(engine.sync())
+    await asyncio.sleep(0.01)
+    engine.listener_lost("stalled")
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(first, 5)
+    engine.listener_connected()
+    await eventually(lambda: engine.ready)
+    # Not queued behind the hung round (which would only give up after 30 s).
+    assert await asyncio.wait_for(engine.sync(), 2) == engine.revision
+    stuck.set()
+
+
+async def test_unexpected_query_errors_never_wedge_keys(engine: Engine, db: MemoryDatabase):
+    real_fetch = db.fetch
+
+    async def broken(schema, keys):
+        raise RuntimeError("a driver bug")
+
+    db.fetch = broken  # type: ignore[method-assign]
+    engine.handle(change(FULL, 5, 1))
+    with pytest.raises(Unavailable, match="RuntimeError"):
+        await asyncio.wait_for(engine.get(FULL, [1]), 5)
+    with pytest.raises(Unavailable, match="RuntimeError"):
+        await asyncio.wait_for(engine.get(LAZY, [1]), 5)
+    db.fetch = real_fetch  # type: ignore[method-assign]
+    db.put(FULL, (1,), name="healed")
+    assert await asyncio.wait_for(engine.get(FULL, [1]), 5) == row("healed")
+    assert await asyncio.wait_for(engine.get(LAZY, [1]), 5) == row("v1")
+
+
+async def test_applied_never_claims_a_whole_table_change_still_loading(engine: Engine, db: MemoryDatabase):
+    db.hold()
+    first = engine.seq + 1
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 10, "truncate"))
+    await db.held(1)  # reload for the first change in flight
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 11, "truncate"))
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 12, "truncate"))
+    await asyncio.sleep(0.01)
+    assert engine.applied < first
+    db.release()
+    await eventually(lambda: engine.applied == engine.seq)
+
+
+async def test_readers_waiting_on_memory_go_to_the_database_when_the_listener_drops(
+    engine: Engine, db: MemoryDatabase
+):
+    db.hold()
+    db.put(FULL, (1,), name="committed")
+    engine.handle(change(FULL, 40, 1))
+    reader = asyncio.create_task(engine.get(FULL, [1]))
+    await db.held(1)  # its refetch hangs
+    engine.listener_lost("test")
+    await db.held(2)  # the reader now asks the database itself
+    db.release()
+    assert await asyncio.wait_for(reader, 5) == row("committed")
+    waiter = asyncio.create_task(engine.wait_revision(engine.epoch, engine.applied + 100))
+    await asyncio.wait_for(waiter, 5)  # nothing to wait for while reads go to the database
