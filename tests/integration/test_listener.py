@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 
 import asyncpg
 import pytest
@@ -33,10 +32,9 @@ class Recorder:
 
 @pytest.fixture
 async def proxy(postgres):
-    if postgres.kind != "embedded":
-        pytest.skip("the proxy fronts the embedded server's Unix socket")
-    socket_dir = postgres.dsn.split("host=")[-1]
-    proxy = Proxy(unix_path=os.path.join(socket_dir, ".s.PGSQL.5432"))
+    if postgres.socket_path is None:
+        pytest.skip("the proxy fronts a server this session started")
+    proxy = Proxy(unix_path=postgres.socket_path)
     await proxy.start()
     yield proxy
     await proxy.close()

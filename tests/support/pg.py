@@ -31,6 +31,11 @@ class Postgres:
     def can_restart(self) -> bool:
         return self.handle is not None and hasattr(self.handle, "restart")
 
+    @property
+    def socket_path(self) -> str | None:
+        """The server's Unix socket, for a proxy to front (None for external servers)."""
+        return getattr(self.handle, "socket_path", None)
+
     def restart(self) -> None:
         self.handle.restart()
 
@@ -49,7 +54,7 @@ class EmbeddedServer:
         self._pgserver = pgserver
         self.server = pgserver.get_server(tempfile.mkdtemp(prefix="sidecar-test-pg-"), cleanup_mode="delete")
         self.dsn = self.server.get_uri()
-        self.socket_dir = self.dsn.split("host=")[-1]
+        self.socket_path = os.path.join(self.dsn.split("host=")[-1], ".s.PGSQL.5432")
 
     def restart(self) -> None:
         self._pgserver.pg_ctl(
@@ -117,6 +122,7 @@ class LocalCluster:
             "start",
         )
         self.dsn = f"postgresql://postgres@/postgres?host={self.base}&port={self.port}"
+        self.socket_path = str(self.base / f".s.PGSQL.{self.port}")
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
