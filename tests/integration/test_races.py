@@ -79,7 +79,7 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
         epoch = sidecar.engine.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")  # maybe never notified
-        await eventually(lambda: sidecar.engine.listener_up and sidecar.engine.epoch != epoch, what="reconnect")
+        await eventually(lambda: sidecar.engine.listener_up and sidecar.engine.epoch != epoch)
         await asyncio.sleep(0.1)
         # The reload waits for the old refetch to land, so the old one can never land last.
         assert GATE.waiting == 1
