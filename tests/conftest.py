@@ -69,7 +69,8 @@ def any_postgres(request: pytest.FixtureRequest) -> Postgres:
 async def db(postgres: Postgres) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(postgres.dsn)
     yield conn
-    await conn.close()
+    if not conn.is_closed():
+        conn.terminate()
 
 
 @pytest.fixture
@@ -78,7 +79,9 @@ async def schema(postgres: Postgres) -> AsyncIterator[str]:
     name = f"t_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(postgres.dsn)
     await conn.execute(f"CREATE SCHEMA {name}")
+    await conn.close()
     yield name
+    conn = await asyncpg.connect(postgres.dsn)  # a new one: the test may have restarted the server
     await conn.execute(f"DROP SCHEMA {name} CASCADE")
     await conn.close()
 

@@ -11,7 +11,8 @@ class Proxy:
 
     ``stall()`` keeps connections open but stops moving bytes (a dead network
     without FIN); ``resume()`` moves them again; ``cut()`` closes every
-    connection (a reset).
+    connection (a reset); ``block()`` cuts and refuses new ones until
+    ``unblock()`` (the database is unreachable).
     """
 
     def __init__(
@@ -22,6 +23,7 @@ class Proxy:
         self.connections = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.blocked = False
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -36,6 +38,13 @@ class Proxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def block(self) -> None:
+        self.blocked = True
+        self.cut()
+
+    def unblock(self) -> None:
+        self.blocked = False
 
     def cut(self) -> None:
         for writer in list(self._writers):
@@ -52,6 +61,9 @@ class Proxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.blocked:
+            writer.transport.abort()
+            return
         try:
             if self.unix_path is not None:
                 up_reader, up_writer = await asyncio.open_unix_connection(self.unix_path)
