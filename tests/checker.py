@@ -1,0 +1,421 @@
+"""The consistency checker: randomized writes, reads from several processes,
+and real faults, then a count of every broken promise.
+
+    python -m tests.checker --duration 300        # the long run
+    (tests/integration/test_checker.py runs a short one in CI)
+
+Writers (asyncio tasks here) bump a version counter on rows of a full and a
+lazy table -- single rows, two-row transactions, and statements big enough
+to degrade to whole-table events -- recording when each commit was
+acknowledged. Reader processes read through a sidecar process with EVENTUAL
+and STRONG consistency. Meanwhile the listener's backend is terminated
+several times and PostgreSQL is restarted once. Then it checks:
+
+  (a) STRONG reads older than the last write acknowledged before the read began  -> must be 0
+  (b) a row's version going backwards for one reader within one epoch           -> must be 0
+  (c) after Sync, every cached row compared with the database                   -> must be identical
+  (d) requests that failed, by status (expected around the faults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import collections
+import json
+import multiprocessing
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROWS = 200
+BULK_THRESHOLD = 50  # triggers degrade bigger statements to whole-table events
+TABLES = ("checker_full", "checker_lazy")
+BUMP = "UPDATE public.{table} SET version = version + 1 WHERE id = $1 RETURNING id, version"
+
+
+@dataclass
+class Report:
+    duration: float
+    writes_acked: int = 0
+    write_errors: int = 0
+    reads: int = 0
+    strong_reads: int = 0
+    stale_strong_reads: int = 0  # (a)
+    backwards_reads: int = 0  # (b)
+    mismatched_rows: int = 0  # (c)
+    compared_rows: int = 0
+    failed_by_status: dict[str, int] = field(default_factory=dict)  # (d)
+    listener_kills: int = 0
+    restarts: int = 0
+    epochs_seen: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.stale_strong_reads == 0 and self.backwards_reads == 0 and self.mismatched_rows == 0
+
+    def table(self) -> str:
+        lines = [
+            f"duration                         {self.duration:.0f} s",
+            f"writes acknowledged              {self.writes_acked}  (failed: {self.write_errors})",
+            f"reads                            {self.reads}  (STRONG: {self.strong_reads})",
+            f"faults: listener killed          {self.listener_kills}",
+            f"faults: PostgreSQL restarted     {self.restarts}",
+            f"epochs seen by readers           {self.epochs_seen}",
+            f"(a) stale STRONG reads           {self.stale_strong_reads}",
+            f"(b) versions going backwards     {self.backwards_reads}",
+            f"(c) rows differing after Sync    {self.mismatched_rows} of {self.compared_rows}",
+            f"(d) failed requests by status    {dict(sorted(self.failed_by_status.items())) or 'none'}",
+        ]
+        lines += [f"    e.g. {example}" for example in self.examples[:5]]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def reader_process(target: str, seed: int, until: float, out: str) -> None:
+    """One reader: sequential reads until ``until`` (time.monotonic), records to ``out``."""
+    from cache_sidecar_client import CacheSidecarError, Client
+
+    rng = random.Random(seed)
+    records: list[tuple[Any, ...]] = []
+    failures: collections.Counter[str] = collections.Counter()
+    with Client(target, timeout=5) as cache:
+        while time.monotonic() < until:
+            table = rng.choice(TABLES)
+            consistency = "strong" if rng.random() < 0.3 else "eventual"
+            ids = rng.sample(range(1, ROWS + 1), 5) if rng.random() < 0.2 else [rng.randrange(1, ROWS + 1)]
+            start = time.monotonic()
+            try:
+                rows = cache.batch_get(table, ids, consistency=consistency)  # type: ignore[arg-type]
+            except CacheSidecarError as exc:
+                failures[exc.code.name if exc.code else "UNKNOWN"] += 1
+                time.sleep(0.01)
+                continue
+            end = time.monotonic()
+            epoch = cache.last_revision.epoch if cache.last_revision else ""
+            for key, row in zip(ids, rows, strict=True):
+                records.append((start, end, table, key, row["version"] if row else None, epoch, consistency))
+    Path(out).write_text(json.dumps({"records": records, "failures": failures}))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _setup(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in TABLES:
+            await conn.execute(f"DROP TABLE IF EXISTS public.{table}")
+            await conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, version bigint NOT NULL)")
+            await conn.execute(f"INSERT INTO public.{table} SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+    finally:
+        await conn.close()
+
+
+class Writers:
+    def __init__(self, dsn: str, count: int, seed: int) -> None:
+        self.dsn, self.count, self.seed = dsn, count, seed
+        self.acks: dict[tuple[str, int], list[tuple[float, int]]] = collections.defaultdict(list)
+        self.errors = 0
+        self.acked = 0
+        self._index: dict[tuple[str, int], tuple[list[float], list[int]]] = {}
+
+    def ack_index(self, table: str, key: int) -> tuple[list[float], list[int]]:
+        """A row's acknowledgement times, sorted, with the highest version acknowledged by each."""
+        if (table, key) not in self._index:
+            acks = sorted(self.acks.get((table, key), []))
+            maxima: list[int] = []
+            best = 0
+            for _, version in acks:
+                best = max(best, version)
+                maxima.append(best)
+            self._index[(table, key)] = ([t for t, _ in acks], maxima)
+        return self._index[(table, key)]
+
+    def _ack(self, table: str, rows: list[Any]) -> None:
+        now = time.monotonic()
+        for row in rows:
+            self.acks[(table, row["id"])].append((now, row["version"]))
+            self.acked += 1
+
+    async def run(self, until: float) -> None:
+        await asyncio.gather(*(self._writer(self.seed + i, until) for i in range(self.count)))
+
+    async def _writer(self, seed: int, until: float) -> None:
+        rng = random.Random(seed)
+        conn: asyncpg.Connection | None = None
+        while time.monotonic() < until:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.dsn, timeout=2)
+                table = rng.choice(TABLES)
+                dice = rng.random()
+                if dice < 0.8:
+                    key = rng.randrange(1, ROWS + 1)
+                    rows = await conn.fetch(
+                        BUMP.format(table=table),
+                        key,
+                    )
+                    self._ack(table, rows)
+                elif dice < 0.97:  # two rows in one transaction
+                    keys = rng.sample(range(1, ROWS + 1), 2)
+                    async with conn.transaction():
+                        rows = [
+                            *await conn.fetch(
+                                BUMP.format(table=table),
+                                keys[0],
+                            ),
+                            *await conn.fetch(
+                                BUMP.format(table=table),
+                                keys[1],
+                            ),
+                        ]
+                    self._ack(table, rows)
+                else:  # a statement the triggers degrade to a whole-table event
+                    low = rng.randrange(1, ROWS - BULK_THRESHOLD - 10)
+                    rows = await conn.fetch(
+                        f"UPDATE public.{table} SET version = version + 1 "
+                        f"WHERE id BETWEEN $1 AND $1 + {BULK_THRESHOLD + 9} RETURNING id, version",
+                        low,
+                    )
+                    self._ack(table, rows)
+            except Exception:  # around a restart anything may break: count it, reconnect
+                self.errors += 1
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+                await asyncio.sleep(0.05)
+        if conn is not None:
+            await conn.close()
+
+
+async def _faults(dsn: str, restart: Any, start: float, until: float, report: Report, seed: int) -> None:
+    """Kill the listener's backend several times; restart PostgreSQL once, mid-run."""
+    rng = random.Random(seed)
+    duration = until - start
+    kills = max(3, int(duration / 8))
+    moments = sorted(start + duration * rng.uniform(0.1, 0.85) for _ in range(kills))
+    restart_at = start + duration * 0.5 if restart is not None else None
+    while time.monotonic() < until - 1:
+        now = time.monotonic()
+        if restart_at is not None and now >= restart_at:
+            restart_at = None
+            await asyncio.to_thread(restart)
+            report.restarts += 1
+        elif moments and now >= moments[0]:
+            moments.pop(0)
+            try:
+                conn = await asyncpg.connect(dsn, timeout=2)
+                try:
+                    killed = await conn.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'cache-sidecar-listener'"
+                    )
+                finally:
+                    await conn.close()
+                report.listener_kills += int(killed or 0)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                pass
+        await asyncio.sleep(0.05)
+
+
+async def _final_comparison(dsn: str, target: str, report: Report) -> None:
+    from cache_sidecar_client import AsyncClient, CacheSidecarError
+
+    async with AsyncClient(target, timeout=10) as cache:
+        deadline = time.monotonic() + 60
+        while True:  # the sidecar may still be rebuilding after the last fault
+            try:
+                await cache.sync()
+                break
+            except CacheSidecarError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        conn = await asyncpg.connect(dsn)
+        try:
+            for table in TABLES:
+                truth = {
+                    r["id"]: r["version"] for r in await conn.fetch(f"SELECT id, version FROM public.{table}")
+                }
+                ids = sorted(truth)
+                served = await cache.batch_get(table, ids)
+                for key, row in zip(ids, served, strict=True):
+                    report.compared_rows += 1
+                    if row is None or row["version"] != truth[key]:
+                        report.mismatched_rows += 1
+                        report.examples.append(f"(c) {table} id {key}: served {row}, database {truth[key]}")
+        finally:
+            await conn.close()
+
+
+def _check_reads(records: list[list[Any]], writers: Writers, report: Report, reader: int) -> set[str]:
+    epochs: set[str] = set()
+    last_seen: dict[tuple[str, int, str], int] = {}
+    for start, _end, table, key, version, epoch, consistency in records:
+        report.reads += 1
+        epochs.add(epoch)
+        if version is None:
+            report.examples.append(f"reader {reader}: {table} id {key} missing")
+            report.mismatched_rows += 1
+            continue
+        if consistency == "strong":
+            report.strong_reads += 1
+            times, maxima = writers.ack_index(table, key)
+            position = bisect.bisect_left(times, start)
+            if position and version < maxima[position - 1]:
+                report.stale_strong_reads += 1
+                report.examples.append(
+                    f"(a) reader {reader}: STRONG {table} id {key} read version {version}, "
+                    f"but {maxima[position - 1]} was acknowledged before the read began"
+                )
+        previous = last_seen.get((table, key, epoch))
+        if previous is not None and version < previous:
+            report.backwards_reads += 1
+            report.examples.append(
+                f"(b) reader {reader}: {table} id {key} went from {previous} to {version} in epoch {epoch}"
+            )
+        last_seen[(table, key, epoch)] = max(version, previous or 0)
+    return epochs
+
+
+def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int = 4, seed: int = 1) -> Report:
+    """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None)."""
+    asyncio.run(_setup(dsn))
+    report = Report(duration=duration)
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
+    log_path = workdir / "sidecar.log"
+    with log_path.open("w") as log_file:
+        sidecar = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "serve",
+                "--dsn",
+                dsn,
+                "--listen",
+                target,
+                "--table",
+                f"public.{TABLES[0]}",
+                "--table",
+                f"public.{TABLES[1]}:lazy",
+                "--install-triggers",
+                "--bulk-threshold",
+                str(BULK_THRESHOLD),
+                "--ping-interval",
+                "1",
+                "--log-level",
+                "info",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        _wait_ready(target, sidecar, log_path)
+        start = time.monotonic()
+        until = start + duration
+        context = multiprocessing.get_context("spawn")
+        outs = [str(workdir / f"reader{i}.json") for i in range(readers)]
+        processes = [
+            context.Process(target=reader_process, args=(target, seed * 100 + i, until, outs[i]))
+            for i in range(readers)
+        ]
+        for process in processes:
+            process.start()
+        writer = Writers(dsn, writers, seed)
+
+        async def write_and_fault() -> None:
+            await asyncio.gather(writer.run(until), _faults(dsn, restart, start, until, report, seed))
+
+        asyncio.run(write_and_fault())
+        for process in processes:
+            process.join(timeout=duration + 60)
+        report.writes_acked, report.write_errors = writer.acked, writer.errors
+        epochs: set[str] = set()
+        failures: collections.Counter[str] = collections.Counter()
+        for index, out in enumerate(outs):
+            data = json.loads(Path(out).read_text())
+            failures.update(data["failures"])
+            epochs |= _check_reads(data["records"], writer, report, index)
+        report.failed_by_status = dict(failures)
+        report.epochs_seen = len(epochs)
+        asyncio.run(_final_comparison(dsn, target, report))
+    except BaseException:
+        print(f"sidecar log ({log_path}):\n" + log_path.read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        sidecar.terminate()
+        try:
+            sidecar.wait(30)
+        except subprocess.TimeoutExpired:
+            sidecar.kill()
+    return report
+
+
+def _wait_ready(target: str, sidecar: subprocess.Popen[bytes], log_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if sidecar.poll() is not None:
+                raise RuntimeError(f"sidecar exited: {log_path.read_text()[-2000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError("sidecar never became ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="cache-sidecar consistency checker")
+    parser.add_argument("--duration", type=float, default=60, help="seconds of writes, reads and faults")
+    parser.add_argument("--readers", type=int, default=3)
+    parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    external = os.environ.get("SIDECAR_TEST_DSN")
+    if external:
+        print("SIDECAR_TEST_DSN set: PostgreSQL will not be restarted", file=sys.stderr)
+        report = run(external, None, args.duration, args.readers, args.writers, args.seed)
+    else:
+        from tests.support.pg import EmbeddedServer
+
+        server = EmbeddedServer()
+        try:
+            report = run(server.dsn, server.restart, args.duration, args.readers, args.writers, args.seed)
+        finally:
+            server.stop()
+    print(report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()
