@@ -90,8 +90,6 @@ class Daemon:
         await self._check_triggers(config, schemas)
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
-        db = self.db
-        engine.barrier = Barrier(lambda token: db.notify(config.channel, events.sync_payload(token)))
         self.server = await server.start(engine, config.listen)
         engine.on_state_change(self._health_dirty.set)
         self.listener = Listener(
@@ -105,6 +103,11 @@ class Daemon:
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
             redact=lambda text: scrub(text, config.dsn),
+        )
+        listener = self.listener
+        engine.barrier = Barrier(
+            lambda token: listener.notify(events.sync_payload(token), config.query_timeout),
+            timeout=config.query_timeout,
         )
         self.config = config
         log.info(

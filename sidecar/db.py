@@ -47,8 +47,6 @@ class Database(Protocol):
         """The rows that exist among ``keys`` (missing keys are absent)."""
         ...
 
-    async def notify(self, channel: str, payload: str) -> None: ...
-
 
 def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
     """asyncpg connection arguments: DSN (or PG* variables) and session settings."""
@@ -157,10 +155,6 @@ class PgDatabase:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             records = await conn.fetch(schema.select_keys_sql(), *args)
         return _rows(records, columns, len(columns))
-
-    async def notify(self, channel: str, payload: str) -> None:
-        async with self.pool.acquire(timeout=self.timeout) as conn:
-            await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:

@@ -73,6 +73,7 @@ class Listener:
         self.stats = ListenerStats()
         self.connected = False
         self.backend_pid: int | None = None
+        self._conn: Any = None
         self._last_heard = time.monotonic()
         self._dead = asyncio.Event()
         self._crash: BaseException | None = None
@@ -96,6 +97,7 @@ class Listener:
                 reason = await self._hold(conn)
             finally:
                 await _close(conn)
+            self._conn = None
             if self.connected:
                 self.connected = False
                 self.backend_pid = None
@@ -113,6 +115,7 @@ class Listener:
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return f"LISTEN failed: {_brief(exc)}"
         self.connected = True
+        self._conn = conn
         self.backend_pid = conn.get_server_pid()
         self.stats.connects += 1
         self._last_heard = time.monotonic()
@@ -136,6 +139,19 @@ class Listener:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 return f"ping failed: {_brief(exc)}"
             self._last_heard = time.monotonic()
+
+    async def notify(self, payload: str, timeout: float) -> None:
+        """Send a NOTIFY on our channel from the LISTEN session itself.
+
+        It is queued behind every transaction committed before it and comes
+        back to this very connection, so it makes the read barrier's token
+        without borrowing a pool connection; if this connection is dead, the
+        barrier fails at once, as it must.
+        """
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("the listener is not connected")
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload, timeout=timeout)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self._last_heard = time.monotonic()

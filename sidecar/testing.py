@@ -36,7 +36,6 @@ class MemoryDatabase:
         self.data: dict[str, dict[Key, bytes]] = {s.qualified: {} for s in schemas}
         self.fetches: list[tuple[str, tuple[Key, ...]]] = []
         self.loads: list[str] = []
-        self.notified: list[tuple[str, str]] = []
         self.error: BaseException | None = None  # raised by every query while set
         self._gate: asyncio.Event | None = None
         self._held = 0
@@ -105,8 +104,3 @@ class MemoryDatabase:
         if self.error is not None:
             raise self.error
         return snapshot
-
-    async def notify(self, channel: str, payload: str) -> None:
-        if self.error is not None:
-            raise self.error
-        self.notified.append((channel, payload))
