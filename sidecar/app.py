@@ -81,9 +81,7 @@ class Daemon:
         if wants_embedded(config):
             config = await self._start_embedded(config)
         if not config.tables:
-            raise ConfigError(
-                "tables", "no tables configured: add [[tables]] to the config file or --table NAME"
-            )
+            raise ConfigError("tables", "no tables configured: add [[tables]] to the config file or --table NAME")
         log.info("connecting to %s", redact_dsn(config.dsn))
         self.db = await self._connect_with_retry(config)
         schemas = [await self.db.describe(table) for table in config.tables]
@@ -136,9 +134,7 @@ class Daemon:
             try:
                 return await PgDatabase.connect(config)
             except Unavailable as exc:
-                delay = backoff_delay(
-                    attempt, max(config.reconnect_min_delay, 0.5), config.reconnect_max_delay
-                )
+                delay = backoff_delay(attempt, max(config.reconnect_min_delay, 0.5), config.reconnect_max_delay)
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
@@ -231,9 +227,7 @@ class Daemon:
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             sys.stderr.flush()
             os._exit(1)
-        log.info(
-            "%s: shutting down (grace period %.0fs)", signal.Signals(signum).name, self.config.grace_period
-        )
+        log.info("%s: shutting down (grace period %.0fs)", signal.Signals(signum).name, self.config.grace_period)
         self.stop_event.set()
 
     async def _shutdown(self, tasks: set[asyncio.Task[Any]]) -> None:
@@ -263,9 +257,7 @@ async def call_with_db(config: Config, work: Callable[[Any], Awaitable[int]]) ->
     try:
         conn = await asyncpg.connect(**connect_kwargs(config, "cache-sidecar-cli"))
     except CONNECTION_ERRORS as exc:
-        raise Unavailable(
-            f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
-        ) from None
+        raise Unavailable(f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}") from None
     except (asyncpg.PostgresError, ValueError) as exc:
         raise ConfigError(
             "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"

@@ -86,9 +86,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
             default=None,
             help="use an embedded PostgreSQL even if PG* variables are set",
         )
-        group.add_argument(
-            "--embedded-data-dir", metavar="DIR", help="keep the embedded cluster's data in DIR"
-        )
+        group.add_argument("--embedded-data-dir", metavar="DIR", help="keep the embedded cluster's data in DIR")
         group.add_argument(
             "--ping-interval",
             type=float,
@@ -140,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "removes exactly what install created.",
     )
     trig.add_argument("action", choices=("sql", "install", "uninstall"))
-    trig.add_argument(
-        "--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead"
-    )
+    trig.add_argument("--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead")
     _add_config_flags(trig, serve=False)
 
     get = commands.add_parser(
@@ -156,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--strong", action="store_true", help="pass the read barrier first")
 
     tables = commands.add_parser("tables", help="list a running sidecar's tables")
-    tables.add_argument(
-        "--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)"
-    )
+    tables.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
     return parser
 
 
@@ -212,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("get", "tables"):
         return _client_command(args)
     try:
-        config = cfg.load(
-            args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr)
-        )
+        config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     except ConfigError as exc:
         print(f"cache-sidecar: error: {exc}", file=sys.stderr)
         return 2
@@ -250,9 +242,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
             import uvloop
         except ImportError:
             if choice == "uvloop":
-                raise SystemExit(
-                    "cache-sidecar: error: config server.event_loop: uvloop is not installed"
-                ) from None
+                raise SystemExit("cache-sidecar: error: config server.event_loop: uvloop is not installed") from None
         else:
             log.info("event loop: uvloop")
             return uvloop.run
@@ -263,9 +253,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
 def _print_demo_banner(daemon: Any) -> None:
     import shlex
 
-    target = next(
-        (a for a in daemon.server.addresses if not a.startswith("unix:")), daemon.server.addresses[0]
-    )
+    target = next((a for a in daemon.server.addresses if not a.startswith("unix:")), daemon.server.addresses[0])
     me = sys.argv[0] if sys.argv[0].endswith("cache-sidecar") else f"{sys.executable} -m sidecar"
     psql = f"{shlex.quote(daemon.embedded.psql)} {shlex.quote(daemon.config.dsn)}"
     print(

@@ -66,6 +66,9 @@ class Config:
     bulk_threshold: int = 1000
     refetch_batch_size: int = 500
     refetch_concurrency: int = 2
+    watch_history_batches: int = 10_000
+    watch_history_bytes: int = 64 * 1024 * 1024
+    watch_max_lag: int = 1_000
     log_level: str = "info"
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
@@ -152,9 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Install (or update) the change triggers of the cached tables at start.",
         flag="--install-triggers",
     ),
-    Setting(
-        "server.max_batch_keys", "max_batch_keys", "int", "Most keys one BatchGet may ask for.", minimum=1
-    ),
+    Setting("server.max_batch_keys", "max_batch_keys", "int", "Most keys one BatchGet may ask for.", minimum=1),
     Setting(
         "server.grace_period",
         "grace_period",
@@ -220,6 +221,27 @@ SETTINGS: tuple[Setting, ...] = (
         "refetch_concurrency",
         "int",
         "Refetch queries in flight at once, per table.",
+        minimum=1,
+    ),
+    Setting(
+        "watch.history_batches",
+        "watch_history_batches",
+        "int",
+        "Change batches kept for Watch resumes (oldest dropped first).",
+        minimum=1,
+    ),
+    Setting(
+        "watch.history_bytes",
+        "watch_history_bytes",
+        "int",
+        "Bytes of change batches kept for Watch resumes.",
+        minimum=1024,
+    ),
+    Setting(
+        "watch.max_lag",
+        "watch_max_lag",
+        "int",
+        "Batches a Watch subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED).",
         minimum=1,
     ),
     Setting(

@@ -94,12 +94,9 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         raise SchemaError(f"{table.qualified} is not a table (relkind {found['relkind']!r})")
     key_rows = await conn.fetch(CATALOG_KEY_SQL, found["oid"])
     if not key_rows:
-        raise SchemaError(
-            f"table {table.qualified} has no primary key; cache-sidecar needs one to identify rows"
-        )
+        raise SchemaError(f"table {table.qualified} has no primary key; cache-sidecar needs one to identify rows")
     columns = tuple(
-        KeyColumn.create(name, type_name, sql_type, is_enum)
-        for name, sql_type, type_name, is_enum in key_rows
+        KeyColumn.create(name, type_name, sql_type, is_enum) for name, sql_type, type_name, is_enum in key_rows
     )
     return TableSchema(config=table, key_columns=columns)
 
@@ -122,9 +119,7 @@ class PgDatabase:
                 **connect_kwargs(config, "cache-sidecar"),
             )
         except CONNECTION_ERRORS as exc:  # may fix itself: the caller may retry
-            raise Unavailable(
-                f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
-            ) from None
+            raise Unavailable(f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}") from None
         except (asyncpg.PostgresError, ValueError) as exc:  # bad credentials, database, DSN
             raise ConfigError(
                 "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"

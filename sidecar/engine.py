@@ -33,9 +33,22 @@ from sidecar.cache import (
 from sidecar.config import Config, parse_table_name, qualified_name
 from sidecar.db import Database
 from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, Unavailable, UnknownTable
-from sidecar.events import Event, RowChange, SyncToken, TableChange
+from sidecar.events import Event, Op, RowChange, SyncToken, TableChange
+from sidecar.hub import (
+    DELETE,
+    INSERT,
+    INVALIDATE,
+    TABLE_CHANGED,
+    TRUNCATE,
+    UPDATE,
+    Change,
+    Hub,
+    Snapshot,
+    snapshot_chunks,
+)
 from sidecar.keys import Key, coerce_key, coerce_single, key_text
 from sidecar.schema import TableSchema
+from sidecar.wire import row_json
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,9 @@ class Revision:
 
 def new_epoch() -> str:
     return secrets.token_hex(8)
+
+
+_OPS = {Op.INSERT: INSERT, Op.UPDATE: UPDATE, Op.DELETE: DELETE}
 
 
 @dataclass
@@ -73,6 +89,9 @@ class Engine:
         max_batch_keys: int = 1000,
         refetch_batch_size: int = 500,
         refetch_concurrency: int = 2,
+        history_batches: int = 10_000,
+        history_bytes: int = 64 * 1024 * 1024,
+        watch_max_lag: int = 1_000,
     ) -> None:
         self.db = db
         self.max_batch_keys = max_batch_keys
@@ -92,8 +111,16 @@ class Engine:
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self._past_epochs: set[str] = set()
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._epoch_start = 0  # the rebuild that began this epoch
         self.tables: dict[str, TableCache] = {}
         self._by_pg_name: dict[tuple[str, str], TableCache] = {}
+        self.hub = Hub(
+            rows_of=self._full_rows,
+            row_json=row_json,
+            max_batches=history_batches,
+            max_bytes=history_bytes,
+            max_lag=watch_max_lag,
+        )
         for schema in schemas:
             table: TableCache
             if schema.config.mode == "full":
@@ -106,9 +133,7 @@ class Engine:
                     concurrency=refetch_concurrency,
                 )
             else:
-                table = LazyTable(
-                    schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds
-                )
+                table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[schema.qualified] = table
             self._by_pg_name[(schema.config.schema, schema.config.name)] = table
 
@@ -120,6 +145,9 @@ class Engine:
             max_batch_keys=config.max_batch_keys,
             refetch_batch_size=config.refetch_batch_size,
             refetch_concurrency=config.refetch_concurrency,
+            history_batches=config.watch_history_batches,
+            history_bytes=config.watch_history_bytes,
+            watch_max_lag=config.watch_max_lag,
         )
 
     # ------------------------------------------------------------ state
@@ -130,8 +158,33 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Serving from memory: the listener is up and every table is loaded."""
-        return self.listener_up and all(t.loaded for t in self.tables.values())
+        """Serving from memory: the listener is up and every table is loaded,
+        and the rebuild that began this epoch is done."""
+        return self.listener_up and self.applied >= self._epoch_start and all(t.loaded for t in self.tables.values())
+
+    async def until_ready(self) -> None:
+        """Wait until ``ready`` (bounded by the caller's deadline)."""
+        while not self.ready:
+            changed = asyncio.Event()
+            self._state_listeners.append(changed.set)
+            try:
+                await changed.wait()
+            finally:
+                self._state_listeners.remove(changed.set)
+
+    def snapshot(self, names: frozenset[str]) -> list[Snapshot]:
+        """Every row of the named full-mode tables (all of them when ``names`` is
+        empty), as of the last published revision, in chunks."""
+        tables = [
+            (name, table.rows)
+            for name, table in self.tables.items()
+            if isinstance(table, FullTable) and (not names or name in names)
+        ]
+        return snapshot_chunks(self.hub.epoch, self.hub.published, tables, row_json)
+
+    def _full_rows(self, name: str) -> dict[Key, bytes] | None:
+        table = self.tables.get(name)
+        return table.rows if isinstance(table, FullTable) else None
 
     def on_state_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``ready`` may have changed."""
@@ -156,6 +209,7 @@ class Engine:
         applied = oldest - 1
         if applied > self.applied:
             self.applied = applied
+            self.hub.publish(applied)
             if self._revision_waiters:
                 self._revision_waiters = release_waiters(self._revision_waiters, applied)
         if self.barrier is not None:
@@ -170,15 +224,18 @@ class Engine:
         Notifications sent while no connection listened are lost, so memory
         is rebuilt from scratch: full tables reload, lazy tables empty.
         """
-        if self._connected_before:
+        rebuild = self._connected_before
+        if rebuild:
             self._past_epochs.add(self.epoch)
             self.epoch = new_epoch()
             log.info("rebuilding every table after reconnect (new epoch %s)", self.epoch)
         self._connected_before = True
         self.seq += 1
+        self._epoch_start = self.seq
         self._batch_open = False
         self._open_xid = None
         self.listener_up = True
+        self.hub.start(self.epoch, self.seq, "cache rebuilt after the listener reconnected" if rebuild else None)
         for table in self.tables.values():
             table.rebuild(self.seq)
         self._progress()
@@ -213,8 +270,11 @@ class Engine:
             return
         self.stats.events += 1
         seq = self._batch_seq(event.xid)
+        name = table.schema.qualified
         if isinstance(event, TableChange):
-            log.debug("%s: whole table changed (%s)", table.schema.qualified, event.reason)
+            log.debug("%s: whole table changed (%s)", name, event.reason)
+            op = TRUNCATE if event.op is Op.TRUNCATE else TABLE_CHANGED
+            self.hub.record(seq, event.xid, Change(name, op))
             table.changed_all(seq)
         elif isinstance(event, RowChange):
             columns = table.schema.key_columns
@@ -229,10 +289,22 @@ class Engine:
                     table.schema.qualified,
                     exc,
                 )
+                self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
                 table.changed_all(seq)
             else:
+                self._record_rows(seq, event, name, keys)
                 table.changed(keys, seq)
         self._progress()
+
+    def _record_rows(self, seq: int, event: RowChange, name: str, keys: list[Key]) -> None:
+        op = _OPS[event.op]
+        new_count = len(event.keys)
+        moved = keys[new_count:]
+        if len(moved) == 1 and new_count == 1:  # one row changed its key: pair them
+            self.hub.record(seq, event.xid, Change(name, op, keys[0], moved[0]))
+            return
+        for key in keys:  # (keys an UPDATE moved away from carry no row: gone)
+            self.hub.record(seq, event.xid, Change(name, op, key))
 
     def _batch_seq(self, xid: int) -> int:
         """The batch an event belongs to: consecutive events of one transaction
@@ -330,9 +402,7 @@ class Engine:
                 return row
         return (await self.read(table, [key], allow_stale))[0]
 
-    async def get_many(
-        self, name: str, raw_keys: Sequence[Sequence[Any]], allow_stale: bool = False
-    ) -> list[Row]:
+    async def get_many(self, name: str, raw_keys: Sequence[Sequence[Any]], allow_stale: bool = False) -> list[Row]:
         """Rows in key order (``None`` where there is none)."""
         table = self.table(name)
         return await self.read(table, self.keys(table, raw_keys), allow_stale)
@@ -361,9 +431,7 @@ class Engine:
             self.stats.stale_reads += 1
             return [table.stale_get(key) for key in keys]
 
-    async def _fetch_through(
-        self, table: TableCache, futures: dict[Any, Any], flight_keys: list[Any]
-    ) -> None:
+    async def _fetch_through(self, table: TableCache, futures: dict[Any, Any], flight_keys: list[Any]) -> None:
         # Readers that join from now on began after this query is sent, so it
         # may miss commits they must see: they start their own.
         self._passthrough.seal(futures, flight_keys)
@@ -376,14 +444,10 @@ class Engine:
             self._passthrough.fail(
                 futures,
                 flight_keys,
-                Unavailable(
-                    f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"
-                ),
+                Unavailable(f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"),
             )
             return
-        self._passthrough.land(
-            futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()}
-        )
+        self._passthrough.land(futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()})
 
     # ------------------------------------------------------------ invalidation
 
@@ -392,12 +456,17 @@ class Engine:
         table = self.table(name)
         keys = None if raw_keys is None else self.keys(table, raw_keys)
         self.seq += 1  # a batch of the sidecar's own making
+        self._open_xid = None  # later notifications start their own batch
         seq = self.seq
+        name = table.schema.qualified
         if keys is None:
-            log.info("%s: invalidated (whole table)", table.schema.qualified)
+            log.info("%s: invalidated (whole table)", name)
+            self.hub.record(seq, 0, Change(name, TABLE_CHANGED))
             table.changed_all(seq)
         else:
-            log.debug("%s: invalidated %s", table.schema.qualified, ", ".join(map(key_text, keys[:10])))
+            log.debug("%s: invalidated %s", name, ", ".join(map(key_text, keys[:10])))
+            for key in keys:
+                self.hub.record(seq, 0, Change(name, INVALIDATE, key))
             table.changed(keys, seq)
         self._progress()
         if refresh and self.listener_up and table.loaded:

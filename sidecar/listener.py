@@ -86,9 +86,7 @@ class Listener:
                 conn = await self._connect()
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = backoff_delay(attempt, self.reconnect_min_delay, self.reconnect_max_delay)
-                log.warning(
-                    "listener: cannot connect (%s); retrying in %.2fs", self._redact(_brief(exc)), delay
-                )
+                log.warning("listener: cannot connect (%s); retrying in %.2fs", self._redact(_brief(exc)), delay)
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue

@@ -15,6 +15,8 @@ from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
+from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, Subscription
+from sidecar.keys import coerce_key
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,11 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (UnknownTable, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
+MAX_PROGRESS_INTERVAL_MS = 3_600_000
+WATCH_OPERATIONS = frozenset(v for v in pb.Operation.values() if v not in (pb.OPERATION_UNSPECIFIED, SNAPSHOT))
 
 
 def status_of(exc: SidecarError) -> grpc.StatusCode:
@@ -80,9 +86,7 @@ class CacheService:
         except SidecarError as exc:
             await context.abort(status_of(exc), str(exc))
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the cache could answer"
-            )
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the cache could answer")
         raise AssertionError("unreachable")  # context.abort raises
 
     async def _prepare(self, options: pb.ReadOptions) -> None:
@@ -138,11 +142,7 @@ class CacheService:
                 raise InvalidRequest("give keys or all_rows, not both")
             if not request.all_rows and not request.keys:
                 raise InvalidRequest("nothing to invalidate: give keys or set all_rows")
-            keys = (
-                None
-                if request.all_rows
-                else [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
-            )
+            keys = None if request.all_rows else [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
             await self.engine.invalidate(request.table, keys, request.refresh)
             return pb.InvalidateResponse(revision=self._revision())
 
@@ -176,11 +176,52 @@ class CacheService:
             )
         return pb.ListTablesResponse(tables=tables, revision=revision)
 
-    async def Watch(
-        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not implemented yet")
-        yield pb.WatchResponse()  # pragma: no cover - makes this an async generator
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Streams encoded WatchResponse messages (see the README's Watch contract)."""
+        hub = self.engine.hub
+        try:
+            subscription = self._subscribe(request)
+        except SidecarError as exc:
+            if isinstance(exc, OutOfRange):
+                context.set_trailing_metadata((("cachesidecar-oldest-revision", f"{hub.epoch}/{hub.oldest}"),))
+            await context.abort(status_of(exc), str(exc))
+        try:
+            async for message in subscription.messages(self.engine.until_ready):
+                yield wire.watch_message(message)
+        except FellBehind as exc:
+            context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            hub.unsubscribe(subscription)
+
+    def _subscribe(self, request: pb.WatchRequest) -> Subscription:
+        engine = self.engine
+        tables = [engine.table(name) for name in request.tables]
+        names = frozenset(t.schema.qualified for t in tables)
+        keys: frozenset[Any] = frozenset()
+        if request.keys:
+            if len(tables) != 1:
+                raise InvalidRequest("a key filter needs exactly one table")
+            columns = tables[0].schema.key_columns
+            keys = frozenset(coerce_key(columns, key_parts(k, f"keys[{i}]")) for i, k in enumerate(request.keys))
+        unknown = [op for op in request.operations if op not in WATCH_OPERATIONS]
+        if unknown:
+            raise InvalidRequest(f"operations: {unknown} are not operations one can watch")
+        if request.progress_interval_ms > MAX_PROGRESS_INTERVAL_MS:
+            raise InvalidRequest(f"progress_interval_ms: at most {MAX_PROGRESS_INTERVAL_MS}")
+        start = None
+        if request.HasField("start_revision"):
+            if not request.start_revision.epoch:
+                raise InvalidRequest("start_revision needs the epoch of the revision it came from")
+            if request.initial_state:
+                raise InvalidRequest("give start_revision (resume) or initial_state (start over), not both")
+            start = (request.start_revision.epoch, request.start_revision.number)
+        return engine.hub.subscribe(
+            Filter(names, keys, frozenset(request.operations)),
+            start=start,
+            snapshot=(lambda: engine.snapshot(names)) if request.initial_state else None,
+            progress_interval=request.progress_interval_ms / 1000,
+        )
 
 
 def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
@@ -200,9 +241,7 @@ def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
         "Sync": unary(service.Sync, pb.SyncRequest, pb.SyncResponse),
         "ListTables": unary(service.ListTables, pb.ListTablesRequest, pb.ListTablesResponse),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            service.Watch,
-            request_deserializer=pb.WatchRequest.FromString,
-            response_serializer=pb.WatchResponse.SerializeToString,
+            service.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None
         ),
     }
     missing = set(pb.DESCRIPTOR.services_by_name["Cache"].methods_by_name) - set(handlers)

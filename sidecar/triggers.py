@@ -60,9 +60,7 @@ class TriggerSet:
         if len(base.encode()) <= 63:
             return base
         digest = hashlib.sha1(self.schema.config.name.encode()).hexdigest()[:8]
-        return (
-            f"cache_sidecar_notify_{self.schema.config.name.encode()[:30].decode(errors='ignore')}_{digest}"
-        )
+        return f"cache_sidecar_notify_{self.schema.config.name.encode()[:30].decode(errors='ignore')}_{digest}"
 
     @property
     def function_sql_name(self) -> str:
@@ -249,9 +247,7 @@ async def installed_state(conn: Any, trigger_set: TriggerSet) -> str:
 async def check_server(conn: Any) -> None:
     version = int(await conn.fetchval("SHOW server_version_num"))
     if version < MIN_SERVER_VERSION:
-        raise SchemaError(
-            f"PostgreSQL {version // 10000} is too old: cache-sidecar's triggers need 11 or newer"
-        )
+        raise SchemaError(f"PostgreSQL {version // 10000} is too old: cache-sidecar's triggers need 11 or newer")
 
 
 async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
@@ -263,9 +259,7 @@ async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "current":
                 continue
-            await _run(
-                conn, trigger_set.install_sql(), f"installing triggers on {trigger_set.schema.qualified}"
-            )
+            await _run(conn, trigger_set.install_sql(), f"installing triggers on {trigger_set.schema.qualified}")
             changed.append(trigger_set.schema.qualified)
     return changed
 
@@ -278,9 +272,7 @@ async def uninstall(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "missing":
                 continue
-            await _run(
-                conn, trigger_set.uninstall_sql(), f"removing triggers from {trigger_set.schema.qualified}"
-            )
+            await _run(conn, trigger_set.uninstall_sql(), f"removing triggers from {trigger_set.schema.qualified}")
             changed.append(trigger_set.schema.qualified)
     return changed
 

@@ -15,7 +15,9 @@ read therefore encodes nothing per row: it joins bytes made at load time.
 
 from __future__ import annotations
 
+from sidecar import hub
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.keys import part_kind
 
 MISSING_ENTRY = b"\x0a\x00"  # an empty RowResult: found = false
 
@@ -80,3 +82,55 @@ def get_response(entry_bytes: bytes | None, revisions: Revisions) -> bytes:
 def batch_get_response(entries: list[bytes | None], revisions: Revisions) -> bytes:
     """An encoded BatchGetResponse, rows in the order given."""
     return b"".join([e if e is not None else MISSING_ENTRY for e in entries]) + revisions.batch_field
+
+
+# ---------------------------------------------------------------- Watch
+
+
+def _key(key: tuple[object, ...]) -> pb.Key:
+    parts = []
+    for value in key:
+        kind, sent = part_kind(value)
+        parts.append(pb.KeyPart(**{kind: sent}))
+    return pb.Key(parts=parts)
+
+
+def _event(change: hub.Change) -> pb.ChangeEvent:
+    event = pb.ChangeEvent(table=change.table, operation=change.op, has_row=change.has_row)  # type: ignore[arg-type]
+    if change.key is not None:
+        event.key.CopyFrom(_key(change.key))
+    if change.old_key is not None:
+        event.old_key.CopyFrom(_key(change.old_key))
+    if change.row is not None:
+        event.row = change.row
+    return event
+
+
+def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> bytes:
+    message = pb.WatchResponse(
+        changes=pb.ChangeBatch(
+            revision=pb.Revision(epoch=epoch, number=revision), xid=xid, events=[_event(c) for c in changes]
+        )
+    )
+    encoded: bytes = message.SerializeToString()
+    return encoded
+
+
+def watch_message(message: hub.Message) -> bytes:
+    """Encode what a subscription yields. A batch is encoded once and kept on
+    it: every subscriber that sees it whole sends the same bytes."""
+    if isinstance(message, hub.Batch):
+        if message.encoded is None:
+            message.encoded = _batch(message.epoch, message.revision, message.xid, message.changes)
+        return message.encoded
+    if isinstance(message, hub.Snapshot):
+        return _batch(message.epoch, message.revision, 0, message.changes)
+    revision = pb.Revision(epoch=message.epoch, number=message.revision)
+    if isinstance(message, hub.Reset):
+        response = pb.WatchResponse(reset=pb.Reset(revision=revision, reason=message.reason))
+    elif isinstance(message, hub.Progress):
+        response = pb.WatchResponse(progress=pb.Progress(revision=revision))
+    else:
+        response = pb.WatchResponse(initial_state_done=pb.InitialStateDone(revision=revision))
+    encoded: bytes = response.SerializeToString()
+    return encoded

@@ -254,9 +254,7 @@ async def _final_comparison(dsn: str, target: str, report: Report) -> None:
         conn = await asyncpg.connect(dsn)
         try:
             for table in TABLES:
-                truth = {
-                    r["id"]: r["version"] for r in await conn.fetch(f"SELECT id, version FROM public.{table}")
-                }
+                truth = {r["id"]: r["version"] for r in await conn.fetch(f"SELECT id, version FROM public.{table}")}
                 ids = sorted(truth)
                 served = await cache.batch_get(table, ids)
                 for key, row in zip(ids, served, strict=True):

@@ -116,12 +116,8 @@ async def start_daemon(postgres: Postgres) -> AsyncIterator[StartDaemon]:
     """Start an in-process daemon: ``await start_daemon(tables=[...], **settings)``."""
     running: list[RunningDaemon] = []
 
-    async def start(
-        tables: list[str] | list[cfg.TableConfig], wait: bool = True, **settings: Any
-    ) -> RunningDaemon:
-        table_configs = tuple(
-            t if isinstance(t, cfg.TableConfig) else cfg.parse_table_spec(t, "test") for t in tables
-        )
+    async def start(tables: list[str] | list[cfg.TableConfig], wait: bool = True, **settings: Any) -> RunningDaemon:
+        table_configs = tuple(t if isinstance(t, cfg.TableConfig) else cfg.parse_table_spec(t, "test") for t in tables)
         values: dict[str, Any] = {
             "dsn": postgres.dsn,
             "listen": ("127.0.0.1:0",),

@@ -164,9 +164,7 @@ async def run(dsn: str, rows: int, seconds: float) -> None:
             assert floor.stdout is not None
             floor.stdout.readline()
             await wait_serving(f"127.0.0.1:{sidecar_port}", sidecar)
-            results = await compare(
-                dsn, rows, seconds, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{floor_port}"
-            )
+            results = await compare(dsn, rows, seconds, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{floor_port}")
         finally:
             for process in (sidecar, floor):
                 process.terminate()
@@ -175,15 +173,9 @@ async def run(dsn: str, rows: int, seconds: float) -> None:
     by = {(r.name, r.callers): r for r in results}
     print()
     for callers in (1, 16):
-        get = (
-            by[("sidecar Get", callers)].throughput
-            / by[("do-nothing grpc.aio server Get", callers)].throughput
-        )
+        get = by[("sidecar Get", callers)].throughput / by[("do-nothing grpc.aio server Get", callers)].throughput
         pg = by[("sidecar Get", callers)].throughput / by[("asyncpg SELECT by id", callers)].throughput
-        batch = (
-            by[("sidecar BatchGet(100)", callers)].throughput
-            / by[("asyncpg = ANY(100 ids)", callers)].throughput
-        )
+        batch = by[("sidecar BatchGet(100)", callers)].throughput / by[("asyncpg = ANY(100 ids)", callers)].throughput
         print(
             f"{callers:>2} caller(s): sidecar Get / transport floor = {get:.2f}x   "
             f"sidecar Get / asyncpg = {pg:.2f}x   BatchGet(100) / asyncpg ANY = {batch:.2f}x keys/s"
@@ -236,9 +228,7 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
             results.append(await measure("asyncpg SELECT by id", pg_get, callers, seconds))
             results.append(await measure("sidecar BatchGet(100)", sidecar_batch, callers, seconds, 100))
             results.append(
-                await measure(
-                    "do-nothing server BatchGet(100)", floor_batch(flo, batches), callers, seconds, 100
-                )
+                await measure("do-nothing server BatchGet(100)", floor_batch(flo, batches), callers, seconds, 100)
             )
             results.append(await measure("asyncpg = ANY(100 ids)", pg_batch, callers, seconds, 100))
     finally:
@@ -248,9 +238,7 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
     return results
 
 
-def floor_batch(
-    stub: pb_grpc.CacheStub, batches: list[pb.BatchGetRequest]
-) -> Callable[[int], Awaitable[object]]:
+def floor_batch(stub: pb_grpc.CacheStub, batches: list[pb.BatchGetRequest]) -> Callable[[int], Awaitable[object]]:
     async def call(n: int) -> object:
         return await stub.BatchGet(batches[n % len(batches)])
 

@@ -172,9 +172,7 @@ def test_help_and_version():
 def test_config_errors_exit_2_and_name_the_key(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[server]\nlisten = ['127.0.0.1:99999']\n")
-    out = subprocess.run(
-        [*EXE, "serve", "--config", str(config)], capture_output=True, text=True, env=clean_env()
-    )
+    out = subprocess.run([*EXE, "serve", "--config", str(config)], capture_output=True, text=True, env=clean_env())
     assert out.returncode == 2
     assert "server.listen" in out.stderr and "0-65535" in out.stderr
     out = subprocess.run(

@@ -95,9 +95,7 @@ async def test_health_follows_the_listener(start_daemon, db, patrons):
     channel = grpc.aio.insecure_channel(sidecar.target)
     health = health_pb2_grpc.HealthStub(channel)
     assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
-    assert (
-        await health.Check(health_pb2.HealthCheckRequest(service="cachesidecar.v1.Cache"))
-    ).status == SERVING
+    assert (await health.Check(health_pb2.HealthCheckRequest(service="cachesidecar.v1.Cache"))).status == SERVING
     seen: list[int] = []
 
     async def watch() -> None:
@@ -176,17 +174,6 @@ async def test_malformed_messages_get_clear_statuses(start_daemon, db, schema, p
         assert (await stub.Get(pb.GetRequest(table=patrons, key=one), timeout=5)).found  # still serving
 
 
-async def test_watch_is_declared_but_not_yet_implemented(start_daemon, patrons):
-    from sidecar.api.v1 import cache_pb2, cache_pb2_grpc
-
-    sidecar = await start_daemon([patrons])
-    async with grpc.aio.insecure_channel(sidecar.target) as channel:
-        stream = cache_pb2_grpc.CacheStub(channel).Watch(cache_pb2.WatchRequest())
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stream.read()
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 async def test_invalidate_sync_and_strong_reads(start_daemon, db, patrons):
     sidecar = await start_daemon([patrons])
     async with AsyncClient(sidecar.target) as cache:
@@ -258,9 +245,7 @@ async def test_wrong_password_is_a_config_error_without_the_password(postgres, c
     if postgres.kind != "embedded":
         pytest.skip("needs a server whose authentication we know")
     dsn = postgres.dsn.replace("postgres:@", "nobody_here:hunter2@")
-    config = cfg.Config(
-        dsn=dsn, listen=("127.0.0.1:0",), tables=(cfg.TableConfig(schema="public", name="x"),)
-    )
+    config = cfg.Config(dsn=dsn, listen=("127.0.0.1:0",), tables=(cfg.TableConfig(schema="public", name="x"),))
     assert await Daemon(config, handle_signals=False).run() == 2
     assert "database.dsn" in caplog.text and "hunter2" not in caplog.text
 

@@ -91,9 +91,7 @@ async def test_stalled_network_is_found_by_the_idle_ping(postgres, proxy):
     recorder = Recorder()
 
     async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(
-            host="127.0.0.1", port=proxy.port, user="postgres", database="postgres", timeout=2
-        )
+        return await asyncpg.connect(host="127.0.0.1", port=proxy.port, user="postgres", database="postgres", timeout=2)
 
     listener, task = await start(connect, recorder, ping_interval=0.3, ping_timeout=0.3)
     proxy.stall()

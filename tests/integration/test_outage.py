@@ -103,9 +103,7 @@ async def test_postgresql_restart(start_daemon, postgres, db, schema, items):
         epoch = sidecar.engine.epoch
         postgres.restart()
         conn = await asyncpg.connect(postgres.dsn)
-        await conn.execute(
-            f"UPDATE {items} SET version = 4 WHERE id = 2; UPDATE {lazy} SET version = 4 WHERE id = 2"
-        )
+        await conn.execute(f"UPDATE {items} SET version = 4 WHERE id = 2; UPDATE {lazy} SET version = 4 WHERE id = 2")
         await conn.close()
         await eventually(
             lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch,

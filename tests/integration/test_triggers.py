@@ -75,12 +75,8 @@ def parsed(payloads: list[str]) -> list[events.Event]:
 async def test_install_is_idempotent_and_uninstall_removes_exactly_what_it_made(pg):
     conn, _ = pg
     await conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-    await conn.execute(
-        "CREATE FUNCTION keep_me() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'"
-    )
-    await conn.execute(
-        "CREATE TRIGGER user_trigger AFTER INSERT ON items FOR EACH ROW EXECUTE FUNCTION keep_me()"
-    )
+    await conn.execute("CREATE FUNCTION keep_me() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+    await conn.execute("CREATE TRIGGER user_trigger AFTER INSERT ON items FOR EACH ROW EXECUTE FUNCTION keep_me()")
 
     async def objects() -> tuple[int, int]:
         functions = await conn.fetchval(
@@ -221,9 +217,7 @@ async def test_payload_keys_coerce_back_to_the_stored_key(pg, sql_type, literal)
     conn, capture = pg
     await conn.execute(f"CREATE TABLE k (id {sql_type}, n int, PRIMARY KEY (id, n))")
     trigger_set = await install(conn, "k")
-    await conn.execute(
-        "SET TimeZone = 'America/New_York'; SET bytea_output = 'escape'"
-    )  # a writer's odd session
+    await conn.execute("SET TimeZone = 'America/New_York'; SET bytea_output = 'escape'")  # a writer's odd session
     await conn.execute(f"INSERT INTO k VALUES ({literal}, 1)")
     (event,) = parsed(await capture.drain(conn))
     stored = await conn.fetchrow("SELECT id, n FROM k")

@@ -48,9 +48,7 @@ async def test_row_json_mapping_value_by_value(start_daemon, db, schema):
     sidecar = await start_daemon([f"{schema}.typed"])
     import json
 
-    async with AsyncClient(
-        sidecar.target, decoder=lambda b: json.loads(b, parse_float=decimal.Decimal)
-    ) as cache:
+    async with AsyncClient(sidecar.target, decoder=lambda b: json.loads(b, parse_float=decimal.Decimal)) as cache:
         row = await cache.get(f"{schema}.typed", 1)
     for i, (sql_type, literal, expected) in enumerate(VALUES):
         got = row[f"c{i}"]

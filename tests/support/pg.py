@@ -57,9 +57,7 @@ class EmbeddedServer:
         self.socket_path = os.path.join(self.dsn.split("host=")[-1], ".s.PGSQL.5432")
 
     def restart(self) -> None:
-        self._pgserver.pg_ctl(
-            ["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user
-        )
+        self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def stop(self) -> None:
         self.server.cleanup()

@@ -15,9 +15,7 @@ class Proxy:
     ``unblock()`` (the database is unreachable).
     """
 
-    def __init__(
-        self, unix_path: str | None = None, host: str | None = None, port: int | None = None
-    ) -> None:
+    def __init__(self, unix_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
         self.unix_path, self.host, self.target_port = unix_path, host, port
         self.port = 0
         self.connections = 0

@@ -112,9 +112,7 @@ async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engin
     assert engine.stats.passthrough_reads == 1
 
 
-async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(
-    engine: Engine, db: MemoryDatabase
-):
+async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
     engine.listener_lost("test")
     db.error = OSError("connection refused")
     with pytest.raises(Unavailable):
@@ -257,9 +255,7 @@ async def test_applied_never_claims_a_whole_table_change_still_loading(engine: E
     await eventually(lambda: engine.applied == engine.seq)
 
 
-async def test_readers_waiting_on_memory_go_to_the_database_when_the_listener_drops(
-    engine: Engine, db: MemoryDatabase
-):
+async def test_readers_waiting_on_memory_go_to_the_database_when_the_listener_drops(engine: Engine, db: MemoryDatabase):
     db.hold()
     db.put(FULL, (1,), name="committed")
     engine.handle(change(FULL, 40, 1))

@@ -29,9 +29,7 @@ def test_entry_is_a_row_result_and_gives_its_json_back(size):
 def test_get_response(size):
     json_bytes = b"y" * size
     revs = revisions(number=size)
-    expected = pb.GetResponse(
-        found=True, row=json_bytes, revision=pb.Revision(epoch="0123456789abcdef", number=size)
-    )
+    expected = pb.GetResponse(found=True, row=json_bytes, revision=pb.Revision(epoch="0123456789abcdef", number=size))
     encoded = wire.get_response(wire.entry(json_bytes), revs)
     assert pb.GetResponse.FromString(encoded) == expected
     if size:  # (protobuf omits an empty row; a row's JSON is never empty)

@@ -17,16 +17,22 @@ from cache_sidecar_client.errors import (
     TableNotFound,
     Unavailable,
 )
+from cache_sidecar_client.watch import Change, ChangeBatch, InitialStateDone, Progress, Reset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
     "CacheSidecarError",
+    "Change",
+    "ChangeBatch",
     "Client",
     "DeadlineExceeded",
+    "InitialStateDone",
     "InvalidArgument",
     "OutOfRange",
+    "Progress",
+    "Reset",
     "Revision",
     "TableInfo",
     "TableNotFound",

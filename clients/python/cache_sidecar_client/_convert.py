@@ -87,9 +87,7 @@ def from_key(key: pb.Key) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def read_options(
-    consistency: Consistency, min_revision: Revision | None, allow_stale: bool
-) -> pb.ReadOptions | None:
+def read_options(consistency: Consistency, min_revision: Revision | None, allow_stale: bool) -> pb.ReadOptions | None:
     if consistency == "eventual" and min_revision is None and not allow_stale:
         return None
     if consistency not in ("eventual", "strong"):

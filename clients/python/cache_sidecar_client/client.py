@@ -8,7 +8,9 @@ Every call has a deadline (``timeout`` seconds, default the client's).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -27,6 +29,9 @@ from cache_sidecar_client._convert import (
 from cache_sidecar_client.api.v1 import cache_pb2 as pb
 from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
 from cache_sidecar_client.errors import from_rpc_error
+from cache_sidecar_client.watch import RESUMABLE, Event, Resumer
+from cache_sidecar_client.watch import event as watch_event
+from cache_sidecar_client.watch import request as watch_request
 
 DEFAULT_TIMEOUT = 5.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -47,9 +52,7 @@ class _Requests:
     def get(
         self, table: str, key: Any, consistency: Consistency, min_revision: Revision | None, allow_stale: bool
     ) -> pb.GetRequest:
-        return pb.GetRequest(
-            table=table, key=to_key(key), options=read_options(consistency, min_revision, allow_stale)
-        )
+        return pb.GetRequest(table=table, key=to_key(key), options=read_options(consistency, min_revision, allow_stale))
 
     def got(self, reply: pb.GetResponse) -> Any:
         self._seen(reply.revision)
@@ -159,6 +162,42 @@ class Client:
     def list_tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         return self._r.tables(self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout))
 
+    def watch(
+        self,
+        tables: Sequence[str] = (),
+        *,
+        keys: Iterable[Any] | None = None,
+        operations: Iterable[str] | None = None,
+        start_revision: Revision | None = None,
+        initial_state: bool = False,
+        progress_interval: float | None = None,
+        resume: bool = True,
+    ) -> Iterator[Event]:
+        """Follow changes (see ``cache_sidecar_client.watch``); close the iterator to stop."""
+        resumer = Resumer(watch_request(tables, keys, operations, start_revision, initial_state, progress_interval))
+        while True:
+            call = self._stub.Watch(resumer.next_request())
+            try:
+                for response in call:
+                    item = watch_event(response, self._r.decode)
+                    resumer.seen(item)
+                    yield item
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if resume and code == grpc.StatusCode.OUT_OF_RANGE:
+                    yield resumer.out_of_range(exc.details())
+                    continue
+                if not resume or code not in RESUMABLE:
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()
+            if not resume:
+                return
+            reset = resumer.interrupted()
+            if reset is not None:
+                yield reset
+            time.sleep(resumer.delay())
+
     def close(self) -> None:
         self._channel.close()
 
@@ -238,6 +277,42 @@ class AsyncClient:
 
     async def list_tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         return self._r.tables(await self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout))
+
+    async def watch(
+        self,
+        tables: Sequence[str] = (),
+        *,
+        keys: Iterable[Any] | None = None,
+        operations: Iterable[str] | None = None,
+        start_revision: Revision | None = None,
+        initial_state: bool = False,
+        progress_interval: float | None = None,
+        resume: bool = True,
+    ) -> AsyncIterator[Event]:
+        """Follow changes (see ``cache_sidecar_client.watch``); stop with ``aclose()`` or by breaking out."""
+        resumer = Resumer(watch_request(tables, keys, operations, start_revision, initial_state, progress_interval))
+        while True:
+            call = self._stub.Watch(resumer.next_request())
+            try:
+                async for response in call:
+                    item = watch_event(response, self._r.decode)
+                    resumer.seen(item)
+                    yield item
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if resume and code == grpc.StatusCode.OUT_OF_RANGE:
+                    yield resumer.out_of_range(exc.details())
+                    continue
+                if not resume or code not in RESUMABLE:
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()
+            if not resume:
+                return
+            reset = resumer.interrupted()
+            if reset is not None:
+                yield reset
+            await asyncio.sleep(resumer.delay())
 
     async def close(self) -> None:
         await self._channel.close()

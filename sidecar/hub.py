@@ -1,0 +1,370 @@
+"""The watch hub: change batches in revision order, a bounded history, and
+fan-out to any number of subscribers without ever blocking the listener.
+
+The engine *records* each transaction batch as its notifications arrive and
+*publishes* batches once they are applied (their refetches landed), in
+revision order; publishing attaches the rows the sidecar now holds and
+appends to the history. The history is shared: every subscriber is a cursor
+into it (as in etcd's watchable store), so publishing costs the same for one
+subscriber or a hundred and never waits for any of them. A subscriber that
+falls more than ``max_lag`` batches behind, or off the end of the history,
+is ended with a "fell behind" error naming its last delivered revision, so it
+can resume from there.
+
+Within an epoch, revisions of published batches are consecutive. A rebuild
+(reconnect) starts a new epoch, empties the history and sends every
+subscriber a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import SidecarError
+from sidecar.keys import Key
+
+log = logging.getLogger(__name__)
+
+# Operations, numbered as cachesidecar.v1.Operation.
+INSERT, UPDATE, DELETE, TRUNCATE, TABLE_CHANGED, INVALIDATE, SNAPSHOT = 1, 2, 3, 4, 5, 6, 7
+TABLE_WIDE = frozenset({TRUNCATE, TABLE_CHANGED})
+
+
+class OutOfRange(SidecarError):
+    """The resume revision is not in the history: resync."""
+
+
+class FellBehind(SidecarError):
+    """The subscriber fell too far behind and was ended: resume from its last revision."""
+
+
+@dataclass(slots=True)
+class Change:
+    table: str
+    op: int
+    key: Key | None = None  # None: the whole table
+    old_key: Key | None = None
+    row: bytes | None = None  # row JSON, attached at publish time (full tables)
+    has_row: bool = False
+
+
+@dataclass(slots=True)
+class Batch:
+    epoch: str
+    revision: int
+    xid: int
+    changes: list[Change] = field(default_factory=list)
+    size: int = 0
+    tables: frozenset[str] = frozenset()
+    encoded: bytes | None = None  # the message, encoded once (wire.watch_message)
+
+
+@dataclass(slots=True)
+class Reset:
+    epoch: str
+    revision: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Progress:
+    epoch: str
+    revision: int
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A chunk of initial-state rows, all as of ``revision``."""
+
+    epoch: str
+    revision: int
+    changes: list[Change]
+
+
+@dataclass(slots=True)
+class SnapshotDone:
+    epoch: str
+    revision: int
+
+
+Message = Batch | Reset | Progress | Snapshot | SnapshotDone
+
+
+@dataclass(frozen=True)
+class Filter:
+    tables: frozenset[str]  # empty: every table
+    keys: frozenset[Key] = frozenset()  # empty: every key
+    ops: frozenset[int] = frozenset()  # empty: every operation
+
+    def passes(self, change: Change) -> bool:
+        if self.tables and change.table not in self.tables:
+            return False
+        if change.op in TABLE_WIDE:
+            return True
+        if self.keys and change.key not in self.keys and change.old_key not in self.keys:
+            return False
+        return not self.ops or change.op in self.ops
+
+    def apply(self, batch: Batch) -> Batch | None:
+        """The batch as this subscriber sees it (``batch`` itself when nothing is filtered)."""
+        if not self.keys and not self.ops and (not self.tables or batch.tables <= self.tables):
+            return batch
+        kept = [c for c in batch.changes if self.passes(c)]
+        if not kept:
+            return None
+        return Batch(batch.epoch, batch.revision, batch.xid, kept, tables=batch.tables)
+
+
+class Hub:
+    """History and fan-out of published change batches."""
+
+    def __init__(
+        self,
+        *,
+        rows_of: Callable[[str], dict[Key, bytes] | None],
+        row_json: Callable[[bytes], bytes],
+        max_batches: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_lag: int = 1_000,
+    ) -> None:
+        self._rows_of = rows_of  # a full table's rows (key -> cache entry); None for lazy tables
+        self._row_json = row_json
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.max_lag = max_lag
+        self.epoch = ""
+        self.published = 0  # every batch <= published is in the history (or compacted)
+        self._history: collections.deque[Batch] = collections.deque()
+        self._bytes = 0
+        self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
+        self._subscribers: set[Subscription] = set()
+        self.dropped = 0  # subscribers ended for falling behind
+        self.published_batches = 0
+
+    # ------------------------------------------------------------ engine side
+
+    def start(self, epoch: str, revision: int, reason: str | None = None) -> None:
+        """A new epoch begins at ``revision`` (a rebuild when ``reason`` is given)."""
+        self.epoch = epoch
+        self.published = revision
+        self._history.clear()
+        self._pending.clear()
+        self._bytes = 0
+        if reason is not None:
+            for subscriber in self._subscribers:
+                subscriber.reset(Reset(epoch, revision, reason))
+
+    def record(self, revision: int, xid: int, change: Change) -> None:
+        """Add a change to batch ``revision`` (created on first use)."""
+        if not self._pending or self._pending[-1].revision != revision:
+            self._pending.append(Batch(self.epoch, revision, xid))
+        self._pending[-1].changes.append(change)
+
+    def publish(self, applied: int) -> None:
+        """Publish every recorded batch up to ``applied``, with the rows held now."""
+        published = False
+        while self._pending and self._pending[0].revision <= applied:
+            batch = self._pending.popleft()
+            self._attach_rows(batch)
+            self._history.append(batch)
+            self._bytes += batch.size
+            self.published_batches += 1
+            published = True
+        if applied > self.published:
+            self.published = applied
+            published = True
+        if not published:
+            return
+        while self._history and (len(self._history) > self.max_batches or self._bytes > self.max_bytes):
+            self._bytes -= self._history.popleft().size
+        for subscriber in self._subscribers:
+            subscriber.wake.set()
+
+    def _attach_rows(self, batch: Batch) -> None:
+        size = 64
+        tables = set()
+        for change in batch.changes:
+            tables.add(change.table)
+            size += 32
+            if change.key is None or change.op == INVALIDATE:
+                continue
+            rows = self._rows_of(change.table)
+            if rows is None:
+                continue  # lazy: the sidecar holds no authoritative row
+            entry = rows.get(change.key)
+            change.has_row = entry is not None
+            if entry is not None:
+                change.row = self._row_json(entry)
+                size += len(change.row)
+        batch.size = size
+        batch.tables = frozenset(tables)
+
+    @property
+    def oldest(self) -> int:
+        """The oldest revision a subscriber may resume *from*."""
+        return self._history[0].revision - 1 if self._history else self.published
+
+    def after(self, revision: int, limit: int) -> list[Batch]:
+        """Published batches after ``revision`` (at most ``limit``)."""
+        if not self._history:
+            return []
+        start = revision + 1 - self._history[0].revision
+        return list(itertools.islice(self._history, max(start, 0), max(start, 0) + limit))
+
+    # ------------------------------------------------------------ subscribers
+
+    def subscribe(
+        self,
+        selection: Filter,
+        *,
+        start: tuple[str, int] | None = None,
+        snapshot: Callable[[], list[Snapshot]] | None = None,
+        progress_interval: float = 0.0,
+    ) -> Subscription:
+        """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed."""
+        if start is not None:
+            epoch, revision = start
+            if epoch != self.epoch:
+                raise OutOfRange(
+                    f"revision {epoch}/{revision} is from another epoch (now {self.epoch}, "
+                    f"oldest available {self.epoch}/{self.oldest}); resync"
+                )
+            if revision < self.oldest:
+                raise OutOfRange(
+                    f"revision {epoch}/{revision} is older than the history "
+                    f"(oldest available {self.epoch}/{self.oldest}); resync"
+                )
+            position = revision
+        else:
+            position = self.published
+        subscriber = Subscription(self, selection, position, snapshot, progress_interval)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscription) -> None:
+        self._subscribers.discard(subscriber)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+
+class Subscription:
+    """One Watch stream: a cursor into the hub's history."""
+
+    BATCHES_PER_STEP = 256
+
+    def __init__(
+        self,
+        hub: Hub,
+        selection: Filter,
+        position: int,
+        snapshot: Callable[[], list[Snapshot]] | None,
+        progress_interval: float,
+    ) -> None:
+        self.hub = hub
+        self.filter = selection
+        self.epoch = hub.epoch
+        self.position = position  # everything up to here is delivered (or filtered out)
+        self._snapshot = snapshot
+        self.progress_interval = progress_interval
+        self.wake = asyncio.Event()
+        self._resets: collections.deque[Reset] = collections.deque()
+
+    def reset(self, reset: Reset) -> None:
+        self._resets.append(reset)
+        self.wake.set()
+
+    @property
+    def last_revision(self) -> str:
+        return f"{self.epoch}/{self.position}"
+
+    async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncIterator[Message]:
+        """What to send, in order, until the client goes away or falls behind."""
+        if self._snapshot is not None:
+            async for message in self._initial_state(ready):
+                yield message
+        idle_since = asyncio.get_running_loop().time()
+        while True:
+            if self._resets:
+                reset = self._resets.popleft()
+                self.epoch, self.position = reset.epoch, reset.revision
+                yield reset
+                if self._snapshot is not None:
+                    async for message in self._initial_state(ready):
+                        yield message
+                continue
+            hub = self.hub
+            if self.epoch == hub.epoch and hub.published - self.position > hub.max_lag:
+                hub.dropped += 1
+                raise FellBehind(self._behind(f"more than {hub.max_lag} batches undelivered"))
+            if self.epoch == hub.epoch and self.position < hub.oldest:
+                hub.dropped += 1
+                raise FellBehind(self._behind("the history moved past it"))
+            sent = False
+            for batch in hub.after(self.position, self.BATCHES_PER_STEP):
+                if self._resets:
+                    break
+                visible = self.filter.apply(batch)
+                self.position = batch.revision
+                if visible is not None:
+                    sent = True
+                    yield visible
+            if self._resets:
+                continue
+            if self.epoch == hub.epoch and hub.published > self.position and not hub.after(self.position, 1):
+                self.position = hub.published  # published revisions without batches (rebuild start)
+            if sent:
+                idle_since = asyncio.get_running_loop().time()
+                continue
+            if hub.after(self.position, 1):
+                continue
+            self.wake.clear()
+            timeout = None
+            if self.progress_interval:
+                timeout = max(0.0, idle_since + self.progress_interval - asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                idle_since = asyncio.get_running_loop().time()
+                yield Progress(self.epoch, self.position)
+
+    async def _initial_state(self, ready: Callable[[], Any] | None) -> AsyncIterator[Message]:
+        if ready is not None:
+            await ready()
+        assert self._snapshot is not None
+        chunks = self._snapshot()  # synchronous: every row as of one revision
+        self.epoch, self.position = self.hub.epoch, self.hub.published
+        for chunk in chunks:
+            yield chunk
+        yield SnapshotDone(self.epoch, self.position)
+
+    def _behind(self, why: str) -> str:
+        return f"watch fell behind ({why}); last delivered revision {self.last_revision}; resume from it"
+
+
+def snapshot_chunks(
+    epoch: str,
+    revision: int,
+    tables: Iterable[tuple[str, dict[Key, bytes]]],
+    row_json: Callable[[bytes], bytes],
+    chunk: int = 500,
+) -> list[Snapshot]:
+    """Every row of the given full tables as SNAPSHOT changes, in chunks (rows copied now)."""
+    chunks: list[Snapshot] = []
+    current: list[Change] = []
+    for name, rows in tables:
+        for key, entry in list(rows.items()):
+            current.append(Change(name, SNAPSHOT, key, None, row_json(entry), True))
+            if len(current) >= chunk:
+                chunks.append(Snapshot(epoch, revision, current))
+                current = []
+    if current:
+        chunks.append(Snapshot(epoch, revision, current))
+    return chunks

@@ -1,0 +1,182 @@
+"""The watch hub without gRPC or PostgreSQL: ordering, history bounds,
+resume, filters, resets, slow subscribers, progress, initial state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.hub import (
+    DELETE,
+    INSERT,
+    TRUNCATE,
+    UPDATE,
+    Batch,
+    Change,
+    FellBehind,
+    Filter,
+    Hub,
+    OutOfRange,
+    Progress,
+    Reset,
+    Snapshot,
+    SnapshotDone,
+    snapshot_chunks,
+)
+
+T = "public.items"
+ROWS: dict[tuple[int], bytes] = {}
+
+
+def make_hub(**kwargs) -> Hub:
+    ROWS.clear()
+    hub = Hub(rows_of=lambda table: ROWS if table == T else None, row_json=lambda e: e, **kwargs)
+    hub.start("e1", 0)
+    return hub
+
+
+def commit(hub: Hub, revision: int, *keys: int, op: int = UPDATE, table: str = T) -> None:
+    for key in keys:
+        ROWS[(key,)] = f"row{key}@{revision}".encode()
+        hub.record(revision, 1000 + revision, Change(table, op, (key,)))
+    hub.publish(revision)
+
+
+async def take(stream, count: int, timeout: float = 2.0) -> list:
+    got = []
+    async with asyncio.timeout(timeout):
+        async for message in stream:
+            got.append(message)
+            if len(got) == count:
+                return got
+    return got
+
+
+async def test_batches_in_revision_order_with_rows_attached_at_publish():
+    hub = make_hub()
+    subscriber = hub.subscribe(Filter(frozenset()))
+    stream = subscriber.messages()
+    commit(hub, 1, 1, 2)
+    commit(hub, 2, 1)
+    got = await take(stream, 2)
+    assert [b.revision for b in got] == [1, 2]
+    # rows are the ones held when the batch was published
+    assert [(c.key, c.row, c.has_row) for c in got[0].changes] == [((1,), b"row1@1", True), ((2,), b"row2@1", True)]
+    assert got[0].xid == 1001
+
+
+async def test_unapplied_batches_wait_and_deleted_rows_say_so():
+    hub = make_hub()
+    stream = hub.subscribe(Filter(frozenset())).messages()
+    ROWS[(7,)] = b"x"
+    hub.record(1, 1, Change(T, INSERT, (7,)))
+    hub.record(2, 2, Change(T, DELETE, (7,)))
+    hub.publish(0)  # nothing applied yet
+    del ROWS[(7,)]
+    hub.publish(2)
+    first, second = await take(stream, 2)
+    assert (first.changes[0].has_row, second.changes[0].has_row) == (False, False)
+
+
+async def test_resume_replays_exactly_the_batches_after_the_revision():
+    hub = make_hub()
+    for revision in range(1, 6):
+        commit(hub, revision, revision)
+    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 3)
+    assert [b.revision for b in got] == [3, 4, 5]
+
+
+async def test_resume_beyond_the_history_or_from_another_epoch_is_out_of_range():
+    hub = make_hub(max_batches=3)
+    for revision in range(1, 7):
+        commit(hub, revision, revision)
+    assert hub.oldest == 3
+    with pytest.raises(OutOfRange, match="oldest available e1/3"):
+        hub.subscribe(Filter(frozenset()), start=("e1", 2))
+    with pytest.raises(OutOfRange, match="another epoch"):
+        hub.subscribe(Filter(frozenset()), start=("e0", 6))
+    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 3)).messages(), 3)
+    assert [b.revision for b in got] == [4, 5, 6]
+
+
+async def test_history_is_bounded_by_bytes_too():
+    hub = make_hub(max_bytes=300)
+    for revision in range(1, 20):
+        commit(hub, revision, revision)
+    assert len(hub.after(0, 100)) < 19 and hub.after(0, 100)[-1].revision == 19
+
+
+async def test_filters_keep_table_wide_events_and_skip_empty_batches():
+    hub = make_hub()
+    by_key = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(2,)}))).messages()
+    by_op = hub.subscribe(Filter(frozenset(), ops=frozenset({INSERT}))).messages()
+    commit(hub, 1, 1)
+    commit(hub, 2, 2, op=INSERT)
+    commit(hub, 3, 3, table="public.other")
+    hub.record(4, 4, Change(T, TRUNCATE))
+    hub.publish(4)
+    got = await take(by_key, 2)
+    assert [(b.revision, [c.op for c in b.changes]) for b in got] == [(2, [INSERT]), (4, [TRUNCATE])]
+    got = await take(by_op, 2)
+    assert [b.revision for b in got] == [2, 4]
+
+
+async def test_an_unfiltered_batch_is_the_same_object_for_every_subscriber():
+    hub = make_hub()
+    streams = [hub.subscribe(Filter(frozenset({T}))).messages() for _ in range(3)]
+    commit(hub, 1, 1)
+    firsts = [(await take(stream, 1))[0] for stream in streams]
+    assert all(first is firsts[0] for first in firsts)  # encoded once, sent to all
+
+
+async def test_reset_reaches_every_subscriber_and_the_stream_goes_on():
+    hub = make_hub()
+    stream = hub.subscribe(Filter(frozenset())).messages()
+    commit(hub, 1, 1)
+    (first,) = await take(stream, 1)
+    hub.start("e2", 2, "rebuilt")
+    commit(hub, 3, 3)
+    got = await take(stream, 2)
+    assert isinstance(first, Batch) and isinstance(got[0], Reset) and got[0].epoch == "e2"
+    assert got[1].revision == 3 and got[1].epoch == "e2"
+
+
+async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
+    hub = make_hub(max_lag=5)
+    slow_stream = hub.subscribe(Filter(frozenset())).messages()
+    fast = asyncio.create_task(take(hub.subscribe(Filter(frozenset())).messages(), 19))
+    commit(hub, 1, 1)
+    assert (await take(slow_stream, 1))[0].revision == 1
+    for revision in range(2, 20):
+        commit(hub, revision, revision)  # publishing never waits for the slow one
+        await asyncio.sleep(0)  # (the fast one reads as it comes)
+    assert [b.revision for b in await fast] == list(range(1, 20))
+    with pytest.raises(FellBehind, match="last delivered revision e1/1"):
+        await take(slow_stream, 1)
+    assert hub.dropped == 1
+
+
+async def test_progress_marks_when_idle():
+    hub = make_hub()
+    commit(hub, 1, 1)
+    stream = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.05).messages()
+    commit(hub, 2, 2)  # filtered out
+    (mark,) = await take(stream, 1)
+    assert isinstance(mark, Progress) and mark.revision == 2
+
+
+async def test_initial_state_then_done_then_changes_after_it():
+    hub = make_hub()
+    commit(hub, 1, 1, 2)
+    subscriber = hub.subscribe(
+        Filter(frozenset()), snapshot=lambda: snapshot_chunks(hub.epoch, hub.published, [(T, dict(ROWS))], bytes)
+    )
+    stream = subscriber.messages()
+    first = await take(stream, 1)
+    commit(hub, 2, 3)
+    rest = await take(stream, 2)
+    snapshot, done, live = first[0], rest[0], rest[1]
+    assert isinstance(snapshot, Snapshot) and sorted(c.key for c in snapshot.changes) == [(1,), (2,)]
+    assert isinstance(done, SnapshotDone) and done.revision == 1
+    assert live.revision == 2
