@@ -455,6 +455,8 @@ class Engine:
         """Drop cached rows of ``name`` (all of them when ``raw_keys`` is None)."""
         table = self.table(name)
         keys = None if raw_keys is None else self.keys(table, raw_keys)
+        if keys == []:
+            return
         self.seq += 1  # a batch of the sidecar's own making
         self._open_xid = None  # later notifications start their own batch
         seq = self.seq

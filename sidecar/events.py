@@ -94,7 +94,10 @@ def parse(payload: str) -> Event:
         return TableChange(schema, table, op, xid, str(data["all"]))
     if op is Op.TRUNCATE:
         raise PayloadError("TRUNCATE without 'all'")
-    return RowChange(schema, table, op, xid, _keys(data.get("k")), _keys(data.get("o", [])))
+    keys, old_keys = _keys(data.get("k")), _keys(data.get("o", []))
+    if not keys and not old_keys:
+        raise PayloadError("no keys")
+    return RowChange(schema, table, op, xid, keys, old_keys)
 
 
 def _keys(value: Any) -> tuple[tuple[Any, ...], ...]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -94,6 +93,7 @@ class SnapshotDone:
 
 
 Message = Batch | Reset | Progress | Snapshot | SnapshotDone
+_TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,10 @@ class Hub:
         self.max_lag = max_lag
         self.epoch = ""
         self.published = 0  # every batch <= published is in the history (or compacted)
-        self._history: collections.deque[Batch] = collections.deque()
+        self._history: list[Batch] = []  # published batches; the live part starts at _first
+        self._first = 0
         self._bytes = 0
+        self.started = asyncio.Event()  # set once the first epoch began
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
         self._subscribers: set[Subscription] = set()
         self.dropped = 0  # subscribers ended for falling behind
@@ -153,12 +155,14 @@ class Hub:
         """A new epoch begins at ``revision`` (a rebuild when ``reason`` is given)."""
         self.epoch = epoch
         self.published = revision
-        self._history.clear()
+        self._history = []
+        self._first = 0
         self._pending.clear()
         self._bytes = 0
-        if reason is not None:
-            for subscriber in self._subscribers:
-                subscriber.reset(Reset(epoch, revision, reason))
+        self.started.set()
+        for subscriber in self._subscribers:
+            if subscriber.epoch != epoch:  # (subscribers that predate the first epoch hold none)
+                subscriber.reset(Reset(epoch, revision, reason or "the cache was rebuilt"))
 
     def record(self, revision: int, xid: int, change: Change) -> None:
         """Add a change to batch ``revision`` (created on first use)."""
@@ -181,10 +185,19 @@ class Hub:
             published = True
         if not published:
             return
-        while self._history and (len(self._history) > self.max_batches or self._bytes > self.max_bytes):
-            self._bytes -= self._history.popleft().size
+        # Trim from the oldest end, but never the newest batch (however large it is).
+        while self._live() > 1 and (self._live() > self.max_batches or self._bytes > self.max_bytes):
+            self._bytes -= self._history[self._first].size
+            self._history[self._first] = _TRIMMED
+            self._first += 1
+        if self._first > 1024 and self._first * 2 > len(self._history):
+            del self._history[: self._first]
+            self._first = 0
         for subscriber in self._subscribers:
             subscriber.wake.set()
+
+    def _live(self) -> int:
+        return len(self._history) - self._first
 
     def _attach_rows(self, batch: Batch) -> None:
         size = 64
@@ -202,20 +215,22 @@ class Hub:
             if entry is not None:
                 change.row = self._row_json(entry)
                 size += len(change.row)
-        batch.size = size
+        batch.size = 2 * size  # and once more for the encoded message every subscriber shares
         batch.tables = frozenset(tables)
 
     @property
     def oldest(self) -> int:
         """The oldest revision a subscriber may resume *from*."""
-        return self._history[0].revision - 1 if self._history else self.published
+        return self._history[self._first].revision - 1 if self._live() else self.published
 
-    def after(self, revision: int, limit: int) -> list[Batch]:
-        """Published batches after ``revision`` (at most ``limit``)."""
-        if not self._history:
-            return []
-        start = revision + 1 - self._history[0].revision
-        return list(itertools.islice(self._history, max(start, 0), max(start, 0) + limit))
+    def next_after(self, revision: int) -> Batch | None:
+        """The published batch right after ``revision`` (revisions are consecutive), if any."""
+        if not self._live():
+            return None
+        index = self._first + revision + 1 - self._history[self._first].revision
+        if self._first <= index < len(self._history):
+            return self._history[index]
+        return None
 
     # ------------------------------------------------------------ subscribers
 
@@ -240,6 +255,8 @@ class Hub:
                     f"revision {epoch}/{revision} is older than the history "
                     f"(oldest available {self.epoch}/{self.oldest}); resync"
                 )
+            if revision > self.published:
+                raise OutOfRange(f"revision {epoch}/{revision} is ahead of the cache ({self.epoch}/{self.published})")
             position = revision
         else:
             position = self.published
@@ -257,8 +274,6 @@ class Hub:
 
 class Subscription:
     """One Watch stream: a cursor into the hub's history."""
-
-    BATCHES_PER_STEP = 256
 
     def __init__(
         self,
@@ -286,11 +301,19 @@ class Subscription:
         return f"{self.epoch}/{self.position}"
 
     async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncIterator[Message]:
-        """What to send, in order, until the client goes away or falls behind."""
+        """What to send, in order, until the client goes away or falls behind.
+
+        A subscriber falls behind when, while one message was being handed to
+        its client, more than ``max_lag`` batches were published (its client
+        is not reading), or when the history moved past its position. One that
+        is catching up (a resume) reads from the history at its own pace.
+        """
         if self._snapshot is not None:
             async for message in self._initial_state(ready):
                 yield message
-        idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        hub = self.hub
         while True:
             if self._resets:
                 reset = self._resets.popleft()
@@ -300,39 +323,33 @@ class Subscription:
                     async for message in self._initial_state(ready):
                         yield message
                 continue
-            hub = self.hub
-            if self.epoch == hub.epoch and hub.published - self.position > hub.max_lag:
-                hub.dropped += 1
-                raise FellBehind(self._behind(f"more than {hub.max_lag} batches undelivered"))
             if self.epoch == hub.epoch and self.position < hub.oldest:
                 hub.dropped += 1
                 raise FellBehind(self._behind("the history moved past it"))
-            sent = False
-            for batch in hub.after(self.position, self.BATCHES_PER_STEP):
-                if self._resets:
-                    break
+            batch = hub.next_after(self.position) if self.epoch == hub.epoch else None
+            if batch is not None:
                 visible = self.filter.apply(batch)
                 self.position = batch.revision
                 if visible is not None:
-                    sent = True
+                    before = hub.published
                     yield visible
-            if self._resets:
+                    idle_since = loop.time()
+                    if hub.published - before > hub.max_lag and not self._resets:
+                        hub.dropped += 1
+                        raise FellBehind(self._behind(f"{hub.published - before} batches published while one waited"))
                 continue
-            if self.epoch == hub.epoch and hub.published > self.position and not hub.after(self.position, 1):
-                self.position = hub.published  # published revisions without batches (rebuild start)
-            if sent:
-                idle_since = asyncio.get_running_loop().time()
-                continue
-            if hub.after(self.position, 1):
-                continue
+            if self.epoch == hub.epoch and hub.published > self.position:
+                self.position = hub.published  # a revision without a batch (the start of the epoch)
             self.wake.clear()
+            if self._resets or (self.epoch == hub.epoch and hub.next_after(self.position) is not None):
+                continue
             timeout = None
             if self.progress_interval:
-                timeout = max(0.0, idle_since + self.progress_interval - asyncio.get_running_loop().time())
+                timeout = max(0.0, idle_since + self.progress_interval - loop.time())
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except TimeoutError:
-                idle_since = asyncio.get_running_loop().time()
+                idle_since = loop.time()
                 yield Progress(self.epoch, self.position)
 
     async def _initial_state(self, ready: Callable[[], Any] | None) -> AsyncIterator[Message]:

@@ -179,6 +179,8 @@ class CacheService:
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Streams encoded WatchResponse messages (see the README's Watch contract)."""
         hub = self.engine.hub
+        if not hub.started.is_set():  # no epoch before the listener first connects
+            await hub.started.wait()
         try:
             subscription = self._subscribe(request)
         except SidecarError as exc:
@@ -186,6 +188,11 @@ class CacheService:
                 context.set_trailing_metadata((("cachesidecar-oldest-revision", f"{hub.epoch}/{hub.oldest}"),))
             await context.abort(status_of(exc), str(exc))
         try:
+            # Headers now: the client knows the stream is established, and where it starts
+            # (so it can resume from there even if it is cut before any message).
+            await context.send_initial_metadata(
+                (("cachesidecar-epoch", hub.epoch), ("cachesidecar-revision", subscription.last_revision))
+            )
             async for message in subscription.messages(self.engine.until_ready):
                 yield wire.watch_message(message)
         except FellBehind as exc:

@@ -10,7 +10,7 @@ import random
 import asyncpg
 import grpc
 import pytest
-from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, Progress, Reset
+from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, Progress, Reset, Revision
 from cache_sidecar_client.errors import CacheSidecarError
 
 from sidecar.api.v1 import cache_pb2 as pb
@@ -151,6 +151,15 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
                     pass
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "last delivered revision" in str(info.value)
+        assert sidecar.engine.hub.dropped == 1
+        # ... and resuming from there catches up, at its own pace, without being ended again
+        epoch, number = str(info.value).split("last delivered revision ")[1].split(";")[0].split("/")
+        rest = await collect(
+            slow_client.watch([wide], start_revision=Revision(epoch, int(number)), resume=False),
+            lambda got: got[-1].revision.number >= start + 400,
+            timeout=60,
+        )
+        assert [b.revision.number for b in rest] == list(range(int(number) + 1, start + 401))
         assert sidecar.engine.hub.dropped == 1
 
 

@@ -78,3 +78,24 @@ def test_errors_map_to_a_small_hierarchy(code, cls):
     error = from_rpc_error(FakeRpcError(code, "why"))
     assert type(error) is cls and isinstance(error, CacheSidecarError)
     assert error.code == code and str(error) == f"{code.name}: why"
+
+
+def test_resumer_resumes_from_the_stream_start_and_skips_repeats():
+    from cache_sidecar_client import ChangeBatch, Revision
+    from cache_sidecar_client.watch import Resumer, request
+
+    resumer = Resumer(request(["t"], None, None, None, False, None))
+    resumer.established((("cachesidecar-epoch", "e"), ("cachesidecar-revision", "e/41")))
+    assert resumer.next_request().start_revision.number == 41  # cut before any message: no gap
+    assert resumer.duplicate(ChangeBatch(Revision("e", 41), 1, []))
+    assert not resumer.duplicate(ChangeBatch(Revision("e", 42), 1, []))
+
+
+def test_resumer_starts_over_without_the_stale_revision_after_out_of_range():
+    from cache_sidecar_client import Revision
+    from cache_sidecar_client.watch import Resumer, request
+
+    resumer = Resumer(request(["t"], None, None, Revision("old", 5), False, None))
+    reset = resumer.out_of_range("gone")
+    assert reset.revision is None and "resync" in reset.reason
+    assert not resumer.next_request().HasField("start_revision")

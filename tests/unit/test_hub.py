@@ -101,10 +101,14 @@ async def test_resume_beyond_the_history_or_from_another_epoch_is_out_of_range()
 
 
 async def test_history_is_bounded_by_bytes_too():
-    hub = make_hub(max_bytes=300)
+    hub = make_hub(max_bytes=600)
     for revision in range(1, 20):
         commit(hub, revision, revision)
-    assert len(hub.after(0, 100)) < 19 and hub.after(0, 100)[-1].revision == 19
+    assert 1 < hub.oldest < 18 and hub.next_after(18).revision == 19
+    huge = make_hub(max_bytes=10)
+    commit(huge, 1, 1)
+    commit(huge, 2, 2)
+    assert huge.oldest == 1 and huge.next_after(1).revision == 2  # the newest batch always stays
 
 
 async def test_filters_keep_table_wide_events_and_skip_empty_batches():
@@ -155,6 +159,29 @@ async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
     with pytest.raises(FellBehind, match="last delivered revision e1/1"):
         await take(slow_stream, 1)
     assert hub.dropped == 1
+
+
+async def test_a_resume_far_behind_catches_up_and_is_not_ended():
+    hub = make_hub(max_lag=3)
+    for revision in range(1, 30):
+        commit(hub, revision, revision)
+    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 27)
+    assert [b.revision for b in got] == list(range(3, 30))
+
+
+async def test_resume_ahead_of_the_cache_is_out_of_range():
+    hub = make_hub()
+    commit(hub, 1, 1)
+    with pytest.raises(OutOfRange, match="ahead"):
+        hub.subscribe(Filter(frozenset()), start=("e1", 5))
+
+
+async def test_subscribers_from_before_the_first_epoch_get_a_reset():
+    hub = Hub(rows_of=lambda table: None, row_json=bytes)
+    stream = hub.subscribe(Filter(frozenset())).messages()
+    hub.start("e1", 1)
+    (reset,) = await take(stream, 1)
+    assert isinstance(reset, Reset) and reset.epoch == "e1"
 
 
 async def test_progress_marks_when_idle():

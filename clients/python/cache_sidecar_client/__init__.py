@@ -2,13 +2,16 @@
 
 from cache_sidecar_client import Client
 
-with Client("127.0.0.1:50051") as cache:
+with Client("127.0.0.1:50051", near_cache=["public.patron"]) as cache:
     patron = cache.get("public.patron", 1)        # dict, or None
     rows = cache.batch_get("public.patron", [1, 2, 3])
+    for change in cache.changes(["public.patron"], operations=["insert"]):
+        ...
 """
 
 from cache_sidecar_client._convert import Revision, TableInfo
 from cache_sidecar_client.client import AsyncClient, Client
+from cache_sidecar_client.decorators import CacheInfo, cached
 from cache_sidecar_client.errors import (
     CacheSidecarError,
     DeadlineExceeded,
@@ -17,12 +20,14 @@ from cache_sidecar_client.errors import (
     TableNotFound,
     Unavailable,
 )
+from cache_sidecar_client.near import NearCache, NearCacheStats
 from cache_sidecar_client.watch import Change, ChangeBatch, InitialStateDone, Progress, Reset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "CacheInfo",
     "CacheSidecarError",
     "Change",
     "ChangeBatch",
@@ -30,6 +35,8 @@ __all__ = [
     "DeadlineExceeded",
     "InitialStateDone",
     "InvalidArgument",
+    "NearCache",
+    "NearCacheStats",
     "OutOfRange",
     "Progress",
     "Reset",
@@ -37,4 +44,5 @@ __all__ = [
     "TableInfo",
     "TableNotFound",
     "Unavailable",
+    "cached",
 ]

@@ -3,14 +3,22 @@
 Both take a gRPC target: ``"127.0.0.1:50051"`` or ``"unix:///run/cache-sidecar/grpc.sock"``.
 Rows come back as dicts (decoded from the row JSON), missing rows as ``None``.
 A key is a scalar for a one-column primary key, a tuple for a composite one.
-Every call has a deadline (``timeout`` seconds, default the client's).
+Every call has a deadline (``timeout`` seconds, default the client's); calls
+that fail ``UNAVAILABLE`` are retried with backoff within that deadline (all
+of them are safe to repeat).
+
+``near_cache={"public.patron": 10_000}`` keeps rows of those tables in this
+process, coherent through a Watch stream (see ``near.py``): a hit costs
+microseconds instead of a round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,6 +29,7 @@ from cache_sidecar_client._convert import (
     Decoder,
     Revision,
     TableInfo,
+    batch_keys,
     default_decoder,
     read_options,
     table_info,
@@ -29,62 +38,103 @@ from cache_sidecar_client._convert import (
 from cache_sidecar_client.api.v1 import cache_pb2 as pb
 from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
 from cache_sidecar_client.errors import from_rpc_error
-from cache_sidecar_client.watch import RESUMABLE, Event, Resumer
+from cache_sidecar_client.near import NearCache, near_cache_tables
+from cache_sidecar_client.watch import (
+    RESUMABLE,
+    Change,
+    ChangeBatch,
+    Event,
+    InitialStateDone,
+    Progress,
+    Reset,
+    Resumer,
+)
 from cache_sidecar_client.watch import event as watch_event
 from cache_sidecar_client.watch import request as watch_request
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_RETRIES = 2
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+_ABSENT = object()  # a near-cached "no such row"
+NEAR_CACHE_PROGRESS = 5.0  # seconds: position marks while the near-cached tables are quiet
 
 
-class _Requests:
-    """Request building and response decoding shared by both clients."""
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __repr__(self) -> str:
+        return self.name
+
+
+CONNECTED = _Marker("CONNECTED")  # internal: a watch stream is established
+DISCONNECTED = _Marker("DISCONNECTED")  # internal: it broke (it will be resumed)
+
+
+class _Core:
+    """Request building, response decoding and near-cache bookkeeping shared by both clients."""
+
+    def __init__(
+        self, decoder: Decoder, timeout: float, retries: int, near_cache: Mapping[str, int] | Iterable[str] | None
+    ) -> None:
         self.decode = decoder
+        self.timeout = timeout
+        self.retries = retries
         self.last_revision: Revision | None = None
+        tables = near_cache_tables(near_cache)
+        self.near = NearCache(tables) if tables else None
 
-    def _seen(self, revision: pb.Revision) -> Revision:
+    def seen(self, revision: pb.Revision) -> Revision:
         seen = Revision.from_pb(revision)
         self.last_revision = seen
         return seen
 
-    def get(
-        self, table: str, key: Any, consistency: Consistency, min_revision: Revision | None, allow_stale: bool
-    ) -> pb.GetRequest:
-        return pb.GetRequest(table=table, key=to_key(key), options=read_options(consistency, min_revision, allow_stale))
-
-    def got(self, reply: pb.GetResponse) -> Any:
-        self._seen(reply.revision)
+    def row(self, reply: pb.GetResponse | pb.RowResult) -> Any:
         return self.decode(reply.row) if reply.found else None
 
-    def batch_get(
-        self,
-        table: str,
-        keys: Iterable[Any],
-        consistency: Consistency,
-        min_revision: Revision | None,
-        allow_stale: bool,
-    ) -> pb.BatchGetRequest:
-        return pb.BatchGetRequest(
-            table=table,
-            keys=[to_key(k) for k in keys],
-            options=read_options(consistency, min_revision, allow_stale),
-        )
+    def uses_near_cache(self, table: str, min_revision: Revision | None, allow_stale: bool) -> bool:
+        return self.near is not None and self.near.serves(table) and min_revision is None and not allow_stale
 
-    def got_batch(self, reply: pb.BatchGetResponse) -> list[Any]:
-        self._seen(reply.revision)
-        decode = self.decode
-        return [decode(r.row) if r.found else None for r in reply.rows]
+    def min_revision(self, table: str, min_revision: Revision | None) -> Revision | None:
+        """Reads of near-cached tables never go behind what the stream has applied."""
+        if min_revision is None and self.near is not None and table in self.near.limits:
+            return self.near.position
+        return min_revision
+
+    def follow(self, item: Any) -> None:
+        """Apply one item of the near-cache's watch stream."""
+        near = self.near
+        assert near is not None
+        if item is CONNECTED:
+            near.connect()
+        elif item is DISCONNECTED:
+            near.disconnect()
+        elif isinstance(item, Reset):
+            near.reset(item.revision)
+        elif isinstance(item, ChangeBatch):
+            near.apply(item)
+        elif isinstance(item, Progress | InitialStateDone):
+            near.mark(item.revision)
 
     def invalidate(self, table: str, keys: Sequence[Any] | None, refresh: bool) -> pb.InvalidateRequest:
         if keys is None:
             return pb.InvalidateRequest(table=table, all_rows=True, refresh=refresh)
         return pb.InvalidateRequest(table=table, keys=[to_key(k) for k in keys], refresh=refresh)
 
-    def tables(self, reply: pb.ListTablesResponse) -> list[TableInfo]:
-        self._seen(reply.revision)
-        return [table_info(t) for t in reply.tables]
+    def retry_delay(self, attempt: int) -> float:
+        ceiling = 0.05 * 2**attempt
+        return ceiling / 2 + random.random() * ceiling / 2
+
+
+def _copy(row: Any) -> Any:
+    """Near-cached rows are shared: callers get their own top-level copy."""
+    if row is _ABSENT:
+        return None
+    return dict(row) if isinstance(row, dict) else row
+
+
+def _established(metadata: Any) -> bool:
+    return any(key == "cachesidecar-epoch" for key, _ in (metadata or ()))
 
 
 class Client:
@@ -95,25 +145,50 @@ class Client:
         target: str = "127.0.0.1:50051",
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         decoder: Decoder = default_decoder,
+        near_cache: Mapping[str, int] | Iterable[str] | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
-        self.timeout = timeout
         self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheStub(self._channel)
-        self._r = _Requests(decoder)
+        self._core = _Core(decoder, timeout, retries, near_cache)
+        self._closed = threading.Event()
+        self._calls: set[Any] = set()
+        self._calls_lock = threading.Lock()
+        self._follower: threading.Thread | None = None
+        if self._core.near is not None:
+            self._follower = threading.Thread(target=self._follow, name="cache-sidecar near-cache", daemon=True)
+            self._follower.start()
 
     @property
     def last_revision(self) -> Revision | None:
         """The revision of the newest answer this client received."""
-        return self._r.last_revision
+        return self._core.last_revision
+
+    @property
+    def near_cache(self) -> NearCache | None:
+        """The near-cache (its ``stats`` count hits and misses), if configured."""
+        return self._core.near
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        budget = self._core.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as exc:
+                delay = self._core.retry_delay(attempt)
+                if (
+                    exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt >= self._core.retries
+                    or time.monotonic() + delay >= deadline
+                ):
+                    raise from_rpc_error(exc) from None
+            attempt += 1
+            time.sleep(delay)
 
     def get(
         self,
@@ -125,9 +200,32 @@ class Client:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
-        """One row by primary key, or ``None``."""
-        request = self._r.get(table, key, consistency, min_revision, allow_stale)
-        return self._r.got(self._call(self._stub.Get, request, timeout))  # type: ignore[no-any-return]
+        """One row by primary key, or ``None``. ``consistency="strong"`` passes the read
+        barrier (and bypasses the near-cache)."""
+        core = self._core
+        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        if near is not None and consistency == "eventual":
+            hit, row = near.lookup(table, key)
+            if hit:
+                return _copy(row)  # type: ignore[no-any-return]
+        ticket = near.begin_fill(table, key) if near is not None else None
+        request = pb.GetRequest(
+            table=table,
+            key=to_key(key),
+            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+        )
+        try:
+            reply = self._call(self._stub.Get, request, timeout)
+        except BaseException:
+            if near is not None and ticket is not None:
+                near.end_fill(table, key, ticket, None, None)
+            raise
+        revision = core.seen(reply.revision)
+        row = core.row(reply)
+        if near is not None and ticket is not None:
+            near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
+            return _copy(row) if row is not None else None  # type: ignore[no-any-return]
+        return row  # type: ignore[no-any-return]
 
     def batch_get(
         self,
@@ -140,27 +238,58 @@ class Client:
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
         """Rows in the order of ``keys`` (``None`` where there is none)."""
-        request = self._r.batch_get(table, keys, consistency, min_revision, allow_stale)
-        return self._r.got_batch(self._call(self._stub.BatchGet, request, timeout))
+        core = self._core
+        keys = list(keys)
+        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        results: list[Any] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        if near is not None and consistency == "eventual":
+            missing = []
+            for index, key in enumerate(keys):
+                hit, row = near.lookup(table, key)
+                if hit:
+                    results[index] = _copy(row)
+                else:
+                    missing.append(index)
+            if not missing:
+                return results
+        wanted = [keys[i] for i in missing]
+        tickets = [near.begin_fill(table, k) for k in wanted] if near is not None else []
+        request = pb.BatchGetRequest(
+            table=table,
+            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+            **batch_keys(wanted),
+        )
+        try:
+            reply = self._call(self._stub.BatchGet, request, timeout)
+        except BaseException:
+            for key, ticket in zip(wanted, tickets, strict=False):
+                near.end_fill(table, key, ticket, None, None)  # type: ignore[union-attr]
+            raise
+        revision = core.seen(reply.revision)
+        rows = [core.row(r) for r in reply.rows]
+        for index, key, row, ticket in zip(missing, wanted, rows, tickets or [None] * len(rows), strict=True):
+            if near is not None and ticket is not None:
+                near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
+                row = _copy(row) if row is not None else None
+            results[index] = row
+        return results
 
     def invalidate(
-        self,
-        table: str,
-        keys: Sequence[Any] | None = None,
-        *,
-        refresh: bool = False,
-        timeout: float | None = None,
+        self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
     ) -> Revision:
         """Drop cached rows (all of the table's when ``keys`` is None); ``refresh`` refetches now."""
-        reply = self._call(self._stub.Invalidate, self._r.invalidate(table, keys, refresh), timeout)
-        return self._r._seen(reply.revision)
+        reply = self._call(self._stub.Invalidate, self._core.invalidate(table, keys, refresh), timeout)
+        return self._core.seen(reply.revision)
 
     def sync(self, *, timeout: float | None = None) -> Revision:
         """Read barrier: returns once every commit before the call is in the cache."""
-        return self._r._seen(self._call(self._stub.Sync, pb.SyncRequest(), timeout).revision)
+        return self._core.seen(self._call(self._stub.Sync, pb.SyncRequest(), timeout).revision)
 
     def list_tables(self, *, timeout: float | None = None) -> list[TableInfo]:
-        return self._r.tables(self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout))
+        reply = self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout)
+        self._core.seen(reply.revision)
+        return [table_info(t) for t in reply.tables]
 
     def watch(
         self,
@@ -174,31 +303,85 @@ class Client:
         resume: bool = True,
     ) -> Iterator[Event]:
         """Follow changes (see ``cache_sidecar_client.watch``); close the iterator to stop."""
-        resumer = Resumer(watch_request(tables, keys, operations, start_revision, initial_state, progress_interval))
-        while True:
+        request = watch_request(tables, keys, operations, start_revision, initial_state, progress_interval)
+        for item in self._stream(request, resume):
+            if not isinstance(item, _Marker):
+                yield item
+
+    def changes(
+        self, tables: Sequence[str] = (), *, operations: Iterable[str] | None = None
+    ) -> Iterator[Change | Reset]:
+        """Every change of these tables (and operations) as it commits, for event-driven code.
+        A ``Reset`` means changes may have been missed: resynchronise whatever depends on them."""
+        for item in self.watch(tables, operations=operations):
+            if isinstance(item, ChangeBatch):
+                yield from item.changes
+            elif isinstance(item, Reset):
+                yield item
+
+    def _stream(self, request: pb.WatchRequest, resume: bool) -> Iterator[Event | _Marker]:
+        resumer = Resumer(request)
+        while not self._closed.is_set():
             call = self._stub.Watch(resumer.next_request())
+            with self._calls_lock:
+                self._calls.add(call)
+            connected = False
             try:
+                metadata = call.initial_metadata()
+                if _established(metadata):
+                    connected = True
+                    resumer.established(metadata)
+                    yield CONNECTED
                 for response in call:
-                    item = watch_event(response, self._r.decode)
+                    item = watch_event(response, self._core.decode)
+                    if resumer.duplicate(item):
+                        continue
                     resumer.seen(item)
                     yield item
             except grpc.RpcError as exc:
                 code = exc.code()
+                if self._closed.is_set():
+                    return
                 if resume and code == grpc.StatusCode.OUT_OF_RANGE:
+                    if connected:
+                        yield DISCONNECTED
                     yield resumer.out_of_range(exc.details())
+                    self._closed.wait(resumer.delay())
                     continue
                 if not resume or code not in RESUMABLE:
                     raise from_rpc_error(exc) from None
             finally:
                 call.cancel()
-            if not resume:
+                with self._calls_lock:
+                    self._calls.discard(call)
+            if not resume or self._closed.is_set():
                 return
+            if connected:
+                yield DISCONNECTED
             reset = resumer.interrupted()
             if reset is not None:
                 yield reset
-            time.sleep(resumer.delay())
+            self._closed.wait(resumer.delay())
+
+    def _follow(self) -> None:
+        near = self._core.near
+        assert near is not None
+        request = watch_request(near.tables, None, None, None, False, NEAR_CACHE_PROGRESS)
+        while not self._closed.is_set():
+            try:
+                for item in self._stream(request, resume=True):
+                    self._core.follow(item)
+            except Exception:  # e.g. a table this sidecar does not cache: retry, reads go to the sidecar
+                near.disconnect()
+                self._closed.wait(1.0)
 
     def close(self) -> None:
+        self._closed.set()
+        with self._calls_lock:
+            for call in list(self._calls):
+                call.cancel()
+        if self._follower is not None:
+            self._follower.join(5)
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -216,24 +399,45 @@ class AsyncClient:
         target: str = "127.0.0.1:50051",
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         decoder: Decoder = default_decoder,
+        near_cache: Mapping[str, int] | Iterable[str] | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
-        self.timeout = timeout
         self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheStub(self._channel)
-        self._r = _Requests(decoder)
+        self._core = _Core(decoder, timeout, retries, near_cache)
+        self._closed = False
+        self._follower: asyncio.Task[None] | None = None
+        if self._core.near is not None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow(), name="cache-sidecar near-cache")
 
     @property
     def last_revision(self) -> Revision | None:
-        return self._r.last_revision
+        return self._core.last_revision
+
+    @property
+    def near_cache(self) -> NearCache | None:
+        return self._core.near
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        budget = self._core.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as exc:
+                delay = self._core.retry_delay(attempt)
+                if (
+                    exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt >= self._core.retries
+                    or time.monotonic() + delay >= deadline
+                ):
+                    raise from_rpc_error(exc) from None
+            attempt += 1
+            await asyncio.sleep(delay)
 
     async def get(
         self,
@@ -245,8 +449,30 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
-        request = self._r.get(table, key, consistency, min_revision, allow_stale)
-        return self._r.got(await self._call(self._stub.Get, request, timeout))  # type: ignore[no-any-return]
+        core = self._core
+        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        if near is not None and consistency == "eventual":
+            hit, row = near.lookup(table, key)
+            if hit:
+                return _copy(row)  # type: ignore[no-any-return]
+        ticket = near.begin_fill(table, key) if near is not None else None
+        request = pb.GetRequest(
+            table=table,
+            key=to_key(key),
+            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+        )
+        try:
+            reply = await self._call(self._stub.Get, request, timeout)
+        except BaseException:
+            if near is not None and ticket is not None:
+                near.end_fill(table, key, ticket, None, None)
+            raise
+        revision = core.seen(reply.revision)
+        row = core.row(reply)
+        if near is not None and ticket is not None:
+            near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
+            return _copy(row) if row is not None else None  # type: ignore[no-any-return]
+        return row  # type: ignore[no-any-return]
 
     async def batch_get(
         self,
@@ -258,25 +484,56 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
-        request = self._r.batch_get(table, keys, consistency, min_revision, allow_stale)
-        return self._r.got_batch(await self._call(self._stub.BatchGet, request, timeout))
+        core = self._core
+        keys = list(keys)
+        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        results: list[Any] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        if near is not None and consistency == "eventual":
+            missing = []
+            for index, key in enumerate(keys):
+                hit, row = near.lookup(table, key)
+                if hit:
+                    results[index] = _copy(row)
+                else:
+                    missing.append(index)
+            if not missing:
+                return results
+        wanted = [keys[i] for i in missing]
+        tickets = [near.begin_fill(table, k) for k in wanted] if near is not None else []
+        request = pb.BatchGetRequest(
+            table=table,
+            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+            **batch_keys(wanted),
+        )
+        try:
+            reply = await self._call(self._stub.BatchGet, request, timeout)
+        except BaseException:
+            for key, ticket in zip(wanted, tickets, strict=False):
+                near.end_fill(table, key, ticket, None, None)  # type: ignore[union-attr]
+            raise
+        revision = core.seen(reply.revision)
+        rows = [core.row(r) for r in reply.rows]
+        for index, key, row, ticket in zip(missing, wanted, rows, tickets or [None] * len(rows), strict=True):
+            if near is not None and ticket is not None:
+                near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
+                row = _copy(row) if row is not None else None
+            results[index] = row
+        return results
 
     async def invalidate(
-        self,
-        table: str,
-        keys: Sequence[Any] | None = None,
-        *,
-        refresh: bool = False,
-        timeout: float | None = None,
+        self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
     ) -> Revision:
-        reply = await self._call(self._stub.Invalidate, self._r.invalidate(table, keys, refresh), timeout)
-        return self._r._seen(reply.revision)
+        reply = await self._call(self._stub.Invalidate, self._core.invalidate(table, keys, refresh), timeout)
+        return self._core.seen(reply.revision)
 
     async def sync(self, *, timeout: float | None = None) -> Revision:
-        return self._r._seen((await self._call(self._stub.Sync, pb.SyncRequest(), timeout)).revision)
+        return self._core.seen((await self._call(self._stub.Sync, pb.SyncRequest(), timeout)).revision)
 
     async def list_tables(self, *, timeout: float | None = None) -> list[TableInfo]:
-        return self._r.tables(await self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout))
+        reply = await self._call(self._stub.ListTables, pb.ListTablesRequest(), timeout)
+        self._core.seen(reply.revision)
+        return [table_info(t) for t in reply.tables]
 
     async def watch(
         self,
@@ -290,31 +547,82 @@ class AsyncClient:
         resume: bool = True,
     ) -> AsyncIterator[Event]:
         """Follow changes (see ``cache_sidecar_client.watch``); stop with ``aclose()`` or by breaking out."""
-        resumer = Resumer(watch_request(tables, keys, operations, start_revision, initial_state, progress_interval))
-        while True:
+        request = watch_request(tables, keys, operations, start_revision, initial_state, progress_interval)
+        async for item in self._stream(request, resume):
+            if not isinstance(item, _Marker):
+                yield item
+
+    async def changes(
+        self, tables: Sequence[str] = (), *, operations: Iterable[str] | None = None
+    ) -> AsyncIterator[Change | Reset]:
+        """Every change of these tables (and operations) as it commits; a ``Reset`` means
+        changes may have been missed."""
+        async for item in self.watch(tables, operations=operations):
+            if isinstance(item, ChangeBatch):
+                for change in item.changes:
+                    yield change
+            elif isinstance(item, Reset):
+                yield item
+
+    async def _stream(self, request: pb.WatchRequest, resume: bool) -> AsyncIterator[Event | _Marker]:
+        resumer = Resumer(request)
+        while not self._closed:
             call = self._stub.Watch(resumer.next_request())
+            connected = False
             try:
+                metadata = await call.initial_metadata()
+                if _established(metadata):
+                    connected = True
+                    resumer.established(metadata)
+                    yield CONNECTED
                 async for response in call:
-                    item = watch_event(response, self._r.decode)
+                    item = watch_event(response, self._core.decode)
+                    if resumer.duplicate(item):
+                        continue
                     resumer.seen(item)
                     yield item
             except grpc.RpcError as exc:
                 code = exc.code()
+                if self._closed:
+                    return
                 if resume and code == grpc.StatusCode.OUT_OF_RANGE:
+                    if connected:
+                        yield DISCONNECTED
                     yield resumer.out_of_range(exc.details())
+                    await asyncio.sleep(resumer.delay())
                     continue
                 if not resume or code not in RESUMABLE:
                     raise from_rpc_error(exc) from None
             finally:
                 call.cancel()
-            if not resume:
+            if not resume or self._closed:
                 return
+            if connected:
+                yield DISCONNECTED
             reset = resumer.interrupted()
             if reset is not None:
                 yield reset
             await asyncio.sleep(resumer.delay())
 
+    async def _follow(self) -> None:
+        near = self._core.near
+        assert near is not None
+        request = watch_request(near.tables, None, None, None, False, NEAR_CACHE_PROGRESS)
+        while not self._closed:
+            try:
+                async for item in self._stream(request, resume=True):
+                    self._core.follow(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                near.disconnect()
+                await asyncio.sleep(1.0)
+
     async def close(self) -> None:
+        self._closed = True
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         await self._channel.close()
 
     async def __aenter__(self) -> Self:

@@ -159,6 +159,26 @@ class Resumer:
         resumed.start_revision.CopyFrom(self.last.to_pb())
         return resumed
 
+    def established(self, metadata: Any) -> None:
+        """The stream's headers: where it starts, should it be cut before any message."""
+        if self.last is not None or self.in_initial_state:
+            return
+        for key, value in metadata or ():
+            if key == "cachesidecar-revision" and "/" in value:
+                epoch, _, number = value.rpartition("/")
+                self.last = Revision(epoch, int(number))
+
+    def duplicate(self, item: Event) -> bool:
+        """A batch at or before what was delivered (a resume may repeat the last one)."""
+        last = self.last
+        return (
+            isinstance(item, ChangeBatch)
+            and last is not None
+            and not self.in_initial_state
+            and item.revision.epoch == last.epoch
+            and item.revision.number <= last.number
+        )
+
     def seen(self, item: Event) -> None:
         self.failures = 0
         if isinstance(item, Reset):
@@ -185,6 +205,7 @@ class Resumer:
         return ceiling / 2 + random.random() * ceiling / 2
 
     def out_of_range(self, details: str) -> Reset:
-        """The resume point is gone: start over, and say so."""
+        """The resume point is gone: start over from now (or the initial state), and say so."""
         self.last = None
+        self.original.ClearField("start_revision")
         return Reset(None, f"resync: {details}")

@@ -1,0 +1,179 @@
+"""The Python client's near-cache, decorator and change events against a real
+sidecar and PostgreSQL: coherence, resets, a sidecar restart, monotonic reads."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import asyncpg
+import pytest
+from cache_sidecar_client import AsyncClient, Change, Client, cached
+
+from tests.support.waiting import eventually
+
+
+@pytest.fixture
+async def items(db, schema) -> str:
+    await db.execute(
+        f"CREATE TABLE {schema}.items (id int PRIMARY KEY, version int NOT NULL);"
+        f"INSERT INTO {schema}.items SELECT g, 0 FROM generate_series(1, 20) g"
+    )
+    return f"{schema}.items"
+
+
+async def version(cache: AsyncClient, table: str, key: int, **options) -> int:
+    row = await cache.get(table, key, **options)
+    assert row is not None
+    return row["version"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+async def test_near_cache_hits_and_follows_changes(start_daemon, db, items, mode):
+    sidecar = await start_daemon([f"{items}:{mode}"])
+    async with AsyncClient(sidecar.target, near_cache={items: 100}) as cache:
+        near = cache.near_cache
+        await eventually(lambda: near.connected, what="near-cache stream up")
+        assert await version(cache, items, 1) == 0  # miss: from the sidecar
+        assert await version(cache, items, 1) == 0  # hit
+        assert near.stats.hits == 1 and near.stats.fills == 1
+        row = await cache.get(items, 1)
+        row["version"] = 999  # callers get their own copy
+        assert await version(cache, items, 1) == 0
+        await db.execute(f"UPDATE {items} SET version = 5 WHERE id = 1")
+        await eventually(lambda: version(cache, items, 1), what="near-cache followed")  # (non-zero)
+        assert await version(cache, items, 1) == 5
+        assert await cache.get(items, 999) is None and await cache.get(items, 999) is None  # "not found" too
+        await db.execute(f"INSERT INTO {items} VALUES (999, 1)")
+        await eventually(lambda: cache.get(items, 999), what="insert seen")
+        assert await version(cache, items, 1, consistency="strong") == 5
+        hits = near.stats.hits
+        assert [r["version"] for r in await cache.batch_get(items, [1, 2, 999])] == [5, 0, 1]
+        assert near.stats.hits > hits
+
+
+async def test_strong_reads_bypass_the_near_cache(start_daemon, db, items):
+    sidecar = await start_daemon([items])
+    async with AsyncClient(sidecar.target, near_cache=[items]) as cache:
+        await eventually(lambda: cache.near_cache.connected)
+        await cache.get(items, 3)
+        await db.execute(f"UPDATE {items} SET version = 7 WHERE id = 3")
+        assert await version(cache, items, 3, consistency="strong") == 7  # no waiting for the stream
+
+
+async def test_no_stale_read_after_a_reset(start_daemon, db, items):
+    sidecar = await start_daemon([items])
+    async with AsyncClient(sidecar.target, near_cache=[items]) as cache:
+        near = cache.near_cache
+        await eventually(lambda: near.connected)
+        assert await version(cache, items, 4) == 0
+        flushes = near.stats.flushes
+        epoch = sidecar.engine.epoch
+        await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
+        await db.execute(f"UPDATE {items} SET version = 8 WHERE id = 4")  # possibly never notified
+        await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch, what="rebuilt")
+        await eventually(lambda: near.stats.flushes > flushes and near.connected, what="reset reached the client")
+        assert await version(cache, items, 4) == 8
+
+
+async def test_sidecar_restart(start_daemon, db, items):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first = await start_daemon([items], listen=(f"127.0.0.1:{port}",))
+    async with AsyncClient(f"127.0.0.1:{port}", near_cache=[items]) as cache:
+        near = cache.near_cache
+        await eventually(lambda: near.connected)
+        assert await version(cache, items, 5) == 0
+        await first.stop()
+        await eventually(lambda: not near.connected, what="stream loss noticed")
+        assert len(near) == 0  # flushed: nothing stale is served while deaf
+        await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 5")
+        await start_daemon([items], listen=(f"127.0.0.1:{port}",))
+        await eventually(lambda: near.connected, timeout=20, what="stream back (resynced)")
+        assert await version(cache, items, 5) == 3
+        await db.execute(f"UPDATE {items} SET version = 4 WHERE id = 5")
+        await eventually(lambda: near.stats.batches > 0 and version(cache, items, 5), what="following again")
+        await eventually(lambda: _is(cache, items, 5, 4), what="following again")
+
+
+async def _is(cache: AsyncClient, table: str, key: int, expected: int) -> bool:
+    return await version(cache, table, key) == expected
+
+
+async def test_reads_never_go_backwards_under_concurrent_updates(start_daemon, postgres, items):
+    """The blocking client, read from a thread while writers commit."""
+    sidecar = await start_daemon([items])
+    stop = threading.Event()
+    backwards: list[str] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        with Client(sidecar.target, near_cache=[items]) as cache:
+            last: dict[int, int] = {}
+            while not stop.is_set():
+                for key in (1, 2, 3):
+                    seen = cache.get(items, key)["version"]
+                    reads += 1
+                    if seen < last.get(key, 0):
+                        backwards.append(f"key {key}: {last[key]} then {seen}")
+                    last[key] = max(seen, last.get(key, 0))
+            assert cache.near_cache.stats.hits > 0
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+
+    async def writer(key: int) -> None:
+        conn = await asyncpg.connect(postgres.dsn)
+        for _ in range(150):
+            await conn.execute(f"UPDATE {items} SET version = version + 1 WHERE id = $1", key)
+        await conn.close()
+
+    await asyncio.gather(*(writer(k) for k in (1, 2, 3)))
+    await asyncio.sleep(0.2)  # a few more reads after the last write
+    stop.set()
+    await asyncio.to_thread(thread.join, 10)
+    assert reads > 100 and backwards == []
+
+
+async def test_cached_decorator_clears_when_the_table_changes(start_daemon, postgres, db, items):
+    sidecar = await start_daemon([items])
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=2)
+    async with AsyncClient(sidecar.target) as cache:
+
+        @cached(cache, tables=[items])
+        async def total() -> int:
+            return int(await pool.fetchval(f"SELECT sum(version) FROM {items}"))
+
+        assert await total() == 0
+        await eventually(lambda: total.cache_info().connected)
+        await total()
+        await db.execute(f"UPDATE {items} SET version = 10 WHERE id = 1")
+        await eventually(lambda: _equals(total(), 10), what="recomputed after the change")
+        assert total.cache_info().hits >= 1
+    await pool.close()
+
+
+async def _equals(awaitable, expected) -> bool:  # type: ignore[no-untyped-def]
+    return await awaitable == expected
+
+
+async def test_changes_iterator_for_event_driven_code(start_daemon, db, items):
+    sidecar = await start_daemon([items])
+    async with AsyncClient(sidecar.target) as cache:
+        seen: list[Change] = []
+
+        async def consume() -> None:
+            async for change in cache.changes([items], operations=["insert"]):
+                seen.append(change)
+
+        consumer = asyncio.create_task(consume())
+        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await db.execute(f"UPDATE {items} SET version = 1 WHERE id = 1")  # not an insert
+        await db.execute(f"INSERT INTO {items} VALUES (100, 0), (101, 0)")
+        await eventually(lambda: len(seen) == 2, what="two inserts")
+        consumer.cancel()
+    assert sorted(c.key for c in seen) == [100, 101] and all(c.operation == "insert" for c in seen)
+    assert seen[0].row is not None and seen[0].row["version"] == 0

@@ -1,0 +1,283 @@
+"""@cached semantics with a scripted change stream: clear on change, operation
+filter, debounce, single-flight, exceptions, cancellation, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+import pytest
+from cache_sidecar_client import ChangeBatch, Reset, Revision, cached
+from cache_sidecar_client.client import CONNECTED, DISCONNECTED
+from cache_sidecar_client.watch import Change
+
+from tests.support.waiting import eventually
+
+T = "public.items"
+_n = 0
+
+
+def batch(op: str = "update", key: object = 1) -> ChangeBatch:
+    global _n
+    _n += 1
+    return ChangeBatch(Revision("e", _n), _n, [Change(T, op, key, None, None, False)])
+
+
+class FakeAsyncClient:
+    """Stands in for AsyncClient: its change stream is whatever the test puts in."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self.items: asyncio.Queue[object] = asyncio.Queue()
+        self.items.put_nowait(CONNECTED)
+
+    async def _stream(self, request, resume):  # type: ignore[no-untyped-def]
+        while True:
+            yield await self.items.get()
+
+    async def send(self, item: object) -> None:
+        await self.items.put(item)
+        await eventually(self.items.empty)
+        await asyncio.sleep(0)  # let the follower act on it
+
+
+@pytest.fixture
+async def client() -> FakeAsyncClient:
+    return FakeAsyncClient()
+
+
+async def test_results_are_cached_per_arguments_and_cleared_by_a_change(client):
+    calls = []
+
+    @cached(client, tables=[T])
+    async def lookup(key: int) -> str:
+        calls.append(key)
+        return f"value {key} #{len(calls)}"
+
+    assert await lookup(1) == "value 1 #1"  # the stream is not connected yet: not cached
+    await eventually(lambda: lookup.cache_info().connected)
+    assert await lookup(1) == "value 1 #2"
+    assert await lookup(1) == "value 1 #2"
+    assert await lookup(2) == "value 2 #3"
+    await client.send(batch())
+    assert await lookup(1) == "value 1 #4"
+    info = lookup.cache_info()
+    assert (info.hits, info.clears) == (1, 1)
+
+
+async def test_only_the_named_operations_clear_but_table_wide_changes_always_do(client):
+    count = 0
+
+    @cached(client, tables=[T], operations=["insert"])
+    async def total() -> int:
+        nonlocal count
+        count += 1
+        return count
+
+    await total()
+    await eventually(lambda: total.cache_info().connected)
+    first = await total()
+    await client.send(batch("update"))
+    assert await total() == first
+    await client.send(batch("insert"))
+    second = await total()
+    assert second > first
+    await client.send(batch("truncate", key=None))
+    assert await total() > second
+
+
+async def test_debounce_clears_at_most_once_per_interval(client):
+    count = 0
+
+    @cached(client, tables=[T], debounce=0.2)
+    async def value() -> int:
+        nonlocal count
+        count += 1
+        return count
+
+    await value()
+    await eventually(lambda: value.cache_info().connected)
+    await value()
+    await client.send(batch())  # the first change clears at once
+    await client.send(batch())  # the next ones wait for the end of the interval
+    await client.send(batch())
+    assert value.cache_info().clears == 1
+    await eventually(lambda: value.cache_info().clears == 2, timeout=2)
+
+
+async def test_concurrent_misses_share_one_computation(client):
+    started = 0
+    release = asyncio.Event()
+    release.set()
+
+    @cached(client, tables=[T])
+    async def slow(key: int) -> int:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return key * 10
+
+    await slow(0)  # starts following the changes
+    await eventually(lambda: slow.cache_info().connected)
+    release.clear()
+    started = 0
+    callers = [asyncio.create_task(slow(7)) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*callers) == [70] * 10
+    assert started == 1
+
+
+async def test_exceptions_are_not_cached(client):
+    attempts = 0
+
+    @cached(client, tables=[T])
+    async def flaky() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise RuntimeError(f"attempt {attempts}")
+        return "ok"
+
+    with pytest.raises(RuntimeError):
+        await flaky()  # starts following the changes
+    await eventually(lambda: flaky.cache_info().connected)
+    for _ in range(5):
+        try:
+            result = await flaky()
+        except RuntimeError:
+            continue
+        break
+    assert result == "ok" and await flaky() == "ok"
+    assert attempts == 3
+
+
+async def test_a_cancelled_first_caller_does_not_leave_the_others_hanging(client):
+    release = asyncio.Event()
+    runs = 0
+
+    @cached(client, tables=[T])
+    async def slow() -> str:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return "done"
+
+    release.set()
+    await slow()  # starts following the changes
+    await eventually(lambda: slow.cache_info().connected)
+    slow.cache_clear()
+    release.clear()
+    runs = 0
+    first = asyncio.create_task(slow())
+    await asyncio.sleep(0)
+    second = asyncio.create_task(slow())
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    assert await asyncio.wait_for(second, 2) == "done"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert runs == 1 and await slow() == "done" and runs == 1  # and its result was kept
+
+
+async def test_a_computation_overtaken_by_a_change_is_not_stored(client):
+    release = asyncio.Event()
+    count = 0
+
+    @cached(client, tables=[T])
+    async def value() -> int:
+        nonlocal count
+        count += 1
+        await release.wait()
+        return count
+
+    release.set()
+    await value()
+    await eventually(lambda: value.cache_info().connected)
+    release.clear()
+    pending = asyncio.create_task(value())
+    await asyncio.sleep(0)
+    await client.send(batch())  # the table changes while it computes
+    release.set()
+    await pending
+    assert value.cache_info().size == 0
+
+
+async def test_disconnect_and_reset_empty_the_cache_and_stop_caching(client):
+    count = 0
+
+    @cached(client, tables=[T])
+    async def value() -> int:
+        nonlocal count
+        count += 1
+        return count
+
+    await value()
+    await eventually(lambda: value.cache_info().connected)
+    await value()
+    await client.send(Reset(None, "resync"))
+    assert value.cache_info().size == 0
+    await value()
+    await client.send(DISCONNECTED)
+    before = count
+    await value()
+    await value()
+    assert count == before + 2  # not cached while deaf
+    await client.send(CONNECTED)
+    await value()
+    await value()
+    assert count == before + 3
+
+
+class FakeSyncClient:
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+        self.items: queue.Queue[object] = queue.Queue()
+        self.items.put(CONNECTED)
+
+    def _stream(self, request, resume):  # type: ignore[no-untyped-def]
+        while not self._closed.is_set():
+            try:
+                yield self.items.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+
+def test_blocking_functions_single_flight_and_clear():
+    client = FakeSyncClient()
+    calls = 0
+    gate = threading.Event()
+
+    @cached(client, tables=[T])
+    def value(key: int) -> int:
+        nonlocal calls
+        calls += 1
+        gate.wait(2)
+        return key + calls
+
+    try:
+        gate.set()
+        value(0)
+        deadline = time.monotonic() + 5
+        while not value.cache_info().connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.clear()
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(value(5))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        gate.set()
+        for thread in threads:
+            thread.join(5)
+        assert len(set(results)) == 1 and len(results) == 8 and calls == 2
+        client.items.put(batch())
+        deadline = time.monotonic() + 5
+        while value.cache_info().clears == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert value(5) != results[0]
+    finally:
+        client._closed.set()
