@@ -1,0 +1,114 @@
+"""The patron service of the asyncio case study, reading through the sidecar.
+
+Create, read, update and delete patrons over HTTP. Writes go to PostgreSQL;
+reads come from the client's near-cache, kept coherent by the sidecar's
+Watch stream, so a hot read costs microseconds and no database work.
+
+    DATABASE_URL=postgresql://...  SIDECAR=127.0.0.1:50051  python app.py
+
+    POST   /patron          {"name": ..., "fav_dish": ...}  -> 201 {"id": ...}
+    GET    /patron/{id}     -> 200 row | 404
+    PUT    /patron/{id}     {"name"?, "fav_dish"?}          -> 200 row (read back, strongly)
+    DELETE /patron/{id}     -> 204 | 404
+    GET    /stats           near-cache hits and misses
+"""
+
+from __future__ import annotations
+
+import os
+
+import asyncpg
+from aiohttp import web
+from cache_sidecar_client import AsyncClient
+
+TABLE = os.environ.get("PATRON_TABLE", "public.patron")
+FIELDS = ("name", "fav_dish")
+
+routes = web.RouteTableDef()
+DB = web.AppKey("db", asyncpg.Pool)
+CACHE = web.AppKey("cache", AsyncClient)
+
+
+def patron_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPBadRequest(text="id must be an integer") from None
+
+
+async def body(request: web.Request, required: bool) -> dict[str, str]:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    values = {k: data[k] for k in FIELDS if k in data}
+    if required and "name" not in values:
+        raise web.HTTPBadRequest(text="name is required")
+    if not values:
+        raise web.HTTPBadRequest(text=f"give one of {', '.join(FIELDS)}")
+    return values
+
+
+@routes.post("/patron")
+async def create(request: web.Request) -> web.Response:
+    values = await body(request, required=True)
+    new_id = await request.app[DB].fetchval(
+        f"INSERT INTO {TABLE} (name, fav_dish) VALUES ($1, $2) RETURNING id", values["name"], values.get("fav_dish")
+    )
+    return web.json_response({"id": new_id}, status=201)
+
+
+@routes.get("/patron/{id}")
+async def read(request: web.Request) -> web.Response:
+    row = await request.app[CACHE].get(TABLE, patron_id(request))  # near-cache, else the sidecar
+    if row is None:
+        raise web.HTTPNotFound(text="no such patron")
+    return web.json_response(row)
+
+
+@routes.put("/patron/{id}")
+async def update(request: web.Request) -> web.Response:
+    key = patron_id(request)
+    values = await body(request, required=False)
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, 2))
+    status = await request.app[DB].execute(f"UPDATE {TABLE} SET {assignments} WHERE id = $1", key, *values.values())
+    if status == "UPDATE 0":
+        raise web.HTTPNotFound(text="no such patron")
+    # Read our own write: a strong read passes the sidecar's read barrier.
+    return web.json_response(await request.app[CACHE].get(TABLE, key, consistency="strong"))
+
+
+@routes.delete("/patron/{id}")
+async def delete(request: web.Request) -> web.Response:
+    status = await request.app[DB].execute(f"DELETE FROM {TABLE} WHERE id = $1", patron_id(request))
+    if status == "DELETE 0":
+        raise web.HTTPNotFound(text="no such patron")
+    return web.Response(status=204)
+
+
+@routes.get("/stats")
+async def stats(request: web.Request) -> web.Response:
+    near = request.app[CACHE].near_cache
+    return web.json_response({"hits": near.stats.hits, "misses": near.stats.misses, "rows": len(near)})
+
+
+def make_app(dsn: str, sidecar: str) -> web.Application:
+    async def resources(app: web.Application):  # type: ignore[no-untyped-def]
+        app[DB] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        app[CACHE] = AsyncClient(sidecar, near_cache={TABLE: 10_000})
+        yield
+        await app[CACHE].close()
+        await app[DB].close()
+
+    app = web.Application()
+    app.add_routes(routes)
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(
+        make_app(os.environ["DATABASE_URL"], os.environ.get("SIDECAR", "127.0.0.1:50051")),
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8080")),
+    )
