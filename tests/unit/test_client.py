@@ -99,3 +99,32 @@ def test_resumer_starts_over_without_the_stale_revision_after_out_of_range():
     reset = resumer.out_of_range("gone")
     assert reset.revision is None and "resync" in reset.reason
     assert not resumer.next_request().HasField("start_revision")
+
+
+def test_unavailable_is_retried_within_the_deadline_and_other_errors_are_not():
+    from cache_sidecar_client import Client, TableNotFound, Unavailable
+    from cache_sidecar_client.api.v1 import cache_pb2 as pb
+
+    class Stub:
+        def __init__(self, failures: list[grpc.StatusCode]) -> None:
+            self.failures = failures
+            self.calls = 0
+
+        def Sync(self, request, timeout):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.failures:
+                raise FakeRpcError(self.failures.pop(0), "down")
+            return pb.SyncResponse(revision=pb.Revision(epoch="e", number=3))
+
+    client = Client("127.0.0.1:1", retries=2)
+    client._stub = Stub([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE])  # type: ignore[assignment]
+    assert client.sync().number == 3 and client._stub.calls == 3
+    client._stub = Stub([grpc.StatusCode.UNAVAILABLE] * 3)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        client.sync()
+    assert client._stub.calls == 3  # one try and two retries
+    client._stub = Stub([grpc.StatusCode.NOT_FOUND])  # type: ignore[assignment]
+    with pytest.raises(TableNotFound):
+        client.sync()
+    assert client._stub.calls == 1
+    client.close()

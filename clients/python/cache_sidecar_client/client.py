@@ -38,7 +38,7 @@ from cache_sidecar_client._convert import (
 from cache_sidecar_client.api.v1 import cache_pb2 as pb
 from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
 from cache_sidecar_client.errors import from_rpc_error
-from cache_sidecar_client.near import NearCache, near_cache_tables
+from cache_sidecar_client.near import FillTicket, NearCache, near_cache_tables
 from cache_sidecar_client.watch import (
     RESUMABLE,
     Change,
@@ -122,7 +122,7 @@ class _Core:
         return pb.InvalidateRequest(table=table, keys=[to_key(k) for k in keys], refresh=refresh)
 
     def retry_delay(self, attempt: int) -> float:
-        ceiling = 0.05 * 2**attempt
+        ceiling = 0.05 * float(1 << min(attempt, 20))
         return ceiling / 2 + random.random() * ceiling / 2
 
 
@@ -205,9 +205,10 @@ class Client:
         core = self._core
         near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
         if near is not None and consistency == "eventual":
-            hit, row = near.lookup(table, key)
+            hit, held = near.lookup(table, key)
             if hit:
-                return _copy(row)  # type: ignore[no-any-return]
+                copied: dict[str, Any] | None = _copy(held)
+                return copied
         ticket = near.begin_fill(table, key) if near is not None else None
         request = pb.GetRequest(
             table=table,
@@ -221,11 +222,11 @@ class Client:
                 near.end_fill(table, key, ticket, None, None)
             raise
         revision = core.seen(reply.revision)
-        row = core.row(reply)
+        row: dict[str, Any] | None = core.row(reply)
         if near is not None and ticket is not None:
             near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-            return _copy(row) if row is not None else None  # type: ignore[no-any-return]
-        return row  # type: ignore[no-any-return]
+            return _copy(row) if row is not None else None
+        return row
 
     def batch_get(
         self,
@@ -254,7 +255,9 @@ class Client:
             if not missing:
                 return results
         wanted = [keys[i] for i in missing]
-        tickets = [near.begin_fill(table, k) for k in wanted] if near is not None else []
+        tickets: list[FillTicket | None] = (
+            [near.begin_fill(table, k) for k in wanted] if near is not None else [None] * len(wanted)
+        )
         request = pb.BatchGetRequest(
             table=table,
             options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
@@ -263,12 +266,13 @@ class Client:
         try:
             reply = self._call(self._stub.BatchGet, request, timeout)
         except BaseException:
-            for key, ticket in zip(wanted, tickets, strict=False):
-                near.end_fill(table, key, ticket, None, None)  # type: ignore[union-attr]
+            for key, ticket in zip(wanted, tickets, strict=True):
+                if near is not None and ticket is not None:
+                    near.end_fill(table, key, ticket, None, None)
             raise
         revision = core.seen(reply.revision)
         rows = [core.row(r) for r in reply.rows]
-        for index, key, row, ticket in zip(missing, wanted, rows, tickets or [None] * len(rows), strict=True):
+        for index, key, row, ticket in zip(missing, wanted, rows, tickets, strict=True):
             if near is not None and ticket is not None:
                 near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
                 row = _copy(row) if row is not None else None
@@ -452,9 +456,10 @@ class AsyncClient:
         core = self._core
         near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
         if near is not None and consistency == "eventual":
-            hit, row = near.lookup(table, key)
+            hit, held = near.lookup(table, key)
             if hit:
-                return _copy(row)  # type: ignore[no-any-return]
+                copied: dict[str, Any] | None = _copy(held)
+                return copied
         ticket = near.begin_fill(table, key) if near is not None else None
         request = pb.GetRequest(
             table=table,
@@ -468,11 +473,11 @@ class AsyncClient:
                 near.end_fill(table, key, ticket, None, None)
             raise
         revision = core.seen(reply.revision)
-        row = core.row(reply)
+        row: dict[str, Any] | None = core.row(reply)
         if near is not None and ticket is not None:
             near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-            return _copy(row) if row is not None else None  # type: ignore[no-any-return]
-        return row  # type: ignore[no-any-return]
+            return _copy(row) if row is not None else None
+        return row
 
     async def batch_get(
         self,
@@ -500,7 +505,9 @@ class AsyncClient:
             if not missing:
                 return results
         wanted = [keys[i] for i in missing]
-        tickets = [near.begin_fill(table, k) for k in wanted] if near is not None else []
+        tickets: list[FillTicket | None] = (
+            [near.begin_fill(table, k) for k in wanted] if near is not None else [None] * len(wanted)
+        )
         request = pb.BatchGetRequest(
             table=table,
             options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
@@ -509,12 +516,13 @@ class AsyncClient:
         try:
             reply = await self._call(self._stub.BatchGet, request, timeout)
         except BaseException:
-            for key, ticket in zip(wanted, tickets, strict=False):
-                near.end_fill(table, key, ticket, None, None)  # type: ignore[union-attr]
+            for key, ticket in zip(wanted, tickets, strict=True):
+                if near is not None and ticket is not None:
+                    near.end_fill(table, key, ticket, None, None)
             raise
         revision = core.seen(reply.revision)
         rows = [core.row(r) for r in reply.rows]
-        for index, key, row, ticket in zip(missing, wanted, rows, tickets or [None] * len(rows), strict=True):
+        for index, key, row, ticket in zip(missing, wanted, rows, tickets, strict=True):
             if near is not None and ticket is not None:
                 near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
                 row = _copy(row) if row is not None else None

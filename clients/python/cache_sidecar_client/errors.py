@@ -47,8 +47,7 @@ class OutOfRange(CacheSidecarError):
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CacheSidecarError]] = {
-    cls.code: cls  # type: ignore[misc]
-    for cls in (TableNotFound, InvalidArgument, Unavailable, DeadlineExceeded, OutOfRange)
+    cls.code: cls for cls in (TableNotFound, InvalidArgument, Unavailable, DeadlineExceeded, OutOfRange)
 }
 
 

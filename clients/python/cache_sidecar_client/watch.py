@@ -201,7 +201,7 @@ class Resumer:
 
     def delay(self) -> float:
         self.failures += 1
-        ceiling = min(self.max_delay, 0.05 * 2**self.failures)
+        ceiling = min(self.max_delay, 0.05 * float(1 << min(self.failures, 20)))
         return ceiling / 2 + random.random() * ceiling / 2
 
     def out_of_range(self, details: str) -> Reset:
