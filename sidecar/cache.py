@@ -25,6 +25,7 @@ then (PostgreSQL delivers notifications in commit order, after commit). Hence:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -179,6 +180,7 @@ class FullTable:
         self.loaded = False
         self.refetches = 0
         self.reloads = 0
+        self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found
         self._pending: dict[Key, list[int]] = {}  # key -> [oldest, newest] unapplied seq
         self._queue: dict[Key, None] = {}  # pending keys not in flight, in arrival order
         self._inflight: set[Key] = set()
@@ -258,7 +260,9 @@ class FullTable:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
         if self._reload_needed > self._reload_done or key in self._pending:
             return False, None
-        return True, self.rows.get(key)
+        row = self.rows.get(key)
+        self.reads["hit" if row is not None else "not_found"] += 1
+        return True, row
 
     async def get_many(self, keys: Sequence[Key]) -> list[Row]:
         """The rows of ``keys``, fresh as of every change received before the call."""
@@ -270,7 +274,11 @@ class FullTable:
                 if pending is not None:
                     await self._wait(self._waiters.setdefault(key, []), pending[1])
         rows = self.rows
-        return [rows.get(key) for key in keys]
+        found = [rows.get(key) for key in keys]
+        hits = len(found) - found.count(None)
+        self.reads["hit"] += hits
+        self.reads["not_found"] += len(found) - hits
+        return found
 
     async def _wait(self, waiters: list[tuple[int, asyncio.Future[None]]], level: int) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -460,9 +468,8 @@ class LazyTable:
         else:
             self.cache = LRUCache(max_rows)
         self.loaded = False
-        self.hits = 0
-        self.misses = 0
         self.fills = 0
+        self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found, miss
         self._flights = Flights()
         self._tasks = TaskSet(schema.qualified)
 
@@ -501,27 +508,34 @@ class LazyTable:
             row = self.cache[key]
         except KeyError:
             return False, None
-        self.hits += 1
+        self.reads["hit" if row else "not_found"] += 1
         return True, (row or None)
 
     async def get_many(self, keys: Sequence[Key]) -> list[Row]:
         results: list[Row] = [None] * len(keys)
         missing: list[int] = []
         cache = self.cache
+        negative = 0
         for index, key in enumerate(keys):
             try:
-                results[index] = cache[key] or None
+                row = cache[key]
             except KeyError:
                 missing.append(index)
-        self.hits += len(keys) - len(missing)
+                continue
+            if row:
+                results[index] = row
+            else:
+                negative += 1
+        self.reads["hit"] += len(keys) - len(missing) - negative
+        self.reads["not_found"] += negative
         if not missing:
             return results
-        self.misses += len(missing)
+        self.reads["miss"] += len(missing)
         futures, new = self._flights.join(keys[i] for i in missing)
         if new:
             self._tasks.spawn(self._fill(futures, new), "fill")
-        for index, row in zip(missing, await await_all([futures[keys[i]] for i in missing]), strict=True):
-            results[index] = row
+        for index, filled in zip(missing, await await_all([futures[keys[i]] for i in missing]), strict=True):
+            results[index] = filled
         return results
 
     async def _fill(self, futures: dict[Key, asyncio.Future[Row]], keys: list[Key]) -> None:

@@ -11,10 +11,11 @@ caller allows stale answers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.barrier import Barrier
@@ -74,8 +75,9 @@ class EngineStats:
     events: int = 0
     ignored: int = 0  # events for tables this sidecar does not cache
     bad_keys: int = 0  # keys that did not fit their columns (degraded to whole-table)
-    passthrough_reads: int = 0
+    passthrough_reads: int = 0  # read-throughs (listener down or a table loading)
     stale_reads: int = 0
+    database_reads: collections.Counter[str] = field(default_factory=collections.Counter)  # keys, by table
 
 
 class Engine:
@@ -419,6 +421,7 @@ class Engine:
     async def _read_through(self, table: TableCache, keys: list[Key], allow_stale: bool) -> list[Row]:
         """Read from the database, uncached (memory cannot be trusted now)."""
         self.stats.passthrough_reads += 1
+        self.stats.database_reads[table.schema.qualified] += len(keys)
         flight_keys = [(table.schema.qualified, key) for key in keys]
         futures, new = self._passthrough.join(flight_keys)
         if new:

@@ -181,7 +181,7 @@ async def test_lazy_reads_through_once_then_hits():
     assert await table.get_many([(1,), (2,)]) == [row("v1"), None]
     assert await table.get_many([(1,), (2,)]) == [row("v1"), None]  # "not found" is cached too
     assert len(db.fetches) == 1
-    assert (table.hits, table.misses) == (2, 2)
+    assert table.reads == {"hit": 1, "not_found": 1, "miss": 2}
 
 
 async def test_lazy_concurrent_misses_share_one_query(db):
