@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from sidecar.db import CONNECTION_ERRORS, PgDatabase, connect_kwargs
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.listener import Listener, backoff_delay
+from sidecar.metrics import Metrics
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class Daemon:
         self.engine: Engine | None = None
         self.listener: Listener | None = None
         self.server: server.Server | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_address: str | None = None
         self._health_dirty = asyncio.Event()
         self._signals = 0
 
@@ -88,7 +92,13 @@ class Daemon:
         await self._check_triggers(config, schemas)
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
-        self.server = await server.start(engine, config.listen)
+        self.metrics = Metrics() if config.metrics_listen else None
+        self.server = await server.start(
+            engine,
+            config.listen,
+            self.metrics.observe_call if self.metrics is not None else None,
+            config.health_listen,
+        )
         engine.on_state_change(self._health_dirty.set)
         self.listener = Listener(
             connect=lambda: asyncpg.connect(**connect_kwargs(config, "cache-sidecar-listener")),
@@ -107,11 +117,18 @@ class Daemon:
             lambda token: listener.notify(events.sync_payload(token), config.query_timeout),
             timeout=config.query_timeout,
         )
+        if self.metrics is not None:
+            self.metrics.watch(engine, self.listener, asyncio.get_running_loop())
+            try:
+                self.metrics_address = self.metrics.serve(config.metrics_listen)
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on {config.metrics_listen}: {exc}") from None
         self.config = config
         log.info(
             "serving %s on %s",
             ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
             ", ".join(self.server.addresses),
+            extra={"event": "serving", "tables": [s.qualified for s in schemas], "listen": self.server.addresses},
         )
 
     async def _start_embedded(self, config: Config) -> Config:
@@ -173,6 +190,8 @@ class Daemon:
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),
         }
+        if self.metrics is not None and self.db is not None:
+            tasks.add(asyncio.create_task(self.metrics.sample_queue_usage(self.db.pool), name="queue usage"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)
@@ -224,25 +243,35 @@ class Daemon:
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals > 1:
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            log.warning("second %s: exiting now", signal.Signals(signum).name, extra={"event": "exit_now"})
             sys.stderr.flush()
             os._exit(1)
-        log.info("%s: shutting down (grace period %.0fs)", signal.Signals(signum).name, self.config.grace_period)
+        log.info(
+            "%s: shutting down (grace period %.0fs)",
+            signal.Signals(signum).name,
+            self.config.grace_period,
+            extra={"event": "shutdown", "signal": signal.Signals(signum).name},
+        )
         self.stop_event.set()
 
     async def _shutdown(self, tasks: set[asyncio.Task[Any]]) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.engine is not None
+        started = time.monotonic()
         await self.server.set_serving(False)
-        # Stop accepting calls; in-flight calls get the grace period.
-        await self.server.grpc_server.stop(self.config.grace_period)
-        for task in tasks:
+        # Watch streams end now, cleanly (UNAVAILABLE naming the revision to resume
+        # from); unary calls in flight get the grace period, new ones are refused.
+        self.engine.hub.shutdown()
+        await self.server.stop(self.config.grace_period)
+        for task in tasks:  # the listener closes its LISTEN connection
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        log.info("stopped")
+        log.info("stopped after %.2fs", time.monotonic() - started, extra={"event": "stopped"})
 
     async def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None and self.listener is None:  # start-up failed after binding
-            await self.server.grpc_server.stop(0)
+            await self.server.stop(0)
         if self.engine is not None:
             self.engine.close()
         if self.db is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -357,6 +358,7 @@ class FullTable:
         self._schedule()
 
     async def _reload(self, level: int) -> None:
+        started = time.monotonic()
         fresh: dict[Key, bytes] = {}
         try:
             async for chunk in self.db.load(self.schema):
@@ -387,12 +389,20 @@ class FullTable:
                 self._waiters[key] = rest
             else:
                 del self._waiters[key]
+        seconds = time.monotonic() - started
         log.log(
             logging.INFO if first else logging.DEBUG,
-            "%s %s: %d rows",
+            "%s %s: %d rows in %.3fs",
             "loaded" if first else "reloaded",
             self.schema.qualified,
             len(fresh),
+            seconds,
+            extra={
+                "event": "table_loaded" if first else "table_reloaded",
+                "table": self.schema.qualified,
+                "rows": len(fresh),
+                "seconds": round(seconds, 4),
+            },
         )
         self._on_progress()
         self._schedule()

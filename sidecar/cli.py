@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -105,6 +106,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
             help="print the effective configuration (secrets redacted) and exit",
         )
     group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+    group.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
     group.add_argument("--channel", help="NOTIFY channel (default cache_sidecar)")
     group.add_argument(
         "--bulk-threshold",
@@ -153,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tables = commands.add_parser("tables", help="list a running sidecar's tables")
     tables.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+
+    check = commands.add_parser(
+        "health",
+        help="exit 0 if a running sidecar is SERVING",
+        description="Ask grpc.health.v1 of a running sidecar; exit 0 when SERVING, 1 otherwise "
+        "(for compose health checks and exec probes).",
+    )
+    check.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    check.add_argument("--service", default="", help="health service name ('' overall, 'liveness')")
     return parser
 
 
@@ -162,22 +173,47 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "database.embedded": getattr(args, "embedded", None),
         "database.embedded_data_dir": getattr(args, "embedded_data_dir", None),
         "server.listen": getattr(args, "listen", None),
+        "server.health_listen": getattr(args, "health_listen", None),
         "server.install_triggers": getattr(args, "install_triggers", None),
         "server.grace_period": getattr(args, "grace_period", None),
         "listener.ping_interval": getattr(args, "ping_interval", None),
         "listener.channel": args.channel,
         "triggers.bulk_threshold": args.bulk_threshold,
         "logging.level": args.log_level,
+        "logging.format": args.log_format,
+        "metrics.listen": getattr(args, "metrics_listen", None),
         "tables": args.tables,
     }
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's extras
+    (``event``, ``table``, ``rows``, ... on lifecycle events)."""
+
+    STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in self.STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     logging.getLogger("asyncpg.pool").addFilter(_one_line)
@@ -203,14 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # helpers do fork), so skip gRPC's fork handlers and their log noise.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
-    if args.command in ("get", "tables"):
+    if args.command in ("get", "tables", "health"):
         return _client_command(args)
     try:
         config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     except ConfigError as exc:
         print(f"cache-sidecar: error: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(config.log_level)
+    _configure_logging(config.log_level, config.log_format)
     if args.command == "serve":
         if args.print_config:
             print("\n".join(cfg.describe(config)))
@@ -222,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(config: cfg.Config) -> int:
     from sidecar.app import Daemon
 
-    log.info("cache-sidecar %s starting", __version__)
+    log.info("cache-sidecar %s starting", __version__, extra={"event": "start", "version": __version__})
 
     def announce(daemon: Daemon) -> None:
         if daemon.embedded is not None and daemon.server is not None:
@@ -330,6 +366,15 @@ def _client_command(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.CacheStub(channel)
         try:
+            if args.command == "health":
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=5
+                )
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                print(status)
+                return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
             if args.command == "tables":
                 listing = stub.ListTables(pb.ListTablesRequest(), timeout=10)
                 for t in listing.tables:

@@ -54,6 +54,7 @@ class Config:
     connect_timeout: float = 10.0
     query_timeout: float = 10.0
     listen: tuple[str, ...] = DEFAULT_LISTEN
+    health_listen: tuple[str, ...] = ()
     install_triggers: bool = False
     max_batch_keys: int = 1000
     grace_period: float = 10.0
@@ -70,6 +71,8 @@ class Config:
     watch_history_bytes: int = 64 * 1024 * 1024
     watch_max_lag: int = 1_000
     log_level: str = "info"
+    log_format: str = "text"
+    metrics_listen: str = ""
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
     def table(self, qualified: str) -> TableConfig:
@@ -147,6 +150,13 @@ SETTINGS: tuple[Setting, ...] = (
         "gRPC listen address (host:port or unix:///path); "
         "repeatable. Binding all interfaces (0.0.0.0) must be asked for explicitly.",
         flag="--listen",
+    ),
+    Setting(
+        "server.health_listen",
+        "health_listen",
+        "list",
+        "Also serve only grpc.health.v1 here (host:port; for Kubernetes gRPC probes, which dial the pod IP).",
+        flag="--health-listen",
     ),
     Setting(
         "server.install_triggers",
@@ -243,6 +253,21 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         "Batches a Watch subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED).",
         minimum=1,
+    ),
+    Setting(
+        "metrics.listen",
+        "metrics_listen",
+        "str",
+        "Serve Prometheus metrics over HTTP on host:port (/metrics); empty: off.",
+        flag="--metrics-listen",
+    ),
+    Setting(
+        "logging.format",
+        "log_format",
+        "str",
+        "Log format: text, or json (one JSON object per line).",
+        flag="--log-format",
+        choices=("text", "json"),
     ),
     Setting(
         "logging.level",
@@ -453,6 +478,13 @@ def _check(setting: Setting, value: Any, where: str) -> Any:
 def _validate(config: Config) -> None:
     for address in config.listen:
         parse_listen_address(address)
+    for address in config.health_listen:
+        if parse_listen_address(address).unix_path is not None:
+            raise ConfigError("server.health_listen", f"{address!r}: must be host:port")
+    if config.metrics_listen:
+        metrics = parse_listen_address(config.metrics_listen)
+        if metrics.unix_path is not None:
+            raise ConfigError("metrics.listen", f"{config.metrics_listen!r}: must be host:port")
     if config.pool_min_size > config.pool_max_size:
         raise ConfigError("database.pool_min_size", "must not exceed database.pool_max_size")
     if config.reconnect_min_delay > config.reconnect_max_delay:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ class Engine:
         self._tasks = TaskSet("engine")
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
+        self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
         self._past_epochs: set[str] = set()
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._epoch_start = 0  # the rebuild that began this epoch
@@ -230,7 +232,11 @@ class Engine:
         if rebuild:
             self._past_epochs.add(self.epoch)
             self.epoch = new_epoch()
-            log.info("rebuilding every table after reconnect (new epoch %s)", self.epoch)
+            log.info(
+                "rebuilding every table after reconnect (new epoch %s)",
+                self.epoch,
+                extra={"event": "rebuild", "epoch": self.epoch},
+            )
         self._connected_before = True
         self.seq += 1
         self._epoch_start = self.seq
@@ -330,7 +336,10 @@ class Engine:
         """Read barrier: every commit completed before this call is applied."""
         if not self.listener_up or self.barrier is None:
             raise Unavailable("the listener is down; the cache cannot be brought up to date now")
+        started = time.perf_counter()
         await self.barrier.wait()
+        if self.on_barrier is not None:
+            self.on_barrier(time.perf_counter() - started)
         return self.revision
 
     async def wait_revision(self, epoch: str, number: int) -> None:

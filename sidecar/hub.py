@@ -43,6 +43,10 @@ class FellBehind(SidecarError):
     """The subscriber fell too far behind and was ended: resume from its last revision."""
 
 
+class ShuttingDown(SidecarError):
+    """The sidecar is shutting down: resume from the last revision, here or elsewhere."""
+
+
 @dataclass(slots=True)
 class Change:
     table: str
@@ -147,6 +151,7 @@ class Hub:
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
         self._subscribers: set[Subscription] = set()
         self.dropped = 0  # subscribers ended for falling behind
+        self.closing = False
         self.published_batches = 0
 
     # ------------------------------------------------------------ engine side
@@ -264,6 +269,12 @@ class Hub:
         self._subscribers.add(subscriber)
         return subscriber
 
+    def shutdown(self) -> None:
+        """End every stream now (cleanly, so clients resume elsewhere)."""
+        self.closing = True
+        for subscriber in self._subscribers:
+            subscriber.wake.set()
+
     def unsubscribe(self, subscriber: Subscription) -> None:
         self._subscribers.discard(subscriber)
 
@@ -315,6 +326,8 @@ class Subscription:
         idle_since = loop.time()
         hub = self.hub
         while True:
+            if hub.closing:
+                raise ShuttingDown(f"the sidecar is shutting down; resume from revision {self.last_revision}")
             if self._resets:
                 reset = self._resets.popleft()
                 self.epoch, self.position = reset.epoch, reset.revision
@@ -341,7 +354,7 @@ class Subscription:
             if self.epoch == hub.epoch and hub.published > self.position:
                 self.position = hub.published  # a revision without a batch (the start of the epoch)
             self.wake.clear()
-            if self._resets or (self.epoch == hub.epoch and hub.next_after(self.position) is not None):
+            if hub.closing or self._resets or (self.epoch == hub.epoch and hub.next_after(self.position) is not None):
                 continue
             timeout = None
             if self.progress_interval:

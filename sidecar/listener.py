@@ -100,7 +100,11 @@ class Listener:
                 self.connected = False
                 self.backend_pid = None
                 self.stats.disconnects += 1
-                log.warning("listener: connection lost (%s); reconnecting", self._redact(reason))
+                log.warning(
+                    "listener: connection lost (%s); reconnecting",
+                    self._redact(reason),
+                    extra={"event": "listener_lost", "reason": self._redact(reason)},
+                )
                 self._on_down(reason)
             await asyncio.sleep(backoff_delay(0, self.reconnect_min_delay, self.reconnect_max_delay))
 
@@ -117,7 +121,12 @@ class Listener:
         self.backend_pid = conn.get_server_pid()
         self.stats.connects += 1
         self._last_heard = time.monotonic()
-        log.info("listener: listening on channel %s (backend pid %s)", self.channel, self.backend_pid)
+        log.info(
+            "listener: listening on channel %s (backend pid %s)",
+            self.channel,
+            self.backend_pid,
+            extra={"event": "listener_connected", "channel": self.channel, "connects": self.stats.connects},
+        )
         self._on_up()
         while True:
             idle = time.monotonic() - self._last_heard

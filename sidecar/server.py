@@ -3,14 +3,19 @@ standard health (``grpc.health.v1``) and server reflection.
 
 Health is SERVING only while the engine serves from memory (listener up,
 every table loaded); both the overall status ("") and the Cache service's
-follow it.
+follow it. The service name ``liveness`` is SERVING while the process runs
+(for a liveness probe: a database outage is no reason to restart us).
+
+``server.health_listen`` adds a second, health-only server (no cache data)
+for the kubelet's gRPC probes, which must reach the pod's IP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,27 +32,54 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+LIVENESS = "liveness"
+
+
 @dataclass
 class Server:
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     addresses: list[str] = field(default_factory=list)  # as bound (ports resolved)
+    health_server: grpc.aio.Server | None = None
+    health_addresses: list[str] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls; give those in flight ``grace`` seconds."""
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        stops = [self.grpc_server.stop(grace)]
+        if self.health_server is not None:
+            stops.append(self.health_server.stop(grace))
+        await asyncio.gather(*stops)
 
-async def start(engine: Engine, listen: Sequence[str]) -> Server:
-    """Bind every address and start serving; health starts NOT_SERVING."""
-    result = _build(engine, listen)
+
+async def start(
+    engine: Engine,
+    listen: Sequence[str],
+    observe: Callable[[str, float], None] | None = None,
+    health_listen: Sequence[str] = (),
+) -> Server:
+    """Bind every address and start serving; health starts NOT_SERVING (liveness SERVING)."""
+    result = _build(engine, listen, observe)
+    if health_listen:
+        result.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(result.health, result.health_server)
+        for text in health_listen:
+            port = _bind(result.health_server, text, text, "server.health_listen")
+            result.health_addresses.append(f"{parse_listen_address(text).host}:{port}")
     await result.set_serving(False)
+    await result.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await result.grpc_server.start()
+    if result.health_server is not None:
+        await result.health_server.start()
     return result
 
 
-def _build(engine: Engine, listen: Sequence[str]) -> Server:
+def _build(engine: Engine, listen: Sequence[str], observe: Callable[[str, float], None] | None) -> Server:
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -55,7 +87,7 @@ def _build(engine: Engine, listen: Sequence[str]) -> Server:
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_to_server(CacheService(engine), server)
+    add_to_server(CacheService(engine, observe), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -79,13 +111,13 @@ def _build(engine: Engine, listen: Sequence[str]) -> Server:
     return result
 
 
-def _bind(server: grpc.aio.Server, target: str, text: str) -> int:
+def _bind(server: grpc.aio.Server, target: str, text: str, key: str = "server.listen") -> int:
     try:
         port: int = server.add_insecure_port(target)
     except RuntimeError as exc:
-        raise ConfigError("server.listen", f"cannot listen on {text}: {exc}") from None
+        raise ConfigError(key, f"cannot listen on {text}: {exc}") from None
     if port == 0 and not target.startswith("unix:"):
-        raise ConfigError("server.listen", f"cannot listen on {text} (address in use?)")
+        raise ConfigError(key, f"cannot listen on {text} (address in use?)")
     return port
 
 

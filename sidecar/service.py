@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
-from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, Subscription
+from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription
 from sidecar.keys import coerce_key
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
 )
 MAX_PROGRESS_INTERVAL_MS = 3_600_000
 WATCH_OPERATIONS = frozenset(v for v in pb.Operation.values() if v not in (pb.OPERATION_UNSPECIFIED, SNAPSHOT))
@@ -64,9 +66,10 @@ class CacheService:
     pass-through serializer.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, observe: Callable[[str, float], None] | None = None) -> None:
         self.engine = engine
         self._revisions = wire.Revisions()
+        self._observe = observe  # told each call's method and duration (metrics)
 
     def _current(self) -> wire.Revisions:
         self._revisions.update(self.engine.epoch, self.engine.applied)
@@ -75,8 +78,9 @@ class CacheService:
     def _revision(self) -> pb.Revision:
         return self._current().message
 
-    async def _call(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` bounded by the call's deadline; turn errors into statuses."""
+        started = time.perf_counter()
         try:
             remaining = context.time_remaining()
             if remaining is None:
@@ -87,6 +91,9 @@ class CacheService:
             await context.abort(status_of(exc), str(exc))
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the cache could answer")
+        finally:
+            if self._observe is not None:
+                self._observe(method, time.perf_counter() - started)
         raise AssertionError("unreachable")  # context.abort raises
 
     async def _prepare(self, options: pb.ReadOptions) -> None:
@@ -111,7 +118,7 @@ class CacheService:
             row = await self.engine.get(request.table, parts, options.allow_stale)
             return wire.get_response(row, self._current())
 
-        return await self._call(context, work)
+        return await self._call(context, "Get", work)
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Answers an encoded BatchGetResponse."""
@@ -132,7 +139,7 @@ class CacheService:
             rows = await self.engine.read(table, keys, request.options.allow_stale)
             return wire.batch_get_response(rows, self._current())
 
-        return await self._call(context, work)
+        return await self._call(context, "BatchGet", work)
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext
@@ -146,7 +153,7 @@ class CacheService:
             await self.engine.invalidate(request.table, keys, request.refresh)
             return pb.InvalidateResponse(revision=self._revision())
 
-        return await self._call(context, work)
+        return await self._call(context, "Invalidate", work)
 
     async def Sync(self, request: pb.SyncRequest, context: grpc.aio.ServicerContext) -> pb.SyncResponse:
         async def work() -> pb.SyncResponse:
@@ -154,7 +161,7 @@ class CacheService:
                 await self.engine.sync()
             return pb.SyncResponse(revision=self._revision())
 
-        return await self._call(context, work)
+        return await self._call(context, "Sync", work)
 
     async def ListTables(
         self, request: pb.ListTablesRequest, context: grpc.aio.ServicerContext
@@ -195,9 +202,9 @@ class CacheService:
             )
             async for message in subscription.messages(self.engine.until_ready):
                 yield wire.watch_message(message)
-        except FellBehind as exc:
+        except (FellBehind, ShuttingDown) as exc:
             context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await context.abort(status_of(exc), str(exc))
         finally:
             hub.unsubscribe(subscription)
 

@@ -1,0 +1,196 @@
+"""Prometheus metrics over HTTP (``metrics.listen``; off unless configured).
+
+Most values are read from the engine's own counters when Prometheus scrapes,
+so the read path pays nothing for them; the reading happens on the event
+loop (the HTTP server's thread hands it over), never concurrently with a
+change. Two histograms are observed as calls happen: gRPC handling time per
+method and read-barrier time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar.cache import FullTable
+from sidecar.config import parse_listen_address
+from sidecar.engine import Engine
+from sidecar.listener import Listener
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+QUEUE_USAGE_INTERVAL = 15.0  # seconds between pg_notification_queue_usage() samples
+
+
+class Metrics:
+    """The registry, the histograms, and the HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "cache_sidecar_request_seconds",
+            "Time to answer a gRPC call, by method (Watch: time to subscribe).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.barrier_seconds = Histogram(
+            "cache_sidecar_barrier_seconds",
+            "Time a read barrier (Sync, STRONG reads) took.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_usage: float | None = None
+        self._server: Any = None
+
+    def observe_call(self, method: str, seconds: float) -> None:
+        self.request_seconds.labels(method).observe(seconds)
+
+    def watch(self, engine: Engine, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the state of ``engine`` and ``listener`` (read on ``loop``)."""
+        engine.on_barrier = self.barrier_seconds.observe
+        self.registry.register(_StateCollector(engine, listener, loop, self))
+
+    def serve(self, listen: str) -> str:
+        """Start the HTTP endpoint; return the address it is bound to."""
+        address = parse_listen_address(listen)
+        if address.unix_path is not None or address.port is None:
+            raise ValueError("metrics.listen must be host:port")
+        host = (address.host or "0.0.0.0").strip("[]")
+        self._server, _thread = start_http_server(address.port, addr=host, registry=self.registry)
+        bound = f"{address.host}:{self._server.server_port}"
+        log.info("metrics on http://%s/metrics", bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    async def sample_queue_usage(self, pool: Any) -> None:
+        """Keep ``pg_notification_queue_usage()`` current (a full queue stalls every NOTIFY)."""
+        while True:
+            try:
+                async with pool.acquire(timeout=5) as conn:
+                    self.queue_usage = float(await conn.fetchval("SELECT pg_notification_queue_usage()"))
+            except Exception as exc:  # the database may be away: the gauge goes stale, nothing else
+                log.debug("cannot sample pg_notification_queue_usage(): %s", exc)
+                self.queue_usage = None
+            await asyncio.sleep(QUEUE_USAGE_INTERVAL)
+
+
+class _StateCollector(Collector):
+    def __init__(self, engine: Engine, listener: Listener, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.loop = loop
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        if self.loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop)
+        try:
+            yield from future.result(timeout=5)
+        except Exception as exc:
+            log.warning("metrics: could not read the engine's state: %s", exc)
+
+    async def _snapshot(self) -> list[Any]:
+        engine, listener = self.engine, self.listener
+        reads = CounterMetricFamily(
+            "cache_sidecar_reads",
+            "Keys read, by table and result (hit, not_found, miss; database: "
+            "read through while memory could not be trusted).",
+            labels=["table", "result"],
+        )
+        queries = CounterMetricFamily(
+            "cache_sidecar_queries",
+            "Queries the caches made, by table and kind (fill, refetch, reload).",
+            labels=["table", "kind"],
+        )
+        rows = GaugeMetricFamily(
+            "cache_sidecar_rows", "Rows held (lazy tables: with cached 'not found').", labels=["table"]
+        )
+        size = GaugeMetricFamily("cache_sidecar_bytes", "Approximate bytes of cached rows.", labels=["table"])
+        loaded = GaugeMetricFamily("cache_sidecar_table_loaded", "1 once the table is loaded.", labels=["table"])
+        for name, table in engine.tables.items():
+            for result, count in table.reads.items():
+                reads.add_metric([name, result], count)
+            reads.add_metric([name, "database"], engine.stats.database_reads.get(name, 0))
+            if isinstance(table, FullTable):
+                queries.add_metric([name, "refetch"], table.refetches)
+                queries.add_metric([name, "reload"], table.reloads)
+            else:
+                queries.add_metric([name, "fill"], table.fills)
+            rows.add_metric([name], table.row_count)
+            size.add_metric([name], table.byte_count())
+            loaded.add_metric([name], 1 if table.loaded else 0)
+        stats = listener.stats
+        families: list[Any] = [reads, queries, rows, size, loaded]
+        families.append(
+            CounterMetricFamily("cache_sidecar_notifications", "Notifications received.", stats.notifications)
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_rejected",
+                "Notifications whose payload could not be parsed.",
+                stats.rejected,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_listener_reconnects",
+                "Times the LISTEN connection was re-established.",
+                max(0, stats.connects - 1),
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_listener_connected", "1 while LISTEN is active.", 1 if listener.connected else 0
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_ready", "1 while serving from memory (health SERVING).", 1 if engine.ready else 0
+            )
+        )
+        families.append(GaugeMetricFamily("cache_sidecar_revision", "The applied revision number.", engine.applied))
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_revision_received",
+                "Revision numbers received (applied lags it by refetches).",
+                engine.seq,
+            )
+        )
+        families.append(
+            GaugeMetricFamily("cache_sidecar_watch_subscribers", "Open Watch streams.", engine.hub.subscribers)
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_watch_dropped", "Watch streams ended for falling behind.", engine.hub.dropped
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_events_ignored",
+                "Notifications for tables this sidecar does not cache.",
+                engine.stats.ignored,
+            )
+        )
+        if self.metrics.queue_usage is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "cache_sidecar_pg_notification_queue_usage",
+                    "pg_notification_queue_usage(): the fraction of PostgreSQL's NOTIFY queue in use.",
+                    self.metrics.queue_usage,
+                )
+            )
+        return families
