@@ -223,9 +223,10 @@ class Daemon:
                     log.info(
                         "ready: every table is loaded and the listener is up (revision %s)",
                         self.engine.revision,
+                        extra={"event": "ready", "revision": str(self.engine.revision)},
                     )
                 else:
-                    log.warning("not serving from memory: %s", self._why_not_ready())
+                    log.warning("not serving from memory: %s", self._why_not_ready(), extra={"event": "not_ready"})
 
     def _why_not_ready(self) -> str:
         assert self.engine is not None

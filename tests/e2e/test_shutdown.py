@@ -1,0 +1,206 @@
+"""SIGTERM with reads and streams in flight: Watch streams end cleanly at once
+(resumable), unary calls in flight may finish within the grace period, new ones
+are refused, the LISTEN connection is closed, exit 0. A second signal exits now."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import asyncpg
+import grpc
+import pytest
+from cache_sidecar_client import CacheSidecarError, Client, Revision
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def sql(dsn: str, statement: str, *args: object) -> object:
+    async def go() -> object:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(statement, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def daemon(postgres, schema):
+    sql(postgres.dsn, f"CREATE TABLE {schema}.items (id int PRIMARY KEY, version int NOT NULL)")
+    sql(postgres.dsn, f"INSERT INTO {schema}.items SELECT g, 0 FROM generate_series(1, 20) g")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
+
+    def start(grace: float) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "serve",
+                "--dsn",
+                postgres.dsn,
+                "--table",
+                f"{schema}.items",
+                "--install-triggers",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--grace-period",
+                str(grace),
+                "--log-format",
+                "json",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            while True:
+                assert process.poll() is None, process.stderr.read()
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return process
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    started: list[subprocess.Popen[str]] = []
+
+    def launch(grace: float) -> subprocess.Popen[str]:
+        started.append(start(grace))
+        return started[-1]
+
+    yield launch, f"127.0.0.1:{port}", f"{schema}.items"
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres):
+    launch, target, table = daemon
+    process = launch(grace=10)
+    listener_pids = [
+        r["pid"]
+        for r in sql(postgres.dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'")
+    ]
+    assert listener_pids
+
+    with Client(target, retries=0) as cache:
+        now = cache.sync()
+        # A read in flight across the signal: it waits for a revision that a commit
+        # made after the signal produces.
+        waiting: dict[str, object] = {}
+
+        def wait_for_next() -> None:
+            try:
+                waiting["row"] = cache.get(table, 1, min_revision=Revision(now.epoch, now.number + 1), timeout=15)
+            except CacheSidecarError as exc:
+                waiting["error"] = exc
+
+        waiter = threading.Thread(target=wait_for_next)
+        waiter.start()
+
+        # A Watch stream open across the signal.
+        stream_end: dict[str, object] = {}
+        streaming = threading.Event()
+
+        def watch() -> None:
+            with grpc.insecure_channel(target) as channel:
+                call = pb_grpc.CacheStub(channel).Watch(pb.WatchRequest(tables=[table]))
+                try:
+                    call.initial_metadata()  # subscribed
+                    streaming.set()
+                    for _ in call:
+                        pass
+                    stream_end["code"] = call.code()
+                except grpc.RpcError as exc:
+                    stream_end["code"], stream_end["details"] = exc.code(), exc.details()
+                    stream_end["metadata"] = dict(exc.trailing_metadata() or ())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        # Reads in a loop until the end: each either succeeds or fails fast and clearly.
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def read_loop() -> None:
+            with Client(target, retries=0, timeout=3) as reader:
+                while not stop.is_set():
+                    try:
+                        reader.get(table, 2)
+                        outcomes.append("ok")
+                    except CacheSidecarError as exc:
+                        outcomes.append(exc.code.name if exc.code else "?")
+                        time.sleep(0.01)
+
+        reader_thread = threading.Thread(target=read_loop)
+        reader_thread.start()
+        assert streaming.wait(10)
+        deadline = time.monotonic() + 10
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # (the waiter's call has had time to reach the server)
+
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        watcher.join(5)
+        assert stream_end.get("code") == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(stream_end.get("details"))
+        assert "cachesidecar-last-revision" in stream_end.get("metadata", {})
+        sql(postgres.dsn, f"UPDATE {table} SET version = 7 WHERE id = 1")  # the revision the waiter needs
+        waiter.join(15)
+        assert waiting.get("row") == {"id": 1, "version": 7}, waiting  # finished inside the grace period
+        assert process.wait(timeout=15) == 0
+        elapsed = time.monotonic() - signalled
+        stop.set()
+        reader_thread.join(10)
+
+    assert elapsed < 10  # the grace period was not needed in full
+    assert outcomes.count("ok") > 0 and set(outcomes) <= {"ok", "UNAVAILABLE"}
+    assert not sql(postgres.dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = ANY($1::int[])", listener_pids)
+    events = [json.loads(line).get("event") for line in process.stderr.read().splitlines() if line.startswith("{")]
+    assert events.index("shutdown") < events.index("stopped")
+
+
+def test_a_second_signal_exits_at_once(daemon):
+    launch, target, table = daemon
+    process = launch(grace=60)
+    with Client(target, retries=0) as cache:
+        now = cache.sync()
+
+        def wait_forever() -> None:
+            with pytest.raises(CacheSidecarError):  # cut off when the process exits
+                cache.get(table, 1, min_revision=Revision(now.epoch, now.number + 10**6), timeout=30)
+
+        stuck = threading.Thread(target=wait_forever)
+        stuck.start()
+        time.sleep(0.3)  # the call is in flight, so the grace period would last 60 s
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert process.poll() is None
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 1
+        assert time.monotonic() - began < 5
+        stuck.join(35)
