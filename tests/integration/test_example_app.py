@@ -34,14 +34,14 @@ async def service(start_daemon, postgres, db, schema, monkeypatch):
         port = probe.getsockname()[1]
     await web.TCPSite(runner, "127.0.0.1", port).start()
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-        await eventually(lambda: _stats_ok(http), what="service up")
+        await eventually(lambda: _stats_ok(http), what="service up, its near-cache following")
         yield http, schema
     await runner.cleanup()
 
 
 async def _stats_ok(http: aiohttp.ClientSession) -> bool:
     async with http.get("/stats") as response:
-        return response.status == 200
+        return response.status == 200 and (await response.json())["connected"]  # near-cache stream up
 
 
 async def get_json(http, path):  # type: ignore[no-untyped-def]

@@ -89,7 +89,9 @@ async def delete(request: web.Request) -> web.Response:
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
     near = request.app[CACHE].near_cache
-    return web.json_response({"hits": near.stats.hits, "misses": near.stats.misses, "rows": len(near)})
+    return web.json_response(
+        {"connected": near.connected, "hits": near.stats.hits, "misses": near.stats.misses, "rows": len(near)}
+    )
 
 
 def make_app(dsn: str, sidecar: str) -> web.Application:
