@@ -158,7 +158,7 @@ class Daemon:
 
     async def _check_triggers(self, config: Config, schemas: list[TableSchema]) -> None:
         assert self.db is not None
-        sets = [triggers.TriggerSet(s, config.channel, config.bulk_threshold) for s in schemas]
+        sets = triggers.trigger_sets(schemas, config.channel, config.bulk_threshold)
         async with self.db.pool.acquire() as conn:
             if config.install_triggers:
                 changed = await triggers.install(conn, sets)

@@ -36,6 +36,7 @@ from cachetools import Cache, LRUCache, TTLCache
 
 from sidecar.db import CONNECTION_ERRORS, Database, Rows
 from sidecar.errors import Unavailable
+from sidecar.indexes import IndexSet
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
 
@@ -168,6 +169,7 @@ class FullTable:
         *,
         current_seq: Callable[[], int],
         on_progress: Callable[[], None],
+        on_matched: Callable[[list[int], dict[Key, bool]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
     ) -> None:
@@ -175,6 +177,7 @@ class FullTable:
         self.db = db
         self._seq = current_seq
         self._on_progress = on_progress
+        self._on_matched = on_matched  # told which keys a matching refresh changed
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.rows: dict[Key, bytes] = {}
@@ -191,6 +194,12 @@ class FullTable:
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
         self._table_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Relation refreshes by source values: (seq, relation columns, values), run
+        # like a small reload (no keyed fetch meanwhile; reads wait for them).
+        self._matching: list[tuple[int, tuple[str, ...], list[Key]]] = []
+        self._matching_running = False
+        indexes = IndexSet(schema)
+        self.indexes: IndexSet | None = indexes if indexes else None
         self._fetching = 0
         self._failures = 0
         self._dispatch_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -208,6 +217,8 @@ class FullTable:
     def low_water(self) -> int | None:
         """The oldest received seq not yet applied to this table, if any."""
         oldest = self._reload_oldest if self._reload_needed > self._reload_done else None
+        if self._matching:
+            oldest = self._matching[0][0] if oldest is None else min(oldest, self._matching[0][0])
         if self._pending:
             key_oldest = min(p[0] for p in self._pending.values())
             oldest = key_oldest if oldest is None else min(oldest, key_oldest)
@@ -238,6 +249,15 @@ class FullTable:
         self._reload_needed = max(self._reload_needed, seq)
         self._schedule()
 
+    def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
+        """Rows whose ``columns`` hold one of ``values`` changed in batch ``seq`` (a relation's
+        source changed): refresh exactly those rows, including ones that appear or vanish."""
+        self._matching.append((seq, columns, values))
+        self._schedule()
+
+    def _busy_matching(self) -> bool:
+        return bool(self._matching) or self._matching_running
+
     def reroute(self) -> None:
         """Memory can no longer be trusted (listener down): readers waiting on
         refetches are sent to the database instead of waiting here."""
@@ -259,7 +279,7 @@ class FullTable:
 
     def peek(self, key: Key) -> tuple[bool, Row]:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
-        if self._reload_needed > self._reload_done or key in self._pending:
+        if self._reload_needed > self._reload_done or key in self._pending or self._matching:
             return False, None
         row = self.rows.get(key)
         self.reads["hit" if row is not None else "not_found"] += 1
@@ -269,6 +289,8 @@ class FullTable:
         """The rows of ``keys``, fresh as of every change received before the call."""
         if self._reload_needed > self._reload_done:
             await self._wait(self._table_waiters, self._reload_needed)
+        if self._matching:
+            await self._wait(self._table_waiters, self._matching[-1][0])
         if self._pending:
             for key in keys:
                 pending = self._pending.get(key)
@@ -302,12 +324,18 @@ class FullTable:
 
     def _dispatch(self) -> None:
         self._dispatch_handle = None
-        if self._reloading:
+        if self._reloading or self._matching_running:
             return
         if self._reload_needed > self._reload_done:
             if self._fetching == 0:  # reload only once keyed fetches have landed
                 self._reloading = True
                 self._tasks.spawn(self._reload(self._seq()), "reload")
+            return
+        if self._matching:
+            if self._fetching == 0:  # likewise: one writer of the affected rows at a time
+                self._matching_running = True
+                requests, self._matching = self._matching, []
+                self._tasks.spawn(self._refresh_matching(requests, self._seq()), "refresh")
             return
         while self._queue and self._fetching < self.concurrency:
             batch: list[Key] = []
@@ -335,13 +363,8 @@ class FullTable:
         self._failures = 0
         self.refetches += 1
         self._inflight.difference_update(keys)
-        table_rows = self.rows
+        self._store(keys, rows)
         for key in keys:
-            row = rows.get(key)
-            if row is None:
-                table_rows.pop(key, None)
-            else:
-                table_rows[key] = row
             pending = self._pending.get(key)
             if pending is not None:
                 if pending[1] <= level:
@@ -371,6 +394,9 @@ class FullTable:
         self._failures = 0
         first = not self.loaded
         self.rows = fresh
+        if self.indexes is not None:
+            self.indexes.rebuild(fresh)
+        self._matching = [m for m in self._matching if m[0] > level]  # (the reload covered them)
         self.loaded = True
         self.reloads += 1
         self._reload_done = level
@@ -404,6 +430,60 @@ class FullTable:
                 "seconds": round(seconds, 4),
             },
         )
+        self._on_progress()
+        self._schedule()
+
+    def _store(self, keys: Iterable[Key], rows: Rows) -> None:
+        """Rows fetched for ``keys``: stored, or removed where there is none; indexes follow."""
+        table_rows, indexes = self.rows, self.indexes
+        for key in keys:
+            row = rows.get(key)
+            if row is None:
+                if table_rows.pop(key, None) is not None and indexes is not None:
+                    indexes.delete(key)
+            else:
+                table_rows[key] = row
+                if indexes is not None:
+                    indexes.put(key, row)
+
+    async def _refresh_matching(self, requests: list[tuple[int, tuple[str, ...], list[Key]]], level: int) -> None:
+        by_columns: dict[tuple[str, ...], set[Key]] = {}
+        for _, columns, wanted in requests:
+            by_columns.setdefault(columns, set()).update(wanted)
+        fetched: list[tuple[tuple[str, ...], set[Key], Rows]] = []
+        try:
+            for columns, values in by_columns.items():
+                fetched.append((columns, values, await self.db.fetch_matching(self.schema, columns, list(values))))
+        except Exception as exc:
+            self._matching_running = False
+            self._matching = requests + self._matching
+            self._failed(f"refreshing {self.schema.qualified}", exc, None)
+            return
+        self._matching_running = False
+        self._failures = 0
+        self.refetches += 1
+        changed: dict[Key, bool] = {}
+        for columns, values, rows in fetched:
+            before = self.indexes.matching(columns, values) if self.indexes is not None else set()
+            affected = before | rows.keys()
+            self._store(affected, rows)
+            for key in affected:
+                changed[key] = key in rows
+        for key in changed:
+            pending = self._pending.get(key)
+            if pending is not None and pending[1] <= level:
+                del self._pending[key]
+                self._queue.pop(key, None)
+            waiters = self._waiters.get(key)
+            if waiters:
+                rest = release_waiters(waiters, level)
+                if rest:
+                    self._waiters[key] = rest
+                else:
+                    del self._waiters[key]
+        if self._on_matched is not None:
+            self._on_matched([seq for seq, _, _ in requests], changed)
+        self._table_waiters = release_waiters(self._table_waiters, level)
         self._on_progress()
         self._schedule()
 

@@ -330,10 +330,8 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         return 2
 
     async def work(conn: Any) -> int:
-        sets = [
-            triggers.TriggerSet(await describe_table(conn, table), config.channel, config.bulk_threshold)
-            for table in config.tables
-        ]
+        schemas = [await describe_table(conn, table) for table in config.tables]
+        sets = triggers.trigger_sets(schemas, config.channel, config.bulk_threshold)
         if args.action == "sql":
             print(triggers.script(sets, uninstall=args.uninstall_sql), end="")
         elif args.action == "install":

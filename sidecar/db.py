@@ -16,7 +16,7 @@ import asyncpg
 from sidecar.config import Config, TableConfig, redact_dsn, scrub
 from sidecar.errors import ConfigError, SchemaError, Unavailable
 from sidecar.keys import Key, KeyColumn, normalize_stored
-from sidecar.schema import TableSchema
+from sidecar.schema import SourceSchema, TableSchema
 from sidecar.wire import entry
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class Database(Protocol):
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         """The rows that exist among ``keys`` (missing keys are absent)."""
+        ...
+
+    async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
+        """The rows whose ``columns`` take one of ``values`` (tuples in ``columns`` order)."""
         ...
 
 
@@ -85,8 +89,29 @@ ORDER BY k.ord
 """
 
 
+CATALOG_COLUMNS_SQL = """
+SELECT a.attname,
+       format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
+       bt.typname,
+       bt.typtype = 'e'
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE a.attrelid = $1 AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+CATALOG_TYPES_SQL = """
+SELECT t.oid, format_type(bt.oid, NULL), bt.typname, bt.typtype = 'e'
+FROM pg_catalog.pg_type t
+JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE t.oid = ANY($1::oid[])
+"""
+
+
 async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
-    """Find a table and its primary key in the catalog."""
+    """Find a table (or a relation's query) and its key in the catalog."""
+    if table.is_relation:
+        return await describe_relation(conn, table)
     found = await conn.fetchrow(CATALOG_TABLE_SQL, table.schema, table.name)
     if found is None:
         raise SchemaError(f"table {table.qualified} does not exist")
@@ -98,7 +123,60 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
     columns = tuple(
         KeyColumn.create(name, type_name, sql_type, is_enum) for name, sql_type, type_name, is_enum in key_rows
     )
-    return TableSchema(config=table, key_columns=columns)
+    wanted = sorted({c for index in table.indexes for c in index.columns} - {c.name for c in columns})
+    others: dict[str, KeyColumn] = {}
+    if wanted:
+        for name, sql_type, type_name, is_enum in await conn.fetch(CATALOG_COLUMNS_SQL, found["oid"], wanted):
+            others[name] = KeyColumn.create(name, type_name, sql_type, is_enum)
+        missing = [c for c in wanted if c not in others]
+        if missing:
+            raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
+    return TableSchema(config=table, key_columns=columns, columns=others)
+
+
+async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:
+    """A relation's columns from its query's result, and its sources from the catalog."""
+    assert relation.query is not None
+    try:
+        statement = await conn.prepare(f"SELECT * FROM ({relation.query}) AS t")
+    except asyncpg.PostgresError as exc:
+        raise SchemaError(f"relation {relation.qualified}: its query fails: {exc}") from None
+    attributes = statement.get_attributes()
+    names = [a.name for a in attributes]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SchemaError(f"relation {relation.qualified}: its query returns {', '.join(twice)} more than once")
+    types = {
+        oid: (sql_type, type_name, is_enum)
+        for oid, sql_type, type_name, is_enum in await conn.fetch(CATALOG_TYPES_SQL, [a.type.oid for a in attributes])
+    }
+
+    def column(name: str, role: str) -> KeyColumn:
+        attribute = next((a for a in attributes if a.name == name), None)
+        if attribute is None:
+            raise SchemaError(f"relation {relation.qualified}: {role} {name!r} is not a column of its query")
+        sql_type, type_name, is_enum = types[attribute.type.oid]
+        return KeyColumn.create(name, type_name, sql_type, is_enum)
+
+    key = tuple(column(name, "key column") for name in relation.key)
+    sources = []
+    wanted = {c for index in relation.indexes for c in index.columns}
+    for source in relation.sources:
+        source_schema = await describe_table(conn, TableConfig(schema=source.schema, name=source.name))
+        source_key = [c.name for c in source_schema.key_columns]
+        mapping = []
+        for source_column, relation_column in source.mapping:
+            if source_column not in source_key:
+                raise SchemaError(
+                    f"relation {relation.qualified}: source {source.qualified} maps {source_column!r}, which is not "
+                    f"part of its primary key ({', '.join(source_key)}); changes are told by primary key"
+                )
+            column(relation_column, f"the column {source.qualified}.{source_column} maps to,")
+            mapping.append((source_key.index(source_column), relation_column))
+            wanted.add(relation_column)
+        sources.append(SourceSchema(source_schema, tuple(mapping)))
+    others = {name: column(name, "indexed column") for name in sorted(wanted - set(relation.key))}
+    return TableSchema(config=relation, key_columns=key, columns=others, sources=tuple(sources))
 
 
 class PgDatabase:
@@ -150,6 +228,12 @@ class PgDatabase:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             records = await conn.fetch(schema.select_keys_sql(), *args)
         return _rows(records, columns, len(columns))
+
+    async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
+        args = [[value[i] for value in values] for i in range(len(columns))]
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            records = await conn.fetch(schema.select_matching_sql(columns), *args)
+        return _rows(records, schema.key_columns, len(schema.key_columns))
 
 
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import secrets
 import time
@@ -48,8 +49,8 @@ from sidecar.hub import (
     Snapshot,
     snapshot_chunks,
 )
-from sidecar.keys import Key, coerce_key, coerce_single, key_text
-from sidecar.schema import TableSchema
+from sidecar.keys import Key, KeyColumn, coerce_key, coerce_single, key_text
+from sidecar.schema import SourceSchema, TableSchema
 from sidecar.wire import row_json
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ class Engine:
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._epoch_start = 0  # the rebuild that began this epoch
         self.tables: dict[str, TableCache] = {}
-        self._by_pg_name: dict[tuple[str, str], TableCache] = {}
+        # Who hears about changes of a PostgreSQL table: the table's own cache
+        # (source None) and the relations it is a source of.
+        self._consumers: dict[tuple[str, str], list[tuple[TableCache, SourceSchema | None]]] = {}
         self.hub = Hub(
             rows_of=self._full_rows,
             row_json=row_json,
@@ -133,13 +136,19 @@ class Engine:
                     db,
                     current_seq=lambda: self.seq,
                     on_progress=self._progress,
+                    on_matched=functools.partial(self._matched, schema.qualified),
                     batch_size=refetch_batch_size,
                     concurrency=refetch_concurrency,
                 )
             else:
                 table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[schema.qualified] = table
-            self._by_pg_name[(schema.config.schema, schema.config.name)] = table
+            if schema.config.is_relation:
+                for source in schema.sources:
+                    config = source.table.config
+                    self._consumers.setdefault((config.schema, config.name), []).append((table, source))
+            else:
+                self._consumers.setdefault((schema.config.schema, schema.config.name), []).append((table, None))
 
     @classmethod
     def from_config(cls, config: Config, db: Database, schemas: Sequence[TableSchema]) -> Engine:
@@ -272,37 +281,93 @@ class Engine:
             if self.barrier is not None and self.barrier.token_received(event.token, self.seq):
                 self._progress()
             return
-        table = self._by_pg_name.get((event.schema, event.table))
-        if table is None:
+        consumers = self._consumers.get((event.schema, event.table))
+        if consumers is None:
             self.stats.ignored += 1
             return
         self.stats.events += 1
         seq = self._batch_seq(event.xid)
+        for table, source in consumers:
+            if source is None:
+                self._apply(table, event, seq)
+            else:
+                self._apply_to_relation(table, source, event, seq)
+        self._progress()
+
+    def _apply(self, table: TableCache, event: RowChange | TableChange, seq: int) -> None:
         name = table.schema.qualified
         if isinstance(event, TableChange):
             log.debug("%s: whole table changed (%s)", name, event.reason)
             op = TRUNCATE if event.op is Op.TRUNCATE else TABLE_CHANGED
             self.hub.record(seq, event.xid, Change(name, op))
             table.changed_all(seq)
-        elif isinstance(event, RowChange):
-            columns = table.schema.key_columns
-            try:
-                keys = [coerce_key(columns, parts) for parts in event.keys]
-                keys += [coerce_key(columns, parts) for parts in event.old_keys]
-            except InvalidKey as exc:
-                # Never guess: a key we cannot read could be any row.
-                self.stats.bad_keys += 1
-                log.warning(
-                    "%s: unreadable key in notification (%s); reloading the table",
-                    table.schema.qualified,
-                    exc,
+            return
+        keys = self._coerce(table.schema.key_columns, event, name)
+        if keys is None:
+            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            table.changed_all(seq)
+            return
+        self._record_rows(seq, event, name, keys)
+        table.changed(keys, seq)
+
+    def _apply_to_relation(
+        self, relation: TableCache, source: SourceSchema, event: RowChange | TableChange, seq: int
+    ) -> None:
+        """A source of ``relation`` changed: refresh exactly the relation rows it affects."""
+        name = relation.schema.qualified
+        source_keys = None if isinstance(event, TableChange) else self._coerce(source.table.key_columns, event, name)
+        if source_keys is None:
+            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            relation.changed_all(seq)
+            return
+        columns = source.relation_columns
+        mapped = [tuple(key[position] for position, _ in source.mapping) for key in source_keys]
+        key_names = [c.name for c in relation.schema.key_columns]
+        try:
+            if set(key_names) <= set(columns):  # the source's key gives the relation's key
+                keys = list(
+                    dict.fromkeys(
+                        coerce_key(relation.schema.key_columns, [value[columns.index(n)] for n in key_names])
+                        for value in mapped
+                    )
                 )
-                self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
-                table.changed_all(seq)
             else:
-                self._record_rows(seq, event, name, keys)
-                table.changed(keys, seq)
-        self._progress()
+                value_columns = [relation.schema.column(c) for c in columns]
+                values = list(dict.fromkeys(coerce_key(value_columns, value) for value in mapped))
+        except InvalidKey as exc:
+            log.warning("%s: source values that do not fit (%s); reloading it", name, exc)
+            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            relation.changed_all(seq)
+            return
+        if set(key_names) <= set(columns):
+            op = _OPS[event.op] if isinstance(event, RowChange) else UPDATE
+            for key in keys:
+                self.hub.record(seq, event.xid, Change(name, op, key))
+            relation.changed(keys, seq)
+        elif isinstance(relation, FullTable):
+            self.hub.ensure(seq, event.xid)  # its changes are known once the refresh has run
+            relation.changed_matching(columns, values, seq)
+        else:  # a lazy relation holds no index to find the rows: drop them all
+            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            relation.changed_all(seq)
+
+    def _coerce(self, columns: Sequence[KeyColumn], event: RowChange, name: str) -> list[Key] | None:
+        """The event's keys (new, then old) coerced to ``columns``; None when one does not fit."""
+        try:
+            keys = [coerce_key(columns, parts) for parts in event.keys]
+            keys += [coerce_key(columns, parts) for parts in event.old_keys]
+        except InvalidKey as exc:
+            # Never guess: a key we cannot read could be any row.
+            self.stats.bad_keys += 1
+            log.warning("%s: unreadable key in notification (%s); reloading it", name, exc)
+            return None
+        return keys
+
+    def _matched(self, name: str, seqs: list[int], changed: dict[Key, bool]) -> None:
+        """A relation refresh ran: its changes join the batch of the newest source change it served."""
+        batch = max(seqs)
+        for key, has_row in changed.items():
+            self.hub.add(batch, Change(name, UPDATE if has_row else DELETE, key))
 
     def _record_rows(self, seq: int, event: RowChange, name: str, keys: list[Key]) -> None:
         op = _OPS[event.op]

@@ -171,9 +171,22 @@ class Hub:
 
     def record(self, revision: int, xid: int, change: Change) -> None:
         """Add a change to batch ``revision`` (created on first use)."""
+        self.ensure(revision, xid)
+        self._pending[-1].changes.append(change)
+
+    def ensure(self, revision: int, xid: int) -> None:
+        """Batch ``revision`` exists (its changes may only be known later: ``add``)."""
         if not self._pending or self._pending[-1].revision != revision:
             self._pending.append(Batch(self.epoch, revision, xid))
-        self._pending[-1].changes.append(change)
+
+    def add(self, revision: int, change: Change) -> None:
+        """Add a change to a batch recorded earlier and not yet published (else: dropped)."""
+        for batch in reversed(self._pending):
+            if batch.revision == revision:
+                batch.changes.append(change)
+                return
+            if batch.revision < revision:
+                return
 
     def publish(self, applied: int) -> None:
         """Publish every recorded batch up to ``applied``, with the rows held now."""

@@ -232,7 +232,7 @@ class KeyColumn:
         factory = _text if is_enum else _COERCERS.get(type_name)
         if factory is None:
             raise SchemaError(
-                f"key column {name} has type {sql_type}, which cannot be a cache key "
+                f"column {name} has type {sql_type}, which cannot be a cache key or an indexed column "
                 f"(supported: {', '.join(SUPPORTED_KEY_TYPES)})"
             )
         label = f"{name} ({sql_type})"

@@ -1,4 +1,7 @@
-"""A cached table's shape (name, key columns, filter) and the SQL that reads it.
+"""A cached table's shape (name, key columns, filter, indexed columns) and the
+SQL that reads it. A *relation* is a cached query: the same shape, read from
+``(query) AS t`` instead of a table, plus its sources (the tables whose
+changes refresh it).
 
 Rows are produced by PostgreSQL itself as ``row_to_json(t)::text``: the JSON
 that responses carry is made once, by the database, when a row is loaded, and
@@ -7,18 +10,37 @@ follows PostgreSQL's documented JSON mapping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sidecar.config import TableConfig, quote_ident
 from sidecar.keys import KeyColumn
 
 
 @dataclass(frozen=True)
+class SourceSchema:
+    """How changes of one source table reach a relation."""
+
+    table: TableSchema  # the source table (its key columns)
+    # For each mapped source key column: its position in the source key and the
+    # relation column it maps to.
+    mapping: tuple[tuple[int, str], ...]
+
+    @property
+    def relation_columns(self) -> tuple[str, ...]:
+        return tuple(column for _, column in self.mapping)
+
+
+@dataclass(frozen=True)
 class TableSchema:
-    """A configured table as found in the catalog."""
+    """A configured table (or relation) as found in the catalog."""
 
     config: TableConfig
     key_columns: tuple[KeyColumn, ...]
+    # Typed columns besides the key that the sidecar reads values of: indexed
+    # columns, and the columns relation sources map to.
+    columns: dict[str, KeyColumn] = field(default_factory=dict)
+    sources: tuple[SourceSchema, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -26,14 +48,40 @@ class TableSchema:
 
     @property
     def sql_name(self) -> str:
+        """The table's quoted name (tables only)."""
         return f"{quote_ident(self.config.schema)}.{quote_ident(self.config.name)}"
+
+    @property
+    def source_sql(self) -> str:
+        if self.config.query is not None:
+            return f"({self.config.query}) AS t"
+        return f"{self.sql_name} AS t"
+
+    def column(self, name: str) -> KeyColumn:
+        for key_column in self.key_columns:
+            if key_column.name == name:
+                return key_column
+        return self.columns[name]
 
     def _select(self) -> str:
         keys = ", ".join(f"t.{quote_ident(c.name)}" for c in self.key_columns)
-        return f"SELECT {keys}, row_to_json(t)::text FROM {self.sql_name} AS t"
+        return f"SELECT {keys}, row_to_json(t)::text FROM {self.source_sql}"
 
     def _filter(self) -> str:
         return f"({self.config.where})" if self.config.where else ""
+
+    def _condition(self, columns: Sequence[KeyColumn]) -> str:
+        """Rows whose ``columns`` take one of the given values (one array parameter per column)."""
+        if len(columns) == 1:
+            column = columns[0]
+            return f"t.{quote_ident(column.name)} = ANY($1::{column.sql_type}[])"
+        names = ", ".join(f"t.{quote_ident(c.name)}" for c in columns)
+        arrays = ", ".join(f"${i}::{c.sql_type}[]" for i, c in enumerate(columns, 1))
+        return f"({names}) IN (SELECT * FROM unnest({arrays}))"
+
+    def _where(self, condition: str) -> str:
+        extra = self._filter()
+        return f"{self._select()} WHERE {condition}" + (f" AND {extra}" if extra else "")
 
     def select_all_sql(self) -> str:
         """Every cached row: key columns, then the row's JSON."""
@@ -42,13 +90,8 @@ class TableSchema:
 
     def select_keys_sql(self) -> str:
         """The rows of a set of keys; one array parameter per key column."""
-        columns = self.key_columns
-        if len(columns) == 1:
-            column = columns[0]
-            condition = f"t.{quote_ident(column.name)} = ANY($1::{column.sql_type}[])"
-        else:
-            names = ", ".join(f"t.{quote_ident(c.name)}" for c in columns)
-            arrays = ", ".join(f"${i}::{c.sql_type}[]" for i, c in enumerate(columns, 1))
-            condition = f"({names}) IN (SELECT * FROM unnest({arrays}))"
-        where = self._filter()
-        return f"{self._select()} WHERE {condition}" + (f" AND {where}" if where else "")
+        return self._where(self._condition(self.key_columns))
+
+    def select_matching_sql(self, columns: Sequence[str]) -> str:
+        """The rows whose ``columns`` take given values; one array parameter per column."""
+        return self._where(self._condition([self.column(name) for name in columns]))

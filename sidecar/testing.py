@@ -18,7 +18,7 @@ from sidecar.db import Rows
 from sidecar.errors import SchemaError
 from sidecar.keys import Key, KeyColumn
 from sidecar.schema import TableSchema
-from sidecar.wire import entry
+from sidecar.wire import entry, row_json
 
 
 def int_key_schema(name: str = "public.items", mode: str = "full", **table: Any) -> TableSchema:
@@ -100,6 +100,21 @@ class MemoryDatabase:
         self.fetches.append((schema.qualified, tuple(keys)))
         table = self.data[schema.qualified]
         snapshot = {key: table[key] for key in keys if key in table}
+        await self._pass_gate()
+        if self.error is not None:
+            raise self.error
+        return snapshot
+
+    async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
+        """Rows whose JSON holds one of ``values`` in ``columns`` (plain JSON scalars only)."""
+        if self.error is not None:
+            raise self.error
+        wanted = set(values)
+        snapshot = {}
+        for key, stored in self.data[schema.qualified].items():
+            row = json.loads(row_json(stored))
+            if tuple(row.get(column) for column in columns) in wanted:
+                snapshot[key] = stored
         await self._pass_gate()
         if self.error is not None:
             raise self.error

@@ -203,6 +203,15 @@ END"""
         return f"-- {self.schema.qualified}\n{drops}\nDROP FUNCTION IF EXISTS {self.function_sql_name}();\n"
 
 
+def trigger_sets(schemas: Sequence[TableSchema], channel: str, bulk_threshold: int) -> list[TriggerSet]:
+    """The triggers the cached tables need: on each table, and on every source of each relation."""
+    tables: dict[str, TableSchema] = {}
+    for schema in schemas:
+        for table in [source.table for source in schema.sources] if schema.config.is_relation else [schema]:
+            tables.setdefault(table.qualified, table)
+    return [TriggerSet(table, channel, bulk_threshold) for table in tables.values()]
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 

@@ -1,0 +1,174 @@
+"""Relations (cached joins) against a real PostgreSQL: tablecache's basic
+example (users, cities, users_cities joined by user_id) kept current with no
+manual invalidation, through inserts, updates and deletes of every source."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from cache_sidecar_client import AsyncClient, ChangeBatch
+
+from sidecar import config as cfg
+from sidecar.app import Daemon
+from tests.support.waiting import eventually
+
+SCHEMA_SQL = """
+CREATE TABLE {s}.users (user_id integer PRIMARY KEY, name text NOT NULL, nickname text);
+CREATE TABLE {s}.cities (city_id integer PRIMARY KEY, name text NOT NULL);
+CREATE TABLE {s}.users_cities (
+    user_id integer PRIMARY KEY REFERENCES {s}.users (user_id) ON DELETE CASCADE,
+    city_id integer NOT NULL REFERENCES {s}.cities (city_id)
+);
+INSERT INTO {s}.users VALUES (1, 'User 1', 'u1'), (2, 'User 2', NULL);
+INSERT INTO {s}.cities VALUES (1, 'City 1'), (2, 'City 2');
+INSERT INTO {s}.users_cities VALUES (1, 1), (2, 2);
+"""
+
+QUERY = """
+SELECT uc.*, u.name AS user_name, u.nickname AS user_nickname, c.name AS city_name
+FROM {s}.users u JOIN {s}.users_cities uc USING (user_id) JOIN {s}.cities c USING (city_id)
+"""
+
+
+def relation(schema: str, mode: str = "full", **extra) -> cfg.TableConfig:  # type: ignore[no-untyped-def]
+    return cfg.TableConfig(
+        schema=schema,
+        name="user_city",
+        mode=mode,  # type: ignore[arg-type]
+        query=QUERY.format(s=schema),
+        key=("user_id",),
+        sources=(
+            cfg.Source(schema, "users", (("user_id", "user_id"),)),
+            cfg.Source(schema, "users_cities", (("user_id", "user_id"),)),
+            cfg.Source(schema, "cities", (("city_id", "city_id"),)),
+        ),
+        **extra,
+    )
+
+
+@pytest.fixture
+async def users(db, schema) -> str:
+    await db.execute(SCHEMA_SQL.format(s=schema))
+    return f"{schema}.user_city"
+
+
+async def follows(cache: AsyncClient, name: str, key: int, expected) -> None:  # type: ignore[no-untyped-def]
+    async def matches() -> bool:
+        return await cache.get(name, key) == expected
+
+    await eventually(matches, what=f"{name} {key} == {expected}")
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+async def test_the_reference_example_follows_every_source(start_daemon, db, schema, users, mode):
+    sidecar = await start_daemon([relation(schema, mode)])
+    s = schema
+    async with AsyncClient(sidecar.target) as cache:
+        assert await cache.get(users, 1) == {
+            "user_id": 1,
+            "city_id": 1,
+            "user_name": "User 1",
+            "user_nickname": "u1",
+            "city_name": "City 1",
+        }
+        assert (await cache.get(users, 2))["city_name"] == "City 2"
+        assert await cache.get(users, 3) is None
+
+        await db.execute(f"UPDATE {s}.users SET name = 'New Name' WHERE user_id = 1")  # a user changes
+        await follows(cache, users, 1, {**await cache.get(users, 1, consistency="strong"), "user_name": "New Name"})
+        assert (await cache.get(users, 1))["user_name"] == "New Name"
+
+        await db.execute(f"UPDATE {s}.cities SET name = 'Renamed' WHERE city_id = 1")  # a city changes
+        await eventually(lambda: _field(cache, users, 1, "city_name", "Renamed"), what="city rename followed")
+        assert (await cache.get(users, 2))["city_name"] == "City 2"  # the other city is untouched
+
+        await db.execute(  # a new user with a city: a new relation row
+            f"INSERT INTO {s}.users VALUES (3, 'User 3', NULL); INSERT INTO {s}.users_cities VALUES (3, 2)"
+        )
+        await eventually(lambda: _field(cache, users, 3, "city_name", "City 2"), what="insert appears")
+
+        await db.execute(f"UPDATE {s}.users_cities SET city_id = 1 WHERE user_id = 3")  # a user moves
+        await eventually(lambda: _field(cache, users, 3, "city_name", "Renamed"), what="move followed")
+
+        await db.execute(f"DELETE FROM {s}.users_cities WHERE user_id = 2")  # the join no longer matches
+        await eventually(lambda: _gone(cache, users, 2), what="relation row gone")
+
+        await db.execute(f"DELETE FROM {s}.users WHERE user_id = 1")  # cascades
+        await eventually(lambda: _gone(cache, users, 1), what="cascade followed")
+
+        await db.execute(f"TRUNCATE {s}.users_cities")
+        await eventually(lambda: _gone(cache, users, 3), what="truncate followed")
+        (info,) = await cache.list_tables()
+        assert info.name == users and (info.row_count == 0 or mode == "lazy")
+
+
+async def test_relation_rows_converge_with_the_query(start_daemon, db, schema, users):
+    sidecar = await start_daemon([relation(schema)])
+    s = schema
+    async with AsyncClient(sidecar.target) as cache:
+        await db.execute(
+            f"INSERT INTO {s}.cities SELECT g, 'City ' || g FROM generate_series(3, 20) g;"
+            f"INSERT INTO {s}.users SELECT g, 'User ' || g, NULL FROM generate_series(3, 200) g;"
+            f"INSERT INTO {s}.users_cities SELECT g, 1 + g % 20 FROM generate_series(3, 200) g;"
+            f"UPDATE {s}.cities SET name = name || '!' WHERE city_id % 3 = 0;"
+            f"UPDATE {s}.users_cities SET city_id = 5 WHERE user_id % 7 = 0;"
+            f"DELETE FROM {s}.users WHERE user_id % 11 = 0;"
+        )
+        await cache.sync()
+        truth = {r["user_id"]: dict(r) for r in await db.fetch(QUERY.format(s=s))}
+        table = sidecar.engine.tables[users]
+        assert table.row_count == len(truth)
+        got = await cache.batch_get(users, sorted(truth))
+        assert {r["user_id"]: r for r in got} == truth
+
+
+async def test_watch_reports_the_relation_rows_a_source_change_touched(start_daemon, db, schema, users):
+    sidecar = await start_daemon([relation(schema)])
+    async with AsyncClient(sidecar.target) as cache:
+        seen: list[ChangeBatch] = []
+
+        async def follow() -> None:
+            async for item in cache.watch([users]):
+                if isinstance(item, ChangeBatch):
+                    seen.append(item)
+
+        following = asyncio.create_task(follow())
+        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await db.execute(f"INSERT INTO {schema}.users_cities SELECT 1 FROM {schema}.users WHERE false")  # nothing
+        await db.execute(f"UPDATE {schema}.cities SET name = 'City A' WHERE city_id = 1")
+        await eventually(lambda: seen, what="a batch")
+        following.cancel()
+    (change,) = seen[0].changes
+    assert (change.key, change.operation, change.row["city_name"]) == (1, "update", "City A")
+
+
+@pytest.mark.parametrize(
+    ("mapping", "query", "message"),
+    [
+        ((("name", "user_name"),), None, "not part of its primary key"),
+        ((("user_id", "nope"),), None, "is not a column of its query"),
+        ((("user_id", "user_id"),), "SELECT * FROM nowhere", "its query fails"),
+    ],
+)
+async def test_relation_configuration_errors_are_clear(postgres, schema, users, caplog, mapping, query, message):
+    bad = relation(schema)
+    bad = cfg.TableConfig(
+        schema=bad.schema,
+        name=bad.name,
+        query=query or bad.query,
+        key=bad.key,
+        sources=(cfg.Source(schema, "users", mapping),),
+    )
+    config = cfg.Config(dsn=postgres.dsn, listen=("127.0.0.1:0",), install_triggers=True, tables=(bad,))
+    assert await Daemon(config, handle_signals=False).run() == 1
+    assert message in caplog.text
+
+
+async def _field(cache: AsyncClient, name: str, key: int, field: str, value: str) -> bool:
+    row = await cache.get(name, key)
+    return row is not None and row[field] == value
+
+
+async def _gone(cache: AsyncClient, name: str, key: int) -> bool:
+    return await cache.get(name, key) is None
