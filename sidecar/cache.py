@@ -303,6 +303,18 @@ class FullTable:
         self.reads["not_found"] += len(found) - hits
         return found
 
+    async def settle(self) -> None:
+        """Wait until every change received before the call is applied to rows and
+        indexes (what a read of the whole table, such as an index query, needs)."""
+        if self._reload_needed > self._reload_done:
+            await self._wait(self._table_waiters, self._reload_needed)
+        if self._matching:
+            await self._wait(self._table_waiters, self._matching[-1][0])
+        for key, level in [(key, pending[1]) for key, pending in self._pending.items()]:
+            pending = self._pending.get(key)
+            if pending is not None and pending[0] <= level:
+                await self._wait(self._waiters.setdefault(key, []), level)
+
     async def _wait(self, waiters: list[tuple[int, asyncio.Future[None]]], level: int) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append((level, future))

@@ -15,6 +15,7 @@ import asyncpg
 
 from sidecar.config import Config, TableConfig, redact_dsn, scrub
 from sidecar.errors import ConfigError, SchemaError, Unavailable
+from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.wire import entry
@@ -49,6 +50,10 @@ class Database(Protocol):
 
     async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
         """The rows whose ``columns`` take one of ``values`` (tuples in ``columns`` order)."""
+        ...
+
+    async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
+        """The rows an index query matches, in its order, up to one past its limit."""
         ...
 
 
@@ -234,6 +239,30 @@ class PgDatabase:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             records = await conn.fetch(schema.select_matching_sql(columns), *args)
         return _rows(records, schema.key_columns, len(schema.key_columns))
+
+    async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            records = await conn.fetch(*query_sql(schema, query))
+        return _rows(records, schema.key_columns, len(schema.key_columns))
+
+
+def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
+    """An index query as SQL and its arguments (one row past the limit, to tell truncation)."""
+    if query.values is not None:
+        sql = schema.select_index_sql(query.columns, equality=True, descending=query.descending)
+        arrays = [[value[i] for value in query.values] for i in range(len(query.columns))]
+        return (sql, *arrays, query.limit + 1)
+    bounds = [bound for bound in (query.low, query.high) if bound is not None]
+    sql = schema.select_index_sql(
+        query.columns,
+        equality=False,
+        low=query.low is not None,
+        high=query.high is not None,
+        low_open=query.low_open,
+        high_open=query.high_open,
+        descending=query.descending,
+    )
+    return (sql, *bounds, query.limit + 1)
 
 
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:

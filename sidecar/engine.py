@@ -49,6 +49,7 @@ from sidecar.hub import (
     Snapshot,
     snapshot_chunks,
 )
+from sidecar.indexes import IndexQuery, plan
 from sidecar.keys import Key, KeyColumn, coerce_key, coerce_single, key_text
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.wire import row_json
@@ -525,6 +526,73 @@ class Engine:
             )
             return
         self._passthrough.land(futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()})
+
+    # ------------------------------------------------------------ index queries
+
+    def plan_query(
+        self,
+        table: TableCache,
+        index: str,
+        values: Sequence[Sequence[Any]] | None,
+        low: Any,
+        high: Any,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+        limit: int = 0,
+        descending: bool = False,
+    ) -> IndexQuery:
+        """Validate an index query (``limit`` 0: the most one call may return)."""
+        if limit > self.max_batch_keys:
+            raise InvalidRequest(
+                f"limit {limit} is above the most one call returns ({self.max_batch_keys}, server.max_batch_keys)"
+            )
+        if values is not None:
+            self._check_batch(len(values))
+        return plan(
+            table.schema,
+            index,
+            values,
+            low,
+            high,
+            low_open=low_open,
+            high_open=high_open,
+            limit=limit or self.max_batch_keys,
+            descending=descending,
+        )
+
+    async def query(self, table: TableCache, query: IndexQuery, allow_stale: bool = False) -> tuple[list[bytes], bool]:
+        """The rows (entries) an index query matches, in order, and whether more matched.
+
+        Served from memory once every change received before the call is
+        applied; from the database while memory cannot be trusted, as reads are.
+        """
+        if self.listener_up and table.loaded and isinstance(table, FullTable):
+            try:
+                await table.settle()
+                return self._query_memory(table, query)
+            except Rerouted:
+                pass  # the listener went down while we waited
+        self.stats.passthrough_reads += 1
+        try:
+            rows = await self.db.query(table.schema, query)
+        except FETCH_ERRORS as exc:
+            if allow_stale and table.loaded and isinstance(table, FullTable):
+                self.stats.stale_reads += 1
+                return self._query_memory(table, query)
+            raise Unavailable(
+                f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"
+            ) from None
+        self.stats.database_reads[table.schema.qualified] += len(rows)
+        entries = list(rows.values())
+        return entries[: query.limit], len(entries) > query.limit
+
+    def _query_memory(self, table: FullTable, query: IndexQuery) -> tuple[list[bytes], bool]:
+        assert table.indexes is not None  # a table with declared indexes has them
+        keys, truncated = table.indexes.run(query)
+        rows = table.rows
+        table.reads["hit"] += len(keys)
+        return [rows[key] for key in keys], truncated
 
     # ------------------------------------------------------------ invalidation
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sidecar.config import IndexConfig
 from sidecar.errors import InvalidRequest, UnknownTable
-from sidecar.keys import Key, coerce_key
+from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.schema import TableSchema
 from sidecar.wire import row_json
 
@@ -46,11 +46,21 @@ class HashIndex:
     def lookup(self, values: Iterable[tuple[Any, ...]]) -> set[Key]:
         found: set[Key] = set()
         for value in values:
-            found |= self._keys.get(value, set())
+            keys = self._keys.get(value)
+            if keys:
+                found.update(keys)
         return found
+
+    def fill(self, pairs: Iterable[tuple[tuple[Any, ...], Key]]) -> None:
+        for value, key in pairs:
+            self.add(value, key)
 
     def clear(self) -> None:
         self._keys.clear()
+
+
+def _value(entry: tuple[Any, Key]) -> Any:
+    return entry[0]
 
 
 class RangeIndex:
@@ -63,9 +73,8 @@ class RangeIndex:
         self._entries: list[tuple[Any, Key]] = []
 
     def add(self, value: tuple[Any, ...], key: Key) -> None:
-        if value[0] is None:
-            return
-        bisect.insort(self._entries, (value[0], key))
+        if value[0] is not None:
+            bisect.insort(self._entries, (value[0], key))
 
     def remove(self, value: tuple[Any, ...], key: Key) -> None:
         if value[0] is None:
@@ -74,28 +83,32 @@ class RangeIndex:
         if position < len(self._entries) and self._entries[position] == (value[0], key):
             del self._entries[position]
 
+    def fill(self, pairs: Iterable[tuple[tuple[Any, ...], Key]]) -> None:
+        """Add many at once (a load): one sort instead of an insertion each."""
+        self._entries.extend((value[0], key) for value, key in pairs if value[0] is not None)
+        self._entries.sort()
+
     def lookup(self, values: Iterable[tuple[Any, ...]]) -> set[Key]:
+        entries = self._entries
         found: set[Key] = set()
         for (value,) in values:
-            start = bisect.bisect_left(self._entries, (value,))
-            for entry_value, key in self._entries[start:]:
-                if entry_value != value:
-                    break
-                found.add(key)
+            start = bisect.bisect_left(entries, value, key=_value)
+            end = bisect.bisect_right(entries, value, key=_value, lo=start)
+            found.update(key for _, key in entries[start:end])
         return found
 
-    def scan(self, low: Any, high: Any, low_open: bool, high_open: bool) -> list[Key]:
-        """Keys with ``low <= value <= high`` (``None``: unbounded), in value order."""
+    def span(self, low: Any, high: Any, low_open: bool, high_open: bool) -> tuple[int, int]:
+        """Positions of the entries within the bounds (``None``: unbounded)."""
         entries = self._entries
-        start = 0 if low is None else bisect.bisect_left(entries, (low,))
-        keys = []
-        for value, key in entries[start:]:
-            if low is not None and low_open and value == low:
-                continue
-            if high is not None and (value > high or (high_open and value == high)):
-                break
-            keys.append(key)
-        return keys
+        start, end = 0, len(entries)
+        if low is not None:
+            start = (bisect.bisect_right if low_open else bisect.bisect_left)(entries, low, key=_value)
+        if high is not None:
+            end = (bisect.bisect_left if high_open else bisect.bisect_right)(entries, high, key=_value, lo=start)
+        return start, max(start, end)
+
+    def keys(self, start: int, end: int) -> list[Key]:
+        return [key for _, key in self._entries[start:end]]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -105,9 +118,18 @@ Index = HashIndex | RangeIndex
 
 
 @dataclass(frozen=True)
-class QueryResult:
-    keys: list[Key]
-    truncated: bool
+class IndexQuery:
+    """A validated index query: values (or range bounds) already coerced to the columns' types."""
+
+    index: str
+    columns: tuple[KeyColumn, ...]
+    values: list[Key] | None  # equality; None for a range
+    low: Any = None  # range bounds; None: unbounded
+    high: Any = None
+    low_open: bool = False
+    high_open: bool = False
+    limit: int = 1000
+    descending: bool = False
 
 
 class IndexSet:
@@ -157,11 +179,10 @@ class IndexSet:
             index.remove(tuple(values[c] for c in index.columns), key)
 
     def rebuild(self, rows: dict[Key, bytes]) -> None:
+        self._values = {key: self._read(entry) for key, entry in rows.items()}
         for index in self.indexes.values():
             index.clear()
-        self._values.clear()
-        for key, entry in rows.items():
-            self.put(key, entry)
+            index.fill((tuple(values[c] for c in index.columns), key) for key, values in self._values.items())
 
     def matching(self, columns: Sequence[str], values: Iterable[tuple[Any, ...]]) -> set[Key]:
         """Keys whose ``columns`` hold one of ``values`` (a hidden source index)."""
@@ -173,38 +194,52 @@ class IndexSet:
     def index(self, name: str) -> Index:
         index = self.indexes.get(name)
         if index is None or name.startswith("source:"):
-            known = ", ".join(n for n in self.indexes if not n.startswith("source:")) or "none"
-            raise UnknownTable(f"table {self.schema.qualified} has no index {name!r} (its indexes: {known})")
+            raise UnknownTable(f"table {self.schema.qualified} has no index {name!r} (its indexes: {self.names()})")
         return index
 
-    def query(
-        self,
-        name: str,
-        values: Sequence[Sequence[Any]] | None,
-        low: Sequence[Any] | None,
-        high: Sequence[Any] | None,
-        low_open: bool,
-        high_open: bool,
-        limit: int,
-        descending: bool,
-    ) -> QueryResult:
-        """Keys matching index values (equality) or a range, ordered, at most ``limit``."""
-        index = self.index(name)
-        columns = [self.schema.column(c) for c in index.columns]
-        if values is not None:
-            coerced = [coerce_key(columns, value) for value in values]
-            keys = sorted(index.lookup(coerced), key=_sort_key, reverse=descending)
-        else:
-            if not isinstance(index, RangeIndex):
-                raise InvalidRequest(f"index {name!r} is not a range index (declare it with range = true)")
-            bound_low = coerce_key(columns, low)[0] if low is not None else None
-            bound_high = coerce_key(columns, high)[0] if high is not None else None
-            keys = index.scan(bound_low, bound_high, low_open, high_open)
-            if descending:
-                keys.reverse()
-        truncated = len(keys) > limit
-        return QueryResult(keys[:limit], truncated)
+    def names(self) -> str:
+        return ", ".join(n for n in self.indexes if not n.startswith("source:")) or "none"
+
+    def run(self, query: IndexQuery) -> tuple[list[Key], bool]:
+        """The keys ``query`` matches, in order, at most ``query.limit`` of them, and
+        whether more matched."""
+        index = self.index(query.index)
+        limit = query.limit
+        if query.values is not None:
+            keys = sorted(index.lookup(query.values), reverse=query.descending)
+            return keys[:limit], len(keys) > limit
+        assert isinstance(index, RangeIndex)
+        start, end = index.span(query.low, query.high, query.low_open, query.high_open)
+        if not query.descending:
+            return index.keys(start, min(end, start + limit)), end - start > limit
+        keys = index.keys(max(start, end - limit), end)
+        keys.reverse()
+        return keys, end - start > limit
 
 
-def _sort_key(key: Key) -> tuple[Any, ...]:
-    return key
+def plan(
+    schema: TableSchema,
+    name: str,
+    values: Sequence[Sequence[Any]] | None,
+    low: Any,
+    high: Any,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    limit: int,
+    descending: bool = False,
+) -> IndexQuery:
+    """Check a query against the table's declared indexes and coerce its values
+    (``low``/``high``: a bound's raw value, ``None`` for unbounded)."""
+    config = next((i for i in schema.config.indexes if i.name == name), None)
+    if config is None:
+        declared = ", ".join(i.name for i in schema.config.indexes) or "none"
+        raise UnknownTable(f"table {schema.qualified} has no index {name!r} (its indexes: {declared})")
+    columns = tuple(schema.column(c) for c in config.columns)
+    if values is not None:
+        coerced = [coerce_key(columns, value) for value in values]
+        return IndexQuery(name, columns, coerced, limit=limit, descending=descending)
+    if not config.range:
+        raise InvalidRequest(f"index {name!r} of {schema.qualified} is not a range index (declare it: range = true)")
+    bounds = [None if bound is None else coerce_key(columns, [bound])[0] for bound in (low, high)]
+    return IndexQuery(name, columns, None, bounds[0], bounds[1], low_open, high_open, limit, descending)

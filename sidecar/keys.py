@@ -226,6 +226,8 @@ class KeyColumn:
     type_name: str  # pg_type.typname of the base type (domains resolved), e.g. "int8"
     sql_type: str  # format_type() of the column, for casts, e.g. "bigint"
     coerce: Callable[[Any], Any]
+    # Held as str (text types, enums): ordered by code point, as COLLATE "C" orders text.
+    textual: bool = False
 
     @classmethod
     def create(cls, name: str, type_name: str, sql_type: str, is_enum: bool = False) -> KeyColumn:
@@ -236,7 +238,11 @@ class KeyColumn:
                 f"(supported: {', '.join(SUPPORTED_KEY_TYPES)})"
             )
         label = f"{name} ({sql_type})"
-        return cls(name, type_name, sql_type, factory(label, "text" if is_enum else type_name))
+        return cls(name, type_name, sql_type, factory(label, "text" if is_enum else type_name), factory is _text)
+
+    def order_sql(self, expression: str) -> str:
+        """``expression`` (this column) as SQL that sorts the way the sidecar sorts its values."""
+        return f'{expression}::text COLLATE "C"' if self.textual else expression
 
 
 def coerce_key(columns: Sequence[KeyColumn], parts: Sequence[Any]) -> Key:

@@ -95,3 +95,34 @@ class TableSchema:
     def select_matching_sql(self, columns: Sequence[str]) -> str:
         """The rows whose ``columns`` take given values; one array parameter per column."""
         return self._where(self._condition([self.column(name) for name in columns]))
+
+    def select_index_sql(
+        self,
+        columns: Sequence[KeyColumn],
+        *,
+        equality: bool,
+        low: bool = False,
+        high: bool = False,
+        low_open: bool = False,
+        high_open: bool = False,
+        descending: bool = False,
+    ) -> str:
+        """An index query in SQL, answering rows in the order memory answers them (see
+        ``KeyColumn.order_sql``). Parameters: for equality one array per column, for a
+        range the bounds given (lower, upper); then the row limit."""
+        direction = " DESC" if descending else ""
+        order = [c.order_sql(f"t.{quote_ident(c.name)}") + direction for c in self.key_columns]
+        if equality:
+            condition, count = self._condition(columns), len(columns)
+        else:
+            column = columns[0]
+            value = column.order_sql(f"t.{quote_ident(column.name)}")
+            conditions, count = [f"t.{quote_ident(column.name)} IS NOT NULL"], 0
+            for given, operator in ((low, ">" if low_open else ">="), (high, "<" if high_open else "<=")):
+                if given:
+                    count += 1
+                    cast = "text" if column.textual else column.sql_type
+                    conditions.append(f"{value} {operator} ${count}::{cast}")
+            condition = " AND ".join(conditions)
+            order.insert(0, value + direction)
+        return f"{self._where(condition)} ORDER BY {', '.join(order)} LIMIT ${count + 1}"

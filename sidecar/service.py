@@ -55,13 +55,24 @@ def key_parts(key: pb.Key, where: str = "key") -> list[Any]:
     return parts
 
 
+def bound(interval: pb.Range, name: str) -> Any:
+    """A range bound's value, ``None`` when unbounded."""
+    if not interval.HasField(name):
+        return None
+    part: pb.KeyPart = getattr(interval, name)
+    kind = part.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest(f"range.{name}: set but has no value (leave it unset for unbounded)")
+    return getattr(part, kind)
+
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
 
 
 class CacheService:
     """Thin adapter from gRPC to ``Engine``.
 
-    Get and BatchGet answer with bytes already in protobuf encoding (rows are
+    Get, BatchGet and Query answer with bytes already in protobuf encoding (rows are
     cached encoded, see ``wire.py``); ``add_to_server`` registers them with a
     pass-through serializer.
     """
@@ -140,6 +151,35 @@ class CacheService:
             return wire.batch_get_response(rows, self._current())
 
         return await self._call(context, "BatchGet", work)
+
+    async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Answers an encoded QueryResponse."""
+
+        async def work() -> bytes:
+            table = self.engine.table(request.table)
+            if not request.index:
+                raise InvalidRequest("index: give the name of one of the table's indexes")
+            has_range = request.HasField("range")
+            if has_range == bool(request.values):
+                raise InvalidRequest("give values (equality) or range, exactly one of them")
+            values = [key_parts(v, f"values[{i}]") for i, v in enumerate(request.values)] if request.values else None
+            bounds = request.range
+            query = self.engine.plan_query(
+                table,
+                request.index,
+                values,
+                bound(bounds, "lower"),
+                bound(bounds, "upper"),
+                low_open=bounds.lower_exclusive,
+                high_open=bounds.upper_exclusive,
+                limit=request.limit,
+                descending=request.descending,
+            )
+            await self._prepare(request.options)
+            entries, truncated = await self.engine.query(table, query, request.options.allow_stale)
+            return wire.query_response(entries, truncated, self._current())
+
+        return await self._call(context, "Query", work)
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext
@@ -240,7 +280,7 @@ class CacheService:
 
 def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
     """Register the Cache service (as the generated code would, but with
-    Get and BatchGet answering pre-encoded bytes)."""
+    Get, BatchGet and Query answering pre-encoded bytes)."""
 
     def unary(method: Any, request: Any, response: Any) -> grpc.RpcMethodHandler:
         serializer = None if response is None else response.SerializeToString
@@ -254,6 +294,7 @@ def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
         "Invalidate": unary(service.Invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
         "Sync": unary(service.Sync, pb.SyncRequest, pb.SyncResponse),
         "ListTables": unary(service.ListTables, pb.ListTablesRequest, pb.ListTablesResponse),
+        "Query": unary(service.Query, pb.QueryRequest, None),
         "Watch": grpc.unary_stream_rpc_method_handler(
             service.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None
         ),

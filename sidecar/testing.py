@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sidecar.config import TableConfig
 from sidecar.db import Rows
 from sidecar.errors import SchemaError
+from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key, KeyColumn
 from sidecar.schema import TableSchema
 from sidecar.wire import entry, row_json
@@ -119,3 +121,16 @@ class MemoryDatabase:
         if self.error is not None:
             raise self.error
         return snapshot
+
+    async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
+        """Answered by indexing a snapshot of the table (the sidecar's own index code)."""
+        if self.error is not None:
+            raise self.error
+        snapshot = dict(self.data[schema.qualified])
+        await self._pass_gate()
+        if self.error is not None:
+            raise self.error
+        indexes = IndexSet(schema)
+        indexes.rebuild(snapshot)
+        keys, _ = indexes.run(replace(query, limit=query.limit + 1))
+        return {key: snapshot[key] for key in keys}

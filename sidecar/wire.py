@@ -84,6 +84,11 @@ def batch_get_response(entries: list[bytes | None], revisions: Revisions) -> byt
     return b"".join([e if e is not None else MISSING_ENTRY for e in entries]) + revisions.batch_field
 
 
+def query_response(entries: list[bytes], truncated: bool, revisions: Revisions) -> bytes:
+    """An encoded QueryResponse (its rows and revision numbered as BatchGetResponse's)."""
+    return b"".join(entries) + revisions.batch_field + (b"\x18\x01" if truncated else b"")
+
+
 # ---------------------------------------------------------------- Watch
 
 

@@ -86,6 +86,46 @@ def test_env_tables_and_config_path(tmp_path):
         ("[[tables]]\nname = 'a'\n[[tables]]\nname = 'public.a'", "tables", "twice"),
         ("[database]\npool_min_size = 9\npool_max_size = 2", "database.pool_min_size", "exceed"),
         ("not toml = = =", "--config", "not valid TOML"),
+        ("[[tables]]\nname = 'r'\nquery = 'SELECT 1 AS a'", "tables[0].key", "key columns"),
+        ("[[tables]]\nname = 'r'\nquery = 'SELECT 1 AS a'\nkey = ['a']", "tables[0].sources", "source tables"),
+        ("[[tables]]\nname = 'r'\nquery = 'SELECT 1'\nkey = ['a']\nsources = { t = 5 }", "tables[0].sources.t", "map"),
+        ("[[tables]]\nname = 'a'\nkey = ['a']", "tables[0].key", "applies to relations"),
+        (
+            "[[tables]]\nname = 'r'\nquery = 'SELECT 1 AS a'\nkey = ['a']\nsources = { t = { a = 'a' } }\nwhere = 'a'",
+            "tables[0].where",
+            "filters in its query",
+        ),
+        (
+            "[[tables]]\nname = 'a'\nmode = 'lazy'\n[[tables.indexes]]\nname = 'i'\ncolumns = ['c']",
+            "tables[0].indexes",
+            "mode = 'full'",
+        ),
+        (
+            "[[tables]]\nname = 'a'\n[[tables.indexes]]\nname = 'i'\ncolumns = ['c', 'd']\nrange = true",
+            "tables[0].indexes[0].columns",
+            "one column",
+        ),
+        (
+            "[[tables]]\nname = 'a'\n[[tables.indexes]]\nname = 'i'\ncolumns = []",
+            "tables[0].indexes[0].columns",
+            "one or more",
+        ),
+        (
+            "[[tables]]\nname = 'a'\n[[tables.indexes]]\nname = 'bad name'\ncolumns = ['c']",
+            "tables[0].indexes[0].name",
+            "identifier",
+        ),
+        (
+            "[[tables]]\nname = 'a'\n[[tables.indexes]]\nname = 'i'\ncolumns = ['c']\nsorted = true",
+            "tables[0].indexes[0].sorted",
+            "unknown key",
+        ),
+        (
+            "[[tables]]\nname = 'a'\n[[tables.indexes]]\nname = 'i'\ncolumns = ['c']"
+            "\n[[tables.indexes]]\nname = 'i'\ncolumns = ['d']",
+            "tables[0].indexes",
+            "twice",
+        ),
     ],
 )
 def test_file_errors_name_the_key(tmp_path, text, key, fragment):
@@ -93,6 +133,46 @@ def test_file_errors_name_the_key(tmp_path, text, key, fragment):
         cfg.load(write(tmp_path, text), env={})
     assert info.value.key == key
     assert fragment in str(info.value)
+
+
+RELATION = """
+[[tables]]
+name = "app.user_city"
+query = \"\"\"
+SELECT uc.*, u.name AS user_name, c.name AS city_name
+FROM app.users u JOIN app.users_cities uc USING (user_id) JOIN app.cities c USING (city_id);
+\"\"\"
+key = ["user_id"]
+[tables.sources]
+"app.users" = { user_id = "user_id" }
+"app.users_cities" = { user_id = "user_id" }
+"app.cities" = { city_id = "city_id" }
+
+[[tables.indexes]]
+name = "by_city"
+columns = ["city_name"]
+
+[[tables.indexes]]
+name = "by_user_name"
+columns = ["user_name"]
+unique = true
+range = true
+"""
+
+
+def test_relations_and_indexes_are_read(tmp_path):
+    (table,) = cfg.load(write(tmp_path, RELATION), env={}).tables
+    assert table.is_relation and table.qualified == "app.user_city" and table.key == ("user_id",)
+    assert table.query is not None and table.query.endswith("USING (city_id)")  # (its ';' dropped)
+    assert [(s.qualified, s.mapping) for s in table.sources] == [
+        ("app.users", (("user_id", "user_id"),)),
+        ("app.users_cities", (("user_id", "user_id"),)),
+        ("app.cities", (("city_id", "city_id"),)),
+    ]
+    assert table.indexes == (
+        cfg.IndexConfig("by_city", ("city_name",)),
+        cfg.IndexConfig("by_user_name", ("user_name",), unique=True, range=True),
+    )
 
 
 def test_env_errors_name_the_variable():

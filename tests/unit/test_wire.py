@@ -56,3 +56,16 @@ def test_revision_fields_follow_updates():
     assert revs.get_field is first
     revs.update("a", 2)
     assert pb.GetResponse.FromString(revs.get_field).revision.number == 2
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_query_response(truncated):
+    rows = [wire.entry(b'{"a":1}'), wire.entry(b"q" * 300)]
+    encoded = wire.query_response(rows, truncated, revisions("e", 7))
+    expected = pb.QueryResponse(
+        rows=[pb.RowResult(found=True, row=b'{"a":1}'), pb.RowResult(found=True, row=b"q" * 300)],
+        revision=pb.Revision(epoch="e", number=7),
+        truncated=truncated,
+    )
+    assert pb.QueryResponse.FromString(encoded) == expected
+    assert encoded == expected.SerializeToString()

@@ -5,11 +5,12 @@ from cache_sidecar_client import Client
 with Client("127.0.0.1:50051", near_cache=["public.patron"]) as cache:
     patron = cache.get("public.patron", 1)        # dict, or None
     rows = cache.batch_get("public.patron", [1, 2, 3])
+    in_oslo = cache.query("public.patron", "by_city", ["Oslo"]).rows  # a declared index
     for change in cache.changes(["public.patron"], operations=["insert"]):
         ...
 """
 
-from cache_sidecar_client._convert import Revision, TableInfo
+from cache_sidecar_client._convert import QueryResult, Revision, TableInfo
 from cache_sidecar_client.client import AsyncClient, Client
 from cache_sidecar_client.decorators import CacheInfo, cached
 from cache_sidecar_client.errors import (
@@ -39,6 +40,7 @@ __all__ = [
     "NearCacheStats",
     "OutOfRange",
     "Progress",
+    "QueryResult",
     "Reset",
     "Revision",
     "TableInfo",

@@ -6,7 +6,7 @@ import datetime as dt
 import decimal
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,6 +43,51 @@ class TableInfo:
     loaded: bool
     max_rows: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What an index query matched: rows in order, and whether more matched than the limit."""
+
+    rows: list[Any]
+    truncated: bool
+    revision: Revision | None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def query_request(
+    table: str,
+    index: str,
+    values: Iterable[Any] | None,
+    lower: Any,
+    upper: Any,
+    lower_exclusive: bool,
+    upper_exclusive: bool,
+    limit: int,
+    descending: bool,
+    options: pb.ReadOptions | None,
+) -> pb.QueryRequest:
+    """A QueryRequest: equality on ``values`` (each a scalar, or a tuple for a
+    several-column index), else a range between the bounds (``None``: unbounded)."""
+    request = pb.QueryRequest(table=table, index=index, limit=limit, descending=descending, options=options)
+    if values is not None:
+        if lower is not None or upper is not None:
+            raise ValueError("give values (equality) or lower/upper (a range), not both")
+        request.values.extend(to_key(value) for value in values)
+        return request
+    request.range.SetInParent()
+    if lower is not None:
+        request.range.lower.CopyFrom(key_part(lower))
+    if upper is not None:
+        request.range.upper.CopyFrom(key_part(upper))
+    request.range.lower_exclusive = lower_exclusive
+    request.range.upper_exclusive = upper_exclusive
+    return request
 
 
 def key_part(value: Any) -> pb.KeyPart:

@@ -27,10 +27,12 @@ import grpc
 from cache_sidecar_client._convert import (
     Consistency,
     Decoder,
+    QueryResult,
     Revision,
     TableInfo,
     batch_keys,
     default_decoder,
+    query_request,
     read_options,
     table_info,
     to_key,
@@ -278,6 +280,41 @@ class Client:
                 row = _copy(row) if row is not None else None
             results[index] = row
         return results
+
+    def query(
+        self,
+        table: str,
+        index: str,
+        values: Iterable[Any] | None = None,
+        *,
+        lower: Any = None,
+        upper: Any = None,
+        lower_exclusive: bool = False,
+        upper_exclusive: bool = False,
+        limit: int = 0,
+        descending: bool = False,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> QueryResult:
+        """Rows of ``table`` by one of its secondary indexes (declared in the sidecar's
+        config): those whose index columns equal one of ``values`` (each a scalar, or a
+        tuple for a several-column index), in primary-key order; or, without ``values``,
+        those whose (range) index column lies between ``lower`` and ``upper`` (``None``:
+        unbounded; both included unless ``*_exclusive``), in index order. At most
+        ``limit`` rows (0: the sidecar's maximum); ``truncated`` tells that more matched."""
+        core = self._core
+        if values is not None:
+            values = list(values)
+            if not values:
+                return QueryResult([], False, core.last_revision)
+        options = read_options(consistency, core.min_revision(table, min_revision), allow_stale)
+        request = query_request(
+            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending, options
+        )
+        reply = self._call(self._stub.Query, request, timeout)
+        return QueryResult([core.row(r) for r in reply.rows], reply.truncated, core.seen(reply.revision))
 
     def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
@@ -528,6 +565,35 @@ class AsyncClient:
                 row = _copy(row) if row is not None else None
             results[index] = row
         return results
+
+    async def query(
+        self,
+        table: str,
+        index: str,
+        values: Iterable[Any] | None = None,
+        *,
+        lower: Any = None,
+        upper: Any = None,
+        lower_exclusive: bool = False,
+        upper_exclusive: bool = False,
+        limit: int = 0,
+        descending: bool = False,
+        consistency: Consistency = "eventual",
+        min_revision: Revision | None = None,
+        allow_stale: bool = False,
+        timeout: float | None = None,
+    ) -> QueryResult:
+        core = self._core
+        if values is not None:
+            values = list(values)
+            if not values:
+                return QueryResult([], False, core.last_revision)
+        options = read_options(consistency, core.min_revision(table, min_revision), allow_stale)
+        request = query_request(
+            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending, options
+        )
+        reply = await self._call(self._stub.Query, request, timeout)
+        return QueryResult([core.row(r) for r in reply.rows], reply.truncated, core.seen(reply.revision))
 
     async def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None

@@ -273,3 +273,43 @@ class ListTablesResponse(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     revision: Revision
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("lower", "upper", "lower_exclusive", "upper_exclusive")
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    LOWER_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    UPPER_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    lower: KeyPart
+    upper: KeyPart
+    lower_exclusive: bool
+    upper_exclusive: bool
+    def __init__(self, lower: _Optional[_Union[KeyPart, _Mapping]] = ..., upper: _Optional[_Union[KeyPart, _Mapping]] = ..., lower_exclusive: _Optional[bool] = ..., upper_exclusive: _Optional[bool] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("table", "index", "values", "range", "limit", "descending", "options")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DESCENDING_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    index: str
+    values: _containers.RepeatedCompositeFieldContainer[Key]
+    range: Range
+    limit: int
+    descending: bool
+    options: ReadOptions
+    def __init__(self, table: _Optional[str] = ..., index: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., range: _Optional[_Union[Range, _Mapping]] = ..., limit: _Optional[int] = ..., descending: _Optional[bool] = ..., options: _Optional[_Union[ReadOptions, _Mapping]] = ...) -> None: ...
+
+class QueryResponse(_message.Message):
+    __slots__ = ("rows", "revision", "truncated")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[RowResult]
+    revision: Revision
+    truncated: bool
+    def __init__(self, rows: _Optional[_Iterable[_Union[RowResult, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., truncated: _Optional[bool] = ...) -> None: ...

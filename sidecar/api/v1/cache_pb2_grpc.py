@@ -64,6 +64,11 @@ class CacheStub:
                 request_serializer=cachesidecar_dot_v1_dot_cache__pb2.ListTablesRequest.SerializeToString,
                 response_deserializer=cachesidecar_dot_v1_dot_cache__pb2.ListTablesResponse.FromString,
                 _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/cachesidecar.v1.Cache/Query',
+                request_serializer=cachesidecar_dot_v1_dot_cache__pb2.QueryRequest.SerializeToString,
+                response_deserializer=cachesidecar_dot_v1_dot_cache__pb2.QueryResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -112,6 +117,14 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Query(self, request, context):
+        """Rows of one table by a secondary index declared in the configuration:
+        equality on index values, or an ordered range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.ListTables,
                     request_deserializer=cachesidecar_dot_v1_dot_cache__pb2.ListTablesRequest.FromString,
                     response_serializer=cachesidecar_dot_v1_dot_cache__pb2.ListTablesResponse.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=cachesidecar_dot_v1_dot_cache__pb2.QueryRequest.FromString,
+                    response_serializer=cachesidecar_dot_v1_dot_cache__pb2.QueryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Cache:
             '/cachesidecar.v1.Cache/ListTables',
             cachesidecar_dot_v1_dot_cache__pb2.ListTablesRequest.SerializeToString,
             cachesidecar_dot_v1_dot_cache__pb2.ListTablesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesidecar.v1.Cache/Query',
+            cachesidecar_dot_v1_dot_cache__pb2.QueryRequest.SerializeToString,
+            cachesidecar_dot_v1_dot_cache__pb2.QueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
