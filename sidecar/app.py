@@ -23,7 +23,7 @@ import asyncpg
 
 from sidecar import embedded, events, server, triggers
 from sidecar.barrier import Barrier
-from sidecar.config import Config, TableConfig, parse_table_name, redact_dsn, scrub
+from sidecar.config import Config, redact_dsn, scrub
 from sidecar.db import CONNECTION_ERRORS, PgDatabase, connect_kwargs
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
@@ -141,8 +141,7 @@ class Daemon:
             await conn.close()
         tables = config.tables
         if not tables:
-            schema, name = parse_table_name(embedded.DEMO_TABLE)
-            tables = (TableConfig(schema=schema, name=name, mode="full"),)
+            tables = (embedded.DEMO_TABLE,)
         return dataclasses.replace(config, dsn=dsn, tables=tables, install_triggers=True)
 
     async def _connect_with_retry(self, config: Config) -> PgDatabase:

@@ -153,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
     get.add_argument("--strong", action="store_true", help="pass the read barrier first")
 
+    query = commands.add_parser(
+        "query",
+        help="read rows by a secondary index through a running sidecar",
+        description="Rows of a table by one of its declared indexes, printed as JSON lines: those whose "
+        "index columns equal VALUE (several columns: give them comma-separated), or with --lower/--upper "
+        "(range indexes) those in between, in index order.",
+        epilog="examples:\n  cache-sidecar query public.patron by_dish curry ramen\n"
+        "  cache-sidecar query public.patron by_name --lower B --upper L --limit 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    query.add_argument("table", help="schema.table")
+    query.add_argument("index", help="the index's name (see 'cache-sidecar tables')")
+    query.add_argument("values", nargs="*", metavar="VALUE", help="index value(s) to match")
+    query.add_argument("--lower", help="range: lowest value (included)")
+    query.add_argument("--upper", help="range: highest value (included)")
+    query.add_argument("--limit", type=int, default=0, help="at most this many rows (default: the server's maximum)")
+    query.add_argument("--desc", action="store_true", help="reverse the order")
+    query.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    query.add_argument("--strong", action="store_true", help="pass the read barrier first")
+
     tables = commands.add_parser("tables", help="list a running sidecar's tables")
     tables.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
 
@@ -239,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # helpers do fork), so skip gRPC's fork handlers and their log noise.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
-    if args.command in ("get", "tables", "health"):
+    if args.command in ("get", "query", "tables", "health"):
         return _client_command(args)
     try:
         config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -349,6 +369,32 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
 
 
+def _query(stub: Any, args: argparse.Namespace, options: Any) -> int:
+    from sidecar.api.v1 import cache_pb2 as pb
+
+    if args.values and (args.lower is not None or args.upper is not None):
+        print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
+        return 2
+    request = pb.QueryRequest(
+        table=args.table, index=args.index, limit=max(args.limit, 0), descending=args.desc, options=options
+    )
+    if args.values:
+        for value in args.values:
+            request.values.add(parts=[pb.KeyPart(string_value=part) for part in value.split(",")])
+    else:
+        request.range.SetInParent()
+        if args.lower is not None:
+            request.range.lower.string_value = args.lower
+        if args.upper is not None:
+            request.range.upper.string_value = args.upper
+    reply = stub.Query(request, timeout=10)
+    for row in reply.rows:
+        print(row.row.decode())
+    if reply.truncated:
+        print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
+    return 0
+
+
 def _pg_env() -> bool:
     import os
 
@@ -379,9 +425,14 @@ def _client_command(args: argparse.Namespace) -> int:
                     keys = ", ".join(f"{c.name} {c.type}" for c in t.key_columns)
                     mode = pb.TableMode.Name(t.mode).lower()
                     print(f"{t.name}\t{mode}\trows={t.row_count}\tloaded={t.loaded}\tkey=({keys})")
+                    for i in t.indexes:
+                        kind = "range" if i.range else "unique" if i.unique else "equality"
+                        print(f"  index {i.name} ({', '.join(i.columns)}) {kind}")
                 print(f"revision {listing.revision.epoch}/{listing.revision.number}")
                 return 0
             options = pb.ReadOptions(consistency=pb.STRONG if args.strong else pb.EVENTUAL)
+            if args.command == "query":
+                return _query(stub, args, options)
             key = pb.Key(parts=[pb.KeyPart(string_value=part) for part in args.key])
             reply = stub.Get(pb.GetRequest(table=args.table, key=key, options=options), timeout=10)
         except grpc.RpcError as exc:

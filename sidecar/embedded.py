@@ -13,11 +13,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sidecar.config import IndexConfig, TableConfig
 from sidecar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEMO_TABLE = "public.patron"
+DEMO_TABLE = TableConfig(
+    schema="public",
+    name="patron",
+    indexes=(IndexConfig("by_dish", ("fav_dish",)), IndexConfig("by_name", ("name",), range=True)),
+)
 
 # The patron table of the asyncio case study ("Using Asyncio in Python").
 DEMO_SQL = """

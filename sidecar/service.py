@@ -219,6 +219,10 @@ class CacheService:
                     revision=revision,
                     max_rows=getattr(table, "max_rows", 0) if table.mode == "lazy" else 0,
                     bytes=table.byte_count(),
+                    indexes=[
+                        pb.IndexInfo(name=i.name, columns=i.columns, unique=i.unique, range=i.range)
+                        for i in table.schema.config.indexes
+                    ],
                 )
             )
         return pb.ListTablesResponse(tables=tables, revision=revision)

@@ -3,6 +3,7 @@ the embedded quick start, signals, the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -153,6 +154,40 @@ def test_embedded_quick_start(tmp_path):
             timeout=30,
         )
         assert got.returncode == 0 and '"waffles"' in got.stdout
+        # the demo table's indexes, through the CLI
+        listing = subprocess.run([*EXE, "tables", "--target", f"127.0.0.1:{port}"], capture_output=True, text=True)
+        assert "index by_dish (fav_dish) equality" in listing.stdout and "index by_name (name) range" in listing.stdout
+        by_dish = subprocess.run(
+            [*EXE, "query", "public.patron", "by_dish", "waffles", "curry", "--target", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+        )
+        assert by_dish.returncode == 0, by_dish.stderr
+        assert [json.loads(line)["name"] for line in by_dish.stdout.splitlines()] == ["Ada", "Grace"]
+        by_name = subprocess.run(
+            [
+                *EXE,
+                "query",
+                "public.patron",
+                "by_name",
+                "--lower",
+                "B",
+                "--limit",
+                "2",
+                "--target",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert [json.loads(line)["name"] for line in by_name.stdout.splitlines()] == ["Barbara", "Edsger"]
+        assert "more rows matched" in by_name.stderr
+        wrong = subprocess.run(
+            [*EXE, "query", "public.patron", "by_dish", "--lower", "a", "--target", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+        )
+        assert wrong.returncode == 1 and "INVALID_ARGUMENT" in wrong.stderr and "not a range index" in wrong.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -5,6 +5,7 @@ queries get a status naming the problem."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import random
@@ -13,7 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from cache_sidecar_client import AsyncClient, InvalidArgument, TableNotFound
+from cache_sidecar_client import AsyncClient, Client, IndexInfo, InvalidArgument, TableNotFound
 
 from sidecar import config as cfg
 from sidecar.db import PgDatabase
@@ -270,3 +271,18 @@ async def test_bad_queries_get_a_status_naming_the_problem(start_daemon, db, sch
         # and the daemon goes on answering
         assert len(await cache.query(orders, "by_total", limit=3)) == 3
         assert (await cache.query(orders, "by_total", [])).rows == []
+
+
+async def test_the_blocking_client_queries_too(start_daemon, db, schema, orders):
+    sidecar = await start_daemon([table(schema)])
+
+    def blocking() -> tuple[Any, Any]:
+        with Client(sidecar.target) as cache:
+            (info,) = cache.list_tables()
+            return info, cache.query(orders, "by_total", lower=decimal.Decimal("100"), limit=5, descending=True)
+
+    info, result = await asyncio.to_thread(blocking)
+    assert [i.name for i in info.indexes] == [i.name for i in INDEXES]
+    assert info.indexes[2] == IndexInfo("by_created", ("created",), unique=False, range=True)
+    expected = await truth(db, f"SELECT id FROM {orders} WHERE total >= 100 ORDER BY total DESC, id DESC LIMIT 5")
+    assert [r["id"] for r in result] == expected and result.truncated and result.revision is not None

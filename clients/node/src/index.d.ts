@@ -39,6 +39,33 @@ export interface WatchOptions {
   progressIntervalMs?: number;
 }
 
+export interface QueryOptions extends ReadOptions {
+  /** Equality: index values (arrays for a several-column index). */
+  values?: Key[];
+  /** Range (range indexes): bounds, included unless *Exclusive; unset = unbounded. */
+  lower?: KeyPart;
+  upper?: KeyPart;
+  lowerExclusive?: boolean;
+  upperExclusive?: boolean;
+  /** 0 = the server's maximum */
+  limit?: number;
+  descending?: boolean;
+}
+
+export interface QueryResult {
+  rows: Array<Record<string, unknown>>;
+  /** more rows matched than the limit */
+  truncated: boolean;
+  revision: Revision | null;
+}
+
+export interface IndexInfo {
+  name: string;
+  columns: string[];
+  unique: boolean;
+  range: boolean;
+}
+
 export class CacheSidecarError extends Error {
   /** gRPC status name, e.g. 'NOT_FOUND', 'INVALID_ARGUMENT', 'UNAVAILABLE' */
   code: string;
@@ -55,7 +82,10 @@ export class CacheClient {
   batchGet(table: string, keys: Key[], options?: ReadOptions): Promise<Array<Record<string, unknown> | null>>;
   invalidate(table: string, keys?: Key[] | null, options?: { refresh?: boolean; timeoutMs?: number }): Promise<Revision>;
   sync(options?: { timeoutMs?: number }): Promise<Revision>;
-  listTables(options?: { timeoutMs?: number }): Promise<Array<{ name: string; mode: string; rowCount: number; loaded: boolean }>>;
+  query(table: string, index: string, options?: QueryOptions): Promise<QueryResult>;
+  listTables(
+    options?: { timeoutMs?: number },
+  ): Promise<Array<{ name: string; mode: string; rowCount: number; loaded: boolean; indexes: IndexInfo[] }>>;
   watch(tables?: string[], options?: WatchOptions): AsyncGenerator<WatchItem>;
   close(): void;
 }

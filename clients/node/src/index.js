@@ -128,6 +128,31 @@ class CacheClient {
     return reply.rows.map((row) => this._row(row));
   }
 
+  /**
+   * Rows by a secondary index declared in the sidecar's config: with `values`
+   * (scalars, or arrays for a several-column index) those whose index columns
+   * equal one of them, in primary-key order; otherwise (range indexes) those
+   * between `lower` and `upper` (unset: unbounded), in index order.
+   * Resolves to { rows, truncated, revision }; `truncated`: more than `limit` matched.
+   * options: { values, lower, upper, lowerExclusive, upperExclusive, limit, descending,
+   *            consistency, minRevision, allowStale, timeoutMs }
+   */
+  async query(table, index, options = {}) {
+    const { values, lower, upper, lowerExclusive = false, upperExclusive = false, limit = 0, descending = false } = options;
+    const request = { table, index, limit, descending, options: readOptions(options) };
+    if (values !== undefined && values !== null) {
+      if (lower !== undefined || upper !== undefined) throw new TypeError('give values or lower/upper, not both');
+      if (!values.length) return { rows: [], truncated: false, revision: this.lastRevision };
+      request.values = values.map(toKey);
+    } else {
+      request.range = { lowerExclusive, upperExclusive };
+      if (lower !== undefined && lower !== null) request.range.lower = keyPart(lower);
+      if (upper !== undefined && upper !== null) request.range.upper = keyPart(upper);
+    }
+    const reply = await this._unary('Query', request, options.timeoutMs);
+    return { rows: reply.rows.map((row) => this._row(row)), truncated: reply.truncated, revision: reply.revision };
+  }
+
   /** Drop cached rows (the whole table when `keys` is null); `refresh` refetches now. */
   async invalidate(table, keys = null, { refresh = false, timeoutMs } = {}) {
     const request = keys === null ? { table, allRows: true, refresh } : { table, keys: keys.map(toKey), refresh };
@@ -147,6 +172,7 @@ class CacheClient {
       mode: t.mode.toLowerCase(),
       rowCount: Number(t.rowCount),
       loaded: t.loaded,
+      indexes: t.indexes.map((i) => ({ name: i.name, columns: i.columns, unique: i.unique, range: i.range })),
     }));
   }
 

@@ -83,6 +83,23 @@ test('batchGet keeps the request order', async () => {
   assert.deepEqual(rows.map((r) => r && r.id), [3, null, 1]);
 });
 
+test('query by a declared index: equality, range, order, limit', async () => {
+  const tables = await cache.listTables();
+  assert.deepEqual(tables[0].indexes.map((i) => [i.name, i.range]), [['by_dish', false], ['by_name', true]]);
+  const dishes = await cache.query('public.patron', 'by_dish', { values: ['stroopwafel', 'herring'] });
+  assert.deepEqual(dishes.rows.map((r) => r.id), [3, 5]);
+  assert.equal(dishes.truncated, false);
+  assert.ok(dishes.revision.epoch);
+  const between = await cache.query('public.patron', 'by_name', { lower: 'B', upper: 'Linus', upperExclusive: true });
+  assert.deepEqual(between.rows.map((r) => r.name), ['Barbara', 'Edsger', 'Grace']);
+  const last = await cache.query('public.patron', 'by_name', { limit: 1, descending: true });
+  assert.deepEqual([last.rows.map((r) => r.name), last.truncated], [['Linus'], true]);
+  await assert.rejects(
+    cache.query('public.patron', 'nope', { values: ['x'] }),
+    (error) => error.code === 'NOT_FOUND' && /no index 'nope'/.test(error.message),
+  );
+});
+
 test('errors carry the gRPC status', async () => {
   await assert.rejects(cache.get('public.nope', 1), (error) => error instanceof CacheSidecarError && error.code === 'NOT_FOUND');
   await assert.rejects(cache.get('public.patron', 'abc'), (error) => error.code === 'INVALID_ARGUMENT' && /not an integer/.test(error.message));

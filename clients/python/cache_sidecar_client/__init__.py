@@ -10,7 +10,7 @@ with Client("127.0.0.1:50051", near_cache=["public.patron"]) as cache:
         ...
 """
 
-from cache_sidecar_client._convert import QueryResult, Revision, TableInfo
+from cache_sidecar_client._convert import IndexInfo, QueryResult, Revision, TableInfo
 from cache_sidecar_client.client import AsyncClient, Client
 from cache_sidecar_client.decorators import CacheInfo, cached
 from cache_sidecar_client.errors import (
@@ -34,6 +34,7 @@ __all__ = [
     "ChangeBatch",
     "Client",
     "DeadlineExceeded",
+    "IndexInfo",
     "InitialStateDone",
     "InvalidArgument",
     "NearCache",

@@ -43,6 +43,17 @@ class TableInfo:
     loaded: bool
     max_rows: int
     bytes: int
+    indexes: tuple[IndexInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """A secondary index ``query`` can use."""
+
+    name: str
+    columns: tuple[str, ...]
+    unique: bool
+    range: bool
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,7 @@ def table_info(message: pb.TableInfo) -> TableInfo:
         loaded=message.loaded,
         max_rows=message.max_rows,
         bytes=message.bytes,
+        indexes=tuple(IndexInfo(i.name, tuple(i.columns), i.unique, i.range) for i in message.indexes),
     )
 
 

@@ -247,7 +247,7 @@ class Column(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes")
+    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class TableInfo(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_columns: _containers.RepeatedCompositeFieldContainer[Column]
     mode: TableMode
@@ -264,7 +265,20 @@ class TableInfo(_message.Message):
     revision: Revision
     max_rows: int
     bytes: int
-    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
+    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("name", "columns", "unique", "range")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    unique: bool
+    range: bool
+    def __init__(self, name: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., unique: _Optional[bool] = ..., range: _Optional[bool] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
     __slots__ = ("tables", "revision")
