@@ -7,8 +7,11 @@ and real faults, then a count of every broken promise.
 Writers (asyncio tasks here) bump a version counter on rows of a full and a
 lazy table -- single rows, two-row transactions, and statements big enough
 to degrade to whole-table events -- recording when each commit was
-acknowledged. Reader processes read through a sidecar process with EVENTUAL
-and STRONG consistency. Meanwhile the listener's backend is terminated
+acknowledged. A relation joins the two (each full row feeds two relation
+rows, through a column that is not the relation's key), so it is refreshed
+from both. Reader processes read the tables and the relation through a
+sidecar process with EVENTUAL and STRONG consistency; a relation row's two
+versions are checked against the writes of their source rows. Meanwhile the listener's backend is terminated
 several times and PostgreSQL is restarted once. Then it checks:
 
   (a) STRONG reads older than the last write acknowledged before the read began  -> must be 0
@@ -41,6 +44,25 @@ import asyncpg
 ROWS = 200
 BULK_THRESHOLD = 50  # triggers degrade bigger statements to whole-table events
 TABLES = ("checker_full", "checker_lazy")
+RELATION = "checker_joined"  # keyed by checker_lazy.id; checker_full row (id - 1) / 2 + 1 joined
+RELATION_QUERY = (
+    "SELECT l.id, l.version AS lazy_version, f.id AS full_id, f.version AS full_version "
+    "FROM public.checker_lazy l JOIN public.checker_full f ON f.id = (l.id - 1) / 2 + 1"
+)
+CONFIG = f"""
+[[tables]]
+name = "public.checker_full"
+
+[[tables]]
+name = "public.checker_lazy"
+mode = "lazy"
+
+[[tables]]
+name = "public.{RELATION}"
+query = "{RELATION_QUERY}"
+key = ["id"]
+sources = {{ "public.checker_lazy" = {{ id = "id" }}, "public.checker_full" = {{ id = "full_id" }} }}
+"""
 BUMP = "UPDATE public.{table} SET version = version + 1 WHERE id = $1 RETURNING id, version"
 
 
@@ -94,7 +116,7 @@ def reader_process(target: str, seed: int, until: float, out: str) -> None:
     failures: collections.Counter[str] = collections.Counter()
     with Client(target, timeout=5) as cache:
         while time.monotonic() < until:
-            table = rng.choice(TABLES)
+            table = rng.choice((*TABLES, RELATION))
             consistency = "strong" if rng.random() < 0.3 else "eventual"
             ids = rng.sample(range(1, ROWS + 1), 5) if rng.random() < 0.2 else [rng.randrange(1, ROWS + 1)]
             start = time.monotonic()
@@ -107,8 +129,19 @@ def reader_process(target: str, seed: int, until: float, out: str) -> None:
             end = time.monotonic()
             epoch = cache.last_revision.epoch if cache.last_revision else ""
             for key, row in zip(ids, rows, strict=True):
-                records.append((start, end, table, key, row["version"] if row else None, epoch, consistency))
+                for source, source_key, version in versions(table, key, row):
+                    records.append((start, end, table, source, source_key, version, epoch, consistency))
     Path(out).write_text(json.dumps({"records": records, "failures": failures}))
+
+
+def versions(table: str, key: int, row: dict[str, Any] | None) -> list[tuple[str, int, int | None]]:
+    """What a read row says about source rows: (source table, source key, version)."""
+    if table != RELATION:
+        return [(table, key, row["version"] if row else None)]
+    return [
+        ("checker_lazy", key, row["lazy_version"] if row else None),
+        ("checker_full", (key - 1) // 2 + 1, row["full_version"] if row else None),
+    ]
 
 
 # ---------------------------------------------------------------- the run
@@ -253,13 +286,13 @@ async def _final_comparison(dsn: str, target: str, report: Report) -> None:
                 await asyncio.sleep(0.2)
         conn = await asyncpg.connect(dsn)
         try:
-            for table in TABLES:
-                truth = {r["id"]: r["version"] for r in await conn.fetch(f"SELECT id, version FROM public.{table}")}
+            for table, query in [*((t, f"SELECT * FROM public.{t}") for t in TABLES), (RELATION, RELATION_QUERY)]:
+                truth = {r["id"]: dict(r) for r in await conn.fetch(query)}
                 ids = sorted(truth)
                 served = await cache.batch_get(table, ids)
                 for key, row in zip(ids, served, strict=True):
                     report.compared_rows += 1
-                    if row is None or row["version"] != truth[key]:
+                    if row != truth[key]:
                         report.mismatched_rows += 1
                         report.examples.append(f"(c) {table} id {key}: served {row}, database {truth[key]}")
         finally:
@@ -268,12 +301,13 @@ async def _final_comparison(dsn: str, target: str, report: Report) -> None:
 
 def _check_reads(records: list[list[Any]], writers: Writers, report: Report, reader: int) -> set[str]:
     epochs: set[str] = set()
-    last_seen: dict[tuple[str, int, str], int] = {}
-    for start, _end, table, key, version, epoch, consistency in records:
+    last_seen: dict[tuple[str, str, int, str], int] = {}
+    for start, _end, read, table, key, version, epoch, consistency in records:
         report.reads += 1
         epochs.add(epoch)
+        what = f"{table} id {key}" + (f" (through {read})" if read != table else "")
         if version is None:
-            report.examples.append(f"reader {reader}: {table} id {key} missing")
+            report.examples.append(f"reader {reader}: {what} missing")
             report.mismatched_rows += 1
             continue
         if consistency == "strong":
@@ -283,16 +317,14 @@ def _check_reads(records: list[list[Any]], writers: Writers, report: Report, rea
             if position and version < maxima[position - 1]:
                 report.stale_strong_reads += 1
                 report.examples.append(
-                    f"(a) reader {reader}: STRONG {table} id {key} read version {version}, "
+                    f"(a) reader {reader}: STRONG {what} read version {version}, "
                     f"but {maxima[position - 1]} was acknowledged before the read began"
                 )
-        previous = last_seen.get((table, key, epoch))
+        previous = last_seen.get((read, table, key, epoch))
         if previous is not None and version < previous:
             report.backwards_reads += 1
-            report.examples.append(
-                f"(b) reader {reader}: {table} id {key} went from {previous} to {version} in epoch {epoch}"
-            )
-        last_seen[(table, key, epoch)] = max(version, previous or 0)
+            report.examples.append(f"(b) reader {reader}: {what} went from {previous} to {version} in epoch {epoch}")
+        last_seen[(read, table, key, epoch)] = max(version, previous or 0)
     return epochs
 
 
@@ -304,6 +336,8 @@ def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int 
     target = f"127.0.0.1:{port}"
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
     log_path = workdir / "sidecar.log"
+    config_path = workdir / "sidecar.toml"
+    config_path.write_text(CONFIG)
     with log_path.open("w") as log_file:
         sidecar = subprocess.Popen(
             [
@@ -315,10 +349,8 @@ def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int 
                 dsn,
                 "--listen",
                 target,
-                "--table",
-                f"public.{TABLES[0]}",
-                "--table",
-                f"public.{TABLES[1]}:lazy",
+                "--config",
+                str(config_path),
                 "--install-triggers",
                 "--bulk-threshold",
                 str(BULK_THRESHOLD),

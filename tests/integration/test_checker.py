@@ -16,4 +16,4 @@ async def test_checker_finds_no_broken_promise_under_faults(postgres):
     assert report.restarts == (1 if restart else 0)
     assert report.stale_strong_reads == 0, report.examples
     assert report.backwards_reads == 0, report.examples
-    assert report.mismatched_rows == 0 and report.compared_rows == 2 * checker.ROWS, report.examples
+    assert report.mismatched_rows == 0 and report.compared_rows == 3 * checker.ROWS, report.examples
