@@ -475,12 +475,16 @@ class FullTable:
         self._failures = 0
         self.refetches += 1
         changed: dict[Key, bool] = {}
+        moved: set[Key] = set()
         for columns, values, rows in fetched:
-            before = self.indexes.matching(columns, values) if self.indexes is not None else set()
-            affected = before | rows.keys()
-            self._store(affected, rows)
-            for key in affected:
-                changed[key] = key in rows
+            # Rows that held these values and no longer match may be gone, or may hold
+            # other values now (changed in the same transaction): only a keyed refetch
+            # can tell, so they are refetched, not dropped.
+            if self.indexes is not None:
+                moved |= self.indexes.matching(columns, values) - rows.keys()
+            self._store(rows.keys(), rows)
+            changed.update(dict.fromkeys(rows, True))
+        moved -= changed.keys()
         for key in changed:
             pending = self._pending.get(key)
             if pending is not None and pending[1] <= level:
@@ -493,6 +497,9 @@ class FullTable:
                     self._waiters[key] = rest
                 else:
                     del self._waiters[key]
+        if moved:
+            self.changed(moved, level)
+            changed.update(dict.fromkeys(moved, True))  # (told with the row held when published)
         if self._on_matched is not None:
             self._on_matched([seq for seq, _, _ in requests], changed)
         self._table_waiters = release_waiters(self._table_waiters, level)

@@ -53,10 +53,15 @@ class Result:
 
 
 async def measure(
-    name: str, call: Callable[[int], Awaitable[object]], callers: int, seconds: float, keys_per_call: int = 1
+    name: str,
+    call: Callable[[int], Awaitable[object]],
+    callers: int,
+    seconds: float,
+    keys_per_call: int = 1,
+    warmup: int = 200,
 ) -> Result:
     latencies: list[int] = []
-    for i in range(200):  # warm up connections and code paths
+    for i in range(warmup):  # warm up connections and code paths
         await call(i)
     deadline = time.perf_counter() + seconds
 

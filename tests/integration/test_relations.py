@@ -5,7 +5,12 @@ manual invalidation, through inserts, updates and deletes of every source."""
 from __future__ import annotations
 
 import asyncio
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import asyncpg
 import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch
 
@@ -172,3 +177,70 @@ async def _field(cache: AsyncClient, name: str, key: int, field: str, value: str
 
 async def _gone(cache: AsyncClient, name: str, key: int) -> bool:
     return await cache.get(name, key) is None
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "relations"
+
+
+def _with_database(dsn: str, name: str) -> str:
+    """The same server's DSN for another database."""
+    if "://" not in dsn:
+        return f"{dsn} dbname={name}"
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def example_dsn(postgres, db) -> AsyncIterator[str]:
+    """A fresh database holding examples/relations/schema.sql, as written."""
+    name = f"example_{secrets.token_hex(4)}"
+    await db.execute(f"CREATE DATABASE {name}")
+    dsn = _with_database(postgres.dsn, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute((EXAMPLE / "schema.sql").read_text())
+    finally:
+        await conn.close()
+    yield dsn
+    await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_the_documented_example_works_as_written(start_daemon, example_dsn):
+    """examples/relations: its schema and its sidecar.toml, through the steps of its README."""
+    config = cfg.load(EXAMPLE / "sidecar.toml", env={})
+    sidecar = await start_daemon(list(config.tables), dsn=example_dsn)
+    name = "public.user_city"
+    conn = await asyncpg.connect(example_dsn)
+    try:
+        async with AsyncClient(sidecar.target) as cache:
+            assert await cache.get(name, 1) == {
+                "user_id": 1, "user_name": "User 1", "user_nickname": "u1", "city_id": 1, "city_name": "City 1"
+            }  # fmt: skip
+            assert [r["user_id"] for r in await cache.query(name, "by_city", [1])] == [1, 3]
+
+            await conn.execute("UPDATE users SET name = 'Userina 1' WHERE user_id = 1")
+            await eventually(lambda: _field(cache, name, 1, "user_name", "Userina 1"), what="user rename")
+            await conn.execute("UPDATE cities SET name = 'City One' WHERE city_id = 1")
+            await eventually(lambda: _field(cache, name, 3, "city_name", "City One"), what="city rename")
+            assert [r["city_name"] for r in await cache.query(name, "by_city", [1])] == ["City One"] * 2
+
+            await conn.execute("INSERT INTO users VALUES (4, 'User 4', NULL); INSERT INTO users_cities VALUES (4, 2)")
+            await eventually(lambda: _field(cache, name, 4, "city_name", "City 2"), what="new user")
+
+            await conn.execute(
+                "INSERT INTO cities VALUES (3, 'City 3'); UPDATE users_cities SET city_id = 3 WHERE user_id = 2"
+            )
+            await eventually(lambda: _field(cache, name, 2, "city_name", "City 3"), what="move to a new city")
+            await conn.execute(
+                "UPDATE users_cities SET city_id = 1 WHERE user_id = 2; DELETE FROM cities WHERE city_id = 3"
+            )
+            await cache.sync()
+            assert [r["user_id"] for r in await cache.query(name, "by_city", [1])] == [1, 2, 3]
+            assert (await cache.query(name, "by_city", [3])).rows == []
+
+            last = await cache.query(name, "by_user_name", descending=True, limit=2)
+            assert [r["user_name"] for r in last] == ["Userina 1", "User 4"] and last.truncated
+            truth = await conn.fetch(f"SELECT * FROM ({config.tables[0].query}) t ORDER BY user_id")
+            assert await cache.batch_get(name, [1, 2, 3, 4]) == [dict(r) for r in truth]
+    finally:
+        await conn.close()
