@@ -40,6 +40,10 @@ settings (TOML key / environment variable):
 {settings}
   tables / CACHE_SIDECAR_TABLES ("schema.table[:mode],...")
       [[tables]] name, mode ("full" or "lazy"), max_rows, ttl_seconds, where
+      relations (a cached query): query, key = [...], [tables.sources]
+        "schema.table" = {{ source_key_column = "relation_column" }}
+      [[tables.indexes]] name, columns = [...], unique, range (full mode)
+      (see README.md, "Relations and indexes", and examples/relations)
 
 examples:
   cache-sidecar serve                          # embedded PostgreSQL + demo table

@@ -196,7 +196,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Install (or update) the change triggers of the cached tables at start.",
         flag="--install-triggers",
     ),
-    Setting("server.max_batch_keys", "max_batch_keys", "int", "Most keys one BatchGet may ask for.", minimum=1),
+    Setting(
+        "server.max_batch_keys",
+        "max_batch_keys",
+        "int",
+        "Most keys per BatchGet/Invalidate, rows per Query.",
+        minimum=1,
+    ),
     Setting(
         "server.grace_period",
         "grace_period",
