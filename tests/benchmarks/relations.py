@@ -187,7 +187,7 @@ async def compare(dsn: str, target: str, users: int, seconds: float) -> list[Res
             print("  top 10 spenders, 1 caller ...", file=sys.stderr)
             results.append(await measure("Query top 10 by_spent (sidecar)", top_spenders, 1, seconds))
             results.append(
-                await measure("the join, top 10 by spend (asyncpg)", join_top_spenders, 1, seconds * 2, warmup=1)
+                await measure("top 10 spenders, join (asyncpg)", join_top_spenders, 1, seconds * 2, warmup=1)
             )
     finally:
         await pool.close()

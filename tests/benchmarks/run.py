@@ -121,6 +121,10 @@ async def prepare(dsn: str, rows: int) -> bytes:
         await conn.close()
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2f}"
+
+
 def table(results: list[Result]) -> str:
     lines = [
         f"| {'target':<34} | callers | {'calls/s':>9} | {'keys/s':>10} | {'p50 µs':>8} | {'p99 µs':>8} |",
@@ -128,8 +132,8 @@ def table(results: list[Result]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.name:<34} | {r.callers:>7} | {r.throughput:>9,.0f} "
-            f"| {r.throughput * r.keys_per_call:>10,.0f} | {r.pct(0.5):>8,.0f} | {r.pct(0.99):>8,.0f} |"
+            f"| {r.name:<34} | {r.callers:>7} | {_rate(r.throughput):>9} "
+            f"| {_rate(r.throughput * r.keys_per_call):>10} | {r.pct(0.5):>8,.0f} | {r.pct(0.99):>8,.0f} |"
         )
     return "\n".join(lines)
 
