@@ -169,7 +169,7 @@ class FullTable:
         *,
         current_seq: Callable[[], int],
         on_progress: Callable[[], None],
-        on_matched: Callable[[list[int], dict[Key, bool]], None] | None = None,
+        on_matched: Callable[[int, set[Key]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
     ) -> None:
@@ -177,7 +177,7 @@ class FullTable:
         self.db = db
         self._seq = current_seq
         self._on_progress = on_progress
-        self._on_matched = on_matched  # told which keys a matching refresh changed
+        self._on_matched = on_matched  # told which keys a source change touched, per batch
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.rows: dict[Key, bytes] = {}
@@ -198,6 +198,7 @@ class FullTable:
         # like a small reload (no keyed fetch meanwhile; reads wait for them).
         self._matching: list[tuple[int, tuple[str, ...], list[Key]]] = []
         self._matching_running = False
+        self._keys_turn = False
         indexes = IndexSet(schema)
         self.indexes: IndexSet | None = indexes if indexes else None
         self._fetching = 0
@@ -236,7 +237,7 @@ class FullTable:
             pending = self._pending.get(key)
             if pending is None:
                 self._pending[key] = [seq, seq]
-            else:
+            elif seq > pending[1]:
                 pending[1] = seq
             if key not in self._inflight:
                 self._queue[key] = None
@@ -254,9 +255,6 @@ class FullTable:
         source changed): refresh exactly those rows, including ones that appear or vanish."""
         self._matching.append((seq, columns, values))
         self._schedule()
-
-    def _busy_matching(self) -> bool:
-        return bool(self._matching) or self._matching_running
 
     def reroute(self) -> None:
         """Memory can no longer be trusted (listener down): readers waiting on
@@ -343,12 +341,14 @@ class FullTable:
                 self._reloading = True
                 self._tasks.spawn(self._reload(self._seq()), "reload")
             return
-        if self._matching:
+        if self._matching and not (self._keys_turn and self._queue):
             if self._fetching == 0:  # likewise: one writer of the affected rows at a time
+                # (the requests stay in _matching until they land: reads and the
+                # revision must wait for them while they run, as for queued ones)
                 self._matching_running = True
-                requests, self._matching = self._matching, []
-                self._tasks.spawn(self._refresh_matching(requests, self._seq()), "refresh")
+                self._tasks.spawn(self._refresh_matching(list(self._matching), self._seq()), "refresh")
             return
+        self._keys_turn = False  # after a relation refresh, queued keys go first: none starves
         while self._queue and self._fetching < self.concurrency:
             batch: list[Key] = []
             for key in self._queue:
@@ -467,25 +467,28 @@ class FullTable:
             for columns, values in by_columns.items():
                 fetched.append((columns, values, await self.db.fetch_matching(self.schema, columns, list(values))))
         except Exception as exc:
-            self._matching_running = False
-            self._matching = requests + self._matching
+            self._matching_running = False  # (the requests are still queued: retried)
             self._failed(f"refreshing {self.schema.qualified}", exc, None)
             return
         self._matching_running = False
+        self._keys_turn = True
+        del self._matching[: len(requests)]
         self._failures = 0
         self.refetches += 1
-        changed: dict[Key, bool] = {}
+        indexes = self.indexes
+        assert indexes is not None  # (a relation with non-key sources has its hidden indexes)
+        before = [indexes.matching(columns, wanted) for _, columns, wanted in requests]
+        fetched_keys: set[Key] = set()
         moved: set[Key] = set()
         for columns, values, rows in fetched:
             # Rows that held these values and no longer match may be gone, or may hold
             # other values now (changed in the same transaction): only a keyed refetch
             # can tell, so they are refetched, not dropped.
-            if self.indexes is not None:
-                moved |= self.indexes.matching(columns, values) - rows.keys()
+            moved |= indexes.matching(columns, values) - rows.keys()
             self._store(rows.keys(), rows)
-            changed.update(dict.fromkeys(rows, True))
-        moved -= changed.keys()
-        for key in changed:
+            fetched_keys.update(rows)
+        moved -= fetched_keys
+        for key in fetched_keys:
             pending = self._pending.get(key)
             if pending is not None and pending[1] <= level:
                 del self._pending[key]
@@ -497,11 +500,11 @@ class FullTable:
                     self._waiters[key] = rest
                 else:
                     del self._waiters[key]
-        if moved:
-            self.changed(moved, level)
-            changed.update(dict.fromkeys(moved, True))  # (told with the row held when published)
-        if self._on_matched is not None:
-            self._on_matched([seq for seq, _, _ in requests], changed)
+        if moved:  # at the newest request's batch: that batch is not applied until they land
+            self.changed(moved, max(seq for seq, _, _ in requests))
+        if self._on_matched is not None:  # each request's batch: the rows that held or hold its values
+            for (seq, columns, wanted), held in zip(requests, before, strict=True):
+                self._on_matched(seq, held | indexes.matching(columns, wanted))
         self._table_waiters = release_waiters(self._table_waiters, level)
         self._on_progress()
         self._schedule()

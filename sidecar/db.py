@@ -83,7 +83,8 @@ CATALOG_KEY_SQL = """
 SELECT a.attname,
        format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
-       bt.typtype = 'e'
+       bt.typtype = 'e',
+       format_type(bt.oid, -1)
 FROM pg_catalog.pg_index i
 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -98,7 +99,8 @@ CATALOG_COLUMNS_SQL = """
 SELECT a.attname,
        format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
-       bt.typtype = 'e'
+       bt.typtype = 'e',
+       format_type(bt.oid, -1)
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -106,7 +108,7 @@ WHERE a.attrelid = $1 AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a
 """
 
 CATALOG_TYPES_SQL = """
-SELECT t.oid, format_type(bt.oid, NULL), bt.typname, bt.typtype = 'e'
+SELECT t.oid, format_type(bt.oid, -1), bt.typname, bt.typtype = 'e', format_type(bt.oid, -1)
 FROM pg_catalog.pg_type t
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 WHERE t.oid = ANY($1::oid[])
@@ -126,13 +128,14 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
     if not key_rows:
         raise SchemaError(f"table {table.qualified} has no primary key; cache-sidecar needs one to identify rows")
     columns = tuple(
-        KeyColumn.create(name, type_name, sql_type, is_enum) for name, sql_type, type_name, is_enum in key_rows
+        KeyColumn.create(name, type_name, sql_type, is_enum, cast)
+        for name, sql_type, type_name, is_enum, cast in key_rows
     )
     wanted = sorted({c for index in table.indexes for c in index.columns} - {c.name for c in columns})
     others: dict[str, KeyColumn] = {}
     if wanted:
-        for name, sql_type, type_name, is_enum in await conn.fetch(CATALOG_COLUMNS_SQL, found["oid"], wanted):
-            others[name] = KeyColumn.create(name, type_name, sql_type, is_enum)
+        for name, sql_type, type_name, is_enum, cast in await conn.fetch(CATALOG_COLUMNS_SQL, found["oid"], wanted):
+            others[name] = KeyColumn.create(name, type_name, sql_type, is_enum, cast)
         missing = [c for c in wanted if c not in others]
         if missing:
             raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
@@ -152,16 +155,18 @@ async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:
     if twice:
         raise SchemaError(f"relation {relation.qualified}: its query returns {', '.join(twice)} more than once")
     types = {
-        oid: (sql_type, type_name, is_enum)
-        for oid, sql_type, type_name, is_enum in await conn.fetch(CATALOG_TYPES_SQL, [a.type.oid for a in attributes])
+        oid: (sql_type, type_name, is_enum, cast)
+        for oid, sql_type, type_name, is_enum, cast in await conn.fetch(
+            CATALOG_TYPES_SQL, [a.type.oid for a in attributes]
+        )
     }
 
     def column(name: str, role: str) -> KeyColumn:
         attribute = next((a for a in attributes if a.name == name), None)
         if attribute is None:
             raise SchemaError(f"relation {relation.qualified}: {role} {name!r} is not a column of its query")
-        sql_type, type_name, is_enum = types[attribute.type.oid]
-        return KeyColumn.create(name, type_name, sql_type, is_enum)
+        sql_type, type_name, is_enum, cast = types[attribute.type.oid]
+        return KeyColumn.create(name, type_name, sql_type, is_enum, cast)
 
     key = tuple(column(name, "key column") for name in relation.key)
     sources = []
@@ -266,7 +271,10 @@ def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
 
 
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:
-    """Key -> the row's cache entry (its JSON, already in response encoding)."""
+    """Key -> the row's cache entry (its JSON, already in response encoding). Rows with a
+    NULL key part (possible in a relation's query) cannot be asked for: they are left out."""
     if width == 1 and columns[0].type_name != "bpchar":
-        return {(r[0],): entry(r[1].encode()) for r in records}
-    return {normalize_stored(columns, tuple(r[:width])): entry(r[width].encode()) for r in records}
+        return {(r[0],): entry(r[1].encode()) for r in records if r[0] is not None}
+    return {
+        normalize_stored(columns, tuple(r[:width])): entry(r[width].encode()) for r in records if None not in r[:width]
+    }

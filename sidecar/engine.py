@@ -341,9 +341,8 @@ class Engine:
             relation.changed_all(seq)
             return
         if set(key_names) <= set(columns):
-            op = _OPS[event.op] if isinstance(event, RowChange) else UPDATE
-            for key in keys:
-                self.hub.record(seq, event.xid, Change(name, op, key))
+            for key in keys:  # (a source insert may change a relation row, a delete add none...)
+                self.hub.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
             relation.changed(keys, seq)
         elif isinstance(relation, FullTable):
             self.hub.ensure(seq, event.xid)  # its changes are known once the refresh has run
@@ -364,11 +363,10 @@ class Engine:
             return None
         return keys
 
-    def _matched(self, name: str, seqs: list[int], changed: dict[Key, bool]) -> None:
-        """A relation refresh ran: its changes join the batch of the newest source change it served."""
-        batch = max(seqs)
-        for key, has_row in changed.items():
-            self.hub.add(batch, Change(name, UPDATE if has_row else DELETE, key))
+    def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
+        """A relation refresh ran: the rows a source change of batch ``seq`` touched join that batch."""
+        for key in keys:
+            self.hub.add(seq, Change(name, UPDATE, key, by_outcome=True))
 
     def _record_rows(self, seq: int, event: RowChange, name: str, keys: list[Key]) -> None:
         op = _OPS[event.op]
@@ -487,10 +485,14 @@ class Engine:
     async def read(self, table: TableCache, keys: list[Key], allow_stale: bool = False) -> list[Row]:
         """Rows of already coerced keys, in order."""
         if self.listener_up and table.loaded:
+            epoch = self.epoch
             try:
-                return await table.get_many(keys)
+                rows = await table.get_many(keys)
+                if self.listener_up and self.epoch == epoch:
+                    return rows
             except Rerouted:
-                pass  # the listener went down while we waited
+                pass
+            # the listener went down (and maybe came back) while we waited: memory may have missed changes
         return await self._read_through(table, keys, allow_stale)
 
     async def _read_through(self, table: TableCache, keys: list[Key], allow_stale: bool) -> list[Row]:
@@ -568,9 +570,11 @@ class Engine:
         applied; from the database while memory cannot be trusted, as reads are.
         """
         if self.listener_up and table.loaded and isinstance(table, FullTable):
+            epoch = self.epoch
             try:
                 await table.settle()
-                return self._query_memory(table, query)
+                if self.listener_up and self.epoch == epoch:
+                    return self._query_memory(table, query)
             except Rerouted:
                 pass  # the listener went down while we waited
         self.stats.passthrough_reads += 1

@@ -55,6 +55,10 @@ class Change:
     old_key: Key | None = None
     row: bytes | None = None  # row JSON, attached at publish time (full tables)
     has_row: bool = False
+    # The operation is whatever the row held at publish time says: UPDATE if
+    # there is one, DELETE if not (relation rows, whose source change does not
+    # tell whether the join gained, changed or lost the row).
+    by_outcome: bool = False
 
 
 @dataclass(slots=True)
@@ -220,6 +224,16 @@ class Hub:
     def _attach_rows(self, batch: Batch) -> None:
         size = 64
         tables = set()
+        if any(change.by_outcome for change in batch.changes):  # (several sources may touch one row)
+            seen: set[tuple[str, Key | None]] = set()
+            unique = []
+            for change in batch.changes:
+                if change.by_outcome:
+                    if (change.table, change.key) in seen:
+                        continue
+                    seen.add((change.table, change.key))
+                unique.append(change)
+            batch.changes = unique
         for change in batch.changes:
             tables.add(change.table)
             size += 32
@@ -230,6 +244,8 @@ class Hub:
                 continue  # lazy: the sidecar holds no authoritative row
             entry = rows.get(change.key)
             change.has_row = entry is not None
+            if change.by_outcome:
+                change.op = UPDATE if entry is not None else DELETE
             if entry is not None:
                 change.row = self._row_json(entry)
                 size += len(change.row)

@@ -228,9 +228,13 @@ class KeyColumn:
     coerce: Callable[[Any], Any]
     # Held as str (text types, enums): ordered by code point, as COLLATE "C" orders text.
     textual: bool = False
+    cast_type: str = ""  # the type without modifiers, for parameters (format_type(oid, -1))
+    enum: bool = False
 
     @classmethod
-    def create(cls, name: str, type_name: str, sql_type: str, is_enum: bool = False) -> KeyColumn:
+    def create(
+        cls, name: str, type_name: str, sql_type: str, is_enum: bool = False, cast_type: str | None = None
+    ) -> KeyColumn:
         factory = _text if is_enum else _COERCERS.get(type_name)
         if factory is None:
             raise SchemaError(
@@ -238,7 +242,34 @@ class KeyColumn:
                 f"(supported: {', '.join(SUPPORTED_KEY_TYPES)})"
             )
         label = f"{name} ({sql_type})"
-        return cls(name, type_name, sql_type, factory(label, "text" if is_enum else type_name), factory is _text)
+        coerce = factory(label, "text" if is_enum else type_name)
+        return cls(name, type_name, sql_type, coerce, factory is _text, cast_type or sql_type, is_enum)
+
+    # SQL: parameters are cast to the type without its modifiers, so that a value that
+    # does not fit (a longer string, more decimals) matches nothing instead of being
+    # truncated or rounded into a match; enums compare as text, so that a label that is
+    # not one of the type's matches nothing instead of failing the query.
+
+    def compared_sql(self, expression: str) -> str:
+        """``expression`` (this column) as compared with parameters."""
+        return f"{expression}::text" if self.enum else expression
+
+    def parameter_sql(self, number: int, array: bool = False) -> str:
+        cast = "text" if self.enum else self.cast_type
+        return f"${number}::{cast}{'[]' if array else ''}"
+
+    def held_sql(self, expression: str) -> str | None:
+        """A condition for the values the sidecar can hold in an index, where some cannot be
+        (infinite dates and timestamps, those beyond year 9999, non-finite numbers)."""
+        if self.type_name == "date":
+            return f"{expression} BETWEEN '0001-01-01'::date AND '9999-12-31'::date"
+        if self.type_name in ("timestamp", "timestamptz"):
+            return f"{expression} >= '0001-01-01'::{self.cast_type} AND {expression} < '10000-01-01'::{self.cast_type}"
+        if self.type_name == "numeric":
+            return f"{expression}::text NOT IN ('NaN', 'Infinity', '-Infinity')"
+        if self.type_name in ("float4", "float8"):
+            return f"{expression}::text <> 'NaN'"
+        return None
 
     def order_sql(self, expression: str) -> str:
         """``expression`` (this column) as SQL that sorts the way the sidecar sorts its values."""

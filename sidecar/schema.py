@@ -74,9 +74,9 @@ class TableSchema:
         """Rows whose ``columns`` take one of the given values (one array parameter per column)."""
         if len(columns) == 1:
             column = columns[0]
-            return f"t.{quote_ident(column.name)} = ANY($1::{column.sql_type}[])"
-        names = ", ".join(f"t.{quote_ident(c.name)}" for c in columns)
-        arrays = ", ".join(f"${i}::{c.sql_type}[]" for i, c in enumerate(columns, 1))
+            return f"{column.compared_sql('t.' + quote_ident(column.name))} = ANY({column.parameter_sql(1, True)})"
+        names = ", ".join(c.compared_sql(f"t.{quote_ident(c.name)}") for c in columns)
+        arrays = ", ".join(c.parameter_sql(i, True) for i, c in enumerate(columns, 1))
         return f"({names}) IN (SELECT * FROM unnest({arrays}))"
 
     def _where(self, condition: str) -> str:
@@ -116,13 +116,17 @@ class TableSchema:
             condition, count = self._condition(columns), len(columns)
         else:
             column = columns[0]
-            value = column.order_sql(f"t.{quote_ident(column.name)}")
-            conditions, count = [f"t.{quote_ident(column.name)} IS NOT NULL"], 0
+            name = f"t.{quote_ident(column.name)}"
+            value = column.order_sql(name)
+            conditions, count = [f"{name} IS NOT NULL"], 0
+            held = column.held_sql(name)
+            if held is not None:
+                conditions.append(held)
             for given, operator in ((low, ">" if low_open else ">="), (high, "<" if high_open else "<=")):
                 if given:
                     count += 1
-                    cast = "text" if column.textual else column.sql_type
-                    conditions.append(f"{value} {operator} ${count}::{cast}")
+                    parameter = f"${count}::text" if column.textual else column.parameter_sql(count)
+                    conditions.append(f"{value} {operator} {parameter}")
             condition = " AND ".join(conditions)
             order.insert(0, value + direction)
         return f"{self._where(condition)} ORDER BY {', '.join(order)} LIMIT ${count + 1}"

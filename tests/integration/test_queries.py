@@ -286,3 +286,73 @@ async def test_the_blocking_client_queries_too(start_daemon, db, schema, orders)
     assert info.indexes[2] == IndexInfo("by_created", ("created",), unique=False, range=True)
     expected = await truth(db, f"SELECT id FROM {orders} WHERE total >= 100 ORDER BY total DESC, id DESC LIMIT 5")
     assert [r["id"] for r in result] == expected and result.truncated and result.revision is not None
+
+
+EDGES_SQL = """
+CREATE TYPE {s}.mood AS ENUM ('sad', 'happy');
+CREATE TABLE {s}.edges (
+    id int PRIMARY KEY, v varchar(3), code char(5), ts timestamp(0), n numeric(6, 2),
+    d date, num numeric, f float8, m {s}.mood
+);
+INSERT INTO {s}.edges VALUES
+    (1, 'abc', 'ab', '2024-01-01 00:00:01', 1.01, 'infinity', 'NaN', 'NaN', 'happy'),
+    (2, 'abd', 'abcde', '2024-01-01 00:00:00', 1.00, '2021-01-01', 5, 'Infinity', 'sad'),
+    (3, NULL, 'x', '-infinity', -1, '-infinity', 7, -2.5, NULL);
+CREATE TABLE {s}.codes (code char(3) PRIMARY KEY, name text);
+INSERT INTO {s}.codes VALUES ('abc', 'x'), ('a', 'y');
+"""
+EDGE_INDEXES = (
+    cfg.IndexConfig("by_v", ("v",)),
+    cfg.IndexConfig("by_code", ("code",)),
+    cfg.IndexConfig("by_m", ("m",)),
+    cfg.IndexConfig("by_ts", ("ts",), range=True),
+    cfg.IndexConfig("by_n", ("n",), range=True),
+    cfg.IndexConfig("by_d", ("d",), range=True),
+    cfg.IndexConfig("by_num", ("num",), range=True),
+    cfg.IndexConfig("by_f", ("f",), range=True),
+)
+EDGE_QUERIES = [  # (index, values, lower, upper): values that do not fit match nothing
+    ("by_v", [["abcdef"]], None, None),  # (a varchar(3) cast would truncate it to 'abc')
+    ("by_v", [["abc"]], None, None),
+    ("by_code", [["abcdefg"]], None, None),  # (char(5): 'abcde')
+    ("by_code", [["ab   "]], None, None),  # char(n) ignores trailing blanks
+    ("by_m", [["happy"], ["not a label"]], None, None),
+    ("by_ts", None, "2024-01-01T00:00:00.6", None),  # (timestamp(0) would round it up)
+    ("by_n", None, None, "1.005"),  # (numeric(6,2): 1.01)
+    ("by_d", None, None, None),  # infinite dates are not held
+    ("by_num", None, "0", None),  # NaN is not held
+    ("by_f", None, None, None),  # Infinity is, NaN is not
+]
+
+
+async def test_values_that_do_not_fit_match_nothing_in_memory_and_in_sql(db, schema, postgres):
+    await db.execute(EDGES_SQL.format(s=schema))
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=2, server_settings={"TimeZone": "UTC"})
+    try:
+        database = PgDatabase(pool)
+        edges = await database.describe(cfg.TableConfig(schema=schema, name="edges", indexes=EDGE_INDEXES))
+        loaded: dict[Any, bytes] = {}
+        async for chunk in database.load(edges):
+            loaded.update(chunk)
+        memory = IndexSet(edges)
+        memory.rebuild(loaded)
+        answers = []
+        for index, values, lower, upper in EDGE_QUERIES:
+            query = plan(edges, index, values, lower, upper, limit=10)
+            keys, _ = memory.run(query)
+            assert list(await database.query(edges, query)) == keys, (index, values, lower, upper)
+            answers.append([k for (k,) in keys])
+        assert answers == [[], [1], [], [1], [1], [1], [3, 2], [2], [2, 3], [3, 2]]
+        codes = await database.describe(cfg.TableConfig(schema=schema, name="codes"))
+        assert sorted(await database.fetch(codes, [("abc",), ("a",), ("abcd",)])) == [("a",), ("abc",)]
+        relation = cfg.TableConfig(
+            schema=schema,
+            name="code_names",
+            query=f"SELECT code, name FROM {schema}.codes",
+            key=("code",),
+            sources=(cfg.Source(schema, "codes", (("code", "code"),)),),
+        )
+        code_names = await database.describe(relation)  # (its key's type comes from the query)
+        assert list(await database.fetch(code_names, [("abc",)])) == [("abc",)]  # (char(1) would give 'a')
+    finally:
+        await pool.close()

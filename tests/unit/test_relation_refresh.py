@@ -1,0 +1,142 @@
+"""A full relation's refreshes against the in-memory database, with the
+interleavings forced: reads and the revision wait for a refresh that is
+running, rows that stop matching are refetched (not dropped, not published
+stale), keyed refetches are not starved by a stream of source changes, and
+Watch batches say what became of each relation row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sidecar.config import IndexConfig, TableConfig
+from sidecar.engine import Engine
+from sidecar.events import Op, RowChange
+from sidecar.hub import DELETE, UPDATE
+from sidecar.keys import KeyColumn
+from sidecar.schema import SourceSchema, TableSchema
+from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.wire import entry, row_json
+from tests.support.waiting import eventually
+
+REL = "public.user_city"
+
+
+def relation_schema() -> TableSchema:
+    """user_city keyed by user_id; users map to the key, cities to the non-key city_id."""
+    config = TableConfig(
+        schema="public",
+        name="user_city",
+        query="(in memory)",
+        key=("user_id",),
+        indexes=(IndexConfig("by_city", ("city_id",)),),
+    )
+    return TableSchema(
+        config=config,
+        key_columns=(KeyColumn.create("user_id", "int4", "integer"),),
+        columns={"city_id": KeyColumn.create("city_id", "int4", "integer")},
+        sources=(
+            SourceSchema(int_key_schema("public.users"), ((0, "user_id"),)),
+            SourceSchema(int_key_schema("public.cities"), ((0, "city_id"),)),
+        ),
+    )
+
+
+def row(user: int, city: int, city_name: str) -> bytes:
+    return entry(json.dumps({"user_id": user, "city_id": city, "city_name": city_name}).encode())
+
+
+def city_name(stored: bytes | None) -> str | None:
+    return None if stored is None else json.loads(row_json(stored))["city_name"]
+
+
+def users(db: MemoryDatabase) -> dict:
+    return db.data[REL]
+
+
+@pytest.fixture
+def db() -> MemoryDatabase:
+    db = MemoryDatabase(relation_schema())
+    for user, city in ((1, 1), (2, 1), (5, 2)):
+        users(db)[(user,)] = row(user, city, f"City {city}")
+    return db
+
+
+@pytest.fixture
+async def engine(db: MemoryDatabase):
+    engine = Engine(db, list(db.schemas.values()))
+    engine.listener_connected()
+    await eventually(lambda: engine.ready)
+    yield engine
+    engine.close()
+
+
+def city_changed(xid: int, city: int, op: Op = Op.UPDATE) -> RowChange:
+    return RowChange("public", "cities", op, xid, ((city,),))
+
+
+def user_changed(xid: int, user: int, op: Op = Op.UPDATE) -> RowChange:
+    return RowChange("public", "users", op, xid, ((user,),))
+
+
+def published(engine: Engine, revision: int) -> list[tuple[int, tuple, bool]]:
+    batches = [b for b in engine.hub._history if getattr(b, "revision", None) == revision]
+    return sorted((c.op, c.key, c.has_row) for b in batches for c in b.changes if c.table == REL)
+
+
+async def test_reads_and_the_revision_wait_for_a_running_refresh(engine: Engine, db: MemoryDatabase):
+    table = engine.table(REL)
+    db.hold()
+    users(db)[(1,)], users(db)[(2,)] = row(1, 1, "Renamed"), row(2, 1, "Renamed")
+    engine.handle(city_changed(10, 1))
+    seq = engine.seq
+    await db.held(1)  # the refresh has read the new rows and not landed
+    get = asyncio.ensure_future(engine.get(REL, [1]))
+    query = asyncio.ensure_future(engine.query(table, engine.plan_query(table, "by_city", [[1]], None, None)))
+    engine._progress()  # (as any other event or landed refetch would)
+    await eventually(lambda: len(table._table_waiters) == 2, what="both reads waiting")
+    assert engine.applied < seq and not get.done() and not query.done()
+    assert table.peek((1,)) == (False, None)
+    db.release()
+    assert city_name(await get) == "Renamed"
+    assert [city_name(e) for e in (await query)[0]] == ["Renamed", "Renamed"]
+    await eventually(lambda: engine.applied >= seq)
+    assert published(engine, seq) == [(UPDATE, (1,), True), (UPDATE, (2,), True)]
+
+
+async def test_rows_that_stop_matching_are_refetched_not_dropped(engine: Engine, db: MemoryDatabase):
+    """A user who left a changed city may have moved (kept, refetched) or be gone from the
+    join (removed); either way the row ends as the database has it, and Watch says so."""
+    users(db)[(5,)] = row(5, 1, "City 1")  # user 5 moved from city 2 to city 1 ...
+    engine.handle(user_changed(20, 5))
+    engine.handle(city_changed(20, 2, Op.DELETE))  # ... and city 2 was deleted, same transaction
+    seq = engine.seq
+    await eventually(lambda: engine.applied >= seq)
+    assert city_name(engine.table(REL).rows.get((5,))) == "City 1"  # not dropped with city 2
+    del users(db)[(1,)]  # city 1's row for user 1 leaves the join (say, its link was deleted)
+    engine.handle(city_changed(21, 1, Op.DELETE))
+    engine.handle(user_changed(22, 2))  # (another event in the same listener read)
+    await eventually(lambda: engine.applied >= engine.seq)
+    assert (1,) not in engine.table(REL).rows
+    assert published(engine, seq + 1) == sorted([(DELETE, (1,), False), (UPDATE, (2,), True), (UPDATE, (5,), True)])
+    assert published(engine, seq) == [(UPDATE, (5,), True)]  # (told once, though two sources touched it)
+
+
+async def test_keyed_refetches_go_between_relation_refreshes(engine: Engine, db: MemoryDatabase):
+    """Source changes arriving during every refresh must not starve a keyed refetch."""
+    users(db)[(5,)] = row(5, 2, "moved")
+    db.hold()
+    engine.handle(user_changed(30, 5))
+    engine.handle(city_changed(31, 1))
+    await db.held(1)  # the relation refresh runs first
+    engine.handle(city_changed(32, 1))  # and another is queued behind it, with the key
+    fetches = len(db.fetches)
+    db.release()
+    db.hold()
+    await eventually(lambda: len(db.fetches) > fetches, what="the keyed refetch")
+    assert db.fetches[-1] == (REL, ((5,),))
+    db.release()
+    await eventually(lambda: engine.applied >= engine.seq)
+    assert city_name(engine.table(REL).rows[(5,)]) == "moved"
