@@ -327,6 +327,7 @@ def _print_demo_banner(daemon: Any) -> None:
     {me} get public.patron 1 --target {target}
     {psql} -c "UPDATE patron SET fav_dish = 'waffles' WHERE id = 1"
     {me} get public.patron 1 --target {target}     # the cache followed
+    {me} query public.patron by_dish waffles --target {target}   # by a secondary index
 
   Stop with Ctrl-C.
 """,
