@@ -324,8 +324,9 @@ class Engine:
         columns = source.relation_columns
         mapped = [tuple(key[position] for position, _ in source.mapping) for key in source_keys]
         key_names = [c.name for c in relation.schema.key_columns]
+        by_key = set(key_names) <= set(columns)  # the source's key gives the relation's key
         try:
-            if set(key_names) <= set(columns):  # the source's key gives the relation's key
+            if by_key:
                 keys = list(
                     dict.fromkeys(
                         coerce_key(relation.schema.key_columns, [value[columns.index(n)] for n in key_names])
@@ -340,7 +341,7 @@ class Engine:
             self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
             relation.changed_all(seq)
             return
-        if set(key_names) <= set(columns):
+        if by_key:
             for key in keys:  # (a source insert may change a relation row, a delete add none...)
                 self.hub.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
             relation.changed(keys, seq)
