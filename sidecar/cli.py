@@ -80,6 +80,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
             help="gRPC address, host:port or unix:///path; repeatable (default 127.0.0.1:50051)",
         )
         group.add_argument(
+            "--health-listen",
+            action="append",
+            metavar="ADDRESS",
+            help="also serve grpc.health.v1 alone here (Kubernetes probes); repeatable",
+        )
+        group.add_argument(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+        )
+        group.add_argument(
             "--install-triggers",
             action="store_true",
             default=None,

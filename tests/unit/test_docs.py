@@ -18,3 +18,20 @@ def test_every_setting_is_in_the_readme():
 def test_readme_commands_are_what_ci_runs():
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert "./dev test" in ci and "./dev test" in README and "./dev run" in README
+
+
+def test_every_flag_in_the_settings_table_exists():
+    import contextlib
+    import io
+    import re
+
+    from sidecar.cli import build_parser
+
+    table = [line for line in README.splitlines() if line.startswith("| `")]
+    flags = {flag for line in table for flag in re.findall(r"`(--[a-z-]+)", line.split("|")[3])}
+    assert "--metrics-listen" in flags and "--health-listen" in flags
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown), contextlib.suppress(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    missing = [flag for flag in sorted(flags) if flag not in shown.getvalue()]
+    assert not missing, f"the README lists flags that 'serve' does not take: {missing}"
