@@ -118,6 +118,17 @@ class _Core:
         elif isinstance(item, Progress | InitialStateDone):
             near.mark(item.revision)
 
+    def query(self, table: str, index: str, values: Iterable[Any] | None, *args: Any) -> pb.QueryRequest | QueryResult:
+        """The request of an index query, or its answer when there is nothing to ask."""
+        if values is not None:
+            values = list(values)
+            if not values:
+                return QueryResult([], False, self.last_revision)
+        return query_request(table, index, values, *args)
+
+    def query_result(self, reply: pb.QueryResponse) -> QueryResult:
+        return QueryResult([self.row(r) for r in reply.rows], reply.truncated, self.seen(reply.revision))
+
     def invalidate(self, table: str, keys: Sequence[Any] | None, refresh: bool) -> pb.InvalidateRequest:
         if keys is None:
             return pb.InvalidateRequest(table=table, all_rows=True, refresh=refresh)
@@ -304,17 +315,13 @@ class Client:
         those whose (range) index column lies between ``lower`` and ``upper`` (``None``:
         unbounded; both included unless ``*_exclusive``), in index order. At most
         ``limit`` rows (0: the sidecar's maximum); ``truncated`` tells that more matched."""
-        core = self._core
-        if values is not None:
-            values = list(values)
-            if not values:
-                return QueryResult([], False, core.last_revision)
-        options = read_options(consistency, core.min_revision(table, min_revision), allow_stale)
-        request = query_request(
-            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending, options
-        )
-        reply = self._call(self._stub.Query, request, timeout)
-        return QueryResult([core.row(r) for r in reply.rows], reply.truncated, core.seen(reply.revision))
+        request = self._core.query(
+            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending,
+            read_options(consistency, self._core.min_revision(table, min_revision), allow_stale),
+        )  # fmt: skip
+        if isinstance(request, QueryResult):
+            return request
+        return self._core.query_result(self._call(self._stub.Query, request, timeout))
 
     def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
@@ -583,17 +590,13 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> QueryResult:
-        core = self._core
-        if values is not None:
-            values = list(values)
-            if not values:
-                return QueryResult([], False, core.last_revision)
-        options = read_options(consistency, core.min_revision(table, min_revision), allow_stale)
-        request = query_request(
-            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending, options
-        )
-        reply = await self._call(self._stub.Query, request, timeout)
-        return QueryResult([core.row(r) for r in reply.rows], reply.truncated, core.seen(reply.revision))
+        request = self._core.query(
+            table, index, values, lower, upper, lower_exclusive, upper_exclusive, limit, descending,
+            read_options(consistency, self._core.min_revision(table, min_revision), allow_stale),
+        )  # fmt: skip
+        if isinstance(request, QueryResult):
+            return request
+        return self._core.query_result(await self._call(self._stub.Query, request, timeout))
 
     async def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
