@@ -139,6 +139,61 @@ class _Core:
         return ceiling / 2 + random.random() * ceiling / 2
 
 
+class _BatchRead:
+    """One BatchGet through the near-cache: hits answered at once, the rest asked for
+    (with fill tickets, so a change racing the answer is never stored)."""
+
+    def __init__(
+        self,
+        core: _Core,
+        table: str,
+        keys: list[Any],
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+    ) -> None:
+        self.core, self.table = core, table
+        self.near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        self.results: list[Any] = [None] * len(keys)
+        self.missing = list(range(len(keys)))
+        near = self.near
+        if near is not None and consistency == "eventual":
+            self.missing = []
+            for index, key in enumerate(keys):
+                hit, row = near.lookup(table, key)
+                if hit:
+                    self.results[index] = _copy(row)
+                else:
+                    self.missing.append(index)
+        self.wanted = [keys[i] for i in self.missing]
+        self.tickets: list[FillTicket | None] = (
+            [near.begin_fill(table, k) for k in self.wanted] if near is not None else [None] * len(self.wanted)
+        )
+        self.request: pb.BatchGetRequest | None = None
+        if self.wanted:
+            self.request = pb.BatchGetRequest(
+                table=table,
+                options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+                **batch_keys(self.wanted),
+            )
+
+    def abandon(self) -> None:
+        if self.near is not None:
+            for key, ticket in zip(self.wanted, self.tickets, strict=True):
+                if ticket is not None:
+                    self.near.end_fill(self.table, key, ticket, None, None)
+
+    def finish(self, reply: pb.BatchGetResponse) -> list[dict[str, Any] | None]:
+        revision = self.core.seen(reply.revision)
+        rows = [self.core.row(r) for r in reply.rows]
+        for index, key, row, ticket in zip(self.missing, self.wanted, rows, self.tickets, strict=True):
+            if self.near is not None and ticket is not None:
+                self.near.end_fill(self.table, key, ticket, _ABSENT if row is None else row, revision)
+                row = _copy(row) if row is not None else None
+            self.results[index] = row
+        return self.results
+
+
 def _copy(row: Any) -> Any:
     """Near-cached rows are shared: callers get their own top-level copy."""
     if row is _ABSENT:
@@ -252,45 +307,15 @@ class Client:
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
         """Rows in the order of ``keys`` (``None`` where there is none)."""
-        core = self._core
-        keys = list(keys)
-        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
-        results: list[Any] = [None] * len(keys)
-        missing = list(range(len(keys)))
-        if near is not None and consistency == "eventual":
-            missing = []
-            for index, key in enumerate(keys):
-                hit, row = near.lookup(table, key)
-                if hit:
-                    results[index] = _copy(row)
-                else:
-                    missing.append(index)
-            if not missing:
-                return results
-        wanted = [keys[i] for i in missing]
-        tickets: list[FillTicket | None] = (
-            [near.begin_fill(table, k) for k in wanted] if near is not None else [None] * len(wanted)
-        )
-        request = pb.BatchGetRequest(
-            table=table,
-            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
-            **batch_keys(wanted),
-        )
+        read = _BatchRead(self._core, table, list(keys), consistency, min_revision, allow_stale)
+        if read.request is None:
+            return read.results
         try:
-            reply = self._call(self._stub.BatchGet, request, timeout)
+            reply = self._call(self._stub.BatchGet, read.request, timeout)
         except BaseException:
-            for key, ticket in zip(wanted, tickets, strict=True):
-                if near is not None and ticket is not None:
-                    near.end_fill(table, key, ticket, None, None)
+            read.abandon()
             raise
-        revision = core.seen(reply.revision)
-        rows = [core.row(r) for r in reply.rows]
-        for index, key, row, ticket in zip(missing, wanted, rows, tickets, strict=True):
-            if near is not None and ticket is not None:
-                near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-                row = _copy(row) if row is not None else None
-            results[index] = row
-        return results
+        return read.finish(reply)
 
     def query(
         self,
@@ -533,45 +558,15 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
-        core = self._core
-        keys = list(keys)
-        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
-        results: list[Any] = [None] * len(keys)
-        missing = list(range(len(keys)))
-        if near is not None and consistency == "eventual":
-            missing = []
-            for index, key in enumerate(keys):
-                hit, row = near.lookup(table, key)
-                if hit:
-                    results[index] = _copy(row)
-                else:
-                    missing.append(index)
-            if not missing:
-                return results
-        wanted = [keys[i] for i in missing]
-        tickets: list[FillTicket | None] = (
-            [near.begin_fill(table, k) for k in wanted] if near is not None else [None] * len(wanted)
-        )
-        request = pb.BatchGetRequest(
-            table=table,
-            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
-            **batch_keys(wanted),
-        )
+        read = _BatchRead(self._core, table, list(keys), consistency, min_revision, allow_stale)
+        if read.request is None:
+            return read.results
         try:
-            reply = await self._call(self._stub.BatchGet, request, timeout)
+            reply = await self._call(self._stub.BatchGet, read.request, timeout)
         except BaseException:
-            for key, ticket in zip(wanted, tickets, strict=True):
-                if near is not None and ticket is not None:
-                    near.end_fill(table, key, ticket, None, None)
+            read.abandon()
             raise
-        revision = core.seen(reply.revision)
-        rows = [core.row(r) for r in reply.rows]
-        for index, key, row, ticket in zip(missing, wanted, rows, tickets, strict=True):
-            if near is not None and ticket is not None:
-                near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-                row = _copy(row) if row is not None else None
-            results[index] = row
-        return results
+        return read.finish(reply)
 
     async def query(
         self,
