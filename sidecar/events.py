@@ -22,6 +22,9 @@ from typing import Any
 from sidecar.errors import PayloadError
 
 PAYLOAD_VERSION = 1
+MAX_PAYLOAD_BYTES = 8000  # PostgreSQL's own limit; anything longer did not come from it
+MAX_XID = 2**64 - 1  # revisions carry the xid as uint64
+MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: longer names are no catalog's
 
 
 class Op(enum.Enum):
@@ -65,11 +68,18 @@ Event = RowChange | TableChange | SyncToken
 
 
 def parse(payload: str) -> Event:
-    """Parse one payload; raise ``PayloadError`` saying what is wrong."""
+    """Parse one payload; raise ``PayloadError`` saying what is wrong.
+
+    Any role that can connect may NOTIFY our channel, so every field is checked
+    here; key parts are only known to be JSON scalars until the engine coerces
+    them to their columns' types.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"longer than {MAX_PAYLOAD_BYTES} characters")
     try:
         data = json.loads(payload, parse_float=decimal.Decimal)
-    except ValueError as exc:
-        raise PayloadError(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # (deep nesting: RecursionError)
+        raise PayloadError(f"not JSON: {type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(data, dict):
         raise PayloadError("not a JSON object")
     if data.get("v") != PAYLOAD_VERSION:
@@ -83,15 +93,22 @@ def parse(payload: str) -> Event:
     schema, table, xid = data.get("s"), data.get("t"), data.get("x")
     if not isinstance(schema, str) or not isinstance(table, str):
         raise PayloadError("missing schema or table name")
+    if not _is_name(schema) or not _is_name(table):
+        raise PayloadError("schema or table name is not a PostgreSQL name")
     if not isinstance(xid, int) or isinstance(xid, bool):
         raise PayloadError("missing transaction id")
+    if not 0 <= xid <= MAX_XID:
+        raise PayloadError(f"transaction id {xid} is out of range")
     try:
         op = Op(data.get("op"))
     except ValueError:
         raise PayloadError(f"unknown operation {data.get('op')!r}") from None
 
     if "all" in data:
-        return TableChange(schema, table, op, xid, str(data["all"]))
+        reason = data["all"]
+        if not isinstance(reason, str):
+            raise PayloadError("'all' is not a string")
+        return TableChange(schema, table, op, xid, reason[:100])
     if op is Op.TRUNCATE:
         raise PayloadError("TRUNCATE without 'all'")
     keys, old_keys = _keys(data.get("k")), _keys(data.get("o", []))
@@ -103,7 +120,20 @@ def parse(payload: str) -> Event:
 def _keys(value: Any) -> tuple[tuple[Any, ...], ...]:
     if not isinstance(value, list) or not all(isinstance(k, list) and k for k in value):
         raise PayloadError("keys are not a list of non-empty arrays")
+    if not all(isinstance(part, _SCALARS) for k in value for part in k):
+        raise PayloadError("key parts are not JSON scalars")
     return tuple(tuple(k) for k in value)
+
+
+_SCALARS = (str, int, float, decimal.Decimal, bool, type(None))
+
+
+def _is_name(text: str) -> bool:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # a lone surrogate, from a "\ud800" escape
+        return False
+    return 0 < size <= MAX_NAME_BYTES and "\x00" not in text
 
 
 def sync_payload(token: str) -> str:

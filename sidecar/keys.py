@@ -47,7 +47,10 @@ def _int(column: str, type_name: str) -> Callable[[Any], int]:
         if isinstance(value, int):
             result = value
         elif isinstance(value, float | decimal.Decimal):
-            if not math.isfinite(value) or value != int(value):
+            # (checked before int(): int(Decimal("1e999999999")) would take the loop for minutes)
+            if not math.isfinite(value) or (isinstance(value, decimal.Decimal) and value.adjusted() > 19):
+                raise _fail(column, type_name, value, f"is out of range for {type_name}")
+            if value != int(value):
                 raise _fail(column, type_name, value, "is not an integer")
             result = int(value)
         elif isinstance(value, str):
@@ -64,6 +67,22 @@ def _int(column: str, type_name: str) -> Callable[[Any], int]:
     return coerce
 
 
+# PostgreSQL's numeric holds up to 131072 digits before the point and 16383 after.
+NUMERIC_MAX_INTEGER_DIGITS = 131072
+NUMERIC_MAX_SCALE = 16383
+
+
+def _encodable(text: str) -> bool:
+    """Can be sent to PostgreSQL as UTF-8 (JSON's "\ud800" escapes make strings that cannot)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(column: str, type_name: str) -> Callable[[Any], str]:
     pad = type_name == "bpchar"  # char(n): PostgreSQL ignores trailing blanks
 
@@ -72,6 +91,8 @@ def _text(column: str, type_name: str) -> Callable[[Any], str]:
             raise _fail(column, type_name, value, "is not a string")
         if "\x00" in value:
             raise _fail(column, type_name, value, "contains a NUL character")
+        if not _encodable(value):
+            raise _fail(column, type_name, value, "is not valid Unicode (a lone surrogate)")
         return value.rstrip(" ") if pad else value
 
     return coerce
@@ -125,6 +146,11 @@ def _numeric(column: str, type_name: str) -> Callable[[Any], decimal.Decimal]:
             raise _fail(column, type_name, value, "is not a number") from None
         if not result.is_finite():
             raise _fail(column, type_name, value, "is not a finite number")
+        exponent = result.as_tuple().exponent
+        if result and (
+            result.adjusted() >= NUMERIC_MAX_INTEGER_DIGITS or (isinstance(exponent, int) and -exponent > NUMERIC_MAX_SCALE)
+        ):
+            raise _fail(column, type_name, value, "is out of range for numeric")
         return result
 
     return coerce

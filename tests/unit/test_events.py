@@ -41,8 +41,26 @@ def test_table_change_and_sync_token():
         ('{"v":1,"s":"a","t":"b","x":1,"op":"I","k":[[]]}', "keys"),
         ('{"v":1,"s":"a","t":"b","x":1,"op":"T"}', "TRUNCATE"),
         ('{"v":1,"sync":5}', "sync token"),
+        # Anyone may NOTIFY our channel: what the triggers never send is refused here.
+        ('{"v":1,"s":"a","t":"b","x":-1,"op":"I","k":[[1]]}', "transaction id -1 is out of range"),
+        ('{"v":1,"s":"a","t":"b","x":18446744073709551616,"op":"I","k":[[1]]}', "out of range"),
+        ('{"v":1,"s":"a","t":"b","x":true,"op":"I","k":[[1]]}', "transaction id"),
+        ("[" * 3900 + "]" * 3900, "not JSON"),
+        ('{"v":1,"s":"a","t":"b","x":1,"op":"I","k":[[' + "[" * 3000 + "]" * 3000 + "]]}", "not JSON|scalars"),
+        ('{"v":1,"s":"a","t":"b","x":1,"op":"I","k":[[{"a":1}]]}', "scalars"),
+        ('{"v":1,"s":"a","t":"b","x":1,"op":"I","k":[[[1]]]}', "scalars"),
+        ('{"v":1,"s":"' + "s" * 64 + '","t":"b","x":1,"op":"I","k":[[1]]}', "not a PostgreSQL name"),
+        ('{"v":1,"s":"\\ud800","t":"b","x":1,"op":"I","k":[[1]]}', "not a PostgreSQL name"),
+        ('{"v":1,"s":"a","t":"","x":1,"op":"I","k":[[1]]}', "not a PostgreSQL name"),
+        ('{"v":1,"s":"a","t":"b","x":1,"op":"T","all":{"deep":1}}', "'all'"),
+        ('{"v":1,"s":"a","t":"b","x":1,"op":"I","k":[[1]],"pad":"' + "x" * 8000 + '"}', "longer than"),
     ],
 )
 def test_bad_payloads(payload, fragment):
     with pytest.raises(PayloadError, match=fragment):
         events.parse(payload)
+
+
+def test_largest_transaction_id_fits():
+    event = events.parse('{"v":1,"s":"a","t":"b","x":18446744073709551615,"op":"D","k":[[1]]}')
+    assert isinstance(event, events.RowChange) and event.xid == 2**64 - 1

@@ -72,12 +72,26 @@ def test_fits(type_name, given, expected):
         ("timestamp", "2024-01-01T00:00:00+00:00", "UTC offset"),
         ("timestamptz", "yesterday", "ISO 8601"),
         ("bytea", "00ff", "hex"),
+        # Values Python holds but PostgreSQL cannot take: a refetch of them would fail forever.
+        ("text", "a\ud800b", "lone surrogate"),
+        ("varchar", "\udfff", "lone surrogate"),
+        ("numeric", "1e1000000", "out of range for numeric"),
+        ("numeric", decimal.Decimal("1e-20000"), "out of range for numeric"),
+        ("int8", decimal.Decimal("1e999999999"), "out of range for int8"),
+        ("int4", decimal.Decimal("-1e30"), "out of range for int4"),
     ],
 )
 def test_refused_with_column_named(type_name, given, fragment):
     with pytest.raises(InvalidKey) as info:
         coerce_key([col(type_name)], [given])
     assert f"key column k ({type_name})" in str(info.value) and fragment in str(info.value)
+
+
+def test_numeric_at_postgres_limits_fits():
+    (big,) = coerce_key([col("numeric")], ["9" * 1000 + ".5"])
+    (small,) = coerce_key([col("numeric")], ["1e-16383"])
+    assert big == decimal.Decimal("9" * 1000 + ".5") and small == decimal.Decimal("1e-16383")
+    assert coerce_key([col("numeric")], ["0e-99999"]) == (decimal.Decimal(0),)
 
 
 def test_composite_keys_and_arity():
