@@ -147,9 +147,8 @@ def _numeric(column: str, type_name: str) -> Callable[[Any], decimal.Decimal]:
         if not result.is_finite():
             raise _fail(column, type_name, value, "is not a finite number")
         exponent = result.as_tuple().exponent
-        if result and (
-            result.adjusted() >= NUMERIC_MAX_INTEGER_DIGITS or (isinstance(exponent, int) and -exponent > NUMERIC_MAX_SCALE)
-        ):
+        scale = -exponent if isinstance(exponent, int) else 0
+        if result and (result.adjusted() >= NUMERIC_MAX_INTEGER_DIGITS or scale > NUMERIC_MAX_SCALE):
             raise _fail(column, type_name, value, "is out of range for numeric")
         return result
 
