@@ -212,9 +212,11 @@ class Daemon:
         assert self.server is not None and self.engine is not None
         serving: bool | None = None
         while True:
-            await self._health_dirty.wait()
+            # (woken by state changes; and each second, for a revision that stands still)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._health_dirty.wait(), 1.0)
             self._health_dirty.clear()
-            ready = self.engine.ready
+            ready = self.engine.ready and not self.engine.stalled
             if ready != serving:
                 serving = ready
                 await self.server.set_serving(ready)
@@ -229,9 +231,16 @@ class Daemon:
 
     def _why_not_ready(self) -> str:
         assert self.engine is not None
-        if not self.engine.listener_up:
+        engine = self.engine
+        if not engine.listener_up:
             return "listener down; reads go to the database"
-        loading = [name for name, table in self.engine.tables.items() if not table.loaded]
+        if engine.stalled:
+            waiting = [name for name, table in engine.tables.items() if table.low_water() is not None]
+            return (
+                f"the revision has not advanced for {engine.stalled_seconds:.0f}s while "
+                f"{engine.seq - engine.applied} received batch(es) wait (on {', '.join(waiting) or 'nothing'})"
+            )
+        loading = [name for name, table in engine.tables.items() if not table.loaded and table.problem is None]
         return f"loading {', '.join(loading)}"
 
     def _install_signal_handlers(self) -> None:

@@ -45,6 +45,22 @@ log = logging.getLogger(__name__)
 FETCH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 RETRY_MIN_DELAY = 0.05
 RETRY_MAX_DELAY = 5.0
+# SQLSTATE classes that the same query, sent again, meets again: data exceptions (a
+# value PostgreSQL cannot take), undefined or mistyped objects (the schema changed),
+# unsupported features, errors raised by functions a relation's query calls.
+REPEATING_SQLSTATE_CLASSES = frozenset({"0A", "22", "2F", "38", "39", "42", "P0"})
+
+
+def would_repeat(exc: BaseException) -> bool:
+    """Whether a query that failed with ``exc`` would fail again if retried as it is."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # an argument asyncpg cannot encode
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in REPEATING_SQLSTATE_CLASSES
+    return not isinstance(exc, CONNECTION_ERRORS)  # an unexpected error (a bug, an encoding): it repeats
+
 
 Row = bytes | None
 
@@ -182,8 +198,10 @@ class FullTable:
         self.concurrency = concurrency
         self.rows: dict[Key, bytes] = {}
         self.loaded = False
+        self.problem: str | None = None  # why the table is not served: a failure that would repeat
         self.refetches = 0
         self.reloads = 0
+        self.degraded = 0  # keyed refetches or relation refreshes that became reloads
         self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found
         self._pending: dict[Key, list[int]] = {}  # key -> [oldest, newest] unapplied seq
         self._queue: dict[Key, None] = {}  # pending keys not in flight, in arrival order
@@ -228,11 +246,15 @@ class FullTable:
     # -------------------------------------------------------------- changes
 
     def rebuild(self, seq: int) -> None:
-        """(Re)load from scratch at ``seq`` (LISTEN must already be active)."""
+        """(Re)load from scratch at ``seq`` (LISTEN must already be active); a table
+        that could not be served tries again."""
+        self.problem = None
         self.changed_all(seq)
 
     def changed(self, keys: Iterable[Key], seq: int) -> None:
         """These keys changed in batch ``seq``: refetch them."""
+        if self.problem is not None:
+            return  # not served: nothing to keep current until it is rebuilt
         for key in keys:
             pending = self._pending.get(key)
             if pending is None:
@@ -245,6 +267,8 @@ class FullTable:
 
     def changed_all(self, seq: int) -> None:
         """The whole table changed in batch ``seq``: reload it."""
+        if self.problem is not None:
+            return
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
@@ -253,6 +277,8 @@ class FullTable:
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
         """Rows whose ``columns`` hold one of ``values`` changed in batch ``seq`` (a relation's
         source changed): refresh exactly those rows, including ones that appear or vanish."""
+        if self.problem is not None:
+            return
         self._matching.append((seq, columns, values))
         self._schedule()
 
@@ -369,7 +395,12 @@ class FullTable:
             self._inflight.difference_update(keys)
             for key in keys:
                 self._queue[key] = None
-            self._failed(f"refetch of {len(keys)} key(s) of {self.schema.qualified}", exc, keys)
+            what = f"refetch of {len(keys)} key(s) of {self.schema.qualified}"
+            if would_repeat(exc):
+                levels = [p[1] for p in map(self._pending.get, keys) if p is not None]
+                self._degrade(what, exc, max(levels, default=self._seq()))
+            else:
+                self._failed(what, exc, keys)
             return
         self._fetching -= 1
         self._failures = 0
@@ -400,7 +431,10 @@ class FullTable:
                 fresh.update(chunk)
         except Exception as exc:
             self._reloading = False
-            self._failed(f"loading {self.schema.qualified}", exc, None)
+            if would_repeat(exc):
+                self._break(f"loading {self.schema.qualified}", exc)
+            else:
+                self._failed(f"loading {self.schema.qualified}", exc, None)
             return
         self._reloading = False
         self._failures = 0
@@ -468,7 +502,10 @@ class FullTable:
                 fetched.append((columns, values, await self.db.fetch_matching(self.schema, columns, list(values))))
         except Exception as exc:
             self._matching_running = False  # (the requests are still queued: retried)
-            self._failed(f"refreshing {self.schema.qualified}", exc, None)
+            if would_repeat(exc):
+                self._degrade(f"refreshing {self.schema.qualified}", exc, max(m[0] for m in self._matching))
+            else:
+                self._failed(f"refreshing {self.schema.qualified}", exc, None)
             return
         self._matching_running = False
         self._keys_turn = True
@@ -509,6 +546,48 @@ class FullTable:
         self._on_progress()
         self._schedule()
 
+    def _degrade(self, what: str, exc: BaseException, level: int) -> None:
+        """A keyed refetch or a relation refresh failed as it would again (say, a key
+        PostgreSQL cannot take): reload the whole table instead of retrying it forever."""
+        self.degraded += 1
+        log.warning(
+            "%s failed as it would again (%s: %s); reloading the whole table instead",
+            what,
+            type(exc).__name__,
+            _first_line(exc),
+            extra={"event": "refetch_degraded", "table": self.schema.qualified},
+        )
+        self.changed_all(level)
+
+    def _break(self, what: str, exc: BaseException) -> None:
+        """Loading failed as it would again (the table was dropped or changed, its query fails)."""
+        self.fail(f"{what} failed: {type(exc).__name__}: {_first_line(exc)}")
+
+    def fail(self, problem: str) -> None:
+        """Stop serving the table from memory, and stop holding back the revision of the
+        others, because of ``problem``; reads go to the database. ``rebuild`` tries again."""
+        self.problem = problem
+        log.error(
+            "%s; not serving it from memory until it can be loaded (other tables are served)",
+            self.problem,
+            extra={"event": "table_failed", "table": self.schema.qualified},
+        )
+        error = Unavailable(f"{self.schema.qualified} is not being served: {self.problem}")
+        _fail_all(self._table_waiters, error)
+        self._table_waiters = []
+        for waiters in self._waiters.values():
+            _fail_all(waiters, error)
+        self._waiters.clear()
+        self._pending.clear()
+        self._queue.clear()
+        self._matching.clear()
+        self._reload_done = self._reload_needed
+        self.loaded = False
+        self.rows = {}
+        if self.indexes is not None:
+            self.indexes.rebuild(self.rows)
+        self._on_progress()
+
     def _failed(self, what: str, exc: BaseException, keys: list[Key] | None) -> None:
         error = _unavailable(what, exc)
         self._failures += 1
@@ -529,6 +608,11 @@ class FullTable:
             self._dispatch_handle.cancel()
             self._dispatch_handle = None
         self._schedule(delay)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def release_waiters(
@@ -580,6 +664,7 @@ class LazyTable:
         else:
             self.cache = LRUCache(max_rows)
         self.loaded = False
+        self.problem: str | None = None  # why the table is not served (see FullTable.fail)
         self.fills = 0
         self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found, miss
         self._flights = Flights()
@@ -598,7 +683,19 @@ class LazyTable:
     def rebuild(self, seq: int) -> None:
         """Forget everything (notifications may have been lost); fill again on demand."""
         self.changed_all(seq)
+        self.problem = None
         self.loaded = True
+
+    def fail(self, problem: str) -> None:
+        """Stop serving the table from memory because of ``problem``; ``rebuild`` tries again."""
+        log.error(
+            "%s; not serving it from memory until it can be (other tables are served)",
+            problem,
+            extra={"event": "table_failed", "table": self.schema.qualified},
+        )
+        self.changed_all(0)
+        self.problem = problem
+        self.loaded = False
 
     def changed(self, keys: Iterable[Key], seq: int) -> None:
         for key in keys:

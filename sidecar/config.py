@@ -98,6 +98,8 @@ class Config:
     bulk_threshold: int = 1000
     refetch_batch_size: int = 500
     refetch_concurrency: int = 2
+    stall_seconds: float = 30.0
+    catalog_check_interval: float = 10.0
     watch_history_batches: int = 10_000
     watch_history_bytes: int = 64 * 1024 * 1024
     watch_max_lag: int = 1_000
@@ -269,6 +271,22 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         "Refetch queries in flight at once, per table.",
         minimum=1,
+    ),
+    Setting(
+        "cache.stall_seconds",
+        "stall_seconds",
+        "float",
+        "Seconds the revision may stand still while received changes wait (refetches failing) "
+        "before health says NOT_SERVING.",
+        minimum=0.1,
+    ),
+    Setting(
+        "cache.catalog_check_interval",
+        "catalog_check_interval",
+        "float",
+        "Seconds between checks that each cached table still has the columns, key and triggers "
+        "it was loaded with (ALTER/DROP TABLE); also checked after every reconnect.",
+        minimum=0.1,
     ),
     Setting(
         "watch.history_batches",

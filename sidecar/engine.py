@@ -97,6 +97,7 @@ class Engine:
         history_batches: int = 10_000,
         history_bytes: int = 64 * 1024 * 1024,
         watch_max_lag: int = 1_000,
+        stall_after: float = 30.0,
     ) -> None:
         self.db = db
         self.max_batch_keys = max_batch_keys
@@ -118,6 +119,8 @@ class Engine:
         self._past_epochs: set[str] = set()
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._epoch_start = 0  # the rebuild that began this epoch
+        self.stall_after = stall_after
+        self._waiting_since: float | None = None  # batches wait since: the last advance, or the first arrival
         self.tables: dict[str, TableCache] = {}
         # Who hears about changes of a PostgreSQL table: the table's own cache
         # (source None) and the relations it is a source of.
@@ -162,6 +165,7 @@ class Engine:
             history_batches=config.watch_history_batches,
             history_bytes=config.watch_history_bytes,
             watch_max_lag=config.watch_max_lag,
+            stall_after=config.stall_seconds,
         )
 
     # ------------------------------------------------------------ state
@@ -174,7 +178,24 @@ class Engine:
     def ready(self) -> bool:
         """Serving from memory: the listener is up and every table is loaded,
         and the rebuild that began this epoch is done."""
-        return self.listener_up and self.applied >= self._epoch_start and all(t.loaded for t in self.tables.values())
+        return (
+            self.listener_up
+            and self.applied >= self._epoch_start
+            and all(t.loaded or t.problem is not None for t in self.tables.values())
+        )
+
+    @property
+    def stalled_seconds(self) -> float:
+        """How long received batches have waited without the revision advancing (0: none wait)."""
+        if self._waiting_since is None or not self.listener_up:
+            return 0.0
+        return time.monotonic() - self._waiting_since
+
+    @property
+    def stalled(self) -> bool:
+        """The revision has not advanced for ``stall_after`` seconds while batches wait
+        (refetches failing, a table stuck): health says NOT_SERVING."""
+        return self.stalled_seconds > self.stall_after
 
     async def until_ready(self) -> None:
         """Wait until ``ready`` (bounded by the caller's deadline)."""
@@ -198,7 +219,7 @@ class Engine:
 
     def _full_rows(self, name: str) -> dict[Key, bytes] | None:
         table = self.tables.get(name)
-        return table.rows if isinstance(table, FullTable) else None
+        return table.rows if isinstance(table, FullTable) and table.problem is None else None
 
     def on_state_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``ready`` may have changed."""
@@ -222,10 +243,15 @@ class Engine:
                 oldest = low
         applied = oldest - 1
         if applied > self.applied:
+            self._waiting_since = time.monotonic()
             self.applied = applied
             self.hub.publish(applied)
             if self._revision_waiters:
                 self._revision_waiters = release_waiters(self._revision_waiters, applied)
+        if self.seq <= self.applied:
+            self._waiting_since = None
+        elif self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         if self.barrier is not None:
             self.barrier.applied(self.applied)
         self._state_changed()

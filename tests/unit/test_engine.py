@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from sidecar.barrier import Barrier
@@ -231,15 +232,65 @@ async def test_unexpected_query_errors_never_wedge_keys(engine: Engine, db: Memo
         raise RuntimeError("a driver bug")
 
     db.fetch = broken  # type: ignore[method-assign]
+    db.put(FULL, (1,), name="changed")
     engine.handle(change(FULL, 5, 1))
-    with pytest.raises(Unavailable, match="RuntimeError"):
-        await asyncio.wait_for(engine.get(FULL, [1]), 5)
+    # A keyed refetch that would fail again becomes a reload of the table (which works).
+    assert await asyncio.wait_for(engine.get(FULL, [1]), 5) == row("changed")
+    assert engine.tables[FULL].degraded == 1  # type: ignore[union-attr]
     with pytest.raises(Unavailable, match="RuntimeError"):
         await asyncio.wait_for(engine.get(LAZY, [1]), 5)
     db.fetch = real_fetch  # type: ignore[method-assign]
     db.put(FULL, (1,), name="healed")
+    engine.handle(change(FULL, 6, 1))
     assert await asyncio.wait_for(engine.get(FULL, [1]), 5) == row("healed")
     assert await asyncio.wait_for(engine.get(LAZY, [1]), 5) == row("v1")
+    await eventually(lambda: engine.applied == engine.seq)
+
+
+async def test_a_refetch_that_would_fail_again_is_not_retried_forever(engine: Engine, db: MemoryDatabase):
+    """A key that PostgreSQL refuses (say, from a hostile NOTIFY) must not stop the revision."""
+    real_fetch = db.fetch
+    calls = 0
+
+    async def refuses(schema, keys):
+        nonlocal calls
+        calls += 1
+        raise asyncpg.exceptions.NumericValueOutOfRangeError("value overflows numeric format")
+
+    db.fetch = refuses  # type: ignore[method-assign]
+    engine.handle(change(FULL, 5, 1))
+    await eventually(lambda: engine.applied == engine.seq, 5, what="the revision advanced")
+    assert calls == 1 and engine.tables[FULL].loaded and engine.ready
+    db.fetch = real_fetch  # type: ignore[method-assign]
+
+
+async def test_a_table_that_cannot_load_stops_holding_the_others(engine: Engine, db: MemoryDatabase):
+    db.error = asyncpg.exceptions.UndefinedTableError('relation "public.items" does not exist')
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 7, "truncate"))
+    table = engine.tables[FULL]
+    await eventually(lambda: table.problem is not None, 5, what="the table marked as not served")
+    assert "UndefinedTableError" in str(table.problem) and not table.loaded
+    db.error = None
+    engine.handle(change(LAZY, 8, 1))  # the other tables' revision goes on
+    await eventually(lambda: engine.applied == engine.seq, 5)
+    assert engine.ready and not engine.stalled  # (health: the rest is served)
+    db.put(FULL, (2,), name="from the database")
+    assert await engine.get(FULL, [2]) == row("from the database")  # read through, not from memory
+    engine.handle(change(FULL, 9, 2))  # ignored while not served: nothing waits for it
+    await eventually(lambda: engine.applied == engine.seq, 5)
+    table.rebuild(engine.seq)  # (the catalog check does this when the table is back)
+    await eventually(lambda: table.loaded and table.problem is None, 5)
+
+
+async def test_a_revision_that_stands_still_is_reported(engine: Engine, db: MemoryDatabase):
+    engine.stall_after = 0.05
+    db.error = ConnectionError("database away")  # refetches fail and are retried: the revision waits
+    engine.handle(change(FULL, 5, 1))
+    await eventually(lambda: engine.stalled, 5, what="stalled")
+    assert engine.ready and engine.stalled_seconds > 0.05
+    db.error = None
+    await eventually(lambda: engine.applied == engine.seq and not engine.stalled, 10, what="recovered")
+    assert engine.stalled_seconds == 0
 
 
 async def test_applied_never_claims_a_whole_table_change_still_loading(engine: Engine, db: MemoryDatabase):
