@@ -12,12 +12,15 @@ been sent yet; once it has, the token may predate the caller's start, so the
 caller gathers on the next round, which is sent as soon as the current one
 lands. However many callers there
 are, at most one token is in flight: no stampede onto the database.
+
+Anyone who can connect can LISTEN on the channel and NOTIFY it, so a token
+must prove that it is ours: each is 128 random bits (never the next of a
+sequence), and the listener accepts tokens only from its own backend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -25,6 +28,11 @@ from collections.abc import Awaitable, Callable
 from sidecar.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+
+def new_token() -> str:
+    """An unguessable read-barrier token."""
+    return secrets.token_urlsafe(16)
 
 
 class _Round:
@@ -44,9 +52,7 @@ class Barrier:
         self.timeout = timeout  # a round that takes longer than this fails (token lost?)
         self._current: _Round | None = None  # sent, awaiting its token
         self._next: _Round | None = None  # gathering callers, sent when current lands
-        self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._prefix = secrets.token_hex(6)
         self.rounds = 0
 
     async def wait(self) -> None:
@@ -57,7 +63,7 @@ class Barrier:
             return
         round_ = self._next
         if round_ is None:
-            round_ = self._next = _Round(f"{self._prefix}-{next(self._ids)}")
+            round_ = self._next = _Round(new_token())
             if self._current is None:
                 self._launch()
         await asyncio.shield(round_.done)

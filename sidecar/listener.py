@@ -3,9 +3,14 @@ death, reconnect.
 
 It owns that connection and nothing else. Notifications are parsed into typed
 events here, at the edge, and handed synchronously to ``on_event``; a bad
-payload is logged, counted and skipped. The connection is known dead when
-asyncpg's termination callback fires or when an idle ping fails to answer in
-time (a stalled network sends no FIN). Reconnects back off exponentially with
+payload is logged, counted and skipped, and so is a read-barrier token that
+another backend sent (anyone can NOTIFY our channel; only our own session's
+tokens prove anything). The connection is known dead when asyncpg's
+termination callback fires, when an idle ping fails to answer in time (a
+stalled network sends no FIN), or when any operation on it fails for a reason
+other than the server refusing it: the driver's state is not trusted after
+that, and the termination callback may never come. Operations on it take
+turns (a ping and a barrier NOTIFY at once confuse the driver). Reconnects back off exponentially with
 jitter, capped. ``on_up`` runs once LISTEN is active, ``on_down`` as soon as
 the connection is lost: notifications sent in between are gone for good, so
 the owner must rebuild on the next ``on_up``.
@@ -32,9 +37,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class ListenerStats:
     notifications: int = 0
-    rejected: int = 0
+    rejected: int = 0  # payloads that could not be parsed
+    forged: int = 0  # read-barrier tokens sent by another backend
     connects: int = 0
     disconnects: int = 0
+
+
+WARN_EVERY = 10.0  # seconds between warnings of one kind (a flood of bad payloads is one line)
 
 
 def backoff_delay(attempt: int, low: float, high: float, rand: Callable[[], float] = random.random) -> float:
@@ -77,6 +86,9 @@ class Listener:
         self._last_heard = time.monotonic()
         self._dead = asyncio.Event()
         self._crash: BaseException | None = None
+        self._lost: str | None = None  # why an operation declared the connection dead
+        self._io = asyncio.Lock()  # one operation on the connection at a time
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last warned, suppressed since)
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting as needed."""
@@ -111,6 +123,7 @@ class Listener:
     async def _hold(self, conn: Any) -> str:
         """LISTEN on ``conn`` and watch it until it dies; return why it died."""
         dead = self._dead = asyncio.Event()
+        self._lost = None
         conn.add_termination_listener(lambda _conn: dead.set())
         try:
             await conn.add_listener(self.channel, self._notified)
@@ -134,16 +147,19 @@ class Listener:
                 await asyncio.wait_for(dead.wait(), max(self.ping_interval - idle, 0.001))
                 if self._crash is not None:
                     raise self._crash
-                return "connection closed"
+                return self._lost or "connection closed"
             except TimeoutError:
                 pass
+            if conn.is_closed():
+                return "connection closed (found by the driver)"
             if time.monotonic() - self._last_heard < self.ping_interval:
                 continue
             try:
-                await conn.execute("SELECT 1", timeout=self.ping_timeout)
+                async with self._io:
+                    await conn.execute("SELECT 1", timeout=self.ping_timeout)
             except TimeoutError:
                 return f"ping unanswered after {self.ping_timeout:g}s"
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever the driver says: it cannot be trusted now
                 return f"ping failed: {_brief(exc)}"
             self._last_heard = time.monotonic()
 
@@ -158,16 +174,36 @@ class Listener:
         conn = self._conn
         if conn is None:
             raise ConnectionError("the listener is not connected")
-        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload, timeout=timeout)
+        try:
+            async with self._io:
+                await conn.execute("SELECT pg_catalog.pg_notify($1, $2)", self.channel, payload, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                self._declare_lost(conn, f"NOTIFY failed: {_brief(exc)}")
+            raise  # (otherwise the server refused it, e.g. a full queue: the connection is fine)
+        except Exception as exc:
+            self._declare_lost(conn, f"NOTIFY failed: {_brief(exc)}")
+            raise
 
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _declare_lost(self, conn: Any, reason: str) -> None:
+        if conn is self._conn and not self._dead.is_set():
+            self._lost = reason
+            self._dead.set()
+
+    def _notified(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         self._last_heard = time.monotonic()
         self.stats.notifications += 1
         try:
             event = events.parse(payload)
         except PayloadError as exc:
             self.stats.rejected += 1
-            log.warning("listener: skipping bad payload (%s): %.200s", exc, payload)
+            self._warn("payload", "listener: skipping a bad payload from backend %s (%s): %.200r", pid, exc, payload)
+            return
+        if isinstance(event, events.SyncToken) and pid != self.backend_pid:
+            self.stats.forged += 1
+            self._warn(
+                "forged", "listener: ignoring a read-barrier token sent by backend %s, not by this sidecar's", pid
+            )
             return
         try:
             self._on_event(event)
@@ -177,6 +213,20 @@ class Listener:
             log.exception("listener: handling %r failed", event)
             self._crash = exc
             self._dead.set()
+
+
+    def _warn(self, kind: str, message: str, *args: Any) -> None:
+        """Log a warning of ``kind`` at most once per ``WARN_EVERY`` seconds (anyone can
+        flood our channel; the log must stay readable)."""
+        now = time.monotonic()
+        last, suppressed = self._warned.get(kind, (-WARN_EVERY, 0))
+        if now - last < WARN_EVERY:
+            self._warned[kind] = (last, suppressed + 1)
+            return
+        self._warned[kind] = (now, 0)
+        if suppressed:
+            message += f" (and {suppressed} more like it since the last warning)"
+        log.warning(message, *args)
 
 
 async def _close(conn: Any) -> None:

@@ -118,3 +118,34 @@ async def test_unreachable_database_is_retried_with_backoff(postgres):
     # doubling from 0.05 s (half jittered), capped at 0.2 s (slack for a loaded machine)
     assert len(attempts) == 4 and gaps[1] >= gaps[0] * 0.9 and all(g <= 1.0 for g in gaps)
     await stop(task)
+
+
+async def test_killed_backend_is_noticed_at_once_while_barrier_notifies_are_in_flight(postgres, db):
+    """A kill that races with an operation on the connection can leave asyncpg unsure of its
+    state (InternalClientError) and skip the termination callback: the failed operation
+    itself must count as the loss, not the next idle ping a minute later."""
+    recorder = Recorder()
+    listener, task = await start(lambda: asyncpg.connect(postgres.dsn), recorder, ping_interval=60)
+
+    async def barrier_rounds() -> None:
+        while True:
+            try:
+                await listener.notify(events.sync_payload("t"), 5)
+            except Exception:
+                await asyncio.sleep(0.001)
+
+    senders = [asyncio.create_task(barrier_rounds()) for _ in range(3)]
+    slowest = 0.0
+    for kill in range(20):
+        await eventually(lambda: listener.connected, timeout=10, what="connected")
+        await eventually(lambda: listener.stats.notifications > 10 * (kill + 1), timeout=10, what="rounds flowing")
+        downs = len(recorder.downs)
+        started = asyncio.get_running_loop().time()
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
+        await eventually(lambda: len(recorder.downs) > downs, timeout=10, interval=0.001, what="loss noticed")
+        slowest = max(slowest, asyncio.get_running_loop().time() - started)
+    for sender in senders:
+        sender.cancel()
+    await asyncio.gather(*senders, return_exceptions=True)
+    assert slowest < 1.0, f"a kill took {slowest:.3f}s to notice"
+    await stop(task)

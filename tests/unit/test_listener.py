@@ -31,3 +31,22 @@ def test_good_payloads_become_events_and_bad_ones_are_counted_and_skipped():
     listener._notified(None, 1, "c", '{"v":1,"s":"a","t":"b","x":2,"op":"T","all":"truncate"}')
     assert [type(e) for e in received] == [events.RowChange, events.TableChange]
     assert listener.stats.notifications == 3 and listener.stats.rejected == 1
+
+
+def test_barrier_tokens_count_only_from_our_own_backend(caplog):
+    received: list = []
+    listener = make_listener(received)
+    listener.backend_pid = 4242
+    listener._notified(None, 4242, "c", events.sync_payload("ours"))
+    for _ in range(50):  # a flood from another role's session: counted, logged once
+        listener._notified(None, 999, "c", events.sync_payload("forged"))
+    assert received == [events.SyncToken("ours")]
+    assert listener.stats.forged == 50
+    assert sum("backend 999" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_barrier_tokens_are_unguessable():
+    from sidecar.barrier import new_token
+
+    tokens = {new_token() for _ in range(1000)}
+    assert len(tokens) == 1000 and all(len(t) >= 22 for t in tokens)  # 128 random bits each
