@@ -214,7 +214,6 @@ class Listener:
             self._crash = exc
             self._dead.set()
 
-
     def _warn(self, kind: str, message: str, *args: Any) -> None:
         """Log a warning of ``kind`` at most once per ``WARN_EVERY`` seconds (anyone can
         flood our channel; the log must stay readable)."""

@@ -138,11 +138,11 @@ async def test_killed_backend_is_noticed_at_once_while_barrier_notifies_are_in_f
     slowest = 0.0
     for kill in range(20):
         await eventually(lambda: listener.connected, timeout=10, what="connected")
-        await eventually(lambda: listener.stats.notifications > 10 * (kill + 1), timeout=10, what="rounds flowing")
+        await eventually(lambda k=kill: listener.stats.notifications > 10 * (k + 1), timeout=10, what="rounds flowing")
         downs = len(recorder.downs)
         started = asyncio.get_running_loop().time()
         assert await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
-        await eventually(lambda: len(recorder.downs) > downs, timeout=10, interval=0.001, what="loss noticed")
+        await eventually(lambda d=downs: len(recorder.downs) > d, timeout=10, interval=0.001, what="loss noticed")
         slowest = max(slowest, asyncio.get_running_loop().time() - started)
     for sender in senders:
         sender.cancel()
