@@ -12,11 +12,15 @@ class Proxy:
     ``stall()`` keeps connections open but stops moving bytes (a dead network
     without FIN); ``resume()`` moves them again; ``cut()`` closes every
     connection (a reset); ``block()`` cuts and refuses new ones until
-    ``unblock()`` (the database is unreachable).
+    ``unblock()`` (the database is unreachable). ``delay`` seconds hold every byte
+    from the server to the client that long (a slow link; order is kept).
     """
 
-    def __init__(self, unix_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, unix_path: str | None = None, host: str | None = None, port: int | None = None, delay: float = 0.0
+    ) -> None:
         self.unix_path, self.host, self.target_port = unix_path, host, port
+        self.delay = delay
         self.port = 0
         self.connections = 0
         self._flowing = asyncio.Event()
@@ -71,12 +75,15 @@ class Proxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pump(source, sink))
+        for source, sink, late in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.get_running_loop().create_task(self._pump(source, sink, late))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, late: bool) -> None:
+        if late and self.delay:
+            await self._pump_late(source, sink)
+            return
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
             while data := await source.read(65536):
                 await self._flowing.wait()
@@ -84,3 +91,30 @@ class Proxy:
                 await sink.drain()
         sink.transport.abort()
         self._writers.discard(sink)
+
+    async def _pump_late(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        """Forward each chunk ``delay`` seconds after it was read (reading goes on meanwhile)."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def read() -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
+                while data := await source.read(65536):
+                    chunks.put_nowait((loop.time() + self.delay, data))
+            chunks.put_nowait((loop.time() + self.delay, b""))
+
+        reader = loop.create_task(read())
+        try:
+            with contextlib.suppress(OSError, ConnectionError):
+                while True:
+                    due, data = await chunks.get()
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+                    if not data:
+                        break
+                    await self._flowing.wait()
+                    sink.write(data)
+                    await sink.drain()
+        finally:
+            reader.cancel()
+            sink.transport.abort()
+            self._writers.discard(sink)

@@ -1,0 +1,116 @@
+"""NOTIFY is open to every role that can connect: hostile payloads and forged
+read-barrier tokens, sent by a role with no privileges at all, must neither
+stop the revision nor let a STRONG read miss an acknowledged write."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+
+import asyncpg
+import pytest
+
+from sidecar import barrier, events
+from tests.support.proxy import Proxy
+from tests.support.waiting import eventually
+
+
+@pytest.fixture
+async def stranger(postgres, db):
+    """A connection of a role that owns nothing and may read nothing."""
+    role = f"stranger_{secrets.token_hex(3)}"
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    conn = await asyncpg.connect(postgres.dsn, user=role)
+    assert await conn.fetchval("SELECT current_user") == role
+    yield conn
+    await conn.close()
+    await db.execute(f"DROP ROLE {role}")
+
+
+@pytest.fixture
+async def tables(db, schema) -> tuple[str, str]:
+    await db.execute(
+        f"CREATE TABLE {schema}.num (id numeric PRIMARY KEY, v int NOT NULL);"
+        f"CREATE TABLE {schema}.txt (id text PRIMARY KEY, v int NOT NULL);"
+        f"INSERT INTO {schema}.num VALUES (1, 0); INSERT INTO {schema}.txt VALUES ('a', 0)"
+    )
+    return f"{schema}.num", f"{schema}.txt"
+
+
+def poison(schema: str) -> list[tuple[str, str]]:
+    """Each alone froze the revision of every table, or poisoned Watch, before the fix."""
+    return [
+        ("txt", '"x":5,"k":[["\\ud800"]]'),  # a lone surrogate: Python holds it, PostgreSQL cannot
+        ("num", '"x":5,"k":[[1e1000000]]'),  # beyond numeric's range
+        ("num", '"x":5,"k":[["1e1000000"]]'),
+        ("num", '"x":-1,"k":[[1]]'),  # not a uint64 transaction id
+        ("num", '"x":18446744073709551616,"k":[[1]]'),
+        ("num", '"x":5,"k":[[' + "[" * 3000 + "]" * 3000 + "]]"),  # deep nesting
+        ("num", '"x":5,"k":[[{"a":1}]]'),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(poison(""))))
+async def test_poison_payloads_from_a_role_without_privileges_stop_nothing(start_daemon, db, tables, stranger, case):
+    num, txt = tables
+    sidecar = await start_daemon([num, txt], query_timeout=3.0)
+    engine = sidecar.engine
+    schema = num.split(".")[0]
+    table, body = poison(schema)[case]
+    payload = f'{{"v":1,"s":"{schema}","t":"{table}","op":"U",{body}}}'
+    await stranger.execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, payload)
+    # A fresh write after the poison, then a barrier: both go through, on both tables.
+    await db.execute(f"UPDATE {num} SET v = 1 WHERE id = 1; UPDATE {txt} SET v = 1 WHERE id = 'a'")
+    await engine.sync()
+    assert b'"v":1' in (await engine.get(num, [1]) or b"")
+    await engine.prepare_read(True, None)
+    assert b'"v":1' in (await engine.get(txt, ["a"]) or b"")
+    await eventually(lambda: engine.applied == engine.seq, 10, what="the revision caught up")
+    assert engine.ready and not engine.stalled
+    # Watch history holds only batches whose transaction ids can be sent.
+    assert all(0 <= batch.xid < 2**64 for batch in engine.hub._history)
+
+
+async def test_a_stranger_cannot_end_a_barrier_with_a_token(start_daemon, db, tables, stranger):
+    num, _ = tables
+    sidecar = await start_daemon([num])
+    await stranger.execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, events.sync_payload("x" * 22))
+    await eventually(lambda: sidecar.daemon.listener.stats.forged == 1, 5, what="the token counted as forged")
+    await sidecar.engine.sync()  # our own tokens still work
+
+
+@pytest.fixture
+async def slow_link(postgres):
+    """The sidecar hears PostgreSQL 20 ms late (a stranger nearer the database hears it first)."""
+    if postgres.socket_path is None:
+        pytest.skip("the proxy fronts a server this session started")
+    proxy = Proxy(unix_path=postgres.socket_path, delay=0.02)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_forged_barrier_tokens_do_not_end_a_barrier(start_daemon, db, schema, stranger, slow_link, monkeypatch):
+    """The attack: predict the next token and NOTIFY it before a write commits, so that it
+    arrives after the next STRONG read began but before the write's notification. The
+    tokens here are made predictable on purpose, so that this tests the PID check alone."""
+    counter = itertools.count(1)
+    monkeypatch.setattr(barrier, "new_token", lambda: f"tok-{next(counter)}")
+    await db.execute(
+        f"CREATE TABLE {schema}.acct (id int PRIMARY KEY, v int NOT NULL); INSERT INTO {schema}.acct VALUES (1, 0)"
+    )
+    name = f"{schema}.acct"
+    dsn = f"postgresql://postgres@127.0.0.1:{slow_link.port}/postgres"
+    sidecar = await start_daemon([name], dsn=dsn)
+    engine = sidecar.engine
+    channel = sidecar.daemon.config.channel
+    stale = 0
+    for value in range(1, 31):
+        predicted = f"tok-{engine.barrier.rounds + 1}"  # (one round per STRONG read here)
+        await stranger.execute("SELECT pg_notify($1, $2)", channel, events.sync_payload(predicted))
+        await db.execute(f"UPDATE {name} SET v = $1 WHERE id = 1", value)  # acknowledged: committed
+        await engine.prepare_read(True, None)  # a STRONG read
+        row = await engine.get(name, [1])
+        stale += row is None or f'"v":{value}}}'.encode() not in row
+    assert stale == 0, f"{stale} of 30 STRONG reads missed an acknowledged write"
+    assert sidecar.daemon.listener.stats.forged >= 1
