@@ -23,6 +23,7 @@ import asyncpg
 
 from sidecar import embedded, events, server, triggers
 from sidecar.barrier import Barrier
+from sidecar.catalog import CatalogWatch
 from sidecar.config import Config, redact_dsn, scrub
 from sidecar.db import CONNECTION_ERRORS, PgDatabase, connect_kwargs
 from sidecar.engine import Engine
@@ -59,6 +60,7 @@ class Daemon:
         self.server: server.Server | None = None
         self.metrics: Metrics | None = None
         self.metrics_address: str | None = None
+        self.catalog: CatalogWatch | None = None
         self._health_dirty = asyncio.Event()
         self._signals = 0
 
@@ -92,6 +94,24 @@ class Daemon:
         await self._check_triggers(config, schemas)
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
+        db = self.db
+        self.catalog = catalog = CatalogWatch(
+            acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
+            describe=db.describe,
+            schemas=schemas,
+            trigger_sets=triggers.trigger_sets(schemas, config.channel, config.bulk_threshold),
+            install=config.install_triggers,
+            reload=engine.reload_table,
+            fail=engine.fail_table,
+            problem=engine.problem,
+            interval=config.catalog_check_interval,
+        )
+        await catalog.baseline()
+
+        def listening() -> None:
+            engine.listener_connected()
+            catalog.poke()  # what changed while nobody listened is found now, not at the next check
+
         self.metrics = Metrics() if config.metrics_listen else None
         self.server = await server.start(
             engine,
@@ -104,7 +124,7 @@ class Daemon:
             connect=lambda: asyncpg.connect(**connect_kwargs(config, "cache-sidecar-listener")),
             channel=config.channel,
             on_event=engine.handle,
-            on_up=engine.listener_connected,
+            on_up=listening,
             on_down=engine.listener_lost,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
@@ -173,10 +193,12 @@ class Daemon:
                         "(or 'triggers sql' for a DBA) or start with --install-triggers"
                     )
                 if state == "outdated":
-                    log.warning(
-                        "the triggers on %s differ from this configuration (channel, bulk threshold "
-                        "or version); run 'cache-sidecar triggers install' to update them",
-                        trigger_set.schema.qualified,
+                    # They may notify another channel: this sidecar would never hear a commit.
+                    raise SchemaError(
+                        f"the cache-sidecar triggers on {trigger_set.schema.qualified} are not the ones this "
+                        f"sidecar needs (channel {config.channel}, bulk threshold {config.bulk_threshold}, "
+                        "this version's definition): it could miss every change; run 'cache-sidecar triggers "
+                        "install' with the same settings (or 'triggers sql' for a DBA) or start with --install-triggers"
                     )
 
     # ---------------------------------------------------------------- run
@@ -189,6 +211,8 @@ class Daemon:
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),
         }
+        if self.catalog is not None:
+            tasks.add(asyncio.create_task(self.catalog.run(), name="catalog check"))
         if self.metrics is not None and self.db is not None:
             tasks.add(asyncio.create_task(self.metrics.sample_queue_usage(self.db.pool), name="queue usage"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")

@@ -406,6 +406,8 @@ class FullTable:
         self._failures = 0
         self.refetches += 1
         self._inflight.difference_update(keys)
+        if self.problem is not None:  # (the table stopped being served meanwhile)
+            return
         self._store(keys, rows)
         for key in keys:
             pending = self._pending.get(key)
@@ -437,6 +439,8 @@ class FullTable:
                 self._failed(f"loading {self.schema.qualified}", exc, None)
             return
         self._reloading = False
+        if self.problem is not None:  # (the table stopped being served meanwhile)
+            return
         self._failures = 0
         first = not self.loaded
         self.rows = fresh
@@ -508,6 +512,8 @@ class FullTable:
                 self._failed(f"refreshing {self.schema.qualified}", exc, None)
             return
         self._matching_running = False
+        if self.problem is not None:  # (the table stopped being served meanwhile)
+            return
         self._keys_turn = True
         del self._matching[: len(requests)]
         self._failures = 0
@@ -568,8 +574,9 @@ class FullTable:
         others, because of ``problem``; reads go to the database. ``rebuild`` tries again."""
         self.problem = problem
         log.error(
-            "%s; not serving it from memory until it can be loaded (other tables are served)",
-            self.problem,
+            "%s is not served from memory (reads of it go to the database; other tables are served): %s",
+            self.schema.qualified,
+            problem,
             extra={"event": "table_failed", "table": self.schema.qualified},
         )
         error = Unavailable(f"{self.schema.qualified} is not being served: {self.problem}")
@@ -689,7 +696,8 @@ class LazyTable:
     def fail(self, problem: str) -> None:
         """Stop serving the table from memory because of ``problem``; ``rebuild`` tries again."""
         log.error(
-            "%s; not serving it from memory until it can be (other tables are served)",
+            "%s is not served from memory (reads of it go to the database; other tables are served): %s",
+            self.schema.qualified,
             problem,
             extra={"event": "table_failed", "table": self.schema.qualified},
         )

@@ -548,11 +548,11 @@ class Engine:
         except Exception as exc:  # never leave the flight's readers hanging
             if not isinstance(exc, FETCH_ERRORS):
                 log.error("read-through of %s failed unexpectedly", table.schema.qualified, exc_info=exc)
-            self._passthrough.fail(
-                futures,
-                flight_keys,
-                Unavailable(f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"),
-            )
+            if table.problem is not None:
+                why = f"{table.schema.qualified} is not served from memory ({table.problem}) and reading it failed"
+            else:
+                why = "database unreachable and the cache is not current"
+            self._passthrough.fail(futures, flight_keys, Unavailable(f"{why}: {type(exc).__name__}: {exc}"))
             return
         self._passthrough.land(futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()})
 
@@ -627,15 +627,41 @@ class Engine:
 
     # ------------------------------------------------------------ invalidation
 
+    def _own_batch(self) -> int:
+        """A batch of the sidecar's own making (not a transaction's)."""
+        self.seq += 1
+        self._open_xid = None  # later notifications start their own batch
+        return self.seq
+
+    def reload_table(self, name: str, why: str) -> None:
+        """Reload a cached table from scratch (its definition changed, or it can be served again)."""
+        table = self.tables[name]
+        log.info("%s: reloading (%s)", name, why, extra={"event": "table_reload", "table": name})
+        seq = self._own_batch()
+        self.hub.record(seq, 0, Change(name, TABLE_CHANGED))
+        table.rebuild(seq)
+        self._progress()
+
+    def fail_table(self, name: str, problem: str) -> None:
+        """Stop serving a cached table from memory (reads go to the database) because of ``problem``."""
+        table = self.tables[name]
+        if table.problem == problem:
+            return
+        seq = self._own_batch()
+        self.hub.record(seq, 0, Change(name, TABLE_CHANGED))  # watchers drop what they hold of it
+        table.fail(problem)
+        self._progress()
+
+    def problem(self, name: str) -> str | None:
+        return self.tables[name].problem
+
     async def invalidate(self, name: str, raw_keys: Sequence[Sequence[Any]] | None, refresh: bool) -> None:
         """Drop cached rows of ``name`` (all of them when ``raw_keys`` is None)."""
         table = self.table(name)
         keys = None if raw_keys is None else self.keys(table, raw_keys)
         if keys == []:
             return
-        self.seq += 1  # a batch of the sidecar's own making
-        self._open_xid = None  # later notifications start their own batch
-        seq = self.seq
+        seq = self._own_batch()
         name = table.schema.qualified
         if keys is None:
             log.info("%s: invalidated (whole table)", name)
