@@ -81,12 +81,12 @@ WHERE n.nspname = $1 AND c.relname = $2
 
 CATALOG_KEY_SQL = """
 SELECT a.attname,
-       format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
+       pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_index i
-CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -97,10 +97,10 @@ ORDER BY k.ord
 
 CATALOG_COLUMNS_SQL = """
 SELECT a.attname,
-       format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
+       pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -108,7 +108,8 @@ WHERE a.attrelid = $1 AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a
 """
 
 CATALOG_TYPES_SQL = """
-SELECT t.oid, format_type(bt.oid, -1), bt.typname, bt.typtype = 'e', format_type(bt.oid, -1)
+SELECT t.oid, pg_catalog.format_type(bt.oid, -1), bt.typname, bt.typtype = 'e',
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_type t
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 WHERE t.oid = ANY($1::oid[])
@@ -146,7 +147,7 @@ async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:
     """A relation's columns from its query's result, and its sources from the catalog."""
     assert relation.query is not None
     try:
-        statement = await conn.prepare(f"SELECT * FROM ({relation.query}) AS t")
+        statement = await conn.prepare(f"SELECT t.* FROM ({relation.query}) AS t")
     except asyncpg.PostgresError as exc:
         raise SchemaError(f"relation {relation.qualified}: its query fails: {exc}") from None
     attributes = statement.get_attributes()
