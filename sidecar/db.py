@@ -57,18 +57,35 @@ class Database(Protocol):
         ...
 
 
+# Row JSON must not depend on the session: whoever may ALTER ROLE/DATABASE ... SET
+# must not change what is served. Settings sent at connection override those (and
+# RESET ALL, as the pool does on release, returns to them). Each changes the text of
+# some type, or how the SQL a relation or filter is written in reads its literals.
+PINNED_SETTINGS = {
+    "TimeZone": "UTC",  # timestamptz
+    "bytea_output": "hex",  # bytea
+    "extra_float_digits": "3",  # float4/float8: exact, not rounded
+    "IntervalStyle": "postgres",  # interval
+    "DateStyle": "ISO, MDY",  # date/time text, and how date literals read
+    "lc_monetary": "C",  # money
+    "lc_numeric": "C",  # to_char() in a relation's query
+    "lc_time": "C",  # to_char() month and day names
+    "standard_conforming_strings": "on",  # backslashes in string literals
+    "xmloption": "content",  # text -> xml
+    "xmlbinary": "base64",  # bytea inside xml
+    "timezone_abbreviations": "Default",  # what 'EST' in a timestamp literal means
+    "quote_all_identifiers": "off",  # regclass, regtype, format_type() text
+    "array_nulls": "on",  # NULL in array literals
+    "transform_null_equals": "off",  # x = NULL in a query or filter
+}
+
+
 def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
     """asyncpg connection arguments: DSN (or PG* variables) and session settings."""
     return {
         "dsn": config.dsn,
         "timeout": config.connect_timeout,
-        "server_settings": {
-            "application_name": application_name,
-            # Row JSON must not depend on the sidecar's session: timestamps in
-            # UTC, bytea as hex.
-            "TimeZone": "UTC",
-            "bytea_output": "hex",
-        },
+        "server_settings": {"application_name": application_name, **PINNED_SETTINGS},
     }
 
 
