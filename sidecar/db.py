@@ -57,18 +57,35 @@ class Database(Protocol):
         ...
 
 
+# Row JSON must not depend on the session: whoever may ALTER ROLE/DATABASE ... SET
+# must not change what is served. Settings sent at connection override those (and
+# RESET ALL, as the pool does on release, returns to them). Each changes the text of
+# some type, or how the SQL a relation or filter is written in reads its literals.
+PINNED_SETTINGS = {
+    "TimeZone": "UTC",  # timestamptz
+    "bytea_output": "hex",  # bytea
+    "extra_float_digits": "3",  # float4/float8: exact, not rounded
+    "IntervalStyle": "postgres",  # interval
+    "DateStyle": "ISO, MDY",  # date/time text, and how date literals read
+    "lc_monetary": "C",  # money
+    "lc_numeric": "C",  # to_char() in a relation's query
+    "lc_time": "C",  # to_char() month and day names
+    "standard_conforming_strings": "on",  # backslashes in string literals
+    "xmloption": "content",  # text -> xml
+    "xmlbinary": "base64",  # bytea inside xml
+    "timezone_abbreviations": "Default",  # what 'EST' in a timestamp literal means
+    "quote_all_identifiers": "off",  # regclass, regtype, format_type() text
+    "array_nulls": "on",  # NULL in array literals
+    "transform_null_equals": "off",  # x = NULL in a query or filter
+}
+
+
 def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
     """asyncpg connection arguments: DSN (or PG* variables) and session settings."""
     return {
         "dsn": config.dsn,
         "timeout": config.connect_timeout,
-        "server_settings": {
-            "application_name": application_name,
-            # Row JSON must not depend on the sidecar's session: timestamps in
-            # UTC, bytea as hex.
-            "TimeZone": "UTC",
-            "bytea_output": "hex",
-        },
+        "server_settings": {"application_name": application_name, **PINNED_SETTINGS},
     }
 
 
@@ -81,12 +98,12 @@ WHERE n.nspname = $1 AND c.relname = $2
 
 CATALOG_KEY_SQL = """
 SELECT a.attname,
-       format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
+       pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_index i
-CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -97,10 +114,10 @@ ORDER BY k.ord
 
 CATALOG_COLUMNS_SQL = """
 SELECT a.attname,
-       format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
+       pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -108,7 +125,8 @@ WHERE a.attrelid = $1 AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a
 """
 
 CATALOG_TYPES_SQL = """
-SELECT t.oid, format_type(bt.oid, -1), bt.typname, bt.typtype = 'e', format_type(bt.oid, -1)
+SELECT t.oid, pg_catalog.format_type(bt.oid, -1), bt.typname, bt.typtype = 'e',
+       pg_catalog.format_type(bt.oid, -1)
 FROM pg_catalog.pg_type t
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 WHERE t.oid = ANY($1::oid[])
@@ -146,7 +164,7 @@ async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:
     """A relation's columns from its query's result, and its sources from the catalog."""
     assert relation.query is not None
     try:
-        statement = await conn.prepare(f"SELECT * FROM ({relation.query}) AS t")
+        statement = await conn.prepare(f"SELECT t.* FROM ({relation.query}) AS t")
     except asyncpg.PostgresError as exc:
         raise SchemaError(f"relation {relation.qualified}: its query fails: {exc}") from None
     attributes = statement.get_attributes()

@@ -3,9 +3,16 @@ SQL that reads it. A *relation* is a cached query: the same shape, read from
 ``(query) AS t`` instead of a table, plus its sources (the tables whose
 changes refresh it).
 
-Rows are produced by PostgreSQL itself as ``row_to_json(t)::text``: the JSON
+Rows are produced by PostgreSQL itself as ``row_to_json(t.*)::text``: the JSON
 that responses carry is made once, by the database, when a row is loaded, and
 follows PostgreSQL's documented JSON mapping.
+
+Column names are the table owner's (or the query's) choice, so the SQL here reads
+the row only as ``t.*`` (always the whole row; a bare ``t`` would mean a column
+named ``t`` if there is one) and columns only as ``t."name"`` (a qualified name
+prefers the alias), and calls functions schema-qualified (a function of the same
+name elsewhere in the search_path, e.g. one taking the table's row type, would
+otherwise win and run with the sidecar's rights).
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ class TableSchema:
 
     def _select(self) -> str:
         keys = ", ".join(f"t.{quote_ident(c.name)}" for c in self.key_columns)
-        return f"SELECT {keys}, row_to_json(t)::text FROM {self.source_sql}"
+        return f"SELECT {keys}, pg_catalog.row_to_json(t.*)::text FROM {self.source_sql}"
 
     def _filter(self) -> str:
         return f"({self.config.where})" if self.config.where else ""
@@ -76,8 +83,9 @@ class TableSchema:
             column = columns[0]
             return f"{column.compared_sql('t.' + quote_ident(column.name))} = ANY({column.parameter_sql(1, True)})"
         names = ", ".join(c.compared_sql(f"t.{quote_ident(c.name)}") for c in columns)
-        arrays = ", ".join(c.parameter_sql(i, True) for i, c in enumerate(columns, 1))
-        return f"({names}) IN (SELECT * FROM unnest({arrays}))"
+        # (multi-argument unnest() is this ROWS FROM only when unqualified)
+        arrays = ", ".join(f"pg_catalog.unnest({c.parameter_sql(i, True)})" for i, c in enumerate(columns, 1))
+        return f"({names}) IN (SELECT * FROM ROWS FROM ({arrays}))"
 
     def _where(self, condition: str) -> str:
         extra = self._filter()

@@ -11,10 +11,20 @@ four statement-level triggers on the table:
 * The TRUNCATE trigger sends a whole-table event.
 * A key whose JSON exceeds ``MAX_KEY_BYTES`` also degrades to a whole-table event.
 
-Payloads never carry row data (see ``events.py`` for the format). Every
-identifier is quoted. The function's comment carries a fingerprint of its
-definition, so installing again is a no-op when nothing changed, and uninstall
-removes exactly these five objects.
+Payloads never carry row data (see ``events.py`` for the format). The function's
+comment carries a fingerprint of its definition, so installing again is a no-op
+when nothing changed, and uninstall removes exactly these five objects.
+
+Catalog names are chosen by table owners and the function runs with the rights
+of whoever writes the table, so the SQL here trusts neither:
+
+* every identifier is quoted, SQL comments never carry a raw name, string
+  literals are safe whatever ``standard_conforming_strings`` says, and the
+  function body's dollar quote uses a tag absent from the body;
+* the function pins ``search_path`` (and the one setting that changes a key's
+  JSON) and schema-qualifies every function it calls, so a writer's own
+  ``pg_notify`` earlier in its search_path cannot swallow the notification;
+* aliases inside the body are qualified wherever a column name could meet them.
 
 Requires PostgreSQL 11 or newer (transition tables, ``EXECUTE FUNCTION``).
 """
@@ -43,6 +53,9 @@ TRIGGERS = {
     "TRUNCATE": "cache_sidecar_truncate",
 }
 COMMENT_PREFIX = "cache-sidecar change capture"
+# On the function, whoever fires it: a writer's search_path must not pick the functions
+# and operators it calls, and its extra_float_digits must not change a float key's JSON.
+FUNCTION_SETTINGS = "SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3"
 INSTALL_LOCK = 0x63616368  # advisory lock id: concurrent installs (many pods) take turns
 
 
@@ -70,36 +83,43 @@ class TriggerSet:
         parts = []
         for column in self.schema.key_columns:
             ref = f"{alias}.{quote_ident(column.name)}"
-            # bytea as hex whatever the writer's bytea_output says
-            parts.append(f"'\\x' || encode({ref}, 'hex')" if column.type_name == "bytea" else ref)
-        return f"json_build_array({', '.join(parts)})::text"
+            # bytea as hex whatever the writer's bytea_output says; E'' whatever its
+            # standard_conforming_strings says
+            parts.append(f"E'\\\\x' || pg_catalog.encode({ref}, 'hex')" if column.type_name == "bytea" else ref)
+        return f"pg_catalog.json_build_array({', '.join(parts)})::text"
 
     def _chunks(self, source: str) -> str:
         """A query yielding one payload per chunk, from a keys CTE source."""
         return f"""
     FOR payload IN
-      WITH keys AS ({source}),
-      sized AS (SELECT kind, key, sum(octet_length(key) + 1) OVER (ORDER BY kind, key) AS run FROM keys)
-      SELECT head || ',"k":[' || coalesce(string_agg(key, ',') FILTER (WHERE kind = 'k'), '')
-                  || '],"o":[' || coalesce(string_agg(key, ',') FILTER (WHERE kind = 'o'), '') || ']}}'
-      FROM sized GROUP BY run / {CHUNK_BYTES}
+      WITH cs_keys AS ({source}),
+      cs_sized AS (
+        SELECT s.kind, s.key, pg_catalog.sum(pg_catalog.octet_length(s.key) + 1) OVER (ORDER BY s.kind, s.key) AS run
+        FROM cs_keys s)
+      SELECT head || ',"k":[' || coalesce(pg_catalog.string_agg(z.key, ',') FILTER (WHERE z.kind = 'k'), '')
+                  || '],"o":[' || coalesce(pg_catalog.string_agg(z.key, ',') FILTER (WHERE z.kind = 'o'), '') || ']}}'
+      FROM cs_sized z GROUP BY z.run / {CHUNK_BYTES}
     LOOP
-      PERFORM pg_notify({_literal(self.channel)}, payload);
+      PERFORM pg_catalog.pg_notify({_literal(self.channel)}, payload);
     END LOOP;"""
 
     def function_body(self) -> str:
+        # User columns are only ever read as alias."column" (a qualified name prefers the
+        # alias, and no plpgsql variable is a row): the outer queries see only kind/key.
         new_keys = f"SELECT 'k'::text AS kind, {self._key_json('n')} AS key FROM cs_new n"
         old_keys = f"SELECT 'k'::text AS kind, {self._key_json('o')} AS key FROM cs_old o"
         moved = (
-            f"{new_keys} UNION ALL SELECT 'o', key FROM ("
+            f"{new_keys} UNION ALL SELECT 'o', m.key FROM ("
             f"SELECT {self._key_json('o')} AS key FROM cs_old o "
-            f"EXCEPT SELECT {self._key_json('n')} FROM cs_new n) moved"
+            f"EXCEPT SELECT {self._key_json('n')} FROM cs_new n) m"
         )
         channel = _literal(self.channel)
-        whole = f"PERFORM pg_notify({channel}, head || ',\"all\":\"' || reason || '\"}}');"
+        whole = f"PERFORM pg_catalog.pg_notify({channel}, head || ',\"all\":\"' || reason || '\"}}');"
         summary = (
-            "SELECT max(octet_length(key)), sum(octet_length(key) + 1), "
-            "string_agg(key, ',') FILTER (WHERE kind = 'k'), string_agg(key, ',') FILTER (WHERE kind = 'o') "
+            "SELECT pg_catalog.max(pg_catalog.octet_length(k.key)), "
+            "pg_catalog.sum(pg_catalog.octet_length(k.key) + 1), "
+            "pg_catalog.string_agg(k.key, ',') FILTER (WHERE k.kind = 'k'), "
+            "pg_catalog.string_agg(k.key, ',') FILTER (WHERE k.kind = 'o') "
             "INTO widest, total, new_list, old_list FROM ({keys}) k;"
         )
         return f"""
@@ -113,10 +133,10 @@ DECLARE
   new_list text;
   old_list text;
 BEGIN
-  head := '{{"v":1,"s":' || to_json(TG_TABLE_SCHEMA::text)::text
-       || ',"t":' || to_json(TG_TABLE_NAME::text)::text
-       || ',"x":' || txid_current()::text
-       || ',"op":"' || left(TG_OP, 1) || '"';
+  head := '{{"v":1,"s":' || pg_catalog.to_json(TG_TABLE_SCHEMA::text)::text
+       || ',"t":' || pg_catalog.to_json(TG_TABLE_NAME::text)::text
+       || ',"x":' || pg_catalog.txid_current()::text
+       || ',"op":"' || pg_catalog.left(TG_OP, 1) || '"';
   IF TG_OP = 'TRUNCATE' THEN
     reason := 'truncate';
     {whole}
@@ -124,9 +144,9 @@ BEGIN
   END IF;
   -- Count first: a bulk statement degrades before any key is built.
   IF TG_OP = 'DELETE' THEN
-    SELECT count(*) INTO n FROM cs_old;
+    SELECT pg_catalog.count(*) INTO n FROM cs_old;
   ELSE
-    SELECT count(*) INTO n FROM cs_new;
+    SELECT pg_catalog.count(*) INTO n FROM cs_new;
   END IF;
   IF n = 0 THEN
     RETURN NULL;
@@ -149,8 +169,8 @@ BEGIN
     RETURN NULL;
   END IF;
   IF total <= {CHUNK_BYTES} THEN  -- the common case: one notification
-    PERFORM pg_notify({channel}, head || ',"k":[' || coalesce(new_list, '') || '],"o":['
-                                 || coalesce(old_list, '') || ']}}');
+    PERFORM pg_catalog.pg_notify({channel}, head || ',"k":[' || coalesce(new_list, '') || '],"o":['
+                                            || coalesce(old_list, '') || ']}}');
     RETURN NULL;
   END IF;
   IF TG_OP = 'DELETE' THEN{self._chunks(old_keys)}
@@ -161,7 +181,7 @@ BEGIN
 END"""
 
     def fingerprint(self) -> str:
-        text = "\n".join((self.function_body(), *self._trigger_lines()))
+        text = "\n".join((FUNCTION_SETTINGS, self.function_body(), *self._trigger_lines()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def comment(self) -> str:
@@ -189,10 +209,13 @@ END"""
     def install_sql(self) -> str:
         table = self.schema.sql_name
         drops = "\n".join(f"DROP TRIGGER IF EXISTS {name} ON {table};" for name in TRIGGERS.values())
+        body = self.function_body()
+        tag = _dollar_tag(body)
         return (
-            f"-- {self.schema.qualified}: key ({', '.join(c.name for c in self.schema.key_columns)})\n"
+            f"-- {_comment_text(self.schema.qualified)}: key "
+            f"({_comment_text(', '.join(quote_ident(c.name) for c in self.schema.key_columns))})\n"
             f"CREATE OR REPLACE FUNCTION {self.function_sql_name}() RETURNS trigger\n"
-            f"LANGUAGE plpgsql AS $cache_sidecar${self.function_body()}\n$cache_sidecar$;\n"
+            f"LANGUAGE plpgsql {FUNCTION_SETTINGS}\nAS {tag}{body}\n{tag};\n"
             f"COMMENT ON FUNCTION {self.function_sql_name}() IS {_literal(self.comment())};\n"
             f"{drops}\n" + "\n".join(self._trigger_lines()) + "\n"
         )
@@ -200,7 +223,9 @@ END"""
     def uninstall_sql(self) -> str:
         table = self.schema.sql_name
         drops = "\n".join(f"DROP TRIGGER IF EXISTS {name} ON {table};" for name in TRIGGERS.values())
-        return f"-- {self.schema.qualified}\n{drops}\nDROP FUNCTION IF EXISTS {self.function_sql_name}();\n"
+        return (
+            f"-- {_comment_text(self.schema.qualified)}\n{drops}\nDROP FUNCTION IF EXISTS {self.function_sql_name}();\n"
+        )
 
 
 def trigger_sets(schemas: Sequence[TableSchema], channel: str, bulk_threshold: int) -> list[TriggerSet]:
@@ -213,17 +238,43 @@ def trigger_sets(schemas: Sequence[TableSchema], channel: str, bulk_threshold: i
 
 
 def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+    """A string literal that reads back as ``text`` whatever ``standard_conforming_strings``
+    says (the script may run in a DBA's psql with any settings)."""
+    quoted = "'" + text.replace("'", "''") + "'"
+    if "\\" in text:  # only an E'' literal means the same in both modes
+        return "E" + quoted.replace("\\", "\\\\")
+    return quoted
+
+
+def _dollar_tag(body: str) -> str:
+    """A dollar-quote tag that does not occur in ``body`` (a column may be named
+    ``x$cache_sidecar$y``); the first free one, so the script stays stable."""
+    tag, n = "$cache_sidecar$", 0
+    while tag in body:
+        n += 1
+        tag = f"$cache_sidecar_{n}$"
+    return tag
+
+
+def _comment_text(text: str) -> str:
+    """``text`` fit for a ``--`` comment: a line comment ends at a newline or carriage
+    return, so anything but printable ASCII (and the backslash psql might act on) is
+    written as <U+XXXX>."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else f"<U+{ord(c):04X}>" for c in text)
 
 
 def script(sets: Sequence[TriggerSet], uninstall: bool = False) -> str:
     """The whole install (or uninstall) script, one transaction, for a DBA to review."""
     body = "".join((s.uninstall_sql() if uninstall else s.install_sql()) + "\n" for s in sets)
-    return f"BEGIN;\nSELECT pg_advisory_xact_lock({INSTALL_LOCK});\n\n{body}COMMIT;\n"
+    # The script is UTF-8: a psql in another client encoding would read names differently.
+    return (
+        f"SET client_encoding = 'UTF8';\nBEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK});\n\n"
+        f"{body}COMMIT;\n"
+    )
 
 
 STATE_SQL = """
-SELECT (SELECT obj_description(p.oid, 'pg_proc')
+SELECT (SELECT pg_catalog.obj_description(p.oid, 'pg_proc')
           FROM pg_catalog.pg_proc p
           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0) AS comment,
@@ -231,8 +282,10 @@ SELECT (SELECT obj_description(p.oid, 'pg_proc')
           FROM pg_catalog.pg_proc p
           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0) AS has_function,
-       (SELECT count(*) FROM pg_catalog.pg_trigger tg
-         WHERE tg.tgrelid = $3::regclass AND tg.tgname = ANY($4::text[])
+       (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger tg
+         JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $3 AND tg.tgname = ANY($4::text[])
            AND NOT tg.tgisinternal) AS triggers
 """
 
@@ -243,7 +296,7 @@ async def installed_state(conn: Any, trigger_set: TriggerSet) -> str:
         STATE_SQL,
         trigger_set.schema.config.schema,
         trigger_set.function_name,
-        trigger_set.schema.sql_name,
+        trigger_set.schema.config.name,
         list(TRIGGERS.values()),
     )
     if not row["has_function"] and row["triggers"] == 0:
@@ -264,7 +317,7 @@ async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
     await check_server(conn)
     changed = []
     async with conn.transaction():
-        await conn.execute(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+        await conn.execute(f"SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK})")
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "current":
                 continue
@@ -277,7 +330,7 @@ async def uninstall(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
     """Remove exactly what ``install`` created; return the tables changed."""
     changed = []
     async with conn.transaction():
-        await conn.execute(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+        await conn.execute(f"SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK})")
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "missing":
                 continue

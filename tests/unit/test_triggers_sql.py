@@ -3,6 +3,8 @@ against PostgreSQL in tests/integration/test_triggers.py)."""
 
 from __future__ import annotations
 
+import re
+
 from sidecar import triggers
 from sidecar.config import TableConfig
 from sidecar.keys import KeyColumn
@@ -38,7 +40,8 @@ def test_fingerprint_follows_what_changes_behaviour():
 def test_script_is_one_locked_transaction():
     sets = [triggers.TriggerSet(schema("a"), "c", 5), triggers.TriggerSet(schema("b"), "c", 5)]
     script = triggers.script(sets)
-    assert script.startswith("BEGIN;\nSELECT pg_advisory_xact_lock(") and script.endswith("COMMIT;\n")
+    assert script.startswith("SET client_encoding = 'UTF8';\nBEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock(")
+    assert script.endswith("COMMIT;\n")
     assert script.count("CREATE OR REPLACE FUNCTION") == 2
     assert script.count("CREATE TRIGGER") == 8
     removal = triggers.script(sets, uninstall=True)
@@ -48,3 +51,47 @@ def test_script_is_one_locked_transaction():
 def test_bytea_keys_are_sent_as_hex_whatever_the_session_says():
     bytes_key = schema("blobs", "public", KeyColumn.create("k", "bytea", "bytea"))
     assert "encode(n.\"k\", 'hex')" in triggers.TriggerSet(bytes_key, "c", 5).function_body()
+
+
+def test_names_never_leave_a_comment():
+    # A newline in a name would end the "--" comment, and what follows would run as SQL.
+    hostile = "x\nALTER ROLE me SUPERUSER; --\r\\ é"
+    odd = schema(hostile, hostile, KeyColumn.create(hostile, "int4", "integer"))
+    for sql in (triggers.TriggerSet(odd, "c", 5).install_sql(), triggers.TriggerSet(odd, "c", 5).uninstall_sql()):
+        first, second = sql.split("\n")[:2]
+        assert first.startswith("-- ") and all(" " <= c <= "~" and c != "\\" for c in first)
+        assert second.startswith(("CREATE OR REPLACE FUNCTION", "DROP TRIGGER"))
+    escaped = "<U+000A>ALTER ROLE me SUPERUSER; --<U+000D><U+005C> <U+00E9>"
+    assert escaped in triggers.TriggerSet(odd, "c", 5).install_sql()
+
+
+def test_dollar_tag_is_absent_from_the_body():
+    plain = triggers.TriggerSet(schema(), "c", 5)
+    assert "AS $cache_sidecar$\n" in plain.install_sql()
+    for name in ("x$cache_sidecar$y", "$cache_sidecar$$cache_sidecar_1$"):
+        trigger_set = triggers.TriggerSet(schema("t", "public", KeyColumn.create(name, "int4", "integer")), "c", 5)
+        body = trigger_set.function_body()
+        tag = triggers._dollar_tag(body)
+        assert tag not in body and f"AS {tag}{body}\n{tag};" in trigger_set.install_sql()
+
+
+def test_literals_read_the_same_whatever_standard_conforming_strings_says():
+    assert triggers._literal("it's") == "'it''s'"
+    assert triggers._literal("a\\b'c") == "E'a\\\\b''c'"  # E'' doubles backslashes; '' doubles quotes
+
+
+def test_the_function_pins_search_path_and_qualifies_its_calls():
+    trigger_set = triggers.TriggerSet(schema("t", "public", KeyColumn.create("k", "bytea", "bytea")), "c", 5)
+    assert "SET search_path = pg_catalog, pg_temp" in trigger_set.install_sql()
+    body = trigger_set.function_body()
+    calls = set(re.findall(r"([A-Za-z_.]+)\(", body))
+    assert {c for c in calls if not c.startswith("pg_catalog.")} <= {"coalesce", "IN", "AS", "OVER", "FILTER"}
+    # a backslash only inside an E'' literal: the writer's standard_conforming_strings cannot change it
+    assert "'\\x'" not in body.replace("E'\\\\x'", "")
+
+
+def test_fingerprint_covers_the_function_settings(monkeypatch):
+    # Installs from before search_path was pinned must read as outdated, and be replaced.
+    pinned = triggers.TriggerSet(schema(), "c", 5).fingerprint()
+    monkeypatch.setattr(triggers, "FUNCTION_SETTINGS", "")
+    assert triggers.TriggerSet(schema(), "c", 5).fingerprint() != pinned
