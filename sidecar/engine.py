@@ -467,14 +467,16 @@ class Engine:
         table = self.tables.get(name)
         if table is not None:
             return table
+        # A request's name is echoed in the error: never all of a huge one.
+        shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name)} characters)"
         try:
             schema, relname = parse_table_name(name)
         except ConfigError:
-            raise InvalidRequest(f"{name!r} is not a table name like 'public.patron'") from None
+            raise InvalidRequest(f"{shown} is not a table name like 'public.patron'") from None
         table = self.tables.get(qualified_name(schema, relname))
         if table is None:
             known = ", ".join(self.tables) or "none"
-            raise UnknownTable(f"table {name!r} is not cached here (cached: {known})")
+            raise UnknownTable(f"table {shown} is not cached here (cached: {known})")
         return table
 
     def keys(self, table: TableCache, raw_keys: Sequence[Sequence[Any]]) -> list[Key]:

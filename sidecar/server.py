@@ -29,7 +29,24 @@ from sidecar.service import SERVICE_NAME, CacheService, add_to_server
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest message the server sends: a row (or an answer, or a Watch
+# message) above it is refused with FAILED_PRECONDITION before sending (see
+# service.py), never cut by grpc's own RESOURCE_EXHAUSTED, which clients read as
+# "fell behind, resume". Clients must accept at least this much (the Python
+# client's channels do). A plain variable so that tests can lower it.
+MAX_SEND_BYTES = 64 * 1024 * 1024
+# What one request key may take on the wire: PostgreSQL cannot index a key
+# above about 2.7 kB (a btree entry is at most a third of a page), so 4 KiB
+# leaves room for the protobuf framing of a composite key.
+KEY_BYTES = 4096
+# Table and index names, read options, range bounds.
+REQUEST_SLACK_BYTES = 1024 * 1024
+
+
+def max_receive_bytes(max_batch_keys: int) -> int:
+    """The largest request the limits allow: a bigger one is refused by grpc
+    (RESOURCE_EXHAUSTED) before a byte of it is parsed."""
+    return max_batch_keys * KEY_BYTES + REQUEST_SLACK_BYTES
 
 
 LIVENESS = "liveness"
@@ -82,12 +99,12 @@ async def start(
 def _build(engine: Engine, listen: Sequence[str], observe: Callable[[str, float], None] | None) -> Server:
     server = grpc.aio.server(
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.max_receive_message_length", max_receive_bytes(engine.max_batch_keys)),
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_to_server(CacheService(engine, observe), server)
+    add_to_server(CacheService(engine, observe, max_message_bytes=MAX_SEND_BYTES), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

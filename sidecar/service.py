@@ -5,6 +5,7 @@ domain errors to status codes. Nothing else lives here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +18,8 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription
-from sidecar.keys import coerce_key
+from sidecar.keys import Key, coerce_key
+from sidecar.wire import TooLarge, row_too_large
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (TooLarge, grpc.StatusCode.FAILED_PRECONDITION),
 )
 MAX_PROGRESS_INTERVAL_MS = 3_600_000
 WATCH_OPERATIONS = frozenset(v for v in pb.Operation.values() if v not in (pb.OPERATION_UNSPECIFIED, SNAPSHOT))
@@ -69,6 +72,15 @@ def bound(interval: pb.Range, name: str) -> Any:
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
 
 
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+class _CallExpired(Exception):
+    """The call's deadline passed: grpc core has ended it (DEADLINE_EXCEEDED) already."""
+
+
 class CacheService:
     """Thin adapter from gRPC to ``Engine``.
 
@@ -77,10 +89,34 @@ class CacheService:
     pass-through serializer.
     """
 
-    def __init__(self, engine: Engine, observe: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        observe: Callable[[str, float], None] | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.engine = engine
         self._revisions = wire.Revisions()
         self._observe = observe  # told each call's method and duration (metrics)
+        self.max_message_bytes = max_message_bytes  # the server's send limit
+
+    def _check_count(self, count: int, what: str = "keys requested") -> None:
+        """Bound a repeated field before any per-element work (parsing, coercing)."""
+        limit = self.engine.max_batch_keys
+        if count > limit:
+            raise InvalidRequest(f"{count} {what}; at most {limit} per call (server.max_batch_keys)")
+
+    def _fits(self, answer: bytes, table: str, rows: Callable[[], list[tuple[Key | None, bytes]]]) -> bytes:
+        """``answer`` if it is within the send limit, else ``TooLarge`` naming the largest row."""
+        limit = self.max_message_bytes
+        if len(answer) <= limit:
+            return answer
+        key, entry = max(rows(), key=lambda pair: len(pair[1]))
+        if len(entry) + 64 > limit:  # (64: the revision field and framing)
+            raise row_too_large(table, key, len(entry), limit)
+        raise TooLarge(
+            f"the answer is {len(answer)} bytes, more than the {limit} one message may carry; ask for fewer rows"
+        )
 
     def _current(self) -> wire.Revisions:
         self._revisions.update(self.engine.epoch, self.engine.applied)
@@ -90,22 +126,46 @@ class CacheService:
         return self._current().message
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]) -> T:
-        """Run ``work`` bounded by the call's deadline; turn errors into statuses."""
+        """Run ``work`` bounded by the call's deadline; turn errors into statuses.
+
+        Once the deadline has passed, grpc core has ended the call with
+        DEADLINE_EXCEEDED: answering (or aborting) then fails inside grpc,
+        which logs an ERROR traceback for what is the client's ordinary
+        timeout. So an expired call ends as a cancelled one instead (grpc logs
+        that at DEBUG), sending nothing.
+        """
         started = time.perf_counter()
         try:
-            remaining = context.time_remaining()
-            if remaining is None:
-                return await work()
-            async with asyncio.timeout(remaining):
-                return await work()
-        except SidecarError as exc:
-            await context.abort(status_of(exc), str(exc))
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the cache could answer")
+            try:
+                remaining = context.time_remaining()
+                if remaining is None:
+                    answer = await work()
+                else:
+                    if remaining <= 0:
+                        raise _CallExpired
+                    async with asyncio.timeout(remaining):
+                        answer = await work()
+                if _expired(context):
+                    raise _CallExpired
+                return answer
+            except SidecarError as exc:
+                await self._abort(context, status_of(exc), str(exc))
+            except TimeoutError:
+                await self._abort(
+                    context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the cache could answer"
+                )
+        except _CallExpired:
+            raise asyncio.CancelledError from None
         finally:
             if self._observe is not None:
                 self._observe(method, time.perf_counter() - started)
         raise AssertionError("unreachable")  # context.abort raises
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+        if _expired(context):
+            raise _CallExpired
+        await context.abort(code, details)
 
     async def _prepare(self, options: pb.ReadOptions) -> None:
         strong = options.consistency == pb.STRONG
@@ -127,7 +187,12 @@ class CacheService:
             if options.consistency == pb.STRONG or options.HasField("min_revision"):
                 await self._prepare(options)
             row = await self.engine.get(request.table, parts, options.allow_stale)
-            return wire.get_response(row, self._current())
+            answer = wire.get_response(row, self._current())
+            if len(answer) > self.max_message_bytes:
+                table = self.engine.table(request.table)
+                key = coerce_key(table.schema.key_columns, parts)
+                return self._fits(answer, table.schema.qualified, lambda: [(key, row or b"")])
+            return answer
 
         return await self._call(context, "Get", work)
 
@@ -139,6 +204,7 @@ class CacheService:
             forms = [f for f in ("keys", "int_keys", "string_keys") if getattr(request, f)]
             if len(forms) > 1:
                 raise InvalidRequest(f"give one of keys, int_keys and string_keys, not {' and '.join(forms)}")
+            self._check_count(len(request.keys) + len(request.int_keys) + len(request.string_keys))
             if request.int_keys:
                 keys = self.engine.single_keys(table, request.int_keys)
             elif request.string_keys:
@@ -148,7 +214,10 @@ class CacheService:
                 keys = self.engine.keys(table, parts)
             await self._prepare(request.options)
             rows = await self.engine.read(table, keys, request.options.allow_stale)
-            return wire.batch_get_response(rows, self._current())
+            answer = wire.batch_get_response(rows, self._current())
+            return self._fits(
+                answer, table.schema.qualified, lambda: [(k, e) for k, e in zip(keys, rows, strict=True) if e]
+            )
 
         return await self._call(context, "BatchGet", work)
 
@@ -162,6 +231,7 @@ class CacheService:
             has_range = request.HasField("range")
             if has_range == bool(request.values):
                 raise InvalidRequest("give values (equality) or range, exactly one of them")
+            self._check_count(len(request.values), "values requested")
             values = [key_parts(v, f"values[{i}]") for i, v in enumerate(request.values)] if request.values else None
             bounds = request.range
             query = self.engine.plan_query(
@@ -177,7 +247,9 @@ class CacheService:
             )
             await self._prepare(request.options)
             entries, truncated = await self.engine.query(table, query, request.options.allow_stale)
-            return wire.query_response(entries, truncated, self._current())
+            answer = wire.query_response(entries, truncated, self._current())
+            columns = [c.name for c in table.schema.key_columns]
+            return self._fits(answer, table.schema.qualified, lambda: [(_key_of(e, columns), e) for e in entries])
 
         return await self._call(context, "Query", work)
 
@@ -189,6 +261,7 @@ class CacheService:
                 raise InvalidRequest("give keys or all_rows, not both")
             if not request.all_rows and not request.keys:
                 raise InvalidRequest("nothing to invalidate: give keys or set all_rows")
+            self._check_count(len(request.keys), "keys to invalidate")
             keys = None if request.all_rows else [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
             await self.engine.invalidate(request.table, keys, request.refresh)
             return pb.InvalidateResponse(revision=self._revision())
@@ -245,8 +318,9 @@ class CacheService:
                 (("cachesidecar-epoch", hub.epoch), ("cachesidecar-revision", subscription.last_revision))
             )
             async for message in subscription.messages(self.engine.until_ready):
-                yield wire.watch_message(message)
-        except (FellBehind, ShuttingDown) as exc:
+                for encoded in wire.watch_messages(message, self.max_message_bytes):
+                    yield encoded
+        except (FellBehind, ShuttingDown, TooLarge) as exc:
             context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
             await context.abort(status_of(exc), str(exc))
         finally:
@@ -254,6 +328,9 @@ class CacheService:
 
     def _subscribe(self, request: pb.WatchRequest) -> Subscription:
         engine = self.engine
+        self._check_count(len(request.keys), "keys in the key filter")
+        self._check_count(len(request.tables), "tables named")
+        self._check_count(len(request.operations), "operations named")
         tables = [engine.table(name) for name in request.tables]
         names = frozenset(t.schema.qualified for t in tables)
         keys: frozenset[Any] = frozenset()
@@ -280,6 +357,15 @@ class CacheService:
             snapshot=(lambda: engine.snapshot(names)) if request.initial_state else None,
             progress_interval=request.progress_interval_ms / 1000,
         )
+
+
+def _key_of(entry: bytes, columns: list[str]) -> Key | None:
+    """The key of a row, read back from its entry (only to name a row in an error)."""
+    try:
+        row = json.loads(wire.row_json(entry))
+        return tuple(row[name] for name in columns)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:

@@ -17,9 +17,22 @@ from __future__ import annotations
 
 from sidecar import hub
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.keys import part_kind
+from sidecar.errors import SidecarError
+from sidecar.keys import key_text, part_kind
 
 MISSING_ENTRY = b"\x0a\x00"  # an empty RowResult: found = false
+
+
+class TooLarge(SidecarError):
+    """A row (or an answer) is larger than one gRPC message may carry; retrying cannot help."""
+
+
+def row_too_large(table: str, key: tuple[object, ...] | None, size: int, limit: int) -> TooLarge:
+    shown = "?" if key is None else key_text(key)
+    return TooLarge(
+        f"row {shown} of {table} is {size} bytes encoded; a message carries at most {limit} bytes "
+        "(the sidecar's row-size limit): it cannot be served"
+    )
 
 
 def _varint(value: int) -> bytes:
@@ -121,9 +134,57 @@ def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> by
     return encoded
 
 
+def watch_messages(message: hub.Message, limit: int) -> list[bytes]:
+    """Encode what a subscription yields, each message at most ``limit`` bytes.
+
+    A batch is encoded once and kept on it: every subscriber that sees it
+    whole sends the same bytes. Raises ``TooLarge`` for a row that alone
+    exceeds ``limit``.
+    """
+    if isinstance(message, hub.Batch):
+        if message.encoded is None:
+            message.encoded = _fitting_batch(message, limit)
+        return [message.encoded]
+    if isinstance(message, hub.Snapshot):
+        return _snapshot(message.epoch, message.revision, message.changes, limit)
+    return [watch_message(message)]
+
+
+def _fitting_batch(batch: hub.Batch, limit: int) -> bytes:
+    encoded = _batch(batch.epoch, batch.revision, batch.xid, batch.changes)
+    if len(encoded) <= limit:
+        return encoded
+    _check_rows(batch.epoch, batch.revision, batch.changes, limit)
+    # Every row fits alone, only not all together: one transaction is one
+    # message (clients apply a revision once), so it cannot be split. Say instead
+    # that its tables changed wholesale, as for a bulk statement: clients drop
+    # what they hold of them and read again, one row at a time.
+    tables = dict.fromkeys(change.table for change in batch.changes)
+    wholesale = [hub.Change(table, hub.TABLE_CHANGED) for table in tables]
+    return _batch(batch.epoch, batch.revision, batch.xid, wholesale)
+
+
+def _snapshot(epoch: str, revision: int, changes: list[hub.Change], limit: int) -> list[bytes]:
+    """A chunk of initial rows, split in halves until each part fits (all carry one revision)."""
+    encoded = _batch(epoch, revision, 0, changes)
+    if len(encoded) <= limit:
+        return [encoded]
+    if len(changes) == 1:
+        _check_rows(epoch, revision, changes, limit)
+    half = len(changes) // 2
+    return _snapshot(epoch, revision, changes[:half], limit) + _snapshot(epoch, revision, changes[half:], limit)
+
+
+def _check_rows(epoch: str, revision: int, changes: list[hub.Change], limit: int) -> None:
+    """Raise ``TooLarge`` naming the largest row if it cannot be sent even alone."""
+    largest = max(changes, key=lambda c: len(c.row or b""))
+    alone = len(_batch(epoch, revision, 0, [largest]))
+    if alone > limit:
+        raise row_too_large(largest.table, largest.key, alone, limit)
+
+
 def watch_message(message: hub.Message) -> bytes:
-    """Encode what a subscription yields. A batch is encoded once and kept on
-    it: every subscriber that sees it whole sends the same bytes."""
+    """Encode one message of a subscription (no size limit: see ``watch_messages``)."""
     if isinstance(message, hub.Batch):
         if message.encoded is None:
             message.encoded = _batch(message.epoch, message.revision, message.xid, message.changes)

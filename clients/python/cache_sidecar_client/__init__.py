@@ -19,6 +19,7 @@ from cache_sidecar_client.errors import (
     InvalidArgument,
     OutOfRange,
     TableNotFound,
+    TooLarge,
     Unavailable,
 )
 from cache_sidecar_client.near import NearCache, NearCacheStats
@@ -46,6 +47,7 @@ __all__ = [
     "Revision",
     "TableInfo",
     "TableNotFound",
+    "TooLarge",
     "Unavailable",
     "cached",
 ]

@@ -42,7 +42,6 @@ from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
 from cache_sidecar_client.errors import from_rpc_error
 from cache_sidecar_client.near import FillTicket, NearCache, near_cache_tables
 from cache_sidecar_client.watch import (
-    RESUMABLE,
     Change,
     ChangeBatch,
     Event,
@@ -50,6 +49,7 @@ from cache_sidecar_client.watch import (
     Progress,
     Reset,
     Resumer,
+    resumable,
 )
 from cache_sidecar_client.watch import event as watch_event
 from cache_sidecar_client.watch import request as watch_request
@@ -421,7 +421,7 @@ class Client:
                     yield resumer.out_of_range(exc.details())
                     self._closed.wait(resumer.delay())
                     continue
-                if not resume or code not in RESUMABLE:
+                if not resume or not resumable(code, connected):
                     raise from_rpc_error(exc) from None
             finally:
                 call.cancel()
@@ -663,7 +663,7 @@ class AsyncClient:
                     yield resumer.out_of_range(exc.details())
                     await asyncio.sleep(resumer.delay())
                     continue
-                if not resume or code not in RESUMABLE:
+                if not resume or not resumable(code, connected):
                     raise from_rpc_error(exc) from None
             finally:
                 call.cancel()

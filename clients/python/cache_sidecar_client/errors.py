@@ -46,8 +46,16 @@ class OutOfRange(CacheSidecarError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class TooLarge(CacheSidecarError):
+    """A row (or an answer) is larger than the sidecar may send in one message: retrying
+    or resuming cannot help (FAILED_PRECONDITION). The message names the table, the key
+    and the limit."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE: dict[grpc.StatusCode, type[CacheSidecarError]] = {
-    cls.code: cls for cls in (TableNotFound, InvalidArgument, Unavailable, DeadlineExceeded, OutOfRange)
+    cls.code: cls for cls in (TableNotFound, InvalidArgument, Unavailable, DeadlineExceeded, OutOfRange, TooLarge)
 }
 
 

@@ -37,7 +37,8 @@ OPERATIONS = {
 }
 _NAMES = {value: name for name, value in OPERATIONS.items()} | {pb.SNAPSHOT: "snapshot"}
 
-# Statuses after which the stream resumes from its last revision.
+# Statuses after which the stream resumes from its last revision. Not among
+# them: FAILED_PRECONDITION (a row too large to send: it would be sent again).
 RESUMABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -48,6 +49,18 @@ RESUMABLE = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
+
+
+def resumable(code: grpc.StatusCode | None, established: bool) -> bool:
+    """Whether a stream that ended with ``code`` is resumed.
+
+    RESOURCE_EXHAUSTED from an established stream is the sidecar ending a
+    subscriber that fell behind; before that (no headers yet) it is grpc
+    refusing the request itself as too large, which would be refused again.
+    """
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return established
+    return code in RESUMABLE
 
 
 @dataclass(frozen=True)
