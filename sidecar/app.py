@@ -30,6 +30,7 @@ from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.listener import Listener, backoff_delay
 from sidecar.metrics import Metrics
+from sidecar.notify_queue import NotifyQueue
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,11 @@ class Daemon:
         }
         if self.catalog is not None:
             tasks.add(asyncio.create_task(self.catalog.run(), name="catalog check"))
-        if self.metrics is not None and self.db is not None:
-            tasks.add(asyncio.create_task(self.metrics.sample_queue_usage(self.db.pool), name="queue usage"))
+        if self.db is not None:
+            queue = NotifyQueue()
+            if self.metrics is not None:
+                self.metrics.queue = queue
+            tasks.add(asyncio.create_task(queue.run(self.db.pool), name="notify queue"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)

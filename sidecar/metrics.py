@@ -22,11 +22,11 @@ from sidecar.cache import FullTable
 from sidecar.config import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.listener import Listener
+from sidecar.notify_queue import NotifyQueue
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
-QUEUE_USAGE_INTERVAL = 15.0  # seconds between pg_notification_queue_usage() samples
 
 
 class Metrics:
@@ -47,7 +47,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.queue_usage: float | None = None
+        self.queue: NotifyQueue | None = None  # set by the daemon: its queue samples
         self._server: Any = None
 
     def observe_call(self, method: str, seconds: float) -> None:
@@ -74,17 +74,6 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-    async def sample_queue_usage(self, pool: Any) -> None:
-        """Keep ``pg_notification_queue_usage()`` current (a full queue stalls every NOTIFY)."""
-        while True:
-            try:
-                async with pool.acquire(timeout=5) as conn:
-                    self.queue_usage = float(await conn.fetchval("SELECT pg_notification_queue_usage()"))
-            except Exception as exc:  # the database may be away: the gauge goes stale, nothing else
-                log.debug("cannot sample pg_notification_queue_usage(): %s", exc)
-                self.queue_usage = None
-            await asyncio.sleep(QUEUE_USAGE_INTERVAL)
 
 
 class _StateCollector(Collector):
@@ -113,7 +102,8 @@ class _StateCollector(Collector):
         )
         queries = CounterMetricFamily(
             "cache_sidecar_queries",
-            "Queries the caches made, by table and kind (fill, refetch, reload).",
+            "Queries the caches made, by table and kind (fill, refetch, reload; degraded: keyed refetches "
+            "that failed as they would again and became reloads).",
             labels=["table", "kind"],
         )
         rows = GaugeMetricFamily(
@@ -121,6 +111,12 @@ class _StateCollector(Collector):
         )
         size = GaugeMetricFamily("cache_sidecar_bytes", "Approximate bytes of cached rows.", labels=["table"])
         loaded = GaugeMetricFamily("cache_sidecar_table_loaded", "1 once the table is loaded.", labels=["table"])
+        not_served = GaugeMetricFamily(
+            "cache_sidecar_table_not_served",
+            "1 while the table is not served from memory (dropped, altered key, foreign triggers, a load "
+            "that fails the same way each time; the reason is logged); reads of it go to the database.",
+            labels=["table"],
+        )
         for name, table in engine.tables.items():
             for result, count in table.reads.items():
                 reads.add_metric([name, result], count)
@@ -133,8 +129,11 @@ class _StateCollector(Collector):
             rows.add_metric([name], table.row_count)
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)
+            not_served.add_metric([name], 0 if table.problem is None else 1)
+            if isinstance(table, FullTable):
+                queries.add_metric([name, "degraded"], table.degraded)
         stats = listener.stats
-        families: list[Any] = [reads, queries, rows, size, loaded]
+        families: list[Any] = [reads, queries, rows, size, loaded, not_served]
         families.append(
             CounterMetricFamily("cache_sidecar_notifications", "Notifications received.", stats.notifications)
         )
@@ -143,6 +142,28 @@ class _StateCollector(Collector):
                 "cache_sidecar_notifications_rejected",
                 "Notifications whose payload could not be parsed.",
                 stats.rejected,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_forged",
+                "Read-barrier tokens on our channel sent by another backend than the sidecar's (ignored).",
+                stats.forged,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_degraded",
+                "Notifications whose keys did not fit their columns (the table was reloaded instead).",
+                engine.stats.bad_keys,
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_revision_stalled_seconds",
+                "Seconds the revision has not advanced while received changes wait (0: none wait); "
+                "health is NOT_SERVING above cache.stall_seconds.",
+                engine.stalled_seconds,
             )
         )
         families.append(
@@ -185,12 +206,14 @@ class _StateCollector(Collector):
                 engine.stats.ignored,
             )
         )
-        if self.metrics.queue_usage is not None:
+        queue = self.metrics.queue
+        if queue is not None and queue.usage is not None:
             families.append(
                 GaugeMetricFamily(
                     "cache_sidecar_pg_notification_queue_usage",
-                    "pg_notification_queue_usage(): the fraction of PostgreSQL's NOTIFY queue in use.",
-                    self.metrics.queue_usage,
+                    "pg_notification_queue_usage(): the fraction of PostgreSQL's NOTIFY queue in use "
+                    "(alert at 0.5; at 1.0 every write to a cached table fails).",
+                    queue.usage,
                 )
             )
         return families
