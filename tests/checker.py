@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
@@ -79,6 +80,8 @@ class Report:
     compared_rows: int = 0
     failed_by_status: dict[str, int] = field(default_factory=dict)  # (d)
     listener_kills: int = 0
+    barrier_kills: int = 0  # kills while Sync barriers were in flight
+    kill_to_epoch: list[float] = field(default_factory=list)  # seconds from such a kill to the new epoch
     restarts: int = 0
     epochs_seen: int = 0
     examples: list[str] = field(default_factory=list)
@@ -93,6 +96,13 @@ class Report:
             f"writes acknowledged              {self.writes_acked}  (failed: {self.write_errors})",
             f"reads                            {self.reads}  (STRONG: {self.strong_reads})",
             f"faults: listener killed          {self.listener_kills}",
+            f"  of them with barriers in flight {self.barrier_kills}; kill -> new epoch: "
+            + (
+                f"max {max(self.kill_to_epoch) * 1000:.0f} ms, median "
+                f"{sorted(self.kill_to_epoch)[len(self.kill_to_epoch) // 2] * 1000:.0f} ms"
+                if self.kill_to_epoch
+                else "-"
+            ),
             f"faults: PostgreSQL restarted     {self.restarts}",
             f"epochs seen by readers           {self.epochs_seen}",
             f"(a) stale STRONG reads           {self.stale_strong_reads}",
@@ -241,8 +251,9 @@ class Writers:
             await conn.close()
 
 
-async def _faults(dsn: str, restart: Any, start: float, until: float, report: Report, seed: int) -> None:
-    """Kill the listener's backend several times; restart PostgreSQL once, mid-run."""
+async def _faults(dsn: str, target: str, restart: Any, start: float, until: float, report: Report, seed: int) -> None:
+    """Kill the listener's backend several times (every other time while Sync barriers are in
+    flight on it); restart PostgreSQL once, mid-run."""
     rng = random.Random(seed)
     duration = until - start
     kills = max(3, int(duration / 8))
@@ -256,19 +267,68 @@ async def _faults(dsn: str, restart: Any, start: float, until: float, report: Re
             report.restarts += 1
         elif moments and now >= moments[0]:
             moments.pop(0)
-            try:
-                conn = await asyncpg.connect(dsn, timeout=2)
-                try:
-                    killed = await conn.fetchval(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE application_name = 'cache-sidecar-listener'"
-                    )
-                finally:
-                    await conn.close()
-                report.listener_kills += int(killed or 0)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                pass
+            if len(moments) % 2:
+                await _kill_during_barriers(dsn, target, report)
+            else:
+                report.listener_kills += await _kill_listener(dsn)
         await asyncio.sleep(0.05)
+
+
+async def _kill_listener(dsn: str) -> int:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'cache-sidecar-listener'"
+            )
+        finally:
+            await conn.close()
+        return int(killed or 0)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return 0
+
+
+async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
+    """Kill the listener while Sync calls keep barrier NOTIFYs in flight on its connection,
+    and time how long the sidecar takes to notice (a new epoch)."""
+    from cache_sidecar_client import AsyncClient, CacheSidecarError
+
+    async with AsyncClient(target, timeout=5) as cache:
+        try:
+            epoch = (await cache.sync()).epoch
+        except CacheSidecarError:
+            return  # (not up after an earlier fault: skip this one)
+
+        async def barriers() -> None:
+            while True:
+                try:
+                    await cache.sync(timeout=2)
+                except CacheSidecarError:
+                    await asyncio.sleep(0.005)
+
+        syncs = [asyncio.create_task(barriers()) for _ in range(4)]
+        try:
+            await asyncio.sleep(0.05)
+            killed = await _kill_listener(dsn)
+            killed_at = time.monotonic()
+            if not killed:
+                return
+            report.listener_kills += killed
+            report.barrier_kills += 1
+            while time.monotonic() - killed_at < 30:
+                with contextlib.suppress(CacheSidecarError):
+                    await cache.list_tables(timeout=1)
+                revision = cache.last_revision
+                if revision is not None and revision.epoch != epoch:
+                    report.kill_to_epoch.append(time.monotonic() - killed_at)
+                    return
+                await asyncio.sleep(0.002)
+            report.kill_to_epoch.append(float("inf"))
+        finally:
+            for task in syncs:
+                task.cancel()
+            await asyncio.gather(*syncs, return_exceptions=True)
 
 
 async def _final_comparison(dsn: str, target: str, report: Report) -> None:
@@ -378,7 +438,7 @@ def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int 
         writer = Writers(dsn, writers, seed)
 
         async def write_and_fault() -> None:
-            await asyncio.gather(writer.run(until), _faults(dsn, restart, start, until, report, seed))
+            await asyncio.gather(writer.run(until), _faults(dsn, target, restart, start, until, report, seed))
 
         asyncio.run(write_and_fault())
         for process in processes:
