@@ -18,19 +18,11 @@ from sidecar import config as cfg
 from sidecar import server
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from sidecar.wire import _varint
 from tests.support.waiting import eventually
 
 CACHE = "/cachesidecar.v1.Cache/"
 MILLION = 1_000_000
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _field(number: int, payload: bytes) -> bytes:
