@@ -202,7 +202,7 @@ SETTINGS: tuple[Setting, ...] = (
         "server.max_batch_keys",
         "max_batch_keys",
         "int",
-        "Most keys per BatchGet/Invalidate, rows per Query.",
+        "Most keys per BatchGet/Invalidate/Watch key filter, values and rows per Query; also bounds the request size.",
         minimum=1,
     ),
     Setting(
