@@ -444,6 +444,8 @@ def _client_command(args: argparse.Namespace) -> int:
                     for i in t.indexes:
                         kind = "range" if i.range else "unique" if i.unique else "equality"
                         print(f"  index {i.name} ({', '.join(i.columns)}) {kind}")
+                    if t.problem:
+                        print(f"  NOT SERVED from memory: {t.problem}")
                 print(f"revision {listing.revision.epoch}/{listing.revision.number}")
                 return 0
             options = pb.ReadOptions(consistency=pb.STRONG if args.strong else pb.EVENTUAL)

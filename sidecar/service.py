@@ -296,6 +296,7 @@ class CacheService:
                         pb.IndexInfo(name=i.name, columns=i.columns, unique=i.unique, range=i.range)
                         for i in table.schema.config.indexes
                     ],
+                    problem=table.problem or "",
                 )
             )
         return pb.ListTablesResponse(tables=tables, revision=revision)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+from cache_sidecar_client import AsyncClient
 
 from sidecar.errors import Unavailable
 from tests.support.waiting import eventually
@@ -60,6 +61,10 @@ async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, 
         await sidecar.engine.get(a, [1])
     await still_serves(sidecar, db, b, "dos")
     assert sidecar.engine.ready  # health: the daemon still serves its other tables
+    async with AsyncClient(sidecar.target, timeout=10) as cache:  # and ListTables says why
+        listed = {t.name: t for t in await cache.list_tables()}
+        assert "does not exist" in listed[a].problem and not listed[a].loaded and listed[b].problem == ""
+        assert b in [n for n, t in listed.items() if t.loaded]
     # Created again, without triggers: never silently unchanging. Installed here (install_triggers).
     await db.execute(f"CREATE TABLE {a} (id int PRIMARY KEY, v text NOT NULL); INSERT INTO {a} VALUES (1, 'again')")
     await eventually(lambda: sidecar.engine.tables[a].problem is None and sidecar.engine.tables[a].loaded, 10)

@@ -85,7 +85,7 @@ export class CacheClient {
   query(table: string, index: string, options?: QueryOptions): Promise<QueryResult>;
   listTables(
     options?: { timeoutMs?: number },
-  ): Promise<Array<{ name: string; mode: string; rowCount: number; loaded: boolean; indexes: IndexInfo[] }>>;
+  ): Promise<Array<{ name: string; mode: string; rowCount: number; loaded: boolean; indexes: IndexInfo[]; problem: string }>>;
   watch(tables?: string[], options?: WatchOptions): AsyncGenerator<WatchItem>;
   close(): void;
 }

@@ -173,6 +173,7 @@ class CacheClient {
       rowCount: Number(t.rowCount),
       loaded: t.loaded,
       indexes: t.indexes.map((i) => ({ name: i.name, columns: i.columns, unique: i.unique, range: i.range })),
+      problem: t.problem || '', // set while the table is not served from memory, saying why
     }));
   }
 

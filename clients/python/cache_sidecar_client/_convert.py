@@ -44,6 +44,7 @@ class TableInfo:
     max_rows: int
     bytes: int
     indexes: tuple[IndexInfo, ...] = ()
+    problem: str = ""  # set while the table is not served from memory, saying why
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def table_info(message: pb.TableInfo) -> TableInfo:
         max_rows=message.max_rows,
         bytes=message.bytes,
         indexes=tuple(IndexInfo(i.name, tuple(i.columns), i.unique, i.range) for i in message.indexes),
+        problem=message.problem,
     )
 
 

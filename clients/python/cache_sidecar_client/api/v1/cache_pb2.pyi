@@ -247,7 +247,7 @@ class Column(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes")
+    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,7 @@ class TableInfo(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_columns: _containers.RepeatedCompositeFieldContainer[Column]
     mode: TableMode
@@ -266,7 +267,8 @@ class TableInfo(_message.Message):
     max_rows: int
     bytes: int
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
-    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...) -> None: ...
+    problem: str
+    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("name", "columns", "unique", "range")
