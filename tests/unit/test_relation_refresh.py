@@ -140,3 +140,24 @@ async def test_keyed_refetches_go_between_relation_refreshes(engine: Engine, db:
     db.release()
     await eventually(lambda: engine.applied >= engine.seq)
     assert city_name(engine.table(REL).rows[(5,)]) == "moved"
+
+
+async def test_a_refresh_that_would_fail_again_becomes_a_reload(engine: Engine, db: MemoryDatabase):
+    """A relation refresh refused the same way each time (say, the source's type changed)
+    must not hold the revision forever: the relation is reloaded instead."""
+    import asyncpg
+
+    calls = 0
+
+    async def refuses(schema, columns, values):
+        nonlocal calls
+        calls += 1
+        raise asyncpg.exceptions.UndefinedColumnError('column "city_id" does not exist')
+
+    db.fetch_matching = refuses  # type: ignore[method-assign]
+    users(db)[(1,)] = row(1, 1, "Reloaded")
+    engine.handle(city_changed(10, 1))
+    await eventually(lambda: engine.applied == engine.seq, 5, what="the revision advanced")
+    table = engine.table(REL)
+    assert calls == 1 and table.degraded == 1 and table.problem is None  # type: ignore[union-attr]
+    assert city_name(await engine.get(REL, [1])) == "Reloaded"
