@@ -310,7 +310,7 @@ class Daemon:
         if self.server is not None and self.listener is None:  # start-up failed after binding
             await self.server.stop(0)
         if self.engine is not None:
-            self.engine.close()
+            await self.engine.close()
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.db.close(), 5)

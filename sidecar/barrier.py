@@ -99,6 +99,14 @@ class Barrier:
                 self._current = None
             self._launch()
 
+    async def close(self) -> None:
+        """End the rounds in flight (shutdown)."""
+        self.fail_all("the sidecar is shutting down")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # ---------------------------------------------------------- engine side
 
     def token_received(self, token: str, seq: int) -> bool:

@@ -20,23 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.aio import Flights, TaskSet, Waiters, await_all
 from sidecar.barrier import Barrier
-from sidecar.cache import (
-    FETCH_ERRORS,
-    Flights,
-    FullTable,
-    LazyTable,
-    Rerouted,
-    Row,
-    TableCache,
-    TaskSet,
-    await_all,
-    release_waiters,
-)
+from sidecar.cache import FETCH_ERRORS, Rerouted, Row, TableCache
 from sidecar.config import Config, parse_table_name, qualified_name
 from sidecar.db import Database
 from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, Op, RowChange, SyncToken, TableChange
+from sidecar.full import FullTable
 from sidecar.hub import (
     DELETE,
     INSERT,
@@ -51,6 +42,7 @@ from sidecar.hub import (
 )
 from sidecar.indexes import IndexQuery, plan
 from sidecar.keys import Key, KeyColumn, coerce_key, coerce_single, key_text
+from sidecar.lazy import LazyTable
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.wire import row_json
 
@@ -111,13 +103,13 @@ class Engine:
         self._state_listeners: list[Callable[[], None]] = []
         self._was_ready = False
         self._connected_before = False
-        self._passthrough = Flights()
+        self._passthrough: Flights[tuple[str, Key], bytes] = Flights()
         self._tasks = TaskSet("engine")
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
         self._past_epochs: set[str] = set()
-        self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._revision_waiters = Waiters()
         self._epoch_start = 0  # the rebuild that began this epoch
         self.stall_after = stall_after
         self._waiting_since: float | None = None  # batches wait since: the last advance, or the first arrival
@@ -211,15 +203,15 @@ class Engine:
         """Every row of the named full-mode tables (all of them when ``names`` is
         empty), as of the last published revision, in chunks."""
         tables = [
-            (name, table.rows)
+            (name, rows)
             for name, table in self.tables.items()
-            if isinstance(table, FullTable) and (not names or name in names)
+            if (rows := table.authoritative_rows()) is not None and (not names or name in names)
         ]
         return snapshot_chunks(self.hub.epoch, self.hub.published, tables, row_json)
 
     def _full_rows(self, name: str) -> dict[Key, bytes] | None:
         table = self.tables.get(name)
-        return table.rows if isinstance(table, FullTable) and table.problem is None else None
+        return None if table is None else table.authoritative_rows()
 
     def on_state_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``ready`` may have changed."""
@@ -247,7 +239,7 @@ class Engine:
             self.applied = applied
             self.hub.publish(applied)
             if self._revision_waiters:
-                self._revision_waiters = release_waiters(self._revision_waiters, applied)
+                self._revision_waiters.release(applied)
         if self.seq <= self.applied:
             self._waiting_since = None
         elif self._waiting_since is None:
@@ -294,12 +286,8 @@ class Engine:
         if self.barrier is not None:
             self.barrier.fail_all(f"listener down ({reason})")
         for table in self.tables.values():
-            if isinstance(table, FullTable):
-                table.reroute()
-        for _, future in self._revision_waiters:
-            if not future.done():
-                future.set_result(None)
-        self._revision_waiters = []
+            table.reroute()
+        self._revision_waiters.release_all()
         self._state_changed()
 
     def handle(self, event: Event) -> None:
@@ -371,7 +359,7 @@ class Engine:
             for key in keys:  # (a source insert may change a relation row, a delete add none...)
                 self.hub.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
             relation.changed(keys, seq)
-        elif isinstance(relation, FullTable):
+        elif relation.holds_all_rows:
             self.hub.ensure(seq, event.xid)  # its changes are known once the refresh has run
             relation.changed_matching(columns, values, seq)
         else:  # a lazy relation holds no index to find the rows: drop them all
@@ -444,9 +432,7 @@ class Engine:
         if epoch == self.epoch:
             if self.applied >= number:
                 return
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._revision_waiters.append((number, future))
-            await future
+            await self._revision_waiters.wait(number)
             return
         if epoch in self._past_epochs:
             return  # rebuilt since: newer than anything of that epoch
@@ -598,34 +584,27 @@ class Engine:
         Served from memory once every change received before the call is
         applied; from the database while memory cannot be trusted, as reads are.
         """
-        if self.listener_up and table.loaded and isinstance(table, FullTable):
+        if self.listener_up and table.loaded and table.holds_all_rows:
             epoch = self.epoch
             try:
                 await table.settle()
                 if self.listener_up and self.epoch == epoch:
-                    return self._query_memory(table, query)
+                    return table.query_memory(query)
             except Rerouted:
                 pass  # the listener went down while we waited
         self.stats.passthrough_reads += 1
         try:
             rows = await self.db.query(table.schema, query)
         except FETCH_ERRORS as exc:
-            if allow_stale and table.loaded and isinstance(table, FullTable):
+            if allow_stale and table.loaded and table.holds_all_rows:
                 self.stats.stale_reads += 1
-                return self._query_memory(table, query)
+                return table.query_memory(query)
             raise Unavailable(
                 f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"
             ) from None
         self.stats.database_reads[table.schema.qualified] += len(rows)
         entries = list(rows.values())
         return entries[: query.limit], len(entries) > query.limit
-
-    def _query_memory(self, table: FullTable, query: IndexQuery) -> tuple[list[bytes], bool]:
-        assert table.indexes is not None  # a table with declared indexes has them
-        keys, truncated = table.indexes.run(query)
-        rows = table.rows
-        table.reads["hit"] += len(keys)
-        return [rows[key] for key in keys], truncated
 
     # ------------------------------------------------------------ invalidation
 
@@ -675,13 +654,12 @@ class Engine:
                 self.hub.record(seq, 0, Change(name, INVALIDATE, key))
             table.changed(keys, seq)
         self._progress()
-        if refresh and self.listener_up and table.loaded:
-            if isinstance(table, FullTable):
-                await table.get_many(keys or [])
-            elif keys:
-                await table.get_many(keys)
+        if refresh and self.listener_up and table.loaded and (keys or table.holds_all_rows):
+            await table.get_many(keys or [])
 
-    def close(self) -> None:
-        self._tasks.cancel()
+    async def close(self) -> None:
+        await self._tasks.close()
         for table in self.tables.values():
-            table.close()
+            await table.close()
+        if self.barrier is not None:
+            await self.barrier.close()

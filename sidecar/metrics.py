@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.cache import FullTable
 from sidecar.config import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.listener import Listener
@@ -121,17 +120,12 @@ class _StateCollector(Collector):
             for result, count in table.reads.items():
                 reads.add_metric([name, result], count)
             reads.add_metric([name, "database"], engine.stats.database_reads.get(name, 0))
-            if isinstance(table, FullTable):
-                queries.add_metric([name, "refetch"], table.refetches)
-                queries.add_metric([name, "reload"], table.reloads)
-            else:
-                queries.add_metric([name, "fill"], table.fills)
+            for kind, count in table.queries().items():
+                queries.add_metric([name, kind], count)
             rows.add_metric([name], table.row_count)
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)
             not_served.add_metric([name], 0 if table.problem is None else 1)
-            if isinstance(table, FullTable):
-                queries.add_metric([name, "degraded"], table.degraded)
         stats = listener.stats
         families: list[Any] = [reads, queries, rows, size, loaded, not_served]
         families.append(

@@ -290,7 +290,7 @@ class CacheService:
                     row_count=table.row_count,
                     loaded=table.loaded,
                     revision=revision,
-                    max_rows=getattr(table, "max_rows", 0) if table.mode == "lazy" else 0,
+                    max_rows=table.max_rows,
                     bytes=table.byte_count(),
                     indexes=[
                         pb.IndexInfo(name=i.name, columns=i.columns, unique=i.unique, range=i.range)

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from sidecar.cache import FullTable, LazyTable
 from sidecar.errors import Unavailable
+from sidecar.full import FullTable
+from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry
 from tests.support.waiting import eventually

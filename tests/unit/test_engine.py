@@ -49,7 +49,7 @@ async def engine(db: MemoryDatabase):
     engine.listener_connected()
     await eventually(lambda: engine.ready)
     yield engine
-    engine.close()
+    await engine.close()
 
 
 async def test_ready_after_connect_and_load(engine: Engine):
@@ -198,7 +198,7 @@ async def test_read_through_never_joins_a_query_sent_before_it_began(db: MemoryD
     db.release()
     assert await asyncio.wait_for(first, 5) == row("v1")
     assert await asyncio.wait_for(second, 5) == row("new")
-    engine.close()
+    await engine.close()
 
 
 async def test_sync_recovers_after_a_notify_that_hung(engine: Engine):

@@ -182,7 +182,7 @@ async def engine(db: MemoryDatabase):
     engine.listener_connected()
     await eventually(lambda: engine.ready)
     yield engine
-    engine.close()
+    await engine.close()
 
 
 def names(entries: list[bytes]) -> list[str]:

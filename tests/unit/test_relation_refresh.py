@@ -70,7 +70,7 @@ async def engine(db: MemoryDatabase):
     engine.listener_connected()
     await eventually(lambda: engine.ready)
     yield engine
-    engine.close()
+    await engine.close()
 
 
 def city_changed(xid: int, city: int, op: Op = Op.UPDATE) -> RowChange:
