@@ -2,7 +2,7 @@
 kinds share: ``full.py`` (the whole table in memory, kept complete by batched
 refetches) and ``lazy.py`` (read-through, bounded, LRU/TTL).
 
-All database access goes through ``db.Database``, so unit tests drive the
+All database access goes through ``source.Database``, so unit tests drive the
 caches with an in-memory fake.
 """
 
@@ -13,24 +13,19 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-import asyncpg
-
-from sidecar.db import CONNECTION_ERRORS
-from sidecar.errors import Unavailable
+from sidecar.errors import QueryFailed, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
-from sidecar.store import Row, Rows
+from sidecar.source import Rows
+from sidecar.store import Row
 
 log = logging.getLogger(__name__)
 
-FETCH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+# What a Database raises when a query fails (db.py translates the driver's errors).
+FETCH_ERRORS: tuple[type[BaseException], ...] = (Unavailable, QueryFailed)
 RETRY_MIN_DELAY = 0.05
 RETRY_MAX_DELAY = 5.0
-# SQLSTATE classes that the same query, sent again, meets again: data exceptions (a
-# value PostgreSQL cannot take), undefined or mistyped objects (the schema changed),
-# unsupported features, errors raised by functions a relation's query calls.
-REPEATING_SQLSTATE_CLASSES = frozenset({"0A", "22", "2F", "38", "39", "42", "P0"})
 
 __all__ = ["FETCH_ERRORS", "Rerouted", "Row", "Rows", "TableCache", "would_repeat"]
 
@@ -80,19 +75,16 @@ class TableCache(Protocol):
 
 def would_repeat(exc: BaseException) -> bool:
     """Whether a query that failed with ``exc`` would fail again if retried as it is."""
-    if isinstance(exc, asyncpg.exceptions._base.DataError):  # an argument asyncpg cannot encode
-        return True
-    if isinstance(exc, asyncpg.PostgresConnectionError):
-        return False
-    if isinstance(exc, asyncpg.PostgresError):
-        return (exc.sqlstate or "")[:2] in REPEATING_SQLSTATE_CLASSES
-    return not isinstance(exc, CONNECTION_ERRORS)  # an unexpected error (a bug, an encoding): it repeats
+    # (an error that is not the daemon's own is a bug, or an encoding no retry changes)
+    return isinstance(exc, QueryFailed) or not isinstance(exc, SidecarError)
 
 
 def unavailable(what: str, exc: BaseException) -> Unavailable:
     """The error readers see when a query failed; an unexpected one is logged in full."""
     if not isinstance(exc, FETCH_ERRORS):
         log.error("%s failed unexpectedly", what, exc_info=exc)
+    if isinstance(exc, SidecarError):
+        return Unavailable(f"{what} failed: {exc}")
     return Unavailable(f"{what} failed: {type(exc).__name__}: {exc}")
 
 

@@ -1,28 +1,35 @@
 """The query side of PostgreSQL: catalog look-ups, loads and keyed refetches.
 
-``Database`` is the small interface the caches use; ``PgDatabase`` adapts an
-asyncpg pool to it (``sidecar.testing.MemoryDatabase`` is the in-memory one).
-The LISTEN connection is not here: ``listener.py`` owns it.
+``PgDatabase`` adapts an asyncpg pool to ``source.Database``, the small
+interface the caches use (``sidecar.testing.MemoryDatabase`` is the in-memory
+one). Driver errors are translated here, so the core never sees asyncpg's:
+``Unavailable`` for what may pass (the database is away, a timeout),
+``QueryFailed`` for what the same query would meet again (a value PostgreSQL
+refuses, an undefined column). The LISTEN connection is not here:
+``listener.py`` owns it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import asyncpg
 
 from sidecar.config import Config, TableConfig, redact_dsn, scrub
-from sidecar.errors import ConfigError, SchemaError, Unavailable
+from sidecar.errors import ConfigError, QueryFailed, SchemaError, Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
+from sidecar.source import Database, Rows
 from sidecar.wire import entry
 
 log = logging.getLogger(__name__)
 
-Rows = dict[Key, bytes]  # key -> cache entry (see wire.py)
+# (Database and Rows live in source.py, the core's side of the seam; re-exported here.)
+__all__ = ["CONNECTION_ERRORS", "Database", "PgDatabase", "Rows", "connect_kwargs", "translated"]
 
 # asyncpg/OS errors that mean "the database is unreachable or went away".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -33,28 +40,33 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+# SQLSTATE classes that the same query, sent again, meets again: data exceptions (a
+# value PostgreSQL cannot take), undefined or mistyped objects (the schema changed),
+# unsupported features, errors raised by functions a relation's query calls.
+REPEATING_SQLSTATE_CLASSES = frozenset({"0A", "22", "2F", "38", "39", "42", "P0"})
 
 
-class Database(Protocol):
-    """What the caches need from PostgreSQL."""
+def _would_repeat(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # an argument asyncpg cannot encode
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in REPEATING_SQLSTATE_CLASSES
+    return not isinstance(exc, CONNECTION_ERRORS)
 
-    async def describe(self, table: TableConfig) -> TableSchema: ...
 
-    def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        """Every row of the table, in chunks, from one snapshot."""
-        ...
-
-    async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
-        """The rows that exist among ``keys`` (missing keys are absent)."""
-        ...
-
-    async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
-        """The rows whose ``columns`` take one of ``values`` (tuples in ``columns`` order)."""
-        ...
-
-    async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
-        """The rows an index query matches, in its order, up to one past its limit."""
-        ...
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Driver errors as the daemon's own: ``QueryFailed`` if the same query would fail
+    again, ``Unavailable`` if it may pass; anything else (a bug) is left as it is."""
+    try:
+        yield
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        text = f"{what}: {type(exc).__name__}: {exc}"
+        if _would_repeat(exc):
+            raise QueryFailed(text) from exc
+        raise Unavailable(text) from exc
 
 
 # Row JSON must not depend on the session: whoever may ALTER ROLE/DATABASE ... SET
@@ -242,30 +254,34 @@ class PgDatabase:
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         width = len(schema.key_columns)
         columns = schema.key_columns
-        async with (
-            self.pool.acquire(timeout=self.timeout) as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            cursor = await conn.cursor(schema.select_all_sql())
-            while records := await cursor.fetch(10_000):
-                yield _rows(records, columns, width)
+        with translated(f"loading {schema.qualified}"):
+            async with (
+                self.pool.acquire(timeout=self.timeout) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                cursor = await conn.cursor(schema.select_all_sql())
+                while records := await cursor.fetch(10_000):
+                    yield _rows(records, columns, width)
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         columns = schema.key_columns
         args = [[key[i] for key in keys] for i in range(len(columns))]
-        async with self.pool.acquire(timeout=self.timeout) as conn:
-            records = await conn.fetch(schema.select_keys_sql(), *args)
+        with translated(f"reading {len(keys)} key(s) of {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                records = await conn.fetch(schema.select_keys_sql(), *args)
         return _rows(records, columns, len(columns))
 
     async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
         args = [[value[i] for value in values] for i in range(len(columns))]
-        async with self.pool.acquire(timeout=self.timeout) as conn:
-            records = await conn.fetch(schema.select_matching_sql(columns), *args)
+        with translated(f"refreshing {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                records = await conn.fetch(schema.select_matching_sql(columns), *args)
         return _rows(records, schema.key_columns, len(schema.key_columns))
 
     async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
-        async with self.pool.acquire(timeout=self.timeout) as conn:
-            records = await conn.fetch(*query_sql(schema, query))
+        with translated(f"querying {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                records = await conn.fetch(*query_sql(schema, query))
         return _rows(records, schema.key_columns, len(schema.key_columns))
 
 

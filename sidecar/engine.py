@@ -24,8 +24,7 @@ from sidecar.aio import Flights, TaskSet, Waiters, await_all
 from sidecar.barrier import Barrier
 from sidecar.cache import FETCH_ERRORS, Rerouted, Row, TableCache
 from sidecar.config import Config, parse_table_name, qualified_name
-from sidecar.db import Database
-from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, Unavailable, UnknownTable
+from sidecar.errors import ConfigError, InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 from sidecar.events import Event, Op, RowChange, SyncToken, TableChange
 from sidecar.full import FullTable
 from sidecar.hub import (
@@ -44,6 +43,7 @@ from sidecar.indexes import IndexQuery, plan
 from sidecar.keys import Key, KeyColumn, coerce_key, coerce_single, key_text
 from sidecar.lazy import LazyTable
 from sidecar.schema import SourceSchema, TableSchema
+from sidecar.source import Database
 from sidecar.wire import row_json
 
 log = logging.getLogger(__name__)
@@ -540,7 +540,7 @@ class Engine:
                 why = f"{table.schema.qualified} is not served from memory ({table.problem}) and reading it failed"
             else:
                 why = "database unreachable and the cache is not current"
-            self._passthrough.fail(futures, flight_keys, Unavailable(f"{why}: {type(exc).__name__}: {exc}"))
+            self._passthrough.fail(futures, flight_keys, Unavailable(f"{why}: {_brief(exc)}"))
             return
         self._passthrough.land(futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()})
 
@@ -599,9 +599,7 @@ class Engine:
             if allow_stale and table.loaded and table.holds_all_rows:
                 self.stats.stale_reads += 1
                 return table.query_memory(query)
-            raise Unavailable(
-                f"database unreachable and the cache is not current: {type(exc).__name__}: {exc}"
-            ) from None
+            raise Unavailable(f"database unreachable and the cache is not current: {_brief(exc)}") from None
         self.stats.database_reads[table.schema.qualified] += len(rows)
         entries = list(rows.values())
         return entries[: query.limit], len(entries) > query.limit
@@ -663,3 +661,8 @@ class Engine:
             await table.close()
         if self.barrier is not None:
             await self.barrier.close()
+
+
+def _brief(exc: BaseException) -> str:
+    """An error for a message: the daemon's own speak for themselves; others say their type."""
+    return str(exc) if isinstance(exc, SidecarError) else f"{type(exc).__name__}: {exc}"

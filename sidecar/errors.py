@@ -39,5 +39,9 @@ class Unavailable(SidecarError):
     """The database cannot be reached; the cache cannot answer correctly right now."""
 
 
+class QueryFailed(SidecarError):
+    """A query failed in a way that would fail again if it were retried as it is."""
+
+
 class PayloadError(SidecarError):
     """A notification payload could not be parsed."""

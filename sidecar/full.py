@@ -31,12 +31,12 @@ from typing import Literal
 
 from sidecar.aio import TaskSet, Waiters
 from sidecar.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line, unavailable, would_repeat
-from sidecar.db import Database
 from sidecar.errors import Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
-from sidecar.store import Row, Rows, RowStore
+from sidecar.source import Database, Rows
+from sidecar.store import Row, RowStore
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from cachetools import Cache, LRUCache, TTLCache
 
 from sidecar.aio import Flights, TaskSet, await_all
 from sidecar.cache import unavailable
-from sidecar.db import Database
 from sidecar.errors import InvalidRequest
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
-from sidecar.store import Row, Rows
+from sidecar.source import Database, Rows
+from sidecar.store import Row
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
+from sidecar.source import Rows
 
 Row = bytes | None
-Rows = dict[Key, bytes]
 
 
 class RowStore:

@@ -15,11 +15,11 @@ from dataclasses import replace
 from typing import Any
 
 from sidecar.config import TableConfig
-from sidecar.db import Rows
 from sidecar.errors import SchemaError
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key, KeyColumn
 from sidecar.schema import TableSchema
+from sidecar.source import Rows
 from sidecar.wire import entry, row_json
 
 

@@ -144,7 +144,7 @@ async def test_full_whole_table_change_reloads_and_keeps_newer_key_changes(db, s
 
 async def test_full_refetch_failure_fails_waiters_then_retries(db, seq):
     table = await full_table(db, seq)
-    db.error = OSError("connection refused")
+    db.error = Unavailable("connection refused")
     db.put(T, (1,), name="new")
     table.changed([(1,)], seq.next())
     with pytest.raises(Unavailable, match="refetch"):
@@ -240,7 +240,7 @@ async def test_lazy_ttl_expires_entries(db):
 
 async def test_lazy_fill_failure_is_unavailable_and_not_cached(db):
     table = lazy_table(db)
-    db.error = OSError("down")
+    db.error = Unavailable("down")
     with pytest.raises(Unavailable):
         await table.get_many([(1,)])
     db.error = None

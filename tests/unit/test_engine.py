@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 from sidecar.barrier import Barrier
 from sidecar.engine import Engine, Revision
-from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
+from sidecar.errors import InvalidKey, InvalidRequest, QueryFailed, Unavailable, UnknownTable
 from sidecar.events import Op, RowChange, SyncToken, TableChange
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry
@@ -115,7 +114,7 @@ async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engin
 
 async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
     engine.listener_lost("test")
-    db.error = OSError("connection refused")
+    db.error = Unavailable("connection refused")
     with pytest.raises(Unavailable):
         await engine.get(FULL, [1])
     assert await engine.get(FULL, [1], allow_stale=True) == row("v1")
@@ -255,7 +254,7 @@ async def test_a_refetch_that_would_fail_again_is_not_retried_forever(engine: En
     async def refuses(schema, keys):
         nonlocal calls
         calls += 1
-        raise asyncpg.exceptions.NumericValueOutOfRangeError("value overflows numeric format")
+        raise QueryFailed("NumericValueOutOfRangeError: value overflows numeric format")
 
     db.fetch = refuses  # type: ignore[method-assign]
     engine.handle(change(FULL, 5, 1))
@@ -265,7 +264,7 @@ async def test_a_refetch_that_would_fail_again_is_not_retried_forever(engine: En
 
 
 async def test_a_table_that_cannot_load_stops_holding_the_others(engine: Engine, db: MemoryDatabase):
-    db.error = asyncpg.exceptions.UndefinedTableError('relation "public.items" does not exist')
+    db.error = QueryFailed('UndefinedTableError: relation "public.items" does not exist')
     engine.handle(TableChange("public", "items", Op.TRUNCATE, 7, "truncate"))
     table = engine.tables[FULL]
     await eventually(lambda: table.problem is not None, 5, what="the table marked as not served")
@@ -284,7 +283,7 @@ async def test_a_table_that_cannot_load_stops_holding_the_others(engine: Engine,
 
 async def test_a_revision_that_stands_still_is_reported(engine: Engine, db: MemoryDatabase):
     engine.stall_after = 0.05
-    db.error = ConnectionError("database away")  # refetches fail and are retried: the revision waits
+    db.error = Unavailable("database away")  # refetches fail and are retried: the revision waits
     engine.handle(change(FULL, 5, 1))
     await eventually(lambda: engine.stalled, 5, what="stalled")
     assert engine.ready and engine.stalled_seconds > 0.05

@@ -213,7 +213,7 @@ async def test_listener_down_queries_go_to_the_database(engine: Engine, db: Memo
     db.data[TABLE][(9,)] = person(9, "Oslo", 22, "p9")  # (no notification: the listener is down)
     entries, truncated = await engine.query(table, query)
     assert names(entries) == ["p2", "p9"] and truncated
-    db.error = OSError("connection refused")
+    db.error = Unavailable("connection refused")
     with pytest.raises(Unavailable, match="database unreachable"):
         await engine.query(table, query)
     entries, truncated = await engine.query(table, query, allow_stale=True)

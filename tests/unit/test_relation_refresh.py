@@ -145,14 +145,14 @@ async def test_keyed_refetches_go_between_relation_refreshes(engine: Engine, db:
 async def test_a_refresh_that_would_fail_again_becomes_a_reload(engine: Engine, db: MemoryDatabase):
     """A relation refresh refused the same way each time (say, the source's type changed)
     must not hold the revision forever: the relation is reloaded instead."""
-    import asyncpg
+    from sidecar.errors import QueryFailed
 
     calls = 0
 
     async def refuses(schema, columns, values):
         nonlocal calls
         calls += 1
-        raise asyncpg.exceptions.UndefinedColumnError('column "city_id" does not exist')
+        raise QueryFailed('UndefinedColumnError: column "city_id" does not exist')
 
     db.fetch_matching = refuses  # type: ignore[method-assign]
     users(db)[(1,)] = row(1, 1, "Reloaded")
