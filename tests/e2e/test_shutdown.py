@@ -17,11 +17,12 @@ import time
 import asyncpg
 import grpc
 import pytest
-from cache_sidecar_client import CacheSidecarError, Client, Revision
+from cache_sidecar_client import CacheSidecarError, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from tests.support.waiting import wait_until
 
 
 def free_port() -> int:
@@ -39,6 +40,22 @@ def sql(dsn: str, statement: str, *args: object) -> object:
             await conn.close()
 
     return asyncio.run(go())
+
+
+def wait_for_event(process: subprocess.Popen[str], event: str, timeout: float) -> bool:
+    """Read the daemon's JSON log until a line with ``event`` (False at the deadline or EOF)."""
+    assert process.stderr is not None
+    found = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    return found.wait(timeout)
 
 
 @pytest.fixture
@@ -71,18 +88,18 @@ def daemon(postgres, schema):
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 60
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            while True:
+
+            def serving() -> bool:
                 assert process.poll() is None, process.stderr.read()
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return process
                 except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            wait_until(serving, 60, 0.05, what="SERVING")
+            return process
 
     started: list[subprocess.Popen[str]] = []
 
@@ -109,16 +126,19 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
         now = cache.sync()
         # A read in flight across the signal: it waits for a revision that a commit
         # made after the signal produces.
-        waiting: dict[str, object] = {}
-
-        def wait_for_next() -> None:
-            try:
-                waiting["row"] = cache.get(table, 1, min_revision=Revision(now.epoch, now.number + 1), timeout=15)
-            except CacheSidecarError as exc:
-                waiting["error"] = exc
-
-        waiter = threading.Thread(target=wait_for_next)
-        waiter.start()
+        waiter_channel = grpc.insecure_channel(target)
+        waiter_stub = pb_grpc.CacheStub(waiter_channel)
+        waiter = waiter_stub.Get.future(
+            pb.GetRequest(
+                table=table,
+                key=pb.Key(parts=[pb.KeyPart(int_value=1)]),
+                options=pb.ReadOptions(min_revision=pb.Revision(epoch=now.epoch, number=now.number + 1)),
+            ),
+            timeout=15,
+        )
+        # Calls on one connection reach the server in order: once this answers, the waiter's
+        # call is in the server (no sleep standing in for that).
+        waiter_stub.Sync(pb.SyncRequest(), timeout=10)
 
         # A Watch stream open across the signal.
         stream_end: dict[str, object] = {}
@@ -157,10 +177,7 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
         reader_thread = threading.Thread(target=read_loop)
         reader_thread.start()
         assert streaming.wait(10)
-        deadline = time.monotonic() + 10
-        while not outcomes and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # (the waiter's call has had time to reach the server)
+        wait_until(lambda: outcomes, 10, what="the reader reading")
 
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -169,8 +186,9 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
         assert "shutting down" in str(stream_end.get("details"))
         assert "cachesidecar-last-revision" in stream_end.get("metadata", {})
         sql(postgres.dsn, f"UPDATE {table} SET version = 7 WHERE id = 1")  # the revision the waiter needs
-        waiter.join(15)
-        assert waiting.get("row") == {"id": 1, "version": 7}, waiting  # finished inside the grace period
+        reply = waiter.result(timeout=15)  # finished inside the grace period
+        waiter_channel.close()
+        assert reply.found and json.loads(reply.row) == {"id": 1, "version": 7}
         assert process.wait(timeout=15) == 0
         elapsed = time.monotonic() - signalled
         stop.set()
@@ -186,21 +204,24 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
 def test_a_second_signal_exits_at_once(daemon):
     launch, target, table = daemon
     process = launch(grace=60)
-    with Client(target, retries=0) as cache:
-        now = cache.sync()
-
-        def wait_forever() -> None:
-            with pytest.raises(CacheSidecarError):  # cut off when the process exits
-                cache.get(table, 1, min_revision=Revision(now.epoch, now.number + 10**6), timeout=30)
-
-        stuck = threading.Thread(target=wait_forever)
-        stuck.start()
-        time.sleep(0.3)  # the call is in flight, so the grace period would last 60 s
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.CacheStub(channel)
+        now = stub.Sync(pb.SyncRequest(), timeout=10).revision
+        stuck = stub.Get.future(
+            pb.GetRequest(
+                table=table,
+                key=pb.Key(parts=[pb.KeyPart(int_value=1)]),
+                options=pb.ReadOptions(min_revision=pb.Revision(epoch=now.epoch, number=now.number + 10**6)),
+            ),
+            timeout=30,
+        )
+        stub.Sync(pb.SyncRequest(), timeout=10)  # (same connection: the stuck call is in the server now)
+        process.send_signal(signal.SIGTERM)  # the call in flight makes the grace period last 60 s
+        assert wait_for_event(process, "shutdown", 10)
         assert process.poll() is None
         began = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=5) == 1
         assert time.monotonic() - began < 5
-        stuck.join(35)
+        with pytest.raises(grpc.RpcError):  # cut off when the process exited
+            stuck.result(timeout=35)

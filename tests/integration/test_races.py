@@ -62,7 +62,7 @@ async def test_full_refetch_that_read_before_a_newer_commit_cannot_satisfy_it(st
         await GATE.held()  # refetch A read version 2
         await commit_and_deliver(sidecar, db, f"UPDATE {items} SET version = 3 WHERE id = 1")
         reader = asyncio.create_task(cache.get(items, 1))  # begins after version 3's notification
-        await asyncio.sleep(0.05)
+        await eventually(lambda: len(table._waiters.get((1,), ())) == 1, what="the read waiting on the key")
         assert not reader.done()
         assert GATE.waiting == 1  # no second refetch of the key while A is in flight
         GATE.open()  # A lands (2), then B is sent and lands (3)
@@ -80,9 +80,12 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")  # maybe never notified
         await eventually(lambda: sidecar.engine.listener_up and sidecar.engine.epoch != epoch)
-        await asyncio.sleep(0.1)
+        table = sidecar.engine.tables[items]
+        await eventually(  # the reload is due and its dispatch has run
+            lambda: table._reload_needed > table._reload_done and table._dispatch_handle is None
+        )
         # The reload waits for the old refetch to land, so the old one can never land last.
-        assert GATE.waiting == 1
+        assert GATE.waiting == 1 and not table._reloading
         GATE.open()
         await eventually(lambda: sidecar.engine.ready, what="rebuilt")
         assert (await cache.get(items, 1))["version"] == 3

@@ -118,7 +118,7 @@ async def test_full_one_refetch_per_key_in_flight_and_newest_value_wins(db, seq)
     db.put(T, (1,), name="b")
     table.changed([(1,)], seq.next())
     reader = asyncio.create_task(table.get_many([(1,)]))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(table._waiters.get((1,), ())) == 1, what="the reader waiting on the key")
     assert len(db.fetches) == 1  # no second refetch of the same key while one is in flight
     db.release()
     assert await within(reader) == [row("b")]  # "a" landed first but cannot satisfy the newer change
@@ -135,7 +135,7 @@ async def test_full_whole_table_change_reloads_and_keeps_newer_key_changes(db, s
     db.put(T, (7,), name="late")
     table.changed([(7,)], seq.next())  # arrives during the reload
     reader = asyncio.create_task(table.get_many([(1,), (7,)]))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(table._table_waiters) == 1, what="the reader waiting on the reload")
     assert not reader.done()
     db.release()
     assert await within(reader) == [None, row("late")]

@@ -150,8 +150,10 @@ async def test_sync_waits_for_refetches_and_shares_rounds(engine: Engine, db: Me
     engine.handle(change(FULL, 20, 1))
     syncs = [asyncio.create_task(engine.sync()) for _ in range(20)]
     await db.held(1)
-    await asyncio.sleep(0.01)
-    assert not any(s.done() for s in syncs)  # the refetch before the token is not applied yet
+    barrier = engine.barrier
+    assert barrier is not None
+    await eventually(lambda: barrier._current is not None and barrier._current.received_at is not None)
+    assert not any(s.done() for s in syncs)  # the token is back, but the refetch before it is not applied yet
     db.release()
     revisions = await asyncio.wait_for(asyncio.gather(*syncs), 5)
     assert {r for r in revisions} == {engine.revision}
@@ -167,7 +169,7 @@ async def test_sync_fails_fast_while_listener_down(engine: Engine):
 async def test_min_revision_waits_within_epoch_and_passes_old_epochs(engine: Engine):
     target = engine.revision.number + 1
     waiter = asyncio.create_task(engine.wait_revision(engine.epoch, target))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(engine._revision_waiters) == 1, what="the reader waiting")
     assert not waiter.done()
     engine.handle(change(FULL, 30, 1))
     await asyncio.wait_for(waiter, 5)
@@ -213,7 +215,7 @@ async def test_sync_recovers_after_a_notify_that_hung(engine: Engine):
 
     engine.barrier = Barrier(send, timeout=30)
     first = asyncio.create_task(engine.sync())
-    await asyncio.sleep(0.01)
+    await eventually(lambda: sends == 1, what="the first NOTIFY hanging")
     engine.listener_lost("stalled")
     with pytest.raises(Unavailable):
         await asyncio.wait_for(first, 5)
@@ -299,7 +301,7 @@ async def test_applied_never_claims_a_whole_table_change_still_loading(engine: E
     await db.held(1)  # reload for the first change in flight
     engine.handle(TableChange("public", "items", Op.TRUNCATE, 11, "truncate"))
     engine.handle(TableChange("public", "items", Op.TRUNCATE, 12, "truncate"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: not engine._batch_open, what="the batch closed")  # (progress computed)
     assert engine.applied < first
     db.release()
     await eventually(lambda: engine.applied == engine.seq)
@@ -317,3 +319,13 @@ async def test_readers_waiting_on_memory_go_to_the_database_when_the_listener_dr
     assert await asyncio.wait_for(reader, 5) == row("committed")
     waiter = asyncio.create_task(engine.wait_revision(engine.epoch, engine.applied + 100))
     await asyncio.wait_for(waiter, 5)  # nothing to wait for while reads go to the database
+
+
+async def test_a_revision_of_an_unknown_epoch_is_proven_with_a_barrier(engine: Engine):
+    barrier = engine.barrier
+    assert barrier is not None
+    rounds = barrier.rounds
+    await asyncio.wait_for(engine.prepare_read(False, Revision("another-process", 10**9)), 5)
+    assert barrier.rounds == rounds + 1  # not waited for (it would never come), and not trusted blindly
+    await asyncio.wait_for(engine.prepare_read(False, Revision(engine.epoch, engine.applied)), 5)
+    assert barrier.rounds == rounds + 1  # our own, reached: nothing to prove
