@@ -56,7 +56,7 @@ class FullTable:
         db: Database,
         *,
         current_seq: Callable[[], int],
-        on_progress: Callable[[], None],
+        on_low_water: Callable[[int | None], None] = lambda low: None,
         on_matched: Callable[[int, set[Key]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
@@ -64,7 +64,7 @@ class FullTable:
         self.schema = schema
         self.db = db
         self._seq = current_seq
-        self._on_progress = on_progress
+        self._on_low_water = on_low_water  # told the table's low-water mark when it may have changed
         self._on_matched = on_matched  # told which keys a source change touched, per batch
         self.batch_size = batch_size
         self.concurrency = concurrency
@@ -114,6 +114,9 @@ class FullTable:
     def queries(self) -> dict[str, int]:
         return {"refetch": self.refetches, "reload": self.reloads, "degraded": self.degraded}
 
+    def _progress(self) -> None:
+        self._on_low_water(self.low_water())
+
     def low_water(self) -> int | None:
         """The oldest received seq not yet applied to this table, if any."""
         oldest = self._reload_oldest if self._reload_needed > self._reload_done else None
@@ -144,6 +147,7 @@ class FullTable:
                 pending[1] = seq
             if key not in self._inflight:
                 self._queue[key] = None
+        self._progress()
         self._schedule()
 
     def changed_all(self, seq: int) -> None:
@@ -153,6 +157,7 @@ class FullTable:
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
+        self._progress()
         self._schedule()
 
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
@@ -161,6 +166,7 @@ class FullTable:
         if self.problem is not None:
             return
         self._matching.append((seq, columns, values))
+        self._progress()
         self._schedule()
 
     def reroute(self) -> None:
@@ -305,7 +311,7 @@ class FullTable:
                     pending[0] = level + 1
                     self._queue[key] = None
             self._release_key(key, level)
-        self._on_progress()
+        self._progress()
         self._schedule()
 
     async def _reload(self, level: int) -> None:
@@ -357,7 +363,7 @@ class FullTable:
                 "seconds": round(seconds, 4),
             },
         )
-        self._on_progress()
+        self._progress()
         self._schedule()
 
     async def _refresh_matching(self, requests: list[tuple[int, tuple[str, ...], list[Key]]], level: int) -> None:
@@ -406,7 +412,7 @@ class FullTable:
             for (seq, columns, wanted), held in zip(requests, before, strict=True):
                 self._on_matched(seq, held | store.matching(columns, wanted))
         self._table_waiters.release(level)
-        self._on_progress()
+        self._progress()
         self._schedule()
 
     def _degrade(self, what: str, exc: BaseException, level: int) -> None:
@@ -444,7 +450,7 @@ class FullTable:
         self._reload_done = self._reload_needed
         self.loaded = False
         self.store.clear()
-        self._on_progress()
+        self._progress()
 
     def _failed(self, what: str, exc: BaseException, keys: list[Key] | None) -> None:
         error = unavailable(what, exc)

@@ -119,7 +119,7 @@ class _StateCollector(Collector):
         for name, table in engine.tables.items():
             for result, count in table.reads.items():
                 reads.add_metric([name, result], count)
-            reads.add_metric([name, "database"], engine.stats.database_reads.get(name, 0))
+            reads.add_metric([name, "database"], engine.reads.stats.database_reads.get(name, 0))
             for kind, count in table.queries().items():
                 queries.add_metric([name, kind], count)
             rows.add_metric([name], table.row_count)
@@ -149,7 +149,7 @@ class _StateCollector(Collector):
             CounterMetricFamily(
                 "cache_sidecar_notifications_degraded",
                 "Notifications whose keys did not fit their columns (the table was reloaded instead).",
-                engine.stats.bad_keys,
+                engine.router.stats.bad_keys,
             )
         )
         families.append(
@@ -197,7 +197,7 @@ class _StateCollector(Collector):
             CounterMetricFamily(
                 "cache_sidecar_events_ignored",
                 "Notifications for tables this sidecar does not cache.",
-                engine.stats.ignored,
+                engine.router.stats.ignored,
             )
         )
         queue = self.metrics.queue

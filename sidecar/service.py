@@ -281,10 +281,10 @@ class CacheService:
     ) -> pb.ListTablesResponse:
         revision = self._revision()
         tables = []
-        for name, table in self.engine.tables.items():
+        for table in self.engine.listing():
             tables.append(
                 pb.TableInfo(
-                    name=name,
+                    name=table.schema.qualified,
                     key_columns=[pb.Column(name=c.name, type=c.sql_type) for c in table.schema.key_columns],
                     mode=pb.FULL if table.mode == "full" else pb.LAZY,
                     row_count=table.row_count,
@@ -303,29 +303,28 @@ class CacheService:
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Streams encoded WatchResponse messages (see the README's Watch contract)."""
-        hub = self.engine.hub
-        if not hub.started.is_set():  # no epoch before the listener first connects
-            await hub.started.wait()
+        engine = self.engine
+        await engine.started()  # no epoch before the listener first connects
         try:
             subscription = self._subscribe(request)
         except SidecarError as exc:
             if isinstance(exc, OutOfRange):
-                context.set_trailing_metadata((("cachesidecar-oldest-revision", f"{hub.epoch}/{hub.oldest}"),))
+                context.set_trailing_metadata((("cachesidecar-oldest-revision", engine.oldest_revision),))
             await context.abort(status_of(exc), str(exc))
         try:
             # Headers now: the client knows the stream is established, and where it starts
             # (so it can resume from there even if it is cut before any message).
             await context.send_initial_metadata(
-                (("cachesidecar-epoch", hub.epoch), ("cachesidecar-revision", subscription.last_revision))
+                (("cachesidecar-epoch", subscription.epoch), ("cachesidecar-revision", subscription.last_revision))
             )
-            async for message in subscription.messages(self.engine.until_ready):
+            async for message in subscription.messages(engine.until_ready):
                 for encoded in wire.watch_messages(message, self.max_message_bytes):
                     yield encoded
         except (FellBehind, ShuttingDown, TooLarge) as exc:
             context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
             await context.abort(status_of(exc), str(exc))
         finally:
-            hub.unsubscribe(subscription)
+            engine.unsubscribe(subscription)
 
     def _subscribe(self, request: pb.WatchRequest) -> Subscription:
         engine = self.engine
@@ -352,10 +351,10 @@ class CacheService:
             if request.initial_state:
                 raise InvalidRequest("give start_revision (resume) or initial_state (start over), not both")
             start = (request.start_revision.epoch, request.start_revision.number)
-        return engine.hub.subscribe(
+        return engine.subscribe(
             Filter(names, keys, frozenset(request.operations)),
             start=start,
-            snapshot=(lambda: engine.snapshot(names)) if request.initial_state else None,
+            initial_state=request.initial_state,
             progress_interval=request.progress_interval_ms / 1000,
         )
 

@@ -85,7 +85,7 @@ async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db,
         assert (await cache.get(items, 3, consistency="strong"))["version"] == 9
         held = sidecar.engine.tables[items].rows[(3,)]
         assert b'"version":1' in held  # memory was not updated by those reads
-        assert sidecar.engine.stats.passthrough_reads >= 2
+        assert sidecar.engine.reads.stats.passthrough_reads >= 2
     listener._connect = real_connect
     proxy.unblock()
     await eventually(lambda: sidecar.engine.ready, timeout=20, what="back")

@@ -34,9 +34,9 @@ async def items(db, schema) -> str:
 
 async def commit_and_deliver(sidecar, db, sql: str) -> None:
     """Commit ``sql`` and wait until the sidecar has received its notification."""
-    before = sidecar.engine.stats.events
+    before = sidecar.engine.router.stats.events
     await db.execute(sql)
-    await eventually(lambda: sidecar.engine.stats.events > before, what="notification received")
+    await eventually(lambda: sidecar.engine.router.stats.events > before, what="notification received")
 
 
 async def test_lazy_fill_that_read_before_a_commit_is_never_stored(start_daemon, db, items):
@@ -125,7 +125,7 @@ async def test_writes_during_the_initial_load_are_not_lost(start_daemon, db, sch
     for key in touched:  # committed after the snapshot, notified during the load
         await db.execute(f"UPDATE {table} SET version = version + 1 WHERE id = $1", key)
     await db.execute(f"DELETE FROM {table} WHERE id = 1; INSERT INTO {table} VALUES ({rows + 1}, 7)")
-    await eventually(lambda: sidecar.engine.stats.events >= len(touched) + 2, what="notifications")
+    await eventually(lambda: sidecar.engine.router.stats.events >= len(touched) + 2, what="notifications")
     GATE.open()
     await sidecar.ready()
     async with AsyncClient(sidecar.target) as cache:

@@ -22,6 +22,7 @@ class Seq:
     def __init__(self) -> None:
         self.value = 0
         self.progress = 0
+        self.low: int | None = None
 
     def __call__(self) -> int:
         return self.value
@@ -30,8 +31,9 @@ class Seq:
         self.value += 1
         return self.value
 
-    def on_progress(self) -> None:
+    def on_low_water(self, low: int | None) -> None:
         self.progress += 1
+        self.low = low
 
 
 def row(value: str) -> bytes:
@@ -58,7 +60,7 @@ def db() -> MemoryDatabase:
 
 
 async def full_table(db: MemoryDatabase, seq: Seq, **kwargs) -> FullTable:
-    table = FullTable(db.schemas[T], db, current_seq=seq, on_progress=seq.on_progress, **kwargs)
+    table = FullTable(db.schemas[T], db, current_seq=seq, on_low_water=seq.on_low_water, **kwargs)
     table.rebuild(seq.next())
     await eventually(lambda: table.loaded)
     return table

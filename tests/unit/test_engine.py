@@ -83,13 +83,13 @@ async def test_revision_never_goes_backwards_and_epoch_changes_on_reconnect(engi
 async def test_unknown_tables_events_are_ignored(engine: Engine):
     seq = engine.seq
     engine.handle(change("public.other", 1, 1))
-    assert engine.stats.ignored == 1 and engine.seq == seq
+    assert engine.router.stats.ignored == 1 and engine.seq == seq
 
 
 async def test_unreadable_key_in_notification_reloads_the_table(engine: Engine, db: MemoryDatabase):
     loads = len(db.loads)
     engine.handle(RowChange("public", "items", Op.UPDATE, 7, (("not-a-number",),)))
-    assert engine.stats.bad_keys == 1
+    assert engine.router.stats.bad_keys == 1
     await eventually(lambda: len(db.loads) == loads + 1 and engine.applied == engine.seq)
 
 
@@ -109,7 +109,7 @@ async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engin
     db.put(FULL, (1,), name="changed while deaf")
     assert await engine.get(FULL, [1]) == row("changed while deaf")  # not the stale memory
     assert engine.tables[FULL].rows[(1,)] == row("v1")  # and not cached
-    assert engine.stats.passthrough_reads == 1
+    assert engine.reads.stats.passthrough_reads == 1
 
 
 async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
@@ -169,7 +169,7 @@ async def test_sync_fails_fast_while_listener_down(engine: Engine):
 async def test_min_revision_waits_within_epoch_and_passes_old_epochs(engine: Engine):
     target = engine.revision.number + 1
     waiter = asyncio.create_task(engine.wait_revision(engine.epoch, target))
-    await eventually(lambda: len(engine._revision_waiters) == 1, what="the reader waiting")
+    await eventually(lambda: engine.revisions.waiting == 1, what="the reader waiting")
     assert not waiter.done()
     engine.handle(change(FULL, 30, 1))
     await asyncio.wait_for(waiter, 5)
@@ -301,7 +301,7 @@ async def test_applied_never_claims_a_whole_table_change_still_loading(engine: E
     await db.held(1)  # reload for the first change in flight
     engine.handle(TableChange("public", "items", Op.TRUNCATE, 11, "truncate"))
     engine.handle(TableChange("public", "items", Op.TRUNCATE, 12, "truncate"))
-    await eventually(lambda: not engine._batch_open, what="the batch closed")  # (progress computed)
+    await eventually(lambda: not engine.revisions.batch_open, what="the batch closed")  # (progress computed)
     assert engine.applied < first
     db.release()
     await eventually(lambda: engine.applied == engine.seq)

@@ -95,7 +95,7 @@ async def test_reads_and_the_revision_wait_for_a_running_refresh(engine: Engine,
     await db.held(1)  # the refresh has read the new rows and not landed
     get = asyncio.ensure_future(engine.get(REL, [1]))
     query = asyncio.ensure_future(engine.query(table, engine.plan_query(table, "by_city", [[1]], None, None)))
-    engine._progress()  # (as any other event or landed refetch would)
+    engine.revisions.advance()  # (as any other event or landed refetch would)
     await eventually(lambda: len(table._table_waiters) == 2, what="both reads waiting")
     assert engine.applied < seq and not get.done() and not query.done()
     assert table.peek((1,)) == (False, None)

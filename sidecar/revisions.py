@@ -1,0 +1,147 @@
+"""Revision bookkeeping: the batch sequence, the applied revision and its epoch,
+and the readers waiting for a revision.
+
+Every received transaction batch (and every batch of the sidecar's own
+making) gets the next sequence number. A batch is *applied* once every table
+reflects it: each table pushes its low-water mark (the oldest batch it has not
+applied yet, or None) when that changes, and the applied revision is one below
+the lowest mark -- never past a batch still being received in this loop
+iteration. The epoch changes whenever continuity breaks (a rebuild).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from sidecar.aio import Waiters
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    epoch: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}/{self.number}"
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class Revisions:
+    """The sequence and the applied revision; told by tables how far they are."""
+
+    def __init__(self, on_applied: Callable[[int], None], stall_after: float = 30.0) -> None:
+        self._on_applied = on_applied  # told each time ``applied`` may have moved (publish, barrier, health)
+        self.epoch = new_epoch()
+        self.seq = 0  # batches received (and sidecar-made batches)
+        self.applied = 0  # every batch <= applied is reflected in every table
+        self.epoch_start = 0  # the rebuild that began this epoch
+        self.stall_after = stall_after
+        self._past_epochs: set[str] = set()
+        self._open_xid: int | None = None
+        self.batch_open = False  # events of this loop iteration may still join batch ``seq``
+        self._lows: dict[str, int] = {}  # table -> its oldest unapplied batch (absent: none)
+        self._waiters = Waiters()
+        self._waiting_since: float | None = None  # batches wait since: the last advance, or the first arrival
+
+    @property
+    def revision(self) -> Revision:
+        return Revision(self.epoch, self.applied)
+
+    @property
+    def waiting(self) -> int:
+        """Readers waiting for a revision."""
+        return len(self._waiters)
+
+    # ------------------------------------------------------------ numbering
+
+    def batch_for(self, xid: int) -> int:
+        """The batch an event of transaction ``xid`` belongs to: consecutive events of one
+        transaction share one, until the loop iteration that received them ends."""
+        if self.batch_open and self._open_xid == xid:
+            return self.seq
+        self.seq += 1
+        self._open_xid = xid
+        if not self.batch_open:
+            self.batch_open = True
+            asyncio.get_running_loop().call_soon(self._close_batch)
+        return self.seq
+
+    def _close_batch(self) -> None:
+        self.batch_open = False
+        self.advance()
+
+    def own_batch(self) -> int:
+        """A batch of the sidecar's own making (not a transaction's)."""
+        self.seq += 1
+        self._open_xid = None  # later notifications start their own batch
+        return self.seq
+
+    def begin_epoch(self, rebuild: bool) -> int:
+        """A new epoch (when ``rebuild``: continuity broke) at a new batch; return it."""
+        if rebuild:
+            self._past_epochs.add(self.epoch)
+            self.epoch = new_epoch()
+        self.seq += 1
+        self.epoch_start = self.seq
+        self.batch_open = False
+        self._open_xid = None
+        return self.seq
+
+    def knows(self, epoch: str) -> Literal["current", "past", "unknown"]:
+        if epoch == self.epoch:
+            return "current"
+        return "past" if epoch in self._past_epochs else "unknown"
+
+    # ------------------------------------------------------------ progress
+
+    def low_water(self, table: str, low: int | None) -> None:
+        """``table`` has not applied batch ``low`` yet (None: it has applied all it received)."""
+        before = self._lows.get(table)
+        if low is None:
+            if before is not None:
+                del self._lows[table]
+                self.advance()
+        elif low != before:
+            self._lows[table] = low
+            if before is not None and low > before:
+                self.advance()
+
+    def advance(self) -> None:
+        """Move ``applied`` as far as every table allows."""
+        oldest = self.seq if self.batch_open else self.seq + 1
+        if self._lows:
+            oldest = min(oldest, min(self._lows.values()))
+        applied = oldest - 1
+        if applied > self.applied:
+            self._waiting_since = time.monotonic()
+            self.applied = applied
+            if self._waiters:
+                self._waiters.release(applied)
+        if self.seq <= self.applied:
+            self._waiting_since = None
+        elif self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+        self._on_applied(self.applied)
+
+    async def wait(self, number: int) -> None:
+        """Return once ``applied`` reached ``number`` in this epoch."""
+        if self.applied < number:
+            await self._waiters.wait(number)
+
+    def release_all(self) -> None:
+        """Nothing is worth waiting for (memory stopped being trusted): wake every reader."""
+        self._waiters.release_all()
+
+    def stalled_seconds(self, counting: bool) -> float:
+        """How long received batches have waited without ``applied`` advancing (0: none wait)."""
+        if self._waiting_since is None or not counting:
+            return 0.0
+        return time.monotonic() - self._waiting_since
