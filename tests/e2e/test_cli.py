@@ -156,6 +156,13 @@ def test_get_and_query_print_the_row_byte_for_byte(daemon):
     assert f'"label": "{LABEL}"'.encode() in pretty.stdout
 
 
+def test_health_answers_on_the_health_only_port(daemon):
+    """As deploy/README.md suggests for that port, which has no reflection for grpcurl."""
+    for service in ("", "liveness"):
+        answer = cli("health", "--target", f"127.0.0.1:{daemon.health_port}", "--service", service)
+        assert answer.returncode == 0 and answer.stdout == b"SERVING\n", answer
+
+
 def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[bytes]:
     """Run the CLI writing to a pipe nobody reads any more (``| head -1`` once head has
     exited): every write fails with EPIPE, deterministically."""
