@@ -1,5 +1,5 @@
 # The example patron service (clients/python/examples/patron_service), for compose.
-# Build from the repository root: docker build -f deploy/app.Dockerfile -t patron-service .
+# Build from the repository root: docker build -f deploy/app.Dockerfile -t patron-service:0.1.0 .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

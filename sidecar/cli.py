@@ -22,6 +22,8 @@ log = logging.getLogger("sidecar")
 # operator's own GRPC_EXPERIMENTS setting wins.
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
+EXIT_BROKEN_PIPE = 141
+
 DESCRIPTION = """\
 Keep PostgreSQL tables cached in memory, current from LISTEN/NOTIFY, and serve
 them over gRPC to every process of an application.
@@ -29,6 +31,8 @@ them over gRPC to every process of an application.
 With no database configured, 'serve' starts an embedded PostgreSQL with a demo
 table, so a first try needs no setup at all.
 """
+
+PRETTY_HELP = "indent the JSON (whitespace only: values stay byte for byte as served)"
 
 SERVE_EPILOG = """\
 configuration (highest precedence first):
@@ -154,19 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         "'sql' prints the script for review (nothing is changed); install is idempotent; uninstall "
         "removes exactly what install created.",
     )
-    trig.add_argument("action", choices=("sql", "install", "uninstall"))
+    trig.add_argument(
+        "action",
+        choices=("sql", "install", "uninstall"),
+        help="sql: print the install script; install or uninstall: change the database",
+    )
     trig.add_argument("--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead")
     _add_config_flags(trig, serve=False)
 
     get = commands.add_parser(
         "get",
         help="read rows through a running sidecar",
-        description="Read one row by key (one value per key column) and print it as JSON.",
+        description="Read one row by key (one value per key column) and print it as the sidecar serves it: "
+        "JSON, UTF-8, byte for byte (numerics keep every digit).",
     )
     get.add_argument("table", help="schema.table")
     get.add_argument("key", nargs="+", help="key part(s), in primary-key column order")
     get.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
     get.add_argument("--strong", action="store_true", help="pass the read barrier first")
+    get.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
 
     query = commands.add_parser(
         "query",
@@ -187,8 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--desc", action="store_true", help="reverse the order")
     query.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
     query.add_argument("--strong", action="store_true", help="pass the read barrier first")
+    query.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
 
-    tables = commands.add_parser("tables", help="list a running sidecar's tables")
+    tables = commands.add_parser(
+        "tables",
+        help="list a running sidecar's tables",
+        description="List the tables a running sidecar caches, one a line: name, mode, rows, whether "
+        "loaded, key columns; then each table's indexes and, if it is not served from memory, why; "
+        "last the sidecar's revision.",
+    )
     tables.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
 
     check = commands.add_parser(
@@ -267,6 +284,26 @@ def _one_line(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: every command, and a reader that stops early (``| head``)."""
+    import os
+
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Flush here, not at exit: a closed pipe must raise where it can be caught.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Whoever reads our output has what they wanted; the rest goes nowhere. Point
+        # stdout at devnull so the interpreter's own flush at exit cannot fail again,
+        # and exit as a process killed by SIGPIPE does (128 + 13), as coreutils do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import os
 
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)  # before gRPC starts
@@ -405,7 +442,7 @@ def _query(stub: Any, args: argparse.Namespace, options: Any) -> int:
             request.range.upper.string_value = args.upper
     reply = stub.Query(request, timeout=10)
     for row in reply.rows:
-        print(row.row.decode())
+        _write_row(row.row, args.pretty)
     if reply.truncated:
         print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
     return 0
@@ -459,5 +496,52 @@ def _client_command(args: argparse.Namespace) -> int:
     if not reply.found:
         print("not found", file=sys.stderr)
         return 1
-    print(json.dumps(json.loads(reply.row), indent=2))
+    _write_row(reply.row, args.pretty)
     return 0
+
+
+def _write_row(row: bytes, pretty: bool) -> None:
+    """A row exactly as served: decoding and re-encoding the JSON would round numerics
+    to floats, drop trailing zeros and escape non-ASCII text, so bytes go out as they came
+    (``--pretty`` changes whitespace only)."""
+    sys.stdout.flush()  # anything printed before goes first
+    sys.stdout.buffer.write((reindent(row) if pretty else row) + b"\n")
+
+
+def reindent(document: bytes, indent: int = 2) -> bytes:
+    """``document`` (JSON) with one member or element a line: only whitespace outside
+    strings changes; strings, numbers and literals are copied byte for byte."""
+    out = bytearray()
+    depth = 0
+    i, n = 0, len(document)
+    while i < n:
+        c = document[i : i + 1]
+        if c == b'"':
+            end = i + 1
+            while end < n and document[end : end + 1] != b'"':
+                end += 2 if document[end : end + 1] == b"\\" else 1
+            out += document[i : end + 1]
+            i = end + 1
+            continue
+        if c in b"{[":
+            closing = b"}" if c == b"{" else b"]"
+            j = i + 1
+            while j < n and document[j] in b" \t\r\n":
+                j += 1
+            if document[j : j + 1] == closing:  # empty: {} or []
+                out += c + closing
+                i = j + 1
+                continue
+            depth += 1
+            out += c + b"\n" + b" " * (indent * depth)
+        elif c in b"}]":
+            depth -= 1
+            out += b"\n" + b" " * (indent * depth) + c
+        elif c == b",":
+            out += b",\n" + b" " * (indent * depth)
+        elif c == b":":
+            out += b": "
+        elif c not in b" \t\r\n":
+            out += c
+        i += 1
+    return bytes(out)

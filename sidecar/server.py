@@ -83,7 +83,9 @@ async def start(
     """Bind every address and start serving; health starts NOT_SERVING (liveness SERVING)."""
     result = _build(engine, listen, observe)
     if health_listen:
-        result.health_server = grpc.aio.server()
+        # As on the main server: with SO_REUSEPORT a second sidecar would share the port
+        # and the kubelet would probe either at random.
+        result.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(result.health, result.health_server)
         for text in health_listen:
             port = _bind(result.health_server, text, text, "server.health_listen")

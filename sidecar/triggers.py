@@ -321,7 +321,16 @@ async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "current":
                 continue
-            await _run(conn, trigger_set.install_sql(), f"installing triggers on {trigger_set.schema.qualified}")
+            table = trigger_set.schema.qualified
+            await _run(
+                conn,
+                trigger_set.install_sql(),
+                f"installing triggers on {table}",
+                f"needs CREATE on schema {trigger_set.schema.config.schema} (for the function "
+                f"{trigger_set.function_name}) and ownership of table {table} (for its triggers, "
+                "which install drops and creates again)",
+                "cache-sidecar triggers sql",
+            )
             changed.append(trigger_set.schema.qualified)
     return changed
 
@@ -334,15 +343,28 @@ async def uninstall(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
         for trigger_set in sets:
             if await installed_state(conn, trigger_set) == "missing":
                 continue
-            await _run(conn, trigger_set.uninstall_sql(), f"removing triggers from {trigger_set.schema.qualified}")
+            table = trigger_set.schema.qualified
+            await _run(
+                conn,
+                trigger_set.uninstall_sql(),
+                f"removing triggers from {table}",
+                f"needs ownership of table {table} and of the function {trigger_set.function_name}",
+                "cache-sidecar triggers sql --uninstall-sql",
+            )
             changed.append(trigger_set.schema.qualified)
     return changed
 
 
-async def _run(conn: Any, sql: str, doing: str) -> None:
+async def _run(conn: Any, sql: str, doing: str, needs: str, script_command: str) -> None:
     import asyncpg
 
     try:
         await conn.execute(sql)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # PostgreSQL names only the first object it refused; the role usually lacks more.
+        raise SchemaError(
+            f"{doing} failed: {exc}. The database role {needs}. Or leave it to someone who has "
+            f"those rights: '{script_command}' (same configuration) prints the script to run."
+        ) from None
     except asyncpg.PostgresError as exc:
         raise SchemaError(f"{doing} failed: {exc}") from None

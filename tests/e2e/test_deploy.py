@@ -97,6 +97,38 @@ def test_the_pod_runs_a_native_sidecar_with_grpc_probes_and_a_shared_socket():
     assert toml["server"]["health_listen"] == [f"0.0.0.0:{health_port}"]
 
 
+def test_images_are_pinned_to_the_release_version():
+    """No ``:latest`` (or no tag, which means it): a pod must run what was released."""
+    from sidecar import __version__
+
+    pod = load_yaml(K8S / "deployment.yaml")["spec"]["template"]["spec"]
+    images = [c["image"] for c in pod["initContainers"] + pod["containers"]]
+    compose = load_yaml(DEPLOY / "compose.yaml")["services"]
+    images += [compose[name]["image"] for name in ("sidecar", "app")]
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert "/" not in tag and tag == __version__, f"{image}: tag it {__version__}"
+    kustomized = {i["name"]: i for i in load_yaml(K8S / "kustomization.yaml")["images"]}
+    for image in images[:2]:
+        name = image.rpartition(":")[0]
+        assert kustomized[name]["newTag"] == __version__, name  # kustomize keeps the version too
+
+
+def test_the_app_has_its_own_database_secret():
+    """The sidecar's role only reads (its Secret says so); the app writes, with its own."""
+    pod = load_yaml(K8S / "deployment.yaml")["spec"]["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    (app,) = pod["containers"]
+
+    def secrets(container: dict) -> set[str]:
+        refs = [e["valueFrom"].get("secretKeyRef") for e in container["env"] if "valueFrom" in e]
+        return {ref["name"] for ref in refs if ref}
+
+    defined = {load_yaml(p)["metadata"]["name"] for p in K8S.glob("*.yaml") if load_yaml(p).get("kind") == "Secret"}
+    assert secrets(sidecar) and secrets(app) and not secrets(sidecar) & secrets(app)
+    assert secrets(sidecar) | secrets(app) <= defined
+
+
 def test_configuration_files_load():
     toml_text = load_yaml(K8S / "configmap.yaml")["data"]["sidecar.toml"]
     for text in (toml_text, (DEPLOY / "compose" / "sidecar.toml").read_text()):

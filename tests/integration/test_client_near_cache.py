@@ -9,7 +9,7 @@ import threading
 
 import asyncpg
 import pytest
-from cache_sidecar_client import AsyncClient, Change, Client, cached
+from cache_sidecar_client import AsyncClient, Change, Client, cached, decorators
 
 from tests.support.waiting import eventually
 
@@ -157,6 +157,38 @@ async def test_cached_decorator_clears_when_the_table_changes(start_daemon, post
         await eventually(lambda: _equals(total(), 10), what="recomputed after the change")
         assert total.cache_info().hits >= 1
     await pool.close()
+
+
+@pytest.mark.parametrize("flavour", ["async", "blocking"])
+async def test_cached_caches_from_the_first_call(start_daemon, items, monkeypatch, flavour):
+    """The first call waits for the change stream (a bounded wait: raised here so that a
+    slow machine cannot make the test flaky) instead of running uncached."""
+    monkeypatch.setattr(decorators, "CONNECT_WAIT", 30.0)
+    sidecar = await start_daemon([items])
+    calls = 0
+    if flavour == "async":
+        async with AsyncClient(sidecar.target) as cache:
+
+            @cached(cache, tables=[items])
+            async def counted() -> int:
+                nonlocal calls
+                calls += 1
+                return calls
+
+            assert await counted() == 1 and await counted() == 1
+            info = counted.cache_info()
+    else:
+        with Client(sidecar.target) as blocking:
+
+            @cached(blocking, tables=[items])
+            def counted_blocking() -> int:
+                nonlocal calls
+                calls += 1
+                return calls
+
+            assert await asyncio.to_thread(counted_blocking) == 1 and await asyncio.to_thread(counted_blocking) == 1
+            info = counted_blocking.cache_info()
+    assert (info.hits, info.misses, info.size) == (1, 1, 1)
 
 
 async def _equals(awaitable, expected) -> bool:  # type: ignore[no-untyped-def]

@@ -3,8 +3,13 @@ a real sidecar and PostgreSQL: CRUD over HTTP, reads from the near-cache."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import importlib.util
+import os
+import re
 import socket
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -29,9 +34,7 @@ async def service(start_daemon, postgres, db, schema, monkeypatch):
     sidecar = await start_daemon([f"{schema}.patron"])
     runner = web.AppRunner(module.make_app(postgres.dsn, sidecar.target))
     await runner.setup()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
         await eventually(lambda: _stats_ok(http), what="service up, its near-cache following")
@@ -84,3 +87,50 @@ async def _has(http, path, field, value) -> bool:  # type: ignore[no-untyped-def
 
 async def _gone(http, path) -> bool:  # type: ignore[no-untyped-def]
     return (await get_json(http, path))[0] == 404
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_every_setting_it_reads_is_documented():
+    source = APP.read_text()
+    read = set(re.findall(r"os\.environ(?:\.get\(|\[)\"(\w+)\"", source))
+    assert {"DATABASE_URL", "SIDECAR", "PATRON_TABLE", "HOST", "PORT"} <= read  # (the pattern finds them)
+    docstring = ast.get_docstring(ast.parse(source)) or ""
+    readme = (APP.parent / "README.md").read_text()
+    assert not [name for name in sorted(read) if not re.search(rf"^ +{name} ", docstring, re.M)], "app.py docstring"
+    assert not [name for name in sorted(read) if f"`{name}`" not in readme], "README.md"
+
+
+async def test_run_as_a_script_it_serves_on_port(start_daemon, postgres, db, schema):
+    """``python app.py``, configured as its docstring says: HTTP on $HOST:$PORT."""
+    await db.execute(f"CREATE TABLE {schema}.patron (id serial PRIMARY KEY, name text NOT NULL, fav_dish text)")
+    sidecar = await start_daemon([f"{schema}.patron"])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        DATABASE_URL=postgres.dsn,
+        SIDECAR=sidecar.target,
+        PATRON_TABLE=f"{schema}.patron",
+        HOST="127.0.0.1",
+        PORT=str(port),
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, str(APP), env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+
+            async def answers() -> bool:
+                if process.returncode is not None:  # not an AssertionError: eventually would retry it
+                    raise RuntimeError(f"app.py exited: {(await process.stderr.read()).decode()}")
+                try:
+                    return await _stats_ok(http)
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await eventually(answers, timeout=30, what=f"the service on port {port}")
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from cache_sidecar_client import ChangeBatch, Reset, Revision, cached
+from cache_sidecar_client import ChangeBatch, Reset, Revision, cached, decorators
 from cache_sidecar_client.client import CONNECTED, DISCONNECTED
 from cache_sidecar_client.watch import Change
 
@@ -28,12 +28,15 @@ def batch(op: str = "update", key: object = 1) -> ChangeBatch:
 class FakeAsyncClient:
     """Stands in for AsyncClient: its change stream is whatever the test puts in."""
 
-    def __init__(self) -> None:
+    def __init__(self, connected: bool = True) -> None:
         self._closed = False
         self.items: asyncio.Queue[object] = asyncio.Queue()
-        self.items.put_nowait(CONNECTED)
+        if connected:
+            self.items.put_nowait(CONNECTED)
+        self.streaming = False
 
     async def _stream(self, request, resume):  # type: ignore[no-untyped-def]
+        self.streaming = True
         while True:
             yield await self.items.get()
 
@@ -56,15 +59,55 @@ async def test_results_are_cached_per_arguments_and_cleared_by_a_change(client):
         calls.append(key)
         return f"value {key} #{len(calls)}"
 
-    assert await lookup(1) == "value 1 #1"  # the stream is not connected yet: not cached
-    await eventually(lambda: lookup.cache_info().connected)
-    assert await lookup(1) == "value 1 #2"
-    assert await lookup(1) == "value 1 #2"
-    assert await lookup(2) == "value 2 #3"
+    assert await lookup(1) == "value 1 #1"  # it waited for the stream: cached
+    assert await lookup(1) == "value 1 #1"
+    assert await lookup(2) == "value 2 #2"
     await client.send(batch())
-    assert await lookup(1) == "value 1 #4"
+    assert await lookup(1) == "value 1 #3"
     info = lookup.cache_info()
     assert (info.hits, info.clears) == (1, 1)
+
+
+async def test_the_first_calls_wait_for_the_stream_to_connect(monkeypatch):
+    monkeypatch.setattr(decorators, "CONNECT_WAIT", 30.0)  # only the connection can end the wait
+    client = FakeAsyncClient(connected=False)
+    calls = 0
+
+    @cached(client, tables=[T])
+    async def value() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    first = asyncio.create_task(value())
+    await eventually(lambda: client.streaming)  # the call started the stream, then had its turn
+    assert not first.done() and calls == 0
+    await client.send(CONNECTED)
+    assert await asyncio.wait_for(first, 5) == 1
+    assert await value() == 1 and value.cache_info().hits == 1
+
+
+async def test_the_wait_is_bounded_and_a_later_disconnect_costs_no_wait(monkeypatch):
+    monkeypatch.setattr(decorators, "CONNECT_WAIT", 0.2)
+    client = FakeAsyncClient(connected=False)
+    calls = 0
+
+    @cached(client, tables=[T])
+    async def value() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    started = time.monotonic()
+    assert await asyncio.wait_for(value(), 5) == 1  # no stream: it gave up waiting, ran, did not store
+    assert time.monotonic() - started >= 0.2 * 0.9 and value.cache_info().size == 0
+    assert await asyncio.wait_for(value(), 5) == 2
+    monkeypatch.setattr(decorators, "CONNECT_WAIT", 30.0)
+    await client.send(CONNECTED)
+    await eventually(lambda: value.cache_info().connected)
+    assert await value() == 3 and await value() == 3
+    await client.send(DISCONNECTED)
+    assert await asyncio.wait_for(value(), 5) == 4  # once connected, never waits again
 
 
 async def test_only_the_named_operations_clear_but_table_wide_changes_always_do(client):
@@ -233,10 +276,11 @@ async def test_disconnect_and_reset_empty_the_cache_and_stop_caching(client):
 
 
 class FakeSyncClient:
-    def __init__(self) -> None:
+    def __init__(self, connected: bool = True) -> None:
         self._closed = threading.Event()
         self.items: queue.Queue[object] = queue.Queue()
-        self.items.put(CONNECTED)
+        if connected:
+            self.items.put(CONNECTED)
 
     def _stream(self, request, resume):  # type: ignore[no-untyped-def]
         while not self._closed.is_set():
@@ -279,5 +323,29 @@ def test_blocking_functions_single_flight_and_clear():
         while value.cache_info().clears == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert value(5) != results[0]
+    finally:
+        client._closed.set()
+
+
+def test_blocking_first_calls_wait_for_the_stream_to_connect(monkeypatch):
+    monkeypatch.setattr(decorators, "CONNECT_WAIT", 30.0)
+    client = FakeSyncClient(connected=False)
+    calls = 0
+
+    @cached(client, tables=[T])
+    def value() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    try:
+        results: list[int] = []
+        first = threading.Thread(target=lambda: results.append(value()))
+        first.start()
+        first.join(0.05)  # not a condition that can come true: long enough to see it does not return
+        assert first.is_alive() and calls == 0
+        client.items.put(CONNECTED)
+        first.join(5)
+        assert results == [1] and value() == 1 and value.cache_info().hits == 1
     finally:
         client._closed.set()

@@ -12,8 +12,13 @@ once per ``debounce`` seconds, if given: results may then be up to that
 stale). Concurrent calls with the same arguments share one computation;
 exceptions are not cached; a caller that is cancelled (asyncio) does not
 cancel the computation the others wait for. A computation that started
-before a change is never stored after it. While the change stream is not
-connected, nothing is cached: every call runs the function.
+before a change is never stored after it.
+
+Results are cached only while the change stream is connected (without it a
+change could go unnoticed): the first call starts the stream, and the calls of
+its first ``CONNECT_WAIT`` seconds (1 s) wait for it to connect, so a program's
+first calls are cached too. Should it not connect by then, or drop later, calls
+run the function, uncached and without waiting, until it is back.
 
 ``wrapper.cache_info()`` gives hits, misses and size; ``wrapper.cache_clear()``
 empties it.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import inspect
 import threading
@@ -33,6 +39,10 @@ from typing import Any
 
 from cache_sidecar_client.watch import OPERATIONS, ChangeBatch, Reset
 from cache_sidecar_client.watch import request as watch_request
+
+# How long calls wait for a new stream to connect, counted from the first call: a
+# bound, since the sidecar may be down. A plain variable so that tests can change it.
+CONNECT_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,23 @@ class _Policy:
         self.results: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
         self.generation = 0
         self.connected = False
+        self.ever_connected = False
+        self.connect_deadline = 0.0  # set when the stream starts
         self.hits = self.misses = self.clears = 0
         self.last_clear = 0.0
         self.clear_pending = False
+
+    def start(self) -> None:
+        self.connect_deadline = time.monotonic() + CONNECT_WAIT
+
+    def mark_connected(self) -> None:
+        self.connected = self.ever_connected = True
+
+    def connect_wait(self) -> float:
+        """How long a call should wait for the stream (only ever before it first connects)."""
+        if self.ever_connected:
+            return 0.0
+        return max(0.0, self.connect_deadline - time.monotonic())
 
     def relevant(self, batch: ChangeBatch) -> bool:
         ops = self.operations
@@ -106,7 +130,10 @@ def cached(
     debounce: float | None = None,
     maxsize: int = 1024,
 ) -> Callable[[Callable[..., Any]], Any]:
-    """Cache a function's results until one of ``tables`` changes (see the module doc)."""
+    """Cache a function's results until one of ``tables`` changes (see the module doc).
+
+    Only while the change stream is connected: the calls of its first ``CONNECT_WAIT``
+    seconds wait for it, later ones run uncached while it is down."""
     if not tables:
         raise ValueError("name at least one table whose changes clear the cache")
 
@@ -133,6 +160,7 @@ def _sync_wrapper(client: Any, tables: list[str], function: Callable[..., Any], 
     lock = threading.Lock()
     flights: dict[Hashable, _Flight] = {}
     started = threading.Event()
+    connected = threading.Event()
 
     def on_change() -> None:
         with lock:
@@ -151,6 +179,8 @@ def _sync_wrapper(client: Any, tables: list[str], function: Callable[..., Any], 
             try:
                 for item in client._stream(request, resume=True):
                     _apply(item, policy, lock, on_change)
+                    if policy.ever_connected:
+                        connected.set()
             except Exception:
                 _locked(lock, lambda: _disconnect(policy))
                 client._closed.wait(1.0)
@@ -161,11 +191,15 @@ def _sync_wrapper(client: Any, tables: list[str], function: Callable[..., Any], 
                 if started.is_set():
                     return
                 started.set()
+                policy.start()
             threading.Thread(target=follow, name=f"cached {function.__qualname__}", daemon=True).start()
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ensure_following()
+        wait = _locked(lock, policy.connect_wait)
+        if wait:
+            connected.wait(wait)
         key = _key(args, kwargs)
         with lock:
             if key is None or not policy.connected:
@@ -219,7 +253,7 @@ def _apply(item: Any, policy: _Policy, lock: threading.Lock, on_change: Callable
 
     if item is CONNECTED:
         with lock:
-            policy.connected = True
+            policy.mark_connected()
     elif item is DISCONNECTED or isinstance(item, Reset):
         with lock:
             _disconnect(policy) if item is DISCONNECTED else policy.clear()
@@ -239,6 +273,7 @@ def _async_wrapper(client: Any, tables: list[str], function: Callable[..., Any],
     flights: dict[Hashable, asyncio.Future[Any]] = {}
     follower: list[asyncio.Task[None]] = []
     tasks: set[asyncio.Task[Any]] = set()
+    connected = asyncio.Event()
 
     def on_change() -> None:
         delay = policy.debounce_delay()
@@ -256,7 +291,8 @@ def _async_wrapper(client: Any, tables: list[str], function: Callable[..., Any],
             try:
                 async for item in client._stream(request, resume=True):
                     if item is CONNECTED:
-                        policy.connected = True
+                        policy.mark_connected()
+                        connected.set()
                     elif item is DISCONNECTED:
                         _disconnect(policy)
                     elif isinstance(item, Reset):
@@ -272,7 +308,12 @@ def _async_wrapper(client: Any, tables: list[str], function: Callable[..., Any],
     @functools.wraps(function)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not follower:
+            policy.start()
             follower.append(asyncio.get_running_loop().create_task(follow(), name=f"cached {function.__qualname__}"))
+        wait = policy.connect_wait()
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connected.wait(), wait)
         key = _key(args, kwargs)
         if key is None or not policy.connected:
             policy.misses += 1

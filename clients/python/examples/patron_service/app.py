@@ -4,7 +4,15 @@ Create, read, update and delete patrons over HTTP. Writes go to PostgreSQL;
 reads come from the client's near-cache, kept coherent by the sidecar's
 Watch stream, so a hot read costs microseconds and no database work.
 
-    DATABASE_URL=postgresql://...  SIDECAR=127.0.0.1:50051  python app.py
+    DATABASE_URL=postgresql://...  SIDECAR=127.0.0.1:50051  PORT=8080  python app.py
+
+Settings, from the environment:
+
+    DATABASE_URL   PostgreSQL DSN, for the writes (required)
+    SIDECAR        the sidecar's address (default 127.0.0.1:50051)
+    PATRON_TABLE   the table (default public.patron)
+    HOST           the HTTP address to listen on (default 127.0.0.1)
+    PORT           the HTTP port (default 8080)
 
     POST   /patron          {"name": ..., "fav_dish": ...}  -> 201 {"id": ...}
     GET    /patron/{id}     -> 200 row | 404
