@@ -138,6 +138,95 @@ class _Core:
         ceiling = 0.05 * float(1 << min(attempt, 20))
         return ceiling / 2 + random.random() * ceiling / 2
 
+    def retry(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
+        """The delay before retrying a failed call; raises the client's error when it must not be."""
+        delay = self.retry_delay(attempt)
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or time.monotonic() + delay >= deadline:
+            raise from_rpc_error(exc) from None
+        return delay
+
+    def deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
+
+
+class _PointRead:
+    """One Get through the near-cache: a hit answered at once, else asked for (with a
+    fill ticket, so a change racing the answer is never stored)."""
+
+    def __init__(
+        self,
+        core: _Core,
+        table: str,
+        key: Any,
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+    ) -> None:
+        self.core, self.table, self.key = core, table, key
+        self.near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        self.result: dict[str, Any] | None = None
+        self.request: pb.GetRequest | None = None
+        self.ticket: FillTicket | None = None
+        if self.near is not None and consistency == "eventual":
+            hit, held = self.near.lookup(table, key)
+            if hit:
+                self.result = _copy(held)
+                return
+        if self.near is not None:
+            self.ticket = self.near.begin_fill(table, key)
+        self.request = pb.GetRequest(
+            table=table,
+            key=to_key(key),
+            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
+        )
+
+    def abandon(self) -> None:
+        if self.near is not None and self.ticket is not None:
+            self.near.end_fill(self.table, self.key, self.ticket, None, None)
+
+    def finish(self, reply: pb.GetResponse) -> dict[str, Any] | None:
+        revision = self.core.seen(reply.revision)
+        row: dict[str, Any] | None = self.core.row(reply)
+        if self.near is not None and self.ticket is not None:
+            self.near.end_fill(self.table, self.key, self.ticket, _ABSENT if row is None else row, revision)
+            return _copy(row) if row is not None else None
+        return row
+
+
+class _StreamStep:
+    """What a Watch stream does once a call of it ended: yield ``items``, then ``action``."""
+
+    def __init__(self, items: list[Any], action: str, delay: float = 0.0) -> None:
+        self.items, self.action, self.delay = items, action, delay  # action: raise, return, retry
+
+
+def _stream_step(resumer: Resumer, resume: bool, error: grpc.RpcError | None, connected: bool) -> _StreamStep:
+    """After a Watch call ended (``error`` None: the server closed it): resume, resync or raise."""
+    if error is not None:
+        code = error.code()
+        if resume and code == grpc.StatusCode.OUT_OF_RANGE:
+            items: list[Any] = [DISCONNECTED] if connected else []
+            items.append(resumer.out_of_range(error.details()))
+            return _StreamStep(items, "retry", resumer.delay())
+        if not resume or not resumable(code, connected):
+            return _StreamStep([], "raise")
+    if not resume:
+        return _StreamStep([], "return")
+    items = [DISCONNECTED] if connected else []
+    reset = resumer.interrupted()
+    if reset is not None:
+        items.append(reset)
+    return _StreamStep(items, "retry", resumer.delay())
+
+
+def _accepted(resumer: Resumer, response: pb.WatchResponse, decode: Decoder) -> Event | None:
+    """A stream message as an event, or None for one already delivered (after a resume)."""
+    item = watch_event(response, decode)
+    if resumer.duplicate(item):
+        return None
+    resumer.seen(item)
+    return item
+
 
 class _BatchRead:
     """One BatchGet through the near-cache: hits answered at once, the rest asked for
@@ -241,20 +330,13 @@ class Client:
         return self._core.near
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        budget = self._core.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+        deadline = self._core.deadline(timeout)
         attempt = 0
         while True:
             try:
                 return method(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.RpcError as exc:
-                delay = self._core.retry_delay(attempt)
-                if (
-                    exc.code() != grpc.StatusCode.UNAVAILABLE
-                    or attempt >= self._core.retries
-                    or time.monotonic() + delay >= deadline
-                ):
-                    raise from_rpc_error(exc) from None
+                delay = self._core.retry(exc, attempt, deadline)
             attempt += 1
             time.sleep(delay)
 
@@ -270,31 +352,15 @@ class Client:
     ) -> dict[str, Any] | None:
         """One row by primary key, or ``None``. ``consistency="strong"`` passes the read
         barrier (and bypasses the near-cache)."""
-        core = self._core
-        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
-        if near is not None and consistency == "eventual":
-            hit, held = near.lookup(table, key)
-            if hit:
-                copied: dict[str, Any] | None = _copy(held)
-                return copied
-        ticket = near.begin_fill(table, key) if near is not None else None
-        request = pb.GetRequest(
-            table=table,
-            key=to_key(key),
-            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
-        )
+        read = _PointRead(self._core, table, key, consistency, min_revision, allow_stale)
+        if read.request is None:
+            return read.result
         try:
-            reply = self._call(self._stub.Get, request, timeout)
+            reply = self._call(self._stub.Get, read.request, timeout)
         except BaseException:
-            if near is not None and ticket is not None:
-                near.end_fill(table, key, ticket, None, None)
+            read.abandon()
             raise
-        revision = core.seen(reply.revision)
-        row: dict[str, Any] | None = core.row(reply)
-        if near is not None and ticket is not None:
-            near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-            return _copy(row) if row is not None else None
-        return row
+        return read.finish(reply)
 
     def batch_get(
         self,
@@ -398,7 +464,7 @@ class Client:
             call = self._stub.Watch(resumer.next_request())
             with self._calls_lock:
                 self._calls.add(call)
-            connected = False
+            connected, error = False, None
             try:
                 metadata = call.initial_metadata()
                 if _established(metadata):
@@ -406,35 +472,24 @@ class Client:
                     resumer.established(metadata)
                     yield CONNECTED
                 for response in call:
-                    item = watch_event(response, self._core.decode)
-                    if resumer.duplicate(item):
-                        continue
-                    resumer.seen(item)
-                    yield item
+                    if (item := _accepted(resumer, response, self._core.decode)) is not None:
+                        yield item
             except grpc.RpcError as exc:
-                code = exc.code()
-                if self._closed.is_set():
-                    return
-                if resume and code == grpc.StatusCode.OUT_OF_RANGE:
-                    if connected:
-                        yield DISCONNECTED
-                    yield resumer.out_of_range(exc.details())
-                    self._closed.wait(resumer.delay())
-                    continue
-                if not resume or not resumable(code, connected):
-                    raise from_rpc_error(exc) from None
+                error = exc
             finally:
                 call.cancel()
                 with self._calls_lock:
                     self._calls.discard(call)
-            if not resume or self._closed.is_set():
+            if self._closed.is_set():
                 return
-            if connected:
-                yield DISCONNECTED
-            reset = resumer.interrupted()
-            if reset is not None:
-                yield reset
-            self._closed.wait(resumer.delay())
+            step = _stream_step(resumer, resume, error, connected)
+            yield from step.items
+            if step.action == "raise":
+                assert error is not None
+                raise from_rpc_error(error) from None
+            if step.action == "return":
+                return
+            self._closed.wait(step.delay)
 
     def _follow(self) -> None:
         near = self._core.near
@@ -495,20 +550,13 @@ class AsyncClient:
         return self._core.near
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        budget = self._core.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+        deadline = self._core.deadline(timeout)
         attempt = 0
         while True:
             try:
                 return await method(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.RpcError as exc:
-                delay = self._core.retry_delay(attempt)
-                if (
-                    exc.code() != grpc.StatusCode.UNAVAILABLE
-                    or attempt >= self._core.retries
-                    or time.monotonic() + delay >= deadline
-                ):
-                    raise from_rpc_error(exc) from None
+                delay = self._core.retry(exc, attempt, deadline)
             attempt += 1
             await asyncio.sleep(delay)
 
@@ -522,31 +570,15 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
-        core = self._core
-        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
-        if near is not None and consistency == "eventual":
-            hit, held = near.lookup(table, key)
-            if hit:
-                copied: dict[str, Any] | None = _copy(held)
-                return copied
-        ticket = near.begin_fill(table, key) if near is not None else None
-        request = pb.GetRequest(
-            table=table,
-            key=to_key(key),
-            options=read_options(consistency, core.min_revision(table, min_revision), allow_stale),
-        )
+        read = _PointRead(self._core, table, key, consistency, min_revision, allow_stale)
+        if read.request is None:
+            return read.result
         try:
-            reply = await self._call(self._stub.Get, request, timeout)
+            reply = await self._call(self._stub.Get, read.request, timeout)
         except BaseException:
-            if near is not None and ticket is not None:
-                near.end_fill(table, key, ticket, None, None)
+            read.abandon()
             raise
-        revision = core.seen(reply.revision)
-        row: dict[str, Any] | None = core.row(reply)
-        if near is not None and ticket is not None:
-            near.end_fill(table, key, ticket, _ABSENT if row is None else row, revision)
-            return _copy(row) if row is not None else None
-        return row
+        return read.finish(reply)
 
     async def batch_get(
         self,
@@ -640,7 +672,7 @@ class AsyncClient:
         resumer = Resumer(request)
         while not self._closed:
             call = self._stub.Watch(resumer.next_request())
-            connected = False
+            connected, error = False, None
             try:
                 metadata = await call.initial_metadata()
                 if _established(metadata):
@@ -648,33 +680,23 @@ class AsyncClient:
                     resumer.established(metadata)
                     yield CONNECTED
                 async for response in call:
-                    item = watch_event(response, self._core.decode)
-                    if resumer.duplicate(item):
-                        continue
-                    resumer.seen(item)
-                    yield item
+                    if (item := _accepted(resumer, response, self._core.decode)) is not None:
+                        yield item
             except grpc.RpcError as exc:
-                code = exc.code()
-                if self._closed:
-                    return
-                if resume and code == grpc.StatusCode.OUT_OF_RANGE:
-                    if connected:
-                        yield DISCONNECTED
-                    yield resumer.out_of_range(exc.details())
-                    await asyncio.sleep(resumer.delay())
-                    continue
-                if not resume or not resumable(code, connected):
-                    raise from_rpc_error(exc) from None
+                error = exc
             finally:
                 call.cancel()
-            if not resume or self._closed:
+            if self._closed:
                 return
-            if connected:
-                yield DISCONNECTED
-            reset = resumer.interrupted()
-            if reset is not None:
-                yield reset
-            await asyncio.sleep(resumer.delay())
+            step = _stream_step(resumer, resume, error, connected)
+            for item in step.items:
+                yield item
+            if step.action == "raise":
+                assert error is not None
+                raise from_rpc_error(error) from None
+            if step.action == "return":
+                return
+            await asyncio.sleep(step.delay)
 
     async def _follow(self) -> None:
         near = self._core.near
