@@ -3,11 +3,15 @@
 // a PostgreSQL of their own, the daemon as a process, a TCP proxy that cuts.
 
 const { spawn } = require('node:child_process');
+const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
 
-const PYTHON = process.env.SIDECAR_PYTHON || 'python3';
 const REPO = path.join(__dirname, '..', '..', '..');
+// The Python with cache-sidecar installed: SIDECAR_PYTHON, else the repository's venv (./dev makes it).
+const VENV_PYTHON = path.join(REPO, '.venv', 'bin', 'python');
+const given = process.env.SIDECAR_PYTHON;
+const PYTHON = given ? (given.includes('/') ? path.resolve(given) : given) : fs.existsSync(VENV_PYTHON) ? VENV_PYTHON : 'python3';
 
 function freePort() {
   return new Promise((resolve) => {
