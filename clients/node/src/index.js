@@ -11,6 +11,8 @@
 // precision) unless { decode: 'exact' } (see exact-json.js) or your own
 // { decodeRow }. Integer key parts come back as BigInt. Revisions are
 // { epoch, number } with `number` a decimal string (it is a uint64).
+// watch() resumes by itself (decisions in resume.js); { nearCache } keeps
+// rows in the process, coherent through a watch of its own (near-cache.js).
 
 const fs = require('node:fs');
 const path = require('node:path');
