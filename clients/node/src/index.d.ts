@@ -13,21 +13,29 @@ export interface ReadOptions {
   timeoutMs?: number;
 }
 
+/**
+ * A key part as sent: an integer Number must be a safe integer (beyond 2^53,
+ * give a BigInt or a string: a RangeError otherwise); strings are coerced by
+ * the sidecar to the column's type.
+ */
 export type KeyPart = number | bigint | string | boolean | Buffer | Uint8Array | Date;
 export type Key = KeyPart | KeyPart[];
+/** A key part as received in events: integers (any width) as BigInt. */
+export type ReceivedKeyPart = bigint | string | boolean | number | Buffer;
 
 export interface Change {
   table: string;
   operation: 'insert' | 'update' | 'delete' | 'truncate' | 'table_changed' | 'invalidate' | 'snapshot';
-  key: KeyPart | KeyPart[] | null;
-  oldKey: KeyPart | KeyPart[] | null;
+  key: ReceivedKeyPart | ReceivedKeyPart[] | null;
+  oldKey: ReceivedKeyPart | ReceivedKeyPart[] | null;
   row: Record<string, unknown> | null;
   hasRow: boolean;
 }
 
 export type WatchItem =
   | { type: 'changes'; revision: Revision; xid: number; changes: Change[] }
-  | { type: 'reset'; revision: Revision; reason: string }
+  /** discard what you derived from the stream; revision null when the client resynced ('resync: ...') */
+  | { type: 'reset'; revision: Revision | null; reason: string }
   | { type: 'progress'; revision: Revision }
   | { type: 'initialStateDone'; revision: Revision };
 
@@ -37,6 +45,8 @@ export interface WatchOptions {
   startRevision?: Revision;
   initialState?: boolean;
   progressIntervalMs?: number;
+  /** default true: reconnect and resume after UNAVAILABLE and the like; false: throw */
+  resume?: boolean;
 }
 
 export interface QueryOptions extends ReadOptions {
@@ -72,12 +82,44 @@ export class CacheSidecarError extends Error {
   details: string;
 }
 
+export interface NearCacheStats {
+  hits: number;
+  misses: number;
+  fills: number;
+  staleFillsDropped: number;
+  evictions: number;
+  flushes: number;
+  batches: number;
+}
+
+/** Rows kept in the process, coherent through Watch (see README). */
+export interface NearCache {
+  readonly tables: string[];
+  /** its stream is up: only then does it answer */
+  readonly connected: boolean;
+  /** the revision its stream has applied */
+  readonly position: Revision | null;
+  /** rows held, over all tables */
+  readonly size: number;
+  readonly stats: NearCacheStats;
+}
+
+export interface ClientOptions {
+  /** deadline of every call, default 5000 */
+  timeoutMs?: number;
+  credentials?: unknown;
+  /** 'json' (default): JSON.parse; 'exact': parseExact */
+  decode?: 'json' | 'exact';
+  /** your own row parser (wins over `decode`) */
+  decodeRow?: (bytes: Buffer) => unknown;
+  /** tables to keep near: { 'public.patron': maxRows } or names (10000 rows each) */
+  nearCache?: Record<string, number> | string[];
+}
+
 export class CacheClient {
-  constructor(
-    target?: string,
-    options?: { timeoutMs?: number; credentials?: unknown; decodeRow?: (bytes: Buffer) => unknown },
-  );
+  constructor(target?: string, options?: ClientOptions);
   lastRevision: Revision | null;
+  readonly nearCache: NearCache | null;
   get(table: string, key: Key, options?: ReadOptions): Promise<Record<string, unknown> | null>;
   batchGet(table: string, keys: Key[], options?: ReadOptions): Promise<Array<Record<string, unknown> | null>>;
   invalidate(table: string, keys?: Key[] | null, options?: { refresh?: boolean; timeoutMs?: number }): Promise<Revision>;
@@ -85,9 +127,25 @@ export class CacheClient {
   query(table: string, index: string, options?: QueryOptions): Promise<QueryResult>;
   listTables(
     options?: { timeoutMs?: number },
-  ): Promise<Array<{ name: string; mode: string; rowCount: number; loaded: boolean; indexes: IndexInfo[]; problem: string }>>;
+  ): Promise<Array<{
+    name: string;
+    keyColumns: Array<{ name: string; type: string }>;
+    mode: string;
+    rowCount: number;
+    loaded: boolean;
+    indexes: IndexInfo[];
+    problem: string;
+  }>>;
   watch(tables?: string[], options?: WatchOptions): AsyncGenerator<WatchItem>;
+  /** ends the near-cache's stream and every watch */
   close(): void;
 }
 
 export function toKey(key: Key): { parts: object[] };
+export function fromKey(key: { parts: object[] } | null): ReceivedKeyPart | ReceivedKeyPart[] | null;
+/**
+ * A row parsed exactly: integers within ±Number.MAX_SAFE_INTEGER as numbers,
+ * beyond as BigInt; numbers with a fraction or an exponent as their source
+ * text (strings); everything else as JSON.parse.
+ */
+export function parseExact(bytes: Buffer | Uint8Array | string): any;

@@ -7,14 +7,21 @@
 //   const patron = await cache.get('public.patron', 1);   // object or null
 //   for await (const item of cache.watch(['public.patron'])) { ... }
 //
-// Rows are JSON objects. Integers beyond 2^53 lose precision in JSON.parse:
-// pass { decodeRow } to parse them your way. Revisions are { epoch, number }
-// with `number` a decimal string (it is a uint64).
+// Rows are JSON objects, parsed with JSON.parse (integers beyond 2^53 lose
+// precision) unless { decode: 'exact' } (see exact-json.js) or your own
+// { decodeRow }. Integer key parts come back as BigInt. Revisions are
+// { epoch, number } with `number` a decimal string (it is a uint64).
+// watch() resumes by itself (decisions in resume.js); { nearCache } keeps
+// rows in the process, coherent through a watch of its own (near-cache.js).
 
 const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { parseExact } = require('./exact-json.js');
+const { keyPart, toKey, fromKey, batchKeys } = require('./keys.js');
+const { NearCache, nearCacheTables, qualified, ABSENT } = require('./near-cache.js');
+const { Resumer, resumable } = require('./resume.js');
 
 const PROTO_FILE = 'cachesidecar/v1/cache.proto';
 const PROTO_ROOTS = [
@@ -38,6 +45,10 @@ function loadApi() {
 
 const api = loadApi();
 
+const CONNECTED = Symbol('connected'); // internal: a watch stream is established
+const DISCONNECTED = Symbol('disconnected'); // internal: it broke (it will be resumed)
+const NEAR_CACHE_PROGRESS_MS = 5000; // position marks while the near-cached tables are quiet
+
 /** An error from the sidecar; `code` is the gRPC status name (e.g. 'NOT_FOUND'). */
 class CacheSidecarError extends Error {
   constructor(error) {
@@ -48,30 +59,6 @@ class CacheSidecarError extends Error {
     this.details = error.details;
     this.metadata = error.metadata;
   }
-}
-
-function keyPart(value) {
-  if (typeof value === 'boolean') return { boolValue: value };
-  if (typeof value === 'bigint') return { stringValue: value.toString() };
-  if (typeof value === 'number') return Number.isInteger(value) ? { intValue: value } : { doubleValue: value };
-  if (typeof value === 'string') return { stringValue: value };
-  if (Buffer.isBuffer(value) || value instanceof Uint8Array) return { bytesValue: Buffer.from(value) };
-  if (value instanceof Date) return { stringValue: value.toISOString() };
-  throw new TypeError(`cannot send ${typeof value} as a key part`);
-}
-
-/** A scalar for a one-column key, an array for a composite key. */
-function toKey(key) {
-  return { parts: (Array.isArray(key) ? key : [key]).map(keyPart) };
-}
-
-function fromKey(key) {
-  if (!key) return null;
-  const values = key.parts.map((part) => {
-    const value = part[part.kind];
-    return part.kind === 'intValue' ? Number(value) : value;
-  });
-  return values.length === 1 ? values[0] : values;
 }
 
 function readOptions({ consistency = 'eventual', minRevision, allowStale = false } = {}) {
@@ -85,14 +72,23 @@ function readOptions({ consistency = 'eventual', minRevision, allowStale = false
 class CacheClient {
   /**
    * @param {string} target 'host:port' or 'unix:///path/to/socket'
-   * @param {{timeoutMs?: number, credentials?: object, decodeRow?: (bytes: Buffer) => any}} options
+   * @param {{timeoutMs?: number, credentials?: object, decode?: 'json' | 'exact',
+   *          decodeRow?: (bytes: Buffer) => any, nearCache?: Record<string, number> | string[]}} options
    */
-  constructor(target = '127.0.0.1:50051', { timeoutMs = 5000, credentials, decodeRow } = {}) {
+  constructor(target = '127.0.0.1:50051', { timeoutMs = 5000, credentials, decode = 'json', decodeRow, nearCache } = {}) {
+    if (decode !== 'json' && decode !== 'exact') throw new TypeError(`decode must be 'json' or 'exact', not ${decode}`);
     this.target = target;
     this.timeoutMs = timeoutMs;
-    this.decodeRow = decodeRow || ((bytes) => JSON.parse(bytes.toString('utf8')));
+    this.decodeRow = decodeRow || (decode === 'exact' ? parseExact : (bytes) => JSON.parse(bytes.toString('utf8')));
     this.stub = new api.Cache(target, credentials || grpc.credentials.createInsecure());
     this.lastRevision = null;
+    this.closed = false;
+    this._calls = new Set(); // open Watch calls, cancelled by close()
+    this._sleepers = new Set(); // backoff waits, cut short by close()
+    const tables = nearCacheTables(nearCache);
+    /** The near-cache (its `stats` count hits and misses), if configured. */
+    this.nearCache = tables.size ? new NearCache(tables) : null;
+    this._follower = this.nearCache ? this._follow() : null;
   }
 
   _unary(method, request, timeoutMs) {
@@ -112,20 +108,81 @@ class CacheClient {
     return result.found ? this.decodeRow(result.row) : null;
   }
 
+  /** The near-cache if it may answer this read (it never answers minRevision or allowStale reads). */
+  _near(table, options) {
+    const near = this.nearCache;
+    if (near === null || !near.connected || !near.limits.has(qualified(table))) return null;
+    return options.minRevision || options.allowStale ? null : near;
+  }
+
+  /** Reads of near-cached tables never go behind what its stream has applied. */
+  _readOptions(table, options) {
+    const near = this.nearCache;
+    if (!options.minRevision && near !== null && near.limits.has(qualified(table)) && near.position) {
+      return readOptions({ ...options, minRevision: near.position });
+    }
+    return readOptions(options);
+  }
+
   /** One row by primary key, or null. options: { consistency: 'strong', minRevision, allowStale, timeoutMs } */
   async get(table, key, options = {}) {
-    const reply = await this._unary('Get', { table, key: toKey(key), options: readOptions(options) }, options.timeoutMs);
-    return this._row(reply);
+    const near = this._near(table, options);
+    const name = qualified(table);
+    const slot = near === null ? null : near.slot(name, key);
+    if (slot !== null && options.consistency !== 'strong') {
+      const hit = near.lookup(name, slot);
+      if (hit !== null) return copy(hit.row);
+    }
+    const ticket = slot === null ? null : near.beginFill(name, slot);
+    let reply;
+    try {
+      reply = await this._unary('Get', { table, key: toKey(key), options: this._readOptions(table, options) }, options.timeoutMs);
+    } catch (error) {
+      if (ticket !== null) near.endFill(name, slot, ticket, null, null);
+      throw error;
+    }
+    const row = this._row(reply);
+    if (ticket === null) return row;
+    near.endFill(name, slot, ticket, row === null ? ABSENT : row, reply.revision);
+    return copy(row);
   }
 
   /** Rows in the order of `keys` (null where there is none). */
   async batchGet(table, keys, options = {}) {
-    const request = { table, options: readOptions(options) };
-    if (keys.length && keys.every((k) => Number.isInteger(k))) request.intKeys = keys;
-    else if (keys.length && keys.every((k) => typeof k === 'string')) request.stringKeys = keys;
-    else request.keys = keys.map(toKey);
-    const reply = await this._unary('BatchGet', request, options.timeoutMs);
-    return reply.rows.map((row) => this._row(row));
+    const near = this._near(table, options);
+    const name = qualified(table);
+    const results = new Array(keys.length).fill(null);
+    let missing = keys.map((_, i) => i);
+    const slots = near === null ? [] : keys.map((key) => near.slot(name, key));
+    if (near !== null && options.consistency !== 'strong') {
+      missing = [];
+      keys.forEach((key, i) => {
+        const hit = slots[i] === null ? null : near.lookup(name, slots[i]);
+        if (hit !== null) results[i] = copy(hit.row);
+        else missing.push(i);
+      });
+    }
+    if (!missing.length) return results;
+    const tickets = missing.map((i) => (near === null || slots[i] === null ? null : near.beginFill(name, slots[i])));
+    const wanted = missing.map((i) => keys[i]);
+    let reply;
+    try {
+      const request = { table, options: this._readOptions(table, options), ...batchKeys(wanted) };
+      reply = await this._unary('BatchGet', request, options.timeoutMs);
+    } catch (error) {
+      missing.forEach((i, n) => tickets[n] !== null && near.endFill(name, slots[i], tickets[n], null, null));
+      throw error;
+    }
+    missing.forEach((i, n) => {
+      const row = this._row(reply.rows[n]);
+      if (tickets[n] === null) {
+        results[i] = row;
+      } else {
+        near.endFill(name, slots[i], tickets[n], row === null ? ABSENT : row, reply.revision);
+        results[i] = copy(row);
+      }
+    });
+    return results;
   }
 
   /**
@@ -183,28 +240,107 @@ class CacheClient {
    *   { type: 'reset', revision, reason }   discard what you derived from the stream
    *   { type: 'progress', revision }
    *   { type: 'initialStateDone', revision }
-   * Stop with `break` (the call is cancelled). To resume after an error, watch
-   * again with { startRevision: lastRevisionYouProcessed }.
+   * Stop with `break` (the call is cancelled). When the connection drops (or the
+   * sidecar ends a subscriber that fell behind), it reconnects with backoff and
+   * resumes after the last revision it delivered: no gap, no duplicate. When
+   * that cannot be done (the revision is gone from the sidecar's history, or
+   * the initial state was cut), it yields a reset (revision null, reason
+   * 'resync: ...') and starts over, with the initial state again if asked.
+   * A row too large to send (FAILED_PRECONDITION) is thrown, never resumed.
+   * { resume: false }: throw CacheSidecarError on any error instead.
    */
-  async *watch(tables = [], { keys, operations, startRevision, initialState = false, progressIntervalMs = 0 } = {}) {
-    const call = this.stub.Watch({
-      tables,
-      keys: (keys || []).map(toKey),
-      operations: (operations || []).map((op) => op.toUpperCase()),
-      startRevision: startRevision || null,
-      initialState,
-      progressIntervalMs,
-    });
-    try {
-      for await (const message of call) {
-        yield this._event(message);
-      }
-    } catch (error) {
-      if (error.code === grpc.status.CANCELLED) return;
-      throw new CacheSidecarError(error);
-    } finally {
-      call.cancel();
+  async *watch(tables = [], options = {}) {
+    for await (const item of this._stream(watchRequest(tables, options), options.resume ?? true)) {
+      if (typeof item !== 'symbol') yield item;
     }
+  }
+
+  /** Watch items, with CONNECTED and DISCONNECTED marks around each established stream. */
+  async *_stream(request, resume) {
+    const resumer = new Resumer(request);
+    while (!this.closed) {
+      const call = this.stub.Watch(resumer.nextRequest());
+      this._calls.add(call);
+      let connected = false;
+      let failure = null;
+      try {
+        for await (const part of streamOf(call)) {
+          if (part.metadata !== undefined) {
+            if (!connected && part.metadata.get('cachesidecar-epoch').length) {
+              connected = true;
+              resumer.established(part.metadata);
+              yield CONNECTED;
+            }
+            continue;
+          }
+          const item = this._event(part.message);
+          if (resumer.duplicate(item)) continue;
+          resumer.seen(item);
+          yield item;
+        }
+      } catch (error) {
+        failure = error;
+      } finally {
+        call.cancel();
+        this._calls.delete(call);
+      }
+      if (this.closed) return;
+      if (failure !== null) {
+        if (typeof failure.code !== 'number') throw failure; // not the call's: e.g. decodeRow threw
+        if (resume && failure.code === grpc.status.OUT_OF_RANGE) {
+          if (connected) yield DISCONNECTED;
+          yield resumer.outOfRange(failure.details);
+          await this._sleep(resumer.delayMs());
+          continue;
+        }
+        if (!resume || !resumable(failure.code, connected)) throw new CacheSidecarError(failure);
+      }
+      if (!resume) return;
+      if (connected) yield DISCONNECTED;
+      const reset = resumer.interrupted();
+      if (reset !== null) yield reset;
+      await this._sleep(resumer.delayMs());
+    }
+  }
+
+  /** The near-cache's own stream: it connects the near-cache, feeds it, and empties it when cut. */
+  async _follow() {
+    const near = this.nearCache;
+    const request = watchRequest(near.tables, { progressIntervalMs: NEAR_CACHE_PROGRESS_MS });
+    while (!this.closed) {
+      try {
+        for await (const item of this._stream(request, true)) {
+          if (item === CONNECTED) {
+            near.learnKeys(await this.listTables());
+            near.connect();
+          } else if (item === DISCONNECTED) {
+            near.disconnect();
+          } else if (item.type === 'reset') {
+            near.reset(item.revision);
+          } else if (item.type === 'changes') {
+            near.apply(item);
+          } else {
+            near.mark(item.revision);
+          }
+        }
+      } catch {
+        // e.g. a table this sidecar does not cache: retry; meanwhile reads go to the sidecar
+      }
+      near.disconnect();
+      await this._sleep(1000);
+    }
+  }
+
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this._sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this._sleepers.add(wake);
+    });
   }
 
   _event(message) {
@@ -232,9 +368,78 @@ class CacheClient {
     }
   }
 
+  /** Ends the near-cache's stream and every watch; the process can then exit. */
   close() {
+    this.closed = true;
+    for (const call of this._calls) call.cancel();
+    for (const wake of [...this._sleepers]) wake();
+    if (this.nearCache !== null) this.nearCache.disconnect();
     this.stub.close();
   }
 }
 
-module.exports = { CacheClient, CacheSidecarError, toKey };
+/** Near-cached rows are shared: callers get their own top-level copy. */
+function copy(row) {
+  if (row === ABSENT || row === null) return null;
+  return typeof row === 'object' && !Array.isArray(row) ? { ...row } : row;
+}
+
+function watchRequest(tables, { keys, operations, startRevision, initialState = false, progressIntervalMs = 0 } = {}) {
+  return {
+    tables,
+    keys: (keys || []).map(toKey),
+    operations: (operations || []).map((op) => op.toUpperCase()),
+    startRevision: startRevision || null,
+    initialState,
+    progressIntervalMs,
+  };
+}
+
+/**
+ * A server stream's headers ({ metadata }) and messages ({ message }), in
+ * order, as an async iterator that throws the call's error at its end.
+ * grpc-js reports the final status as soon as it arrives, possibly before
+ * messages still buffered: the error is held until they are delivered. The
+ * call is paused while many are queued, so that a slow consumer slows the
+ * stream (and the sidecar notices) instead of filling memory.
+ */
+function streamOf(call, highWater = 32) {
+  const queue = [];
+  let wake = null;
+  let failure = null;
+  let ended = false;
+  const push = (item) => {
+    queue.push(item);
+    if (queue.length >= highWater) call.pause();
+    if (wake !== null) {
+      const resolve = wake;
+      wake = null;
+      resolve();
+    }
+  };
+  const end = () => {
+    if (!ended) push({ end: true });
+    ended = true;
+  };
+  call.on('metadata', (metadata) => push({ metadata }));
+  call.on('data', (message) => push({ message }));
+  call.on('error', (error) => {
+    failure = error;
+  });
+  call.on('end', end);
+  call.on('close', end);
+  return (async function* parts() {
+    for (;;) {
+      while (!queue.length) await new Promise((resolve) => (wake = resolve));
+      const item = queue.shift();
+      if (queue.length <= highWater / 2 && call.isPaused()) call.resume();
+      if (item.end) {
+        if (failure !== null) throw failure;
+        return;
+      }
+      yield item;
+    }
+  })();
+}
+
+module.exports = { CacheClient, CacheSidecarError, toKey, fromKey, parseExact };

@@ -5,41 +5,13 @@
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
-const net = require('node:net');
-const path = require('node:path');
 const { Client: PgClient } = require('pg');
 const { CacheClient, CacheSidecarError } = require('../src/index.js');
+const { freePort, eventually, PYTHON, REPO } = require('./support.js');
 
-const PYTHON = process.env.SIDECAR_PYTHON || 'python3';
-const REPO = path.join(__dirname, '..', '..', '..');
 let daemon;
 let cache;
 let db;
-
-function freePort() {
-  return new Promise((resolve) => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-async function eventually(check, { timeoutMs = 20000, what = 'condition' } = {}) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await check();
-      if (last) return last;
-    } catch (error) {
-      last = error;
-    }
-    if (Date.now() > deadline) throw new Error(`${what} not reached within ${timeoutMs} ms (last: ${last})`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 before(async () => {
   const port = await freePort();
@@ -127,10 +99,10 @@ test('watch yields change batches as an async iterator', async () => {
     }
   })();
   await eventually(() => seen.some((item) => item.type === 'initialStateDone'), { what: 'initial state' });
-  assert.ok(seen.filter((i) => i.type === 'changes').flatMap((i) => i.changes).some((c) => c.operation === 'snapshot' && c.key === 1));
+  assert.ok(seen.filter((i) => i.type === 'changes').flatMap((i) => i.changes).some((c) => c.operation === 'snapshot' && c.key === 1n));
   await db.query("UPDATE patron SET name = 'Ada L.' WHERE id = 1");
   await following;
   const update = seen.at(-1).changes.find((c) => c.operation === 'update');
-  assert.equal(update.key, 1);
+  assert.equal(update.key, 1n); // integer key parts are BigInt
   assert.equal(update.row.name, 'Ada L.');
 });

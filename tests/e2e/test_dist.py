@@ -1,0 +1,98 @@
+"""Installing outside the repository: ``./dev dist`` builds the wheels and the Node
+tarball, and a clean venv that installs the wheels serves the demo and reads a row
+with the installed client (nothing imported from the source tree)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> str:
+    done = subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+# pip fetches the dependencies (from its cache when the dev venv was installed here);
+# the venv, the installs and the embedded PostgreSQL's start take ~30-60 s.
+@pytest.mark.timeout(400)
+def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_", "VIRTUAL_ENV"))}
+    dist = tmp_path / "dist"
+    printed = run("./dev", "dist", dist, cwd=REPO, env=env)
+    daemon_wheel = next(dist.glob("cache_sidecar-*.whl"))
+    client_wheel = next(dist.glob("cache_sidecar_client-*.whl"))
+    tarball = next(dist.glob("cache-sidecar-client-*.tgz"))
+    assert all(p.name in printed for p in (daemon_wheel, client_wheel, tarball)), printed
+
+    with tarfile.open(tarball) as archive:
+        names = set(archive.getnames())
+    assert {"package/package.json", "package/src/index.js", "package/src/index.d.ts"} <= names, names
+    assert "package/proto/cachesidecar/v1/cache.proto" in names  # the package finds its API without the repo
+
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    python, exe = venv / "bin" / "python", venv / "bin" / "cache-sidecar"
+    run(
+        python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--find-links", dist,
+        f"{daemon_wheel}[embedded]", client_wheel,
+        cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert "serve" in run(exe, "--help", cwd=tmp_path, env=env)
+
+    target = f"127.0.0.1:{free_port()}"
+    daemon = subprocess.Popen(
+        [exe, "serve", "--listen", target, "--log-level", "warning"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    read = (
+        "import cache_sidecar_client, sys\n"
+        "from cache_sidecar_client import Client\n"
+        "with Client(sys.argv[1], timeout=2) as cache:\n"
+        "    print(cache_sidecar_client.__file__, cache.get('public.patron', 1)['name'])\n"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(
+                [python, "-c", read, target], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+            )
+            if done.returncode == 0:
+                break
+            assert daemon.poll() is None, f"the installed daemon exited {daemon.returncode}: {daemon.stderr.read()}"
+            assert time.monotonic() < deadline, f"no row from the installed daemon: {done.stderr}"
+            time.sleep(0.2)  # polling a condition (the demo serving), with the deadline above
+        where, name = done.stdout.split()
+        assert name == "Ada"
+        assert Path(where).is_relative_to(venv), where  # the installed client, not the source tree's
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    assert daemon.returncode == 0, daemon.stderr.read() if daemon.stderr else ""
