@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+from sidecar import dsn as dsn_module
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "CACHE_SIDECAR_"
@@ -141,8 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
         "database.dsn",
         "dsn",
         "str",
-        "PostgreSQL DSN (libpq URL or key=value). Without it "
-        "(and without PGHOST/PGDATABASE) an embedded PostgreSQL is started.",
+        "PostgreSQL DSN: a URL (postgresql://user@host/db) or libpq key=value pairs (host=... dbname=...). "
+        "Without it (and without PGHOST/PGDATABASE/PGSERVICE) an embedded PostgreSQL is started.",
         flag="--dsn",
         secret=True,
     ),
@@ -382,6 +382,11 @@ def load(
             continue
         setting = SETTINGS_BY_KEY[key]
         values[setting.attr] = _check(setting, value, setting.flag or key)
+        if setting.secret and warn is not None and dsn_module.password(value):
+            warn(
+                f"the password given with {setting.flag} is visible to every user of this machine (ps); "
+                f"give the DSN in {setting.env} or the config file, or the password in PGPASSWORD or ~/.pgpass"
+            )
 
     if tables is not None:
         values["tables"] = tuple(tables)
@@ -604,6 +609,8 @@ def _check(setting: Setting, value: Any, where: str) -> Any:
 
 
 def _validate(config: Config) -> None:
+    if config.dsn is not None:
+        dsn_module.parse(config.dsn)  # a DSN that cannot parse would be retried forever at start
     for address in config.listen:
         parse_listen_address(address)
     for address in config.health_listen:
@@ -709,43 +716,15 @@ def parse_listen_address(text: str) -> ListenAddress:
 
 
 def redact_dsn(dsn: str | None) -> str:
-    """The DSN with any password replaced, safe to log."""
+    """The DSN with its password fields replaced, safe to log."""
     if not dsn:
         return "(PG* environment)"
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostinfo = netloc.rpartition("@")
-            user, colon, password = userinfo.partition(":")
-            if password:
-                userinfo = f"{user}:***"
-            elif colon:
-                userinfo = user
-            netloc = f"{userinfo}@{hostinfo}"
-        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return dsn_module.redact(dsn)
 
 
 def scrub(text: str, dsn: str | None) -> str:
-    """Remove the DSN's password from any message (e.g. a driver error)."""
-    if not dsn:
-        return text
-    text = text.replace(dsn, redact_dsn(dsn))
-    password = _password(dsn)
-    return text.replace(password, "***") if password else text
-
-
-def _password(dsn: str) -> str | None:
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password:
-            return parts.password
-        match = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-        return unquote(match.group(1)) if match and match.group(1) else None
-    match = re.search(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
-    return match.group(1).strip("'") if match else None
+    """``text`` with the DSN, where it appears whole (a driver error may echo it), redacted."""
+    return dsn_module.scrub(text, dsn)
 
 
 def describe(config: Config) -> Sequence[str]:

@@ -7,14 +7,17 @@ The LISTEN connection is not here: ``listener.py`` owns it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import asyncpg
 
-from sidecar.config import Config, TableConfig, redact_dsn, scrub
-from sidecar.errors import ConfigError, SchemaError, Unavailable
+from sidecar import dsn
+from sidecar.config import Config, TableConfig, scrub
+from sidecar.dsn import Target
+from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
@@ -80,13 +83,44 @@ PINNED_SETTINGS = {
 }
 
 
-def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
-    """asyncpg connection arguments: DSN (or PG* variables) and session settings."""
-    return {
-        "dsn": config.dsn,
-        "timeout": config.connect_timeout,
-        "server_settings": {"application_name": application_name, **PINNED_SETTINGS},
+def connect_target(config: Config, application_name: str) -> Target:
+    """How to connect (the DSN or PG* variables, a service, the session settings); every
+    connection the daemon and the CLI open is built here. ``application_name`` tells the
+    connections apart in pg_stat_activity unless the DSN names one."""
+    target = dsn.resolve(config.dsn)
+    arguments = dict(target.arguments)
+    arguments.setdefault("timeout", config.connect_timeout)
+    arguments["server_settings"] = {
+        "application_name": application_name,
+        **arguments.get("server_settings", {}),
+        **PINNED_SETTINGS,
     }
+    return dataclasses.replace(target, arguments=arguments)
+
+
+def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
+    """asyncpg ``connect()``/``create_pool()`` keyword arguments (see ``connect_target``)."""
+    return connect_target(config, application_name).arguments
+
+
+def connect_failure(config: Config, target: Target, exc: BaseException) -> SidecarError:
+    """A failed connection attempt as the daemon's error, naming where it tried: ``Unavailable``
+    when it may fix itself (the caller may retry), ``ConfigError`` when only a change can."""
+    detail = scrub(str(exc).strip() or type(exc).__name__, config.dsn)
+    message = f"cannot connect to {target.address} ({target.origin}): {detail}"
+    # (asyncpg's configuration errors are InterfaceErrors too: retrying them cannot help)
+    if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, asyncpg.ClientConfigurationError):
+        return Unavailable(message)
+    return ConfigError("database.dsn", message)
+
+
+async def connect(config: Config, application_name: str) -> asyncpg.Connection:
+    """One connection, outside the pool (the listener's, the CLI's)."""
+    target = connect_target(config, application_name)
+    try:
+        return await asyncpg.connect(**target.arguments)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+        raise connect_failure(config, target, exc) from None
 
 
 CATALOG_TABLE_SQL = """
@@ -217,19 +251,16 @@ class PgDatabase:
 
     @classmethod
     async def connect(cls, config: Config) -> PgDatabase:
+        target = connect_target(config, "cache-sidecar")
         try:
             pool = await asyncpg.create_pool(
                 min_size=config.pool_min_size,
                 max_size=config.pool_max_size,
                 command_timeout=config.query_timeout,
-                **connect_kwargs(config, "cache-sidecar"),
+                **target.arguments,
             )
-        except CONNECTION_ERRORS as exc:  # may fix itself: the caller may retry
-            raise Unavailable(f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}") from None
-        except (asyncpg.PostgresError, ValueError) as exc:  # bad credentials, database, DSN
-            raise ConfigError(
-                "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
-            ) from None
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+            raise connect_failure(config, target, exc) from None
         return cls(pool, config.dsn, config.query_timeout)
 
     async def close(self) -> None:

@@ -219,8 +219,9 @@ def test_secret_never_in_errors_or_description(tmp_path):
 def test_redact_dsn(dsn, shown, password):
     assert cfg.redact_dsn(dsn) == shown
     if password:
-        scrubbed = cfg.scrub(f"failed for {dsn}: password {password} rejected", dsn)
-        assert password not in scrubbed and "***" in scrubbed
+        # A driver error that echoes the DSN gets the redacted DSN in its place.
+        scrubbed = cfg.scrub(f"failed for {dsn}: timeout", dsn)
+        assert password not in scrubbed and scrubbed == f"failed for {shown}: timeout"
 
 
 @pytest.mark.parametrize(
@@ -244,3 +245,38 @@ def test_listen_addresses():
     assert cfg.parse_listen_address("0.0.0.0:1").all_interfaces
     with pytest.raises(ConfigError, match="0-65535"):
         cfg.parse_listen_address("127.0.0.1:70000")
+
+
+@pytest.mark.parametrize("secret", ["postgres", "r", "a@b:c/"])
+def test_redaction_touches_the_password_fields_only(secret):
+    encoded = secret.replace("@", "%40").replace(":", "%3A").replace("/", "%2F")
+    url = f"postgresql://postgres2:{encoded}@127.0.0.1:53204/nodb"
+    assert cfg.redact_dsn(url) == "postgresql://postgres2:***@127.0.0.1:53204/nodb"
+    query = f"postgresql://app@db/postgres?password={encoded}&sslmode=require"
+    assert cfg.redact_dsn(query) == "postgresql://app@db/postgres?password=***&sslmode=require"
+    quoted = "'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    keywords = f"host=/tmp/postgres user=postgres password = {quoted} dbname=r"
+    assert cfg.redact_dsn(keywords) == "host=/tmp/postgres user=postgres password = *** dbname=r"
+
+    # Messages are never edited where the password's text happens to occur...
+    message = "table public.a@b:c/ has no primary key; cache-sidecar needs one (postgresql, postgres2, r)"
+    assert cfg.scrub(message, url) == message
+    assert cfg.scrub(message, keywords) == message
+    # ...only where the driver echoes the DSN: that is replaced whole.
+    echoed = f"cannot connect to {url}: password authentication failed for user postgres2"
+    assert cfg.scrub(echoed, url) == (
+        "cannot connect to postgresql://postgres2:***@127.0.0.1:53204/nodb: "
+        "password authentication failed for user postgres2"
+    )
+
+
+def test_a_password_on_the_command_line_is_warned_about():
+    warnings: list[str] = []
+    cfg.load(env={}, flags={"database.dsn": "host=db password=pw"}, warn=warnings.append)
+    assert len(warnings) == 1
+    assert all(word in warnings[0] for word in ("CACHE_SIDECAR_DATABASE_DSN", "PGPASSWORD", "~/.pgpass", "config"))
+    assert "pw" not in warnings[0].replace("password", "")
+    quiet: list[str] = []
+    cfg.load(env={}, flags={"database.dsn": "postgresql://app@db/shop"}, warn=quiet.append)
+    cfg.load(env={"CACHE_SIDECAR_DATABASE_DSN": "postgresql://app:pw@db/shop"}, warn=quiet.append)
+    assert quiet == []
