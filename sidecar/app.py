@@ -64,8 +64,15 @@ class Daemon:
         self._signals = 0
 
     async def run(self) -> int:
+        # Installed before start-up, which may wait long (connection retries, an embedded
+        # server): SIGTERM then must stop the daemon cleanly too, not kill it silently.
+        if self.handle_signals:
+            self._install_signal_handlers()
         try:
-            await self._start()
+            if not await self._start_unless_stopped():
+                await self._close()
+                log.info("stopped during start-up", extra={"event": "stopped"})
+                return 0
         except SidecarError as exc:
             log.error("%s", scrub(str(exc), self.config.dsn))
             await self._close()
@@ -80,6 +87,22 @@ class Daemon:
             await self._close()
 
     # ---------------------------------------------------------------- start
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start; False when asked to stop first (start-up is then cancelled)."""
+        start = asyncio.create_task(self._start(), name="start-up")
+        stop = asyncio.create_task(self.stop_event.wait(), name="stop")
+        try:
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+            return False
+        start.result()
+        return True
 
     async def _start(self) -> None:
         config = self.config
@@ -152,7 +175,15 @@ class Daemon:
 
     async def _start_embedded(self, config: Config) -> Config:
         self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
-        uri = await asyncio.to_thread(self.embedded.start)
+        starting = asyncio.ensure_future(asyncio.to_thread(self.embedded.start))
+        try:
+            uri = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # A signal: the thread cannot be interrupted, and stopping the server while
+            # it is still being started would leave it running. Let it finish first.
+            with contextlib.suppress(Exception):
+                await starting
+            raise
         conn = await asyncpg.connect(uri)
         try:
             await conn.execute(embedded.DEMO_SQL)
@@ -204,8 +235,6 @@ class Daemon:
 
     async def _supervise(self) -> int:
         assert self.listener is not None and self.server is not None
-        if self.handle_signals:
-            self._install_signal_handlers()
         tasks = {
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),

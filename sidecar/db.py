@@ -8,6 +8,7 @@ The LISTEN connection is not here: ``listener.py`` owns it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from sidecar import dsn
-from sidecar.config import Config, TableConfig, scrub
+from sidecar.config import Config, TableConfig, qualified_name, scrub
 from sidecar.dsn import Target
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
@@ -173,7 +174,8 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         return await describe_relation(conn, table)
     found = await conn.fetchrow(CATALOG_TABLE_SQL, table.schema, table.name)
     if found is None:
-        raise SchemaError(f"table {table.qualified} does not exist")
+        # A misspelt name is a configuration error like a misspelt key: exit 2, with a hint.
+        raise ConfigError("tables", f"table {table.qualified} does not exist{await _near_names(conn, table)}")
     if found["relkind"] not in ("r", "p"):
         raise SchemaError(f"{table.qualified} is not a table (relkind {found['relkind']!r})")
     key_rows = await conn.fetch(CATALOG_KEY_SQL, found["oid"])
@@ -192,6 +194,26 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         if missing:
             raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
     return TableSchema(config=table, key_columns=columns, columns=others)
+
+
+CATALOG_NEAR_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND (n.nspname = $1 OR lower(c.relname) = lower($2))
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+"""
+
+
+async def _near_names(conn: Any, table: TableConfig) -> str:
+    """ " (did you mean ...?)" from the tables of the same schema, and same-named ones elsewhere."""
+    rows = [(schema, name) for schema, name in await conn.fetch(CATALOG_NEAR_SQL, table.schema, table.name)]
+    same_schema = [name for schema, name in rows if schema == table.schema]
+    close = [(table.schema, name) for name in difflib.get_close_matches(table.name, same_schema, n=3, cutoff=0.6)]
+    elsewhere = sorted((s, n) for s, n in rows if s != table.schema and n.lower() == table.name.lower())
+    names = [qualified_name(s, n) for s, n in close + elsewhere][:5]
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
 async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:

@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 from sidecar import config as cfg
-from sidecar.app import call_with_db
+from sidecar.app import Daemon, call_with_db
 from sidecar.db import PgDatabase, connect_kwargs
 from sidecar.errors import ConfigError, Unavailable
 
@@ -107,3 +107,22 @@ async def test_a_wrong_password_is_not_retried_and_not_shown(postgres, socket_di
     with pytest.raises(ConfigError) as info:
         await PgDatabase.connect(config)
     assert info.value.key == "database.dsn" and "hunter" not in str(info.value) and "password=***" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("asked", "suggested"),
+    [
+        ("{s}.prodcut", "did you mean {s}.product?"),
+        ("public.product", "did you mean {s}.product?"),  # the same name in another schema
+    ],
+)
+async def test_a_misspelt_table_exits_2_with_a_suggestion(postgres, db, schema, caplog, asked, suggested):
+    await db.execute(f"CREATE TABLE {schema}.product (id int PRIMARY KEY)")
+    config = cfg.Config(
+        dsn=postgres.dsn,
+        listen=("127.0.0.1:0",),
+        install_triggers=True,
+        tables=(cfg.parse_table_spec(asked.format(s=schema), "test"),),
+    )
+    assert await Daemon(config, handle_signals=False).run() == 2
+    assert suggested.format(s=schema) in caplog.text

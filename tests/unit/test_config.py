@@ -247,6 +247,14 @@ def test_listen_addresses():
         cfg.parse_listen_address("127.0.0.1:70000")
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[database]\ndsn = "host=db user=jos\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, env={})
+    assert info.value.key == "--config" and str(path) in info.value.problem and "UTF-8" in info.value.problem
+
+
 @pytest.mark.parametrize("secret", ["postgres", "r", "a@b:c/"])
 def test_redaction_touches_the_password_fields_only(secret):
     encoded = secret.replace("@", "%40").replace(":", "%3A").replace("/", "%2F")
