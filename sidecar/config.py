@@ -729,15 +729,63 @@ def scrub(text: str, dsn: str | None) -> str:
     return dsn_module.scrub(text, dsn)
 
 
-def describe(config: Config) -> Sequence[str]:
-    """Lines describing the effective configuration, secrets redacted."""
-    lines = []
+def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequence[str]:
+    """The effective configuration as a TOML file that loads back into it (the
+    DSN's password redacted), with where the database comes from as a comment."""
+    environ = os.environ if environ is None else environ
+    lines = [
+        "# cache-sidecar: effective configuration (cache-sidecar serve --print-config)",
+        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}",
+    ]
+    sections: dict[str, list[Setting]] = {}
     for setting in SETTINGS:
-        value = getattr(config, setting.attr)
-        if setting.secret:
-            value = redact_dsn(value) if value else None
-        lines.append(f"{setting.key} = {value!r}")
+        sections.setdefault(setting.key.split(".")[0], []).append(setting)
+    for section, settings in sections.items():
+        lines += ["", f"[{section}]"]
+        for setting in settings:
+            name = setting.key.split(".", 1)[1]
+            value = getattr(config, setting.attr)
+            if value is None or value == ():  # (an empty list is not a valid value to load)
+                lines.append(f"# {name} is not set")
+            else:
+                lines.append(f"{name} = {_toml(redact_dsn(value) if setting.secret else value)}")
     for table in config.tables:
-        kind = "relation" if table.is_relation else "table"
-        lines.append(f"{kind} {table.qualified} mode={table.mode}")
+        lines += ["", "[[tables]]", f"name = {_toml(table.qualified)}", f"mode = {_toml(table.mode)}"]
+        if table.mode == "lazy":
+            lines.append(f"max_rows = {_toml(table.max_rows)}")
+            if table.ttl_seconds is not None:
+                lines.append(f"ttl_seconds = {_toml(table.ttl_seconds)}")
+        if table.where is not None:
+            lines.append(f"where = {_toml(table.where)}")
+        if table.query is not None:
+            lines.append(f"query = {_toml(table.query)}")
+            lines.append(f"key = {_toml(table.key)}")
+            sources = ", ".join(
+                f"{_toml(s.qualified)} = {{ {', '.join(f'{_toml(a)} = {_toml(b)}' for a, b in s.mapping)} }}"
+                for s in table.sources
+            )
+            lines.append(f"sources = {{ {sources} }}")
+        for index in table.indexes:
+            lines += [
+                "",
+                "[[tables.indexes]]",
+                f"name = {_toml(index.name)}",
+                f"columns = {_toml(index.columns)}",
+                f"unique = {_toml(index.unique)}",
+                f"range = {_toml(index.range)}",
+            ]
     return lines
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    # TOML forbids raw control characters (tab aside) in a basic string.
+    escaped = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", escaped)
+    return f'"{escaped}"'

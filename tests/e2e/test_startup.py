@@ -1,6 +1,6 @@
 """The first minutes, through the real console script: a DSN that cannot parse
 exits 2 at once, SIGTERM while the database is still unreachable exits 0,
-a config file that is not UTF-8 is a config error."""
+a config file that is not UTF-8 is a config error, --print-config is TOML."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 SCRIPT = Path(sys.executable).with_name("cache-sidecar")
@@ -99,3 +100,18 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     out = subprocess.run([*EXE, "serve", "--config", str(path)], capture_output=True, text=True, env=clean_env())
     assert out.returncode == 2
     assert str(path) in out.stderr and "UTF-8" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_print_config_is_toml_and_a_command_line_password_is_warned_about(tmp_path):
+    out = subprocess.run(
+        [*EXE, "serve", "--dsn", "host=db user=app password=pw-secret", "--table", "shop.item", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    data = tomllib.loads(out.stdout)
+    assert data["database"]["dsn"] == "host=db user=app password=***"
+    assert data["server"]["listen"] == ["127.0.0.1:50051"] and data["tables"] == [{"name": "shop.item", "mode": "full"}]
+    assert "pw-secret" not in out.stdout + out.stderr
+    assert "warning:" in out.stderr and "CACHE_SIDECAR_DATABASE_DSN" in out.stderr

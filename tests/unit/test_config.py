@@ -255,6 +255,60 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
     assert info.value.key == "--config" and str(path) in info.value.problem and "UTF-8" in info.value.problem
 
 
+def test_print_config_is_toml_that_loads_back(tmp_path):
+    import dataclasses
+    import tomllib
+
+    relation = RELATION.replace("[[tables]]", '[[tables]]\n# "quoted"\n', 1)
+    extra = """
+[[tables]]
+name = '"Odd"."Na\\me"'
+where = "status = 'open'\\n  AND kind <> \\"x\\""
+[[tables.indexes]]
+name = "by_kind"
+columns = ["kind"]
+[[tables]]
+name = "prices"
+mode = "lazy"
+max_rows = 50
+ttl_seconds = 2.5
+[[tables]]
+name = "stock"
+mode = "lazy"
+"""
+    path = write(tmp_path, FILE.split("[[tables]]")[0] + "[metrics]\nlisten = '127.0.0.1:9'\n" + relation + extra)
+    config = cfg.load(path, env={})
+    assert len(config.tables) == 4 and config.health_listen == () and config.embedded_data_dir is None
+    text = "\n".join(cfg.describe(config, environ={}))
+
+    tomllib.loads(text)  # valid TOML, no Python reprs
+    assert "None" not in text and "('" not in text and "s3cret" not in text
+    assert "# database: DSN postgresql://app:***@db/app" in text
+    again = write(tmp_path, text)
+    assert cfg.load(again, env={}) == dataclasses.replace(config, dsn="postgresql://app:***@db/app")
+
+
+@pytest.mark.parametrize(
+    ("environ", "dsn", "origin"),
+    [
+        ({}, None, "# database: the embedded PostgreSQL"),
+        ({"PGHOST": "db", "PGUSER": "app"}, None, "# database: PG* environment (PGHOST, PGUSER)"),
+        ({}, "host=db password='x y'", "# database: DSN host=db password=***"),
+    ],
+)
+def test_print_config_says_where_the_database_comes_from(environ, dsn, origin):
+    text = "\n".join(cfg.describe(cfg.Config(dsn=dsn), environ=environ))
+    assert origin in text
+
+
+def test_print_config_names_the_service(tmp_path):
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[shop]\nhost=db\n")
+    environ = {"PGSERVICE": "shop", "PGSERVICEFILE": str(services)}
+    text = "\n".join(cfg.describe(cfg.Config(), environ=environ))
+    assert f"service shop from {services}" in text
+
+
 @pytest.mark.parametrize("secret", ["postgres", "r", "a@b:c/"])
 def test_redaction_touches_the_password_fields_only(secret):
     encoded = secret.replace("@", "%40").replace(":", "%3A").replace("/", "%2F")
