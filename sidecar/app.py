@@ -21,11 +21,11 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import embedded, events, server, triggers
+from sidecar import db, dsn, embedded, events, server, triggers
 from sidecar.barrier import Barrier
 from sidecar.catalog import CatalogWatch
-from sidecar.config import Config, redact_dsn, scrub
-from sidecar.db import CONNECTION_ERRORS, PgDatabase, connect_kwargs
+from sidecar.config import Config, scrub
+from sidecar.db import PgDatabase
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.listener import Listener, backoff_delay
@@ -39,9 +39,7 @@ log = logging.getLogger(__name__)
 def wants_embedded(config: Config, environ: dict[str, str] | None = None) -> bool:
     """No database given anywhere (flag, file, CACHE_SIDECAR_*, PG*): use the embedded one."""
     environ = dict(os.environ) if environ is None else environ
-    if config.embedded:
-        return True
-    return config.dsn is None and not any(environ.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
+    return config.embedded or not dsn.given(config.dsn, environ)
 
 
 class Daemon:
@@ -66,8 +64,15 @@ class Daemon:
         self._signals = 0
 
     async def run(self) -> int:
+        # Installed before start-up, which may wait long (connection retries, an embedded
+        # server): SIGTERM then must stop the daemon cleanly too, not kill it silently.
+        if self.handle_signals:
+            self._install_signal_handlers()
         try:
-            await self._start()
+            if not await self._start_unless_stopped():
+                await self._close()
+                log.info("stopped during start-up", extra={"event": "stopped"})
+                return 0
         except SidecarError as exc:
             log.error("%s", scrub(str(exc), self.config.dsn))
             await self._close()
@@ -83,13 +88,29 @@ class Daemon:
 
     # ---------------------------------------------------------------- start
 
+    async def _start_unless_stopped(self) -> bool:
+        """Start; False when asked to stop first (start-up is then cancelled)."""
+        start = asyncio.create_task(self._start(), name="start-up")
+        stop = asyncio.create_task(self.stop_event.wait(), name="stop")
+        try:
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+            return False
+        start.result()
+        return True
+
     async def _start(self) -> None:
         config = self.config
         if wants_embedded(config):
             config = await self._start_embedded(config)
         if not config.tables:
             raise ConfigError("tables", "no tables configured: add [[tables]] to the config file or --table NAME")
-        log.info("connecting to %s", redact_dsn(config.dsn))
+        log.info("connecting to %s", dsn.resolve(config.dsn).origin)
         self.db = await self._connect_with_retry(config)
         schemas = [await self.db.describe(table) for table in config.tables]
         await self._check_triggers(config, schemas)
@@ -122,7 +143,7 @@ class Daemon:
         )
         engine.on_state_change(self._health_dirty.set)
         self.listener = Listener(
-            connect=lambda: asyncpg.connect(**connect_kwargs(config, "cache-sidecar-listener")),
+            connect=_listener_connect(config),
             channel=config.channel,
             on_event=engine.handle,
             on_up=listening,
@@ -154,8 +175,16 @@ class Daemon:
 
     async def _start_embedded(self, config: Config) -> Config:
         self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
-        dsn = await asyncio.to_thread(self.embedded.start)
-        conn = await asyncpg.connect(dsn)
+        starting = asyncio.ensure_future(asyncio.to_thread(self.embedded.start))
+        try:
+            uri = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # A signal: the thread cannot be interrupted, and stopping the server while
+            # it is still being started would leave it running. Let it finish first.
+            with contextlib.suppress(Exception):
+                await starting
+            raise
+        conn = await asyncpg.connect(uri)
         try:
             await conn.execute(embedded.DEMO_SQL)
         finally:
@@ -163,7 +192,7 @@ class Daemon:
         tables = config.tables
         if not tables:
             tables = (embedded.DEMO_TABLE,)
-        return dataclasses.replace(config, dsn=dsn, tables=tables, install_triggers=True)
+        return dataclasses.replace(config, dsn=uri, tables=tables, install_triggers=True)
 
     async def _connect_with_retry(self, config: Config) -> PgDatabase:
         attempt = 0
@@ -206,8 +235,6 @@ class Daemon:
 
     async def _supervise(self) -> int:
         assert self.listener is not None and self.server is not None
-        if self.handle_signals:
-            self._install_signal_handlers()
         tasks = {
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),
@@ -318,16 +345,23 @@ class Daemon:
             await asyncio.to_thread(self.embedded.stop)
 
 
+def _listener_connect(config: Config) -> Callable[[], Awaitable[Any]]:
+    """The listener's connect: its failures are ``ConnectionError``s (which it retries)
+    that say where it tried."""
+    db.connect_target(config, "cache-sidecar-listener")  # a bad service is found now, not in the retry loop
+
+    async def connect() -> Any:
+        try:
+            return await db.connect(config, "cache-sidecar-listener")
+        except SidecarError as exc:
+            raise ConnectionError(str(exc)) from None
+
+    return connect
+
+
 async def call_with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
     """Run ``work(conn)`` on one connection (for the ``triggers`` command)."""
-    try:
-        conn = await asyncpg.connect(**connect_kwargs(config, "cache-sidecar-cli"))
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable(f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}") from None
-    except (asyncpg.PostgresError, ValueError) as exc:
-        raise ConfigError(
-            "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
-        ) from None
+    conn = await db.connect(config, "cache-sidecar-cli")
     try:
         return await work(conn)
     finally:

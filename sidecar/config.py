@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+from sidecar import dsn as dsn_module
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "CACHE_SIDECAR_"
@@ -141,8 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
         "database.dsn",
         "dsn",
         "str",
-        "PostgreSQL DSN (libpq URL or key=value). Without it "
-        "(and without PGHOST/PGDATABASE) an embedded PostgreSQL is started.",
+        "PostgreSQL DSN: a URL (postgresql://user@host/db) or libpq key=value pairs (host=... dbname=...). "
+        "Without it (and without PGHOST/PGDATABASE/PGSERVICE) an embedded PostgreSQL is started.",
         flag="--dsn",
         secret=True,
     ),
@@ -382,6 +382,11 @@ def load(
             continue
         setting = SETTINGS_BY_KEY[key]
         values[setting.attr] = _check(setting, value, setting.flag or key)
+        if setting.secret and warn is not None and dsn_module.password(value):
+            warn(
+                f"the password given with {setting.flag} is visible to every user of this machine (ps); "
+                f"give the DSN in {setting.env} or the config file, or the password in PGPASSWORD or ~/.pgpass"
+            )
 
     if tables is not None:
         values["tables"] = tuple(tables)
@@ -392,11 +397,13 @@ def load(
 
 def _read_file(path: Path) -> tuple[dict[str, Any], list[TableConfig] | None]:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("--config", f"file not found: {path}") from None
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
 
@@ -604,6 +611,8 @@ def _check(setting: Setting, value: Any, where: str) -> Any:
 
 
 def _validate(config: Config) -> None:
+    if config.dsn is not None:
+        dsn_module.parse(config.dsn)  # a DSN that cannot parse would be retried forever at start
     for address in config.listen:
         parse_listen_address(address)
     for address in config.health_listen:
@@ -709,54 +718,74 @@ def parse_listen_address(text: str) -> ListenAddress:
 
 
 def redact_dsn(dsn: str | None) -> str:
-    """The DSN with any password replaced, safe to log."""
+    """The DSN with its password fields replaced, safe to log."""
     if not dsn:
         return "(PG* environment)"
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostinfo = netloc.rpartition("@")
-            user, colon, password = userinfo.partition(":")
-            if password:
-                userinfo = f"{user}:***"
-            elif colon:
-                userinfo = user
-            netloc = f"{userinfo}@{hostinfo}"
-        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return dsn_module.redact(dsn)
 
 
 def scrub(text: str, dsn: str | None) -> str:
-    """Remove the DSN's password from any message (e.g. a driver error)."""
-    if not dsn:
-        return text
-    text = text.replace(dsn, redact_dsn(dsn))
-    password = _password(dsn)
-    return text.replace(password, "***") if password else text
+    """``text`` with the DSN, where it appears whole (a driver error may echo it), redacted."""
+    return dsn_module.scrub(text, dsn)
 
 
-def _password(dsn: str) -> str | None:
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password:
-            return parts.password
-        match = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-        return unquote(match.group(1)) if match and match.group(1) else None
-    match = re.search(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
-    return match.group(1).strip("'") if match else None
-
-
-def describe(config: Config) -> Sequence[str]:
-    """Lines describing the effective configuration, secrets redacted."""
-    lines = []
+def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequence[str]:
+    """The effective configuration as a TOML file that loads back into it (the
+    DSN's password redacted), with where the database comes from as a comment."""
+    environ = os.environ if environ is None else environ
+    lines = [
+        "# cache-sidecar: effective configuration (cache-sidecar serve --print-config)",
+        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}",
+    ]
+    sections: dict[str, list[Setting]] = {}
     for setting in SETTINGS:
-        value = getattr(config, setting.attr)
-        if setting.secret:
-            value = redact_dsn(value) if value else None
-        lines.append(f"{setting.key} = {value!r}")
+        sections.setdefault(setting.key.split(".")[0], []).append(setting)
+    for section, settings in sections.items():
+        lines += ["", f"[{section}]"]
+        for setting in settings:
+            name = setting.key.split(".", 1)[1]
+            value = getattr(config, setting.attr)
+            if value is None or value == ():  # (an empty list is not a valid value to load)
+                lines.append(f"# {name} is not set")
+            else:
+                lines.append(f"{name} = {_toml(redact_dsn(value) if setting.secret else value)}")
     for table in config.tables:
-        kind = "relation" if table.is_relation else "table"
-        lines.append(f"{kind} {table.qualified} mode={table.mode}")
+        lines += ["", "[[tables]]", f"name = {_toml(table.qualified)}", f"mode = {_toml(table.mode)}"]
+        if table.mode == "lazy":
+            lines.append(f"max_rows = {_toml(table.max_rows)}")
+            if table.ttl_seconds is not None:
+                lines.append(f"ttl_seconds = {_toml(table.ttl_seconds)}")
+        if table.where is not None:
+            lines.append(f"where = {_toml(table.where)}")
+        if table.query is not None:
+            lines.append(f"query = {_toml(table.query)}")
+            lines.append(f"key = {_toml(table.key)}")
+            sources = ", ".join(
+                f"{_toml(s.qualified)} = {{ {', '.join(f'{_toml(a)} = {_toml(b)}' for a, b in s.mapping)} }}"
+                for s in table.sources
+            )
+            lines.append(f"sources = {{ {sources} }}")
+        for index in table.indexes:
+            lines += [
+                "",
+                "[[tables.indexes]]",
+                f"name = {_toml(index.name)}",
+                f"columns = {_toml(index.columns)}",
+                f"unique = {_toml(index.unique)}",
+                f"range = {_toml(index.range)}",
+            ]
     return lines
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    # TOML forbids raw control characters (tab aside) in a basic string.
+    escaped = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", escaped)
+    return f'"{escaped}"'

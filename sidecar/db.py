@@ -12,14 +12,18 @@ refuses, an undefined column). The LISTEN connection is not here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
-from sidecar.config import Config, TableConfig, redact_dsn, scrub
-from sidecar.errors import ConfigError, QueryFailed, SchemaError, Unavailable
+from sidecar import dsn
+from sidecar.config import Config, TableConfig, qualified_name, scrub
+from sidecar.dsn import Target
+from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
@@ -92,13 +96,44 @@ PINNED_SETTINGS = {
 }
 
 
-def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
-    """asyncpg connection arguments: DSN (or PG* variables) and session settings."""
-    return {
-        "dsn": config.dsn,
-        "timeout": config.connect_timeout,
-        "server_settings": {"application_name": application_name, **PINNED_SETTINGS},
+def connect_target(config: Config, application_name: str) -> Target:
+    """How to connect (the DSN or PG* variables, a service, the session settings); every
+    connection the daemon and the CLI open is built here. ``application_name`` tells the
+    connections apart in pg_stat_activity unless the DSN names one."""
+    target = dsn.resolve(config.dsn)
+    arguments = dict(target.arguments)
+    arguments.setdefault("timeout", config.connect_timeout)
+    arguments["server_settings"] = {
+        "application_name": application_name,
+        **arguments.get("server_settings", {}),
+        **PINNED_SETTINGS,
     }
+    return dataclasses.replace(target, arguments=arguments)
+
+
+def connect_kwargs(config: Config, application_name: str) -> dict[str, Any]:
+    """asyncpg ``connect()``/``create_pool()`` keyword arguments (see ``connect_target``)."""
+    return connect_target(config, application_name).arguments
+
+
+def connect_failure(config: Config, target: Target, exc: BaseException) -> SidecarError:
+    """A failed connection attempt as the daemon's error, naming where it tried: ``Unavailable``
+    when it may fix itself (the caller may retry), ``ConfigError`` when only a change can."""
+    detail = scrub(str(exc).strip() or type(exc).__name__, config.dsn)
+    message = f"cannot connect to {target.address} ({target.origin}): {detail}"
+    # (asyncpg's configuration errors are InterfaceErrors too: retrying them cannot help)
+    if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, asyncpg.ClientConfigurationError):
+        return Unavailable(message)
+    return ConfigError("database.dsn", message)
+
+
+async def connect(config: Config, application_name: str) -> asyncpg.Connection:
+    """One connection, outside the pool (the listener's, the CLI's)."""
+    target = connect_target(config, application_name)
+    try:
+        return await asyncpg.connect(**target.arguments)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+        raise connect_failure(config, target, exc) from None
 
 
 CATALOG_TABLE_SQL = """
@@ -151,7 +186,8 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         return await describe_relation(conn, table)
     found = await conn.fetchrow(CATALOG_TABLE_SQL, table.schema, table.name)
     if found is None:
-        raise SchemaError(f"table {table.qualified} does not exist")
+        # A misspelt name is a configuration error like a misspelt key: exit 2, with a hint.
+        raise ConfigError("tables", f"table {table.qualified} does not exist{await _near_names(conn, table)}")
     if found["relkind"] not in ("r", "p"):
         raise SchemaError(f"{table.qualified} is not a table (relkind {found['relkind']!r})")
     key_rows = await conn.fetch(CATALOG_KEY_SQL, found["oid"])
@@ -170,6 +206,26 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         if missing:
             raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
     return TableSchema(config=table, key_columns=columns, columns=others)
+
+
+CATALOG_NEAR_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND (n.nspname = $1 OR lower(c.relname) = lower($2))
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+"""
+
+
+async def _near_names(conn: Any, table: TableConfig) -> str:
+    """ " (did you mean ...?)" from the tables of the same schema, and same-named ones elsewhere."""
+    rows = [(schema, name) for schema, name in await conn.fetch(CATALOG_NEAR_SQL, table.schema, table.name)]
+    same_schema = [name for schema, name in rows if schema == table.schema]
+    close = [(table.schema, name) for name in difflib.get_close_matches(table.name, same_schema, n=3, cutoff=0.6)]
+    elsewhere = sorted((s, n) for s, n in rows if s != table.schema and n.lower() == table.name.lower())
+    names = [qualified_name(s, n) for s, n in close + elsewhere][:5]
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
 async def describe_relation(conn: Any, relation: TableConfig) -> TableSchema:
@@ -229,19 +285,16 @@ class PgDatabase:
 
     @classmethod
     async def connect(cls, config: Config) -> PgDatabase:
+        target = connect_target(config, "cache-sidecar")
         try:
             pool = await asyncpg.create_pool(
                 min_size=config.pool_min_size,
                 max_size=config.pool_max_size,
                 command_timeout=config.query_timeout,
-                **connect_kwargs(config, "cache-sidecar"),
+                **target.arguments,
             )
-        except CONNECTION_ERRORS as exc:  # may fix itself: the caller may retry
-            raise Unavailable(f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}") from None
-        except (asyncpg.PostgresError, ValueError) as exc:  # bad credentials, database, DSN
-            raise ConfigError(
-                "database.dsn", f"cannot connect to {redact_dsn(config.dsn)}: {scrub(str(exc), config.dsn)}"
-            ) from None
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+            raise connect_failure(config, target, exc) from None
         return cls(pool, config.dsn, config.query_timeout)
 
     async def close(self) -> None:

@@ -235,7 +235,7 @@ def test_triggers_command(postgres, table):
         text=True,
         env=clean_env(),
     )
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 def test_unreachable_sidecar_is_a_clear_cli_error():

@@ -220,15 +220,15 @@ async def test_reflection_lists_the_services(start_daemon, patrons):
 
 
 @pytest.mark.parametrize(
-    ("ddl", "install", "message"),
+    ("ddl", "install", "message", "code"),
     [
-        ("CREATE TABLE {s}.nokey (v int)", True, "has no primary key"),
-        ("", True, "does not exist"),
-        ("CREATE TABLE {s}.nokey (id int PRIMARY KEY)", False, "has no cache-sidecar triggers"),
-        ("CREATE TABLE {s}.nokey (id interval PRIMARY KEY)", True, "which cannot be a cache key"),
+        ("CREATE TABLE {s}.nokey (v int)", True, "has no primary key", 1),
+        ("", True, "does not exist", 2),  # (a misspelt name, like a misspelt key)
+        ("CREATE TABLE {s}.nokey (id int PRIMARY KEY)", False, "has no cache-sidecar triggers", 1),
+        ("CREATE TABLE {s}.nokey (id interval PRIMARY KEY)", True, "which cannot be a cache key", 1),
     ],
 )
-async def test_start_up_errors_are_clear(postgres, db, schema, caplog, ddl, install, message):
+async def test_start_up_errors_are_clear(postgres, db, schema, caplog, ddl, install, message, code):
     if ddl:
         await db.execute(ddl.format(s=schema))
     config = cfg.Config(
@@ -237,7 +237,7 @@ async def test_start_up_errors_are_clear(postgres, db, schema, caplog, ddl, inst
         install_triggers=install,
         tables=(cfg.TableConfig(schema=schema, name="nokey"),),
     )
-    assert await Daemon(config, handle_signals=False).run() == 1
+    assert await Daemon(config, handle_signals=False).run() == code
     assert message in caplog.text
 
 

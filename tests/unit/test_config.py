@@ -219,8 +219,9 @@ def test_secret_never_in_errors_or_description(tmp_path):
 def test_redact_dsn(dsn, shown, password):
     assert cfg.redact_dsn(dsn) == shown
     if password:
-        scrubbed = cfg.scrub(f"failed for {dsn}: password {password} rejected", dsn)
-        assert password not in scrubbed and "***" in scrubbed
+        # A driver error that echoes the DSN gets the redacted DSN in its place.
+        scrubbed = cfg.scrub(f"failed for {dsn}: timeout", dsn)
+        assert password not in scrubbed and scrubbed == f"failed for {shown}: timeout"
 
 
 @pytest.mark.parametrize(
@@ -244,3 +245,100 @@ def test_listen_addresses():
     assert cfg.parse_listen_address("0.0.0.0:1").all_interfaces
     with pytest.raises(ConfigError, match="0-65535"):
         cfg.parse_listen_address("127.0.0.1:70000")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[database]\ndsn = "host=db user=jos\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, env={})
+    assert info.value.key == "--config" and str(path) in info.value.problem and "UTF-8" in info.value.problem
+
+
+def test_print_config_is_toml_that_loads_back(tmp_path):
+    import dataclasses
+    import tomllib
+
+    relation = RELATION.replace("[[tables]]", '[[tables]]\n# "quoted"\n', 1)
+    extra = """
+[[tables]]
+name = '"Odd"."Na\\me"'
+where = "status = 'open'\\n  AND kind <> \\"x\\""
+[[tables.indexes]]
+name = "by_kind"
+columns = ["kind"]
+[[tables]]
+name = "prices"
+mode = "lazy"
+max_rows = 50
+ttl_seconds = 2.5
+[[tables]]
+name = "stock"
+mode = "lazy"
+"""
+    path = write(tmp_path, FILE.split("[[tables]]")[0] + "[metrics]\nlisten = '127.0.0.1:9'\n" + relation + extra)
+    config = cfg.load(path, env={})
+    assert len(config.tables) == 4 and config.health_listen == () and config.embedded_data_dir is None
+    text = "\n".join(cfg.describe(config, environ={}))
+
+    tomllib.loads(text)  # valid TOML, no Python reprs
+    assert "None" not in text and "('" not in text and "s3cret" not in text
+    assert "# database: DSN postgresql://app:***@db/app" in text
+    again = write(tmp_path, text)
+    assert cfg.load(again, env={}) == dataclasses.replace(config, dsn="postgresql://app:***@db/app")
+
+
+@pytest.mark.parametrize(
+    ("environ", "dsn", "origin"),
+    [
+        ({}, None, "# database: the embedded PostgreSQL"),
+        ({"PGHOST": "db", "PGUSER": "app"}, None, "# database: PG* environment (PGHOST, PGUSER)"),
+        ({}, "host=db password='x y'", "# database: DSN host=db password=***"),
+    ],
+)
+def test_print_config_says_where_the_database_comes_from(environ, dsn, origin):
+    text = "\n".join(cfg.describe(cfg.Config(dsn=dsn), environ=environ))
+    assert origin in text
+
+
+def test_print_config_names_the_service(tmp_path):
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[shop]\nhost=db\n")
+    environ = {"PGSERVICE": "shop", "PGSERVICEFILE": str(services)}
+    text = "\n".join(cfg.describe(cfg.Config(), environ=environ))
+    assert f"service shop from {services}" in text
+
+
+@pytest.mark.parametrize("secret", ["postgres", "r", "a@b:c/"])
+def test_redaction_touches_the_password_fields_only(secret):
+    encoded = secret.replace("@", "%40").replace(":", "%3A").replace("/", "%2F")
+    url = f"postgresql://postgres2:{encoded}@127.0.0.1:53204/nodb"
+    assert cfg.redact_dsn(url) == "postgresql://postgres2:***@127.0.0.1:53204/nodb"
+    query = f"postgresql://app@db/postgres?password={encoded}&sslmode=require"
+    assert cfg.redact_dsn(query) == "postgresql://app@db/postgres?password=***&sslmode=require"
+    quoted = "'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    keywords = f"host=/tmp/postgres user=postgres password = {quoted} dbname=r"
+    assert cfg.redact_dsn(keywords) == "host=/tmp/postgres user=postgres password = *** dbname=r"
+
+    # Messages are never edited where the password's text happens to occur...
+    message = "table public.a@b:c/ has no primary key; cache-sidecar needs one (postgresql, postgres2, r)"
+    assert cfg.scrub(message, url) == message
+    assert cfg.scrub(message, keywords) == message
+    # ...only where the driver echoes the DSN: that is replaced whole.
+    echoed = f"cannot connect to {url}: password authentication failed for user postgres2"
+    assert cfg.scrub(echoed, url) == (
+        "cannot connect to postgresql://postgres2:***@127.0.0.1:53204/nodb: "
+        "password authentication failed for user postgres2"
+    )
+
+
+def test_a_password_on_the_command_line_is_warned_about():
+    warnings: list[str] = []
+    cfg.load(env={}, flags={"database.dsn": "host=db password=pw"}, warn=warnings.append)
+    assert len(warnings) == 1
+    assert all(word in warnings[0] for word in ("CACHE_SIDECAR_DATABASE_DSN", "PGPASSWORD", "~/.pgpass", "config"))
+    assert "pw" not in warnings[0].replace("password", "")
+    quiet: list[str] = []
+    cfg.load(env={}, flags={"database.dsn": "postgresql://app@db/shop"}, warn=quiet.append)
+    cfg.load(env={"CACHE_SIDECAR_DATABASE_DSN": "postgresql://app:pw@db/shop"}, warn=quiet.append)
+    assert quiet == []
