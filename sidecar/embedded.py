@@ -60,7 +60,8 @@ class EmbeddedPostgres:
             raise ConfigError(
                 "database.dsn",
                 "no database is configured and the embedded PostgreSQL is not installed; "
-                "give --dsn (or PGHOST...), or install it: pip install 'cache-sidecar[embedded]'",
+                "give --dsn (or PGHOST...), or install the 'embedded' extra (pgserver): "
+                "pip install 'pgserver>=0.1.4', or reinstall cache-sidecar with [embedded] (see the README)",
             ) from None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", self.data_dir)
