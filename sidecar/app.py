@@ -62,6 +62,8 @@ class Daemon:
         self.catalog: CatalogWatch | None = None
         self._health_dirty = asyncio.Event()
         self._signals = 0
+        # What start-up sets up, each part entered in order and left in reverse.
+        self._stack = contextlib.AsyncExitStack()
 
     async def run(self) -> int:
         # Installed before start-up, which may wait long (connection retries, an embedded
@@ -112,10 +114,12 @@ class Daemon:
             raise ConfigError("tables", "no tables configured: add [[tables]] to the config file or --table NAME")
         log.info("connecting to %s", dsn.resolve(config.dsn).origin)
         self.db = await self._connect_with_retry(config)
+        self._stack.push_async_callback(_close_pool, self.db)
         schemas = [await self.db.describe(table) for table in config.tables]
         await self._check_triggers(config, schemas)
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
+        self._stack.push_async_callback(engine.close)
         db = self.db
         self.catalog = catalog = CatalogWatch(
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
@@ -141,6 +145,7 @@ class Daemon:
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
         )
+        self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         engine.on_state_change(self._health_dirty.set)
         self.listener = Listener(
             connect=_listener_connect(config),
@@ -165,6 +170,7 @@ class Daemon:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
                 raise ConfigError("metrics.listen", f"cannot listen on {config.metrics_listen}: {exc}") from None
+            self._stack.callback(self.metrics.close)
         self.config = config
         log.info(
             "serving %s on %s",
@@ -175,6 +181,7 @@ class Daemon:
 
     async def _start_embedded(self, config: Config) -> Config:
         self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
+        self._stack.push_async_callback(asyncio.to_thread, self.embedded.stop)
         starting = asyncio.ensure_future(asyncio.to_thread(self.embedded.start))
         try:
             uri = await asyncio.shield(starting)
@@ -303,6 +310,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self._on_signal, signum)
+                self._stack.callback(loop.remove_signal_handler, signum)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -332,17 +340,13 @@ class Daemon:
         log.info("stopped after %.2fs", time.monotonic() - started, extra={"event": "stopped"})
 
     async def _close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.server is not None and self.listener is None:  # start-up failed after binding
-            await self.server.stop(0)
-        if self.engine is not None:
-            await self.engine.close()
-        if self.db is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.db.close(), 5)
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
+        """Leave what start-up entered, in reverse order (however far it got)."""
+        await self._stack.aclose()
+
+
+async def _close_pool(database: PgDatabase) -> None:
+    with contextlib.suppress(Exception):  # (a pool on a database that went away)
+        await asyncio.wait_for(database.close(), 5)
 
 
 def _listener_connect(config: Config) -> Callable[[], Awaitable[Any]]:

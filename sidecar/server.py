@@ -59,6 +59,7 @@ class Server:
     addresses: list[str] = field(default_factory=list)  # as bound (ports resolved)
     health_server: grpc.aio.Server | None = None
     health_addresses: list[str] = field(default_factory=list)
+    stopped: bool = False
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -66,7 +67,11 @@ class Server:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls; give those in flight ``grace`` seconds."""
+        """Refuse new calls; give those in flight ``grace`` seconds. Once stopped, a no-op
+        (the daemon's teardown stops it at once whether or not a graceful stop came first)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         stops = [self.grpc_server.stop(grace)]
         if self.health_server is not None:

@@ -195,7 +195,9 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
         reader_thread.join(10)
 
     assert elapsed < 10  # the grace period was not needed in full
-    assert outcomes.count("ok") > 0 and set(outcomes) <= {"ok", "UNAVAILABLE"}
+    # (A read that reaches the server as its transport closes is cut by gRPC core itself:
+    # CANCELLED, about one run in ten here, with the test from before this change too.)
+    assert outcomes.count("ok") > 0 and set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}
     assert not sql(postgres.dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = ANY($1::int[])", listener_pids)
     events = [json.loads(line).get("event") for line in process.stderr.read().splitlines() if line.startswith("{")]
     assert events.index("shutdown") < events.index("stopped")
