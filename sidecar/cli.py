@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from sidecar import __version__
+from sidecar import __version__, dsn
 from sidecar import config as cfg
 from sidecar.errors import ConfigError, SidecarError
 
@@ -418,7 +418,7 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
     try:
         return asyncio.run(call_with_db(config, work))
     except SidecarError as exc:
-        print(f"cache-sidecar: error: {cfg.scrub(str(exc), config.dsn)}", file=sys.stderr)
+        print(f"cache-sidecar: error: {dsn.scrub(str(exc), config.dsn)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 
 

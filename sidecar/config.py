@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidecar import dsn as dsn_module
+from sidecar.addresses import parse_listen_address
 from sidecar.errors import ConfigError
+from sidecar.identifiers import parse_table_name, qualified_name
 
 ENV_PREFIX = "CACHE_SIDECAR_"
 DEFAULT_LISTEN = ("127.0.0.1:50051",)
@@ -646,87 +648,7 @@ def _suggest(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-# ---------------------------------------------------------------- names
-
-
-_IDENT = r'(?:"(?:[^"]|"")+"|[^."\s]+)'
-
-
-def parse_table_name(text: str, where: str = "table") -> tuple[str, str]:
-    """Split ``schema.table`` the way PostgreSQL reads it: unquoted parts fold
-    to lower case, quoted parts are exact; the schema defaults to ``public``."""
-    match = re.fullmatch(rf"\s*(?:({_IDENT})\.)?({_IDENT})\s*", text)
-    if match is None:
-        raise ConfigError(where, f"{text!r} is not a table name like 'public.patron'")
-    schema_part, table_part = match.groups()
-    return (_unquote(schema_part) if schema_part else "public"), _unquote(table_part)
-
-
-def _unquote(part: str) -> str:
-    if part.startswith('"'):
-        return part[1:-1].replace('""', '"')
-    return part.lower()
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier for SQL, always (safe for any name)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def qualified_name(schema: str, table: str) -> str:
-    """``schema.table`` for display and API lookups, quoting only where needed."""
-    return f"{_display(schema)}.{_display(table)}"
-
-
-def _display(name: str) -> str:
-    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
-
-
-# ---------------------------------------------------------------- addresses
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """A parsed ``server.listen`` entry."""
-
-    text: str
-    unix_path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-    @property
-    def all_interfaces(self) -> bool:
-        return self.host in ("0.0.0.0", "::", "[::]", "")
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix://") if text.startswith("unix://") else text.removeprefix("unix:")
-        if not path:
-            raise ConfigError("server.listen", f"{text!r} has no socket path")
-        return ListenAddress(text=text, unix_path=path)
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d+)", text)
-    if match is None:
-        raise ConfigError("server.listen", f"{text!r} is not host:port or unix:///path")
-    port = int(match.group(2))
-    if not 0 <= port <= 65535:
-        raise ConfigError("server.listen", f"{text!r}: port must be 0-65535")
-    return ListenAddress(text=text, host=match.group(1), port=port)
-
-
-# ---------------------------------------------------------------- secrets
-
-
-def redact_dsn(dsn: str | None) -> str:
-    """The DSN with its password fields replaced, safe to log."""
-    if not dsn:
-        return "(PG* environment)"
-    return dsn_module.redact(dsn)
-
-
-def scrub(text: str, dsn: str | None) -> str:
-    """``text`` with the DSN, where it appears whole (a driver error may echo it), redacted."""
-    return dsn_module.scrub(text, dsn)
+# ---------------------------------------------------------------- description
 
 
 def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequence[str]:
@@ -748,7 +670,7 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
             if value is None or value == ():  # (an empty list is not a valid value to load)
                 lines.append(f"# {name} is not set")
             else:
-                lines.append(f"{name} = {_toml(redact_dsn(value) if setting.secret else value)}")
+                lines.append(f"{name} = {_toml(dsn_module.redact(value) if setting.secret else value)}")
     for table in config.tables:
         lines += ["", "[[tables]]", f"name = {_toml(table.qualified)}", f"mode = {_toml(table.mode)}"]
         if table.mode == "lazy":
