@@ -312,7 +312,7 @@ def _main(argv: Sequence[str] | None) -> int:
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     if args.command in ("get", "query", "tables", "health"):
-        return _client_command(args)
+        return _remote(args)
     try:
         config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     except ConfigError as exc:
@@ -422,126 +422,33 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
 
 
-def _query(stub: Any, args: argparse.Namespace, options: Any) -> int:
-    from sidecar.api.v1 import cache_pb2 as pb
-
-    if args.values and (args.lower is not None or args.upper is not None):
-        print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
-        return 2
-    request = pb.QueryRequest(
-        table=args.table, index=args.index, limit=max(args.limit, 0), descending=args.desc, options=options
-    )
-    if args.values:
-        for value in args.values:
-            request.values.add(parts=[pb.KeyPart(string_value=part) for part in value.split(",")])
-    else:
-        request.range.SetInParent()
-        if args.lower is not None:
-            request.range.lower.string_value = args.lower
-        if args.upper is not None:
-            request.range.upper.string_value = args.upper
-    reply = stub.Query(request, timeout=10)
-    for row in reply.rows:
-        _write_row(row.row, args.pretty)
-    if reply.truncated:
-        print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
-    return 0
-
-
 def _pg_env() -> bool:
     import os
 
     return any(os.environ.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
 
 
-def _client_command(args: argparse.Namespace) -> int:
-    import grpc
+def _remote(args: argparse.Namespace) -> int:
+    from sidecar import remote
 
-    from sidecar.api.v1 import cache_pb2 as pb
-    from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.CacheStub(channel)
-        try:
-            if args.command == "health":
-                from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=args.service), timeout=5
-                )
-                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                print(status)
-                return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-            if args.command == "tables":
-                listing = stub.ListTables(pb.ListTablesRequest(), timeout=10)
-                for t in listing.tables:
-                    keys = ", ".join(f"{c.name} {c.type}" for c in t.key_columns)
-                    mode = pb.TableMode.Name(t.mode).lower()
-                    print(f"{t.name}\t{mode}\trows={t.row_count}\tloaded={t.loaded}\tkey=({keys})")
-                    for i in t.indexes:
-                        kind = "range" if i.range else "unique" if i.unique else "equality"
-                        print(f"  index {i.name} ({', '.join(i.columns)}) {kind}")
-                    if t.problem:
-                        print(f"  NOT SERVED from memory: {t.problem}")
-                print(f"revision {listing.revision.epoch}/{listing.revision.number}")
-                return 0
-            options = pb.ReadOptions(consistency=pb.STRONG if args.strong else pb.EVENTUAL)
-            if args.command == "query":
-                return _query(stub, args, options)
-            key = pb.Key(parts=[pb.KeyPart(string_value=part) for part in args.key])
-            reply = stub.Get(pb.GetRequest(table=args.table, key=key, options=options), timeout=10)
-        except grpc.RpcError as exc:
-            print(f"cache-sidecar: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    if not reply.found:
-        print("not found", file=sys.stderr)
-        return 1
-    _write_row(reply.row, args.pretty)
-    return 0
-
-
-def _write_row(row: bytes, pretty: bool) -> None:
-    """A row exactly as served: decoding and re-encoding the JSON would round numerics
-    to floats, drop trailing zeros and escape non-ASCII text, so bytes go out as they came
-    (``--pretty`` changes whitespace only)."""
-    sys.stdout.flush()  # anything printed before goes first
-    sys.stdout.buffer.write((reindent(row) if pretty else row) + b"\n")
-
-
-def reindent(document: bytes, indent: int = 2) -> bytes:
-    """``document`` (JSON) with one member or element a line: only whitespace outside
-    strings changes; strings, numbers and literals are copied byte for byte."""
-    out = bytearray()
-    depth = 0
-    i, n = 0, len(document)
-    while i < n:
-        c = document[i : i + 1]
-        if c == b'"':
-            end = i + 1
-            while end < n and document[end : end + 1] != b'"':
-                end += 2 if document[end : end + 1] == b"\\" else 1
-            out += document[i : end + 1]
-            i = end + 1
-            continue
-        if c in b"{[":
-            closing = b"}" if c == b"{" else b"]"
-            j = i + 1
-            while j < n and document[j] in b" \t\r\n":
-                j += 1
-            if document[j : j + 1] == closing:  # empty: {} or []
-                out += c + closing
-                i = j + 1
-                continue
-            depth += 1
-            out += c + b"\n" + b" " * (indent * depth)
-        elif c in b"}]":
-            depth -= 1
-            out += b"\n" + b" " * (indent * depth) + c
-        elif c == b",":
-            out += b",\n" + b" " * (indent * depth)
-        elif c == b":":
-            out += b": "
-        elif c not in b" \t\r\n":
-            out += c
-        i += 1
-    return bytes(out)
+    if args.command == "health":
+        return remote.health(args.target, args.service)
+    if args.command == "tables":
+        return remote.tables(args.target)
+    if args.command == "query":
+        if args.values and (args.lower is not None or args.upper is not None):
+            print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
+            return 2
+        return remote.query(
+            args.target,
+            args.table,
+            args.index,
+            values=args.values,
+            lower=args.lower,
+            upper=args.upper,
+            limit=args.limit,
+            descending=args.desc,
+            strong=args.strong,
+            pretty=args.pretty,
+        )
+    return remote.get(args.target, args.table, args.key, strong=args.strong, pretty=args.pretty)
