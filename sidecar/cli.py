@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -57,18 +58,45 @@ examples:
 """
 
 
+# 'triggers' only builds the trigger SQL and talks to the database: the daemon's
+# other settings would mean nothing there, so it takes no flags for them.
+TRIGGERS_FLAGS = ("database.dsn", "listener.channel", "triggers.bulk_threshold", "logging.level", "logging.format")
+
+
 def _settings_help() -> str:
     lines = []
     for setting in cfg.SETTINGS:
-        default = getattr(cfg.Config(), setting.attr)
-        lines.append(f"  {setting.key} / {setting.env}  (default: {default!r})\n      {setting.help}")
+        default = f"  (default: {setting.shown_default})" if setting.shown_default is not None else ""
+        lines.append(f"  {setting.key} / {setting.env}{default}")
+        lines += textwrap.wrap(setting.help, 78, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
+
+
+def _add_setting_flag(group: argparse._ArgumentGroup, setting: cfg.Setting) -> None:
+    assert setting.flag is not None
+    if setting.kind == "bool":  # a switch: off unless given, nothing to say about a default
+        group.add_argument(
+            setting.flag, dest=setting.key, action="store_true", default=None, help=setting.help.replace("%", "%%")
+        )
+        return
+    shown = setting.shown_default
+    # argparse %-formats help text.
+    text = (setting.help if shown is None else f"{setting.help} (default: {shown})").replace("%", "%%")
+    metavar = None if setting.choices else setting.metavar or setting.flag.lstrip("-").upper()
+    group.add_argument(
+        setting.flag,
+        dest=setting.key,
+        action="append" if setting.kind == "list" else "store",
+        type={"int": int, "float": float}.get(setting.kind, str),
+        choices=setting.choices,
+        metavar=metavar,
+        help=text,
+    )
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="PATH", help="TOML configuration file")
-    group.add_argument("--dsn", help="PostgreSQL DSN (default: PG* variables; serve: embedded PostgreSQL)")
     group.add_argument(
         "--table",
         dest="tables",
@@ -76,63 +104,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
         metavar="NAME[:MODE]",
         help="cache this table (schema.table, mode full or lazy); repeatable, replaces the file's tables",
     )
+    for setting in cfg.SETTINGS:
+        if setting.flag is not None and (serve or setting.key in TRIGGERS_FLAGS):
+            _add_setting_flag(group, setting)
     if serve:
-        group.add_argument(
-            "--listen",
-            action="append",
-            metavar="ADDRESS",
-            help="gRPC address, host:port or unix:///path; repeatable (default 127.0.0.1:50051)",
-        )
-        group.add_argument(
-            "--health-listen",
-            action="append",
-            metavar="ADDRESS",
-            help="also serve grpc.health.v1 alone here (Kubernetes probes); repeatable",
-        )
-        group.add_argument(
-            "--metrics-listen",
-            metavar="HOST:PORT",
-            help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
-        )
-        group.add_argument(
-            "--install-triggers",
-            action="store_true",
-            default=None,
-            help="install or update the tables' change triggers at start",
-        )
-        group.add_argument(
-            "--embedded",
-            action="store_true",
-            default=None,
-            help="use an embedded PostgreSQL even if PG* variables are set",
-        )
-        group.add_argument("--embedded-data-dir", metavar="DIR", help="keep the embedded cluster's data in DIR")
-        group.add_argument(
-            "--ping-interval",
-            type=float,
-            metavar="SECONDS",
-            help="ping the LISTEN connection after this much silence (default 5)",
-        )
-        group.add_argument(
-            "--grace-period",
-            type=float,
-            metavar="SECONDS",
-            help="time in-flight calls get on SIGTERM (default 10)",
-        )
         group.add_argument(
             "--print-config",
             action="store_true",
             help="print the effective configuration (secrets redacted) and exit",
         )
-    group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
-    group.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
-    group.add_argument("--channel", help="NOTIFY channel (default cache_sidecar)")
-    group.add_argument(
-        "--bulk-threshold",
-        type=int,
-        metavar="ROWS",
-        help="rows per statement above which triggers send one whole-table event",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,22 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "database.dsn": args.dsn,
-        "database.embedded": getattr(args, "embedded", None),
-        "database.embedded_data_dir": getattr(args, "embedded_data_dir", None),
-        "server.listen": getattr(args, "listen", None),
-        "server.health_listen": getattr(args, "health_listen", None),
-        "server.install_triggers": getattr(args, "install_triggers", None),
-        "server.grace_period": getattr(args, "grace_period", None),
-        "listener.ping_interval": getattr(args, "ping_interval", None),
-        "listener.channel": args.channel,
-        "triggers.bulk_threshold": args.bulk_threshold,
-        "logging.level": args.log_level,
-        "logging.format": args.log_format,
-        "metrics.listen": getattr(args, "metrics_listen", None),
-        "tables": args.tables,
-    }
+    """Setting keys to the values given as flags (``None``: not given)."""
+    flags = {s.key: getattr(args, s.key, None) for s in cfg.SETTINGS if s.flag is not None}
+    return {**flags, "tables": args.tables}
 
 
 class JsonFormatter(logging.Formatter):
