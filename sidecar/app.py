@@ -24,8 +24,9 @@ import asyncpg
 from sidecar import db, dsn, embedded, events, server, triggers
 from sidecar.barrier import Barrier
 from sidecar.catalog import CatalogWatch
-from sidecar.config import Config, scrub
+from sidecar.config import Config
 from sidecar.db import PgDatabase
+from sidecar.dsn import scrub
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.listener import Listener, backoff_delay

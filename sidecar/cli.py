@@ -7,11 +7,12 @@ import asyncio
 import json
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from sidecar import __version__
+from sidecar import __version__, dsn
 from sidecar import config as cfg
 from sidecar.errors import ConfigError, SidecarError
 
@@ -57,18 +58,45 @@ examples:
 """
 
 
+# 'triggers' only builds the trigger SQL and talks to the database: the daemon's
+# other settings would mean nothing there, so it takes no flags for them.
+TRIGGERS_FLAGS = ("database.dsn", "listener.channel", "triggers.bulk_threshold", "logging.level", "logging.format")
+
+
 def _settings_help() -> str:
     lines = []
     for setting in cfg.SETTINGS:
-        default = getattr(cfg.Config(), setting.attr)
-        lines.append(f"  {setting.key} / {setting.env}  (default: {default!r})\n      {setting.help}")
+        default = f"  (default: {setting.shown_default})" if setting.shown_default is not None else ""
+        lines.append(f"  {setting.key} / {setting.env}{default}")
+        lines += textwrap.wrap(setting.help, 78, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
+
+
+def _add_setting_flag(group: argparse._ArgumentGroup, setting: cfg.Setting) -> None:
+    assert setting.flag is not None
+    if setting.kind == "bool":  # a switch: off unless given, nothing to say about a default
+        group.add_argument(
+            setting.flag, dest=setting.key, action="store_true", default=None, help=setting.help.replace("%", "%%")
+        )
+        return
+    shown = setting.shown_default
+    # argparse %-formats help text.
+    text = (setting.help if shown is None else f"{setting.help} (default: {shown})").replace("%", "%%")
+    metavar = None if setting.choices else setting.metavar or setting.flag.lstrip("-").upper()
+    group.add_argument(
+        setting.flag,
+        dest=setting.key,
+        action="append" if setting.kind == "list" else "store",
+        type={"int": int, "float": float}.get(setting.kind, str),
+        choices=setting.choices,
+        metavar=metavar,
+        help=text,
+    )
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="PATH", help="TOML configuration file")
-    group.add_argument("--dsn", help="PostgreSQL DSN (default: PG* variables; serve: embedded PostgreSQL)")
     group.add_argument(
         "--table",
         dest="tables",
@@ -76,63 +104,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
         metavar="NAME[:MODE]",
         help="cache this table (schema.table, mode full or lazy); repeatable, replaces the file's tables",
     )
+    for setting in cfg.SETTINGS:
+        if setting.flag is not None and (serve or setting.key in TRIGGERS_FLAGS):
+            _add_setting_flag(group, setting)
     if serve:
-        group.add_argument(
-            "--listen",
-            action="append",
-            metavar="ADDRESS",
-            help="gRPC address, host:port or unix:///path; repeatable (default 127.0.0.1:50051)",
-        )
-        group.add_argument(
-            "--health-listen",
-            action="append",
-            metavar="ADDRESS",
-            help="also serve grpc.health.v1 alone here (Kubernetes probes); repeatable",
-        )
-        group.add_argument(
-            "--metrics-listen",
-            metavar="HOST:PORT",
-            help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
-        )
-        group.add_argument(
-            "--install-triggers",
-            action="store_true",
-            default=None,
-            help="install or update the tables' change triggers at start",
-        )
-        group.add_argument(
-            "--embedded",
-            action="store_true",
-            default=None,
-            help="use an embedded PostgreSQL even if PG* variables are set",
-        )
-        group.add_argument("--embedded-data-dir", metavar="DIR", help="keep the embedded cluster's data in DIR")
-        group.add_argument(
-            "--ping-interval",
-            type=float,
-            metavar="SECONDS",
-            help="ping the LISTEN connection after this much silence (default 5)",
-        )
-        group.add_argument(
-            "--grace-period",
-            type=float,
-            metavar="SECONDS",
-            help="time in-flight calls get on SIGTERM (default 10)",
-        )
         group.add_argument(
             "--print-config",
             action="store_true",
             help="print the effective configuration (secrets redacted) and exit",
         )
-    group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
-    group.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
-    group.add_argument("--channel", help="NOTIFY channel (default cache_sidecar)")
-    group.add_argument(
-        "--bulk-threshold",
-        type=int,
-        metavar="ROWS",
-        help="rows per statement above which triggers send one whole-table event",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,22 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "database.dsn": args.dsn,
-        "database.embedded": getattr(args, "embedded", None),
-        "database.embedded_data_dir": getattr(args, "embedded_data_dir", None),
-        "server.listen": getattr(args, "listen", None),
-        "server.health_listen": getattr(args, "health_listen", None),
-        "server.install_triggers": getattr(args, "install_triggers", None),
-        "server.grace_period": getattr(args, "grace_period", None),
-        "listener.ping_interval": getattr(args, "ping_interval", None),
-        "listener.channel": args.channel,
-        "triggers.bulk_threshold": args.bulk_threshold,
-        "logging.level": args.log_level,
-        "logging.format": args.log_format,
-        "metrics.listen": getattr(args, "metrics_listen", None),
-        "tables": args.tables,
-    }
+    """Setting keys to the values given as flags (``None``: not given)."""
+    flags = {s.key: getattr(args, s.key, None) for s in cfg.SETTINGS if s.flag is not None}
+    return {**flags, "tables": args.tables}
 
 
 class JsonFormatter(logging.Formatter):
@@ -312,7 +279,7 @@ def _main(argv: Sequence[str] | None) -> int:
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     if args.command in ("get", "query", "tables", "health"):
-        return _client_command(args)
+        return _remote(args)
     try:
         config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     except ConfigError as exc:
@@ -418,34 +385,8 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
     try:
         return asyncio.run(call_with_db(config, work))
     except SidecarError as exc:
-        print(f"cache-sidecar: error: {cfg.scrub(str(exc), config.dsn)}", file=sys.stderr)
+        print(f"cache-sidecar: error: {dsn.scrub(str(exc), config.dsn)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-
-
-def _query(stub: Any, args: argparse.Namespace, options: Any) -> int:
-    from sidecar.api.v1 import cache_pb2 as pb
-
-    if args.values and (args.lower is not None or args.upper is not None):
-        print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
-        return 2
-    request = pb.QueryRequest(
-        table=args.table, index=args.index, limit=max(args.limit, 0), descending=args.desc, options=options
-    )
-    if args.values:
-        for value in args.values:
-            request.values.add(parts=[pb.KeyPart(string_value=part) for part in value.split(",")])
-    else:
-        request.range.SetInParent()
-        if args.lower is not None:
-            request.range.lower.string_value = args.lower
-        if args.upper is not None:
-            request.range.upper.string_value = args.upper
-    reply = stub.Query(request, timeout=10)
-    for row in reply.rows:
-        _write_row(row.row, args.pretty)
-    if reply.truncated:
-        print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
-    return 0
 
 
 def _pg_env() -> bool:
@@ -454,94 +395,27 @@ def _pg_env() -> bool:
     return any(os.environ.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
 
 
-def _client_command(args: argparse.Namespace) -> int:
-    import grpc
+def _remote(args: argparse.Namespace) -> int:
+    from sidecar import remote
 
-    from sidecar.api.v1 import cache_pb2 as pb
-    from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.CacheStub(channel)
-        try:
-            if args.command == "health":
-                from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=args.service), timeout=5
-                )
-                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                print(status)
-                return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-            if args.command == "tables":
-                listing = stub.ListTables(pb.ListTablesRequest(), timeout=10)
-                for t in listing.tables:
-                    keys = ", ".join(f"{c.name} {c.type}" for c in t.key_columns)
-                    mode = pb.TableMode.Name(t.mode).lower()
-                    print(f"{t.name}\t{mode}\trows={t.row_count}\tloaded={t.loaded}\tkey=({keys})")
-                    for i in t.indexes:
-                        kind = "range" if i.range else "unique" if i.unique else "equality"
-                        print(f"  index {i.name} ({', '.join(i.columns)}) {kind}")
-                    if t.problem:
-                        print(f"  NOT SERVED from memory: {t.problem}")
-                print(f"revision {listing.revision.epoch}/{listing.revision.number}")
-                return 0
-            options = pb.ReadOptions(consistency=pb.STRONG if args.strong else pb.EVENTUAL)
-            if args.command == "query":
-                return _query(stub, args, options)
-            key = pb.Key(parts=[pb.KeyPart(string_value=part) for part in args.key])
-            reply = stub.Get(pb.GetRequest(table=args.table, key=key, options=options), timeout=10)
-        except grpc.RpcError as exc:
-            print(f"cache-sidecar: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    if not reply.found:
-        print("not found", file=sys.stderr)
-        return 1
-    _write_row(reply.row, args.pretty)
-    return 0
-
-
-def _write_row(row: bytes, pretty: bool) -> None:
-    """A row exactly as served: decoding and re-encoding the JSON would round numerics
-    to floats, drop trailing zeros and escape non-ASCII text, so bytes go out as they came
-    (``--pretty`` changes whitespace only)."""
-    sys.stdout.flush()  # anything printed before goes first
-    sys.stdout.buffer.write((reindent(row) if pretty else row) + b"\n")
-
-
-def reindent(document: bytes, indent: int = 2) -> bytes:
-    """``document`` (JSON) with one member or element a line: only whitespace outside
-    strings changes; strings, numbers and literals are copied byte for byte."""
-    out = bytearray()
-    depth = 0
-    i, n = 0, len(document)
-    while i < n:
-        c = document[i : i + 1]
-        if c == b'"':
-            end = i + 1
-            while end < n and document[end : end + 1] != b'"':
-                end += 2 if document[end : end + 1] == b"\\" else 1
-            out += document[i : end + 1]
-            i = end + 1
-            continue
-        if c in b"{[":
-            closing = b"}" if c == b"{" else b"]"
-            j = i + 1
-            while j < n and document[j] in b" \t\r\n":
-                j += 1
-            if document[j : j + 1] == closing:  # empty: {} or []
-                out += c + closing
-                i = j + 1
-                continue
-            depth += 1
-            out += c + b"\n" + b" " * (indent * depth)
-        elif c in b"}]":
-            depth -= 1
-            out += b"\n" + b" " * (indent * depth) + c
-        elif c == b",":
-            out += b",\n" + b" " * (indent * depth)
-        elif c == b":":
-            out += b": "
-        elif c not in b" \t\r\n":
-            out += c
-        i += 1
-    return bytes(out)
+    if args.command == "health":
+        return remote.health(args.target, args.service)
+    if args.command == "tables":
+        return remote.tables(args.target)
+    if args.command == "query":
+        if args.values and (args.lower is not None or args.upper is not None):
+            print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
+            return 2
+        return remote.query(
+            args.target,
+            args.table,
+            args.index,
+            values=args.values,
+            lower=args.lower,
+            upper=args.upper,
+            limit=args.limit,
+            descending=args.desc,
+            strong=args.strong,
+            pretty=args.pretty,
+        )
+    return remote.get(args.target, args.table, args.key, strong=args.strong, pretty=args.pretty)

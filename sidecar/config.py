@@ -1,23 +1,31 @@
 """Configuration: one frozen, validated object from defaults, a TOML file, the
 environment and flags (in rising order of precedence).
 
-Every setting is declared once in ``SETTINGS``: its TOML key, type, default,
-environment variable and help text, so the file, the environment, ``--help``
-and the README cannot drift apart. Errors name the offending key.
+Every setting is declared once, on its ``Config`` field (as grpclib's
+``config.py`` does): the field's type and default, and in its metadata the TOML
+key (the environment variable derives from it), flag, help text and checks.
+``SETTINGS`` reads them back, and the file, the environment, the flags,
+``--help`` and the README's check are all built from it. Errors name the
+offending key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from sidecar import dsn as dsn_module
+from sidecar.addresses import parse_listen_address
 from sidecar.errors import ConfigError
+from sidecar.identifiers import parse_table_name, qualified_name
 
 ENV_PREFIX = "CACHE_SIDECAR_"
 DEFAULT_LISTEN = ("127.0.0.1:50051",)
@@ -73,39 +81,339 @@ class TableConfig:
         return self.query is not None
 
 
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as declared in a ``Config`` field's metadata (``declare()``): its TOML
+    key, flag, help and checks. The field itself supplies ``attr``, ``kind`` (from its
+    type) and ``default``, which ``SETTINGS`` fills in, so nothing is said twice."""
+
+    key: str  # dotted TOML key, e.g. "server.listen"; the environment variable derives from it
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+    unset: str | None = None  # what leaving it unset means, shown as its default ("off")
+    check: Callable[[Any], None] | None = None  # raises ConfigError; run on the final value
+    at_most: str | None = None  # the key of a setting this one must not exceed
+    attr: str = ""  # from the field
+    kind: str = ""  # str | int | float | bool | list, from the field's type
+    default: Any = None  # from the field
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.replace(".", "_").upper()
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as ``--help`` and the README show it; ``None``: nothing worth showing."""
+        if self.default is None or self.default in ("", ()):
+            return self.unset
+        return _shown(self.default)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ", ".join(_shown(v) for v in value)
+    return str(value)
+
+
+_SETTING = "setting"
+
+
+def declare(
+    key: str,
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    unset: str | None = None,
+    check: Callable[[Any], None] | None = None,
+    at_most: str | None = None,
+) -> Mapping[str, Setting]:
+    """A ``Config`` field's metadata: ``field(default=..., metadata=declare(...))``."""
+    declared = Setting(
+        key=key,
+        help=help,
+        flag=flag,
+        metavar=metavar,
+        minimum=minimum,
+        choices=choices,
+        secret=secret,
+        unset=unset,
+        check=check,
+        at_most=at_most,
+    )
+    return {_SETTING: declared}
+
+
+def _dsn_parses(value: str) -> None:
+    dsn_module.parse(value)  # a DSN that cannot parse would be retried forever at start
+
+
+def _listen_addresses(value: tuple[str, ...]) -> None:
+    for address in value:
+        parse_listen_address(address)
+
+
+def _tcp_addresses(key: str) -> Callable[[Any], None]:
+    def check(value: str | tuple[str, ...]) -> None:
+        if value == "":  # metrics.listen's "off"
+            return
+        for address in (value,) if isinstance(value, str) else value:
+            if parse_listen_address(address).unix_path is not None:
+                raise ConfigError(key, f"{address!r}: must be host:port")
+
+    return check
+
+
+def _plain_identifier(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", value):
+        raise ConfigError("listener.channel", f"must be a plain identifier, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Config:
-    """The daemon's whole configuration (see ``SETTINGS`` for each field's meaning)."""
+    """The daemon's whole configuration. Each field but ``tables`` is a setting, declared
+    here once: file, environment, flags, ``--help`` and the README's check derive from it."""
 
-    dsn: str | None = None
-    embedded: bool = False
-    embedded_data_dir: str | None = None
-    pool_min_size: int = 1
-    pool_max_size: int = 8
-    connect_timeout: float = 10.0
-    query_timeout: float = 10.0
-    listen: tuple[str, ...] = DEFAULT_LISTEN
-    health_listen: tuple[str, ...] = ()
-    install_triggers: bool = False
-    max_batch_keys: int = 1000
-    grace_period: float = 10.0
-    event_loop: str = "auto"
-    channel: str = "cache_sidecar"
-    ping_interval: float = 5.0
-    ping_timeout: float = 5.0
-    reconnect_min_delay: float = 0.1
-    reconnect_max_delay: float = 10.0
-    bulk_threshold: int = 1000
-    refetch_batch_size: int = 500
-    refetch_concurrency: int = 2
-    stall_seconds: float = 30.0
-    catalog_check_interval: float = 10.0
-    watch_history_batches: int = 10_000
-    watch_history_bytes: int = 64 * 1024 * 1024
-    watch_max_lag: int = 1_000
-    log_level: str = "info"
-    log_format: str = "text"
-    metrics_listen: str = ""
+    dsn: str | None = field(
+        default=None,
+        metadata=declare(
+            "database.dsn",
+            "PostgreSQL DSN: a URL (postgresql://user@host/db) or libpq key=value pairs (host=... dbname=...). "
+            "Without it the PG* variables apply (PGHOST, PGDATABASE, PGSERVICE, ...); "
+            "'serve' without either starts an embedded PostgreSQL.",
+            flag="--dsn",
+            secret=True,
+            check=_dsn_parses,
+        ),
+    )
+    embedded: bool = field(
+        default=False,
+        metadata=declare(
+            "database.embedded",
+            "Start an embedded PostgreSQL with a demo table, even if PG* variables are set "
+            "(needs the 'embedded' extra).",
+            flag="--embedded",
+        ),
+    )
+    embedded_data_dir: str | None = field(
+        default=None,
+        metadata=declare(
+            "database.embedded_data_dir",
+            "Keep the embedded cluster's data here.",
+            flag="--embedded-data-dir",
+            metavar="DIR",
+            unset="a temporary directory",
+        ),
+    )
+    pool_min_size: int = field(
+        default=1,
+        metadata=declare(
+            "database.pool_min_size", "Query pool: minimum connections.", minimum=0, at_most="database.pool_max_size"
+        ),
+    )
+    pool_max_size: int = field(
+        default=8, metadata=declare("database.pool_max_size", "Query pool: maximum connections.", minimum=1)
+    )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata=declare("database.connect_timeout", "Seconds to wait for a database connection.", minimum=0.1),
+    )
+    query_timeout: float = field(
+        default=10.0,
+        metadata=declare(
+            "database.query_timeout",
+            "Seconds a query (load chunk, refetch, NOTIFY) or a wait for a pool connection may take.",
+            minimum=0.1,
+        ),
+    )
+    listen: tuple[str, ...] = field(
+        default=DEFAULT_LISTEN,
+        metadata=declare(
+            "server.listen",
+            "gRPC listen address (host:port or unix:///path); "
+            "repeatable. Binding all interfaces (0.0.0.0) must be asked for explicitly.",
+            flag="--listen",
+            metavar="ADDRESS",
+            check=_listen_addresses,
+        ),
+    )
+    health_listen: tuple[str, ...] = field(
+        default=(),
+        metadata=declare(
+            "server.health_listen",
+            "Also serve only grpc.health.v1 here (host:port; for Kubernetes gRPC probes, which dial the pod IP); "
+            "repeatable.",
+            flag="--health-listen",
+            metavar="ADDRESS",
+            unset="off",
+            check=_tcp_addresses("server.health_listen"),
+        ),
+    )
+    install_triggers: bool = field(
+        default=False,
+        metadata=declare(
+            "server.install_triggers",
+            "Install (or update) the change triggers of the cached tables at start.",
+            flag="--install-triggers",
+        ),
+    )
+    max_batch_keys: int = field(
+        default=1000,
+        metadata=declare(
+            "server.max_batch_keys",
+            "Most keys per BatchGet/Invalidate/Watch key filter, values and rows per Query; "
+            "also bounds the request size.",
+            minimum=1,
+        ),
+    )
+    grace_period: float = field(
+        default=10.0,
+        metadata=declare(
+            "server.grace_period",
+            "Seconds in-flight calls get to finish on SIGTERM.",
+            flag="--grace-period",
+            metavar="SECONDS",
+            minimum=0,
+        ),
+    )
+    event_loop: str = field(
+        default="auto",
+        metadata=declare(
+            "server.event_loop",
+            "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
+            choices=("auto", "uvloop", "asyncio"),
+        ),
+    )
+    channel: str = field(
+        default="cache_sidecar",
+        metadata=declare(
+            "listener.channel", "NOTIFY channel the triggers send on.", flag="--channel", check=_plain_identifier
+        ),
+    )
+    ping_interval: float = field(
+        default=5.0,
+        metadata=declare(
+            "listener.ping_interval",
+            "Seconds of silence after which the LISTEN connection is pinged.",
+            flag="--ping-interval",
+            metavar="SECONDS",
+            minimum=0.05,
+        ),
+    )
+    ping_timeout: float = field(
+        default=5.0,
+        metadata=declare(
+            "listener.ping_timeout",
+            "Seconds a ping may take before the LISTEN connection is declared dead.",
+            minimum=0.05,
+        ),
+    )
+    reconnect_min_delay: float = field(
+        default=0.1,
+        metadata=declare(
+            "listener.reconnect_min_delay",
+            "First reconnect backoff, seconds (doubles per failure, with jitter).",
+            minimum=0,
+            at_most="listener.reconnect_max_delay",
+        ),
+    )
+    reconnect_max_delay: float = field(
+        default=10.0,
+        metadata=declare("listener.reconnect_max_delay", "Reconnect backoff cap, seconds.", minimum=0),
+    )
+    bulk_threshold: int = field(
+        default=1000,
+        metadata=declare(
+            "triggers.bulk_threshold",
+            "Rows changed by one statement above which the trigger sends one whole-table event instead of keys.",
+            flag="--bulk-threshold",
+            metavar="ROWS",
+            minimum=1,
+        ),
+    )
+    refetch_batch_size: int = field(
+        default=500, metadata=declare("cache.refetch_batch_size", "Most keys refetched by one query.", minimum=1)
+    )
+    refetch_concurrency: int = field(
+        default=2,
+        metadata=declare("cache.refetch_concurrency", "Refetch queries in flight at once, per table.", minimum=1),
+    )
+    stall_seconds: float = field(
+        default=30.0,
+        metadata=declare(
+            "cache.stall_seconds",
+            "Seconds the revision may stand still while received changes wait (refetches failing) "
+            "before health says NOT_SERVING.",
+            minimum=0.1,
+        ),
+    )
+    catalog_check_interval: float = field(
+        default=10.0,
+        metadata=declare(
+            "cache.catalog_check_interval",
+            "Seconds between checks that each cached table still has the columns, key and triggers "
+            "it was loaded with (ALTER/DROP TABLE); also checked after every reconnect.",
+            minimum=0.1,
+        ),
+    )
+    watch_history_batches: int = field(
+        default=10_000,
+        metadata=declare(
+            "watch.history_batches", "Change batches kept for Watch resumes (oldest dropped first).", minimum=1
+        ),
+    )
+    watch_history_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=declare("watch.history_bytes", "Bytes of change batches kept for Watch resumes.", minimum=1024),
+    )
+    watch_max_lag: int = field(
+        default=1_000,
+        metadata=declare(
+            "watch.max_lag",
+            "Batches a Watch subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED).",
+            minimum=1,
+        ),
+    )
+    metrics_listen: str = field(
+        default="",
+        metadata=declare(
+            "metrics.listen",
+            "Serve Prometheus metrics over HTTP on host:port (/metrics).",
+            flag="--metrics-listen",
+            metavar="HOST:PORT",
+            unset="off",
+            check=_tcp_addresses("metrics.listen"),
+        ),
+    )
+    log_format: str = field(
+        default="text",
+        metadata=declare(
+            "logging.format",
+            "Log format: text, or json (one JSON object per line).",
+            flag="--log-format",
+            choices=("text", "json"),
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=declare(
+            "logging.level", "Log level.", flag="--log-level", choices=("debug", "info", "warning", "error")
+        ),
+    )
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
     def table(self, qualified: str) -> TableConfig:
@@ -115,224 +423,25 @@ class Config:
         raise KeyError(qualified)
 
 
-# ---------------------------------------------------------------- settings
+def _kind(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return "list"
+    kinds: dict[Any, str] = {bool: "bool", int: "int", float: "float", str: "str"}
+    return kinds[hint]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A scalar setting: where it lives in the file, its flag, and how to parse it."""
-
-    key: str  # dotted TOML key, e.g. "server.listen"
-    attr: str  # Config field
-    kind: str  # str | int | float | bool | list
-    help: str
-    flag: str | None = None
-    minimum: float | None = None
-    choices: tuple[str, ...] | None = None
-    secret: bool = False
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.key.replace(".", "_").upper()
+def _settings() -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        dataclasses.replace(f.metadata[_SETTING], attr=f.name, kind=_kind(hints[f.name]), default=f.default)
+        for f in dataclasses.fields(Config)
+        if _SETTING in f.metadata
+    )
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "database.dsn",
-        "dsn",
-        "str",
-        "PostgreSQL DSN: a URL (postgresql://user@host/db) or libpq key=value pairs (host=... dbname=...). "
-        "Without it (and without PGHOST/PGDATABASE/PGSERVICE) an embedded PostgreSQL is started.",
-        flag="--dsn",
-        secret=True,
-    ),
-    Setting(
-        "database.embedded",
-        "embedded",
-        "bool",
-        "Start an embedded PostgreSQL with a demo table (needs the 'embedded' extra).",
-        flag="--embedded",
-    ),
-    Setting(
-        "database.embedded_data_dir",
-        "embedded_data_dir",
-        "str",
-        "Keep the embedded cluster's data here (default: a temporary directory).",
-        flag="--embedded-data-dir",
-    ),
-    Setting("database.pool_min_size", "pool_min_size", "int", "Query pool: minimum connections.", minimum=0),
-    Setting("database.pool_max_size", "pool_max_size", "int", "Query pool: maximum connections.", minimum=1),
-    Setting(
-        "database.connect_timeout",
-        "connect_timeout",
-        "float",
-        "Seconds to wait for a database connection.",
-        minimum=0.1,
-    ),
-    Setting(
-        "database.query_timeout",
-        "query_timeout",
-        "float",
-        "Seconds a query (load chunk, refetch, NOTIFY) or a wait for a pool connection may take.",
-        minimum=0.1,
-    ),
-    Setting(
-        "server.listen",
-        "listen",
-        "list",
-        "gRPC listen address (host:port or unix:///path); "
-        "repeatable. Binding all interfaces (0.0.0.0) must be asked for explicitly.",
-        flag="--listen",
-    ),
-    Setting(
-        "server.health_listen",
-        "health_listen",
-        "list",
-        "Also serve only grpc.health.v1 here (host:port; for Kubernetes gRPC probes, which dial the pod IP).",
-        flag="--health-listen",
-    ),
-    Setting(
-        "server.install_triggers",
-        "install_triggers",
-        "bool",
-        "Install (or update) the change triggers of the cached tables at start.",
-        flag="--install-triggers",
-    ),
-    Setting(
-        "server.max_batch_keys",
-        "max_batch_keys",
-        "int",
-        "Most keys per BatchGet/Invalidate/Watch key filter, values and rows per Query; also bounds the request size.",
-        minimum=1,
-    ),
-    Setting(
-        "server.grace_period",
-        "grace_period",
-        "float",
-        "Seconds in-flight calls get to finish on SIGTERM.",
-        flag="--grace-period",
-        minimum=0,
-    ),
-    Setting(
-        "server.event_loop",
-        "event_loop",
-        "str",
-        "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
-        choices=("auto", "uvloop", "asyncio"),
-    ),
-    Setting("listener.channel", "channel", "str", "NOTIFY channel the triggers send on.", flag="--channel"),
-    Setting(
-        "listener.ping_interval",
-        "ping_interval",
-        "float",
-        "Seconds of silence after which the LISTEN connection is pinged.",
-        flag="--ping-interval",
-        minimum=0.05,
-    ),
-    Setting(
-        "listener.ping_timeout",
-        "ping_timeout",
-        "float",
-        "Seconds a ping may take before the LISTEN connection is declared dead.",
-        minimum=0.05,
-    ),
-    Setting(
-        "listener.reconnect_min_delay",
-        "reconnect_min_delay",
-        "float",
-        "First reconnect backoff, seconds (doubles per failure, with jitter).",
-        minimum=0,
-    ),
-    Setting(
-        "listener.reconnect_max_delay",
-        "reconnect_max_delay",
-        "float",
-        "Reconnect backoff cap, seconds.",
-        minimum=0,
-    ),
-    Setting(
-        "triggers.bulk_threshold",
-        "bulk_threshold",
-        "int",
-        "Rows changed by one statement above which the trigger sends one whole-table event instead of keys.",
-        flag="--bulk-threshold",
-        minimum=1,
-    ),
-    Setting(
-        "cache.refetch_batch_size",
-        "refetch_batch_size",
-        "int",
-        "Most keys refetched by one query.",
-        minimum=1,
-    ),
-    Setting(
-        "cache.refetch_concurrency",
-        "refetch_concurrency",
-        "int",
-        "Refetch queries in flight at once, per table.",
-        minimum=1,
-    ),
-    Setting(
-        "cache.stall_seconds",
-        "stall_seconds",
-        "float",
-        "Seconds the revision may stand still while received changes wait (refetches failing) "
-        "before health says NOT_SERVING.",
-        minimum=0.1,
-    ),
-    Setting(
-        "cache.catalog_check_interval",
-        "catalog_check_interval",
-        "float",
-        "Seconds between checks that each cached table still has the columns, key and triggers "
-        "it was loaded with (ALTER/DROP TABLE); also checked after every reconnect.",
-        minimum=0.1,
-    ),
-    Setting(
-        "watch.history_batches",
-        "watch_history_batches",
-        "int",
-        "Change batches kept for Watch resumes (oldest dropped first).",
-        minimum=1,
-    ),
-    Setting(
-        "watch.history_bytes",
-        "watch_history_bytes",
-        "int",
-        "Bytes of change batches kept for Watch resumes.",
-        minimum=1024,
-    ),
-    Setting(
-        "watch.max_lag",
-        "watch_max_lag",
-        "int",
-        "Batches a Watch subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED).",
-        minimum=1,
-    ),
-    Setting(
-        "metrics.listen",
-        "metrics_listen",
-        "str",
-        "Serve Prometheus metrics over HTTP on host:port (/metrics); empty: off.",
-        flag="--metrics-listen",
-    ),
-    Setting(
-        "logging.format",
-        "log_format",
-        "str",
-        "Log format: text, or json (one JSON object per line).",
-        flag="--log-format",
-        choices=("text", "json"),
-    ),
-    Setting(
-        "logging.level",
-        "log_level",
-        "str",
-        "Log level.",
-        flag="--log-level",
-        choices=("debug", "info", "warning", "error"),
-    ),
-)
+SETTINGS: tuple[Setting, ...] = _settings()
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 TABLE_KEYS = {"name", "mode", "max_rows", "ttl_seconds", "where", "query", "key", "sources", "indexes"}
 INDEX_KEYS = {"name", "columns", "unique", "range"}
@@ -611,23 +720,12 @@ def _check(setting: Setting, value: Any, where: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    if config.dsn is not None:
-        dsn_module.parse(config.dsn)  # a DSN that cannot parse would be retried forever at start
-    for address in config.listen:
-        parse_listen_address(address)
-    for address in config.health_listen:
-        if parse_listen_address(address).unix_path is not None:
-            raise ConfigError("server.health_listen", f"{address!r}: must be host:port")
-    if config.metrics_listen:
-        metrics = parse_listen_address(config.metrics_listen)
-        if metrics.unix_path is not None:
-            raise ConfigError("metrics.listen", f"{config.metrics_listen!r}: must be host:port")
-    if config.pool_min_size > config.pool_max_size:
-        raise ConfigError("database.pool_min_size", "must not exceed database.pool_max_size")
-    if config.reconnect_min_delay > config.reconnect_max_delay:
-        raise ConfigError("listener.reconnect_min_delay", "must not exceed listener.reconnect_max_delay")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", config.channel):
-        raise ConfigError("listener.channel", f"must be a plain identifier, not {config.channel!r}")
+    for setting in SETTINGS:
+        value = getattr(config, setting.attr)
+        if setting.check is not None and value is not None:
+            setting.check(value)
+        if setting.at_most is not None and value > getattr(config, SETTINGS_BY_KEY[setting.at_most].attr):
+            raise ConfigError(setting.key, f"must not exceed {setting.at_most}")
     seen: set[str] = set()
     for table in config.tables:
         if table.qualified in seen:
@@ -646,87 +744,7 @@ def _suggest(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-# ---------------------------------------------------------------- names
-
-
-_IDENT = r'(?:"(?:[^"]|"")+"|[^."\s]+)'
-
-
-def parse_table_name(text: str, where: str = "table") -> tuple[str, str]:
-    """Split ``schema.table`` the way PostgreSQL reads it: unquoted parts fold
-    to lower case, quoted parts are exact; the schema defaults to ``public``."""
-    match = re.fullmatch(rf"\s*(?:({_IDENT})\.)?({_IDENT})\s*", text)
-    if match is None:
-        raise ConfigError(where, f"{text!r} is not a table name like 'public.patron'")
-    schema_part, table_part = match.groups()
-    return (_unquote(schema_part) if schema_part else "public"), _unquote(table_part)
-
-
-def _unquote(part: str) -> str:
-    if part.startswith('"'):
-        return part[1:-1].replace('""', '"')
-    return part.lower()
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier for SQL, always (safe for any name)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def qualified_name(schema: str, table: str) -> str:
-    """``schema.table`` for display and API lookups, quoting only where needed."""
-    return f"{_display(schema)}.{_display(table)}"
-
-
-def _display(name: str) -> str:
-    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
-
-
-# ---------------------------------------------------------------- addresses
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """A parsed ``server.listen`` entry."""
-
-    text: str
-    unix_path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-    @property
-    def all_interfaces(self) -> bool:
-        return self.host in ("0.0.0.0", "::", "[::]", "")
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix://") if text.startswith("unix://") else text.removeprefix("unix:")
-        if not path:
-            raise ConfigError("server.listen", f"{text!r} has no socket path")
-        return ListenAddress(text=text, unix_path=path)
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d+)", text)
-    if match is None:
-        raise ConfigError("server.listen", f"{text!r} is not host:port or unix:///path")
-    port = int(match.group(2))
-    if not 0 <= port <= 65535:
-        raise ConfigError("server.listen", f"{text!r}: port must be 0-65535")
-    return ListenAddress(text=text, host=match.group(1), port=port)
-
-
-# ---------------------------------------------------------------- secrets
-
-
-def redact_dsn(dsn: str | None) -> str:
-    """The DSN with its password fields replaced, safe to log."""
-    if not dsn:
-        return "(PG* environment)"
-    return dsn_module.redact(dsn)
-
-
-def scrub(text: str, dsn: str | None) -> str:
-    """``text`` with the DSN, where it appears whole (a driver error may echo it), redacted."""
-    return dsn_module.scrub(text, dsn)
+# ---------------------------------------------------------------- description
 
 
 def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequence[str]:
@@ -748,7 +766,7 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
             if value is None or value == ():  # (an empty list is not a valid value to load)
                 lines.append(f"# {name} is not set")
             else:
-                lines.append(f"{name} = {_toml(redact_dsn(value) if setting.secret else value)}")
+                lines.append(f"{name} = {_toml(dsn_module.redact(value) if setting.secret else value)}")
     for table in config.tables:
         lines += ["", "[[tables]]", f"name = {_toml(table.qualified)}", f"mode = {_toml(table.mode)}"]
         if table.mode == "lazy":

@@ -21,9 +21,10 @@ from typing import Any
 import asyncpg
 
 from sidecar import dsn
-from sidecar.config import Config, TableConfig, qualified_name, scrub
-from sidecar.dsn import Target
+from sidecar.config import Config, TableConfig
+from sidecar.dsn import Target, scrub
 from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
+from sidecar.identifiers import qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema

@@ -28,11 +28,12 @@ from typing import Any
 
 from sidecar.barrier import Barrier
 from sidecar.cache import Row, TableCache
-from sidecar.config import Config, parse_table_name, qualified_name
+from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
 from sidecar.full import FullTable
 from sidecar.hub import Filter, Hub, Snapshot, Subscription, snapshot_chunks
+from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
 from sidecar.lazy import LazyTable

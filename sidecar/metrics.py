@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.config import parse_listen_address
+from sidecar.addresses import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.listener import Listener
 from sidecar.notify_queue import NotifyQueue

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.config import TableConfig, quote_ident
+from sidecar.config import TableConfig
+from sidecar.identifiers import quote_ident
 from sidecar.keys import KeyColumn
 
 

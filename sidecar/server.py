@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.config import parse_listen_address
+from sidecar.addresses import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.service import SERVICE_NAME, CacheService, add_to_server

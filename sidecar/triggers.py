@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import quote_ident
 from sidecar.errors import SchemaError
+from sidecar.identifiers import quote_ident
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)

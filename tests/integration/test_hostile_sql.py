@@ -16,8 +16,8 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar import triggers
-from sidecar.config import quote_ident
 from sidecar.db import PgDatabase, describe_table, query_sql
+from sidecar.identifiers import quote_ident
 from sidecar.indexes import IndexQuery
 from sidecar.wire import row_json
 from tests.support.pg import Postgres

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.cli import reindent
+from sidecar.remote import reindent
 
 
 @pytest.mark.parametrize(

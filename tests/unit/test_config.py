@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
+from sidecar.addresses import parse_listen_address
+from sidecar.dsn import redact as redact_dsn
+from sidecar.dsn import scrub
 from sidecar.errors import ConfigError
+from sidecar.identifiers import parse_table_name, qualified_name
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -217,10 +221,10 @@ def test_secret_never_in_errors_or_description(tmp_path):
     ],
 )
 def test_redact_dsn(dsn, shown, password):
-    assert cfg.redact_dsn(dsn) == shown
+    assert redact_dsn(dsn) == shown
     if password:
         # A driver error that echoes the DSN gets the redacted DSN in its place.
-        scrubbed = cfg.scrub(f"failed for {dsn}: timeout", dsn)
+        scrubbed = scrub(f"failed for {dsn}: timeout", dsn)
         assert password not in scrubbed and scrubbed == f"failed for {shown}: timeout"
 
 
@@ -234,17 +238,17 @@ def test_redact_dsn(dsn, shown, password):
     ],
 )
 def test_table_names_follow_postgres_rules(text, parsed):
-    assert cfg.parse_table_name(text) == parsed
-    assert cfg.parse_table_name(cfg.qualified_name(*parsed)) == parsed
+    assert parse_table_name(text) == parsed
+    assert parse_table_name(qualified_name(*parsed)) == parsed
 
 
 def test_listen_addresses():
-    assert cfg.parse_listen_address("unix:///run/x.sock").unix_path == "/run/x.sock"
-    assert cfg.parse_listen_address("unix:rel.sock").unix_path == "rel.sock"
-    assert cfg.parse_listen_address("[::1]:50051").port == 50051
-    assert cfg.parse_listen_address("0.0.0.0:1").all_interfaces
+    assert parse_listen_address("unix:///run/x.sock").unix_path == "/run/x.sock"
+    assert parse_listen_address("unix:rel.sock").unix_path == "rel.sock"
+    assert parse_listen_address("[::1]:50051").port == 50051
+    assert parse_listen_address("0.0.0.0:1").all_interfaces
     with pytest.raises(ConfigError, match="0-65535"):
-        cfg.parse_listen_address("127.0.0.1:70000")
+        parse_listen_address("127.0.0.1:70000")
 
 
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
@@ -313,20 +317,20 @@ def test_print_config_names_the_service(tmp_path):
 def test_redaction_touches_the_password_fields_only(secret):
     encoded = secret.replace("@", "%40").replace(":", "%3A").replace("/", "%2F")
     url = f"postgresql://postgres2:{encoded}@127.0.0.1:53204/nodb"
-    assert cfg.redact_dsn(url) == "postgresql://postgres2:***@127.0.0.1:53204/nodb"
+    assert redact_dsn(url) == "postgresql://postgres2:***@127.0.0.1:53204/nodb"
     query = f"postgresql://app@db/postgres?password={encoded}&sslmode=require"
-    assert cfg.redact_dsn(query) == "postgresql://app@db/postgres?password=***&sslmode=require"
+    assert redact_dsn(query) == "postgresql://app@db/postgres?password=***&sslmode=require"
     quoted = "'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"
     keywords = f"host=/tmp/postgres user=postgres password = {quoted} dbname=r"
-    assert cfg.redact_dsn(keywords) == "host=/tmp/postgres user=postgres password = *** dbname=r"
+    assert redact_dsn(keywords) == "host=/tmp/postgres user=postgres password = *** dbname=r"
 
     # Messages are never edited where the password's text happens to occur...
     message = "table public.a@b:c/ has no primary key; cache-sidecar needs one (postgresql, postgres2, r)"
-    assert cfg.scrub(message, url) == message
-    assert cfg.scrub(message, keywords) == message
+    assert scrub(message, url) == message
+    assert scrub(message, keywords) == message
     # ...only where the driver echoes the DSN: that is replaced whole.
     echoed = f"cannot connect to {url}: password authentication failed for user postgres2"
-    assert cfg.scrub(echoed, url) == (
+    assert scrub(echoed, url) == (
         "cannot connect to postgresql://postgres2:***@127.0.0.1:53204/nodb: "
         "password authentication failed for user postgres2"
     )

@@ -35,3 +35,19 @@ def test_every_flag_in_the_settings_table_exists():
         build_parser().parse_args(["serve", "--help"])
     missing = [flag for flag in sorted(flags) if flag not in shown.getvalue()]
     assert not missing, f"the README lists flags that 'serve' does not take: {missing}"
+
+
+def test_the_settings_table_says_what_the_declarations_say():
+    """Each setting's row: its environment variable, its flag (or none), its default."""
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in README.splitlines() if line.startswith("| `")}
+    wrong = []
+    for s in SETTINGS:
+        env, flag, default = (cell.strip() for cell in rows[f"`{s.key}`"])
+        shown = f"`{s.shown_default}`" if s.default not in (None, "", ()) else s.shown_default or "none"
+        if not env.startswith(f"`{s.env}`"):
+            wrong.append(f"{s.key}: environment {env!r}, declared {s.env}")
+        if (flag.split()[0] if flag else None) != (f"`{s.flag}`" if s.flag else None):
+            wrong.append(f"{s.key}: flag {flag!r}, declared {s.flag}")
+        if default != shown:
+            wrong.append(f"{s.key}: default {default!r}, declared {shown}")
+    assert not wrong, "README.md's settings table disagrees with sidecar/config.py:\n" + "\n".join(wrong)

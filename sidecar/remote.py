@@ -1,0 +1,165 @@
+"""The command line's client side: ``get``, ``query``, ``tables`` and ``health``
+against a running sidecar, over gRPC, printed for a terminal or a script.
+
+Rows go out byte for byte as served; each command returns its exit status
+(0 done, 1 not found, not serving, or the call failed)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+
+
+def _call(target: str, work: Callable[[Any], int]) -> int:
+    """``work(channel)``'s status, or 1 with the status code and details printed when a call fails."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return work(channel)
+        except grpc.RpcError as exc:
+            print(f"cache-sidecar: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+
+
+def _options(strong: bool) -> Any:
+    return pb.ReadOptions(consistency=pb.STRONG if strong else pb.EVENTUAL)
+
+
+def health(target: str, service: str) -> int:
+    """Print grpc.health.v1's status of ``service``; 0 when SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def work(channel: Any) -> int:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+    return _call(target, work)
+
+
+def tables(target: str) -> int:
+    """One line per cached table, its indexes and problem under it, then the revision."""
+
+    def work(channel: Any) -> int:
+        listing = pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest(), timeout=10)
+        for t in listing.tables:
+            keys = ", ".join(f"{c.name} {c.type}" for c in t.key_columns)
+            mode = pb.TableMode.Name(t.mode).lower()
+            print(f"{t.name}\t{mode}\trows={t.row_count}\tloaded={t.loaded}\tkey=({keys})")
+            for i in t.indexes:
+                kind = "range" if i.range else "unique" if i.unique else "equality"
+                print(f"  index {i.name} ({', '.join(i.columns)}) {kind}")
+            if t.problem:
+                print(f"  NOT SERVED from memory: {t.problem}")
+        print(f"revision {listing.revision.epoch}/{listing.revision.number}")
+        return 0
+
+    return _call(target, work)
+
+
+def get(target: str, table: str, key: Sequence[str], *, strong: bool, pretty: bool) -> int:
+    """Print the row with this key (one string per key column); 1 when there is none."""
+
+    def work(channel: Any) -> int:
+        request = pb.GetRequest(
+            table=table, key=pb.Key(parts=[pb.KeyPart(string_value=part) for part in key]), options=_options(strong)
+        )
+        reply = pb_grpc.CacheStub(channel).Get(request, timeout=10)
+        if not reply.found:
+            print("not found", file=sys.stderr)
+            return 1
+        write_row(reply.row, pretty)
+        return 0
+
+    return _call(target, work)
+
+
+def query(
+    target: str,
+    table: str,
+    index: str,
+    *,
+    values: Sequence[str],
+    lower: str | None,
+    upper: str | None,
+    limit: int,
+    descending: bool,
+    strong: bool,
+    pretty: bool,
+) -> int:
+    """Print the rows whose index columns equal one of ``values`` (a value's columns
+    comma-separated), or, without values, those between ``lower`` and ``upper``."""
+    request = pb.QueryRequest(
+        table=table, index=index, limit=max(limit, 0), descending=descending, options=_options(strong)
+    )
+    if values:
+        for value in values:
+            request.values.add(parts=[pb.KeyPart(string_value=part) for part in value.split(",")])
+    else:
+        request.range.SetInParent()
+        if lower is not None:
+            request.range.lower.string_value = lower
+        if upper is not None:
+            request.range.upper.string_value = upper
+
+    def work(channel: Any) -> int:
+        reply = pb_grpc.CacheStub(channel).Query(request, timeout=10)
+        for row in reply.rows:
+            write_row(row.row, pretty)
+        if reply.truncated:
+            print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
+        return 0
+
+    return _call(target, work)
+
+
+def write_row(row: bytes, pretty: bool) -> None:
+    """A row exactly as served: decoding and re-encoding the JSON would round numerics
+    to floats, drop trailing zeros and escape non-ASCII text, so bytes go out as they came
+    (``--pretty`` changes whitespace only)."""
+    sys.stdout.flush()  # anything printed before goes first
+    sys.stdout.buffer.write((reindent(row) if pretty else row) + b"\n")
+
+
+def reindent(document: bytes, indent: int = 2) -> bytes:
+    """``document`` (JSON) with one member or element a line: only whitespace outside
+    strings changes; strings, numbers and literals are copied byte for byte."""
+    out = bytearray()
+    depth = 0
+    i, n = 0, len(document)
+    while i < n:
+        c = document[i : i + 1]
+        if c == b'"':
+            end = i + 1
+            while end < n and document[end : end + 1] != b'"':
+                end += 2 if document[end : end + 1] == b"\\" else 1
+            out += document[i : end + 1]
+            i = end + 1
+            continue
+        if c in b"{[":
+            closing = b"}" if c == b"{" else b"]"
+            j = i + 1
+            while j < n and document[j] in b" \t\r\n":
+                j += 1
+            if document[j : j + 1] == closing:  # empty: {} or []
+                out += c + closing
+                i = j + 1
+                continue
+            depth += 1
+            out += c + b"\n" + b" " * (indent * depth)
+        elif c in b"}]":
+            depth -= 1
+            out += b"\n" + b" " * (indent * depth) + c
+        elif c == b",":
+            out += b",\n" + b" " * (indent * depth)
+        elif c == b":":
+            out += b": "
+        elif c not in b" \t\r\n":
+            out += c
+        i += 1
+    return bytes(out)
