@@ -21,8 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import db, dsn, embedded, events, server, triggers
-from sidecar.barrier import Barrier
+from sidecar import db, dsn, embedded, server, triggers
 from sidecar.catalog import CatalogWatch
 from sidecar.config import Config
 from sidecar.db import PgDatabase
@@ -32,6 +31,7 @@ from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
 from sidecar.listener import Listener, backoff_delay
 from sidecar.metrics import Metrics
 from sidecar.notify_queue import NotifyQueue
+from sidecar.pg_source import PgChangeSource
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class Daemon:
         self.embedded: embedded.EmbeddedPostgres | None = None
         self.db: PgDatabase | None = None
         self.engine: Engine | None = None
-        self.listener: Listener | None = None
+        self.source: PgChangeSource | None = None
+        self.listener: Listener | None = None  # the source's LISTEN connection (metrics, tests)
         self.server: server.Server | None = None
         self.metrics: Metrics | None = None
         self.metrics_address: str | None = None
@@ -135,9 +136,7 @@ class Daemon:
         )
         await catalog.baseline()
 
-        def listening() -> None:
-            engine.listener_connected()
-            catalog.poke()  # what changed while nobody listened is found now, not at the next check
+        engine.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
 
         self.metrics = Metrics() if config.metrics_listen else None
         self.server = await server.start(
@@ -148,23 +147,19 @@ class Daemon:
         )
         self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         engine.on_state_change(self._health_dirty.set)
-        self.listener = Listener(
+        self.source = source = PgChangeSource(
+            db,
             connect=_listener_connect(config),
             channel=config.channel,
-            on_event=engine.handle,
-            on_up=listening,
-            on_down=engine.listener_lost,
+            query_timeout=config.query_timeout,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
             redact=lambda text: scrub(text, config.dsn),
         )
-        listener = self.listener
-        engine.barrier = Barrier(
-            lambda token: listener.notify(events.sync_payload(token), config.query_timeout),
-            timeout=config.query_timeout,
-        )
+        self.listener = source.listener
+        engine.attach(source, barrier_timeout=config.query_timeout)
         if self.metrics is not None:
             self.metrics.watch(engine, self.listener, asyncio.get_running_loop())
             try:
@@ -242,9 +237,9 @@ class Daemon:
     # ---------------------------------------------------------------- run
 
     async def _supervise(self) -> int:
-        assert self.listener is not None and self.server is not None
+        assert self.source is not None and self.engine is not None and self.server is not None
         tasks = {
-            asyncio.create_task(self.listener.run(), name="listener"),
+            asyncio.create_task(self.source.follow(self.engine), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),
         }
         if self.catalog is not None:

@@ -41,7 +41,7 @@ from sidecar.reads import ReadPath
 from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
-from sidecar.source import Database
+from sidecar.source import ChangeSource, Database
 from sidecar.wire import row_json
 
 __all__ = ["Engine", "Revision", "new_epoch"]
@@ -72,6 +72,7 @@ class Engine:
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
         self._state_listeners: list[Callable[[], None]] = []
+        self._connected_listeners: list[Callable[[], None]] = []
         self._was_ready = False
         self._connected_before = False
         self.tables: dict[str, TableCache] = {}
@@ -104,6 +105,14 @@ class Engine:
 
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
         self.router.matched(name, seq, keys)  # (the router is made once the tables are)
+
+    def attach(self, source: ChangeSource, barrier_timeout: float = 30.0) -> None:
+        """Read barriers go through ``source``: its tokens come back ordered with its changes."""
+        self.barrier = Barrier(source.send_token, timeout=barrier_timeout)
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each (re)connection's rebuild has begun."""
+        self._connected_listeners.append(callback)
 
     @classmethod
     def from_config(cls, config: Config, db: Database, schemas: Sequence[TableSchema]) -> Engine:
@@ -221,6 +230,8 @@ class Engine:
         for table in self.tables.values():
             table.rebuild(seq)
         self.revisions.advance()
+        for callback in self._connected_listeners:
+            callback()
 
     def listener_lost(self, reason: str) -> None:
         """Notifications may be missed from now on: stop trusting memory.

@@ -16,10 +16,11 @@ from typing import Any
 
 from sidecar.config import TableConfig
 from sidecar.errors import SchemaError
+from sidecar.events import Event, SyncToken
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key, KeyColumn
 from sidecar.schema import TableSchema
-from sidecar.source import Rows
+from sidecar.source import ChangeSink, Rows
 from sidecar.wire import entry, row_json
 
 
@@ -134,3 +135,40 @@ class MemoryDatabase:
         indexes.rebuild(snapshot)
         keys, _ = indexes.run(replace(query, limit=query.limit + 1))
         return {key: snapshot[key] for key in keys}
+
+
+class MemoryChangeSource:
+    """``source.ChangeSource`` in memory: the test says what arrives (``emit``), and when
+    the connection is lost or back (``lose``, ``reconnect``); barrier tokens come back
+    right away, after every event emitted before them."""
+
+    def __init__(self, database: MemoryDatabase) -> None:
+        self._database = database
+        self._sink: ChangeSink | None = None
+        self.tokens = 0
+
+    @property
+    def database(self) -> MemoryDatabase:
+        return self._database
+
+    async def follow(self, sink: ChangeSink) -> None:
+        self._sink = sink
+        sink.listener_connected()
+        await asyncio.Event().wait()  # until cancelled
+
+    async def send_token(self, token: str) -> None:
+        assert self._sink is not None, "not followed yet"
+        self.tokens += 1
+        asyncio.get_running_loop().call_soon(self._sink.handle, SyncToken(token))
+
+    def emit(self, event: Event) -> None:
+        assert self._sink is not None, "not followed yet"
+        self._sink.handle(event)
+
+    def lose(self, reason: str = "test") -> None:
+        assert self._sink is not None
+        self._sink.listener_lost(reason)
+
+    def reconnect(self) -> None:
+        assert self._sink is not None
+        self._sink.listener_connected()

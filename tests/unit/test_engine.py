@@ -11,7 +11,7 @@ from sidecar.barrier import Barrier
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, QueryFailed, Unavailable, UnknownTable
 from sidecar.events import Op, RowChange, SyncToken, TableChange
-from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from sidecar.wire import entry
 from tests.support.waiting import eventually
 
@@ -39,15 +39,13 @@ def db() -> MemoryDatabase:
 
 @pytest.fixture
 async def engine(db: MemoryDatabase):
-    engine = Engine(db, list(db.schemas.values()), max_batch_keys=5)
-
-    async def send(token: str) -> None:  # the listener hears our NOTIFY right back
-        asyncio.get_running_loop().call_soon(engine.handle, SyncToken(token))
-
-    engine.barrier = Barrier(send)
-    engine.listener_connected()
+    source = MemoryChangeSource(db)
+    engine = Engine(source.database, list(db.schemas.values()), max_batch_keys=5)
+    engine.attach(source)
+    following = asyncio.create_task(source.follow(engine))  # connects: the tables load
     await eventually(lambda: engine.ready)
     yield engine
+    following.cancel()
     await engine.close()
 
 
