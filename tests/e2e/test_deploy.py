@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ from cache_sidecar_client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import config as cfg
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -196,18 +196,18 @@ def test_the_image_command_serves_over_the_unix_socket(postgres, schema, tmp_pat
     assert installed.returncode == 0, installed.stderr  # (the ConfigMap leaves installing to an operator)
     process = subprocess.Popen([exe, *command[1:-1], str(config_file)], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             probe = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert process.poll() is None, process.stderr.read()
+
+            def ready() -> bool:
+                if process.poll() is not None:
+                    raise RuntimeError(process.stderr.read())
                 try:
-                    if probe.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
+                    return probe.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
                 except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "never ready"
-                time.sleep(0.05)
+                    return False
+
+            wait_until(ready, 60, 0.05, what="ready")
             assert probe.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=1).status == 1
             with pytest.raises(grpc.RpcError):  # the probe port serves health only, no cache data
                 channel.unary_unary("/cachesidecar.v1.Cache/ListTables")(b"", timeout=1)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -18,6 +17,8 @@ import grpc
 import pytest
 from cache_sidecar_client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.waiting import wait_until
 
 EXE = [sys.executable, "-m", "sidecar"]
 
@@ -35,19 +36,18 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def wait_serving(target: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             if process.poll() is not None:
-                raise AssertionError(f"daemon exited with {process.returncode}: {process.stderr.read()}")
+                raise RuntimeError(f"daemon exited with {process.returncode}: {process.stderr.read()}")
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
             except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise AssertionError("daemon never became SERVING")
+                return False
+
+        wait_until(serving, timeout, 0.05, what="daemon SERVING")
 
 
 @pytest.fixture
@@ -76,14 +76,7 @@ def run_sql(dsn: str, sql: str) -> None:
 
 
 def eventually(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
+    return wait_until(check, timeout, 0.02)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
