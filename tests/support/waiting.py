@@ -9,20 +9,33 @@ from collections.abc import Callable
 from typing import Any
 
 
+class _Poll:
+    """One wait's bookkeeping: the last value seen, and the deadline."""
+
+    def __init__(self, timeout: float, what: str) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.timeout, self.what = timeout, what
+        self.last: Any = None
+
+    def reached(self, value: Any) -> bool:
+        self.last = value
+        if value and not isinstance(value, AssertionError):
+            return True
+        if time.monotonic() > self.deadline:
+            raise AssertionError(f"{self.what} not reached within {self.timeout}s (last: {self.last!r})")
+        return False
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> Any:
     """``eventually`` for blocking code (the e2e tier drives processes from plain threads)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
+    poll = _Poll(timeout, what)
     while True:
         try:
-            last = check()
+            value = check()
         except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+            value = exc
+        if poll.reached(value):
+            return value
         time.sleep(interval)
 
 
@@ -30,18 +43,14 @@ async def eventually(
     check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
 ) -> Any:
     """Poll ``check`` (sync or async) until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
+    poll = _Poll(timeout, what)
     while True:
         try:
-            last = check()
-            if inspect.isawaitable(last):
-                last = await last
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
         except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+            value = exc
+        if poll.reached(value):
+            return value
         await asyncio.sleep(interval)
