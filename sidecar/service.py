@@ -125,6 +125,18 @@ class CacheService:
     def _revision(self) -> pb.Revision:
         return self._current().message
 
+    def _answered_at(self, start: Revision) -> wire.Revisions:
+        """The revision a read's answer carries: the current one -- unless the epoch changed
+        while it was read. Then the answer came from the database (memory was being rebuilt)
+        and carries the revision the read began at: a revision of the new epoch would tell the
+        client that rows the rebuilt memory serves next are at least as new, and they may not
+        be (a later EVENTUAL read would seem to go back in time within one epoch)."""
+        if self.engine.epoch == start.epoch:
+            return self._current()
+        revisions = wire.Revisions()
+        revisions.update(start.epoch, start.number)
+        return revisions
+
     async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` bounded by the call's deadline; turn errors into statuses.
 
@@ -186,8 +198,9 @@ class CacheService:
             options = request.options
             if options.consistency == pb.STRONG or options.HasField("min_revision"):
                 await self._prepare(options)
+            start = self.engine.revision
             row = await self.engine.get(request.table, parts, options.allow_stale)
-            answer = wire.get_response(row, self._current())
+            answer = wire.get_response(row, self._answered_at(start))
             if len(answer) > self.max_message_bytes:
                 table = self.engine.table(request.table)
                 key = coerce_key(table.schema.key_columns, parts)
@@ -213,8 +226,9 @@ class CacheService:
                 parts = [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
                 keys = self.engine.keys(table, parts)
             await self._prepare(request.options)
+            start = self.engine.revision
             rows = await self.engine.read(table, keys, request.options.allow_stale)
-            answer = wire.batch_get_response(rows, self._current())
+            answer = wire.batch_get_response(rows, self._answered_at(start))
             return self._fits(
                 answer, table.schema.qualified, lambda: [(k, e) for k, e in zip(keys, rows, strict=True) if e]
             )
@@ -246,8 +260,9 @@ class CacheService:
                 descending=request.descending,
             )
             await self._prepare(request.options)
+            start = self.engine.revision
             entries, truncated = await self.engine.query(table, query, request.options.allow_stale)
-            answer = wire.query_response(entries, truncated, self._current())
+            answer = wire.query_response(entries, truncated, self._answered_at(start))
             columns = [c.name for c in table.schema.key_columns]
             return self._fits(answer, table.schema.qualified, lambda: [(_key_of(e, columns), e) for e in entries])
 
