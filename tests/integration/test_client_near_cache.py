@@ -212,3 +212,18 @@ async def test_changes_iterator_for_event_driven_code(start_daemon, db, items):
         consumer.cancel()
     assert sorted(c.key for c in seen) == [100, 101] and all(c.operation == "insert" for c in seen)
     assert seen[0].row is not None and seen[0].row["version"] == 0
+
+
+async def test_a_key_in_another_form_than_events_use_never_goes_stale(start_daemon, db, items):
+    """An int key asked for as "2" (the sidecar coerces it) must not be held under "2":
+    the change stream names the row 2, and would never update or drop that entry."""
+    sidecar = await start_daemon([items])
+    async with AsyncClient(sidecar.target, near_cache=[items]) as cache:
+        await eventually(lambda: cache.near_cache.connected)
+        assert (await cache.get(items, "2"))["version"] == 0
+        assert (await cache.get(items, 2))["version"] == 0
+        await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 2")
+        await cache.sync()
+        await eventually(lambda: version(cache, items, 2), what="the int form followed")
+        assert (await cache.get(items, "2"))["version"] == 3  # not the held 0
+        assert [r["version"] for r in await cache.batch_get(items, ["2", 2])] == [3, 3]

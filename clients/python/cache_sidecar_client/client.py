@@ -103,6 +103,14 @@ class _Core:
             return self.near.position
         return min_revision
 
+    def learn_keys(self, tables: Iterable[TableInfo]) -> None:
+        """The near-cached tables' key column types: only keys in their stream form are held."""
+        near = self.near
+        assert near is not None
+        for info in tables:
+            if info.name in near.limits:
+                near.learn(info.name, [sql_type for _, sql_type in info.key_columns])
+
     def follow(self, item: Any) -> None:
         """Apply one item of the near-cache's watch stream."""
         near = self.near
@@ -163,7 +171,8 @@ class _PointRead:
         allow_stale: bool,
     ) -> None:
         self.core, self.table, self.key = core, table, key
-        self.near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        near = core.near if core.uses_near_cache(table, min_revision, allow_stale) else None
+        self.near = near if near is not None and near.holds(table, key) else None
         self.result: dict[str, Any] | None = None
         self.request: pb.GetRequest | None = None
         self.ticket: FillTicket | None = None
@@ -249,15 +258,15 @@ class _BatchRead:
         if near is not None and consistency == "eventual":
             self.missing = []
             for index, key in enumerate(keys):
-                hit, row = near.lookup(table, key)
+                hit, row = near.lookup(table, key) if near.holds(table, key) else (False, None)
                 if hit:
                     self.results[index] = _copy(row)
                 else:
                     self.missing.append(index)
         self.wanted = [keys[i] for i in self.missing]
-        self.tickets: list[FillTicket | None] = (
-            [near.begin_fill(table, k) for k in self.wanted] if near is not None else [None] * len(self.wanted)
-        )
+        self.tickets: list[FillTicket | None] = [
+            near.begin_fill(table, k) if near is not None and near.holds(table, k) else None for k in self.wanted
+        ]
         self.request: pb.BatchGetRequest | None = None
         if self.wanted:
             self.request = pb.BatchGetRequest(
@@ -497,6 +506,7 @@ class Client:
         request = watch_request(near.tables, None, None, None, False, NEAR_CACHE_PROGRESS)
         while not self._closed.is_set():
             try:
+                self._core.learn_keys(self.list_tables())
                 for item in self._stream(request, resume=True):
                     self._core.follow(item)
             except Exception:  # e.g. a table this sidecar does not cache: retry, reads go to the sidecar
@@ -704,6 +714,7 @@ class AsyncClient:
         request = watch_request(near.tables, None, None, None, False, NEAR_CACHE_PROGRESS)
         while not self._closed:
             try:
+                self._core.learn_keys(await self.list_tables())
                 async for item in self._stream(request, resume=True):
                     self._core.follow(item)
             except asyncio.CancelledError:

@@ -13,7 +13,12 @@ Ordering rules (the sidecar's, applied here):
 * a fill that was in flight when a change to its key (or a flush) arrived is
   not stored: the value it read may predate that change;
 * misses ask the sidecar with ``min_revision`` = the stream's position, so a
-  read never returns a value older than one the near-cache already served.
+  read never returns a value older than one the near-cache already served;
+* a key is held only in the form the change stream names it (an int for an
+  integer column, a str for a text one...): the sidecar coerces ``"2"`` to the
+  row 2, but an entry held under ``"2"`` would never be updated by the events for
+  2. Keys in another form, and key columns whose form the client cannot tell
+  (uuid, numeric, timestamps), are read from the sidecar every time.
 
 Thread-safe (the blocking client applies changes from a background thread).
 """
@@ -30,6 +35,37 @@ from cache_sidecar_client._convert import Revision
 from cache_sidecar_client.watch import ChangeBatch
 
 DEFAULT_MAX_ROWS = 10_000
+
+# The Python type a key part has in the change stream, by the column's SQL type
+# (as ListTables names it); "bpchar": a str without trailing blanks (the sidecar
+# strips them from char(n) keys).
+_STREAM_FORMS: dict[str, Any] = {
+    "smallint": int,
+    "integer": int,
+    "bigint": int,
+    "oid": int,
+    "text": str,
+    "name": str,
+    "boolean": bool,
+    "bytea": bytes,
+}
+
+
+def stream_form(sql_type: str) -> Any:
+    """The Python type of this column's key parts in change events (None: not known here)."""
+    if sql_type in _STREAM_FORMS:
+        return _STREAM_FORMS[sql_type]
+    if sql_type.startswith("character varying"):
+        return str
+    if sql_type.startswith("character"):
+        return "bpchar"
+    return None
+
+
+def _in_form(part: Any, form: Any) -> bool:
+    if form == "bpchar":
+        return type(part) is str and not part.endswith(" ")
+    return form is not None and type(part) is form
 
 
 @dataclass
@@ -69,7 +105,21 @@ class NearCache:
         self._generation = 0  # bumped whenever entries are flushed
         self._inflight: collections.Counter[tuple[str, Any]] = collections.Counter()
         self._dirty: set[tuple[str, Any]] = set()
+        self._forms: dict[str, tuple[Any, ...]] = {}  # table -> each key column's stream form
         self.stats = NearCacheStats()
+
+    def learn(self, table: str, key_types: Iterable[str]) -> None:
+        """The SQL types of ``table``'s key columns (from ListTables)."""
+        with self._lock:
+            self._forms[table] = tuple(stream_form(t) for t in key_types)
+
+    def holds(self, table: str, key: Any) -> bool:
+        """Whether ``key`` is in the form the change stream uses for this table (only such keys are held)."""
+        forms = self._forms.get(table)
+        if forms is None:
+            return False
+        parts = key if isinstance(key, tuple) else (key,)
+        return len(parts) == len(forms) and all(_in_form(p, f) for p, f in zip(parts, forms, strict=True))
 
     @property
     def tables(self) -> list[str]:
