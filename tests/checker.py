@@ -295,10 +295,15 @@ async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
     from cache_sidecar_client import AsyncClient, CacheSidecarError
 
     async with AsyncClient(target, timeout=5) as cache:
-        try:
-            epoch = (await cache.sync()).epoch
-        except CacheSidecarError:
-            return  # (not up after an earlier fault: skip this one)
+        epoch = None
+        give_up = time.monotonic() + 20
+        while epoch is None and time.monotonic() < give_up:  # (maybe still rebuilding after an earlier fault)
+            try:
+                epoch = (await cache.sync(timeout=2)).epoch
+            except CacheSidecarError:
+                await asyncio.sleep(0.05)
+        if epoch is None:
+            return
 
         async def barriers() -> None:
             while True:
