@@ -115,6 +115,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
         )
 
 
+def _client_options(parser: argparse.ArgumentParser, reads: bool = False) -> None:
+    """The options of the commands that talk to a running sidecar (and, for reads, how)."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    if reads:
+        parser.add_argument("--strong", action="store_true", help="pass the read barrier first")
+        parser.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cache-sidecar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -154,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     get.add_argument("table", help="schema.table")
     get.add_argument("key", nargs="+", help="key part(s), in primary-key column order")
-    get.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
-    get.add_argument("--strong", action="store_true", help="pass the read barrier first")
-    get.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
+    _client_options(get, reads=True)
 
     query = commands.add_parser(
         "query",
@@ -175,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--upper", help="range: highest value (included)")
     query.add_argument("--limit", type=int, default=0, help="at most this many rows (default: the server's maximum)")
     query.add_argument("--desc", action="store_true", help="reverse the order")
-    query.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
-    query.add_argument("--strong", action="store_true", help="pass the read barrier first")
-    query.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
+    _client_options(query, reads=True)
 
     tables = commands.add_parser(
         "tables",
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loaded, key columns; then each table's indexes and, if it is not served from memory, why; "
         "last the sidecar's revision.",
     )
-    tables.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    _client_options(tables)
 
     check = commands.add_parser(
         "health",
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask grpc.health.v1 of a running sidecar; exit 0 when SERVING, 1 otherwise "
         "(for compose health checks and exec probes).",
     )
-    check.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    _client_options(check)
     check.add_argument("--service", default="", help="health service name ('' overall, 'liveness')")
     return parser
 
