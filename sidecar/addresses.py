@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,20 @@ class ListenAddress:
     @property
     def all_interfaces(self) -> bool:
         return self.host in ("0.0.0.0", "::", "[::]", "")
+
+    @property
+    def loopback(self) -> bool:
+        """Reachable from this host only: a Unix socket, or a loopback address (a host name
+        other than localhost may resolve to anything, so it is not)."""
+        if self.unix_path is not None:
+            return True
+        host = (self.host or "").strip("[]").lower()
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 def parse_listen_address(text: str) -> ListenAddress:

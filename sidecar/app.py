@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import db, dsn, embedded, server, triggers
+from sidecar import auth, db, dsn, embedded, server, triggers
 from sidecar.catalog import CatalogWatch
 from sidecar.config import Config
 from sidecar.db import PgDatabase
@@ -110,6 +110,7 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        security = auth.load(config)  # a bad certificate or token file fails now, before any connection
         if wants_embedded(config):
             config = await self._start_embedded(config)
         if not config.tables:
@@ -144,6 +145,7 @@ class Daemon:
             config.listen,
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
+            security,
         )
         self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         engine.on_state_change(self._health_dirty.set)

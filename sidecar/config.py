@@ -414,6 +414,91 @@ class Config:
             "logging.level", "Log level.", flag="--log-level", choices=("debug", "info", "warning", "error")
         ),
     )
+    # ------------------------------------------------ the network edge: TLS and tokens (server side)
+    tls_cert_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "server.tls_cert_file",
+            "Serve TLS on every listen address with this PEM certificate chain (leaf first); "
+            "re-read when it changes. Needs server.tls_key_file. The health-only port stays plaintext.",
+            flag="--tls-cert-file",
+            metavar="PATH",
+            unset="off (plaintext)",
+        ),
+    )
+    tls_key_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "server.tls_key_file",
+            "The PEM private key of server.tls_cert_file (unencrypted); re-read when it changes.",
+            flag="--tls-key-file",
+            metavar="PATH",
+        ),
+    )
+    tls_client_ca_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "server.tls_client_ca_file",
+            "Require a client certificate signed by a CA in this PEM bundle (mutual TLS); re-read when it "
+            "changes. Needs server.tls_cert_file.",
+            flag="--tls-client-ca-file",
+            metavar="PATH",
+            unset="off",
+        ),
+    )
+    auth_token_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "server.auth_token_file",
+            "Require 'authorization: Bearer <token>' with a token from this file: one a line, '# ' comments; "
+            "'admin <token>' marks one that may call Invalidate (others are read-only). Re-read when it changes.",
+            flag="--auth-token-file",
+            metavar="PATH",
+            unset="off",
+        ),
+    )
+    # ------------------------------------------------ the network edge: TLS and tokens (client side)
+    upstream_tls_ca_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "upstream.tls_ca_file",
+            "Connect to the upstream sidecar over TLS and trust the CAs in this PEM bundle "
+            "(TLS is on when this or upstream.tls_cert_file is set).",
+            flag="--upstream-tls-ca-file",
+            metavar="PATH",
+            unset="plaintext",
+        ),
+    )
+    upstream_tls_cert_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "upstream.tls_cert_file",
+            "The client certificate (PEM chain) to present to the upstream; needs upstream.tls_key_file.",
+            flag="--upstream-tls-cert-file",
+            metavar="PATH",
+            unset="none",
+        ),
+    )
+    upstream_tls_key_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "upstream.tls_key_file",
+            "The PEM private key of upstream.tls_cert_file (unencrypted).",
+            flag="--upstream-tls-key-file",
+            metavar="PATH",
+        ),
+    )
+    upstream_token_file: str | None = field(
+        default=None,
+        metadata=declare(
+            "upstream.token_file",
+            "Send the token in this file (its one line) to the upstream as 'authorization: Bearer'; "
+            "re-read when it changes.",
+            flag="--upstream-token-file",
+            metavar="PATH",
+            unset="none",
+        ),
+    )
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
     def table(self, qualified: str) -> TableConfig:
@@ -726,11 +811,31 @@ def _validate(config: Config) -> None:
             setting.check(value)
         if setting.at_most is not None and value > getattr(config, SETTINGS_BY_KEY[setting.at_most].attr):
             raise ConfigError(setting.key, f"must not exceed {setting.at_most}")
+    _validate_edge(config)
     seen: set[str] = set()
     for table in config.tables:
         if table.qualified in seen:
             raise ConfigError("tables", f"{table.qualified} is configured twice")
         seen.add(table.qualified)
+
+
+# Settings that name files and only make sense together: (this, needs that).
+_EDGE_PAIRS = (
+    ("server.tls_cert_file", "server.tls_key_file"),
+    ("server.tls_key_file", "server.tls_cert_file"),
+    ("server.tls_client_ca_file", "server.tls_cert_file"),
+    ("upstream.tls_cert_file", "upstream.tls_key_file"),
+    ("upstream.tls_key_file", "upstream.tls_cert_file"),
+)
+
+
+def _validate_edge(config: Config) -> None:
+    for key, needed in _EDGE_PAIRS:
+        if getattr(config, SETTINGS_BY_KEY[key].attr) and not getattr(config, SETTINGS_BY_KEY[needed].attr):
+            raise ConfigError(key, f"needs {needed} too")
+    for setting in SETTINGS:
+        if setting.key.endswith("_file") and getattr(config, setting.attr) == "":
+            raise ConfigError(setting.key, "is empty; leave it unset, or give a file")
 
 
 def _split_list(raw: str) -> list[str]:

@@ -7,7 +7,11 @@ follow it. The service name ``liveness`` is SERVING while the process runs
 (for a liveness probe: a database outage is no reason to restart us).
 
 ``server.health_listen`` adds a second, health-only server (no cache data)
-for the kubelet's gRPC probes, which must reach the pod's IP.
+for the kubelet's gRPC probes, which must reach the pod's IP. It is always
+plaintext (the kubelet's gRPC probes cannot do TLS) and serves nothing but
+``grpc.health.v1``.
+
+TLS and tokens on the main addresses (``auth.py``): a ``ServerSecurity``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.addresses import parse_listen_address
+from sidecar.addresses import ListenAddress, parse_listen_address
+from sidecar.auth import ServerSecurity
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.service import SERVICE_NAME, CacheService, add_to_server
@@ -84,16 +89,17 @@ async def start(
     listen: Sequence[str],
     observe: Callable[[str, float], None] | None = None,
     health_listen: Sequence[str] = (),
+    security: ServerSecurity | None = None,
 ) -> Server:
     """Bind every address and start serving; health starts NOT_SERVING (liveness SERVING)."""
-    result = _build(engine, listen, observe)
+    result = _build(engine, listen, observe, security or ServerSecurity())
     if health_listen:
         # As on the main server: with SO_REUSEPORT a second sidecar would share the port
         # and the kubelet would probe either at random.
         result.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(result.health, result.health_server)
         for text in health_listen:
-            port = _bind(result.health_server, text, text, "server.health_listen")
+            port = _bind(result.health_server, text, text, None, "server.health_listen")
             result.health_addresses.append(f"{parse_listen_address(text).host}:{port}")
     await result.set_serving(False)
     await result.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -103,13 +109,16 @@ async def start(
     return result
 
 
-def _build(engine: Engine, listen: Sequence[str], observe: Callable[[str, float], None] | None) -> Server:
+def _build(
+    engine: Engine, listen: Sequence[str], observe: Callable[[str, float], None] | None, security: ServerSecurity
+) -> Server:
     server = grpc.aio.server(
+        interceptors=security.interceptors,
         options=[
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.max_receive_message_length", max_receive_bytes(engine.max_batch_keys)),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     add_to_server(CacheService(engine, observe, max_message_bytes=MAX_SEND_BYTES), server)
     health_servicer = health.aio.HealthServicer()
@@ -121,23 +130,62 @@ def _build(engine: Engine, listen: Sequence[str], observe: Callable[[str, float]
         if address.unix_path is not None:
             _clear_stale_socket(address.unix_path)
             target = f"unix:{address.unix_path}"
-            _bind(server, target, text)
+            _bind(server, target, text, security.credentials)
             result.addresses.append(f"unix://{os.path.abspath(address.unix_path)}")
         else:
-            port = _bind(server, text, text)
+            port = _bind(server, text, text, security.credentials)
             host = address.host or "0.0.0.0"
             result.addresses.append(f"{host}:{port}")
-            if address.all_interfaces:
-                log.warning(
-                    "gRPC listening on all interfaces (%s): any host that can reach it can read the cache",
-                    text,
-                )
+        _warn_if_exposed(address, security)
     return result
 
 
-def _bind(server: grpc.aio.Server, target: str, text: str, key: str = "server.listen") -> int:
+def _warn_if_exposed(address: ListenAddress, security: ServerSecurity) -> None:
+    """Say loudly at start what a listen address beyond this host exposes."""
+    if address.loopback:
+        return
+    where = "all interfaces" if address.all_interfaces else "a non-loopback address"
+    tls = security.credentials is not None
+    if not tls and not security.authenticates:
+        log.warning(
+            "INSECURE: gRPC listening on %s (%s) in plaintext and without authentication: any host that can "
+            "reach it can read the cache and call Invalidate, and anyone on the path can read the traffic; "
+            "set server.tls_cert_file/server.tls_key_file and server.auth_token_file or "
+            "server.tls_client_ca_file (README, 'Running a hub safely')",
+            where,
+            address.text,
+            extra={"event": "insecure_listen", "listen": address.text},
+        )
+    elif not tls:
+        log.warning(
+            "gRPC listening on %s (%s) in plaintext: tokens and rows cross the network unencrypted and can be "
+            "read or replayed on the path; set server.tls_cert_file and server.tls_key_file",
+            where,
+            address.text,
+            extra={"event": "insecure_listen", "listen": address.text},
+        )
+    elif not security.authenticates:
+        log.warning(
+            "gRPC listening on %s (%s) over TLS but without authentication: any host that can reach it can "
+            "read the cache and call Invalidate; set server.auth_token_file or server.tls_client_ca_file",
+            where,
+            address.text,
+            extra={"event": "insecure_listen", "listen": address.text},
+        )
+
+
+def _bind(
+    server: grpc.aio.Server,
+    target: str,
+    text: str,
+    credentials: grpc.ServerCredentials | None,
+    key: str = "server.listen",
+) -> int:
     try:
-        port: int = server.add_insecure_port(target)
+        if credentials is None:
+            port: int = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
     except RuntimeError as exc:
         raise ConfigError(key, f"cannot listen on {text}: {exc}") from None
     if port == 0 and not target.startswith("unix:"):
