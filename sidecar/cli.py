@@ -118,6 +118,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
 def _client_options(parser: argparse.ArgumentParser, reads: bool = False) -> None:
     """The options of the commands that talk to a running sidecar (and, for reads, how)."""
     parser.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
+    edge = parser.add_argument_group("TLS and tokens (a sidecar reached over the network; README, 'Running a hub')")
+    edge.add_argument("--tls-ca-file", "--tls-ca", metavar="PATH", help="use TLS and trust the CAs in this PEM bundle")
+    edge.add_argument(
+        "--tls-cert-file", "--tls-cert", metavar="PATH", help="client certificate (PEM) to present; implies TLS"
+    )
+    edge.add_argument("--tls-key-file", "--tls-key", metavar="PATH", help="the client certificate's private key (PEM)")
+    edge.add_argument("--token-file", metavar="PATH", help="send the token in this file as 'authorization: Bearer'")
     if reads:
         parser.add_argument("--strong", action="store_true", help="pass the read barrier first")
         parser.add_argument("--pretty", action="store_true", help=PRETTY_HELP)
@@ -401,11 +408,15 @@ def _pg_env() -> bool:
 
 def _remote(args: argparse.Namespace) -> int:
     from sidecar import remote
+    from sidecar.channels import UpstreamSecurity
 
+    security = UpstreamSecurity(
+        args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.token_file, keys=dict(remote.FLAG_NAMES)
+    )
     if args.command == "health":
-        return remote.health(args.target, args.service)
+        return remote.health(args.target, args.service, security)
     if args.command == "tables":
-        return remote.tables(args.target)
+        return remote.tables(args.target, security)
     if args.command == "query":
         if args.values and (args.lower is not None or args.upper is not None):
             print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)
@@ -421,5 +432,6 @@ def _remote(args: argparse.Namespace) -> int:
             descending=args.desc,
             strong=args.strong,
             pretty=args.pretty,
+            security=security,
         )
-    return remote.get(args.target, args.table, args.key, strong=args.strong, pretty=args.pretty)
+    return remote.get(args.target, args.table, args.key, strong=args.strong, pretty=args.pretty, security=security)

@@ -14,15 +14,27 @@ import grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from sidecar.channels import UpstreamSecurity, explain, sync_channel
+from sidecar.errors import ConfigError
+
+# The command line's names for the settings of a channel (its error messages name them).
+FLAG_NAMES = {"ca": "--tls-ca-file", "cert": "--tls-cert-file", "key": "--tls-key-file", "token": "--token-file"}
 
 
-def _call(target: str, work: Callable[[Any], int]) -> int:
-    """``work(channel)``'s status, or 1 with the status code and details printed when a call fails."""
-    with grpc.insecure_channel(target) as channel:
+def _call(target: str, work: Callable[[Any], int], security: UpstreamSecurity | None = None) -> int:
+    """``work(channel)``'s status, or 1 with the cause printed when a call fails (2: a bad
+    TLS or token file)."""
+    security = security or UpstreamSecurity(keys=dict(FLAG_NAMES))
+    try:
+        channel = sync_channel(target, security)
+    except ConfigError as exc:
+        print(f"cache-sidecar: error: {exc.key}: {exc.problem}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             return work(channel)
         except grpc.RpcError as exc:
-            print(f"cache-sidecar: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"cache-sidecar: {explain(exc, target, security)}", file=sys.stderr)
             return 1
 
 
@@ -30,7 +42,7 @@ def _options(strong: bool) -> Any:
     return pb.ReadOptions(consistency=pb.STRONG if strong else pb.EVENTUAL)
 
 
-def health(target: str, service: str) -> int:
+def health(target: str, service: str, security: UpstreamSecurity | None = None) -> int:
     """Print grpc.health.v1's status of ``service``; 0 when SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -39,10 +51,10 @@ def health(target: str, service: str) -> int:
         print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
         return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
-    return _call(target, work)
+    return _call(target, work, security)
 
 
-def tables(target: str) -> int:
+def tables(target: str, security: UpstreamSecurity | None = None) -> int:
     """One line per cached table, its indexes and problem under it, then the revision."""
 
     def work(channel: Any) -> int:
@@ -59,10 +71,18 @@ def tables(target: str) -> int:
         print(f"revision {listing.revision.epoch}/{listing.revision.number}")
         return 0
 
-    return _call(target, work)
+    return _call(target, work, security)
 
 
-def get(target: str, table: str, key: Sequence[str], *, strong: bool, pretty: bool) -> int:
+def get(
+    target: str,
+    table: str,
+    key: Sequence[str],
+    *,
+    strong: bool,
+    pretty: bool,
+    security: UpstreamSecurity | None = None,
+) -> int:
     """Print the row with this key (one string per key column); 1 when there is none."""
 
     def work(channel: Any) -> int:
@@ -76,7 +96,7 @@ def get(target: str, table: str, key: Sequence[str], *, strong: bool, pretty: bo
         write_row(reply.row, pretty)
         return 0
 
-    return _call(target, work)
+    return _call(target, work, security)
 
 
 def query(
@@ -91,6 +111,7 @@ def query(
     descending: bool,
     strong: bool,
     pretty: bool,
+    security: UpstreamSecurity | None = None,
 ) -> int:
     """Print the rows whose index columns equal one of ``values`` (a value's columns
     comma-separated), or, without values, those between ``lower`` and ``upper``."""
@@ -115,7 +136,7 @@ def query(
             print(f"(more rows matched; showing {len(reply.rows)})", file=sys.stderr)
         return 0
 
-    return _call(target, work)
+    return _call(target, work, security)
 
 
 def write_row(row: bytes, pretty: bool) -> None:
