@@ -7,8 +7,9 @@ or the command line's ``--tls-ca-file`` ...). ``aio_channel`` and
 ``sync_channel`` build a channel from it; the token goes as ``authorization:
 Bearer <token>`` metadata on every call and is re-read when its file changes.
 Certificate files are read when a channel is built: a long-lived client that
-wants a rotated client certificate builds a new channel (``certificates_changed``
-tells it when), as it does anyway after losing its connection.
+wants a rotated client certificate or CA builds a new channel (a
+``CertificateSnapshot`` taken with the channel tells it when), e.g. when it
+reconnects after losing its stream.
 
 ``explain`` turns a failed call into the cause an operator can act on: not a
 sidecar, wrong CA, expired certificate, a client certificate missing or refused,
@@ -144,8 +145,9 @@ def _local(target: str) -> bool:
         return False
 
 
-class Snapshot:
-    """The certificate files' identities when a channel was built (``certificates_changed``)."""
+class CertificateSnapshot:
+    """The certificate files' identities now; ``changed()``: whether any has changed since
+    (then a new channel would use new certificates)."""
 
     def __init__(self, security: UpstreamSecurity) -> None:
         self.security = security
@@ -153,12 +155,6 @@ class Snapshot:
 
     def changed(self) -> bool:
         return [_stat(path) for _key, path in self.security._files()] != self.seen
-
-
-def certificates_changed(channel: Any) -> bool:
-    """Whether the certificate files a channel of ours was built from have changed since."""
-    snapshot: Snapshot | None = getattr(channel, "_sidecar_snapshot", None)
-    return snapshot is not None and snapshot.changed()
 
 
 def aio_channel(
@@ -173,7 +169,6 @@ def aio_channel(
         channel = grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
     else:
         channel = grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)
-    channel._sidecar_snapshot = Snapshot(security)  # (certificates_changed)
     return channel
 
 

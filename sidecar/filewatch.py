@@ -78,6 +78,7 @@ class Watched(Generic[T]):
         self._checked = 0.0
         self.reloads = 0  # (tests, logs)
         self.changed: Callable[[], None] | None = None  # called after a successful re-read
+        self._problem: str | None = None  # the last complaint (each is logged once, not at every look)
         self._seen, self._value = self._load(initial=True)  # type: ignore[misc]
 
     @property
@@ -107,6 +108,7 @@ class Watched(Generic[T]):
                 self._seen = seen
                 return False
             self._seen, self._value = loaded
+            self._problem = None
             self.reloads += 1
         log.info("re-read %s (%s)", self.what, ", ".join(path for _key, path in self.files))
         if self.changed is not None:
@@ -124,7 +126,9 @@ class Watched(Generic[T]):
                 raise FileProblem("changed while being read")
         except OSError as exc:
             if initial:
-                raise ConfigError(self.files[0][0], f"cannot read {exc.filename}: {exc.strerror}") from None
+                key = next((key for key, path in self.files if path == exc.filename), self.files[0][0])
+                problem = "file not found" if isinstance(exc, FileNotFoundError) else "cannot read it"
+                raise ConfigError(key, f"{problem}: {exc.filename} ({exc.strerror})") from None
             self._complain(f"cannot read {exc.filename}: {exc.strerror}")
             return None
         except FileProblem as exc:
@@ -141,6 +145,9 @@ class Watched(Generic[T]):
         return seen, value
 
     def _complain(self, problem: str) -> None:
+        if problem == self._problem:
+            return
+        self._problem = problem
         log.error(
             "cannot re-read %s (%s): %s; keeping the previous one",
             self.what,

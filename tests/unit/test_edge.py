@@ -477,3 +477,18 @@ async def test_pointed_at_something_that_is_not_a_sidecar(http_server, echo_serv
         await other.stop(0)
     refused = await call("127.0.0.1:1")
     assert "nothing listens there" in refused.explained
+
+
+async def test_a_client_certificate_snapshot_tells_when_a_new_channel_would_present_a_new_one(serve, pki, tmp_path):
+    hub = await serve(**tls(pki, client_ca=True))
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    write(cert, pki.rogue_client.cert.read_text())
+    write(key, pki.rogue_client.key.read_text())
+    security = trusting(pki, client=Issued(cert, key))
+    snapshot = channels.CertificateSnapshot(security)
+    assert (await call(hub.addresses[0], security)).code == grpc.StatusCode.UNAVAILABLE
+    assert not snapshot.changed()
+    write(key, pki.client.key.read_text())
+    write(cert, pki.client.cert.read_text())
+    assert snapshot.changed()
+    assert (await call(hub.addresses[0], security)).code == grpc.StatusCode.OK
