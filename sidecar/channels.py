@@ -157,6 +157,14 @@ class CertificateSnapshot:
         return [_stat(path) for _key, path in self.security._files()] != self.seen
 
 
+def _options(target: str, security: UpstreamSecurity, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    chosen = list(options)
+    # A Unix socket has no host name for the certificate to match: it must name localhost.
+    if security.tls and target.startswith("unix:") and not any(k == "grpc.ssl_target_name_override" for k, _ in chosen):
+        chosen.append(("grpc.ssl_target_name_override", "localhost"))
+    return chosen
+
+
 def aio_channel(
     target: str, security: UpstreamSecurity | None = None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
@@ -165,10 +173,11 @@ def aio_channel(
     credentials = channel_credentials(security)
     token = _token(security, target)
     interceptors = _aio_interceptors(token) if token is not None else None
+    chosen = _options(target, security, options)
     if credentials is None:
-        channel = grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+        channel = grpc.aio.insecure_channel(target, options=chosen, interceptors=interceptors)
     else:
-        channel = grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)
+        channel = grpc.aio.secure_channel(target, credentials, options=chosen, interceptors=interceptors)
     return channel
 
 
@@ -179,13 +188,14 @@ def sync_channel(
     security = security or UpstreamSecurity()
     credentials = channel_credentials(security)
     token = _token(security, target)
+    chosen = _options(target, security, options)
     if credentials is None:
-        channel = grpc.insecure_channel(target, options=list(options))
+        sync: grpc.Channel = grpc.insecure_channel(target, options=chosen)
     else:
-        channel = grpc.secure_channel(target, credentials, options=list(options))
+        sync = grpc.secure_channel(target, credentials, options=chosen)
     if token is not None:
-        channel = grpc.intercept_channel(channel, _SyncToken(token))
-    return channel
+        sync = grpc.intercept_channel(sync, _SyncToken(token))
+    return sync
 
 
 # ---------------------------------------------------------------- the token on every call

@@ -492,3 +492,11 @@ async def test_a_client_certificate_snapshot_tells_when_a_new_channel_would_pres
     write(cert, pki.client.cert.read_text())
     assert snapshot.changed()
     assert (await call(hub.addresses[0], security)).code == grpc.StatusCode.OK
+
+
+async def test_tls_and_tokens_on_a_unix_socket(serve, pki, tokens, tmp_path):
+    socket = tmp_path / "grpc.sock"  # (the certificate names localhost, as one for a socket must)
+    hub = await serve(listen=(f"unix://{socket}",), **tls(pki), auth_token_file=str(tokens))
+    security = trusting(pki, token_file=token_file(tmp_path, READ_TOKEN))
+    assert (await call(hub.addresses[0], security)).code == grpc.StatusCode.OK
+    assert (await call(hub.addresses[0], trusting(pki))).code == grpc.StatusCode.UNAUTHENTICATED
