@@ -500,3 +500,12 @@ async def test_tls_and_tokens_on_a_unix_socket(serve, pki, tokens, tmp_path):
     security = trusting(pki, token_file=token_file(tmp_path, READ_TOKEN))
     assert (await call(hub.addresses[0], security)).code == grpc.StatusCode.OK
     assert (await call(hub.addresses[0], trusting(pki))).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_which_listen_addresses_stay_on_this_host():
+    from sidecar.addresses import parse_listen_address
+
+    local = ("127.0.0.1:1", "127.3.4.5:1", "localhost:1", "[::1]:1", "unix:///run/s.sock")
+    exposed = ("0.0.0.0:1", ":1", "[::]:1", "10.0.0.7:1", "[fe80::1]:1", "hub.example:1", "127.example:1")
+    assert [parse_listen_address(a).loopback for a in local] == [True] * len(local)
+    assert [parse_listen_address(a).loopback for a in exposed] == [False] * len(exposed)
