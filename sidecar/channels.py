@@ -28,6 +28,7 @@ import grpc
 
 from sidecar import tls
 from sidecar.addresses import parse_listen_address
+from sidecar.config import Config
 from sidecar.errors import ConfigError
 from sidecar.filewatch import FileProblem, Watched, read_bytes
 from sidecar.tokens import client_token_from_files
@@ -41,7 +42,6 @@ UPSTREAM_KEYS = {
     "key": "upstream.tls_key_file",
     "token": "upstream.token_file",
 }
-CACHE_SERVICE = "cachesidecar.v1.Cache"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class UpstreamSecurity:
     keys: dict[str, str] = field(default_factory=lambda: dict(UPSTREAM_KEYS), compare=False)
 
     @classmethod
-    def from_config(cls, config: Any) -> UpstreamSecurity:
+    def from_config(cls, config: Config) -> UpstreamSecurity:
         """From a ``Config``'s ``upstream.*`` settings."""
         return cls(
             config.upstream_tls_ca_file,
@@ -69,7 +69,8 @@ class UpstreamSecurity:
     def tls(self) -> bool:
         return self.tls_ca_file is not None or self.tls_cert_file is not None
 
-    def _files(self) -> list[tuple[str, str]]:
+    def certificate_files(self) -> list[tuple[str, str]]:
+        """(setting, path) of each certificate file given."""
         return [
             (self.keys[name], path)
             for name, path in (("ca", self.tls_ca_file), ("cert", self.tls_cert_file), ("key", self.tls_key_file))
@@ -151,10 +152,10 @@ class CertificateSnapshot:
 
     def __init__(self, security: UpstreamSecurity) -> None:
         self.security = security
-        self.seen = [_stat(path) for _key, path in security._files()]
+        self.seen = [_stat(path) for _key, path in security.certificate_files()]
 
     def changed(self) -> bool:
-        return [_stat(path) for _key, path in self.security._files()] != self.seen
+        return [_stat(path) for _key, path in self.security.certificate_files()] != self.seen
 
 
 def _options(target: str, security: UpstreamSecurity, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:

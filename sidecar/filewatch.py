@@ -76,8 +76,6 @@ class Watched(Generic[T]):
         self._interval = interval
         self._lock = threading.Lock()
         self._checked = 0.0
-        self.reloads = 0  # (tests, logs)
-        self.changed: Callable[[], None] | None = None  # called after a successful re-read
         self._problem: str | None = None  # the last complaint (each is logged once, not at every look)
         self._seen, self._value = self._load(initial=True)  # type: ignore[misc]
 
@@ -109,10 +107,7 @@ class Watched(Generic[T]):
                 return False
             self._seen, self._value = loaded
             self._problem = None
-            self.reloads += 1
         log.info("re-read %s (%s)", self.what, ", ".join(path for _key, path in self.files))
-        if self.changed is not None:
-            self.changed()
         return True
 
     def _load(self, initial: bool) -> tuple[tuple[Identity, ...], T] | None:
