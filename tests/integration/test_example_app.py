@@ -134,3 +134,31 @@ async def test_run_as_a_script_it_serves_on_port(start_daemon, postgres, db, sch
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 20)
+
+
+async def test_without_a_database_url_it_is_read_only(start_daemon, db, schema, monkeypatch):
+    """Fleet mode's app pods hold no database credentials: reads work, writes answer 405."""
+    await db.execute(
+        f"CREATE TABLE {schema}.patron (id serial PRIMARY KEY, name text NOT NULL, fav_dish text);"
+        f"INSERT INTO {schema}.patron (name, fav_dish) VALUES ('Ada', 'pancakes')"
+    )
+    monkeypatch.setenv("PATRON_TABLE", f"{schema}.patron")
+    spec = importlib.util.spec_from_file_location("patron_service_read_only", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sidecar = await start_daemon([f"{schema}.patron"])
+    runner = web.AppRunner(module.make_app(None, sidecar.target))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await eventually(lambda: _stats_ok(http), what="service up")
+            assert await get_json(http, "/patron/1") == (200, {"id": 1, "name": "Ada", "fav_dish": "pancakes"})
+            for method, path in (("POST", "/patron"), ("PUT", "/patron/1"), ("DELETE", "/patron/1")):
+                async with http.request(method, path, json={"name": "Eve"}) as response:
+                    assert response.status == 405, method
+                    assert "read-only" in await response.text()
+        assert await db.fetchval(f"SELECT count(*) FROM {schema}.patron") == 1
+    finally:
+        await runner.cleanup()

@@ -8,7 +8,9 @@ Watch stream, so a hot read costs microseconds and no database work.
 
 Settings, from the environment:
 
-    DATABASE_URL   PostgreSQL DSN, for the writes (required)
+    DATABASE_URL   PostgreSQL DSN, for the writes; without it the service is read-only
+                   (writes answer 405), as in fleet mode, where the pod holds no
+                   database credentials at all
     SIDECAR        the sidecar's address (default 127.0.0.1:50051)
     PATRON_TABLE   the table (default public.patron)
     HOST           the HTTP address to listen on (default 127.0.0.1)
@@ -33,8 +35,17 @@ TABLE = os.environ.get("PATRON_TABLE", "public.patron")
 FIELDS = ("name", "fav_dish")
 
 routes = web.RouteTableDef()
-DB = web.AppKey("db", asyncpg.Pool)
+DB = web.AppKey("db", asyncpg.Pool | None)
 CACHE = web.AppKey("cache", AsyncClient)
+
+
+def database(request: web.Request) -> asyncpg.Pool:
+    pool = request.app[DB]
+    if pool is None:
+        raise web.HTTPMethodNotAllowed(
+            request.method, ["GET"], text="this service is read-only: it was started without DATABASE_URL"
+        )
+    return pool
 
 
 def patron_id(request: web.Request) -> int:
@@ -59,8 +70,9 @@ async def body(request: web.Request, required: bool) -> dict[str, str]:
 
 @routes.post("/patron")
 async def create(request: web.Request) -> web.Response:
+    pool = database(request)
     values = await body(request, required=True)
-    new_id = await request.app[DB].fetchval(
+    new_id = await pool.fetchval(
         f"INSERT INTO {TABLE} (name, fav_dish) VALUES ($1, $2) RETURNING id", values["name"], values.get("fav_dish")
     )
     return web.json_response({"id": new_id}, status=201)
@@ -76,10 +88,11 @@ async def read(request: web.Request) -> web.Response:
 
 @routes.put("/patron/{id}")
 async def update(request: web.Request) -> web.Response:
+    pool = database(request)
     key = patron_id(request)
     values = await body(request, required=False)
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, 2))
-    status = await request.app[DB].execute(f"UPDATE {TABLE} SET {assignments} WHERE id = $1", key, *values.values())
+    status = await pool.execute(f"UPDATE {TABLE} SET {assignments} WHERE id = $1", key, *values.values())
     if status == "UPDATE 0":
         raise web.HTTPNotFound(text="no such patron")
     # Read our own write: a strong read passes the sidecar's read barrier.
@@ -88,7 +101,7 @@ async def update(request: web.Request) -> web.Response:
 
 @routes.delete("/patron/{id}")
 async def delete(request: web.Request) -> web.Response:
-    status = await request.app[DB].execute(f"DELETE FROM {TABLE} WHERE id = $1", patron_id(request))
+    status = await database(request).execute(f"DELETE FROM {TABLE} WHERE id = $1", patron_id(request))
     if status == "DELETE 0":
         raise web.HTTPNotFound(text="no such patron")
     return web.Response(status=204)
@@ -102,13 +115,17 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
-def make_app(dsn: str, sidecar: str) -> web.Application:
+def make_app(dsn: str | None, sidecar: str) -> web.Application:
+    """The service; ``dsn`` None: read-only (no database credentials, reads only)."""
+
     async def resources(app: web.Application):  # type: ignore[no-untyped-def]
-        app[DB] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        app[DB] = await asyncpg.create_pool(dsn, min_size=1, max_size=4) if dsn else None
         app[CACHE] = AsyncClient(sidecar, near_cache={TABLE: 10_000})
         yield
         await app[CACHE].close()
-        await app[DB].close()
+        pool = app[DB]
+        if pool is not None:
+            await pool.close()
 
     app = web.Application()
     app.add_routes(routes)
@@ -118,7 +135,7 @@ def make_app(dsn: str, sidecar: str) -> web.Application:
 
 if __name__ == "__main__":
     web.run_app(
-        make_app(os.environ["DATABASE_URL"], os.environ.get("SIDECAR", "127.0.0.1:50051")),
+        make_app(os.environ.get("DATABASE_URL") or None, os.environ.get("SIDECAR", "127.0.0.1:50051")),
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8080")),
     )

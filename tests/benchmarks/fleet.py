@@ -1,0 +1,415 @@
+"""Fleet mode's cost on PostgreSQL, side by side in one run (``./dev bench``).
+
+For K = 1, 10, 30 sidecars (each its own process), two layouts on one table:
+
+  * direct: K sidecars, each with its own LISTEN connection and pool;
+  * fleet:  1 hub (a sidecar on PostgreSQL) + K followers (``serve --upstream``).
+
+For each: pgbench single-row UPDATE tps on the cached table (8 clients,
+``synchronous_commit`` on and off) beside the same with no sidecar at all;
+PostgreSQL backends the sidecars hold (pg_stat_activity); database
+transactions per committed change (pg_stat_database's commits beyond
+pgbench's own: the sidecars' refetches and loads); and commit -> visible
+latency (p50/p99) on the hub and on the followers (or on the direct sidecars),
+from Watch streams, for paced single-row UPDATEs.
+
+Then a follower's bootstrap (start -> SERVING) and RSS beside a direct sidecar
+loading the same table from PostgreSQL, and K followers re-bootstrapping at
+once after their hub restarts.
+
+    python -m tests.benchmarks.fleet [--sizes 1,10,30] [--seconds 5]
+                                     [--bootstrap-rows 100000,1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from tests.benchmarks.run import free_port
+
+TABLE = "public.fleet_rows"
+ROWS = 10_000
+APP_NAME = "cache-sidecar%"  # every connection the daemon opens says so in pg_stat_activity
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    target: str
+    started: float = field(default_factory=time.perf_counter)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def start(args: list[str], port: int | None = None) -> Sidecar:
+    port = port or free_port()
+    command = [sys.executable, "-m", "sidecar", "serve", *args]
+    command += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return Sidecar(process, f"127.0.0.1:{port}")
+
+
+def direct(dsn: str, table: str = TABLE) -> Sidecar:
+    return start(["--dsn", dsn, "--table", table])
+
+
+def follower(hub: Sidecar) -> Sidecar:
+    return start(["--upstream", hub.target])
+
+
+async def serving(sidecars: list[Sidecar], timeout: float = 600) -> list[float]:
+    """Wait until each is SERVING; seconds from its start to then."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def one(sidecar: Sidecar) -> float:
+        async with grpc.aio.insecure_channel(sidecar.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.perf_counter() + timeout
+            while time.perf_counter() < deadline:
+                if sidecar.process.poll() is not None:
+                    raise SystemExit(f"sidecar {sidecar.target} exited with {sidecar.process.returncode}")
+                with contextlib.suppress(grpc.RpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - sidecar.started
+                await asyncio.sleep(0.02)
+        raise SystemExit(f"sidecar {sidecar.target} did not become ready in {timeout:.0f} s")
+
+    return list(await asyncio.gather(*(one(s) for s in sidecars)))
+
+
+@contextlib.contextmanager
+def running(sidecars: list[Sidecar]) -> Iterator[list[Sidecar]]:
+    try:
+        yield sidecars
+    finally:
+        for sidecar in sidecars:
+            if sidecar.process.poll() is None:
+                sidecar.process.terminate()
+        for sidecar in sidecars:
+            sidecar.stop()
+
+
+# ---------------------------------------------------------------- database side
+
+
+async def prepare(dsn: str, table: str, rows: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.execute(
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, v bigint NOT NULL, name text NOT NULL, "
+            "email text NOT NULL, created timestamptz NOT NULL)"
+        )
+        await conn.execute(
+            f"INSERT INTO {table} SELECT g, 0, 'user ' || g, 'user' || g || '@example.com', "
+            "now() - g * interval '1 minute' FROM generate_series(1, $1) g",
+            rows,
+        )
+        await conn.execute(f"VACUUM ANALYZE {table}")
+    finally:
+        await conn.close()
+    installed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sidecar", "triggers", "install", "--dsn", dsn, "--table", table],
+        capture_output=True,
+        text=True,
+    )
+    if installed.returncode != 0:
+        raise SystemExit(installed.stderr)
+
+
+def pgbench_binary() -> str:
+    with contextlib.suppress(ImportError):
+        import pgserver  # the embedded server ships its own
+
+        candidate = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("pgbench")
+    if not found:
+        raise SystemExit("pgbench not found (it comes with pgserver's binaries or Debian's postgresql-client)")
+    return found
+
+
+def pgbench(dsn: str, seconds: float, synchronous_commit: bool, clients: int = 8) -> tuple[float, int]:
+    """Single-row UPDATEs of the cached table: (tps, transactions)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(f"\\set id random(1, {ROWS})\nUPDATE {TABLE} SET v = v + 1 WHERE id = :id;\n")
+    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={'on' if synchronous_commit else 'off'}"}
+    try:
+        result = subprocess.run(
+            [pgbench_binary(), "-n", "-f", script.name, "-c", str(clients), "-j", "2", "-T", str(int(seconds)), dsn],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    finally:
+        os.unlink(script.name)
+    if result.returncode != 0:
+        raise SystemExit(f"pgbench failed: {result.stderr}")
+    tps = float(re.search(r"tps = ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"number of transactions actually processed: (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    return tps, done
+
+
+async def backends(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1", APP_NAME))
+
+
+async def commits(conn: asyncpg.Connection) -> int:
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+
+
+# ---------------------------------------------------------------- visibility latency
+
+
+async def visibility(dsn: str, watched: list[Sidecar], rate: float, seconds: float) -> list[list[float]]:
+    """Paced single-row UPDATEs; for each watched sidecar, commit -> batch-on-its-Watch
+    latencies in ms (the commit time is when the UPDATE returned to the writer)."""
+    committed: dict[int, float] = {}
+    arrived: list[dict[int, float]] = [{} for _ in watched]
+    channels = [grpc.aio.insecure_channel(s.target) for s in watched]
+    ready = [asyncio.Event() for _ in watched]
+
+    async def follow(index: int) -> None:
+        stub = pb_grpc.CacheStub(channels[index])
+        call = stub.Watch(pb.WatchRequest(tables=[TABLE], progress_interval_ms=50))
+        async for message in call:
+            now = time.perf_counter()
+            ready[index].set()
+            if message.WhichOneof("kind") == "changes":
+                for change in message.changes.events:
+                    if change.key.parts:
+                        arrived[index].setdefault(change.key.parts[0].int_value, now)
+
+    tasks = [asyncio.create_task(follow(i)) for i in range(len(watched))]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
+        conn = await asyncpg.connect(dsn)
+        try:
+            interval = 1 / rate
+            next_at = time.perf_counter()
+            for n in range(int(rate * seconds)):
+                key = 1 + n % ROWS
+                await conn.execute(f"UPDATE {TABLE} SET v = v + 1 WHERE id = $1", key)
+                committed.setdefault(key, time.perf_counter())
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        finally:
+            await conn.close()
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline and any(len(a) < len(committed) for a in arrived):
+            await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    return [[(a[k] - t) * 1000 for k, t in committed.items() if k in a] for a in arrived]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@dataclass
+class Layout:
+    name: str
+    size: int
+    tps_on: float = 0.0
+    tps_off: float = 0.0
+    backends: int = 0
+    per_change: float = 0.0
+    hub_ms: tuple[float, float] = (float("nan"), float("nan"))
+    edge_ms: tuple[float, float] = (float("nan"), float("nan"))
+
+
+async def measure_layout(
+    dsn: str, layout: Layout, sidecars: list[Sidecar], hub: Sidecar | None, args: argparse.Namespace
+) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        layout.backends = await backends(conn)
+        before = await commits(conn)
+        layout.tps_on, done_on = await asyncio.to_thread(pgbench, dsn, args.seconds, True)
+        layout.tps_off, done_off = await asyncio.to_thread(pgbench, dsn, args.seconds, False)
+        await asyncio.sleep(1)  # let the last refetches land and the statistics flush
+        after = await commits(conn)
+        layout.per_change = max(0, (after - before) - (done_on + done_off)) / (done_on + done_off)
+        layout.backends = max(layout.backends, await backends(conn))
+    finally:
+        await conn.close()
+    watched = ([hub] if hub is not None else []) + sidecars[: args.watched]
+    latencies = await visibility(dsn, watched, args.rate, args.visibility_seconds)
+    if hub is not None:
+        layout.hub_ms = (pct(latencies[0], 0.5), pct(latencies[0], 0.99))
+        latencies = latencies[1:]
+    edge = [v for per in latencies for v in per]
+    layout.edge_ms = (pct(edge, 0.5), pct(edge, 0.99))
+
+
+async def run_layouts(dsn: str, args: argparse.Namespace) -> list[Layout]:
+    results = []
+    baseline = Layout("no sidecar", 0)
+    baseline.tps_on, _ = await asyncio.to_thread(pgbench, dsn, args.seconds, True)
+    baseline.tps_off, _ = await asyncio.to_thread(pgbench, dsn, args.seconds, False)
+    results.append(baseline)
+    for size in args.sizes:
+        print(f"direct: {size} sidecar(s) ...", file=sys.stderr)
+        with running([direct(dsn) for _ in range(size)]) as sidecars:
+            await serving(sidecars)
+            layout = Layout("direct", size)
+            await measure_layout(dsn, layout, sidecars, None, args)
+            results.append(layout)
+        print(f"fleet: 1 hub + {size} follower(s) ...", file=sys.stderr)
+        with running([direct(dsn)]) as (hub,):
+            await serving([hub])
+            with running([follower(hub) for _ in range(size)]) as followers:
+                await serving(followers)
+                layout = Layout("fleet (1 hub)", size)
+                await measure_layout(dsn, layout, followers, hub, args)
+                results.append(layout)
+    return results
+
+
+async def run_bootstrap(dsn: str, args: argparse.Namespace) -> list[tuple[int, str, float, float]]:
+    rows_out = []
+    for rows in args.bootstrap_rows:
+        table = f"public.fleet_boot_{rows}"
+        print(f"bootstrap: {rows:,} rows ...", file=sys.stderr)
+        await prepare(dsn, table, rows)
+        with running([direct(dsn, table)]) as (hub,):
+            (hub_seconds,) = await serving([hub])
+            rows_out.append((rows, "direct sidecar, from PostgreSQL", hub_seconds, hub.rss_mb()))
+            with running([follower(hub)]) as (one,):
+                (seconds,) = await serving([one])
+                rows_out.append((rows, "follower, from the hub's stream", seconds, one.rss_mb()))
+    return rows_out
+
+
+async def run_restart(dsn: str, args: argparse.Namespace) -> tuple[int, float, float]:
+    """K followers of a hub that restarts (a new epoch): the time until all are SERVING again."""
+    size = max(args.sizes)
+    port = free_port()
+    hub = start(["--dsn", dsn, "--table", TABLE], port)
+    with running([hub]):
+        await serving([hub])
+        with running([follower(hub) for _ in range(size)]) as followers:
+            await serving(followers)
+            hub.stop()
+            restarted = time.perf_counter()
+            new_hub = start(["--dsn", dsn, "--table", TABLE], port)
+            with running([new_hub]):
+                await serving([new_hub])
+                hub_ready = time.perf_counter() - restarted
+                for f in followers:
+                    f.started = restarted
+                times = await serving(followers)
+    return size, hub_ready, max(times)
+
+
+def report(layouts: list[Layout], boot: list[tuple[int, str, float, float]], restart: tuple[int, float, float]) -> None:
+    base = layouts[0]
+    print(
+        "| layout | sidecars | tps (sync on) | x no sidecar | tps (sync off) | x no sidecar | PG backends "
+        "| DB transactions per change | commit→visible on hub p50/p99 ms | on the sidecars p50/p99 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in layouts:
+        print(
+            f"| {r.name} | {r.size} | {r.tps_on:,.0f} | {r.tps_on / base.tps_on:.2f} | {r.tps_off:,.0f} "
+            f"| {r.tps_off / base.tps_off:.2f} | {r.backends} | {r.per_change:.2f} "
+            f"| {r.hub_ms[0]:.1f} / {r.hub_ms[1]:.1f} | {r.edge_ms[0]:.1f} / {r.edge_ms[1]:.1f} |"
+        )
+    by = {(r.name, r.size): r for r in layouts}
+    print()
+    one_direct = by.get(("direct", 1))
+    for r in layouts:
+        if r.name.startswith("fleet") and one_direct is not None:
+            print(
+                f"fleet of {r.size}: tps {r.tps_on / one_direct.tps_on:.2f}x (sync on) and "
+                f"{r.tps_off / one_direct.tps_off:.2f}x (sync off) of one direct sidecar; "
+                f"follower p99 / hub p99 = {r.edge_ms[1] / r.hub_ms[1]:.2f}x"
+            )
+    print()
+    print("| rows | bootstrap | start → SERVING s | RSS MB |")
+    print("|---:|---|---:|---:|")
+    for rows, what, seconds, rss in boot:
+        print(f"| {rows:,} | {what} | {seconds:.2f} | {rss:.0f} |")
+    size, hub_ready, all_ready = restart
+    print()
+    print(
+        f"hub restart with {size} followers: the new hub SERVING after {hub_ready:.2f} s, "
+        f"every follower SERVING again after {all_ready:.2f} s"
+    )
+
+
+async def run(dsn: str, args: argparse.Namespace) -> None:
+    await prepare(dsn, TABLE, ROWS)
+    layouts = await run_layouts(dsn, args)
+    boot = await run_bootstrap(dsn, args)
+    restart = await run_restart(dsn, args)
+    report(layouts, boot, restart)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,30", help="numbers of sidecars, comma-separated")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each pgbench run")
+    parser.add_argument("--rate", type=float, default=200.0, help="paced UPDATEs per second for visibility")
+    parser.add_argument("--visibility-seconds", type=float, default=3.0)
+    parser.add_argument("--watched", type=int, default=5, help="sidecars/followers whose Watch is timed")
+    parser.add_argument("--bootstrap-rows", default="100000,1000000", help="table sizes, comma-separated")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.bootstrap_rows = [int(s) for s in args.bootstrap_rows.split(",") if s]
+    from sidecar.cli import GRPC_EXPERIMENTS
+
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    from tests.support.pg import database
+
+    with database() as dsn:
+        asyncio.run(run(dsn, args))
+
+
+if __name__ == "__main__":
+    main()
