@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,7 +273,7 @@ class Hub:
         selection: Filter,
         *,
         start: tuple[str, int] | None = None,
-        snapshot: Callable[[], list[Snapshot]] | None = None,
+        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None = None,
         progress_interval: float = 0.0,
     ) -> Subscription:
         """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed."""
@@ -320,7 +320,7 @@ class Subscription:
         hub: Hub,
         selection: Filter,
         position: int,
-        snapshot: Callable[[], list[Snapshot]] | None,
+        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None,
         progress_interval: float,
     ) -> None:
         self.hub = hub
@@ -398,10 +398,14 @@ class Subscription:
         if ready is not None:
             await ready()
         assert self._snapshot is not None
-        chunks = self._snapshot()  # synchronous: every row as of one revision
+        # Every row as of the revision published when the snapshot was taken (no
+        # await between that and the next line), read chunk by chunk as the client
+        # takes them: a shared view, not a copy.
+        chunks = await self._snapshot()
         self.epoch, self.position = self.hub.epoch, self.hub.published
         for chunk in chunks:
             yield chunk
+            await asyncio.sleep(0)  # (a fast client never makes the stream wait: let others in)
         yield SnapshotDone(self.epoch, self.position)
 
     def _behind(self, why: str) -> str:
@@ -411,19 +415,13 @@ class Subscription:
 def snapshot_chunks(
     epoch: str,
     revision: int,
-    tables: Iterable[tuple[str, dict[Key, bytes]]],
+    tables: Iterable[tuple[str, Iterable[list[tuple[Key, bytes]]]]],
     row_json: Callable[[bytes], bytes],
-    chunk: int = 500,
-) -> list[Snapshot]:
-    """Every row of the given full tables as SNAPSHOT changes, in chunks (rows copied now)."""
-    chunks: list[Snapshot] = []
-    current: list[Change] = []
-    for name, rows in tables:
-        for key, entry in list(rows.items()):
-            current.append(Change(name, SNAPSHOT, key, None, row_json(entry), True))
-            if len(current) >= chunk:
-                chunks.append(Snapshot(epoch, revision, current))
-                current = []
-    if current:
-        chunks.append(Snapshot(epoch, revision, current))
-    return chunks
+) -> Iterator[Snapshot]:
+    """The rows of the given full tables (each given as chunks of (key, entry), as of
+    ``revision``) as SNAPSHOT changes, one message a chunk, made as they are asked for."""
+    for name, chunks in tables:
+        for chunk in chunks:
+            yield Snapshot(
+                epoch, revision, [Change(name, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk]
+            )

@@ -11,6 +11,7 @@ from sidecar.barrier import Barrier
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, QueryFailed, Unavailable, UnknownTable
 from sidecar.events import Op, RowChange, SyncToken, TableChange
+from sidecar.full import FullTable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from sidecar.wire import entry
 from tests.support.waiting import eventually
@@ -233,9 +234,12 @@ async def test_unexpected_query_errors_never_wedge_keys(engine: Engine, db: Memo
     db.fetch = broken  # type: ignore[method-assign]
     db.put(FULL, (1,), name="changed")
     engine.handle(change(FULL, 5, 1))
-    # A keyed refetch that would fail again becomes a reload of the table (which works).
+    # A keyed refetch that would fail again becomes a reload of the table (which works;
+    # reads meanwhile go to the database, whose every fetch fails here).
+    full = engine.tables[FULL]
+    assert isinstance(full, FullTable)
+    await eventually(lambda: full.degraded == 1 and not full.reloading, what="the reload instead")
     assert await asyncio.wait_for(engine.get(FULL, [1]), 5) == row("changed")
-    assert engine.tables[FULL].degraded == 1  # type: ignore[union-attr]
     with pytest.raises(Unavailable, match="RuntimeError"):
         await asyncio.wait_for(engine.get(LAZY, [1]), 5)
     db.fetch = real_fetch  # type: ignore[method-assign]
