@@ -99,12 +99,18 @@ class Engine:
                     on_matched=functools.partial(self._matched, name),
                     batch_size=refetch_batch_size,
                     concurrency=refetch_concurrency,
+                    fence=self._fence,
                 )
             else:
                 table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[name] = table
         self.router = ChangeRouter(self.tables, self.revisions, self.hub)
         self.reads = ReadPath(db, self._trusted_epoch, max_batch_keys)
+
+    async def _fence(self) -> None:
+        """Return once every commit before the call has been received (a token round trip)."""
+        if self.listener_up and self.barrier is not None:
+            await self.barrier.wait(applied=False)
 
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
         self.router.matched(name, seq, keys)  # (the router is made once the tables are)

@@ -26,7 +26,11 @@ then (PostgreSQL delivers notifications in commit order, after commit). Hence:
   waiting here are sent there -- a database read that starts after the
   change was received is newer than it. The reload stores its rows over the
   old ones chunk by chunk and drops the rows it did not bring at the end
-  (``RowStore.begin_reload``), so the table is never held twice.
+  (``RowStore.begin_reload``), so the table is never held twice;
+* a database read may have seen a commit whose notification has not arrived
+  yet, so once a reload landed memory answers only after a barrier token sent
+  then came back (``fence``: every commit before it was received, so a key a
+  database read saw newer is pending): within an epoch, answers never go back.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal
 
 from sidecar.aio import TaskSet, Waiters
@@ -73,12 +77,15 @@ class FullTable:
         on_matched: Callable[[int, set[Key]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.schema = schema
         self.db = db
         self._seq = current_seq
         self._on_low_water = on_low_water  # told the table's low-water mark when it may have changed
         self._on_matched = on_matched  # told which keys a source change touched, per batch
+        self._fence_source = fence  # returns once every commit before the call was received
+        self._fence: asyncio.Future[None] | None = None  # memory answers once this is done
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
@@ -226,7 +233,7 @@ class FullTable:
 
     def peek(self, key: Key) -> tuple[bool, Row]:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
-        if self._reload_needed > self._reload_done or key in self._pending or self._matching:
+        if self._reload_needed > self._reload_done or key in self._pending or self._matching or self._fence:
             return False, None
         row = self.store.get(key)
         self.reads["hit" if row is not None else "not_found"] += 1
@@ -235,8 +242,7 @@ class FullTable:
     async def get_many(self, keys: Sequence[Key]) -> list[Row]:
         """The rows of ``keys``, fresh as of every change received before the call
         (raises ``Reloading`` while a reload is due: memory cannot tell then)."""
-        if self._reload_needed > self._reload_done:
-            raise Reloading()
+        await self._memory_served()
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         if self._pending:
@@ -254,14 +260,22 @@ class FullTable:
         """Wait until every change received before the call is applied to rows and
         indexes (what a read of the whole table, such as an index query, needs);
         raises ``Reloading`` while a reload is due."""
-        if self._reload_needed > self._reload_done:
-            raise Reloading()
+        await self._memory_served()
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         for key, level in [(key, pending[1]) for key, pending in self._pending.items()]:
             pending = self._pending.get(key)
             if pending is not None and pending[0] <= level:
                 await self._waiters.setdefault(key, Waiters()).wait(level)
+
+    async def _memory_served(self) -> None:
+        """Raise ``Reloading`` if memory answers no read now; wait for a fence under way."""
+        while True:
+            if self._reload_needed > self._reload_done:
+                raise Reloading()
+            if self._fence is None:
+                return
+            await asyncio.shield(self._fence)  # (about one round trip; Reloading if it failed)
 
     def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
         """An index query answered from memory (after ``settle``)."""
@@ -398,6 +412,7 @@ class FullTable:
             else:
                 pending[0] = max(pending[0], level + 1)
                 self._queue[key] = None
+        self._start_fence()
         self._table_waiters.release(level)
         self._reload_waiters.release(level)
         for key in list(self._waiters):
@@ -421,6 +436,31 @@ class FullTable:
         )
         self._progress()
         self._schedule()
+
+    def _start_fence(self) -> None:
+        """Memory answers again once every commit a database read meanwhile may have
+        seen has been received (see the module's docstring)."""
+        if self._fence_source is None:
+            return
+        fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fence.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._fence = fence
+        self._tasks.spawn(self._run_fence(fence), "fence")
+
+    async def _run_fence(self, fence: asyncio.Future[None]) -> None:
+        assert self._fence_source is not None
+        try:
+            await self._fence_source()
+        except Exception as exc:  # (the listener went down, a barrier timed out)
+            log.debug("fence after reloading %s failed: %s", self.schema.qualified, exc)
+            if not fence.done():
+                fence.set_exception(Reloading())  # readers waiting for it ask the database
+        else:
+            if not fence.done():
+                fence.set_result(None)
+        finally:
+            if self._fence is fence:
+                self._fence = None
 
     async def _refresh_matching(self, requests: list[tuple[int, tuple[str, ...], list[Key]]], level: int) -> None:
         by_columns: dict[tuple[str, ...], set[Key]] = {}

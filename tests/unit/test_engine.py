@@ -145,18 +145,20 @@ async def test_invalidate(engine: Engine, db: MemoryDatabase):
 
 
 async def test_sync_waits_for_refetches_and_shares_rounds(engine: Engine, db: MemoryDatabase):
+    barrier = engine.barrier
+    assert barrier is not None
+    await eventually(lambda: barrier._current is None, what="the round after the load (its fence) done")
+    rounds = barrier.rounds
     db.hold()
     engine.handle(change(FULL, 20, 1))
     syncs = [asyncio.create_task(engine.sync()) for _ in range(20)]
     await db.held(1)
-    barrier = engine.barrier
-    assert barrier is not None
     await eventually(lambda: barrier._current is not None and barrier._current.received_at is not None)
     assert not any(s.done() for s in syncs)  # the token is back, but the refetch before it is not applied yet
     db.release()
     revisions = await asyncio.wait_for(asyncio.gather(*syncs), 5)
     assert {r for r in revisions} == {engine.revision}
-    assert engine.barrier is not None and engine.barrier.rounds == 1
+    assert barrier.rounds == rounds + 1
 
 
 async def test_sync_fails_fast_while_listener_down(engine: Engine):

@@ -119,6 +119,7 @@ def test_a_snapshot_keeps_its_rows_through_changes_a_reload_and_a_clear():
     assert dict(view.items()) == then
     assert view.get((20,)) is None and view.get((2,)) == then[(2,)]
     store.clear()
+    store.store([(1,), (3,)], {(1,): row(1, v="after"), (3,): row(3, v="after")})
     assert dict(view.items()) == then
     assert [len(c) for c in view.chunks(4)] == [4, 4, 2]
 
@@ -154,6 +155,8 @@ def test_snapshots_stay_exact_under_random_changes_and_reloads():
             store.abort_reload()
         elif action < 0.27 and views:
             views.pop(rng.randrange(len(views)))
+        elif action < 0.28:
+            store.replace({(k,): row(k, v=f"replaced{step}") for k in rng.sample(range(1, 80), 30)})
         else:
             keys = [(k,) for k in rng.sample(range(1, 80), 4)]
             store.store(keys, {k: row(k[0], rank=rng.randrange(9), v=str(step)) for k in keys if rng.random() < 0.7})
