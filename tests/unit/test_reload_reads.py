@@ -110,10 +110,13 @@ async def test_reads_during_a_reload_come_from_the_database_at_once(engine, db, 
 
 async def test_sync_still_waits_for_the_reload(engine, db, loads):
     await reloading(engine, loads)
+    barrier = engine.barrier
+    await eventually(lambda: barrier._current is None, what="no round in flight")
     sync = asyncio.create_task(engine.sync())
-    await eventually(lambda: engine.barrier is not None and engine.barrier.rounds >= 2, what="a round sent")
-    await asyncio.sleep(0.05)  # (a sync that did not wait would be done by now)
-    assert not sync.done()
+    await eventually(
+        lambda: barrier._current is not None and barrier._current.received_at is not None, what="the token back"
+    )
+    assert not sync.done()  # every commit before it arrived; the reload is not applied yet
     loads.gate.set()
     assert (await quickly(sync)).number >= engine.seq - 1
 
