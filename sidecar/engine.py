@@ -43,7 +43,7 @@ from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
 from sidecar.source import ChangeSource, Database
 from sidecar.store import Snapshot as RowsSnapshot
-from sidecar.wire import row_json
+from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
 
@@ -426,6 +426,7 @@ class Engine:
             self.hub.published,
             [(name, view.chunks(SNAPSHOT_CHUNK)) for name, view in views],
             row_json,
+            watch_message,
         )
 
     # ------------------------------------------------------------ the sidecar's own changes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class Snapshot:
     epoch: str
     revision: int
     changes: list[Change]
+    encoded: bytes | None = None  # the message, encoded as it was made (wire.watch_message)
 
 
 @dataclass(slots=True)
@@ -157,6 +159,9 @@ class Hub:
         self.dropped = 0  # subscribers ended for falling behind
         self.closing = False
         self.published_batches = 0
+        # Initial states are made one message at a time across all streams, so that
+        # however many are streaming, a read waits for at most one being made.
+        self.snapshot_turn = asyncio.Lock()
 
     # ------------------------------------------------------------ engine side
 
@@ -401,11 +406,19 @@ class Subscription:
         # Every row as of the revision published when the snapshot was taken (no
         # await between that and the next line), read chunk by chunk as the client
         # takes them: a shared view, not a copy.
-        chunks = await self._snapshot()
+        chunks = iter(await self._snapshot())
         self.epoch, self.position = self.hub.epoch, self.hub.published
-        for chunk in chunks:
+        while True:
+            async with self.hub.snapshot_turn:
+                started = time.perf_counter()
+                chunk = next(chunks, None)
+                # Making initial states takes at most about half of the daemon's time
+                # (a read needs several turns of the loop, each may follow one message
+                # being made): however many stream, reads are not held up by them.
+                await asyncio.sleep(time.perf_counter() - started)
+            if chunk is None:
+                break
             yield chunk
-            await asyncio.sleep(0)  # (a fast client never makes the stream wait: let others in)
         yield SnapshotDone(self.epoch, self.position)
 
     def _behind(self, why: str) -> str:
@@ -417,11 +430,16 @@ def snapshot_chunks(
     revision: int,
     tables: Iterable[tuple[str, Iterable[list[tuple[Key, bytes]]]]],
     row_json: Callable[[bytes], bytes],
+    encode: Callable[[Snapshot], bytes] | None = None,
 ) -> Iterator[Snapshot]:
     """The rows of the given full tables (each given as chunks of (key, entry), as of
-    ``revision``) as SNAPSHOT changes, one message a chunk, made as they are asked for."""
+    ``revision``) as SNAPSHOT changes, one message a chunk, made (and encoded, given
+    ``encode``) as they are asked for."""
     for name, chunks in tables:
         for chunk in chunks:
-            yield Snapshot(
+            message = Snapshot(
                 epoch, revision, [Change(name, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk]
             )
+            if encode is not None:
+                message.encoded = encode(message)
+            yield message
