@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
 from sidecar.full import FullTable, Reloading
-from sidecar.hub import Filter, Hub, Snapshot, Subscription, snapshot_chunks
+from sidecar.hub import Filter, Hub, SharedSnapshot, Snapshot, Subscription
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
@@ -42,7 +44,6 @@ from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
 from sidecar.source import ChangeSource, Database
-from sidecar.store import Snapshot as RowsSnapshot
 from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
@@ -105,6 +106,11 @@ class Engine:
                 table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[name] = table
         self.router = ChangeRouter(self.tables, self.revisions, self.hub)
+        # Initial states being streamed, by store snapshot and revision: streams that start
+        # together share their messages (gone with the last stream that reads them).
+        self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedSnapshot] = (
+            weakref.WeakValueDictionary()
+        )
         self.reads = ReadPath(db, self._trusted_epoch, max_batch_keys)
 
     async def _fence(self) -> None:
@@ -418,16 +424,19 @@ class Engine:
                 # rebuild follows): look again in a moment.
                 await asyncio.sleep(0.05)
         # No await from here on: the views and the revision are of one moment.
-        views: list[tuple[str, RowsSnapshot]] = [
-            (name, view) for name, table in tables if (view := table.snapshot()) is not None
-        ]
-        return snapshot_chunks(
-            self.hub.epoch,
-            self.hub.published,
-            [(name, view.chunks(SNAPSHOT_CHUNK)) for name, view in views],
-            row_json,
-            watch_message,
-        )
+        epoch, revision = self.hub.epoch, self.hub.published
+        parts = []
+        for name, table in tables:
+            view = table.snapshot()
+            if view is None:
+                continue
+            key = (id(view), epoch, revision, name)  # (alive while the view is: it holds the view)
+            shared = self._initial_states.get(key)
+            if shared is None:
+                shared = SharedSnapshot(epoch, revision, name, view, row_json, watch_message, SNAPSHOT_CHUNK)
+                self._initial_states[key] = shared
+            parts.append(shared)
+        return itertools.chain.from_iterable(part.messages() for part in parts)
 
     # ------------------------------------------------------------ the sidecar's own changes
 

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.errors import SidecarError
 from sidecar.keys import Key
@@ -443,3 +443,61 @@ def snapshot_chunks(
             if encode is not None:
                 message.encoded = encode(message)
             yield message
+
+
+class SnapshotRows(Protocol):
+    """A table's rows as of one moment (``store.Snapshot``)."""
+
+    def __len__(self) -> int: ...
+    def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Key, bytes]]: ...
+
+
+class SharedSnapshot:
+    """The initial-state messages of one table's snapshot at one revision, made as streams
+    ask for them and shared by the streams that read them at about the same time (the last
+    few made are kept): ten followers starting together cost one."""
+
+    keep = 8
+
+    def __init__(
+        self,
+        epoch: str,
+        revision: int,
+        table: str,
+        rows: SnapshotRows,
+        row_json: Callable[[bytes], bytes],
+        encode: Callable[[Snapshot], bytes] | None = None,
+        size: int = 500,
+    ) -> None:
+        self.epoch, self.revision, self.table = epoch, revision, table
+        self._rows = rows
+        self._row_json = row_json
+        self._encode = encode
+        self.size = size
+        self.count = -(-len(rows) // size)  # messages
+        self._made: collections.OrderedDict[int, Snapshot] = collections.OrderedDict()
+        self.made = 0  # messages made (not taken from those kept)
+
+    def message(self, index: int) -> Snapshot:
+        message = self._made.get(index)
+        if message is not None:
+            self._made.move_to_end(index)
+            return message
+        row_json, table = self._row_json, self.table
+        chunk = self._rows.items(index * self.size, (index + 1) * self.size)
+        message = Snapshot(
+            self.epoch,
+            self.revision,
+            [Change(table, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk],
+        )
+        if self._encode is not None:
+            message.encoded = self._encode(message)
+        self.made += 1
+        self._made[index] = message
+        if len(self._made) > self.keep:
+            self._made.popitem(last=False)
+        return message
+
+    def messages(self) -> Iterator[Snapshot]:
+        for index in range(self.count):
+            yield self.message(index)

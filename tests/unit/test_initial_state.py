@@ -111,6 +111,7 @@ async def test_concurrent_initial_states_share_one_snapshot(engine, db):
     streams = [engine.subscribe(Filter(frozenset()), initial_state=True).messages() for _ in range(10)]
     firsts = [await next_message(stream) for stream in streams]
     assert table.store.snapshots == 1  # one key list for all ten, no rows copied
+    (shared,) = engine._initial_states.values()
     db.put(T, (1,), version=2)
     change_keys(engine, 900, Op.UPDATE, [1])
     await eventually(lambda: engine.applied == engine.seq)
@@ -119,10 +120,14 @@ async def test_concurrent_initial_states_share_one_snapshot(engine, db):
     assert table.store.snapshots == 2  # the store changed: a newer one
     results = [await rest_of_snapshot(stream, first) for stream, first in zip(streams, firsts, strict=True)]
     assert all(rows == results[0][0] for rows, _ in results) and len(results[0][0]) == ROWS
+    assert shared.made == shared.count == 4  # each message made once for the ten streams
     late_rows, late_done = await rest_of_snapshot(late, late_first)
     assert late_rows == rows_json(db) and late_done.revision > results[0][1].revision
     for stream in [*streams, late]:
         await stream.aclose()
+    del shared
+    gc.collect()
+    assert not engine._initial_states and table.store.snapshots == 0
 
 
 async def test_an_initial_state_asked_for_during_a_reload_waits_for_it(engine, db):
