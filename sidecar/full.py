@@ -233,7 +233,7 @@ class FullTable:
 
     def peek(self, key: Key) -> tuple[bool, Row]:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
-        if self._reload_needed > self._reload_done or key in self._pending or self._matching or self._fence:
+        if self._reload_needed > self._reload_done or key in self._pending or self._matching or self._fence is not None:
             return False, None
         row = self.store.get(key)
         self.reads["hit" if row is not None else "not_found"] += 1
