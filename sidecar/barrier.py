@@ -42,6 +42,13 @@ class _Round:
         self.received_at: int | None = None  # the engine's seq when the token arrived
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.received: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # the token came back
+        self.received.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def fail(self, error: BaseException) -> None:
+        for future in (self.received, self.done):
+            if not future.done():
+                future.set_exception(error)
 
 
 class Barrier:
@@ -55,18 +62,17 @@ class Barrier:
         self._tasks: set[asyncio.Task[None]] = set()
         self.rounds = 0
 
-    async def wait(self) -> None:
-        """Return once a round sent after this call began has completed."""
-        current = self._current
-        if current is not None and not current.sending:
-            await asyncio.shield(current.done)  # its NOTIFY is not sent yet: still good
-            return
-        round_ = self._next
-        if round_ is None:
-            round_ = self._next = _Round(new_token())
-            if self._current is None:
-                self._launch()
-        await asyncio.shield(round_.done)
+    async def wait(self, *, applied: bool = True) -> None:
+        """Return once a round sent after this call began has completed (``applied``
+        False: once its token came back, so every earlier commit was received)."""
+        round_ = self._current
+        if round_ is None or round_.sending:  # (a round not sent yet is still good)
+            round_ = self._next
+            if round_ is None:
+                round_ = self._next = _Round(new_token())
+                if self._current is None:
+                    self._launch()
+        await asyncio.shield(round_.done if applied else round_.received)
 
     def _launch(self) -> None:
         if self._current is not None:
@@ -93,7 +99,7 @@ class Barrier:
             if not round_.done.done():
                 reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
                 log.warning("read barrier round failed: %s", reason)
-                round_.done.set_exception(Unavailable(f"read barrier failed: {reason}"))
+                round_.fail(Unavailable(f"read barrier failed: {reason}"))
         finally:
             if self._current is round_:
                 self._current = None
@@ -115,6 +121,8 @@ class Barrier:
         if round_ is None or round_.token != token:
             return False
         round_.received_at = seq
+        if not round_.received.done():
+            round_.received.set_result(None)
         return True
 
     def applied(self, applied: int) -> None:
@@ -131,8 +139,8 @@ class Barrier:
     def fail_all(self, reason: str) -> None:
         """The listener went down: tokens in flight will never arrive."""
         for round_ in (self._current, self._next):
-            if round_ is not None and not round_.done.done():
-                round_.done.set_exception(Unavailable(f"read barrier impossible: {reason}"))
+            if round_ is not None:
+                round_.fail(Unavailable(f"read barrier impossible: {reason}"))
         # Rounds after a reconnect must not queue behind a NOTIFY that may hang.
         self._current = None
         self._next = None

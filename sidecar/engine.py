@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sidecar.barrier import Barrier
-from sidecar.cache import Row, TableCache
+from sidecar.cache import Rerouted, Row, TableCache
 from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
-from sidecar.full import FullTable
-from sidecar.hub import Filter, Hub, Snapshot, Subscription, snapshot_chunks
+from sidecar.full import FullTable, Reloading
+from sidecar.hub import Filter, Hub, SharedSnapshot, Snapshot, Subscription
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
@@ -42,11 +44,13 @@ from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
 from sidecar.source import ChangeSource, Database
-from sidecar.wire import row_json
+from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_CHUNK = 500  # rows per initial-state message
 
 
 class Engine:
@@ -96,12 +100,23 @@ class Engine:
                     on_matched=functools.partial(self._matched, name),
                     batch_size=refetch_batch_size,
                     concurrency=refetch_concurrency,
+                    fence=self._fence,
                 )
             else:
                 table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[name] = table
         self.router = ChangeRouter(self.tables, self.revisions, self.hub)
+        # Initial states being streamed, by store snapshot and revision: streams that start
+        # together share their messages (gone with the last stream that reads them).
+        self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedSnapshot] = (
+            weakref.WeakValueDictionary()
+        )
         self.reads = ReadPath(db, self._trusted_epoch, max_batch_keys)
+
+    async def _fence(self) -> None:
+        """Return once every commit before the call has been received (a token round trip)."""
+        if self.listener_up and self.barrier is not None:
+            await self.barrier.wait(applied=False)
 
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
         self.router.matched(name, seq, keys)  # (the router is made once the tables are)
@@ -283,11 +298,25 @@ class Engine:
             await self.sync()
         # (a past epoch of ours: rebuilt since, newer than anything of that epoch)
 
-    async def prepare_read(self, strong: bool, min_revision: Revision | None) -> None:
-        """Honour read options before answering (see ReadOptions in the API)."""
+    async def prepare_read(self, strong: bool, min_revision: Revision | None, table: TableCache | None = None) -> None:
+        """Honour read options before answering a read of ``table`` (see ReadOptions in the API).
+
+        While ``table`` is being reloaded its reads come from the database or, once
+        the reload landed, from memory fresh as of every change received before
+        the read; either way, all a STRONG read needs is that every commit before
+        it was *received* (the barrier's token came back), and a ``min_revision``
+        read that this revision was received -- not that every table applied it,
+        which would wait for the reload.
+        """
+        reloading = isinstance(table, FullTable) and table.reloading
         if strong and self.listener_up:
-            await self.sync()
+            if reloading and self.barrier is not None:
+                await self.barrier.wait(applied=False)
+            else:
+                await self.sync()
         if min_revision is not None:
+            if reloading and min_revision.epoch == self.epoch and min_revision.number <= self.seq:
+                return
             await self.wait_revision(min_revision.epoch, min_revision.number)
 
     # ------------------------------------------------------------ reads
@@ -374,15 +403,40 @@ class Engine:
         """The oldest revision a Watch may resume from."""
         return f"{self.hub.epoch}/{self.hub.oldest}"
 
-    def snapshot(self, names: frozenset[str]) -> list[Snapshot]:
+    async def snapshot(self, names: frozenset[str]) -> Iterator[Snapshot]:
         """Every row of the named full-mode tables (all of them when ``names`` is
-        empty), as of the last published revision, in chunks."""
+        empty), as of the revision published when this returns, in chunks read
+        lazily from shared store snapshots (no rows copied).
+
+        A table being reloaded is waited for first: its memory is then a mix of
+        old and new rows, exact as of no revision.
+        """
         tables = [
-            (name, rows)
+            (name, table)
             for name, table in self.tables.items()
-            if (rows := table.authoritative_rows()) is not None and (not names or name in names)
+            if isinstance(table, FullTable) and (not names or name in names)
         ]
-        return snapshot_chunks(self.hub.epoch, self.hub.published, tables, row_json)
+        while waiting := next((t for _, t in tables if t.reloading and t.problem is None), None):
+            try:
+                await waiting.until_reloaded()
+            except (Rerouted, Unavailable):
+                # The reload failed (it is retried) or the listener went down (a
+                # rebuild follows): look again in a moment.
+                await asyncio.sleep(0.05)
+        # No await from here on: the views and the revision are of one moment.
+        epoch, revision = self.hub.epoch, self.hub.published
+        parts = []
+        for name, table in tables:
+            view = table.snapshot()
+            if view is None:
+                continue
+            key = (id(view), epoch, revision, name)  # (alive while the view is: it holds the view)
+            shared = self._initial_states.get(key)
+            if shared is None:
+                shared = SharedSnapshot(epoch, revision, name, view, row_json, watch_message, SNAPSHOT_CHUNK)
+                self._initial_states[key] = shared
+            parts.append(shared)
+        return itertools.chain.from_iterable(part.messages() for part in parts)
 
     # ------------------------------------------------------------ the sidecar's own changes
 
@@ -395,7 +449,11 @@ class Engine:
         self.router.invalidate(table, keys)
         self.revisions.advance()
         if refresh and self.listener_up and table.loaded and (keys or table.holds_all_rows):
-            await table.get_many(keys or [])
+            try:
+                await table.get_many(keys or [])
+            except Reloading:  # (a whole-table refresh: reads do not wait for it, this does)
+                assert isinstance(table, FullTable)
+                await table.until_reloaded()
 
     def reload_table(self, name: str, why: str) -> None:
         """Reload a cached table from scratch (its definition changed, or it can be served again)."""

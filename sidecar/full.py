@@ -17,7 +17,20 @@ then (PostgreSQL delivers notifications in commit order, after commit). Hence:
   as the newest change received before the read began ("fresh after
   notify"); a read of any other key answers from memory at once;
 * a whole-table change (TRUNCATE, bulk statement, reconnect) reloads the
-  table; reads wait for it; per-key refetches pause meanwhile;
+  table; per-key refetches pause meanwhile (so none lands out of order
+  around it: the reload starts once those in flight landed, and those sent
+  after it are newer); repeated ones coalesce: one reload in flight, at most
+  one more queued, at the newest level asked;
+* meanwhile memory answers no read of the table (``Reloading``): the read
+  path asks the database, as during the first load, and readers already
+  waiting here are sent there -- a database read that starts after the
+  change was received is newer than it. The reload stores its rows over the
+  old ones chunk by chunk and drops the rows it did not bring at the end
+  (``RowStore.begin_reload``), so the table is never held twice;
+* a database read may have seen a commit whose notification has not arrived
+  yet, so once a reload landed memory answers only after a barrier token sent
+  then came back (``fence``: every commit before it was received, so a key a
+  database read saw newer is pending): within an epoch, answers never go back.
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal
 
 from sidecar.aio import TaskSet, Waiters
@@ -36,9 +49,13 @@ from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
 from sidecar.source import Database, Rows
-from sidecar.store import Row, RowStore
+from sidecar.store import Row, RowStore, Snapshot
 
 log = logging.getLogger(__name__)
+
+
+class Reloading(Rerouted):
+    """Internal: the table is being reloaded; the read is answered from the database."""
 
 
 class FullTable:
@@ -60,12 +77,15 @@ class FullTable:
         on_matched: Callable[[int, set[Key]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.schema = schema
         self.db = db
         self._seq = current_seq
         self._on_low_water = on_low_water  # told the table's low-water mark when it may have changed
         self._on_matched = on_matched  # told which keys a source change touched, per batch
+        self._fence_source = fence  # returns once every commit before the call was received
+        self._fence: asyncio.Future[None] | None = None  # memory answers once this is done
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
@@ -83,7 +103,9 @@ class FullTable:
         self._reload_oldest = 0  # the oldest whole-table change not yet reloaded
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
-        self._table_waiters = Waiters()
+        self._generation = 0  # rises when the rows are dropped (fail): a reload under way stops
+        self._table_waiters = Waiters()  # readers waiting for relation refreshes
+        self._reload_waiters = Waiters()  # waiting for a reload to land (not readers: they go elsewhere)
         # Relation refreshes by source values: (seq, relation columns, values), run
         # like a small reload (no keyed fetch meanwhile; reads wait for them).
         self._matching: list[tuple[int, tuple[str, ...], list[Key]]] = []
@@ -108,8 +130,23 @@ class FullTable:
         return self.store.byte_count()
 
     def authoritative_rows(self) -> Rows | None:
-        """Every row, when memory is the table (for Watch's rows and initial state)."""
+        """Every row, when memory is the table (for the rows of Watch batches)."""
         return self.store.rows if self.problem is None else None
+
+    def snapshot(self) -> Snapshot | None:
+        """Every row as of now, read lazily (a Watch's initial state), when memory is the table."""
+        return self.store.snapshot() if self.problem is None else None
+
+    @property
+    def reloading(self) -> bool:
+        """A whole-table reload is due or under way: memory answers no read."""
+        return self._reload_needed > self._reload_done
+
+    async def until_reloaded(self) -> None:
+        """Return once every whole-table change received before the call is reloaded
+        (for ``Invalidate(refresh)`` and initial states; reads do not wait for it)."""
+        if self._reload_needed > self._reload_done:
+            await self._reload_waiters.wait(self._reload_needed)
 
     def queries(self) -> dict[str, int]:
         return {"refetch": self.refetches, "reload": self.reloads, "degraded": self.degraded}
@@ -157,6 +194,9 @@ class FullTable:
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
+        # Readers waiting for refetches or refreshes would wait for the reload too
+        # (those pause meanwhile): they read the database instead.
+        self._send_readers_away(Reloading())
         self._progress()
         self._schedule()
 
@@ -172,8 +212,12 @@ class FullTable:
     def reroute(self) -> None:
         """Memory can no longer be trusted (listener down): readers waiting on
         refetches are sent to the database instead of waiting here."""
+        self._send_readers_away(Rerouted())
+        self._reload_waiters.fail(Rerouted())
+
+    def _send_readers_away(self, error: Rerouted) -> None:
         for waiters in (self._table_waiters, *self._waiters.values()):
-            waiters.fail(Rerouted())
+            waiters.fail(error)
         self._waiters.clear()
 
     async def close(self) -> None:
@@ -189,16 +233,16 @@ class FullTable:
 
     def peek(self, key: Key) -> tuple[bool, Row]:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
-        if self._reload_needed > self._reload_done or key in self._pending or self._matching:
+        if self._reload_needed > self._reload_done or key in self._pending or self._matching or self._fence is not None:
             return False, None
         row = self.store.get(key)
         self.reads["hit" if row is not None else "not_found"] += 1
         return True, row
 
     async def get_many(self, keys: Sequence[Key]) -> list[Row]:
-        """The rows of ``keys``, fresh as of every change received before the call."""
-        if self._reload_needed > self._reload_done:
-            await self._table_waiters.wait(self._reload_needed)
+        """The rows of ``keys``, fresh as of every change received before the call
+        (raises ``Reloading`` while a reload is due: memory cannot tell then)."""
+        await self._memory_served()
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         if self._pending:
@@ -214,15 +258,24 @@ class FullTable:
 
     async def settle(self) -> None:
         """Wait until every change received before the call is applied to rows and
-        indexes (what a read of the whole table, such as an index query, needs)."""
-        if self._reload_needed > self._reload_done:
-            await self._table_waiters.wait(self._reload_needed)
+        indexes (what a read of the whole table, such as an index query, needs);
+        raises ``Reloading`` while a reload is due."""
+        await self._memory_served()
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         for key, level in [(key, pending[1]) for key, pending in self._pending.items()]:
             pending = self._pending.get(key)
             if pending is not None and pending[0] <= level:
                 await self._waiters.setdefault(key, Waiters()).wait(level)
+
+    async def _memory_served(self) -> None:
+        """Raise ``Reloading`` if memory answers no read now; wait for a fence under way."""
+        while True:
+            if self._reload_needed > self._reload_done:
+                raise Reloading()
+            if self._fence is None:
+                return
+            await asyncio.shield(self._fence)  # (about one round trip; Reloading if it failed)
 
     def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
         """An index query answered from memory (after ``settle``)."""
@@ -316,23 +369,37 @@ class FullTable:
 
     async def _reload(self, level: int) -> None:
         started = time.monotonic()
-        fresh: dict[Key, bytes] = {}
+        generation = self._generation
+        store = self.store
+        store.begin_reload()
+        count = 0
+        chunks = self.db.load(self.schema)
         try:
-            async for chunk in self.db.load(self.schema):
-                fresh.update(chunk)
+            async for chunk in chunks:
+                if generation != self._generation:
+                    break  # the table failed meanwhile (its rows were dropped)
+                store.reload_chunk(chunk)
+                count += len(chunk)
         except Exception as exc:
             self._reloading = False
+            if generation == self._generation:
+                store.abort_reload()  # (the rows stay as they are, mixed: no read is served from them)
             if would_repeat(exc):
                 self._break(f"loading {self.schema.qualified}", exc)
             else:
                 self._failed(f"loading {self.schema.qualified}", exc, None)
             return
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
         self._reloading = False
-        if self.problem is not None:  # (the table stopped being served meanwhile)
+        if generation != self._generation or self.problem is not None:
+            self._schedule()  # (failed meanwhile; rebuilt too, maybe: that needs a reload of its own)
             return
         self._failures = 0
         first = not self.loaded
-        self.store.replace(fresh)
+        dropped = store.finish_reload()
         self._matching = [m for m in self._matching if m[0] > level]  # (the reload covered them)
         self.loaded = True
         self.reloads += 1
@@ -345,26 +412,55 @@ class FullTable:
             else:
                 pending[0] = max(pending[0], level + 1)
                 self._queue[key] = None
+        self._start_fence()
         self._table_waiters.release(level)
+        self._reload_waiters.release(level)
         for key in list(self._waiters):
             self._release_key(key, level)
         seconds = time.monotonic() - started
         log.log(
             logging.INFO if first else logging.DEBUG,
-            "%s %s: %d rows in %.3fs",
+            "%s %s: %d rows (%d dropped) in %.3fs",
             "loaded" if first else "reloaded",
             self.schema.qualified,
-            len(fresh),
+            count,
+            dropped,
             seconds,
             extra={
                 "event": "table_loaded" if first else "table_reloaded",
                 "table": self.schema.qualified,
-                "rows": len(fresh),
+                "rows": count,
+                "dropped": dropped,
                 "seconds": round(seconds, 4),
             },
         )
         self._progress()
         self._schedule()
+
+    def _start_fence(self) -> None:
+        """Memory answers again once every commit a database read meanwhile may have
+        seen has been received (see the module's docstring)."""
+        if self._fence_source is None:
+            return
+        fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fence.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._fence = fence
+        self._tasks.spawn(self._run_fence(fence), "fence")
+
+    async def _run_fence(self, fence: asyncio.Future[None]) -> None:
+        assert self._fence_source is not None
+        try:
+            await self._fence_source()
+        except Exception as exc:  # (the listener went down, a barrier timed out)
+            log.debug("fence after reloading %s failed: %s", self.schema.qualified, exc)
+            if not fence.done():
+                fence.set_exception(Reloading())  # readers waiting for it ask the database
+        else:
+            if not fence.done():
+                fence.set_result(None)
+        finally:
+            if self._fence is fence:
+                self._fence = None
 
     async def _refresh_matching(self, requests: list[tuple[int, tuple[str, ...], list[Key]]], level: int) -> None:
         by_columns: dict[tuple[str, ...], set[Key]] = {}
@@ -436,6 +532,7 @@ class FullTable:
         """Stop serving the table from memory, and stop holding back the revision of the
         others, because of ``problem``; reads go to the database. ``rebuild`` tries again."""
         self.problem = problem
+        self._generation += 1
         log.error(
             "%s is not served from memory (reads of it go to the database; other tables are served): %s",
             self.schema.qualified,
@@ -473,6 +570,7 @@ class FullTable:
 
     def _fail_waiters(self, error: BaseException) -> None:
         self._table_waiters.fail(error)
+        self._reload_waiters.fail(error)
         for waiters in self._waiters.values():
             waiters.fail(error)
         self._waiters.clear()

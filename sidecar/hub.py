@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.errors import SidecarError
 from sidecar.keys import Key
@@ -92,6 +93,7 @@ class Snapshot:
     epoch: str
     revision: int
     changes: list[Change]
+    encoded: bytes | None = None  # the message, encoded as it was made (wire.watch_message)
 
 
 @dataclass(slots=True)
@@ -157,6 +159,9 @@ class Hub:
         self.dropped = 0  # subscribers ended for falling behind
         self.closing = False
         self.published_batches = 0
+        # Initial states are made one message at a time across all streams, so that
+        # however many are streaming, a read waits for at most one being made.
+        self.snapshot_turn = asyncio.Lock()
 
     # ------------------------------------------------------------ engine side
 
@@ -273,7 +278,7 @@ class Hub:
         selection: Filter,
         *,
         start: tuple[str, int] | None = None,
-        snapshot: Callable[[], list[Snapshot]] | None = None,
+        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None = None,
         progress_interval: float = 0.0,
     ) -> Subscription:
         """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed."""
@@ -320,7 +325,7 @@ class Subscription:
         hub: Hub,
         selection: Filter,
         position: int,
-        snapshot: Callable[[], list[Snapshot]] | None,
+        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None,
         progress_interval: float,
     ) -> None:
         self.hub = hub
@@ -398,9 +403,21 @@ class Subscription:
         if ready is not None:
             await ready()
         assert self._snapshot is not None
-        chunks = self._snapshot()  # synchronous: every row as of one revision
+        # Every row as of the revision published when the snapshot was taken (no
+        # await between that and the next line), read chunk by chunk as the client
+        # takes them: a shared view, not a copy.
+        chunks = iter(await self._snapshot())
         self.epoch, self.position = self.hub.epoch, self.hub.published
-        for chunk in chunks:
+        while True:
+            async with self.hub.snapshot_turn:
+                started = time.perf_counter()
+                chunk = next(chunks, None)
+                # Making initial states takes at most about half of the daemon's time
+                # (a read needs several turns of the loop, each may follow one message
+                # being made): however many stream, reads are not held up by them.
+                await asyncio.sleep(time.perf_counter() - started)
+            if chunk is None:
+                break
             yield chunk
         yield SnapshotDone(self.epoch, self.position)
 
@@ -411,19 +428,76 @@ class Subscription:
 def snapshot_chunks(
     epoch: str,
     revision: int,
-    tables: Iterable[tuple[str, dict[Key, bytes]]],
+    tables: Iterable[tuple[str, Iterable[list[tuple[Key, bytes]]]]],
     row_json: Callable[[bytes], bytes],
-    chunk: int = 500,
-) -> list[Snapshot]:
-    """Every row of the given full tables as SNAPSHOT changes, in chunks (rows copied now)."""
-    chunks: list[Snapshot] = []
-    current: list[Change] = []
-    for name, rows in tables:
-        for key, entry in list(rows.items()):
-            current.append(Change(name, SNAPSHOT, key, None, row_json(entry), True))
-            if len(current) >= chunk:
-                chunks.append(Snapshot(epoch, revision, current))
-                current = []
-    if current:
-        chunks.append(Snapshot(epoch, revision, current))
-    return chunks
+    encode: Callable[[Snapshot], bytes] | None = None,
+) -> Iterator[Snapshot]:
+    """The rows of the given full tables (each given as chunks of (key, entry), as of
+    ``revision``) as SNAPSHOT changes, one message a chunk, made (and encoded, given
+    ``encode``) as they are asked for."""
+    for name, chunks in tables:
+        for chunk in chunks:
+            message = Snapshot(
+                epoch, revision, [Change(name, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk]
+            )
+            if encode is not None:
+                message.encoded = encode(message)
+            yield message
+
+
+class SnapshotRows(Protocol):
+    """A table's rows as of one moment (``store.Snapshot``)."""
+
+    def __len__(self) -> int: ...
+    def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Key, bytes]]: ...
+
+
+class SharedSnapshot:
+    """The initial-state messages of one table's snapshot at one revision, made as streams
+    ask for them and shared by the streams that read them at about the same time (the last
+    few made are kept): ten followers starting together cost one."""
+
+    keep = 8
+
+    def __init__(
+        self,
+        epoch: str,
+        revision: int,
+        table: str,
+        rows: SnapshotRows,
+        row_json: Callable[[bytes], bytes],
+        encode: Callable[[Snapshot], bytes] | None = None,
+        size: int = 500,
+    ) -> None:
+        self.epoch, self.revision, self.table = epoch, revision, table
+        self._rows = rows
+        self._row_json = row_json
+        self._encode = encode
+        self.size = size
+        self.count = -(-len(rows) // size)  # messages
+        self._made: collections.OrderedDict[int, Snapshot] = collections.OrderedDict()
+        self.made = 0  # messages made (not taken from those kept)
+
+    def message(self, index: int) -> Snapshot:
+        message = self._made.get(index)
+        if message is not None:
+            self._made.move_to_end(index)
+            return message
+        row_json, table = self._row_json, self.table
+        chunk = self._rows.items(index * self.size, (index + 1) * self.size)
+        message = Snapshot(
+            self.epoch,
+            self.revision,
+            [Change(table, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk],
+        )
+        if self._encode is not None:
+            message.encoded = self._encode(message)
+        self.made += 1
+        self._made[index] = message
+        if len(self._made) > self.keep:
+            self._made.popitem(last=False)
+        return message
+
+    def messages(self) -> Iterator[Snapshot]:
+        for index in range(self.count):
+            yield self.message(index)

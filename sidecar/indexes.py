@@ -71,17 +71,53 @@ class RangeIndex:
         self.columns = config.columns
         self.unique = config.unique
         self._entries: list[tuple[Any, Key]] = []
+        # While deferred (a reload: many changes at once), changes wait here and are
+        # merged in one pass by ``flush``, instead of one insertion into the sorted
+        # list (a memmove of all of it) each.
+        self._deferred = False
+        self._added: set[tuple[Any, Key]] = set()
+        self._removed: set[tuple[Any, Key]] = set()
 
     def add(self, value: tuple[Any, ...], key: Key) -> None:
-        if value[0] is not None:
-            bisect.insort(self._entries, (value[0], key))
+        if value[0] is None:
+            return
+        if self._deferred:
+            entry = (value[0], key)
+            if entry in self._removed:
+                self._removed.discard(entry)
+            else:
+                self._added.add(entry)
+            return
+        bisect.insort(self._entries, (value[0], key))
 
     def remove(self, value: tuple[Any, ...], key: Key) -> None:
         if value[0] is None:
             return
+        if self._deferred:
+            entry = (value[0], key)
+            if entry in self._added:
+                self._added.discard(entry)
+            else:
+                self._removed.add(entry)
+            return
         position = bisect.bisect_left(self._entries, (value[0], key))
         if position < len(self._entries) and self._entries[position] == (value[0], key):
             del self._entries[position]
+
+    def defer(self) -> None:
+        """Hold changes until ``flush`` (lookups meanwhile see the entries as they were)."""
+        self._deferred = True
+
+    def flush(self) -> None:
+        """Apply the held changes: one filtering pass and one merge of two sorted runs."""
+        self._deferred = False
+        removed, added = self._removed, self._added
+        self._removed, self._added = set(), set()
+        if removed:
+            self._entries = [entry for entry in self._entries if entry not in removed]
+        if added:
+            self._entries.extend(sorted(added))
+            self._entries.sort()  # (timsort merges the two sorted runs in linear time)
 
     def fill(self, pairs: Iterable[tuple[tuple[Any, ...], Key]]) -> None:
         """Add many at once (a load): one sort instead of an insertion each."""
@@ -112,6 +148,9 @@ class RangeIndex:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._added.clear()
+        self._removed.clear()
+        self._deferred = False
 
 
 Index = HashIndex | RangeIndex
@@ -177,6 +216,17 @@ class IndexSet:
             return
         for index in self.indexes.values():
             index.remove(tuple(values[c] for c in index.columns), key)
+
+    def defer(self) -> None:
+        """Many changes follow (a reload): range indexes apply them at ``flush``."""
+        for index in self.indexes.values():
+            if isinstance(index, RangeIndex):
+                index.defer()
+
+    def flush(self) -> None:
+        for index in self.indexes.values():
+            if isinstance(index, RangeIndex):
+                index.flush()
 
     def rebuild(self, rows: dict[Key, bytes]) -> None:
         self._values = {key: self._read(entry) for key, entry in rows.items()}

@@ -1,10 +1,11 @@
 """The read path: answer from a table's memory while memory can be trusted,
 else from the database -- decided in one place.
 
-Memory is trusted while the listener is up and the table is loaded, and only
-if that still holds, in the same epoch, once a read that had to wait is
-answered: a listener that went down (and maybe came back) meanwhile may have
-missed changes. Otherwise reads go to the database (correct, slower, not
+Memory is trusted while the listener is up and the table is loaded and not
+being reloaded (the table says so by raising ``Rerouted``, even to a read
+already waiting), and only if that still holds, in the same epoch, once a read
+that had to wait is answered: a listener that went down (and maybe came back)
+meanwhile may have missed changes. Otherwise reads go to the database (correct, slower, not
 cached; concurrent ones for a key share a query), and fail with
 ``Unavailable`` if it is unreachable too -- unless the caller allows stale
 answers, which memory then gives.

@@ -15,6 +15,7 @@ import grpc
 
 from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription
@@ -179,7 +180,7 @@ class CacheService:
             raise _CallExpired
         await context.abort(code, details)
 
-    async def _prepare(self, options: pb.ReadOptions) -> None:
+    async def _prepare(self, options: pb.ReadOptions, table: TableCache) -> None:
         strong = options.consistency == pb.STRONG
         min_revision = None
         if options.HasField("min_revision"):
@@ -188,7 +189,7 @@ class CacheService:
             min_revision = Revision(options.min_revision.epoch, options.min_revision.number)
         if strong or min_revision is not None:
             async with asyncio.timeout(self.engine.max_wait):
-                await self.engine.prepare_read(strong, min_revision)
+                await self.engine.prepare_read(strong, min_revision, table)
 
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Answers an encoded GetResponse."""
@@ -197,7 +198,7 @@ class CacheService:
             parts = key_parts(request.key)
             options = request.options
             if options.consistency == pb.STRONG or options.HasField("min_revision"):
-                await self._prepare(options)
+                await self._prepare(options, self.engine.table(request.table))
             start = self.engine.revision
             row = await self.engine.get(request.table, parts, options.allow_stale)
             answer = wire.get_response(row, self._answered_at(start))
@@ -225,7 +226,7 @@ class CacheService:
             else:
                 parts = [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
                 keys = self.engine.keys(table, parts)
-            await self._prepare(request.options)
+            await self._prepare(request.options, table)
             start = self.engine.revision
             rows = await self.engine.read(table, keys, request.options.allow_stale)
             answer = wire.batch_get_response(rows, self._answered_at(start))
@@ -259,7 +260,7 @@ class CacheService:
                 limit=request.limit,
                 descending=request.descending,
             )
-            await self._prepare(request.options)
+            await self._prepare(request.options, table)
             start = self.engine.revision
             entries, truncated = await self.engine.query(table, query, request.options.allow_stale)
             answer = wire.query_response(entries, truncated, self._answered_at(start))

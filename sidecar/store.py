@@ -1,13 +1,28 @@
 """A full table's rows in memory: key -> cache entry (see wire.py), and the
-table's secondary indexes kept in step with them.
+table's secondary indexes kept in step with them; shared, lazily read
+snapshots of those rows.
 
 Plain data, no I/O and no scheduling: ``full.py`` decides when rows are
 fetched and stored; this only holds what it stores.
+
+Snapshots (``RowStore.snapshot``): an initial-state Watch reads every row as of
+one moment, for as long as its client takes, while the table keeps changing.
+Entries are immutable bytes, so a snapshot copies none of them: it is the
+list of the keys held at that moment (made once, shared by every snapshot
+taken while the store did not change) plus a copy-on-write record, filled by
+the store, of each key's entry as it was before its first change since the
+snapshot (``None``: the key was not there). Every mutation goes through the
+store and feeds the live snapshots first; a snapshot nobody holds any more is
+gone (weak references) and costs nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+import itertools
+import operator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key
@@ -15,6 +30,13 @@ from sidecar.schema import TableSchema
 from sidecar.source import Rows
 
 Row = bytes | None
+
+# Stands in the rows during an in-place reload: keys the reload stored were moved
+# after it, so the keys still before it at the end are the ones the table lost.
+# (A tuple of a private object: it equals no key and sorts with none.)
+_MARK: Key = (object(),)
+_not_mark = functools.partial(operator.is_not, _MARK)
+_UNCHANGED = object()
 
 
 class RowStore:
@@ -24,12 +46,16 @@ class RowStore:
         self.rows: Rows = {}
         indexes = IndexSet(schema)
         self.indexes: IndexSet | None = indexes if indexes else None
+        self.version = 0  # rises with every change of the rows
+        self._views: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+        self._shared: weakref.ref[Snapshot] | None = None  # the newest snapshot, while alive
+        self._reloading = False  # the mark is in the rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) - self._reloading
 
     def byte_count(self) -> int:
-        return sum(map(len, self.rows.values()))
+        return sum(map(len, self.rows.values()))  # (the mark's entry is b"")
 
     def get(self, key: Key) -> Row:
         return self.rows.get(key)
@@ -40,25 +66,124 @@ class RowStore:
 
     def store(self, keys: Iterable[Key], rows: Rows) -> None:
         """Rows fetched for ``keys``: stored, or removed where there is none; indexes follow."""
+        assert not self._reloading  # (full.py fetches no key while it reloads)
         table_rows, indexes = self.rows, self.indexes
+        views = list(self._views) if self._views else ()
+        changed = False
         for key in keys:
             row = rows.get(key)
+            old = table_rows.get(key)
+            if old == row:
+                continue
+            changed = True
+            for view in views:
+                view.changing(key, old)
             if row is None:
-                if table_rows.pop(key, None) is not None and indexes is not None:
+                del table_rows[key]
+                if indexes is not None:
                     indexes.delete(key)
             else:
                 table_rows[key] = row
                 if indexes is not None:
                     indexes.put(key, row)
+        if changed:
+            self.version += 1
 
     def replace(self, rows: Rows) -> None:
-        """The whole table, freshly loaded."""
+        """The whole table at once (from scratch: live snapshots keep the old rows)."""
+        self._detach()
+        self._reloading = False
         self.rows = rows
+        self.version += 1
         if self.indexes is not None:
             self.indexes.rebuild(rows)
 
     def clear(self) -> None:
         self.replace({})
+
+    # ------------------------------------------------------------ reload in place
+
+    def begin_reload(self) -> None:
+        """A whole-table reload starts: ``reload_chunk`` stores its rows over the
+        current ones, ``finish_reload`` removes the rows it did not bring. Meanwhile
+        the store holds old and new rows mixed (full.py serves no read from it
+        then), never a second copy of the table."""
+        self.abort_reload()
+        self.rows[_MARK] = b""
+        self._reloading = True
+        if self.indexes is not None:
+            self.indexes.defer()
+
+    def reload_chunk(self, rows: Rows) -> None:
+        """Some of the reload's rows (each key once per reload)."""
+        assert self._reloading
+        table = self.rows
+        # Popping first moves every stored key after the mark; map/update keep the
+        # loop in C (a chunk is thousands of rows).
+        olds = list(map(table.pop, rows, itertools.repeat(None)))
+        table.update(rows)
+        indexes = self.indexes
+        if self._views or indexes is not None:
+            views = list(self._views)
+            for (key, entry), old in zip(rows.items(), olds, strict=True):
+                if old != entry:
+                    for view in views:
+                        view.changing(key, old)
+                    if indexes is not None:
+                        indexes.put(key, entry)
+        self.version += 1
+
+    def finish_reload(self) -> int:
+        """The reload brought every row: drop the others; how many were dropped."""
+        assert self._reloading
+        table = self.rows
+        gone = list(itertools.takewhile(_not_mark, table))
+        del table[_MARK]
+        self._reloading = False
+        views = list(self._views) if self._views else ()
+        indexes = self.indexes
+        for key in gone:
+            old = table.pop(key)
+            for view in views:
+                view.changing(key, old)
+            if indexes is not None:
+                indexes.delete(key)
+        if indexes is not None:
+            indexes.flush()
+        self.version += 1
+        return len(gone)
+
+    def abort_reload(self) -> None:
+        """A reload stopped half-way: the rows stay as they are (old and new mixed)."""
+        if self._reloading:
+            del self.rows[_MARK]
+            self._reloading = False
+            if self.indexes is not None:
+                self.indexes.flush()
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> Snapshot:
+        """The rows as they are now, to read at leisure (shared while nothing changed)."""
+        shared = self._shared() if self._shared is not None else None
+        if shared is not None and shared.version == self.version and shared.rows is self.rows:
+            return shared
+        view = Snapshot(self.rows, self.version, self._reloading)
+        self._views.add(view)
+        self._shared = weakref.ref(view)
+        return view
+
+    def _detach(self) -> None:
+        """The rows dict is about to be dropped, not changed: snapshots keep it, as it is."""
+        self._views = weakref.WeakSet()
+        self._shared = None
+
+    @property
+    def snapshots(self) -> int:
+        """Live snapshots (metrics, tests)."""
+        return len(self._views)
+
+    # ------------------------------------------------------------ queries
 
     def matching(self, columns: Sequence[str], values: Iterable[Key]) -> set[Key]:
         """Keys whose ``columns`` hold one of ``values`` (a relation's hidden source index)."""
@@ -70,4 +195,56 @@ class RowStore:
         assert self.indexes is not None  # a table with declared indexes has them
         keys, truncated = self.indexes.run(query)
         rows = self.rows
-        return [rows[key] for key in keys], truncated
+        # (during a reload, allow_stale queries only: an index may lag its rows, a row
+        # that is gone from them is skipped)
+        return [entry for key in keys if (entry := rows.get(key)) is not None], truncated
+
+
+class Snapshot:
+    """A store's rows as of one moment (``RowStore.snapshot``), read lazily.
+
+    ``keys`` is every key held then, in the order they are read; ``get`` and
+    ``items`` answer what each key held then, however the store changed since.
+    """
+
+    __slots__ = ("__weakref__", "_before", "keys", "rows", "version")
+
+    def __init__(self, rows: Rows, version: int, reloading: bool) -> None:
+        self.rows = rows  # the store's dict (changed in place; each change recorded here first)
+        self.version = version
+        keys = list(rows)
+        if reloading:
+            keys.remove(_MARK)
+        self.keys = keys
+        self._before: dict[Key, Row] = {}  # a key's entry before its first change since
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def changing(self, key: Key, old: Row) -> None:
+        """The store is about to change ``key``, which holds ``old``."""
+        if key not in self._before:
+            self._before[key] = old
+
+    def get(self, key: Key) -> Row:
+        before = self._before.get(key, _UNCHANGED)
+        return self.rows.get(key) if before is _UNCHANGED else before  # type: ignore[return-value]
+
+    def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Key, bytes]]:
+        """The keys ``keys[start:stop]`` and their entries then."""
+        rows, before = self.rows, self._before
+        found = []
+        for key in self.keys[start:stop]:
+            entry = before.get(key, _UNCHANGED)
+            found.append((key, rows[key] if entry is _UNCHANGED else entry))
+        return found  # type: ignore[return-value]
+
+    def chunks(self, size: int) -> Iterator[list[tuple[Key, bytes]]]:
+        """Every row, ``size`` at a time (each chunk read when it is asked for)."""
+        for start in range(0, len(self.keys), size):
+            yield self.items(start, start + size)
+
+    @property
+    def changed(self) -> int:
+        """Keys changed since (their old entries kept here)."""
+        return len(self._before)

@@ -146,6 +146,8 @@ def watch_messages(message: hub.Message, limit: int) -> list[bytes]:
             message.encoded = _fitting_batch(message, limit)
         return [message.encoded]
     if isinstance(message, hub.Snapshot):
+        if message.encoded is not None and len(message.encoded) <= limit:
+            return [message.encoded]
         return _snapshot(message.epoch, message.revision, message.changes, limit)
     return [watch_message(message)]
 

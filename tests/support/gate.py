@@ -47,10 +47,11 @@ class Gate:
 
 
 GATE = Gate()
+LOADS = Gate()  # loads only (reloads included): fetches pass
 
 
 class GatedPgDatabase(PgDatabase):
-    """PgDatabase whose fetches and loads stop at ``GATE`` after reading."""
+    """PgDatabase whose fetches and loads stop at ``GATE`` after reading (loads at ``LOADS`` too)."""
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         rows = await super().fetch(schema, keys)
@@ -60,5 +61,6 @@ class GatedPgDatabase(PgDatabase):
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         chunks = [chunk async for chunk in super().load(schema)]
         await GATE.passage()
+        await LOADS.passage()
         for chunk in chunks:
             yield chunk

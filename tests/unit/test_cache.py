@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sidecar.errors import Unavailable
-from sidecar.full import FullTable
+from sidecar.full import FullTable, Reloading
 from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry
@@ -136,12 +136,66 @@ async def test_full_whole_table_change_reloads_and_keeps_newer_key_changes(db, s
     await db.held(1)  # reload holds an empty snapshot
     db.put(T, (7,), name="late")
     table.changed([(7,)], seq.next())  # arrives during the reload
-    reader = asyncio.create_task(table.get_many([(1,), (7,)]))
-    await eventually(lambda: len(table._table_waiters) == 1, what="the reader waiting on the reload")
-    assert not reader.done()
+    with pytest.raises(Reloading):  # memory answers nothing meanwhile: the read path asks the database
+        await within(table.get_many([(1,), (7,)]))
+    with pytest.raises(Reloading):
+        await within(table.settle())
     db.release()
-    assert await within(reader) == [None, row("late")]
+    await eventually(lambda: not table.reloading, what="the reload landed")
+    assert await within(table.get_many([(1,), (7,)])) == [None, row("late")]
     assert table.row_count == 1
+
+
+async def test_full_reader_waiting_on_a_refetch_is_sent_to_the_database_by_a_whole_table_change(db, seq):
+    table = await full_table(db, seq)
+    db.hold()
+    table.changed([(1,)], seq.next())
+    await db.held(1)  # the refetch of key 1 is in flight
+    reader = asyncio.create_task(table.get_many([(1,)]))
+    await eventually(lambda: (1,) in table._waiters, what="the reader waiting on the refetch")
+    table.changed_all(seq.next())  # the reload waits for that refetch to land first
+    with pytest.raises(Reloading):  # ... and the reader does not wait for either
+        await within(reader)
+    db.release()
+    await eventually(lambda: not table.reloading and table.low_water() is None, what="the reload landed")
+
+
+async def test_full_whole_table_changes_coalesce_into_one_reload_in_flight_and_one_queued(db, seq):
+    table = await full_table(db, seq)
+    assert db.loads == [T]
+    db.hold()
+    table.changed_all(seq.next())
+    await db.held(1)  # reload 2 in flight
+    for version in range(5):  # reads meanwhile must not wait for any of them
+        db.put(T, (1,), name=f"burst{version}")
+        table.changed_all(seq.next())
+    last = seq.value
+    assert table.reloading and table.low_water() is not None
+    db.release()
+    await eventually(lambda: not table.reloading, what="the reloads landed")
+    assert db.loads == [T, T, T]  # the burst became one more reload, at its newest level
+    assert table._reload_done == last and table.rows[(1,)] == row("burst4")
+
+
+async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):
+    """A refetch sent before a whole-table change lands before the reload starts; one sent
+    after it is newer than the reload: the key's row never goes back."""
+    table = await full_table(db, seq)
+    db.hold()
+    db.put(T, (1,), name="a")
+    table.changed([(1,)], seq.next())
+    await db.held(1)  # refetch A read "a"
+    db.put(T, (1,), name="b")
+    table.changed_all(seq.next())
+    await asyncio.sleep(0)
+    assert db.loads == [T]  # the reload waits for A to land
+    db.release()
+    await eventually(lambda: len(db.loads) == 2 and not table.reloading, what="the reload after the refetch")
+    assert table.rows[(1,)] == row("b")
+    db.put(T, (1,), name="c")
+    table.changed([(1,)], seq.next())
+    await eventually(lambda: table.low_water() is None)
+    assert table.rows[(1,)] == row("c")
 
 
 async def test_full_refetch_failure_fails_waiters_then_retries(db, seq):

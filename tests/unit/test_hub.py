@@ -196,9 +196,11 @@ async def test_progress_marks_when_idle():
 async def test_initial_state_then_done_then_changes_after_it():
     hub = make_hub()
     commit(hub, 1, 1, 2)
-    subscriber = hub.subscribe(
-        Filter(frozenset()), snapshot=lambda: snapshot_chunks(hub.epoch, hub.published, [(T, dict(ROWS))], bytes)
-    )
+
+    async def snapshot():
+        return snapshot_chunks(hub.epoch, hub.published, [(T, [list(ROWS.items())])], bytes)
+
+    subscriber = hub.subscribe(Filter(frozenset()), snapshot=snapshot)
     stream = subscriber.messages()
     first = await take(stream, 1)
     commit(hub, 2, 3)

@@ -1,0 +1,172 @@
+"""Watch initial states through the engine, with fakes: streamed lazily from one
+shared store snapshot, exact as of the revision they announce while the table
+changes and reloads under them."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+from sidecar.engine import Engine
+from sidecar.events import Op, RowChange, TableChange
+from sidecar.full import FullTable
+from sidecar.hub import SNAPSHOT, Batch, Filter, Snapshot, SnapshotDone
+from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
+from sidecar.wire import row_json
+from tests.support.waiting import eventually
+
+T = "public.items"
+ROWS = 2_000  # four initial-state messages of 500
+
+
+@pytest.fixture
+def db() -> MemoryDatabase:
+    db = MemoryDatabase(int_key_schema(T))
+    for i in range(1, ROWS + 1):
+        db.put(T, (i,), version=1)
+    return db
+
+
+@pytest.fixture
+async def engine(db: MemoryDatabase):
+    source = MemoryChangeSource(db)
+    engine = Engine(source.database, list(db.schemas.values()))
+    engine.attach(source)
+    following = asyncio.create_task(source.follow(engine))
+    await eventually(lambda: engine.ready)
+    yield engine
+    following.cancel()
+    await engine.close()
+
+
+def table_of(engine: Engine) -> FullTable:
+    table = engine.tables[T]
+    assert isinstance(table, FullTable)
+    return table
+
+
+def rows_json(db: MemoryDatabase) -> dict:
+    return {key: row_json(stored) for key, stored in db.data[T].items()}
+
+
+async def next_message(stream):
+    return await asyncio.wait_for(anext(stream), 5)
+
+
+async def rest_of_snapshot(stream, first: Snapshot) -> tuple[dict, SnapshotDone]:
+    """The rows of an initial state whose first message was ``first``, and its end."""
+    rows: dict = {}
+    message = first
+    while isinstance(message, Snapshot):
+        for change in message.changes:
+            assert change.op == SNAPSHOT and change.key not in rows
+            rows[change.key] = change.row
+        message = await next_message(stream)
+    assert isinstance(message, SnapshotDone)
+    return rows, message
+
+
+def change_keys(engine: Engine, xid: int, op: Op, keys) -> None:
+    engine.handle(RowChange("public", "items", op, xid, tuple((k,) for k in keys)))
+
+
+async def test_an_initial_state_stays_exact_while_the_table_changes_and_reloads_under_it(engine, db):
+    table = table_of(engine)
+    then, revision = rows_json(db), engine.revision.number
+    stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    first = await next_message(stream)  # the snapshot is taken; one chunk of it is out
+    assert isinstance(first, Snapshot) and len(first.changes) == 500
+    assert table.store.snapshots == 1
+    # keyed changes of rows the stream has not sent yet: updates, deletes, inserts
+    for key in range(1500, 1600):
+        db.put(T, (key,), version=2)
+    change_keys(engine, 900, Op.UPDATE, range(1500, 1600))
+    for key in range(1900, 2000):
+        db.delete(T, (key,))
+    change_keys(engine, 901, Op.DELETE, range(1900, 2000))
+    for key in range(5000, 5010):
+        db.put(T, (key,), version=2)
+    change_keys(engine, 902, Op.INSERT, range(5000, 5010))
+    await eventually(lambda: engine.applied == engine.seq, what="the keyed changes applied")
+    # ... and a whole-table change: the reload rewrites the rows in place under the snapshot
+    for key in range(1, 1800):
+        db.put(T, (key,), version=3)
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 903, "bulk"))
+    await eventually(lambda: not table.reloading and engine.applied == engine.seq, what="the reload landed")
+    assert table.reloads == 2 and table.rows[(1700,)] == db.data[T][(1700,)]
+    rows, done = await rest_of_snapshot(stream, first)
+    assert rows == then  # exactly the rows as of the revision it announces
+    assert done.revision == revision
+    after = await next_message(stream)  # then the batches after that revision, in order
+    assert isinstance(after, Batch) and after.revision == revision + 1
+    await stream.aclose()
+    gc.collect()
+    assert table.store.snapshots == 0  # a finished stream holds nothing
+
+
+async def test_concurrent_initial_states_share_one_snapshot(engine, db):
+    table = table_of(engine)
+    streams = [engine.subscribe(Filter(frozenset()), initial_state=True).messages() for _ in range(10)]
+    firsts = [await next_message(stream) for stream in streams]
+    assert table.store.snapshots == 1  # one key list for all ten, no rows copied
+    (shared,) = engine._initial_states.values()
+    db.put(T, (1,), version=2)
+    change_keys(engine, 900, Op.UPDATE, [1])
+    await eventually(lambda: engine.applied == engine.seq)
+    late = engine.subscribe(Filter(frozenset()), initial_state=True).messages()
+    late_first = await next_message(late)
+    assert table.store.snapshots == 2  # the store changed: a newer one
+    results = [await rest_of_snapshot(stream, first) for stream, first in zip(streams, firsts, strict=True)]
+    assert all(rows == results[0][0] for rows, _ in results) and len(results[0][0]) == ROWS
+    assert shared.made == shared.count == 4  # each message made once for the ten streams
+    late_rows, late_done = await rest_of_snapshot(late, late_first)
+    assert late_rows == rows_json(db) and late_done.revision > results[0][1].revision
+    for stream in [*streams, late]:
+        await stream.aclose()
+    del shared
+    gc.collect()
+    assert not engine._initial_states and table.store.snapshots == 0
+
+
+async def test_an_initial_state_asked_for_during_a_reload_waits_for_it(engine, db):
+    table = table_of(engine)
+    db.hold()
+    for key in range(1, ROWS + 1, 2):
+        db.delete(T, (key,))
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "bulk"))
+    await db.held(1)  # the reload read the table and waits
+    changed = engine.seq
+    stream = engine.subscribe(Filter(frozenset()), initial_state=True).messages(engine.until_ready)
+    first = asyncio.create_task(next_message(stream))
+    await eventually(lambda: len(table._reload_waiters) == 1, what="the initial state waiting for the reload")
+    assert not first.done()
+    db.release()
+    rows, done = await rest_of_snapshot(stream, await first)
+    assert rows == rows_json(db)  # the reloaded table, not a mix of old and new rows
+    assert done.revision >= changed
+    await stream.aclose()
+
+
+async def test_an_initial_state_lets_other_work_run_between_its_messages(engine, db):
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    try:
+        stream = engine.subscribe(Filter(frozenset()), initial_state=True).messages()
+        seen = []
+        message = await anext(stream)  # (no wait_for: it would yield to the loop itself)
+        while isinstance(message, Snapshot):
+            seen.append(ticks)
+            message = await anext(stream)
+        assert len(seen) == 4 and len(set(seen)) == 4  # the ticker ran between every two messages
+        await stream.aclose()
+    finally:
+        running.cancel()

@@ -1,0 +1,153 @@
+"""Reads of a full table while it reloads, through the engine with fakes: answered
+from the database at once (EVENTUAL, STRONG, min_revision), and never contradicted
+by memory once the reload landed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sidecar.engine import Engine, Revision
+from sidecar.events import Op, RowChange, TableChange
+from sidecar.full import FullTable
+from sidecar.schema import TableSchema
+from sidecar.source import Rows
+from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
+from sidecar.wire import entry
+from tests.support.waiting import eventually
+
+T = "public.items"
+
+
+def row(value: str) -> bytes:
+    return entry(('{"name":"' + value + '"}').encode())
+
+
+class HeldLoads:
+    """Loads (only) that read their snapshot, then wait until ``open``."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._load = db.load
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
+        db.load = self.load  # type: ignore[method-assign]
+
+    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+        chunks = [chunk async for chunk in self._load(schema)]
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        for chunk in chunks:
+            yield chunk
+
+
+@pytest.fixture
+def db() -> MemoryDatabase:
+    db = MemoryDatabase(int_key_schema(T))
+    for i in range(1, 4):
+        db.put(T, (i,), name=f"v{i}")
+    return db
+
+
+@pytest.fixture
+def source(db: MemoryDatabase) -> MemoryChangeSource:
+    return MemoryChangeSource(db)
+
+
+@pytest.fixture
+async def engine(db: MemoryDatabase, source: MemoryChangeSource):
+    engine = Engine(source.database, list(db.schemas.values()))
+    engine.attach(source)
+    following = asyncio.create_task(source.follow(engine))
+    await eventually(lambda: engine.ready)
+    yield engine
+    following.cancel()
+    await engine.close()
+
+
+@pytest.fixture
+def loads(db: MemoryDatabase) -> HeldLoads:
+    return HeldLoads(db)
+
+
+def table_of(engine: Engine) -> FullTable:
+    table = engine.tables[T]
+    assert isinstance(table, FullTable)
+    return table
+
+
+async def reloading(engine: Engine, loads: HeldLoads) -> None:
+    """A whole-table change arrives; its reload read the table and is held."""
+    loads.gate.clear()
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "bulk"))
+    await eventually(lambda: loads.waiting == 1, what="the reload held")
+
+
+async def quickly(awaitable):
+    return await asyncio.wait_for(awaitable, 2)
+
+
+async def test_reads_during_a_reload_come_from_the_database_at_once(engine, db, loads):
+    await reloading(engine, loads)
+    db.put(T, (1,), name="newer")  # committed after the reload read the table
+    db.put(T, (9,), name="new")
+    assert await quickly(engine.get(T, [1])) == row("newer")
+    assert await quickly(engine.get_many(T, [[9], [2]])) == [row("new"), row("v2")]
+    assert engine.reads.stats.database_reads[T] == 3
+    strong = asyncio.create_task(engine.prepare_read(True, None, table_of(engine)))
+    assert await quickly(strong) is None  # the barrier's token, not the reload
+    current = Revision(engine.epoch, engine.seq)  # the revision of the whole-table change, not applied
+    assert engine.applied < current.number
+    await quickly(engine.prepare_read(False, current, table_of(engine)))
+    loads.gate.set()
+    await eventually(lambda: not table_of(engine).reloading)
+
+
+async def test_sync_still_waits_for_the_reload(engine, db, loads):
+    await reloading(engine, loads)
+    barrier = engine.barrier
+    await eventually(lambda: barrier._current is None, what="no round in flight")
+    sync = asyncio.create_task(engine.sync())
+    await eventually(
+        lambda: barrier._current is not None and barrier._current.received_at is not None, what="the token back"
+    )
+    assert not sync.done()  # every commit before it arrived; the reload is not applied yet
+    loads.gate.set()
+    assert (await quickly(sync)).number >= engine.seq - 1
+
+
+async def test_memory_never_contradicts_a_database_read_made_during_the_reload(engine, db, source, loads):
+    """A database read during the reload saw a commit whose notification had not come yet;
+    memory answers again only once the notifications of every earlier commit arrived."""
+    await reloading(engine, loads)
+    db.put(T, (1,), name="newer")  # committed; its notification is on its way
+    assert await quickly(engine.get(T, [1])) == row("newer")  # (from the database)
+    barrier = engine.barrier
+    send_token = barrier._send
+
+    async def in_commit_order(token: str) -> None:
+        # PostgreSQL delivers the notification of every earlier commit before a token.
+        source.emit(RowChange("public", "items", Op.UPDATE, 901, ((1,),)))
+        await send_token(token)
+
+    barrier._send = in_commit_order
+    loads.gate.set()  # the reload lands with what it read: "v1"
+    await eventually(lambda: not table_of(engine).reloading)
+    assert await quickly(engine.get(T, [1])) == row("newer")  # never back to "v1"
+
+
+async def test_invalidate_all_with_refresh_returns_once_reloaded(engine, db, loads):
+    loads.gate.clear()
+    db.put(T, (1,), name="changed")
+    invalidating = asyncio.create_task(engine.invalidate(T, None, refresh=True))
+    await eventually(lambda: loads.waiting == 1, what="the reload held")
+    assert await quickly(engine.get(T, [1])) == row("changed")  # (reads do not wait)
+    assert not invalidating.done()
+    loads.gate.set()
+    await quickly(invalidating)
+    assert table_of(engine).rows[(1,)] == row("changed")
