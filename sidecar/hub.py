@@ -19,6 +19,7 @@ subscriber a reset.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -104,6 +105,10 @@ Message = Batch | Reset | Progress | Snapshot | SnapshotDone
 _TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
 
 
+def _revision_of(batch: Batch) -> int:
+    return batch.revision
+
+
 @dataclass(frozen=True)
 class Filter:
     tables: frozenset[str]  # empty: every table
@@ -170,7 +175,9 @@ class Hub:
         self._bytes = 0
         self.started.set()
         for subscriber in self._subscribers:
-            if subscriber.epoch != epoch:  # (subscribers that predate the first epoch hold none)
+            # (subscribers that predate the first epoch hold none; a rebuild resets every one,
+            # even in the same epoch: a follower keeps its upstream's epoch across a rebuild)
+            if subscriber.epoch != epoch or reason is not None:
                 subscriber.reset(Reset(epoch, revision, reason or "the cache was rebuilt"))
 
     def record(self, revision: int, xid: int, change: Change) -> None:
@@ -258,13 +265,17 @@ class Hub:
         return self._history[self._first].revision - 1 if self._live() else self.published
 
     def next_after(self, revision: int) -> Batch | None:
-        """The published batch right after ``revision`` (revisions are consecutive), if any."""
+        """The first published batch after ``revision``, if any."""
         if not self._live():
             return None
         index = self._first + revision + 1 - self._history[self._first].revision
-        if self._first <= index < len(self._history):
-            return self._history[index]
-        return None
+        if self._first <= index < len(self._history) and self._history[index].revision == revision + 1:
+            return self._history[index]  # revisions are consecutive: the common case
+        if self._history[-1].revision <= revision:
+            return None
+        # A follower of a filtered upstream stream has gaps (revisions that were not its tables').
+        index = bisect.bisect_right(self._history, revision, lo=self._first, key=_revision_of)
+        return self._history[index] if index < len(self._history) else None
 
     # ------------------------------------------------------------ subscribers
 
