@@ -155,6 +155,7 @@ class Hub:
         self.published = 0  # every batch <= published is in the history (or compacted)
         self._history: list[Batch] = []  # published batches; the live part starts at _first
         self._first = 0
+        self._trimmed_to = 0  # the newest revision trimmed from the history (or the epoch's start)
         self._bytes = 0
         self.started = asyncio.Event()  # set once the first epoch began
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
@@ -171,6 +172,7 @@ class Hub:
         self.published = revision
         self._history = []
         self._first = 0
+        self._trimmed_to = revision
         self._pending.clear()
         self._bytes = 0
         self.started.set()
@@ -217,6 +219,7 @@ class Hub:
         # Trim from the oldest end, but never the newest batch (however large it is).
         while self._live() > 1 and (self._live() > self.max_batches or self._bytes > self.max_bytes):
             self._bytes -= self._history[self._first].size
+            self._trimmed_to = self._history[self._first].revision
             self._history[self._first] = _TRIMMED
             self._first += 1
         if self._first > 1024 and self._first * 2 > len(self._history):
@@ -262,7 +265,8 @@ class Hub:
     @property
     def oldest(self) -> int:
         """The oldest revision a subscriber may resume *from*."""
-        return self._history[self._first].revision - 1 if self._live() else self.published
+        # (not the first live batch's revision - 1: a follower's history may have gaps)
+        return self._trimmed_to if self._live() else self.published
 
     def next_after(self, revision: int) -> Batch | None:
         """The first published batch after ``revision``, if any."""

@@ -232,10 +232,27 @@ async def test_whole_table_changes_send_the_table_again(start_daemon, start_foll
     )
 
 
-async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower, shop):
+async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower, db, shop):
+    schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
     follower = await start_follower(hub.target, tables=(shop["item"],))
     assert list(follower.engine.tables) == [shop["item"]]
+    async with AsyncClient(follower.target) as cache:
+        seen, reader = await watching(cache, follower, shop["item"])
+        # The hub's revisions of other tables never reach this follower: its own have gaps.
+        for n in range(3):
+            await db.execute(f"UPDATE {schema}.owner SET name = $1 WHERE id = 2", f"other {n}")
+            await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 12", f"narrow {n}")
+        revision = await AsyncClient(hub.target).sync()
+        assert (await cache.get(shop["item"], 12, min_revision=revision))["name"] == "narrow 2"
+        mine = await eventually(
+            lambda: len(batches := [b for b in seen if isinstance(b, ChangeBatch)]) >= 3 and batches,
+            what="its watcher saw its batches",
+        )
+        numbers = [b.revision.number for b in mine]
+        assert len(mine) == 3 and numbers == sorted(set(numbers))  # each once, in order (with gaps)
+        assert mine[-1].changes[0].row["name"] == "narrow 2"
+        reader.cancel()
     values = {
         "upstream_target": hub.target,
         "listen": ("127.0.0.1:0",),
@@ -243,6 +260,44 @@ async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower,
     }
     code = await Daemon(cfg.Config(**values), handle_signals=False).run()
     assert code == 2  # a configuration error (the log names the table)
+
+
+async def watching(cache: AsyncClient, sidecar: RunningDaemon, table: str) -> tuple[list[Any], asyncio.Task[None]]:
+    seen: list[Any] = []
+    before = sidecar.engine.hub.subscribers
+
+    async def read() -> None:
+        async for item in cache.watch([table]):
+            seen.append(item)
+
+    reader = asyncio.create_task(read())
+    await eventually(lambda: sidecar.engine.hub.subscribers > before, what="subscribed")
+    return seen, reader
+
+
+async def test_history_too_short_to_resume_rebuilds_and_resets(start_daemon, start_follower, db, shop):
+    """In the same epoch too: the follower's watchers must not skip what it missed."""
+    schema = shop["schema"]
+    hub = await start_daemon(shop["tables"], watch_history_batches=2)
+    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
+    await proxy.start()
+    follower = await start_follower(f"127.0.0.1:{proxy.port}")
+    try:
+        async with AsyncClient(follower.target) as cache:
+            seen, reader = await watching(cache, follower, shop["item"])
+            proxy.block()
+            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+            for n in range(5):  # more batches than the hub keeps
+                await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 13", f"missed {n}")
+            proxy.unblock()
+            await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
+            assert follower.engine.epoch == hub.engine.epoch
+            assert follower.daemon.source.rebuilds == 1
+            await eventually(lambda: any(isinstance(i, Reset) for i in seen), what="its watcher was reset")
+            reader.cancel()
+            assert (await cache.get(shop["item"], 13))["name"] == "missed 4"
+    finally:
+        await proxy.close()
 
 
 async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db, shop):
