@@ -451,3 +451,26 @@ async def test_a_follower_of_a_follower(start_daemon, start_follower, db, shop):
         assert row is not None and row["name"] == "chained"
         assert (await cache.query(shop["item"], "by_price", [100])).rows[0]["id"] == 10
         assert await cache.get(shop["note"], 2) == {"id": 2, "body": "two"}
+
+
+async def test_after_a_resume_it_serves_only_once_caught_up(start_daemon, start_follower, db, shop):
+    schema = shop["schema"]
+    hub = await start_daemon(shop["tables"])
+    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
+    await proxy.start()
+    follower = await start_follower(f"127.0.0.1:{proxy.port}")
+    try:
+        proxy.block()
+        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        for n in range(200):  # a backlog the resumed stream brings
+            await db.execute(f"UPDATE {schema}.item SET price = $1 WHERE id = 14", n)
+        head = (await AsyncClient(hub.target).sync()).number
+        ready_at: list[int] = []
+        engine = follower.engine
+        engine.on_state_change(lambda: ready_at.append(engine.applied) if engine.ready else None)
+        proxy.unblock()
+        await eventually(lambda: ready_at, timeout=15, what="ready again")
+        assert ready_at[0] >= head  # not one moment of serving memory that lacks the backlog
+        assert follower.daemon.source.rebuilds == 0
+    finally:
+        await proxy.close()
