@@ -1,0 +1,256 @@
+"""Follower mode's core without gRPC or PostgreSQL: revisions adopted from the
+source, the hub across a same-epoch rebuild and revision gaps, ``Replica``
+applying numbered batches, the engine as a ``NumberedSink``, and the
+configuration's rules for ``upstream.*``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sidecar import config as cfg
+from sidecar.config import IndexConfig
+from sidecar.engine import Engine
+from sidecar.errors import ConfigError
+from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, Filter, Hub, Reset
+from sidecar.lazy import LazyTable
+from sidecar.replica import Replica, ReplicaTable
+from sidecar.revisions import Revisions
+from sidecar.source import SourceBatch, SourceChange
+from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.wire import entry, row_json
+
+FULL = "public.items"
+LAZY = "public.notes"
+
+
+def row(**values: object) -> bytes:
+    return entry(json.dumps(values, separators=(",", ":")).encode())
+
+
+def tables() -> dict[str, object]:
+    full = ReplicaTable(int_key_schema(FULL))
+    lazy = LazyTable(int_key_schema(LAZY, mode="lazy"), MemoryDatabase(), max_rows=10)
+    full.replace({})
+    lazy.rebuild(0)
+    return {FULL: full, LAZY: lazy}
+
+
+def make_hub() -> Hub:
+    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e)
+    hub.start("e1", 0)
+    return hub
+
+
+# ---------------------------------------------------------------- revisions
+
+
+def test_revisions_adopt_the_sources_epoch_and_numbers():
+    revisions = Revisions(lambda applied: None)
+    own = revisions.epoch
+    revisions.adopt("hub-epoch", 41)
+    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub-epoch", 41, 41, 41)
+    assert revisions.knows(own) == "past" and revisions.knows("hub-epoch") == "current"
+    revisions.number(45)
+    revisions.advance()
+    assert revisions.applied == 45
+    revisions.adopt("hub-epoch", 43)  # a rebuild in the same epoch never goes back
+    assert revisions.applied == 45
+    revisions.adopt("next", 3)  # another epoch: its own numbers
+    assert revisions.revision.number == 3 and revisions.knows("hub-epoch") == "past"
+
+
+async def test_adopting_wakes_readers_that_waited_for_the_revision():
+    revisions = Revisions(lambda applied: None)
+    revisions.adopt("e", 1)
+    waiting = asyncio.create_task(revisions.wait(5))
+    await asyncio.sleep(0)
+    revisions.adopt("e", 7)  # a rebuild from a snapshot at 7
+    await asyncio.wait_for(waiting, 1)
+
+
+# ---------------------------------------------------------------- hub
+
+
+async def test_a_rebuild_resets_watchers_even_in_the_same_epoch():
+    hub = make_hub()
+    subscription = hub.subscribe(Filter(frozenset()))
+    hub.start("e1", 10, "rebuilt from the upstream")
+    messages = subscription.messages()
+    first = await asyncio.wait_for(anext(messages), 1)
+    assert isinstance(first, Reset) and first.revision == 10
+
+
+async def test_revision_gaps_are_followed_and_resumable():
+    hub = make_hub()
+    subscription = hub.subscribe(Filter(frozenset()))
+    for revision in (2, 5, 6, 9):  # a follower of a filtered stream: other revisions were not its tables'
+        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        hub.publish(revision)
+    messages = subscription.messages()
+    got = [(await asyncio.wait_for(anext(messages), 1)).revision for _ in range(4)]
+    assert got == [2, 5, 6, 9]
+    assert hub.next_after(3) is not None and hub.next_after(3).revision == 5
+    assert hub.next_after(9) is None
+    assert hub.oldest == 0  # nothing trimmed: every revision of the epoch resumes
+    resumed = hub.subscribe(Filter(frozenset()), start=("e1", 4))
+    assert (await asyncio.wait_for(anext(resumed.messages()), 1)).revision == 5
+
+
+def test_trimming_a_gapped_history_keeps_resumes_exact():
+    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
+    hub.start("e1", 0)
+    for revision in (3, 7, 8):
+        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        hub.publish(revision)
+    assert hub.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
+
+
+# ---------------------------------------------------------------- replica
+
+
+def test_batches_store_rows_and_drop_lazy_keys():
+    held = tables()
+    full, lazy = held[FULL], held[LAZY]
+    assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
+    lazy.cache[(1,)] = row(id=1)
+    lazy.cache[(2,)] = row(id=2)
+    hub = make_hub()
+    replica = Replica(held, hub)  # type: ignore[arg-type]
+    replica.apply(
+        SourceBatch(
+            1,
+            7,
+            [
+                SourceChange(FULL, INSERT, (1,), row=row(id=1, v="a")),
+                SourceChange(FULL, INSERT, (2,), row=row(id=2, v="b")),
+                SourceChange(LAZY, UPDATE, (1,)),
+                SourceChange("public.other", UPDATE, (1,)),  # not followed: ignored
+            ],
+        )
+    )
+    assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "a"}
+    assert (1,) not in lazy.cache and (2,) in lazy.cache
+    hub.publish(1)
+    assert [c.table for c in hub.next_after(0).changes] == [FULL, FULL, LAZY]
+
+
+def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
+    held = tables()
+    full = held[FULL]
+    assert isinstance(full, ReplicaTable)
+    full.replace({(1,): row(id=1), (2,): row(id=2)})
+    replica = Replica(held, make_hub())  # type: ignore[arg-type]
+    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (3,), (1,), row(id=3))]))
+    assert full.store.get((1,)) is None and full.store.get((3,)) is not None
+    # A key moved away from and written again in the same transaction: the row wins.
+    replica.apply(
+        SourceBatch(
+            2,
+            0,
+            [
+                SourceChange(FULL, UPDATE, (4,), (2,), row(id=4)),
+                SourceChange(FULL, INSERT, (2,), row=row(id=2, v="new")),
+            ],
+        )
+    )
+    assert json.loads(row_json(full.store.get((2,)))) == {"id": 2, "v": "new"}
+
+
+def test_changes_not_applied_are_only_told_and_tables_sent_again_replace():
+    held = tables()
+    full, lazy = held[FULL], held[LAZY]
+    assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
+    full.replace({(1,): row(id=1, v="new")})
+    lazy.cache[(5,)] = row(id=5)
+    hub = make_hub()
+    replica = Replica(held, hub)  # type: ignore[arg-type]
+    # The table came again at a newer revision than this batch: its older row must not win.
+    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="old"), apply=False)]))
+    assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "new"}
+    replica.apply(SourceBatch(2, 0, [SourceChange(FULL, TABLE_CHANGED), SourceChange(LAZY, TABLE_CHANGED)], {FULL: {}}))
+    assert full.row_count == 0 and len(lazy.cache) == 0
+    replica.apply(SourceBatch(3, 0, [SourceChange(FULL, INVALIDATE, (1,))], failed={FULL: "gone upstream"}))
+    assert full.problem == "gone upstream" and not full.loaded and full.authoritative_rows() is None
+    replica.apply(SourceBatch(4, 0, [SourceChange(FULL, DELETE, (9,))], {FULL: {(8,): row(id=8)}}))
+    assert full.problem is None and full.loaded and full.row_count == 1
+    hub.publish(4)
+    assert [b.revision for b in (hub.next_after(0), hub.next_after(1), hub.next_after(2), hub.next_after(3))] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_an_index_follows_the_rows():
+    schema = int_key_schema(FULL, indexes=(IndexConfig("by_v", ("id",)),))
+    table = ReplicaTable(schema)
+    table.replace({(1,): row(id=1)})
+    table.put({(2,): row(id=2), (1,): None})
+    assert table.store.indexes is not None and table.store.indexes.matching(("id",), []) == set()
+    assert set(table.store.rows) == {(2,)}
+
+
+# ---------------------------------------------------------------- the engine as a numbered sink
+
+
+async def test_the_engine_takes_the_sources_revisions():
+    schema = int_key_schema(FULL)
+    engine = Engine(MemoryDatabase(schema), [schema], make_table=ReplicaTable)
+    assert not engine.ready
+    engine.epoch_began("hub", 100, {FULL: {(1,): row(id=1, v="a")}}, None)
+    assert engine.ready and str(engine.revision) == "hub/100"
+    subscription = engine.subscribe(Filter(frozenset()))
+    engine.batch(SourceBatch(103, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="b"))]))
+    assert engine.applied == 103
+    batch = await asyncio.wait_for(anext(subscription.messages()), 1)
+    assert batch.revision == 103 and batch.changes[0].row is not None
+    engine.progress(110)
+    assert engine.applied == 110
+    assert await engine.get(FULL, [1]) == row(id=1, v="b")
+    engine.listener_lost("test")
+    assert not engine.ready
+    engine.resumed()
+    assert engine.ready and engine.epoch == "hub"
+    engine.epoch_began("hub2", 5, {}, "the upstream restarted")
+    assert engine.tables[FULL].problem is not None  # not in the snapshot: not served upstream
+    await engine.close()
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CACHE_SIDECAR_DATABASE_DSN": "postgresql://x@h/db"}, "database.dsn"),
+        ({"CACHE_SIDECAR_SERVER_INSTALL_TRIGGERS": "true"}, "server.install_triggers"),
+        ({"CACHE_SIDECAR_DATABASE_EMBEDDED": "1"}, "database.embedded"),
+    ],
+)
+def test_a_follower_has_no_database(env, key):
+    with pytest.raises(ConfigError) as error:
+        cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub:50051", **env})
+    assert error.value.key == key and "upstream.target" in str(error.value)
+
+
+def test_the_stall_timeout_exceeds_the_progress_interval():
+    with pytest.raises(ConfigError, match=r"upstream\.stall_timeout: must exceed upstream\.progress_interval"):
+        cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub:1", "CACHE_SIDECAR_UPSTREAM_STALL_TIMEOUT": "0.5"})
+
+
+@pytest.mark.parametrize("target", ["hub", "hub:", "hub:99999", "unix:///x.sock", ":80"])
+def test_the_upstream_is_host_and_port(target):
+    with pytest.raises(ConfigError, match=r"upstream\.target"):
+        cfg.load(flags={"upstream.target": target}, env={})
+
+
+def test_the_upstream_from_flag_file_and_env(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('[upstream]\ntarget = "hub.svc:50051"\nprogress_interval = 0.5\n')
+    assert cfg.load(path, env={}).upstream_target == "hub.svc:50051"
+    assert cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "a:1"}).upstream_target == "a:1"
+    assert cfg.load(path, env={}, flags={"upstream.target": "b:2"}).upstream_target == "b:2"
