@@ -166,8 +166,8 @@ async def test_min_revision_waits_on_a_follower_behind(start_daemon, start_follo
             await db.execute(f"UPDATE {schema}.item SET name = 'late' WHERE id = 1")
             written = await on_a.sync()
             read = asyncio.create_task(on_b.get(shop["item"], 1, min_revision=written, timeout=20))
-            await asyncio.sleep(0.3)  # (nothing to wait on: B must not answer while it lacks the revision)
-            assert not read.done()
+            await eventually(lambda: b.engine.revisions.waiting >= 1 or read.done(), what="B waiting")
+            assert not read.done()  # B waits for the revision rather than answer what it holds
             proxy.resume()
             row = await read
             assert row is not None and row["name"] == "late"
@@ -472,5 +472,62 @@ async def test_after_a_resume_it_serves_only_once_caught_up(start_daemon, start_
         await eventually(lambda: ready_at, timeout=15, what="ready again")
         assert ready_at[0] >= head  # not one moment of serving memory that lacks the backlog
         assert follower.daemon.source.rebuilds == 0
+    finally:
+        await proxy.close()
+
+
+async def test_a_near_cache_works_through_a_follower(start_daemon, start_follower, db, shop):
+    schema = shop["schema"]
+    hub = await start_daemon(shop["tables"])
+    follower = await start_follower(hub.target)
+    async with AsyncClient(follower.target, near_cache={shop["item"]: 100, shop["note"]: 100}) as cache:
+        near = cache.near_cache
+        await eventually(lambda: near.connected, what="near-cache stream up")
+        assert (await cache.get(shop["item"], 15))["name"] == "item 15"
+        assert (await cache.get(shop["item"], 15))["name"] == "item 15"
+        assert (await cache.get(shop["note"], 1))["body"] == "one"
+        assert near.stats.hits >= 1
+        await db.execute(f"UPDATE {schema}.item SET name = 'near' WHERE id = 15")
+        await db.execute(f"UPDATE {schema}.note SET body = 'near' WHERE id = 1")
+
+        async def followed() -> bool:
+            item = await cache.get(shop["item"], 15)
+            note = await cache.get(shop["note"], 1)
+            return item["name"] == "near" and note["body"] == "near"
+
+        await eventually(followed, what="the near-cache followed the follower")
+
+
+async def test_metrics_show_the_upstream(start_daemon, start_follower, shop):
+    from tests.integration.test_metrics import scrape, value
+
+    hub = await start_daemon(shop["tables"])
+    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
+    await proxy.start()
+    target = f"127.0.0.1:{proxy.port}"
+    follower = await start_follower(target, metrics_listen="127.0.0.1:0")
+    try:
+        address = follower.daemon.metrics_address
+        samples = await asyncio.to_thread(scrape, address)
+        assert value(samples, "cache_sidecar_upstream_info", target=target) == 1
+        assert value(samples, "cache_sidecar_upstream_stream_up") == 1
+        assert value(samples, "cache_sidecar_upstream_following") == 1
+        assert value(samples, "cache_sidecar_upstream_behind_revisions") == 0
+        assert value(samples, "cache_sidecar_upstream_behind_seconds") == 0
+        assert value(samples, "cache_sidecar_revision") == hub.engine.applied
+        proxy.block()
+        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        samples = await eventually(lambda: asyncio.to_thread(scrape, address), what="a scrape")
+        assert value(samples, "cache_sidecar_upstream_following") == 0
+
+        async def behind() -> bool:
+            return value(await asyncio.to_thread(scrape, address), "cache_sidecar_upstream_behind_seconds") > 0
+
+        await eventually(behind, what="seconds behind counted")
+        proxy.unblock()
+        await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
+        samples = await asyncio.to_thread(scrape, address)
+        assert value(samples, "cache_sidecar_upstream_resumes_total") == 1
+        assert value(samples, "cache_sidecar_upstream_rebuilds_total") == 0
     finally:
         await proxy.close()
