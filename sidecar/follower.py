@@ -26,7 +26,6 @@ that snapshot's revision change its rows no more (theirs are older).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from typing import Any
 import grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.errors import InvalidKey, Unavailable
+from sidecar.errors import InvalidKey, SidecarError, Unavailable
 from sidecar.events import SyncToken
 from sidecar.hub import INVALIDATE, SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
 from sidecar.listener import backoff_delay
@@ -141,7 +140,7 @@ class UpstreamSource:
                 why = str(exc)
             except grpc.aio.AioRpcError as exc:
                 why = f"{exc.code().name}: {exc.details()}"
-            except Unavailable as exc:
+            except SidecarError as exc:  # (the upstream's answers: unreachable, refused, not a sidecar's)
                 why = str(exc)
             if self._progressed:  # (a stream that brought something: the next try is a fresh start)
                 attempt = 0
@@ -180,8 +179,7 @@ class UpstreamSource:
         request = pb.WatchRequest(tables=names, progress_interval_ms=max(1, int(self.progress_interval * 1000)))
         if start is None:
             request.initial_state = True
-            listing = await self.upstream.list_tables()  # which full tables it serves (an empty one sends no rows)
-            served = {t.name for t in listing.tables if not t.problem}
+            served = await self._served()
         else:
             request.start_revision.CopyFrom(pb.Revision(epoch=start.epoch, number=start.number))
         call = self.upstream.stub.Watch(request)
@@ -225,6 +223,17 @@ class UpstreamSource:
             raise
         finally:
             call.cancel()
+
+    async def _served(self) -> set[str]:
+        """The followed tables the upstream serves from memory, once it has loaded them (its
+        initial state waits for that, silently: longer than a stall)."""
+        while True:
+            listing = await self.upstream.list_tables()
+            infos = [t for t in listing.tables if t.name in self._schemas]
+            if all(t.loaded or t.problem for t in infos):
+                return {t.name for t in infos if not t.problem}
+            log.info("waiting for %s to load its tables", self.upstream.target)
+            await asyncio.sleep(self.progress_interval)
 
     async def _established(self, call: Any, start: Revision | None) -> None:
         """The stream's headers came (it is subscribed), or the upstream refused it."""
@@ -447,10 +456,3 @@ class UpstreamSource:
             self._arrivals.append((revision, future))
             await future
         self._sink.handle(SyncToken(token))
-
-    async def close(self) -> None:
-        for _, future in self._arrivals:
-            if not future.done():
-                future.cancel()
-        with contextlib.suppress(Exception):
-            await self.upstream.close()
