@@ -326,3 +326,15 @@ async def test_a_table_the_upstream_lacks_stops_the_start(daemons, hub_config):
     )
     assert result.returncode == 2
     assert f"{hub_config['schema']}.nothere" in result.stderr
+
+
+async def test_the_tables_command_shows_the_upstream(daemons, hub_config):
+    hub, _ = daemons.start("hub", ["--config", hub_config["path"]])
+    await serving(hub)
+    follower, _ = daemons.start("follower", ["--upstream", hub], FOLLOWER_ENV)
+    await serving(follower)
+    result = await asyncio.to_thread(
+        subprocess.run, [*EXE, "tables", "--target", follower], env=clean_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert f"upstream {hub}: following, behind 0 revision(s)" in result.stdout
