@@ -531,3 +531,30 @@ async def test_metrics_show_the_upstream(start_daemon, start_follower, shop):
         assert value(samples, "cache_sidecar_upstream_rebuilds_total") == 0
     finally:
         await proxy.close()
+
+
+async def test_a_watch_resumes_on_another_follower_of_the_hub(start_daemon, start_follower, db, shop):
+    schema = shop["schema"]
+    hub = await start_daemon(shop["tables"])
+    a = await start_follower(hub.target)
+    b = await start_follower(hub.target)
+    async with AsyncClient(a.target) as on_a:
+        seen, reader = await watching(on_a, a, shop["item"])
+        for n in range(3):
+            await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 16", f"moved {n}")
+        batches = await eventually(
+            lambda: len(got := [i for i in seen if isinstance(i, ChangeBatch)]) >= 3 and got, what="three batches"
+        )
+        reader.cancel()
+    first = batches[0].revision
+    await eventually(lambda: b.engine.applied >= batches[-1].revision.number, what="B has them too")
+    # The watcher's pod moved: it resumes on B from the revision A gave it, and misses nothing.
+    request = pb.WatchRequest(
+        tables=[shop["item"]], start_revision=pb.Revision(epoch=first.epoch, number=first.number - 1)
+    )
+    async with grpc.aio.insecure_channel(b.target) as channel:
+        call = pb_grpc.CacheStub(channel).Watch(request)
+        resumed = [await call.read() for _ in range(3)]
+        call.cancel()
+    assert [m.changes.revision.number for m in resumed] == [x.revision.number for x in batches]
+    assert [m.changes.events[0].key.parts[0].int_value for m in resumed] == [16, 16, 16]
