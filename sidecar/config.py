@@ -799,7 +799,9 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
     environ = os.environ if environ is None else environ
     lines = [
         "# cache-sidecar: effective configuration (cache-sidecar serve --print-config)",
-        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}",
+        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}"
+        if config.upstream_target is None
+        else f"# database: none (a follower of {config.upstream_target})",
     ]
     sections: dict[str, list[Setting]] = {}
     for setting in SETTINGS:

@@ -254,3 +254,12 @@ def test_the_upstream_from_flag_file_and_env(tmp_path):
     assert cfg.load(path, env={}).upstream_target == "hub.svc:50051"
     assert cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "a:1"}).upstream_target == "a:1"
     assert cfg.load(path, env={}, flags={"upstream.target": "b:2"}).upstream_target == "b:2"
+
+
+def test_a_followers_printed_config_loads_back(tmp_path):
+    config = cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub.svc:50051"})
+    lines = cfg.describe(config, environ={})
+    assert lines[1] == "# database: none (a follower of hub.svc:50051)"
+    path = tmp_path / "printed.toml"
+    path.write_text("\n".join(lines))
+    assert cfg.load(path, env={}) == config
