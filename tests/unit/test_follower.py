@@ -21,6 +21,7 @@ from sidecar.revisions import Revisions
 from sidecar.source import SourceBatch, SourceChange
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry, row_json
+from tests.support.waiting import eventually
 
 FULL = "public.items"
 LAZY = "public.notes"
@@ -263,3 +264,195 @@ def test_a_followers_printed_config_loads_back(tmp_path):
     path = tmp_path / "printed.toml"
     path.write_text("\n".join(lines))
     assert cfg.load(path, env={}) == config
+
+
+# ---------------------------------------------------------------- the upstream source, against a fake upstream
+
+
+class FakeCall:
+    """A Watch call that answers a script: messages, then silence (a stall) -- or a refusal."""
+
+    def __init__(self, messages: list[object], refused: object = None) -> None:
+        self.messages = list(messages)
+        self.refused = refused  # a grpc.StatusCode: no headers, that status
+        self.cancelled = False
+
+    async def initial_metadata(self) -> list[tuple[str, str]]:
+        return [] if self.refused is not None else [("cachesidecar-epoch", "E")]
+
+    async def code(self) -> object:
+        return self.refused
+
+    async def details(self) -> str:
+        return "scripted"
+
+    async def read(self) -> object:
+        if not self.messages:
+            await asyncio.Event().wait()  # silence
+        return self.messages.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeUpstream:
+    target = "fake:1"
+    timeout = 1.0
+
+    def __init__(self, *calls: FakeCall, head: int = 0) -> None:
+        from sidecar.api.v1 import cache_pb2 as pb
+
+        self.pb = pb
+        self.calls = list(calls)
+        self.requests: list[object] = []
+        self.head = head
+        outer = self
+
+        class Stub:
+            def Watch(self, request: object) -> FakeCall:
+                outer.requests.append(request)
+                return outer.calls.pop(0) if outer.calls else FakeCall([])
+
+        self.stub = Stub()
+
+    async def list_tables(self) -> object:
+        pb = self.pb
+        return pb.ListTablesResponse(
+            tables=[pb.TableInfo(name=FULL, loaded=True)], revision=pb.Revision(epoch="E", number=self.head)
+        )
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def listener_lost(self, reason: str) -> None:
+        self.calls.append(("lost", reason))
+
+    def handle(self, event: object) -> None:
+        self.calls.append(("handle", event))
+
+    def epoch_began(self, epoch: str, revision: int, rows: object, reason: str | None) -> None:
+        self.calls.append(("began", (epoch, revision, rows, reason)))
+
+    def batch(self, batch: SourceBatch) -> None:
+        self.calls.append(("batch", batch))
+
+    def progress(self, revision: int) -> None:
+        self.calls.append(("progress", revision))
+
+    def resumed(self) -> None:
+        self.calls.append(("resumed", None))
+
+
+def pb_messages():  # type: ignore[no-untyped-def]
+    from sidecar.api.v1 import cache_pb2 as pb
+
+    def key(n: int) -> object:
+        return pb.Key(parts=[pb.KeyPart(int_value=n)])
+
+    def snapshot(number: int, *ids: int) -> object:
+        events = [pb.ChangeEvent(table=FULL, operation=7, key=key(i), row=b'{"id":%d}' % i, has_row=True) for i in ids]
+        return pb.WatchResponse(changes=pb.ChangeBatch(revision=pb.Revision(epoch="E", number=number), events=events))
+
+    def done(number: int) -> object:
+        return pb.WatchResponse(initial_state_done=pb.InitialStateDone(revision=pb.Revision(epoch="E", number=number)))
+
+    def batch(number: int, op: int, ident: int | None = None, body: bytes = b"") -> object:
+        event = pb.ChangeEvent(table=FULL, operation=op)
+        if ident is not None:
+            event.key.CopyFrom(key(ident))
+            event.row, event.has_row = body, bool(body)
+        return pb.WatchResponse(changes=pb.ChangeBatch(revision=pb.Revision(epoch="E", number=number), events=[event]))
+
+    def progress(number: int) -> object:
+        return pb.WatchResponse(progress=pb.Progress(revision=pb.Revision(epoch="E", number=number)))
+
+    return snapshot, done, batch, progress
+
+
+def source_for(upstream: FakeUpstream):  # type: ignore[no-untyped-def]
+    from sidecar.follower import UpstreamSource
+
+    return UpstreamSource(
+        upstream,  # type: ignore[arg-type]
+        {FULL: int_key_schema(FULL)},
+        progress_interval=0.05,
+        stall_timeout=0.2,
+        reconnect_min_delay=0.01,
+        reconnect_max_delay=0.02,
+    )
+
+
+async def follow_until(source, sink: RecordingSink, done) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: done(sink.calls), 5, what=f"the source's calls ({sink.calls})")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_stalled_stream_is_resumed_from_the_last_revision():
+    snapshot, done, batch, progress = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1, 2), done(5), batch(6, UPDATE, 1, b'{"id":1,"v":2}')]),  # then silence
+        FakeCall([progress(6)]),
+        head=6,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: ("resumed", None) in calls)
+    kinds = [kind for kind, _ in sink.calls]
+    assert kinds[:3] == ["began", "batch", "lost"] and "resumed" in kinds and kinds.count("began") == 1
+    began = sink.calls[0][1]
+    assert began[0:2] == ("E", 5) and set(began[2][FULL]) == {(1,), (2,)} and began[3] is None
+    assert "stalled" in sink.calls[2][1]
+    resumed_request = upstream.requests[1]
+    assert not resumed_request.initial_state
+    assert (resumed_request.start_revision.epoch, resumed_request.start_revision.number) == ("E", 6)
+    assert source.resumes == 1 and source.rebuilds == 0
+
+
+async def test_a_resume_the_upstream_refuses_is_a_rebuild():
+    import grpc
+
+    snapshot, done, _, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1), done(5)]),
+        FakeCall([], refused=grpc.StatusCode.OUT_OF_RANGE),
+        FakeCall([snapshot(9, 1, 3), done(9)]),
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("began") == 2)
+    rebuilt = [args for kind, args in sink.calls if kind == "began"][1]
+    assert rebuilt[1] == 9 and "cannot resume" in rebuilt[3]
+    assert upstream.requests[2].initial_state and source.rebuilds == 1
+
+
+async def test_rows_of_batches_older_than_a_table_sent_again_are_not_applied():
+    """A whole-table change comes with the table again, as of a later revision (8): batch 7,
+    published before that, carries an older row, which must not overwrite the newer one."""
+    snapshot, done, batch, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall(
+            [
+                snapshot(5, 1),
+                done(5),
+                batch(6, TABLE_CHANGED),
+                batch(7, UPDATE, 1, b'{"id":1,"v":"older"}'),
+                batch(9, UPDATE, 1, b'{"id":1,"v":"newer"}'),
+            ]
+        ),
+        FakeCall([snapshot(8, 1, 4), done(8)]),  # the table again (a second Watch of it alone)
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("batch") == 3)
+    batches = [args for kind, args in sink.calls if kind == "batch"]
+    assert isinstance(batches[0], SourceBatch) and set(batches[0].reloaded[FULL]) == {(1,), (4,)}
+    side = upstream.requests[1]
+    assert list(side.tables) == [FULL] and side.initial_state
+    assert [c.apply for c in batches[1].changes] == [False]  # older than the table sent again
+    assert [c.apply for c in batches[2].changes] == [True]
