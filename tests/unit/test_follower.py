@@ -276,6 +276,11 @@ class FakeCall:
         self.messages = list(messages)
         self.refused = refused  # a grpc.StatusCode: no headers, that status
         self.cancelled = False
+        self.more = asyncio.Event()  # set by ``push``
+
+    def push(self, message: object) -> None:
+        self.messages.append(message)
+        self.more.set()
 
     async def initial_metadata(self) -> list[tuple[str, str]]:
         return [] if self.refused is not None else [("cachesidecar-epoch", "E")]
@@ -287,8 +292,9 @@ class FakeCall:
         return "scripted"
 
     async def read(self) -> object:
-        if not self.messages:
-            await asyncio.Event().wait()  # silence
+        while not self.messages:  # silence, until a message is pushed
+            self.more.clear()
+            await self.more.wait()
         return self.messages.pop(0)
 
     def cancel(self) -> None:
@@ -306,6 +312,7 @@ class FakeUpstream:
         self.calls = list(calls)
         self.requests: list[object] = []
         self.head = head
+        self.syncs = 0
         outer = self
 
         class Stub:
@@ -314,6 +321,12 @@ class FakeUpstream:
                 return outer.calls.pop(0) if outer.calls else FakeCall([])
 
         self.stub = Stub()
+
+    async def sync(self, timeout: float) -> object:
+        from sidecar.revisions import Revision
+
+        self.syncs += 1
+        return Revision("E", self.head)
 
     async def list_tables(self) -> object:
         pb = self.pb
@@ -456,3 +469,31 @@ async def test_rows_of_batches_older_than_a_table_sent_again_are_not_applied():
     assert list(side.tables) == [FULL] and side.initial_state
     assert [c.apply for c in batches[1].changes] == [False]  # older than the table sent again
     assert [c.apply for c in batches[2].changes] == [True]
+
+
+async def test_a_barrier_token_comes_back_only_once_the_stream_brought_the_upstreams_revision():
+    from sidecar.events import SyncToken
+
+    snapshot, done, batch, _ = pb_messages()
+    stream = FakeCall([snapshot(5, 1), done(5)])
+    upstream = FakeUpstream(stream, head=5)
+    source, sink = source_for(upstream), RecordingSink()
+    source.stall_timeout = 30.0  # (this stream is only quiet, not stalled)
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.following, what="following")
+        upstream.head = 7  # the upstream's Sync answers a revision the stream has not brought yet
+        token = asyncio.create_task(source.send_token("t"))
+        await eventually(lambda: upstream.syncs == 1, what="one Sync on the upstream")
+        stream.push(batch(6, UPDATE, 1, b'{"id":1}'))
+        await eventually(lambda: source.received == 6, what="batch 6 in")
+        assert not token.done() and not [c for c in sink.calls if c[0] == "handle"]
+        stream.push(batch(7, UPDATE, 1, b'{"id":1,"v":7}'))
+        await asyncio.wait_for(token, 5)
+        assert sink.calls[-1] == ("handle", SyncToken("t"))
+        kind, before = sink.calls[-2]
+        assert kind == "batch" and isinstance(before, SourceBatch) and before.revision == 7  # right after it
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
