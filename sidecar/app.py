@@ -21,17 +21,20 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import auth, db, dsn, embedded, server, triggers
+from sidecar import auth, channels, db, dsn, embedded, server, triggers, upstream
 from sidecar.catalog import CatalogWatch
 from sidecar.config import Config
 from sidecar.db import PgDatabase
 from sidecar.dsn import scrub
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
+from sidecar.follower import UpstreamSource
+from sidecar.lazy import LazyTable
 from sidecar.listener import Listener, backoff_delay
 from sidecar.metrics import Metrics
 from sidecar.notify_queue import NotifyQueue
 from sidecar.pg_source import PgChangeSource
+from sidecar.replica import ReplicaTable
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class Daemon:
         self.embedded: embedded.EmbeddedPostgres | None = None
         self.db: PgDatabase | None = None
         self.engine: Engine | None = None
-        self.source: PgChangeSource | None = None
+        self.source: PgChangeSource | UpstreamSource | None = None
         self.listener: Listener | None = None  # the source's LISTEN connection (metrics, tests)
         self.server: server.Server | None = None
         self.metrics: Metrics | None = None
@@ -111,6 +114,9 @@ class Daemon:
     async def _start(self) -> None:
         config = self.config
         security = auth.load(config)  # a bad certificate or token file fails now, before any connection
+        if config.upstream_target is not None:
+            await self._start_follower(config, security)
+            return
         if wants_embedded(config):
             config = await self._start_embedded(config)
         if not config.tables:
@@ -176,6 +182,78 @@ class Daemon:
             ", ".join(self.server.addresses),
             extra={"event": "serving", "tables": [s.qualified for s in schemas], "listen": self.server.addresses},
         )
+
+    async def _start_follower(self, config: Config, security: Any) -> None:
+        """A follower: its change source, rows and tables are another sidecar's; no database."""
+        assert config.upstream_target is not None
+        link = upstream.Upstream.connect(
+            config.upstream_target, config.query_timeout, channels.UpstreamSecurity.from_config(config)
+        )
+        self._stack.push_async_callback(link.close)
+        log.info("following %s", link.target)
+        listing = await self._list_with_retry(link, config)
+        schemas = upstream.follower_schemas(listing, config.tables)
+        fills = upstream.UpstreamDatabase(link, strong=False)  # lazy tables' fills: the upstream's memory
+
+        def make_table(schema: TableSchema) -> Any:
+            if schema.config.mode == "full":
+                return ReplicaTable(schema)
+            return LazyTable(schema, fills, max_rows=schema.config.max_rows)
+
+        self.source = source = UpstreamSource(
+            link,
+            {s.qualified: s for s in schemas},
+            progress_interval=config.upstream_progress_interval,
+            stall_timeout=config.upstream_stall_timeout,
+            reconnect_min_delay=config.reconnect_min_delay,
+            reconnect_max_delay=config.reconnect_max_delay,
+        )
+        self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
+        self._stack.push_async_callback(engine.close)
+        engine.forward_invalidate = link.invalidate
+        engine.follow_state = source.state
+        engine.attach(source, barrier_timeout=config.query_timeout)
+        self.metrics = Metrics() if config.metrics_listen else None
+        self.server = await server.start(
+            engine,
+            config.listen,
+            self.metrics.observe_call if self.metrics is not None else None,
+            config.health_listen,
+            security,
+        )
+        self._stack.push_async_callback(self.server.stop, 0)
+        engine.on_state_change(self._health_dirty.set)
+        if self.metrics is not None:
+            self.metrics.watch(engine, None, asyncio.get_running_loop())
+            try:
+                self.metrics_address = self.metrics.serve(config.metrics_listen)
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on {config.metrics_listen}: {exc}") from None
+            self._stack.callback(self.metrics.close)
+        log.info(
+            "serving %s on %s, following %s",
+            ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
+            ", ".join(self.server.addresses),
+            link.target,
+            extra={
+                "event": "serving",
+                "tables": [s.qualified for s in schemas],
+                "listen": self.server.addresses,
+                "upstream": link.target,
+            },
+        )
+
+    async def _list_with_retry(self, link: upstream.Upstream, config: Config) -> Any:
+        """The upstream's tables, waiting for it to be reachable (it may start after us)."""
+        attempt = 0
+        while True:
+            try:
+                return await link.list_tables()
+            except Unavailable as exc:
+                delay = backoff_delay(attempt, max(config.reconnect_min_delay, 0.5), config.reconnect_max_delay)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def _start_embedded(self, config: Config) -> Config:
         self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
@@ -292,6 +370,8 @@ class Daemon:
     def _why_not_ready(self) -> str:
         assert self.engine is not None
         engine = self.engine
+        if not engine.listener_up and engine.follow_state is not None:
+            return f"not following {engine.follow_state().target} (yet); reads go to the upstream"
         if not engine.listener_up:
             return "listener down; reads go to the database"
         if engine.stalled:

@@ -178,6 +178,12 @@ def _tcp_addresses(key: str) -> Callable[[Any], None]:
     return check
 
 
+def _upstream_target(value: str) -> None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
+        raise ConfigError("upstream.target", f"{value!r}: must be host:port (another sidecar's gRPC address)")
+
+
 def _plain_identifier(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", value):
         raise ConfigError("listener.channel", f"must be a plain identifier, not {value!r}")
@@ -386,6 +392,35 @@ class Config:
             "watch.max_lag",
             "Batches a Watch subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED).",
             minimum=1,
+        ),
+    )
+    upstream_target: str | None = field(
+        default=None,
+        metadata=declare(
+            "upstream.target",
+            "Follow another sidecar (host:port) instead of PostgreSQL: a follower, with no database "
+            "connection at all; its tables are the upstream's (--table narrows them).",
+            flag="--upstream",
+            metavar="HOST:PORT",
+            unset="off",
+            check=_upstream_target,
+        ),
+    )
+    upstream_progress_interval: float = field(
+        default=1.0,
+        metadata=declare(
+            "upstream.progress_interval",
+            "A follower asks its upstream for a progress mark after this many idle seconds.",
+            minimum=0.05,
+        ),
+    )
+    upstream_stall_timeout: float = field(
+        default=5.0,
+        metadata=declare(
+            "upstream.stall_timeout",
+            "Seconds without any message (changes or progress marks) after which a follower treats its "
+            "upstream stream as lost and resumes it; must exceed upstream.progress_interval.",
+            minimum=0.1,
         ),
     )
     metrics_listen: str = field(
@@ -812,6 +847,17 @@ def _validate(config: Config) -> None:
         if setting.at_most is not None and value > getattr(config, SETTINGS_BY_KEY[setting.at_most].attr):
             raise ConfigError(setting.key, f"must not exceed {setting.at_most}")
     _validate_edge(config)
+    if config.upstream_target is not None:
+        # A follower's rows come from its upstream: a database of its own would be a second source of truth.
+        for given, key in (
+            (config.dsn is not None, "database.dsn"),
+            (config.embedded, "database.embedded"),
+            (config.install_triggers, "server.install_triggers"),
+        ):
+            if given:
+                raise ConfigError(key, "a follower (upstream.target) has no database: give one of the two, not both")
+        if config.upstream_stall_timeout <= config.upstream_progress_interval:
+            raise ConfigError("upstream.stall_timeout", "must exceed upstream.progress_interval")
     seen: set[str] = set()
     for table in config.tables:
         if table.qualified in seen:
@@ -858,7 +904,9 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
     environ = os.environ if environ is None else environ
     lines = [
         "# cache-sidecar: effective configuration (cache-sidecar serve --print-config)",
-        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}",
+        f"# database: {dsn_module.describe_origin(config.dsn, config.embedded, environ)}"
+        if config.upstream_target is None
+        else f"# database: none (a follower of {config.upstream_target})",
     ]
     sections: dict[str, list[Setting]] = {}
     for setting in SETTINGS:

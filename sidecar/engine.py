@@ -10,6 +10,10 @@ tables and wires the parts that each do one job --
 reconnected: a rebuild in a new epoch) and the consistency options of a read
 (``Sync``, ``STRONG``, ``min_revision``).
 
+A follower's source numbers its batches itself (``source.NumberedSink``): its
+batches go ``Engine.batch`` -> ``replica.Replica.apply`` (rows stored as they
+come, recorded under the upstream's revision) -> ``Revisions.advance``.
+
 A notification goes: listener -> ``Engine.handle`` -> ``ChangeRouter.route``
 (``Revisions.batch_for`` numbers it; ``Hub.record`` keeps its changes; the
 table's ``changed`` marks keys pending) -> ``FullTable`` refetches -> the table
@@ -25,7 +29,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sidecar.barrier import Barrier
@@ -40,10 +44,11 @@ from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
 from sidecar.lazy import LazyTable
 from sidecar.reads import ReadPath
+from sidecar.replica import Replica
 from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
-from sidecar.source import ChangeSource, Database
+from sidecar.source import ChangeSource, Database, FollowState, NumberedSource, Rows, SourceBatch
 from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
@@ -68,6 +73,7 @@ class Engine:
         history_bytes: int = 64 * 1024 * 1024,
         watch_max_lag: int = 1_000,
         stall_after: float = 30.0,
+        make_table: Callable[[TableSchema], TableCache] | None = None,
     ) -> None:
         self.db = db
         self.max_batch_keys = max_batch_keys
@@ -75,6 +81,11 @@ class Engine:
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
+        # A follower's: Invalidate goes to the upstream (whose batch then comes back), and its state.
+        self.forward_invalidate: Callable[[str, Sequence[Sequence[Any]] | None, bool], Awaitable[Revision]] | None = (
+            None
+        )
+        self.follow_state: Callable[[], FollowState] | None = None
         self._state_listeners: list[Callable[[], None]] = []
         self._connected_listeners: list[Callable[[], None]] = []
         self._was_ready = False
@@ -91,7 +102,9 @@ class Engine:
         for schema in schemas:
             name = schema.qualified
             table: TableCache
-            if schema.config.mode == "full":
+            if make_table is not None:
+                table = make_table(schema)
+            elif schema.config.mode == "full":
                 table = FullTable(
                     schema,
                     db,
@@ -111,6 +124,7 @@ class Engine:
         self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedSnapshot] = (
             weakref.WeakValueDictionary()
         )
+        self.replica = Replica(self.tables, self.hub)
         self.reads = ReadPath(db, self._trusted_epoch, max_batch_keys)
 
     async def _fence(self) -> None:
@@ -121,7 +135,7 @@ class Engine:
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
         self.router.matched(name, seq, keys)  # (the router is made once the tables are)
 
-    def attach(self, source: ChangeSource, barrier_timeout: float = 30.0) -> None:
+    def attach(self, source: ChangeSource | NumberedSource, barrier_timeout: float = 30.0) -> None:
         """Read barriers go through ``source``: its tokens come back ordered with its changes."""
         self.barrier = Barrier(source.send_token, timeout=barrier_timeout)
 
@@ -130,7 +144,13 @@ class Engine:
         self._connected_listeners.append(callback)
 
     @classmethod
-    def from_config(cls, config: Config, db: Database, schemas: Sequence[TableSchema]) -> Engine:
+    def from_config(
+        cls,
+        config: Config,
+        db: Database,
+        schemas: Sequence[TableSchema],
+        make_table: Callable[[TableSchema], TableCache] | None = None,
+    ) -> Engine:
         return cls(
             db,
             schemas,
@@ -141,6 +161,7 @@ class Engine:
             history_bytes=config.watch_history_bytes,
             watch_max_lag=config.watch_max_lag,
             stall_after=config.stall_seconds,
+            make_table=make_table,
         )
 
     # ------------------------------------------------------------ state
@@ -270,6 +291,43 @@ class Engine:
             return
         self.router.route(event)
         self.revisions.advance()
+
+    # ------------------------------------------------------------ a numbering source's side (a follower)
+
+    def epoch_began(self, epoch: str, revision: int, rows: Mapping[str, Rows], reason: str | None) -> None:
+        """Memory is rebuilt from the source's state at ``revision`` of its ``epoch``."""
+        if reason is not None:
+            log.info(
+                "rebuilt every table at the upstream's revision %s/%d (%s)",
+                epoch,
+                revision,
+                reason,
+                extra={"event": "rebuild", "epoch": epoch, "reason": reason},
+            )
+        self._connected_before = True
+        self.revisions.adopt(epoch, revision)
+        self.hub.start(epoch, revision, reason)
+        self.replica.rebuild(rows)
+        self.listener_up = True
+        self.revisions.advance()
+        for callback in self._connected_listeners:
+            callback()
+
+    def batch(self, batch: SourceBatch) -> None:
+        """One batch the source numbered, applied at once."""
+        self.revisions.number(batch.revision)
+        self.replica.apply(batch)
+        self.revisions.advance()
+
+    def progress(self, revision: int) -> None:
+        """Nothing of ours happened at the source up to ``revision``."""
+        self.revisions.number(revision)
+        self.revisions.advance()
+
+    def resumed(self) -> None:
+        """The source follows again without having missed anything: trust memory again."""
+        self.listener_up = True
+        self._state_changed()
 
     # ------------------------------------------------------------ consistency
 
@@ -445,6 +503,12 @@ class Engine:
         table = self.table(name)
         keys = None if raw_keys is None else self.keys(table, raw_keys)
         if keys == []:
+            return
+        if self.forward_invalidate is not None:
+            # A follower's numbers are its upstream's: the upstream invalidates (every follower
+            # then hears of it), and this one answers once it has applied that.
+            revision = await self.forward_invalidate(table.schema.qualified, raw_keys, refresh)
+            await self.wait_revision(revision.epoch, revision.number)
             return
         self.router.invalidate(table, keys)
         self.revisions.advance()

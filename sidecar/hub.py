@@ -19,6 +19,7 @@ subscriber a reset.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
@@ -106,6 +107,10 @@ Message = Batch | Reset | Progress | Snapshot | SnapshotDone
 _TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
 
 
+def _revision_of(batch: Batch) -> int:
+    return batch.revision
+
+
 @dataclass(frozen=True)
 class Filter:
     tables: frozenset[str]  # empty: every table
@@ -152,6 +157,7 @@ class Hub:
         self.published = 0  # every batch <= published is in the history (or compacted)
         self._history: list[Batch] = []  # published batches; the live part starts at _first
         self._first = 0
+        self._trimmed_to = 0  # the newest revision trimmed from the history (or the epoch's start)
         self._bytes = 0
         self.started = asyncio.Event()  # set once the first epoch began
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
@@ -171,11 +177,14 @@ class Hub:
         self.published = revision
         self._history = []
         self._first = 0
+        self._trimmed_to = revision
         self._pending.clear()
         self._bytes = 0
         self.started.set()
         for subscriber in self._subscribers:
-            if subscriber.epoch != epoch:  # (subscribers that predate the first epoch hold none)
+            # (subscribers that predate the first epoch hold none; a rebuild resets every one,
+            # even in the same epoch: a follower keeps its upstream's epoch across a rebuild)
+            if subscriber.epoch != epoch or reason is not None:
                 subscriber.reset(Reset(epoch, revision, reason or "the cache was rebuilt"))
 
     def record(self, revision: int, xid: int, change: Change) -> None:
@@ -215,6 +224,7 @@ class Hub:
         # Trim from the oldest end, but never the newest batch (however large it is).
         while self._live() > 1 and (self._live() > self.max_batches or self._bytes > self.max_bytes):
             self._bytes -= self._history[self._first].size
+            self._trimmed_to = self._history[self._first].revision
             self._history[self._first] = _TRIMMED
             self._first += 1
         if self._first > 1024 and self._first * 2 > len(self._history):
@@ -260,16 +270,21 @@ class Hub:
     @property
     def oldest(self) -> int:
         """The oldest revision a subscriber may resume *from*."""
-        return self._history[self._first].revision - 1 if self._live() else self.published
+        # (not the first live batch's revision - 1: a follower's history may have gaps)
+        return self._trimmed_to if self._live() else self.published
 
     def next_after(self, revision: int) -> Batch | None:
-        """The published batch right after ``revision`` (revisions are consecutive), if any."""
+        """The first published batch after ``revision``, if any."""
         if not self._live():
             return None
         index = self._first + revision + 1 - self._history[self._first].revision
-        if self._first <= index < len(self._history):
-            return self._history[index]
-        return None
+        if self._first <= index < len(self._history) and self._history[index].revision == revision + 1:
+            return self._history[index]  # revisions are consecutive: the common case
+        if self._history[-1].revision <= revision:
+            return None
+        # A follower of a filtered upstream stream has gaps (revisions that were not its tables').
+        index = bisect.bisect_right(self._history, revision, lo=self._first, key=_revision_of)
+        return self._history[index] if index < len(self._history) else None
 
     # ------------------------------------------------------------ subscribers
 

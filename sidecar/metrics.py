@@ -22,6 +22,7 @@ from sidecar.addresses import parse_listen_address
 from sidecar.engine import Engine
 from sidecar.listener import Listener
 from sidecar.notify_queue import NotifyQueue
+from sidecar.source import FollowState
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ class Metrics:
     def observe_call(self, method: str, seconds: float) -> None:
         self.request_seconds.labels(method).observe(seconds)
 
-    def watch(self, engine: Engine, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
-        """Report the state of ``engine`` and ``listener`` (read on ``loop``)."""
+    def watch(self, engine: Engine, listener: Listener | None, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the state of ``engine`` and ``listener`` (read on ``loop``; a follower has no listener)."""
         engine.on_barrier = self.barrier_seconds.observe
         self.registry.register(_StateCollector(engine, listener, loop, self))
 
@@ -76,7 +77,9 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, engine: Engine, listener: Listener, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, listener: Listener | None, loop: asyncio.AbstractEventLoop, metrics: Metrics
+    ) -> None:
         self.engine = engine
         self.listener = listener
         self.loop = loop
@@ -126,50 +129,17 @@ class _StateCollector(Collector):
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)
             not_served.add_metric([name], 0 if table.problem is None else 1)
-        stats = listener.stats
         families: list[Any] = [reads, queries, rows, size, loaded, not_served]
-        families.append(
-            CounterMetricFamily("cache_sidecar_notifications", "Notifications received.", stats.notifications)
-        )
-        families.append(
-            CounterMetricFamily(
-                "cache_sidecar_notifications_rejected",
-                "Notifications whose payload could not be parsed.",
-                stats.rejected,
-            )
-        )
-        families.append(
-            CounterMetricFamily(
-                "cache_sidecar_notifications_forged",
-                "Read-barrier tokens on our channel sent by another backend than the sidecar's (ignored).",
-                stats.forged,
-            )
-        )
-        families.append(
-            CounterMetricFamily(
-                "cache_sidecar_notifications_degraded",
-                "Notifications whose keys did not fit their columns (the table was reloaded instead).",
-                engine.router.stats.bad_keys,
-            )
-        )
+        if listener is not None:
+            families += self._listener(listener)
+        if engine.follow_state is not None:
+            families += _upstream(engine.follow_state())
         families.append(
             GaugeMetricFamily(
                 "cache_sidecar_revision_stalled_seconds",
                 "Seconds the revision has not advanced while received changes wait (0: none wait); "
                 "health is NOT_SERVING above cache.stall_seconds.",
                 engine.stalled_seconds,
-            )
-        )
-        families.append(
-            CounterMetricFamily(
-                "cache_sidecar_listener_reconnects",
-                "Times the LISTEN connection was re-established.",
-                max(0, stats.connects - 1),
-            )
-        )
-        families.append(
-            GaugeMetricFamily(
-                "cache_sidecar_listener_connected", "1 while LISTEN is active.", 1 if listener.connected else 0
             )
         )
         families.append(
@@ -211,3 +181,77 @@ class _StateCollector(Collector):
                 )
             )
         return families
+
+    def _listener(self, listener: Listener) -> list[Any]:
+        engine, stats = self.engine, listener.stats
+        families: list[Any] = []
+        families.append(
+            CounterMetricFamily("cache_sidecar_notifications", "Notifications received.", stats.notifications)
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_rejected",
+                "Notifications whose payload could not be parsed.",
+                stats.rejected,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_forged",
+                "Read-barrier tokens on our channel sent by another backend than the sidecar's (ignored).",
+                stats.forged,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_notifications_degraded",
+                "Notifications whose keys did not fit their columns (the table was reloaded instead).",
+                engine.router.stats.bad_keys,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_listener_reconnects",
+                "Times the LISTEN connection was re-established.",
+                max(0, stats.connects - 1),
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_listener_connected", "1 while LISTEN is active.", 1 if listener.connected else 0
+            )
+        )
+        return families
+
+
+def _upstream(state: FollowState) -> list[Any]:
+    """A follower's: how it follows its upstream."""
+    info = GaugeMetricFamily(
+        "cache_sidecar_upstream_info", "1, labelled with the upstream a follower follows.", labels=["target"]
+    )
+    info.add_metric([state.target], 1)
+    return [
+        info,
+        GaugeMetricFamily(
+            "cache_sidecar_upstream_stream_up", "1 while the Watch stream to the upstream is up.", int(state.stream_up)
+        ),
+        GaugeMetricFamily(
+            "cache_sidecar_upstream_following",
+            "1 while following the upstream, caught up (reads from memory).",
+            int(state.following),
+        ),
+        GaugeMetricFamily(
+            "cache_sidecar_upstream_behind_revisions",
+            "Upstream revisions known of and not applied yet.",
+            state.behind_revisions,
+        ),
+        GaugeMetricFamily(
+            "cache_sidecar_upstream_behind_seconds",
+            "Seconds since the follower last had everything it knew of applied (or since it stopped following).",
+            state.behind_seconds,
+        ),
+        CounterMetricFamily("cache_sidecar_upstream_resumes", "Streams resumed without a rebuild.", state.resumes),
+        CounterMetricFamily(
+            "cache_sidecar_upstream_rebuilds", "Rebuilds from the upstream's initial state.", state.rebuilds
+        ),
+    ]

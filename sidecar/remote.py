@@ -69,6 +69,10 @@ def tables(target: str, security: UpstreamSecurity | None = None) -> int:
             if t.problem:
                 print(f"  NOT SERVED from memory: {t.problem}")
         print(f"revision {listing.revision.epoch}/{listing.revision.number}")
+        if listing.HasField("upstream"):
+            up = listing.upstream
+            state = "following" if up.following else "NOT following (reads go to the upstream)"
+            print(f"upstream {up.target}: {state}, behind {up.behind_revisions} revision(s), {up.behind_seconds:.1f}s")
         return 0
 
     return _call(target, work, security)

@@ -95,6 +95,31 @@ class Revisions:
         self._open_xid = None
         return self.seq
 
+    # A source that numbers its own batches (a follower's upstream sidecar) gives the
+    # epoch and the numbers: they are then the upstream's, meaningful on every follower.
+
+    def adopt(self, epoch: str, revision: int) -> None:
+        """Continue in the source's ``epoch`` from its ``revision`` (a rebuild: memory now
+        reflects the source at ``revision``). Numbers never go back within one epoch."""
+        if epoch != self.epoch:
+            self._past_epochs.add(self.epoch)
+            self._past_epochs.discard(epoch)
+            self.epoch = epoch
+            self.seq = self.applied = revision
+            self._waiters.release_all()  # (they waited for numbers of another epoch)
+        else:
+            self.seq = self.applied = max(self.applied, revision)
+            self._waiters.release(self.applied)
+        self.epoch_start = self.seq
+        self.batch_open = False
+        self._open_xid = None
+        self._waiting_since = None
+
+    def number(self, revision: int) -> int:
+        """The source's batch ``revision`` arrived (source-numbered: no batch of our own)."""
+        self.seq = max(self.seq, revision)
+        return self.seq
+
     def knows(self, epoch: str) -> Literal["current", "past", "unknown"]:
         if epoch == self.epoch:
             return "current"

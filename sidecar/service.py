@@ -19,7 +19,7 @@ from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription
-from sidecar.keys import Key, coerce_key
+from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.wire import TooLarge, row_too_large
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class CacheService:
             tables.append(
                 pb.TableInfo(
                     name=table.schema.qualified,
-                    key_columns=[pb.Column(name=c.name, type=c.sql_type) for c in table.schema.key_columns],
+                    key_columns=[_column(c) for c in table.schema.key_columns],
                     mode=pb.FULL if table.mode == "full" else pb.LAZY,
                     row_count=table.row_count,
                     loaded=table.loaded,
@@ -313,9 +313,22 @@ class CacheService:
                         for i in table.schema.config.indexes
                     ],
                     problem=table.problem or "",
+                    indexed_columns=[_column(c) for _, c in sorted(table.schema.columns.items())],
                 )
             )
-        return pb.ListTablesResponse(tables=tables, revision=revision)
+        answer = pb.ListTablesResponse(tables=tables, revision=revision)
+        if self.engine.follow_state is not None:
+            state = self.engine.follow_state()
+            answer.upstream.CopyFrom(
+                pb.UpstreamInfo(
+                    target=state.target,
+                    following=state.following,
+                    upstream_revision=pb.Revision(epoch=state.epoch, number=state.upstream_revision),
+                    behind_revisions=state.behind_revisions,
+                    behind_seconds=state.behind_seconds,
+                )
+            )
+        return answer
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Streams encoded WatchResponse messages (see the README's Watch contract)."""
@@ -373,6 +386,10 @@ class CacheService:
             initial_state=request.initial_state,
             progress_interval=request.progress_interval_ms / 1000,
         )
+
+
+def _column(column: KeyColumn) -> pb.Column:
+    return pb.Column(name=column.name, type=column.sql_type, type_name=column.type_name, enum=column.enum)
 
 
 def _key_of(entry: bytes, columns: list[str]) -> Key | None:

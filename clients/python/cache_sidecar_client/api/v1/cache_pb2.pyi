@@ -239,15 +239,19 @@ class ListTablesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Column(_message.Message):
-    __slots__ = ("name", "type")
+    __slots__ = ("name", "type", "type_name", "enum")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ENUM_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
+    type_name: str
+    enum: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., type_name: _Optional[str] = ..., enum: _Optional[bool] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem")
+    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem", "indexed_columns")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +262,7 @@ class TableInfo(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_columns: _containers.RepeatedCompositeFieldContainer[Column]
     mode: TableMode
@@ -268,7 +273,8 @@ class TableInfo(_message.Message):
     bytes: int
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     problem: str
-    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...
+    indexed_columns: _containers.RepeatedCompositeFieldContainer[Column]
+    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ..., indexed_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("name", "columns", "unique", "range")
@@ -283,12 +289,28 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., unique: _Optional[bool] = ..., range: _Optional[bool] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
-    __slots__ = ("tables", "revision")
+    __slots__ = ("tables", "revision", "upstream")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     revision: Revision
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ...) -> None: ...
+    upstream: UpstreamInfo
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., upstream: _Optional[_Union[UpstreamInfo, _Mapping]] = ...) -> None: ...
+
+class UpstreamInfo(_message.Message):
+    __slots__ = ("target", "following", "upstream_revision", "behind_revisions", "behind_seconds")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    following: bool
+    upstream_revision: Revision
+    behind_revisions: int
+    behind_seconds: float
+    def __init__(self, target: _Optional[str] = ..., following: _Optional[bool] = ..., upstream_revision: _Optional[_Union[Revision, _Mapping]] = ..., behind_revisions: _Optional[int] = ..., behind_seconds: _Optional[float] = ...) -> None: ...
 
 class Range(_message.Message):
     __slots__ = ("lower", "upper", "lower_exclusive", "upper_exclusive")

@@ -1,0 +1,200 @@
+"""A follower's copy of its upstream's tables: ``ReplicaTable`` (a full table as
+the upstream sends it) and ``Replica``, which applies the upstream's numbered
+batches to the tables and records them in the follower's own Watch hub.
+
+An upstream batch carries rows (full tables: the row the upstream held when it
+published the batch, never older than the batch), so nothing is fetched: a
+batch is applied the moment it arrives, and the follower's revision is the
+batch's. Its own watchers get the batch under the same revision, with the rows
+the follower holds when it publishes -- as on the upstream, never older.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+from sidecar.cache import TableCache
+from sidecar.hub import TABLE_WIDE, Change, Hub
+from sidecar.indexes import IndexQuery
+from sidecar.keys import Key
+from sidecar.schema import TableSchema
+from sidecar.source import Rows, SourceBatch
+from sidecar.store import Row, RowStore
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaTable:
+    """A full table kept as the upstream's batches say: rows and indexes in memory,
+    changed only by ``replace`` and ``put`` (no fetch, so nothing waits)."""
+
+    mode: Literal["full", "lazy"] = "full"
+    holds_all_rows = True
+    max_rows = 0
+
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self.store = RowStore(schema)
+        self.loaded = False
+        self.problem: str | None = None
+        self.reloads = 0
+        self.reads: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def row_count(self) -> int:
+        return len(self.store)
+
+    def byte_count(self) -> int:
+        return self.store.byte_count()
+
+    def queries(self) -> dict[str, int]:
+        return {"reload": self.reloads}  # (snapshots the upstream sent again; never a query)
+
+    def low_water(self) -> int | None:
+        return None  # a batch is applied as it arrives
+
+    def authoritative_rows(self) -> Rows | None:
+        return self.store.rows if self.problem is None and self.loaded else None
+
+    # ------------------------------------------------------------ what the upstream says
+
+    def replace(self, rows: Rows) -> None:
+        """Every row, as of one upstream revision."""
+        self.store.replace(rows)
+        self.problem = None
+        self.loaded = True
+        self.reloads += 1
+
+    def put(self, rows: Mapping[Key, bytes | None]) -> None:
+        """Rows now (None: the key has no row)."""
+        self.store.store(rows.keys(), {key: row for key, row in rows.items() if row is not None})
+
+    def fail(self, problem: str) -> None:
+        """The upstream does not serve the table from memory: neither does the follower."""
+        if self.problem != problem:
+            log.error(
+                "%s is not served from memory (reads of it go to the upstream): %s",
+                self.schema.qualified,
+                problem,
+                extra={"event": "table_failed", "table": self.schema.qualified},
+            )
+        self.problem = problem
+        self.loaded = False
+        self.store.clear()
+
+    # The engine's change entry points are PostgreSQL's: on a follower, rows come with
+    # the upstream's batches (``Replica.apply``), never from a refetch.
+
+    def rebuild(self, seq: int) -> None:
+        """Nothing to do: the upstream's initial state rebuilds it (``replace``)."""
+
+    def changed(self, keys: Iterable[Key], seq: int) -> None:
+        """Nothing to do: the upstream's batches carry the rows."""
+
+    def changed_all(self, seq: int) -> None:
+        """Nothing to do: the upstream sends the table again."""
+
+    def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
+        """Nothing to do: the upstream's batches name the relation's rows."""
+
+    def reroute(self) -> None:
+        """Nothing waits here."""
+
+    async def close(self) -> None:
+        """Nothing runs here."""
+
+    # ------------------------------------------------------------ reads
+
+    def stale_get(self, key: Key) -> Row:
+        return self.store.get(key)
+
+    def peek(self, key: Key) -> tuple[bool, Row]:
+        row = self.store.get(key)
+        self.reads["hit" if row is not None else "not_found"] += 1
+        return True, row
+
+    async def get_many(self, keys: Sequence[Key]) -> list[Row]:
+        found = self.store.get_many(keys)
+        hits = len(found) - found.count(None)
+        self.reads["hit"] += hits
+        self.reads["not_found"] += len(found) - hits
+        return found
+
+    async def settle(self) -> None:
+        """Every batch received is applied already."""
+
+    def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
+        entries, truncated = self.store.query(query)
+        self.reads["hit"] += len(entries)
+        return entries, truncated
+
+
+class Replica:
+    """Applies numbered batches to a follower's tables and records them for its watchers."""
+
+    def __init__(self, tables: Mapping[str, TableCache], hub: Hub) -> None:
+        self._tables = tables
+        self.hub = hub
+
+    def rebuild(self, rows: Mapping[str, Rows]) -> None:
+        """Every table from scratch: full ones hold ``rows`` (one missing there is not served
+        by the upstream), lazy ones nothing."""
+        for name, table in self._tables.items():
+            if isinstance(table, ReplicaTable):
+                held = rows.get(name)
+                if held is None:
+                    table.fail("the upstream does not serve it from memory")
+                else:
+                    table.replace(held)
+            else:
+                table.rebuild(0)
+
+    def apply(self, batch: SourceBatch) -> None:
+        """One batch: tables sent again replaced, rows stored, lazy keys dropped, all recorded."""
+        seq = batch.revision
+        self.hub.ensure(seq, batch.xid)  # (a batch of no change of ours is still a revision)
+        for name, rows in batch.reloaded.items():
+            table = self._tables.get(name)
+            if isinstance(table, ReplicaTable):
+                table.replace(rows)
+        for name, problem in batch.failed.items():
+            table = self._tables.get(name)
+            if table is not None:
+                table.fail(problem)
+        # Rows are the upstream's as of publishing: every change of a key in the batch
+        # carries the same one, so the order of the changes does not matter for them.
+        carried: dict[str, dict[Key, bytes | None]] = {}
+        moved: dict[str, list[Key]] = {}
+        for change in batch.changes:
+            table = self._tables.get(change.table)
+            if table is None:
+                continue
+            self.hub.record(seq, batch.xid, Change(change.table, change.op, change.key, change.old_key))
+            if not change.apply:
+                continue
+            if not isinstance(table, ReplicaTable):  # lazy: drop what the change names
+                if change.key is None or change.op in TABLE_WIDE:
+                    table.changed_all(seq)
+                else:
+                    table.changed([change.key] if change.old_key is None else [change.key, change.old_key], seq)
+                continue
+            if change.key is None:
+                continue  # (a whole-table change comes with the table, in ``reloaded``)
+            carried.setdefault(change.table, {})[change.key] = change.row
+            if change.old_key is not None:  # the row moved away from it (unless another change says)
+                moved.setdefault(change.table, []).append(change.old_key)
+        for name, held in carried.items():
+            for key in moved.pop(name, ()):
+                held.setdefault(key, None)
+            table = self._tables[name]
+            assert isinstance(table, ReplicaTable)
+            table.put(held)
+        for name, keys in moved.items():
+            table = self._tables[name]
+            assert isinstance(table, ReplicaTable)
+            table.put(dict.fromkeys(keys))

@@ -1,0 +1,499 @@
+"""Follower mode's core without gRPC or PostgreSQL: revisions adopted from the
+source, the hub across a same-epoch rebuild and revision gaps, ``Replica``
+applying numbered batches, the engine as a ``NumberedSink``, and the
+configuration's rules for ``upstream.*``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sidecar import config as cfg
+from sidecar.config import IndexConfig
+from sidecar.engine import Engine
+from sidecar.errors import ConfigError
+from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, Filter, Hub, Reset
+from sidecar.lazy import LazyTable
+from sidecar.replica import Replica, ReplicaTable
+from sidecar.revisions import Revisions
+from sidecar.source import SourceBatch, SourceChange
+from sidecar.testing import MemoryDatabase, int_key_schema
+from sidecar.wire import entry, row_json
+from tests.support.waiting import eventually
+
+FULL = "public.items"
+LAZY = "public.notes"
+
+
+def row(**values: object) -> bytes:
+    return entry(json.dumps(values, separators=(",", ":")).encode())
+
+
+def tables() -> dict[str, object]:
+    full = ReplicaTable(int_key_schema(FULL))
+    lazy = LazyTable(int_key_schema(LAZY, mode="lazy"), MemoryDatabase(), max_rows=10)
+    full.replace({})
+    lazy.rebuild(0)
+    return {FULL: full, LAZY: lazy}
+
+
+def make_hub() -> Hub:
+    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e)
+    hub.start("e1", 0)
+    return hub
+
+
+# ---------------------------------------------------------------- revisions
+
+
+def test_revisions_adopt_the_sources_epoch_and_numbers():
+    revisions = Revisions(lambda applied: None)
+    own = revisions.epoch
+    revisions.adopt("hub-epoch", 41)
+    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub-epoch", 41, 41, 41)
+    assert revisions.knows(own) == "past" and revisions.knows("hub-epoch") == "current"
+    revisions.number(45)
+    revisions.advance()
+    assert revisions.applied == 45
+    revisions.adopt("hub-epoch", 43)  # a rebuild in the same epoch never goes back
+    assert revisions.applied == 45
+    revisions.adopt("next", 3)  # another epoch: its own numbers
+    assert revisions.revision.number == 3 and revisions.knows("hub-epoch") == "past"
+
+
+async def test_adopting_wakes_readers_that_waited_for_the_revision():
+    revisions = Revisions(lambda applied: None)
+    revisions.adopt("e", 1)
+    waiting = asyncio.create_task(revisions.wait(5))
+    await asyncio.sleep(0)
+    revisions.adopt("e", 7)  # a rebuild from a snapshot at 7
+    await asyncio.wait_for(waiting, 1)
+
+
+# ---------------------------------------------------------------- hub
+
+
+async def test_a_rebuild_resets_watchers_even_in_the_same_epoch():
+    hub = make_hub()
+    subscription = hub.subscribe(Filter(frozenset()))
+    hub.start("e1", 10, "rebuilt from the upstream")
+    messages = subscription.messages()
+    first = await asyncio.wait_for(anext(messages), 1)
+    assert isinstance(first, Reset) and first.revision == 10
+
+
+async def test_revision_gaps_are_followed_and_resumable():
+    hub = make_hub()
+    subscription = hub.subscribe(Filter(frozenset()))
+    for revision in (2, 5, 6, 9):  # a follower of a filtered stream: other revisions were not its tables'
+        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        hub.publish(revision)
+    messages = subscription.messages()
+    got = [(await asyncio.wait_for(anext(messages), 1)).revision for _ in range(4)]
+    assert got == [2, 5, 6, 9]
+    assert hub.next_after(3) is not None and hub.next_after(3).revision == 5
+    assert hub.next_after(9) is None
+    assert hub.oldest == 0  # nothing trimmed: every revision of the epoch resumes
+    resumed = hub.subscribe(Filter(frozenset()), start=("e1", 4))
+    assert (await asyncio.wait_for(anext(resumed.messages()), 1)).revision == 5
+
+
+def test_trimming_a_gapped_history_keeps_resumes_exact():
+    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
+    hub.start("e1", 0)
+    for revision in (3, 7, 8):
+        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        hub.publish(revision)
+    assert hub.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
+
+
+# ---------------------------------------------------------------- replica
+
+
+def test_batches_store_rows_and_drop_lazy_keys():
+    held = tables()
+    full, lazy = held[FULL], held[LAZY]
+    assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
+    lazy.cache[(1,)] = row(id=1)
+    lazy.cache[(2,)] = row(id=2)
+    hub = make_hub()
+    replica = Replica(held, hub)  # type: ignore[arg-type]
+    replica.apply(
+        SourceBatch(
+            1,
+            7,
+            [
+                SourceChange(FULL, INSERT, (1,), row=row(id=1, v="a")),
+                SourceChange(FULL, INSERT, (2,), row=row(id=2, v="b")),
+                SourceChange(LAZY, UPDATE, (1,)),
+                SourceChange("public.other", UPDATE, (1,)),  # not followed: ignored
+            ],
+        )
+    )
+    assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "a"}
+    assert (1,) not in lazy.cache and (2,) in lazy.cache
+    hub.publish(1)
+    assert [c.table for c in hub.next_after(0).changes] == [FULL, FULL, LAZY]
+
+
+def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
+    held = tables()
+    full = held[FULL]
+    assert isinstance(full, ReplicaTable)
+    full.replace({(1,): row(id=1), (2,): row(id=2)})
+    replica = Replica(held, make_hub())  # type: ignore[arg-type]
+    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (3,), (1,), row(id=3))]))
+    assert full.store.get((1,)) is None and full.store.get((3,)) is not None
+    # A key moved away from and written again in the same transaction: the row wins.
+    replica.apply(
+        SourceBatch(
+            2,
+            0,
+            [
+                SourceChange(FULL, UPDATE, (4,), (2,), row(id=4)),
+                SourceChange(FULL, INSERT, (2,), row=row(id=2, v="new")),
+            ],
+        )
+    )
+    assert json.loads(row_json(full.store.get((2,)))) == {"id": 2, "v": "new"}
+
+
+def test_changes_not_applied_are_only_told_and_tables_sent_again_replace():
+    held = tables()
+    full, lazy = held[FULL], held[LAZY]
+    assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
+    full.replace({(1,): row(id=1, v="new")})
+    lazy.cache[(5,)] = row(id=5)
+    hub = make_hub()
+    replica = Replica(held, hub)  # type: ignore[arg-type]
+    # The table came again at a newer revision than this batch: its older row must not win.
+    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="old"), apply=False)]))
+    assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "new"}
+    replica.apply(SourceBatch(2, 0, [SourceChange(FULL, TABLE_CHANGED), SourceChange(LAZY, TABLE_CHANGED)], {FULL: {}}))
+    assert full.row_count == 0 and len(lazy.cache) == 0
+    replica.apply(SourceBatch(3, 0, [SourceChange(FULL, INVALIDATE, (1,))], failed={FULL: "gone upstream"}))
+    assert full.problem == "gone upstream" and not full.loaded and full.authoritative_rows() is None
+    replica.apply(SourceBatch(4, 0, [SourceChange(FULL, DELETE, (9,))], {FULL: {(8,): row(id=8)}}))
+    assert full.problem is None and full.loaded and full.row_count == 1
+    hub.publish(4)
+    assert [b.revision for b in (hub.next_after(0), hub.next_after(1), hub.next_after(2), hub.next_after(3))] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_an_index_follows_the_rows():
+    schema = int_key_schema(FULL, indexes=(IndexConfig("by_v", ("id",)),))
+    table = ReplicaTable(schema)
+    table.replace({(1,): row(id=1)})
+    table.put({(2,): row(id=2), (1,): None})
+    assert table.store.indexes is not None and table.store.indexes.matching(("id",), []) == set()
+    assert set(table.store.rows) == {(2,)}
+
+
+# ---------------------------------------------------------------- the engine as a numbered sink
+
+
+async def test_the_engine_takes_the_sources_revisions():
+    schema = int_key_schema(FULL)
+    engine = Engine(MemoryDatabase(schema), [schema], make_table=ReplicaTable)
+    assert not engine.ready
+    engine.epoch_began("hub", 100, {FULL: {(1,): row(id=1, v="a")}}, None)
+    assert engine.ready and str(engine.revision) == "hub/100"
+    subscription = engine.subscribe(Filter(frozenset()))
+    engine.batch(SourceBatch(103, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="b"))]))
+    assert engine.applied == 103
+    batch = await asyncio.wait_for(anext(subscription.messages()), 1)
+    assert batch.revision == 103 and batch.changes[0].row is not None
+    engine.progress(110)
+    assert engine.applied == 110
+    assert await engine.get(FULL, [1]) == row(id=1, v="b")
+    engine.listener_lost("test")
+    assert not engine.ready
+    engine.resumed()
+    assert engine.ready and engine.epoch == "hub"
+    engine.epoch_began("hub2", 5, {}, "the upstream restarted")
+    assert engine.tables[FULL].problem is not None  # not in the snapshot: not served upstream
+    await engine.close()
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CACHE_SIDECAR_DATABASE_DSN": "postgresql://x@h/db"}, "database.dsn"),
+        ({"CACHE_SIDECAR_SERVER_INSTALL_TRIGGERS": "true"}, "server.install_triggers"),
+        ({"CACHE_SIDECAR_DATABASE_EMBEDDED": "1"}, "database.embedded"),
+    ],
+)
+def test_a_follower_has_no_database(env, key):
+    with pytest.raises(ConfigError) as error:
+        cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub:50051", **env})
+    assert error.value.key == key and "upstream.target" in str(error.value)
+
+
+def test_the_stall_timeout_exceeds_the_progress_interval():
+    with pytest.raises(ConfigError, match=r"upstream\.stall_timeout: must exceed upstream\.progress_interval"):
+        cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub:1", "CACHE_SIDECAR_UPSTREAM_STALL_TIMEOUT": "0.5"})
+
+
+@pytest.mark.parametrize("target", ["hub", "hub:", "hub:99999", "unix:///x.sock", ":80"])
+def test_the_upstream_is_host_and_port(target):
+    with pytest.raises(ConfigError, match=r"upstream\.target"):
+        cfg.load(flags={"upstream.target": target}, env={})
+
+
+def test_the_upstream_from_flag_file_and_env(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('[upstream]\ntarget = "hub.svc:50051"\nprogress_interval = 0.5\n')
+    assert cfg.load(path, env={}).upstream_target == "hub.svc:50051"
+    assert cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "a:1"}).upstream_target == "a:1"
+    assert cfg.load(path, env={}, flags={"upstream.target": "b:2"}).upstream_target == "b:2"
+
+
+def test_a_followers_printed_config_loads_back(tmp_path):
+    config = cfg.load(env={"CACHE_SIDECAR_UPSTREAM_TARGET": "hub.svc:50051"})
+    lines = cfg.describe(config, environ={})
+    assert lines[1] == "# database: none (a follower of hub.svc:50051)"
+    path = tmp_path / "printed.toml"
+    path.write_text("\n".join(lines))
+    assert cfg.load(path, env={}) == config
+
+
+# ---------------------------------------------------------------- the upstream source, against a fake upstream
+
+
+class FakeCall:
+    """A Watch call that answers a script: messages, then silence (a stall) -- or a refusal."""
+
+    def __init__(self, messages: list[object], refused: object = None) -> None:
+        self.messages = list(messages)
+        self.refused = refused  # a grpc.StatusCode: no headers, that status
+        self.cancelled = False
+        self.more = asyncio.Event()  # set by ``push``
+
+    def push(self, message: object) -> None:
+        self.messages.append(message)
+        self.more.set()
+
+    async def initial_metadata(self) -> list[tuple[str, str]]:
+        return [] if self.refused is not None else [("cachesidecar-epoch", "E")]
+
+    async def code(self) -> object:
+        return self.refused
+
+    async def details(self) -> str:
+        return "scripted"
+
+    async def read(self) -> object:
+        while not self.messages:  # silence, until a message is pushed
+            self.more.clear()
+            await self.more.wait()
+        return self.messages.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeUpstream:
+    target = "fake:1"
+    timeout = 1.0
+
+    def __init__(self, *calls: FakeCall, head: int = 0) -> None:
+        from sidecar.api.v1 import cache_pb2 as pb
+
+        self.pb = pb
+        self.calls = list(calls)
+        self.requests: list[object] = []
+        self.head = head
+        self.syncs = 0
+        outer = self
+
+        class Stub:
+            def Watch(self, request: object) -> FakeCall:
+                outer.requests.append(request)
+                return outer.calls.pop(0) if outer.calls else FakeCall([])
+
+        self.stub = Stub()
+
+    async def sync(self, timeout: float) -> object:
+        from sidecar.revisions import Revision
+
+        self.syncs += 1
+        return Revision("E", self.head)
+
+    async def list_tables(self) -> object:
+        pb = self.pb
+        return pb.ListTablesResponse(
+            tables=[pb.TableInfo(name=FULL, loaded=True)], revision=pb.Revision(epoch="E", number=self.head)
+        )
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def listener_lost(self, reason: str) -> None:
+        self.calls.append(("lost", reason))
+
+    def handle(self, event: object) -> None:
+        self.calls.append(("handle", event))
+
+    def epoch_began(self, epoch: str, revision: int, rows: object, reason: str | None) -> None:
+        self.calls.append(("began", (epoch, revision, rows, reason)))
+
+    def batch(self, batch: SourceBatch) -> None:
+        self.calls.append(("batch", batch))
+
+    def progress(self, revision: int) -> None:
+        self.calls.append(("progress", revision))
+
+    def resumed(self) -> None:
+        self.calls.append(("resumed", None))
+
+
+def pb_messages():  # type: ignore[no-untyped-def]
+    from sidecar.api.v1 import cache_pb2 as pb
+
+    def key(n: int) -> object:
+        return pb.Key(parts=[pb.KeyPart(int_value=n)])
+
+    def snapshot(number: int, *ids: int) -> object:
+        events = [pb.ChangeEvent(table=FULL, operation=7, key=key(i), row=b'{"id":%d}' % i, has_row=True) for i in ids]
+        return pb.WatchResponse(changes=pb.ChangeBatch(revision=pb.Revision(epoch="E", number=number), events=events))
+
+    def done(number: int) -> object:
+        return pb.WatchResponse(initial_state_done=pb.InitialStateDone(revision=pb.Revision(epoch="E", number=number)))
+
+    def batch(number: int, op: int, ident: int | None = None, body: bytes = b"") -> object:
+        event = pb.ChangeEvent(table=FULL, operation=op)
+        if ident is not None:
+            event.key.CopyFrom(key(ident))
+            event.row, event.has_row = body, bool(body)
+        return pb.WatchResponse(changes=pb.ChangeBatch(revision=pb.Revision(epoch="E", number=number), events=[event]))
+
+    def progress(number: int) -> object:
+        return pb.WatchResponse(progress=pb.Progress(revision=pb.Revision(epoch="E", number=number)))
+
+    return snapshot, done, batch, progress
+
+
+def source_for(upstream: FakeUpstream):  # type: ignore[no-untyped-def]
+    from sidecar.follower import UpstreamSource
+
+    return UpstreamSource(
+        upstream,  # type: ignore[arg-type]
+        {FULL: int_key_schema(FULL)},
+        progress_interval=0.05,
+        stall_timeout=0.2,
+        reconnect_min_delay=0.01,
+        reconnect_max_delay=0.02,
+    )
+
+
+async def follow_until(source, sink: RecordingSink, done) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: done(sink.calls), 5, what=f"the source's calls ({sink.calls})")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_stalled_stream_is_resumed_from_the_last_revision():
+    snapshot, done, batch, progress = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1, 2), done(5), batch(6, UPDATE, 1, b'{"id":1,"v":2}')]),  # then silence
+        FakeCall([progress(6)]),
+        head=6,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: ("resumed", None) in calls)
+    kinds = [kind for kind, _ in sink.calls]
+    assert kinds[:3] == ["began", "batch", "lost"] and "resumed" in kinds and kinds.count("began") == 1
+    began = sink.calls[0][1]
+    assert began[0:2] == ("E", 5) and set(began[2][FULL]) == {(1,), (2,)} and began[3] is None
+    assert "stalled" in sink.calls[2][1]
+    resumed_request = upstream.requests[1]
+    assert not resumed_request.initial_state
+    assert (resumed_request.start_revision.epoch, resumed_request.start_revision.number) == ("E", 6)
+    assert source.resumes == 1 and source.rebuilds == 0
+
+
+async def test_a_resume_the_upstream_refuses_is_a_rebuild():
+    import grpc
+
+    snapshot, done, _, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1), done(5)]),
+        FakeCall([], refused=grpc.StatusCode.OUT_OF_RANGE),
+        FakeCall([snapshot(9, 1, 3), done(9)]),
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("began") == 2)
+    rebuilt = [args for kind, args in sink.calls if kind == "began"][1]
+    assert rebuilt[1] == 9 and "cannot resume" in rebuilt[3]
+    assert upstream.requests[2].initial_state and source.rebuilds == 1
+
+
+async def test_rows_of_batches_older_than_a_table_sent_again_are_not_applied():
+    """A whole-table change comes with the table again, as of a later revision (8): batch 7,
+    published before that, carries an older row, which must not overwrite the newer one."""
+    snapshot, done, batch, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall(
+            [
+                snapshot(5, 1),
+                done(5),
+                batch(6, TABLE_CHANGED),
+                batch(7, UPDATE, 1, b'{"id":1,"v":"older"}'),
+                batch(9, UPDATE, 1, b'{"id":1,"v":"newer"}'),
+            ]
+        ),
+        FakeCall([snapshot(8, 1, 4), done(8)]),  # the table again (a second Watch of it alone)
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("batch") == 3)
+    batches = [args for kind, args in sink.calls if kind == "batch"]
+    assert isinstance(batches[0], SourceBatch) and set(batches[0].reloaded[FULL]) == {(1,), (4,)}
+    side = upstream.requests[1]
+    assert list(side.tables) == [FULL] and side.initial_state
+    assert [c.apply for c in batches[1].changes] == [False]  # older than the table sent again
+    assert [c.apply for c in batches[2].changes] == [True]
+
+
+async def test_a_barrier_token_comes_back_only_once_the_stream_brought_the_upstreams_revision():
+    from sidecar.events import SyncToken
+
+    snapshot, done, batch, _ = pb_messages()
+    stream = FakeCall([snapshot(5, 1), done(5)])
+    upstream = FakeUpstream(stream, head=5)
+    source, sink = source_for(upstream), RecordingSink()
+    source.stall_timeout = 30.0  # (this stream is only quiet, not stalled)
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.following, what="following")
+        upstream.head = 7  # the upstream's Sync answers a revision the stream has not brought yet
+        token = asyncio.create_task(source.send_token("t"))
+        await eventually(lambda: upstream.syncs == 1, what="one Sync on the upstream")
+        stream.push(batch(6, UPDATE, 1, b'{"id":1}'))
+        await eventually(lambda: source.received == 6, what="batch 6 in")
+        assert not token.done() and not [c for c in sink.calls if c[0] == "handle"]
+        stream.push(batch(7, UPDATE, 1, b'{"id":1,"v":7}'))
+        await asyncio.wait_for(token, 5)
+        assert sink.calls[-1] == ("handle", SyncToken("t"))
+        kind, before = sink.calls[-2]
+        assert kind == "batch" and isinstance(before, SourceBatch) and before.revision == 7  # right after it
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
