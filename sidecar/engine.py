@@ -44,7 +44,7 @@ from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
 from sidecar.lazy import LazyTable
 from sidecar.reads import ReadPath
-from sidecar.replica import Replica
+from sidecar.replica import Replica, ReplicaTable
 from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
@@ -472,9 +472,11 @@ class Engine:
         tables = [
             (name, table)
             for name, table in self.tables.items()
-            if isinstance(table, FullTable) and (not names or name in names)
+            if isinstance(table, FullTable | ReplicaTable) and (not names or name in names)
         ]
-        while waiting := next((t for _, t in tables if t.reloading and t.problem is None), None):
+        while waiting := next(
+            (t for _, t in tables if isinstance(t, FullTable) and t.reloading and t.problem is None), None
+        ):
             try:
                 await waiting.until_reloaded()
             except (Rerouted, Unavailable):

@@ -22,7 +22,7 @@ from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
 from sidecar.source import Rows, SourceBatch
-from sidecar.store import Row, RowStore
+from sidecar.store import Row, RowStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class ReplicaTable:
 
     def authoritative_rows(self) -> Rows | None:
         return self.store.rows if self.problem is None and self.loaded else None
+
+    def snapshot(self) -> Snapshot | None:
+        """Every row as of now, read lazily (the initial state of this follower's own
+        watchers, e.g. a follower of it), when memory is the table."""
+        return self.store.snapshot() if self.problem is None and self.loaded else None
 
     # ------------------------------------------------------------ what the upstream says
 
