@@ -2,7 +2,8 @@
 and real faults, then a count of every broken promise.
 
     python -m tests.checker --duration 300        # the long run
-    (tests/integration/test_checker.py runs a short one in CI)
+    python -m tests.checker --duration 300 --fleet 2   # readers through 2 followers of the sidecar
+    (tests/integration/test_checker.py runs a short one of each in CI)
 
 Writers (asyncio tasks here) bump a version counter on rows of a full and a
 lazy table -- single rows, two-row transactions, and statements big enough
@@ -18,6 +19,12 @@ several times and PostgreSQL is restarted once. Then it checks:
   (b) a row's version going backwards for one reader within one epoch           -> must be 0
   (c) after Sync, every cached row compared with the database                   -> must be identical
   (d) requests that failed, by status (expected around the faults)
+
+Fleet mode (``--fleet N``): the sidecar above is a hub; N followers (``serve
+--upstream``) follow it, each through its own TCP proxy, and the readers read
+through the followers. Besides the hub's faults, the hub process is killed and
+restarted (a new epoch: the followers rebuild), and each follower's link is
+stalled past its stall bound and cut. (c) is checked on every follower.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +91,10 @@ class Report:
     barrier_kills: int = 0  # kills while Sync barriers were in flight
     kill_to_epoch: list[float] = field(default_factory=list)  # seconds from such a kill to the new epoch
     restarts: int = 0
+    followers: int = 0
+    hub_restarts: int = 0
+    link_stalls: int = 0
+    link_cuts: int = 0
     epochs_seen: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -104,6 +116,14 @@ class Report:
                 else "-"
             ),
             f"faults: PostgreSQL restarted     {self.restarts}",
+        ]
+        if self.followers:
+            lines += [
+                f"fleet: followers                 {self.followers} (readers read through them)",
+                f"faults: hub killed and restarted {self.hub_restarts}",
+                f"faults: follower links stalled   {self.link_stalls}, cut {self.link_cuts}",
+            ]
+        lines += [
             f"epochs seen by readers           {self.epochs_seen}",
             f"(a) stale STRONG reads           {self.stale_strong_reads}",
             f"(b) versions going backwards     {self.backwards_reads}",
@@ -393,49 +413,179 @@ def _check_reads(records: list[list[Any]], writers: Writers, report: Report, rea
     return epochs
 
 
-def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int = 4, seed: int = 1) -> Report:
-    """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None)."""
+FOLLOWER_ENV = {  # notice a stalled link soon, reconnect soon
+    "CACHE_SIDECAR_UPSTREAM_PROGRESS_INTERVAL": "0.2",
+    "CACHE_SIDECAR_UPSTREAM_STALL_TIMEOUT": "1.5",
+    "CACHE_SIDECAR_LISTENER_RECONNECT_MIN_DELAY": "0.05",
+    "CACHE_SIDECAR_LISTENER_RECONNECT_MAX_DELAY": "0.5",
+}
+LINK_STALL_SECONDS = 2.5  # longer than the followers' stall bound
+
+
+class Daemon:
+    """A sidecar process on a fixed port, which may be killed and started again there."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.env = env or {}
+        self.port = _free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("a") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "serve", *self.args, "--listen", self.target, "--log-level", "info"],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.process is not None
+        _wait_ready(self.target, self.process, self.log_path, timeout)
+
+    def restart(self) -> None:
+        """Killed at once (no graceful stop), then started again on the same port."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.start()
+        self.wait_ready()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self) -> str:
+        return f"{self.name} log ({self.log_path}):\n" + self.log_path.read_text()[-5000:]
+
+
+class Links:
+    """TCP proxies between the followers and the hub, on an event loop of their own (a
+    thread), so that they move bytes whatever the checker's own loop is doing."""
+
+    def __init__(self) -> None:
+        from tests.support.proxy import Proxy
+
+        self._proxy_class = Proxy
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="links", daemon=True)
+        self.thread.start()
+        self.proxies: list[Any] = []
+
+    def add(self, port: int) -> int:
+        """A proxy to 127.0.0.1:``port``; its own port."""
+
+        async def make() -> tuple[Any, int]:
+            proxy = self._proxy_class(host="127.0.0.1", port=port)
+            return proxy, await proxy.start()
+
+        proxy, own = asyncio.run_coroutine_threadsafe(make(), self.loop).result(10)
+        self.proxies.append(proxy)
+        return int(own)
+
+    def stall(self, index: int) -> None:
+        self.loop.call_soon_threadsafe(self.proxies[index].stall)
+
+    def resume(self, index: int) -> None:
+        self.loop.call_soon_threadsafe(self.proxies[index].resume)
+
+    def cut(self, index: int) -> None:
+        self.loop.call_soon_threadsafe(self.proxies[index].cut)
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            for proxy in self.proxies:
+                await proxy.close()
+
+        asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _fleet_faults(hub: Daemon, links: Links, start: float, until: float, report: Report, seed: int) -> None:
+    """Stall each follower's link past its stall bound once and cut it once; kill and
+    restart the hub once (a new epoch: every follower rebuilds)."""
+    rng = random.Random(seed + 7)
+    duration = until - start
+    events: list[tuple[float, str, int]] = []
+    for index in range(len(links.proxies)):
+        events.append((start + duration * rng.uniform(0.15, 0.4), "stall", index))
+        events.append((start + duration * rng.uniform(0.55, 0.65), "cut", index))
+    events.append((start + duration * 0.75, "hub", -1))
+    for at, kind, index in sorted(events):
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        if time.monotonic() > until - 1:
+            return
+        if kind == "stall":
+            links.stall(index)
+            report.link_stalls += 1
+            await asyncio.sleep(LINK_STALL_SECONDS)
+            links.resume(index)
+        elif kind == "cut":
+            links.cut(index)
+            report.link_cuts += 1
+        else:
+            await asyncio.to_thread(hub.restart)
+            report.hub_restarts += 1
+
+
+def run(
+    dsn: str, restart: Any, duration: float, readers: int = 3, writers: int = 4, seed: int = 1, fleet: int = 0
+) -> Report:
+    """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None).
+    ``fleet``: that many followers of the sidecar, through which the readers read."""
     asyncio.run(_setup(dsn))
-    report = Report(duration=duration)
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
+    report = Report(duration=duration, followers=fleet)
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
-    log_path = workdir / "sidecar.log"
     config_path = workdir / "sidecar.toml"
     config_path.write_text(CONFIG)
-    with log_path.open("w") as log_file:
-        sidecar = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sidecar",
-                "serve",
-                "--dsn",
-                dsn,
-                "--listen",
-                target,
-                "--config",
-                str(config_path),
-                "--install-triggers",
-                "--bulk-threshold",
-                str(BULK_THRESHOLD),
-                "--ping-interval",
-                "1",
-                "--log-level",
-                "info",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    hub = Daemon(
+        "sidecar",
+        [
+            "--dsn",
+            dsn,
+            "--config",
+            str(config_path),
+            "--install-triggers",
+            "--bulk-threshold",
+            str(BULK_THRESHOLD),
+            "--ping-interval",
+            "1",
+        ],
+        workdir,
+    )
+    links = Links() if fleet else None
+    followers: list[Daemon] = []
     try:
-        _wait_ready(target, sidecar, log_path)
+        hub.start()
+        hub.wait_ready()
+        for index in range(fleet):
+            assert links is not None
+            link = links.add(hub.port)
+            followers.append(Daemon(f"follower{index}", ["--upstream", f"127.0.0.1:{link}"], workdir, FOLLOWER_ENV))
+            followers[-1].start()
+        for follower in followers:
+            follower.wait_ready()
+        read_targets = [f.target for f in followers] or [hub.target]
         start = time.monotonic()
         until = start + duration
         context = multiprocessing.get_context("spawn")
         outs = [str(workdir / f"reader{i}.json") for i in range(readers)]
         processes = [
-            context.Process(target=reader_process, args=(target, seed * 100 + i, until, outs[i]))
+            context.Process(
+                target=reader_process, args=(read_targets[i % len(read_targets)], seed * 100 + i, until, outs[i])
+            )
             for i in range(readers)
         ]
         for process in processes:
@@ -443,7 +593,10 @@ def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int 
         writer = Writers(dsn, writers, seed)
 
         async def write_and_fault() -> None:
-            await asyncio.gather(writer.run(until), _faults(dsn, target, restart, start, until, report, seed))
+            jobs = [writer.run(until), _faults(dsn, hub.target, restart, start, until, report, seed)]
+            if links is not None:
+                jobs.append(_fleet_faults(hub, links, start, until, report, seed))
+            await asyncio.gather(*jobs)
 
         asyncio.run(write_and_fault())
         for process in processes:
@@ -457,24 +610,25 @@ def run(dsn: str, restart: Any, duration: float, readers: int = 3, writers: int 
             epochs |= _check_reads(data["records"], writer, report, index)
         report.failed_by_status = dict(failures)
         report.epochs_seen = len(epochs)
-        asyncio.run(_final_comparison(dsn, target, report))
+        for target in read_targets:
+            asyncio.run(_final_comparison(dsn, target, report))
     except BaseException:
-        print(f"sidecar log ({log_path}):\n" + log_path.read_text()[-5000:], file=sys.stderr)
+        for daemon in (hub, *followers):
+            print(daemon.log_tail(), file=sys.stderr)
         raise
     finally:
-        sidecar.terminate()
-        try:
-            sidecar.wait(30)
-        except subprocess.TimeoutExpired:
-            sidecar.kill()
+        for daemon in (*followers, hub):
+            daemon.stop()
+        if links is not None:
+            links.close()
     return report
 
 
-def _wait_ready(target: str, sidecar: subprocess.Popen[bytes], log_path: Path) -> None:
+def _wait_ready(target: str, sidecar: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -495,17 +649,18 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=3)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fleet", type=int, default=0, help="followers of the sidecar to read through (0: none)")
     args = parser.parse_args()
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
         print("SIDECAR_TEST_DSN set: PostgreSQL will not be restarted", file=sys.stderr)
-        report = run(external, None, args.duration, args.readers, args.writers, args.seed)
+        report = run(external, None, args.duration, args.readers, args.writers, args.seed, args.fleet)
     else:
         from tests.support.pg import EmbeddedServer
 
         server = EmbeddedServer()
         try:
-            report = run(server.dsn, server.restart, args.duration, args.readers, args.writers, args.seed)
+            report = run(server.dsn, server.restart, args.duration, args.readers, args.writers, args.seed, args.fleet)
         finally:
             server.stop()
     print(report.table())
