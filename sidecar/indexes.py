@@ -192,7 +192,14 @@ class IndexSet:
         return bool(self.indexes)
 
     def _read(self, entry: bytes) -> dict[str, Any]:
-        row = json.loads(row_json(entry), parse_float=Decimal)
+        try:
+            row = json.loads(row_json(entry), parse_float=Decimal)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            # Not a row PostgreSQL's row_to_json makes (a follower's upstream sent it): it is
+            # served as it came, but indexed under no value, never fatal.
+            return dict.fromkeys(self.columns)
         values = {}
         for column, coerce in zip(self.columns, self._coercers, strict=True):
             raw = row.get(column)

@@ -227,3 +227,21 @@ async def test_limits_are_checked(engine: Engine):
     with pytest.raises(InvalidRequest, match="51 keys requested"):
         engine.plan_query(table, "by_city", [["x"]] * 51, None, None)
     assert engine.plan_query(table, "by_age", None, None, None).limit == 50
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[1, 2]", b'"a string"', b"null", b"[" * 100_000 + b"]" * 100_000, b'{"age": "x"}']
+)
+def test_a_row_that_is_not_a_row_is_indexed_under_nothing_and_never_fatal(body):
+    """A follower indexes the rows its upstream sends; one that is not a JSON object (or
+    nests past the parser) must not stop it: it is kept out of every index."""
+    schema = people_schema()
+    indexes = IndexSet(schema)
+    indexes.put((1,), entry(body))
+    indexes.put((2,), person(2, "Oslo", 30, "Ada"))
+    found, _ = indexes.run(plan(schema, "by_city", [["Oslo"]], None, None, limit=10))
+    assert found == [(2,)]
+    found, _ = indexes.run(plan(schema, "by_age", None, 0, 200, limit=10))
+    assert found == [(2,)]
+    indexes.rebuild({(1,): entry(body), (2,): person(2, "Oslo", 30, "Ada")})
+    indexes.delete((1,))
