@@ -36,7 +36,7 @@ import grpc
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.errors import InvalidKey, SidecarError, Unavailable
 from sidecar.events import SyncToken
-from sidecar.hub import INVALIDATE, SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
+from sidecar.hub import SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
 from sidecar.listener import backoff_delay
 from sidecar.revisions import Revision
 from sidecar.schema import TableSchema
@@ -335,8 +335,9 @@ class UpstreamSource:
                 if full:
                     again.add(event.table)
                 continue
-            if full and (key is None or op in TABLE_WIDE or op == INVALIDATE):
+            if full and (key is None or op in TABLE_WIDE):
                 again.add(event.table)  # no rows come with these: the table is sent again
+            # (a keyed INVALIDATE of a full table carries the row refetched since, as any change)
             fresh = self._fresh.get(event.table, -1) >= revision.number or event.table in again
             row = entry(event.row) if full and event.has_row else None
             out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh))

@@ -252,8 +252,8 @@ class Hub:
         for change in batch.changes:
             tables.add(change.table)
             size += 32
-            if change.key is None or change.op == INVALIDATE:
-                continue
+            if change.key is None:
+                continue  # (INVALIDATE of a key: the row refetched since, as for any change)
             rows = self._rows_of(change.table)
             if rows is None:
                 continue  # lazy: the sidecar holds no authoritative row

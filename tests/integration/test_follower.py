@@ -203,13 +203,18 @@ async def test_invalidate_on_a_follower_goes_to_the_hub(start_daemon, start_foll
         await db.execute("SET session_replication_role = replica")
         await db.execute(f"UPDATE {schema}.note SET body = 'deux' WHERE id = 2")
         await db.execute(f"UPDATE {schema}.item SET name = 'quiet' WHERE id = 4")
+        await db.execute(f"DELETE FROM {schema}.item WHERE id = 5")
         await db.execute("SET session_replication_role = origin")
         await cache.invalidate(shop["note"], [2])
         assert await cache.get(shop["note"], 2) == {"id": 2, "body": "deux"}
-        revision = await cache.invalidate(shop["item"], [4], refresh=True)
+        sent_again = other.engine.tables[shop["item"]].reloads
+        revision = await cache.invalidate(shop["item"], [4, 5], refresh=True)
         row = await on_other.get(shop["item"], 4, min_revision=revision)
         assert row is not None and row["name"] == "quiet"  # every follower heard of it
+        assert await on_other.get(shop["item"], 5, min_revision=revision) is None
         await eventually(lambda: other.engine.applied >= revision.number, what="other follower applied")
+        # the keyed INVALIDATE brought the keys' rows: the table was not sent again
+        assert other.engine.tables[shop["item"]].reloads == sent_again
         assert await on_other.get(shop["note"], 2) == {"id": 2, "body": "deux"}
 
 
