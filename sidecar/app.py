@@ -27,7 +27,7 @@ from sidecar.config import Config
 from sidecar.db import PgDatabase
 from sidecar.dsn import scrub
 from sidecar.engine import Engine
-from sidecar.errors import ConfigError, SchemaError, SidecarError, Unavailable
+from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.follower import UpstreamSource
 from sidecar.lazy import LazyTable
 from sidecar.listener import Listener, backoff_delay
@@ -244,16 +244,19 @@ class Daemon:
         )
 
     async def _list_with_retry(self, link: upstream.Upstream, config: Config) -> Any:
-        """The upstream's tables, waiting for it to be reachable (it may start after us)."""
+        """The upstream's tables, waiting for it to be reachable (it may start after us) and
+        to accept us (a wrong CA, certificate or token is logged with its cause and retried,
+        so that fixing the Secret is enough)."""
         attempt = 0
         while True:
             try:
                 return await link.list_tables()
-            except Unavailable as exc:
+            except (Unavailable, QueryFailed) as exc:
                 delay = backoff_delay(attempt, max(config.reconnect_min_delay, 0.5), config.reconnect_max_delay)
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
+                await link.renew_if_rotated()
 
     async def _start_embedded(self, config: Config) -> Config:
         self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)

@@ -139,7 +139,7 @@ class UpstreamSource:
             except Lost as exc:
                 why = str(exc)
             except grpc.aio.AioRpcError as exc:
-                why = f"{exc.code().name}: {exc.details()}"
+                why = self.upstream.explain(exc)
             except SidecarError as exc:  # (the upstream's answers: unreachable, refused, not a sidecar's)
                 why = str(exc)
             if self._progressed:  # (a stream that brought something: the next try is a fresh start)
@@ -156,6 +156,12 @@ class UpstreamSource:
                 extra={"event": "upstream_lost", "reason": why},
             )
             await asyncio.sleep(delay)
+            if await self.upstream.renew_if_rotated():
+                log.info(
+                    "the certificate files for %s changed: connecting with the new ones",
+                    self.upstream.target,
+                    extra={"event": "upstream_certificates_renewed"},
+                )
 
     def _lose(self, reason: str) -> None:
         was = self.stream_up or self.following

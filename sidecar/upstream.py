@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.channels import UpstreamSecurity, aio_channel
+from sidecar.channels import CertificateSnapshot, UpstreamSecurity, aio_channel, explain
 from sidecar.config import IndexConfig, TableConfig, TableMode
 from sidecar.errors import ConfigError, InvalidKey, QueryFailed, SchemaError, Unavailable
 from sidecar.identifiers import parse_table_name
@@ -63,12 +63,12 @@ def upstream_channel(target: str, security: UpstreamSecurity | None = None) -> g
 
 
 @contextlib.contextmanager
-def translated(what: str) -> Iterator[None]:
-    """gRPC errors as the daemon's own."""
+def translated(what: str, upstream: Upstream) -> Iterator[None]:
+    """gRPC errors as the daemon's own, saying what the likely cause is."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        text = f"{what}: upstream said {exc.code().name}: {exc.details()}"
+        text = f"{what}: {upstream.explain(exc)}"
         if exc.code() in PASSING:
             raise Unavailable(text) from None
         raise QueryFailed(text) from None
@@ -104,10 +104,29 @@ class Upstream:
     target: str
     channel: grpc.aio.Channel
     timeout: float = 10.0
+    security: UpstreamSecurity = field(default_factory=UpstreamSecurity)
+
+    def __post_init__(self) -> None:
+        self._certificates = CertificateSnapshot(self.security)
 
     @classmethod
     def connect(cls, target: str, timeout: float = 10.0, security: UpstreamSecurity | None = None) -> Upstream:
-        return cls(target, upstream_channel(target, security), timeout)
+        security = security or UpstreamSecurity()
+        return cls(target, upstream_channel(target, security), timeout, security)
+
+    async def renew_if_rotated(self) -> bool:
+        """A new channel if a certificate file (CA, client certificate or key) changed
+        since this one was made (a rotation); the token is re-read on every call anyway."""
+        if not self._certificates.changed():
+            return False
+        self._certificates = CertificateSnapshot(self.security)
+        old, self.channel = self.channel, upstream_channel(self.target, self.security)
+        await old.close()
+        return True
+
+    def explain(self, error: grpc.aio.AioRpcError) -> str:
+        """A failed call as a sentence naming the likely cause (wrong CA, token, not a sidecar...)."""
+        return explain(error, self.target, self.security)
 
     @property
     def stub(self) -> pb_grpc.CacheStub:
@@ -117,14 +136,14 @@ class Upstream:
         await self.channel.close()
 
     async def list_tables(self) -> pb.ListTablesResponse:
-        with translated(f"ListTables on {self.target}"):
+        with translated("ListTables", self):
             answer: pb.ListTablesResponse = await self.stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout)
         if len(answer.tables) > MAX_TABLES:
             raise QueryFailed(f"{self.target} lists {len(answer.tables)} tables: not a sidecar's answer")
         return answer
 
     async def sync(self, timeout: float) -> Revision:
-        with translated(f"Sync on {self.target}"):
+        with translated("Sync", self):
             answer: pb.SyncResponse = await self.stub.Sync(pb.SyncRequest(), timeout=timeout)
         return revision_of(answer.revision)
 
@@ -132,7 +151,7 @@ class Upstream:
         request = pb.InvalidateRequest(table=table, refresh=refresh, all_rows=raw_keys is None)
         if raw_keys is not None:
             request.keys.extend(key_message(key) for key in raw_keys)
-        with translated(f"Invalidate on {self.target}"):
+        with translated("Invalidate", self):
             answer: pb.InvalidateResponse = await self.stub.Invalidate(request, timeout=self.timeout)
         return revision_of(answer.revision)
 
@@ -223,7 +242,7 @@ class UpstreamDatabase:
             request = pb.BatchGetRequest(table=schema.qualified, options=self.options)
             request.keys.extend(key_message(key) for key in chunk)
             self.calls += 1
-            with translated(f"reading {schema.qualified} from {self.upstream.target}"):
+            with translated(f"reading {schema.qualified}", self.upstream):
                 answer: pb.BatchGetResponse = await self.upstream.stub.BatchGet(request, timeout=self.upstream.timeout)
             if len(answer.rows) != len(chunk):
                 raise Unavailable(f"{self.upstream.target} answered {len(answer.rows)} rows for {len(chunk)} keys")
@@ -258,7 +277,7 @@ class UpstreamDatabase:
                     getattr(request.range, name).CopyFrom(pb.KeyPart(**{kind: sent}))
                     setattr(request.range, f"{name}_exclusive", exclusive)
         self.calls += 1
-        with translated(f"querying {schema.qualified} on {self.upstream.target}"):
+        with translated(f"querying {schema.qualified}", self.upstream):
             answer: pb.QueryResponse = await self.upstream.stub.Query(request, timeout=self.upstream.timeout)
         counter = itertools.count()
         rows: Rows = {(next(counter),): entry(result.row) for result in answer.rows}

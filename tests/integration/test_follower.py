@@ -8,7 +8,9 @@ another epoch is a rebuild with a reset)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,6 +23,7 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from tests.conftest import RunningDaemon
+from tests.support.certs import Authority
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
@@ -563,3 +566,76 @@ async def test_a_watch_resumes_on_another_follower_of_the_hub(start_daemon, star
         call.cancel()
     assert [m.changes.revision.number for m in resumed] == [x.revision.number for x in batches]
     assert [m.changes.events[0].key.parts[0].int_value for m in resumed] == [16, 16, 16]
+
+
+def _replace(target: Path, source: Path) -> None:
+    """Rotate a file the way Kubernetes or cert-manager does: a new file renamed over it."""
+    staged = target.with_suffix(".new")
+    staged.write_bytes(source.read_bytes())
+    os.replace(staged, target)
+
+
+async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows_a_rotation(
+    start_daemon, start_follower, db, shop, tmp_path, caplog
+):
+    """The hub requires TLS, a client certificate and a token; the follower brings all
+    three from its upstream.* files. Then every certificate rotates to a new CA and the
+    link breaks: the follower reconnects with the new files, without a restart."""
+    schema = shop["schema"]
+    first, second = Authority(tmp_path / "ca1", "first CA"), Authority(tmp_path / "ca2", "second CA")
+    hub_cert, hub_key, client_ca = tmp_path / "hub.crt", tmp_path / "hub.key", tmp_path / "client-ca.pem"
+    issued = first.issue("hub")
+    for target, source in ((hub_cert, issued.cert), (hub_key, issued.key), (client_ca, first.cert_file)):
+        _replace(target, source)
+    token = "follower-token-0123456789abcdef"
+    (tmp_path / "tokens").write_text(f"# followers\n{token}\n")
+    hub = await start_daemon(
+        shop["tables"],
+        tls_cert_file=str(hub_cert),
+        tls_key_file=str(hub_key),
+        tls_client_ca_file=str(client_ca),
+        auth_token_file=str(tmp_path / "tokens"),
+    )
+    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
+    await proxy.start()
+    ca, cert, key, token_file = (tmp_path / n for n in ("ca.pem", "client.crt", "client.key", "token"))
+    client = first.issue("follower", server=False)
+    for target, source in ((ca, first.cert_file), (cert, client.cert), (key, client.key)):
+        _replace(target, source)
+    token_file.write_text(token + "\n")
+    security = {
+        "upstream_tls_ca_file": str(ca),
+        "upstream_tls_cert_file": str(cert),
+        "upstream_tls_key_file": str(key),
+    }
+    try:
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("not-the-token-0123456789\n")
+        refused = await start_follower(
+            f"127.0.0.1:{proxy.port}", wait=False, upstream_token_file=str(wrong), **security
+        )
+        await eventually(
+            lambda: "refused the token" in caplog.text, what="the cause of the refusal in the follower's log"
+        )
+        assert not refused.engine or not refused.engine.ready
+        await refused.stop()
+
+        follower = await start_follower(f"127.0.0.1:{proxy.port}", upstream_token_file=str(token_file), **security)
+        async with AsyncClient(follower.target) as cache:
+            assert (await cache.get(shop["item"], 3))["name"] == "item 3"
+            await db.execute(f"UPDATE {schema}.item SET name = 'before the rotation' WHERE id = 3")
+            assert (await cache.get(shop["item"], 3, consistency="strong"))["name"] == "before the rotation"
+
+            renewed = second.issue("hub")
+            for target, source in ((hub_cert, renewed.cert), (hub_key, renewed.key), (client_ca, second.cert_file)):
+                _replace(target, source)
+            client = second.issue("follower", server=False)
+            for target, source in ((ca, second.cert_file), (cert, client.cert), (key, client.key)):
+                _replace(target, source)
+            proxy.cut()  # the open connection keeps its old certificates: a new one must use the new
+            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed the cut")
+            await db.execute(f"UPDATE {schema}.item SET name = 'after the rotation' WHERE id = 3")
+            await eventually(lambda: follower.engine.ready, timeout=15, what="following again, on the new CA")
+            assert (await cache.get(shop["item"], 3, consistency="strong"))["name"] == "after the rotation"
+    finally:
+        await proxy.close()
