@@ -194,6 +194,8 @@ class Hub:
         self.view_window = 64  # the newest batches whose filtered views are shared
         self.max_group = 512  # most batches handed over in one Batches message
         self.progress_tick = 0.05  # seconds between checks for idle subscribers owed a progress mark
+        self.wake_slice = 32  # subscribers woken at a time (see _wake_all)
+        self.fan_out_share = 0.3  # most of the event loop's time fan-out takes while others wait for it
         self.epoch = ""
         self.published = 0  # every batch <= published is in the history (or compacted)
         self._history: list[Batch] = []  # published batches; the live part starts at _first
@@ -204,7 +206,9 @@ class Hub:
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
         self._subscribers: set[Subscription] = set()
         self._per_connection: dict[str, int] = {}
-        self._waiting: set[Subscription] = set()  # subscribers waiting for something to send
+        # Subscribers waiting for something to send, oldest first (an ordered set).
+        self._waiting: collections.OrderedDict[Subscription, None] = collections.OrderedDict()
+        self._waking: asyncio.Handle | None = None  # the next slice of wake-ups, when scheduled
         self._paced: set[Subscription] = set()  # subscribers owed progress marks when idle
         self._ticker: asyncio.TimerHandle | None = None
         self.dropped = 0  # subscribers ended for falling behind
@@ -277,10 +281,31 @@ class Hub:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        """Wake the subscribers that wait (the others look for more after each send)."""
-        waiting, self._waiting = self._waiting, set()
-        for subscriber in waiting:
-            subscriber.wake()
+        """Wake the subscribers that wait (each send is followed by such a wait),
+        ``wake_slice`` at a time, in turn, so that fan-out takes at most
+        ``fan_out_share`` of the event loop's time: woken all at once, thousands of
+        streams would each send a message (a socket write, in grpc) before any
+        other call is served again. A subscriber whose turn comes late finds every
+        batch published meanwhile and takes them in one message (if its client
+        asked for that), so the busier the loop, the fewer messages."""
+        if self._waking is None and self._waiting:
+            self._waking = asyncio.get_running_loop().call_soon(self._wake_some)
+
+    def _wake_some(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting
+        for _ in range(min(self.wake_slice, len(waiting))):
+            waiting.popitem(last=False)[0].wake()
+        # Runs after the woken ones' steps (scheduled before it): how long they took.
+        self._waking = loop.call_soon(self._pace, loop.time())
+
+    def _pace(self, began: float) -> None:
+        self._waking = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        pause = (loop.time() - began) * (1 - self.fan_out_share) / self.fan_out_share
+        self._waking = loop.call_later(pause, self._wake_some) if pause > 0.0001 else loop.call_soon(self._wake_some)
 
     def _live(self) -> int:
         return len(self._history) - self._first
@@ -402,7 +427,7 @@ class Hub:
             return
         self._subscribers.discard(subscriber)
         self._paced.discard(subscriber)
-        self._waiting.discard(subscriber)
+        self._waiting.pop(subscriber, None)
         connection = subscriber.connection
         if connection is not None:
             left = self._per_connection[connection] - 1
@@ -477,11 +502,17 @@ class Subscription:
     def last_revision(self) -> str:
         return f"{self.epoch}/{self.position}"
 
-    async def _wait(self) -> None:
-        """Until the hub wakes it (a publish, a reset, shutdown, or a progress mark due)."""
-        if self.woken:
+    async def _wait(self, turn: bool = False) -> None:
+        """Until the hub wakes it (a publish, a reset, shutdown, or a progress mark due);
+        ``turn``: until its turn comes, behind the others that have something to send."""
+        hub = self.hub
+        if turn:
+            hub._waiting[self] = None
+            hub._wake_all()
+        elif self.woken:
             return
-        self.hub._waiting.add(self)
+        else:
+            hub._waiting[self] = None
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -548,6 +579,10 @@ class Subscription:
                     if hub.published - before > hub.max_lag and not self._resets:
                         hub.dropped += 1
                         raise FellBehind(self._behind(f"{hub.published - before} batches published while one waited"))
+                    # Every send takes a turn: with thousands of streams, one event-loop
+                    # iteration runs at most wake_slice of them, so other calls (and
+                    # grpc accepting them) are never stuck behind the whole fan-out.
+                    await self._wait(turn=True)
                 continue
             if self.epoch == hub.epoch and hub.published > self.position:
                 self.position = hub.published  # a revision without a batch (the start of the epoch)

@@ -316,3 +316,25 @@ async def test_progress_marks_come_from_one_shared_ticker_and_stop_when_not_idle
     (batch,) = await take(busy, 1)
     assert isinstance(batch, Batch)
     assert hub._ticker is not None  # one timer for all of them
+
+
+async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_came_meanwhile():
+    hub = make_hub()
+    hub.wake_slice = 2
+    streams = [hub.subscribe(Filter(frozenset()), several=True).messages() for _ in range(6)]
+    readers = [asyncio.create_task(take(stream, 1)) for stream in streams]
+    for _ in range(5):
+        await asyncio.sleep(0)  # every reader waits
+    commit(hub, 1, 1)
+    woken: list[int] = []  # how many had their message after each event-loop iteration
+    async with asyncio.timeout(2):
+        while not all(r.done() for r in readers):
+            await asyncio.sleep(0)
+            woken.append(sum(r.done() for r in readers))
+            if woken[-1] == 2 and hub.published == 1:
+                commit(hub, 2, 2)  # published while the others still wait for their turn
+    steps = [b - a for a, b in zip([0, *woken], woken, strict=False)]
+    assert max(steps) <= 2  # never more than a slice at once
+    first = [(await r)[0] for r in readers]
+    assert [m.revision for m in first[:2]] == [1, 1]
+    assert [[b.revision for b in m.batches] for m in first[2:]] == [[1, 2]] * 4
