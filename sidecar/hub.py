@@ -196,6 +196,7 @@ class Hub:
         self.progress_tick = 0.05  # seconds between checks for idle subscribers owed a progress mark
         self.wake_slice = 32  # subscribers woken at a time (see _wake_all)
         self.fan_out_share = 0.3  # most of the event loop's time fan-out takes while others wait for it
+        self.pace_after = 0.0005  # seconds: a slice that took less is not followed by a pause
         self.epoch = ""
         self.published = 0  # every batch <= published is in the history (or compacted)
         self._history: list[Batch] = []  # published batches; the live part starts at _first
@@ -304,8 +305,11 @@ class Hub:
         if not self._waiting:
             return
         loop = asyncio.get_running_loop()
-        pause = (loop.time() - began) * (1 - self.fan_out_share) / self.fan_out_share
-        self._waking = loop.call_later(pause, self._wake_some) if pause > 0.0001 else loop.call_soon(self._wake_some)
+        spent = loop.time() - began
+        if spent < self.pace_after:  # (a few streams: a pause would only delay them)
+            self._waking = loop.call_soon(self._wake_some)
+        else:
+            self._waking = loop.call_later(spent * (1 - self.fan_out_share) / self.fan_out_share, self._wake_some)
 
     def _live(self) -> int:
         return len(self._history) - self._first

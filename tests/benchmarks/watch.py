@@ -117,7 +117,6 @@ def get_process(target: str, callers: int, start: float, seconds: float, out: st
             await asyncio.sleep(max(0.0, start - time.monotonic()))
             deadline = time.monotonic() + seconds
             latencies: list[float] = []
-            starts: list[float] = []  # (kept for a look at when slow calls happened)
 
             async def caller(seed: int) -> None:
                 rng = random.Random(seed)
@@ -125,10 +124,8 @@ def get_process(target: str, callers: int, start: float, seconds: float, out: st
                     began = time.perf_counter()
                     await stub.Get(rng.choice(requests))
                     latencies.append((time.perf_counter() - began) * 1e6)
-                    starts.append(began)
 
             await asyncio.gather(*(caller(s) for s in range(callers)))
-            Path(out + ".starts").write_text(json.dumps(starts))
             return latencies
 
     Path(out).write_text(json.dumps(asyncio.run(main())))
@@ -274,7 +271,7 @@ async def gets_under_streams(
 
 
 async def fan_out_measured(
-    dsn: str, target: str, subscribers_wanted: int, rate: float, args: argparse.Namespace
+    dsn: str, target: str, sidecar: subprocess.Popen[bytes], subscribers_wanted: int, rate: float, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One fan-out run: its subscribers record until a deadline just after the writes end."""
     seconds = args.seconds if rate else args.seconds / 2
@@ -292,9 +289,11 @@ async def fan_out_measured(
     note(f"{subscribers_wanted} subscribers open; writing at {rate or 'full speed'}")
     await asyncio.sleep(0.5)  # (a benchmark's pacing, not a test's wait)
     sent: dict[int, float] = {}
+    cpu_before = cpu_seconds(sidecar.pid)
     began = time.monotonic()
     await write_steadily(dsn, rate, seconds, sent)
     elapsed = time.monotonic() - began
+    cpu = (cpu_seconds(sidecar.pid) - cpu_before) / elapsed
     arrivals = subscribers.arrivals(time.monotonic() + 3.0)
     await listener.close()
     raw_latencies = [(raw[xid] - t0) * 1e6 for xid, t0 in sent.items() if xid in raw]
@@ -303,6 +302,7 @@ async def fan_out_measured(
         "txn/s": len(sent) / elapsed,
         "raw p50": pct(raw_latencies, 0.5),
         "raw p99": pct(raw_latencies, 0.99),
+        "sidecar cpu": cpu,
         **deliveries(arrivals, sent),
     }
 
@@ -345,8 +345,8 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
             gets.append(await gets_under_streams(dsn, target, sidecar, 0, args, None))
             gets.append(await gets_under_streams(dsn, target, sidecar, args.streams, args, args.py_spy))
         if args.only != "gets":
-            results = [await fan_out_measured(dsn, target, n, args.rate, args) for n in (1, 10, 100, args.subscribers)]
-            burst = await fan_out_measured(dsn, target, 10, 0, args)
+            results = [await fan_out_measured(dsn, target, sidecar, n, args.rate, args) for n in (1, 10, 100, args.subscribers)]
+            burst = await fan_out_measured(dsn, target, sidecar, 10, 0, args)
     finally:
         sidecar.terminate()
         sidecar.wait(10)
@@ -381,14 +381,15 @@ def print_fan_out(results: list[dict[str, Any]], burst: dict[str, Any], args: ar
     print(f"\ncommit -> subscriber, {args.rate:g} txn/s asked, subscribers in {args.processes} processes")
     print(
         "| subscribers | txn/s | raw NOTIFY p50 µs | p99 µs | Watch p50 µs | p99 µs | p50 / raw | delivered "
-        "| in messages |"
+        "| in messages | sidecar CPU |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['subscribers']:,} | {r['txn/s']:,.0f} | {r['raw p50']:,.0f} | {r['raw p99']:,.0f} "
             f"| {r['watch p50']:,.0f} | {r['watch p99']:,.0f} | {r['watch p50'] / r['raw p50']:.1f}x "
-            f"| {r['delivered']:,}/{r['expected']:,} (dropped streams: {r['dropped streams']}) | {r['messages']:,} |"
+            f"| {r['delivered']:,}/{r['expected']:,} (dropped streams: {r['dropped streams']}) | {r['messages']:,} "
+            f"| {r['sidecar cpu']:.0%} |"
         )
     print(
         f"\nfan-out burst, 10 subscribers: {burst['txn/s']:,.0f} txn/s written, "
