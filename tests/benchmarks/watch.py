@@ -271,7 +271,12 @@ async def gets_under_streams(
 
 
 async def fan_out_measured(
-    dsn: str, target: str, sidecar: subprocess.Popen[bytes], subscribers_wanted: int, rate: float, args: argparse.Namespace
+    dsn: str,
+    target: str,
+    sidecar: subprocess.Popen[bytes],
+    subscribers_wanted: int,
+    rate: float,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One fan-out run: its subscribers record until a deadline just after the writes end."""
     seconds = args.seconds if rate else args.seconds / 2
@@ -345,7 +350,8 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
             gets.append(await gets_under_streams(dsn, target, sidecar, 0, args, None))
             gets.append(await gets_under_streams(dsn, target, sidecar, args.streams, args, args.py_spy))
         if args.only != "gets":
-            results = [await fan_out_measured(dsn, target, sidecar, n, args.rate, args) for n in (1, 10, 100, args.subscribers)]
+            for count in (1, 10, 100, args.subscribers):
+                results.append(await fan_out_measured(dsn, target, sidecar, count, args.rate, args))
             burst = await fan_out_measured(dsn, target, sidecar, 10, 0, args)
     finally:
         sidecar.terminate()
