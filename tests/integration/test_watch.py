@@ -322,13 +322,13 @@ async def test_streams_beyond_the_caps_are_refused_and_the_open_ones_go_on(start
             await call.initial_metadata()
         refused = pb_grpc.CacheStub(one).Watch(request)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await refused.read()
+            await asyncio.wait_for(refused.read(), 10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "watch.max_streams_per_connection = 2" in info.value.details()
         open_calls.append(pb_grpc.CacheStub(two).Watch(request))  # another connection may
         await open_calls[-1].initial_metadata()
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await pb_grpc.CacheStub(three).Watch(request).read()
+            await asyncio.wait_for(pb_grpc.CacheStub(three).Watch(request).read(), 10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "watch.max_streams = 3" in info.value.details()
         assert (sidecar.engine.hub.subscribers, sidecar.engine.hub.refused) == (3, 2)
