@@ -132,5 +132,7 @@ test('a watch that is behind gets several batches in one message and yields them
     seen.map((item) => BigInt(item.revision.number) - BigInt(start.number)),
     Array.from({ length: 20 }, (_, i) => BigInt(i + 1)),
   );
-  assert.deepEqual(seen.map((item) => item.changes[0].row.fav_dish), Array.from({ length: 20 }, (_, i) => `dish ${i}`));
+  assert.ok(seen.every((item) => item.changes[0].key === 2n));
+  // (a batch carries the row held when it was published: possibly newer, never older)
+  assert.equal(seen.at(-1).changes[0].row.fav_dish, 'dish 19');
 });
