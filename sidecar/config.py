@@ -423,6 +423,23 @@ class Config:
             minimum=0.1,
         ),
     )
+    watch_max_streams: int = field(
+        default=10_000,
+        metadata=declare(
+            "watch.max_streams",
+            "Most Watch streams open at once; more are refused (RESOURCE_EXHAUSTED).",
+            minimum=1,
+        ),
+    )
+    watch_max_streams_per_connection: int = field(
+        default=1_000,
+        metadata=declare(
+            "watch.max_streams_per_connection",
+            "Most Watch streams one client connection (TCP) may hold open; more are refused "
+            "(RESOURCE_EXHAUSTED). Unix-socket clients cannot be told apart: only watch.max_streams bounds them.",
+            minimum=1,
+        ),
+    )
     metrics_listen: str = field(
         default="",
         metadata=declare(

@@ -72,6 +72,8 @@ class Engine:
         history_batches: int = 10_000,
         history_bytes: int = 64 * 1024 * 1024,
         watch_max_lag: int = 1_000,
+        watch_max_streams: int = 10_000,
+        watch_max_streams_per_connection: int = 1_000,
         stall_after: float = 30.0,
         make_table: Callable[[TableSchema], TableCache] | None = None,
     ) -> None:
@@ -98,6 +100,8 @@ class Engine:
             max_batches=history_batches,
             max_bytes=history_bytes,
             max_lag=watch_max_lag,
+            max_streams=watch_max_streams,
+            max_streams_per_connection=watch_max_streams_per_connection,
         )
         for schema in schemas:
             name = schema.qualified
@@ -160,6 +164,8 @@ class Engine:
             history_batches=config.watch_history_batches,
             history_bytes=config.watch_history_bytes,
             watch_max_lag=config.watch_max_lag,
+            watch_max_streams=config.watch_max_streams,
+            watch_max_streams_per_connection=config.watch_max_streams_per_connection,
             stall_after=config.stall_seconds,
             make_table=make_table,
         )
@@ -443,14 +449,19 @@ class Engine:
         start: tuple[str, int] | None = None,
         initial_state: bool = False,
         progress_interval: float = 0.0,
+        connection: str | None = None,
+        several: bool = False,
     ) -> Subscription:
-        """A Watch subscriber (raises ``OutOfRange`` for a revision that cannot be resumed)."""
+        """A Watch subscriber (raises ``OutOfRange`` for a revision that cannot be resumed,
+        ``TooManyStreams`` beyond the stream limits; see ``Hub.subscribe``)."""
         names = selection.tables
         return self.hub.subscribe(
             selection,
             start=start,
             snapshot=(lambda: self.snapshot(names)) if initial_state else None,
             progress_interval=progress_interval,
+            connection=connection,
+            several=several,
         )
 
     def unsubscribe(self, subscription: Subscription) -> None:

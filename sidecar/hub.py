@@ -11,6 +11,13 @@ falls more than ``max_lag`` batches behind, or off the end of the history,
 is ended with a "fell behind" error naming its last delivered revision, so it
 can resume from there.
 
+Fan-out costs little per stream: a filtered view of a batch is made once per
+distinct ``Filter`` (and encoded once, by whoever sends it first), the number
+of streams is bounded (in all and per client connection), a subscriber that
+is behind takes every batch it may have in one message (if its client asked
+for that form), and idle subscribers wait on one future each, woken only
+when they wait, with one shared ticker for progress marks.
+
 Within an epoch, revisions of published batches are consecutive. A rebuild
 (reconnect) starts a new epoch, empties the history and sends every
 subscriber a reset.
@@ -49,6 +56,10 @@ class ShuttingDown(SidecarError):
     """The sidecar is shutting down: resume from the last revision, here or elsewhere."""
 
 
+class TooManyStreams(SidecarError):
+    """Too many Watch streams are open: close some, or raise the limit."""
+
+
 @dataclass(slots=True)
 class Change:
     table: str
@@ -72,6 +83,18 @@ class Batch:
     size: int = 0
     tables: frozenset[str] = frozenset()
     encoded: bytes | None = None  # the message, encoded once (wire.watch_message)
+    # The batch as each distinct filter sees it (None: seen as nothing), made once
+    # per filter while the batch is among the newest (``Hub.view_window``); None
+    # outside that window, where each catching-up subscriber filters for itself.
+    views: dict[Filter, Batch | None] | None = None
+
+
+@dataclass(slots=True)
+class Batches:
+    """Several consecutive batches in one message, in revision order (for clients
+    that asked for that form: ``WatchRequest.accept_batches``)."""
+
+    batches: list[Batch]
 
 
 @dataclass(slots=True)
@@ -103,8 +126,9 @@ class SnapshotDone:
     revision: int
 
 
-Message = Batch | Reset | Progress | Snapshot | SnapshotDone
+Message = Batch | Batches | Reset | Progress | Snapshot | SnapshotDone
 _TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
+MAX_VIEWS = 1024  # distinct filters' views kept per batch (beyond: made per subscriber)
 
 
 def _revision_of(batch: Batch) -> int:
@@ -127,9 +151,25 @@ class Filter:
         return not self.ops or change.op in self.ops
 
     def apply(self, batch: Batch) -> Batch | None:
-        """The batch as this subscriber sees it (``batch`` itself when nothing is filtered)."""
+        """The batch as this subscriber sees it (``batch`` itself when nothing is filtered).
+
+        Subscribers with equal filters get the same view object (so it is
+        encoded once), as long as the batch is among the newest ones.
+        """
         if not self.keys and not self.ops and (not self.tables or batch.tables <= self.tables):
             return batch
+        views = batch.views
+        if views is None:
+            return self._filtered(batch)
+        try:
+            return views[self]
+        except KeyError:
+            view = self._filtered(batch)
+            if len(views) < MAX_VIEWS:
+                views[self] = view
+            return view
+
+    def _filtered(self, batch: Batch) -> Batch | None:
         kept = [c for c in batch.changes if self.passes(c)]
         if not kept:
             return None
@@ -147,22 +187,41 @@ class Hub:
         max_batches: int = 10_000,
         max_bytes: int = 64 * 1024 * 1024,
         max_lag: int = 1_000,
+        max_streams: int = 10_000,
+        max_streams_per_connection: int = 1_000,
     ) -> None:
         self._rows_of = rows_of  # a full table's rows (key -> cache entry); None for lazy tables
         self._row_json = row_json
         self.max_batches = max_batches
         self.max_bytes = max_bytes
         self.max_lag = max_lag
+        self.max_streams = max_streams
+        self.max_streams_per_connection = max_streams_per_connection
+        # Plain variables, so that tests can change them (as etcd's watchable store does):
+        self.view_window = 64  # the newest batches whose filtered views are shared
+        self.max_group = 512  # most batches handed over in one Batches message
+        self.progress_tick = 0.05  # seconds between checks for idle subscribers owed a progress mark
+        self.wake_slice = 32  # subscribers woken at a time (see _wake_all)
+        self.fan_out_share = 0.3  # most of the event loop's time fan-out takes while others wait for it
+        self.pace_after = 0.0005  # seconds: a slice that took less is not followed by a pause
         self.epoch = ""
         self.published = 0  # every batch <= published is in the history (or compacted)
         self._history: list[Batch] = []  # published batches; the live part starts at _first
         self._first = 0
         self._trimmed_to = 0  # the newest revision trimmed from the history (or the epoch's start)
         self._bytes = 0
+        self._viewed: collections.deque[Batch] = collections.deque()  # batches whose views are kept
         self.started = asyncio.Event()  # set once the first epoch began
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
         self._subscribers: set[Subscription] = set()
+        self._per_connection: dict[str, int] = {}
+        # Subscribers waiting for something to send, oldest first (an ordered set).
+        self._waiting: collections.OrderedDict[Subscription, None] = collections.OrderedDict()
+        self._waking: asyncio.Handle | None = None  # the next slice of wake-ups, when scheduled
+        self._paced: set[Subscription] = set()  # subscribers owed progress marks when idle
+        self._ticker: asyncio.TimerHandle | None = None
         self.dropped = 0  # subscribers ended for falling behind
+        self.refused = 0  # subscriptions refused by max_streams / max_streams_per_connection
         self.closing = False
         self.published_batches = 0
         # Initial states are made one message at a time across all streams, so that
@@ -179,6 +238,7 @@ class Hub:
         self._first = 0
         self._trimmed_to = revision
         self._pending.clear()
+        self._viewed.clear()
         self._bytes = 0
         self.started.set()
         for subscriber in self._subscribers:
@@ -212,6 +272,8 @@ class Hub:
         while self._pending and self._pending[0].revision <= applied:
             batch = self._pending.popleft()
             self._attach_rows(batch)
+            batch.views = {}
+            self._viewed.append(batch)
             self._history.append(batch)
             self._bytes += batch.size
             self.published_batches += 1
@@ -230,8 +292,39 @@ class Hub:
         if self._first > 1024 and self._first * 2 > len(self._history):
             del self._history[: self._first]
             self._first = 0
-        for subscriber in self._subscribers:
-            subscriber.wake.set()
+        while len(self._viewed) > self.view_window:
+            self._viewed.popleft().views = None
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake the subscribers that wait (each send is followed by such a wait),
+        ``wake_slice`` at a time, in turn, so that fan-out takes at most
+        ``fan_out_share`` of the event loop's time: woken all at once, thousands of
+        streams would each send a message (a socket write, in grpc) before any
+        other call is served again. A subscriber whose turn comes late finds every
+        batch published meanwhile and takes them in one message (if its client
+        asked for that), so the busier the loop, the fewer messages."""
+        if self._waking is None and self._waiting:
+            self._waking = asyncio.get_running_loop().call_soon(self._wake_some)
+
+    def _wake_some(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting
+        for _ in range(min(self.wake_slice, len(waiting))):
+            waiting.popitem(last=False)[0].wake()
+        # Runs after the woken ones' steps (scheduled before it): how long they took.
+        self._waking = loop.call_soon(self._pace, loop.time())
+
+    def _pace(self, began: float) -> None:
+        self._waking = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        spent = loop.time() - began
+        if spent < self.pace_after:  # (a few streams: a pause would only delay them)
+            self._waking = loop.call_soon(self._wake_some)
+        else:
+            self._waking = loop.call_later(spent * (1 - self.fan_out_share) / self.fan_out_share, self._wake_some)
 
     def _live(self) -> int:
         return len(self._history) - self._first
@@ -295,8 +388,13 @@ class Hub:
         start: tuple[str, int] | None = None,
         snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None = None,
         progress_interval: float = 0.0,
+        connection: str | None = None,
+        several: bool = False,
     ) -> Subscription:
-        """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed."""
+        """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed,
+        ``TooManyStreams`` beyond ``max_streams`` in all or ``max_streams_per_connection``
+        on ``connection`` (None: a client that cannot be told apart from others).
+        ``several``: its client takes several batches in one message (``Batches``)."""
         if start is not None:
             epoch, revision = start
             if epoch != self.epoch:
@@ -314,22 +412,73 @@ class Hub:
             position = revision
         else:
             position = self.published
-        subscriber = Subscription(self, selection, position, snapshot, progress_interval)
+        self._admit(connection)
+        subscriber = Subscription(self, selection, position, snapshot, progress_interval, connection, several)
         self._subscribers.add(subscriber)
+        if connection is not None:
+            self._per_connection[connection] = self._per_connection.get(connection, 0) + 1
+        if progress_interval:
+            self._paced.add(subscriber)
+            self._start_ticker()
         return subscriber
+
+    def _admit(self, connection: str | None) -> None:
+        if len(self._subscribers) >= self.max_streams:
+            self.refused += 1
+            raise TooManyStreams(
+                f"too many Watch streams: {len(self._subscribers)} are open, the most this sidecar serves "
+                f"(watch.max_streams = {self.max_streams}); close some, or raise watch.max_streams"
+            )
+        if connection is not None:
+            open_here = self._per_connection.get(connection, 0)
+            if open_here >= self.max_streams_per_connection:
+                self.refused += 1
+                raise TooManyStreams(
+                    f"too many Watch streams on one connection ({connection}): {open_here} are open, the most "
+                    f"one connection may hold (watch.max_streams_per_connection = "
+                    f"{self.max_streams_per_connection}); share a stream between watchers, or raise "
+                    "watch.max_streams_per_connection"
+                )
 
     def shutdown(self) -> None:
         """End every stream now (cleanly, so clients resume elsewhere)."""
         self.closing = True
         for subscriber in self._subscribers:
-            subscriber.wake.set()
+            subscriber.wake()
 
     def unsubscribe(self, subscriber: Subscription) -> None:
+        if subscriber not in self._subscribers:
+            return
         self._subscribers.discard(subscriber)
+        self._paced.discard(subscriber)
+        self._waiting.pop(subscriber, None)
+        connection = subscriber.connection
+        if connection is not None:
+            left = self._per_connection[connection] - 1
+            if left:
+                self._per_connection[connection] = left
+            else:
+                del self._per_connection[connection]
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(self.progress_tick, self._tick)
+
+    def _tick(self) -> None:
+        """One timer for every subscriber's progress marks (instead of a timeout per wait)."""
+        self._ticker = None
+        if not self._paced:
+            return
+        now = asyncio.get_running_loop().time()
+        for subscriber in self._paced:
+            if subscriber.waiting and now - subscriber.idle_since >= subscriber.progress_interval:
+                subscriber.progress_due = True
+                subscriber.wake()
+        self._start_ticker()
 
 
 class Subscription:
@@ -342,6 +491,8 @@ class Subscription:
         position: int,
         snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None,
         progress_interval: float,
+        connection: str | None = None,
+        several: bool = False,
     ) -> None:
         self.hub = hub
         self.filter = selection
@@ -349,16 +500,62 @@ class Subscription:
         self.position = position  # everything up to here is delivered (or filtered out)
         self._snapshot = snapshot
         self.progress_interval = progress_interval
-        self.wake = asyncio.Event()
+        self.connection = connection
+        self.several = several
         self._resets: collections.deque[Reset] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None  # set while waiting for something to send
+        self.woken = False  # something happened since it last looked
+        self.idle_since = 0.0  # when it last sent something (for progress marks)
+        self.progress_due = False
 
     def reset(self, reset: Reset) -> None:
         self._resets.append(reset)
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        self.woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiter is not None
 
     @property
     def last_revision(self) -> str:
         return f"{self.epoch}/{self.position}"
+
+    async def _wait(self, turn: bool = False) -> None:
+        """Until the hub wakes it (a publish, a reset, shutdown, or a progress mark due);
+        ``turn``: until its turn comes, behind the others that have something to send."""
+        hub = self.hub
+        if turn:
+            hub._waiting[self] = None
+            hub._wake_all()
+        elif self.woken:
+            return
+        else:
+            hub._waiting[self] = None
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _group(self, first: Batch) -> list[Batch]:
+        """``first`` and the batches after it that are published already, as this
+        subscriber sees them (the empty ones left out), at most ``max_group``."""
+        hub = self.hub
+        group: list[Batch] = []
+        batch: Batch | None = first
+        while batch is not None and len(group) < hub.max_group:
+            visible = self.filter.apply(batch)
+            self.position = batch.revision
+            if visible is not None:
+                group.append(visible)
+            batch = hub.next_after(self.position)
+        return group
 
     async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncIterator[Message]:
         """What to send, in order, until the client goes away or falls behind.
@@ -372,9 +569,10 @@ class Subscription:
             async for message in self._initial_state(ready):
                 yield message
         loop = asyncio.get_running_loop()
-        idle_since = loop.time()
+        self.idle_since = loop.time()
         hub = self.hub
         while True:
+            self.woken = False
             if hub.closing:
                 raise ShuttingDown(f"the sidecar is shutting down; resume from revision {self.last_revision}")
             if self._resets:
@@ -390,29 +588,34 @@ class Subscription:
                 raise FellBehind(self._behind("the history moved past it"))
             batch = hub.next_after(self.position) if self.epoch == hub.epoch else None
             if batch is not None:
-                visible = self.filter.apply(batch)
-                self.position = batch.revision
-                if visible is not None:
+                changes: Batch | Batches | None
+                if self.several:
+                    group = self._group(batch)
+                    changes = (group[0] if len(group) == 1 else Batches(group)) if group else None
+                else:
+                    changes = self.filter.apply(batch)
+                    self.position = batch.revision
+                if changes is not None:
                     before = hub.published
-                    yield visible
-                    idle_since = loop.time()
+                    yield changes
+                    self.idle_since = loop.time()
+                    self.progress_due = False
                     if hub.published - before > hub.max_lag and not self._resets:
                         hub.dropped += 1
                         raise FellBehind(self._behind(f"{hub.published - before} batches published while one waited"))
+                    # Every send takes a turn: with thousands of streams, one event-loop
+                    # iteration runs at most wake_slice of them, so other calls (and
+                    # grpc accepting them) are never stuck behind the whole fan-out.
+                    await self._wait(turn=True)
                 continue
             if self.epoch == hub.epoch and hub.published > self.position:
                 self.position = hub.published  # a revision without a batch (the start of the epoch)
-            self.wake.clear()
-            if hub.closing or self._resets or (self.epoch == hub.epoch and hub.next_after(self.position) is not None):
-                continue
-            timeout = None
-            if self.progress_interval:
-                timeout = max(0.0, idle_since + self.progress_interval - loop.time())
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                idle_since = loop.time()
+            if self.progress_due:
+                self.progress_due = False
+                self.idle_since = loop.time()
                 yield Progress(self.epoch, self.position)
+                continue
+            await self._wait()
 
     async def _initial_state(self, ready: Callable[[], Any] | None) -> AsyncIterator[Message]:
         if ready is not None:

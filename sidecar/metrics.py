@@ -165,6 +165,13 @@ class _StateCollector(Collector):
         )
         families.append(
             CounterMetricFamily(
+                "cache_sidecar_watch_refused",
+                "Watch streams refused by watch.max_streams or watch.max_streams_per_connection.",
+                engine.hub.refused,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
                 "cache_sidecar_events_ignored",
                 "Notifications for tables this sidecar does not cache.",
                 engine.router.stats.ignored,

@@ -18,7 +18,7 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
-from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription
+from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.wire import TooLarge, row_too_large
 
@@ -32,6 +32,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (TooLarge, grpc.StatusCode.FAILED_PRECONDITION),
 )
@@ -335,7 +336,7 @@ class CacheService:
         engine = self.engine
         await engine.started()  # no epoch before the listener first connects
         try:
-            subscription = self._subscribe(request)
+            subscription = self._subscribe(request, _connection(context.peer()))
         except SidecarError as exc:
             if isinstance(exc, OutOfRange):
                 context.set_trailing_metadata((("cachesidecar-oldest-revision", engine.oldest_revision),))
@@ -355,7 +356,7 @@ class CacheService:
         finally:
             engine.unsubscribe(subscription)
 
-    def _subscribe(self, request: pb.WatchRequest) -> Subscription:
+    def _subscribe(self, request: pb.WatchRequest, connection: str | None) -> Subscription:
         engine = self.engine
         self._check_count(len(request.keys), "keys in the key filter")
         self._check_count(len(request.tables), "tables named")
@@ -385,11 +386,21 @@ class CacheService:
             start=start,
             initial_state=request.initial_state,
             progress_interval=request.progress_interval_ms / 1000,
+            connection=connection,
+            several=request.accept_batches,
         )
 
 
 def _column(column: KeyColumn) -> pb.Column:
     return pb.Column(name=column.name, type=column.sql_type, type_name=column.type_name, enum=column.enum)
+
+
+def _connection(peer: str) -> str | None:
+    """The client connection a call came on, as grpc names it ("ipv4:127.0.0.1:50123"),
+    or None where grpc cannot tell connections apart (every Unix-socket client is "unix:")."""
+    if not peer or peer.startswith("unix"):
+        return None
+    return peer
 
 
 def _key_of(entry: bytes, columns: list[str]) -> Key | None:

@@ -134,22 +134,60 @@ def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> by
     return encoded
 
 
+# Most bytes of one WatchResponse.batches message (when ``limit`` allows): big
+# enough that a subscriber behind by a thousand small batches gets them in a
+# few messages, small enough for any client's default receive limit (grpc-js:
+# 4 MiB). A plain variable so that tests can change it.
+BATCHES_BYTES = 1024 * 1024
+_BATCHES_TAG = b"\x2a"  # WatchResponse.batches: field 5, length-delimited
+
+
 def watch_messages(message: hub.Message, limit: int) -> list[bytes]:
     """Encode what a subscription yields, each message at most ``limit`` bytes.
 
     A batch is encoded once and kept on it: every subscriber that sees it
-    whole sends the same bytes. Raises ``TooLarge`` for a row that alone
-    exceeds ``limit``.
+    whole (or through an equal filter) sends the same bytes. Several batches
+    (``hub.Batches``) become as few ``WatchResponse.batches`` messages as
+    their size allows, each the batches' own encodings joined: an element of
+    ``ChangeBatches.batches`` is encoded exactly as a ``WatchResponse`` whose
+    ``changes`` holds it (both are field 1). Raises ``TooLarge`` for a row
+    that alone exceeds ``limit``.
     """
     if isinstance(message, hub.Batch):
         if message.encoded is None:
             message.encoded = _fitting_batch(message, limit)
         return [message.encoded]
+    if isinstance(message, hub.Batches):
+        return _grouped([watch_messages(batch, limit)[0] for batch in message.batches], limit)
     if isinstance(message, hub.Snapshot):
         if message.encoded is not None and len(message.encoded) <= limit:
             return [message.encoded]
         return _snapshot(message.epoch, message.revision, message.changes, limit)
     return [watch_message(message)]
+
+
+def _grouped(encoded: list[bytes], limit: int) -> list[bytes]:
+    """Batches' encodings as ``WatchResponse.batches`` messages, in order, each within
+    ``min(limit, BATCHES_BYTES)`` (a batch too big to share one goes alone, as ``changes``)."""
+    room = min(limit, BATCHES_BYTES) - 1 - 5  # the tag and a length varint of up to 5 bytes
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            out.append(_BATCHES_TAG + _varint(size) + b"".join(group))
+
+    for one in encoded:
+        if group and size + len(one) > room:
+            flush()
+            group, size = [], 0
+        group.append(one)
+        size += len(one)
+    flush()
+    return out
 
 
 def _fitting_batch(batch: hub.Batch, limit: int) -> bytes:
@@ -187,6 +225,9 @@ def _check_rows(epoch: str, revision: int, changes: list[hub.Change], limit: int
 
 def watch_message(message: hub.Message) -> bytes:
     """Encode one message of a subscription (no size limit: see ``watch_messages``)."""
+    if isinstance(message, hub.Batches):
+        body = b"".join(watch_message(batch) for batch in message.batches)
+        return _BATCHES_TAG + _varint(len(body)) + body
     if isinstance(message, hub.Batch):
         if message.encoded is None:
             message.encoded = _batch(message.epoch, message.revision, message.xid, message.changes)

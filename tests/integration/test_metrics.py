@@ -72,6 +72,7 @@ async def test_metrics_endpoint(start_daemon, db, tables):
     assert value(samples, "cache_sidecar_revision") == sidecar.engine.applied
     assert value(samples, "cache_sidecar_watch_subscribers") == 1
     assert value(samples, "cache_sidecar_watch_dropped_total") == 0
+    assert value(samples, "cache_sidecar_watch_refused_total") == 0
     assert value(samples, "cache_sidecar_request_seconds_count", method="Get") == 3
     assert value(samples, "cache_sidecar_request_seconds_count", method="BatchGet") == 1
     assert value(samples, "cache_sidecar_barrier_seconds_count") >= 1

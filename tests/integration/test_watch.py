@@ -305,3 +305,82 @@ async def test_client_resumes_through_a_cut_connection_without_gap_or_duplicate(
     assert proxy.connections >= 2
     numbers = [b.revision.number for b in got if isinstance(b, ChangeBatch)]
     assert numbers == list(range(start + 1, start + 121))
+
+
+async def test_streams_beyond_the_caps_are_refused_and_the_open_ones_go_on(start_daemon, db, items):
+    sidecar = await start_daemon([items], watch_max_streams=3, watch_max_streams_per_connection=2)
+    request = pb.WatchRequest(tables=[items])
+    # separate subchannel pools: each channel is its own TCP connection
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with (
+        grpc.aio.insecure_channel(sidecar.target, options=options) as one,
+        grpc.aio.insecure_channel(sidecar.target, options=options) as two,
+        grpc.aio.insecure_channel(sidecar.target, options=options) as three,
+    ):
+        open_calls = [pb_grpc.CacheStub(one).Watch(request) for _ in range(2)]
+        for call in open_calls:
+            await call.initial_metadata()
+        refused = pb_grpc.CacheStub(one).Watch(request)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(refused.read(), 10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "watch.max_streams_per_connection = 2" in info.value.details()
+        open_calls.append(pb_grpc.CacheStub(two).Watch(request))  # another connection may
+        await open_calls[-1].initial_metadata()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(pb_grpc.CacheStub(three).Watch(request).read(), 10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "watch.max_streams = 3" in info.value.details()
+        assert (sidecar.engine.hub.subscribers, sidecar.engine.hub.refused) == (3, 2)
+        # the Python client raises it (no headers yet: not a subscriber that fell behind)
+        async with AsyncClient(sidecar.target) as cache:
+            with pytest.raises(CacheSidecarError) as refusal:
+                async with asyncio.timeout(10):
+                    await anext(cache.watch([items]))
+            assert refusal.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await db.execute(f"UPDATE {items} SET version = 7 WHERE id = 3")
+        for call in open_calls:  # the streams below the caps are unaffected
+            message = await asyncio.wait_for(call.read(), 10)
+            assert message.changes.events[0].key.parts[0].int_value == 3
+        open_calls.pop().cancel()
+        await eventually(lambda: sidecar.engine.hub.subscribers == 2, what="a slot freed")
+        replacement = pb_grpc.CacheStub(three).Watch(request)
+        await replacement.initial_metadata()
+        replacement.cancel()
+        for call in open_calls:
+            call.cancel()
+
+
+async def test_a_stream_behind_gets_several_batches_in_one_message_only_if_it_asked(start_daemon, db, items):
+    sidecar = await start_daemon([items])
+    start = pb.Revision(epoch=sidecar.engine.epoch, number=sidecar.engine.applied)
+    for version in range(1, 21):
+        await db.execute(f"UPDATE {items} SET version = $1 WHERE id = $2", version, version)
+    await eventually(lambda: sidecar.engine.hub.published >= start.number + 20, what="20 batches published")
+
+    async def read(accept_batches: bool) -> tuple[list[str], list[pb.ChangeBatch]]:
+        kinds, batches = [], []
+        request = pb.WatchRequest(tables=[items], start_revision=start, accept_batches=accept_batches)
+        call = pb_grpc.CacheStub(channel).Watch(request)
+        async with asyncio.timeout(20):
+            while len(batches) < 20:
+                message = await call.read()
+                kinds.append(message.WhichOneof("kind"))
+                batches.extend(message.batches.batches if kinds[-1] == "batches" else [message.changes])
+        call.cancel()
+        return kinds, batches
+
+    async with grpc.aio.insecure_channel(sidecar.target) as channel:
+        old_kinds, old_batches = await read(False)  # an old client: one batch a message, as before
+        new_kinds, new_batches = await read(True)
+    assert old_kinds == ["changes"] * 20
+    assert new_kinds == ["batches"]  # all 20 were there: one message
+    assert new_batches == old_batches
+    assert [b.revision.number for b in new_batches] == list(range(start.number + 1, start.number + 21))
+    # ... and the Python client, which asks for them, yields them one by one, in order
+    async with AsyncClient(sidecar.target) as cache:
+        got = await collect(
+            cache.watch([items], start_revision=Revision(start.epoch, start.number)), lambda got: len(got) == 20
+        )
+    assert [b.revision.number for b in got] == list(range(start.number + 1, start.number + 21))
+    assert [b.changes[0].row["version"] for b in got] == list(range(1, 21))

@@ -7,12 +7,14 @@ import asyncio
 
 import pytest
 
+from sidecar import wire
 from sidecar.hub import (
     DELETE,
     INSERT,
     TRUNCATE,
     UPDATE,
     Batch,
+    Batches,
     Change,
     FellBehind,
     Filter,
@@ -22,6 +24,7 @@ from sidecar.hub import (
     Reset,
     Snapshot,
     SnapshotDone,
+    TooManyStreams,
     snapshot_chunks,
 )
 
@@ -209,3 +212,131 @@ async def test_initial_state_then_done_then_changes_after_it():
     assert isinstance(snapshot, Snapshot) and sorted(c.key for c in snapshot.changes) == [(1,), (2,)]
     assert isinstance(done, SnapshotDone) and done.revision == 1
     assert live.revision == 2
+
+
+async def test_streams_beyond_the_limits_are_refused_and_those_below_are_unaffected():
+    hub = make_hub(max_streams=3, max_streams_per_connection=2)
+    first = hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    per_connection = r"one connection \(ipv4:10.0.0.1:5000\): 2 are open.*max_streams_per_connection = 2"
+    with pytest.raises(TooManyStreams, match=per_connection):
+        hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    other = hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.2:6000")  # another connection
+    with pytest.raises(TooManyStreams, match=r"3 are open.*watch.max_streams = 3"):
+        hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")
+    with pytest.raises(TooManyStreams, match=r"watch\.max_streams = 3"):
+        hub.subscribe(Filter(frozenset()))  # (a Unix-socket client: only the total bounds it)
+    assert (hub.subscribers, hub.refused) == (3, 3)
+    stream = first.messages()
+    commit(hub, 1, 1)
+    assert [b.revision for b in await take(stream, 1)] == [1]  # the open ones go on
+    hub.unsubscribe(other)
+    hub.unsubscribe(other)  # (twice: counted once)
+    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")  # a slot is free again
+    hub.unsubscribe(first)
+    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+
+
+async def test_equal_filters_share_one_view_and_different_filters_never_mix():
+    hub = make_hub()
+    filters = {
+        "key 1": Filter(frozenset({T}), keys=frozenset({(1,)})),
+        "key 1 again": Filter(frozenset({T}), keys=frozenset({(1,)})),  # equal, another object
+        "key 2": Filter(frozenset({T}), keys=frozenset({(2,)})),
+        "inserts": Filter(frozenset(), ops=frozenset({INSERT})),
+        "key 1, inserts": Filter(frozenset({T}), keys=frozenset({(1,)}), ops=frozenset({INSERT})),
+    }
+    sees_nothing = filters.pop("key 1, inserts")
+    streams = {name: hub.subscribe(f).messages() for name, f in filters.items()}
+    ROWS[(1,)], ROWS[(2,)] = b"one", b"two"
+    hub.record(1, 1, Change(T, UPDATE, (1,)))
+    hub.record(1, 1, Change(T, INSERT, (2,)))
+    hub.publish(1)
+    got = {name: (await take(stream, 1))[0] for name, stream in streams.items()}
+    assert got["key 1"] is got["key 1 again"]  # made (and so encoded) once
+    assert wire.watch_messages(got["key 1"], 1 << 20) == wire.watch_messages(got["key 1 again"], 1 << 20)
+    assert len({id(v) for v in got.values()}) == 3
+    seen = {name: [(c.key, c.op) for c in view.changes] for name, view in got.items()}
+    assert seen == {
+        "key 1": [((1,), UPDATE)],
+        "key 1 again": [((1,), UPDATE)],
+        "key 2": [((2,), INSERT)],
+        "inserts": [((2,), INSERT)],
+    }
+    batch = hub.next_after(0)
+    assert sees_nothing.apply(batch) is None and batch.views[sees_nothing] is None
+    assert {f: v for f, v in batch.views.items() if v is not None} == {
+        filters["key 1"]: got["key 1"],
+        filters["key 2"]: got["key 2"],
+        filters["inserts"]: got["inserts"],
+    }
+
+
+async def test_views_are_kept_for_the_newest_batches_only():
+    hub = make_hub()
+    hub.view_window = 2
+    only_3 = Filter(frozenset({T}), keys=frozenset({(3,)}))
+    for revision in range(1, 5):
+        commit(hub, revision, revision)
+    # batches 1 and 2 left the window: their views are gone, each subscriber filters itself
+    assert hub.next_after(0).views is None and hub.next_after(3).views == {}
+    late = hub.subscribe(only_3, start=("e1", 0)).messages()
+    (view,) = await take(late, 1)
+    assert view.revision == 3 and [c.key for c in view.changes] == [(3,)]
+    assert hub.next_after(2).views == {only_3: view}  # batch 3 is still in the window
+    assert only_3.apply(hub.next_after(3)) is None and hub.next_after(3).views == {only_3: None}
+
+
+async def test_a_subscriber_behind_gets_every_batch_it_may_have_in_one_message():
+    hub = make_hub()
+    hub.max_group = 4
+    several = hub.subscribe(Filter(frozenset()), several=True).messages()
+    one_by_one = hub.subscribe(Filter(frozenset())).messages()
+    filtered = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(2,), (5,)})), several=True).messages()
+    for revision in range(1, 7):
+        commit(hub, revision, revision)
+    first, second = await take(several, 2)
+    assert isinstance(first, Batches) and [b.revision for b in first.batches] == [1, 2, 3, 4]
+    assert isinstance(second, Batches) and [b.revision for b in second.batches] == [5, 6]
+    assert [b.revision for b in await take(one_by_one, 6)] == [1, 2, 3, 4, 5, 6]
+    (group,) = await take(filtered, 1)
+    assert [b.revision for b in group.batches] == [2, 5]  # the batches it sees nothing of left out
+    commit(hub, 7, 7)
+    (alone,) = await take(several, 1)
+    assert isinstance(alone, Batch) and alone.revision == 7  # one batch goes as one
+
+
+async def test_progress_marks_come_from_one_shared_ticker_and_stop_when_not_idle():
+    hub = make_hub()
+    hub.progress_tick = 0.01
+    commit(hub, 1, 1)
+    quiet = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.03).messages()
+    busy = hub.subscribe(Filter(frozenset()), progress_interval=0.03).messages()
+    marks = await take(quiet, 2)
+    assert all(isinstance(m, Progress) and m.revision == 1 for m in marks)
+    commit(hub, 2, 2)
+    (batch,) = await take(busy, 1)
+    assert isinstance(batch, Batch)
+    assert hub._ticker is not None  # one timer for all of them
+
+
+async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_came_meanwhile():
+    hub = make_hub()
+    hub.wake_slice = 2
+    streams = [hub.subscribe(Filter(frozenset()), several=True).messages() for _ in range(6)]
+    readers = [asyncio.create_task(take(stream, 1)) for stream in streams]
+    for _ in range(5):
+        await asyncio.sleep(0)  # every reader waits
+    commit(hub, 1, 1)
+    woken: list[int] = []  # how many had their message after each event-loop iteration
+    async with asyncio.timeout(2):
+        while not all(r.done() for r in readers):
+            await asyncio.sleep(0)
+            woken.append(sum(r.done() for r in readers))
+            if woken[-1] == 2 and hub.published == 1:
+                commit(hub, 2, 2)  # published while the others still wait for their turn
+    steps = [b - a for a, b in zip([0, *woken], woken, strict=False)]
+    assert max(steps) <= 2  # never more than a slice at once
+    first = [(await r)[0] for r in readers]
+    assert [m.revision for m in first[:2]] == [1, 1]
+    assert [[b.revision for b in m.batches] for m in first[2:]] == [[1, 2]] * 4

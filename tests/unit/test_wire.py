@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import wire
+from sidecar import hub, wire
 from sidecar.api.v1 import cache_pb2 as pb
 
 SIZES = [0, 1, 120, 121, 122, 127, 128, 16379, 16380, 16384, 300_000]
@@ -69,3 +69,55 @@ def test_query_response(truncated):
     )
     assert pb.QueryResponse.FromString(encoded) == expected
     assert encoded == expected.SerializeToString()
+
+
+def _batches(count: int, row_size: int = 10) -> list[hub.Batch]:
+    out = []
+    for revision in range(1, count + 1):
+        change = hub.Change("public.t", hub.UPDATE, (revision, "k"), None, b"x" * (row_size + revision), True)
+        other = hub.Change("public.t", hub.DELETE, (-revision, "k"), (revision, "old"), None, False)
+        out.append(hub.Batch("epoch", revision, 1000 + revision, [change, other]))
+    return out
+
+
+def _decoded(messages: list[bytes]) -> list[pb.ChangeBatch]:
+    """What a client reads: every batch of every message, in order."""
+    found = []
+    for data in messages:
+        response = pb.WatchResponse.FromString(data)
+        if response.WhichOneof("kind") == "batches":
+            found.extend(response.batches.batches)
+        else:
+            assert response.WhichOneof("kind") == "changes"
+            found.append(response.changes)
+    return found
+
+
+@pytest.mark.parametrize("count", [2, 3, 40])
+def test_several_batches_decode_to_the_same_batches_in_order_as_single_ones(count):
+    batches = _batches(count)
+    singles = [wire.watch_messages(b, 1 << 20)[0] for b in batches]
+    (grouped,) = wire.watch_messages(hub.Batches(batches), 1 << 20)
+    response = pb.WatchResponse.FromString(grouped)
+    assert response.WhichOneof("kind") == "batches"
+    assert list(response.batches.batches) == [pb.WatchResponse.FromString(s).changes for s in singles]
+    assert [b.revision.number for b in response.batches.batches] == list(range(1, count + 1))
+    assert wire.watch_message(hub.Batches(batches)) == grouped
+
+
+def test_several_batches_are_split_to_fit_and_a_big_one_goes_alone(monkeypatch):
+    monkeypatch.setattr(wire, "BATCHES_BYTES", 600)
+    big = hub.Batch("epoch", 31, 1, [hub.Change("public.t", hub.INSERT, (31,), None, b"y" * 900, True)])
+    batches = [*_batches(30), big, *_batches(3)]  # (revisions repeat: only order matters here)
+    messages = wire.watch_messages(hub.Batches(batches), 1 << 20)
+    assert len(messages) > 3
+    assert all(len(m) <= 600 for m in messages if pb.WatchResponse.FromString(m).WhichOneof("kind") == "batches")
+    alone = [m for m in messages if len(m) > 600]
+    assert len(alone) == 1 and pb.WatchResponse.FromString(alone[0]).WhichOneof("kind") == "changes"
+    singles = [pb.WatchResponse.FromString(wire.watch_messages(b, 1 << 20)[0]).changes for b in batches]
+    assert _decoded(messages) == singles
+    # the server's message limit bounds them too, when it is the smaller
+    monkeypatch.setattr(wire, "BATCHES_BYTES", 1 << 20)
+    limited = wire.watch_messages(hub.Batches(_batches(30)), 400)
+    assert len(limited) > 1 and all(len(m) <= 400 for m in limited)
+    assert _decoded(limited) == [pb.WatchResponse.FromString(wire.watch_message(b)).changes for b in _batches(30)]

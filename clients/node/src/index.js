@@ -273,10 +273,11 @@ class CacheClient {
             }
             continue;
           }
-          const item = this._event(part.message);
-          if (resumer.duplicate(item)) continue;
-          resumer.seen(item);
-          yield item;
+          for (const item of this._events(part.message)) {
+            if (resumer.duplicate(item)) continue;
+            resumer.seen(item);
+            yield item;
+          }
         }
       } catch (error) {
         failure = error;
@@ -343,22 +344,32 @@ class CacheClient {
     });
   }
 
+  /** A stream message's items: several 'changes' for a `batches` message (in order), else one. */
+  _events(message) {
+    if (message.kind === 'batches') return message.batches.batches.map((batch) => this._changes(batch));
+    return [this._event(message)];
+  }
+
+  _changes(batch) {
+    return {
+      type: 'changes',
+      revision: batch.revision,
+      xid: Number(batch.xid),
+      changes: batch.events.map((e) => ({
+        table: e.table,
+        operation: e.operation.toLowerCase(),
+        key: fromKey(e.key),
+        oldKey: fromKey(e.oldKey),
+        row: e.hasRow ? this.decodeRow(e.row) : null,
+        hasRow: e.hasRow,
+      })),
+    };
+  }
+
   _event(message) {
     switch (message.kind) {
       case 'changes':
-        return {
-          type: 'changes',
-          revision: message.changes.revision,
-          xid: Number(message.changes.xid),
-          changes: message.changes.events.map((e) => ({
-            table: e.table,
-            operation: e.operation.toLowerCase(),
-            key: fromKey(e.key),
-            oldKey: fromKey(e.oldKey),
-            row: e.hasRow ? this.decodeRow(e.row) : null,
-            hasRow: e.hasRow,
-          })),
-        };
+        return this._changes(message.changes);
       case 'reset':
         return { type: 'reset', revision: message.reset.revision, reason: message.reset.reason };
       case 'progress':
@@ -392,6 +403,7 @@ function watchRequest(tables, { keys, operations, startRevision, initialState = 
     startRevision: startRevision || null,
     initialState,
     progressIntervalMs,
+    acceptBatches: true, // _events() reads several batches in one message
   };
 }
 

@@ -51,7 +51,7 @@ from cache_sidecar_client.watch import (
     Resumer,
     resumable,
 )
-from cache_sidecar_client.watch import event as watch_event
+from cache_sidecar_client.watch import events as watch_events
 from cache_sidecar_client.watch import request as watch_request
 
 DEFAULT_TIMEOUT = 5.0
@@ -228,13 +228,15 @@ def _stream_step(resumer: Resumer, resume: bool, error: grpc.RpcError | None, co
     return _StreamStep(items, "retry", resumer.delay())
 
 
-def _accepted(resumer: Resumer, response: pb.WatchResponse, decode: Decoder) -> Event | None:
-    """A stream message as an event, or None for one already delivered (after a resume)."""
-    item = watch_event(response, decode)
-    if resumer.duplicate(item):
-        return None
-    resumer.seen(item)
-    return item
+def _accepted(resumer: Resumer, response: pb.WatchResponse, decode: Decoder) -> list[Event]:
+    """A stream message's events, less those already delivered (after a resume)."""
+    accepted = []
+    for item in watch_events(response, decode):
+        if resumer.duplicate(item):
+            continue
+        resumer.seen(item)
+        accepted.append(item)
+    return accepted
 
 
 class _BatchRead:
@@ -481,8 +483,7 @@ class Client:
                     resumer.established(metadata)
                     yield CONNECTED
                 for response in call:
-                    if (item := _accepted(resumer, response, self._core.decode)) is not None:
-                        yield item
+                    yield from _accepted(resumer, response, self._core.decode)
             except grpc.RpcError as exc:
                 error = exc
             finally:
@@ -690,7 +691,7 @@ class AsyncClient:
                     resumer.established(metadata)
                     yield CONNECTED
                 async for response in call:
-                    if (item := _accepted(resumer, response, self._core.decode)) is not None:
+                    for item in _accepted(resumer, response, self._core.decode):
                         yield item
             except grpc.RpcError as exc:
                 error = exc

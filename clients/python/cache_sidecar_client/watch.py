@@ -121,28 +121,41 @@ def request(
         start_revision=start_revision.to_pb() if start_revision else None,
         initial_state=initial_state,
         progress_interval_ms=int((progress_interval or 0) * 1000),
+        accept_batches=True,  # events() reads several batches in one message
     )
 
 
+def _change_batch(batch: pb.ChangeBatch, decode: Decoder) -> ChangeBatch:
+    return ChangeBatch(
+        Revision.from_pb(batch.revision),
+        batch.xid,
+        [
+            Change(
+                e.table,
+                _NAMES.get(e.operation, "unspecified"),
+                from_key(e.key) if e.HasField("key") else None,
+                from_key(e.old_key) if e.HasField("old_key") else None,
+                decode(e.row) if e.has_row else None,
+                e.has_row,
+            )
+            for e in batch.events
+        ],
+    )
+
+
+def events(response: pb.WatchResponse, decode: Decoder) -> list[Event]:
+    """The events of one stream message: several ``ChangeBatch`` for a ``batches``
+    message (in order, as if each had come alone), else one."""
+    if response.WhichOneof("kind") == "batches":
+        return [_change_batch(batch, decode) for batch in response.batches.batches]
+    return [event(response, decode)]
+
+
 def event(response: pb.WatchResponse, decode: Decoder) -> Event:
+    """The event of a stream message that is not ``batches`` (see ``events``)."""
     kind = response.WhichOneof("kind")
     if kind == "changes":
-        batch = response.changes
-        return ChangeBatch(
-            Revision.from_pb(batch.revision),
-            batch.xid,
-            [
-                Change(
-                    e.table,
-                    _NAMES.get(e.operation, "unspecified"),
-                    from_key(e.key) if e.HasField("key") else None,
-                    from_key(e.old_key) if e.HasField("old_key") else None,
-                    decode(e.row) if e.has_row else None,
-                    e.has_row,
-                )
-                for e in batch.events
-            ],
-        )
+        return _change_batch(response.changes, decode)
     if kind == "reset":
         return Reset(Revision.from_pb(response.reset.revision), response.reset.reason)
     if kind == "progress":

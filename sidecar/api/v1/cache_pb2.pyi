@@ -151,20 +151,22 @@ class InvalidateResponse(_message.Message):
     def __init__(self, revision: _Optional[_Union[Revision, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("tables", "keys", "operations", "start_revision", "initial_state", "progress_interval_ms")
+    __slots__ = ("tables", "keys", "operations", "start_revision", "initial_state", "progress_interval_ms", "accept_batches")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_BATCHES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
     keys: _containers.RepeatedCompositeFieldContainer[Key]
     operations: _containers.RepeatedScalarFieldContainer[Operation]
     start_revision: Revision
     initial_state: bool
     progress_interval_ms: int
-    def __init__(self, tables: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., start_revision: _Optional[_Union[Revision, _Mapping]] = ..., initial_state: _Optional[bool] = ..., progress_interval_ms: _Optional[int] = ...) -> None: ...
+    accept_batches: bool
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., start_revision: _Optional[_Union[Revision, _Mapping]] = ..., initial_state: _Optional[bool] = ..., progress_interval_ms: _Optional[int] = ..., accept_batches: _Optional[bool] = ...) -> None: ...
 
 class ChangeEvent(_message.Message):
     __slots__ = ("table", "operation", "key", "old_key", "row", "has_row")
@@ -212,17 +214,25 @@ class InitialStateDone(_message.Message):
     revision: Revision
     def __init__(self, revision: _Optional[_Union[Revision, _Mapping]] = ...) -> None: ...
 
+class ChangeBatches(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[ChangeBatch]
+    def __init__(self, batches: _Optional[_Iterable[_Union[ChangeBatch, _Mapping]]] = ...) -> None: ...
+
 class WatchResponse(_message.Message):
-    __slots__ = ("changes", "reset", "progress", "initial_state_done")
+    __slots__ = ("changes", "reset", "progress", "initial_state_done", "batches")
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_DONE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     changes: ChangeBatch
     reset: Reset
     progress: Progress
     initial_state_done: InitialStateDone
-    def __init__(self, changes: _Optional[_Union[ChangeBatch, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., initial_state_done: _Optional[_Union[InitialStateDone, _Mapping]] = ...) -> None: ...
+    batches: ChangeBatches
+    def __init__(self, changes: _Optional[_Union[ChangeBatch, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., initial_state_done: _Optional[_Union[InitialStateDone, _Mapping]] = ..., batches: _Optional[_Union[ChangeBatches, _Mapping]] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
     __slots__ = ()
