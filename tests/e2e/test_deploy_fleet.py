@@ -150,3 +150,117 @@ def test_the_cert_manager_example_issues_the_hubs_secret_for_the_service_names()
     assert {service, f"{service}.default.svc", f"{service}.default.svc.cluster.local"} <= set(
         certificate["spec"]["dnsNames"]
     )
+
+
+def test_the_fleet_configurations_load_as_a_hub_and_a_follower(tmp_path):
+    from sidecar import config as cfg
+
+    loaded = {}
+    for name in ("hub-configmap.yaml", "follower-configmap.yaml"):
+        path = tmp_path / name.replace(".yaml", ".toml")
+        path.write_text(load(name)["data"]["sidecar.toml"])
+        loaded[name] = cfg.load(path, env={})
+    hub, follower = loaded["hub-configmap.yaml"], loaded["follower-configmap.yaml"]
+    assert hub.upstream_target is None and hub.tables and hub.tls_cert_file and hub.auth_token_file
+    assert follower.upstream_target == "cache-sidecar-hub:50051" and not follower.tables
+    assert follower.dsn is None and follower.upstream_tls_ca_file and follower.upstream_token_file
+
+
+def test_the_fleet_configurations_serve_a_follower_over_tls_with_a_token(postgres, schema, tmp_path):
+    """The two ConfigMaps' sidecar.toml, exactly but for paths and ports: a hub serving over
+    TLS with tokens, and a follower of it (no DSN anywhere in its environment) serving the
+    app over the Unix socket."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+
+    import asyncpg
+    import grpc
+    from cache_sidecar_client import Client
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.e2e.test_deploy import BIN, free_port
+    from tests.support.certs import Authority
+    from tests.support.waiting import wait_until
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(postgres.dsn)
+        await conn.execute(f"CREATE TABLE {schema}.patron (id int PRIMARY KEY, name text)")
+        await conn.execute(f"INSERT INTO {schema}.patron VALUES (1, 'Ada')")
+        await conn.close()
+
+    asyncio.run(setup())
+    authority = Authority(tmp_path / "ca", "fleet CA")
+    issued = authority.issue("hub", hosts=("127.0.0.1", "localhost"))
+    tokens = load("hub-tokens-secret.yaml")["stringData"]["tokens"]
+    token = load("follower-token-secret.yaml")["stringData"]["token"]
+    (tmp_path / "tokens").write_text(tokens)
+    (tmp_path / "token").write_text(token)
+    hub_port, hub_health, follower_health = free_port(), free_port(), free_port()
+    socket_path = tmp_path / "grpc.sock"
+    hub_text = (
+        load("hub-configmap.yaml")["data"]["sidecar.toml"]
+        .replace("0.0.0.0:50051", f"127.0.0.1:{hub_port}")
+        .replace("0.0.0.0:50052", f"127.0.0.1:{hub_health}")
+        .replace('listen = "0.0.0.0:9464"', 'listen = ""')
+        .replace("/etc/cache-sidecar/tls/tls.crt", str(issued.cert))
+        .replace("/etc/cache-sidecar/tls/tls.key", str(issued.key))
+        .replace("/etc/cache-sidecar/tokens/tokens", str(tmp_path / "tokens"))
+        .replace("public.patron", f"{schema}.patron")
+    )
+    follower_text = (
+        load("follower-configmap.yaml")["data"]["sidecar.toml"]
+        .replace("unix:///run/cache-sidecar/grpc.sock", f"unix://{socket_path}")
+        .replace("0.0.0.0:50052", f"127.0.0.1:{follower_health}")
+        .replace('listen = "0.0.0.0:9464"', 'listen = ""')
+        .replace("cache-sidecar-hub:50051", f"localhost:{hub_port}")
+        .replace("/etc/cache-sidecar/hub-ca/ca.crt", str(authority.cert_file))
+        .replace("/etc/cache-sidecar/token/token", str(tmp_path / "token"))
+    )
+    (tmp_path / "hub.toml").write_text(hub_text)
+    (tmp_path / "follower.toml").write_text(follower_text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
+    exe = str(BIN / "cache-sidecar")
+    installed = subprocess.run(
+        [exe, "triggers", "install", "--config", str(tmp_path / "hub.toml")],
+        env={**env, "CACHE_SIDECAR_DATABASE_DSN": postgres.dsn},
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    hub = subprocess.Popen(
+        [exe, "serve", "--config", str(tmp_path / "hub.toml")],
+        env={**env, "CACHE_SIDECAR_DATABASE_DSN": postgres.dsn},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    follower = subprocess.Popen(
+        [exe, "serve", "--config", str(tmp_path / "follower.toml")], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for process, port in ((hub, hub_health), (follower, follower_health)):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                probe = health_pb2_grpc.HealthStub(channel)
+
+                def ready(process: subprocess.Popen[str] = process, probe: object = probe) -> bool:
+                    if process.poll() is not None:
+                        raise RuntimeError(process.stderr.read() if process.stderr else "exited")
+                    try:
+                        return probe.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1  # type: ignore[attr-defined]
+                    except grpc.RpcError:
+                        return False
+
+                wait_until(ready, 60, 0.05, what="ready")
+        with Client(f"unix://{socket_path}") as cache:
+            assert cache.get(f"{schema}.patron", 1) == {"id": 1, "name": "Ada"}
+            assert cache.list_tables()[0].name == f"{schema}.patron"
+        with grpc.insecure_channel(f"127.0.0.1:{hub_port}") as plain, pytest.raises(grpc.RpcError):
+            plain.unary_unary("/cachesidecar.v1.Cache/ListTables")(b"", timeout=2)
+        for process in (follower, hub):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0
+    finally:
+        for process in (follower, hub):
+            if process.poll() is None:
+                process.kill()
