@@ -304,6 +304,14 @@ class FakeCall:
 class FakeUpstream:
     target = "fake:1"
     timeout = 1.0
+    renewed = 0  # times the source asked for a channel with rotated certificates
+
+    async def renew_if_rotated(self) -> bool:
+        self.renewed += 1
+        return False
+
+    def explain(self, error: object) -> str:
+        return f"fake:1: {error}"
 
     def __init__(self, *calls: FakeCall, head: int = 0) -> None:
         from sidecar.api.v1 import cache_pb2 as pb
