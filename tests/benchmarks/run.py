@@ -134,13 +134,14 @@ def _rate(value: float) -> str:
 
 
 def table(results: list[Result]) -> str:
+    width = max([34, *(len(r.name) for r in results)])
     lines = [
-        f"| {'target':<34} | callers | {'calls/s':>9} | {'keys/s':>10} | {'p50 µs':>8} | {'p99 µs':>8} |",
-        f"|{'-' * 36}|---------|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 10}|",
+        f"| {'target':<{width}} | callers | {'calls/s':>9} | {'keys/s':>10} | {'p50 µs':>8} | {'p99 µs':>8} |",
+        f"|{'-' * (width + 2)}|---------|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 10}|",
     ]
     for r in results:
         lines.append(
-            f"| {r.name:<34} | {r.callers:>7} | {_rate(r.throughput):>9} "
+            f"| {r.name:<{width}} | {r.callers:>7} | {_rate(r.throughput):>9} "
             f"| {_rate(r.throughput * r.keys_per_call):>10} | {r.pct(0.5):>8,.0f} | {r.pct(0.99):>8,.0f} |"
         )
     return "\n".join(lines)
@@ -336,7 +337,10 @@ async def over_a_link(dsn: str, rows: int, seconds: float, delay_ms: float, user
         print(f"{callers:>2} caller(s): {text}")
     relay = by[("asyncpg SELECT by id, relay without delay", 1)].pct(0.5)
     direct_link = by[("asyncpg SELECT by id", 1)].pct(0.5)
-    print(f"(asyncpg's p50 through the relay without delay: {relay:,.0f} µs; with the delay: {direct_link:,.0f} µs)")
+    print(
+        f"(asyncpg's p50 through the relay without delay: {relay:,.0f} µs; with the delay: {direct_link:,.0f} µs: "
+        f"the link added {(direct_link - relay) / 1000:.2f} ms, for {delay_ms} ms asked)"
+    )
 
 
 LINK_PAIRS = (
