@@ -2,12 +2,14 @@
 prebuilt response bytes of the same shape the sidecar sends, doing nothing else.
 
     python -m tests.benchmarks.floor_server 127.0.0.1:50061 <row-bytes-file>
-        [--sync] [--loop asyncio|uvloop] [--option grpc.optimization_target=latency ...]
+        [--sync] [--loop asyncio|uvloop] [--option grpc.optimization_target=latency ...] [--busy-us 80]
 
 The address may be ``unix:/path``. ``--sync`` serves with grpcio's thread-pool
 server instead of grpc.aio; ``--option`` passes a channel argument to the
 server (an integer value is passed as one). ``get_floor.py`` uses these to
-measure whether any of them lowers the floor.
+measure whether any of them lowers the floor. ``--busy-us`` makes each call of
+the grpc.aio server hold the CPU that long first (a handler that works, without
+this daemon): what a handler's time costs the process beyond itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,13 +51,22 @@ def parse_options(texts: list[str]) -> list[tuple[str, Any]]:
     return options
 
 
-async def serve_aio(address: str, row: bytes, options: list[tuple[str, Any]]) -> None:
+def busy(seconds: float) -> None:
+    if seconds:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+
+async def serve_aio(address: str, row: bytes, options: list[tuple[str, Any]], busy_seconds: float = 0.0) -> None:
     get_reply, batch_reply = replies(row)
 
     async def get(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        busy(busy_seconds)
         return get_reply
 
     async def batch_get(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        busy(busy_seconds)
         return batch_reply
 
     methods = handlers(get, batch_get)
@@ -85,6 +97,7 @@ def main() -> None:
     parser.add_argument("--sync", action="store_true", help="grpcio's thread-pool server instead of grpc.aio")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--option", action="append", default=[], help="a server channel argument, name=value")
+    parser.add_argument("--busy-us", type=float, default=0.0, help="CPU each grpc.aio call holds first")
     args = parser.parse_args()
     row, options = args.row_file.read_bytes(), parse_options(args.option)
     if args.sync:
@@ -92,9 +105,9 @@ def main() -> None:
     elif args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve_aio(args.address, row, options))
+        uvloop.run(serve_aio(args.address, row, options, args.busy_us / 1e6))
     else:
-        asyncio.run(serve_aio(args.address, row, options))
+        asyncio.run(serve_aio(args.address, row, options, args.busy_us / 1e6))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,8 @@ FLOORS: tuple[tuple[str, list[str], dict[str, str], bool], ...] = (
     ("floor: uvloop, EventEngine on", ["--loop", "uvloop"], {"GRPC_EXPERIMENTS": ""}, False),
     ("floor: sync server, 16 threads", ["--sync"], {}, False),
     ("floor: uvloop, Unix socket", ["--loop", "uvloop"], {}, True),
+    # not an option: a handler that holds the CPU 80 µs, about what the sidecar's BatchGet(100) does
+    ("floor: uvloop, handler busy 80 µs", ["--loop", "uvloop", "--busy-us", "80"], {}, False),
 )
 
 
