@@ -311,17 +311,27 @@ def coerce_key(columns: Sequence[KeyColumn], parts: Sequence[Any]) -> Key:
     return tuple(column.coerce(part) for column, part in zip(columns, parts, strict=True))
 
 
+_ONLY_INT, _ONLY_STR = {int}, {str}  # (bool is not int here: type(), not isinstance())
+
+
 def coerce_single(columns: Sequence[KeyColumn], values: Sequence[Any]) -> list[Key]:
     """Coerce many values of a one-column key (the compact BatchGet forms)."""
     if len(columns) != 1:
         names = ", ".join(c.name for c in columns)
         raise InvalidKey(f"key has 1 part(s) but the primary key is ({names})")
     column = columns[0]
-    bounds = _INT_RANGES.get(column.type_name)
-    if bounds is not None and all(type(v) is int for v in values):
-        low, high = bounds
-        if all(low <= v <= high for v in values):  # the common case, without a call per key
-            return [(v,) for v in values]
+    values = list(values)  # (each read of a protobuf container makes its values anew: read it once)
+    if values:
+        # The common cases, checked a whole list at a time (in C) instead of a call per value;
+        # anything else, or anything these checks refuse, goes value by value (and its error).
+        bounds = _INT_RANGES.get(column.type_name)
+        if bounds is not None:
+            if set(map(type, values)) == _ONLY_INT and bounds[0] <= min(values) and max(values) <= bounds[1]:
+                return list(zip(values))
+        elif column.textual and column.type_name != "bpchar" and set(map(type, values)) == _ONLY_STR:
+            joined = "".join(values)
+            if joined.isascii() and "\x00" not in joined:
+                return list(zip(values))
     coerce = column.coerce
     return [(coerce(v),) for v in values]
 

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -49,15 +49,40 @@ def status_of(exc: SidecarError) -> grpc.StatusCode:
 
 def key_parts(key: pb.Key, where: str = "key") -> list[Any]:
     """A request Key as Python values (coerced to column types later)."""
-    parts = []
-    for index, part in enumerate(key.parts):
+    parts: list[Any] = []
+    for part in key.parts:
         kind = part.WhichOneof("kind")
         if kind is None:
-            raise InvalidKey(f"{where}: part {index} has no value")
+            raise InvalidKey(f"{where}: part {len(parts)} has no value")
         parts.append(getattr(part, kind))
     if not parts:
         raise InvalidKey(f"{where}: empty (give one part per primary-key column)")
     return parts
+
+
+def keys_parts(keys: Sequence[pb.Key], field: str) -> list[list[Any]]:
+    """Request Keys as Python values; an error names the key (``keys[3]``)."""
+    return [key_parts(key, f"{field}[{index}]") for index, key in enumerate(keys)]
+
+
+def single_parts(keys: Sequence[pb.Key]) -> list[Any] | None:
+    """The values of Keys that each have exactly one part with a value, else None
+    (then ``keys_parts`` reads them again, to name what is wrong).
+
+    The common BatchGet form for a one-column key, read without a list per key:
+    reading a protobuf field makes a Python object, so each is read once."""
+    values: list[Any] = []
+    append = values.append
+    for key in keys:
+        parts = key.parts
+        if len(parts) != 1:
+            return None
+        part = parts[0]
+        kind = part.WhichOneof("kind")
+        if kind is None:
+            return None
+        append(getattr(part, kind))
+    return values
 
 
 def bound(interval: pb.Range, name: str) -> Any:
@@ -148,7 +173,8 @@ class CacheService:
         timeout. So an expired call ends as a cancelled one instead (grpc logs
         that at DEBUG), sending nothing.
         """
-        started = time.perf_counter()
+        observe = self._observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             try:
                 remaining = context.time_remaining()
@@ -171,8 +197,8 @@ class CacheService:
         except _CallExpired:
             raise asyncio.CancelledError from None
         finally:
-            if self._observe is not None:
-                self._observe(method, time.perf_counter() - started)
+            if observe is not None:
+                observe(method, time.perf_counter() - started)
         raise AssertionError("unreachable")  # context.abort raises
 
     @staticmethod
@@ -215,27 +241,39 @@ class CacheService:
         """Answers an encoded BatchGetResponse."""
 
         async def work() -> bytes:
-            table = self.engine.table(request.table)
-            forms = [f for f in ("keys", "int_keys", "string_keys") if getattr(request, f)]
-            if len(forms) > 1:
-                raise InvalidRequest(f"give one of keys, int_keys and string_keys, not {' and '.join(forms)}")
-            self._check_count(len(request.keys) + len(request.int_keys) + len(request.string_keys))
-            if request.int_keys:
-                keys = self.engine.single_keys(table, request.int_keys)
-            elif request.string_keys:
-                keys = self.engine.single_keys(table, request.string_keys)
-            else:
-                parts = [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
-                keys = self.engine.keys(table, parts)
-            await self._prepare(request.options, table)
-            start = self.engine.revision
-            rows = await self.engine.read(table, keys, request.options.allow_stale)
+            engine = self.engine
+            table = engine.table(request.table)
+            keys = self._batch_keys(table, request)
+            options = request.options
+            if options.consistency == pb.STRONG or options.HasField("min_revision"):
+                await self._prepare(options, table)
+            start = engine.revision
+            rows = await engine.read(table, keys, options.allow_stale)
             answer = wire.batch_get_response(rows, self._answered_at(start))
-            return self._fits(
-                answer, table.schema.qualified, lambda: [(k, e) for k, e in zip(keys, rows, strict=True) if e]
-            )
+            if len(answer) > self.max_message_bytes:
+                found: list[tuple[Key | None, bytes]] = [(k, e) for k, e in zip(keys, rows, strict=True) if e]
+                return self._fits(answer, table.schema.qualified, lambda: found)
+            return answer
 
         return await self._call(context, "BatchGet", work)
+
+    def _batch_keys(self, table: TableCache, request: pb.BatchGetRequest) -> list[Key]:
+        """The keys of a BatchGet, coerced: bounded before any per-key work."""
+        keys, int_keys, string_keys = request.keys, request.int_keys, request.string_keys
+        sizes = len(keys), len(int_keys), len(string_keys)
+        if sizes.count(0) < 2:
+            forms = [form for form, size in zip(("keys", "int_keys", "string_keys"), sizes, strict=True) if size]
+            raise InvalidRequest(f"give one of keys, int_keys and string_keys, not {' and '.join(forms)}")
+        self._check_count(sum(sizes))
+        if int_keys:
+            return self.engine.single_keys(table, int_keys)
+        if string_keys:
+            return self.engine.single_keys(table, string_keys)
+        if len(table.schema.key_columns) == 1:
+            values = single_parts(keys)
+            if values is not None:
+                return self.engine.single_keys(table, values)
+        return self.engine.keys(table, keys_parts(keys, "keys"))
 
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Answers an encoded QueryResponse."""
@@ -248,7 +286,7 @@ class CacheService:
             if has_range == bool(request.values):
                 raise InvalidRequest("give values (equality) or range, exactly one of them")
             self._check_count(len(request.values), "values requested")
-            values = [key_parts(v, f"values[{i}]") for i, v in enumerate(request.values)] if request.values else None
+            values = keys_parts(request.values, "values") if request.values else None
             bounds = request.range
             query = self.engine.plan_query(
                 table,
@@ -279,7 +317,7 @@ class CacheService:
             if not request.all_rows and not request.keys:
                 raise InvalidRequest("nothing to invalidate: give keys or set all_rows")
             self._check_count(len(request.keys), "keys to invalidate")
-            keys = None if request.all_rows else [key_parts(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
+            keys = None if request.all_rows else keys_parts(request.keys, "keys")
             await self.engine.invalidate(request.table, keys, request.refresh)
             return pb.InvalidateResponse(revision=self._revision())
 

@@ -61,8 +61,7 @@ class RowStore:
         return self.rows.get(key)
 
     def get_many(self, keys: Sequence[Key]) -> list[Row]:
-        rows = self.rows
-        return [rows.get(key) for key in keys]
+        return list(map(self.rows.get, keys))
 
     def store(self, keys: Iterable[Key], rows: Rows) -> None:
         """Rows fetched for ``keys``: stored, or removed where there is none; indexes follow."""

@@ -1,14 +1,20 @@
 """Read-path benchmark, everything side by side in one run (``./dev bench``).
 
-On one table of 100 000 rows:
+On one table of 100 000 rows, the database on loopback:
   * unary Get through the sidecar (a separate daemon process)
   * a direct asyncpg primary-key SELECT (pool of as many connections as callers)
-  * a do-nothing grpc.aio server answering the same message (the transport floor)
-  * BatchGet of 100 keys vs asyncpg ``= ANY($1)``
-each sequentially (1 caller) and with 16 concurrent callers, from one asyncio
-client process. Prints a table and the ratios; there is no pass/fail.
+  * a do-nothing grpc.aio server answering the same message (the transport floor;
+    on uvloop, as the sidecar)
+  * BatchGet of 100 random keys -- as the clients send them (``int_keys``) and as
+    Key messages -- vs asyncpg ``= ANY($1)``
+Then the same with the database behind a link that adds ``--link-delay-ms`` (0.5)
+of round trip (``link.py``, a relay process; the sidecar on localhost reads its
+database through it too, as in a deployment), with a relation Get vs the join it
+replaces; and asyncpg through the relay without delay, to show the relay's own cost.
+Each sequentially (1 caller) and with 16 concurrent callers, from one asyncio
+client process. Prints tables and the ratios; there is no pass/fail.
 
-    python -m tests.benchmarks.run [--seconds 2] [--rows 100000]
+    python -m tests.benchmarks.run [--seconds 2] [--rows 100000] [--link-delay-ms 0.5]
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -126,47 +134,50 @@ def _rate(value: float) -> str:
 
 
 def table(results: list[Result]) -> str:
+    width = max([34, *(len(r.name) for r in results)])
     lines = [
-        f"| {'target':<34} | callers | {'calls/s':>9} | {'keys/s':>10} | {'p50 µs':>8} | {'p99 µs':>8} |",
-        f"|{'-' * 36}|---------|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 10}|",
+        f"| {'target':<{width}} | callers | {'calls/s':>9} | {'keys/s':>10} | {'p50 µs':>8} | {'p99 µs':>8} |",
+        f"|{'-' * (width + 2)}|---------|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 10}|",
     ]
     for r in results:
         lines.append(
-            f"| {r.name:<34} | {r.callers:>7} | {_rate(r.throughput):>9} "
+            f"| {r.name:<{width}} | {r.callers:>7} | {_rate(r.throughput):>9} "
             f"| {_rate(r.throughput * r.keys_per_call):>10} | {r.pct(0.5):>8,.0f} | {r.pct(0.99):>8,.0f} |"
         )
     return "\n".join(lines)
 
 
-async def run(dsn: str, rows: int, seconds: float) -> None:
+def start_sidecar(dsn: str, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "sidecar", "serve", "--dsn", dsn, "--install-triggers"]
+    command += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning", *extra]
+    # GRPC_EXPERIMENTS as main() set it: the same for every process
+    return subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stop(*processes: subprocess.Popen[bytes]) -> None:
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+async def run(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, orders: int) -> None:
     print(f"preparing {rows:,} rows ...", file=sys.stderr)
     sample_row = await prepare(dsn, rows)
     sidecar_port, floor_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # GRPC_EXPERIMENTS as main() set it: same for all
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "serve",
-            "--dsn",
-            dsn,
-            "--table",
-            TABLE,
-            "--install-triggers",
-            "--listen",
-            f"127.0.0.1:{sidecar_port}",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
+    sidecar = start_sidecar(dsn, sidecar_port, ["--table", TABLE])
     with tempfile.NamedTemporaryFile() as row_file:
         row_file.write(sample_row)
         row_file.flush()
         floor = subprocess.Popen(
-            [sys.executable, "-m", "tests.benchmarks.floor_server", f"127.0.0.1:{floor_port}", row_file.name],
-            env=env,
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.floor_server",
+                f"127.0.0.1:{floor_port}",
+                row_file.name,
+                "--loop",
+                "uvloop",
+            ],
             stdout=subprocess.PIPE,
         )
         try:
@@ -175,20 +186,37 @@ async def run(dsn: str, rows: int, seconds: float) -> None:
             await wait_serving(f"127.0.0.1:{sidecar_port}", sidecar)
             results = await compare(dsn, rows, seconds, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{floor_port}")
         finally:
-            for process in (sidecar, floor):
-                process.terminate()
-                process.wait(10)
+            stop(sidecar, floor)
+    print("The database on loopback:\n")
     print(table(results))
     by = {(r.name, r.callers): r for r in results}
     print()
     for callers in (1, 16):
-        get = by[("sidecar Get", callers)].throughput / by[("do-nothing grpc.aio server Get", callers)].throughput
-        pg = by[("sidecar Get", callers)].throughput / by[("asyncpg SELECT by id", callers)].throughput
-        batch = by[("sidecar BatchGet(100)", callers)].throughput / by[("asyncpg = ANY(100 ids)", callers)].throughput
+
+        def ratio(a: str, b: str, callers: int = callers) -> float:
+            return by[(a, callers)].throughput / by[(b, callers)].throughput
+
         print(
-            f"{callers:>2} caller(s): sidecar Get / transport floor = {get:.2f}x   "
-            f"sidecar Get / asyncpg = {pg:.2f}x   BatchGet(100) / asyncpg ANY = {batch:.2f}x keys/s"
+            f"{callers:>2} caller(s): sidecar Get / transport floor = {ratio('sidecar Get', FLOOR_GET):.2f}x   "
+            f"sidecar Get / asyncpg = {ratio('sidecar Get', 'asyncpg SELECT by id'):.2f}x   "
+            f"BatchGet(100) / asyncpg ANY = {ratio(BATCH_INT, 'asyncpg = ANY(100 ids)'):.2f}x keys/s "
+            f"({ratio(BATCH_KEYS, 'asyncpg = ANY(100 ids)'):.2f}x as Key messages)"
         )
+    if delay_ms > 0:
+        await over_a_link(dsn, rows, seconds, delay_ms, users, orders)
+
+
+FLOOR_GET = "do-nothing grpc.aio server Get"
+BATCH_INT = "sidecar BatchGet(100) int_keys"
+BATCH_KEYS = "sidecar BatchGet(100) Key messages"
+
+
+def requests(rows: int) -> tuple[list[int], list[pb.GetRequest], list[list[int]]]:
+    rng = random.Random(7)
+    ids = [rng.randrange(1, rows + 1) for _ in range(4096)]
+    gets = [pb.GetRequest(table=TABLE, key=pb.Key(parts=[pb.KeyPart(int_value=i)])) for i in ids]
+    batch_ids = [rng.sample(range(1, rows + 1), 100) for _ in range(256)]
+    return ids, gets, batch_ids
 
 
 async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str) -> list[Result]:
@@ -196,17 +224,11 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
     sidecar_channel = grpc.aio.insecure_channel(sidecar)
     floor_channel = grpc.aio.insecure_channel(floor)
     side, flo = pb_grpc.CacheStub(sidecar_channel), pb_grpc.CacheStub(floor_channel)
-    rng = random.Random(7)
-    ids = [rng.randrange(1, rows + 1) for _ in range(4096)]
-    gets = [pb.GetRequest(table=TABLE, key=pb.Key(parts=[pb.KeyPart(int_value=i)])) for i in ids]
-    batches = [
-        pb.BatchGetRequest(
-            table=TABLE,
-            keys=[pb.Key(parts=[pb.KeyPart(int_value=i)]) for i in rng.sample(range(1, rows + 1), 100)],
-        )
-        for _ in range(256)
+    ids, gets, batch_ids = requests(rows)
+    int_batches = [pb.BatchGetRequest(table=TABLE, int_keys=b) for b in batch_ids]
+    key_batches = [
+        pb.BatchGetRequest(table=TABLE, keys=[pb.Key(parts=[pb.KeyPart(int_value=i)]) for i in b]) for b in batch_ids
     ]
-    batch_ids = [[k.parts[0].int_value for k in b.keys] for b in batches]
     select = f"SELECT * FROM {TABLE} WHERE id = $1"
     select_any = f"SELECT * FROM {TABLE} WHERE id = ANY($1::bigint[])"
 
@@ -223,22 +245,29 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
             return await conn.fetchrow(select, ids[n % len(ids)])
 
     async def sidecar_batch(n: int) -> object:
-        return await side.BatchGet(batches[n % len(batches)])
+        return await side.BatchGet(int_batches[n % len(int_batches)])
+
+    async def sidecar_key_batch(n: int) -> object:
+        return await side.BatchGet(key_batches[n % len(key_batches)])
+
+    async def floor_batch(n: int) -> object:
+        return await flo.BatchGet(int_batches[n % len(int_batches)])
 
     async def pg_batch(n: int) -> object:
         async with pool.acquire() as conn:
             return await conn.fetch(select_any, batch_ids[n % len(batch_ids)])
 
+    # the forms answer alike
+    assert (await side.BatchGet(int_batches[0])).rows == (await side.BatchGet(key_batches[0])).rows
     results = []
     try:
         for callers in (1, 16):
             results.append(await measure("sidecar Get", sidecar_get, callers, seconds))
-            results.append(await measure("do-nothing grpc.aio server Get", floor_get, callers, seconds))
+            results.append(await measure(FLOOR_GET, floor_get, callers, seconds))
             results.append(await measure("asyncpg SELECT by id", pg_get, callers, seconds))
-            results.append(await measure("sidecar BatchGet(100)", sidecar_batch, callers, seconds, 100))
-            results.append(
-                await measure("do-nothing server BatchGet(100)", floor_batch(flo, batches), callers, seconds, 100)
-            )
+            results.append(await measure(BATCH_INT, sidecar_batch, callers, seconds, 100))
+            results.append(await measure(BATCH_KEYS, sidecar_key_batch, callers, seconds, 100))
+            results.append(await measure("do-nothing server BatchGet(100)", floor_batch, callers, seconds, 100))
             results.append(await measure("asyncpg = ANY(100 ids)", pg_batch, callers, seconds, 100))
     finally:
         await sidecar_channel.close()
@@ -247,17 +276,149 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
     return results
 
 
-def floor_batch(stub: pb_grpc.CacheStub, batches: list[pb.BatchGetRequest]) -> Callable[[int], Awaitable[object]]:
-    async def call(n: int) -> object:
-        return await stub.BatchGet(batches[n % len(batches)])
+# ---------------------------------------------------------------- over a link
 
-    return call
+
+async def database_path(dsn: str) -> str:
+    """Where the database listens: a Unix socket's path, or host:port."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        peer = conn._transport.get_extra_info("peername")  # type: ignore[attr-defined]
+    finally:
+        await conn.close()
+    return peer if isinstance(peer, str) else f"{peer[0]}:{peer[1]}"
+
+
+def via(dsn: str, port: int) -> str:
+    """``dsn`` with its host replaced by the relay on 127.0.0.1:``port``."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in ("host", "port")]
+    user = parts.netloc.rpartition("@")[0]
+    netloc = f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(query), ""))
+
+
+def start_link(target: str, delay: float) -> tuple[subprocess.Popen[bytes], int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.benchmarks.link", target, str(delay)], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+async def over_a_link(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, orders: int) -> None:
+    from tests.benchmarks import relations
+
+    print(f"\npreparing the relation: {users:,} users, {orders} orders each ...", file=sys.stderr)
+    await relations.prepare(dsn, users, orders)
+    target = await database_path(dsn)
+    slow, slow_port = start_link(target, delay_ms / 1000)
+    fast, fast_port = start_link(target, 0.0)
+    slow_dsn, fast_dsn = via(dsn, slow_port), via(dsn, fast_port)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        config = Path(workdir) / "sidecar.toml"
+        config.write_text(f'[[tables]]\nname = "{TABLE}"\n' + relations.CONFIG)
+        sidecar = start_sidecar(slow_dsn, port, ["--config", str(config)])
+        try:
+            await wait_serving(f"127.0.0.1:{port}", sidecar)
+            results = await compare_over_link(slow_dsn, fast_dsn, rows, users, seconds, f"127.0.0.1:{port}")
+        finally:
+            stop(sidecar, slow, fast)
+    print(f"\nThe database behind a link adding {delay_ms} ms of round trip (the sidecar on localhost):\n")
+    print(table(results))
+    print()
+    by = {(r.name, r.callers): r for r in results}
+    for callers in (1, 16):
+        pairs = [(a, b) for a, b in LINK_PAIRS if (a, callers) in by]
+        text = "   ".join(
+            f"{a} / {b} = {by[(a, callers)].throughput / by[(b, callers)].throughput:.2f}x" for a, b in pairs
+        )
+        print(f"{callers:>2} caller(s): {text}")
+    relay = by[("asyncpg SELECT by id, relay without delay", 1)].pct(0.5)
+    direct_link = by[("asyncpg SELECT by id", 1)].pct(0.5)
+    print(
+        f"(asyncpg's p50 through the relay without delay: {relay:,.0f} µs; with the delay: {direct_link:,.0f} µs: "
+        f"the link added {(direct_link - relay) / 1000:.2f} ms, for {delay_ms} ms asked)"
+    )
+
+
+LINK_PAIRS = (
+    ("sidecar Get", "asyncpg SELECT by id"),
+    (BATCH_INT, "asyncpg = ANY(100 ids)"),
+    ("relation Get", "the join for one user"),
+)
+
+
+async def compare_over_link(
+    slow_dsn: str, fast_dsn: str, rows: int, users: int, seconds: float, sidecar: str
+) -> list[Result]:
+    from tests.benchmarks import relations
+
+    pool = await asyncpg.create_pool(slow_dsn, min_size=16, max_size=16)
+    fast_pool = await asyncpg.create_pool(fast_dsn, min_size=16, max_size=16)
+    channel = grpc.aio.insecure_channel(sidecar)
+    side = pb_grpc.CacheStub(channel)
+    ids, gets, batch_ids = requests(rows)
+    int_batches = [pb.BatchGetRequest(table=TABLE, int_keys=b) for b in batch_ids]
+    relation_gets = [
+        pb.GetRequest(table="bench.user_summary", key=pb.Key(parts=[pb.KeyPart(int_value=1 + i % users)])) for i in ids
+    ]
+    select = f"SELECT * FROM {TABLE} WHERE id = $1"
+    select_any = f"SELECT * FROM {TABLE} WHERE id = ANY($1::bigint[])"
+
+    async def sidecar_get(n: int) -> object:
+        reply = await side.Get(gets[n % len(gets)])
+        assert reply.found
+        return reply
+
+    async def pg_get(n: int) -> object:
+        return await pool.fetchrow(select, ids[n % len(ids)])
+
+    async def pg_get_fast(n: int) -> object:
+        return await fast_pool.fetchrow(select, ids[n % len(ids)])
+
+    async def sidecar_batch(n: int) -> object:
+        return await side.BatchGet(int_batches[n % len(int_batches)])
+
+    async def pg_batch(n: int) -> object:
+        return await pool.fetch(select_any, batch_ids[n % len(batch_ids)])
+
+    async def relation_get(n: int) -> object:
+        reply = await side.Get(relation_gets[n % len(relation_gets)])
+        assert reply.found
+        return reply
+
+    async def join(n: int) -> object:
+        return await pool.fetch(relations.BY_USER_SQL, relation_gets[n % len(relation_gets)].key.parts[0].int_value)
+
+    results = []
+    try:
+        for callers in (1, 16):
+            print(f"  over the link, {callers} caller(s) ...", file=sys.stderr)
+            results.append(await measure("sidecar Get", sidecar_get, callers, seconds))
+            results.append(await measure("asyncpg SELECT by id", pg_get, callers, seconds))
+            results.append(await measure(BATCH_INT, sidecar_batch, callers, seconds, 100))
+            results.append(await measure("asyncpg = ANY(100 ids)", pg_batch, callers, seconds, 100))
+            results.append(await measure("relation Get", relation_get, callers, seconds))
+            results.append(await measure("the join for one user", join, callers, seconds))
+            results.append(await measure("asyncpg SELECT by id, relay without delay", pg_get_fast, callers, seconds))
+    finally:
+        await channel.close()
+        await pool.close()
+        await fast_pool.close()
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--link-delay-ms", type=float, default=0.5, help="round trip the link to the database adds (0: no link run)"
+    )
+    parser.add_argument("--users", type=int, default=10_000, help="the link run's relation: users")
+    parser.add_argument("--orders", type=int, default=100, help="the link run's relation: orders per user")
     args = parser.parse_args()
     from sidecar.cli import GRPC_EXPERIMENTS
 
@@ -266,7 +427,7 @@ def main() -> None:
     from tests.support.pg import database
 
     with database() as dsn:
-        asyncio.run(run(dsn, args.rows, args.seconds))
+        asyncio.run(run(dsn, args.rows, args.seconds, args.link_delay_ms, args.users, args.orders))
 
 
 if __name__ == "__main__":

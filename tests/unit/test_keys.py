@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from sidecar.errors import InvalidKey, SchemaError
-from sidecar.keys import KeyColumn, coerce_key, normalize_stored, part_kind
+from sidecar.keys import KeyColumn, coerce_key, coerce_single, normalize_stored, part_kind
 
 U = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
 UTC = dt.UTC
@@ -135,3 +135,55 @@ def test_part_kind_round_trips(value, kind):
         dt.date: "date",
     }[type(value)]
     assert coerce_key([col(column)], [part_kind(value)[1]]) == (value,)
+
+
+# ---------------------------------------------------------------- many values at once
+
+SINGLE_CASES = [
+    ("int8", [1, 2, 2**63 - 1, -(2**63)]),
+    ("int8", [True, 1]),  # a bool is not an integer, even among ints
+    ("int8", [1, 2**63]),
+    ("int4", [2**31 - 1, -(2**31)]),
+    ("int4", [1, 2**31]),
+    ("int2", [1, -(2**15) - 1]),
+    ("oid", [0, 2**32 - 1]),
+    ("oid", [-1]),
+    ("int8", [1, "2", 3.0]),  # mixed forms: value by value
+    ("int8", []),
+    ("text", ["a", "b", ""]),
+    ("text", ["a", "b\x00"]),
+    ("text", ["héllo", "b"]),
+    ("text", ["a", "\ud800"]),
+    ("text", ["a", 1]),
+    ("bpchar", ["ab  ", "c"]),
+    ("uuid", [U, U.upper()]),
+]
+
+
+def _one_by_one(column: KeyColumn, values: list[object]) -> list[tuple[object, ...]] | str:
+    try:
+        return [coerce_key([column], [v]) for v in values]
+    except InvalidKey as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize(("type_name", "values"), SINGLE_CASES)
+def test_many_values_coerce_as_one_by_one_would(type_name, values):
+    """The whole-list checks of ``coerce_single`` answer (and refuse) exactly as
+    coercing each value alone: same keys, same types, the same error."""
+    column = col(type_name)
+    expected = _one_by_one(column, values)
+    try:
+        got: list[tuple[object, ...]] | str = coerce_single([column], values)
+    except InvalidKey as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, list):
+        assert [type(k[0]) for k in got] == [type(k[0]) for k in expected]  # type: ignore[index]
+
+
+def test_many_values_read_a_container_once():
+    """A protobuf repeated field makes its values anew at each read: read once, it is
+    checked and coerced from the same list (a generator is read once too)."""
+    column = col("int8")
+    assert coerce_single([column], (v for v in [3, 1, 2])) == [(3,), (1,), (2,)]
