@@ -12,6 +12,7 @@ offending key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -71,9 +72,9 @@ class TableConfig:
     sources: tuple[Source, ...] = ()
     indexes: tuple[IndexConfig, ...] = ()
 
-    @property
+    @functools.cached_property
     def qualified(self) -> str:
-        """The table's name as the API spells it: ``schema.table``."""
+        """The table's name as the API spells it: ``schema.table`` (made once: reads use it)."""
         return qualified_name(self.schema, self.name)
 
     @property
