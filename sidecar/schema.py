@@ -3,7 +3,7 @@ SQL that reads it. A *relation* is a cached query: the same shape, read from
 ``(query) AS t`` instead of a table, plus its sources (the tables whose
 changes refresh it).
 
-Rows are produced by PostgreSQL itself as ``row_to_json(t.*)::text``: the JSON
+Rows are produced by PostgreSQL itself as ``row_to_json(t.*)`` (sent as UTF-8 bytea): the JSON
 that responses carry is made once, by the database, when a row is loaded, and
 follows PostgreSQL's documented JSON mapping.
 
@@ -73,7 +73,10 @@ class TableSchema:
 
     def _select(self) -> str:
         keys = ", ".join(f"t.{quote_ident(c.name)}" for c in self.key_columns)
-        return f"SELECT {keys}, pg_catalog.row_to_json(t.*)::text FROM {self.source_sql}"
+        # The JSON as bytea: asyncpg hands it over as bytes, as the client receives it (UTF-8),
+        # with no str made and encoded again per row.
+        row = "pg_catalog.convert_to(pg_catalog.row_to_json(t.*)::text, 'UTF8')"
+        return f"SELECT {keys}, {row} FROM {self.source_sql}"
 
     def _filter(self) -> str:
         return f"({self.config.where})" if self.config.where else ""
