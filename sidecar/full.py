@@ -34,6 +34,7 @@ from sidecar.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line
 from sidecar.errors import Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
+from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Database, Rows
 from sidecar.store import Row, RowStore
@@ -69,6 +70,7 @@ class FullTable:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
+        self.load_progress = LoadProgress(schema.qualified)
         self.loaded = False
         self.problem: str | None = None  # why the table is not served: a failure that would repeat
         self.refetches = 0
@@ -318,7 +320,7 @@ class FullTable:
         started = time.monotonic()
         fresh: dict[Key, bytes] = {}
         try:
-            async for chunk in self.db.load(self.schema):
+            async for chunk in self.load_progress.track(self.db, self.schema):
                 fresh.update(chunk)
         except Exception as exc:
             self._reloading = False

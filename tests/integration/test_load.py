@@ -1,20 +1,25 @@
 """A load's rows, byte by byte: what ``PgDatabase`` caches is exactly the protobuf
 runtime's encoding of the row's ``row_to_json(t.*)::text`` as asyncpg hands it
 over as text (what loads read before they read the JSON as bytea), for awkward
-types and keys."""
+types and keys; and the planner's estimate of the rows, for progress."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
+import grpc
 
 from sidecar import config as cfg
 from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.db import PINNED_SETTINGS, PgDatabase
 from sidecar.keys import normalize_stored
+from tests.integration.test_metrics import scrape, value
 from tests.integration.test_types import VALUES
+from tests.support.waiting import eventually
 
 
 async def reference(conn: asyncpg.Connection, schema: Any) -> dict[Any, bytes]:
@@ -99,3 +104,46 @@ async def test_a_load_reads_in_chunks_from_one_snapshot(postgres, db, schema):
         assert chunks > 1 and len(rows) == 25000
     finally:
         await pool.close()
+
+
+async def test_the_estimate_is_the_planners(postgres, db, schema):
+    await db.execute(f"CREATE TABLE {schema}.counted (id int PRIMARY KEY, v int)")
+    await db.execute(f"INSERT INTO {schema}.counted SELECT g, g % 10 FROM generate_series(1, 5000) g")
+    await db.execute(f"ANALYZE {schema}.counted")
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=2, server_settings=PINNED_SETTINGS)
+    try:
+        database = PgDatabase(pool)
+        whole = await database.describe(cfg.TableConfig(schema=schema, name="counted"))
+        assert await database.estimate(whole) == 5000
+        subset = await database.describe(cfg.TableConfig(schema=schema, name="counted", where="v = 3"))
+        estimate = await database.estimate(subset)
+        assert estimate is not None and 250 <= estimate <= 1000  # ~500: the filter is planned too
+    finally:
+        await pool.close()
+
+
+async def test_list_tables_and_the_metrics_show_the_loads(start_daemon, db, schema):
+    await db.execute(f"CREATE TABLE {schema}.shown (id int PRIMARY KEY, v text)")
+    await db.execute(f"INSERT INTO {schema}.shown SELECT g, 'v' || g FROM generate_series(1, 3000) g")
+    await db.execute(f"ANALYZE {schema}.shown")
+    await db.execute(f"CREATE TABLE {schema}.lazy (id int PRIMARY KEY)")
+    full, lazy = f"{schema}.shown", f"{schema}.lazy"
+    sidecar = await start_daemon([full, f"{lazy}:lazy"], metrics_listen="127.0.0.1:0")
+    async with grpc.aio.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.CacheStub(channel)
+
+        async def listed() -> dict[str, Any]:
+            return {t.name: t for t in (await stub.ListTables(pb.ListTablesRequest())).tables}
+
+        info = (await listed())[full]
+        assert info.HasField("load") and not (await listed())[lazy].HasField("load")
+        assert (info.load.running, info.load.rows, info.load.expected_rows) == (False, 3000, 3000)
+        assert info.load.completed == 1 and info.load.seconds > 0 and info.load.rows_per_second > 0
+        await stub.Invalidate(pb.InvalidateRequest(table=full, all_rows=True))
+        await eventually(lambda: sidecar.engine.tables[full].load_progress.completed == 2, what="reloaded")
+        assert (await listed())[full].load.completed == 2
+    samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
+    assert value(samples, "cache_sidecar_load_rows", table=full) == 3000
+    assert value(samples, "cache_sidecar_load_expected_rows", table=full) == 3000
+    assert value(samples, "cache_sidecar_table_loading", table=full) == 0
+    assert ("cache_sidecar_load_rows", (("table", lazy),)) not in samples
