@@ -11,6 +11,7 @@ refuses, an undefined column). The LISTEN connection is not here:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import difflib
@@ -23,6 +24,7 @@ import asyncpg
 
 from sidecar import dsn
 from sidecar.config import Config, TableConfig
+from sidecar.copy_text import IntegerKeyRows
 from sidecar.dsn import Target, scrub
 from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.identifiers import qualified_name
@@ -46,6 +48,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+# Rows per chunk a load yields (a cursor's fetch; a COPY's parsed lines).
+LOAD_CHUNK_ROWS = 10_000
+# Keys a load streams by COPY: its text form of these is what int() reads.
+COPY_KEY_TYPES = frozenset({"int2", "int4", "int8"})
+# asyncpg bounds a COPY as a whole; a load bounds each chunk instead (see _copy_load).
+COPY_TIMEOUT = 7 * 24 * 3600.0
 # SQLSTATE classes that the same query, sent again, meets again: data exceptions (a
 # value PostgreSQL cannot take), undefined or mistyped objects (the schema changed),
 # unsupported features, errors raised by functions a relation's query calls.
@@ -307,16 +315,54 @@ class PgDatabase:
             return await describe_table(conn, table)
 
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        width = len(schema.key_columns)
+        """A key of one integer column streams by COPY (see copy_text.py); others by a cursor."""
         columns = schema.key_columns
+        if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
+            async for chunk in self._copy_load(schema):
+                yield chunk
+            return
         with translated(f"loading {schema.qualified}"):
             async with (
                 self.pool.acquire(timeout=self.timeout) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 cursor = await conn.cursor(schema.select_all_sql())
-                while records := await cursor.fetch(10_000):
-                    yield _rows(records, columns, width)
+                while records := await cursor.fetch(LOAD_CHUNK_ROWS):
+                    yield _rows(records, columns, len(columns))
+
+    async def _copy_load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+        # One statement: one snapshot. The COPY runs as a task that parses as data comes and
+        # waits while two chunks are not taken yet; a stall is told per chunk, as a cursor's
+        # fetches would tell it, not by a bound on the whole (a big table may take minutes).
+        chunks: asyncio.Queue[Rows] = asyncio.Queue(maxsize=2)
+        parser = IntegerKeyRows(chunks.put, LOAD_CHUNK_ROWS)
+        with translated(f"loading {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                copying = asyncio.ensure_future(
+                    conn.copy_from_query(schema.select_all_sql(as_text=True), output=parser.feed, timeout=COPY_TIMEOUT)
+                )
+                try:
+                    while True:
+                        taking = asyncio.ensure_future(chunks.get())
+                        done, _ = await asyncio.wait(
+                            (taking, copying), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if taking in done:
+                            yield taking.result()
+                            continue
+                        taking.cancel()
+                        if copying not in done:
+                            raise TimeoutError(f"no rows for {self.timeout}s")
+                        copying.result()  # (its error, if it failed)
+                        while not chunks.empty():
+                            yield chunks.get_nowait()
+                        if rest := parser.finish():
+                            yield rest
+                        return
+                finally:
+                    if not copying.done():
+                        copying.cancel()
+                    await asyncio.gather(copying, return_exceptions=True)
 
     async def estimate(self, schema: TableSchema) -> int | None:
         # The planner's estimate of the load's own query: it covers filters and relations too.

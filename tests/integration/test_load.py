@@ -10,16 +10,20 @@ from typing import Any
 
 import asyncpg
 import grpc
+import pytest
 
 from sidecar import config as cfg
 from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.db import PINNED_SETTINGS, PgDatabase
+from sidecar.errors import Unavailable
 from sidecar.keys import normalize_stored
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_types import VALUES
 from tests.support.waiting import eventually
+
+JSON_COLUMN = next(i for i, (sql_type, _, _) in enumerate(VALUES) if sql_type == "json")
 
 
 async def reference(conn: asyncpg.Connection, schema: Any) -> dict[Any, bytes]:
@@ -60,6 +64,13 @@ async def test_loaded_rows_are_byte_identical_to_the_text_encoding(postgres, db,
         f"INSERT INTO {schema}.typed (id, c8, big) SELECT g, 'é\"\\\\ ☃ \t', repeat('ж', g) FROM "
         "unnest(ARRAY[2, 60, 2000, 2030, 2040, 2100, 5000, 70000, 200000]) g"
     )
+    # What COPY's text form escapes: backslashes, tabs, newlines (a json value keeps its raw
+    # whitespace), and a lone backslash at the end.
+    await db.execute(
+        f"INSERT INTO {schema}.typed (id, c8, c{JSON_COLUMN}) VALUES "
+        '(3, E\'tab\\there\\\\ \\n \\\\\', E\'{"a":\\n\\t1,\\r"b": "\\\\\\\\"}\'), '
+        "(-4, E'\\\\', NULL)"
+    )
     # A composite key with char(n) (trailing blanks are not part of the key) and a uuid.
     await db.execute(f"CREATE TABLE {schema}.composite (code char(6), id uuid, note text, PRIMARY KEY (code, id))")
     await db.execute(
@@ -72,15 +83,23 @@ async def test_loaded_rows_are_byte_identical_to_the_text_encoding(postgres, db,
         ref = await asyncpg.connect(postgres.dsn, server_settings=PINNED_SETTINGS)
         try:
             sizes: list[int] = []
-            for name in ("typed", "composite"):
-                table = await database.describe(cfg.TableConfig(schema=schema, name=name))
+            # (a relation with an integer key, some rows with a NULL key: those are left out)
+            relation = cfg.TableConfig(
+                schema=schema,
+                name="rel",
+                query=f"SELECT id, c8 FROM {schema}.typed UNION ALL SELECT NULL::int8, 'no key'",
+                key=("id",),
+            )
+            for config in (*(cfg.TableConfig(schema=schema, name=n) for n in ("typed", "composite")), relation):
+                table = await database.describe(config)
+                name = config.name
                 expected = await reference(ref, table)
                 got = await loaded(database, table)
                 assert got == expected, name
                 assert await database.fetch(table, list(expected)) == expected, name  # (refetches too)
                 sizes += [len(wire.row_json(e)) for e in got.values()]
             assert min(sizes) < 128 and any(4096 <= s <= 16384 for s in sizes) and max(sizes) > 16384
-            assert len(sizes) == 12
+            assert len(sizes) == 12 + 2 + 12  # typed, composite, the relation (no NULL key)
         finally:
             await ref.close()
     finally:
@@ -147,3 +166,23 @@ async def test_list_tables_and_the_metrics_show_the_loads(start_daemon, db, sche
     assert value(samples, "cache_sidecar_load_expected_rows", table=full) == 3000
     assert value(samples, "cache_sidecar_table_loading", table=full) == 0
     assert ("cache_sidecar_load_rows", (("table", lazy),)) not in samples
+
+
+async def test_a_stalled_load_fails_within_its_timeout(postgres, db, schema):
+    """A load streamed by COPY is bounded per chunk, as a cursor's fetches are: one that gets
+    no rows (here: a lock holds it) gives up instead of hanging the table's readers."""
+    await db.execute(f"CREATE TABLE {schema}.held (id int PRIMARY KEY)")
+    await db.execute(f"INSERT INTO {schema}.held SELECT generate_series(1, 10)")
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=2, server_settings=PINNED_SETTINGS)
+    holder = await asyncpg.connect(postgres.dsn)
+    try:
+        database = PgDatabase(pool, timeout=0.5)
+        table = await database.describe(cfg.TableConfig(schema=schema, name="held"))
+        async with holder.transaction():
+            await holder.execute(f"LOCK TABLE {schema}.held IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(Unavailable, match=r"no rows for 0\.5s"):
+                await asyncio.wait_for(loaded(database, table), 20)
+        assert len(await loaded(database, table)) == 10  # (its connection is fine for the next)
+    finally:
+        await holder.close()
+        await pool.close()
