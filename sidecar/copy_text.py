@@ -27,6 +27,10 @@ def unescape(field: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: _LETTERS.get(m[1], m[1]), field)
 
 
+class Abandoned(Exception):
+    """The load stopped taking rows."""
+
+
 class IntegerKeyRows:
     """Parses COPY text of ``(integer key, row JSON)`` lines into ``Rows`` chunks of about
     ``size`` rows, handed to ``emit`` (which may wait: the COPY waits with it)."""
@@ -36,10 +40,18 @@ class IntegerKeyRows:
         self._size = size
         self._rows: Rows = {}
         self._rest = b""
+        self._abandoned = False
         self.count = 0
+
+    def abandon(self) -> None:
+        """The rows are no longer wanted: the next block raises ``Abandoned`` (which aborts
+        the COPY that feeds it)."""
+        self._abandoned = True
 
     async def feed(self, data: bytes) -> None:
         """One block of COPY data (any number of lines; the last may be cut)."""
+        if self._abandoned:
+            raise Abandoned("the load was abandoned")
         if self._rest:
             data = self._rest + data
         lines = data.split(b"\n")

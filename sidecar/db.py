@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -318,8 +318,10 @@ class PgDatabase:
         """A key of one integer column streams by COPY (see copy_text.py); others by a cursor."""
         columns = schema.key_columns
         if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
-            async for chunk in self._copy_load(schema):
-                yield chunk
+            # (closed with this one: left to the garbage collector, a COPY would go on meanwhile)
+            async with contextlib.aclosing(self._copy_load(schema)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         with translated(f"loading {schema.qualified}"):
             async with (
@@ -330,7 +332,7 @@ class PgDatabase:
                 while records := await cursor.fetch(LOAD_CHUNK_ROWS):
                     yield _rows(records, columns, len(columns))
 
-    async def _copy_load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+    async def _copy_load(self, schema: TableSchema) -> AsyncGenerator[Rows, None]:
         # One statement: one snapshot. The COPY runs as a task that parses as data comes and
         # waits while two chunks are not taken yet; a stall is told per chunk, as a cursor's
         # fetches would tell it, not by a bound on the whole (a big table may take minutes).
@@ -341,6 +343,7 @@ class PgDatabase:
                 copying = asyncio.ensure_future(
                     conn.copy_from_query(schema.select_all_sql(as_text=True), output=parser.feed, timeout=COPY_TIMEOUT)
                 )
+                taking: asyncio.Future[Rows] | None = None
                 try:
                     while True:
                         taking = asyncio.ensure_future(chunks.get())
@@ -359,10 +362,11 @@ class PgDatabase:
                         if rest := parser.finish():
                             yield rest
                         return
-                finally:
+                finally:  # (also when the load is abandoned, or stalled)
+                    if taking is not None:
+                        taking.cancel()
                     if not copying.done():
-                        copying.cancel()
-                    await asyncio.gather(copying, return_exceptions=True)
+                        await _stop_copy(conn, copying, parser, chunks, self.timeout)
 
     async def estimate(self, schema: TableSchema) -> int | None:
         # The planner's estimate of the load's own query: it covers filters and relations too.
@@ -410,6 +414,24 @@ def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
         descending=query.descending,
     )
     return (sql, *bounds, query.limit + 1)
+
+
+async def _stop_copy(
+    conn: Any, copying: asyncio.Future[Any], parser: IntegerKeyRows, chunks: asyncio.Queue[Rows], timeout: float
+) -> None:
+    """End a load's COPY midway. Cancelling asyncpg's COPY task can leave its connection
+    stuck ("another operation is in progress"); a sink that raises is asyncpg's way to
+    abort one. So the parser raises at its next block (the queue is emptied, in case it
+    waits to put a chunk); a COPY that gets no block (a stalled server) is cut off with
+    its connection, and the pool opens another."""
+    parser.abandon()
+    while not chunks.empty():
+        chunks.get_nowait()
+    await asyncio.wait((copying,), timeout=timeout)
+    if not copying.done():
+        copying.cancel()
+        conn.terminate()
+    await asyncio.gather(copying, return_exceptions=True)
 
 
 def _plan_rows(plan: Any) -> int | None:

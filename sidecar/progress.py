@@ -59,13 +59,18 @@ class LoadProgress:
         """``db.load(schema)``, chunk by chunk, counted as they land."""
         self.start(await _estimate(db, schema))
         finished = False
+        chunks = db.load(schema)
         try:
-            async for chunk in db.load(schema):
+            async for chunk in chunks:
                 self.advance(len(chunk))
                 yield chunk
             finished = True
         finally:
             self.stop(finished)
+            # (closed now if this is: left to the garbage collector, the load would go on)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def start(self, expected: int | None) -> None:
         """A load begins; ``expected`` is the estimate of its rows, if there is one."""

@@ -186,3 +186,24 @@ async def test_a_stalled_load_fails_within_its_timeout(postgres, db, schema):
     finally:
         await holder.close()
         await pool.close()
+
+
+async def test_an_abandoned_load_ends_its_copy_and_keeps_its_connection(postgres, db, schema):
+    await db.execute(f"CREATE TABLE {schema}.left (id int PRIMARY KEY, v text)")
+    await db.execute(f"INSERT INTO {schema}.left SELECT g, repeat('v', 100) FROM generate_series(1, 100000) g")
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=1, server_settings=PINNED_SETTINGS)
+    try:
+        database = PgDatabase(pool)
+        table = await database.describe(cfg.TableConfig(schema=schema, name="left"))
+        chunks = database.load(table)
+        assert len(await anext(chunks)) >= 10_000
+        await asyncio.wait_for(chunks.aclose(), 10)  # (a reload superseded, or the daemon stopping)
+        running = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'COPY%' AND query LIKE $1",
+            f"%{schema}%",
+        )
+        assert running == 0
+        # The pool's one connection serves the next load: it was not left inside a COPY.
+        assert len(await asyncio.wait_for(loaded(database, table), 20)) == 100_000
+    finally:
+        await asyncio.wait_for(pool.close(), 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar import wire
-from sidecar.copy_text import IntegerKeyRows, unescape
+from sidecar.copy_text import Abandoned, IntegerKeyRows, unescape
 from sidecar.source import Rows
 
 
@@ -77,3 +77,14 @@ async def test_data_that_ends_inside_a_line_is_an_error():
     await parser.feed(b"1\t{}\n2\t{")
     with pytest.raises(ValueError, match="ended inside a line"):
         parser.finish()
+
+
+async def test_an_abandoned_parser_raises_at_its_next_block():
+    async def emit(rows: Rows) -> None:
+        pass
+
+    parser = IntegerKeyRows(emit, 10)
+    await parser.feed(b"1\t{}\n")
+    parser.abandon()
+    with pytest.raises(Abandoned):  # (asyncpg aborts a COPY whose sink raises)
+        await parser.feed(b"2\t{}\n")
