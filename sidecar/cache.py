@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from sidecar.errors import QueryFailed, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
+from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Rows
 from sidecar.store import Row
@@ -40,6 +41,11 @@ class TableCache(Protocol):
     loaded: bool  # reads may be answered from memory
     problem: str | None  # why the table is not served from memory, if it is not
     reads: collections.Counter[str]  # by result: hit, not_found, miss
+
+    @property
+    def load_progress(self) -> LoadProgress | None:
+        """Full tables: how far the running (or last) load got; None for lazy tables."""
+        ...
 
     @property
     def row_count(self) -> int: ...

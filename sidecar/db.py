@@ -11,17 +11,20 @@ refuses, an undefined column). The LISTEN connection is not here:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import difflib
+import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from sidecar import dsn
 from sidecar.config import Config, TableConfig
+from sidecar.copy_text import IntegerKeyRows
 from sidecar.dsn import Target, scrub
 from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.identifiers import qualified_name
@@ -29,7 +32,7 @@ from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.source import Database, Rows
-from sidecar.wire import entry
+from sidecar.wire import PREFIXES, entry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+# Rows per chunk a load yields (a cursor's fetch; a COPY's parsed lines).
+LOAD_CHUNK_ROWS = 10_000
+# Keys a load streams by COPY: its text form of these is what int() reads.
+COPY_KEY_TYPES = frozenset({"int2", "int4", "int8"})
+# asyncpg bounds a COPY as a whole; a load bounds each chunk instead (see _copy_load).
+COPY_TIMEOUT = 7 * 24 * 3600.0
 # SQLSTATE classes that the same query, sent again, meets again: data exceptions (a
 # value PostgreSQL cannot take), undefined or mistyped objects (the schema changed),
 # unsupported features, errors raised by functions a relation's query calls.
@@ -306,16 +315,65 @@ class PgDatabase:
             return await describe_table(conn, table)
 
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        width = len(schema.key_columns)
+        """A key of one integer column streams by COPY (see copy_text.py); others by a cursor."""
         columns = schema.key_columns
+        if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
+            # (closed with this one: left to the garbage collector, a COPY would go on meanwhile)
+            async with contextlib.aclosing(self._copy_load(schema)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
         with translated(f"loading {schema.qualified}"):
             async with (
                 self.pool.acquire(timeout=self.timeout) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 cursor = await conn.cursor(schema.select_all_sql())
-                while records := await cursor.fetch(10_000):
-                    yield _rows(records, columns, width)
+                while records := await cursor.fetch(LOAD_CHUNK_ROWS):
+                    yield _rows(records, columns, len(columns))
+
+    async def _copy_load(self, schema: TableSchema) -> AsyncGenerator[Rows, None]:
+        # One statement: one snapshot. The COPY runs as a task that parses as data comes and
+        # waits while two chunks are not taken yet; a stall is told per chunk, as a cursor's
+        # fetches would tell it, not by a bound on the whole (a big table may take minutes).
+        chunks: asyncio.Queue[Rows] = asyncio.Queue(maxsize=2)
+        parser = IntegerKeyRows(chunks.put, LOAD_CHUNK_ROWS)
+        with translated(f"loading {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                copying = asyncio.ensure_future(
+                    conn.copy_from_query(schema.select_all_sql(as_text=True), output=parser.feed, timeout=COPY_TIMEOUT)
+                )
+                taking: asyncio.Future[Rows] | None = None
+                try:
+                    while True:
+                        taking = asyncio.ensure_future(chunks.get())
+                        done, _ = await asyncio.wait(
+                            (taking, copying), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if taking in done:
+                            yield taking.result()
+                            continue
+                        taking.cancel()
+                        if copying not in done:
+                            raise TimeoutError(f"no rows for {self.timeout}s")
+                        copying.result()  # (its error, if it failed)
+                        while not chunks.empty():
+                            yield chunks.get_nowait()
+                        if rest := parser.finish():
+                            yield rest
+                        return
+                finally:  # (also when the load is abandoned, or stalled)
+                    if taking is not None:
+                        taking.cancel()
+                    if not copying.done():
+                        await _stop_copy(conn, copying, parser, chunks, self.timeout)
+
+    async def estimate(self, schema: TableSchema) -> int | None:
+        # The planner's estimate of the load's own query: it covers filters and relations too.
+        with translated(f"estimating the rows of {schema.qualified}"):
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + schema.select_all_sql())
+        return _plan_rows(plan)
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         columns = schema.key_columns
@@ -358,11 +416,44 @@ def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
     return (sql, *bounds, query.limit + 1)
 
 
+async def _stop_copy(
+    conn: Any, copying: asyncio.Future[Any], parser: IntegerKeyRows, chunks: asyncio.Queue[Rows], timeout: float
+) -> None:
+    """End a load's COPY midway. Cancelling asyncpg's COPY task can leave its connection
+    stuck ("another operation is in progress"); a sink that raises is asyncpg's way to
+    abort one. So the parser raises at its next block (the queue is emptied, in case it
+    waits to put a chunk); a COPY that gets no block (a stalled server) is cut off with
+    its connection, and the pool opens another."""
+    parser.abandon()
+    while not chunks.empty():
+        chunks.get_nowait()
+    await asyncio.wait((copying,), timeout=timeout)
+    if not copying.done():
+        copying.cancel()
+        conn.terminate()
+    await asyncio.gather(copying, return_exceptions=True)
+
+
+def _plan_rows(plan: Any) -> int | None:
+    """The row estimate of an ``EXPLAIN (FORMAT JSON)`` answer, if it has a sane one."""
+    try:
+        rows = json.loads(plan)[0]["Plan"]["Plan Rows"]
+    except (TypeError, ValueError, LookupError):
+        return None
+    if isinstance(rows, int | float) and not isinstance(rows, bool) and 0 <= rows < 2**63:
+        return int(rows)
+    return None
+
+
 def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:
     """Key -> the row's cache entry (its JSON, already in response encoding). Rows with a
     NULL key part (possible in a relation's query) cannot be asked for: they are left out."""
+    # (the common sizes' entry prefixes inline: a 1 M-row load spends its own time here)
+    prefixes, limit = PREFIXES, len(PREFIXES)
     if width == 1 and columns[0].type_name != "bpchar":
-        return {(r[0],): entry(r[1].encode()) for r in records if r[0] is not None}
-    return {
-        normalize_stored(columns, tuple(r[:width])): entry(r[width].encode()) for r in records if None not in r[:width]
-    }
+        rows: Rows = {}
+        for key, row in records:
+            if key is not None:
+                rows[(key,)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
+        return rows
+    return {normalize_stored(columns, r[:width]): entry(r[width]) for r in records if None not in r[:width]}

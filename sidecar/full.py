@@ -47,6 +47,7 @@ from sidecar.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line
 from sidecar.errors import Unavailable
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
+from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Database, Rows
 from sidecar.store import Row, RowStore, Snapshot
@@ -89,6 +90,7 @@ class FullTable:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
+        self.load_progress = LoadProgress(schema.qualified)
         self.loaded = False
         self.problem: str | None = None  # why the table is not served: a failure that would repeat
         self.refetches = 0
@@ -373,7 +375,7 @@ class FullTable:
         store = self.store
         store.begin_reload()
         count = 0
-        chunks = self.db.load(self.schema)
+        chunks = self.load_progress.track(self.db, self.schema)
         try:
             async for chunk in chunks:
                 if generation != self._generation:

@@ -21,6 +21,7 @@ from sidecar.cache import unavailable
 from sidecar.errors import InvalidRequest
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
+from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Database, Rows
 from sidecar.store import Row
@@ -35,6 +36,7 @@ class LazyTable:
 
     mode: Literal["full", "lazy"] = "lazy"
     holds_all_rows = False  # a missing key is only a miss
+    load_progress: LoadProgress | None = None  # (never loaded whole)
 
     def __init__(
         self,

@@ -119,7 +119,29 @@ class _StateCollector(Collector):
             "that fails the same way each time; the reason is logged); reads of it go to the database.",
             labels=["table"],
         )
+        loading = GaugeMetricFamily(
+            "cache_sidecar_table_loading", "1 while a (re)load of the full table runs.", labels=["table"]
+        )
+        load_rows = GaugeMetricFamily(
+            "cache_sidecar_load_rows", "Rows read by the running (re)load, or by the last one.", labels=["table"]
+        )
+        load_expected = GaugeMetricFamily(
+            "cache_sidecar_load_expected_rows",
+            "PostgreSQL's estimate of the rows of the running or last load (0: none).",
+            labels=["table"],
+        )
+        load_eta = GaugeMetricFamily(
+            "cache_sidecar_load_eta_seconds",
+            "Seconds the running load still needs at its rate so far (0: not running, or cannot tell).",
+            labels=["table"],
+        )
         for name, table in engine.tables.items():
+            if (progress := table.load_progress) is not None:
+                state = progress.state()
+                loading.add_metric([name], 1 if state.running else 0)
+                load_rows.add_metric([name], state.rows)
+                load_expected.add_metric([name], state.expected or 0)
+                load_eta.add_metric([name], state.eta or 0.0)
             for result, count in table.reads.items():
                 reads.add_metric([name, result], count)
             reads.add_metric([name, "database"], engine.reads.stats.database_reads.get(name, 0))
@@ -130,6 +152,7 @@ class _StateCollector(Collector):
             loaded.add_metric([name], 1 if table.loaded else 0)
             not_served.add_metric([name], 0 if table.problem is None else 1)
         families: list[Any] = [reads, queries, rows, size, loaded, not_served]
+        families += [loading, load_rows, load_expected, load_eta]
         if listener is not None:
             families += self._listener(listener)
         if engine.follow_state is not None:

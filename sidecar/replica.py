@@ -20,6 +20,7 @@ from sidecar.cache import TableCache
 from sidecar.hub import TABLE_WIDE, Change, Hub
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
+from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Rows, SourceBatch
 from sidecar.store import Row, RowStore, Snapshot
@@ -42,6 +43,7 @@ class ReplicaTable:
         self.problem: str | None = None
         self.reloads = 0
         self.reads: collections.Counter[str] = collections.Counter()
+        self.load_progress: LoadProgress | None = None  # (its rows come from the upstream's stream)
 
     # ------------------------------------------------------------ state
 

@@ -3,7 +3,7 @@ SQL that reads it. A *relation* is a cached query: the same shape, read from
 ``(query) AS t`` instead of a table, plus its sources (the tables whose
 changes refresh it).
 
-Rows are produced by PostgreSQL itself as ``row_to_json(t.*)::text``: the JSON
+Rows are produced by PostgreSQL itself as ``row_to_json(t.*)`` (sent as UTF-8 bytea): the JSON
 that responses carry is made once, by the database, when a row is loaded, and
 follows PostgreSQL's documented JSON mapping.
 
@@ -71,9 +71,14 @@ class TableSchema:
                 return key_column
         return self.columns[name]
 
-    def _select(self) -> str:
+    def _select(self, as_text: bool = False) -> str:
         keys = ", ".join(f"t.{quote_ident(c.name)}" for c in self.key_columns)
-        return f"SELECT {keys}, pg_catalog.row_to_json(t.*)::text FROM {self.source_sql}"
+        row = "pg_catalog.row_to_json(t.*)::text"
+        if not as_text:
+            # The JSON as bytea: asyncpg hands it over as bytes, as the client receives it
+            # (UTF-8), with no str made and encoded again per row.
+            row = f"pg_catalog.convert_to({row}, 'UTF8')"
+        return f"SELECT {keys}, {row} FROM {self.source_sql}"
 
     def _filter(self) -> str:
         return f"({self.config.where})" if self.config.where else ""
@@ -92,10 +97,11 @@ class TableSchema:
         extra = self._filter()
         return f"{self._select()} WHERE {condition}" + (f" AND {extra}" if extra else "")
 
-    def select_all_sql(self) -> str:
-        """Every cached row: key columns, then the row's JSON."""
+    def select_all_sql(self, as_text: bool = False) -> str:
+        """Every cached row: key columns, then the row's JSON (as bytea, or as text for COPY,
+        whose text form would spell bytea in hex)."""
         where = self._filter()
-        return self._select() + (f" WHERE {where}" if where else "")
+        return self._select(as_text) + (f" WHERE {where}" if where else "")
 
     def select_keys_sql(self) -> str:
         """The rows of a set of keys; one array parameter per key column."""

@@ -20,6 +20,7 @@ from sidecar.engine import Engine, Revision
 from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
+from sidecar.progress import LoadProgress
 from sidecar.wire import TooLarge, row_too_large
 
 log = logging.getLogger(__name__)
@@ -353,6 +354,7 @@ class CacheService:
                     ],
                     problem=table.problem or "",
                     indexed_columns=[_column(c) for _, c in sorted(table.schema.columns.items())],
+                    load=_load_info(table.load_progress),
                 )
             )
         answer = pb.ListTablesResponse(tables=tables, revision=revision)
@@ -475,3 +477,18 @@ def add_to_server(service: CacheService, server: grpc.aio.Server) -> None:
     assert not missing, f"unregistered RPCs: {missing}"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _load_info(progress: LoadProgress | None) -> pb.LoadProgress | None:
+    if progress is None:
+        return None
+    state = progress.state()
+    return pb.LoadProgress(
+        running=state.running,
+        rows=state.rows,
+        expected_rows=state.expected or 0,
+        seconds=state.seconds,
+        rows_per_second=state.rate,
+        eta_seconds=state.eta or 0.0,
+        completed=state.completed,
+    )

@@ -43,6 +43,10 @@ class Database(Protocol):
         """Every row of the table, in chunks, from one snapshot."""
         ...
 
+    async def estimate(self, schema: TableSchema) -> int | None:
+        """Roughly how many rows ``load`` would yield (for progress reports), or None."""
+        ...
+
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         """The rows that exist among ``keys`` (missing keys are absent)."""
         ...

@@ -87,6 +87,12 @@ class MemoryDatabase:
         except KeyError:
             raise SchemaError(f"table {table.qualified} does not exist") from None
 
+    async def estimate(self, schema: TableSchema) -> int | None:
+        if self.error is not None:
+            raise self.error
+        table = self.data.get(schema.qualified)
+        return None if table is None else len(table)
+
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         if self.error is not None:
             raise self.error

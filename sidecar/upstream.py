@@ -231,6 +231,9 @@ class UpstreamDatabase:
     async def describe(self, table: TableConfig) -> TableSchema:
         raise SchemaError("a follower has no database to describe tables with")
 
+    async def estimate(self, schema: TableSchema) -> int | None:
+        return None  # (a follower loads no table: its rows come with the upstream's stream)
+
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         raise QueryFailed(f"{schema.qualified}: a follower's full tables come from its upstream's Watch")
         yield {}  # pragma: no cover (an async generator)

@@ -44,10 +44,21 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def entry_prefix(size: int) -> bytes:
+    """What an entry holds before a row JSON of ``size`` bytes: it depends on the size alone."""
+    inner = b"\x08\x01\x12" + _varint(size)
+    return b"\x0a" + _varint(len(inner) + size) + inner
+
+
+# The prefixes of the common sizes, made once: a load then pays one concatenation per row
+# instead of two varint loops (they were most of a 1 M-row load's own time).
+PREFIXES = tuple(entry_prefix(size) for size in range(4096))
+
+
 def entry(row_json: bytes) -> bytes:
     """Encode a row's JSON once, as it is cached."""
-    body = b"\x08\x01\x12" + _varint(len(row_json)) + row_json
-    return b"\x0a" + _varint(len(body)) + body
+    size = len(row_json)
+    return (PREFIXES[size] if size < 4096 else entry_prefix(size)) + row_json
 
 
 def _header(entry_bytes: bytes) -> int:

@@ -55,3 +55,14 @@ async def test_the_database_reads_a_snapshot_and_raises_what_the_adapter_would()
     with pytest.raises(QueryFailed):
         async for _ in db.load(schema):
             pass
+
+
+async def test_the_database_estimates_what_a_load_reads():
+    schema = int_key_schema()
+    db = MemoryDatabase(schema)
+    for key in range(3):
+        db.put("public.items", (key,), name="a")
+    assert await db.estimate(schema) == sum([len(chunk) async for chunk in db.load(schema)]) == 3
+    db.error = QueryFailed("gone")
+    with pytest.raises(QueryFailed):
+        await db.estimate(schema)

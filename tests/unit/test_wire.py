@@ -7,7 +7,7 @@ import pytest
 from sidecar import hub, wire
 from sidecar.api.v1 import cache_pb2 as pb
 
-SIZES = [0, 1, 120, 121, 122, 127, 128, 16379, 16380, 16384, 300_000]
+SIZES = [0, 1, 120, 121, 122, 127, 128, 4095, 4096, 16379, 16380, 16384, 300_000]
 
 
 def revisions(epoch: str = "0123456789abcdef", number: int = 300) -> wire.Revisions:
@@ -22,6 +22,8 @@ def test_entry_is_a_row_result_and_gives_its_json_back(size):
     entry = wire.entry(json_bytes)
     parsed = pb.BatchGetResponse.FromString(entry)
     assert len(parsed.rows) == 1 and parsed.rows[0].found and parsed.rows[0].row == json_bytes
+    if size:  # byte for byte what protobuf makes (it omits an empty row)
+        assert entry == pb.BatchGetResponse(rows=[pb.RowResult(found=True, row=json_bytes)]).SerializeToString()
     assert wire.row_json(entry) == json_bytes
 
 

@@ -261,7 +261,7 @@ class Column(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., type_name: _Optional[str] = ..., enum: _Optional[bool] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem", "indexed_columns")
+    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem", "load", "indexed_columns")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class TableInfo(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     INDEXED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_columns: _containers.RepeatedCompositeFieldContainer[Column]
@@ -283,8 +284,27 @@ class TableInfo(_message.Message):
     bytes: int
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     problem: str
+    load: LoadProgress
     indexed_columns: _containers.RepeatedCompositeFieldContainer[Column]
-    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ..., indexed_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ..., load: _Optional[_Union[LoadProgress, _Mapping]] = ..., indexed_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
+
+class LoadProgress(_message.Message):
+    __slots__ = ("running", "rows", "expected_rows", "seconds", "rows_per_second", "eta_seconds", "completed")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    rows: int
+    expected_rows: int
+    seconds: float
+    rows_per_second: float
+    eta_seconds: float
+    completed: int
+    def __init__(self, running: _Optional[bool] = ..., rows: _Optional[int] = ..., expected_rows: _Optional[int] = ..., seconds: _Optional[float] = ..., rows_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., completed: _Optional[int] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("name", "columns", "unique", "range")
