@@ -44,6 +44,7 @@ class RowStore:
 
     def __init__(self, schema: TableSchema) -> None:
         self.rows: Rows = {}
+        self._bytes = 0  # the entries' total size, kept as they change (metrics, ListTables)
         indexes = IndexSet(schema)
         self.indexes: IndexSet | None = indexes if indexes else None
         self.version = 0  # rises with every change of the rows
@@ -55,7 +56,7 @@ class RowStore:
         return len(self.rows) - self._reloading
 
     def byte_count(self) -> int:
-        return sum(map(len, self.rows.values()))  # (the mark's entry is b"")
+        return self._bytes
 
     def get(self, key: Key) -> Row:
         return self.rows.get(key)
@@ -77,6 +78,7 @@ class RowStore:
             changed = True
             for view in views:
                 view.changing(key, old)
+            self._bytes += (0 if row is None else len(row)) - (0 if old is None else len(old))
             if row is None:
                 del table_rows[key]
                 if indexes is not None:
@@ -93,6 +95,7 @@ class RowStore:
         self._detach()
         self._reloading = False
         self.rows = rows
+        self._bytes = sum(map(len, rows.values()))
         self.version += 1
         if self.indexes is not None:
             self.indexes.rebuild(rows)
@@ -121,6 +124,7 @@ class RowStore:
         # loop in C (a chunk is thousands of rows).
         olds = list(map(table.pop, rows, itertools.repeat(None)))
         table.update(rows)
+        self._bytes += sum(map(len, rows.values())) - sum(map(len, filter(None, olds)))
         indexes = self.indexes
         if self._views or indexes is not None:
             views = list(self._views)
@@ -143,6 +147,7 @@ class RowStore:
         indexes = self.indexes
         for key in gone:
             old = table.pop(key)
+            self._bytes -= len(old)
             for view in views:
                 view.changing(key, old)
             if indexes is not None:

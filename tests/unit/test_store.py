@@ -162,6 +162,7 @@ def test_snapshots_stay_exact_under_random_changes_and_reloads():
             store.store(keys, {k: row(k[0], rank=rng.randrange(9), v=str(step)) for k in keys if rng.random() < 0.7})
         for view, then in views:
             assert dict(view.items()) == then
+        assert store.byte_count() == sum(map(len, store.rows.values()))  # (kept as rows change, not summed)
     # the indexes end exactly where a rebuild would put them
     rebuilt = RowStore(INDEXED)
     rebuilt.replace(dict(store.rows))
