@@ -182,7 +182,9 @@ class UpstreamSource:
         until it breaks (``_progressed`` says whether it brought anything)."""
         assert self._sink is not None
         names = list(self._schemas)
-        request = pb.WatchRequest(tables=names, progress_interval_ms=max(1, int(self.progress_interval * 1000)))
+        request = pb.WatchRequest(
+            tables=names, progress_interval_ms=max(1, int(self.progress_interval * 1000)), accept_batches=True
+        )
         if start is None:
             request.initial_state = True
             served = await self._served()
@@ -277,6 +279,10 @@ class UpstreamSource:
             if message is grpc.aio.EOF:
                 code = await call.code()
                 raise Lost(f"the stream ended: {code.name}: {await call.details()}")
+            if message.WhichOneof("kind") == "batches":  # (several at once: a follower behind, or under load)
+                for batch in message.batches.batches:
+                    yield pb.WatchResponse(changes=batch)
+                continue
             yield message
 
     # ------------------------------------------------------------ what comes
@@ -373,7 +379,7 @@ class UpstreamSource:
 
     async def _reload(self, name: str) -> tuple[Rows, int, str | None]:
         """A full table's every row again (a second Watch of just it, on the same channel)."""
-        request = pb.WatchRequest(tables=[name], initial_state=True)
+        request = pb.WatchRequest(tables=[name], initial_state=True, accept_batches=True)
         call = self.upstream.stub.Watch(request)
         rows: dict[str, Rows] = {name: {}}
         try:

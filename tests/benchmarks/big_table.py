@@ -202,7 +202,7 @@ class Sidecar:
     def load_line(self) -> tuple[int, float] | None:
         """(rows, seconds) from the sidecar's "loaded <table>: N rows in Xs" line."""
         text = self.log.read_text(errors="replace")
-        found = re.search(rf"loaded {re.escape(TABLE)}: (\d+) rows in ([0-9.]+)s", text)
+        found = re.search(rf"loaded {re.escape(TABLE)}: (\d+) rows(?: \(\d+ dropped\))? in ([0-9.]+)s", text)
         return (int(found[1]), float(found[2])) if found else None
 
 

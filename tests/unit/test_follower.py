@@ -505,3 +505,26 @@ async def test_a_barrier_token_comes_back_only_once_the_stream_brought_the_upstr
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_several_batches_in_one_message_are_applied_in_order():
+    """The follower asks for grouped batches (a hub sends them to a follower behind, or
+    under load) and applies each as if it had come alone."""
+    from sidecar.api.v1 import cache_pb2 as pb
+
+    snapshot, done, batch, _ = pb_messages()
+    grouped = pb.WatchResponse(
+        batches=pb.ChangeBatches(
+            batches=[
+                batch(6, UPDATE, 1, b'{"id":1,"v":6}').changes,  # type: ignore[attr-defined]
+                batch(7, UPDATE, 1, b'{"id":1,"v":7}').changes,  # type: ignore[attr-defined]
+            ]
+        )
+    )
+    upstream = FakeUpstream(FakeCall([snapshot(5, 1), done(5), grouped]), head=7)
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("batch") == 2)
+    assert upstream.requests[0].accept_batches
+    applied = [args for kind, args in sink.calls if kind == "batch"]
+    assert [b.revision for b in applied] == [6, 7]
+    assert [c.row for b in applied for c in b.changes] == [entry(b'{"id":1,"v":6}'), entry(b'{"id":1,"v":7}')]
