@@ -58,8 +58,9 @@ class Sidecar:
     target: str
     started: float = field(default_factory=time.perf_counter)
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def stop(self, signalled: bool = False) -> None:
+        """SIGTERM (unless ``signalled`` already: a second one exits at once), then wait."""
+        if self.process.poll() is None and not signalled:
             self.process.terminate()
         try:
             self.process.wait(20)
@@ -119,7 +120,7 @@ def running(sidecars: list[Sidecar]) -> Iterator[list[Sidecar]]:
             if sidecar.process.poll() is None:
                 sidecar.process.terminate()
         for sidecar in sidecars:
-            sidecar.stop()
+            sidecar.stop(signalled=True)
 
 
 # ---------------------------------------------------------------- database side
@@ -405,10 +406,29 @@ def main() -> None:
     from sidecar.cli import GRPC_EXPERIMENTS
 
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
-    from tests.support.pg import database
+    external = os.environ.get("SIDECAR_TEST_DSN")
+    if external:
+        asyncio.run(run(external, args))
+        return
+    from tests.support.pg import EmbeddedServer
 
-    with database() as dsn:
-        asyncio.run(run(dsn, args))
+    server = EmbeddedServer()
+    try:
+        # 30 direct sidecars hold up to 30 x (1 + database.pool_max_size) backends: room for
+        # them, so that direct mode is measured as it would run, not refused.
+        asyncio.run(_allow_connections(server.dsn, 500))
+        server.restart()
+        asyncio.run(run(server.dsn, args))
+    finally:
+        server.stop()
+
+
+async def _allow_connections(dsn: str, count: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"ALTER SYSTEM SET max_connections = {count}")
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":
