@@ -131,22 +131,30 @@ async def start_daemon(postgres: Postgres) -> AsyncIterator[StartDaemon]:
             "tables": table_configs,
         }
         values.update(settings)
-        config = cfg.Config(**values)
-        started = asyncio.Event()
-        daemon = Daemon(config, on_ready=lambda _d: started.set(), handle_signals=False)
-        task = asyncio.create_task(daemon.run(), name="daemon under test")
-        waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            raise AssertionError(f"daemon exited during start with code {task.result()}")
-        handle = RunningDaemon(daemon, task)
-        running.append(handle)
-        if wait:
-            await handle.ready()
-        return handle
+        return await start_in_process(cfg.Config(**values), running, wait, "daemon")
 
     yield start
+    await stop_all(running)
+
+
+async def start_in_process(config: cfg.Config, running: list[RunningDaemon], wait: bool, what: str) -> RunningDaemon:
+    """A daemon of ``config`` in this process, added to ``running``; ready unless not ``wait``."""
+    started = asyncio.Event()
+    daemon = Daemon(config, on_ready=lambda _d: started.set(), handle_signals=False)
+    task = asyncio.create_task(daemon.run(), name=f"{what} under test")
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        raise AssertionError(f"{what} exited during start with code {task.result()}")
+    handle = RunningDaemon(daemon, task)
+    running.append(handle)
+    if wait:
+        await handle.ready()
+    return handle
+
+
+async def stop_all(running: list[RunningDaemon]) -> None:
     for handle in running:
         if not handle.task.done():
             await handle.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib.util
 import os
 import re
@@ -27,19 +28,28 @@ async def service(start_daemon, postgres, db, schema, monkeypatch):
         f"CREATE TABLE {schema}.patron (id serial PRIMARY KEY, name text NOT NULL, fav_dish text);"
         f"INSERT INTO {schema}.patron (name, fav_dish) VALUES ('Ada', 'pancakes'), ('Grace', 'curry')"
     )
+    async with running_app(start_daemon, schema, monkeypatch, postgres.dsn) as http:
+        yield http, schema
+
+
+@contextlib.asynccontextmanager
+async def running_app(start_daemon, schema, monkeypatch, dsn):  # type: ignore[no-untyped-def]
+    """The service (``dsn`` None: read-only) on a free port, reading through a new sidecar."""
     monkeypatch.setenv("PATRON_TABLE", f"{schema}.patron")
     spec = importlib.util.spec_from_file_location("patron_service", APP)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sidecar = await start_daemon([f"{schema}.patron"])
-    runner = web.AppRunner(module.make_app(postgres.dsn, sidecar.target))
+    runner = web.AppRunner(module.make_app(dsn, sidecar.target))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-        await eventually(lambda: _stats_ok(http), what="service up, its near-cache following")
-        yield http, schema
-    await runner.cleanup()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await eventually(lambda: _stats_ok(http), what="service up, its near-cache following")
+            yield http
+    finally:
+        await runner.cleanup()
 
 
 async def _stats_ok(http: aiohttp.ClientSession) -> bool:
@@ -142,23 +152,10 @@ async def test_without_a_database_url_it_is_read_only(start_daemon, db, schema, 
         f"CREATE TABLE {schema}.patron (id serial PRIMARY KEY, name text NOT NULL, fav_dish text);"
         f"INSERT INTO {schema}.patron (name, fav_dish) VALUES ('Ada', 'pancakes')"
     )
-    monkeypatch.setenv("PATRON_TABLE", f"{schema}.patron")
-    spec = importlib.util.spec_from_file_location("patron_service_read_only", APP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sidecar = await start_daemon([f"{schema}.patron"])
-    runner = web.AppRunner(module.make_app(None, sidecar.target))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            await eventually(lambda: _stats_ok(http), what="service up")
-            assert await get_json(http, "/patron/1") == (200, {"id": 1, "name": "Ada", "fav_dish": "pancakes"})
-            for method, path in (("POST", "/patron"), ("PUT", "/patron/1"), ("DELETE", "/patron/1")):
-                async with http.request(method, path, json={"name": "Eve"}) as response:
-                    assert response.status == 405, method
-                    assert "read-only" in await response.text()
-        assert await db.fetchval(f"SELECT count(*) FROM {schema}.patron") == 1
-    finally:
-        await runner.cleanup()
+    async with running_app(start_daemon, schema, monkeypatch, None) as http:
+        assert await get_json(http, "/patron/1") == (200, {"id": 1, "name": "Ada", "fav_dish": "pancakes"})
+        for method, path in (("POST", "/patron"), ("PUT", "/patron/1"), ("DELETE", "/patron/1")):
+            async with http.request(method, path, json={"name": "Eve"}) as response:
+                assert response.status == 405, method
+                assert "read-only" in await response.text()
+    assert await db.fetchval(f"SELECT count(*) FROM {schema}.patron") == 1

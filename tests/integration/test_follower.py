@@ -22,7 +22,7 @@ from sidecar import config as cfg
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
-from tests.conftest import RunningDaemon
+from tests.conftest import RunningDaemon, start_in_process, stop_all
 from tests.support.certs import Authority
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
@@ -47,24 +47,10 @@ async def start_follower() -> AsyncIterator[StartFollower]:
             "tables": tuple(cfg.parse_table_spec(t, "test") for t in tables),
         }
         values.update(settings)
-        started = asyncio.Event()
-        daemon = Daemon(cfg.Config(**values), on_ready=lambda _d: started.set(), handle_signals=False)
-        task = asyncio.create_task(daemon.run(), name="follower under test")
-        waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            raise AssertionError(f"follower exited during start with code {task.result()}")
-        handle = RunningDaemon(daemon, task)
-        running.append(handle)
-        if wait:
-            await handle.ready()
-        return handle
+        return await start_in_process(cfg.Config(**values), running, wait, "follower")
 
     yield start
-    for handle in running:
-        if not handle.task.done():
-            await handle.stop()
+    await stop_all(running)
 
 
 @pytest.fixture
