@@ -80,6 +80,8 @@ class Engine:
         self.db = db
         self.max_batch_keys = max_batch_keys
         self.listener_up = False
+        self._fences = 0  # switches back to trusting memory begun (a follower's; see _trust_after_fence)
+        self._fence_tasks: set[asyncio.Task[None]] = set()
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
@@ -314,8 +316,8 @@ class Engine:
         self.revisions.adopt(epoch, revision)
         self.hub.start(epoch, revision, reason)
         self.replica.rebuild(rows)
-        self.listener_up = True
         self.revisions.advance()
+        self._trust_after_fence()
         for callback in self._connected_listeners:
             callback()
 
@@ -332,8 +334,43 @@ class Engine:
 
     def resumed(self) -> None:
         """The source follows again without having missed anything: trust memory again."""
-        self.listener_up = True
-        self._state_changed()
+        self._trust_after_fence()
+
+    def _trust_after_fence(self) -> None:
+        """Trust memory again once it is at least as new as every answer the source gave
+        meanwhile. A read passed through to the upstream while this follower was away may
+        have seen rows newer than the revision memory is at now; so reads wait (not pass
+        through) while the reads in flight end and one barrier round -- an upstream Sync
+        sent after them, applied here -- brings memory past all they saw."""
+        if self.barrier is None:
+            self.listener_up = True
+            self._state_changed()
+            return
+        self._fences += 1
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.reads.gate is not None and not self.reads.gate.done():
+            self.reads.gate.set_result(None)  # (an earlier fence's readers go on to this one's)
+        self.reads.gate = gate
+        task = asyncio.create_task(self._fence_then_trust(self._fences, gate), name="fence")
+        self._fence_tasks.add(task)
+        task.add_done_callback(self._fence_tasks.discard)
+
+    async def _fence_then_trust(self, fence: int, gate: asyncio.Future[None]) -> None:
+        assert self.barrier is not None
+        try:
+            await self.reads.until_none_sourced()
+            await self.barrier.wait()
+        except Unavailable as exc:  # lost again meanwhile: reads go on passing through
+            log.info("memory not trusted yet: %s", exc)
+        else:
+            if fence == self._fences:
+                self.listener_up = True
+                self._state_changed()
+        finally:
+            if not gate.done():
+                gate.set_result(None)
+            if self.reads.gate is gate:
+                self.reads.gate = None
 
     # ------------------------------------------------------------ consistency
 
@@ -372,6 +409,9 @@ class Engine:
         read that this revision was received -- not that every table applied it,
         which would wait for the reload.
         """
+        gate = self.reads.gate
+        if (strong or min_revision is not None) and gate is not None:
+            await asyncio.shield(gate)  # (memory is being fenced: what to wait for is known after it)
         reloading = isinstance(table, FullTable) and table.reloading
         if strong and self.listener_up:
             if reloading and self.barrier is not None:
@@ -546,6 +586,9 @@ class Engine:
         return self.tables[name].problem
 
     async def close(self) -> None:
+        for task in list(self._fence_tasks):
+            task.cancel()
+        await asyncio.gather(*self._fence_tasks, return_exceptions=True)
         await self.reads.close()
         for table in self.tables.values():
             await table.close()

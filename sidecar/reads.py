@@ -13,6 +13,7 @@ answers, which memory then gives.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +49,12 @@ class ReadPath:
         self.stats = ReadStats()
         self._passthrough: Flights[tuple[str, Key], bytes] = Flights()
         self._tasks = TaskSet("reads")
+        # While memory is about to be trusted again (a follower back on its upstream), reads
+        # wait here instead of reading through: see ``Engine._fence_then_trust``.
+        self.gate: asyncio.Future[None] | None = None
+        self.sourced = 0  # reads answered from the source, in flight now
+        self._none_sourced = asyncio.Event()
+        self._none_sourced.set()
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -100,6 +107,8 @@ class ReadPath:
     ) -> T:
         """Memory while it can be trusted (before and after waiting), else the source;
         ``stale`` (memory, knowingly) if the source is unreachable and the caller allows it."""
+        if self.gate is not None:
+            await asyncio.shield(self.gate)
         epoch = self._trusted_epoch()
         if memory is not None and epoch is not None and table.loaded:
             try:
@@ -110,6 +119,8 @@ class ReadPath:
                 if self._trusted_epoch() == epoch:
                     return answer
         self.stats.passthrough_reads += 1
+        self.sourced += 1
+        self._none_sourced.clear()
         try:
             return await source()
         except Unavailable:
@@ -117,6 +128,14 @@ class ReadPath:
                 raise
             self.stats.stale_reads += 1
             return stale()
+        finally:
+            self.sourced -= 1
+            if not self.sourced:
+                self._none_sourced.set()
+
+    async def until_none_sourced(self) -> None:
+        """Return once no read is being answered from the source."""
+        await self._none_sourced.wait()
 
     async def _read_through(self, table: TableCache, keys: list[Key]) -> list[Row]:
         """Read from the database, uncached (memory cannot be trusted now)."""

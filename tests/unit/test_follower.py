@@ -528,3 +528,42 @@ async def test_several_batches_in_one_message_are_applied_in_order():
     applied = [args for kind, args in sink.calls if kind == "batch"]
     assert [b.revision for b in applied] == [6, 7]
     assert [c.row for b in applied for c in b.changes] == [entry(b'{"id":1,"v":6}'), entry(b'{"id":1,"v":7}')]
+
+
+async def test_memory_is_trusted_again_only_once_it_is_as_new_as_what_passed_through():
+    """While a follower is away its reads pass through to the upstream, whose answer may be
+    newer than the revision the follower resumes at. Trusting memory right away would take
+    that answer back (a version going backwards, found by the fleet checker). The follower
+    first lets passed-through reads end and runs one barrier round, which brings the newer
+    batch; reads meanwhile wait for it."""
+    from sidecar.events import SyncToken
+
+    schema = int_key_schema(FULL)
+    upstream = MemoryDatabase(schema)  # what reads passed through see: the upstream's memory
+    engine = Engine(upstream, [schema], make_table=ReplicaTable)
+
+    coming: list[SourceBatch] = []  # what the stream brings before the next token
+
+    class Source:
+        database = upstream
+
+        async def follow(self, sink: object) -> None:  # (not used: the test drives the engine)
+            await asyncio.Event().wait()
+
+        async def send_token(self, token: str) -> None:
+            while coming:
+                engine.batch(coming.pop(0))
+            engine.handle(SyncToken(token))
+
+    engine.attach(Source())  # type: ignore[arg-type]
+    engine.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
+    await eventually(lambda: engine.ready, what="trusted after the first fence")
+    assert await engine.get(FULL, [1]) == row(id=1, v=1)
+    engine.listener_lost("test")
+    upstream.put(FULL, (1,), id=1, v=2)  # committed upstream meanwhile (batch 6 of the stream)
+    coming.append(SourceBatch(6, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v=2))]))
+    assert await engine.get(FULL, [1]) == row(id=1, v=2)  # passed through: the newer row
+    engine.resumed()  # caught up at revision 5 (the batch with v=2 not yet here)
+    assert await engine.get(FULL, [1]) == row(id=1, v=2)  # never back to v=1
+    assert engine.ready and engine.applied == 6
+    await engine.close()
