@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import warnings
 
 from tests import checker
 
@@ -32,11 +31,5 @@ async def test_checker_through_followers_finds_no_broken_promise_under_faults(po
     assert report.hub_restarts == 1 and report.link_stalls == 2 and report.link_cuts == 2
     assert report.epochs_seen >= 2  # the hub's restart is a new epoch, seen through the followers
     assert report.stale_strong_reads == 0, report.examples
-    # (b) through followers is a known, open gap (README "Not done yet"): the 5-minute fleet run
-    # of 2026-12-02 counted 1 backwards read of a relation row. Likely cause: reads passed
-    # through to the hub while a follower catches up can be newer than the follower's memory
-    # when it switches back (the direct sidecar fences that switch after a reload; a follower
-    # does not yet). Reported here, not failed, until that fence exists.
-    if report.backwards_reads:
-        warnings.warn(f"fleet checker: {report.backwards_reads} backwards read(s): {report.examples[:3]}", stacklevel=1)
+    assert report.backwards_reads == 0, report.examples
     assert report.mismatched_rows == 0 and report.compared_rows == 2 * 3 * checker.ROWS, report.examples
