@@ -53,6 +53,13 @@ async def start_follower() -> AsyncIterator[StartFollower]:
     await stop_all(running)
 
 
+async def link_to(hub: RunningDaemon) -> Proxy:
+    """A TCP proxy in front of ``hub``, started: the link a test stalls or cuts."""
+    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
+    await proxy.start()
+    return proxy
+
+
 @pytest.fixture
 async def shop(db: asyncpg.Connection, schema: str) -> dict[str, Any]:
     """A full table with an index, a lazy table, and a relation over two tables."""
@@ -146,8 +153,7 @@ async def test_min_revision_waits_on_a_follower_behind(start_daemon, start_follo
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
     a = await start_follower(hub.target)
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     b = await start_follower(f"127.0.0.1:{proxy.port}", upstream_stall_timeout=30.0)
     try:
         proxy.stall()  # B hears nothing more (its stream is not cut: it cannot tell yet)
@@ -273,8 +279,7 @@ async def test_history_too_short_to_resume_rebuilds_and_resets(start_daemon, sta
     """In the same epoch too: the follower's watchers must not skip what it missed."""
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"], watch_history_batches=2)
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         async with AsyncClient(follower.target) as cache:
@@ -297,8 +302,7 @@ async def test_history_too_short_to_resume_rebuilds_and_resets(start_daemon, sta
 async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db, shop):
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         epoch = follower.engine.epoch
@@ -335,8 +339,7 @@ async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db
 async def test_a_stalled_link_is_noticed_and_resumed(start_daemon, start_follower, db, shop):
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.stall()  # no FIN, no reset: only the missing progress marks tell
@@ -388,8 +391,7 @@ async def test_another_epoch_rebuilds_and_resets_watchers(start_daemon, start_fo
 async def test_reads_pass_through_while_not_following(start_daemon, start_follower, db, shop):
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         async with AsyncClient(follower.target, retries=0) as cache:
@@ -450,8 +452,7 @@ async def test_a_follower_of_a_follower(start_daemon, start_follower, db, shop):
 async def test_after_a_resume_it_serves_only_once_caught_up(start_daemon, start_follower, db, shop):
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.block()
@@ -496,8 +497,7 @@ async def test_metrics_show_the_upstream(start_daemon, start_follower, shop):
     from tests.integration.test_metrics import scrape, value
 
     hub = await start_daemon(shop["tables"])
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     target = f"127.0.0.1:{proxy.port}"
     follower = await start_follower(target, metrics_listen="127.0.0.1:0")
     try:
@@ -582,8 +582,7 @@ async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows
         tls_client_ca_file=str(client_ca),
         auth_token_file=str(tmp_path / "tokens"),
     )
-    proxy = Proxy(host="127.0.0.1", port=int(hub.target.rsplit(":", 1)[1]))
-    await proxy.start()
+    proxy = await link_to(hub)
     ca, cert, key, token_file = (tmp_path / n for n in ("ca.pem", "client.crt", "client.key", "token"))
     client = first.issue("follower", server=False)
     for target, source in ((ca, first.cert_file), (cert, client.cert), (key, client.key)):
