@@ -24,6 +24,7 @@ import operator
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
+from sidecar import heap
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
@@ -99,6 +100,7 @@ class RowStore:
         self.version += 1
         if self.indexes is not None:
             self.indexes.rebuild(rows)
+        heap.built(len(rows))
 
     def clear(self) -> None:
         self.replace({})
@@ -155,6 +157,7 @@ class RowStore:
         if indexes is not None:
             indexes.flush()
         self.version += 1
+        heap.built(len(table))  # (a first load fills the dict in place: it is new to the collector)
         return len(gone)
 
     def abort_reload(self) -> None:
@@ -173,6 +176,7 @@ class RowStore:
         if shared is not None and shared.version == self.version and shared.rows is self.rows:
             return shared
         view = Snapshot(self.rows, self.version, self._reloading)
+        heap.built(len(view.keys))  # (its list of keys is as long as the table)
         self._views.add(view)
         self._shared = weakref.ref(view)
         return view

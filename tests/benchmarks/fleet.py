@@ -13,14 +13,18 @@ pgbench's own: the sidecars' refetches and loads); and commit -> visible
 latency (p50/p99) on the hub and on the followers (or on the direct sidecars),
 from Watch streams, for paced single-row UPDATEs.
 
-Every sidecar runs at ``nice 10`` (``--nice``), as if on another machine: on a small
-machine 30 of them would otherwise take the CPU PostgreSQL and pgbench need.
+In production PostgreSQL has a machine of its own and the sidecars run in pods elsewhere,
+so by default (``--cpus split``) PostgreSQL's processes have CPU 0 to themselves and
+pgbench, the sidecars and this script share the others, every sidecar at ``nice 10``
+(``--nice``) so that pgbench's clients are not starved by them. ``--cpus shared`` puts
+everything on every CPU (sidecars still niced): then the run also measures how 31 sidecar
+processes on PostgreSQL's own 2 cores slow it, which no deployment does.
 
 Then a follower's bootstrap (start -> SERVING) and RSS beside a direct sidecar
 loading the same table from PostgreSQL, and K followers re-bootstrapping at
 once after their hub restarts.
 
-    python -m tests.benchmarks.fleet [--sizes 1,10,30] [--seconds 5]
+    python -m tests.benchmarks.fleet [--sizes 1,10,30] [--seconds 5] [--cpus split|shared]
                                      [--bootstrap-rows 100000,1000000]
 """
 
@@ -51,8 +55,7 @@ TABLE = "public.fleet_rows"
 ROWS = 10_000  # pgbench updates these
 VISIBLE = 2_000  # and the visibility writes the ones after them, so no backlog is taken for theirs
 LOGS = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-# Sidecars run niced, as if on other machines: on 2 cores, 30 of them would otherwise take
-# the CPU PostgreSQL and pgbench need, and the run would measure that, not the database's cost.
+# Sidecars run niced: pgbench shares their CPUs (see --cpus) and must not be starved by them.
 NICE = 10
 APP_NAME = "cache-sidecar%"  # every connection the daemon opens says so in pg_stat_activity
 
@@ -218,12 +221,15 @@ async def visibility(dsn: str, watched: list[Sidecar], rate: float, seconds: flo
 
     async def follow(index: int) -> None:
         stub = pb_grpc.CacheStub(channels[index])
-        call = stub.Watch(pb.WatchRequest(tables=[TABLE], progress_interval_ms=50))
+        # (accept_batches, as the clients do: a stream behind gets several batches a message)
+        call = stub.Watch(pb.WatchRequest(tables=[TABLE], progress_interval_ms=50, accept_batches=True))
         async for message in call:
             now = time.perf_counter()
             ready[index].set()
-            if message.WhichOneof("kind") == "changes":
-                for change in message.changes.events:
+            kind = message.WhichOneof("kind")
+            batches = [message.changes] if kind == "changes" else message.batches.batches if kind == "batches" else []
+            for batch in batches:
+                for change in batch.events:
                     if change.key.parts:
                         arrived[index].setdefault(change.key.parts[0].int_value, now)
 
@@ -372,7 +378,33 @@ async def run_restart(dsn: str, args: argparse.Namespace) -> tuple[int, float, f
     return size, hub_ready, max(times)
 
 
-def report(layouts: list[Layout], boot: list[tuple[int, str, float, float]], restart: tuple[int, float, float]) -> None:
+# ---------------------------------------------------------------- CPUs
+
+
+def split_cpus(postmaster: int) -> str:
+    """PostgreSQL's processes (the postmaster, its children, and the backends it forks from
+    now on) on the first CPU alone; this process and what it starts (pgbench, the sidecars)
+    on the others. Returns a line saying which layout the run has."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return f"CPUs: shared (only {len(cpus)} CPU: no split possible)"
+    database, others = {cpus[0]}, set(cpus[1:])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    for pid in [postmaster, *map(int, children)]:
+        with contextlib.suppress(ProcessLookupError):  # (a child may end meanwhile)
+            os.sched_setaffinity(pid, database)
+    os.sched_setaffinity(0, others)  # before any thread or child: they inherit it
+    return f"CPUs: PostgreSQL alone on CPU {cpus[0]}; pgbench and the sidecars on {sorted(others)}"
+
+
+def report(
+    layouts: list[Layout],
+    boot: list[tuple[int, str, float, float]],
+    restart: tuple[int, float, float],
+    cpus: str,
+) -> None:
+    print(cpus)
+    print()
     base = layouts[0]
     print(
         "| layout | sidecars | tps (sync on) | x no sidecar | tps (sync off) | x no sidecar | PG backends "
@@ -408,12 +440,12 @@ def report(layouts: list[Layout], boot: list[tuple[int, str, float, float]], res
     )
 
 
-async def run(dsn: str, args: argparse.Namespace) -> None:
+async def run(dsn: str, args: argparse.Namespace, cpus: str) -> None:
     await prepare(dsn, TABLE, ROWS + VISIBLE)
     layouts = await run_layouts(dsn, args)
     boot = await run_bootstrap(dsn, args)
     restart = await run_restart(dsn, args)
-    report(layouts, boot, restart)
+    report(layouts, boot, restart, cpus)
 
 
 def main() -> None:
@@ -426,6 +458,12 @@ def main() -> None:
     parser.add_argument("--watched", type=int, default=5, help="sidecars/followers whose Watch is timed")
     parser.add_argument("--bootstrap-rows", default="100000,1000000", help="table sizes, comma-separated")
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of every sidecar process (0: none)")
+    parser.add_argument(
+        "--cpus",
+        choices=("split", "shared"),
+        default="split",
+        help="split: PostgreSQL alone on the first CPU, the rest elsewhere (as deployed); shared: all on all",
+    )
     args = parser.parse_args()
     NICE = args.nice
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -435,7 +473,7 @@ def main() -> None:
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
-        asyncio.run(run(external, args))
+        asyncio.run(run(external, args, "CPUs: PostgreSQL is SIDECAR_TEST_DSN's, not on this machine's CPUs"))
         return
     from tests.support.pg import EmbeddedServer
 
@@ -445,7 +483,8 @@ def main() -> None:
         # them, so that direct mode is measured as it would run, not refused.
         asyncio.run(_allow_connections(server.dsn, 500))
         server.restart()
-        asyncio.run(run(server.dsn, args))
+        cpus = split_cpus(server.postmaster_pid()) if args.cpus == "split" else "CPUs: shared by everything"
+        asyncio.run(run(server.dsn, args, cpus))
     finally:
         server.stop()
 

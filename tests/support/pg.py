@@ -60,7 +60,18 @@ class EmbeddedServer:
         self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def stop(self) -> None:
+        # pgserver stops only the postmaster it started: after a restart() that one is gone
+        # and the new one would outlive the session (holding its CPU and port), so stop it here.
+        if (Path(self.server.pgdata) / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._pgserver.pg_ctl(
+                    ["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user
+                )
         self.server.cleanup()
+
+    def postmaster_pid(self) -> int:
+        """The running postmaster's process id (its children are the server's processes)."""
+        return int((Path(self.server.pgdata) / "postmaster.pid").read_text().split()[0])
 
 
 @contextlib.contextmanager
