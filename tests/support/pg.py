@@ -55,18 +55,19 @@ class EmbeddedServer:
         self.server = pgserver.get_server(tempfile.mkdtemp(prefix="sidecar-test-pg-"), cleanup_mode="delete")
         self.dsn = self.server.get_uri()
         self.socket_path = os.path.join(self.dsn.split("host=")[-1], ".s.PGSQL.5432")
+        self._restarted = False  # (then the postmaster is no longer the one pgserver started)
 
     def restart(self) -> None:
         self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user)
+        self._restarted = True
 
     def stop(self) -> None:
         # pgserver stops only the postmaster it started: after a restart() that one is gone
         # and the new one would outlive the session (holding its CPU and port), so stop it here.
-        if (Path(self.server.pgdata) / "postmaster.pid").exists():
+        if self._restarted and (Path(self.server.pgdata) / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.CalledProcessError):
-                self._pgserver.pg_ctl(
-                    ["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user
-                )
+                user = self.server.system_user
+                self._pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=user)
         self.server.cleanup()
 
     def postmaster_pid(self) -> int:
