@@ -62,9 +62,10 @@ class Barrier:
         self._tasks: set[asyncio.Task[None]] = set()
         self.rounds = 0
 
-    async def wait(self, *, applied: bool = True) -> None:
+    async def wait(self, *, applied: bool = True) -> int | None:
         """Return once a round sent after this call began has completed (``applied``
-        False: once its token came back, so every earlier commit was received)."""
+        False: once its token came back, so every earlier commit was received); the
+        engine's seq when the token came back (every earlier commit is in a batch up to it)."""
         round_ = self._current
         if round_ is None or round_.sending:  # (a round not sent yet is still good)
             round_ = self._next
@@ -73,6 +74,7 @@ class Barrier:
                 if self._current is None:
                     self._launch()
         await asyncio.shield(round_.done if applied else round_.received)
+        return round_.received_at
 
     def _launch(self) -> None:
         if self._current is not None:

@@ -402,22 +402,30 @@ class Engine:
     async def prepare_read(self, strong: bool, min_revision: Revision | None, table: TableCache | None = None) -> None:
         """Honour read options before answering a read of ``table`` (see ReadOptions in the API).
 
-        While ``table`` is being reloaded its reads come from the database or, once
-        the reload landed, from memory fresh as of every change received before
-        the read; either way, all a STRONG read needs is that every commit before
-        it was *received* (the barrier's token came back), and a ``min_revision``
-        read that this revision was received -- not that every table applied it,
-        which would wait for the reload.
+        A STRONG read needs every commit before it *received* (the barrier's token
+        came back) and applied to ``table`` -- not to every table, so a reload of
+        another table does not hold it up. While ``table`` itself is being reloaded
+        its reads come from the database or, once the reload landed, from memory
+        fresh as of every change received before the read: receipt is enough then,
+        and a ``min_revision`` read needs only that this revision was received.
         """
         gate = self.reads.gate
         if (strong or min_revision is not None) and gate is not None:
             await asyncio.shield(gate)  # (memory is being fenced: what to wait for is known after it)
         reloading = isinstance(table, FullTable) and table.reloading
         if strong and self.listener_up:
-            if reloading and self.barrier is not None:
-                await self.barrier.wait(applied=False)
-            else:
+            if table is None or self.barrier is None:
                 await self.sync()
+            else:
+                # Every commit before the read was received once the token is back; then
+                # only this table must have applied them -- not every table (another
+                # table's reload would hold this read up for its whole length).
+                started = time.perf_counter()
+                received = await self.barrier.wait(applied=False)
+                if not reloading and received is not None:
+                    await self.revisions.wait_for_table(table.schema.qualified, received)
+                if self.on_barrier is not None:
+                    self.on_barrier(time.perf_counter() - started)
         if min_revision is not None:
             if reloading and min_revision.epoch == self.epoch and min_revision.number <= self.seq:
                 return

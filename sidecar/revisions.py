@@ -49,6 +49,8 @@ class Revisions:
         self.batch_open = False  # events of this loop iteration may still join batch ``seq``
         self._lows: dict[str, int] = {}  # table -> its oldest unapplied batch (absent: none)
         self._waiters = Waiters()
+        self._moved: asyncio.Future[None] | None = None  # woken at each advance (readers of one table)
+        self._releases = 0  # release_all calls: a reader of one table stops waiting at one
         self._waiting_since: float | None = None  # batches wait since: the last advance, or the first arrival
 
     @property
@@ -107,6 +109,7 @@ class Revisions:
             self.epoch = epoch
             self.seq = self.applied = revision
             self._waiters.release_all()  # (they waited for numbers of another epoch)
+            self._releases += 1
         else:
             self.seq = self.applied = max(self.applied, revision)
             self._waiters.release(self.applied)
@@ -154,7 +157,29 @@ class Revisions:
             self._waiting_since = None
         elif self._waiting_since is None:
             self._waiting_since = time.monotonic()
+        self._wake_table_readers()
         self._on_applied(self.applied)
+
+    def _wake_table_readers(self) -> None:
+        moved, self._moved = self._moved, None
+        if moved is not None and not moved.done():
+            moved.set_result(None)
+
+    def applied_for(self, table: str) -> int:
+        """Every batch up to this one is reflected in ``table`` (``applied`` is the same
+        for every table at once: one table's reload holds it back for all)."""
+        oldest = self.seq if self.batch_open else self.seq + 1
+        low = self._lows.get(table)
+        return (oldest if low is None else min(oldest, low)) - 1
+
+    async def wait_for_table(self, table: str, number: int) -> None:
+        """Return once ``table`` reflects every batch up to ``number`` (or nothing is worth
+        waiting for any more: ``release_all``), however far behind other tables are."""
+        releases = self._releases
+        while self.applied_for(table) < number and self._releases == releases:
+            if self._moved is None:
+                self._moved = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._moved)  # (shared: one reader's cancellation is its own)
 
     async def wait(self, number: int) -> None:
         """Return once ``applied`` reached ``number`` in this epoch."""
@@ -164,6 +189,8 @@ class Revisions:
     def release_all(self) -> None:
         """Nothing is worth waiting for (memory stopped being trusted): wake every reader."""
         self._waiters.release_all()
+        self._releases += 1
+        self._wake_table_readers()
 
     def stalled_seconds(self, counting: bool) -> float:
         """How long received batches have waited without ``applied`` advancing (0: none wait)."""

@@ -12,9 +12,11 @@ of round trip (``link.py``, a relay process; the sidecar on localhost reads its
 database through it too, as in a deployment), with a relation Get vs the join it
 replaces; and asyncpg through the relay without delay, to show the relay's own cost.
 Each sequentially (1 caller) and with 16 concurrent callers, from one asyncio
-client process. Prints tables and the ratios; there is no pass/fail.
+client process, in ``--rounds`` interleaved rounds (calls/s: the median round's; a
+ratio: the median of the rounds' ratios). Prints tables and the ratios; there is
+no pass/fail.
 
-    python -m tests.benchmarks.run [--seconds 2] [--rows 100000] [--link-delay-ms 0.5]
+    python -m tests.benchmarks.run [--seconds 2] [--rounds 3] [--rows 100000] [--link-delay-ms 0.5]
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import asyncio
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -50,10 +53,12 @@ class Result:
     keys_per_call: int
     seconds: float
     latencies_ns: list[int]
+    per_round: list[float] = field(default_factory=list)  # calls/s of each round (``interleaved``)
 
     @property
     def throughput(self) -> float:
-        return self.calls / self.seconds
+        """Calls/s: the median round's, when measured in rounds."""
+        return statistics.median(self.per_round) if self.per_round else self.calls / self.seconds
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies_ns)
@@ -83,6 +88,31 @@ async def measure(
     started = time.perf_counter()
     await asyncio.gather(*(caller(s) for s in range(callers)))
     return Result(name, callers, len(latencies), keys_per_call, time.perf_counter() - started, latencies)
+
+
+Target = tuple[str, Callable[[int], Awaitable[object]], int]  # (name, one call, keys per call)
+
+
+async def interleaved(targets: list[Target], callers: int, seconds: float, rounds: int) -> list[Result]:
+    """Each target measured ``rounds`` times for ``seconds``, round-robin: a slow spell of
+    the machine then hits every target alike, instead of whichever ran during it."""
+    results = [Result(name, callers, 0, keys, 0.0, []) for name, _, keys in targets]
+    for index in range(rounds):
+        for result, (name, call, keys) in zip(results, targets, strict=True):
+            one = await measure(name, call, callers, seconds, keys, warmup=200 if index == 0 else 20)
+            result.calls += one.calls
+            result.seconds += one.seconds
+            result.latencies_ns += one.latencies_ns
+            result.per_round.append(one.throughput)
+    return results
+
+
+def ratio(a: Result, b: Result) -> float:
+    """a's throughput over b's: the median of the rounds' ratios (each round's pair ran
+    side by side), else of the totals."""
+    if a.per_round and len(a.per_round) == len(b.per_round):
+        return statistics.median(x / y for x, y in zip(a.per_round, b.per_round, strict=True))
+    return a.throughput / b.throughput
 
 
 def free_port() -> int:
@@ -160,7 +190,7 @@ def stop(*processes: subprocess.Popen[bytes]) -> None:
         process.wait(10)
 
 
-async def run(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, orders: int) -> None:
+async def run(dsn: str, rows: int, seconds: float, rounds: int, delay_ms: float, users: int, orders: int) -> None:
     print(f"preparing {rows:,} rows ...", file=sys.stderr)
     sample_row = await prepare(dsn, rows)
     sidecar_port, floor_port = free_port(), free_port()
@@ -184,7 +214,7 @@ async def run(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, 
             assert floor.stdout is not None
             floor.stdout.readline()
             await wait_serving(f"127.0.0.1:{sidecar_port}", sidecar)
-            results = await compare(dsn, rows, seconds, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{floor_port}")
+            results = await compare(dsn, rows, seconds, rounds, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{floor_port}")
         finally:
             stop(sidecar, floor)
     print("The database on loopback:\n")
@@ -193,17 +223,17 @@ async def run(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, 
     print()
     for callers in (1, 16):
 
-        def ratio(a: str, b: str, callers: int = callers) -> float:
-            return by[(a, callers)].throughput / by[(b, callers)].throughput
+        def of(a: str, b: str, callers: int = callers) -> float:
+            return ratio(by[(a, callers)], by[(b, callers)])
 
         print(
-            f"{callers:>2} caller(s): sidecar Get / transport floor = {ratio('sidecar Get', FLOOR_GET):.2f}x   "
-            f"sidecar Get / asyncpg = {ratio('sidecar Get', 'asyncpg SELECT by id'):.2f}x   "
-            f"BatchGet(100) / asyncpg ANY = {ratio(BATCH_INT, 'asyncpg = ANY(100 ids)'):.2f}x keys/s "
-            f"({ratio(BATCH_KEYS, 'asyncpg = ANY(100 ids)'):.2f}x as Key messages)"
+            f"{callers:>2} caller(s): sidecar Get / transport floor = {of('sidecar Get', FLOOR_GET):.2f}x   "
+            f"sidecar Get / asyncpg = {of('sidecar Get', 'asyncpg SELECT by id'):.2f}x   "
+            f"BatchGet(100) / asyncpg ANY = {of(BATCH_INT, 'asyncpg = ANY(100 ids)'):.2f}x keys/s "
+            f"({of(BATCH_KEYS, 'asyncpg = ANY(100 ids)'):.2f}x as Key messages)"
         )
     if delay_ms > 0:
-        await over_a_link(dsn, rows, seconds, delay_ms, users, orders)
+        await over_a_link(dsn, rows, seconds, rounds, delay_ms, users, orders)
 
 
 FLOOR_GET = "do-nothing grpc.aio server Get"
@@ -219,7 +249,7 @@ def requests(rows: int) -> tuple[list[int], list[pb.GetRequest], list[list[int]]
     return ids, gets, batch_ids
 
 
-async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str) -> list[Result]:
+async def compare(dsn: str, rows: int, seconds: float, rounds: int, sidecar: str, floor: str) -> list[Result]:
     pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16)
     sidecar_channel = grpc.aio.insecure_channel(sidecar)
     floor_channel = grpc.aio.insecure_channel(floor)
@@ -262,13 +292,16 @@ async def compare(dsn: str, rows: int, seconds: float, sidecar: str, floor: str)
     results = []
     try:
         for callers in (1, 16):
-            results.append(await measure("sidecar Get", sidecar_get, callers, seconds))
-            results.append(await measure(FLOOR_GET, floor_get, callers, seconds))
-            results.append(await measure("asyncpg SELECT by id", pg_get, callers, seconds))
-            results.append(await measure(BATCH_INT, sidecar_batch, callers, seconds, 100))
-            results.append(await measure(BATCH_KEYS, sidecar_key_batch, callers, seconds, 100))
-            results.append(await measure("do-nothing server BatchGet(100)", floor_batch, callers, seconds, 100))
-            results.append(await measure("asyncpg = ANY(100 ids)", pg_batch, callers, seconds, 100))
+            targets: list[Target] = [
+                ("sidecar Get", sidecar_get, 1),
+                (FLOOR_GET, floor_get, 1),
+                ("asyncpg SELECT by id", pg_get, 1),
+                (BATCH_INT, sidecar_batch, 100),
+                (BATCH_KEYS, sidecar_key_batch, 100),
+                ("do-nothing server BatchGet(100)", floor_batch, 100),
+                ("asyncpg = ANY(100 ids)", pg_batch, 100),
+            ]
+            results += await interleaved(targets, callers, seconds, rounds)
     finally:
         await sidecar_channel.close()
         await floor_channel.close()
@@ -306,7 +339,9 @@ def start_link(target: str, delay: float) -> tuple[subprocess.Popen[bytes], int]
     return process, int(process.stdout.readline())
 
 
-async def over_a_link(dsn: str, rows: int, seconds: float, delay_ms: float, users: int, orders: int) -> None:
+async def over_a_link(
+    dsn: str, rows: int, seconds: float, rounds: int, delay_ms: float, users: int, orders: int
+) -> None:
     from tests.benchmarks import relations
 
     print(f"\npreparing the relation: {users:,} users, {orders} orders each ...", file=sys.stderr)
@@ -322,7 +357,7 @@ async def over_a_link(dsn: str, rows: int, seconds: float, delay_ms: float, user
         sidecar = start_sidecar(slow_dsn, port, ["--config", str(config)])
         try:
             await wait_serving(f"127.0.0.1:{port}", sidecar)
-            results = await compare_over_link(slow_dsn, fast_dsn, rows, users, seconds, f"127.0.0.1:{port}")
+            results = await compare_over_link(slow_dsn, fast_dsn, rows, users, seconds, rounds, f"127.0.0.1:{port}")
         finally:
             stop(sidecar, slow, fast)
     print(f"\nThe database behind a link adding {delay_ms} ms of round trip (the sidecar on localhost):\n")
@@ -331,9 +366,7 @@ async def over_a_link(dsn: str, rows: int, seconds: float, delay_ms: float, user
     by = {(r.name, r.callers): r for r in results}
     for callers in (1, 16):
         pairs = [(a, b) for a, b in LINK_PAIRS if (a, callers) in by]
-        text = "   ".join(
-            f"{a} / {b} = {by[(a, callers)].throughput / by[(b, callers)].throughput:.2f}x" for a, b in pairs
-        )
+        text = "   ".join(f"{a} / {b} = {ratio(by[(a, callers)], by[(b, callers)]):.2f}x" for a, b in pairs)
         print(f"{callers:>2} caller(s): {text}")
     relay = by[("asyncpg SELECT by id, relay without delay", 1)].pct(0.5)
     direct_link = by[("asyncpg SELECT by id", 1)].pct(0.5)
@@ -351,7 +384,7 @@ LINK_PAIRS = (
 
 
 async def compare_over_link(
-    slow_dsn: str, fast_dsn: str, rows: int, users: int, seconds: float, sidecar: str
+    slow_dsn: str, fast_dsn: str, rows: int, users: int, seconds: float, rounds: int, sidecar: str
 ) -> list[Result]:
     from tests.benchmarks import relations
 
@@ -396,13 +429,16 @@ async def compare_over_link(
     try:
         for callers in (1, 16):
             print(f"  over the link, {callers} caller(s) ...", file=sys.stderr)
-            results.append(await measure("sidecar Get", sidecar_get, callers, seconds))
-            results.append(await measure("asyncpg SELECT by id", pg_get, callers, seconds))
-            results.append(await measure(BATCH_INT, sidecar_batch, callers, seconds, 100))
-            results.append(await measure("asyncpg = ANY(100 ids)", pg_batch, callers, seconds, 100))
-            results.append(await measure("relation Get", relation_get, callers, seconds))
-            results.append(await measure("the join for one user", join, callers, seconds))
-            results.append(await measure("asyncpg SELECT by id, relay without delay", pg_get_fast, callers, seconds))
+            targets: list[Target] = [
+                ("sidecar Get", sidecar_get, 1),
+                ("asyncpg SELECT by id", pg_get, 1),
+                (BATCH_INT, sidecar_batch, 100),
+                ("asyncpg = ANY(100 ids)", pg_batch, 100),
+                ("relation Get", relation_get, 1),
+                ("the join for one user", join, 1),
+                ("asyncpg SELECT by id, relay without delay", pg_get_fast, 1),
+            ]
+            results += await interleaved(targets, callers, seconds, rounds)
     finally:
         await channel.close()
         await pool.close()
@@ -414,6 +450,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measurements of each target, interleaved (ratios: the rounds' median)"
+    )
     parser.add_argument(
         "--link-delay-ms", type=float, default=0.5, help="round trip the link to the database adds (0: no link run)"
     )
@@ -427,7 +466,7 @@ def main() -> None:
     from tests.support.pg import database
 
     with database() as dsn:
-        asyncio.run(run(dsn, args.rows, args.seconds, args.link_delay_ms, args.users, args.orders))
+        asyncio.run(run(dsn, args.rows, args.seconds, args.rounds, args.link_delay_ms, args.users, args.orders))
 
 
 if __name__ == "__main__":

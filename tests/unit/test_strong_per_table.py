@@ -1,0 +1,136 @@
+"""A STRONG read waits for its own table only: another table's reload does not hold it
+up, while a change of its own table not applied yet still does (and Sync waits for all)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sidecar.engine import Engine
+from sidecar.events import Op, RowChange, TableChange
+from sidecar.full import FullTable
+from sidecar.schema import TableSchema
+from sidecar.source import Rows
+from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
+from sidecar.wire import entry
+from tests.support.waiting import eventually
+
+BIG, ITEMS = "public.big", "public.items"
+
+
+def row(value: str) -> bytes:
+    return entry(('{"name":"' + value + '"}').encode())
+
+
+class HeldBigLoads:
+    """Loads of BIG read their snapshot, then wait until ``gate`` is set; others pass."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._load = db.load
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
+        db.load = self.load  # type: ignore[method-assign]
+
+    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+        chunks = [chunk async for chunk in self._load(schema)]
+        if schema.qualified == BIG:
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
+        for chunk in chunks:
+            yield chunk
+
+
+@pytest.fixture
+def db() -> MemoryDatabase:
+    db = MemoryDatabase(int_key_schema(BIG), int_key_schema(ITEMS))
+    for i in range(1, 4):
+        db.put(BIG, (i,), name=f"b{i}")
+        db.put(ITEMS, (i,), name=f"v{i}")
+    return db
+
+
+@pytest.fixture
+async def engine(db: MemoryDatabase):
+    loads = HeldBigLoads(db)
+    source = MemoryChangeSource(db)
+    engine = Engine(db, list(db.schemas.values()))
+    engine.attach(source)
+    following = asyncio.create_task(source.follow(engine))
+    await eventually(lambda: engine.ready)
+    engine.loads = loads  # type: ignore[attr-defined]
+    yield engine
+    loads.gate.set()
+    following.cancel()
+    await engine.close()
+
+
+def items(engine: Engine) -> FullTable:
+    table = engine.tables[ITEMS]
+    assert isinstance(table, FullTable)
+    return table
+
+
+async def big_reloading(engine: Engine) -> None:
+    loads: HeldBigLoads = engine.loads  # type: ignore[attr-defined]
+    loads.gate.clear()
+    engine.handle(TableChange("public", "big", Op.TRUNCATE, 900, "bulk"))
+    await eventually(lambda: loads.waiting == 1, what="the reload of public.big held")
+
+
+async def quickly(awaitable):
+    return await asyncio.wait_for(awaitable, 2)
+
+
+async def test_a_strong_read_is_not_held_up_by_another_tables_reload(engine, db):
+    await big_reloading(engine)
+    db.put(ITEMS, (1,), name="new")
+    engine.handle(RowChange("public", "items", Op.UPDATE, 901, ((1,),)))
+    await quickly(engine.prepare_read(True, None, items(engine)))  # (a global barrier waits for big)
+    assert await quickly(engine.get(ITEMS, [1])) == row("new")
+    assert engine.tables[BIG].reloading  # type: ignore[attr-defined]
+    assert engine.revisions.applied < engine.revisions.applied_for(ITEMS)
+
+
+async def test_a_strong_read_still_waits_for_its_own_tables_changes(engine, db):
+    db.hold()  # the refetch of items' change waits
+    db.put(ITEMS, (2,), name="changed")
+    engine.handle(RowChange("public", "items", Op.UPDATE, 902, ((2,),)))
+    await db.held(1)
+    strong = asyncio.create_task(engine.prepare_read(True, None, items(engine)))
+    await eventually(lambda: engine.barrier is not None and engine.barrier.rounds >= 1, what="a barrier round")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not strong.done()  # the token is back, but the refetch has not landed
+    db.release()
+    await quickly(strong)
+    assert await quickly(engine.get(ITEMS, [2])) == row("changed")
+
+
+async def test_sync_waits_for_every_table(engine, db):
+    await big_reloading(engine)
+    sync = asyncio.create_task(engine.sync())
+    strong = asyncio.create_task(engine.prepare_read(True, None, items(engine)))
+    await quickly(strong)
+    assert not sync.done()  # Sync promises every table: it waits for big's reload
+    engine.loads.gate.set()  # type: ignore[attr-defined]
+    await quickly(sync)
+
+
+async def test_a_waiting_strong_read_is_released_when_the_listener_goes(engine, db):
+    db.hold()
+    engine.handle(RowChange("public", "items", Op.UPDATE, 903, ((3,),)))
+    await db.held(1)
+    strong = asyncio.create_task(engine.prepare_read(True, None, items(engine)))
+    await eventually(
+        lambda: engine.barrier is not None and engine.barrier._current is None and engine.barrier.rounds >= 1
+    )
+    await eventually(lambda: engine.revisions._moved is not None, what="the read waiting for its table")
+    engine.listener_lost("test")
+    await quickly(strong)  # (reads go to the database now)
+    db.release()
