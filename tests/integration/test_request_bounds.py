@@ -261,22 +261,23 @@ async def test_watch_batches_above_the_limit(small_messages, start_daemon, db, b
 
 async def test_calls_whose_deadline_passed_log_no_error(start_daemon, patrons, caplog):
     sidecar = await start_daemon([patrons])
-    engine = sidecar.engine
-    real_sync = engine.sync
+    barrier = sidecar.engine.barrier
+    real_wait = barrier.wait
     one = pb.Key(parts=[pb.KeyPart(int_value=1)])
     stall = {"seconds": 0.0, "fail": False}
 
-    async def overrunning_sync():
+    async def overrunning_wait(*, applied: bool = True):
         # A handler still busy when its deadline passes: the loop is blocked, so
-        # grpc core ends the call before the server hears of it.
+        # grpc core ends the call before the server hears of it. (The read barrier:
+        # Sync and STRONG reads both wait on it.)
         time.sleep(stall["seconds"])  # noqa: ASYNC251 -- the stall is the fault injected
         if stall["fail"]:
             from sidecar.errors import Unavailable
 
             raise Unavailable("no barrier")
-        return await real_sync()
+        return await real_wait(applied=applied)
 
-    engine.sync = overrunning_sync
+    barrier.wait = overrunning_wait
     caplog.set_level(logging.DEBUG)
     strong = pb.ReadOptions(consistency=pb.STRONG)
     async with grpc.aio.insecure_channel(sidecar.target) as channel:
