@@ -37,6 +37,7 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.errors import InvalidKey, SidecarError, Unavailable
 from sidecar.events import SyncToken
 from sidecar.hub import SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
+from sidecar.keys import coerce_single
 from sidecar.listener import backoff_delay
 from sidecar.revisions import Revision
 from sidecar.schema import TableSchema
@@ -309,17 +310,35 @@ class UpstreamSource:
         )
 
     def _snapshot_rows(self, snapshot: dict[str, Rows], batch: pb.ChangeBatch) -> None:
-        if len(batch.events) > MAX_EVENTS:
-            raise Lost(f"a message of {len(batch.events)} events")
-        for event in batch.events:
-            schema = self._schemas.get(event.table)
-            if schema is None or event.operation != SNAPSHOT or not event.has_row:
-                continue
-            try:
-                key = key_of(schema.key_columns, event.key)
-            except InvalidKey as exc:
-                raise Lost(f"the upstream sent a key of {event.table} that does not fit: {exc}") from None
-            snapshot.setdefault(event.table, {})[key] = entry(event.row)
+        events = batch.events
+        if len(events) > MAX_EVENTS:
+            raise Lost(f"a message of {len(events)} events")
+        # A one-column key's values are gathered and coerced a message at a time (an
+        # initial state is a million of them); other keys one by one.
+        single: dict[str, tuple[list[Any], list[bytes]]] = {}
+        table = ""
+        try:
+            for event in events:
+                table = event.table
+                schema = self._schemas.get(table)
+                if schema is None or event.operation != SNAPSHOT or not event.has_row:
+                    continue
+                parts = event.key.parts
+                if len(schema.key_columns) == 1 and len(parts) == 1:
+                    part = parts[0]
+                    kind = part.WhichOneof("kind")
+                    if kind is None:
+                        raise InvalidKey("a key part without a value")
+                    values, rows = single.setdefault(table, ([], []))
+                    values.append(getattr(part, kind))
+                    rows.append(event.row)
+                else:
+                    snapshot.setdefault(table, {})[key_of(schema.key_columns, event.key)] = entry(event.row)
+            for table, (values, rows) in single.items():
+                keys = coerce_single(self._schemas[table].key_columns, values)
+                snapshot.setdefault(table, {}).update(zip(keys, map(entry, rows), strict=True))
+        except InvalidKey as exc:
+            raise Lost(f"the upstream sent a key of {table} that does not fit: {exc}") from None
 
     async def _batch(self, batch: pb.ChangeBatch) -> None:
         assert self._sink is not None

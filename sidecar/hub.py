@@ -128,6 +128,7 @@ class SnapshotDone:
 
 Message = Batch | Batches | Reset | Progress | Snapshot | SnapshotDone
 _TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
+SNAPSHOT_PAUSE = 0.002  # seconds: initial-state pauses are gathered to at least this long
 MAX_VIEWS = 1024  # distinct filters' views kept per batch (beyond: made per subscriber)
 
 
@@ -626,14 +627,22 @@ class Subscription:
         # takes them: a shared view, not a copy.
         chunks = iter(await self._snapshot())
         self.epoch, self.position = self.hub.epoch, self.hub.published
+        owed = 0.0  # seconds of pause not taken yet
         while True:
             async with self.hub.snapshot_turn:
                 started = time.perf_counter()
                 chunk = next(chunks, None)
                 # Making initial states takes at most about half of the daemon's time
                 # (a read needs several turns of the loop, each may follow one message
-                # being made): however many stream, reads are not held up by them.
-                await asyncio.sleep(time.perf_counter() - started)
+                # being made): however many stream, reads are not held up by them. The
+                # pause is taken once it is worth a timer (uvloop's tick is a millisecond:
+                # a pause per message of a fraction of one cost more than the message).
+                owed += time.perf_counter() - started
+                if owed >= SNAPSHOT_PAUSE:
+                    await asyncio.sleep(owed)
+                    owed = 0.0
+                else:
+                    await asyncio.sleep(0)
             if chunk is None:
                 break
             yield chunk

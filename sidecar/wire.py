@@ -36,6 +36,12 @@ def row_too_large(table: str, key: tuple[object, ...] | None, size: int, limit: 
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x200000:  # (lengths and most numbers: without the loop)
+        if value < 0x80:
+            return bytes((value,))
+        if value < 0x4000:
+            return bytes(((value & 0x7F) | 0x80, value >> 7))
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -116,33 +122,76 @@ def query_response(entries: list[bytes], truncated: bool, revisions: Revisions) 
 # ---------------------------------------------------------------- Watch
 
 
-def _key(key: tuple[object, ...]) -> pb.Key:
-    parts = []
+# Watch batches are encoded here by hand, field by field, as the protobuf runtime would
+# (tests/unit/test_wire.py parses both and compares): building a message object per event
+# and per key part was most of what a hub spends on an initial state or a fan-out.
+
+_SMALL = tuple(bytes((n,)) for n in range(128))
+_INT64 = (-(1 << 63), 1 << 63)
+
+
+def _length(size: int) -> bytes:
+    return _SMALL[size] if size < 128 else _varint(size)
+
+
+def _key_bytes(key: tuple[object, ...]) -> bytes:
+    """An encoded ``Key``: its parts, each a KeyPart (field 1)."""
+    if len(key) == 1 and type(key[0]) is int and 0 <= key[0] < 0x100000:  # the common key, in short
+        part = b"\x08" + _varint(key[0] << 1)  # (sint64, zigzag: a non-negative n is 2n)
+        return b"\x0a" + _SMALL[len(part)] + part
+    out = []
     for value in key:
-        kind, sent = part_kind(value)
-        parts.append(pb.KeyPart(**{kind: sent}))
-    return pb.Key(parts=parts)
+        kind = type(value)
+        if kind is int and _INT64[0] <= value < _INT64[1]:  # type: ignore[operator]
+            part = b"\x08" + _varint((value << 1) ^ (value >> 63))  # type: ignore[operator]  # sint64: zigzag
+        elif kind is str:
+            text = value.encode()  # type: ignore[attr-defined]
+            part = b"\x12" + _length(len(text)) + text
+        else:  # (bool, float, bytes, dates, ...: as the runtime does them)
+            name, sent = part_kind(value)
+            part = pb.KeyPart(**{name: sent}).SerializeToString()
+        out.append(b"\x0a" + _length(len(part)) + part)
+    return b"".join(out)
 
 
-def _event(change: hub.Change) -> pb.ChangeEvent:
-    event = pb.ChangeEvent(table=change.table, operation=change.op, has_row=change.has_row)  # type: ignore[arg-type]
+def _event(change: hub.Change, head: bytes) -> bytes:
+    """An encoded ``ChangeEvent`` (``head``: its table and operation fields, encoded)."""
+    out = [head]
     if change.key is not None:
-        event.key.CopyFrom(_key(change.key))
+        key = _key_bytes(change.key)
+        out += (b"\x1a", _length(len(key)), key)
     if change.old_key is not None:
-        event.old_key.CopyFrom(_key(change.old_key))
-    if change.row is not None:
-        event.row = change.row
-    return event
+        key = _key_bytes(change.old_key)
+        out += (b"\x22", _length(len(key)), key)
+    if change.row:  # (an empty row is the field's default: not sent)
+        out += (b"\x2a", _length(len(change.row)), change.row)
+    if change.has_row:
+        out.append(b"\x30\x01")
+    body = b"".join(out)
+    return b"\x12" + _length(len(body)) + body  # ChangeBatch.events (field 2)
+
+
+def _head(table: str, op: int) -> bytes:
+    name = table.encode()
+    fields = (b"\x0a" + _length(len(name)) + name) if name else b""
+    return fields + (b"\x10" + _varint(op) if op else b"")
 
 
 def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> bytes:
-    message = pb.WatchResponse(
-        changes=pb.ChangeBatch(
-            revision=pb.Revision(epoch=epoch, number=revision), xid=xid, events=[_event(c) for c in changes]
-        )
-    )
-    encoded: bytes = message.SerializeToString()
-    return encoded
+    """An encoded ``WatchResponse`` whose ``changes`` is this batch."""
+    name = epoch.encode()
+    mark = (b"\x0a" + _length(len(name)) + name if name else b"") + (b"\x10" + _varint(revision) if revision else b"")
+    heads: dict[tuple[str, int], bytes] = {}
+    out = [b"\x0a", _length(len(mark)), mark]  # ChangeBatch.revision (always set)
+    for change in changes:
+        head = heads.get((change.table, change.op))
+        if head is None:
+            head = heads[(change.table, change.op)] = _head(change.table, change.op)
+        out.append(_event(change, head))
+    if xid:
+        out += (b"\x18", _varint(xid))
+    body = b"".join(out)
+    return b"\x0a" + _length(len(body)) + body  # WatchResponse.changes (field 1)
 
 
 # Most bytes of one WatchResponse.batches message (when ``limit`` allows): big

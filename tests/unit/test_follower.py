@@ -567,3 +567,22 @@ async def test_memory_is_trusted_again_only_once_it_is_as_new_as_what_passed_thr
     assert await engine.get(FULL, [1]) == row(id=1, v=2)  # never back to v=1
     assert engine.ready and engine.applied == 6
     await engine.close()
+
+
+def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_refused():
+    from sidecar.api.v1 import cache_pb2 as pb
+    from sidecar.follower import Lost
+
+    source = source_for(FakeUpstream())
+
+    def event(part: object, table: str = FULL) -> object:
+        return pb.ChangeEvent(table=table, operation=7, key=pb.Key(parts=[part]), row=b'{"id":1}', has_row=True)
+
+    good = [event(pb.KeyPart(int_value=n)) for n in (1, 2, 3)] + [event(pb.KeyPart(int_value=9), "public.other")]
+    rows: dict = {}
+    source._snapshot_rows(rows, pb.ChangeBatch(events=good))
+    assert list(rows) == [FULL] and sorted(rows[FULL]) == [(1,), (2,), (3,)]  # (other: not followed)
+    assert rows[FULL][(2,)] == entry(b'{"id":1}')
+    for bad in (pb.KeyPart(string_value="x"), pb.KeyPart(), pb.KeyPart(double_value=1.5)):
+        with pytest.raises(Lost, match=r"public\.items that does not fit"):
+            source._snapshot_rows({}, pb.ChangeBatch(events=[*good[:2], event(bad)]))
