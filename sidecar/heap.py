@@ -13,12 +13,13 @@ into the permanent generation (``gc.freeze``), which collections skip; an
 object there that dies is still freed by reference counting. The price: a
 reference cycle alive at that moment that becomes garbage later is never
 collected. So only big containers count, and at most one freeze happens per
-``interval`` seconds (a container built sooner stays collectable: slower
-pauses, nothing lost).
+``interval`` seconds: a container built sooner is frozen when the interval
+ends (until then it costs collections their time, nothing else).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 
@@ -32,19 +33,32 @@ class Heap:
         self.big = big
         self.interval = interval
         self._last = float("-inf")
+        self._later: asyncio.TimerHandle | None = None
         self.freezes = 0
 
     def built(self, size: int) -> bool:
-        """A container of ``size`` elements was just built; True if frozen now."""
+        """A container of ``size`` elements was just built; True if frozen now (else, in
+        an event loop, it is frozen once the interval since the last freeze ended)."""
         if size < self.big:
             return False
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            return False
-        self._last = now
+        wait = self._last + self.interval - time.monotonic()
+        if wait <= 0:
+            self._freeze()
+            return True
+        if self._later is None:
+            try:
+                self._later = asyncio.get_running_loop().call_later(wait, self._freeze)
+            except RuntimeError:
+                pass  # (no loop: a later big container will do)
+        return False
+
+    def _freeze(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        self._last = time.monotonic()
         gc.freeze()
         self.freezes += 1
-        return True
 
 
 HEAP = Heap()

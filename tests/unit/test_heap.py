@@ -12,6 +12,7 @@ import pytest
 from sidecar import heap
 from sidecar.heap import Heap
 from sidecar.store import RowStore
+from tests.support.waiting import eventually
 from tests.unit.test_store import INDEXED, row
 
 
@@ -72,3 +73,13 @@ def test_the_store_freezes_after_big_loads_and_snapshots(monkeypatch: pytest.Mon
     store.finish_reload()
     store.snapshot()
     assert told == [7, 9, 9]
+
+
+async def test_a_big_container_built_within_the_interval_is_frozen_when_it_ends() -> None:
+    heap_ = Heap(big=1, interval=0.05)
+    assert heap_.built(5)
+    gc.unfreeze()
+    assert not heap_.built(5) and not heap_.built(5)  # (one freeze is due, not two)
+    assert gc.get_freeze_count() == 0
+    await eventually(lambda: heap_.freezes == 2, what="the freeze when the interval ended")
+    assert gc.get_freeze_count() > 0
