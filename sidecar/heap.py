@@ -20,6 +20,7 @@ ends (until then it costs collections their time, nothing else).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 
@@ -46,10 +47,8 @@ class Heap:
             self._freeze()
             return True
         if self._later is None:
-            try:
+            with contextlib.suppress(RuntimeError):  # (no loop: a later big container will do)
                 self._later = asyncio.get_running_loop().call_later(wait, self._freeze)
-            except RuntimeError:
-                pass  # (no loop: a later big container will do)
         return False
 
     def _freeze(self) -> None:
