@@ -16,7 +16,9 @@ from Watch streams, for paced single-row UPDATEs.
 In production PostgreSQL has a machine of its own and the sidecars run in pods elsewhere,
 so by default (``--cpus split``) PostgreSQL's processes have CPU 0 to themselves and
 pgbench, the sidecars and this script share the others, every sidecar at ``nice 10``
-(``--nice``) so that pgbench's clients are not starved by them. ``--cpus shared`` puts
+(``--nice``) so that pgbench's clients are not starved by them; for commit -> visible,
+the bootstraps and the hub restart (the sidecars' own speed) they get every CPU. pgbench
+runs twice per setting, interleaved (on, off, on, off), and each tps is the mean. ``--cpus shared`` puts
 everything on every CPU (sidecars still niced): then the run also measures how 31 sidecar
 processes on PostgreSQL's own 2 cores slow it, which no deployment does.
 
@@ -85,8 +87,15 @@ class Sidecar:
         return int(match.group(1)) / 1024 if match else float("nan")
 
 
+_PORTS: set[int] = set()  # given out this run: free_port() may hand a freed port out again
+
+
 def start(args: list[str], port: int | None = None) -> Sidecar:
-    port = port or free_port()
+    if port is None:  # (a port given is meant: the hub's again, when it restarts)
+        port = free_port()
+        while port in _PORTS:
+            port = free_port()
+    _PORTS.add(port)
     command = ["nice", "-n", str(NICE), sys.executable, "-m", "sidecar", "serve", *args]
     command += ["--listen", f"127.0.0.1:{port}", "--log-level", "info"]
     log = LOGS / f"sidecar-{port}.log"
@@ -211,9 +220,12 @@ async def commits(conn: asyncpg.Connection) -> int:
 # ---------------------------------------------------------------- visibility latency
 
 
-async def visibility(dsn: str, watched: list[Sidecar], rate: float, seconds: float) -> list[list[float]]:
+async def visibility(
+    dsn: str, watched: list[Sidecar], rate: float, seconds: float, everyone: list[Sidecar]
+) -> list[list[float]]:
     """Paced single-row UPDATEs; for each watched sidecar, commit -> batch-on-its-Watch
-    latencies in ms (the commit time is when the UPDATE returned to the writer)."""
+    latencies in ms (the commit time is when the UPDATE returned to the writer). Every one
+    of ``everyone`` has caught up first: none is still working off pgbench's backlog."""
     committed: dict[int, float] = {}
     arrived: list[dict[int, float]] = [{} for _ in watched]
     channels = [grpc.aio.insecure_channel(s.target) for s in watched]
@@ -233,7 +245,7 @@ async def visibility(dsn: str, watched: list[Sidecar], rate: float, seconds: flo
                     if change.key.parts:
                         arrived[index].setdefault(change.key.parts[0].int_value, now)
 
-    # Every watched sidecar has applied what came before (pgbench's backlog): a Sync each
+    # Every sidecar has applied what came before (pgbench's backlog): a Sync each
     # (a follower that fell behind during pgbench rebuilds first: Sync fails until it follows;
     # ten direct sidecars on one CPU refetch a 10-second pgbench run's changes for minutes).
     async def synced(channel: grpc.aio.Channel) -> None:
@@ -247,7 +259,12 @@ async def visibility(dsn: str, watched: list[Sidecar], rate: float, seconds: flo
                     raise
                 await asyncio.sleep(0.2)
 
-    await asyncio.gather(*(synced(c) for c in channels))
+    settling = [grpc.aio.insecure_channel(s.target) for s in everyone]
+    try:
+        await asyncio.gather(*(synced(c) for c in settling))
+    finally:
+        for channel in settling:
+            await channel.close()
     tasks = [asyncio.create_task(follow(i)) for i in range(len(watched))]
     try:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
@@ -302,16 +319,19 @@ async def measure_layout(
     try:
         layout.backends = await backends(conn)
         before = await commits(conn)
-        layout.tps_on, done_on = await asyncio.to_thread(pgbench, dsn, args.seconds, True)
-        layout.tps_off, done_off = await asyncio.to_thread(pgbench, dsn, args.seconds, False)
+        layout.tps_on, layout.tps_off, done = await tps_both(dsn, args.seconds)
         await asyncio.sleep(1)  # let the last refetches land and the statistics flush
         after = await commits(conn)
-        layout.per_change = max(0, (after - before) - (done_on + done_off)) / (done_on + done_off)
+        layout.per_change = max(0, (after - before) - done) / done
         layout.backends = max(layout.backends, await backends(conn))
     finally:
         await conn.close()
     watched = ([hub] if hub is not None else []) + sidecars[: args.watched]
-    latencies = await visibility(dsn, watched, args.rate, args.visibility_seconds)
+    # Latency is the sidecars' own speed, not PostgreSQL's cost: with the CPUs split, they
+    # (and this client) get every CPU for it, or 32 processes would share one.
+    with every_cpu([*sidecars, *([hub] if hub is not None else [])]):
+        everyone = [*([hub] if hub is not None else []), *sidecars]
+        latencies = await visibility(dsn, watched, args.rate, args.visibility_seconds, everyone)
     if hub is not None:
         layout.hub_ms = (pct(latencies[0], 0.5), pct(latencies[0], 0.99))
         latencies = latencies[1:]
@@ -319,11 +339,25 @@ async def measure_layout(
     layout.edge_ms = (pct(edge, 0.5), pct(edge, 0.99))
 
 
+async def tps_both(dsn: str, seconds: float) -> tuple[float, float, int]:
+    """pgbench with synchronous commit on, off, on, off: the mean tps of each, and the
+    transactions in all (commits wait on the disk, whose speed here drifts from minute to
+    minute: two runs of each, interleaved, drift less)."""
+    on: list[float] = []
+    off: list[float] = []
+    done = 0
+    for _ in range(2):
+        for synchronous, into in ((True, on), (False, off)):
+            tps, count = await asyncio.to_thread(pgbench, dsn, seconds / 2, synchronous)
+            into.append(tps)
+            done += count
+    return sum(on) / len(on), sum(off) / len(off), done
+
+
 async def run_layouts(dsn: str, args: argparse.Namespace) -> list[Layout]:
     results = []
     baseline = Layout("no sidecar", 0)
-    baseline.tps_on, _ = await asyncio.to_thread(pgbench, dsn, args.seconds, True)
-    baseline.tps_off, _ = await asyncio.to_thread(pgbench, dsn, args.seconds, False)
+    baseline.tps_on, baseline.tps_off, _ = await tps_both(dsn, args.seconds)
     results.append(baseline)
     for size in args.sizes:
         print(f"direct: {size} sidecar(s) ... (logs in {LOGS})", file=sys.stderr)
@@ -382,6 +416,32 @@ async def run_restart(dsn: str, args: argparse.Namespace) -> tuple[int, float, f
 # ---------------------------------------------------------------- CPUs
 
 
+SPLIT: tuple[set[int], set[int]] | None = None  # (every CPU, the sidecars' CPUs) once split
+
+
+def _set_cpus(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError, OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextlib.contextmanager
+def every_cpu(sidecars: list[Sidecar]) -> Iterator[None]:
+    """With the CPUs split: the sidecars and this process on every CPU for the duration."""
+    if SPLIT is None:
+        yield
+        return
+    every, theirs = SPLIT
+    for sidecar in sidecars:
+        _set_cpus(sidecar.process.pid, every)
+    _set_cpus(os.getpid(), every)
+    try:
+        yield
+    finally:
+        _set_cpus(os.getpid(), theirs)  # (sidecars started later inherit it again)
+
+
 def split_cpus(postmaster: int) -> str:
     """PostgreSQL's processes (the postmaster, its children, and the backends it forks from
     now on) on the first CPU alone; this process and what it starts (pgbench, the sidecars)
@@ -395,7 +455,12 @@ def split_cpus(postmaster: int) -> str:
         with contextlib.suppress(ProcessLookupError):  # (a child may end meanwhile)
             os.sched_setaffinity(pid, database)
     os.sched_setaffinity(0, others)  # before any thread or child: they inherit it
-    return f"CPUs: PostgreSQL alone on CPU {cpus[0]}; pgbench and the sidecars on {sorted(others)}"
+    global SPLIT
+    SPLIT = (set(cpus), others)
+    return (
+        f"CPUs: PostgreSQL alone on CPU {cpus[0]}; pgbench and the sidecars on {sorted(others)} "
+        "(commit -> visible, bootstraps and the hub restart: the sidecars on every CPU)"
+    )
 
 
 def report(
@@ -444,6 +509,8 @@ def report(
 async def run(dsn: str, args: argparse.Namespace, cpus: str) -> None:
     await prepare(dsn, TABLE, ROWS + VISIBLE)
     layouts = await run_layouts(dsn, args)
+    if SPLIT is not None:  # bootstraps are the sidecars' own speed too: every CPU from here on
+        _set_cpus(os.getpid(), SPLIT[0])
     boot = await run_bootstrap(dsn, args)
     restart = await run_restart(dsn, args)
     report(layouts, boot, restart, cpus)
