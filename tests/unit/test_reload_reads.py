@@ -26,10 +26,12 @@ def row(value: str) -> bytes:
 
 
 class HeldLoads:
-    """Loads (only) that read their snapshot, then wait until ``open``."""
+    """Loads (only; of table ``only``, if given) that read their snapshot, then wait until
+    ``gate`` is set."""
 
-    def __init__(self, db: MemoryDatabase) -> None:
+    def __init__(self, db: MemoryDatabase, only: str | None = None) -> None:
         self._load = db.load
+        self._only = only
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0
@@ -37,11 +39,12 @@ class HeldLoads:
 
     async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
         chunks = [chunk async for chunk in self._load(schema)]
-        self.waiting += 1
-        try:
-            await self.gate.wait()
-        finally:
-            self.waiting -= 1
+        if self._only in (None, schema.qualified):
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
         for chunk in chunks:
             yield chunk
 

@@ -4,46 +4,17 @@ up, while a change of its own table not applied yet still does (and Sync waits f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from sidecar.engine import Engine
 from sidecar.events import Op, RowChange, TableChange
 from sidecar.full import FullTable
-from sidecar.schema import TableSchema
-from sidecar.source import Rows
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
+from tests.unit.test_reload_reads import HeldLoads, row
 
 BIG, ITEMS = "public.big", "public.items"
-
-
-def row(value: str) -> bytes:
-    return entry(('{"name":"' + value + '"}').encode())
-
-
-class HeldBigLoads:
-    """Loads of BIG read their snapshot, then wait until ``gate`` is set; others pass."""
-
-    def __init__(self, db: MemoryDatabase) -> None:
-        self._load = db.load
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.waiting = 0
-        db.load = self.load  # type: ignore[method-assign]
-
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        chunks = [chunk async for chunk in self._load(schema)]
-        if schema.qualified == BIG:
-            self.waiting += 1
-            try:
-                await self.gate.wait()
-            finally:
-                self.waiting -= 1
-        for chunk in chunks:
-            yield chunk
 
 
 @pytest.fixture
@@ -57,7 +28,7 @@ def db() -> MemoryDatabase:
 
 @pytest.fixture
 async def engine(db: MemoryDatabase):
-    loads = HeldBigLoads(db)
+    loads = HeldLoads(db, only=BIG)
     source = MemoryChangeSource(db)
     engine = Engine(db, list(db.schemas.values()))
     engine.attach(source)
@@ -77,7 +48,7 @@ def items(engine: Engine) -> FullTable:
 
 
 async def big_reloading(engine: Engine) -> None:
-    loads: HeldBigLoads = engine.loads  # type: ignore[attr-defined]
+    loads: HeldLoads = engine.loads  # type: ignore[attr-defined]
     loads.gate.clear()
     engine.handle(TableChange("public", "big", Op.TRUNCATE, 900, "bulk"))
     await eventually(lambda: loads.waiting == 1, what="the reload of public.big held")
