@@ -110,6 +110,7 @@ class Revisions:
             self.seq = self.applied = revision
             self._waiters.release_all()  # (they waited for numbers of another epoch)
             self._releases += 1
+            self._wake_table_readers()
         else:
             self.seq = self.applied = max(self.applied, revision)
             self._waiters.release(self.applied)
