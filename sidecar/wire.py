@@ -35,10 +35,13 @@ def row_too_large(table: str, key: tuple[object, ...] | None, size: int, limit: 
     )
 
 
+_SMALL = tuple(bytes((n,)) for n in range(128))
+
+
 def _varint(value: int) -> bytes:
-    if value < 0x200000:  # (lengths and most numbers: without the loop)
+    if 0 <= value < 0x200000:  # (lengths and most numbers: without the loop)
         if value < 0x80:
-            return bytes((value,))
+            return _SMALL[value]
         if value < 0x4000:
             return bytes(((value & 0x7F) | 0x80, value >> 7))
         return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
@@ -126,12 +129,7 @@ def query_response(entries: list[bytes], truncated: bool, revisions: Revisions) 
 # (tests/unit/test_wire.py parses both and compares): building a message object per event
 # and per key part was most of what a hub spends on an initial state or a fan-out.
 
-_SMALL = tuple(bytes((n,)) for n in range(128))
 _INT64 = (-(1 << 63), 1 << 63)
-
-
-def _length(size: int) -> bytes:
-    return _SMALL[size] if size < 128 else _varint(size)
 
 
 def _key_bytes(key: tuple[object, ...]) -> bytes:
@@ -146,11 +144,11 @@ def _key_bytes(key: tuple[object, ...]) -> bytes:
             part = b"\x08" + _varint((value << 1) ^ (value >> 63))  # type: ignore[operator]  # sint64: zigzag
         elif kind is str:
             text = value.encode()  # type: ignore[attr-defined]
-            part = b"\x12" + _length(len(text)) + text
+            part = b"\x12" + _varint(len(text)) + text
         else:  # (bool, float, bytes, dates, ...: as the runtime does them)
             name, sent = part_kind(value)
             part = pb.KeyPart(**{name: sent}).SerializeToString()
-        out.append(b"\x0a" + _length(len(part)) + part)
+        out.append(b"\x0a" + _varint(len(part)) + part)
     return b"".join(out)
 
 
@@ -159,30 +157,30 @@ def _event(change: hub.Change, head: bytes) -> bytes:
     out = [head]
     if change.key is not None:
         key = _key_bytes(change.key)
-        out += (b"\x1a", _length(len(key)), key)
+        out += (b"\x1a", _varint(len(key)), key)
     if change.old_key is not None:
         key = _key_bytes(change.old_key)
-        out += (b"\x22", _length(len(key)), key)
+        out += (b"\x22", _varint(len(key)), key)
     if change.row:  # (an empty row is the field's default: not sent)
-        out += (b"\x2a", _length(len(change.row)), change.row)
+        out += (b"\x2a", _varint(len(change.row)), change.row)
     if change.has_row:
         out.append(b"\x30\x01")
     body = b"".join(out)
-    return b"\x12" + _length(len(body)) + body  # ChangeBatch.events (field 2)
+    return b"\x12" + _varint(len(body)) + body  # ChangeBatch.events (field 2)
 
 
 def _head(table: str, op: int) -> bytes:
     name = table.encode()
-    fields = (b"\x0a" + _length(len(name)) + name) if name else b""
+    fields = (b"\x0a" + _varint(len(name)) + name) if name else b""
     return fields + (b"\x10" + _varint(op) if op else b"")
 
 
 def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> bytes:
     """An encoded ``WatchResponse`` whose ``changes`` is this batch."""
     name = epoch.encode()
-    mark = (b"\x0a" + _length(len(name)) + name if name else b"") + (b"\x10" + _varint(revision) if revision else b"")
+    mark = (b"\x0a" + _varint(len(name)) + name if name else b"") + (b"\x10" + _varint(revision) if revision else b"")
     heads: dict[tuple[str, int], bytes] = {}
-    out = [b"\x0a", _length(len(mark)), mark]  # ChangeBatch.revision (always set)
+    out = [b"\x0a", _varint(len(mark)), mark]  # ChangeBatch.revision (always set)
     for change in changes:
         head = heads.get((change.table, change.op))
         if head is None:
@@ -191,7 +189,7 @@ def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> by
     if xid:
         out += (b"\x18", _varint(xid))
     body = b"".join(out)
-    return b"\x0a" + _length(len(body)) + body  # WatchResponse.changes (field 1)
+    return b"\x0a" + _varint(len(body)) + body  # WatchResponse.changes (field 1)
 
 
 # Most bytes of one WatchResponse.batches message (when ``limit`` allows): big
