@@ -17,6 +17,7 @@ checks are skipped with a message, except under CI=true, where that is a failure
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,22 +62,26 @@ def kubectl() -> str:
 
 
 @contextmanager
-def rendered_tree(overlay: str, components: tuple[str, ...]) -> Iterator[Path]:
-    """A copy of deploy/kubernetes whose ``overlay`` lists ``components``, as an operator's
-    edit of the overlay would (a component added from outside would not get its namespace)."""
+def rendered_tree(overlay: str, components: tuple[str, ...], namespace: str | None = None) -> Iterator[Path]:
+    """A copy of deploy/kubernetes whose ``overlay`` lists ``components`` (and has
+    ``namespace``), as an operator's edit of the overlay would (a component added from
+    outside the overlay would not get its namespace)."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "kubernetes"
         shutil.copytree(KUBERNETES, tree)
         kustomization = tree / "overlays" / overlay / "kustomization.yaml"
+        if namespace:
+            text = kustomization.read_text()
+            kustomization.write_text(re.sub(r"^namespace: \S+", f"namespace: {namespace}", text, count=1, flags=re.M))
         if components:
             listed = "".join(f"  - ../../components/{name}\n" for name in components)
             kustomization.write_text(kustomization.read_text() + "components:\n" + listed)
         yield tree / "overlays" / overlay
 
 
-def render(overlay: str, components: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def render(overlay: str, components: tuple[str, ...] = (), namespace: str | None = None) -> list[dict[str, Any]]:
     """``kubectl kustomize`` of the overlay with those components: the objects it applies."""
-    with rendered_tree(overlay, components) as path:
+    with rendered_tree(overlay, components, namespace) as path:
         result = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {overlay} {components}: {result.stderr.strip()}")
