@@ -509,7 +509,8 @@ def scraped_names(text: str) -> set[str]:
 def test_the_image_command_serves_over_the_unix_socket(postgres, schema, tmp_path):
     """The Dockerfile's ENTRYPOINT + CMD, exactly, with the direct overlay's rendered
     ConfigMap (paths and ports moved here) and the DSN from the environment, as the Secret
-    gives it -- after the trigger Job's command installed the triggers."""
+    gives it: it stops while the triggers are missing, and serves once the trigger Job's
+    command has installed them."""
 
     async def setup() -> None:
         conn = await asyncpg.connect(postgres.dsn)
@@ -538,6 +539,10 @@ def test_the_image_command_serves_over_the_unix_socket(postgres, schema, tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
     env["CACHE_SIDECAR_DATABASE_DSN"] = postgres.dsn
     exe = str(BIN / "cache-sidecar")
+    # A sidecar started before the Job has run stops with the reason (the kubelet restarts
+    # it, with backoff, until the Job is done): no one has to install the triggers by hand.
+    early = subprocess.run([exe, *command[1:-1], str(config_file)], env=env, capture_output=True, text=True, timeout=60)
+    assert early.returncode != 0 and "triggers install" in early.stderr
     (installer,) = pod_spec(objects, "Job", "cache-sidecar-triggers")["containers"]
     job_args = [a.replace(command[-1], str(config_file)) for a in installer["args"]]
     installed = subprocess.run([exe, *job_args], env=env, capture_output=True, text=True)
