@@ -395,9 +395,9 @@ class Engine:
         known = self.revisions.knows(epoch)
         if known == "current":
             await self.revisions.wait(number)
-        elif known == "unknown":  # another process's (or a previous run's) revision: prove freshness instead
+        elif known == "unknown":  # another process's (another hub's) revision, maybe ahead: prove freshness
             await self.sync()
-        # (a past epoch of ours: rebuilt since, newer than anything of that epoch)
+        # (an earlier run of the process whose epoch is current: rebuilt since, newer than all of it)
 
     async def prepare_read(self, strong: bool, min_revision: Revision | None, table: TableCache | None = None) -> None:
         """Honour read options before answering a read of ``table`` (see ReadOptions in the API).

@@ -301,6 +301,42 @@ async def _epoch_of(target: str, epoch: str) -> bool:
     return (await list_tables(target)).revision.epoch == epoch
 
 
+async def test_a_follower_back_on_its_first_hub_proves_the_other_hubs_revisions(daemons, hub_config):
+    """Two hubs on one database, a follower switched A -> B -> A (a Service routing it
+    elsewhere and back). A revision of B's is a live hub's, maybe ahead of A's: a
+    min_revision read naming it is answered after a barrier on A, never at once from
+    memory as if B's epoch were past."""
+    schema, dsn = hub_config["schema"], hub_config["dsn"]
+    item = f"{schema}.item"
+    first, _ = daemons.start("hub-a", ["--config", hub_config["path"]])
+    await serving(first)
+    second, _ = daemons.start("hub-b", ["--config", hub_config["path"]])
+    await serving(second)
+    epoch_a, epoch_b = (await list_tables(first)).revision.epoch, (await list_tables(second)).revision.epoch
+    assert epoch_a != epoch_b
+    proxy = Proxy(host="127.0.0.1", port=int(first.rsplit(":", 1)[1]))
+    await proxy.start()
+    follower, log = daemons.start("follower", ["--upstream", f"127.0.0.1:{proxy.port}"], FOLLOWER_ENV)
+    try:
+        await serving(follower)
+        assert (await list_tables(follower)).revision.epoch == epoch_a
+        proxy.retarget("127.0.0.1", int(second.rsplit(":", 1)[1]))
+        await eventually(lambda: _epoch_of(follower, epoch_b), timeout=30, what="the follower on hub B")
+        proxy.delay = 1.0  # back on A over a slow link: the follower's memory is a second behind A's
+        proxy.retarget("127.0.0.1", int(first.rsplit(":", 1)[1]))
+        await eventually(lambda: _epoch_of(follower, epoch_a), timeout=30, what="the follower back on hub A")
+        await serving(follower, 30)
+        async with AsyncClient(follower) as cache, AsyncClient(second) as hub_b:
+            for n in range(5):
+                await execute(dsn, f"UPDATE {item} SET name = 'round {n}' WHERE id = 9")
+                written = await hub_b.sync()  # B has the write: its revision is read-your-writes
+                assert written.epoch == epoch_b
+                assert (await cache.get(item, 9, min_revision=written))["name"] == f"round {n}"
+    finally:
+        await proxy.close()
+    assert log.read_text().count("rebuilding from") >= 2
+
+
 def test_a_follower_refuses_a_database_too(tmp_path):
     result = subprocess.run(
         [*EXE, "serve", "--upstream", "127.0.0.1:1", "--dsn", "postgresql://x@localhost/y"],

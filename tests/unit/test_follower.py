@@ -51,16 +51,32 @@ def make_hub() -> Hub:
 def test_revisions_adopt_the_sources_epoch_and_numbers():
     revisions = Revisions(lambda applied: None)
     own = revisions.epoch
-    revisions.adopt("hub-epoch", 41)
-    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub-epoch", 41, 41, 41)
-    assert revisions.knows(own) == "past" and revisions.knows("hub-epoch") == "current"
+    revisions.adopt("hub.1", 41)
+    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub.1", 41, 41, 41)
+    assert revisions.knows("hub.1") == "current"
+    assert revisions.knows(own) == "unknown"  # (its own start-up epoch is no run of the hub's)
     revisions.number(45)
     revisions.advance()
     assert revisions.applied == 45
-    revisions.adopt("hub-epoch", 43)  # a rebuild in the same epoch never goes back
+    revisions.adopt("hub.1", 43)  # a rebuild in the same epoch never goes back
     assert revisions.applied == 45
-    revisions.adopt("next", 3)  # another epoch: its own numbers
-    assert revisions.revision.number == 3 and revisions.knows("hub-epoch") == "past"
+    revisions.adopt("hub.2", 3)  # the hub's next run: its own numbers
+    assert revisions.revision.number == 3 and revisions.knows("hub.1") == "past"
+
+
+def test_a_hub_followed_before_is_not_past_once_the_follower_is_back_on_another():
+    """A -> B -> A: B's epoch is a live hub's, maybe ahead of A's; only A's earlier runs are past."""
+    revisions = Revisions(lambda applied: None)
+    revisions.adopt("hubA.1", 10)
+    revisions.adopt("hubB.1", 12)
+    assert revisions.knows("hubA.1") == "unknown"
+    revisions.adopt("hubA.1", 11)
+    assert revisions.knows("hubB.1") == "unknown"
+    assert revisions.knows("hubB.7") == "unknown" and revisions.knows("hubA.2") == "unknown"  # (ahead)
+    revisions.adopt("hubA.3", 1)
+    assert revisions.knows("hubA.1") == "past" and revisions.knows("hubA.2") == "past"
+    for odd in ("hubA", "hubA.", ".1", "hubA.x", "hubA.-1", "hubA.١", "hubA." + "1" * 40, "hubA.3.1"):
+        assert revisions.knows(odd) == "unknown", odd
 
 
 async def test_adopting_wakes_readers_that_waited_for_the_revision():
