@@ -75,7 +75,7 @@ def test_a_hub_followed_before_is_not_past_once_the_follower_is_back_on_another(
     assert revisions.knows("hubB.7") == "unknown" and revisions.knows("hubA.2") == "unknown"  # (ahead)
     revisions.adopt("hubA.3", 1)
     assert revisions.knows("hubA.1") == "past" and revisions.knows("hubA.2") == "past"
-    for odd in ("hubA", "hubA.", ".1", "hubA.x", "hubA.-1", "hubA.١", "hubA." + "1" * 40, "hubA.3.1"):
+    for odd in ("hubA", "hubA.", ".1", "hubA.x", "hubA.-1", "hubA.\u0661", "hubA." + "1" * 40, "hubA.3.1"):
         assert revisions.knows(odd) == "unknown", odd
 
 
@@ -602,3 +602,20 @@ def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_ref
     for bad in (pb.KeyPart(string_value="x"), pb.KeyPart(), pb.KeyPart(double_value=1.5)):
         with pytest.raises(Lost, match=r"public\.items that does not fit"):
             source._snapshot_rows({}, pb.ChangeBatch(events=[*good[:2], event(bad)]))
+
+
+# ---------------------------------------------------------------- statuses passed on
+
+
+def test_an_upstreams_status_reaches_the_caller_unchanged():
+    import grpc
+
+    from sidecar.errors import UpstreamFailed, UpstreamUnavailable
+    from sidecar.service import status_of
+
+    assert status_of(UpstreamFailed("Invalidate", "PERMISSION_DENIED")) == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(UpstreamFailed("reading", "NOT_FOUND")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(UpstreamUnavailable("reading", "DEADLINE_EXCEEDED")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    # (the follower's own call cancelled, or a name no status has: the upstream is not there for it)
+    for odd in ("CANCELLED", "OK", "NOT_A_STATUS", "__class__"):
+        assert status_of(UpstreamUnavailable("reading", odd)) == grpc.StatusCode.UNAVAILABLE
