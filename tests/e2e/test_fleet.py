@@ -3,7 +3,9 @@ database) and followers (``serve --upstream``) started as daemons, read through
 the Python client -- rows, relations, indexes and lazy tables; a commit seen on
 every follower; one follower's revision honoured by another; STRONG on a
 follower; a follower of a follower; the follower<->hub link cut (resumed, no
-Reset) and the hub restarted (a new epoch: rebuilt, Reset)."""
+Reset) and the hub restarted (a new epoch: rebuilt, Reset); a follower switched
+between two hubs (the other hub's revisions proven, never assumed past); Invalidate
+forwarded with the caller's own token and the hub's statuses passed on."""
 
 from __future__ import annotations
 
