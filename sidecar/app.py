@@ -187,7 +187,10 @@ class Daemon:
         """A follower: its change source, rows and tables are another sidecar's; no database."""
         assert config.upstream_target is not None
         link = upstream.Upstream.connect(
-            config.upstream_target, config.query_timeout, channels.UpstreamSecurity.from_config(config)
+            config.upstream_target,
+            config.query_timeout,
+            channels.UpstreamSecurity.from_config(config),
+            config.upstream_invalidate_with_own_token,
         )
         self._stack.push_async_callback(link.close)
         log.info("following %s", link.target)

@@ -203,7 +203,10 @@ def sync_channel(
 
 
 def _with_token(details: Any, token: TokenSource, aio: bool) -> Any:
-    metadata = [*(details.metadata or ()), *token.metadata]
+    given = list(details.metadata or ())
+    if any(key == "authorization" for key, _ in given):
+        return details  # (a caller's own credential, forwarded by a follower: it goes instead of ours)
+    metadata = [*given, *token.metadata]
     if aio:
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready

@@ -552,6 +552,15 @@ class Config:
             unset="none",
         ),
     )
+    upstream_invalidate_with_own_token: bool = field(
+        default=False,
+        metadata=declare(
+            "upstream.invalidate_with_own_token",
+            "Forward every caller's Invalidate to the upstream with this follower's own upstream.token_file "
+            "(its admin scope, for any caller that reaches this follower); by default a follower forwards "
+            "Invalidate only with the caller's own 'authorization' token.",
+        ),
+    )
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
     def table(self, qualified: str) -> TableConfig:

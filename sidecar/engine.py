@@ -86,9 +86,10 @@ class Engine:
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
         # A follower's: Invalidate goes to the upstream (whose batch then comes back), and its state.
-        self.forward_invalidate: Callable[[str, Sequence[Sequence[Any]] | None, bool], Awaitable[Revision]] | None = (
-            None
-        )
+        # (table, keys or None for all rows, refresh, the caller's 'authorization' values)
+        self.forward_invalidate: (
+            Callable[[str, Sequence[Sequence[Any]] | None, bool, tuple[str, ...]], Awaitable[Revision]] | None
+        ) = None
         self.follow_state: Callable[[], FollowState] | None = None
         self._state_listeners: list[Callable[[], None]] = []
         self._connected_listeners: list[Callable[[], None]] = []
@@ -395,9 +396,9 @@ class Engine:
         known = self.revisions.knows(epoch)
         if known == "current":
             await self.revisions.wait(number)
-        elif known == "unknown":  # another process's (or a previous run's) revision: prove freshness instead
+        elif known == "unknown":  # another process's (another hub's) revision, maybe ahead: prove freshness
             await self.sync()
-        # (a past epoch of ours: rebuilt since, newer than anything of that epoch)
+        # (an earlier run of the process whose epoch is current: rebuilt since, newer than all of it)
 
     async def prepare_read(self, strong: bool, min_revision: Revision | None, table: TableCache | None = None) -> None:
         """Honour read options before answering a read of ``table`` (see ReadOptions in the API).
@@ -559,8 +560,16 @@ class Engine:
 
     # ------------------------------------------------------------ the sidecar's own changes
 
-    async def invalidate(self, name: str, raw_keys: Sequence[Sequence[Any]] | None, refresh: bool) -> None:
-        """Drop cached rows of ``name`` (all of them when ``raw_keys`` is None)."""
+    async def invalidate(
+        self,
+        name: str,
+        raw_keys: Sequence[Sequence[Any]] | None,
+        refresh: bool,
+        credentials: tuple[str, ...] = (),
+    ) -> None:
+        """Drop cached rows of ``name`` (all of them when ``raw_keys`` is None). A follower
+        forwards it to its upstream with the caller's ``credentials`` (its 'authorization'
+        values): the upstream decides whether that caller may."""
         table = self.table(name)
         keys = None if raw_keys is None else self.keys(table, raw_keys)
         if keys == []:
@@ -568,7 +577,7 @@ class Engine:
         if self.forward_invalidate is not None:
             # A follower's numbers are its upstream's: the upstream invalidates (every follower
             # then hears of it), and this one answers once it has applied that.
-            revision = await self.forward_invalidate(table.schema.qualified, raw_keys, refresh)
+            revision = await self.forward_invalidate(table.schema.qualified, raw_keys, refresh, credentials)
             await self.wait_revision(revision.epoch, revision.number)
             return
         self.router.invalidate(table, keys)

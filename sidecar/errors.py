@@ -45,3 +45,23 @@ class QueryFailed(SidecarError):
 
 class PayloadError(SidecarError):
     """A notification payload could not be parsed."""
+
+
+class Unauthenticated(SidecarError):
+    """The call needs the caller's own credential."""
+
+
+class UpstreamUnavailable(Unavailable):
+    """The upstream sidecar could not answer now."""
+
+    def __init__(self, message: str, status: str) -> None:
+        self.status = status  # the upstream's status code's name, passed on unchanged
+        super().__init__(message)
+
+
+class UpstreamFailed(QueryFailed):
+    """The upstream sidecar refused the call."""
+
+    def __init__(self, message: str, status: str) -> None:
+        self.status = status  # the upstream's status code's name, passed on unchanged
+        super().__init__(message)

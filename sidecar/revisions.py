@@ -7,6 +7,12 @@ reflects it: each table pushes its low-water mark (the oldest batch it has not
 applied yet, or None) when that changes, and the applied revision is one below
 the lowest mark -- never past a batch still being received in this loop
 iteration. The epoch changes whenever continuity breaks (a rebuild).
+
+An epoch is ``<identity>.<run>``: a random identity per process and the runs of
+that process counted from 1. Only an earlier run of the identity now followed is
+"past" (rebuilt since: older than anything now served); any other epoch -- another
+hub's, another process's, a later run not seen yet -- is "unknown" and must be
+proven by a read barrier, never assumed older. Clients treat the epoch as opaque.
 """
 
 from __future__ import annotations
@@ -30,8 +36,33 @@ class Revision:
         return f"{self.epoch}/{self.number}"
 
 
-def new_epoch() -> str:
+MAX_RUN_DIGITS = 18  # a run number beyond this is no sidecar's (and not worth parsing)
+
+
+def new_identity() -> str:
+    """A process's identity, the first part of each of its epochs."""
     return secrets.token_hex(8)
+
+
+def new_epoch(identity: str | None = None, run: int = 1) -> str:
+    return f"{identity or new_identity()}.{run}"
+
+
+def _run_of(epoch: str) -> tuple[str, int] | None:
+    """``(identity, run)`` of an epoch of the ``<identity>.<run>`` form, else None."""
+    identity, dot, run = epoch.rpartition(".")
+    if not dot or not identity or not (run.isascii() and run.isdigit()) or len(run) > MAX_RUN_DIGITS:
+        return None
+    return identity, int(run)
+
+
+def earlier_run(epoch: str, than: str) -> bool:
+    """Whether ``epoch`` is an earlier run of the process whose epoch ``than`` is. Only such
+    an epoch is known to be past: that process rebuilt from scratch after it, so ``than``
+    is newer than every revision of it. Another process's epoch (another hub's, one the
+    Service routes elsewhere) may be ahead of ``than``, whatever was seen of it before."""
+    mine, theirs = _run_of(than), _run_of(epoch)
+    return mine is not None and theirs is not None and theirs[0] == mine[0] and theirs[1] < mine[1]
 
 
 class Revisions:
@@ -39,12 +70,13 @@ class Revisions:
 
     def __init__(self, on_applied: Callable[[int], None], stall_after: float = 30.0) -> None:
         self._on_applied = on_applied  # told each time ``applied`` may have moved (publish, barrier, health)
-        self.epoch = new_epoch()
+        self._identity = new_identity()
+        self._run = 1
+        self.epoch = new_epoch(self._identity, self._run)
         self.seq = 0  # batches received (and sidecar-made batches)
         self.applied = 0  # every batch <= applied is reflected in every table
         self.epoch_start = 0  # the rebuild that began this epoch
         self.stall_after = stall_after
-        self._past_epochs: set[str] = set()
         self._open_xid: int | None = None
         self.batch_open = False  # events of this loop iteration may still join batch ``seq``
         self._lows: dict[str, int] = {}  # table -> its oldest unapplied batch (absent: none)
@@ -89,8 +121,8 @@ class Revisions:
     def begin_epoch(self, rebuild: bool) -> int:
         """A new epoch (when ``rebuild``: continuity broke) at a new batch; return it."""
         if rebuild:
-            self._past_epochs.add(self.epoch)
-            self.epoch = new_epoch()
+            self._run += 1
+            self.epoch = new_epoch(self._identity, self._run)
         self.seq += 1
         self.epoch_start = self.seq
         self.batch_open = False
@@ -104,8 +136,6 @@ class Revisions:
         """Continue in the source's ``epoch`` from its ``revision`` (a rebuild: memory now
         reflects the source at ``revision``). Numbers never go back within one epoch."""
         if epoch != self.epoch:
-            self._past_epochs.add(self.epoch)
-            self._past_epochs.discard(epoch)
             self.epoch = epoch
             self.seq = self.applied = revision
             self._waiters.release_all()  # (they waited for numbers of another epoch)
@@ -125,9 +155,13 @@ class Revisions:
         return self.seq
 
     def knows(self, epoch: str) -> Literal["current", "past", "unknown"]:
+        """``epoch`` is the current one, an earlier run of the process whose epoch is current
+        (past: rebuilt since), or anything else (unknown: it may be ahead; prove it). An
+        epoch once followed is not past for that: a follower that went from hub A to B and
+        back to A is behind B's epoch as often as not."""
         if epoch == self.epoch:
             return "current"
-        return "past" if epoch in self._past_epochs else "unknown"
+        return "past" if earlier_run(epoch, self.epoch) else "unknown"
 
     # ------------------------------------------------------------ progress
 

@@ -17,7 +17,16 @@ from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
-from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
+from sidecar.errors import (
+    InvalidKey,
+    InvalidRequest,
+    SidecarError,
+    Unauthenticated,
+    Unavailable,
+    UnknownTable,
+    UpstreamFailed,
+    UpstreamUnavailable,
+)
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.progress import LoadProgress
@@ -36,12 +45,22 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (TooLarge, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 MAX_PROGRESS_INTERVAL_MS = 3_600_000
+AUTHORIZATION = "authorization"  # the metadata key of a caller's bearer token
 WATCH_OPERATIONS = frozenset(v for v in pb.Operation.values() if v not in (pb.OPERATION_UNSPECIFIED, SNAPSHOT))
 
 
 def status_of(exc: SidecarError) -> grpc.StatusCode:
+    if isinstance(exc, (UpstreamFailed, UpstreamUnavailable)):
+        # A follower's upstream answered with this: the caller gets it as it was (a hub's
+        # PERMISSION_DENIED is the caller's to see). CANCELLED is the follower's own call's
+        # end (its channel closing), not the upstream's answer.
+        code = getattr(grpc.StatusCode, exc.status, None)
+        if isinstance(code, grpc.StatusCode) and code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            return code
+        return grpc.StatusCode.UNAVAILABLE
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
             return code
@@ -319,7 +338,9 @@ class CacheService:
                 raise InvalidRequest("nothing to invalidate: give keys or set all_rows")
             self._check_count(len(request.keys), "keys to invalidate")
             keys = None if request.all_rows else keys_parts(request.keys, "keys")
-            await self.engine.invalidate(request.table, keys, request.refresh)
+            # (a follower forwards it with the caller's own credential, never with its own)
+            credentials = tuple(v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION)
+            await self.engine.invalidate(request.table, keys, request.refresh, credentials)
             return pb.InvalidateResponse(revision=self._revision())
 
         return await self._call(context, "Invalidate", work)

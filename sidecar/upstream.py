@@ -22,7 +22,16 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.channels import CertificateSnapshot, UpstreamSecurity, aio_channel, explain
 from sidecar.config import IndexConfig, TableConfig, TableMode
-from sidecar.errors import ConfigError, InvalidKey, QueryFailed, SchemaError, Unavailable
+from sidecar.errors import (
+    ConfigError,
+    InvalidKey,
+    QueryFailed,
+    SchemaError,
+    Unauthenticated,
+    Unavailable,
+    UpstreamFailed,
+    UpstreamUnavailable,
+)
 from sidecar.identifiers import parse_table_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, KeyColumn, coerce_key, part_kind
@@ -63,15 +72,20 @@ def upstream_channel(target: str, security: UpstreamSecurity | None = None) -> g
 
 
 @contextlib.contextmanager
-def translated(what: str, upstream: Upstream) -> Iterator[None]:
-    """gRPC errors as the daemon's own, saying what the likely cause is."""
+def translated(what: str, upstream: Upstream, *, callers: bool = False) -> Iterator[None]:
+    """gRPC errors as the daemon's own, saying what the likely cause is and carrying the
+    upstream's status code (a follower's caller gets it unchanged). ``callers``: the call
+    went with the caller's credential, not the follower's (whose files explain nothing)."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        text = f"{what}: {upstream.explain(exc)}"
+        if callers:
+            text = f"{what} (with the caller's credential): {upstream.target}: {exc.code().name}: {exc.details()}"
+        else:
+            text = f"{what}: {upstream.explain(exc)}"
         if exc.code() in PASSING:
-            raise Unavailable(text) from None
-        raise QueryFailed(text) from None
+            raise UpstreamUnavailable(text, exc.code().name) from None
+        raise UpstreamFailed(text, exc.code().name) from None
 
 
 def key_message(key: Sequence[Any]) -> pb.Key:
@@ -105,14 +119,21 @@ class Upstream:
     channel: grpc.aio.Channel
     timeout: float = 10.0
     security: UpstreamSecurity = field(default_factory=UpstreamSecurity)
+    invalidate_with_own_token: bool = False  # (upstream.invalidate_with_own_token)
 
     def __post_init__(self) -> None:
         self._certificates = CertificateSnapshot(self.security)
 
     @classmethod
-    def connect(cls, target: str, timeout: float = 10.0, security: UpstreamSecurity | None = None) -> Upstream:
+    def connect(
+        cls,
+        target: str,
+        timeout: float = 10.0,
+        security: UpstreamSecurity | None = None,
+        invalidate_with_own_token: bool = False,
+    ) -> Upstream:
         security = security or UpstreamSecurity()
-        return cls(target, upstream_channel(target, security), timeout, security)
+        return cls(target, upstream_channel(target, security), timeout, security, invalidate_with_own_token)
 
     async def renew_if_rotated(self) -> bool:
         """A new channel if a certificate file (CA, client certificate or key) changed
@@ -147,12 +168,28 @@ class Upstream:
             answer: pb.SyncResponse = await self.stub.Sync(pb.SyncRequest(), timeout=timeout)
         return revision_of(answer.revision)
 
-    async def invalidate(self, table: str, raw_keys: Sequence[Sequence[Any]] | None, refresh: bool) -> Revision:
+    async def invalidate(
+        self, table: str, raw_keys: Sequence[Sequence[Any]] | None, refresh: bool, credentials: tuple[str, ...] = ()
+    ) -> Revision:
+        """Invalidate on the upstream, with the caller's own ``credentials`` (its 'authorization'
+        values) in place of this follower's token: the upstream judges the caller's scope, and a
+        caller without one gets nothing of the follower's (``invalidate_with_own_token`` says
+        otherwise)."""
         request = pb.InvalidateRequest(table=table, refresh=refresh, all_rows=raw_keys is None)
         if raw_keys is not None:
             request.keys.extend(key_message(key) for key in raw_keys)
-        with translated("Invalidate", self):
-            answer: pb.InvalidateResponse = await self.stub.Invalidate(request, timeout=self.timeout)
+        metadata: tuple[tuple[str, str], ...] | None = None
+        if not self.invalidate_with_own_token:
+            if credentials:
+                metadata = tuple(("authorization", value) for value in credentials)
+            elif self.security.token_file is not None:
+                raise Unauthenticated(
+                    "a follower forwards Invalidate to its upstream with the caller's own token only: send "
+                    "'authorization: Bearer <an admin token of the upstream>' (or set "
+                    "upstream.invalidate_with_own_token on this follower)"
+                )
+        with translated("Invalidate", self, callers=metadata is not None):
+            answer: pb.InvalidateResponse = await self.stub.Invalidate(request, timeout=self.timeout, metadata=metadata)
         return revision_of(answer.revision)
 
 

@@ -16,15 +16,21 @@ versions are checked against the writes of their source rows. Meanwhile the list
 several times and PostgreSQL is restarted once. Then it checks:
 
   (a) STRONG reads older than the last write acknowledged before the read began  -> must be 0
+      (in fleet mode also min_revision reads naming a hub's revision taken after it)
   (b) a row's version going backwards for one reader within one epoch           -> must be 0
   (c) after Sync, every cached row compared with the database                   -> must be identical
   (d) requests that failed, by status (expected around the faults)
 
-Fleet mode (``--fleet N``): the sidecar above is a hub; N followers (``serve
---upstream``) follow it, each through its own TCP proxy, and the readers read
-through the followers. Besides the hub's faults, the hub process is killed and
-restarted (a new epoch: the followers rebuild), and each follower's link is
-stalled past its stall bound and cut. (c) is checked on every follower.
+Fleet mode (``--fleet N``): the sidecar above is a hub, and a second hub runs on
+the same database (the shipped two-hub layout); N followers (``serve
+--upstream``) follow the first, each through its own TCP proxy, and the readers
+read through the followers. Besides the hub's faults, the first hub process is
+killed and restarted (a new epoch: the followers rebuild), each follower's link
+is stalled past its stall bound and cut, and each follower is switched to the
+other hub and back, and over again (its proxy routes elsewhere, as a Service
+does). Some reads are read-your-writes across the fleet: ``Sync`` on either hub,
+then a read on a follower with ``min_revision`` set to that revision, checked
+as (a). (c) is checked on every follower.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class Report:
     hub_restarts: int = 0
     link_stalls: int = 0
     link_cuts: int = 0
+    hub_switches: int = 0
+    revision_reads: int = 0  # reads with min_revision of a hub's Sync (checked as (a))
     epochs_seen: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -122,10 +130,13 @@ class Report:
                 f"fleet: followers                 {self.followers} (readers read through them)",
                 f"faults: hub killed and restarted {self.hub_restarts}",
                 f"faults: follower links stalled   {self.link_stalls}, cut {self.link_cuts}",
+                f"faults: followers switched hubs  {self.hub_switches} (between 2 hubs on one database)",
+                f"reads with a hub's min_revision  {self.revision_reads}",
             ]
         lines += [
             f"epochs seen by readers           {self.epochs_seen}",
-            f"(a) stale STRONG reads           {self.stale_strong_reads}",
+            f"(a) stale STRONG reads           {self.stale_strong_reads}"
+            + (" (min_revision reads included)" if self.followers else ""),
             f"(b) versions going backwards     {self.backwards_reads}",
             f"(c) rows differing after Sync    {self.mismatched_rows} of {self.compared_rows}",
             f"(d) failed requests by status    {dict(sorted(self.failed_by_status.items())) or 'none'}",
@@ -137,21 +148,29 @@ class Report:
 # ---------------------------------------------------------------- readers
 
 
-def reader_process(target: str, seed: int, until: float, out: str) -> None:
-    """One reader: sequential reads until ``until`` (time.monotonic), records to ``out``."""
+def reader_process(target: str, seed: int, until: float, out: str, hubs: tuple[str, ...] = ()) -> None:
+    """One reader: sequential reads until ``until`` (time.monotonic), records to ``out``.
+    With ``hubs``, some reads are read-your-writes across the fleet: a Sync on one of the
+    hubs, then a read of ``target`` with that revision as ``min_revision``."""
     from cache_sidecar_client import CacheSidecarError, Client
 
     rng = random.Random(seed)
     records: list[tuple[Any, ...]] = []
     failures: collections.Counter[str] = collections.Counter()
+    hub_clients = [Client(hub, timeout=5) for hub in hubs]
     with Client(target, timeout=5) as cache:
         while time.monotonic() < until:
             table = rng.choice((*TABLES, RELATION))
-            consistency = "strong" if rng.random() < 0.3 else "eventual"
+            dice = rng.random()
+            consistency = "strong" if dice < 0.3 else "revision" if hub_clients and dice < 0.45 else "eventual"
             ids = rng.sample(range(1, ROWS + 1), 5) if rng.random() < 0.2 else [rng.randrange(1, ROWS + 1)]
             start = time.monotonic()
             try:
-                rows = cache.batch_get(table, ids, consistency=consistency)  # type: ignore[arg-type]
+                if consistency == "revision":
+                    written = rng.choice(hub_clients).sync()
+                    rows = cache.batch_get(table, ids, min_revision=written)
+                else:
+                    rows = cache.batch_get(table, ids, consistency=consistency)  # type: ignore[arg-type]
             except CacheSidecarError as exc:
                 failures[exc.code.name if exc.code else "UNKNOWN"] += 1
                 time.sleep(0.01)
@@ -161,6 +180,8 @@ def reader_process(target: str, seed: int, until: float, out: str) -> None:
             for key, row in zip(ids, rows, strict=True):
                 for source, source_key, version in versions(table, key, row):
                     records.append((start, end, table, source, source_key, version, epoch, consistency))
+    for hub in hub_clients:
+        hub.close()
     Path(out).write_text(json.dumps({"records": records, "failures": failures}))
 
 
@@ -395,14 +416,16 @@ def _check_reads(records: list[list[Any]], writers: Writers, report: Report, rea
             report.examples.append(f"reader {reader}: {what} missing")
             report.mismatched_rows += 1
             continue
-        if consistency == "strong":
-            report.strong_reads += 1
+        if consistency == "revision":
+            report.revision_reads += 1
+        if consistency in ("strong", "revision"):  # (a revision: a hub's Sync begun after ``start``)
+            report.strong_reads += consistency == "strong"
             times, maxima = writers.ack_index(table, key)
             position = bisect.bisect_left(times, start)
             if position and version < maxima[position - 1]:
                 report.stale_strong_reads += 1
                 report.examples.append(
-                    f"(a) reader {reader}: STRONG {what} read version {version}, "
+                    f"(a) reader {reader}: {consistency.upper()} {what} read version {version}, "
                     f"but {maxima[position - 1]} was acknowledged before the read began"
                 )
         previous = last_seen.get((read, table, key, epoch))
@@ -502,6 +525,10 @@ class Links:
     def cut(self, index: int) -> None:
         self.loop.call_soon_threadsafe(self.proxies[index].cut)
 
+    def switch(self, index: int, port: int) -> None:
+        """Send proxy ``index``'s connections to 127.0.0.1:``port`` from now on (and cut them)."""
+        self.loop.call_soon_threadsafe(self.proxies[index].retarget, "127.0.0.1", port)
+
     def close(self) -> None:
         async def close_all() -> None:
             for proxy in self.proxies:
@@ -513,15 +540,23 @@ class Links:
         self.loop.close()
 
 
-async def _fleet_faults(hub: Daemon, links: Links, start: float, until: float, report: Report, seed: int) -> None:
-    """Stall each follower's link past its stall bound once and cut it once; kill and
-    restart the hub once (a new epoch: every follower rebuilds)."""
+async def _fleet_faults(
+    hub: Daemon, other: Daemon, links: Links, start: float, until: float, report: Report, seed: int
+) -> None:
+    """Stall each follower's link past its stall bound once and cut it once; switch each
+    follower to the other hub, back, and to it again (A -> B -> A -> B: back on a hub
+    followed before, the other's epoch is a live hub's, never past); kill and restart the
+    first hub once (a new epoch: the followers on it rebuild)."""
     rng = random.Random(seed + 7)
     duration = until - start
     events: list[tuple[float, str, int]] = []
     for index in range(len(links.proxies)):
         events.append((start + duration * rng.uniform(0.15, 0.4), "stall", index))
         events.append((start + duration * rng.uniform(0.55, 0.65), "cut", index))
+        events.append((start + duration * rng.uniform(0.1, 0.2), "to-other", index))
+        events.append((start + duration * rng.uniform(0.3, 0.5), "to-first", index))
+        events.append((start + duration * rng.uniform(0.66, 0.72), "to-other", index))
+        events.append((start + duration * rng.uniform(0.8, 0.9), "to-first", index))
     events.append((start + duration * 0.75, "hub", -1))
     for at, kind, index in sorted(events):
         await asyncio.sleep(max(0.0, at - time.monotonic()))
@@ -535,6 +570,9 @@ async def _fleet_faults(hub: Daemon, links: Links, start: float, until: float, r
         elif kind == "cut":
             links.cut(index)
             report.link_cuts += 1
+        elif kind in ("to-other", "to-first"):
+            links.switch(index, (other if kind == "to-other" else hub).port)
+            report.hub_switches += 1
         else:
             await asyncio.to_thread(hub.restart)
             report.hub_restarts += 1
@@ -566,10 +604,14 @@ def run(
         workdir,
     )
     links = Links() if fleet else None
+    other = Daemon("sidecar-b", hub.args, workdir) if fleet else None  # the second hub, same database
     followers: list[Daemon] = []
     try:
         hub.start()
         hub.wait_ready()
+        if other is not None:
+            other.start()
+            other.wait_ready()
         for index in range(fleet):
             assert links is not None
             link = links.add(hub.port)
@@ -582,9 +624,11 @@ def run(
         until = start + duration
         context = multiprocessing.get_context("spawn")
         outs = [str(workdir / f"reader{i}.json") for i in range(readers)]
+        hubs = (hub.target, other.target) if other is not None else ()
         processes = [
             context.Process(
-                target=reader_process, args=(read_targets[i % len(read_targets)], seed * 100 + i, until, outs[i])
+                target=reader_process,
+                args=(read_targets[i % len(read_targets)], seed * 100 + i, until, outs[i], hubs),
             )
             for i in range(readers)
         ]
@@ -594,8 +638,8 @@ def run(
 
         async def write_and_fault() -> None:
             jobs = [writer.run(until), _faults(dsn, hub.target, restart, start, until, report, seed)]
-            if links is not None:
-                jobs.append(_fleet_faults(hub, links, start, until, report, seed))
+            if links is not None and other is not None:
+                jobs.append(_fleet_faults(hub, other, links, start, until, report, seed))
             await asyncio.gather(*jobs)
 
         asyncio.run(write_and_fault())
@@ -613,11 +657,11 @@ def run(
         for target in read_targets:
             asyncio.run(_final_comparison(dsn, target, report))
     except BaseException:
-        for daemon in (hub, *followers):
+        for daemon in (hub, *([other] if other is not None else []), *followers):
             print(daemon.log_tail(), file=sys.stderr)
         raise
     finally:
-        for daemon in (*followers, hub):
+        for daemon in (*followers, *([other] if other is not None else []), hub):
             daemon.stop()
         if links is not None:
             links.close()

@@ -3,7 +3,9 @@ database) and followers (``serve --upstream``) started as daemons, read through
 the Python client -- rows, relations, indexes and lazy tables; a commit seen on
 every follower; one follower's revision honoured by another; STRONG on a
 follower; a follower of a follower; the follower<->hub link cut (resumed, no
-Reset) and the hub restarted (a new epoch: rebuilt, Reset)."""
+Reset) and the hub restarted (a new epoch: rebuilt, Reset); a follower switched
+between two hubs (the other hub's revisions proven, never assumed past); Invalidate
+forwarded with the caller's own token and the hub's statuses passed on."""
 
 from __future__ import annotations
 
@@ -299,6 +301,113 @@ async def test_a_restarted_hub_means_a_rebuild_and_a_reset(daemons, hub_config):
 
 async def _epoch_of(target: str, epoch: str) -> bool:
     return (await list_tables(target)).revision.epoch == epoch
+
+
+async def test_a_follower_back_on_its_first_hub_proves_the_other_hubs_revisions(daemons, hub_config):
+    """Two hubs on one database, a follower switched A -> B -> A (a Service routing it
+    elsewhere and back). A revision of B's is a live hub's, maybe ahead of A's: a
+    min_revision read naming it is answered after a barrier on A, never at once from
+    memory as if B's epoch were past."""
+    schema, dsn = hub_config["schema"], hub_config["dsn"]
+    item = f"{schema}.item"
+    first, _ = daemons.start("hub-a", ["--config", hub_config["path"]])
+    await serving(first)
+    second, _ = daemons.start("hub-b", ["--config", hub_config["path"]])
+    await serving(second)
+    epoch_a, epoch_b = (await list_tables(first)).revision.epoch, (await list_tables(second)).revision.epoch
+    assert epoch_a != epoch_b
+    proxy = Proxy(host="127.0.0.1", port=int(first.rsplit(":", 1)[1]))
+    await proxy.start()
+    follower, log = daemons.start("follower", ["--upstream", f"127.0.0.1:{proxy.port}"], FOLLOWER_ENV)
+    try:
+        await serving(follower)
+        assert (await list_tables(follower)).revision.epoch == epoch_a
+        proxy.retarget("127.0.0.1", int(second.rsplit(":", 1)[1]))
+        await eventually(lambda: _epoch_of(follower, epoch_b), timeout=30, what="the follower on hub B")
+        proxy.delay = 1.0  # back on A over a slow link: the follower's memory is a second behind A's
+        proxy.retarget("127.0.0.1", int(first.rsplit(":", 1)[1]))
+        await eventually(lambda: _epoch_of(follower, epoch_a), timeout=30, what="the follower back on hub A")
+        await serving(follower, 30)
+        async with AsyncClient(follower) as cache, AsyncClient(second) as hub_b:
+            for n in range(5):
+                await execute(dsn, f"UPDATE {item} SET name = 'round {n}' WHERE id = 9")
+                written = await hub_b.sync()  # B has the write: its revision is read-your-writes
+                assert written.epoch == epoch_b
+                assert (await cache.get(item, 9, min_revision=written))["name"] == f"round {n}"
+    finally:
+        await proxy.close()
+    assert log.read_text().count("rebuilding from") >= 2
+
+
+ADMIN_TOKEN = "admin-" + "a" * 32
+READ_TOKEN = "read-" + "r" * 32
+
+
+async def _invalidate_all(target: str, table: str, token: str | None) -> grpc.StatusCode:
+    """Invalidate(all_rows) of ``table`` on ``target`` with this bearer token (or none): its status."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            await pb_grpc.CacheStub(channel).Invalidate(
+                pb.InvalidateRequest(table=table, all_rows=True), timeout=15, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _hub_revision(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        answer = await pb_grpc.CacheStub(channel).Sync(
+            pb.SyncRequest(), timeout=15, metadata=(("authorization", f"Bearer {READ_TOKEN}"),)
+        )
+        return int(answer.revision.number)
+
+
+async def test_a_follower_forwards_invalidate_with_the_callers_token_and_passes_statuses_on(
+    daemons, hub_config, tmp_path
+):
+    """A hub with admin and read-only tokens, behind a proxy; followers with an admin and a
+    read-only upstream token. A follower forwards Invalidate with the caller's own token, never
+    its own (an unauthenticated local caller cannot invalidate the whole hub), and the hub's
+    status comes back unchanged (PERMISSION_DENIED, not INTERNAL) -- also when a follower is
+    told to forward with its own token."""
+    item = f"{hub_config['schema']}.item"
+    (tmp_path / "hub-tokens").write_text(f"admin {ADMIN_TOKEN}\n{READ_TOKEN}\n")
+    (tmp_path / "admin").write_text(ADMIN_TOKEN + "\n")
+    (tmp_path / "read").write_text(READ_TOKEN + "\n")
+    hub, _ = daemons.start("hub", ["--config", hub_config["path"], "--auth-token-file", str(tmp_path / "hub-tokens")])
+    await serving(hub)
+    proxy = Proxy(host="127.0.0.1", port=int(hub.rsplit(":", 1)[1]))
+    await proxy.start()
+    link = f"127.0.0.1:{proxy.port}"
+    try:
+        admin_follower, _ = daemons.start(
+            "follower-admin", ["--upstream", link, "--upstream-token-file", str(tmp_path / "admin")], FOLLOWER_ENV
+        )
+        told, _ = daemons.start(
+            "follower-told",
+            ["--upstream", link, "--upstream-token-file", str(tmp_path / "read")],
+            {**FOLLOWER_ENV, "CACHE_SIDECAR_UPSTREAM_INVALIDATE_WITH_OWN_TOKEN": "true"},
+        )
+        for target in (admin_follower, told):
+            await serving(target)
+        before = await _hub_revision(hub)
+        # No token of the caller's: the follower's admin token does not go in its place.
+        assert await _invalidate_all(admin_follower, item, None) == grpc.StatusCode.UNAUTHENTICATED
+        # The caller's read-only token: the hub's answer, unchanged.
+        assert await _invalidate_all(admin_follower, item, READ_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
+        assert await _invalidate_all(admin_follower, item, "not-a-token-of-the-hub-0000") == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        # Told to forward with its own (read-only) token: the hub's PERMISSION_DENIED, not INTERNAL.
+        assert await _invalidate_all(told, item, None) == grpc.StatusCode.PERMISSION_DENIED
+        assert await _hub_revision(hub) == before  # nothing was invalidated on the hub
+        # The caller's admin token: done on the hub (a whole-table batch there).
+        assert await _invalidate_all(admin_follower, item, ADMIN_TOKEN) == grpc.StatusCode.OK
+        assert await _hub_revision(hub) > before
+    finally:
+        await proxy.close()
 
 
 def test_a_follower_refuses_a_database_too(tmp_path):

@@ -22,13 +22,15 @@ async def test_checker_finds_no_broken_promise_under_faults(postgres):
 
 async def test_checker_through_followers_finds_no_broken_promise_under_faults(postgres):
     """Fleet mode: readers read through two followers while the hub's listener is killed,
-    PostgreSQL restarts, the hub process is killed and restarted, and each follower's link
-    is stalled past its bound and cut."""
+    PostgreSQL restarts, the hub process is killed and restarted, each follower's link
+    is stalled past its bound and cut, and each follower is switched between two hubs
+    (A -> B -> A -> B) while reads name either hub's revision."""
     restart = postgres.restart if postgres.can_restart else None
     report = await asyncio.to_thread(checker.run, postgres.dsn, restart, 30.0, 3, 4, 2, 2)
     print(report.table())
     assert report.reads > 500 and report.strong_reads > 100 and report.writes_acked > 1000
     assert report.hub_restarts == 1 and report.link_stalls == 2 and report.link_cuts == 2
+    assert report.hub_switches >= 2 * 2 and report.revision_reads > 50  # (late ones may fall past the end)
     assert report.epochs_seen >= 2  # the hub's restart is a new epoch, seen through the followers
     assert report.stale_strong_reads == 0, report.examples
     assert report.backwards_reads == 0, report.examples

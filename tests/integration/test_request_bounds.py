@@ -123,8 +123,9 @@ async def test_million_key_requests_are_refused_without_stalling_other_clients(s
                     assert "at most 1000 per call (server.max_batch_keys)" in details, (method, details)
                 assert took < 5, (method, took)
                 print(method, len(request), code.name, f"refused in {took:.3f}s; slowest Get {probe.slowest:.3f}s")
-            # Well below the several seconds the per-key work used to block the loop for.
-            assert probe.slowest < 1.0, probe.slowest
+            # Counting 700 000 keys holds the loop ~0.5 s on an idle machine (1.2 s seen on a
+            # busy one); parsing them, as before the bound, held it for several seconds idle.
+            assert probe.slowest < 3.0, probe.slowest
         one = pb.Key(parts=[pb.KeyPart(int_value=1)])
         assert (await stub.BatchGet(pb.BatchGetRequest(table=patrons, keys=[one]), timeout=5)).rows[0].found
 

@@ -12,8 +12,10 @@ class Proxy:
     ``stall()`` keeps connections open but stops moving bytes (a dead network
     without FIN); ``resume()`` moves them again; ``cut()`` closes every
     connection (a reset); ``block()`` cuts and refuses new ones until
-    ``unblock()`` (the database is unreachable). ``delay`` seconds hold every byte
-    from the server to the client that long (a slow link; order is kept).
+    ``unblock()`` (the database is unreachable); ``retarget()`` cuts and sends new
+    connections to another TCP address (a Service routing to another pod).
+    ``delay`` seconds hold every byte from the server to the client that long (a
+    slow link; order is kept; a change applies to connections made after it).
     """
 
     def __init__(
@@ -47,6 +49,10 @@ class Proxy:
 
     def unblock(self) -> None:
         self.blocked = False
+
+    def retarget(self, host: str, port: int) -> None:
+        self.unix_path, self.host, self.target_port = None, host, port
+        self.cut()
 
     def cut(self) -> None:
         for writer in list(self._writers):

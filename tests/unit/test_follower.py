@@ -51,16 +51,32 @@ def make_hub() -> Hub:
 def test_revisions_adopt_the_sources_epoch_and_numbers():
     revisions = Revisions(lambda applied: None)
     own = revisions.epoch
-    revisions.adopt("hub-epoch", 41)
-    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub-epoch", 41, 41, 41)
-    assert revisions.knows(own) == "past" and revisions.knows("hub-epoch") == "current"
+    revisions.adopt("hub.1", 41)
+    assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub.1", 41, 41, 41)
+    assert revisions.knows("hub.1") == "current"
+    assert revisions.knows(own) == "unknown"  # (its own start-up epoch is no run of the hub's)
     revisions.number(45)
     revisions.advance()
     assert revisions.applied == 45
-    revisions.adopt("hub-epoch", 43)  # a rebuild in the same epoch never goes back
+    revisions.adopt("hub.1", 43)  # a rebuild in the same epoch never goes back
     assert revisions.applied == 45
-    revisions.adopt("next", 3)  # another epoch: its own numbers
-    assert revisions.revision.number == 3 and revisions.knows("hub-epoch") == "past"
+    revisions.adopt("hub.2", 3)  # the hub's next run: its own numbers
+    assert revisions.revision.number == 3 and revisions.knows("hub.1") == "past"
+
+
+def test_a_hub_followed_before_is_not_past_once_the_follower_is_back_on_another():
+    """A -> B -> A: B's epoch is a live hub's, maybe ahead of A's; only A's earlier runs are past."""
+    revisions = Revisions(lambda applied: None)
+    revisions.adopt("hubA.1", 10)
+    revisions.adopt("hubB.1", 12)
+    assert revisions.knows("hubA.1") == "unknown"
+    revisions.adopt("hubA.1", 11)
+    assert revisions.knows("hubB.1") == "unknown"
+    assert revisions.knows("hubB.7") == "unknown" and revisions.knows("hubA.2") == "unknown"  # (ahead)
+    revisions.adopt("hubA.3", 1)
+    assert revisions.knows("hubA.1") == "past" and revisions.knows("hubA.2") == "past"
+    for odd in ("hubA", "hubA.", ".1", "hubA.x", "hubA.-1", "hubA.\u0661", "hubA." + "1" * 40, "hubA.3.1"):
+        assert revisions.knows(odd) == "unknown", odd
 
 
 async def test_adopting_wakes_readers_that_waited_for_the_revision():
@@ -586,3 +602,20 @@ def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_ref
     for bad in (pb.KeyPart(string_value="x"), pb.KeyPart(), pb.KeyPart(double_value=1.5)):
         with pytest.raises(Lost, match=r"public\.items that does not fit"):
             source._snapshot_rows({}, pb.ChangeBatch(events=[*good[:2], event(bad)]))
+
+
+# ---------------------------------------------------------------- statuses passed on
+
+
+def test_an_upstreams_status_reaches_the_caller_unchanged():
+    import grpc
+
+    from sidecar.errors import UpstreamFailed, UpstreamUnavailable
+    from sidecar.service import status_of
+
+    assert status_of(UpstreamFailed("Invalidate", "PERMISSION_DENIED")) == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(UpstreamFailed("reading", "NOT_FOUND")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(UpstreamUnavailable("reading", "DEADLINE_EXCEEDED")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    # (the follower's own call cancelled, or a name no status has: the upstream is not there for it)
+    for odd in ("CANCELLED", "OK", "NOT_A_STATUS", "__class__"):
+        assert status_of(UpstreamUnavailable("reading", odd)) == grpc.StatusCode.UNAVAILABLE

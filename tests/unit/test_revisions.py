@@ -40,6 +40,7 @@ async def test_waiters_and_epochs():
     assert revs.knows(epoch) == "current" and revs.knows("other") == "unknown"
     revs.begin_epoch(rebuild=True)
     assert revs.knows(epoch) == "past" and revs.epoch != epoch
+    assert revs.knows(Revisions(lambda applied: None).epoch) == "unknown"  # another process's first run
     target = revs.own_batch()
     revs.low_water("t", target)
     revs.advance()
