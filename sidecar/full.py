@@ -96,6 +96,7 @@ class FullTable:
         self.refetches = 0
         self.reloads = 0
         self.degraded = 0  # keyed refetches or relation refreshes that became reloads
+        self.coalesced = 0  # whole-table changes folded into a reload already due (none of their own)
         self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found
         self._pending: dict[Key, list[int]] = {}  # key -> [oldest, newest] unapplied seq
         self._queue: dict[Key, None] = {}  # pending keys not in flight, in arrival order
@@ -105,6 +106,7 @@ class FullTable:
         self._reload_oldest = 0  # the oldest whole-table change not yet reloaded
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
+        self._reloading_level = -1  # the level of the reload in flight (while _reloading)
         self._generation = 0  # rises when the rows are dropped (fail): a reload under way stops
         self._table_waiters = Waiters()  # readers waiting for relation refreshes
         self._reload_waiters = Waiters()  # waiting for a reload to land (not readers: they go elsewhere)
@@ -193,6 +195,8 @@ class FullTable:
         """The whole table changed in batch ``seq``: reload it."""
         if self.problem is not None:
             return
+        if self._reload_needed > (self._reloading_level if self._reloading else self._reload_done):
+            self.coalesced += 1  # (a reload not yet started will cover it)
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
@@ -313,7 +317,8 @@ class FullTable:
         if self._reload_needed > self._reload_done:
             if self._fetching == 0:  # reload only once keyed fetches have landed
                 self._reloading = True
-                self._tasks.spawn(self._reload(self._seq()), "reload")
+                self._reloading_level = self._seq()
+                self._tasks.spawn(self._reload(self._reloading_level), "reload")
             return
         if self._matching and not (self._keys_turn and self._queue):
             if self._fetching == 0:  # likewise: one writer of the affected rows at a time

@@ -1,5 +1,6 @@
 """PostgreSQL as a change source: the one LISTEN connection (``listener.py``)
-for the changes and barrier tokens, and the query pool (``db.py``) for rows."""
+for the changes and barrier tokens, the query pool (``db.py``) for rows, and
+between them the check of who sent a whole-table change (``senders.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 from sidecar import events
 from sidecar.db import PgDatabase
 from sidecar.listener import Listener
+from sidecar.senders import SenderGate
 from sidecar.source import ChangeSink
+
+CHECK_TIMEOUT = 2.0  # longest a sender's look-up holds the events behind it (then: applied)
 
 
 class PgChangeSource:
@@ -22,6 +26,8 @@ class PgChangeSource:
         connect: Callable[[], Awaitable[Any]],
         channel: str,
         query_timeout: float,
+        hears: Callable[[str, str], bool] = lambda schema, table: True,
+        check_senders: bool = True,
         **timing: Any,
     ) -> None:
         self._database = database
@@ -35,6 +41,16 @@ class PgChangeSource:
             on_down=self._down,
             **timing,
         )
+        # (``hears``: whether a table's changes matter here; others cost nothing to check)
+        self.senders: SenderGate | None = None
+        if check_senders:
+            self.senders = SenderGate(
+                deliver=self._deliver,
+                check=database.may_write,
+                hears=hears,
+                on_error=self.listener.crash,
+                timeout=min(query_timeout, CHECK_TIMEOUT),
+            )
 
     @property
     def database(self) -> PgDatabase:
@@ -49,7 +65,17 @@ class PgChangeSource:
         # fails at once when that connection is dead, as a barrier must.
         await self.listener.notify(events.sync_payload(token), self.query_timeout)
 
-    def _event(self, event: events.Event) -> None:
+    async def close(self) -> None:
+        if self.senders is not None:
+            await self.senders.close()
+
+    def _event(self, event: events.Event, pid: int) -> None:
+        if self.senders is not None:
+            self.senders.receive(event, pid)
+        else:
+            self._deliver(event)
+
+    def _deliver(self, event: events.Event) -> None:
         assert self._sink is not None
         self._sink.handle(event)
 
@@ -59,4 +85,6 @@ class PgChangeSource:
 
     def _down(self, reason: str) -> None:
         assert self._sink is not None
+        if self.senders is not None:
+            self.senders.clear()  # (held events are lost with the connection: a rebuild follows)
         self._sink.listener_lost(reason)

@@ -114,3 +114,90 @@ async def test_forged_barrier_tokens_do_not_end_a_barrier(start_daemon, db, sche
         stale += row is None or f'"v":{value}}}'.encode() not in row
     assert stale == 0, f"{stale} of 30 STRONG reads missed an acknowledged write"
     assert sidecar.daemon.listener.stats.forged >= 1
+
+
+def whole_table(schema: str, table: str) -> str:
+    return f'{{"v":1,"s":"{schema}","t":"{table}","x":5,"op":"T","all":"truncate"}}'
+
+
+async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_reload(
+    start_daemon, db, schema, stranger
+):
+    """Before the sender check each forged event reloaded the table (reads went to the
+    database meanwhile); now they are dropped, and a real TRUNCATE still shows."""
+    await db.execute(
+        f"CREATE TABLE {schema}.big (id int PRIMARY KEY, v text NOT NULL);"
+        f"INSERT INTO {schema}.big SELECT g, 'row ' || g FROM generate_series(1, 20000) g;"
+        f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC; GRANT SELECT ON {schema}.big TO PUBLIC"  # (read, not write)
+    )
+    name = f"{schema}.big"
+    sidecar = await start_daemon([name])
+    engine, table = sidecar.engine, sidecar.engine.tables[name]
+    flips: list[bool] = []
+    engine.on_state_change(lambda: flips.append(engine.ready))
+    reloads = table.reloads
+    channel = sidecar.daemon.config.channel
+    for _ in range(50):
+        await stranger.execute("SELECT pg_notify($1, $2)", channel, whole_table(schema, "big"))
+        assert await engine.get(name, [7]) is not None  # reads keep working
+    await engine.sync()  # (ordered behind all 50)
+    assert table.reloads == reloads, "a forged whole-table change reloaded the table"
+    assert not table.reloading and table.peek((7,)) == (True, table.store.get((7,)))  # served from memory
+    assert engine.ready and not engine.stalled and flips == []
+    senders = sidecar.daemon.source.senders
+    assert senders.stats.dropped == 50
+    assert senders.stats.checks <= 2  # one look-up for the connection (maybe two: the verdict expired)
+    # The owner's real TRUNCATE is seen by the next STRONG read.
+    await db.execute(f"TRUNCATE {name}")
+    await engine.prepare_read(True, None, table)
+    assert await engine.get(name, [7]) is None
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the TRUNCATE reloaded")
+
+
+@pytest.fixture
+async def writers(postgres, db, schema):
+    """Roles that may change ``schema.child`` only in a roundabout way, each with a connection."""
+    suffix = secrets.token_hex(3)
+    roles = {name: f"{name}_{suffix}" for name in ("member", "cascade", "definer")}
+    await db.execute(
+        f"""
+        CREATE TABLE {schema}.parent (id int PRIMARY KEY);
+        CREATE TABLE {schema}.child (id int PRIMARY KEY, parent int REFERENCES {schema}.parent ON DELETE CASCADE);
+        INSERT INTO {schema}.parent VALUES (1); INSERT INTO {schema}.child VALUES (1, 1);
+        CREATE FUNCTION {schema}.clear_child() RETURNS void LANGUAGE sql SECURITY DEFINER
+          AS 'DELETE FROM {schema}.child';
+        REVOKE ALL ON FUNCTION {schema}.clear_child() FROM PUBLIC;
+        GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+        CREATE ROLE writer_{suffix} NOLOGIN;
+        GRANT INSERT ON {schema}.child TO writer_{suffix};
+        CREATE ROLE {roles["member"]} LOGIN NOINHERIT IN ROLE writer_{suffix};
+        CREATE ROLE {roles["cascade"]} LOGIN;
+        GRANT SELECT, DELETE ON {schema}.parent TO {roles["cascade"]};
+        CREATE ROLE {roles["definer"]} LOGIN;
+        GRANT EXECUTE ON FUNCTION {schema}.clear_child() TO {roles["definer"]};
+        """
+    )
+    conns = {kind: await asyncpg.connect(postgres.dsn, user=role) for kind, role in roles.items()}
+    yield conns
+    for conn in conns.values():
+        await conn.close()
+    await db.execute(f"DROP FUNCTION {schema}.clear_child(); REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC")
+    for role in (*roles.values(), f"writer_{suffix}"):
+        await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("kind", ["member", "cascade", "definer"])
+async def test_whole_table_changes_from_roles_that_may_change_the_table_are_applied(
+    start_daemon, db, schema, writers, kind
+):
+    """A role that may SET ROLE to a writer, delete from a table whose foreign key cascades
+    into this one, or call a SECURITY DEFINER function of a writer: its whole-table change
+    may be real, and is applied."""
+    name = f"{schema}.child"
+    sidecar = await start_daemon([name])
+    table = sidecar.engine.tables[name]
+    reloads = table.reloads
+    await writers[kind].execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, whole_table(schema, "child"))
+    await sidecar.engine.sync()
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the change reloaded the table")
+    assert sidecar.daemon.source.senders.stats.dropped == 0
