@@ -146,6 +146,12 @@ class FullTable:
         """A whole-table reload is due or under way: memory answers no read."""
         return self._reload_needed > self._reload_done
 
+    @property
+    def mixed(self) -> bool:
+        """A reload is writing its rows over the old ones: memory is exact as of no revision
+        (a reload that is only due has not touched them yet)."""
+        return self._reloading
+
     async def until_reloaded(self) -> None:
         """Return once every whole-table change received before the call is reloaded
         (for ``Invalidate(refresh)`` and initial states; reads do not wait for it)."""
@@ -195,8 +201,10 @@ class FullTable:
         """The whole table changed in batch ``seq``: reload it."""
         if self.problem is not None:
             return
-        if self._reload_needed > (self._reloading_level if self._reloading else self._reload_done):
-            self.coalesced += 1  # (a reload not yet started will cover it)
+        if self._reloading and self._reload_needed > self._reloading_level:
+            self.coalesced += 1  # (the reload queued behind the one in flight covers it)
+        elif not self._reloading and self.loaded and self._reload_needed > self._reload_done:
+            self.coalesced += 1  # (the reload due, not started yet, covers it)
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
