@@ -210,6 +210,7 @@ class Daemon:
             stall_timeout=config.upstream_stall_timeout,
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
+            reread_patience=config.stall_seconds,
         )
         self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
         self._stack.push_async_callback(engine.close)
