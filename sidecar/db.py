@@ -396,22 +396,15 @@ class PgDatabase:
                 records = await conn.fetch(*query_sql(schema, query))
         return _rows(records, schema.key_columns, len(schema.key_columns))
 
-    async def may_write(self, pid: int, schema: str, table: str) -> bool | None:
-        """Whether the role of backend ``pid`` may change ``schema.table`` (see
-        ``MAY_WRITE_SQL``); None when that backend is gone or the table is unknown."""
-        with translated(f"looking up backend {pid}"):
-            async with self.pool.acquire(timeout=self.timeout) as conn:
-                known, may = await conn.fetchrow(MAY_WRITE_SQL, pid, schema, table)
-        return bool(may) if known else None
-
 
 # Whether a backend's role may change a table, so that a whole-table NOTIFY it sent may
-# be real: it (or a role it may SET ROLE to) may INSERT, UPDATE, DELETE or TRUNCATE the
-# table, or a table whose writes reach it (a foreign key's cascade, a partition's or an
-# inheritance parent, a view or rule over it), or it may call a SECURITY DEFINER function
-# whose owner may (such a function may write the table for it; any such trigger function
-# counts, since firing one needs no EXECUTE right). Erring towards "may" only costs a
-# reload; erring the other way would drop a real change.
+# be real ($1 the backend's PID, $2 and $3 the table's schema and name; "known" is false
+# when that backend is gone or there is no such table): it, or a role it may SET ROLE to,
+# may INSERT, UPDATE, DELETE or TRUNCATE the table or a table whose writes reach it (a
+# foreign key's cascade, a partition's or an inheritance parent, a view or rule over it),
+# or it may call a SECURITY DEFINER function whose owner may (such a function may write
+# the table for it; any such trigger function counts: firing one needs no EXECUTE right).
+# Erring towards "may" only costs a reload; erring the other way would drop a real change.
 MAY_WRITE_SQL = """
 WITH RECURSIVE writers(oid) AS (
     SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

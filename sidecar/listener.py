@@ -186,6 +186,23 @@ class Listener:
             self._declare_lost(conn, f"NOTIFY failed: {_brief(exc)}")
             raise
 
+    async def fetchrow(self, query: str, *args: Any, timeout: float) -> Any:
+        """One small query on the LISTEN session, which is never busy for long (the pool may
+        be, under load): for look-ups that events wait behind. Fails as ``notify`` does."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("the listener is not connected")
+        try:
+            async with self._io:
+                return await conn.fetchrow(query, *args, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                self._declare_lost(conn, f"a look-up failed: {_brief(exc)}")
+            raise
+        except Exception as exc:
+            self._declare_lost(conn, f"a look-up failed: {_brief(exc)}")
+            raise
+
     def _declare_lost(self, conn: Any, reason: str) -> None:
         if conn is self._conn and not self._dead.is_set():
             self._lost = reason

@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+
 from sidecar import events
-from sidecar.db import PgDatabase
+from sidecar.db import MAY_WRITE_SQL, PgDatabase
+from sidecar.errors import Unavailable
 from sidecar.listener import Listener
 from sidecar.senders import SenderGate
 from sidecar.source import ChangeSink
-
-CHECK_TIMEOUT = 2.0  # longest a sender's look-up holds the events behind it (then: applied)
 
 
 class PgChangeSource:
@@ -45,11 +46,7 @@ class PgChangeSource:
         self.senders: SenderGate | None = None
         if check_senders:
             self.senders = SenderGate(
-                deliver=self._deliver,
-                check=database.may_write,
-                hears=hears,
-                on_error=self.listener.crash,
-                timeout=min(query_timeout, CHECK_TIMEOUT),
+                deliver=self._deliver, check=self._may_write, hears=hears, on_error=self.listener.crash
             )
 
     @property
@@ -64,6 +61,18 @@ class PgChangeSource:
         # From the LISTEN session itself: ordered behind every earlier commit, and it
         # fails at once when that connection is dead, as a barrier must.
         await self.listener.notify(events.sync_payload(token), self.query_timeout)
+
+    async def _may_write(self, pid: int, schema: str, table: str) -> bool | None:
+        """Whether backend ``pid``'s role may change the table (None: gone, or no such table);
+        asked on the LISTEN session, where no pool under load keeps the held events waiting."""
+        try:
+            # (as long as a ping may take: a LISTEN session slower than that is dead anyway)
+            known, may = await self.listener.fetchrow(
+                MAY_WRITE_SQL, pid, schema, table, timeout=self.listener.ping_timeout
+            )
+        except (ConnectionError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"looking up backend {pid}: {type(exc).__name__}: {exc}") from None
+        return bool(may) if known else None
 
     async def close(self) -> None:
         if self.senders is not None:

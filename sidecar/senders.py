@@ -4,7 +4,8 @@ reads of it from the database). So before one is applied, the sender -- the
 backend whose PID PostgreSQL delivers with every notification -- is checked:
 one whose role cannot write the table is dropped, counted and logged.
 
-What "can write" means is the adapter's (``db.PgDatabase.may_write``): the
+What "can write" means is the adapter's (``db.MAY_WRITE_SQL``, asked on the
+LISTEN session by ``pg_source.PgChangeSource``): the
 role, or a role it may ``SET ROLE`` to, may INSERT, UPDATE, DELETE or TRUNCATE
 the table or one whose writes reach it (a foreign key's cascade, a
 partition's parent). The verdict is kept a few seconds per (PID, table), and
@@ -24,7 +25,6 @@ refetch, and checking them would hold every first write of a connection.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import enum
 import logging
@@ -62,6 +62,8 @@ class SenderStats:
     unknown: int = 0  # whole-table events applied though their sender could not be told
 
 
+# ``check(pid, schema, table)``: True/False, None when it cannot tell; bounded in time by
+# itself, raising a ``SidecarError`` when it fails.
 Check = Callable[[int, str, str], Awaitable[bool | None]]
 
 
@@ -76,14 +78,12 @@ class SenderGate:
         check: Check,
         hears: Callable[[str, str], bool],
         on_error: Callable[[BaseException], None],
-        timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._deliver = deliver
         self._check = check
         self._hears = hears  # whether a table's changes matter here (others are not checked)
         self._on_error = on_error  # a failure delivering after a check (a bug: the owner stops)
-        self.timeout = timeout
         self._clock = clock
         self.stats = SenderStats()
         self._verdicts: collections.OrderedDict[tuple[int, str, str], tuple[Verdict, float]] = collections.OrderedDict()
@@ -154,9 +154,8 @@ class SenderGate:
     async def _look_up(self, pid: int, schema: str, table: str, generation: int) -> None:
         self.stats.checks += 1
         try:
-            async with asyncio.timeout(self.timeout):
-                answer = await self._check(pid, schema, table)
-        except (TimeoutError, SidecarError) as exc:
+            answer = await self._check(pid, schema, table)  # (bounded by its own timeout)
+        except SidecarError as exc:
             self._warn("unknown", "cannot tell whether backend %s may write %s.%s (%s)", pid, schema, table, exc)
             answer = None
         except Exception as exc:  # a bug: stop rather than guess
