@@ -114,12 +114,15 @@ class SenderGate:
         self.clear()
         await self._tasks.close()
 
-    def _drain(self) -> None:
+    def _drain(self, answer: Verdict | None = None) -> None:
+        """Pass on what is held, up to the next event whose sender must be looked up
+        (``answer``: the look-up's verdict on the first one)."""
         held = self._held
         while held:
             event, pid = held[0]
             if isinstance(event, TableChange) and self._hears(event.schema, event.table):
-                verdict = self._verdict(pid, event.schema, event.table)
+                verdict = answer or self._verdict(pid, event.schema, event.table)
+                answer = None
                 if verdict is None:
                     self._checking = True
                     self._tasks.spawn(self._look_up(pid, event.schema, event.table, self._generation), "look-up")
@@ -155,22 +158,24 @@ class SenderGate:
         self.stats.checks += 1
         try:
             answer = await self._check(pid, schema, table)  # (bounded by its own timeout)
-        except SidecarError as exc:
+        except SidecarError as exc:  # (not kept: the next event of this sender asks again)
             self._warn("unknown", "cannot tell whether backend %s may write %s.%s (%s)", pid, schema, table, exc)
-            answer = None
+            verdict = Verdict.UNKNOWN
         except Exception as exc:  # a bug: stop rather than guess
             self._on_error(exc)
             return
-        verdict = Verdict.UNKNOWN if answer is None else Verdict.WRITER if answer else Verdict.STRANGER
-        self._verdicts[(pid, schema, table)] = (verdict, self._clock() + KEEP[verdict])
-        self._verdicts.move_to_end((pid, schema, table))
-        while len(self._verdicts) > MAX_VERDICTS:
-            self._verdicts.popitem(last=False)
+        else:
+            verdict = Verdict.UNKNOWN if answer is None else Verdict.WRITER if answer else Verdict.STRANGER
+            key = (pid, schema, table)
+            self._verdicts[key] = (verdict, self._clock() + KEEP[verdict])
+            self._verdicts.move_to_end(key)
+            while len(self._verdicts) > MAX_VERDICTS:
+                self._verdicts.popitem(last=False)
         if generation != self._generation:
             return  # (the connection was lost meanwhile: nothing waits for this)
         self._checking = False
         try:
-            self._drain()
+            self._drain(verdict)
         except Exception as exc:  # applying an event failed: as the listener does, stop
             self._on_error(exc)
 

@@ -4,6 +4,7 @@ stop the revision nor let a STRONG read miss an acknowledged write."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from sidecar import barrier, events
+from tests.integration.test_metrics import scrape, value
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
@@ -131,7 +133,7 @@ async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_re
         f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC; GRANT SELECT ON {schema}.big TO PUBLIC"  # (read, not write)
     )
     name = f"{schema}.big"
-    sidecar = await start_daemon([name])
+    sidecar = await start_daemon([name], metrics_listen="127.0.0.1:0")
     engine, table = sidecar.engine, sidecar.engine.tables[name]
     flips: list[bool] = []
     engine.on_state_change(lambda: flips.append(engine.ready))
@@ -147,6 +149,10 @@ async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_re
     senders = sidecar.daemon.source.senders
     assert senders.stats.dropped == 50
     assert senders.stats.checks <= 2  # one look-up for the connection (maybe two: the verdict expired)
+    samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
+    assert value(samples, "cache_sidecar_notifications_dropped_total") == 50
+    assert ("cache_sidecar_notifications_sender_unknown_total", ()) in samples
+    assert ("cache_sidecar_reloads_coalesced_total", (("table", name),)) in samples
     # The owner's real TRUNCATE is seen by the next STRONG read.
     await db.execute(f"TRUNCATE {name}")
     await engine.prepare_read(True, None, table)

@@ -57,6 +57,15 @@ async def test_a_strangers_whole_table_change_is_dropped_and_one_look_up_serves_
     assert h.gate.stats.dropped == 5 and h.looked_up == [(STRANGER, "s", "t")]
 
 
+async def test_a_failed_look_up_is_not_kept():
+    h = Harness()
+    h.gate.receive(whole(xid=1), BROKEN)
+    await eventually(lambda: len(h.delivered) == 1, what="applied")
+    h.gate.receive(whole(xid=2), BROKEN)  # asked again: the database may answer now
+    await eventually(lambda: len(h.delivered) == 2, what="applied again")
+    assert len(h.looked_up) == 2 and h.gate.stats.unknown == 2
+
+
 async def test_writers_and_unknown_senders_are_applied():
     h = Harness()
     h.gate.receive(whole(xid=1), WRITER)
@@ -124,3 +133,12 @@ async def test_a_failure_to_apply_after_a_look_up_is_reported():
     assert isinstance(h.errors[0], RuntimeError)
     with pytest.raises(RuntimeError):
         h.gate.receive(row(), 1)  # (but not held: raised to the listener, as before)
+
+
+async def test_the_verdicts_kept_are_bounded(monkeypatch):
+    monkeypatch.setattr("sidecar.senders.MAX_VERDICTS", 2)
+    h = Harness()
+    for table in ("a", "b", "c", "a"):  # "a" was forgotten when "c" came
+        h.gate.receive(whole(table), STRANGER)
+        await eventually(lambda: not h.gate.held, what="looked up")
+    assert [t for _, _, t in h.looked_up] == ["a", "b", "c", "a"] and len(h.gate._verdicts) == 2
