@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from sidecar import barrier, events
-from tests.integration.test_metrics import scrape, value
+from tests.integration import test_metrics as metrics
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
@@ -149,8 +149,8 @@ async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_re
     senders = sidecar.daemon.source.senders
     assert senders.stats.dropped == 50
     assert senders.stats.checks <= 2  # one look-up for the connection (maybe two: the verdict expired)
-    samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
-    assert value(samples, "cache_sidecar_notifications_dropped_total") == 50
+    samples = await asyncio.to_thread(metrics.scrape, sidecar.daemon.metrics_address)
+    assert metrics.value(samples, "cache_sidecar_notifications_dropped_total") == 50
     assert ("cache_sidecar_notifications_sender_unknown_total", ()) in samples
     assert ("cache_sidecar_reloads_coalesced_total", (("table", name),)) in samples
     # The owner's real TRUNCATE is seen by the next STRONG read.
