@@ -5,8 +5,9 @@ It owns that connection and nothing else. Notifications are parsed into typed
 events here, at the edge, and handed synchronously to ``on_event``; a bad
 payload is logged, counted and skipped, and so is a read-barrier token that
 another backend sent (anyone can NOTIFY our channel; only our own session's
-tokens prove anything). Events go on with the sender's backend PID (whether it
-may send a whole-table change is ``senders.py``'s to say). The connection is known dead when asyncpg's
+tokens prove anything). Events go on with the sender's backend PID (whether
+it may send a whole-table change is ``senders.py``'s to say, by a look-up on
+this connection, ``fetchrow``). The connection is known dead when asyncpg's
 termination callback fires, when an idle ping fails to answer in time (a
 stalled network sends no FIN), or when any operation on it fails for a reason
 other than the server refusing it: the driver's state is not trusted after

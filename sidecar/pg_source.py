@@ -1,6 +1,7 @@
 """PostgreSQL as a change source: the one LISTEN connection (``listener.py``)
 for the changes and barrier tokens, the query pool (``db.py``) for rows, and
-between them the check of who sent a whole-table change (``senders.py``)."""
+between the listener and the engine the check of who sent a whole-table change
+(``senders.py``; its look-ups on the LISTEN session)."""
 
 from __future__ import annotations
 
