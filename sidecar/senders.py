@@ -51,8 +51,9 @@ class Verdict(enum.Enum):
 
 # How long a verdict is kept. A PID is reused only after the kernel wraps around,
 # and a stranger's verdict must not outlive its backend by much: a writer given its
-# PID later would have a real change dropped.
-KEEP = {Verdict.WRITER: 10.0, Verdict.STRANGER: 5.0, Verdict.UNKNOWN: 1.0}
+# PID later would have a real change dropped. A writer's may: a stranger given its
+# PID would only cost reloads (and a look-up holds events for a round trip).
+KEEP = {Verdict.WRITER: 60.0, Verdict.STRANGER: 5.0, Verdict.UNKNOWN: 1.0}
 
 
 @dataclass
