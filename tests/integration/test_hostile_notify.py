@@ -207,3 +207,41 @@ async def test_whole_table_changes_from_roles_that_may_change_the_table_are_appl
     await sidecar.engine.sync()
     await eventually(lambda: table.reloads == reloads + 1, 10, what="the change reloaded the table")
     assert sidecar.daemon.source.senders.stats.dropped == 0
+
+
+@pytest.fixture
+async def link(postgres):
+    """A link from the sidecar to PostgreSQL that the test can stall for a moment."""
+    if postgres.socket_path is None:
+        pytest.skip("the proxy fronts a server this session started")
+    proxy = Proxy(unix_path=postgres.socket_path)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_whole_table_change_whose_sender_has_gone_is_applied(
+    start_daemon, postgres, db, tables, stranger, link
+):
+    """A writer may commit and disconnect before its notification is read: a sender that
+    cannot be told is believed (a real change is never dropped for want of an answer)."""
+    num, _ = tables
+    schema = num.split(".")[0]
+    sidecar = await start_daemon([num], dsn=f"postgresql://postgres@127.0.0.1:{link.port}/postgres")
+    table = sidecar.engine.tables[num]
+    reloads = table.reloads
+    link.stall()  # the sidecar hears nothing until the sender is gone
+    try:
+        role = await stranger.fetchval("SELECT current_user")
+        gone = await asyncpg.connect(postgres.dsn, user=role)
+        pid = gone.get_server_pid()
+        await gone.execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, whole_table(schema, "num"))
+        await gone.close()
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", pid), what="it exited"
+        )
+    finally:
+        link.resume()
+    await sidecar.engine.sync()
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the change applied")
+    assert sidecar.daemon.source.senders.stats.unknown == 1 and sidecar.daemon.source.senders.stats.dropped == 0
