@@ -5,11 +5,12 @@ backend whose PID PostgreSQL delivers with every notification -- is checked:
 one whose role cannot write the table is dropped, counted and logged.
 
 What "can write" means is the adapter's (``db.MAY_WRITE_SQL``, asked on the
-LISTEN session by ``pg_source.PgChangeSource``): the
-role, or a role it may ``SET ROLE`` to, may INSERT, UPDATE, DELETE or TRUNCATE
-the table or one whose writes reach it (a foreign key's cascade, a
-partition's parent). The verdict is kept a few seconds per (PID, table), and
-the cache is bounded, so a flood from one connection costs one look-up.
+LISTEN session by ``pg_source.PgChangeSource``): the role, or a role it may
+``SET ROLE`` to, may INSERT, UPDATE, DELETE or TRUNCATE the table or one whose
+writes reach it (a foreign key's cascade, a partition's parent, a view), or may
+call a SECURITY DEFINER function of a role that may. The verdict is kept a
+while per (PID, table) (``KEEP``), in a bounded cache, so a flood from one
+connection costs one look-up.
 
 When the sender cannot be told -- its backend has exited (a writer may
 commit and disconnect before its notification is read), the look-up failed or
