@@ -107,6 +107,7 @@ class FullTable:
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
         self._reloading_level = -1  # the level of the reload in flight (while _reloading)
+        self._mixed = False  # the store holds rows of a reload that has not landed
         self._generation = 0  # rises when the rows are dropped (fail): a reload under way stops
         self._table_waiters = Waiters()  # readers waiting for relation refreshes
         self._reload_waiters = Waiters()  # waiting for a reload to land (not readers: they go elsewhere)
@@ -148,9 +149,10 @@ class FullTable:
 
     @property
     def mixed(self) -> bool:
-        """A reload is writing its rows over the old ones: memory is exact as of no revision
-        (a reload that is only due has not touched them yet)."""
-        return self._reloading
+        """A reload is writing its rows over the old ones, or one stopped half-way and none
+        landed since: memory is exact as of no revision (a reload that is only due has not
+        touched them)."""
+        return self._reloading or self._mixed
 
     async def until_reloaded(self) -> None:
         """Return once every whole-table change received before the call is reloaded
@@ -387,6 +389,7 @@ class FullTable:
         generation = self._generation
         store = self.store
         store.begin_reload()
+        self._mixed = True
         count = 0
         chunks = self.load_progress.track(self.db, self.schema)
         try:
@@ -415,6 +418,7 @@ class FullTable:
         self._failures = 0
         first = not self.loaded
         dropped = store.finish_reload()
+        self._mixed = False
         self._matching = [m for m in self._matching if m[0] > level]  # (the reload covered them)
         self.loaded = True
         self.reloads += 1
@@ -562,6 +566,7 @@ class FullTable:
         self._reload_done = self._reload_needed
         self.loaded = False
         self.store.clear()
+        self._mixed = False
         self._progress()
 
     def _failed(self, what: str, exc: BaseException, keys: list[Key] | None) -> None:

@@ -355,3 +355,21 @@ async def test_an_initial_state_waits_for_the_reload_writing_not_for_every_one_d
     db.release()
     assert initial.done(), "the initial state waited through every reload"
     await initial
+
+
+async def test_an_initial_state_waits_after_a_reload_that_stopped_half_way(engine: Engine, db: MemoryDatabase):
+    """A reload that failed leaves old and new rows mixed until the retry lands."""
+    table = engine.tables[FULL]
+    db.hold()
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "truncate"))
+    await db.held(1)
+    db.error = Unavailable("the database went away")
+    db.release()
+    await eventually(lambda: not table._reloading, what="the reload failed")  # (a retry is scheduled)
+    db.hold()  # (the retry waits here)
+    initial = asyncio.create_task(engine.snapshot(frozenset({FULL})))
+    db.error = None
+    await db.held(1)
+    assert not initial.done(), "an initial state of half-reloaded rows"
+    db.release()
+    await asyncio.wait_for(initial, 5)
