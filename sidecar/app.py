@@ -160,16 +160,19 @@ class Daemon:
             connect=_listener_connect(config),
             channel=config.channel,
             query_timeout=config.query_timeout,
+            hears=engine.router.hears,
+            check_senders=config.check_senders,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
             redact=lambda text: scrub(text, config.dsn),
         )
+        self._stack.push_async_callback(source.close)
         self.listener = source.listener
         engine.attach(source, barrier_timeout=config.query_timeout)
         if self.metrics is not None:
-            self.metrics.watch(engine, self.listener, asyncio.get_running_loop())
+            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
@@ -210,6 +213,7 @@ class Daemon:
             stall_timeout=config.upstream_stall_timeout,
             reconnect_min_delay=config.reconnect_min_delay,
             reconnect_max_delay=config.reconnect_max_delay,
+            reread_patience=config.stall_seconds,
         )
         self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
         self._stack.push_async_callback(engine.close)

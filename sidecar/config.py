@@ -342,6 +342,15 @@ class Config:
         default=10.0,
         metadata=declare("listener.reconnect_max_delay", "Reconnect backoff cap, seconds.", minimum=0),
     )
+    check_senders: bool = field(
+        default=True,
+        metadata=declare(
+            "listener.check_senders",
+            "Drop a whole-table change whose sender's role cannot write the table (anyone may NOTIFY). "
+            "Turn off if a role without those rights changes it by a way the check cannot see "
+            "(see README, The trust boundary).",
+        ),
+    )
     bulk_threshold: int = field(
         default=1000,
         metadata=declare(

@@ -397,6 +397,49 @@ class PgDatabase:
         return _rows(records, schema.key_columns, len(schema.key_columns))
 
 
+# Whether a backend's role may change a table, so that a whole-table NOTIFY it sent may
+# be real ($1 the backend's PID, $2 and $3 the table's schema and name; "known" is false
+# when that backend is gone or there is no such table): it, or a role it may SET ROLE to,
+# may INSERT, UPDATE, DELETE or TRUNCATE the table or a table whose writes reach it (a
+# foreign key's cascade, a partition's or an inheritance parent, a view or rule over it),
+# or it may call a SECURITY DEFINER function whose owner may (such a function may write
+# the table for it; any such trigger function counts: firing one needs no EXECUTE right).
+# Erring towards "may" only costs a reload; erring the other way would drop a real change.
+MAY_WRITE_SQL = """
+WITH RECURSIVE writers(oid) AS (
+    SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $2 AND c.relname = $3
+  UNION
+    SELECT x.oid FROM writers w, LATERAL (
+        SELECT f.confrelid FROM pg_catalog.pg_constraint f
+        WHERE f.contype = 'f' AND f.conrelid = w.oid
+          AND (f.confdeltype IN ('c', 'n', 'd') OR f.confupdtype IN ('c', 'n', 'd'))
+      UNION ALL
+        SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = w.oid
+      UNION ALL
+        SELECT r.ev_class FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+        WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+          AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = w.oid
+    ) x(oid)
+),
+sender AS (SELECT a.usesysid AS role FROM pg_catalog.pg_stat_activity a WHERE a.pid = $1 AND a.usesysid IS NOT NULL)
+SELECT EXISTS (SELECT FROM sender) AND EXISTS (SELECT FROM writers) AS known,
+       EXISTS (
+         SELECT FROM sender s, pg_catalog.pg_roles r, writers w
+         WHERE pg_catalog.pg_has_role(s.role, r.oid, 'MEMBER')
+           AND pg_catalog.has_table_privilege(r.oid, w.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
+       ) OR EXISTS (
+         SELECT FROM sender s, pg_catalog.pg_proc p, writers w
+         WHERE p.prosecdef
+           AND p.pronamespace NOT IN ('pg_catalog'::pg_catalog.regnamespace,
+                                      'information_schema'::pg_catalog.regnamespace)
+           AND (pg_catalog.has_function_privilege(s.role, p.oid, 'EXECUTE')
+                OR p.prorettype = 'pg_catalog.trigger'::pg_catalog.regtype)  -- (firing needs no EXECUTE)
+           AND pg_catalog.has_table_privilege(p.proowner, w.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
+       ) AS may
+"""
+
+
 def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
     """An index query as SQL and its arguments (one row past the limit, to tell truncation)."""
     if query.values is not None:

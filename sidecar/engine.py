@@ -527,7 +527,10 @@ class Engine:
         lazily from shared store snapshots (no rows copied).
 
         A table being reloaded is waited for first: its memory is then a mix of
-        old and new rows, exact as of no revision.
+        old and new rows, exact as of no revision. Only while a reload is writing:
+        the moment it lands, memory is exact as of the published revision (which a
+        whole-table change still due holds back), even if another reload is due
+        already -- under a steady stream of whole-table changes there is always one.
         """
         tables = [
             (name, table)
@@ -535,7 +538,7 @@ class Engine:
             if isinstance(table, FullTable | ReplicaTable) and (not names or name in names)
         ]
         while waiting := next(
-            (t for _, t in tables if isinstance(t, FullTable) and t.reloading and t.problem is None), None
+            (t for _, t in tables if isinstance(t, FullTable) and t.mixed and t.problem is None), None
         ):
             try:
                 await waiting.until_reloaded()

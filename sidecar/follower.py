@@ -20,7 +20,11 @@ stream), then waiting until the stream has brought that revision; the engine's
 A whole-table change of a full table (TRUNCATE, a bulk statement, an
 invalidation, a reload) carries no rows: the table's rows are read again from
 a second ``Watch(initial_state)`` of just that table, and the batches up to
-that snapshot's revision change its rows no more (theirs are older).
+that snapshot's revision change its rows no more (theirs are older). The
+upstream sends those rows only once its own reload of the table landed, so
+that stream's silence is no stall while the upstream answers ListTables (for
+up to ``cache.stall_seconds``, when the upstream's health gives up too): the
+follower keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class UpstreamSource:
         stall_timeout: float = 5.0,
         reconnect_min_delay: float = 0.1,
         reconnect_max_delay: float = 10.0,
+        reread_patience: float = 30.0,
     ) -> None:
         self.upstream = upstream
         self._schemas = dict(schemas)
@@ -77,6 +82,9 @@ class UpstreamSource:
         self.stall_timeout = stall_timeout
         self.reconnect_min_delay = reconnect_min_delay
         self.reconnect_max_delay = reconnect_max_delay
+        # A table read again waits for the upstream's reload of it, silently: not a stall
+        # while the upstream answers, up to this long (its own health gives up then too).
+        self.reread_patience = reread_patience
         self._database = UpstreamDatabase(upstream, strong=True)
         self._sink: NumberedSink | None = None
         self.epoch = ""  # the upstream's epoch we follow ("" before the first initial state)
@@ -268,13 +276,17 @@ class UpstreamSource:
                 extra={"event": "upstream_resume", "revision": str(start)},
             )
 
-    async def _messages(self, call: Any) -> Any:
+    async def _messages(self, call: Any, patient: bool = False) -> Any:
         """The stream's messages (the one place that reads Watch); silence beyond the
-        stall timeout is a dead link."""
+        stall timeout is a dead link -- unless ``patient`` (a table read again: the
+        upstream sends its rows once its reload of them landed) and the upstream answers."""
         while True:
             try:
-                async with asyncio.timeout(self.stall_timeout):
-                    message = await call.read()
+                if patient:
+                    message = await self._patiently(call)
+                else:
+                    async with asyncio.timeout(self.stall_timeout):
+                        message = await call.read()
             except TimeoutError:
                 raise Lost(f"no message for {self.stall_timeout:g}s (the stream stalled)") from None
             if message is grpc.aio.EOF:
@@ -285,6 +297,28 @@ class UpstreamSource:
                     yield pb.WatchResponse(changes=batch)
                 continue
             yield message
+
+    async def _patiently(self, call: Any) -> Any:
+        """The next message, however long it takes while the upstream answers ListTables
+        each stall timeout (up to ``reread_patience``). The read is never cancelled
+        meanwhile: cancelling a read cancels the call."""
+        read = asyncio.ensure_future(call.read())
+        began = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=self.stall_timeout)
+                if done:
+                    return read.result()
+                waited = time.monotonic() - began
+                if waited > self.reread_patience:
+                    raise Lost(f"no rows for {waited:.0f}s while reading a table again")
+                try:
+                    await self.upstream.list_tables()  # (it is reloading the table, or it is gone)
+                except SidecarError as exc:
+                    raise Lost(f"no message for {self.stall_timeout:g}s, and no answer: {exc}") from None
+        finally:
+            if not read.done():
+                read.cancel()
 
     # ------------------------------------------------------------ what comes
 
@@ -403,7 +437,7 @@ class UpstreamSource:
         rows: dict[str, Rows] = {name: {}}
         try:
             await self._established(call, None)
-            async for message in self._messages(call):
+            async for message in self._messages(call, patient=True):
                 kind = message.WhichOneof("kind")
                 if kind == "changes":
                     self._snapshot_rows(rows, message.changes)

@@ -96,6 +96,7 @@ class FullTable:
         self.refetches = 0
         self.reloads = 0
         self.degraded = 0  # keyed refetches or relation refreshes that became reloads
+        self.coalesced = 0  # whole-table changes folded into a reload already due (none of their own)
         self.reads: collections.Counter[str] = collections.Counter()  # by result: hit, not_found
         self._pending: dict[Key, list[int]] = {}  # key -> [oldest, newest] unapplied seq
         self._queue: dict[Key, None] = {}  # pending keys not in flight, in arrival order
@@ -105,6 +106,8 @@ class FullTable:
         self._reload_oldest = 0  # the oldest whole-table change not yet reloaded
         self._reload_done = -1  # seq level of the last completed (re)load
         self._reloading = False
+        self._reloading_level = -1  # the level of the reload in flight (while _reloading)
+        self._mixed = False  # the store holds rows of a reload that has not landed
         self._generation = 0  # rises when the rows are dropped (fail): a reload under way stops
         self._table_waiters = Waiters()  # readers waiting for relation refreshes
         self._reload_waiters = Waiters()  # waiting for a reload to land (not readers: they go elsewhere)
@@ -143,6 +146,13 @@ class FullTable:
     def reloading(self) -> bool:
         """A whole-table reload is due or under way: memory answers no read."""
         return self._reload_needed > self._reload_done
+
+    @property
+    def mixed(self) -> bool:
+        """A reload is writing its rows over the old ones, or one stopped half-way and none
+        landed since: memory is exact as of no revision (a reload that is only due has not
+        touched them)."""
+        return self._reloading or self._mixed
 
     async def until_reloaded(self) -> None:
         """Return once every whole-table change received before the call is reloaded
@@ -193,6 +203,10 @@ class FullTable:
         """The whole table changed in batch ``seq``: reload it."""
         if self.problem is not None:
             return
+        if self._reloading and self._reload_needed > self._reloading_level:
+            self.coalesced += 1  # (the reload queued behind the one in flight covers it)
+        elif not self._reloading and self.loaded and self._reload_needed > self._reload_done:
+            self.coalesced += 1  # (the reload due, not started yet, covers it)
         if self._reload_needed <= self._reload_done:
             self._reload_oldest = seq
         self._reload_needed = max(self._reload_needed, seq)
@@ -313,7 +327,8 @@ class FullTable:
         if self._reload_needed > self._reload_done:
             if self._fetching == 0:  # reload only once keyed fetches have landed
                 self._reloading = True
-                self._tasks.spawn(self._reload(self._seq()), "reload")
+                self._reloading_level = self._seq()
+                self._tasks.spawn(self._reload(self._reloading_level), "reload")
             return
         if self._matching and not (self._keys_turn and self._queue):
             if self._fetching == 0:  # likewise: one writer of the affected rows at a time
@@ -374,6 +389,7 @@ class FullTable:
         generation = self._generation
         store = self.store
         store.begin_reload()
+        self._mixed = True
         count = 0
         chunks = self.load_progress.track(self.db, self.schema)
         try:
@@ -402,6 +418,7 @@ class FullTable:
         self._failures = 0
         first = not self.loaded
         dropped = store.finish_reload()
+        self._mixed = False
         self._matching = [m for m in self._matching if m[0] > level]  # (the reload covered them)
         self.loaded = True
         self.reloads += 1
@@ -549,6 +566,7 @@ class FullTable:
         self._reload_done = self._reload_needed
         self.loaded = False
         self.store.clear()
+        self._mixed = False
         self._progress()
 
     def _failed(self, what: str, exc: BaseException, keys: list[Key] | None) -> None:

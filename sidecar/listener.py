@@ -5,7 +5,9 @@ It owns that connection and nothing else. Notifications are parsed into typed
 events here, at the edge, and handed synchronously to ``on_event``; a bad
 payload is logged, counted and skipped, and so is a read-barrier token that
 another backend sent (anyone can NOTIFY our channel; only our own session's
-tokens prove anything). The connection is known dead when asyncpg's
+tokens prove anything). Events go on with the sender's backend PID (whether
+it may send a whole-table change is ``senders.py``'s to say, by a look-up on
+this connection, ``fetchrow``). The connection is known dead when asyncpg's
 termination callback fires, when an idle ping fails to answer in time (a
 stalled network sends no FIN), or when any operation on it fails for a reason
 other than the server refusing it: the driver's state is not trusted after
@@ -60,7 +62,7 @@ class Listener:
         *,
         connect: Callable[[], Awaitable[Any]],
         channel: str,
-        on_event: Callable[[events.Event], None],
+        on_event: Callable[[events.Event, int], None],
         on_up: Callable[[], None],
         on_down: Callable[[str], None],
         ping_interval: float = 5.0,
@@ -185,6 +187,23 @@ class Listener:
             self._declare_lost(conn, f"NOTIFY failed: {_brief(exc)}")
             raise
 
+    async def fetchrow(self, query: str, *args: Any, timeout: float) -> Any:
+        """One small query on the LISTEN session, which is never busy for long (the pool may
+        be, under load): for look-ups that events wait behind. Fails as ``notify`` does."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("the listener is not connected")
+        try:
+            async with self._io:
+                return await conn.fetchrow(query, *args, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                self._declare_lost(conn, f"a look-up failed: {_brief(exc)}")
+            raise
+        except Exception as exc:
+            self._declare_lost(conn, f"a look-up failed: {_brief(exc)}")
+            raise
+
     def _declare_lost(self, conn: Any, reason: str) -> None:
         if conn is self._conn and not self._dead.is_set():
             self._lost = reason
@@ -206,13 +225,16 @@ class Listener:
             )
             return
         try:
-            self._on_event(event)
+            self._on_event(event, pid)
         except Exception as exc:
-            # A bug in event handling: fail loudly (the supervisor exits the
-            # daemon) rather than carry on with a cache that missed an event.
             log.exception("listener: handling %r failed", event)
-            self._crash = exc
-            self._dead.set()
+            self.crash(exc)
+
+    def crash(self, exc: BaseException) -> None:
+        """Handling an event failed (a bug): fail loudly (the supervisor exits the
+        daemon) rather than carry on with a cache that missed an event."""
+        self._crash = exc
+        self._dead.set()
 
     def _warn(self, kind: str, message: str, *args: Any) -> None:
         """Log a warning of ``kind`` at most once per ``WARN_EVERY`` seconds (anyone can

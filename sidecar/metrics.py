@@ -20,8 +20,10 @@ from prometheus_client.registry import Collector
 
 from sidecar.addresses import parse_listen_address
 from sidecar.engine import Engine
+from sidecar.full import FullTable
 from sidecar.listener import Listener
 from sidecar.notify_queue import NotifyQueue
+from sidecar.senders import SenderGate, SenderStats
 from sidecar.source import FollowState
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,17 @@ class Metrics:
     def observe_call(self, method: str, seconds: float) -> None:
         self.request_seconds.labels(method).observe(seconds)
 
-    def watch(self, engine: Engine, listener: Listener | None, loop: asyncio.AbstractEventLoop) -> None:
-        """Report the state of ``engine`` and ``listener`` (read on ``loop``; a follower has no listener)."""
+    def watch(
+        self,
+        engine: Engine,
+        listener: Listener | None,
+        loop: asyncio.AbstractEventLoop,
+        senders: SenderGate | None = None,
+    ) -> None:
+        """Report the state of ``engine``, ``listener`` and ``senders`` (read on ``loop``; a
+        follower has no listener; no sender gate when senders are not checked)."""
         engine.on_barrier = self.barrier_seconds.observe
-        self.registry.register(_StateCollector(engine, listener, loop, self))
+        self.registry.register(_StateCollector(engine, listener, loop, self, senders))
 
     def serve(self, listen: str) -> str:
         """Start the HTTP endpoint; return the address it is bound to."""
@@ -78,10 +87,16 @@ class Metrics:
 
 class _StateCollector(Collector):
     def __init__(
-        self, engine: Engine, listener: Listener | None, loop: asyncio.AbstractEventLoop, metrics: Metrics
+        self,
+        engine: Engine,
+        listener: Listener | None,
+        loop: asyncio.AbstractEventLoop,
+        metrics: Metrics,
+        senders: SenderGate | None = None,
     ) -> None:
         self.engine = engine
         self.listener = listener
+        self.senders = senders
         self.loop = loop
         self.metrics = metrics
 
@@ -107,6 +122,11 @@ class _StateCollector(Collector):
             "Queries the caches made, by table and kind (fill, refetch, reload; degraded: keyed refetches "
             "that failed as they would again and became reloads).",
             labels=["table", "kind"],
+        )
+        coalesced = CounterMetricFamily(
+            "cache_sidecar_reloads_coalesced",
+            "Whole-table changes that caused no reload of their own: a reload already due covered them.",
+            labels=["table"],
         )
         rows = GaugeMetricFamily(
             "cache_sidecar_rows", "Rows held (lazy tables: with cached 'not found').", labels=["table"]
@@ -147,14 +167,18 @@ class _StateCollector(Collector):
             reads.add_metric([name, "database"], engine.reads.stats.database_reads.get(name, 0))
             for kind, count in table.queries().items():
                 queries.add_metric([name, kind], count)
+            if isinstance(table, FullTable):
+                coalesced.add_metric([name], table.coalesced)
             rows.add_metric([name], table.row_count)
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)
             not_served.add_metric([name], 0 if table.problem is None else 1)
-        families: list[Any] = [reads, queries, rows, size, loaded, not_served]
+        families: list[Any] = [reads, queries, coalesced, rows, size, loaded, not_served]
         families += [loading, load_rows, load_expected, load_eta]
         if listener is not None:
             families += self._listener(listener)
+        if self.senders is not None:
+            families += _senders(self.senders.stats)
         if engine.follow_state is not None:
             families += _upstream(engine.follow_state())
         families.append(
@@ -252,6 +276,26 @@ class _StateCollector(Collector):
             )
         )
         return families
+
+
+def _senders(stats: SenderStats) -> list[Any]:
+    """Whole-table changes by who sent them (anyone may NOTIFY our channel)."""
+    return [
+        CounterMetricFamily(
+            "cache_sidecar_notifications_dropped",
+            "Whole-table changes dropped because the sending backend's role cannot write the table.",
+            stats.dropped,
+        ),
+        CounterMetricFamily(
+            "cache_sidecar_notifications_sender_unknown",
+            "Whole-table changes applied though their sender could not be told (it had disconnected, "
+            "or the look-up failed).",
+            stats.unknown,
+        ),
+        CounterMetricFamily(
+            "cache_sidecar_sender_checks", "Look-ups of whether a sending backend may write a table.", stats.checks
+        ),
+    ]
 
 
 def _upstream(state: FollowState) -> list[Any]:

@@ -50,6 +50,10 @@ class ChangeRouter:
             else:
                 self._consumers.setdefault((schema.config.schema, schema.config.name), []).append((table, None))
 
+    def hears(self, schema: str, table: str) -> bool:
+        """Whether changes of PostgreSQL table ``schema.table`` matter to a cached table."""
+        return (schema, table) in self._consumers
+
     def route(self, event: RowChange | TableChange) -> None:
         """Apply one change event (called synchronously, as notifications arrive)."""
         consumers = self._consumers.get((event.schema, event.table))

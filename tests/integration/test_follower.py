@@ -23,7 +23,9 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from tests.conftest import RunningDaemon, start_in_process, stop_all
+from tests.support import gate as gating
 from tests.support.certs import Authority
+from tests.support.gate import LOADS
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
@@ -624,3 +626,41 @@ async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows
             assert (await cache.get(shop["item"], 3, consistency="strong"))["name"] == "after the rotation"
     finally:
         await proxy.close()
+
+
+async def test_a_follower_stays_serving_while_its_hub_reloads_the_table_it_reads_again(
+    start_daemon, start_follower, db, shop, monkeypatch
+):
+    """A whole-table change sends a follower to read the table again (a second Watch, with
+    its initial state); while the hub is still reloading it, that stream is silent. The
+    follower waits -- the hub answers -- instead of counting it as a stalled link (which made
+    it NOT_SERVING, resume, and ask again, for as long as the hub reloaded)."""
+    monkeypatch.setattr("sidecar.app.PgDatabase", gating.GatedPgDatabase)
+    LOADS.open()
+    schema = shop["schema"]
+    hub = await start_daemon(shop["tables"], bulk_threshold=5)
+    follower = await start_follower(hub.target)  # (a stall timeout of 1 s)
+    flips: list[bool] = []
+    follower.engine.on_state_change(lambda: flips.append(follower.engine.ready))
+    item = hub.engine.tables[shop["item"]]
+    try:
+        LOADS.close()
+        await db.execute(f"UPDATE {schema}.item SET price = price + 1")  # a bulk statement: whole-table
+        await LOADS.held()  # its reload read the table and waits
+        await db.execute(f"UPDATE {schema}.item SET price = price + 1")  # another, due behind it
+        await hub.engine.barrier.wait(applied=False)  # (received)
+        reloads = item.reloads
+        LOADS.open()  # the first lands: the follower hears of it and reads the table again ...
+        LOADS.close()  # ... while the second is held
+        await eventually(lambda: item.reloads > reloads, what="the first reload landed")
+        await LOADS.held()
+        await eventually(lambda: hub.engine.hub.subscribers == 2, what="the follower reading the table again")
+        await asyncio.sleep(3.0)  # the hub's reload lasts three stall timeouts
+        assert follower.engine.ready and not follower.engine.stalled
+    finally:
+        LOADS.open()
+    revision = await AsyncClient(hub.target).sync()
+    async with AsyncClient(follower.target) as cache:
+        assert (await cache.get(shop["item"], 20, min_revision=revision))["price"] == 202
+    assert flips == [], "the follower stopped serving while its hub reloaded"
+    assert follower.daemon.source.resumes == 0 and follower.daemon.source.rebuilds == 0

@@ -4,6 +4,7 @@ stop the revision nor let a STRONG read miss an acknowledged write."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from sidecar import barrier, events
+from tests.integration import test_metrics as metrics
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
@@ -114,3 +116,132 @@ async def test_forged_barrier_tokens_do_not_end_a_barrier(start_daemon, db, sche
         stale += row is None or f'"v":{value}}}'.encode() not in row
     assert stale == 0, f"{stale} of 30 STRONG reads missed an acknowledged write"
     assert sidecar.daemon.listener.stats.forged >= 1
+
+
+def whole_table(schema: str, table: str) -> str:
+    return f'{{"v":1,"s":"{schema}","t":"{table}","x":5,"op":"T","all":"truncate"}}'
+
+
+async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_reload(
+    start_daemon, db, schema, stranger
+):
+    """Before the sender check each forged event reloaded the table (reads went to the
+    database meanwhile); now they are dropped, and a real TRUNCATE still shows."""
+    await db.execute(
+        f"CREATE TABLE {schema}.big (id int PRIMARY KEY, v text NOT NULL);"
+        f"INSERT INTO {schema}.big SELECT g, 'row ' || g FROM generate_series(1, 20000) g;"
+        f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC; GRANT SELECT ON {schema}.big TO PUBLIC"  # (read, not write)
+    )
+    name = f"{schema}.big"
+    sidecar = await start_daemon([name], metrics_listen="127.0.0.1:0")
+    engine, table = sidecar.engine, sidecar.engine.tables[name]
+    flips: list[bool] = []
+    engine.on_state_change(lambda: flips.append(engine.ready))
+    reloads = table.reloads
+    channel = sidecar.daemon.config.channel
+    for _ in range(50):
+        await stranger.execute("SELECT pg_notify($1, $2)", channel, whole_table(schema, "big"))
+        assert await engine.get(name, [7]) is not None  # reads keep working
+    await engine.sync()  # (ordered behind all 50)
+    assert table.reloads == reloads, "a forged whole-table change reloaded the table"
+    assert not table.reloading and table.peek((7,)) == (True, table.store.get((7,)))  # served from memory
+    assert engine.ready and not engine.stalled and flips == []
+    senders = sidecar.daemon.source.senders
+    assert senders.stats.dropped == 50
+    assert senders.stats.checks <= 2  # one look-up for the connection (maybe two: the verdict expired)
+    samples = await asyncio.to_thread(metrics.scrape, sidecar.daemon.metrics_address)
+    assert metrics.value(samples, "cache_sidecar_notifications_dropped_total") == 50
+    assert ("cache_sidecar_notifications_sender_unknown_total", ()) in samples
+    assert ("cache_sidecar_reloads_coalesced_total", (("table", name),)) in samples
+    # The owner's real TRUNCATE is seen by the next STRONG read.
+    await db.execute(f"TRUNCATE {name}")
+    await engine.prepare_read(True, None, table)
+    assert await engine.get(name, [7]) is None
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the TRUNCATE reloaded")
+
+
+@pytest.fixture
+async def writers(postgres, db, schema):
+    """Roles that may change ``schema.child`` only in a roundabout way, each with a connection."""
+    suffix = secrets.token_hex(3)
+    roles = {name: f"{name}_{suffix}" for name in ("member", "cascade", "definer")}
+    await db.execute(
+        f"""
+        CREATE TABLE {schema}.parent (id int PRIMARY KEY);
+        CREATE TABLE {schema}.child (id int PRIMARY KEY, parent int REFERENCES {schema}.parent ON DELETE CASCADE);
+        INSERT INTO {schema}.parent VALUES (1); INSERT INTO {schema}.child VALUES (1, 1);
+        CREATE FUNCTION {schema}.clear_child() RETURNS void LANGUAGE sql SECURITY DEFINER
+          AS 'DELETE FROM {schema}.child';
+        REVOKE ALL ON FUNCTION {schema}.clear_child() FROM PUBLIC;
+        GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+        CREATE ROLE writer_{suffix} NOLOGIN;
+        GRANT INSERT ON {schema}.child TO writer_{suffix};
+        CREATE ROLE {roles["member"]} LOGIN NOINHERIT IN ROLE writer_{suffix};
+        CREATE ROLE {roles["cascade"]} LOGIN;
+        GRANT SELECT, DELETE ON {schema}.parent TO {roles["cascade"]};
+        CREATE ROLE {roles["definer"]} LOGIN;
+        GRANT EXECUTE ON FUNCTION {schema}.clear_child() TO {roles["definer"]};
+        """
+    )
+    conns = {kind: await asyncpg.connect(postgres.dsn, user=role) for kind, role in roles.items()}
+    yield conns
+    for conn in conns.values():
+        await conn.close()
+    await db.execute(f"DROP FUNCTION {schema}.clear_child(); REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC")
+    for role in (*roles.values(), f"writer_{suffix}"):
+        await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("kind", ["member", "cascade", "definer"])
+async def test_whole_table_changes_from_roles_that_may_change_the_table_are_applied(
+    start_daemon, db, schema, writers, kind
+):
+    """A role that may SET ROLE to a writer, delete from a table whose foreign key cascades
+    into this one, or call a SECURITY DEFINER function of a writer: its whole-table change
+    may be real, and is applied."""
+    name = f"{schema}.child"
+    sidecar = await start_daemon([name])
+    table = sidecar.engine.tables[name]
+    reloads = table.reloads
+    await writers[kind].execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, whole_table(schema, "child"))
+    await sidecar.engine.sync()
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the change reloaded the table")
+    assert sidecar.daemon.source.senders.stats.dropped == 0
+
+
+@pytest.fixture
+async def link(postgres):
+    """A link from the sidecar to PostgreSQL that the test can stall for a moment."""
+    if postgres.socket_path is None:
+        pytest.skip("the proxy fronts a server this session started")
+    proxy = Proxy(unix_path=postgres.socket_path)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_whole_table_change_whose_sender_has_gone_is_applied(
+    start_daemon, postgres, db, tables, stranger, link
+):
+    """A writer may commit and disconnect before its notification is read: a sender that
+    cannot be told is believed (a real change is never dropped for want of an answer)."""
+    num, _ = tables
+    schema = num.split(".")[0]
+    sidecar = await start_daemon([num], dsn=f"postgresql://postgres@127.0.0.1:{link.port}/postgres")
+    table = sidecar.engine.tables[num]
+    reloads = table.reloads
+    link.stall()  # the sidecar hears nothing until the sender is gone
+    try:
+        role = await stranger.fetchval("SELECT current_user")
+        gone = await asyncpg.connect(postgres.dsn, user=role)
+        pid = gone.get_server_pid()
+        await gone.execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, whole_table(schema, "num"))
+        await gone.close()
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", pid), what="it exited"
+        )
+    finally:
+        link.resume()
+    await sidecar.engine.sync()
+    await eventually(lambda: table.reloads == reloads + 1, 10, what="the change applied")
+    assert sidecar.daemon.source.senders.stats.unknown == 1 and sidecar.daemon.source.senders.stats.dropped == 0

@@ -44,7 +44,7 @@ async def start(connect, recorder: Recorder, **timing) -> tuple[Listener, asynci
     listener = Listener(
         connect=connect,
         channel=CHANNEL,
-        on_event=recorder.events.append,
+        on_event=lambda event, pid: recorder.events.append(event),
         on_up=recorder.up,
         on_down=recorder.down,
         reconnect_min_delay=0.05,

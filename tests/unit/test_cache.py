@@ -175,6 +175,7 @@ async def test_full_whole_table_changes_coalesce_into_one_reload_in_flight_and_o
     await eventually(lambda: not table.reloading, what="the reloads landed")
     assert db.loads == [T, T, T]  # the burst became one more reload, at its newest level
     assert table._reload_done == last and table.rows[(1,)] == row("burst4")
+    assert table.coalesced == 4  # (the burst's first made the queued reload; the others folded into it)
 
 
 async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):

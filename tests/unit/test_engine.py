@@ -333,3 +333,43 @@ async def test_a_revision_of_an_unknown_epoch_is_proven_with_a_barrier(engine: E
     assert barrier.rounds == rounds + 1  # not waited for (it would never come), and not trusted blindly
     await asyncio.wait_for(engine.prepare_read(False, Revision(engine.epoch, engine.applied)), 5)
     assert barrier.rounds == rounds + 1  # our own, reached: nothing to prove
+
+
+async def test_an_initial_state_waits_for_the_reload_writing_not_for_every_one_due(engine: Engine, db: MemoryDatabase):
+    """Under a steady stream of whole-table changes a reload is always due; an initial state
+    (a follower's re-read of the table) is taken the moment one lands, not never."""
+    table = engine.tables[FULL]
+    db.hold()
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "truncate"))
+    await db.held(1)  # a reload writing
+    initial = asyncio.create_task(engine.snapshot(frozenset({FULL})))
+    for xid in range(901, 905):
+        engine.handle(TableChange("public", "items", Op.TRUNCATE, xid, "truncate"))  # the next one is due
+        reloads = table.reloads
+        db.release()  # the reload in flight lands ...
+        db.hold()
+        await eventually(lambda: table.reloads > reloads, what="a reload landed")  # noqa: B023
+        await db.held(1)  # ... and the one due is writing
+        if initial.done():
+            break
+    db.release()
+    assert initial.done(), "the initial state waited through every reload"
+    await initial
+
+
+async def test_an_initial_state_waits_after_a_reload_that_stopped_half_way(engine: Engine, db: MemoryDatabase):
+    """A reload that failed leaves old and new rows mixed until the retry lands."""
+    table = engine.tables[FULL]
+    db.hold()
+    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "truncate"))
+    await db.held(1)
+    db.error = Unavailable("the database went away")
+    db.release()
+    await eventually(lambda: not table._reloading, what="the reload failed")  # (a retry is scheduled)
+    db.hold()  # (the retry waits here)
+    initial = asyncio.create_task(engine.snapshot(frozenset({FULL})))
+    db.error = None
+    await db.held(1)
+    assert not initial.done(), "an initial state of half-reloaded rows"
+    db.release()
+    await asyncio.wait_for(initial, 5)

@@ -13,7 +13,7 @@ import pytest
 from sidecar import config as cfg
 from sidecar.config import IndexConfig
 from sidecar.engine import Engine
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, Unavailable
 from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, Filter, Hub, Reset
 from sidecar.lazy import LazyTable
 from sidecar.replica import Replica, ReplicaTable
@@ -619,3 +619,57 @@ def test_an_upstreams_status_reaches_the_caller_unchanged():
     # (the follower's own call cancelled, or a name no status has: the upstream is not there for it)
     for odd in ("CANCELLED", "OK", "NOT_A_STATUS", "__class__"):
         assert status_of(UpstreamUnavailable("reading", odd)) == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- a table read again
+
+
+class CountingUpstream(FakeUpstream):
+    """Counts ListTables calls; answers none beyond ``answers`` of them."""
+
+    listings = 0
+    answers = 1_000_000
+
+    async def list_tables(self) -> object:
+        self.listings += 1
+        if self.listings > self.answers:
+            raise Unavailable("fake:1: ListTables failed: UNAVAILABLE")
+        return await super().list_tables()
+
+
+async def test_a_table_read_again_may_wait_for_the_upstreams_reload_while_the_upstream_answers():
+    """The upstream sends a table again only once its reload of it landed: that silence is
+    no stall while the upstream answers (it made the follower NOT_SERVING for as long)."""
+    snapshot, done, batch, _ = pb_messages()
+    again = FakeCall([])  # silent: the upstream is reloading the table
+    upstream = CountingUpstream(FakeCall([snapshot(5, 1), done(5), batch(6, TABLE_CHANGED)]), again, head=6)
+    source, sink = source_for(upstream), RecordingSink()
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: len(upstream.requests) == 2, what="the table read again")
+        listed = upstream.listings
+        await eventually(lambda: upstream.listings >= listed + 3, what="three stall timeouts of silence")
+        again.push(snapshot(6, 1, 4))
+        again.push(done(6))
+        await eventually(lambda: source.received == 6, what="batch 6 applied with the table")
+        assert [kind for kind, _ in sink.calls] == ["began", "batch"] and source.following
+        assert set(sink.calls[1][1].reloaded[FULL]) == {(1,), (4,)}  # type: ignore[union-attr]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("why", ["gone", "too long"])
+async def test_a_table_read_again_gives_up_when_the_upstream_does_not_answer_or_takes_too_long(why: str):
+    snapshot, done, batch, _ = pb_messages()
+    upstream = CountingUpstream(FakeCall([snapshot(5, 1), done(5), batch(6, TABLE_CHANGED)]), FakeCall([]), head=6)
+    source, sink = source_for(upstream), RecordingSink()
+    if why == "gone":
+        source.reread_patience = 30.0
+        upstream.answers = 1  # (the first stream's; none while the table is read again)
+    else:
+        source.reread_patience = 0.5
+    await follow_until(source, sink, lambda calls: any(kind == "lost" for kind, _ in calls))
+    lost = next(reason for kind, reason in sink.calls if kind == "lost")
+    assert ("no answer" in lost) if why == "gone" else ("while reading a table again" in lost)

@@ -19,7 +19,11 @@ def make_listener(received: list) -> Listener:
         raise AssertionError
 
     return Listener(
-        connect=never, channel="c", on_event=received.append, on_up=lambda: None, on_down=lambda reason: None
+        connect=never,
+        channel="c",
+        on_event=lambda event, pid: received.append(event),
+        on_up=lambda: None,
+        on_down=lambda reason: None,
     )
 
 
