@@ -250,9 +250,13 @@ def value_json(text: bytes | None, type_oid: int, types: Mapping[int, TypeInfo],
     if depth > _MAX_DEPTH:
         raise Unconvertible(f"nested deeper than {_MAX_DEPTH} levels")
     info = types.get(type_oid)
-    while isinstance(info, Domain):  # row_to_json looks through domains to the base type
-        type_oid = info.base
+    for _ in range(_MAX_DEPTH):
+        if not isinstance(info, Domain):
+            break
+        type_oid = info.base  # row_to_json looks through domains to the base type
         info = types.get(type_oid)
+    else:
+        raise Unconvertible(f"domains nested deeper than {_MAX_DEPTH} levels")
     if isinstance(info, Array):
         return _array(text, info, types, depth)
     if isinstance(info, Composite):
