@@ -21,9 +21,10 @@ from sidecar.db import PINNED_SETTINGS
 from tests.support.pg import LOGICAL_SETTINGS, LocalCluster, pgserver_bindir
 
 
-def start_logical_cluster() -> LocalCluster:
-    """A cluster of the embedded server's version with logical decoding on."""
-    return LocalCluster(pgserver_bindir(), run_as="pgserver", settings=LOGICAL_SETTINGS)
+def start_logical_cluster(bindir: str | None = None) -> LocalCluster:
+    """A cluster with logical decoding on, of the embedded server's version unless ``bindir``
+    names other binaries."""
+    return LocalCluster(bindir or pgserver_bindir(), run_as="pgserver", settings=LOGICAL_SETTINGS)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

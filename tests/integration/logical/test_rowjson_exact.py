@@ -186,9 +186,9 @@ def _columns(row: dict[str, str], s: str) -> tuple[str, str]:
 
 
 @pytest.fixture
-async def db(logical_dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
-    """A pinned session and a schema of the test's own."""
-    connection = await connect(logical_dsn)
+async def db(any_logical_dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A pinned session and a schema of the test's own, on each PostgreSQL version."""
+    connection = await connect(any_logical_dsn)
     schema = f"rj_{secrets.token_hex(4)}"
     await connection.execute(f"CREATE SCHEMA {schema}")
     yield connection, schema
