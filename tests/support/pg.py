@@ -109,7 +109,7 @@ class LocalCluster:
     """A throwaway cluster from a bin directory, on a Unix socket. As root, the
     server runs as a non-root user (PostgreSQL refuses root)."""
 
-    def __init__(self, bindir: str, run_as: str | None = None) -> None:
+    def __init__(self, bindir: str, run_as: str | None = None, settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
         self.base = Path(tempfile.mkdtemp(prefix="sidecar-test-syspg-"))
         self.data = self.base / "data"
@@ -120,6 +120,7 @@ class LocalCluster:
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.port = _free_port()
+        extra = "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
         self._run(
             "pg_ctl",
             "-D",
@@ -128,7 +129,7 @@ class LocalCluster:
             str(self.base / "log"),
             "-w",
             "-o",
-            f"-h '' -k {self.base} -p {self.port} -c fsync=off",
+            f"-h '' -k {self.base} -p {self.port} -c fsync=off{extra}",
             "start",
         )
         self.dsn = f"postgresql://postgres@/postgres?host={self.base}&port={self.port}"
@@ -151,6 +152,24 @@ class LocalCluster:
             self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def pgserver_bindir() -> str:
+    """The bin directory of the pgserver wheel's PostgreSQL (the embedded server's version)."""
+    import pgserver._commands
+
+    return str(pgserver._commands.POSTGRES_BIN_PATH)
+
+
+# What logical decoding needs (issue 21), with room for the tests' slots and prepared
+# transactions; a small logical_decoding_work_mem makes modest transactions stream.
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "10",
+    "max_prepared_transactions": "10",
+    "logical_decoding_work_mem": "64kB",
+}
 
 
 def _free_port() -> int:
