@@ -31,6 +31,14 @@ class Abandoned(Exception):
     """The load stopped taking rows."""
 
 
+class Collision(Exception):
+    """Rows of one key: the load would keep one of them and miss the others."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        super().__init__(f"{count} row(s) have the key of another row")
+
+
 class IntegerKeyRows:
     """Parses COPY text of ``(integer key, row JSON)`` lines into ``Rows`` chunks of about
     ``size`` rows, handed to ``emit`` (which may wait: the COPY waits with it)."""
@@ -41,6 +49,7 @@ class IntegerKeyRows:
         self._rows: Rows = {}
         self._rest = b""
         self._abandoned = False
+        self._brought = 0  # lines in ``_rows`` (more than its keys if two lines share a key)
         self.count = 0
 
     def abandon(self) -> None:
@@ -65,9 +74,13 @@ class IntegerKeyRows:
                 row = unescape(row)
             size = len(row)
             rows[(int(key),)] = prefixes[size] + row if size < limit else entry(row)
+            self._brought += 1
+        if self._brought != len(rows):  # (two lines of one key: a relation's key that is not unique)
+            raise Collision(self._brought - len(rows))
         if len(rows) >= self._size:
             self.count += len(rows)
             self._rows = {}
+            self._brought = 0
             await self._emit(rows)
 
     def finish(self) -> Rows:

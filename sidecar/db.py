@@ -24,12 +24,12 @@ import asyncpg
 
 from sidecar import dsn
 from sidecar.config import Config, TableConfig
-from sidecar.copy_text import IntegerKeyRows
+from sidecar.copy_text import Collision, IntegerKeyRows
 from sidecar.dsn import Target, scrub
-from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
+from sidecar.errors import ConfigError, InvalidKey, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.indexes import IndexQuery
-from sidecar.keys import Key, KeyColumn, normalize_stored
+from sidecar.keys import Key, KeyColumn, collision_text, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.source import Database, Rows
 from sidecar.wire import PREFIXES, entry
@@ -319,9 +319,12 @@ class PgDatabase:
         columns = schema.key_columns
         if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
             # (closed with this one: left to the garbage collector, a COPY would go on meanwhile)
-            async with contextlib.aclosing(self._copy_load(schema)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            try:
+                async with contextlib.aclosing(self._copy_load(schema)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            except Collision as exc:
+                raise QueryFailed(f"loading {schema.qualified}: {collision_text(exc.count)}") from None
             return
         with translated(f"loading {schema.qualified}"):
             async with (
@@ -330,7 +333,7 @@ class PgDatabase:
             ):
                 cursor = await conn.cursor(schema.select_all_sql())
                 while records := await cursor.fetch(LOAD_CHUNK_ROWS):
-                    yield _rows(records, columns, len(columns))
+                    yield _rows(records, columns, len(columns), schema.qualified)
 
     async def _copy_load(self, schema: TableSchema) -> AsyncGenerator[Rows, None]:
         # One statement: one snapshot. The COPY runs as a task that parses as data comes and
@@ -377,33 +380,33 @@ class PgDatabase:
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         columns = schema.key_columns
-        args = [[key[i] for key in keys] for i in range(len(columns))]
+        args = _arrays(columns, keys)
         with translated(f"reading {len(keys)} key(s) of {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(schema.select_keys_sql(), *args)
-        return _rows(records, columns, len(columns))
+        return _rows(records, columns, len(columns), schema.qualified)
 
     async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
-        args = [[value[i] for value in values] for i in range(len(columns))]
+        args = _arrays([schema.column(name) for name in columns], values)
         with translated(f"refreshing {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(schema.select_matching_sql(columns), *args)
-        return _rows(records, schema.key_columns, len(schema.key_columns))
+        return _rows(records, schema.key_columns, len(schema.key_columns), schema.qualified)
 
     async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
         with translated(f"querying {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(*query_sql(schema, query))
-        return _rows(records, schema.key_columns, len(schema.key_columns))
+        return _rows(records, schema.key_columns, len(schema.key_columns), schema.qualified)
 
 
 def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
     """An index query as SQL and its arguments (one row past the limit, to tell truncation)."""
     if query.values is not None:
         sql = schema.select_index_sql(query.columns, equality=True, descending=query.descending)
-        arrays = [[value[i] for value in query.values] for i in range(len(query.columns))]
-        return (sql, *arrays, query.limit + 1)
-    bounds = [bound for bound in (query.low, query.high) if bound is not None]
+        return (sql, *_arrays(query.columns, query.values), query.limit + 1)
+    column = query.columns[0]
+    bounds = [column.parameter(bound) for bound in (query.low, query.high) if bound is not None]
     sql = schema.select_index_sql(
         query.columns,
         equality=False,
@@ -445,15 +448,36 @@ def _plan_rows(plan: Any) -> int | None:
     return None
 
 
-def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:
+def _arrays(columns: Sequence[KeyColumn], values: Sequence[Key]) -> list[list[Any]]:
+    """One array parameter per column (see ``KeyColumn.parameter_sql``)."""
+    return [[column.parameter(value[i]) for value in values] for i, column in enumerate(columns)]
+
+
+def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int, table: str) -> Rows:
     """Key -> the row's cache entry (its JSON, already in response encoding). Rows with a
-    NULL key part (possible in a relation's query) cannot be asked for: they are left out."""
+    NULL key part (possible in a relation's query) cannot be asked for: they are left out.
+    Two rows with one key (a relation's key that is not unique) and a key the sidecar
+    cannot hold are ``QueryFailed``: a table missing a row would answer "not found"."""
     # (the common sizes' entry prefixes inline: a 1 M-row load spends its own time here)
     prefixes, limit = PREFIXES, len(PREFIXES)
-    if width == 1 and columns[0].type_name != "bpchar":
-        rows: Rows = {}
+    rows: Rows = {}
+    if width == 1 and not columns[0].normalized:
         for key, row in records:
             if key is not None:
                 rows[(key,)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
-        return rows
-    return {normalize_stored(columns, r[:width]): entry(r[width]) for r in records if None not in r[:width]}
+        brought = sum(1 for r in records if r[0] is not None) if len(rows) < len(records) else len(rows)
+    else:
+        brought = 0
+        for record in records:
+            values = record[:width]
+            if None in values:
+                continue
+            try:
+                key = normalize_stored(columns, values)
+            except InvalidKey as exc:
+                raise QueryFailed(f"reading {table}: a row's key cannot be held: {exc}") from None
+            rows[key] = entry(record[width])
+            brought += 1
+    if brought != len(rows):
+        raise QueryFailed(f"reading {table}: {collision_text(brought - len(rows))}")
+    return rows

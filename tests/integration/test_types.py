@@ -98,3 +98,74 @@ async def test_every_key_type_finds_its_row(start_daemon, db, schema, mode):
             assert row is not None and row["tag"] == "found", sql_type
         assert (await cache.get(f"{schema}.kenum", ("sad", 3)))["tag"] == "found"
         assert await cache.get(f"{schema}.kenum", ("happy", 3)) is None
+
+
+# Keys that PostgreSQL holds apart (or together) and that must round-trip exactly through
+# load, Get, refetch, DELETE and the trigger's JSON: (column type, SQL literals of the rows,
+# for each row what a client passes for it).
+EXACT_KEYS = [
+    ("real", ["0.1", "'NaN'", "'-Infinity'", "1.5"], [0.1, "NaN", float("-inf"), "1.5"]),
+    ("float8", ["0.1", "'NaN'", "'-0'"], ["0.1", float("nan"), 0.0]),
+    ("numeric", ["1.50", "'NaN'", "100"], ["1.5000", "NaN", decimal.Decimal("1E+2")]),
+    (
+        "date",
+        ["'9999-12-31'", "'infinity'", "'-infinity'", "'0001-01-01'"],
+        [
+            dt.date(9999, 12, 31),
+            "infinity",
+            "-infinity",
+            "0001-01-01",
+        ],
+    ),
+    (
+        "timestamp",
+        ["'9999-12-31 23:59:59.999999'", "'infinity'", "'-infinity'"],
+        [
+            "9999-12-31T23:59:59.999999",
+            "infinity",
+            "-infinity",
+        ],
+    ),
+    (
+        "timestamptz",
+        ["'9999-12-31 23:59:59+00'", "'infinity'", "'-infinity'", "'2024-06-01 12:00:00+02'"],
+        [
+            "9999-12-31T23:59:59+00:00",
+            "infinity",
+            "-infinity",
+            "2024-06-01T10:00:00Z",
+        ],
+    ),
+    ("text", ["'é'", "'e\u0301'", "'\U0001f600'", "'a '"], ["é", "e\u0301", "\U0001f600", "a "]),
+    ("numeric", ["'Infinity'", "'-Infinity'", "0"], ["Infinity", "-Infinity", 0]),  # (PostgreSQL 14 on)
+]
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+@pytest.mark.parametrize("case", range(len(EXACT_KEYS)), ids=[f"{c[0]}-{n}" for n, c in enumerate(EXACT_KEYS)])
+async def test_keys_round_trip_exactly(start_daemon, db, schema, postgres, mode, case):
+    sql_type, literals, keys = EXACT_KEYS[case]
+    if "'Infinity'" in literals and sql_type == "numeric" and int(postgres.version.split(".")[0]) < 14:
+        pytest.skip("numeric has infinities from PostgreSQL 14 on")
+    table = f"{schema}.x"
+    await db.execute(f"CREATE TABLE {table} (id {sql_type} PRIMARY KEY, tag text)")
+    for n, literal in enumerate(literals):
+        await db.execute(f"INSERT INTO {table} VALUES ({literal}, 'row{n}')")
+    sidecar = await start_daemon([f"{table}:{mode}"])
+    expected = [f"row{n}" for n in range(len(keys))]
+    async with AsyncClient(sidecar.target) as cache:
+        if mode == "full":  # every row loaded under its own key: none collided or vanished
+            (info,) = await cache.list_tables()
+            assert (info.row_count, info.problem) == (len(literals), "")
+        assert [row and row["tag"] for row in [await cache.get(table, key) for key in keys]] == expected
+        assert [row and row["tag"] for row in await cache.batch_get(table, keys)] == expected
+        # An UPDATE (a refetch by key) and a DELETE (the trigger's JSON of the key) of each row.
+        for literal, key in zip(literals, keys, strict=True):
+            assert await db.execute(f"UPDATE {table} SET tag = 'changed' WHERE id = ({literal})::{sql_type}") == (
+                "UPDATE 1"
+            )
+            await cache.sync()
+            assert (await cache.get(table, key))["tag"] == "changed", literal
+            assert await db.execute(f"DELETE FROM {table} WHERE id = ({literal})::{sql_type}") == "DELETE 1"
+            await cache.sync()
+            assert await cache.get(table, key) is None, literal
