@@ -31,14 +31,6 @@ class Abandoned(Exception):
     """The load stopped taking rows."""
 
 
-class Collision(Exception):
-    """Rows of one key: the load would keep one of them and miss the others."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        super().__init__(f"{count} row(s) have the key of another row")
-
-
 class IntegerKeyRows:
     """Parses COPY text of ``(integer key, row JSON)`` lines into ``Rows`` chunks of about
     ``size`` rows, handed to ``emit`` (which may wait: the COPY waits with it)."""
@@ -51,6 +43,7 @@ class IntegerKeyRows:
         self._abandoned = False
         self._brought = 0  # lines in ``_rows`` (more than its keys if two lines share a key)
         self.count = 0
+        self.collisions = 0  # lines whose key an earlier line of their chunk had
 
     def abandon(self) -> None:
         """The rows are no longer wanted: the next block raises ``Abandoned`` (which aborts
@@ -75,18 +68,22 @@ class IntegerKeyRows:
             size = len(row)
             rows[(int(key),)] = prefixes[size] + row if size < limit else entry(row)
             self._brought += 1
-        if self._brought != len(rows):  # (two lines of one key: a relation's key that is not unique)
-            raise Collision(self._brought - len(rows))
         if len(rows) >= self._size:
-            self.count += len(rows)
-            self._rows = {}
-            self._brought = 0
+            self._emitted(rows)
             await self._emit(rows)
+
+    def _emitted(self, rows: Rows) -> None:
+        # (two lines of one key, a relation's key that is not unique, are counted, not
+        # raised: an error in the sink would abort the COPY and leave its connection busy)
+        self.collisions += self._brought - len(rows)
+        self.count += len(rows)
+        self._rows = {}
+        self._brought = 0
 
     def finish(self) -> Rows:
         """The rows not yet emitted, once the COPY has ended."""
         if self._rest:
             raise ValueError(f"COPY data ended inside a line: {self._rest[:60]!r}")
-        rows, self._rows = self._rows, {}
-        self.count += len(rows)
+        rows = self._rows
+        self._emitted(rows)
         return rows

@@ -24,7 +24,7 @@ import asyncpg
 
 from sidecar import dsn
 from sidecar.config import Config, TableConfig
-from sidecar.copy_text import Collision, IntegerKeyRows
+from sidecar.copy_text import IntegerKeyRows
 from sidecar.dsn import Target, scrub
 from sidecar.errors import ConfigError, InvalidKey, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.identifiers import qualified_name
@@ -158,12 +158,15 @@ SELECT a.attname,
        pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       pg_catalog.format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1),
+       co.collname
 FROM pg_catalog.pg_index i
 CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_catalog.pg_collation co
+  ON co.oid = (i.indcollation::pg_catalog.oid[])[k.ord - 1] AND NOT co.collisdeterministic
 WHERE i.indrelid = $1 AND i.indisprimary
 ORDER BY k.ord
 """
@@ -203,10 +206,7 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
     key_rows = await conn.fetch(CATALOG_KEY_SQL, found["oid"])
     if not key_rows:
         raise SchemaError(f"table {table.qualified} has no primary key; cache-sidecar needs one to identify rows")
-    columns = tuple(
-        KeyColumn.create(name, type_name, sql_type, is_enum, cast)
-        for name, sql_type, type_name, is_enum, cast in key_rows
-    )
+    columns = tuple(_key_column(table, *row) for row in key_rows)
     wanted = sorted({c for index in table.indexes for c in index.columns} - {c.name for c in columns})
     others: dict[str, KeyColumn] = {}
     if wanted:
@@ -216,6 +216,24 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         if missing:
             raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
     return TableSchema(config=table, key_columns=columns, columns=others)
+
+
+def _key_column(
+    table: TableConfig, name: str, sql_type: str, type_name: str, is_enum: bool, cast: str, collation: str | None
+) -> KeyColumn:
+    """A primary-key column, or a ``ConfigError`` (exit 2, as for a missing table) naming the
+    table and the column if the sidecar cannot hold its values as keys exactly."""
+    if collation is not None:
+        # ('a' = 'A' under a case-insensitive collation: one key to PostgreSQL, two here)
+        raise ConfigError(
+            "tables",
+            f"table {table.qualified}: key column {name} uses the nondeterministic collation {collation}, "
+            "whose equal values differ in their characters; the sidecar compares keys by character",
+        )
+    try:
+        return KeyColumn.create(name, type_name, sql_type, is_enum, cast)
+    except SchemaError as exc:
+        raise ConfigError("tables", f"table {table.qualified}: key {exc}") from None
 
 
 CATALOG_NEAR_SQL = """
@@ -319,12 +337,9 @@ class PgDatabase:
         columns = schema.key_columns
         if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
             # (closed with this one: left to the garbage collector, a COPY would go on meanwhile)
-            try:
-                async with contextlib.aclosing(self._copy_load(schema)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            except Collision as exc:
-                raise QueryFailed(f"loading {schema.qualified}: {collision_text(exc.count)}") from None
+            async with contextlib.aclosing(self._copy_load(schema)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         with translated(f"loading {schema.qualified}"):
             async with (
@@ -364,6 +379,8 @@ class PgDatabase:
                             yield chunks.get_nowait()
                         if rest := parser.finish():
                             yield rest
+                        if parser.collisions:
+                            raise QueryFailed(f"reading {schema.qualified}: {collision_text(parser.collisions)}")
                         return
                 finally:  # (also when the load is abandoned, or stalled)
                     if taking is not None:

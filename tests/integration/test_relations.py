@@ -244,3 +244,37 @@ async def test_the_documented_example_works_as_written(start_daemon, example_dsn
             assert await cache.batch_get(name, [1, 2, 3, 4]) == [dict(r) for r in truth]
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("key_sql", "chunk_rows"),
+    [
+        ("p.grp", None),  # an integer key: the load streams COPY (copy_text.py)
+        ("p.grp::text", None),  # any other key: a cursor, the rows of one chunk (db.py)
+        ("p.grp::text", 1),  # rows of one key in different chunks (full.py)
+    ],
+)
+async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
+    start_daemon, db, schema, monkeypatch, key_sql, chunk_rows
+):
+    if chunk_rows is not None:
+        monkeypatch.setattr("sidecar.db.LOAD_CHUNK_ROWS", chunk_rows)
+    await db.execute(f"CREATE TABLE {schema}.people (id int PRIMARY KEY, grp int, tag text)")
+    await db.execute(f"INSERT INTO {schema}.people VALUES (1, 1, 'a'), (2, 1, 'b'), (3, 2, 'c')")
+    grouped = cfg.TableConfig(
+        schema=schema,
+        name="by_group",
+        query=f"SELECT {key_sql} AS g, p.id, p.tag FROM {schema}.people p",
+        key=("g",),
+        sources=(cfg.Source(schema, "people", (("id", "id"),)),),
+    )
+    sidecar = await start_daemon([grouped], wait=False)
+    async with AsyncClient(sidecar.target) as cache:
+
+        async def problem() -> str:
+            (info,) = await cache.list_tables()
+            return info.problem
+
+        await eventually(problem, what="the relation marked not served")
+        assert "1 row(s) have the key of another row" in await problem()
+        assert f"{schema}.by_group" in await problem()

@@ -7,8 +7,13 @@ import datetime as dt
 import decimal
 import uuid
 
+import asyncpg
 import pytest
 from cache_sidecar_client import AsyncClient
+
+from sidecar import config as cfg
+from sidecar.app import Daemon
+from tests.support.waiting import eventually
 
 # (column type, SQL literal, JSON value the row carries) -- the README's table.
 VALUES = [
@@ -169,3 +174,47 @@ async def test_keys_round_trip_exactly(start_daemon, db, schema, postgres, mode,
             assert await db.execute(f"DELETE FROM {table} WHERE id = ({literal})::{sql_type}") == "DELETE 1"
             await cache.sync()
             assert await cache.get(table, key) is None, literal
+
+
+async def test_a_key_the_sidecar_cannot_hold_fails_the_table_loudly(start_daemon, db, schema):
+    # PostgreSQL's dates reach year 5874897; Python's stop at 9999: such a row cannot be
+    # held, and a table without it would answer "not found" for a row that exists.
+    await db.execute(f"CREATE TABLE {schema}.far (id date PRIMARY KEY, tag text)")
+    await db.execute(f"INSERT INTO {schema}.far VALUES ('2024-01-01', 'near'), ('10000-01-01', 'far')")
+    sidecar = await start_daemon([f"{schema}.far"], wait=False)
+    async with AsyncClient(sidecar.target) as cache:
+
+        async def problem() -> str:
+            (info,) = await cache.list_tables()
+            return info.problem
+
+        await eventually(problem, what="the table marked not served")
+        assert "beyond the years 1-9999" in await problem() and f"{schema}.far" in await problem()
+        # (reads go to the database meanwhile, which holds both rows)
+        assert (await cache.get(f"{schema}.far", "2024-01-01"))["tag"] == "near"
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        ("text COLLATE {s}.nocase", "nondeterministic collation"),
+        ("tsvector", "key column id has type tsvector"),
+    ],
+)
+async def test_a_key_type_that_cannot_round_trip_stops_start_up(postgres, db, schema, caplog, column, message):
+    if "COLLATE" in column:
+        try:
+            await db.execute(
+                f"CREATE COLLATION {schema}.nocase (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+            )
+        except asyncpg.FeatureNotSupportedError:  # (only ICU collations can be nondeterministic)
+            pytest.skip("this PostgreSQL has no ICU, so no nondeterministic collation")
+    await db.execute(f"CREATE TABLE {schema}.nocase (id {column.format(s=schema)} PRIMARY KEY)")
+    config = cfg.Config(
+        dsn=postgres.dsn,
+        listen=("127.0.0.1:0",),
+        install_triggers=True,
+        tables=(cfg.TableConfig(schema=schema, name="nocase"),),
+    )
+    assert await Daemon(config, handle_signals=False).run() == 2
+    assert message in caplog.text and f"table {schema}.nocase" in caplog.text
