@@ -278,3 +278,35 @@ async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
         await eventually(problem, what="the relation marked not served")
         assert "1 row(s) have the key of another row" in await problem()
         assert f"{schema}.by_group" in await problem()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "pg_catalog.repeat('9', 5000)::numeric",  # (more digits than Python's int() reads)
+        "(pg_catalog.repeat('[', 3000) || pg_catalog.repeat(']', 3000))::jsonb",  # (deeper than json recurses)
+    ],
+    ids=["huge-integer", "deep-nesting"],
+)
+async def test_a_relation_row_pythons_json_refuses_follows_its_sources(start_daemon, db, schema, value):
+    await db.execute(f"CREATE TABLE {schema}.members (user_id int PRIMARY KEY, city_id int)")
+    await db.execute(f"CREATE TABLE {schema}.places (city_id int PRIMARY KEY, odd {value.rsplit('::', 1)[1]})")
+    await db.execute(f"INSERT INTO {schema}.members VALUES (1, 7), (2, 8)")
+    await db.execute(f"INSERT INTO {schema}.places VALUES (7, {value}), (8, NULL)")
+    joined = cfg.TableConfig(
+        schema=schema,
+        name="member_place",
+        query=f"SELECT m.user_id, m.city_id, p.odd FROM {schema}.members m JOIN {schema}.places p USING (city_id)",
+        key=("user_id",),
+        sources=(
+            cfg.Source(schema, "members", (("user_id", "user_id"),)),
+            cfg.Source(schema, "places", (("city_id", "city_id"),)),  # (found by the rows' city_id)
+        ),
+    )
+    sidecar = await start_daemon([joined])
+    name = f"{schema}.member_place"
+    async with AsyncClient(sidecar.target, decoder=lambda row: row) as cache:
+        assert await cache.get(name, 1) is not None
+        await db.execute(f"DELETE FROM {schema}.places WHERE city_id IN (7, 8)")
+        await cache.sync()
+        assert await cache.batch_get(name, [1, 2]) == [None, None]  # (the join yields neither now)
