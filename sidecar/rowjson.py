@@ -11,16 +11,19 @@ again with a loop over an explicit stack. Numbers with a fraction or exponent ar
 from __future__ import annotations
 
 import json
+import json.decoder
 import re
+from collections.abc import Callable
 from decimal import Decimal
-from json.decoder import scanstring
 from typing import Any
 
 # Digits json's own int() takes; longer integers are read as Decimal.
 _INT_DIGITS = 4000
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _SPACE = re.compile(r"[ \t\n\r]*")
-_WORDS = {"true": True, "false": False, "null": None}
+_WORDS: tuple[tuple[str, bool | None], ...] = (("true", True), ("false", False), ("null", None))
+# (the C string scanner json itself uses: non-recursive, validating, escapes decoded)
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 def _int(text: str) -> int | Decimal:
@@ -36,81 +39,76 @@ def loads(data: bytes | str) -> Any:
         return _iterative(text)
 
 
+def _space(text: str, position: int) -> int:
+    return _SPACE.match(text, position).end()  # type: ignore[union-attr]
+
+
+def _scalar(text: str, position: int) -> tuple[Any, int]:
+    char = text[position : position + 1]
+    if char == '"':
+        return _scanstring(text, position + 1)
+    for word, value in _WORDS:
+        if text.startswith(word, position):
+            return value, position + len(word)
+    number = _NUMBER.match(text, position)
+    if number is None:
+        raise ValueError(f"unexpected character at {position}")
+    raw = number.group()
+    return (Decimal(raw) if number.group(1) or number.group(2) else _int(raw)), number.end()
+
+
+def _name(text: str, position: int) -> tuple[str, int]:
+    """``"name":`` at ``position``: the name and where its value starts."""
+    if text[position : position + 1] != '"':
+        raise ValueError(f"expected a member name at {position}")
+    name, position = _scanstring(text, position + 1)
+    position = _space(text, position)
+    if text[position : position + 1] != ":":
+        raise ValueError(f"expected ':' at {position}")
+    return name, _space(text, position + 1)
+
+
 def _iterative(text: str) -> Any:
     """``json.loads`` with an explicit stack instead of recursion."""
-    stack: list[tuple[list[Any] | dict[str, Any], str | None]] = []
-    position = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
-    result: Any = None
+    # Open containers, innermost last, each with the member name its next value takes.
+    stack: list[tuple[Any, str | None]] = []
+    position = _space(text, 0)
     while True:
-        # a value at ``position``
         char = text[position : position + 1]
-        container: list[Any] | dict[str, Any] | None = None
-        if char == "{":
-            container, position = {}, _SPACE.match(text, position + 1).end()  # type: ignore[union-attr]
-            if text[position : position + 1] == "}":
-                value, position, container = {}, position + 1, None
-        elif char == "[":
-            container, position = [], _SPACE.match(text, position + 1).end()  # type: ignore[union-attr]
-            if text[position : position + 1] == "]":
-                value, position, container = [], position + 1, None
-        elif char == '"':
-            value, position = scanstring(text, position + 1)
-        elif char in ("t", "f", "n"):
-            word = next((w for w in _WORDS if text.startswith(w, position)), None)
-            if word is None:
-                raise ValueError(f"unexpected character at {position}")
-            value, position = _WORDS[word], position + len(word)
-        else:
-            number = _NUMBER.match(text, position)
-            if number is None:
-                raise ValueError(f"unexpected character at {position}")
-            raw = number.group()
-            value = Decimal(raw) if number.group(1) or number.group(2) else _int(raw)
-            position = number.end()
-        if container is not None:
-            if isinstance(container, dict):
-                position = _member_name(text, position, container, stack)
+        value: Any
+        if char in ("{", "["):
+            position = _space(text, position + 1)
+            if text[position : position + 1] == ("}" if char == "{" else "]"):
+                value, position = ({} if char == "{" else []), position + 1
+            elif char == "{":
+                name, position = _name(text, position)
+                stack.append(({}, name))
+                continue
             else:
-                stack.append((container, None))
-            continue
-        # ``value`` is complete: put it in its container, then find the next value
-        while True:
+                stack.append(([], None))
+                continue
+        else:
+            value, position = _scalar(text, position)
+        while True:  # ``value`` is complete: into its container, then on to the next value
             if not stack:
-                position = _SPACE.match(text, position).end()  # type: ignore[union-attr]
-                if position != len(text):
+                if _space(text, position) != len(text):
                     raise ValueError(f"extra data at {position}")
                 return value
-            parent, name = stack[-1]
-            if isinstance(parent, dict):
-                assert name is not None
-                parent[name] = value
-            else:
+            parent, key = stack[-1]
+            if key is None:
                 parent.append(value)
-            position = _SPACE.match(text, position).end()  # type: ignore[union-attr]
+            else:
+                parent[key] = value
+            position = _space(text, position)
             char = text[position : position + 1]
             if char == ",":
-                position = _SPACE.match(text, position + 1).end()  # type: ignore[union-attr]
-                if isinstance(parent, dict):
-                    stack.pop()
-                    position = _member_name(text, position, parent, stack)
+                position = _space(text, position + 1)
+                if key is not None:
+                    key, position = _name(text, position)
+                    stack[-1] = (parent, key)
                 break
-            closing = "}" if isinstance(parent, dict) else "]"
-            if char != closing:
-                raise ValueError(f"expected ',' or {closing!r} at {position}")
+            if char != ("]" if key is None else "}"):
+                raise ValueError(f"expected ',' or the container's end at {position}")
             position += 1
             stack.pop()
             value = parent
-        result = value
-    return result  # (unreachable)
-
-
-def _member_name(text: str, position: int, container: dict[str, Any], stack: list[Any]) -> int:
-    """Read ``"name":`` and push the object awaiting that member's value."""
-    if text[position : position + 1] != '"':
-        raise ValueError(f"expected a member name at {position}")
-    name, position = scanstring(text, position + 1)
-    position = _SPACE.match(text, position).end()  # type: ignore[union-attr]
-    if text[position : position + 1] != ":":
-        raise ValueError(f"expected ':' at {position}")
-    stack.append((container, name))
-    return _SPACE.match(text, position + 1).end()  # type: ignore[union-attr]

@@ -9,15 +9,25 @@ a numeric may have 131072 digits, a jsonb may nest thousands deep.
 
 from __future__ import annotations
 
+import json.decoder
 import re
 import sys
-from json.decoder import scanstring
+from collections.abc import Callable
 from typing import Any
 
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _SPACE = re.compile(r"[ \t\n\r]*")
-_WORDS = (("true", True), ("false", False), ("null", None))
-_CONSTANTS = (("NaN", float("nan")), ("Infinity", float("inf")), ("-Infinity", float("-inf")))
+_WORDS: tuple[tuple[str, Any], ...] = (
+    ("true", True),
+    ("false", False),
+    ("null", None),
+    # (json.loads takes these too)
+    ("NaN", float("nan")),
+    ("Infinity", float("inf")),
+    ("-Infinity", float("-inf")),
+)
+# (the C string scanner json itself uses: non-recursive, validating, escapes decoded)
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 def exact_int(text: str) -> int:
@@ -26,9 +36,10 @@ def exact_int(text: str) -> int:
     limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
     digits = text.lstrip("-")
     if not limit or len(digits) <= limit:
-        return int(text)
+        return int(text, 10)
     half = len(digits) // 2
-    value = exact_int(digits[:-half]) * 10**half + exact_int(digits[-half:])
+    scale: int = 10**half
+    value = exact_int(digits[:-half]) * scale + exact_int(digits[-half:])
     return -value if text.startswith("-") else value
 
 
@@ -39,11 +50,8 @@ def _space(text: str, position: int) -> int:
 def _scalar(text: str, position: int) -> tuple[Any, int]:
     char = text[position : position + 1]
     if char == '"':
-        return scanstring(text, position + 1)
+        return _scanstring(text, position + 1)
     for word, value in _WORDS:
-        if text.startswith(word, position):
-            return value, position + len(word)
-    for word, value in _CONSTANTS:  # (json.loads takes these too)
         if text.startswith(word, position):
             return value, position + len(word)
     number = _NUMBER.match(text, position)
@@ -57,7 +65,7 @@ def _name(text: str, position: int) -> tuple[str, int]:
     """``"name":`` at ``position``: the name and where its value starts."""
     if text[position : position + 1] != '"':
         raise ValueError(f"expected a member name at {position}")
-    name, position = scanstring(text, position + 1)
+    name, position = _scanstring(text, position + 1)
     position = _space(text, position)
     if text[position : position + 1] != ":":
         raise ValueError(f"expected ':' at {position}")
@@ -91,21 +99,20 @@ def loads(data: bytes | str) -> Any:
                 if _space(text, position) != len(text):
                     raise ValueError(f"extra data at {position}")
                 return value
-            parent, name = stack[-1]
-            if name is None:
+            parent, key = stack[-1]
+            if key is None:
                 parent.append(value)
             else:
-                parent[name] = value
+                parent[key] = value
             position = _space(text, position)
             char = text[position : position + 1]
             if char == ",":
                 position = _space(text, position + 1)
-                if name is not None:
-                    stack[-1] = (parent, None)
-                    name, position = _name(text, position)
-                    stack[-1] = (parent, name)
+                if key is not None:
+                    key, position = _name(text, position)
+                    stack[-1] = (parent, key)
                 break
-            if char != ("]" if name is None else "}"):
+            if char != ("]" if key is None else "}"):
                 raise ValueError(f"expected ',' or the container's end at {position}")
             position += 1
             stack.pop()
