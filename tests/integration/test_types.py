@@ -171,7 +171,9 @@ async def test_keys_round_trip_exactly(start_daemon, db, schema, postgres, mode,
             assert (info.row_count, info.problem) == (len(literals), "")
         assert [row and row["tag"] for row in [await cache.get(table, key) for key in keys]] == expected
         assert [row and row["tag"] for row in await cache.batch_get(table, keys)] == expected
-        # An UPDATE (a refetch by key) and a DELETE (the trigger's JSON of the key) of each row.
+        # An UPDATE (a refetch by key) and a DELETE (the trigger's JSON of the key) of each row,
+        # by a writer whose settings change how its session spells keys in JSON.
+        await db.execute("SET TimeZone = 'Asia/Kolkata'; SET extra_float_digits = -15")
         for literal, key in zip(literals, keys, strict=True):
             assert await db.execute(f"UPDATE {table} SET tag = 'changed' WHERE id = ({literal})::{sql_type}") == (
                 "UPDATE 1"
