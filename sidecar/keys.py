@@ -261,26 +261,31 @@ def _float4_exact(text: decimal.Decimal) -> float:
 
 def _float(column: str, type_name: str) -> Callable[[Any], Any]:
     single = type_name == "float4"
+    sql_name = "real" if single else "double precision"
 
     def coerce(value: Any) -> Any:
         if value is NAN:
             return NAN
         if isinstance(value, bool):
             raise _fail(column, type_name, value, "is not a number")
-        exact: decimal.Decimal | None = None
+        exact: decimal.Decimal | None = None  # the value given, when it is not a double already
         try:
-            if isinstance(value, int | float):
+            if isinstance(value, float):
+                result = value
+            elif isinstance(value, int):
+                exact = decimal.Decimal(value)
                 result = float(value)
             elif isinstance(value, decimal.Decimal):
                 exact, result = value, float(value)
             elif isinstance(value, str):
                 text = value.strip()
                 result = float(text)
-                if single and math.isfinite(result):
-                    exact = decimal.Decimal(text)
+                exact = decimal.Decimal(text)
             else:
                 raise _fail(column, type_name, value, "is not a number")
-        except (ValueError, OverflowError, decimal.InvalidOperation):
+        except OverflowError:
+            raise _fail(column, type_name, value, f"is out of range for {sql_name}") from None
+        except (ValueError, decimal.InvalidOperation):
             raise _fail(column, type_name, value, "is not a number") from None
         if math.isnan(result):
             return NAN  # (PostgreSQL: NaN = NaN, above every other value)
@@ -292,6 +297,9 @@ def _float(column: str, type_name: str) -> Callable[[Any], Any]:
             if math.isinf(rounded) and not math.isinf(result):
                 raise _fail(column, type_name, value, "is out of range for real")
             result = rounded
+        if exact is not None and exact.is_finite() and exact and (result == 0.0 or math.isinf(result)):
+            # (PostgreSQL refuses what rounds to 0 or overflows: "1e400" is no key of Infinity)
+            raise _fail(column, type_name, value, f"is out of range for {sql_name}")
         return result + 0.0  # (-0.0 = 0.0: one key)
 
     return coerce

@@ -290,3 +290,19 @@ def test_parameters_round_trip_as_postgresql_reads_them():
     assert date.parameter(INFINITY) == "infinity" and date.parameter(dt.date(9999, 12, 31)) == "9999-12-31"
     assert math.isnan(KeyColumn.create("f", "float8", "double precision").parameter(NAN))
     assert part_kind(MINUS_INFINITY) == ("string_value", "-infinity")
+
+
+@pytest.mark.parametrize("type_name", ["float4", "float8"])
+@pytest.mark.parametrize("given", ["1e400", "-1e400", "1e-400", decimal.Decimal("1e400"), 10**400])
+def test_floats_out_of_range_refused_not_rounded_to_another_key(type_name, given):
+    # PostgreSQL refuses these; read as Infinity or 0 they would find another row.
+    with pytest.raises(InvalidKey, match="out of range"):
+        _canonical(type_name, given)
+
+
+def test_float4_out_of_its_range_only():
+    with pytest.raises(InvalidKey, match="out of range for real"):
+        _canonical("float4", "1e-50")
+    assert _canonical("float8", "1e-50") == 1e-50
+    assert _canonical("float4", "1e-40") == float(struct.unpack("<f", struct.pack("<f", 1e-40))[0])  # (subnormal)
+    assert _canonical("float8", "-Infinity") == -math.inf
