@@ -59,15 +59,17 @@ class IntegerKeyRows:
         lines = data.split(b"\n")
         self._rest = lines.pop()
         rows, prefixes, limit = self._rows, PREFIXES, len(PREFIXES)
+        brought = len(lines)
         for line in lines:
             key, _, row = line.partition(b"\t")
             if key == b"\\N":
+                brought -= 1
                 continue  # (a relation's NULL key: it cannot be asked for)
             if b"\\" in row:
                 row = unescape(row)
             size = len(row)
             rows[(int(key),)] = prefixes[size] + row if size < limit else entry(row)
-            self._brought += 1
+        self._brought += brought
         if len(rows) >= self._size:
             self._emitted(rows)
             await self._emit(rows)

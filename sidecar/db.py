@@ -483,6 +483,15 @@ def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int, ta
             if key is not None:
                 rows[(key,)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
         brought = sum(1 for r in records if r[0] is not None) if len(rows) < len(records) else len(rows)
+    elif width == 1:  # (one coerce per row to its canonical form: floats, numerics, dates, char(n))
+        coerce, brought = columns[0].coerce, 0
+        try:
+            for key, row in records:
+                if key is not None:
+                    rows[(coerce(key),)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
+                    brought += 1
+        except InvalidKey as exc:
+            raise QueryFailed(f"reading {table}: a row's key cannot be held: {exc}") from None
     else:
         brought = 0
         for record in records:
