@@ -41,7 +41,9 @@ class IntegerKeyRows:
         self._rows: Rows = {}
         self._rest = b""
         self._abandoned = False
+        self._brought = 0  # lines in ``_rows`` (more than its keys if two lines share a key)
         self.count = 0
+        self.collisions = 0  # lines whose key an earlier line of their chunk had
 
     def abandon(self) -> None:
         """The rows are no longer wanted: the next block raises ``Abandoned`` (which aborts
@@ -57,23 +59,33 @@ class IntegerKeyRows:
         lines = data.split(b"\n")
         self._rest = lines.pop()
         rows, prefixes, limit = self._rows, PREFIXES, len(PREFIXES)
+        brought = len(lines)
         for line in lines:
             key, _, row = line.partition(b"\t")
             if key == b"\\N":
+                brought -= 1
                 continue  # (a relation's NULL key: it cannot be asked for)
             if b"\\" in row:
                 row = unescape(row)
             size = len(row)
             rows[(int(key),)] = prefixes[size] + row if size < limit else entry(row)
+        self._brought += brought
         if len(rows) >= self._size:
-            self.count += len(rows)
-            self._rows = {}
+            self._emitted(rows)
             await self._emit(rows)
+
+    def _emitted(self, rows: Rows) -> None:
+        # (two lines of one key, a relation's key that is not unique, are counted, not
+        # raised: an error in the sink would abort the COPY and leave its connection busy)
+        self.collisions += self._brought - len(rows)
+        self.count += len(rows)
+        self._rows = {}
+        self._brought = 0
 
     def finish(self) -> Rows:
         """The rows not yet emitted, once the COPY has ended."""
         if self._rest:
             raise ValueError(f"COPY data ended inside a line: {self._rest[:60]!r}")
-        rows, self._rows = self._rows, {}
-        self.count += len(rows)
+        rows = self._rows
+        self._emitted(rows)
         return rows

@@ -26,10 +26,10 @@ from sidecar import dsn
 from sidecar.config import Config, TableConfig
 from sidecar.copy_text import IntegerKeyRows
 from sidecar.dsn import Target, scrub
-from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
+from sidecar.errors import ConfigError, InvalidKey, QueryFailed, SchemaError, SidecarError, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.indexes import IndexQuery
-from sidecar.keys import Key, KeyColumn, normalize_stored
+from sidecar.keys import Key, KeyColumn, collision_text, normalize_stored
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.source import Database, Rows
 from sidecar.wire import PREFIXES, entry
@@ -158,12 +158,15 @@ SELECT a.attname,
        pg_catalog.format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
        bt.typname,
        bt.typtype = 'e',
-       pg_catalog.format_type(bt.oid, -1)
+       pg_catalog.format_type(bt.oid, -1),
+       co.collname
 FROM pg_catalog.pg_index i
 CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_catalog.pg_collation co
+  ON co.oid = (i.indcollation::pg_catalog.oid[])[k.ord - 1] AND NOT co.collisdeterministic
 WHERE i.indrelid = $1 AND i.indisprimary
 ORDER BY k.ord
 """
@@ -203,10 +206,7 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
     key_rows = await conn.fetch(CATALOG_KEY_SQL, found["oid"])
     if not key_rows:
         raise SchemaError(f"table {table.qualified} has no primary key; cache-sidecar needs one to identify rows")
-    columns = tuple(
-        KeyColumn.create(name, type_name, sql_type, is_enum, cast)
-        for name, sql_type, type_name, is_enum, cast in key_rows
-    )
+    columns = tuple(_key_column(table, *row) for row in key_rows)
     wanted = sorted({c for index in table.indexes for c in index.columns} - {c.name for c in columns})
     others: dict[str, KeyColumn] = {}
     if wanted:
@@ -216,6 +216,24 @@ async def describe_table(conn: Any, table: TableConfig) -> TableSchema:
         if missing:
             raise SchemaError(f"table {table.qualified} has no column {', '.join(missing)} (indexes)")
     return TableSchema(config=table, key_columns=columns, columns=others)
+
+
+def _key_column(
+    table: TableConfig, name: str, sql_type: str, type_name: str, is_enum: bool, cast: str, collation: str | None
+) -> KeyColumn:
+    """A primary-key column, or a ``ConfigError`` (exit 2, as for a missing table) naming the
+    table and the column if the sidecar cannot hold its values as keys exactly."""
+    if collation is not None:
+        # ('a' = 'A' under a case-insensitive collation: one key to PostgreSQL, two here)
+        raise ConfigError(
+            "tables",
+            f"table {table.qualified}: key column {name} uses the nondeterministic collation {collation}, "
+            "whose equal values differ in their characters; the sidecar compares keys by character",
+        )
+    try:
+        return KeyColumn.create(name, type_name, sql_type, is_enum, cast)
+    except SchemaError as exc:
+        raise ConfigError("tables", f"table {table.qualified}: key {exc}") from None
 
 
 CATALOG_NEAR_SQL = """
@@ -330,7 +348,7 @@ class PgDatabase:
             ):
                 cursor = await conn.cursor(schema.select_all_sql())
                 while records := await cursor.fetch(LOAD_CHUNK_ROWS):
-                    yield _rows(records, columns, len(columns))
+                    yield _rows(records, columns, len(columns), schema.qualified)
 
     async def _copy_load(self, schema: TableSchema) -> AsyncGenerator[Rows, None]:
         # One statement: one snapshot. The COPY runs as a task that parses as data comes and
@@ -361,6 +379,8 @@ class PgDatabase:
                             yield chunks.get_nowait()
                         if rest := parser.finish():
                             yield rest
+                        if parser.collisions:
+                            raise QueryFailed(f"reading {schema.qualified}: {collision_text(parser.collisions)}")
                         return
                 finally:  # (also when the load is abandoned, or stalled)
                     if taking is not None:
@@ -377,24 +397,24 @@ class PgDatabase:
 
     async def fetch(self, schema: TableSchema, keys: Sequence[Key]) -> Rows:
         columns = schema.key_columns
-        args = [[key[i] for key in keys] for i in range(len(columns))]
+        args = _arrays(columns, keys)
         with translated(f"reading {len(keys)} key(s) of {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(schema.select_keys_sql(), *args)
-        return _rows(records, columns, len(columns))
+        return _rows(records, columns, len(columns), schema.qualified)
 
     async def fetch_matching(self, schema: TableSchema, columns: Sequence[str], values: Sequence[Key]) -> Rows:
-        args = [[value[i] for value in values] for i in range(len(columns))]
+        args = _arrays([schema.column(name) for name in columns], values)
         with translated(f"refreshing {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(schema.select_matching_sql(columns), *args)
-        return _rows(records, schema.key_columns, len(schema.key_columns))
+        return _rows(records, schema.key_columns, len(schema.key_columns), schema.qualified)
 
     async def query(self, schema: TableSchema, query: IndexQuery) -> Rows:
         with translated(f"querying {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 records = await conn.fetch(*query_sql(schema, query))
-        return _rows(records, schema.key_columns, len(schema.key_columns))
+        return _rows(records, schema.key_columns, len(schema.key_columns), schema.qualified)
 
 
 # Whether a backend's role may change a table, so that a whole-table NOTIFY it sent may
@@ -444,9 +464,9 @@ def query_sql(schema: TableSchema, query: IndexQuery) -> tuple[Any, ...]:
     """An index query as SQL and its arguments (one row past the limit, to tell truncation)."""
     if query.values is not None:
         sql = schema.select_index_sql(query.columns, equality=True, descending=query.descending)
-        arrays = [[value[i] for value in query.values] for i in range(len(query.columns))]
-        return (sql, *arrays, query.limit + 1)
-    bounds = [bound for bound in (query.low, query.high) if bound is not None]
+        return (sql, *_arrays(query.columns, query.values), query.limit + 1)
+    column = query.columns[0]
+    bounds = [column.parameter(bound) for bound in (query.low, query.high) if bound is not None]
     sql = schema.select_index_sql(
         query.columns,
         equality=False,
@@ -488,15 +508,45 @@ def _plan_rows(plan: Any) -> int | None:
     return None
 
 
-def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int) -> Rows:
+def _arrays(columns: Sequence[KeyColumn], values: Sequence[Key]) -> list[list[Any]]:
+    """One array parameter per column (see ``KeyColumn.parameter_sql``)."""
+    return [[column.parameter(value[i]) for value in values] for i, column in enumerate(columns)]
+
+
+def _rows(records: Sequence[Any], columns: tuple[KeyColumn, ...], width: int, table: str) -> Rows:
     """Key -> the row's cache entry (its JSON, already in response encoding). Rows with a
-    NULL key part (possible in a relation's query) cannot be asked for: they are left out."""
+    NULL key part (possible in a relation's query) cannot be asked for: they are left out.
+    Two rows with one key (a relation's key that is not unique) and a key the sidecar
+    cannot hold are ``QueryFailed``: a table missing a row would answer "not found"."""
     # (the common sizes' entry prefixes inline: a 1 M-row load spends its own time here)
     prefixes, limit = PREFIXES, len(PREFIXES)
-    if width == 1 and columns[0].type_name != "bpchar":
-        rows: Rows = {}
+    rows: Rows = {}
+    if width == 1 and not columns[0].normalized:
         for key, row in records:
             if key is not None:
                 rows[(key,)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
-        return rows
-    return {normalize_stored(columns, r[:width]): entry(r[width]) for r in records if None not in r[:width]}
+        brought = sum(1 for r in records if r[0] is not None) if len(rows) < len(records) else len(rows)
+    elif width == 1:  # (one coerce per row to its canonical form: floats, numerics, dates, char(n))
+        coerce, brought = columns[0].coerce, 0
+        try:
+            for key, row in records:
+                if key is not None:
+                    rows[(coerce(key),)] = prefixes[len(row)] + row if len(row) < limit else entry(row)
+                    brought += 1
+        except InvalidKey as exc:
+            raise QueryFailed(f"reading {table}: a row's key cannot be held: {exc}") from None
+    else:
+        brought = 0
+        for record in records:
+            values = record[:width]
+            if None in values:
+                continue
+            try:
+                key = normalize_stored(columns, values)
+            except InvalidKey as exc:
+                raise QueryFailed(f"reading {table}: a row's key cannot be held: {exc}") from None
+            rows[key] = entry(record[width])
+            brought += 1
+    if brought != len(rows):
+        raise QueryFailed(f"reading {table}: {collision_text(brought - len(rows))}")
+    return rows

@@ -46,7 +46,7 @@ from sidecar.aio import TaskSet, Waiters
 from sidecar.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line, unavailable, would_repeat
 from sidecar.errors import Unavailable
 from sidecar.indexes import IndexQuery
-from sidecar.keys import Key
+from sidecar.keys import Key, collision_text
 from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Database, Rows
@@ -418,6 +418,9 @@ class FullTable:
         self._failures = 0
         first = not self.loaded
         dropped = store.finish_reload()
+        if len(store) != count:  # (rows of one key in different chunks: each chunk checks its own)
+            self.fail(f"loading {self.schema.qualified} failed: {collision_text(count - len(store))}")
+            return
         self._mixed = False
         self._matching = [m for m in self._matching if m[0] > level]  # (the reload covered them)
         self.loaded = True

@@ -11,17 +11,19 @@ matches nothing in SQL either).
 from __future__ import annotations
 
 import bisect
-import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
+from sidecar import jsonread
 from sidecar.config import IndexConfig
 from sidecar.errors import InvalidRequest, UnknownTable
-from sidecar.keys import Key, KeyColumn, coerce_key
+from sidecar.keys import Key, KeyColumn, coerce_key, key_text, orderable
 from sidecar.schema import TableSchema
 from sidecar.wire import row_json
+
+log = logging.getLogger(__name__)
 
 
 class HashIndex:
@@ -187,32 +189,41 @@ class IndexSet:
         self.columns = sorted({c for index in self.indexes.values() for c in index.columns})
         self._coercers: list[Callable[[Any], Any]] = [schema.column(c).coerce for c in self.columns]
         self._values: dict[Key, dict[str, Any]] = {}
+        self.unreadable = 0  # rows that were not JSON objects (indexed under no value)
 
     def __bool__(self) -> bool:
         return bool(self.indexes)
 
-    def _read(self, entry: bytes) -> dict[str, Any]:
-        try:
-            row = json.loads(row_json(entry), parse_float=Decimal)
-        except (ValueError, RecursionError):
+    def _read(self, key: Key, entry: bytes) -> dict[str, Any]:
+        try:  # (any length of integer, any depth of nesting: see jsonread.py)
+            row = jsonread.loads(row_json(entry))
+        except ValueError:
             row = None
         if not isinstance(row, dict):
             # Not a row PostgreSQL's row_to_json makes (a follower's upstream sent it): it is
-            # served as it came, but indexed under no value, never fatal.
+            # served as it came, but indexed under no value, never fatal; said loudly.
+            self.unreadable += 1
+            log.error(
+                "%s: the row of key %s is not a JSON object: it is indexed under no value",
+                self.schema.qualified,
+                key_text(key),
+                extra={"event": "row_unreadable", "table": self.schema.qualified},
+            )
             return dict.fromkeys(self.columns)
         values = {}
         for column, coerce in zip(self.columns, self._coercers, strict=True):
             raw = row.get(column)
             try:
-                values[column] = None if raw is None else coerce(raw)
+                value = None if raw is None else coerce(raw)
             except InvalidRequest:
-                values[column] = None  # (e.g. 'infinity' dates: not indexed)
+                value = None
+            values[column] = value if orderable(value) else None  # (e.g. 'infinity' dates: not indexed)
         return values
 
     def put(self, key: Key, entry: bytes) -> None:
         if key in self._values:
             self.delete(key)
-        values = self._read(entry)
+        values = self._read(key, entry)
         self._values[key] = values
         for index in self.indexes.values():
             index.add(tuple(values[c] for c in index.columns), key)
@@ -236,7 +247,7 @@ class IndexSet:
                 index.flush()
 
     def rebuild(self, rows: dict[Key, bytes]) -> None:
-        self._values = {key: self._read(entry) for key, entry in rows.items()}
+        self._values = {key: self._read(key, entry) for key, entry in rows.items()}
         for index in self.indexes.values():
             index.clear()
             index.fill((tuple(values[c] for c in index.columns), key) for key, values in self._values.items())

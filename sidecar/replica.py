@@ -72,14 +72,29 @@ class ReplicaTable:
 
     def replace(self, rows: Rows) -> None:
         """Every row, as of one upstream revision."""
+        unreadable = self._unreadable()
         self.store.replace(rows)
         self.problem = None
         self.loaded = True
         self.reloads += 1
+        self._check_readable(unreadable)
 
     def put(self, rows: Mapping[Key, bytes | None]) -> None:
         """Rows now (None: the key has no row)."""
+        unreadable = self._unreadable()
         self.store.store(rows.keys(), {key: row for key, row in rows.items() if row is not None})
+        self._check_readable(unreadable)
+
+    def _unreadable(self) -> int:
+        indexes = self.store.indexes
+        return indexes.unreadable if indexes is not None else 0
+
+    def _check_readable(self, before: int) -> None:
+        """A row whose index values cannot be read (not a JSON object: only an upstream can
+        send one) would be missing from every index: the table is not served instead."""
+        count = self._unreadable() - before
+        if count:
+            self.fail(f"{count} row(s) from the upstream are not JSON objects: their index values cannot be read")
 
     def fail(self, problem: str) -> None:
         """The upstream does not serve the table from memory: neither does the follower."""

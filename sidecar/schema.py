@@ -72,7 +72,7 @@ class TableSchema:
         return self.columns[name]
 
     def _select(self, as_text: bool = False) -> str:
-        keys = ", ".join(f"t.{quote_ident(c.name)}" for c in self.key_columns)
+        keys = ", ".join(c.stored_sql(f"t.{quote_ident(c.name)}") for c in self.key_columns)
         row = "pg_catalog.row_to_json(t.*)::text"
         if not as_text:
             # The JSON as bytea: asyncpg hands it over as bytes, as the client receives it

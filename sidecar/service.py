@@ -5,7 +5,6 @@ domain errors to status codes. Nothing else lives here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -13,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from sidecar import wire
+from sidecar import jsonread, wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
@@ -467,7 +466,7 @@ def _connection(peer: str) -> str | None:
 def _key_of(entry: bytes, columns: list[str]) -> Key | None:
     """The key of a row, read back from its entry (only to name a row in an error)."""
     try:
-        row = json.loads(wire.row_json(entry))
+        row = jsonread.loads(wire.row_json(entry))  # (any depth, any length of integer)
         return tuple(row[name] for name in columns)
     except (ValueError, KeyError, TypeError):
         return None

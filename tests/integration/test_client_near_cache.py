@@ -9,7 +9,7 @@ import threading
 
 import asyncpg
 import pytest
-from cache_sidecar_client import AsyncClient, Change, Client, cached, decorators
+from cache_sidecar_client import AsyncClient, Change, Client, UndecodableRow, cached, decorators
 
 from tests.support.waiting import eventually
 
@@ -227,3 +227,85 @@ async def test_a_key_in_another_form_than_events_use_never_goes_stale(start_daem
         await eventually(lambda: version(cache, items, 2), what="the int form followed")
         assert (await cache.get(items, "2"))["version"] == 3  # not the held 0
         assert [r["version"] for r in await cache.batch_get(items, ["2", 2])] == [3, 3]
+
+
+# Rows Python's json refuses: an integer of more than 4300 digits, nesting deeper than ~1000.
+@pytest.fixture
+async def odd_rows(db, schema) -> str:
+    await db.execute(
+        f"CREATE TABLE {schema}.docs (id int PRIMARY KEY, big numeric, doc jsonb, tag text);"
+        f"INSERT INTO {schema}.docs VALUES (1, 1, NULL, 'fine'), (2, pg_catalog.repeat('9', 5000)::numeric, NULL, 'x'),"
+        f"  (3, NULL, (pg_catalog.repeat('[', 3000) || pg_catalog.repeat(']', 3000))::jsonb, 'x')"
+    )
+    return f"{schema}.docs"
+
+
+async def test_the_default_decoder_reads_any_integer_and_any_depth(start_daemon, odd_rows):
+    sidecar = await start_daemon([odd_rows])
+    async with AsyncClient(sidecar.target) as cache:
+        assert (await cache.get(odd_rows, 2))["big"] == 10**5000 - 1
+        doc, depth = (await cache.get(odd_rows, 3))["doc"], 0
+        while doc:
+            doc, depth = doc[0], depth + 1
+        assert depth == 2999
+        assert [r["id"] for r in await cache.batch_get(odd_rows, [1, 2, 3])] == [1, 2, 3]
+
+
+def _picky(data: bytes) -> object:
+    """A decoder that cannot read one kind of row (as a caller's own decoder may not)."""
+    if b'"poison"' in data:
+        raise ValueError("poisoned row")
+    import json
+
+    return json.loads(data)
+
+
+async def test_an_undecodable_row_fails_its_read_not_the_client(start_daemon, db, odd_rows):
+    sidecar = await start_daemon([odd_rows])
+    async with AsyncClient(sidecar.target, decoder=_picky, near_cache=[odd_rows]) as cache:
+        near = cache.near_cache
+        await eventually(lambda: near.connected, what="near-cache stream up")
+        await db.execute(f"UPDATE {odd_rows} SET tag = 'poison' WHERE id = 1")
+        await cache.sync()
+        with pytest.raises(UndecodableRow, match=f"{odd_rows}.*key 1.*poisoned row") as info:
+            await cache.get(odd_rows, 1)
+        assert info.value.key == 1 and info.value.table == odd_rows
+        with pytest.raises(UndecodableRow):
+            await cache.batch_get(odd_rows, [2, 1])
+        await db.execute(f"UPDATE {odd_rows} SET tag = 'healed' WHERE id = 1")
+        await eventually(lambda: near.position is not None, what="stream position")
+        await cache.sync()
+
+        async def healed() -> bool:
+            return (await cache.get(odd_rows, 1))["tag"] == "healed"
+
+        await eventually(healed, what="the row read again")
+        # The failed reads released their fill tickets: the key is near-cached again.
+        fills = near.stats.fills
+        await eventually(lambda: _hit(cache, odd_rows, 1), what="key 1 near-cached")
+        assert near.stats.fills >= fills
+
+
+async def _hit(cache: AsyncClient, table: str, key: int) -> bool:
+    hits = cache.near_cache.stats.hits
+    await cache.get(table, key)
+    return cache.near_cache.stats.hits > hits
+
+
+async def test_an_undecodable_row_is_reported_in_watch_and_the_stream_goes_on(start_daemon, db, odd_rows):
+    sidecar = await start_daemon([odd_rows])
+    async with AsyncClient(sidecar.target, decoder=_picky) as cache:
+        stream = cache.watch([odd_rows], start_revision=await cache.sync())
+        await db.execute(f"UPDATE {odd_rows} SET tag = 'poison' WHERE id = 1")
+        await cache.sync()  # (applied, so the next change is a batch of its own)
+        await db.execute(f"UPDATE {odd_rows} SET tag = 'healed' WHERE id = 1")
+        changes: list[Change] = []
+        async with asyncio.timeout(30):
+            async for event in stream:
+                changes += getattr(event, "changes", [])
+                if len(changes) >= 2:
+                    break
+        await stream.aclose()
+    poisoned, healed = changes
+    assert poisoned.undecodable and poisoned.row is None and poisoned.has_row and "poisoned row" in poisoned.error
+    assert not healed.undecodable and healed.row["tag"] == "healed"

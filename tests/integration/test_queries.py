@@ -356,3 +356,22 @@ async def test_values_that_do_not_fit_match_nothing_in_memory_and_in_sql(db, sch
         assert list(await database.fetch(code_names, [("abc",)])) == [("abc",)]  # (char(1) would give 'a')
     finally:
         await pool.close()
+
+
+# A row Python's json refuses: an integer of more than 4300 digits, nesting deeper than ~1000.
+HUGE_INTEGER = "pg_catalog.repeat('9', 5000)::numeric"
+DEEP_JSON = "(pg_catalog.repeat('[', 3000) || pg_catalog.repeat(']', 3000))::jsonb"
+
+
+@pytest.mark.parametrize("value", [HUGE_INTEGER, DEEP_JSON], ids=["huge-integer", "deep-nesting"])
+async def test_a_row_pythons_json_refuses_is_indexed_all_the_same(start_daemon, db, schema, value):
+    await db.execute(f"CREATE TABLE {schema}.odd (id int PRIMARY KEY, tag text, other jsonb, big numeric)")
+    column = "big" if value == HUGE_INTEGER else "other"
+    await db.execute(f"INSERT INTO {schema}.odd (id, tag, {column}) VALUES (1, 'x', {value}), (2, 'x', NULL)")
+    table = cfg.TableConfig(schema=schema, name="odd", indexes=(cfg.IndexConfig("by_tag", ("tag",)),))
+    sidecar = await start_daemon([table])
+    async with AsyncClient(sidecar.target, decoder=lambda row: row) as cache:
+        assert len((await cache.query(f"{schema}.odd", "by_tag", ["x"])).rows) == 2
+        await db.execute(f"INSERT INTO {schema}.odd (id, tag, {column}) VALUES (3, 'x', {value})")  # (a refetch)
+        await cache.sync()
+        assert len((await cache.query(f"{schema}.odd", "by_tag", ["x"])).rows) == 3

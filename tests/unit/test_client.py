@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import uuid
 
 import grpc
@@ -128,3 +129,22 @@ def test_unavailable_is_retried_within_the_deadline_and_other_errors_are_not():
         client.sync()
     assert client._stub.calls == 1
     client.close()
+
+
+def test_the_default_decoder_reads_rows_json_loads_refuses():
+    from cache_sidecar_client._convert import default_decoder
+    from cache_sidecar_client._json import loads
+
+    huge = b'{"n":' + b"9" * 5000 + b',"m":-' + b"1" * 4400 + b"}"
+    row = default_decoder(huge)
+    assert row["n"] == 10**5000 - 1 and row["m"] == -(10**4400 - 1) // 9
+    deep = default_decoder(b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    depth, inner = 0, deep["a"]
+    while inner:
+        inner, depth = inner[0], depth + 1
+    assert depth == 49_999
+    for text in ('{"a":[1,2.5,{"b":null}],"c":"\\u00e9","d":true}', "[]", '"x"', "[NaN]"):
+        assert repr(loads(text)) == repr(json.loads(text))
+    for bad in (b"[1,]", b'{"a" 1}', b"{", b"[1]x", b""):
+        with pytest.raises(ValueError):
+            default_decoder(bad)

@@ -88,3 +88,16 @@ async def test_an_abandoned_parser_raises_at_its_next_block():
     parser.abandon()
     with pytest.raises(Abandoned):  # (asyncpg aborts a COPY whose sink raises)
         await parser.feed(b"2\t{}\n")
+
+
+async def test_lines_of_one_key_are_counted_not_merged_silently():
+    emitted: list[Rows] = []
+
+    async def emit(rows: Rows) -> None:
+        emitted.append(rows)
+
+    parser = IntegerKeyRows(emit, 2)
+    await parser.feed(b"1\t{}\n1\t{}\n2\t{}\n")  # (a relation's key that is not unique)
+    await parser.feed(b"3\t{}\n3\t{}\n\\N\t{}\n\\N\t{}\n")  # (NULL keys are left out, not collisions)
+    parser.finish()
+    assert parser.collisions == 2 and parser.count == 3

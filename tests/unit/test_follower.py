@@ -211,6 +211,23 @@ def test_an_index_follows_the_rows():
     assert set(table.store.rows) == {(2,)}
 
 
+@pytest.mark.parametrize("when", ["replace", "put"])
+def test_a_row_whose_index_values_cannot_be_read_fails_the_table(when):
+    # Only an upstream can send a row that is not a JSON object: indexed under no value it
+    # would be missing from every query, so the table is not served instead.
+    schema = int_key_schema(FULL, indexes=(IndexConfig("by_id", ("id",)),))
+    table = ReplicaTable(schema)
+    deep = entry(b'{"id":3,"doc":' + b"[" * 5000 + b"]" * 5000 + b"}")  # (readable: any depth)
+    table.replace({(1,): row(id=1), (3,): deep})
+    assert table.problem is None
+    bad = {(2,): entry(b"not json")}
+    if when == "replace":
+        table.replace({(1,): row(id=1), **bad})
+    else:
+        table.put(bad)
+    assert table.problem is not None and "not JSON objects" in table.problem and not table.loaded
+
+
 # ---------------------------------------------------------------- the engine as a numbered sink
 
 

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import math
+import struct
 import uuid
 
 import pytest
 
 from sidecar.errors import InvalidKey, SchemaError
-from sidecar.keys import KeyColumn, coerce_key, coerce_single, normalize_stored, part_kind
+from sidecar.keys import (
+    INFINITY,
+    MINUS_INFINITY,
+    NAN,
+    KeyColumn,
+    coerce_key,
+    coerce_single,
+    normalize_stored,
+    part_kind,
+)
 
 U = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
 UTC = dt.UTC
@@ -65,9 +76,7 @@ def test_fits(type_name, given, expected):
         ("text", "a\x00b", "NUL"),
         ("uuid", "not-a-uuid", "not a UUID"),
         ("bool", "maybe", "not a boolean"),
-        ("numeric", "NaN", "finite"),
         ("numeric", "abc", "not a number"),
-        ("float8", "nan", "NaN"),
         ("date", "29/02/2024", "ISO date"),
         ("timestamp", "2024-01-01T00:00:00+00:00", "UTC offset"),
         ("timestamptz", "yesterday", "ISO 8601"),
@@ -187,3 +196,113 @@ def test_many_values_read_a_container_once():
     checked and coerced from the same list (a generator is read once too)."""
     column = col("int8")
     assert coerce_single([column], (v for v in [3, 1, 2])) == [(3,), (1,), (2,)]
+
+
+# -------------------------------------------------------------- one canonical value per key
+
+
+def _canonical(type_name: str, value: object) -> object:
+    return KeyColumn.create("k", type_name, type_name).coerce(value)
+
+
+def test_real_is_the_float4_value_whatever_the_text():
+    # Loaded real 0.1 is the float4 0.100000001490116...; a client's 0.1 and a trigger's
+    # "0.1" must be that value too, or Get misses and a DELETE leaves the row.
+    loaded = float(struct.unpack("<f", struct.pack("<f", 0.1))[0])
+    for given in (0.1, "0.1", decimal.Decimal("0.1"), loaded, " 0.1 ", "1e-1"):
+        assert _canonical("float4", given) == loaded
+    assert _canonical("float8", "0.1") == 0.1
+
+
+def test_real_rounds_once_from_decimal_text():
+    # 1 + 2^-24 + 2^-53 (exactly): the nearest double is the float4 midpoint 1 + 2^-24,
+    # which rounds to even (1.0); the float4 nearest to the decimal itself is 1 + 2^-23.
+    text = str(decimal.Decimal(1) + decimal.Decimal(2) ** -24 + decimal.Decimal(2) ** -53)
+    assert _canonical("float4", text) == 1 + 2**-23
+
+
+def test_real_out_of_range_refused():
+    with pytest.raises(InvalidKey, match="out of range for real"):
+        _canonical("float4", "1e39")
+    assert _canonical("float4", "Infinity") == math.inf
+
+
+@pytest.mark.parametrize("type_name", ["float4", "float8"])
+def test_float_nan_and_signed_zero(type_name):
+    # PostgreSQL: NaN = NaN (a key like any other, sorted above Infinity); -0 = 0.
+    for given in (math.nan, "NaN", "nan", decimal.Decimal("NaN")):
+        assert _canonical(type_name, given) is NAN
+    assert {(_canonical(type_name, "NaN"),): 1}[(_canonical(type_name, math.nan),)] == 1
+    zero = _canonical(type_name, "-0")
+    assert zero == 0.0 and math.copysign(1.0, zero) == 1.0
+    assert sorted([NAN, math.inf, -math.inf, 1.0]) == [-math.inf, 1.0, math.inf, NAN]
+
+
+def test_numeric_one_form_per_value():
+    for given in ("1.0", "1.00", 1, decimal.Decimal("1E+0"), "1"):
+        assert str(_canonical("numeric", given)) == "1"
+    assert str(_canonical("numeric", "100")) == "100"
+    assert str(_canonical("numeric", decimal.Decimal("1E+2"))) == "100"
+    assert str(_canonical("numeric", "-0.000")) == "0"
+    assert str(_canonical("numeric", "12.5000")) == "12.5"
+    long = "1" + "0" * 40 + ".10"  # (no context rounding: more digits than its precision)
+    assert str(_canonical("numeric", long)) == long[:-1]
+    assert _canonical("numeric", "NaN") is NAN
+    assert _canonical("numeric", "-Infinity") == decimal.Decimal("-Infinity")
+
+
+@pytest.mark.parametrize("type_name", ["date", "timestamp", "timestamptz"])
+def test_infinite_dates_are_not_the_last_day(type_name):
+    # asyncpg reads 'infinity' as date.max: a key of 9999-12-31 must not find it.
+    last = _canonical(type_name, "9999-12-31")
+    assert _canonical(type_name, "infinity") is INFINITY
+    assert _canonical(type_name, "-Infinity") is MINUS_INFINITY
+    assert _canonical(type_name, "+infinity") is INFINITY
+    assert last != INFINITY and _canonical(type_name, "0001-01-01") != MINUS_INFINITY
+    assert sorted([INFINITY, last, MINUS_INFINITY]) == [MINUS_INFINITY, last, INFINITY]
+
+
+@pytest.mark.parametrize("type_name", ["date", "timestamp", "timestamptz"])
+@pytest.mark.parametrize("given", ["10000-01-01", "0044-03-15 BC", "0044-03-15 00:00:00 BC"])
+def test_years_python_cannot_hold_refused(type_name, given):
+    with pytest.raises(InvalidKey, match="beyond the years 1-9999"):
+        _canonical(type_name, given)
+
+
+def test_timestamptz_one_key_per_instant():
+    utc = _canonical("timestamptz", "2024-01-01T00:00:00+00:00")
+    for given in ("2024-01-01 01:00:00+01", "2024-01-01T00:00:00", "2023-12-31T19:00:00-05:00"):
+        value = _canonical("timestamptz", given)
+        assert value == utc and value.utcoffset() == dt.timedelta(0) and value.isoformat() == utc.isoformat()
+
+
+def test_stored_values_normalized_like_coerced_ones():
+    columns = (KeyColumn.create("d", "date", "date"), KeyColumn.create("r", "float4", "real"))
+    # (a load reads dates as PostgreSQL's text, see stored_sql)
+    assert normalize_stored(columns, ("infinity", 0.10000000149011612)) == (INFINITY, _canonical("float4", 0.1))
+    with pytest.raises(InvalidKey):
+        normalize_stored(columns, ("10000-01-01", 1.0))
+
+
+def test_parameters_round_trip_as_postgresql_reads_them():
+    date = KeyColumn.create("d", "date", "date")
+    assert date.parameter_sql(1, True) == "$1::pg_catalog.text[]::date[]"
+    assert date.parameter(INFINITY) == "infinity" and date.parameter(dt.date(9999, 12, 31)) == "9999-12-31"
+    assert math.isnan(KeyColumn.create("f", "float8", "double precision").parameter(NAN))
+    assert part_kind(MINUS_INFINITY) == ("string_value", "-infinity")
+
+
+@pytest.mark.parametrize("type_name", ["float4", "float8"])
+@pytest.mark.parametrize("given", ["1e400", "-1e400", "1e-400", decimal.Decimal("1e400"), 10**400])
+def test_floats_out_of_range_refused_not_rounded_to_another_key(type_name, given):
+    # PostgreSQL refuses these; read as Infinity or 0 they would find another row.
+    with pytest.raises(InvalidKey, match="out of range"):
+        _canonical(type_name, given)
+
+
+def test_float4_out_of_its_range_only():
+    with pytest.raises(InvalidKey, match="out of range for real"):
+        _canonical("float4", "1e-50")
+    assert _canonical("float8", "1e-50") == 1e-50
+    assert _canonical("float4", "1e-40") == float(struct.unpack("<f", struct.pack("<f", 1e-40))[0])  # (subnormal)
+    assert _canonical("float8", "-Infinity") == -math.inf

@@ -8,7 +8,8 @@
 //   literal with a fraction or an exponent             -> string, the exact source text
 //
 // Everything else (strings, objects, arrays, true/false/null) is what JSON.parse
-// gives. PostgreSQL prints numeric and double precision values the same way, so
+// gives. Nesting of any depth is read (a loop over an explicit stack, not recursion:
+// a jsonb nested some thousands deep would overflow the call stack). PostgreSQL prints numeric and double precision values the same way, so
 // a double precision column comes back as a string too (Number() it if you want).
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -33,11 +34,70 @@ class ExactParser {
     }
   }
 
+  /** One JSON value, read with a loop over an explicit stack (no recursion: any depth). */
   value() {
+    const { text } = this;
+    // open containers, innermost last: { container, key } (key: the member awaiting its value)
+    const stack = [];
+    for (;;) {
+      this.space();
+      let value;
+      const c = text[this.at];
+      if (c === '{' || c === '[') {
+        this.at++;
+        this.space();
+        if (text[this.at] === (c === '{' ? '}' : ']')) {
+          this.at++;
+          value = c === '{' ? {} : [];
+        } else {
+          const frame = { container: c === '{' ? {} : [], key: null };
+          if (c === '{') frame.key = this.memberName();
+          stack.push(frame);
+          continue;
+        }
+      } else {
+        value = this.scalar();
+      }
+      // `value` is complete: into its container, then on to the next value
+      for (;;) {
+        if (!stack.length) return value;
+        const frame = stack[stack.length - 1];
+        const { container } = frame;
+        if (Array.isArray(container)) container.push(value);
+        else if (frame.key === '__proto__') {
+          // a plain assignment would replace the prototype; JSON.parse makes an own property
+          Object.defineProperty(container, frame.key, { value, writable: true, enumerable: true, configurable: true });
+        } else container[frame.key] = value;
+        this.space();
+        const closing = Array.isArray(container) ? ']' : '}';
+        const next = text[this.at++];
+        if (next === ',') {
+          if (!Array.isArray(container)) frame.key = this.memberName();
+          break;
+        }
+        if (next !== closing) {
+          this.at--;
+          this.fail(`expected ',' or '${closing}'`);
+        }
+        stack.pop();
+        value = container;
+      }
+    }
+  }
+
+  /** `"name":` (after space): the name. */
+  memberName() {
     this.space();
+    if (this.text[this.at] !== '"') this.fail('expected a string key');
+    const key = this.string();
+    this.space();
+    if (this.text[this.at] !== ':') this.fail("expected ':'");
+    this.at++;
+    return key;
+  }
+
+  scalar() {
     const c = this.text[this.at];
-    if (c === '{') return this.object();
-    if (c === '[') return this.array();
     if (c === '"') return this.string();
     if (c === '-' || (c >= '0' && c <= '9')) return this.number();
     for (const [word, result] of [['true', true], ['false', false], ['null', null]]) {
@@ -47,58 +107,6 @@ class ExactParser {
       }
     }
     return this.fail('expected a value');
-  }
-
-  object() {
-    const result = {};
-    this.at++;
-    this.space();
-    if (this.text[this.at] === '}') {
-      this.at++;
-      return result;
-    }
-    for (;;) {
-      this.space();
-      if (this.text[this.at] !== '"') this.fail('expected a string key');
-      const key = this.string();
-      this.space();
-      if (this.text[this.at] !== ':') this.fail("expected ':'");
-      this.at++;
-      const value = this.value();
-      if (key === '__proto__') {
-        // a plain assignment would replace the prototype; JSON.parse makes an own property
-        Object.defineProperty(result, key, { value, writable: true, enumerable: true, configurable: true });
-      } else {
-        result[key] = value;
-      }
-      this.space();
-      const next = this.text[this.at++];
-      if (next === '}') return result;
-      if (next !== ',') {
-        this.at--;
-        this.fail("expected ',' or '}'");
-      }
-    }
-  }
-
-  array() {
-    const result = [];
-    this.at++;
-    this.space();
-    if (this.text[this.at] === ']') {
-      this.at++;
-      return result;
-    }
-    for (;;) {
-      result.push(this.value());
-      this.space();
-      const next = this.text[this.at++];
-      if (next === ']') return result;
-      if (next !== ',') {
-        this.at--;
-        this.fail("expected ',' or ']'");
-      }
-    }
   }
 
   string() {

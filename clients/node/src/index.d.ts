@@ -30,6 +30,9 @@ export interface Change {
   oldKey: ReceivedKeyPart | ReceivedKeyPart[] | null;
   row: Record<string, unknown> | null;
   hasRow: boolean;
+  /** The decoder could not read the row (`row` is null): the stream goes on; `error` says why. */
+  undecodable?: true;
+  error?: string;
 }
 
 export type WatchItem =
@@ -80,6 +83,13 @@ export class CacheSidecarError extends Error {
   /** gRPC status name, e.g. 'NOT_FOUND', 'INVALID_ARGUMENT', 'UNAVAILABLE' */
   code: string;
   details: string;
+}
+
+/** A row the decoder could not read; only that read fails (get, batchGet, query). */
+export class UndecodableRowError extends Error {
+  table: string;
+  key: unknown;
+  cause: unknown;
 }
 
 export interface NearCacheStats {
@@ -146,6 +156,6 @@ export function fromKey(key: { parts: object[] } | null): ReceivedKeyPart | Rece
 /**
  * A row parsed exactly: integers within ±Number.MAX_SAFE_INTEGER as numbers,
  * beyond as BigInt; numbers with a fraction or an exponent as their source
- * text (strings); everything else as JSON.parse.
+ * text (strings); everything else as JSON.parse. Any nesting depth.
  */
 export function parseExact(bytes: Buffer | Uint8Array | string): any;

@@ -61,6 +61,29 @@ class CacheSidecarError extends Error {
   }
 }
 
+/**
+ * A row the decoder could not read (the message names its table, its key and the
+ * decoder's error, `cause`). Only that read fails: other rows, the near-cache and a
+ * watch stream go on (in a stream the change comes with `undecodable: true`).
+ */
+class UndecodableRowError extends Error {
+  constructor(table, key, cause) {
+    super(`a row of ${table} (key ${describeKey(key)}) could not be decoded: ${cause && cause.message ? cause.message : cause}`);
+    this.name = 'UndecodableRowError';
+    this.table = table;
+    this.key = key;
+    this.cause = cause;
+  }
+}
+
+function describeKey(key) {
+  try {
+    return JSON.stringify(key, (_, v) => (typeof v === 'bigint' ? v.toString() : v)) ?? String(key);
+  } catch {
+    return String(key);
+  }
+}
+
 function readOptions({ consistency = 'eventual', minRevision, allowStale = false } = {}) {
   return {
     consistency: consistency === 'strong' ? 'STRONG' : 'EVENTUAL',
@@ -104,8 +127,14 @@ class CacheClient {
     });
   }
 
-  _row(result) {
-    return result.found ? this.decodeRow(result.row) : null;
+  /** The decoded row (null if not found); UndecodableRowError if the decoder throws. */
+  _row(result, table, key) {
+    if (!result.found) return null;
+    try {
+      return this.decodeRow(result.row);
+    } catch (error) {
+      throw new UndecodableRowError(qualified(table), key, error);
+    }
   }
 
   /** The near-cache if it may answer this read (it never answers minRevision or allowStale reads). */
@@ -141,7 +170,13 @@ class CacheClient {
       if (ticket !== null) near.endFill(name, slot, ticket, null, null);
       throw error;
     }
-    const row = this._row(reply);
+    let row;
+    try {
+      row = this._row(reply, table, key);
+    } catch (error) {
+      if (ticket !== null) near.endFill(name, slot, ticket, null, null); // (released: later reads fill the key)
+      throw error;
+    }
     if (ticket === null) return row;
     near.endFill(name, slot, ticket, row === null ? ABSENT : row, reply.revision);
     return copy(row);
@@ -173,8 +208,16 @@ class CacheClient {
       missing.forEach((i, n) => tickets[n] !== null && near.endFill(name, slots[i], tickets[n], null, null));
       throw error;
     }
+    let failed = null;
     missing.forEach((i, n) => {
-      const row = this._row(reply.rows[n]);
+      let row;
+      try {
+        row = this._row(reply.rows[n], table, keys[i]);
+      } catch (error) {
+        failed = failed || error;
+        if (tickets[n] !== null) near.endFill(name, slots[i], tickets[n], null, null); // (released, not filled)
+        return;
+      }
       if (tickets[n] === null) {
         results[i] = row;
       } else {
@@ -182,6 +225,7 @@ class CacheClient {
         results[i] = copy(row);
       }
     });
+    if (failed !== null) throw failed; // (every ticket ended first: the other rows are near-cached)
     return results;
   }
 
@@ -207,7 +251,7 @@ class CacheClient {
       if (upper !== undefined && upper !== null) request.range.upper = keyPart(upper);
     }
     const reply = await this._unary('Query', request, options.timeoutMs);
-    return { rows: reply.rows.map((row) => this._row(row)), truncated: reply.truncated, revision: reply.revision };
+    return { rows: reply.rows.map((row) => this._row(row, table, null)), truncated: reply.truncated, revision: reply.revision };
   }
 
   /** Drop cached rows (the whole table when `keys` is null); `refresh` refetches now. */
@@ -355,15 +399,28 @@ class CacheClient {
       type: 'changes',
       revision: batch.revision,
       xid: Number(batch.xid),
-      changes: batch.events.map((e) => ({
-        table: e.table,
-        operation: e.operation.toLowerCase(),
-        key: fromKey(e.key),
-        oldKey: fromKey(e.oldKey),
-        row: e.hasRow ? this.decodeRow(e.row) : null,
-        hasRow: e.hasRow,
-      })),
+      changes: batch.events.map((e) => this._change(e)),
     };
+  }
+
+  _change(e) {
+    const change = {
+      table: e.table,
+      operation: e.operation.toLowerCase(),
+      key: fromKey(e.key),
+      oldKey: fromKey(e.oldKey),
+      row: null,
+      hasRow: e.hasRow,
+    };
+    if (!e.hasRow) return change;
+    try {
+      change.row = this.decodeRow(e.row);
+    } catch (error) {
+      // one row the decoder cannot read must not end the stream (resuming would meet it again)
+      change.undecodable = true;
+      change.error = String(error && error.message ? error.message : error).slice(0, 500);
+    }
+    return change;
   }
 
   _event(message) {
@@ -454,4 +511,4 @@ function streamOf(call, highWater = 32) {
   })();
 }
 
-module.exports = { CacheClient, CacheSidecarError, toKey, fromKey, parseExact };
+module.exports = { CacheClient, CacheSidecarError, UndecodableRowError, toKey, fromKey, parseExact };

@@ -43,3 +43,15 @@ test('malformed input is a SyntaxError', () => {
     assert.throws(() => parseExact(bad), SyntaxError, bad);
   }
 });
+
+test('any nesting depth: a loop, not recursion (the call stack ends near 3000 levels)', () => {
+  let value = parseExact(`{"a":${'['.repeat(200000)}${']'.repeat(200000)},"b":${'9'.repeat(5000)}}`);
+  assert.equal(value.b, 10n ** 5000n - 1n);
+  let depth = 0;
+  for (value = value.a; value.length; value = value[0]) depth++;
+  assert.equal(depth, 199999);
+  assert.deepEqual(parseExact('[[1,{"x":[2,{}]}],[]]'), [[1, { x: [2, {}] }], []]);
+  for (const bad of ['[1,]', '{"a" 1}', '[1 2]', '{', '[1]x', '{"a":1,}', '[[]', '']) {
+    assert.throws(() => parseExact(bad), SyntaxError, bad);
+  }
+});

@@ -21,6 +21,7 @@ from cache_sidecar_client.errors import (
     TableNotFound,
     TooLarge,
     Unavailable,
+    UndecodableRow,
 )
 from cache_sidecar_client.near import NearCache, NearCacheStats
 from cache_sidecar_client.watch import Change, ChangeBatch, InitialStateDone, Progress, Reset
@@ -49,5 +50,6 @@ __all__ = [
     "TableNotFound",
     "TooLarge",
     "Unavailable",
+    "UndecodableRow",
     "cached",
 ]

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cache_sidecar_client import _json
 from cache_sidecar_client.api.v1 import cache_pb2 as pb
 
 Consistency = Literal["eventual", "strong"]
@@ -171,4 +172,9 @@ def table_info(message: pb.TableInfo) -> TableInfo:
 
 
 def default_decoder(data: bytes) -> Any:
-    return json.loads(data)
+    """Row JSON as Python, exactly: integers of any length as ``int``, nesting of any depth
+    (``json.loads`` refuses both beyond its limits; such rows are read by ``_json.loads``)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return _json.loads(data)  # (and if this fails too, the row is not JSON)

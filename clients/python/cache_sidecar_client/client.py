@@ -39,7 +39,7 @@ from cache_sidecar_client._convert import (
 )
 from cache_sidecar_client.api.v1 import cache_pb2 as pb
 from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
-from cache_sidecar_client.errors import from_rpc_error
+from cache_sidecar_client.errors import UndecodableRow, from_rpc_error
 from cache_sidecar_client.near import FillTicket, NearCache, near_cache_tables
 from cache_sidecar_client.watch import (
     Change,
@@ -91,8 +91,14 @@ class _Core:
         self.last_revision = seen
         return seen
 
-    def row(self, reply: pb.GetResponse | pb.RowResult) -> Any:
-        return self.decode(reply.row) if reply.found else None
+    def row(self, reply: pb.GetResponse | pb.RowResult, table: str, key: Any) -> Any:
+        """The decoded row (None if not found); ``UndecodableRow`` if the decoder fails."""
+        if not reply.found:
+            return None
+        try:
+            return self.decode(reply.row)
+        except Exception as exc:  # (whatever the decoder raises: the caller's own, maybe)
+            raise UndecodableRow(table, key, exc) from exc
 
     def uses_near_cache(self, table: str, min_revision: Revision | None, allow_stale: bool) -> bool:
         return self.near is not None and self.near.serves(table) and min_revision is None and not allow_stale
@@ -134,8 +140,9 @@ class _Core:
                 return QueryResult([], False, self.last_revision)
         return query_request(table, index, values, *args)
 
-    def query_result(self, reply: pb.QueryResponse) -> QueryResult:
-        return QueryResult([self.row(r) for r in reply.rows], reply.truncated, self.seen(reply.revision))
+    def query_result(self, reply: pb.QueryResponse, table: str) -> QueryResult:
+        revision = self.seen(reply.revision)
+        return QueryResult([self.row(r, table, None) for r in reply.rows], reply.truncated, revision)
 
     def invalidate(self, table: str, keys: Sequence[Any] | None, refresh: bool) -> pb.InvalidateRequest:
         if keys is None:
@@ -195,7 +202,11 @@ class _PointRead:
 
     def finish(self, reply: pb.GetResponse) -> dict[str, Any] | None:
         revision = self.core.seen(reply.revision)
-        row: dict[str, Any] | None = self.core.row(reply)
+        try:
+            row: dict[str, Any] | None = self.core.row(reply, self.table, self.key)
+        except UndecodableRow:
+            self.abandon()  # (the fill ticket is released: later reads of the key fill it)
+            raise
         if self.near is not None and self.ticket is not None:
             self.near.end_fill(self.table, self.key, self.ticket, _ABSENT if row is None else row, revision)
             return _copy(row) if row is not None else None
@@ -285,12 +296,21 @@ class _BatchRead:
 
     def finish(self, reply: pb.BatchGetResponse) -> list[dict[str, Any] | None]:
         revision = self.core.seen(reply.revision)
-        rows = [self.core.row(r) for r in reply.rows]
-        for index, key, row, ticket in zip(self.missing, self.wanted, rows, self.tickets, strict=True):
+        failed: UndecodableRow | None = None
+        for index, key, reply_row, ticket in zip(self.missing, self.wanted, reply.rows, self.tickets, strict=True):
+            try:
+                row = self.core.row(reply_row, self.table, key)
+            except UndecodableRow as exc:
+                failed = failed or exc
+                if self.near is not None and ticket is not None:  # (released, not filled)
+                    self.near.end_fill(self.table, key, ticket, None, None)
+                continue
             if self.near is not None and ticket is not None:
                 self.near.end_fill(self.table, key, ticket, _ABSENT if row is None else row, revision)
                 row = _copy(row) if row is not None else None
             self.results[index] = row
+        if failed is not None:  # (every ticket is ended first: the other rows are near-cached)
+            raise failed
         return self.results
 
 
@@ -423,7 +443,7 @@ class Client:
         )  # fmt: skip
         if isinstance(request, QueryResult):
             return request
-        return self._core.query_result(self._call(self._stub.Query, request, timeout))
+        return self._core.query_result(self._call(self._stub.Query, request, timeout), table)
 
     def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None
@@ -634,7 +654,7 @@ class AsyncClient:
         )  # fmt: skip
         if isinstance(request, QueryResult):
             return request
-        return self._core.query_result(await self._call(self._stub.Query, request, timeout))
+        return self._core.query_result(await self._call(self._stub.Query, request, timeout), table)
 
     async def invalidate(
         self, table: str, keys: Sequence[Any] | None = None, *, refresh: bool = False, timeout: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -52,6 +54,18 @@ class TooLarge(CacheSidecarError):
     and the limit."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UndecodableRow(CacheSidecarError):
+    """The decoder could not read a row the sidecar sent (the message names its table and
+    key, and the decoder's error). Only that read fails: other rows, the near-cache and a
+    watch stream go on (in a stream the change comes with ``undecodable=True``)."""
+
+    def __init__(self, table: str, key: Any, error: BaseException) -> None:
+        super().__init__(f"a row of {table} (key {key!r}) could not be decoded: {type(error).__name__}: {error}")
+        self.table = table
+        self.key = key
+        self.error = error
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CacheSidecarError]] = {

@@ -215,7 +215,7 @@ class NearCache:
                     entry = entries.get(key)
                     if entry is None or entry[1] >= number:
                         continue  # not held, or held from a newer read
-                    if change.has_row and key == change.key:
+                    if change.has_row and key == change.key and not change.undecodable:
                         entries[key] = (change.row, number)
                     else:
                         del entries[key]

@@ -73,6 +73,10 @@ class Change:
     old_key: Any
     row: Any  # the decoded row the sidecar holds now, or None
     has_row: bool  # full tables: False means the key has no row now; lazy tables: always False
+    # The decoder could not read the row (``row`` is None, ``has_row`` True): the stream goes
+    # on; ``error`` says why. Drop what you hold of the key and read it when you need it.
+    undecodable: bool = False
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,22 +129,21 @@ def request(
     )
 
 
+def _change(e: pb.ChangeEvent, decode: Decoder) -> Change:
+    key = from_key(e.key) if e.HasField("key") else None
+    old_key = from_key(e.old_key) if e.HasField("old_key") else None
+    operation = _NAMES.get(e.operation, "unspecified")
+    if not e.has_row:
+        return Change(e.table, operation, key, old_key, None, False)
+    try:
+        row = decode(e.row)
+    except Exception as exc:  # (one row the decoder cannot read must not end the stream)
+        return Change(e.table, operation, key, old_key, None, True, True, f"{type(exc).__name__}: {exc}"[:500])
+    return Change(e.table, operation, key, old_key, row, True)
+
+
 def _change_batch(batch: pb.ChangeBatch, decode: Decoder) -> ChangeBatch:
-    return ChangeBatch(
-        Revision.from_pb(batch.revision),
-        batch.xid,
-        [
-            Change(
-                e.table,
-                _NAMES.get(e.operation, "unspecified"),
-                from_key(e.key) if e.HasField("key") else None,
-                from_key(e.old_key) if e.HasField("old_key") else None,
-                decode(e.row) if e.has_row else None,
-                e.has_row,
-            )
-            for e in batch.events
-        ],
-    )
+    return ChangeBatch(Revision.from_pb(batch.revision), batch.xid, [_change(e, decode) for e in batch.events])
 
 
 def events(response: pb.WatchResponse, decode: Decoder) -> list[Event]:
