@@ -364,7 +364,7 @@ def _print_demo_banner(daemon: Any) -> None:
 
 def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
     from sidecar import triggers
-    from sidecar.app import call_with_db
+    from sidecar.app import call_with_db, exit_code
     from sidecar.db import describe_table
 
     if not config.tables:
@@ -397,7 +397,7 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         return asyncio.run(call_with_db(config, work))
     except SidecarError as exc:
         print(f"cache-sidecar: error: {dsn.scrub(str(exc), config.dsn)}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return exit_code(exc)
 
 
 def _pg_env() -> bool:

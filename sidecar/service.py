@@ -17,7 +17,7 @@ from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.cache import TableCache
 from sidecar.engine import Engine, Revision
-from sidecar.errors import InvalidKey, InvalidRequest, SidecarError, Unavailable, UnknownTable
+from sidecar.errors import InvalidKey, InvalidRequest, QueryFailed, SidecarError, Unavailable, UnknownTable
 from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.progress import LoadProgress
@@ -31,6 +31,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (UnknownTable, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (QueryFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the same call fails until someone changes something
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
