@@ -276,3 +276,46 @@ def test_every_command_has_help_and_a_description():
         assert first_words in " ".join(shown.stdout.decode().split()), name
         for action in subparser._actions:
             assert action.help, f"'cache-sidecar {name}': {action.dest} has no help"
+
+
+def test_through_a_follower_whose_hub_is_down_the_error_names_the_hub(postgres, schema, tmp_path):
+    table = f"{schema}.patron"
+    run_sql(
+        postgres.dsn, f"CREATE TABLE {table} (id int PRIMARY KEY, name text)", f"INSERT INTO {table} VALUES (1, 'Ada')"
+    )
+    hub, follower = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    hub_log, follower_log = tmp_path / "hub.log", tmp_path / "follower.log"
+    with hub_log.open("wb") as out:
+        hub_process = subprocess.Popen(
+            [CLI, "serve", "--dsn", postgres.dsn, "--table", table, "--install-triggers", "--listen", hub],
+            env=clean_env(),
+            stderr=out,
+        )
+    with follower_log.open("wb") as out:
+        follower_process = subprocess.Popen(
+            [CLI, "serve", "--upstream", hub, "--listen", follower], env=clean_env(), stderr=out
+        )
+    try:
+        wait_serving(hub, hub_process)
+        wait_serving(follower, follower_process)
+        assert cli("get", table, "1", "--target", follower).returncode == 0
+        log = follower_log.read_text()
+        assert "the upstream stream is up" in log and "the listener is up" not in log, log
+        hub_process.terminate()
+        assert hub_process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 60
+        while (failed := cli("get", table, "1", "--target", follower)).returncode == 0:
+            # (the follower serves from memory until it notices the stream is gone)
+            assert time.monotonic() < deadline, "the follower kept answering from memory"
+            time.sleep(0.1)
+        message = failed.stderr.decode()
+        assert f"the follower at {follower} is up, but its upstream {hub} is unreachable" in message, message
+        assert "database" not in message
+    finally:
+        for process in (hub_process, follower_process):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
