@@ -319,3 +319,57 @@ def test_through_a_follower_whose_hub_is_down_the_error_names_the_hub(postgres, 
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+async def test_watch_prints_changes_with_rows_as_get_does_resumes_and_ends_on_ctrl_c(daemon):
+    import json
+    import signal
+
+    from tests.support.proxy import Proxy
+
+    host, port = daemon.target.rsplit(":", 1)
+    proxy = Proxy(host=host, port=int(port))
+    await proxy.start()
+    watcher = await asyncio.create_subprocess_exec(
+        CLI, "watch", daemon.table, "--initial-state", "--target", f"127.0.0.1:{proxy.port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    assert watcher.stdout is not None and watcher.stderr is not None
+
+    async def line() -> bytes:
+        return await asyncio.wait_for(watcher.stdout.readline(), 60)  # type: ignore[union-attr]
+
+    async def update(label: str) -> bytes:
+        conn = await asyncpg.connect(daemon.dsn)
+        try:
+            await conn.execute(f"UPDATE {daemon.table} SET label = $1 WHERE id = 1", label)
+        finally:
+            await conn.close()
+        got = await asyncio.to_thread(cli, "get", daemon.table, "1", "--target", daemon.target, "--strong")
+        assert got.returncode == 0, got.stderr
+        return got.stdout.rstrip(b"\n")
+
+    def change(printed: bytes, row: bytes, op: str) -> None:
+        assert printed.endswith(b', "row": ' + row + b"}\n"), printed  # the row byte for byte, as get prints it
+        document = json.loads(printed)
+        assert document["table"] == daemon.table and document["op"] == op and document["key"] == [1], document
+
+    try:
+        change(await line(), served_row(daemon), "snapshot")
+        assert "initial_state_done" in json.loads(await line())
+        updated = await update(f"{LABEL} 2")
+        change(await line(), updated, "update")
+        proxy.cut()  # the connection breaks: the watch resumes from the last revision
+        newer = await update(f"{LABEL} 3")
+        resumed = await line()
+        assert b"reset" not in resumed
+        change(resumed, newer, "update")
+        watcher.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(watcher.wait(), 30) == 0
+        errors = (await watcher.stderr.read()).decode()
+        assert "resuming" in errors and "Traceback" not in errors, errors
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+            await watcher.wait()
+        await proxy.close()
