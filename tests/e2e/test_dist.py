@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,10 +68,23 @@ def node_reads_a_row(tmp_path: Path, target: str, env: dict[str, str]) -> str:
     return run("node", "-e", read, target, cwd=app, env=env).strip()
 
 
+@pytest.fixture
+def venv_parent() -> Iterator[Path]:
+    """A directory for the venv outside pytest's: running as root, the embedded PostgreSQL
+    runs its binaries as another user and opens their parent directories to it, and any
+    pytest session starting meanwhile (on this machine) closes /tmp/pytest-of-root again
+    (mode 0700): the daemon then cannot stop its server (pg_ctl: permission denied)."""
+    path = Path(tempfile.mkdtemp(prefix="cache-sidecar-dist-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # pip fetches the dependencies (from its cache when the dev venv was installed here);
 # the venv, the installs and the embedded PostgreSQL's start take ~30-60 s.
 @pytest.mark.timeout(400)
-def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> None:
+def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path, venv_parent: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_", "VIRTUAL_ENV"))}
     dist = tmp_path / "dist"
     printed = run("./dev", "dist", dist, cwd=REPO, env=env)
@@ -83,7 +98,7 @@ def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> N
     assert {"package/package.json", "package/src/index.js", "package/src/index.d.ts"} <= names, names
     assert "package/proto/cachesidecar/v1/cache.proto" in names  # the package finds its API without the repo
 
-    venv = tmp_path / "venv"
+    venv = venv_parent / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python, exe = venv / "bin" / "python", venv / "bin" / "cache-sidecar"
     run(
