@@ -287,3 +287,43 @@ def test_a_privilege_revoked_at_run_time_is_failed_precondition_with_the_cause(p
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_relation_whose_source_or_query_cannot_be_read_stops_the_start(postgres, schema, role, tmp_path):
+    name, role_dsn = role
+    run_sql(
+        postgres.dsn,
+        f"CREATE TABLE {schema}.users (user_id int PRIMARY KEY, city_id int)",
+        f"CREATE TABLE {schema}.cities (city_id int PRIMARY KEY, name text)",
+        f"CREATE TABLE {schema}.secret (city_id int PRIMARY KEY)",
+        f"GRANT SELECT ON {schema}.users TO {name}",
+    )
+    config = tmp_path / "sidecar.toml"
+
+    def relation(query: str, sources: str) -> str:
+        head = f'[[tables]]\nname = "{schema}.user_city"\nquery = "{query}"\nkey = ["user_id"]\n'
+        return f"{head}[tables.sources]\n{sources}"
+
+    config.write_text(
+        relation(
+            f"SELECT u.user_id, city_id, c.name FROM {schema}.users u JOIN {schema}.cities c USING (city_id)",
+            f'"{schema}.users" = {{ user_id = "user_id" }}\n"{schema}.cities" = {{ city_id = "city_id" }}\n',
+        )
+    )
+    out = serve_until_exit("--config", str(config), "--dsn", role_dsn, "--listen", "127.0.0.1:0")
+    assert out.returncode == 2, out.stderr
+    assert f"SELECT on table {schema}.cities" in out.stderr and f"{schema}.users" not in out.stderr.split("lacks")[1]
+    # A table its query reads but that is not a declared source: found by planning the query.
+    run_sql(postgres.dsn, f"GRANT SELECT ON {schema}.cities TO {name}")
+    config.write_text(
+        relation(
+            f"SELECT u.user_id FROM {schema}.users u WHERE u.city_id NOT IN (SELECT city_id FROM {schema}.secret)",
+            f'"{schema}.users" = {{ user_id = "user_id" }}\n',
+        )
+    )
+    out = serve_until_exit("--config", str(config), "--dsn", role_dsn, "--listen", "127.0.0.1:0")
+    assert out.returncode == 2, out.stderr
+    assert (
+        f"relation {schema}.user_city's query reads" in out.stderr
+        and "permission denied for table secret" in out.stderr
+    )
