@@ -328,9 +328,14 @@ def test_through_a_follower_whose_hub_is_down_the_error_names_the_hub(postgres, 
             # (the follower serves from memory until it notices the stream is gone)
             assert time.monotonic() < deadline, "the follower kept answering from memory"
             time.sleep(0.1)
-        message = failed.stderr.decode()
-        assert f"the follower at {follower} is up, but its upstream {hub} is unreachable" in message, message
-        assert "database" not in message
+        for result in (failed, cli("get", table, "1", "--target", follower, "--strong")):
+            message = result.stderr.decode()
+            assert f"the follower at {follower} is up, but its upstream {hub} is unreachable" in message, message
+            assert "database" not in message and "listener" not in message
+        with grpc.insecure_channel(follower) as channel, pytest.raises(grpc.RpcError) as synced:
+            pb_grpc.CacheStub(channel).Sync(pb.SyncRequest(), timeout=10)
+        assert synced.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"upstream {hub} unreachable" in synced.value.details(), synced.value.details()
     finally:
         for process in (hub_process, follower_process):
             if process.poll() is None:
