@@ -151,6 +151,7 @@ RESUMABLE = frozenset(
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.INTERNAL,  # a connection reset mid-stream
         grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,  # a call that reached a sidecar while it was shutting down
     }
 )
 WATCH_PROGRESS_MS = 1000  # so that the revision to resume from stays current on a quiet stream

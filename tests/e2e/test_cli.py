@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -398,3 +399,53 @@ async def test_watch_prints_changes_with_rows_as_get_does_resumes_and_ends_on_ct
             watcher.kill()
             await watcher.wait()
         await proxy.close()
+
+
+async def test_watch_across_a_sidecar_restart_prints_a_reset_and_goes_on(postgres, schema):
+    import json
+
+    table = f"{schema}.patron"
+    conn = await asyncpg.connect(postgres.dsn)
+    await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text); INSERT INTO {table} VALUES (1, 'Ada')")
+    target = f"127.0.0.1:{free_port()}"
+    serve = [CLI, "serve", "--dsn", postgres.dsn, "--table", table, "--install-triggers", "--listen", target]
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(serve, env=clean_env(), stderr=subprocess.DEVNULL)
+        wait_serving(target, process)
+        return process
+
+    sidecar = await asyncio.to_thread(start)
+    watcher = await asyncio.create_subprocess_exec(
+        CLI, "watch", table, "--target", target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    assert watcher.stdout is not None
+
+    async def line() -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(watcher.stdout.readline(), 60))  # type: ignore[union-attr]
+
+    async def until_printed(name: str) -> dict[str, Any]:
+        # (the watch may not be subscribed yet when the first update commits: update until one shows)
+        while True:
+            await conn.execute(f"UPDATE {table} SET name = $1 WHERE id = 1", name)
+            try:
+                return json.loads(await asyncio.wait_for(watcher.stdout.readline(), 2))  # type: ignore[union-attr]
+            except TimeoutError:
+                continue
+
+    try:
+        assert (await until_printed("Grace"))["op"] == "update"
+        sidecar.terminate()
+        assert await asyncio.to_thread(sidecar.wait, 30) == 0
+        sidecar = await asyncio.to_thread(start)  # a new epoch: the old revision is gone
+        restarted = await asyncio.wait_for(watcher.stdout.readline(), 60)
+        assert b'"reset"' in restarted, (restarted, await watcher.stderr.read())  # type: ignore[union-attr]
+        printed = await until_printed("Hedy")
+        assert printed["op"] == "update" and printed["key"] == [1] and b'"Hedy"' in json.dumps(printed).encode()
+    finally:
+        watcher.kill()
+        await watcher.wait()
+        sidecar.terminate()
+        await asyncio.to_thread(sidecar.wait, 30)
+        await conn.close()
