@@ -376,6 +376,7 @@ def _print_demo_banner(daemon: Any) -> None:
     {psql} -c "UPDATE patron SET fav_dish = 'waffles' WHERE id = 1"
     {me} get public.patron 1 --target {target}     # the cache followed
     {me} query public.patron by_dish waffles --target {target}   # by a secondary index
+    {me} watch public.patron --target {target}     # every change as it commits (Ctrl-C ends it)
 
   Stop with Ctrl-C.
 """,

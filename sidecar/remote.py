@@ -163,6 +163,7 @@ class _WatchState:
 
     def __init__(self, start: pb.Revision | None, initial_state: bool) -> None:
         self.revision = start
+        self.initial_state = initial_state  # asked for: sent again after every reset
         self.initial_pending = initial_state
 
     def request(self, table: str, keys: Sequence[pb.Key]) -> pb.WatchRequest:
@@ -228,7 +229,7 @@ def watch(
                         raise  # the revision the user gave is gone: say so, do not skip changes silently
                     # The history no longer reaches back to where the stream broke: start again.
                     _print_line({"reset": {"revision": None, "reason": exc.details() or "history lost"}})
-                    state.revision, state.initial_pending = None, initial_state
+                    state.revision, state.initial_pending = None, state.initial_state
                 elif code not in RESUMABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not received):
                     raise
                 elif state.initial_pending and received:
@@ -270,7 +271,7 @@ def _print_watch_response(response: pb.WatchResponse, state: _WatchState) -> Non
         batches = list(response.batches.batches)
     elif kind == "reset":
         state.seen(response.reset.revision)
-        state.initial_pending = False
+        state.initial_pending = state.initial_state  # (the snapshot comes again, then changes)
         _print_line({"reset": {"revision": _revision_text(response.reset.revision), "reason": response.reset.reason}})
         return
     elif kind == "initial_state_done":
