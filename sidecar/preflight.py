@@ -31,7 +31,7 @@ def check_listen(config: Config) -> None:
     for key, text in addresses:
         address = parse_listen_address(text)
         if address.unix_path is not None:
-            if key != "server.listen":
+            if key == "metrics.listen":
                 raise ConfigError(key, f"{text}: must be host:port")
             _check_unix(key, address.unix_path)
         else:
