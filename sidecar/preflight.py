@@ -97,7 +97,7 @@ SELECT pg_catalog.has_schema_privilege($1, 'USAGE') AS usage,
 
 async def check_privileges(conn: Any, schemas: Sequence[TableSchema]) -> None:
     """The role may read every configured table, every relation's source tables, and
-    whatever a relation's query reads (its plan is checked as a query's would be)."""
+    whatever a relation's query or a table's `where` reads (its plan is checked)."""
     missing: list[str] = []
     seen: set[str] = set()
     for schema in schemas:
@@ -111,11 +111,12 @@ async def check_privileges(conn: Any, schemas: Sequence[TableSchema]) -> None:
                 missing.append(f"USAGE on schema {table.config.schema} (to reach {table.qualified})")
             elif not row["select"]:
                 missing.append(f"SELECT on table {table.qualified}")
-        if schema.config.is_relation and not missing:
-            try:
+        if (schema.config.is_relation or schema.config.where is not None) and not missing:
+            try:  # (planning checks every privilege the query needs, without reading a row)
                 await conn.execute("EXPLAIN " + schema.select_all_sql())
             except asyncpg.InsufficientPrivilegeError as exc:
-                missing.append(f"what relation {schema.qualified}'s query reads ({exc})")
+                what = "relation" if schema.config.is_relation else "table"
+                missing.append(f"what {what} {schema.qualified}'s query reads ({exc})")
     if missing:
         raise MissingPrivilege(
             "the database role cannot read what it must cache; it lacks "
