@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import auth, channels, db, dsn, embedded, server, triggers, upstream
+from sidecar import auth, channels, db, dsn, embedded, preflight, server, triggers, upstream
 from sidecar.catalog import CatalogWatch
 from sidecar.config import Config
 from sidecar.db import PgDatabase
@@ -38,6 +38,12 @@ from sidecar.replica import ReplicaTable
 from sidecar.schema import TableSchema
 
 log = logging.getLogger(__name__)
+
+
+def exit_code(exc: SidecarError) -> int:
+    """A start that failed: 2 for what only a change of configuration, schema or privileges
+    can fix (the README's rule), 1 for what may pass (the database went away meanwhile)."""
+    return 1 if isinstance(exc, Unavailable) else 2
 
 
 def wants_embedded(config: Config, environ: dict[str, str] | None = None) -> bool:
@@ -83,7 +89,7 @@ class Daemon:
         except SidecarError as exc:
             log.error("%s", scrub(str(exc), self.config.dsn))
             await self._close()
-            return 2 if isinstance(exc, ConfigError) else 1
+            return exit_code(exc)
         except Exception as exc:  # e.g. the database dropped mid start-up
             log.error("start-up failed: %s", scrub(f"{type(exc).__name__}: {exc}", self.config.dsn))
             await self._close()
@@ -114,6 +120,7 @@ class Daemon:
     async def _start(self) -> None:
         config = self.config
         security = auth.load(config)  # a bad certificate or token file fails now, before any connection
+        preflight.check_listen(config)  # and an address that cannot be listened on, before any change
         if config.upstream_target is not None:
             await self._start_follower(config, security)
             return
@@ -125,6 +132,8 @@ class Daemon:
         self.db = await self._connect_with_retry(config)
         self._stack.push_async_callback(_close_pool, self.db)
         schemas = [await self.db.describe(table) for table in config.tables]
+        async with self.db.pool.acquire(timeout=config.query_timeout) as conn:
+            await preflight.check_privileges(conn, schemas)
         await self._check_triggers(config, schemas)
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
@@ -217,6 +226,7 @@ class Daemon:
         )
         self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
         self._stack.push_async_callback(engine.close)
+        engine.reads.source_name = f"upstream {link.target}"  # (a follower has no database: errors say so)
         engine.forward_invalidate = link.invalidate
         engine.follow_state = source.state
         engine.attach(source, barrier_timeout=config.query_timeout)
@@ -370,7 +380,8 @@ class Daemon:
                 await self.server.set_serving(ready)
                 if ready:
                     log.info(
-                        "ready: every table is loaded and the listener is up (revision %s)",
+                        "ready: every table is loaded and the %s is up (revision %s)",
+                        "listener" if self.engine.follow_state is None else "upstream stream",
                         self.engine.revision,
                         extra={"event": "ready", "revision": str(self.engine.revision)},
                     )

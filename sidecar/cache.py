@@ -85,10 +85,14 @@ def would_repeat(exc: BaseException) -> bool:
     return isinstance(exc, QueryFailed) or not isinstance(exc, SidecarError)
 
 
-def unavailable(what: str, exc: BaseException) -> Unavailable:
-    """The error readers see when a query failed; an unexpected one is logged in full."""
+def unavailable(what: str, exc: BaseException) -> SidecarError:
+    """The error readers see when a query failed: ``QueryFailed`` when asking again cannot
+    help (a privilege missing: FAILED_PRECONDITION, not a status clients retry), else
+    ``Unavailable``; an unexpected one is logged in full."""
     if not isinstance(exc, FETCH_ERRORS):
         log.error("%s failed unexpectedly", what, exc_info=exc)
+    if isinstance(exc, QueryFailed):
+        return QueryFailed(f"{what} failed: {exc}")
     if isinstance(exc, SidecarError):
         return Unavailable(f"{what} failed: {exc}")
     return Unavailable(f"{what} failed: {type(exc).__name__}: {exc}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,6 +301,9 @@ def _cause(code: grpc.StatusCode, details: str, target: str, security: UpstreamS
         return "no answer in time (a busy sidecar, a stalled network, or not a gRPC server)"
     if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         return None
+    behind = re.match(r"upstream (\S+) unreachable", details)
+    if behind is not None:  # the follower answered: it is the hop behind it that is down
+        return f"the follower at {target} is up, but its upstream {behind.group(1)} is unreachable"
     if "certificate has expired" in details:
         return "the sidecar's certificate has expired"
     if "certificate is not yet valid" in details:

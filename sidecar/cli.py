@@ -190,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--desc", action="store_true", help="reverse the order")
     _client_options(query, reads=True)
 
+    watch = commands.add_parser(
+        "watch",
+        help="print a table's changes as they happen, through a running sidecar",
+        description="Follow a table's changes: one JSON line per changed row (revision, table, op, key, "
+        "and the row exactly as 'get' prints it, null when there is none now or the table is lazy). "
+        "Resumes by itself from the last revision after a restart or a broken connection; a history "
+        "that no longer reaches back prints a 'reset' line. Ends on Ctrl-C.",
+        epilog="examples:\n  cache-sidecar watch public.patron\n"
+        "  cache-sidecar watch public.patron --keys 1 2 --initial-state\n"
+        "  cache-sidecar watch public.patron --from 6f1c.../42      # as 'cache-sidecar tables' prints it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    watch.add_argument("table", help="schema.table")
+    watch.add_argument(
+        "--keys", nargs="+", default=[], metavar="KEY", help="only these keys (a composite key comma-separated)"
+    )
+    watch.add_argument("--from", dest="start", metavar="REVISION", help="resume after this revision (EPOCH/NUMBER)")
+    watch.add_argument(
+        "--initial-state", action="store_true", help="print the current rows first (full tables), then changes"
+    )
+    _client_options(watch)
+
     tables = commands.add_parser(
         "tables",
         help="list a running sidecar's tables",
@@ -289,7 +311,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # helpers do fork), so skip gRPC's fork handlers and their log noise.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
-    if args.command in ("get", "query", "tables", "health"):
+    if args.command in ("get", "query", "watch", "tables", "health"):
         return _remote(args)
     try:
         config = cfg.load(args.config, flags=_flags(args), warn=lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -354,6 +376,7 @@ def _print_demo_banner(daemon: Any) -> None:
     {psql} -c "UPDATE patron SET fav_dish = 'waffles' WHERE id = 1"
     {me} get public.patron 1 --target {target}     # the cache followed
     {me} query public.patron by_dish waffles --target {target}   # by a secondary index
+    {me} watch public.patron --target {target}     # every change as it commits (Ctrl-C ends it)
 
   Stop with Ctrl-C.
 """,
@@ -364,7 +387,7 @@ def _print_demo_banner(daemon: Any) -> None:
 
 def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
     from sidecar import triggers
-    from sidecar.app import call_with_db
+    from sidecar.app import call_with_db, exit_code
     from sidecar.db import describe_table
 
     if not config.tables:
@@ -397,7 +420,7 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         return asyncio.run(call_with_db(config, work))
     except SidecarError as exc:
         print(f"cache-sidecar: error: {dsn.scrub(str(exc), config.dsn)}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return exit_code(exc)
 
 
 def _pg_env() -> bool:
@@ -417,6 +440,15 @@ def _remote(args: argparse.Namespace) -> int:
         return remote.health(args.target, args.service, security)
     if args.command == "tables":
         return remote.tables(args.target, security)
+    if args.command == "watch":
+        return remote.watch(
+            args.target,
+            args.table,
+            keys=args.keys,
+            start=args.start,
+            initial_state=args.initial_state,
+            security=security,
+        )
     if args.command == "query":
         if args.values and (args.lower is not None or args.upper is not None):
             print("cache-sidecar: give VALUEs or --lower/--upper, not both", file=sys.stderr)

@@ -679,7 +679,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[TableConfig] | None]:
             tables = _read_tables(content)
             continue
         if not isinstance(content, dict):
-            raise ConfigError(section, "unknown key (settings live in sections such as [server])")
+            raise ConfigError(section, f"unknown key{_suggest_section(section)}")
         for name, value in content.items():
             key = f"{section}.{name}"
             setting = SETTINGS_BY_KEY.get(key)
@@ -931,6 +931,17 @@ def _suggest(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _suggest_section(section: str) -> str:
+    """ " (did you mean [[tables]]?)" for a misspelt section or array of tables."""
+    import difflib
+
+    sections = sorted({s.key.split(".")[0] for s in SETTINGS})
+    close = difflib.get_close_matches(section, [*sections, "tables"], n=1)
+    if not close:
+        return " (settings live in sections such as [server]; tables in [[tables]])"
+    return f" (did you mean {'[[tables]]' if close[0] == 'tables' else f'[{close[0]}]'}?)"
+
+
 # ---------------------------------------------------------------- description
 
 
@@ -954,6 +965,8 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
             value = getattr(config, setting.attr)
             if value is None or value == ():  # (an empty list is not a valid value to load)
                 lines.append(f"# {name} is not set")
+            elif setting.secret and dsn_module.password(value):
+                lines += _dsn_without_password(name, value)
             else:
                 lines.append(f"{name} = {_toml(dsn_module.redact(value) if setting.secret else value)}")
     for table in config.tables:
@@ -982,6 +995,23 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> Sequen
                 f"range = {_toml(index.range)}",
             ]
     return lines
+
+
+def _dsn_without_password(name: str, value: str) -> list[str]:
+    """The DSN with its password left out, and a comment saying where it must come from
+    (a redacted one would load back as a wrong password, failing authentication)."""
+    shown = dsn_module.without_password(value)
+    where = "PGPASSWORD, a password file (~/.pgpass, or PGPASSFILE, or passfile= in the DSN)"
+    if shown is None:
+        return [
+            f"# {name}: its password cannot be left out of this DSN cleanly, so it is not written;",
+            f"# give the DSN in CACHE_SIDECAR_DATABASE_DSN, or the password in {where}",
+        ]
+    return [
+        f"# the DSN's password is left out: give it in {where},",
+        "# or write it back here",
+        f"{name} = {_toml(shown)}",
+    ]
 
 
 def _toml(value: Any) -> str:

@@ -387,6 +387,43 @@ def redact(text: str) -> str:
     return "".join(shown)
 
 
+def without_password(text: str) -> str | None:
+    """The DSN with its password left out (``None`` if that cannot be done cleanly): what
+    ``--print-config`` writes, so that the file loads back and the password comes from where
+    libpq would look next (PGPASSWORD, the passfile)."""
+    try:
+        fields = _fields(text)
+    except ConfigError:
+        return None
+    spans = []
+    for field in fields:
+        if field.key != "password":
+            continue
+        start, end = field.start, field.end
+        if field.shown != ":***":  # keyword=value (or a URL's ?password=): the keyword goes too
+            start = text.rfind("password", 0, start)
+            if start < 0:
+                return None
+            if text[start - 1 : start] == "&":
+                start -= 1
+            elif text[start - 1 : start] == "?":
+                if text[end : end + 1] == "&":
+                    end += 1
+                else:
+                    start -= 1
+            else:
+                while end < len(text) and text[end].isspace():
+                    end += 1
+        spans.append((start, end))
+    shown, last = [], 0
+    for start, end in sorted(spans):
+        shown.append(text[last:start])
+        last = end
+    shown.append(text[last:])
+    result = "".join(shown).rstrip()
+    return result if password(result) is None else None
+
+
 def scrub(message: str, dsn: str | None) -> str:
     """``message`` with the DSN (as a whole) replaced by its redacted form: a driver
     error may echo it. Nothing else is touched."""

@@ -378,6 +378,10 @@ class Engine:
     async def sync(self) -> Revision:
         """Read barrier: every commit completed before this call is applied."""
         if not self.listener_up or self.barrier is None:
+            if self.follow_state is not None:  # (a follower: its changes come from its upstream)
+                raise Unavailable(
+                    f"upstream {self.follow_state().target} unreachable: the cache cannot be brought up to date now"
+                )
             raise Unavailable("the listener is down; the cache cannot be brought up to date now")
         started = time.perf_counter()
         await self.barrier.wait()

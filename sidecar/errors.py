@@ -23,6 +23,10 @@ class SchemaError(SidecarError):
     """A configured table cannot be cached as it is defined in the database."""
 
 
+class MissingPrivilege(SidecarError):
+    """The database role lacks a privilege the configured tables need."""
+
+
 class UnknownTable(SidecarError):
     """The table is not cached by this sidecar."""
 

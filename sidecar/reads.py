@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sidecar.aio import Flights, TaskSet, await_all
 from sidecar.cache import FETCH_ERRORS, Rerouted, Row, TableCache
-from sidecar.errors import InvalidRequest, SidecarError, Unavailable
+from sidecar.errors import InvalidRequest, QueryFailed, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery, plan
 from sidecar.keys import Key, coerce_key, coerce_single
 from sidecar.source import Database
@@ -42,8 +42,15 @@ class ReadStats:
 class ReadPath:
     """Rows and index queries of cached tables, from memory or from the database."""
 
-    def __init__(self, db: Database, trusted_epoch: Callable[[], str | None], max_batch_keys: int = 1000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        trusted_epoch: Callable[[], str | None],
+        max_batch_keys: int = 1000,
+        source_name: str = "database",  # (a follower's: "upstream HOST:PORT")
+    ) -> None:
         self.db = db
+        self.source_name = source_name  # where reads that memory cannot answer go, in words
         self._trusted_epoch = trusted_epoch  # the epoch while memory can be trusted, else None
         self.max_batch_keys = max_batch_keys
         self.stats = ReadStats()
@@ -158,13 +165,22 @@ class ReadPath:
             return
         self._passthrough.land(futures, flight_keys, {(table.schema.qualified, k): v for k, v in rows.items()})
 
-    def _source_failed(self, table: TableCache, exc: BaseException) -> Unavailable:
+    def _source_failed(self, table: TableCache, exc: BaseException) -> SidecarError:
+        """What a reader is told: ``QueryFailed`` when asking again cannot help (a privilege
+        missing, the schema changed), else ``Unavailable``; naming the source (the database,
+        or a follower's upstream) and the cause."""
         if not isinstance(exc, FETCH_ERRORS):
-            log.error("reading %s from the database failed unexpectedly", table.schema.qualified, exc_info=exc)
+            log.error(
+                "reading %s from the %s failed unexpectedly", table.schema.qualified, self.source_name, exc_info=exc
+            )
         if table.problem is not None:
             why = f"{table.schema.qualified} is not served from memory ({table.problem}) and reading it failed"
+        elif isinstance(exc, QueryFailed):
+            why = f"reading {table.schema.qualified} from the {self.source_name} failed, and would fail again"
         else:
-            why = "database unreachable and the cache is not current"
+            why = f"{self.source_name} unreachable and the cache is not current"
+        if isinstance(exc, QueryFailed):
+            return QueryFailed(f"{why}: {_brief(exc)}")
         return Unavailable(f"{why}: {_brief(exc)}")
 
     # ------------------------------------------------------------ index queries

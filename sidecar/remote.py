@@ -1,5 +1,5 @@
-"""The command line's client side: ``get``, ``query``, ``tables`` and ``health``
-against a running sidecar, over gRPC, printed for a terminal or a script.
+"""The command line's client side: ``get``, ``query``, ``watch``, ``tables`` and
+``health`` against a running sidecar, over gRPC, printed for a terminal or a script.
 
 Rows go out byte for byte as served; each command returns its exit status
 (0 done, 1 not found, not serving, or the call failed)."""
@@ -141,6 +141,186 @@ def query(
         return 0
 
     return _call(target, work, security)
+
+
+# A stream that ended with one of these is resumed from the last revision seen.
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # the sidecar restarted, shut down, or the network broke
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # fell behind (a slow terminal)
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,  # a connection reset mid-stream
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,  # a call that reached a sidecar while it was shutting down
+    }
+)
+WATCH_PROGRESS_MS = 1000  # so that the revision to resume from stays current on a quiet stream
+RETRY_MIN_DELAY, RETRY_MAX_DELAY = 0.2, 5.0
+
+
+class _WatchState:
+    """Where a ``watch`` is: the revision to resume from, and whether the initial state is done."""
+
+    def __init__(self, start: pb.Revision | None, initial_state: bool) -> None:
+        self.revision = start
+        self.initial_state = initial_state  # asked for: sent again after every reset
+        self.initial_pending = initial_state
+
+    def request(self, table: str, keys: Sequence[pb.Key]) -> pb.WatchRequest:
+        request = pb.WatchRequest(
+            tables=[table],
+            keys=keys,
+            initial_state=self.initial_pending,
+            progress_interval_ms=WATCH_PROGRESS_MS,
+            accept_batches=True,
+        )
+        if self.revision is not None and not self.initial_pending:
+            request.start_revision.CopyFrom(self.revision)
+        return request
+
+    def seen(self, revision: pb.Revision) -> None:
+        if revision.epoch:
+            self.revision = pb.Revision(epoch=revision.epoch, number=revision.number)
+
+
+def watch(
+    target: str,
+    table: str,
+    *,
+    keys: Sequence[str],
+    start: str | None,
+    initial_state: bool,
+    security: UpstreamSecurity | None = None,
+) -> int:
+    """Print one JSON line per change of ``table`` (rows byte for byte as served), resuming by
+    itself after a restart or a broken connection, until interrupted (Ctrl-C, SIGTERM: 0)."""
+    import signal
+    import time
+
+    try:
+        start_revision = parse_revision(start) if start is not None else None
+    except ValueError as exc:
+        print(f"cache-sidecar: error: --from: {exc}", file=sys.stderr)
+        return 2
+    key_messages = [pb.Key(parts=[pb.KeyPart(string_value=part) for part in key.split(",")]) for key in keys]
+    state = _WatchState(start_revision, initial_state)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def work(channel: Any) -> int:
+        stub = pb_grpc.CacheStub(channel)
+        delay = RETRY_MIN_DELAY
+        while True:
+            call = stub.Watch(state.request(table, key_messages))
+            received = False
+            try:
+                for response in call:
+                    received = True
+                    delay = RETRY_MIN_DELAY
+                    _print_watch_response(response, state)
+                return 0  # (the sidecar ended the stream without an error: nothing more will come)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.OUT_OF_RANGE and state.revision is not None and received is False:
+                    if start_revision is not None and state.revision == start_revision:
+                        raise  # the revision the user gave is gone: say so, do not skip changes silently
+                    # The history no longer reaches back to where the stream broke: start again.
+                    _print_line({"reset": {"revision": None, "reason": exc.details() or "history lost"}})
+                    state.revision, state.initial_pending = None, state.initial_state
+                elif code not in RESUMABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not received):
+                    raise
+                elif state.initial_pending and received:
+                    # Broken within the initial state: it is sent again in full.
+                    _print_line({"reset": {"revision": None, "reason": "stream lost during the initial state"}})
+                print(
+                    f"cache-sidecar: watch: {explain(exc, target, security)}; resuming in {delay:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+            finally:
+                call.cancel()
+
+    try:
+        return _call(target, work, security)
+    except KeyboardInterrupt:
+        return 0
+
+
+def parse_revision(text: str) -> pb.Revision:
+    """``EPOCH/NUMBER``, as ``tables`` and ``watch`` print revisions."""
+    epoch, slash, number = text.rpartition("/")
+    if not slash or not epoch or not number.isdigit():
+        raise ValueError(f"{text!r} is not a revision (EPOCH/NUMBER, as 'cache-sidecar tables' prints it)")
+    return pb.Revision(epoch=epoch, number=int(number))
+
+
+def _revision_text(revision: pb.Revision) -> str:
+    return f"{revision.epoch}/{revision.number}"
+
+
+def _print_watch_response(response: pb.WatchResponse, state: _WatchState) -> None:
+    kind = response.WhichOneof("kind")
+    if kind == "changes":
+        batches = [response.changes]
+    elif kind == "batches":
+        batches = list(response.batches.batches)
+    elif kind == "reset":
+        state.seen(response.reset.revision)
+        state.initial_pending = state.initial_state  # (the snapshot comes again, then changes)
+        _print_line({"reset": {"revision": _revision_text(response.reset.revision), "reason": response.reset.reason}})
+        return
+    elif kind == "initial_state_done":
+        state.seen(response.initial_state_done.revision)
+        state.initial_pending = False
+        _print_line({"initial_state_done": _revision_text(response.initial_state_done.revision)})
+        return
+    else:  # progress: nothing to print, a newer revision to resume from
+        state.seen(response.progress.revision)
+        return
+    for batch in batches:
+        for event in batch.events:
+            write_event(batch, event)
+        if not state.initial_pending:
+            state.seen(batch.revision)
+
+
+def write_event(batch: pb.ChangeBatch, event: pb.ChangeEvent) -> None:
+    """One change as a JSON line; its row, when it carries one, byte for byte as served."""
+    import json
+
+    fields: dict[str, Any] = {
+        "revision": _revision_text(batch.revision),
+        "table": event.table,
+        "op": pb.Operation.Name(event.operation).lower(),
+    }
+    if event.HasField("key"):
+        fields["key"] = [_part_value(part) for part in event.key.parts]
+    if event.HasField("old_key"):
+        fields["old_key"] = [_part_value(part) for part in event.old_key.parts]
+    if batch.xid:
+        fields["xid"] = batch.xid
+    head = json.dumps(fields, ensure_ascii=False).encode()[:-1]  # (without its closing brace)
+    row = bytes(event.row) if event.has_row else b"null"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(head + b', "row": ' + row + b"}\n")
+    sys.stdout.flush()  # a line as it comes: a watch is read live, or piped to another tool
+
+
+def _part_value(part: pb.KeyPart) -> Any:
+    kind = part.WhichOneof("kind")
+    value = getattr(part, kind) if kind is not None else None
+    return value.hex() if isinstance(value, bytes) else value
+
+
+def _print_line(document: dict[str, Any]) -> None:
+    import json
+
+    print(json.dumps(document, ensure_ascii=False), flush=True)
 
 
 def write_row(row: bytes, pretty: bool) -> None:

@@ -19,6 +19,7 @@ from sidecar.engine import Engine, Revision
 from sidecar.errors import (
     InvalidKey,
     InvalidRequest,
+    QueryFailed,
     SidecarError,
     Unauthenticated,
     Unavailable,
@@ -39,6 +40,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (UnknownTable, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (QueryFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the same call fails until someone changes something
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (FellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),

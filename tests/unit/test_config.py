@@ -289,7 +289,38 @@ mode = "lazy"
     assert "None" not in text and "('" not in text and "s3cret" not in text
     assert "# database: DSN postgresql://app:***@db/app" in text
     again = write(tmp_path, text)
-    assert cfg.load(again, env={}) == dataclasses.replace(config, dsn="postgresql://app:***@db/app")
+    # The password is left out, not redacted: '***' loaded back would fail authentication.
+    assert cfg.load(again, env={}) == dataclasses.replace(config, dsn="postgresql://app@db/app")
+    assert "# the DSN's password is left out: give it in PGPASSWORD" in text
+
+
+@pytest.mark.parametrize(
+    ("given", "written"),
+    [
+        ("postgresql://app:s3cret@db:5432/app", "postgresql://app@db:5432/app"),
+        ("postgresql://app@db/app?password=s3cret&sslmode=require", "postgresql://app@db/app?sslmode=require"),
+        ("postgresql://app@db/app?sslmode=require&password=s3cret", "postgresql://app@db/app?sslmode=require"),
+        ("host=db user=app password=s3cret dbname=app", "host=db user=app dbname=app"),
+        ("host=db password='s3 cret' dbname=app", "host=db dbname=app"),
+        ("host=db user=app", "host=db user=app"),
+    ],
+)
+def test_print_config_writes_the_dsn_without_its_password_and_says_where_it_must_come_from(tmp_path, given, written):
+    import tomllib
+
+    text = "\n".join(cfg.describe(cfg.Config(dsn=given), environ={}))
+    assert tomllib.loads(text)["database"]["dsn"] == written and "s3" not in text
+    assert ("PGPASSWORD" in text and "~/.pgpass" in text) == (written != given)
+    assert cfg.load(write(tmp_path, text), env={}).dsn == written
+
+
+def test_a_misspelt_array_of_tables_is_suggested_its_name(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        cfg.load(write(tmp_path, '[[table]]\nname = "public.patron"\n'), env={})
+    assert info.value.key == "table" and "did you mean [[tables]]?" in info.value.problem
+    with pytest.raises(ConfigError) as info:
+        cfg.load(write(tmp_path, '[sever]\nlisten = ["127.0.0.1:1"]\n'), env={})
+    assert "did you mean server.listen?" in info.value.problem  # (as other typos)
 
 
 @pytest.mark.parametrize(
