@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.addresses import parse_listen_address
+from sidecar.auth import ServerSecurity
 from sidecar.engine import Engine
 from sidecar.listener import Listener
 from sidecar.notify_queue import NotifyQueue
@@ -53,10 +54,19 @@ class Metrics:
     def observe_call(self, method: str, seconds: float) -> None:
         self.request_seconds.labels(method).observe(seconds)
 
-    def watch(self, engine: Engine, listener: Listener | None, loop: asyncio.AbstractEventLoop) -> None:
-        """Report the state of ``engine`` and ``listener`` (read on ``loop``; a follower has no listener)."""
+    def watch(
+        self,
+        engine: Engine,
+        listener: Listener | None,
+        loop: asyncio.AbstractEventLoop,
+        security: ServerSecurity | None = None,
+    ) -> None:
+        """Report the state of ``engine`` and ``listener`` (read on ``loop``; a follower has no
+        listener), and of the credential files of ``security``."""
         engine.on_barrier = self.barrier_seconds.observe
         self.registry.register(_StateCollector(engine, listener, loop, self))
+        if security is not None:
+            self.registry.register(CredentialCollector(security))
 
     def serve(self, listen: str) -> str:
         """Start the HTTP endpoint; return the address it is bound to."""
@@ -252,6 +262,44 @@ class _StateCollector(Collector):
             )
         )
         return families
+
+
+class CredentialCollector(Collector):
+    """The server's certificate and token files as last re-read (read in the scraping
+    thread: ``Watched`` is thread-safe)."""
+
+    def __init__(self, security: ServerSecurity) -> None:
+        self.security = security
+
+    def collect(self) -> Iterator[Any]:
+        failures = CounterMetricFamily(
+            "cache_sidecar_credential_reload_failures",
+            "Re-reads of a credential file that failed, by file (tokens: missing, unreadable or no valid "
+            "token -- every call is then refused; certificate: bad or not valid now -- the last good one "
+            "stays); each problem counted once.",
+            labels=["file"],
+        )
+        failing = GaugeMetricFamily(
+            "cache_sidecar_credential_file_failing", "1 while the file's last re-read failed.", labels=["file"]
+        )
+        for name, watched in (("certificate", self.security.certificates), ("tokens", self.security.tokens)):
+            if watched is not None:
+                watched.value  # noqa: B018 (looks at the file now, as a call would)
+                failures.add_metric([name], watched.failures)
+                failing.add_metric([name], int(watched.failing))
+        yield failures
+        yield failing
+        tokens = self.security.tokens
+        if tokens is not None:
+            current = tokens.value
+            yield GaugeMetricFamily(
+                "cache_sidecar_auth_tokens", "Tokens in force (0: every call is refused).", len(current)
+            )
+            yield GaugeMetricFamily(
+                "cache_sidecar_auth_token_lines_skipped",
+                "Lines of the token file skipped as invalid when it was last read (each logged).",
+                len(current.skipped),
+            )
 
 
 def _upstream(state: FollowState) -> list[Any]:

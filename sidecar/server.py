@@ -65,6 +65,7 @@ class Server:
     health_server: grpc.aio.Server | None = None
     health_addresses: list[str] = field(default_factory=list)
     stopped: bool = False
+    security: ServerSecurity | None = None  # the main addresses' (its files' state: metrics)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -124,7 +125,7 @@ def _build(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    result = Server(server, health_servicer)
+    result = Server(server, health_servicer, security=security)
     for text in listen:
         address = parse_listen_address(text)
         if address.unix_path is not None:

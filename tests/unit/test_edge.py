@@ -27,6 +27,7 @@ from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.channels import UpstreamSecurity
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
+from sidecar.metrics import CredentialCollector
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.certs import Authority, Issued
 from tests.support.waiting import eventually
@@ -296,7 +297,7 @@ async def test_tokens_and_tls_together(serve, pki, tokens, tmp_path):
     assert (await call(target, good)).code == grpc.StatusCode.OK
 
 
-async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp_path, monkeypatch, caplog):
+async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(filewatch, "CHECK_INTERVAL", 0.0)
     hub = await serve(auth_token_file=str(tokens))
     target = hub.addresses[0]
@@ -309,12 +310,82 @@ async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp
     assert (await call(target, new)).code == grpc.StatusCode.OK
     assert (await call(target, old)).code == grpc.StatusCode.UNAUTHENTICATED
 
-    # A bad new file keeps the last good tokens, and says so.
-    with caplog.at_level(logging.ERROR, logger="sidecar.filewatch"):
-        write(tokens, "short\n")
-        assert (await call(target, new)).code == grpc.StatusCode.OK
-    complaints = [r.getMessage() for r in caplog.records if "keeping the previous one" in r.getMessage()]
-    assert complaints and str(tokens) in complaints[0] and "line 1" in complaints[0]
+
+def token_complaints(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", None) in ("reload_failed", "token_line_skipped")]
+
+
+async def test_revoking_a_token_fails_closed(serve, tokens, tmp_path, monkeypatch, caplog):
+    """Whatever an operator does to the file to revoke a leaked token -- overwrite its line
+    with a mistyped or short one, empty the file, delete it -- the old token stops working."""
+    monkeypatch.setattr(filewatch, "CHECK_INTERVAL", 0.0)
+    hub = await serve(auth_token_file=str(tokens))
+    target = hub.addresses[0]
+    watched = hub_security(hub).tokens
+    leaked = UpstreamSecurity(token_file=token_file(tmp_path, READ_TOKEN, "leaked"))
+    admin = UpstreamSecurity(token_file=token_file(tmp_path, ADMIN_TOKEN, "admin"))
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+
+    caplog.set_level(logging.ERROR, logger="sidecar")
+    # The leaked line replaced by a short token, and by a mistyped one: that line is
+    # skipped (and logged, naming the line, never a token); the other lines still work.
+    for replacement in ("short", "not a token at all", f"amdin {ADMIN_TOKEN}x"):
+        caplog.clear()
+        write(tokens, f"admin {ADMIN_TOKEN}\n{replacement}\n")
+        assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED, replacement
+        assert (await call(target, admin)).code == grpc.StatusCode.OK
+        (complaint,) = token_complaints(caplog)
+        assert str(tokens) in complaint and "line 2" in complaint and "skipped" in complaint
+        assert READ_TOKEN not in complaint and ADMIN_TOKEN not in complaint
+    assert len(watched.value) == 1 and len(watched.value.skipped) == 1
+
+    # Emptied (or only comments): no token at all, every call refused, and said so.
+    write(tokens, f"admin {ADMIN_TOKEN}\n{READ_TOKEN}\n")
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+    failures = watched.failures
+    caplog.clear()
+    write(tokens, "")
+    for who in (leaked, admin):
+        assert (await call(target, who)).code == grpc.StatusCode.UNAUTHENTICATED
+    (complaint,) = token_complaints(caplog)
+    assert "holds no valid token" in complaint and "every call is refused" in complaint
+    assert watched.failing and watched.failures == failures + 1 and len(watched.value) == 0
+
+    # Deleted: every call refused; recreated: its tokens are taken.
+    write(tokens, f"{READ_TOKEN}\n")
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+    caplog.clear()
+    tokens.unlink()
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED
+    (complaint,) = token_complaints(caplog)
+    assert "file not found" in complaint and "every call is refused" in complaint
+    assert watched.failing
+    assert credential_metrics(hub) == {
+        ("cache_sidecar_credential_reload_failures", "tokens"): failures + 2,
+        ("cache_sidecar_credential_file_failing", "tokens"): 1,
+        ("cache_sidecar_auth_tokens", ""): 0,
+        ("cache_sidecar_auth_token_lines_skipped", ""): 0,
+    }
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED  # (logged once, not per look)
+    assert len(token_complaints(caplog)) == 1
+    write(tokens, f"admin {ADMIN_TOKEN}\n")
+    assert (await call(target, admin)).code == grpc.StatusCode.OK
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED
+    assert not watched.failing
+
+
+def credential_metrics(hub: server.Server) -> dict[tuple[str, str], float]:
+    """The credential metrics as Prometheus would scrape them: (name, file label) -> value."""
+    found = {}
+    for family in CredentialCollector(hub_security(hub)).collect():
+        for sample in family.samples:
+            found[(sample.name.removesuffix("_total"), sample.labels.get("file", ""))] = sample.value
+    return found
+
+
+def hub_security(hub: server.Server) -> auth.ServerSecurity:
+    assert hub.security is not None
+    return hub.security
 
 
 async def test_the_client_rereads_its_token_file(serve, tokens, tmp_path, monkeypatch):
