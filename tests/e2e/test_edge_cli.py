@@ -131,6 +131,22 @@ def test_a_bad_certificate_file_at_start_exits_2_naming_the_key_and_the_file(pos
     assert b"is not this certificate's" in started.stderr
 
 
+def test_an_expired_certificate_at_start_exits_2_naming_the_key_and_the_file(postgres, schema, tmp_path):
+    run_sql(postgres.dsn, f"CREATE TABLE {schema}.item (id int PRIMARY KEY)")
+    expired = Authority(tmp_path / "ca").issue("hub", expired=True)
+    started = subprocess.run(
+        [
+            *(CLI, "serve", "--dsn", postgres.dsn, "--table", f"{schema}.item", "--listen", f"127.0.0.1:{free_port()}"),
+            *("--tls-cert-file", str(expired.cert), "--tls-key-file", str(expired.key)),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert f"config server.tls_cert_file: {expired.cert}: the certificate expired on".encode() in started.stderr
+
+
 def test_a_plaintext_bind_beyond_loopback_warns_at_start(postgres, schema):
     run_sql(postgres.dsn, f"CREATE TABLE {schema}.item (id int PRIMARY KEY)")
     port = free_port()

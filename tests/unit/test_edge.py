@@ -17,10 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar import auth, channels, filewatch, server
+from sidecar import tls as tls_files
 from sidecar import config as cfg
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
@@ -44,6 +46,7 @@ class Pki:
     other_ca: Authority
     server: Issued
     expired_server: Issued
+    future_server: Issued  # not valid yet
     other_server: Issued  # signed by other_ca
     client: Issued
     rogue_client: Issued  # signed by other_ca
@@ -60,6 +63,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         other,
         server=ca.issue("server"),
         expired_server=ca.issue("expired server", expired=True),
+        future_server=ca.issue("future server", not_yet_valid=True),
         other_server=other.issue("other server"),
         client=ca.issue("client", server=False),
         rogue_client=other.issue("rogue client", server=False),
@@ -189,11 +193,80 @@ async def test_a_certificate_from_another_ca_is_refused_naming_the_ca_file(serve
     assert f"not signed by a CA in {pki.other_ca.cert_file}" in outcome.explained
 
 
-async def test_an_expired_server_certificate_is_named(serve, pki):
-    hub = await serve(**tls(pki, pki.expired_server))
-    outcome = await call(hub.addresses[0], trusting(pki))
+async def test_an_expired_server_certificate_is_named(pki):
+    # (The sidecar refuses to serve one, see below: a plain grpc server does.)
+    other = grpc.aio.server()
+    credentials = grpc.ssl_server_credentials([(pki.expired_server.key.read_bytes(), pki.expired_server.cert.read_bytes())])
+    port = other.add_secure_port("127.0.0.1:0", credentials)
+    await other.start()
+    try:
+        outcome = await call(f"127.0.0.1:{port}", trusting(pki))
+    finally:
+        await other.stop(0)
     assert outcome.code == grpc.StatusCode.UNAVAILABLE
     assert "certificate has expired" in outcome.explained
+
+
+def test_a_certificate_not_valid_now_is_a_start_up_error_naming_the_key_and_the_file(pki):
+    for issued, words in ((pki.expired_server, "the certificate expired on"), (pki.future_server, "not valid before")):
+        with pytest.raises(ConfigError) as error:
+            auth.load(cfg.Config(**tls(pki, issued)))
+        assert error.value.key == "server.tls_cert_file"
+        assert str(issued.cert) in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_the_validity_dates_are_read_from_every_certificate_of_the_chain(pki):
+    from cryptography import x509
+
+    for issued in (pki.server, pki.expired_server, pki.future_server):
+        parsed = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+        der = parsed.public_bytes(serialization.Encoding.DER)
+        assert tls_files.validity(der) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
+    tls_files.check_dates(pki.server.cert.read_bytes() + pki.ca.cert_file.read_bytes())
+    with pytest.raises(filewatch.FileProblem, match="certificate 2 of the chain expired"):
+        tls_files.check_dates(pki.server.cert.read_bytes() + pki.expired_server.cert.read_bytes())
+    with pytest.raises(filewatch.FileProblem, match="cannot read its validity dates"):
+        tls_files.check_dates(b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n")
+
+
+def test_a_problem_time_may_cure_is_looked_at_again_though_the_file_stays_the_same(tmp_path, monkeypatch):
+    path = write(tmp_path / "f", "x")
+    answers: list[str | None] = [None, "not yet", None]
+
+    def parse(_paths: Any, contents: Any) -> bytes:
+        problem = answers.pop(0)
+        if problem is not None:
+            raise filewatch.FileProblem(problem, retry=True)
+        return bytes(contents[0])
+
+    monkeypatch.setattr(filewatch, "RETRY_INTERVAL", 0.0)
+    watched = filewatch.Watched([("k", str(path))], parse, "a file", interval=3600)
+    write(path, "y")
+    assert not watched.refresh() and watched.failing  # not yet: the old value stays
+    assert watched.refresh()  # the same file, parsed again
+    assert watched.value == b"y" and not watched.failing
+
+
+async def test_a_rotated_certificate_that_is_not_valid_now_is_not_taken(serve, pki, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(filewatch, "RETRY_INTERVAL", 0.0)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    write(cert, pki.server.cert.read_text())
+    write(key, pki.server.key.read_text())
+    hub = await serve(tls_cert_file=str(cert), tls_key_file=str(key))
+    target = hub.addresses[0]
+    caplog.set_level(logging.ERROR, logger="sidecar.filewatch")
+    for bad, words in ((pki.expired_server, "expired on"), (pki.future_server, "not valid before")):
+        caplog.clear()
+        write(key, bad.key.read_text())
+        write(cert, bad.cert.read_text())
+        outcome = await call(target, trusting(pki))  # the last good certificate, still
+        assert outcome.code == grpc.StatusCode.OK, outcome.explained
+        assert any(words in r.getMessage() and "keeping the previous one" in r.getMessage() for r in caplog.records)
+        assert hub_security(hub).certificates.failing  # type: ignore[union-attr]
+    # A good one is taken again.
+    write(key, pki.other_server.key.read_text())
+    write(cert, pki.other_server.cert.read_text())
+    assert (await call(target, trusting(pki, ca=pki.other_ca))).code == grpc.StatusCode.OK
 
 
 async def test_a_certificate_for_another_host_is_named(serve, pki):
