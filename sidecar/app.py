@@ -152,6 +152,8 @@ class Daemon:
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
             security,
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
         )
         self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         engine.on_state_change(self._health_dirty.set)
@@ -220,6 +222,8 @@ class Daemon:
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
             security,
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
         )
         self._stack.push_async_callback(self.server.stop, 0)
         engine.on_state_change(self._health_dirty.set)

@@ -74,6 +74,7 @@ class Engine:
         watch_max_lag: int = 1_000,
         watch_max_streams: int = 10_000,
         watch_max_streams_per_connection: int = 1_000,
+        watch_send_timeout: float = 30.0,
         stall_after: float = 30.0,
         make_table: Callable[[TableSchema], TableCache] | None = None,
     ) -> None:
@@ -104,6 +105,7 @@ class Engine:
             max_lag=watch_max_lag,
             max_streams=watch_max_streams,
             max_streams_per_connection=watch_max_streams_per_connection,
+            send_timeout=watch_send_timeout,
         )
         for schema in schemas:
             name = schema.qualified
@@ -168,6 +170,7 @@ class Engine:
             watch_max_lag=config.watch_max_lag,
             watch_max_streams=config.watch_max_streams,
             watch_max_streams_per_connection=config.watch_max_streams_per_connection,
+            watch_send_timeout=config.watch_send_timeout,
             stall_after=config.stall_seconds,
             make_table=make_table,
         )

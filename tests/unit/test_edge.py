@@ -106,7 +106,16 @@ async def serve() -> AsyncIterator[Serve]:
         engine.attach(source)
         following.append((asyncio.create_task(source.follow(engine)), engine))
         await eventually(lambda: engine.ready)
-        result = await server.start(engine, config.listen, None, health_listen, auth.load(config))
+        engine.hub.send_timeout = config.watch_send_timeout
+        result = await server.start(
+            engine,
+            config.listen,
+            None,
+            health_listen,
+            auth.load(config),
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
+        )
         started.append(result)
         await result.set_serving(True)
         return result
@@ -196,7 +205,9 @@ async def test_a_certificate_from_another_ca_is_refused_naming_the_ca_file(serve
 async def test_an_expired_server_certificate_is_named(pki):
     # (The sidecar refuses to serve one, see below: a plain grpc server does.)
     other = grpc.aio.server()
-    credentials = grpc.ssl_server_credentials([(pki.expired_server.key.read_bytes(), pki.expired_server.cert.read_bytes())])
+    credentials = grpc.ssl_server_credentials(
+        [(pki.expired_server.key.read_bytes(), pki.expired_server.cert.read_bytes())]
+    )
     port = other.add_secure_port("127.0.0.1:0", credentials)
     await other.start()
     try:
@@ -385,7 +396,9 @@ async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp
 
 
 def token_complaints(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if getattr(r, "event", None) in ("reload_failed", "token_line_skipped")]
+    return [
+        r.getMessage() for r in caplog.records if getattr(r, "event", None) in ("reload_failed", "token_line_skipped")
+    ]
 
 
 async def test_revoking_a_token_fails_closed(serve, tokens, tmp_path, monkeypatch, caplog):
@@ -572,6 +585,98 @@ async def test_the_health_port_is_plaintext_and_serves_health_alone(serve, pki, 
         assert (await call(health_target, method=method)).code == grpc.StatusCode.UNIMPLEMENTED, method
     # The main port still wants TLS and a client certificate for health.
     assert (await call(hub.addresses[0], method="Health")).code == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- bounded streams
+
+
+async def open_health_watch(channel: grpc.aio.Channel) -> Any:
+    """A health Watch stream that has delivered its first status."""
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    await asyncio.wait_for(call.read(), 10)
+    return call
+
+
+async def test_health_watch_streams_are_capped_on_every_server_and_check_still_answers(serve):
+    hub = await serve(health_listen=("127.0.0.1:0",), max_health_watches=2)
+    for target in (hub.addresses[0], hub.health_addresses[0]):
+        async with grpc.aio.insecure_channel(target) as channel:
+            open_calls = [await open_health_watch(channel) for _ in range(2)]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await open_health_watch(channel)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server.max_health_watches = 2" in refused.value.details()
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert (await check).status == health_pb2.HealthCheckResponse.SERVING
+            open_calls.pop().cancel()  # a slot freed is taken again
+            await eventually(lambda: all(s.watching < 2 for s in hub.health_services), what="a slot freed")
+            open_calls.append(await open_health_watch(channel))
+            for call in open_calls:
+                call.cancel()
+    assert [s.refused for s in hub.health_services] == [1, 1]
+
+
+async def test_concurrent_calls_are_capped_on_every_server(serve):
+    hub = await serve(health_listen=("127.0.0.1:0",), max_concurrent_calls=2, watch_max_streams=2)
+    request = pb.WatchRequest(tables=["public.items"])
+    async with grpc.aio.insecure_channel(hub.addresses[0]) as channel:
+        streams = [pb_grpc.CacheStub(channel).Watch(request) for _ in range(2)]
+        for stream in streams:
+            await asyncio.wait_for(stream.initial_metadata(), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in streams:
+            stream.cancel()
+    async with grpc.aio.insecure_channel(hub.health_addresses[0]) as channel:
+        watches = [await open_health_watch(channel) for _ in range(2)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in watches:
+            call.cancel()
+
+
+def test_watch_max_streams_may_not_exceed_the_concurrent_calls():
+    with pytest.raises(ConfigError) as error:
+        cfg.load(env={"CACHE_SIDECAR_WATCH_MAX_STREAMS": "500", "CACHE_SIDECAR_SERVER_MAX_CONCURRENT_CALLS": "100"})
+    assert error.value.key == "watch.max_streams" and "server.max_concurrent_calls" in str(error.value)
+
+
+class StuckContext:
+    """A servicer context whose client takes nothing: a write never completes, and the final
+    status queues behind it."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.writes = 0
+
+    async def write(self, _message: Any) -> None:
+        self.writes += 1
+        if self.writes > 1:
+            await asyncio.Future()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        await asyncio.Future()
+
+
+async def test_a_health_watch_whose_client_takes_nothing_is_ended_after_the_send_timeout():
+    from grpc_health.v1 import health
+
+    statuses = health.aio.HealthServicer()
+    service = server.HealthOfOneServer(statuses, max_watches=10, send_timeout=0.2)
+    context = StuckContext()
+    watching = asyncio.create_task(service.Watch(health_pb2.HealthCheckRequest(), context))  # type: ignore[arg-type]
+    await eventually(lambda: context.writes == 1, what="the first status sent")
+    await statuses.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # the second: never taken
+    with pytest.raises(asyncio.CancelledError):  # (the status stays queued behind the data)
+        await asyncio.wait_for(watching, 10)
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "took no message for 0.2 s" in context.aborted[1]
+    assert service.watching == 0
+    # ... and health can still change (the stuck stream held the status lock while it wrote)
+    await asyncio.wait_for(statuses.set("", health_pb2.HealthCheckResponse.SERVING), 5)
 
 
 # ---------------------------------------------------------------- not a sidecar
