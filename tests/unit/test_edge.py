@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar import auth, channels, filewatch, server
-from sidecar import tls as tls_files
 from sidecar import config as cfg
+from sidecar import tls as tls_files
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.channels import UpstreamSecurity

@@ -184,7 +184,7 @@ async def test_an_initial_state_whose_client_takes_a_message_while_more_than_max
         db.put(T, (xid - 899,), version=xid)
         change_keys(engine, xid, Op.UPDATE, [xid - 899])
     await eventually(lambda: engine.applied == engine.seq, what="the batches published")
-    with pytest.raises(FellBehind, match="during its initial state .* start over"):
+    with pytest.raises(FellBehind, match=r"during its initial state .* start over"):
         await next_message(stream)
     assert engine.hub.dropped == 1
     del first
