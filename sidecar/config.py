@@ -451,6 +451,16 @@ class Config:
             minimum=0.1,
         ),
     )
+    watch_snapshot_max_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=declare(
+            "watch.snapshot_max_bytes",
+            "Bytes of old rows that initial-state snapshots may keep alive in all (rows changed or reloaded "
+            "while an initial state is sent); beyond it the oldest snapshots are given up and their streams "
+            "end (RESOURCE_EXHAUSTED; clients start over).",
+            minimum=0,
+        ),
+    )
     max_health_watches: int = field(
         default=1_000,
         metadata=declare(

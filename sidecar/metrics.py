@@ -198,6 +198,29 @@ class _StateCollector(Collector):
         )
         families.append(
             CounterMetricFamily(
+                "cache_sidecar_watch_stalled",
+                "Watch streams ended because their client took no message for watch.send_timeout "
+                "(counted in cache_sidecar_watch_dropped too).",
+                engine.hub.stalled,
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_watch_snapshot_bytes",
+                "Bytes of old rows that initial-state snapshots keep alive (at most watch.snapshot_max_bytes).",
+                engine.retention.held,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_watch_snapshots_given_up",
+                "Initial-state snapshots given up for keeping more than watch.snapshot_max_bytes alive "
+                "(their streams ended; clients start over).",
+                engine.retention.given_up,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
                 "cache_sidecar_watch_refused",
                 "Watch streams refused by watch.max_streams or watch.max_streams_per_connection.",
                 engine.hub.refused,

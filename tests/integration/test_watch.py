@@ -163,9 +163,7 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
         assert sidecar.engine.hub.dropped == 1
 
 
-async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snapshot_released(
-    start_daemon, db, schema
-):
+async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snapshot_released(start_daemon, db, schema):
     # Rows big enough that the client's transport buffers fill and a send really waits.
     await db.execute(
         f"CREATE TABLE {schema}.wide (id int PRIMARY KEY, pad text NOT NULL);"

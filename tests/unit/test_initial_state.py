@@ -208,3 +208,30 @@ async def test_an_initial_state_whose_client_keeps_up_is_not_ended_however_busy_
         message = await next_message(stream)
     assert isinstance(message, SnapshotDone) and rows == ROWS and engine.hub.dropped == 0
     await stream.aclose()
+
+
+async def test_snapshots_that_keep_too_many_old_rows_alive_are_given_up_oldest_first(engine, db):
+    table = table_of(engine)
+    old = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    old_first = await next_message(old)
+    for key in range(1, 1001):  # rewritten under it: it keeps their old entries
+        db.put(T, (key,), version=2)
+    change_keys(engine, 900, Op.UPDATE, range(1, 1001))
+    await eventually(lambda: engine.applied == engine.seq)
+    held = engine.retention.held
+    assert held > 1000 * 64
+    new = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    new_first = await next_message(new)  # (a newer snapshot: it keeps nothing yet)
+    assert table.store.snapshots == 2
+    engine.retention.limit = held + 50 * 64
+    for key in range(1001, 1101):  # both keep these: over the limit, the oldest is given up
+        db.put(T, (key,), version=2)
+    change_keys(engine, 901, Op.UPDATE, range(1001, 1101))
+    await eventually(lambda: engine.applied == engine.seq)
+    assert engine.retention.given_up == 1 and engine.retention.held <= engine.retention.limit
+    with pytest.raises(FellBehind, match=r"watch\.snapshot_max_bytes = .* start over"):
+        await rest_of_snapshot(old, old_first)
+    assert engine.hub.dropped == 1
+    rows, _done = await rest_of_snapshot(new, new_first)  # the newer one goes on, exact
+    assert len(rows) == ROWS and rows[(1,)] == row_json(db.data[T][(1,)])
+    await new.aclose()
