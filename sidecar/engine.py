@@ -48,8 +48,8 @@ from sidecar.replica import Replica, ReplicaTable
 from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
-from sidecar.store import Retention, RowStore, SnapshotGivenUp
 from sidecar.source import ChangeSource, Database, FollowState, NumberedSource, Rows, SourceBatch
+from sidecar.store import Retention, RowStore, SnapshotGivenUp
 from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
