@@ -542,7 +542,8 @@ class Config:
         metadata=declare(
             "server.auth_token_file",
             "Require 'authorization: Bearer <token>' with a token from this file: one a line, '# ' comments; "
-            "'admin <token>' marks one that may call Invalidate (others are read-only). Re-read when it changes.",
+            "'admin <token>' marks one that may call Invalidate (others are read-only). Re-read when it changes, "
+            "failing closed: a bad line is skipped, a missing or tokenless file refuses every call.",
             flag="--auth-token-file",
             metavar="PATH",
             unset="off",
