@@ -161,6 +161,8 @@ class Daemon:
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
             security,
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
         )
         self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         engine.on_state_change(self._health_dirty.set)
@@ -181,7 +183,7 @@ class Daemon:
         self.listener = source.listener
         engine.attach(source, barrier_timeout=config.query_timeout)
         if self.metrics is not None:
-            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders)
+            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders, security)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
@@ -237,11 +239,13 @@ class Daemon:
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
             security,
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
         )
         self._stack.push_async_callback(self.server.stop, 0)
         engine.on_state_change(self._health_dirty.set)
         if self.metrics is not None:
-            self.metrics.watch(engine, None, asyncio.get_running_loop())
+            self.metrics.watch(engine, None, asyncio.get_running_loop(), security)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:

@@ -11,6 +11,8 @@ and the bearer-token check (an interceptor), for a sidecar reached over a pod ne
   read-only token calling a method in ``ADMIN_METHODS`` fails
   ``PERMISSION_DENIED``. Health is exempt: it is served without a token on the
   plaintext health-only port anyway, and a probe has no token to give.
+  Revocation fails closed: a token file that is deleted, unreadable or left with
+  no valid token refuses every call until it is fixed; a bad line is skipped.
 
 The file formats and checks are in ``tokens.py`` and ``tls.py``; re-reading in
 ``filewatch.py``.
@@ -29,7 +31,7 @@ from sidecar import tls
 from sidecar.config import Config
 from sidecar.filewatch import Watched
 from sidecar.service import SERVICE_NAME
-from sidecar.tokens import Role, TokenSet, bearer, token_set_from_files
+from sidecar.tokens import REFUSE_ALL, Role, TokenSet, bearer, reread_token_set, token_set_from_files
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,12 @@ def load(config: Config) -> ServerSecurity:
         )
     if config.auth_token_file is not None:
         security.tokens = Watched(
-            [("server.auth_token_file", config.auth_token_file)], token_set_from_files, "the auth tokens"
+            [("server.auth_token_file", config.auth_token_file)],
+            token_set_from_files,
+            "the auth tokens",
+            reread=reread_token_set,
+            closed=lambda: REFUSE_ALL,
+            closed_means="every call is refused until it holds a valid token again",
         )
     return security
 

@@ -439,6 +439,7 @@ class Config:
             "watch.max_streams",
             "Most Watch streams open at once; more are refused (RESOURCE_EXHAUSTED).",
             minimum=1,
+            at_most="server.max_concurrent_calls",
         ),
     )
     watch_max_streams_per_connection: int = field(
@@ -447,6 +448,43 @@ class Config:
             "watch.max_streams_per_connection",
             "Most Watch streams one client connection (TCP) may hold open; more are refused "
             "(RESOURCE_EXHAUSTED). Unix-socket clients cannot be told apart: only watch.max_streams bounds them.",
+            minimum=1,
+        ),
+    )
+    watch_send_timeout: float = field(
+        default=30.0,
+        metadata=declare(
+            "watch.send_timeout",
+            "Seconds one Watch message may wait for its client to take it; a stream whose client takes "
+            "nothing for longer is ended (RESOURCE_EXHAUSTED, resumable), releasing what it held.",
+            minimum=0.1,
+        ),
+    )
+    watch_snapshot_max_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=declare(
+            "watch.snapshot_max_bytes",
+            "Bytes of old rows that initial-state snapshots may keep alive in all (rows changed or reloaded "
+            "while an initial state is sent); beyond it the oldest snapshots are given up and their streams "
+            "end (RESOURCE_EXHAUSTED; clients start over).",
+            minimum=0,
+        ),
+    )
+    max_health_watches: int = field(
+        default=1_000,
+        metadata=declare(
+            "server.max_health_watches",
+            "Most grpc.health.v1.Health/Watch streams open at once on each server (the main addresses, and "
+            "server.health_listen's); more are refused (RESOURCE_EXHAUSTED). Check is never refused by it.",
+            minimum=1,
+        ),
+    )
+    max_concurrent_calls: int = field(
+        default=20_000,
+        metadata=declare(
+            "server.max_concurrent_calls",
+            "Most calls in flight at once on each server (the main addresses, and server.health_listen's), "
+            "streams included; more are refused at once (RESOURCE_EXHAUSTED).",
             minimum=1,
         ),
     )
@@ -513,7 +551,8 @@ class Config:
         metadata=declare(
             "server.auth_token_file",
             "Require 'authorization: Bearer <token>' with a token from this file: one a line, '# ' comments; "
-            "'admin <token>' marks one that may call Invalidate (others are read-only). Re-read when it changes.",
+            "'admin <token>' marks one that may call Invalidate (others are read-only). Re-read when it changes, "
+            "failing closed: a bad line is skipped, a missing or tokenless file refuses every call.",
             flag="--auth-token-file",
             metavar="PATH",
             unset="off",

@@ -38,7 +38,7 @@ from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
 from sidecar.full import FullTable, Reloading
-from sidecar.hub import Filter, Hub, SharedSnapshot, Snapshot, Subscription
+from sidecar.hub import FellBehind, Filter, Hub, SharedSnapshot, Snapshot, Subscription
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
@@ -49,6 +49,7 @@ from sidecar.revisions import Revision, Revisions, new_epoch
 from sidecar.router import ChangeRouter
 from sidecar.schema import TableSchema
 from sidecar.source import ChangeSource, Database, FollowState, NumberedSource, Rows, SourceBatch
+from sidecar.store import Retention, RowStore, SnapshotGivenUp
 from sidecar.wire import row_json, watch_message
 
 __all__ = ["Engine", "Revision", "new_epoch"]
@@ -74,6 +75,8 @@ class Engine:
         watch_max_lag: int = 1_000,
         watch_max_streams: int = 10_000,
         watch_max_streams_per_connection: int = 1_000,
+        watch_send_timeout: float = 30.0,
+        snapshot_max_bytes: int = 256 * 1024 * 1024,
         stall_after: float = 30.0,
         make_table: Callable[[TableSchema], TableCache] | None = None,
     ) -> None:
@@ -105,6 +108,7 @@ class Engine:
             max_lag=watch_max_lag,
             max_streams=watch_max_streams,
             max_streams_per_connection=watch_max_streams_per_connection,
+            send_timeout=watch_send_timeout,
         )
         for schema in schemas:
             name = schema.qualified
@@ -125,6 +129,12 @@ class Engine:
             else:
                 table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
             self.tables[name] = table
+        # What initial-state snapshots keep alive, bounded across tables (see store.Retention).
+        self.retention = Retention(snapshot_max_bytes)
+        for table in self.tables.values():
+            store = getattr(table, "store", None)
+            if isinstance(store, RowStore):
+                store.retention = self.retention
         self.router = ChangeRouter(self.tables, self.revisions, self.hub)
         # Initial states being streamed, by store snapshot and revision: streams that start
         # together share their messages (gone with the last stream that reads them).
@@ -169,6 +179,8 @@ class Engine:
             watch_max_lag=config.watch_max_lag,
             watch_max_streams=config.watch_max_streams,
             watch_max_streams_per_connection=config.watch_max_streams_per_connection,
+            watch_send_timeout=config.watch_send_timeout,
+            snapshot_max_bytes=config.watch_snapshot_max_bytes,
             stall_after=config.stall_seconds,
             make_table=make_table,
         )
@@ -563,7 +575,16 @@ class Engine:
                 shared = SharedSnapshot(epoch, revision, name, view, row_json, watch_message, SNAPSHOT_CHUNK)
                 self._initial_states[key] = shared
             parts.append(shared)
-        return itertools.chain.from_iterable(part.messages() for part in parts)
+        return self._unless_given_up(itertools.chain.from_iterable(part.messages() for part in parts))
+
+    def _unless_given_up(self, messages: Iterator[Snapshot]) -> Iterator[Snapshot]:
+        """``messages``, ending the stream (fell behind: start over) if its snapshot is given up
+        (it kept too many old rows alive: see ``store.Retention``)."""
+        try:
+            yield from messages
+        except SnapshotGivenUp as exc:
+            self.hub.dropped += 1
+            raise FellBehind(f"watch fell behind during its initial state: {exc}") from None
 
     # ------------------------------------------------------------ the sidecar's own changes
 

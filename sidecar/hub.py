@@ -30,7 +30,7 @@ import bisect
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +50,10 @@ class OutOfRange(SidecarError):
 
 class FellBehind(SidecarError):
     """The subscriber fell too far behind and was ended: resume from its last revision."""
+
+
+class Stalled(FellBehind):
+    """The subscriber's client took no message for ``send_timeout`` seconds and was ended."""
 
 
 class ShuttingDown(SidecarError):
@@ -190,6 +194,7 @@ class Hub:
         max_lag: int = 1_000,
         max_streams: int = 10_000,
         max_streams_per_connection: int = 1_000,
+        send_timeout: float = 30.0,
     ) -> None:
         self._rows_of = rows_of  # a full table's rows (key -> cache entry); None for lazy tables
         self._row_json = row_json
@@ -198,6 +203,10 @@ class Hub:
         self.max_lag = max_lag
         self.max_streams = max_streams
         self.max_streams_per_connection = max_streams_per_connection
+        # Seconds one message may wait for the client to take it (the gRPC layer times its
+        # sends: a client that stops reading would otherwise hold its stream, and the
+        # snapshot it reads, for as long as its connection lives).
+        self.send_timeout = send_timeout
         # Plain variables, so that tests can change them (as etcd's watchable store does):
         self.view_window = 64  # the newest batches whose filtered views are shared
         self.max_group = 512  # most batches handed over in one Batches message
@@ -221,7 +230,8 @@ class Hub:
         self._waking: asyncio.Handle | None = None  # the next slice of wake-ups, when scheduled
         self._paced: set[Subscription] = set()  # subscribers owed progress marks when idle
         self._ticker: asyncio.TimerHandle | None = None
-        self.dropped = 0  # subscribers ended for falling behind
+        self.dropped = 0  # subscribers ended for falling behind (stalled ones included)
+        self.stalled = 0  # subscribers ended because a message waited longer than send_timeout
         self.refused = 0  # subscriptions refused by max_streams / max_streams_per_connection
         self.closing = False
         self.published_batches = 0
@@ -558,7 +568,7 @@ class Subscription:
             batch = hub.next_after(self.position)
         return group
 
-    async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncIterator[Message]:
+    async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncGenerator[Message, None]:
         """What to send, in order, until the client goes away or falls behind.
 
         A subscriber falls behind when, while one message was being handed to
@@ -645,8 +655,26 @@ class Subscription:
                     await asyncio.sleep(0)
             if chunk is None:
                 break
+            before = self.hub.published
             yield chunk
+            # As for batches (see messages): a client that takes one message while more than
+            # max_lag batches are published is not reading, and the snapshot it pins keeps
+            # the old entry of every row those batches changed.
+            if self.hub.published - before > self.hub.max_lag:
+                self.hub.dropped += 1
+                raise FellBehind(
+                    f"watch fell behind during its initial state ({self.hub.published - before} batches "
+                    f"published while one message waited, more than watch.max_lag = {self.hub.max_lag}); "
+                    "an initial state cannot be resumed: start over"
+                )
         yield SnapshotDone(self.epoch, self.position)
+
+    def stalled(self) -> Stalled:
+        """Its client took no message for ``send_timeout`` seconds: the error that ends it."""
+        hub = self.hub
+        hub.dropped += 1
+        hub.stalled += 1
+        return Stalled(self._behind(f"its client took no message for {hub.send_timeout:g} s, watch.send_timeout"))
 
     def _behind(self, why: str) -> str:
         return f"watch fell behind ({why}); last delivered revision {self.last_revision}; resume from it"

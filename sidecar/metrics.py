@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.addresses import parse_listen_address
+from sidecar.auth import ServerSecurity
 from sidecar.engine import Engine
 from sidecar.full import FullTable
 from sidecar.listener import Listener
@@ -61,11 +62,15 @@ class Metrics:
         listener: Listener | None,
         loop: asyncio.AbstractEventLoop,
         senders: SenderGate | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
         """Report the state of ``engine``, ``listener`` and ``senders`` (read on ``loop``; a
-        follower has no listener; no sender gate when senders are not checked)."""
+        follower has no listener; no sender gate when senders are not checked), and of the
+        credential files of ``security``."""
         engine.on_barrier = self.barrier_seconds.observe
         self.registry.register(_StateCollector(engine, listener, loop, self, senders))
+        if security is not None:
+            self.registry.register(CredentialCollector(security))
 
     def serve(self, listen: str) -> str:
         """Start the HTTP endpoint; return the address it is bound to."""
@@ -212,6 +217,29 @@ class _StateCollector(Collector):
         )
         families.append(
             CounterMetricFamily(
+                "cache_sidecar_watch_stalled",
+                "Watch streams ended because their client took no message for watch.send_timeout "
+                "(counted in cache_sidecar_watch_dropped too).",
+                engine.hub.stalled,
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_watch_snapshot_bytes",
+                "Bytes of old rows that initial-state snapshots keep alive (at most watch.snapshot_max_bytes).",
+                engine.retention.held,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "cache_sidecar_watch_snapshots_given_up",
+                "Initial-state snapshots given up for keeping more than watch.snapshot_max_bytes alive "
+                "(their streams ended; clients start over).",
+                engine.retention.given_up,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
                 "cache_sidecar_watch_refused",
                 "Watch streams refused by watch.max_streams or watch.max_streams_per_connection.",
                 engine.hub.refused,
@@ -296,6 +324,44 @@ def _senders(stats: SenderStats) -> list[Any]:
             "cache_sidecar_sender_checks", "Look-ups of whether a sending backend may write a table.", stats.checks
         ),
     ]
+
+
+class CredentialCollector(Collector):
+    """The server's certificate and token files as last re-read (read in the scraping
+    thread: ``Watched`` is thread-safe)."""
+
+    def __init__(self, security: ServerSecurity) -> None:
+        self.security = security
+
+    def collect(self) -> Iterator[Any]:
+        failures = CounterMetricFamily(
+            "cache_sidecar_credential_reload_failures",
+            "Re-reads of a credential file that failed, by file (tokens: missing, unreadable or no valid "
+            "token -- every call is then refused; certificate: bad or not valid now -- the last good one "
+            "stays); each problem counted once.",
+            labels=["file"],
+        )
+        failing = GaugeMetricFamily(
+            "cache_sidecar_credential_file_failing", "1 while the file's last re-read failed.", labels=["file"]
+        )
+        for name, watched in (("certificate", self.security.certificates), ("tokens", self.security.tokens)):
+            if watched is not None:
+                watched.value  # noqa: B018 (looks at the file now, as a call would)
+                failures.add_metric([name], watched.failures)
+                failing.add_metric([name], int(watched.failing))
+        yield failures
+        yield failing
+        tokens = self.security.tokens
+        if tokens is not None:
+            current = tokens.value
+            yield GaugeMetricFamily(
+                "cache_sidecar_auth_tokens", "Tokens in force (0: every call is refused).", len(current)
+            )
+            yield GaugeMetricFamily(
+                "cache_sidecar_auth_token_lines_skipped",
+                "Lines of the token file skipped as invalid when it was last read (each logged).",
+                len(current.skipped),
+            )
 
 
 def _upstream(state: FollowState) -> list[Any]:

@@ -11,6 +11,12 @@ for the kubelet's gRPC probes, which must reach the pod's IP. It is always
 plaintext (the kubelet's gRPC probes cannot do TLS) and serves nothing but
 ``grpc.health.v1``.
 
+Every server is bounded: at most ``server.max_concurrent_calls`` calls in flight
+(grpc refuses more with RESOURCE_EXHAUSTED before any handler runs) and at most
+``server.max_health_watches`` health Watch streams (``HealthOfOneServer``; Check
+is never refused by it); health Watch messages, as Cache Watch ones, are sent
+within ``watch.send_timeout``.
+
 TLS and tokens on the main addresses (``auth.py``): a ``ServerSecurity``.
 """
 
@@ -21,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +37,7 @@ from sidecar.addresses import ListenAddress, parse_listen_address
 from sidecar.auth import ServerSecurity
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
-from sidecar.service import SERVICE_NAME, CacheService, add_to_server
+from sidecar.service import SERVICE_NAME, CacheService, add_to_server, end_stream, send_within
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,64 @@ def max_receive_bytes(max_batch_keys: int) -> int:
 
 
 LIVENESS = "liveness"
+MAX_HEALTH_WATCHES = 1_000  # (server.max_health_watches' default)
+MAX_CONCURRENT_CALLS = 20_000  # (server.max_concurrent_calls' default)
+
+
+class _SendTimedOut(Exception):
+    pass
+
+
+class _TimedWrites:
+    """A servicer context whose ``write`` gives up after ``timeout`` seconds (``_SendTimedOut``)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, timeout: float) -> None:
+        self._context = context
+        self._timeout = timeout
+
+    async def write(self, message: Any) -> None:
+        if not await send_within(self._context, message, self._timeout):
+            raise _SendTimedOut
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class HealthOfOneServer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """``grpc.health.v1`` on one server: the shared statuses' Check and Watch, with at most
+    ``max_watches`` Watch streams open at once and each message sent within ``send_timeout``
+    (health needs no token: without a cap, anyone who can connect could open streams
+    until the process runs out of memory)."""
+
+    def __init__(self, statuses: health.aio.HealthServicer, max_watches: int, send_timeout: float) -> None:
+        self.statuses = statuses
+        self.max_watches = max_watches
+        self.send_timeout = send_timeout
+        self.watching = 0
+        self.refused = 0
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self.statuses.Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if self.watching >= self.max_watches:
+            self.refused += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health Watch streams: {self.watching} are open, the most this server serves "
+                f"(server.max_health_watches = {self.max_watches}); use Check, or raise server.max_health_watches",
+            )
+        self.watching += 1
+        try:
+            await self.statuses.Watch(request, _TimedWrites(context, self.send_timeout))
+        except _SendTimedOut:
+            await end_stream(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"health Watch ended: its client took no message for {self.send_timeout:g} s (watch.send_timeout)",
+            )
+        finally:
+            self.watching -= 1
 
 
 @dataclass
@@ -63,8 +128,10 @@ class Server:
     health: health.aio.HealthServicer
     addresses: list[str] = field(default_factory=list)  # as bound (ports resolved)
     health_server: grpc.aio.Server | None = None
+    health_services: list[HealthOfOneServer] = field(default_factory=list)  # (main server's first)
     health_addresses: list[str] = field(default_factory=list)
     stopped: bool = False
+    security: ServerSecurity | None = None  # the main addresses' (its files' state: metrics)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -90,14 +157,19 @@ async def start(
     observe: Callable[[str, float], None] | None = None,
     health_listen: Sequence[str] = (),
     security: ServerSecurity | None = None,
+    *,
+    max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
+    max_health_watches: int = MAX_HEALTH_WATCHES,
 ) -> Server:
     """Bind every address and start serving; health starts NOT_SERVING (liveness SERVING)."""
-    result = _build(engine, listen, observe, security or ServerSecurity())
+    result = _build(engine, listen, observe, security or ServerSecurity(), max_concurrent_calls, max_health_watches)
     if health_listen:
         # As on the main server: with SO_REUSEPORT a second sidecar would share the port
         # and the kubelet would probe either at random.
-        result.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(result.health, result.health_server)
+        result.health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_calls
+        )
+        _add_health(result, result.health_server, max_health_watches, engine.hub.send_timeout)
         for text in health_listen:
             port = _bind(result.health_server, text, text, None, "server.health_listen")
             result.health_addresses.append(f"{parse_listen_address(text).host}:{port}")
@@ -109,8 +181,19 @@ async def start(
     return result
 
 
+def _add_health(result: Server, server: grpc.aio.Server, max_watches: int, send_timeout: float) -> None:
+    service = HealthOfOneServer(result.health, max_watches, send_timeout)
+    health_pb2_grpc.add_HealthServicer_to_server(service, server)
+    result.health_services.append(service)
+
+
 def _build(
-    engine: Engine, listen: Sequence[str], observe: Callable[[str, float], None] | None, security: ServerSecurity
+    engine: Engine,
+    listen: Sequence[str],
+    observe: Callable[[str, float], None] | None,
+    security: ServerSecurity,
+    max_concurrent_calls: int,
+    max_health_watches: int,
 ) -> Server:
     server = grpc.aio.server(
         interceptors=security.interceptors,
@@ -119,12 +202,13 @@ def _build(
             ("grpc.max_receive_message_length", max_receive_bytes(engine.max_batch_keys)),
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=max_concurrent_calls,
     )
     add_to_server(CacheService(engine, observe, max_message_bytes=MAX_SEND_BYTES), server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    result = Server(server, health_servicer)
+    result = Server(server, health_servicer, security=security)
+    _add_health(result, server, max_health_watches, engine.hub.send_timeout)
     for text in listen:
         address = parse_listen_address(text)
         if address.unix_path is not None:

@@ -5,9 +5,10 @@ domain errors to status codes. Nothing else lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -27,7 +28,7 @@ from sidecar.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
-from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Subscription, TooManyStreams
+from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Stalled, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.progress import LoadProgress
 from sidecar.wire import TooLarge, row_too_large
@@ -123,6 +124,33 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cache"].full_name
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
+
+
+# Seconds a stream's final status may take to be handed over once its client stopped
+# reading: it queues behind the data the client has not taken (and reaches the client
+# if it ever reads on), so the handler does not wait for it longer.
+STATUS_WAIT = 1.0
+
+
+async def send_within(context: grpc.aio.ServicerContext, message: Any, timeout: float) -> bool:
+    """Send one stream message; False when the client took none of it within ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            await context.write(message)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def end_stream(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a stream with ``code``; always raises (grpc's abort error, or, when the status
+    cannot be handed over within ``STATUS_WAIT``, a cancellation: the handler ends, the
+    status stays queued)."""
+    try:
+        async with asyncio.timeout(STATUS_WAIT):
+            await context.abort(code, details)
+    except TimeoutError:
+        raise asyncio.CancelledError from None
 
 
 class _CallExpired(Exception):
@@ -393,8 +421,10 @@ class CacheService:
             )
         return answer
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Streams encoded WatchResponse messages (see the README's Watch contract)."""
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        """Streams encoded WatchResponse messages (see the README's Watch contract), each
+        sent within the hub's ``send_timeout`` (a client that takes none for longer is ended:
+        it would hold its stream and the snapshot it reads for as long as it likes)."""
         engine = self.engine
         await engine.started()  # no epoch before the listener first connects
         try:
@@ -409,12 +439,16 @@ class CacheService:
             await context.send_initial_metadata(
                 (("cachesidecar-epoch", subscription.epoch), ("cachesidecar-revision", subscription.last_revision))
             )
-            async for message in subscription.messages(engine.until_ready):
-                for encoded in wire.watch_messages(message, self.max_message_bytes):
-                    yield encoded
+            async with contextlib.aclosing(subscription.messages(engine.until_ready)) as messages:
+                async for message in messages:
+                    for encoded in wire.watch_messages(message, self.max_message_bytes):
+                        if not await send_within(context, encoded, engine.hub.send_timeout):
+                            raise subscription.stalled()
         except (FellBehind, ShuttingDown, TooLarge) as exc:
+            if isinstance(exc, Stalled):
+                log.info("%s: %s", context.peer(), exc, extra={"event": "watch_stalled"})
             context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
-            await context.abort(status_of(exc), str(exc))
+            await end_stream(context, status_of(exc), str(exc))
         finally:
             engine.unsubscribe(subscription)
 

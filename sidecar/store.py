@@ -14,6 +14,11 @@ the store, of each key's entry as it was before its first change since the
 snapshot (``None``: the key was not there). Every mutation goes through the
 store and feeds the live snapshots first; a snapshot nobody holds any more is
 gone (weak references) and costs nothing.
+
+What live snapshots keep alive (old entries; a replaced rows dict) is bounded by
+a ``Retention`` shared by every store: past its limit, the oldest snapshots are
+given up (``Snapshot.items`` raises ``SnapshotGivenUp``; their streams end and
+start over) and what they held is released at once, whoever still holds them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 from sidecar import heap
+from sidecar.errors import SidecarError
 from sidecar.indexes import IndexQuery, IndexSet
 from sidecar.keys import Key
 from sidecar.schema import TableSchema
@@ -38,6 +44,49 @@ Row = bytes | None
 _MARK: Key = (object(),)
 _not_mark = functools.partial(operator.is_not, _MARK)
 _UNCHANGED = object()
+_KEY_COST = 64  # bytes a kept entry costs beyond its own (dict slot, key)
+
+
+class SnapshotGivenUp(SidecarError):
+    """The snapshot kept too much alive and was given up: read the rows again."""
+
+
+class Retention:
+    """The bytes that live snapshots keep alive, across stores, bounded by ``limit``:
+    past it the oldest are given up (a plain variable, so that tests can change it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._live: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+        self._made = 0
+        self.given_up = 0  # snapshots given up (metrics, tests)
+
+    def track(self, view: Snapshot) -> None:
+        self._made += 1
+        view.order = self._made
+        self._live.add(view)
+
+    @property
+    def held(self) -> int:
+        """Bytes the live snapshots keep alive now."""
+        return sum(view.retained for view in self._live)
+
+    def check(self) -> None:
+        """Give up the oldest snapshots while they keep more than ``limit`` alive."""
+        held = self.held
+        if held <= self.limit:
+            return
+        for view in sorted(self._live, key=operator.attrgetter("order")):
+            if held <= self.limit:
+                break
+            held -= view.retained
+            view.give_up(
+                f"the table changed so much while its initial state was being sent that the snapshot kept "
+                f"{view.retained} bytes of old rows alive (watch.snapshot_max_bytes = {self.limit} for all "
+                "snapshots together); start over"
+            )
+            self._live.discard(view)
+            self.given_up += 1
 
 
 class RowStore:
@@ -51,6 +100,7 @@ class RowStore:
         self.version = 0  # rises with every change of the rows
         self._views: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self._shared: weakref.ref[Snapshot] | None = None  # the newest snapshot, while alive
+        self.retention: Retention | None = None  # the bound on what snapshots keep alive (the engine's)
         self._reloading = False  # the mark is in the rows
 
     def __len__(self) -> int:
@@ -90,6 +140,12 @@ class RowStore:
                     indexes.put(key, row)
         if changed:
             self.version += 1
+            if views:
+                self._check_retention()
+
+    def _check_retention(self) -> None:
+        if self.retention is not None:
+            self.retention.check()
 
     def replace(self, rows: Rows) -> None:
         """The whole table at once (from scratch: live snapshots keep the old rows)."""
@@ -136,6 +192,8 @@ class RowStore:
                         view.changing(key, old)
                     if indexes is not None:
                         indexes.put(key, entry)
+            if views:
+                self._check_retention()
         self.version += 1
 
     def finish_reload(self) -> int:
@@ -156,6 +214,8 @@ class RowStore:
                 indexes.delete(key)
         if indexes is not None:
             indexes.flush()
+        if views:
+            self._check_retention()
         self.version += 1
         heap.built(len(table))  # (a first load fills the dict in place: it is new to the collector)
         return len(gone)
@@ -173,18 +233,25 @@ class RowStore:
     def snapshot(self) -> Snapshot:
         """The rows as they are now, to read at leisure (shared while nothing changed)."""
         shared = self._shared() if self._shared is not None else None
-        if shared is not None and shared.version == self.version and shared.rows is self.rows:
+        if shared is not None and shared.version == self.version and shared.rows is self.rows and not shared.lost:
             return shared
         view = Snapshot(self.rows, self.version, self._reloading)
         heap.built(len(view.keys))  # (its list of keys is as long as the table)
         self._views.add(view)
+        if self.retention is not None:
+            self.retention.track(view)
         self._shared = weakref.ref(view)
         return view
 
     def _detach(self) -> None:
         """The rows dict is about to be dropped, not changed: snapshots keep it, as it is."""
+        views = list(self._views)
+        for view in views:
+            view.retained += self._bytes + _KEY_COST * len(self.rows)
         self._views = weakref.WeakSet()
         self._shared = None
+        if views:
+            self._check_retention()
 
     @property
     def snapshots(self) -> int:
@@ -215,7 +282,7 @@ class Snapshot:
     ``items`` answer what each key held then, however the store changed since.
     """
 
-    __slots__ = ("__weakref__", "_before", "keys", "rows", "version")
+    __slots__ = ("__weakref__", "_before", "keys", "lost", "order", "retained", "rows", "version")
 
     def __init__(self, rows: Rows, version: int, reloading: bool) -> None:
         self.rows = rows  # the store's dict (changed in place; each change recorded here first)
@@ -225,14 +292,24 @@ class Snapshot:
             keys.remove(_MARK)
         self.keys = keys
         self._before: dict[Key, Row] = {}  # a key's entry before its first change since
+        self.retained = 0  # bytes kept alive for it (old entries; a replaced rows dict)
+        self.order = 0  # (Retention: older ones are given up first)
+        self.lost: str | None = None  # why it was given up
+
+    def give_up(self, why: str) -> None:
+        """Release what it holds; reading it from now on raises ``SnapshotGivenUp``."""
+        self.lost = why
+        self.rows, self._before, self.keys = {}, {}, []
+        self.retained = 0
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def changing(self, key: Key, old: Row) -> None:
         """The store is about to change ``key``, which holds ``old``."""
-        if key not in self._before:
+        if key not in self._before and self.lost is None:
             self._before[key] = old
+            self.retained += _KEY_COST + (0 if old is None else len(old))
 
     def get(self, key: Key) -> Row:
         before = self._before.get(key, _UNCHANGED)
@@ -240,6 +317,8 @@ class Snapshot:
 
     def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Key, bytes]]:
         """The keys ``keys[start:stop]`` and their entries then."""
+        if self.lost is not None:
+            raise SnapshotGivenUp(self.lost)
         rows, before = self.rows, self._before
         found = []
         for key in self.keys[start:stop]:

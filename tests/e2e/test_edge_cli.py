@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.test_cli import CLI, clean_env, cli, free_port, run_sql, wait_serving
 from tests.support.certs import Authority
+from tests.support.waiting import wait_until
 
 ADMIN_TOKEN = "admin-" + "a" * 32
 READ_TOKEN = "read-" + "r" * 32
@@ -113,6 +114,27 @@ def test_the_command_line_says_why_a_hub_refuses(hub, tmp_path):
     assert missing.returncode == 2 and b"--tls-ca-file: file not found" in missing.stderr, missing.stderr
 
 
+def test_a_deleted_token_file_refuses_every_call_until_a_valid_one_is_back(hub, tmp_path):
+    tokens = tmp_path / "tokens"
+
+    def listing(token_file: Path) -> subprocess.CompletedProcess[bytes]:
+        return cli("tables", "--target", hub.target, "--tls-ca", str(hub.ca), "--token-file", str(token_file))
+
+    assert listing(hub.reader).returncode == 0
+    tokens.unlink()
+    refused = wait_until(lambda: (r := listing(hub.reader)).returncode == 1 and r, 30, what="the reader refused")
+    assert b"refused the token" in refused.stderr, refused.stderr
+    assert listing(hub.admin).returncode == 1
+    replacement = tmp_path / "tokens.new"
+    replacement.write_text(f"{READ_TOKEN}\n")
+    replacement.replace(tokens)
+    wait_until(lambda: listing(hub.reader).returncode == 0, 30, what="the recreated file's token taken")
+    assert listing(hub.admin).returncode == 1  # (revoked: not in the new file)
+    err = stop(hub.process)
+    assert f"cannot re-read the auth tokens ({tokens}): cannot read {tokens}: file not found" in err, err
+    assert "every call is refused until it holds a valid token again" in err
+
+
 def test_a_bad_certificate_file_at_start_exits_2_naming_the_key_and_the_file(postgres, schema, tmp_path):
     run_sql(postgres.dsn, f"CREATE TABLE {schema}.item (id int PRIMARY KEY)")
     ca = Authority(tmp_path / "ca")
@@ -129,6 +151,22 @@ def test_a_bad_certificate_file_at_start_exits_2_naming_the_key_and_the_file(pos
     assert started.returncode == 2, started.stderr
     assert f"config server.tls_cert_file: {issued.cert}".encode() in started.stderr
     assert b"is not this certificate's" in started.stderr
+
+
+def test_an_expired_certificate_at_start_exits_2_naming_the_key_and_the_file(postgres, schema, tmp_path):
+    run_sql(postgres.dsn, f"CREATE TABLE {schema}.item (id int PRIMARY KEY)")
+    expired = Authority(tmp_path / "ca").issue("hub", expired=True)
+    started = subprocess.run(
+        [
+            *(CLI, "serve", "--dsn", postgres.dsn, "--table", f"{schema}.item", "--listen", f"127.0.0.1:{free_port()}"),
+            *("--tls-cert-file", str(expired.cert), "--tls-key-file", str(expired.key)),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert f"config server.tls_cert_file: {expired.cert}: the certificate expired on".encode() in started.stderr
 
 
 def test_a_plaintext_bind_beyond_loopback_warns_at_start(postgres, schema):

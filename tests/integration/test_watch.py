@@ -163,6 +163,32 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
         assert sidecar.engine.hub.dropped == 1
 
 
+async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snapshot_released(start_daemon, db, schema):
+    # Rows big enough that the client's transport buffers fill and a send really waits.
+    await db.execute(
+        f"CREATE TABLE {schema}.wide (id int PRIMARY KEY, pad text NOT NULL);"
+        f"INSERT INTO {schema}.wide SELECT g, repeat(md5(g::text), 625) FROM generate_series(1, 1500) g"
+    )
+    wide = f"{schema}.wide"
+    sidecar = await start_daemon([wide], watch_send_timeout=1.0)
+    table = sidecar.engine.tables[wide]
+    options = [("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(sidecar.target, options=options) as channel:
+        call = pb_grpc.CacheStub(channel).Watch(pb.WatchRequest(tables=[wide], initial_state=True))
+        await asyncio.wait_for(call.initial_metadata(), 10)  # subscribed; it reads nothing from now on
+        await eventually(lambda: sidecar.engine.hub.stalled == 1, timeout=30, what="the stalled stream ended")
+        await eventually(lambda: sidecar.engine.hub.subscribers == 0, what="unsubscribed")
+        await eventually(lambda: table.store.snapshots == 0, what="the snapshot it held released")
+        # Reading at last, the client gets what was sent, then why the stream ended.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async with asyncio.timeout(30):
+                async for _ in call:
+                    pass
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "took no message for 1 s, watch.send_timeout" in info.value.details()
+    assert sidecar.engine.hub.dropped == 1
+
+
 async def test_reset_on_listener_loss_then_the_stream_goes_on(start_daemon, db, items):
     sidecar = await start_daemon([items])
     async with AsyncClient(sidecar.target) as cache:

@@ -70,10 +70,13 @@ class Authority:
         server: bool = True,
         hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1"),
         expired: bool = False,
+        not_yet_valid: bool = False,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         if expired:
             before, after = NOW - datetime.timedelta(days=10), NOW - datetime.timedelta(days=1)
+        elif not_yet_valid:
+            before, after = NOW + datetime.timedelta(days=1), NOW + datetime.timedelta(days=10)
         else:
             before, after = NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=10)
         names: list[x509.GeneralName] = []

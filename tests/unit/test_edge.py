@@ -17,16 +17,19 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar import auth, channels, filewatch, server
 from sidecar import config as cfg
+from sidecar import tls as tls_files
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.channels import UpstreamSecurity
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError
+from sidecar.metrics import CredentialCollector
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.certs import Authority, Issued
 from tests.support.waiting import eventually
@@ -43,6 +46,7 @@ class Pki:
     other_ca: Authority
     server: Issued
     expired_server: Issued
+    future_server: Issued  # not valid yet
     other_server: Issued  # signed by other_ca
     client: Issued
     rogue_client: Issued  # signed by other_ca
@@ -59,6 +63,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         other,
         server=ca.issue("server"),
         expired_server=ca.issue("expired server", expired=True),
+        future_server=ca.issue("future server", not_yet_valid=True),
         other_server=other.issue("other server"),
         client=ca.issue("client", server=False),
         rogue_client=other.issue("rogue client", server=False),
@@ -101,7 +106,16 @@ async def serve() -> AsyncIterator[Serve]:
         engine.attach(source)
         following.append((asyncio.create_task(source.follow(engine)), engine))
         await eventually(lambda: engine.ready)
-        result = await server.start(engine, config.listen, None, health_listen, auth.load(config))
+        engine.hub.send_timeout = config.watch_send_timeout
+        result = await server.start(
+            engine,
+            config.listen,
+            None,
+            health_listen,
+            auth.load(config),
+            max_concurrent_calls=config.max_concurrent_calls,
+            max_health_watches=config.max_health_watches,
+        )
         started.append(result)
         await result.set_serving(True)
         return result
@@ -188,11 +202,82 @@ async def test_a_certificate_from_another_ca_is_refused_naming_the_ca_file(serve
     assert f"not signed by a CA in {pki.other_ca.cert_file}" in outcome.explained
 
 
-async def test_an_expired_server_certificate_is_named(serve, pki):
-    hub = await serve(**tls(pki, pki.expired_server))
-    outcome = await call(hub.addresses[0], trusting(pki))
+async def test_an_expired_server_certificate_is_named(pki):
+    # (The sidecar refuses to serve one, see below: a plain grpc server does.)
+    other = grpc.aio.server()
+    credentials = grpc.ssl_server_credentials(
+        [(pki.expired_server.key.read_bytes(), pki.expired_server.cert.read_bytes())]
+    )
+    port = other.add_secure_port("127.0.0.1:0", credentials)
+    await other.start()
+    try:
+        outcome = await call(f"127.0.0.1:{port}", trusting(pki))
+    finally:
+        await other.stop(0)
     assert outcome.code == grpc.StatusCode.UNAVAILABLE
     assert "certificate has expired" in outcome.explained
+
+
+def test_a_certificate_not_valid_now_is_a_start_up_error_naming_the_key_and_the_file(pki):
+    for issued, words in ((pki.expired_server, "the certificate expired on"), (pki.future_server, "not valid before")):
+        with pytest.raises(ConfigError) as error:
+            auth.load(cfg.Config(**tls(pki, issued)))
+        assert error.value.key == "server.tls_cert_file"
+        assert str(issued.cert) in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_the_validity_dates_are_read_from_every_certificate_of_the_chain(pki):
+    from cryptography import x509
+
+    for issued in (pki.server, pki.expired_server, pki.future_server):
+        parsed = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+        der = parsed.public_bytes(serialization.Encoding.DER)
+        assert tls_files.validity(der) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
+    tls_files.check_dates(pki.server.cert.read_bytes() + pki.ca.cert_file.read_bytes())
+    with pytest.raises(filewatch.FileProblem, match="certificate 2 of the chain expired"):
+        tls_files.check_dates(pki.server.cert.read_bytes() + pki.expired_server.cert.read_bytes())
+    with pytest.raises(filewatch.FileProblem, match="cannot read its validity dates"):
+        tls_files.check_dates(b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n")
+
+
+def test_a_problem_time_may_cure_is_looked_at_again_though_the_file_stays_the_same(tmp_path, monkeypatch):
+    path = write(tmp_path / "f", "x")
+    answers: list[str | None] = [None, "not yet", None]
+
+    def parse(_paths: Any, contents: Any) -> bytes:
+        problem = answers.pop(0)
+        if problem is not None:
+            raise filewatch.FileProblem(problem, retry=True)
+        return bytes(contents[0])
+
+    monkeypatch.setattr(filewatch, "RETRY_INTERVAL", 0.0)
+    watched = filewatch.Watched([("k", str(path))], parse, "a file", interval=3600)
+    write(path, "y")
+    assert not watched.refresh() and watched.failing  # not yet: the old value stays
+    assert watched.refresh()  # the same file, parsed again
+    assert watched.value == b"y" and not watched.failing
+
+
+async def test_a_rotated_certificate_that_is_not_valid_now_is_not_taken(serve, pki, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(filewatch, "RETRY_INTERVAL", 0.0)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    write(cert, pki.server.cert.read_text())
+    write(key, pki.server.key.read_text())
+    hub = await serve(tls_cert_file=str(cert), tls_key_file=str(key))
+    target = hub.addresses[0]
+    caplog.set_level(logging.ERROR, logger="sidecar.filewatch")
+    for bad, words in ((pki.expired_server, "expired on"), (pki.future_server, "not valid before")):
+        caplog.clear()
+        write(key, bad.key.read_text())
+        write(cert, bad.cert.read_text())
+        outcome = await call(target, trusting(pki))  # the last good certificate, still
+        assert outcome.code == grpc.StatusCode.OK, outcome.explained
+        assert any(words in r.getMessage() and "keeping the previous one" in r.getMessage() for r in caplog.records)
+        assert hub_security(hub).certificates.failing  # type: ignore[union-attr]
+    # A good one is taken again.
+    write(key, pki.other_server.key.read_text())
+    write(cert, pki.other_server.cert.read_text())
+    assert (await call(target, trusting(pki, ca=pki.other_ca))).code == grpc.StatusCode.OK
 
 
 async def test_a_certificate_for_another_host_is_named(serve, pki):
@@ -296,7 +381,7 @@ async def test_tokens_and_tls_together(serve, pki, tokens, tmp_path):
     assert (await call(target, good)).code == grpc.StatusCode.OK
 
 
-async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp_path, monkeypatch, caplog):
+async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(filewatch, "CHECK_INTERVAL", 0.0)
     hub = await serve(auth_token_file=str(tokens))
     target = hub.addresses[0]
@@ -309,12 +394,84 @@ async def test_a_rotated_token_file_is_used_without_a_restart(serve, tokens, tmp
     assert (await call(target, new)).code == grpc.StatusCode.OK
     assert (await call(target, old)).code == grpc.StatusCode.UNAUTHENTICATED
 
-    # A bad new file keeps the last good tokens, and says so.
-    with caplog.at_level(logging.ERROR, logger="sidecar.filewatch"):
-        write(tokens, "short\n")
-        assert (await call(target, new)).code == grpc.StatusCode.OK
-    complaints = [r.getMessage() for r in caplog.records if "keeping the previous one" in r.getMessage()]
-    assert complaints and str(tokens) in complaints[0] and "line 1" in complaints[0]
+
+def token_complaints(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if getattr(r, "event", None) in ("reload_failed", "token_line_skipped")
+    ]
+
+
+async def test_revoking_a_token_fails_closed(serve, tokens, tmp_path, monkeypatch, caplog):
+    """Whatever an operator does to the file to revoke a leaked token -- overwrite its line
+    with a mistyped or short one, empty the file, delete it -- the old token stops working."""
+    monkeypatch.setattr(filewatch, "CHECK_INTERVAL", 0.0)
+    hub = await serve(auth_token_file=str(tokens))
+    target = hub.addresses[0]
+    watched = hub_security(hub).tokens
+    leaked = UpstreamSecurity(token_file=token_file(tmp_path, READ_TOKEN, "leaked"))
+    admin = UpstreamSecurity(token_file=token_file(tmp_path, ADMIN_TOKEN, "admin"))
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+
+    caplog.set_level(logging.ERROR, logger="sidecar")
+    # The leaked line replaced by a short token, and by a mistyped one: that line is
+    # skipped (and logged, naming the line, never a token); the other lines still work.
+    for replacement in ("short", "not a token at all", f"amdin {ADMIN_TOKEN}x"):
+        caplog.clear()
+        write(tokens, f"admin {ADMIN_TOKEN}\n{replacement}\n")
+        assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED, replacement
+        assert (await call(target, admin)).code == grpc.StatusCode.OK
+        (complaint,) = token_complaints(caplog)
+        assert str(tokens) in complaint and "line 2" in complaint and "skipped" in complaint
+        assert READ_TOKEN not in complaint and ADMIN_TOKEN not in complaint
+    assert len(watched.value) == 1 and len(watched.value.skipped) == 1
+
+    # Emptied (or only comments): no token at all, every call refused, and said so.
+    write(tokens, f"admin {ADMIN_TOKEN}\n{READ_TOKEN}\n")
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+    failures = watched.failures
+    caplog.clear()
+    write(tokens, "")
+    for who in (leaked, admin):
+        assert (await call(target, who)).code == grpc.StatusCode.UNAUTHENTICATED
+    (complaint,) = token_complaints(caplog)
+    assert "holds no valid token" in complaint and "every call is refused" in complaint
+    assert watched.failing and watched.failures == failures + 1 and len(watched.value) == 0
+
+    # Deleted: every call refused; recreated: its tokens are taken.
+    write(tokens, f"{READ_TOKEN}\n")
+    assert (await call(target, leaked)).code == grpc.StatusCode.OK
+    caplog.clear()
+    tokens.unlink()
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED
+    (complaint,) = token_complaints(caplog)
+    assert "file not found" in complaint and "every call is refused" in complaint
+    assert watched.failing
+    assert credential_metrics(hub) == {
+        ("cache_sidecar_credential_reload_failures", "tokens"): failures + 2,
+        ("cache_sidecar_credential_file_failing", "tokens"): 1,
+        ("cache_sidecar_auth_tokens", ""): 0,
+        ("cache_sidecar_auth_token_lines_skipped", ""): 0,
+    }
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED  # (logged once, not per look)
+    assert len(token_complaints(caplog)) == 1
+    write(tokens, f"admin {ADMIN_TOKEN}\n")
+    assert (await call(target, admin)).code == grpc.StatusCode.OK
+    assert (await call(target, leaked)).code == grpc.StatusCode.UNAUTHENTICATED
+    assert not watched.failing
+
+
+def credential_metrics(hub: server.Server) -> dict[tuple[str, str], float]:
+    """The credential metrics as Prometheus would scrape them: (name, file label) -> value."""
+    found = {}
+    for family in CredentialCollector(hub_security(hub)).collect():
+        for sample in family.samples:
+            found[(sample.name.removesuffix("_total"), sample.labels.get("file", ""))] = sample.value
+    return found
+
+
+def hub_security(hub: server.Server) -> auth.ServerSecurity:
+    assert hub.security is not None
+    return hub.security
 
 
 async def test_the_client_rereads_its_token_file(serve, tokens, tmp_path, monkeypatch):
@@ -428,6 +585,98 @@ async def test_the_health_port_is_plaintext_and_serves_health_alone(serve, pki, 
         assert (await call(health_target, method=method)).code == grpc.StatusCode.UNIMPLEMENTED, method
     # The main port still wants TLS and a client certificate for health.
     assert (await call(hub.addresses[0], method="Health")).code == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- bounded streams
+
+
+async def open_health_watch(channel: grpc.aio.Channel) -> Any:
+    """A health Watch stream that has delivered its first status."""
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    await asyncio.wait_for(call.read(), 10)
+    return call
+
+
+async def test_health_watch_streams_are_capped_on_every_server_and_check_still_answers(serve):
+    hub = await serve(health_listen=("127.0.0.1:0",), max_health_watches=2)
+    for target in (hub.addresses[0], hub.health_addresses[0]):
+        async with grpc.aio.insecure_channel(target) as channel:
+            open_calls = [await open_health_watch(channel) for _ in range(2)]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await open_health_watch(channel)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server.max_health_watches = 2" in refused.value.details()
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert (await check).status == health_pb2.HealthCheckResponse.SERVING
+            open_calls.pop().cancel()  # a slot freed is taken again
+            await eventually(lambda: all(s.watching < 2 for s in hub.health_services), what="a slot freed")
+            open_calls.append(await open_health_watch(channel))
+            for call in open_calls:
+                call.cancel()
+    assert [s.refused for s in hub.health_services] == [1, 1]
+
+
+async def test_concurrent_calls_are_capped_on_every_server(serve):
+    hub = await serve(health_listen=("127.0.0.1:0",), max_concurrent_calls=2, watch_max_streams=2)
+    request = pb.WatchRequest(tables=["public.items"])
+    async with grpc.aio.insecure_channel(hub.addresses[0]) as channel:
+        streams = [pb_grpc.CacheStub(channel).Watch(request) for _ in range(2)]
+        for stream in streams:
+            await asyncio.wait_for(stream.initial_metadata(), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in streams:
+            stream.cancel()
+    async with grpc.aio.insecure_channel(hub.health_addresses[0]) as channel:
+        watches = [await open_health_watch(channel) for _ in range(2)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in watches:
+            call.cancel()
+
+
+def test_watch_max_streams_may_not_exceed_the_concurrent_calls():
+    with pytest.raises(ConfigError) as error:
+        cfg.load(env={"CACHE_SIDECAR_WATCH_MAX_STREAMS": "500", "CACHE_SIDECAR_SERVER_MAX_CONCURRENT_CALLS": "100"})
+    assert error.value.key == "watch.max_streams" and "server.max_concurrent_calls" in str(error.value)
+
+
+class StuckContext:
+    """A servicer context whose client takes nothing: a write never completes, and the final
+    status queues behind it."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.writes = 0
+
+    async def write(self, _message: Any) -> None:
+        self.writes += 1
+        if self.writes > 1:
+            await asyncio.Future()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        await asyncio.Future()
+
+
+async def test_a_health_watch_whose_client_takes_nothing_is_ended_after_the_send_timeout():
+    from grpc_health.v1 import health
+
+    statuses = health.aio.HealthServicer()
+    service = server.HealthOfOneServer(statuses, max_watches=10, send_timeout=0.2)
+    context = StuckContext()
+    watching = asyncio.create_task(service.Watch(health_pb2.HealthCheckRequest(), context))  # type: ignore[arg-type]
+    await eventually(lambda: context.writes == 1, what="the first status sent")
+    await statuses.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # the second: never taken
+    with pytest.raises(asyncio.CancelledError):  # (the status stays queued behind the data)
+        await asyncio.wait_for(watching, 10)
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "took no message for 0.2 s" in context.aborted[1]
+    assert service.watching == 0
+    # ... and health can still change (the stuck stream held the status lock while it wrote)
+    await asyncio.wait_for(statuses.set("", health_pb2.HealthCheckResponse.SERVING), 5)
 
 
 # ---------------------------------------------------------------- not a sidecar

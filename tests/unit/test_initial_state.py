@@ -12,7 +12,7 @@ import pytest
 from sidecar.engine import Engine
 from sidecar.events import Op, RowChange, TableChange
 from sidecar.full import FullTable
-from sidecar.hub import SNAPSHOT, Batch, Filter, Snapshot, SnapshotDone
+from sidecar.hub import SNAPSHOT, Batch, FellBehind, Filter, Snapshot, SnapshotDone
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from sidecar.wire import row_json
 from tests.support.waiting import eventually
@@ -170,3 +170,68 @@ async def test_an_initial_state_lets_other_work_run_between_its_messages(engine,
         await stream.aclose()
     finally:
         running.cancel()
+
+
+async def test_an_initial_state_whose_client_takes_a_message_while_more_than_max_lag_batches_are_published_is_ended(
+    engine, db
+):
+    engine.hub.max_lag = 5
+    table = table_of(engine)
+    stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    first = await next_message(stream)  # one message handed over; the client is slow to take it
+    assert isinstance(first, Snapshot) and table.store.snapshots == 1
+    for xid in range(900, 906):  # six batches while it waited: more than max_lag
+        db.put(T, (xid - 899,), version=xid)
+        change_keys(engine, xid, Op.UPDATE, [xid - 899])
+    await eventually(lambda: engine.applied == engine.seq, what="the batches published")
+    with pytest.raises(FellBehind, match=r"during its initial state .* start over"):
+        await next_message(stream)
+    assert engine.hub.dropped == 1
+    del first
+    gc.collect()
+    assert table.store.snapshots == 0  # the snapshot it pinned (and the old rows it kept) is gone
+
+
+async def test_an_initial_state_whose_client_keeps_up_is_not_ended_however_busy_the_table(engine, db):
+    engine.hub.max_lag = 5
+    stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    message = await next_message(stream)
+    rows = 0
+    xid = 900
+    while isinstance(message, Snapshot):  # a few batches per message taken: each within max_lag
+        rows += len(message.changes)
+        for _ in range(3):
+            xid += 1
+            db.put(T, (1,), version=xid)
+            change_keys(engine, xid, Op.UPDATE, [1])
+        await eventually(lambda: engine.applied == engine.seq)
+        message = await next_message(stream)
+    assert isinstance(message, SnapshotDone) and rows == ROWS and engine.hub.dropped == 0
+    await stream.aclose()
+
+
+async def test_snapshots_that_keep_too_many_old_rows_alive_are_given_up_oldest_first(engine, db):
+    table = table_of(engine)
+    old = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    old_first = await next_message(old)
+    for key in range(1, 1001):  # rewritten under it: it keeps their old entries
+        db.put(T, (key,), version=2)
+    change_keys(engine, 900, Op.UPDATE, range(1, 1001))
+    await eventually(lambda: engine.applied == engine.seq)
+    held = engine.retention.held
+    assert held > 1000 * 64
+    new = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
+    new_first = await next_message(new)  # (a newer snapshot: it keeps nothing yet)
+    assert table.store.snapshots == 2
+    engine.retention.limit = held + 50 * 64
+    for key in range(1001, 1101):  # both keep these: over the limit, the oldest is given up
+        db.put(T, (key,), version=2)
+    change_keys(engine, 901, Op.UPDATE, range(1001, 1101))
+    await eventually(lambda: engine.applied == engine.seq)
+    assert engine.retention.given_up == 1 and engine.retention.held <= engine.retention.limit
+    with pytest.raises(FellBehind, match=r"watch\.snapshot_max_bytes = .* start over"):
+        await rest_of_snapshot(old, old_first)
+    assert engine.hub.dropped == 1
+    rows, _done = await rest_of_snapshot(new, new_first)  # the newer one goes on, exact
+    assert len(rows) == ROWS and rows[(1,)] == row_json(db.data[T][(1,)])
+    await new.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.filewatch import FileProblem
-from sidecar.tokens import Role, bearer, parse_client_token, parse_token_set
+from sidecar.tokens import Role, bearer, parse_client_token, parse_token_set, read_token_set
 
 ADMIN = "A" * 20
 READER = "r-" + "x" * 30
@@ -54,3 +54,14 @@ def test_the_bearer_scheme():
     assert bearer(f"bearer  {READER} ") == READER
     assert bearer(f"Basic {READER}") is None
     assert bearer("Bearer ") is None
+
+
+def test_a_reread_skips_each_bad_line_and_keeps_the_good_ones():
+    content = (
+        f"admin {ADMIN}\nshort\n{READER[:-2]}\xe9\n".encode() + b"\xff\xfe\n" + f"root {READER}\n{READER}\n".encode()
+    )
+    tokens = read_token_set(content)
+    assert tokens.role(ADMIN) is Role.ADMIN and tokens.role(READER) is Role.READ and len(tokens) == 2
+    assert [reason.split(":")[0] for reason in tokens.skipped] == ["line 2", "line 3", "line 4", "line 5"]
+    assert all(READER not in reason and ADMIN not in reason for reason in tokens.skipped)
+    assert len(read_token_set(b"# nothing left\n\n")) == 0  # (the server then refuses every call)
