@@ -183,7 +183,7 @@ class Daemon:
         self.listener = source.listener
         engine.attach(source, barrier_timeout=config.query_timeout)
         if self.metrics is not None:
-            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders, security)
+            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders, security=security)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
@@ -245,7 +245,7 @@ class Daemon:
         self._stack.push_async_callback(self.server.stop, 0)
         engine.on_state_change(self._health_dirty.set)
         if self.metrics is not None:
-            self.metrics.watch(engine, None, asyncio.get_running_loop(), security)
+            self.metrics.watch(engine, None, asyncio.get_running_loop(), security=security)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:

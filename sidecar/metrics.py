@@ -62,6 +62,7 @@ class Metrics:
         listener: Listener | None,
         loop: asyncio.AbstractEventLoop,
         senders: SenderGate | None = None,
+        *,
         security: ServerSecurity | None = None,
     ) -> None:
         """Report the state of ``engine``, ``listener`` and ``senders`` (read on ``loop``; a
