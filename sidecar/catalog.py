@@ -58,6 +58,7 @@ class TableState:
     columns: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
     triggers: str = "missing"  # triggers.installed_state: current, outdated, missing
+    trigger_problems: tuple[str, ...] = ()  # triggers.inspect: what is not as installed, or not firing
 
 
 def shape(schema: TableSchema) -> tuple[Any, ...]:
@@ -71,8 +72,8 @@ async def table_state(conn: Any, trigger_set: triggers.TriggerSet) -> TableState
     row = await conn.fetchrow(STATE_SQL, config.schema, config.name)
     if row is None:
         return TableState(None)
-    installed = await triggers.installed_state(conn, trigger_set)
-    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed)
+    installed = await triggers.inspect(conn, trigger_set)
+    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed.status, installed.problems)
 
 
 class CatalogWatch:
@@ -90,6 +91,7 @@ class CatalogWatch:
         fail: Callable[[str, str], None],
         problem: Callable[[str], str | None],
         interval: float = 10.0,
+        capture_changed: Callable[[], None] | None = None,
     ) -> None:
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
@@ -103,6 +105,10 @@ class CatalogWatch:
         self._known: dict[str, TableState] = {}
         self._poke = asyncio.Event()
         self.checks = 0
+        # Cached tables not served because their triggers would not tell of a change
+        # (health says NOT_SERVING while any is here), and whom to tell when this changes.
+        self.capture_problems: dict[str, str] = {}
+        self._capture_changed = capture_changed
 
     def poke(self) -> None:
         """Check soon (the listener reconnected)."""
@@ -165,30 +171,56 @@ class CatalogWatch:
                         extra={"event": "schema_changed", "table": name},
                     )
                 if state.oid is not None and state.triggers != "current" and self._install:
-                    try:
-                        await triggers.install(conn, [trigger_set])
-                    except SidecarError as exc:
-                        log.warning("cannot reinstall the triggers on %s: %s", name, exc)
-                    else:
-                        log.info("reinstalled the triggers on %s", name)
+                    await self._reinstall(conn, name, state, trigger_set)
                     state = await table_state(conn, trigger_set)
                 self._known[name] = state
                 await self._settle(name, state, readers, changed)
 
+    async def _reinstall(self, conn: Any, name: str, state: TableState, trigger_set: triggers.TriggerSet) -> None:
+        what = "; ".join(state.trigger_problems) or state.triggers
+        try:
+            await triggers.install(conn, [trigger_set])
+        except SidecarError as exc:
+            log.warning("cannot reinstall the triggers on %s (%s): %s", name, what, exc)
+        else:
+            log.warning(
+                "reinstalled the triggers on %s: %s",
+                name,
+                what,
+                extra={"event": "triggers_reinstalled", "table": name},
+            )
+
+    def _capture(self, reader: str, problem: str | None) -> None:
+        """Record whether ``reader`` is not served because its changes may go unreported."""
+        if problem is None:
+            if self.capture_problems.pop(reader, None) is None:
+                return
+        elif self.capture_problems.get(reader) == problem:
+            return
+        else:
+            self.capture_problems[reader] = problem
+        if self._capture_changed is not None:
+            self._capture_changed()
+
     async def _settle(self, name: str, state: TableState, readers: list[str], changed: bool) -> None:
-        channel = self._sets[name].channel
+        trigger_set = self._sets[name]
         for reader in readers:
             if state.oid is None:
+                self._capture(reader, None)
                 self._fail(reader, f"{name} does not exist (dropped?)")
                 continue
             if state.triggers != "current":
-                self._fail(
-                    reader,
-                    f"the cache-sidecar triggers on {name} are {state.triggers}: they must notify channel "
-                    f"{channel} with this version's definition; run 'cache-sidecar triggers install' "
-                    "(or start with --install-triggers)",
+                what = "; ".join(state.trigger_problems) or f"{state.triggers}"
+                problem = (
+                    f"the cache-sidecar triggers on {name} would not report every change ({what}): they must "
+                    f"be installed and enabled on it and on its partitions and children, notifying channel "
+                    f"{trigger_set.channel} with this version's definition; run 'cache-sidecar triggers install' "
+                    "as the table's owner (or start with --install-triggers)"
                 )
+                self._capture(reader, problem)
+                self._fail(reader, problem)
                 continue
+            self._capture(reader, None)
             old = self._schemas[reader]
             try:
                 new = await self._describe(old.config)
