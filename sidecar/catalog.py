@@ -206,8 +206,8 @@ class CatalogWatch:
         trigger_set = self._sets[name]
         for reader in readers:
             if state.oid is None:
-                self._capture(reader, None)
                 self._fail(reader, f"{name} does not exist (dropped?)")
+                self._capture(reader, None)
                 continue
             if state.triggers != "current":
                 what = "; ".join(state.trigger_problems) or f"{state.triggers}"
@@ -220,12 +220,12 @@ class CatalogWatch:
                 self._capture(reader, problem)
                 self._fail(reader, problem)
                 continue
-            self._capture(reader, None)
             old = self._schemas[reader]
             try:
                 new = await self._describe(old.config)
             except SidecarError as exc:
                 self._fail(reader, str(exc))
+                self._capture(reader, None)
                 continue
             if shape(new) != shape(old):
                 self._fail(
@@ -233,8 +233,10 @@ class CatalogWatch:
                     f"its key or indexed columns changed ({_columns(old)} -> {_columns(new)}); "
                     "restart the sidecar to cache the new shape",
                 )
+                self._capture(reader, None)
                 continue
             self._reload(reader, f"{name} changed in the catalog" if changed else "it can be served again")
+            self._capture(reader, None)  # (after the reload began: health waits for it, not SERVING before)
 
 
 def _columns(schema: TableSchema) -> str:
