@@ -147,7 +147,10 @@ async def test_an_install_from_before_per_configuration_names_is_replaced(pg):
     described = await describe_table(conn, TableConfig(schema=schema, name="items"))
     trigger_set = triggers.TriggerSet(described, CHANNEL, 1000)
     legacy = f"{schema}.{trigger_set.legacy_function_name}"
-    comment = f"cache-sidecar change capture for {described.qualified} (channel {CHANNEL}, bulk_threshold 1000, fingerprint 0123456789abcdef)"
+    comment = (
+        f"cache-sidecar change capture for {described.qualified} "
+        f"(channel {CHANNEL}, bulk_threshold 1000, fingerprint 0123456789abcdef)"
+    )
     await conn.execute(
         f"CREATE FUNCTION {legacy}() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;"
         f"COMMENT ON FUNCTION {legacy}() IS '{comment}';"
