@@ -431,6 +431,8 @@ async def inspect(conn: Any, trigger_set: TriggerSet) -> Installed:
         return Installed("missing", descendants=descendants, strays=strays)
     problems: list[str] = []
     newer = None
+    if not any(r["is_table"] for r in rows):
+        problems.append(f"the table {trigger_set.schema.qualified} does not exist")
     if function is None:
         problems.append(f"the function {trigger_set.function_name} is missing")
     else:
