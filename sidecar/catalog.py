@@ -5,7 +5,9 @@ DDL fires no trigger, and event triggers need a superuser, so a cheap query
 of the catalog stands in: per table the sidecar reads (a table, or a source of
 a relation) its oid (DROP + CREATE gives a new one), its columns and their
 types, its primary key, and whether its change triggers are this sidecar's
-(channel and fingerprint). Any role can read that.
+(channel and fingerprint) and would fire: enabled, calling this sidecar's
+function with this version's body, and present on every partition and
+inheritance child (``triggers.inspect``). Any role can read that.
 
 When something changed, each cached table that reads the changed table is
 described again. Same key and indexed columns: it is reloaded (a column added,
@@ -14,7 +16,10 @@ are missing or notify another channel (and ``install_triggers`` is off), or
 when it cannot be described at all (dropped), it is not served from memory,
 with the reason in its log line, in ``ListTables`` and in the metrics; the
 other tables are served as before. A table not served is tried again at every
-check, so it comes back once it is fixed.
+check, so it comes back once it is fixed. Triggers that would not report every
+change are reinstalled when ``install_triggers`` is on (then the table is
+reloaded); otherwise the table is in ``capture_problems``, and health says
+NOT_SERVING while any is.
 """
 
 from __future__ import annotations
