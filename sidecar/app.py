@@ -315,9 +315,10 @@ class Daemon:
                     raise SchemaError(
                         f"the cache-sidecar triggers on {trigger_set.schema.qualified} are not the ones this "
                         f"sidecar needs (channel {config.channel}, bulk threshold {config.bulk_threshold}, "
-                        f"this version's definition, installed and enabled on the table and on its partitions "
-                        f"and children): {found.describe()}; it could miss changes; run 'cache-sidecar triggers "
-                        "install' with the same settings (or 'triggers sql' for a DBA) or start with --install-triggers"
+                        f"this version's definition, installed and enabled on the table and on its partitions, "
+                        f"children and parents): {found.describe()}; it could miss changes; run 'cache-sidecar "
+                        "triggers install' with the same settings (or 'triggers sql' for a DBA) or start with "
+                        "--install-triggers"
                     )
 
     # ---------------------------------------------------------------- run

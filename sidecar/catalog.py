@@ -218,7 +218,7 @@ class CatalogWatch:
                 what = "; ".join(state.trigger_problems) or f"{state.triggers}"
                 problem = (
                     f"the cache-sidecar triggers on {name} would not report every change ({what}): they must "
-                    f"be installed and enabled on it and on its partitions and children, notifying channel "
+                    f"be installed and enabled on it and on its partitions, children and parents, notifying channel "
                     f"{trigger_set.channel} with this version's definition; run 'cache-sidecar triggers install' "
                     "as the table's owner (or start with --install-triggers)"
                 )

@@ -87,15 +87,16 @@ class TriggerSet:
 
     The objects' names carry a digest of table and configuration, so sidecars with another
     channel or bulk threshold install their own beside these instead of replacing them.
-    ``descendants`` (partitions and inheritance children, which a statement naming them
-    would bypass the table's triggers with) and ``strays`` (tables that still carry these
-    triggers but are no longer descendants) come from the catalog: see ``resolve``.
+    ``relatives`` (partitions and inheritance children, and the parents the table is one
+    of, at any depth: a statement naming one fires only that one's statement triggers) and
+    ``strays`` (tables that still carry these triggers but are no longer relatives, such as
+    a detached partition) come from the catalog: see ``resolve``.
     """
 
     schema: TableSchema
     channel: str
     bulk_threshold: int
-    descendants: tuple[tuple[str, str], ...] = ()
+    relatives: tuple[tuple[str, str], ...] = ()
     strays: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -116,7 +117,7 @@ class TriggerSet:
 
     @property
     def trigger_names(self) -> dict[str, str]:
-        """The trigger's name per event (the same on the table and on each descendant)."""
+        """The trigger's name per event (the same on the table and on each relative)."""
         return {op: f"cache_sidecar_{self.ident}_{op.lower()}" for op in TRIGGER_KINDS}
 
     @property
@@ -267,8 +268,8 @@ END"""
         return "\n".join(f"DROP TRIGGER IF EXISTS {name} ON {relation};" for name in self.trigger_names.values())
 
     def _relations(self) -> list[str]:
-        """The table, then its partitions and children: each needs the triggers."""
-        return [self.schema.sql_name, *(_sql_name(*d) for d in self.descendants)]
+        """The table, then its relatives: each needs the triggers."""
+        return [self.schema.sql_name, *(_sql_name(*r) for r in self.relatives)]
 
     def install_sql(self) -> str:
         body = self.function_body()
@@ -283,7 +284,7 @@ END"""
         for number, relation in enumerate(self._relations()):
             if number == 1:
                 parts.append(
-                    "-- its partitions and inheritance children (a statement naming one fires only its triggers)\n"
+                    "-- its partitions, inheritance children and parents (a statement fires only its table's)\n"
                 )
             parts.append(f"{self._drops(relation)}\n" + "\n".join(self._trigger_lines(relation)) + "\n")
         if self.strays:
@@ -363,23 +364,33 @@ SELECT p.oid, pg_catalog.obj_description(p.oid, 'pg_proc') AS comment, p.prosrc 
  WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0
 """
 
-# The table, its partitions and inheritance children (at any depth), and any other table
-# carrying triggers of these names (a detached partition); with those triggers, if any.
+# The table, its partitions and inheritance children and its ancestors (at any depth), and
+# any other table carrying triggers of these names (a detached partition); with those
+# triggers, if any. ``place``: 'table', 'below' (a descendant), 'above' (an ancestor), 'stray'.
 RELATIONS_SQL = """
 WITH RECURSIVE root AS (
   SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE n.nspname = $1 AND c.relname = $2
-), tree(oid) AS (
+), below(oid) AS (
   SELECT oid FROM root
   UNION
-  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
-), rels AS (
-  SELECT oid, true AS wanted FROM tree
+  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent = b.oid
+), above(oid) AS (
+  SELECT oid FROM root
   UNION
-  SELECT tg.tgrelid, false FROM pg_catalog.pg_trigger tg
-   WHERE tg.tgname = ANY($3::text[]) AND tg.tgrelid NOT IN (SELECT oid FROM tree)
+  SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN above a ON i.inhrelid = a.oid
+), rels AS (
+  SELECT oid, 'table' AS place, 0 AS rank FROM root
+  UNION ALL
+  SELECT oid, 'below', 1 FROM below WHERE oid NOT IN (SELECT oid FROM root)
+  UNION ALL
+  SELECT oid, 'above', 2 FROM above WHERE oid NOT IN (SELECT oid FROM root)
+  UNION ALL
+  SELECT DISTINCT tg.tgrelid, 'stray', 3 FROM pg_catalog.pg_trigger tg
+   WHERE tg.tgname = ANY($3::text[])
+     AND tg.tgrelid NOT IN (SELECT oid FROM below UNION SELECT oid FROM above)
 )
-SELECT r.wanted, c.oid = (SELECT oid FROM root) AS is_table, n.nspname AS schema, c.relname AS name,
+SELECT r.place, n.nspname AS schema, c.relname AS name,
        tg.tgname AS trigger, tg.tgfoid AS function, tg.tgenabled::text AS enabled, tg.tgtype AS type,
        tg.tgoldtable AS old, tg.tgnewtable AS new,
        (tg.tgqual IS NULL AND tg.tgnargs = 0 AND pg_catalog.cardinality(tg.tgattr::int2[]) = 0) AS plain
@@ -387,8 +398,12 @@ SELECT r.wanted, c.oid = (SELECT oid FROM root) AS is_table, n.nspname AS schema
   JOIN pg_catalog.pg_class c ON c.oid = r.oid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = c.oid AND tg.tgname = ANY($3::text[])
- ORDER BY 2 DESC, 1 DESC, 3, 4, 5
+ ORDER BY r.rank, 2, 3, 4
 """
+PLACES = {
+    "below": "a partition or child of {table}: statements naming it fire only its triggers",
+    "above": "a parent of {table}: statements naming it fire only its triggers",
+}
 
 _DEFINITION = re.compile(r", definition (\d+), fingerprint [0-9a-f]+\)\Z")
 
@@ -403,7 +418,7 @@ class Installed:
 
     status: str
     problems: tuple[str, ...] = ()
-    descendants: tuple[tuple[str, str], ...] = ()
+    relatives: tuple[tuple[str, str], ...] = ()
     strays: tuple[tuple[str, str], ...] = ()
     newer: int | None = None  # the definition installed, when newer than this sidecar's
 
@@ -417,7 +432,8 @@ async def inspect(conn: Any, trigger_set: TriggerSet) -> Installed:
     Present is not enough: a trigger can be disabled (``ALTER TABLE ... DISABLE TRIGGER``),
     made to fire only in replica sessions (``ENABLE REPLICA TRIGGER``), redefined to call
     another function, or the function's body replaced; and a partition or inheritance child
-    attached after the install has no triggers, so statements naming it send nothing.
+    attached after the install (or a parent the table was attached to) has no triggers, so
+    statements naming it send nothing.
     ``ENABLE ALWAYS`` is accepted: such a trigger fires in every session.
     """
     config = trigger_set.schema.config
@@ -425,13 +441,13 @@ async def inspect(conn: Any, trigger_set: TriggerSet) -> Installed:
     # (the body compared by the server: a digest of it would depend on the database's encoding)
     function = await conn.fetchrow(FUNCTION_SQL, config.schema, trigger_set.function_name, trigger_set.stored_body())
     rows = await conn.fetch(RELATIONS_SQL, config.schema, config.name, list(names.values()))
-    descendants = tuple(dict.fromkeys((r["schema"], r["name"]) for r in rows if r["wanted"] and not r["is_table"]))
-    strays = tuple(dict.fromkeys((r["schema"], r["name"]) for r in rows if not r["wanted"]))
+    relatives = tuple(dict.fromkeys((r["schema"], r["name"]) for r in rows if r["place"] in PLACES))
+    strays = tuple(dict.fromkeys((r["schema"], r["name"]) for r in rows if r["place"] == "stray"))
     if function is None and all(r["trigger"] is None for r in rows):
-        return Installed("missing", descendants=descendants, strays=strays)
+        return Installed("missing", relatives=relatives, strays=strays)
     problems: list[str] = []
     newer = None
-    if not any(r["is_table"] for r in rows):
+    if not any(r["place"] == "table" for r in rows):
         problems.append(f"the table {trigger_set.schema.qualified} does not exist")
     if function is None:
         problems.append(f"the function {trigger_set.function_name} is missing")
@@ -447,16 +463,16 @@ async def inspect(conn: Any, trigger_set: TriggerSet) -> Installed:
         elif list(function["settings"] or []) != FUNCTION_CONFIG or function["language"] != "plpgsql":
             problems.append(f"the settings or language of {trigger_set.function_name} were changed")
     expected = {names[op]: kind for op, kind in TRIGGER_KINDS.items()}
-    by_relation: dict[tuple[str, str], dict[str, Any]] = {}
+    by_relation: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in rows:
-        if row["wanted"]:
-            found_triggers = by_relation.setdefault((row["schema"], row["name"]), {})
+        if row["place"] != "stray":
+            found_triggers = by_relation.setdefault((row["place"], row["schema"], row["name"]), {})
             if row["trigger"] is not None:
                 found_triggers[row["trigger"]] = row
-    for (schema, name), found_triggers in by_relation.items():
+    for (place, schema, name), found_triggers in by_relation.items():
         where = _sql_name(schema, name)
-        if (schema, name) != (config.schema, config.name):
-            where = f"{where} (a partition or child of {trigger_set.schema.qualified})"
+        if place in PLACES:
+            where = f"{where} ({PLACES[place].format(table=trigger_set.schema.qualified)})"
         absent = [trigger for trigger in expected if trigger not in found_triggers]
         if absent:
             problems.append(f"{where} lacks the triggers {', '.join(absent)}")
@@ -464,7 +480,7 @@ async def inspect(conn: Any, trigger_set: TriggerSet) -> Installed:
             problem = _trigger_problem(row, expected[trigger], function["oid"] if function is not None else None)
             if problem:
                 problems.append(f"the trigger {trigger} on {where} {problem}")
-    return Installed("outdated" if problems else "current", tuple(problems), descendants, strays, newer)
+    return Installed("outdated" if problems else "current", tuple(problems), relatives, strays, newer)
 
 
 def _trigger_problem(row: Any, kind: tuple[int, str | None, str | None], function: int | None) -> str | None:
@@ -485,11 +501,11 @@ async def installed_state(conn: Any, trigger_set: TriggerSet) -> str:
 
 
 async def resolve(conn: Any, sets: Sequence[TriggerSet]) -> list[TriggerSet]:
-    """``sets`` with their descendants and strays as the catalog says now (for ``script``)."""
+    """``sets`` with their relatives and strays as the catalog says now (for ``script``)."""
     resolved = []
     for trigger_set in sets:
         found = await inspect(conn, trigger_set)
-        resolved.append(dataclasses.replace(trigger_set, descendants=found.descendants, strays=found.strays))
+        resolved.append(dataclasses.replace(trigger_set, relatives=found.relatives, strays=found.strays))
     return resolved
 
 
@@ -524,7 +540,7 @@ async def install(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
                 )
             if found.status == "outdated":
                 log.info("replacing the triggers on %s: %s", table, found.describe())
-            resolved = dataclasses.replace(trigger_set, descendants=found.descendants, strays=found.strays)
+            resolved = dataclasses.replace(trigger_set, relatives=found.relatives, strays=found.strays)
             await _run(
                 conn,
                 resolved.install_sql(),
@@ -551,7 +567,7 @@ async def uninstall(conn: Any, sets: Sequence[TriggerSet]) -> list[str]:
                     changed.append(trigger_set.schema.qualified)
                 continue
             table = trigger_set.schema.qualified
-            resolved = dataclasses.replace(trigger_set, descendants=found.descendants, strays=found.strays)
+            resolved = dataclasses.replace(trigger_set, relatives=found.relatives, strays=found.strays)
             await _run(
                 conn,
                 resolved.uninstall_sql(),

@@ -84,7 +84,7 @@ async def make_tables(roles: Roles) -> None:
         "CREATE TABLE p_us_low PARTITION OF p_us FOR VALUES FROM (0) TO (1000);"
         "INSERT INTO p VALUES (1, 'eu', 'old'), (2, 'us', 'old');"
         "CREATE TABLE q (id int PRIMARY KEY, v text);"
-        "CREATE TABLE q_child (extra int) INHERITS (q);"
+        "CREATE TABLE q_child (extra int, PRIMARY KEY (id)) INHERITS (q);"
         "INSERT INTO q VALUES (1, 'old'); INSERT INTO q_child VALUES (2, 'old', 0)"
     )
 
@@ -131,6 +131,23 @@ async def test_writes_naming_a_partition_or_a_child_are_seen(roles, start_daemon
     await roles.owner.execute("TRUNCATE q_child")
     assert await strong(sidecar, q, 2) is None
     assert await strong(sidecar, q, 1) == "old"
+    assert await health(sidecar) == SERVING
+
+
+async def test_writes_naming_the_parent_of_a_cached_partition_or_child_are_seen(roles, start_daemon):
+    await make_tables(roles)
+    sidecar = await start(start_daemon, roles, ["p_eu", "q_child"], roles.installer_dsn)
+    p_eu, q_child = f"{roles.schema}.p_eu", f"{roles.schema}.q_child"
+    assert await strong(sidecar, p_eu, (1, "eu")) == "old"
+    await roles.owner.execute("UPDATE p SET v = 'via parent'")  # (p_us's row too: refetched, found absent)
+    assert await strong(sidecar, p_eu, (1, "eu")) == "via parent"
+    assert await strong(sidecar, p_eu, (2, "us")) is None
+    await roles.owner.execute("INSERT INTO p VALUES (7, 'eu', 'routed')")
+    assert await strong(sidecar, p_eu, (7, "eu")) == "routed"
+    await roles.owner.execute("UPDATE q SET v = 'via parent' WHERE id = 2")
+    assert await strong(sidecar, q_child, 2) == "via parent"
+    await roles.owner.execute("DELETE FROM q")
+    assert await strong(sidecar, q_child, 2) is None
     assert await health(sidecar) == SERVING
 
 

@@ -117,10 +117,8 @@ def test_the_function_sends_the_cached_tables_name_whichever_partition_fired_it(
     assert "pg_catalog.to_json('app'::text)" in body and "pg_catalog.to_json('patron'::text)" in body
 
 
-def test_descendants_get_the_same_triggers_and_strays_lose_them():
-    trigger_set = triggers.TriggerSet(
-        schema("p"), "c", 5, descendants=(("public", "p_eu"),), strays=(("public", "old"),)
-    )
+def test_relatives_get_the_same_triggers_and_strays_lose_them():
+    trigger_set = triggers.TriggerSet(schema("p"), "c", 5, relatives=(("public", "p_eu"),), strays=(("public", "old"),))
     sql = trigger_set.install_sql()
     assert sql.count("CREATE TRIGGER") == 8 and sql.count('ON "public"."p_eu"') == 8  # 4 drops, 4 creates
     assert sql.count('ON "public"."old"') == 4 and "CREATE TRIGGER cache_sidecar" in sql
