@@ -282,3 +282,60 @@ async def test_payload_keys_coerce_back_to_the_stored_key(pg, sql_type, literal)
     columns = trigger_set.schema.key_columns
     assert coerce_key(columns, event.keys[0]) == normalize_stored(columns, tuple(stored))
     json.dumps(event.keys[0], default=str)  # and nothing exotic slipped into the payload
+
+
+async def test_partitions_children_and_parents_carry_the_triggers_and_name_the_cached_table(pg):
+    conn, capture = pg
+    await conn.execute(
+        "CREATE TABLE p (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r);"
+        "CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');"
+        "CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us') PARTITION BY RANGE (id);"
+        "CREATE TABLE p_us_low PARTITION OF p_us FOR VALUES FROM (0) TO (100)"
+    )
+    parent = await install(conn, "p")
+    assert [name for _, name in (await triggers.inspect(conn, parent)).relatives] == ["p_eu", "p_us", "p_us_low"]
+    await conn.execute("INSERT INTO p_eu VALUES (1, 'eu')")
+    await conn.execute("INSERT INTO p_us_low VALUES (2, 'us')")
+    await conn.execute("INSERT INTO p VALUES (3, 'eu')")  # (the parent's triggers only: one event)
+    got = parsed(await capture.drain(conn))
+    assert [(e.table, e.keys) for e in got] == [("p", ((1, "eu"),)), ("p", ((2, "us"),)), ("p", ((3, "eu"),))]
+    partition = await install(conn, "p_eu")  # cached on its own too: on its parents as well
+    assert [name for _, name in (await triggers.inspect(conn, partition)).relatives] == ["p"]
+    await conn.execute("UPDATE p SET id = id WHERE r = 'eu'")
+    got = parsed(await capture.drain(conn))
+    assert sorted((e.table, sorted(e.keys)) for e in got) == [
+        ("p", [(1, "eu"), (3, "eu")]),
+        ("p_eu", [(1, "eu"), (3, "eu")]),
+    ]
+    await conn.execute("CREATE TABLE p_as PARTITION OF p FOR VALUES IN ('as')")  # attached after the install
+    found = await triggers.inspect(conn, parent)
+    assert found.status == "outdated" and any("p_as" in problem and "lacks" in problem for problem in found.problems)
+    assert await triggers.install(conn, [parent]) == [parent.schema.qualified]
+    await conn.execute("ALTER TABLE p DETACH PARTITION p_as")
+    found = await triggers.inspect(conn, parent)
+    assert found.status == "current" and [name for _, name in found.strays] == ["p_as"]
+    await triggers.install(conn, [parent])  # drops the detached table's triggers
+    assert not await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'p_as'::regclass")
+    assert await triggers.uninstall(conn, [parent, partition]) == [parent.schema.qualified, partition.schema.qualified]
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE c.relname LIKE 'p%' AND c.relnamespace = current_schema()::regnamespace"
+    )
+
+
+async def test_triggers_that_would_not_fire_are_not_current_and_always_is(pg):
+    conn, _ = pg
+    await conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    trigger_set = await install(conn, "items")
+    update = trigger_set.trigger_names["UPDATE"]
+    await conn.execute(f"ALTER TABLE items ENABLE ALWAYS TRIGGER {update}")  # fires in every session
+    assert await triggers.installed_state(conn, trigger_set) == "current"
+    for sql, words in (
+        (f"ALTER TABLE items DISABLE TRIGGER {update}", "is disabled"),
+        (f"ALTER TABLE items ENABLE REPLICA TRIGGER {update}", "only in replica sessions"),
+    ):
+        await conn.execute(sql)
+        found = await triggers.inspect(conn, trigger_set)
+        assert found.status == "outdated" and words in found.describe() and update in found.describe()
+    assert await triggers.install(conn, [trigger_set]) == [trigger_set.schema.qualified]
+    assert await triggers.installed_state(conn, trigger_set) == "current"
