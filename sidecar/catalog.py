@@ -164,7 +164,7 @@ class CatalogWatch:
                     known.key,
                 )
                 readers = self._readers(name)
-                retry = [r for r in readers if self._problem(r) is not None]
+                retry = [r for r in readers if self._problem(r) is not None or r in self.capture_problems]
                 if not changed and state.triggers == "current" and not retry:
                     self._known[name] = state
                     continue

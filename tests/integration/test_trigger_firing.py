@@ -356,3 +356,28 @@ async def test_the_triggers_command_says_prepared_transactions_fail_on_these_tab
     for first_line in ("installed: ", "already installed"):
         printed = await run("install")
         assert printed.startswith(first_line) and "PREPARE TRANSACTION (two-phase commit) fails" in printed
+
+
+async def test_health_comes_back_when_triggers_are_fixed_across_a_reconnect(roles, start_daemon, db):
+    # The reconnect's rebuild clears the table's problem; the check after it must still see
+    # that the capture problem it recorded is gone, or health would stay NOT_SERVING.
+    await make_tables(roles)
+    channel = f"cs_{secrets.token_hex(4)}"
+    await owner_installs(roles, ["q"], channel)
+    sidecar = await start_daemon(
+        [f"{roles.schema}.q"],
+        dsn=roles.reader_dsn,
+        install_triggers=False,
+        channel=channel,
+        catalog_check_interval=3600,
+    )
+    await roles.owner.execute(await sabotage_sql("disabled", roles.owner))
+    sidecar.daemon.catalog.poke()
+    await eventually(_is(health, sidecar, NOT_SERVING), 10, what="health NOT_SERVING")
+    await owner_installs(roles, ["q"], channel)
+    epoch = sidecar.engine.epoch
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
+    await eventually(lambda: sidecar.engine.epoch != epoch, 15, what="reconnected")
+    await eventually(_is(health, sidecar, SERVING), 15, what="served again")
+    await roles.owner.execute("UPDATE q SET v = 'seen' WHERE id = 1")
+    assert await strong(sidecar, f"{roles.schema}.q", 1) == "seen"
