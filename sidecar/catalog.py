@@ -6,8 +6,8 @@ of the catalog stands in: per table the sidecar reads (a table, or a source of
 a relation) its oid (DROP + CREATE gives a new one), its columns and their
 types, its primary key, and whether its change triggers are this sidecar's
 (channel and fingerprint) and would fire: enabled, calling this sidecar's
-function with this version's body, and present on every partition and
-inheritance child (``triggers.inspect``). Any role can read that.
+function with this version's body, and present on every partition, inheritance
+child and parent (``triggers.inspect``). Any role can read that.
 
 When something changed, each cached table that reads the changed table is
 described again. Same key and indexed columns: it is reloaded (a column added,
