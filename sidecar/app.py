@@ -149,6 +149,7 @@ class Daemon:
             fail=engine.fail_table,
             problem=engine.problem,
             interval=config.catalog_check_interval,
+            capture_changed=self._health_dirty.set,
         )
         await catalog.baseline()
 
@@ -319,10 +320,11 @@ class Daemon:
             if config.install_triggers:
                 changed = await triggers.install(conn, sets)
                 if changed:
-                    log.info("installed triggers on %s", ", ".join(changed))
+                    log.info("installed triggers on %s; note: %s", ", ".join(changed), triggers.TWO_PHASE_NOTE)
                 return
             for trigger_set in sets:
-                state = await triggers.installed_state(conn, trigger_set)
+                found = await triggers.inspect(conn, trigger_set)
+                state = found.status
                 if state == "missing":
                     raise SchemaError(
                         f"table {trigger_set.schema.qualified} has no cache-sidecar triggers, so its "
@@ -334,8 +336,10 @@ class Daemon:
                     raise SchemaError(
                         f"the cache-sidecar triggers on {trigger_set.schema.qualified} are not the ones this "
                         f"sidecar needs (channel {config.channel}, bulk threshold {config.bulk_threshold}, "
-                        "this version's definition): it could miss every change; run 'cache-sidecar triggers "
-                        "install' with the same settings (or 'triggers sql' for a DBA) or start with --install-triggers"
+                        f"this version's definition, installed and enabled on the table and on its partitions, "
+                        f"children and parents): {found.describe()}; it could miss changes; run 'cache-sidecar "
+                        "triggers install' with the same settings (or 'triggers sql' for a DBA) or start with "
+                        "--install-triggers"
                     )
 
     # ---------------------------------------------------------------- run
@@ -378,7 +382,7 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._health_dirty.wait(), 1.0)
             self._health_dirty.clear()
-            ready = self.engine.ready and not self.engine.stalled
+            ready = self.engine.ready and not self.engine.stalled and not self._capture_problems()
             if ready != serving:
                 serving = ready
                 await self.server.set_serving(ready)
@@ -392,9 +396,16 @@ class Daemon:
                 else:
                     log.warning("not serving from memory: %s", self._why_not_ready(), extra={"event": "not_ready"})
 
+    def _capture_problems(self) -> dict[str, str]:
+        """Cached tables whose triggers would not report every change (see ``CatalogWatch``)."""
+        return self.catalog.capture_problems if self.catalog is not None else {}
+
     def _why_not_ready(self) -> str:
         assert self.engine is not None
         engine = self.engine
+        capture = self._capture_problems()
+        if capture:
+            return "; ".join(f"{table}: {problem}" for table, problem in capture.items())
         if not engine.listener_up and engine.follow_state is not None:
             return f"not following {engine.follow_state().target} (yet); reads go to the upstream"
         if not engine.listener_up:

@@ -5,7 +5,9 @@ DDL fires no trigger, and event triggers need a superuser, so a cheap query
 of the catalog stands in: per table the sidecar reads (a table, or a source of
 a relation) its oid (DROP + CREATE gives a new one), its columns and their
 types, its primary key, and whether its change triggers are this sidecar's
-(channel and fingerprint). Any role can read that.
+(channel and fingerprint) and would fire: enabled, calling this sidecar's
+function with this version's body, and present on every partition, inheritance
+child and parent (``triggers.inspect``). Any role can read that.
 
 When something changed, each cached table that reads the changed table is
 described again. Same key and indexed columns: it is reloaded (a column added,
@@ -14,7 +16,10 @@ are missing or notify another channel (and ``install_triggers`` is off), or
 when it cannot be described at all (dropped), it is not served from memory,
 with the reason in its log line, in ``ListTables`` and in the metrics; the
 other tables are served as before. A table not served is tried again at every
-check, so it comes back once it is fixed.
+check, so it comes back once it is fixed. Triggers that would not report every
+change are reinstalled when ``install_triggers`` is on (then the table is
+reloaded); otherwise the table is in ``capture_problems``, and health says
+NOT_SERVING while any is.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class TableState:
     columns: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
     triggers: str = "missing"  # triggers.installed_state: current, outdated, missing
+    trigger_problems: tuple[str, ...] = ()  # triggers.inspect: what is not as installed, or not firing
 
 
 def shape(schema: TableSchema) -> tuple[Any, ...]:
@@ -71,8 +77,8 @@ async def table_state(conn: Any, trigger_set: triggers.TriggerSet) -> TableState
     row = await conn.fetchrow(STATE_SQL, config.schema, config.name)
     if row is None:
         return TableState(None)
-    installed = await triggers.installed_state(conn, trigger_set)
-    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed)
+    installed = await triggers.inspect(conn, trigger_set)
+    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed.status, installed.problems)
 
 
 class CatalogWatch:
@@ -90,6 +96,7 @@ class CatalogWatch:
         fail: Callable[[str, str], None],
         problem: Callable[[str], str | None],
         interval: float = 10.0,
+        capture_changed: Callable[[], None] | None = None,
     ) -> None:
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
@@ -103,6 +110,10 @@ class CatalogWatch:
         self._known: dict[str, TableState] = {}
         self._poke = asyncio.Event()
         self.checks = 0
+        # Cached tables not served because their triggers would not tell of a change
+        # (health says NOT_SERVING while any is here), and whom to tell when this changes.
+        self.capture_problems: dict[str, str] = {}
+        self._capture_changed = capture_changed
 
     def poke(self) -> None:
         """Check soon (the listener reconnected)."""
@@ -153,7 +164,7 @@ class CatalogWatch:
                     known.key,
                 )
                 readers = self._readers(name)
-                retry = [r for r in readers if self._problem(r) is not None]
+                retry = [r for r in readers if self._problem(r) is not None or r in self.capture_problems]
                 if not changed and state.triggers == "current" and not retry:
                     self._known[name] = state
                     continue
@@ -165,35 +176,61 @@ class CatalogWatch:
                         extra={"event": "schema_changed", "table": name},
                     )
                 if state.oid is not None and state.triggers != "current" and self._install:
-                    try:
-                        await triggers.install(conn, [trigger_set])
-                    except SidecarError as exc:
-                        log.warning("cannot reinstall the triggers on %s: %s", name, exc)
-                    else:
-                        log.info("reinstalled the triggers on %s", name)
+                    await self._reinstall(conn, name, state, trigger_set)
                     state = await table_state(conn, trigger_set)
                 self._known[name] = state
                 await self._settle(name, state, readers, changed)
 
+    async def _reinstall(self, conn: Any, name: str, state: TableState, trigger_set: triggers.TriggerSet) -> None:
+        what = "; ".join(state.trigger_problems) or state.triggers
+        try:
+            await triggers.install(conn, [trigger_set])
+        except SidecarError as exc:
+            log.warning("cannot reinstall the triggers on %s (%s): %s", name, what, exc)
+        else:
+            log.warning(
+                "reinstalled the triggers on %s: %s",
+                name,
+                what,
+                extra={"event": "triggers_reinstalled", "table": name},
+            )
+
+    def _capture(self, reader: str, problem: str | None) -> None:
+        """Record whether ``reader`` is not served because its changes may go unreported."""
+        if problem is None:
+            if self.capture_problems.pop(reader, None) is None:
+                return
+        elif self.capture_problems.get(reader) == problem:
+            return
+        else:
+            self.capture_problems[reader] = problem
+        if self._capture_changed is not None:
+            self._capture_changed()
+
     async def _settle(self, name: str, state: TableState, readers: list[str], changed: bool) -> None:
-        channel = self._sets[name].channel
+        trigger_set = self._sets[name]
         for reader in readers:
             if state.oid is None:
                 self._fail(reader, f"{name} does not exist (dropped?)")
+                self._capture(reader, None)
                 continue
             if state.triggers != "current":
-                self._fail(
-                    reader,
-                    f"the cache-sidecar triggers on {name} are {state.triggers}: they must notify channel "
-                    f"{channel} with this version's definition; run 'cache-sidecar triggers install' "
-                    "(or start with --install-triggers)",
+                what = "; ".join(state.trigger_problems) or f"{state.triggers}"
+                problem = (
+                    f"the cache-sidecar triggers on {name} would not report every change ({what}): they must "
+                    f"be installed and enabled on it and on its partitions, children and parents, notifying channel "
+                    f"{trigger_set.channel} with this version's definition; run 'cache-sidecar triggers install' "
+                    "as the table's owner (or start with --install-triggers)"
                 )
+                self._capture(reader, problem)
+                self._fail(reader, problem)
                 continue
             old = self._schemas[reader]
             try:
                 new = await self._describe(old.config)
             except SidecarError as exc:
                 self._fail(reader, str(exc))
+                self._capture(reader, None)
                 continue
             if shape(new) != shape(old):
                 self._fail(
@@ -201,8 +238,10 @@ class CatalogWatch:
                     f"its key or indexed columns changed ({_columns(old)} -> {_columns(new)}); "
                     "restart the sidecar to cache the new shape",
                 )
+                self._capture(reader, None)
                 continue
             self._reload(reader, f"{name} changed in the catalog" if changed else "it can be served again")
+            self._capture(reader, None)  # (after the reload began: health waits for it, not SERVING before)
 
 
 def _columns(schema: TableSchema) -> str:

@@ -407,10 +407,11 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
         schemas = [await describe_table(conn, table) for table in config.tables]
         sets = triggers.trigger_sets(schemas, config.channel, config.bulk_threshold)
         if args.action == "sql":
-            print(triggers.script(sets, uninstall=args.uninstall_sql), end="")
+            print(triggers.script(await triggers.resolve(conn, sets), uninstall=args.uninstall_sql), end="")
         elif args.action == "install":
             changed = await triggers.install(conn, sets)
             print(f"installed: {', '.join(changed)}" if changed else "already installed: nothing to do")
+            print(f"note: {triggers.TWO_PHASE_NOTE}; logical capture (planned, not in this version) has no such limit")
         else:
             changed = await triggers.uninstall(conn, sets)
             print(f"removed: {', '.join(changed)}" if changed else "not installed: nothing to do")

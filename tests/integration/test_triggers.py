@@ -13,6 +13,7 @@ import pytest
 from sidecar import events, triggers
 from sidecar.config import TableConfig
 from sidecar.db import describe_table
+from sidecar.errors import SchemaError
 from sidecar.keys import coerce_key, normalize_stored
 from tests.support.pg import Postgres
 
@@ -98,14 +99,71 @@ async def test_install_is_idempotent_and_uninstall_removes_exactly_what_it_made(
     assert await triggers.uninstall(conn, [trigger_set]) == []
 
 
-async def test_changed_settings_mark_installed_triggers_outdated(pg):
+async def test_another_configuration_installs_beside_the_first_not_over_it(pg):
+    # Two sidecars (another bulk threshold, another channel: a rolling upgrade, two teams)
+    # must not replace each other's triggers: each replacement locks the table, and the
+    # one replaced would miss every change.
+    conn, capture = pg
+    await conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    first = await install(conn, "items", bulk=10)
+    second = triggers.TriggerSet(first.schema, CHANNEL, 20)
+    elsewhere = triggers.TriggerSet(first.schema, "another_channel", 10)
+    assert await triggers.installed_state(conn, second) == "missing"
+    assert await triggers.install(conn, [second, elsewhere]) == [first.schema.qualified] * 2
+    assert [await triggers.installed_state(conn, s) for s in (first, second, elsewhere)] == ["current"] * 3
+    assert await triggers.install(conn, [first, second, elsewhere]) == []  # and nobody fights
+    other = Capture(capture.conn, "another_channel")
+    await capture.conn.add_listener(other.channel, other._on)
+    await conn.execute("INSERT INTO items VALUES (1)")
+    # (PostgreSQL folds the two same notifications on this channel into one)
+    assert [e.keys for e in parsed(await capture.drain(conn))] == [((1,),)]
+    assert [e.keys for e in parsed(await other.drain(conn))] == [((1,),)]
+    assert await triggers.uninstall(conn, [second]) == [first.schema.qualified]
+    assert [await triggers.installed_state(conn, s) for s in (first, second, elsewhere)] == [
+        "current",
+        "missing",
+        "current",
+    ]
+
+
+async def test_a_newer_definition_is_never_replaced(pg):
     conn, _ = pg
     await conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
-    old = await install(conn, "items", bulk=10)
-    newer = triggers.TriggerSet(old.schema, CHANNEL, 20)
-    assert await triggers.installed_state(conn, newer) == "outdated"
-    assert await triggers.install(conn, [newer]) == [old.schema.qualified]
-    assert await triggers.installed_state(conn, newer) == "current"
+    trigger_set = await install(conn, "items")
+    newer = trigger_set.comment().replace(
+        f"definition {triggers.DEFINITION},", f"definition {triggers.DEFINITION + 1},"
+    )
+    await conn.execute(f"COMMENT ON FUNCTION {trigger_set.function_sql_name}() IS {triggers._literal(newer)}")
+    found = await triggers.inspect(conn, trigger_set)
+    assert found.status == "outdated" and found.newer == triggers.DEFINITION + 1
+    with pytest.raises(SchemaError, match="newer cache-sidecar"):
+        await triggers.install(conn, [trigger_set])
+
+
+async def test_an_install_from_before_per_configuration_names_is_replaced(pg):
+    conn, capture = pg
+    await conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    schema = await conn.fetchval("SELECT current_schema()")
+    described = await describe_table(conn, TableConfig(schema=schema, name="items"))
+    trigger_set = triggers.TriggerSet(described, CHANNEL, 1000)
+    legacy = f"{schema}.{trigger_set.legacy_function_name}"
+    comment = (
+        f"cache-sidecar change capture for {described.qualified} "
+        f"(channel {CHANNEL}, bulk_threshold 1000, fingerprint 0123456789abcdef)"
+    )
+    await conn.execute(
+        f"CREATE FUNCTION {legacy}() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;"
+        f"COMMENT ON FUNCTION {legacy}() IS '{comment}';"
+        + "".join(
+            f"CREATE TRIGGER {name} AFTER {op} ON items FOR EACH STATEMENT EXECUTE FUNCTION {legacy}();"
+            for name, op in zip(triggers.LEGACY_TRIGGERS, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"), strict=True)
+        )
+    )
+    assert await triggers.install(conn, [trigger_set]) == [described.qualified]
+    assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass") == 4
+    assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = $1", trigger_set.legacy_function_name) == 0
+    await conn.execute("INSERT INTO items VALUES (1)")
+    assert len(parsed(await capture.drain(conn))) == 1
 
 
 async def test_insert_update_delete_truncate_payloads(pg):
@@ -224,3 +282,60 @@ async def test_payload_keys_coerce_back_to_the_stored_key(pg, sql_type, literal)
     columns = trigger_set.schema.key_columns
     assert coerce_key(columns, event.keys[0]) == normalize_stored(columns, tuple(stored))
     json.dumps(event.keys[0], default=str)  # and nothing exotic slipped into the payload
+
+
+async def test_partitions_children_and_parents_carry_the_triggers_and_name_the_cached_table(pg):
+    conn, capture = pg
+    await conn.execute(
+        "CREATE TABLE p (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r);"
+        "CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');"
+        "CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us') PARTITION BY RANGE (id);"
+        "CREATE TABLE p_us_low PARTITION OF p_us FOR VALUES FROM (0) TO (100)"
+    )
+    parent = await install(conn, "p")
+    assert [name for _, name in (await triggers.inspect(conn, parent)).relatives] == ["p_eu", "p_us", "p_us_low"]
+    await conn.execute("INSERT INTO p_eu VALUES (1, 'eu')")
+    await conn.execute("INSERT INTO p_us_low VALUES (2, 'us')")
+    await conn.execute("INSERT INTO p VALUES (3, 'eu')")  # (the parent's triggers only: one event)
+    got = parsed(await capture.drain(conn))
+    assert [(e.table, e.keys) for e in got] == [("p", ((1, "eu"),)), ("p", ((2, "us"),)), ("p", ((3, "eu"),))]
+    partition = await install(conn, "p_eu")  # cached on its own too: on its parents as well
+    assert [name for _, name in (await triggers.inspect(conn, partition)).relatives] == ["p"]
+    await conn.execute("UPDATE p SET id = id WHERE r = 'eu'")
+    got = parsed(await capture.drain(conn))
+    assert sorted((e.table, sorted(e.keys)) for e in got) == [
+        ("p", [(1, "eu"), (3, "eu")]),
+        ("p_eu", [(1, "eu"), (3, "eu")]),
+    ]
+    await conn.execute("CREATE TABLE p_as PARTITION OF p FOR VALUES IN ('as')")  # attached after the install
+    found = await triggers.inspect(conn, parent)
+    assert found.status == "outdated" and any("p_as" in problem and "lacks" in problem for problem in found.problems)
+    assert await triggers.install(conn, [parent]) == [parent.schema.qualified]
+    await conn.execute("ALTER TABLE p DETACH PARTITION p_as")
+    found = await triggers.inspect(conn, parent)
+    assert found.status == "current" and [name for _, name in found.strays] == ["p_as"]
+    await triggers.install(conn, [parent])  # drops the detached table's triggers
+    assert not await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'p_as'::regclass")
+    assert await triggers.uninstall(conn, [parent, partition]) == [parent.schema.qualified, partition.schema.qualified]
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE c.relname LIKE 'p%' AND c.relnamespace = current_schema()::regnamespace"
+    )
+
+
+async def test_triggers_that_would_not_fire_are_not_current_and_always_is(pg):
+    conn, _ = pg
+    await conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    trigger_set = await install(conn, "items")
+    update = trigger_set.trigger_names["UPDATE"]
+    await conn.execute(f"ALTER TABLE items ENABLE ALWAYS TRIGGER {update}")  # fires in every session
+    assert await triggers.installed_state(conn, trigger_set) == "current"
+    for sql, words in (
+        (f"ALTER TABLE items DISABLE TRIGGER {update}", "is disabled"),
+        (f"ALTER TABLE items ENABLE REPLICA TRIGGER {update}", "only in replica sessions"),
+    ):
+        await conn.execute(sql)
+        found = await triggers.inspect(conn, trigger_set)
+        assert found.status == "outdated" and words in found.describe() and update in found.describe()
+    assert await triggers.install(conn, [trigger_set]) == [trigger_set.schema.qualified]
+    assert await triggers.installed_state(conn, trigger_set) == "current"

@@ -95,3 +95,36 @@ def test_fingerprint_covers_the_function_settings(monkeypatch):
     pinned = triggers.TriggerSet(schema(), "c", 5).fingerprint()
     monkeypatch.setattr(triggers, "FUNCTION_SETTINGS", "")
     assert triggers.TriggerSet(schema(), "c", 5).fingerprint() != pinned
+
+
+def test_names_are_per_table_and_configuration():
+    # Two sidecars with another channel or bulk threshold must not replace each other's objects.
+    base = triggers.TriggerSet(schema(), "c", 5)
+    others = [
+        triggers.TriggerSet(schema(), "d", 5),
+        triggers.TriggerSet(schema(), "c", 6),
+        triggers.TriggerSet(schema("x"), "c", 5),
+    ]
+    names = {base.function_name, *base.trigger_names.values()}
+    for other in others:
+        assert not names & {other.function_name, *other.trigger_names.values()}
+    assert all(name.startswith("cache_sidecar_") and len(name.encode()) <= 63 for name in names)
+
+
+def test_the_function_sends_the_cached_tables_name_whichever_partition_fired_it():
+    body = triggers.TriggerSet(schema("patron", "app"), "c", 5).function_body()
+    assert "TG_TABLE_NAME" not in body and "TG_TABLE_SCHEMA" not in body
+    assert "pg_catalog.to_json('app'::text)" in body and "pg_catalog.to_json('patron'::text)" in body
+
+
+def test_relatives_get_the_same_triggers_and_strays_lose_them():
+    trigger_set = triggers.TriggerSet(schema("p"), "c", 5, relatives=(("public", "p_eu"),), strays=(("public", "old"),))
+    sql = trigger_set.install_sql()
+    assert sql.count("CREATE TRIGGER") == 8 and sql.count('ON "public"."p_eu"') == 8  # 4 drops, 4 creates
+    assert sql.count('ON "public"."old"') == 4 and "CREATE TRIGGER cache_sidecar" in sql
+    removal = trigger_set.uninstall_sql()
+    assert removal.count("DROP TRIGGER") == 12 and "CREATE" not in removal
+
+
+def test_the_script_says_two_phase_commit_fails():
+    assert "PREPARE TRANSACTION" in triggers.script([triggers.TriggerSet(schema(), "c", 5)])
