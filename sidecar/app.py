@@ -167,7 +167,7 @@ class Daemon:
             redact=lambda text: scrub(text, config.dsn),
         )
         self.listener = source.listener
-        engine.attach(source, barrier_timeout=config.query_timeout)
+        engine.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
         if self.metrics is not None:
             self.metrics.watch(engine, self.listener, asyncio.get_running_loop())
             try:

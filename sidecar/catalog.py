@@ -15,13 +15,26 @@ when it cannot be described at all (dropped), it is not served from memory,
 with the reason in its log line, in ``ListTables`` and in the metrics; the
 other tables are served as before. A table not served is tried again at every
 check, so it comes back once it is fixed.
+
+Some DDL keeps every column's name and type and still changes the rows served:
+a rewrite (``ALTER COLUMN v TYPE text USING upper(v)``; a new ``relfilenode``),
+a renamed enum label (``ALTER TYPE mood RENAME VALUE``, also under a domain or an
+array), a composite type's attributes, a partition attached or detached. So the
+state also holds the table's *contents*: facts read from the catalog rows those
+depend on (``dependencies`` finds the rows, ``contents`` reads them), and any
+change reloads the readers. The read barrier asks for them too (``verify``, one
+query for every table per barrier round): a STRONG read or ``Sync`` never
+answers from the shape before a DDL that committed before it began, while
+EVENTUAL reads may lag a DDL by up to the check interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +62,95 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
 
+# What the rows served of a table depend on besides its own columns: the table and
+# its inheritance descendants (partitions: their storage and children), and the
+# enum and composite types its columns use, through domains, arrays and ranges.
+DEPENDENCIES_SQL = """
+WITH RECURSIVE
+  tree(oid) AS (
+      SELECT $1::pg_catalog.oid
+    UNION
+      SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+  used(oid) AS (
+      SELECT a.atttypid FROM pg_catalog.pg_attribute a
+       WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    UNION
+      SELECT n.oid
+        FROM used JOIN pg_catalog.pg_type t ON t.oid = used.oid
+       CROSS JOIN LATERAL (
+             SELECT t.typbasetype WHERE t.typtype = 'd'
+             UNION ALL SELECT t.typelem WHERE t.typelem <> 0
+             UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = t.oid
+             UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = t.oid
+             UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+              WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+       ) AS n(oid))
+SELECT array(SELECT tree.oid FROM tree ORDER BY 1) AS storage,
+       array(SELECT $1::pg_catalog.oid UNION
+             SELECT t.typrelid FROM used JOIN pg_catalog.pg_type t ON t.oid = used.oid
+              WHERE t.typtype = 'c' ORDER BY 1) AS attributes,
+       array(SELECT t.oid FROM used JOIN pg_catalog.pg_type t ON t.oid = used.oid
+              WHERE t.typtype = 'e' ORDER BY 1) AS enums
+"""
+
+# The catalog rows of those dependencies, as facts to compare: index look-ups only,
+# so that every barrier round can afford it for every table at once. Each column is
+# one kind of fact (a column added here is compared everywhere). The arrays are read
+# through sub-selects so that the plan does not depend on their values: PostgreSQL
+# then keeps one generic plan instead of planning each call (about half the cost).
+CONTENTS_SQL = """
+WITH ids AS (SELECT $1::pg_catalog.oid[] AS storage, $2::pg_catalog.oid[] AS attributes,
+                    $3::pg_catalog.oid[] AS enums)
+SELECT array(SELECT c.oid::text || ' ' || c.relnamespace::text || ' ' || c.relfilenode::text || ' '
+                    || c.relname::text
+               FROM pg_catalog.pg_class c
+              WHERE c.oid = ANY((SELECT storage FROM ids)::pg_catalog.oid[])) AS storage,
+       array(SELECT i.inhparent::text || ' ' || i.inhrelid::text
+               FROM pg_catalog.pg_inherits i
+              WHERE i.inhparent = ANY((SELECT storage FROM ids)::pg_catalog.oid[])) AS children,
+       array(SELECT a.attrelid::text || ' ' || a.attnum::text || ' ' || a.atttypid::text || ' '
+                    || a.atttypmod::text || ' ' || a.attname::text
+               FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = ANY((SELECT attributes FROM ids)::pg_catalog.oid[])
+                AND a.attnum > 0 AND NOT a.attisdropped) AS attributes,
+       array(SELECT i.indrelid::text || ' ' || i.indkey::text
+               FROM pg_catalog.pg_index i
+              WHERE i.indrelid = ANY((SELECT attributes FROM ids)::pg_catalog.oid[]) AND i.indisprimary) AS keys,
+       array(SELECT e.enumtypid::text || ' ' || e.enumsortorder::text || ' ' || e.enumlabel::text
+               FROM pg_catalog.pg_enum e
+              WHERE e.enumtypid = ANY((SELECT enums FROM ids)::pg_catalog.oid[])) AS labels
+"""
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """The catalog rows a table's served rows depend on (``DEPENDENCIES_SQL``), by oid."""
+
+    storage: tuple[int, ...] = ()  # the table and its inheritance descendants
+    attributes: tuple[int, ...] = ()  # the table and the composite types its columns use
+    enums: tuple[int, ...] = ()  # the enum types its columns use
+
+    def __or__(self, other: Dependencies) -> Dependencies:
+        return Dependencies(
+            tuple(sorted({*self.storage, *other.storage})),
+            tuple(sorted({*self.attributes, *other.attributes})),
+            tuple(sorted({*self.enums, *other.enums})),
+        )
+
+
+Facts = frozenset[tuple[str, str]]  # (kind: a column of CONTENTS_SQL, the fact)
+
+
+async def dependencies(conn: Any, oid: int) -> Dependencies:
+    row = await conn.fetchrow(DEPENDENCIES_SQL, oid)
+    return Dependencies(tuple(row["storage"]), tuple(row["attributes"]), tuple(row["enums"]))
+
+
+async def contents(conn: Any, depends: Dependencies) -> Facts:
+    """What the catalog says now of the rows ``depends`` names."""
+    row = await conn.fetchrow(CONTENTS_SQL, list(depends.storage), list(depends.attributes), list(depends.enums))
+    return frozenset((kind, fact) for kind, facts in row.items() for fact in facts)
+
 
 @dataclass(frozen=True)
 class TableState:
@@ -58,6 +160,8 @@ class TableState:
     columns: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
     triggers: str = "missing"  # triggers.installed_state: current, outdated, missing
+    depends: Dependencies = Dependencies()
+    contents: Facts = frozenset()  # what the catalog said of ``depends``: a change reloads the readers
 
 
 def shape(schema: TableSchema) -> tuple[Any, ...]:
@@ -72,7 +176,9 @@ async def table_state(conn: Any, trigger_set: triggers.TriggerSet) -> TableState
     if row is None:
         return TableState(None)
     installed = await triggers.installed_state(conn, trigger_set)
-    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed)
+    depends = await dependencies(conn, row["oid"])
+    facts = await contents(conn, depends)
+    return TableState(row["oid"], tuple(row["columns"]), tuple(row["key"]), installed, depends, facts)
 
 
 class CatalogWatch:
@@ -102,7 +208,9 @@ class CatalogWatch:
         self.interval = interval
         self._known: dict[str, TableState] = {}
         self._poke = asyncio.Event()
+        self._lock = asyncio.Lock()  # one check at a time: a barrier's waits for the periodic one
         self.checks = 0
+        self.verified = 0  # barrier rounds' catalog queries
 
     def poke(self) -> None:
         """Check soon (the listener reconnected)."""
@@ -140,17 +248,40 @@ class CatalogWatch:
                 else:
                     raise
 
+    async def verify(self) -> None:
+        """The read barrier's check: one query of what every cached table's rows depend on
+        (``contents``), compared with what they were loaded with; when anything differs, a
+        full check acts on it (reloads, or stops serving, the tables concerned) before this
+        returns. Run after the barrier round's callers began, it sees every DDL committed
+        before they did."""
+        self.verified += 1
+        depends = functools.reduce(operator.or_, (s.depends for s in self._known.values()), Dependencies())
+        async with self._acquire() as conn:
+            facts = await contents(conn, depends)
+        async with self._lock:  # (a check under way may be acting on this very change: wait for it)
+            if facts == self._facts():
+                return
+            await self._check()
+
+    def _facts(self) -> Facts:
+        return frozenset().union(*(s.contents for s in self._known.values()))
+
     async def check(self) -> None:
         """One pass over every table the cache reads."""
+        async with self._lock:
+            await self._check()
+
+    async def _check(self) -> None:
         self.checks += 1
         async with self._acquire() as conn:
             for name, trigger_set in self._sets.items():
                 state = await table_state(conn, trigger_set)
                 known = self._known.get(name)
-                changed = known is not None and (state.oid, state.columns, state.key) != (
+                changed = known is not None and (state.oid, state.columns, state.key, state.contents) != (
                     known.oid,
                     known.columns,
                     known.key,
+                    known.contents,
                 )
                 readers = self._readers(name)
                 retry = [r for r in readers if self._problem(r) is not None]
@@ -172,8 +303,8 @@ class CatalogWatch:
                     else:
                         log.info("reinstalled the triggers on %s", name)
                     state = await table_state(conn, trigger_set)
-                self._known[name] = state
                 await self._settle(name, state, readers, changed)
+                self._known[name] = state  # (after: a check stopped before acting finds the change again)
 
     async def _settle(self, name: str, state: TableState, readers: list[str], changed: bool) -> None:
         channel = self._sets[name].channel
@@ -223,4 +354,16 @@ def _difference(old: TableState | None, new: TableState) -> str:
         gone = [repr(c.rsplit(" ", 2)[0]) for c in old.columns if c not in new.columns]
         added = [repr(c.rsplit(" ", 2)[0]) for c in new.columns if c not in old.columns]
         parts.append(f"columns changed (before: {', '.join(gone) or '-'}; now: {', '.join(added) or '-'})")
+    if not parts and new.contents != old.contents:
+        kinds = sorted({kind for kind, _ in new.contents ^ old.contents})
+        parts.append(f"{', '.join(_CONTENT_CHANGES.get(k, k) for k in kinds)} changed")
     return "; ".join(parts) or "unchanged"
+
+
+_CONTENT_CHANGES = {
+    "storage": "its storage (rewritten: ALTER COLUMN ... TYPE ... USING, VACUUM FULL, CLUSTER, TRUNCATE)",
+    "children": "its partitions or inheritance children",
+    "attributes": "the attributes of a composite type it uses",
+    "keys": "a primary key",
+    "labels": "the labels of an enum type it uses",
+}
