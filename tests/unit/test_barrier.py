@@ -204,8 +204,11 @@ async def test_through_the_engine_a_reload_the_check_started_is_waited_for():
     engine = Engine(source.database, list(db.schemas.values()))
     changed: list[str] = []  # tables the next check finds changed in the catalog
     reloads: list[int] = []  # the batches of the reloads it started
+    go = asyncio.Event()  # the check's query answers
+    go.set()
 
     async def check_catalog() -> None:
+        await go.wait()
         while changed:
             engine.reload_table(changed.pop(), "changed in the catalog")
             reloads.append(engine.revisions.seq)
@@ -217,7 +220,12 @@ async def test_through_the_engine_a_reload_the_check_started_is_waited_for():
         db.put(table, (1,), name="new")  # (a rewrite: no notification)
         db.hold()
         changed.append(table)
-        received = await asyncio.wait_for(engine.barrier.wait(applied=False), 5)
+        go.clear()
+        tokens = source.tokens
+        receiving = asyncio.create_task(engine.barrier.wait(applied=False))
+        await eventually(lambda: source.tokens > tokens)
+        go.set()  # (the token, already on its way, comes back first: the check acts later)
+        received = await asyncio.wait_for(receiving, 5)
         assert received >= reloads[0]  # STRONG reads of the table wait for the reload (or read the database)
         sync = asyncio.create_task(engine.sync())
         await db.held(1)  # the reload reads
