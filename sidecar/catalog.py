@@ -64,7 +64,8 @@ WHERE n.nspname = $1 AND c.relname = $2
 
 # What the rows served of a table depend on besides its own columns: the table and
 # its inheritance descendants (partitions: their storage and children), and the
-# enum and composite types its columns use, through domains, arrays and ranges.
+# enum and composite types its columns use, through domains, arrays and ranges
+# (not multiranges: their link to a range needs PostgreSQL 14).
 DEPENDENCIES_SQL = """
 WITH RECURSIVE
   tree(oid) AS (
@@ -81,7 +82,6 @@ WITH RECURSIVE
              SELECT t.typbasetype WHERE t.typtype = 'd'
              UNION ALL SELECT t.typelem WHERE t.typelem <> 0
              UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = t.oid
-             UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = t.oid
              UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
               WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
        ) AS n(oid))
@@ -211,6 +211,7 @@ class CatalogWatch:
         self._lock = asyncio.Lock()  # one check at a time: a barrier's waits for the periodic one
         self.checks = 0
         self.verified = 0  # barrier rounds' catalog queries
+        self._watched: tuple[Dependencies, Facts] | None = None  # of every table in _known, together
 
     def poke(self) -> None:
         """Check soon (the listener reconnected)."""
@@ -230,6 +231,7 @@ class CatalogWatch:
         async with self._acquire() as conn:
             for name, trigger_set in self._sets.items():
                 self._known[name] = await table_state(conn, trigger_set)
+        self._watched = None
 
     async def run(self) -> None:
         while True:
@@ -255,21 +257,32 @@ class CatalogWatch:
         returns. Run after the barrier round's callers began, it sees every DDL committed
         before they did."""
         self.verified += 1
-        depends = functools.reduce(operator.or_, (s.depends for s in self._known.values()), Dependencies())
+        depends, _ = self._watching()
         async with self._acquire() as conn:
             facts = await contents(conn, depends)
         async with self._lock:  # (a check under way may be acting on this very change: wait for it)
-            if facts == self._facts():
+            if facts == self._watching()[1]:
                 return
-            await self._check()
+            try:
+                await self._check()
+            finally:
+                self._watched = None
 
-    def _facts(self) -> Facts:
-        return frozenset().union(*(s.contents for s in self._known.values()))
+    def _watching(self) -> tuple[Dependencies, Facts]:
+        """What every table depends on, and the facts they were loaded with."""
+        if self._watched is None:
+            states = self._known.values()
+            depends = functools.reduce(operator.or_, (s.depends for s in states), Dependencies())
+            self._watched = depends, frozenset().union(*(s.contents for s in states))
+        return self._watched
 
     async def check(self) -> None:
         """One pass over every table the cache reads."""
         async with self._lock:
-            await self._check()
+            try:
+                await self._check()
+            finally:
+                self._watched = None
 
     async def _check(self) -> None:
         self.checks += 1

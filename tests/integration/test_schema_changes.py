@@ -136,11 +136,14 @@ async def test_row_level_role_settings_cannot_hide_ddl(db, two):
     await db.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
     try:
         await db.execute(f"SET ROLE {role}")
-        from sidecar.catalog import STATE_SQL
+        from sidecar.catalog import STATE_SQL, contents, dependencies
 
         schema_name, table = a.split(".")
         row = await db.fetchrow(STATE_SQL, schema_name, table)
         assert row is not None and row["key"] == ["id"]
+        depends = await dependencies(db, row["oid"])  # (what the barrier reads, too)
+        assert depends.storage == (row["oid"],) and depends.attributes == (row["oid"],)
+        assert any(kind == "storage" for kind, _ in await contents(db, depends))
     except asyncpg.PostgresError as exc:  # pragma: no cover - would be the failure
         raise AssertionError(exc) from None
     finally:
