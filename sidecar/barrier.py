@@ -9,9 +9,11 @@ everything received up to the token (refetches included).
 
 Rounds are shared: a caller joins the current round if its NOTIFY has not
 been sent yet; once it has, the token may predate the caller's start, so the
-caller gathers on the next round, which is sent as soon as the current one
-lands. However many callers there
-are, at most one token is in flight: no stampede onto the database.
+caller gathers on the next round, which is sent as soon as the current one's
+token is back (not once it is applied: a reload that holds one round's callers
+up must not hold up the next round, whose callers may need other tables).
+However many callers there are, at most one token is in flight: no stampede
+onto the database.
 
 DDL sends no notification, so a round may also run a ``check`` (the catalog
 check: one query for every table), started once the round's callers are all
@@ -75,9 +77,15 @@ class Barrier:
         self.timeout = timeout  # a round that takes longer than this fails (token lost?)
         self._applied = 0  # the engine's applied batch, as last told
         self._current: _Round | None = None  # sent, awaiting its token
-        self._next: _Round | None = None  # gathering callers, sent when current lands
+        self._next: _Round | None = None  # gathering callers, sent when current's token is back
+        self._landing: set[_Round] = set()  # token back, waiting until applied
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rounds = 0
+
+    @property
+    def landing(self) -> int:
+        """Rounds whose token is back, waiting until what came before it is applied."""
+        return len(self._landing)
 
     async def wait(self, *, applied: bool = True) -> int | None:
         """Return once a round sent after this call began has completed (``applied``
@@ -116,6 +124,8 @@ class Barrier:
                 await self._send(round_.token)
                 # (shielded: a check must not stop half-way, between seeing a change and acting on it)
                 self._covered(round_, 0 if check is None else await asyncio.shield(check))
+                await asyncio.shield(round_.received)
+                self._next_round(round_)
                 await asyncio.shield(round_.done)
         except asyncio.CancelledError:
             raise
@@ -125,9 +135,14 @@ class Barrier:
                 log.warning("read barrier round failed: %s", reason)
                 round_.fail(Unavailable(f"read barrier failed: {reason}"))
         finally:
-            if self._current is round_:
-                self._current = None
-            self._launch()
+            self._landing.discard(round_)
+            self._next_round(round_)
+
+    def _next_round(self, round_: _Round) -> None:
+        """``round_``'s token is back (or it failed): the next round may be sent."""
+        if self._current is round_:
+            self._current = None
+        self._launch()
 
     def _start_check(self) -> asyncio.Task[int] | None:
         if self._check is None:
@@ -153,6 +168,7 @@ class Barrier:
         round_.received_at = max(round_.token_at, round_.checked_at)
         if not round_.received.done():
             round_.received.set_result(None)
+        self._landing.add(round_)
         self.applied(self._applied)
 
     async def close(self) -> None:
@@ -178,20 +194,18 @@ class Barrier:
     def applied(self, applied: int) -> None:
         """The engine applied everything up to ``applied``."""
         self._applied = applied
-        round_ = self._current
-        if (
-            round_ is not None
-            and round_.received_at is not None
-            and applied >= round_.received_at
-            and not round_.done.done()
-        ):
-            round_.done.set_result(None)
+        if self._landing:
+            for round_ in [r for r in self._landing if r.received_at is not None and r.received_at <= applied]:
+                self._landing.discard(round_)
+                if not round_.done.done():
+                    round_.done.set_result(None)
 
     def fail_all(self, reason: str) -> None:
         """The listener went down: tokens in flight will never arrive."""
-        for round_ in (self._current, self._next):
+        for round_ in (self._current, self._next, *self._landing):
             if round_ is not None:
                 round_.fail(Unavailable(f"read barrier impossible: {reason}"))
+        self._landing.clear()
         # Rounds after a reconnect must not queue behind a NOTIFY that may hang.
         self._current = None
         self._next = None

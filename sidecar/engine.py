@@ -440,6 +440,9 @@ class Engine:
                 # table's reload would hold this read up for its whole length).
                 started = time.perf_counter()
                 received = await self.barrier.wait(applied=False)
+                # (a reload may have begun meanwhile -- a schema change the round found: then
+                # the database answers, as for any reload, newer than what the round covers)
+                reloading = reloading or (isinstance(table, FullTable) and table.reloading)
                 if not reloading and received is not None:
                     await self.revisions.wait_for_table(table.schema.qualified, received)
                 if self.on_barrier is not None:

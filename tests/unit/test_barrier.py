@@ -14,6 +14,7 @@ from sidecar.engine import Engine
 from sidecar.errors import Unavailable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
+from tests.unit.test_reload_reads import HeldLoads
 
 
 class Channel:
@@ -79,6 +80,23 @@ async def test_a_round_waits_until_what_arrived_before_its_token_is_applied(chan
     assert barrier._current is not None and not barrier._current.done.done()
     barrier.applied(7)
     await asyncio.wait_for(waiter, 5)
+
+
+async def test_the_next_round_goes_once_the_token_is_back_not_once_applied(channel: Channel):
+    barrier = channel.barrier
+    assert barrier is not None
+    first = asyncio.create_task(barrier.wait())
+    await eventually(lambda: len(channel.sent) == 1)
+    channel.deliver(seq=5)  # received; nothing applied (a reload holds batch 5, say)
+    await eventually(lambda: barrier.landing == 1)
+    second = asyncio.create_task(barrier.wait(applied=False))  # a STRONG read of another table
+    await eventually(lambda: len(channel.sent) == 1, what="round 2 sent while round 1 waits to be applied")
+    channel.deliver(seq=6)
+    assert await asyncio.wait_for(second, 5) == 6
+    assert not first.done()
+    barrier.applied(6)
+    await asyncio.wait_for(first, 5)
+    assert barrier.landing == 0
 
 
 async def test_tokens_not_ours_and_listener_loss(channel: Channel):
@@ -196,7 +214,7 @@ async def test_a_failing_check_fails_its_round_and_the_next_round_works(checked)
     await barrier.close()
 
 
-async def test_through_the_engine_a_reload_the_check_started_is_waited_for():
+async def test_through_the_engine_a_reload_the_check_started_is_covered():
     table = "public.items"
     db = MemoryDatabase(int_key_schema(table))
     db.put(table, (1,), name="old")
@@ -217,21 +235,27 @@ async def test_through_the_engine_a_reload_the_check_started_is_waited_for():
     following = asyncio.create_task(source.follow(engine))
     try:
         await eventually(lambda: engine.ready)
+        loads = HeldLoads(db, only=table)
+        loads.gate.clear()
         db.put(table, (1,), name="new")  # (a rewrite: no notification)
-        db.hold()
         changed.append(table)
         go.clear()
         tokens = source.tokens
         receiving = asyncio.create_task(engine.barrier.wait(applied=False))
+        strong = asyncio.create_task(engine.prepare_read(True, None, engine.tables[table]))  # (same round)
         await eventually(lambda: source.tokens > tokens)
         go.set()  # (the token, already on its way, comes back first: the check acts later)
         received = await asyncio.wait_for(receiving, 5)
-        assert received >= reloads[0]  # STRONG reads of the table wait for the reload (or read the database)
+        assert received >= reloads[0]  # what reads of the table must reflect
+        await eventually(lambda: loads.waiting == 1, what="the reload reads")
+        # The STRONG read is answered without waiting for the reload, by PostgreSQL (newer than
+        # the change), as during any reload ...
+        await asyncio.wait_for(strong, 5)
+        assert b'"new"' in (await engine.get(table, [1]) or b"")
         sync = asyncio.create_task(engine.sync())
-        await db.held(1)  # the reload reads
-        db.release()
+        loads.gate.set()
         revision = await asyncio.wait_for(sync, 5)
-        assert revision.number >= reloads[0]  # Sync's revision covers it (watchers had TABLE_CHANGED)
+        assert revision.number >= reloads[0]  # ... and Sync's revision covers the reload (watchers had TABLE_CHANGED)
         await engine.prepare_read(True, None, engine.tables[table])
         assert b'"new"' in (await engine.get(table, [1]) or b"")
     finally:
