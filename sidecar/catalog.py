@@ -302,7 +302,8 @@ class CatalogWatch:
                     self._known[name] = state
                     continue
                 if changed:
-                    log.warning(
+                    log.log(
+                        logging.INFO if _storage_only(known, state) else logging.WARNING,  # (TRUNCATE does that)
                         "%s changed in the catalog (%s)",
                         name,
                         _difference(known, state),
@@ -371,6 +372,15 @@ def _difference(old: TableState | None, new: TableState) -> str:
         kinds = sorted({kind for kind, _ in new.contents ^ old.contents})
         parts.append(f"{', '.join(_CONTENT_CHANGES.get(k, k) for k in kinds)} changed")
     return "; ".join(parts) or "unchanged"
+
+
+def _storage_only(old: TableState | None, new: TableState) -> bool:
+    """Only the storage changed: a rewrite that changes no type (maybe a TRUNCATE or VACUUM FULL)."""
+    return (
+        old is not None
+        and (old.oid, old.columns, old.key) == (new.oid, new.columns, new.key)
+        and {kind for kind, _ in old.contents ^ new.contents} == {"storage"}
+    )
 
 
 _CONTENT_CHANGES = {

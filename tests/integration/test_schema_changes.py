@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -278,7 +279,8 @@ async def served(cache: AsyncClient, owned: Owned, name: str, keys: list[int], s
 
 @pytest.mark.parametrize("read", ["strong", "sync"])
 @pytest.mark.parametrize("case", list(DDLS))
-async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_daemon, owned, case, read):
+async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_daemon, owned, case, read, caplog):
+    caplog.set_level(logging.INFO, logger="sidecar.catalog")
     ddl, name, keys = DDLS[case]
     sidecar = await start_owned(start_daemon, owned, interval=3600)  # no periodic check would help
     async with AsyncClient(sidecar.target, timeout=20) as cache:
@@ -300,6 +302,7 @@ async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_dae
         assert (await cache.get(f"{owned.schema}.other", 1, consistency="strong"))["v"] == "dos"
         # One full check, called for by the barrier's query; later rounds found nothing new.
         assert sidecar.daemon.catalog.checks == checks + 1
+    assert [r for r in caplog.records if "changed in the catalog" in r.getMessage()]  # and it says what changed
     assert sidecar.engine.tables[f"{owned.schema}.{name}"].problem is None
 
 
