@@ -286,7 +286,8 @@ class CatalogWatch:
 
     async def _check(self) -> None:
         self.checks += 1
-        async with self._acquire() as conn:
+        settle: list[tuple[str, TableState, list[str], bool]] = []  # (settled with the connection back:
+        async with self._acquire() as conn:  # describing takes one, and the pool may have one only)
             for name, trigger_set in self._sets.items():
                 state = await table_state(conn, trigger_set)
                 known = self._known.get(name)
@@ -317,8 +318,10 @@ class CatalogWatch:
                     else:
                         log.info("reinstalled the triggers on %s", name)
                     state = await table_state(conn, trigger_set)
-                await self._settle(name, state, readers, changed)
-                self._known[name] = state  # (after: a check stopped before acting finds the change again)
+                settle.append((name, state, readers, changed))
+        for name, state, readers, changed in settle:
+            await self._settle(name, state, readers, changed)
+            self._known[name] = state  # (after: a check stopped before acting finds the change again)
 
     async def _settle(self, name: str, state: TableState, readers: list[str], changed: bool) -> None:
         channel = self._sets[name].channel

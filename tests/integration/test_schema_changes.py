@@ -258,13 +258,14 @@ async def owned(postgres, db, schema) -> AsyncIterator[Owned]:
         await db.execute(f"CREATE SCHEMA {schema}")  # (the schema fixture drops it)
 
 
-async def start_owned(start_daemon, owned: Owned, interval: float) -> Any:
+async def start_owned(start_daemon, owned: Owned, interval: float, **settings: Any) -> Any:
     sidecar = await start_daemon(
         owned.tables(),
         dsn=owned.sidecar_dsn,
         install_triggers=False,
         channel=owned.channel,
         catalog_check_interval=interval,
+        **settings,
     )
     assert await sidecar.daemon.db.pool.fetchval("SELECT current_user") != await owned.owner.fetchval(
         "SELECT current_user"
@@ -326,3 +327,12 @@ async def test_concurrent_barriers_share_one_catalog_query(start_daemon, owned):
     rounds, verified = engine.barrier.rounds, catalog.verified
     await asyncio.gather(*(engine.sync() for _ in range(50)))
     assert catalog.verified - verified == engine.barrier.rounds - rounds < 50
+
+
+async def test_a_schema_change_reaches_a_strong_read_with_a_pool_of_one_connection(start_daemon, owned):
+    # (the check describes the table again: with the catalog's connection still held, that
+    # waited for a second one until the barrier timed out)
+    sidecar = await start_owned(start_daemon, owned, interval=3600, pool_min_size=1, pool_max_size=1)
+    async with AsyncClient(sidecar.target, timeout=20) as cache:
+        await owned.owner.execute(f"ALTER TABLE {owned.schema}.items ADD COLUMN c text DEFAULT 'x'")
+        assert (await cache.get(f"{owned.schema}.items", 1, consistency="strong"))["c"] == "x"
