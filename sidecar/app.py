@@ -182,7 +182,7 @@ class Daemon:
         )
         self._stack.push_async_callback(source.close)
         self.listener = source.listener
-        engine.attach(source, barrier_timeout=config.query_timeout)
+        engine.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
         if self.metrics is not None:
             self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders, security=security)
             try:

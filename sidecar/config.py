@@ -381,8 +381,10 @@ class Config:
         default=10.0,
         metadata=declare(
             "cache.catalog_check_interval",
-            "Seconds between checks that each cached table still has the columns, key and triggers "
-            "it was loaded with (ALTER/DROP TABLE); also checked after every reconnect.",
+            "Seconds between checks that each cached table still has the columns, key, triggers, "
+            "storage (rewrites) and enum/composite types it was loaded with (ALTER/DROP TABLE, ALTER "
+            "TYPE); also checked after every reconnect. EVENTUAL reads may lag a DDL by up to this "
+            "long; STRONG reads and Sync never do (each barrier checks the catalog too).",
             minimum=0.1,
         ),
     )

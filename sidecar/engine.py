@@ -86,6 +86,8 @@ class Engine:
         self._fences = 0  # switches back to trusting memory begun (a follower's; see _trust_after_fence)
         self._fence_tasks: set[asyncio.Task[None]] = set()
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
+        self._check_catalog: Callable[[], Awaitable[None]] | None = None
+        self._schema_batch = 0  # the newest batch of a reload or failure for a schema change
         self.max_wait = 30.0  # longest a read waits for min_revision without a deadline
         self.on_barrier: Callable[[float], None] | None = None  # told how long each barrier took
         # A follower's: Invalidate goes to the upstream (whose batch then comes back), and its state.
@@ -152,9 +154,25 @@ class Engine:
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
         self.router.matched(name, seq, keys)  # (the router is made once the tables are)
 
-    def attach(self, source: ChangeSource | NumberedSource, barrier_timeout: float = 30.0) -> None:
-        """Read barriers go through ``source``: its tokens come back ordered with its changes."""
-        self.barrier = Barrier(source.send_token, timeout=barrier_timeout)
+    def attach(
+        self,
+        source: ChangeSource | NumberedSource,
+        barrier_timeout: float = 30.0,
+        check_catalog: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Read barriers go through ``source``: its tokens come back ordered with its changes.
+        With ``check_catalog`` (``CatalogWatch.verify``), each round also checks the catalog:
+        DDL sends no notification."""
+        self._check_catalog = check_catalog
+        check = self._barrier_check if check_catalog is not None else None
+        self.barrier = Barrier(source.send_token, timeout=barrier_timeout, check=check)
+
+    async def _barrier_check(self) -> int:
+        """A barrier round's catalog check; the newest batch a schema change made (the
+        round covers it: a reload the check started, or one a check under way started)."""
+        assert self._check_catalog is not None
+        await self._check_catalog()
+        return self._schema_batch
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after each (re)connection's rebuild has begun."""
@@ -439,6 +457,9 @@ class Engine:
                 # table's reload would hold this read up for its whole length).
                 started = time.perf_counter()
                 received = await self.barrier.wait(applied=False)
+                # (a reload may have begun meanwhile -- a schema change the round found: then
+                # the database answers, as for any reload, newer than what the round covers)
+                reloading = reloading or (isinstance(table, FullTable) and table.reloading)
                 if not reloading and received is not None:
                     await self.revisions.wait_for_table(table.schema.qualified, received)
                 if self.on_barrier is not None:
@@ -620,11 +641,15 @@ class Engine:
     def reload_table(self, name: str, why: str) -> None:
         """Reload a cached table from scratch (its definition changed, or it can be served again)."""
         self.router.reload(name, why)
+        self._schema_batch = self.revisions.seq
         self.revisions.advance()
 
     def fail_table(self, name: str, problem: str) -> None:
         """Stop serving a cached table from memory (reads go to the database) because of ``problem``."""
+        seq = self.revisions.seq
         self.router.fail(name, problem)
+        if self.revisions.seq != seq:  # (no batch when the table was not served for that already)
+            self._schema_batch = self.revisions.seq
         self.revisions.advance()
 
     def problem(self, name: str) -> str | None:

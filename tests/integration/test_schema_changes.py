@@ -2,14 +2,29 @@
 
 DDL fires no trigger: the catalog check (every ``cache.catalog_check_interval``
 and after each reconnect) must notice ALTER TABLE and DROP + CREATE, reload
-or stop serving that table, and leave the other tables alone."""
+or stop serving that table, and leave the other tables alone. DDL that keeps
+every column's type (a rewrite, an enum label, a composite's attributes, a
+partition) is noticed too, and a STRONG read or Sync that begins after a DDL
+committed never sees the old shape: each barrier round checks the catalog."""
 
 from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 from cache_sidecar_client import AsyncClient
 
+from sidecar import config as cfg
+from sidecar import triggers
+from sidecar.db import describe_table
 from sidecar.errors import QueryFailed
 from tests.support.waiting import eventually
 
@@ -122,13 +137,202 @@ async def test_row_level_role_settings_cannot_hide_ddl(db, two):
     await db.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
     try:
         await db.execute(f"SET ROLE {role}")
-        from sidecar.catalog import STATE_SQL
+        from sidecar.catalog import STATE_SQL, contents, dependencies
 
         schema_name, table = a.split(".")
         row = await db.fetchrow(STATE_SQL, schema_name, table)
         assert row is not None and row["key"] == ["id"]
+        depends = await dependencies(db, row["oid"])  # (what the barrier reads, too)
+        assert depends.storage == (row["oid"],) and depends.attributes == (row["oid"],)
+        assert any(kind == "storage" for kind, _ in await contents(db, depends))
     except asyncpg.PostgresError as exc:  # pragma: no cover - would be the failure
         raise AssertionError(exc) from None
     finally:
         await db.execute("RESET ROLE")
         await db.execute(f"DROP ROLE {role}")
+
+
+# ---------------------------------------------------------------- DDL before a STRONG read or Sync
+#
+# Tables owned by a role that is not the sidecar's (which may only read them; the owner
+# installed the triggers), and DDL that keeps every column's type or fires no trigger.
+
+DEPENDENT_SQL = """
+CREATE TYPE {s}.mood AS ENUM ('happy', 'sad');
+CREATE DOMAIN {s}.dmood AS {s}.mood;
+CREATE TYPE {s}.pair AS (x int, m {s}.mood);
+CREATE TABLE {s}.items (id int PRIMARY KEY, v text NOT NULL, m {s}.mood, d {s}.dmood, p {s}.pair, ms {s}.mood[]);
+INSERT INTO {s}.items VALUES (1, 'one', 'happy', 'happy', ROW(1, 'happy'), '{{happy}}'),
+                             (2, 'two', 'sad', 'sad', ROW(2, 'sad'), '{{sad,happy}}');
+CREATE TABLE {s}.parts (id int PRIMARY KEY, v text NOT NULL) PARTITION BY RANGE (id);
+CREATE TABLE {s}.parts_low PARTITION OF {s}.parts FOR VALUES FROM (0) TO (100);
+INSERT INTO {s}.parts VALUES (1, 'one');
+CREATE TABLE {s}.other (id int PRIMARY KEY, v text NOT NULL);
+INSERT INTO {s}.other VALUES (1, 'uno');
+"""
+
+RELATION_QUERY = "SELECT i.id, i.v, i.m, i.p FROM {s}.items i"
+
+# name: (DDL run by the owner, the cached table or relation it concerns, keys to compare)
+DDLS = {
+    "add column with default": ("ALTER TABLE {s}.items ADD COLUMN c text DEFAULT 'x'", "items", [1, 2]),
+    "same type, new values": ("ALTER TABLE {s}.items ALTER COLUMN v TYPE text USING upper(v)", "items", [1, 2]),
+    "same type, new values (relation)": (
+        "ALTER TABLE {s}.items ALTER COLUMN v TYPE text USING upper(v)",
+        "items_rel",
+        [1, 2],
+    ),
+    "same key type, new keys": ("ALTER TABLE {s}.items ALTER COLUMN id TYPE int USING id + 100", "items", [1, 101]),
+    "same key type, new keys (relation)": (
+        "ALTER TABLE {s}.items ALTER COLUMN id TYPE int USING id + 100",
+        "items_rel",
+        [1, 101],
+    ),
+    "enum label renamed": ("ALTER TYPE {s}.mood RENAME VALUE 'happy' TO 'glad'", "items", [1, 2]),
+    "enum label renamed (relation)": ("ALTER TYPE {s}.mood RENAME VALUE 'happy' TO 'glad'", "items_rel", [1, 2]),
+    "composite attribute renamed": ("ALTER TYPE {s}.pair RENAME ATTRIBUTE x TO y CASCADE", "items", [1, 2]),
+    "partitions rewritten": ("ALTER TABLE {s}.parts ALTER COLUMN v TYPE text USING upper(v)", "parts", [1]),
+    "partition attached": (
+        "CREATE TABLE {s}.parts_high (id int NOT NULL, v text NOT NULL);"
+        "INSERT INTO {s}.parts_high VALUES (150, 'attached');"
+        "ALTER TABLE {s}.parts ATTACH PARTITION {s}.parts_high FOR VALUES FROM (100) TO (200)",
+        "parts",
+        [1, 150],
+    ),
+}
+
+
+def as_user(dsn: str, user: str) -> str:
+    """``dsn`` connecting as ``user`` (the test servers trust local connections)."""
+    if "://" not in dsn:
+        return f"{dsn} user={user}"
+    parts = urllib.parse.urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{urllib.parse.quote(user)}@{host}"))
+
+
+@dataclasses.dataclass
+class Owned:
+    schema: str
+    owner: asyncpg.Connection  # the tables' owner: runs the DDL
+    sidecar_dsn: str  # the sidecar's role: may read the tables, owns nothing
+    channel: str
+
+    def tables(self) -> list[cfg.TableConfig]:
+        s = self.schema
+        relation = cfg.TableConfig(
+            schema=s,
+            name="items_rel",
+            query=RELATION_QUERY.format(s=s),
+            key=("id",),
+            sources=(cfg.Source(s, "items", (("id", "id"),)),),
+        )
+        return [*(cfg.TableConfig(schema=s, name=n) for n in ("items", "parts", "other")), relation]
+
+    async def truth(self, name: str, key: int) -> dict[str, Any] | None:
+        source = f"({RELATION_QUERY.format(s=self.schema)})" if name == "items_rel" else f"{self.schema}.{name}"
+        text = await self.owner.fetchval(f"SELECT row_to_json(x.*)::text FROM {source} x WHERE x.id = $1", key)
+        return None if text is None else json.loads(text)
+
+
+@pytest.fixture
+async def owned(postgres, db, schema) -> AsyncIterator[Owned]:
+    suffix = secrets.token_hex(3)
+    owner, reader = f"ddl_owner_{suffix}", f"ddl_sidecar_{suffix}"
+    await db.execute(
+        f"CREATE ROLE {owner} LOGIN; CREATE ROLE {reader} LOGIN;"
+        f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {owner}; GRANT USAGE ON SCHEMA {schema} TO {reader}"
+    )
+    conn = await asyncpg.connect(as_user(postgres.dsn, owner))
+    try:
+        await conn.execute(DEPENDENT_SQL.format(s=schema))
+        await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {reader}")
+        owned = Owned(schema, conn, as_user(postgres.dsn, reader), f"cs_{suffix}")
+        # The owner installs the triggers (as a DBA would run 'cache-sidecar triggers sql').
+        schemas = [await describe_table(conn, t) for t in owned.tables()]
+        await conn.execute(triggers.script(triggers.trigger_sets(schemas, owned.channel, cfg.Config().bulk_threshold)))
+        yield owned
+    finally:
+        await conn.close()
+        await db.execute(f"DROP SCHEMA {schema} CASCADE; DROP OWNED BY {owner}, {reader}; DROP ROLE {owner}, {reader}")
+        await db.execute(f"CREATE SCHEMA {schema}")  # (the schema fixture drops it)
+
+
+async def start_owned(start_daemon, owned: Owned, interval: float, **settings: Any) -> Any:
+    sidecar = await start_daemon(
+        owned.tables(),
+        dsn=owned.sidecar_dsn,
+        install_triggers=False,
+        channel=owned.channel,
+        catalog_check_interval=interval,
+        **settings,
+    )
+    assert await sidecar.daemon.db.pool.fetchval("SELECT current_user") != await owned.owner.fetchval(
+        "SELECT current_user"
+    )
+    return sidecar
+
+
+async def served(cache: AsyncClient, owned: Owned, name: str, keys: list[int], strong: bool) -> list[Any]:
+    table = f"{owned.schema}.{name}"
+    return [await cache.get(table, key, consistency="strong" if strong else "eventual") for key in keys]
+
+
+@pytest.mark.parametrize("read", ["strong", "sync"])
+@pytest.mark.parametrize("case", list(DDLS))
+async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_daemon, owned, case, read, caplog):
+    caplog.set_level(logging.INFO, logger="sidecar.catalog")
+    ddl, name, keys = DDLS[case]
+    sidecar = await start_owned(start_daemon, owned, interval=3600)  # no periodic check would help
+    async with AsyncClient(sidecar.target, timeout=20) as cache:
+        before = await served(cache, owned, name, keys, strong=True)
+        assert before == [await owned.truth(name, key) for key in keys]
+        checks = sidecar.daemon.catalog.checks
+        await owned.owner.execute(ddl.format(s=owned.schema))
+        expected = [await owned.truth(name, key) for key in keys]
+        assert expected != before  # (the DDL changes what is served)
+        if read == "sync":
+            revision = await cache.sync()
+            # The revision Sync answered covers the reload (a watcher had its TABLE_CHANGED by then).
+            assert revision.number >= sidecar.engine._schema_batch > 0
+            assert await served(cache, owned, name, keys, strong=False) == expected
+        else:
+            assert await served(cache, owned, name, keys, strong=True) == expected
+        # Every other table is served as before, from memory.
+        await owned.owner.execute(f"UPDATE {owned.schema}.other SET v = 'dos' WHERE id = 1")
+        assert (await cache.get(f"{owned.schema}.other", 1, consistency="strong"))["v"] == "dos"
+        # One full check, called for by the barrier's query; later rounds found nothing new.
+        assert sidecar.daemon.catalog.checks == checks + 1
+    assert [r for r in caplog.records if "changed in the catalog" in r.getMessage()]  # and it says what changed
+    assert sidecar.engine.tables[f"{owned.schema}.{name}"].problem is None
+
+
+@pytest.mark.parametrize("case", list(DDLS))
+async def test_eventual_reads_converge_within_the_check_interval(start_daemon, owned, case):
+    ddl, name, keys = DDLS[case]
+    sidecar = await start_owned(start_daemon, owned, interval=0.5)
+    async with AsyncClient(sidecar.target, timeout=20) as cache:
+        await owned.owner.execute(ddl.format(s=owned.schema))
+        expected = [await owned.truth(name, key) for key in keys]
+
+        async def converged() -> bool:
+            return await served(cache, owned, name, keys, strong=False) == expected
+
+        await eventually(converged, 15, what=f"{case}: EVENTUAL reads show the new shape")
+
+
+async def test_concurrent_barriers_share_one_catalog_query(start_daemon, owned):
+    sidecar = await start_owned(start_daemon, owned, interval=3600)
+    engine, catalog = sidecar.engine, sidecar.daemon.catalog
+    rounds, verified = engine.barrier.rounds, catalog.verified
+    await asyncio.gather(*(engine.sync() for _ in range(50)))
+    assert catalog.verified - verified == engine.barrier.rounds - rounds < 50
+
+
+async def test_a_schema_change_reaches_a_strong_read_with_a_pool_of_one_connection(start_daemon, owned):
+    # (the check describes the table again: with the catalog's connection still held, that
+    # waited for a second one until the barrier timed out)
+    sidecar = await start_owned(start_daemon, owned, interval=3600, pool_min_size=1, pool_max_size=1)
+    async with AsyncClient(sidecar.target, timeout=20) as cache:
+        await owned.owner.execute(f"ALTER TABLE {owned.schema}.items ADD COLUMN c text DEFAULT 'x'")
+        assert (await cache.get(f"{owned.schema}.items", 1, consistency="strong"))["c"] == "x"

@@ -381,3 +381,34 @@ async def test_health_comes_back_when_triggers_are_fixed_across_a_reconnect(role
     await eventually(_is(health, sidecar, SERVING), 15, what="served again")
     await roles.owner.execute("UPDATE q SET v = 'seen' WHERE id = 1")
     assert await strong(sidecar, f"{roles.schema}.q", 1) == "seen"
+
+
+@pytest.mark.parametrize("install", [True, False], ids=["may_install", "may_not_install"])
+@pytest.mark.parametrize("kind", list(SABOTAGE))
+async def test_a_strong_read_after_the_triggers_stopped_firing_is_not_stale(roles, start_daemon, kind, install):
+    """The read barrier's catalog query finds triggers that would not fire, as it finds DDL:
+    the STRONG read that follows is not answered from memory that missed a change, though
+    the periodic catalog check is an hour away."""
+    await make_tables(roles)
+    channel = f"cs_{secrets.token_hex(4)}"
+    if not install:
+        await owner_installs(roles, ["q"], channel)
+    sidecar = await start_daemon(
+        [f"{roles.schema}.q"],
+        dsn=roles.installer_dsn if install else roles.reader_dsn,
+        catalog_check_interval=3600,
+        install_triggers=install,
+        channel=channel,
+    )
+    q = f"{roles.schema}.q"
+    assert await strong(sidecar, q, 1) == "old" and await strong(sidecar, q, 2) == "old"
+    sql = await sabotage_sql(kind, roles.owner)
+    if install and kind == "body_replaced":  # (by the function's owner: the role that installed it)
+        installer = await asyncpg.connect(roles.installer_dsn)
+        await installer.execute(f"SET search_path = {roles.schema}; {sql}")
+        await installer.close()
+    else:
+        await roles.owner.execute(sql)
+    written = "q_child" if kind == "child_disabled" else "q"  # (the parent's own trigger still fires)
+    await roles.owner.execute(f"UPDATE {written} SET v = 'unseen' WHERE id IN (1, 2)")  # fires nothing of ours
+    assert await strong(sidecar, q, 2) == "unseen"

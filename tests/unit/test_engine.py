@@ -153,7 +153,7 @@ async def test_sync_waits_for_refetches_and_shares_rounds(engine: Engine, db: Me
     engine.handle(change(FULL, 20, 1))
     syncs = [asyncio.create_task(engine.sync()) for _ in range(20)]
     await db.held(1)
-    await eventually(lambda: barrier._current is not None and barrier._current.received_at is not None)
+    await eventually(lambda: barrier.landing == 1, what="the token back")
     assert not any(s.done() for s in syncs)  # the token is back, but the refetch before it is not applied yet
     db.release()
     revisions = await asyncio.wait_for(asyncio.gather(*syncs), 5)

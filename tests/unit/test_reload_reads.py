@@ -116,9 +116,7 @@ async def test_sync_still_waits_for_the_reload(engine, db, loads):
     barrier = engine.barrier
     await eventually(lambda: barrier._current is None, what="no round in flight")
     sync = asyncio.create_task(engine.sync())
-    await eventually(
-        lambda: barrier._current is not None and barrier._current.received_at is not None, what="the token back"
-    )
+    await eventually(lambda: barrier.landing == 1, what="the token back")
     assert not sync.done()  # every commit before it arrived; the reload is not applied yet
     loads.gate.set()
     assert (await quickly(sync)).number >= engine.seq - 1

@@ -93,6 +93,19 @@ async def test_sync_waits_for_every_table(engine, db):
     await quickly(sync)
 
 
+async def test_a_strong_read_is_not_held_up_by_a_sync_waiting_for_another_tables_reload(engine, db):
+    await big_reloading(engine)
+    sync = asyncio.create_task(engine.sync())  # its round waits for big's reload ...
+    await eventually(lambda: engine.barrier.landing == 1, what="the Sync's token back")
+    db.put(ITEMS, (1,), name="later")
+    engine.handle(RowChange("public", "items", Op.UPDATE, 904, ((1,),)))
+    await quickly(engine.prepare_read(True, None, items(engine)))  # ... the next round does not
+    assert await quickly(engine.get(ITEMS, [1])) == row("later")
+    assert not sync.done()
+    engine.loads.gate.set()  # type: ignore[attr-defined]
+    await quickly(sync)
+
+
 async def test_a_waiting_strong_read_is_released_when_the_listener_goes(engine, db):
     db.hold()
     engine.handle(RowChange("public", "items", Op.UPDATE, 903, ((3,),)))
