@@ -157,7 +157,9 @@ async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_re
     await db.execute(f"TRUNCATE {name}")
     await engine.prepare_read(True, None, table)
     assert await engine.get(name, [7]) is None
-    await eventually(lambda: table.reloads == reloads + 1, 10, what="the TRUNCATE reloaded")
+    # (once by its trigger; maybe once more by the read barrier's catalog query, which sees the
+    # TRUNCATE's new storage: a reload that changes no row)
+    await eventually(lambda: table.reloads in (reloads + 1, reloads + 2), 10, what="the TRUNCATE reloaded")
 
 
 @pytest.fixture
