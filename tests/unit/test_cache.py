@@ -11,7 +11,7 @@ from sidecar.full import FullTable, Reloading
 from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent
 
 T = "public.items"
 
@@ -188,8 +188,8 @@ async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):
     await db.held(1)  # refetch A read "a"
     db.put(T, (1,), name="b")
     table.changed_all(seq.next())
-    await asyncio.sleep(0)
-    assert db.loads == [T]  # the reload waits for A to land
+    await quiescent()
+    assert db.loads == [T]  # the reload waits for A to land (it would have started by now)
     db.release()
     await eventually(lambda: len(db.loads) == 2 and not table.reloading, what="the reload after the refetch")
     assert table.rows[(1,)] == row("b")
@@ -310,9 +310,10 @@ async def test_lazy_cancelled_reader_does_not_cancel_the_shared_fill(db):
     first = asyncio.create_task(table.get_many([(1,)]))
     await db.held(1)
     second = asyncio.create_task(table.get_many([(1,)]))
-    await asyncio.sleep(0)
+    await quiescent()  # the second reader waits on the fill the first started
     first.cancel()
     db.release()
     assert await within(second) == [row("v1")]
+    assert len(db.fetches) == 1  # (one fill, shared: not one per reader)
     with pytest.raises(asyncio.CancelledError):
         await first
