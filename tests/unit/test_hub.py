@@ -27,6 +27,7 @@ from sidecar.hub import (
     TooManyStreams,
     snapshot_chunks,
 )
+from tests.support.waiting import quiescent
 
 T = "public.items"
 ROWS: dict[tuple[int], bytes] = {}
@@ -157,7 +158,7 @@ async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
     assert (await take(slow_stream, 1))[0].revision == 1
     for revision in range(2, 20):
         commit(hub, revision, revision)  # publishing never waits for the slow one
-        await asyncio.sleep(0)  # (the fast one reads as it comes)
+        await quiescent()  # (the fast one reads as it comes)
     assert [b.revision for b in await fast] == list(range(1, 20))
     with pytest.raises(FellBehind, match="last delivered revision e1/1"):
         await take(slow_stream, 1)
@@ -325,10 +326,11 @@ async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_ca
     hub.wake_slice = 2
     streams = [hub.subscribe(Filter(frozenset()), several=True).messages() for _ in range(6)]
     readers = [asyncio.create_task(take(stream, 1)) for stream in streams]
-    for _ in range(5):
-        await asyncio.sleep(0)  # every reader waits
+    await quiescent()  # every reader waits
     commit(hub, 1, 1)
-    woken: list[int] = []  # how many had their message after each event-loop iteration
+    # How many had their message after each event-loop iteration: the property measured
+    # (a slice per iteration), so this loop counts iterations on purpose.
+    woken: list[int] = []
     async with asyncio.timeout(2):
         while not all(r.done() for r in readers):
             await asyncio.sleep(0)
