@@ -178,6 +178,24 @@ async def test_full_whole_table_changes_coalesce_into_one_reload_in_flight_and_o
     assert table.coalesced == 4  # (the burst's first made the queued reload; the others folded into it)
 
 
+async def test_a_reload_due_but_not_begun_already_shows_as_running(db, seq):
+    """After a whole-table change reads go to the database at once; what ListTables and the
+    metrics show says so from then on, not only once the load's query has begun."""
+    table = await full_table(db, seq)
+    assert not table.load_progress.state().running
+    db.hold()
+    table.changed([(1,)], seq.next())
+    await db.held(1)  # a refetch in flight: the reload waits for it
+    table.changed_all(seq.next())
+    await quiescent()
+    assert db.loads == [T] and table.reloading  # due, not begun
+    assert table.load_progress.state().running
+    db.release()
+    await eventually(lambda: not table.reloading, what="the reload landed")
+    state = table.load_progress.state()
+    assert not state.running and state.completed == 2
+
+
 async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):
     """A refetch sent before a whole-table change lands before the reload starts; one sent
     after it is newer than the reload: the key's row never goes back."""
