@@ -66,4 +66,5 @@ async def quiescent(limit: int = 10_000) -> None:
         await asyncio.sleep(0)
         if not loop._ready:  # type: ignore[attr-defined]  # (CPython's queue of ready callbacks)
             return
-    raise AssertionError(f"the event loop never went idle in {limit} iterations (a busy loop?)")
+    ready = list(loop._ready)[:3]  # type: ignore[attr-defined]
+    raise AssertionError(f"the event loop never went idle in {limit} iterations (a busy loop?); ready: {ready}")
