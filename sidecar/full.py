@@ -90,7 +90,7 @@ class FullTable:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
-        self.load_progress = LoadProgress(schema.qualified)
+        self.load_progress = LoadProgress(schema.qualified, due=lambda: self.reloading and self.problem is None)
         self.loaded = False
         self.problem: str | None = None  # why the table is not served: a failure that would repeat
         self.refetches = 0

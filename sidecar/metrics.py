@@ -146,7 +146,9 @@ class _StateCollector(Collector):
             labels=["table"],
         )
         loading = GaugeMetricFamily(
-            "cache_sidecar_table_loading", "1 while a (re)load of the full table runs.", labels=["table"]
+            "cache_sidecar_table_loading",
+            "1 while a (re)load of the full table is due or runs (reads go to the database meanwhile).",
+            labels=["table"],
         )
         load_rows = GaugeMetricFamily(
             "cache_sidecar_load_rows", "Rows read by the running (re)load, or by the last one.", labels=["table"]

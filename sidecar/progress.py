@@ -28,7 +28,7 @@ LOG_INTERVAL = 5.0  # seconds between progress lines of one long load (a plain v
 class LoadState:
     """One moment of a table's loads (what ListTables and the metrics show)."""
 
-    running: bool  # a (re)load is in progress
+    running: bool  # a (re)load is due or in progress (memory answers no read of the table)
     rows: int  # rows read so far by the running load, or by the last one
     expected: int | None  # the estimate of the table's rows when the running or last load began
     seconds: float  # time the running load has taken so far, or the last one took
@@ -41,11 +41,19 @@ class LoadProgress:
     """The loads of one table, one at a time (the table runs at most one)."""
 
     def __init__(
-        self, table: str, *, clock: Callable[[], float] = time.monotonic, interval: float | None = None
+        self,
+        table: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float | None = None,
+        due: Callable[[], bool] = lambda: False,
     ) -> None:
         self.table = table
         self._clock = clock
         self._interval = interval
+        # A load the table needs and has not begun (it waits for refetches in flight to
+        # land, or to retry): reads already go to the database, so it shows as running.
+        self._due = due
         self._running = False
         self._rows = 0
         self._expected: int | None = None
@@ -102,14 +110,15 @@ class LoadProgress:
         return LOG_INTERVAL if self._interval is None else self._interval
 
     def state(self) -> LoadState:
+        running = self._running or self._due()
         if not self._begun:
-            return LoadState(False, 0, None, 0.0, 0.0, None, 0)
+            return LoadState(running, 0, None, 0.0, 0.0, None, 0)
         seconds = max(0.0, (self._clock() if self._running else self._ended) - self._started)
         rate = self._rows / seconds if seconds > 0 else 0.0
         eta = None
         if self._running and self._expected is not None and rate > 0 and self._rows < self._expected:
             eta = (self._expected - self._rows) / rate
-        return LoadState(self._running, self._rows, self._expected, seconds, rate, eta, self.completed)
+        return LoadState(running, self._rows, self._expected, seconds, rate, eta, self.completed)
 
     def _log(self) -> None:
         state = self.state()

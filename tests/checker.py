@@ -579,7 +579,7 @@ async def _fleet_faults(
 
 
 def run(
-    dsn: str, restart: Any, duration: float, readers: int = 3, writers: int = 4, seed: int = 1, fleet: int = 0
+    dsn: str, restart: Any, *, duration: float, readers: int = 3, writers: int = 4, seed: int = 1, fleet: int = 0
 ) -> Report:
     """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None).
     ``fleet``: that many followers of the sidecar, through which the readers read."""
@@ -698,13 +698,29 @@ def main() -> None:
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
         print("SIDECAR_TEST_DSN set: PostgreSQL will not be restarted", file=sys.stderr)
-        report = run(external, None, args.duration, args.readers, args.writers, args.seed, args.fleet)
+        report = run(
+            external,
+            None,
+            duration=args.duration,
+            readers=args.readers,
+            writers=args.writers,
+            seed=args.seed,
+            fleet=args.fleet,
+        )
     else:
         from tests.support.pg import EmbeddedServer
 
         server = EmbeddedServer()
         try:
-            report = run(server.dsn, server.restart, args.duration, args.readers, args.writers, args.seed, args.fleet)
+            report = run(
+                server.dsn,
+                server.restart,
+                duration=args.duration,
+                readers=args.readers,
+                writers=args.writers,
+                seed=args.seed,
+                fleet=args.fleet,
+            )
         finally:
             server.stop()
     print(report.table())

@@ -12,7 +12,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.cli import build_parser
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "cache-sidecar")  # the console script, as installed
@@ -63,23 +63,20 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
 
 
 def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while True:
+
+        def serving() -> bool:
             if process.poll() is not None:
                 assert process.stderr is not None
-                raise AssertionError(f"daemon exited with {process.returncode}: {process.stderr.read().decode()}")
+                raise RuntimeError(f"daemon exited with {process.returncode}: {process.stderr.read().decode()}")
             try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
             except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "daemon never became SERVING"
-            time.sleep(0.05)
+                return False
+            return status == health_pb2.HealthCheckResponse.SERVING
+
+        wait_until(serving, timeout=timeout, interval=0.05, what="the daemon SERVING")
 
 
 @dataclass

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,16 +125,19 @@ def test_built_packages_install_into_a_clean_venv_and_serve(tmp_path: Path, venv
         "    print(cache_sidecar_client.__file__, cache.get('public.patron', 1)['name'])\n"
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
+
+        def read_row() -> subprocess.CompletedProcess[str]:
             done = subprocess.run(
                 [python, "-c", read, target], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
             )
-            if done.returncode == 0:
-                break
-            assert daemon.poll() is None, f"the installed daemon exited {daemon.returncode}: {daemon.stderr.read()}"
-            assert time.monotonic() < deadline, f"no row from the installed daemon: {done.stderr}"
-            time.sleep(0.2)  # polling a condition (the demo serving), with the deadline above
+            if done.returncode != 0:
+                if daemon.poll() is not None:
+                    assert daemon.stderr is not None
+                    raise RuntimeError(f"the installed daemon exited {daemon.returncode}: {daemon.stderr.read()}")
+                raise AssertionError(f"no row yet: {done.stderr}")  # (kept as the last thing seen)
+            return done
+
+        done = wait_until(read_row, timeout=120, interval=0.2, what="a row from the installed daemon")
         where, name = done.stdout.split()
         assert name == "Ada"
         assert Path(where).is_relative_to(venv), where  # the installed client, not the source tree's

@@ -9,7 +9,7 @@ from tests import checker
 
 async def test_checker_finds_no_broken_promise_under_faults(postgres):
     restart = postgres.restart if postgres.can_restart else None
-    report = await asyncio.to_thread(checker.run, postgres.dsn, restart, 25.0)
+    report = await asyncio.to_thread(checker.run, postgres.dsn, restart, duration=25.0)
     print(report.table())
     assert report.reads > 1000 and report.strong_reads > 100 and report.writes_acked > 1000
     assert report.listener_kills >= 3
@@ -26,7 +26,9 @@ async def test_checker_through_followers_finds_no_broken_promise_under_faults(po
     is stalled past its bound and cut, and each follower is switched between two hubs
     (A -> B -> A -> B) while reads name either hub's revision."""
     restart = postgres.restart if postgres.can_restart else None
-    report = await asyncio.to_thread(checker.run, postgres.dsn, restart, 30.0, 3, 4, 2, 2)
+    report = await asyncio.to_thread(
+        checker.run, postgres.dsn, restart, duration=30.0, readers=3, writers=4, seed=2, fleet=2
+    )
     print(report.table())
     assert report.reads > 500 and report.strong_reads > 100 and report.writes_acked > 1000
     assert report.hub_restarts == 1 and report.link_stalls == 2 and report.link_cuts == 2

@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar import config as cfg
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from tests.support.waiting import eventually
 
@@ -45,8 +47,23 @@ async def test_full_table_follows_every_kind_of_change(start_daemon, db, patrons
         assert (await cache.get(patrons, 2000))["name"] == "p3"
         await db.execute(f"TRUNCATE {patrons}")
         await eventually(lambda: _missing(cache, patrons, 4), what="truncate visible")
+        # Reads went to PostgreSQL at once; ListTables says so until the reload lands
+        # (a reload due or running), and never shows the old rows as current.
+        listed = await _listed(sidecar.target, patrons)
+        assert listed.load.running or listed.row_count == 0, listed
+        assert listed.loaded  # (health does not flip on a reload)
+        await cache.sync()  # every change received is applied: the reload landed
         (info,) = await cache.list_tables()
         assert (info.name, info.mode, info.row_count, info.loaded) == (patrons, "full", 0, True)
+        assert not (await _listed(sidecar.target, patrons)).load.running
+
+
+async def _listed(target: str, name: str) -> pb.TableInfo:
+    """ListTables' entry for ``name``, as the wire has it (the client's TableInfo has no ``load``)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        answer = await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest())
+    (info,) = [t for t in answer.tables if t.name == name]
+    return info
 
 
 async def test_lazy_table_reads_through_and_follows_changes(start_daemon, db, patrons):
@@ -138,9 +155,6 @@ async def test_bad_requests_get_clear_statuses_and_disturb_nothing(start_daemon,
 
 
 async def test_malformed_messages_get_clear_statuses(start_daemon, db, schema, patrons):
-    from sidecar.api.v1 import cache_pb2 as pb
-    from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-
     await db.execute(f"CREATE TABLE {schema}.pair (a int, b text, PRIMARY KEY (a, b))")
     sidecar = await start_daemon([patrons, f"{schema}.pair"])
     one = pb.Key(parts=[pb.KeyPart(int_value=1)])

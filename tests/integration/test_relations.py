@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch
 
 from sidecar import config as cfg
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from tests.support.waiting import eventually
 
@@ -104,6 +107,11 @@ async def test_the_reference_example_follows_every_source(start_daemon, db, sche
 
         await db.execute(f"TRUNCATE {s}.users_cities")
         await eventually(lambda: _gone(cache, users, 3), what="truncate followed")
+        if mode == "full":  # reads went to PostgreSQL at once; ListTables says so until the reload lands
+            async with grpc.aio.insecure_channel(sidecar.target) as channel:
+                (listed,) = (await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest())).tables
+            assert listed.load.running or listed.row_count == 0, listed
+        await cache.sync()  # every change received is applied: the reload landed
         (info,) = await cache.list_tables()
         assert info.name == users and (info.row_count == 0 or mode == "lazy")
 

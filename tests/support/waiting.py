@@ -54,3 +54,17 @@ async def eventually(
         if poll.reached(value):
             return value
         await asyncio.sleep(interval)
+
+
+async def quiescent(limit: int = 10_000) -> None:
+    """Return once no task or callback is ready to run: everything the test set in motion
+    went as far as it can (each waits on something: a gate, a timer, a socket). asyncio's
+    counterpart of trio's ``wait_all_tasks_blocked``; what a test asserts *not* to happen
+    is then shown not to happen, however many loop iterations it would have taken."""
+    loop = asyncio.get_running_loop()
+    for _ in range(limit):
+        await asyncio.sleep(0)
+        if not loop._ready:  # type: ignore[attr-defined]  # (CPython's queue of ready callbacks)
+            return
+    ready = list(loop._ready)[:3]  # type: ignore[attr-defined]
+    raise AssertionError(f"the event loop never went idle in {limit} iterations (a busy loop?); ready: {ready}")

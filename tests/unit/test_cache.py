@@ -11,7 +11,7 @@ from sidecar.full import FullTable, Reloading
 from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent
 
 T = "public.items"
 
@@ -178,6 +178,24 @@ async def test_full_whole_table_changes_coalesce_into_one_reload_in_flight_and_o
     assert table.coalesced == 4  # (the burst's first made the queued reload; the others folded into it)
 
 
+async def test_a_reload_due_but_not_begun_already_shows_as_running(db, seq):
+    """After a whole-table change reads go to the database at once; what ListTables and the
+    metrics show says so from then on, not only once the load's query has begun."""
+    table = await full_table(db, seq)
+    assert not table.load_progress.state().running
+    db.hold()
+    table.changed([(1,)], seq.next())
+    await db.held(1)  # a refetch in flight: the reload waits for it
+    table.changed_all(seq.next())
+    await quiescent()
+    assert db.loads == [T] and table.reloading  # due, not begun
+    assert table.load_progress.state().running
+    db.release()
+    await eventually(lambda: not table.reloading, what="the reload landed")
+    state = table.load_progress.state()
+    assert not state.running and state.completed == 2
+
+
 async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):
     """A refetch sent before a whole-table change lands before the reload starts; one sent
     after it is newer than the reload: the key's row never goes back."""
@@ -188,8 +206,8 @@ async def test_full_keyed_refetch_never_lands_older_than_a_reload(db, seq):
     await db.held(1)  # refetch A read "a"
     db.put(T, (1,), name="b")
     table.changed_all(seq.next())
-    await asyncio.sleep(0)
-    assert db.loads == [T]  # the reload waits for A to land
+    await quiescent()
+    assert db.loads == [T]  # the reload waits for A to land (it would have started by now)
     db.release()
     await eventually(lambda: len(db.loads) == 2 and not table.reloading, what="the reload after the refetch")
     assert table.rows[(1,)] == row("b")
@@ -310,9 +328,10 @@ async def test_lazy_cancelled_reader_does_not_cancel_the_shared_fill(db):
     first = asyncio.create_task(table.get_many([(1,)]))
     await db.held(1)
     second = asyncio.create_task(table.get_many([(1,)]))
-    await asyncio.sleep(0)
+    await quiescent()  # the second reader waits on the fill the first started
     first.cancel()
     db.release()
     assert await within(second) == [row("v1")]
+    assert len(db.fetches) == 1  # (one fill, shared: not one per reader)
     with pytest.raises(asyncio.CancelledError):
         await first

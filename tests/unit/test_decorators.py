@@ -13,7 +13,7 @@ from cache_sidecar_client import ChangeBatch, Reset, Revision, cached, decorator
 from cache_sidecar_client.client import CONNECTED, DISCONNECTED
 from cache_sidecar_client.watch import Change
 
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent, wait_until
 
 T = "public.items"
 _n = 0
@@ -42,8 +42,8 @@ class FakeAsyncClient:
 
     async def send(self, item: object) -> None:
         await self.items.put(item)
-        await eventually(self.items.empty)
-        await asyncio.sleep(0)  # let the follower act on it
+        await quiescent()  # the follower took it, acted on it and waits for the next
+        assert self.items.empty()
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ async def test_concurrent_misses_share_one_computation(client):
     release.clear()
     started = 0
     callers = [asyncio.create_task(slow(7)) for _ in range(10)]
-    await asyncio.sleep(0)
+    await quiescent()  # all ten are in before the computation can end
     release.set()
     assert await asyncio.gather(*callers) == [70] * 10
     assert started == 1
@@ -215,9 +215,9 @@ async def test_a_cancelled_first_caller_does_not_leave_the_others_hanging(client
     release.clear()
     runs = 0
     first = asyncio.create_task(slow())
-    await asyncio.sleep(0)
+    await quiescent()  # the first computes
     second = asyncio.create_task(slow())
-    await asyncio.sleep(0)
+    await quiescent()  # the second waits for the first's computation
     first.cancel()
     release.set()
     assert await asyncio.wait_for(second, 2) == "done"
@@ -240,12 +240,14 @@ async def test_a_computation_overtaken_by_a_change_is_not_stored(client):
     release.set()
     await value()
     await eventually(lambda: value.cache_info().connected)
+    value.cache_clear()  # (else the next call is a hit and computes nothing)
     release.clear()
     pending = asyncio.create_task(value())
-    await asyncio.sleep(0)
+    await quiescent()  # it computes
+    assert count == 2
     await client.send(batch())  # the table changes while it computes
     release.set()
-    await pending
+    assert await pending == 2
     assert value.cache_info().size == 0
 
 
@@ -290,7 +292,32 @@ class FakeSyncClient:
                 continue
 
 
-def test_blocking_functions_single_flight_and_clear():
+class CountedEvent(threading.Event):
+    """A flight's ``done`` that counts the callers waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+        self._count = threading.Lock()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._count:
+            self.waiting += 1
+        return super().wait(timeout)
+
+
+class CountedFlight(decorators._Flight):
+    made: list[CountedFlight] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = CountedEvent()
+        CountedFlight.made.append(self)
+
+
+def test_blocking_functions_single_flight_and_clear(monkeypatch):
+    monkeypatch.setattr(decorators, "_Flight", CountedFlight)
+    CountedFlight.made.clear()
     client = FakeSyncClient()
     calls = 0
     gate = threading.Event()
@@ -299,29 +326,26 @@ def test_blocking_functions_single_flight_and_clear():
     def value(key: int) -> int:
         nonlocal calls
         calls += 1
-        gate.wait(2)
+        gate.wait(30)  # (a bound: the test fails instead of hanging)
         return key + calls
 
     try:
         gate.set()
         value(0)
-        deadline = time.monotonic() + 5
-        while not value.cache_info().connected and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: value.cache_info().connected, what="the stream connected")
         gate.clear()
         results: list[int] = []
         threads = [threading.Thread(target=lambda: results.append(value(5))) for _ in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(0.05)
+        # One computes (held by the gate), the seven others wait for its flight.
+        wait_until(lambda: calls == 2 and CountedFlight.made[-1].done.waiting == 7, what="eight callers met")
         gate.set()
         for thread in threads:
             thread.join(5)
         assert len(set(results)) == 1 and len(results) == 8 and calls == 2
         client.items.put(batch())
-        deadline = time.monotonic() + 5
-        while value.cache_info().clears == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: value.cache_info().clears > 0, what="the change cleared the cache")
         assert value(5) != results[0]
     finally:
         client._closed.set()

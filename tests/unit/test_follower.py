@@ -21,7 +21,7 @@ from sidecar.revisions import Revisions
 from sidecar.source import SourceBatch, SourceChange
 from sidecar.testing import MemoryDatabase, int_key_schema
 from sidecar.wire import entry, row_json
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent
 
 FULL = "public.items"
 LAZY = "public.notes"
@@ -83,7 +83,8 @@ async def test_adopting_wakes_readers_that_waited_for_the_revision():
     revisions = Revisions(lambda applied: None)
     revisions.adopt("e", 1)
     waiting = asyncio.create_task(revisions.wait(5))
-    await asyncio.sleep(0)
+    await quiescent()
+    assert not waiting.done()  # (it waits: adopting is what wakes it)
     revisions.adopt("e", 7)  # a rebuild from a snapshot at 7
     await asyncio.wait_for(waiting, 1)
 

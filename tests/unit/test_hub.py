@@ -27,6 +27,7 @@ from sidecar.hub import (
     TooManyStreams,
     snapshot_chunks,
 )
+from tests.support.waiting import eventually
 
 T = "public.items"
 ROWS: dict[tuple[int], bytes] = {}
@@ -152,13 +153,23 @@ async def test_reset_reaches_every_subscriber_and_the_stream_goes_on():
 async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
     hub = make_hub(max_lag=5)
     slow_stream = hub.subscribe(Filter(frozenset())).messages()
-    fast = asyncio.create_task(take(hub.subscribe(Filter(frozenset())).messages(), 19))
+    fast_stream = hub.subscribe(Filter(frozenset())).messages()
+    read: list = []
+
+    async def read_fast() -> None:
+        async for message in fast_stream:
+            read.append(message)
+            if len(read) == 19:
+                return
+
+    fast = asyncio.create_task(read_fast())
     commit(hub, 1, 1)
     assert (await take(slow_stream, 1))[0].revision == 1
     for revision in range(2, 20):
         commit(hub, revision, revision)  # publishing never waits for the slow one
-        await asyncio.sleep(0)  # (the fast one reads as it comes)
-    assert [b.revision for b in await fast] == list(range(1, 20))
+        await eventually(lambda r=revision: len(read) == r, what=f"the fast one read {revision}")  # (as it comes)
+    await asyncio.wait_for(fast, 2)
+    assert [b.revision for b in read] == list(range(1, 20))
     with pytest.raises(FellBehind, match="last delivered revision e1/1"):
         await take(slow_stream, 1)
     assert hub.dropped == 1
@@ -323,12 +334,13 @@ async def test_progress_marks_come_from_one_shared_ticker_and_stop_when_not_idle
 async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_came_meanwhile():
     hub = make_hub()
     hub.wake_slice = 2
-    streams = [hub.subscribe(Filter(frozenset()), several=True).messages() for _ in range(6)]
-    readers = [asyncio.create_task(take(stream, 1)) for stream in streams]
-    for _ in range(5):
-        await asyncio.sleep(0)  # every reader waits
+    subscriptions = [hub.subscribe(Filter(frozenset()), several=True) for _ in range(6)]
+    readers = [asyncio.create_task(take(s.messages(), 1)) for s in subscriptions]
+    await eventually(lambda: all(s.waiting for s in subscriptions), what="every reader waits")
     commit(hub, 1, 1)
-    woken: list[int] = []  # how many had their message after each event-loop iteration
+    # How many had their message after each event-loop iteration: the property measured
+    # (a slice per iteration), so this loop counts iterations on purpose.
+    woken: list[int] = []
     async with asyncio.timeout(2):
         while not all(r.done() for r in readers):
             await asyncio.sleep(0)

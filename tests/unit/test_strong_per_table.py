@@ -11,7 +11,7 @@ from sidecar.engine import Engine
 from sidecar.events import Op, RowChange, TableChange
 from sidecar.full import FullTable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent
 from tests.unit.test_reload_reads import HeldLoads, row
 
 BIG, ITEMS = "public.big", "public.items"
@@ -75,8 +75,7 @@ async def test_a_strong_read_still_waits_for_its_own_tables_changes(engine, db):
     await db.held(1)
     strong = asyncio.create_task(engine.prepare_read(True, None, items(engine)))
     await eventually(lambda: engine.barrier is not None and engine.barrier.rounds >= 1, what="a barrier round")
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await quiescent()
     assert not strong.done()  # the token is back, but the refetch has not landed
     db.release()
     await quickly(strong)
