@@ -225,8 +225,11 @@ class Hub:
         self._pending: collections.deque[Batch] = collections.deque()  # recorded, not yet applied
         self._subscribers: set[Subscription] = set()
         self._per_connection: dict[str, int] = {}
-        # Subscribers waiting for something to send, oldest first (an ordered set).
+        # Subscribers waiting for their turn to send, oldest first (an ordered set), woken a
+        # slice at a time; and those with nothing to send, waiting for the next publish
+        # (which moves them to the turns: an idle one is never woken by the pacing itself).
         self._waiting: collections.OrderedDict[Subscription, None] = collections.OrderedDict()
+        self._idle: dict[Subscription, None] = {}
         self._waking: asyncio.Handle | None = None  # the next slice of wake-ups, when scheduled
         self._paced: set[Subscription] = set()  # subscribers owed progress marks when idle
         self._ticker: asyncio.TimerHandle | None = None
@@ -305,6 +308,8 @@ class Hub:
             self._first = 0
         while len(self._viewed) > self.view_window:
             self._viewed.popleft().views = None
+        self._waiting.update(self._idle)
+        self._idle.clear()
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -463,6 +468,7 @@ class Hub:
         self._subscribers.discard(subscriber)
         self._paced.discard(subscriber)
         self._waiting.pop(subscriber, None)
+        self._idle.pop(subscriber, None)
         connection = subscriber.connection
         if connection is not None:
             left = self._per_connection[connection] - 1
@@ -547,7 +553,7 @@ class Subscription:
         elif self.woken:
             return
         else:
-            hub._waiting[self] = None
+            hub._idle[self] = None  # (until a publish gives it a turn)
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter

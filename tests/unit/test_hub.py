@@ -27,7 +27,7 @@ from sidecar.hub import (
     TooManyStreams,
     snapshot_chunks,
 )
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, quiescent
 
 T = "public.items"
 ROWS: dict[tuple[int], bytes] = {}
@@ -352,3 +352,41 @@ async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_ca
     first = [(await r)[0] for r in readers]
     assert [m.revision for m in first[:2]] == [1, 1]
     assert [[b.revision for b in m.batches] for m in first[2:]] == [[1, 2]] * 4
+
+
+async def test_idle_subscribers_are_not_woken_again_and_again_after_a_publish():
+    """Subscribers with nothing left to send wait for the next publish; the paced wake-up
+    round is for those waiting for their turn to send (it once woke idle ones in a
+    ``call_soon`` chain for ever: a loop at 100 % CPU after a single publish)."""
+    hub = make_hub()
+    subscribers = [hub.subscribe(Filter(frozenset())) for _ in range(3)]
+    received = [0] * len(subscribers)
+    wakes = [0] * len(subscribers)
+    for index, subscriber in enumerate(subscribers):
+        wake = subscriber.wake
+
+        def counted(index: int = index, wake=wake) -> None:
+            wakes[index] += 1
+            wake()
+
+        subscriber.wake = counted  # type: ignore[method-assign]
+
+    async def read(index: int) -> None:
+        async for _ in subscribers[index].messages():
+            received[index] += 1
+
+    readers = [asyncio.create_task(read(i)) for i in range(len(subscribers))]
+    try:
+        await eventually(lambda: all(s.waiting for s in subscribers), what="every subscriber idle")
+        commit(hub, 1, 1)
+        await eventually(lambda: received == [1, 1, 1], what="the batch sent to each")
+        await quiescent()  # (fails if the loop never goes idle)
+        woken = list(wakes)
+        await quiescent()
+        assert wakes == woken and all(s.waiting for s in subscribers)
+        commit(hub, 2, 2)  # (and the next publish still wakes them)
+        await eventually(lambda: received == [2, 2, 2], what="the next batch sent to each")
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
