@@ -14,6 +14,21 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """``event.wait()`` for at most ``timeout`` seconds; whether it was set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives just
+    as its timeout fires (it returns the finished wait instead), and a loop built on it
+    then outlives its task's cancellation: a shutdown waits for it for ever.
+    ``asyncio.timeout`` tells the two apart."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 class TaskSet:
     """Keeps references to short-lived tasks (asyncio holds only weak ones)
     and logs any that fail."""

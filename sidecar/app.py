@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from sidecar import auth, channels, db, dsn, embedded, preflight, server, triggers, upstream
+from sidecar.aio import wait_set
 from sidecar.catalog import CatalogWatch
 from sidecar.config import Config
 from sidecar.db import PgDatabase
@@ -379,8 +380,7 @@ class Daemon:
         serving: bool | None = None
         while True:
             # (woken by state changes; and each second, for a revision that stands still)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._health_dirty.wait(), 1.0)
+            await wait_set(self._health_dirty, 1.0)
             self._health_dirty.clear()
             ready = self.engine.ready and not self.engine.stalled and not self._capture_problems()
             if ready != serving:

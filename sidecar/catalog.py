@@ -36,7 +36,6 @@ EVENTUAL reads may lag a DDL by up to the check interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import operator
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import triggers
+from sidecar.aio import wait_set
 from sidecar.errors import SidecarError
 from sidecar.schema import TableSchema
 
@@ -261,8 +261,7 @@ class CatalogWatch:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.interval)
+            await wait_set(self._poke, self.interval)
             self._poke.clear()
             try:
                 await self.check()

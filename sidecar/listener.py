@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from sidecar import events
+from sidecar.aio import wait_set
 from sidecar.errors import PayloadError
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,10 @@ class Listener:
         self._on_up()
         while True:
             idle = time.monotonic() - self._last_heard
-            try:
-                await asyncio.wait_for(dead.wait(), max(self.ping_interval - idle, 0.001))
+            if await wait_set(dead, max(self.ping_interval - idle, 0.001)):
                 if self._crash is not None:
                     raise self._crash
                 return self._lost or "connection closed"
-            except TimeoutError:
-                pass
             if conn.is_closed():
                 return "connection closed (found by the driver)"
             if time.monotonic() - self._last_heard < self.ping_interval:
