@@ -1,0 +1,256 @@
+"""The shared-memory store with the daemon as a process and a real PostgreSQL:
+rows read from the store equal rows read over gRPC after every kind of change;
+readers see whole transactions only; STRONG reads see every commit before them;
+readers stop trusting the store when the daemon dies, stops or loses its listener.
+
+(LMDB allows one open environment per file per process, so the daemon runs in
+its own process here, as it does in a pod.)"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import secrets
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from cache_sidecar_client import AsyncClient
+from cache_sidecar_client import shared_memory as shm
+
+from tests.e2e.test_process import EXE, clean_env, free_port, wait_serving
+from tests.support.waiting import eventually
+
+Start = Callable[..., tuple[str, subprocess.Popen[str]]]
+
+
+@pytest.fixture
+def start(postgres, tmp_path) -> Iterator[Start]:
+    """Start a daemon process keeping ``tables`` in the store: ``(target, process)``."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def run(tables: list[str], *flags: str) -> tuple[str, subprocess.Popen[str]]:
+        port = free_port()
+        command = [*EXE, "serve", "--dsn", postgres.dsn, "--listen", f"127.0.0.1:{port}", "--install-triggers"]
+        command += ["--shared-memory", str(tmp_path / "store"), "--channel", f"cs_{secrets.token_hex(4)}"]
+        for table in tables:
+            command += ["--table", table]
+        process = subprocess.Popen(
+            [*command, *flags], env=clean_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        processes.append(process)
+        target = f"127.0.0.1:{port}"
+        wait_serving(target, process)
+        return target, process
+
+    yield run
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> str:
+    return str(tmp_path / "store")
+
+
+def snapshot(directory: str, table: str) -> tuple[shm.State | None, shm.TableState | None, dict[bytes, bytes]]:
+    """Everything the store holds of ``table``, read in one transaction (the test's own view)."""
+    import lmdb
+
+    env = lmdb.open(directory, readonly=True, create=False, lock=True, max_dbs=64)
+    try:
+        meta = env.open_db(shm.META_DB, create=False)
+        rows_db = env.open_db(shm.ROWS_PREFIX + table.encode(), create=False)
+        with env.begin() as txn:
+            state = shm.parse_state(txn.get(shm.STATE_KEY, db=meta))
+            info = shm.parse_table(txn.get(shm.TABLE_PREFIX + table.encode(), db=meta))
+            rows = dict(txn.cursor(db=rows_db).iternext())
+    finally:
+        env.close()
+    return state, info, rows
+
+
+def serves(store: shm.SharedMemory, table: str) -> bool:
+    return isinstance(store.read(table, [], None, False), shm.Answer)
+
+
+async def same_as_grpc(directory: str, target: str, table: str, keys: list[object]) -> None:
+    """Every key reads the same through the store as over gRPC, and the store answered them."""
+    async with AsyncClient(target) as remote, AsyncClient(target, shared_memory=directory) as local:
+        store = local._store
+        assert store is not None
+        await eventually(lambda: serves(store, table), what="the store serves the table")
+        reads = store.reads
+        strong = await local.batch_get(table, keys, consistency="strong")
+        assert strong == await remote.batch_get(table, keys, consistency="strong")
+        for key in keys:
+            assert await local.get(table, key) == await remote.get(table, key)
+        assert store.reads >= reads + 1 + len(keys)
+
+
+@pytest.fixture
+async def items(db, schema) -> str:
+    await db.execute(
+        f"""CREATE TABLE {schema}.items (
+            id int8 PRIMARY KEY, name text, price numeric, tags text[], doc jsonb, blob bytea,
+            at timestamptz, u uuid);
+        INSERT INTO {schema}.items SELECT g, 'item ' || g, g * 1.5, ARRAY['a', 'b'], '{{"k": 1}}',
+            '\\x00ff', '2024-01-01T00:00:00Z', gen_random_uuid() FROM generate_series(1, 50) g"""
+    )
+    return f"{schema}.items"
+
+
+async def test_rows_through_the_store_equal_rows_over_grpc_after_every_kind_of_change(start, db, items, store_dir):
+    target, _ = start([items], "--bulk-threshold", "20")
+    keys: list[object] = [*range(1, 60), 1000]
+    await same_as_grpc(store_dir, target, items, keys)
+    await db.execute(f"INSERT INTO {items} (id, name) VALUES (55, 'new'), (56, NULL)")
+    await db.execute(f"UPDATE {items} SET name = 'changed', doc = '[1,2]' WHERE id IN (2, 3)")
+    await db.execute(f"DELETE FROM {items} WHERE id = 4")
+    await db.execute(f"UPDATE {items} SET id = 1000 WHERE id = 5")  # a key change
+    await same_as_grpc(store_dir, target, items, keys)
+    await db.execute(f"UPDATE {items} SET price = price + 1")  # 51 rows: a whole-table event
+    await same_as_grpc(store_dir, target, items, keys)
+    await db.execute(f"TRUNCATE {items}")
+    await db.execute(f"INSERT INTO {items} (id, name) VALUES (7, 'after truncate')")
+    await same_as_grpc(store_dir, target, items, keys)
+    _, info, rows = snapshot(store_dir, items)
+    assert info is not None and info.served and len(rows) == 1 == info.rows
+    async with AsyncClient(target) as cache:
+        await db.execute(f"INSERT INTO {items} (id, name) VALUES (8, 'before the reload')")
+        await cache.invalidate(items)  # the whole table: reloaded
+    await same_as_grpc(store_dir, target, items, keys)
+    _, info, rows = snapshot(store_dir, items)
+    assert info is not None and info.served and len(rows) == 2 == info.rows
+
+
+async def test_composite_text_uuid_bool_and_char_keys(start, db, schema, store_dir):
+    await db.execute(
+        f"CREATE TABLE {schema}.pairs (a int4, b text, c uuid, d bool, v int, PRIMARY KEY (a, b, c, d));"
+        f"CREATE TABLE {schema}.codes (code char(5) PRIMARY KEY, v int)"
+    )
+    u = uuid.uuid4()
+    await db.execute(f"INSERT INTO {schema}.pairs VALUES (1, 'x é', $1, true, 10), (2, '', $1, false, 20)", u)
+    await db.execute(f"INSERT INTO {schema}.codes VALUES ('ab', 1), ('abcde', 2)")
+    target, _ = start([f"{schema}.pairs", f"{schema}.codes"])
+    pair_keys: list[object] = [(1, "x é", u, True), (2, "", str(u), False), (1, "x é", u, False)]
+    await same_as_grpc(store_dir, target, f"{schema}.pairs", pair_keys)
+    await same_as_grpc(store_dir, target, f"{schema}.codes", ["ab", "ab   ", "abcde", "zz"])
+
+
+async def test_a_table_whose_key_has_no_encoding_stays_on_grpc(start, db, schema, store_dir):
+    await db.execute(f"CREATE TABLE {schema}.days (d date PRIMARY KEY, v int)")
+    await db.execute(f"INSERT INTO {schema}.days VALUES ('2024-01-01', 1)")
+    target, _ = start([f"{schema}.days"])
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        assert (await cache.get(f"{schema}.days", "2024-01-01"))["v"] == 1
+        assert cache._store is not None and cache._store.reads == 0 and cache._store.refused >= 1
+
+
+async def test_strong_and_min_revision_reads_through_the_store(start, db, items, store_dir):
+    target, _ = start([items])
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        store = cache._store
+        assert store is not None
+        await eventually(lambda: serves(store, items), what="the store serves the table")
+        for version in range(20):
+            await db.execute(f"UPDATE {items} SET name = $1 WHERE id = 1", f"v{version}")
+            assert (await cache.get(items, 1, consistency="strong"))["name"] == f"v{version}"
+        await db.execute(f"UPDATE {items} SET name = 'later' WHERE id = 1")
+        later = await cache.sync()
+        assert (await cache.get(items, 1, min_revision=later))["name"] == "later"
+        assert store.reads >= 21
+
+
+async def test_a_stopped_daemon_marks_the_store_stale_at_once(start, items, store_dir):
+    _, process = start([items])
+    store = shm.SharedMemory(store_dir)
+    await eventually(lambda: serves(store, items), what="the store serves the table")
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert store.read(items, [1], None, False) is None
+    assert isinstance(store.read(items, [1], None, True), shm.Answer)  # allow_stale still may
+    store.close()
+
+
+async def test_a_killed_daemon_is_not_trusted_after_the_heartbeat_bound(start, items, store_dir):
+    _, process = start([items])
+    store = shm.SharedMemory(store_dir)
+    await eventually(lambda: serves(store, items), what="the store serves the table")
+    process.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await asyncio.to_thread(process.wait, 30)
+    await eventually(lambda: not serves(store, items), timeout=shm.FRESH_BOUND + 5, what="the store refused")
+    assert time.monotonic() - killed <= shm.FRESH_BOUND + 1.0  # (the bound, plus this machine's load)
+    store.close()
+
+
+async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store_dir):
+    start([items])
+    store = shm.SharedMemory(store_dir)
+    await eventually(lambda: serves(store, items), what="the store serves the table")
+    pids = await db.fetch(  # (this test's daemon is the only one running)
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'"
+    )
+    assert pids
+    for row in pids:
+        await db.execute("SELECT pg_terminate_backend($1)", row["pid"])
+    await eventually(lambda: not serves(store, items), timeout=5, what="the store refused")
+    await eventually(lambda: serves(store, items), timeout=30, what="the store serves again")
+    store.close()
+
+
+# ---------------------------------------------------------------- whole transactions, across processes
+
+
+def _sum_reader(directory: str, table: str, stop, results) -> None:  # type: ignore[no-untyped-def]
+    """In another process: sum rows 1 and 2, read in one store read, until told to stop;
+    report every distinct sum seen and how many reads the store answered."""
+    import json
+
+    store = shm.SharedMemory(directory)
+    sums: set[int] = set()
+    reads = 0
+    while not stop.is_set():
+        answer = store.read(table, [1, 2], None, False)
+        if isinstance(answer, shm.Answer) and None not in answer.rows:
+            reads += 1
+            sums.add(sum(json.loads(row)["v"] for row in answer.rows if row is not None))
+    results.put((sorted(sums), reads))
+
+
+async def test_readers_never_see_half_a_transaction(start, db, schema, store_dir):
+    table = f"{schema}.accounts"
+    await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int); INSERT INTO {table} VALUES (1, 500), (2, 500)")
+    target, _ = start([table])
+    store = shm.SharedMemory(store_dir)
+    await eventually(lambda: serves(store, table), what="the store serves the table")
+    store.close()
+    context = multiprocessing.get_context("spawn")
+    stop, results = context.Event(), context.Queue()
+    readers = [context.Process(target=_sum_reader, args=(store_dir, table, stop, results)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for step in range(300):
+            amount = (step % 7) + 1
+            async with db.transaction():
+                await db.execute(f"UPDATE {table} SET v = v - $1 WHERE id = 1", amount)
+                await db.execute(f"UPDATE {table} SET v = v + $1 WHERE id = 2", amount)
+        async with AsyncClient(target) as cache:
+            await cache.sync()
+    finally:
+        stop.set()
+        seen = [await asyncio.to_thread(results.get, True, 60) for _ in readers]
+        for reader in readers:
+            await asyncio.to_thread(reader.join, 30)
+    _, _, rows = snapshot(store_dir, table)
+    assert len(rows) == 2
+    for sums, reads in seen:
+        assert reads > 0
+        assert sums == [1000]
