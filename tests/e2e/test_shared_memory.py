@@ -32,14 +32,14 @@ def start(postgres, tmp_path) -> Iterator[Start]:
     """Start a daemon process keeping ``tables`` in the store: ``(target, process)``."""
     processes: list[subprocess.Popen[str]] = []
 
-    def run(tables: list[str], *flags: str) -> tuple[str, subprocess.Popen[str]]:
+    def run(tables: list[str], *flags: str, **environ: str) -> tuple[str, subprocess.Popen[str]]:
         port = free_port()
         command = [*EXE, "serve", "--dsn", postgres.dsn, "--listen", f"127.0.0.1:{port}", "--install-triggers"]
         command += ["--shared-memory", str(tmp_path / "store"), "--channel", f"cs_{secrets.token_hex(4)}"]
         for table in tables:
             command += ["--table", table]
         process = subprocess.Popen(
-            [*command, *flags], env=clean_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+            [*command, *flags], env=clean_env(**environ), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
         processes.append(process)
         target = f"127.0.0.1:{port}"
@@ -167,6 +167,26 @@ async def test_strong_and_min_revision_reads_through_the_store(start, db, items,
         assert store.reads >= 21
 
 
+async def test_a_min_revision_read_waits_until_the_store_reaches_it(start, db, items, store_dir):
+    target, _ = start([items])
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        store = cache._store
+        assert store is not None
+        await eventually(lambda: serves(store, items), what="the store serves the table")
+        now = await cache.sync()
+
+        async def write_later() -> None:
+            await asyncio.sleep(0.3)
+            await db.execute(f"UPDATE {items} SET name = 'next' WHERE id = 1")
+
+        writer = asyncio.create_task(write_later())
+        reads = store.reads
+        next_revision = type(now)(now.epoch, now.number + 1)
+        assert (await cache.get(items, 1, min_revision=next_revision, timeout=10))["name"] == "next"
+        assert store.reads == reads + 1
+        await writer
+
+
 async def test_a_stopped_daemon_marks_the_store_stale_at_once(start, items, store_dir):
     _, process = start([items])
     store = shm.SharedMemory(store_dir)
@@ -191,7 +211,8 @@ async def test_a_killed_daemon_is_not_trusted_after_the_heartbeat_bound(start, i
 
 
 async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store_dir):
-    start([items])
+    # (reconnecting after 2 s: the store says "source down" meanwhile, before any rebuild)
+    start([items], CACHE_SIDECAR_LISTENER_RECONNECT_MIN_DELAY="2")
     store = shm.SharedMemory(store_dir)
     await eventually(lambda: serves(store, items), what="the store serves the table")
     pids = await db.fetch(  # (this test's daemon is the only one running)
@@ -200,7 +221,7 @@ async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store
     assert pids
     for row in pids:
         await db.execute("SELECT pg_terminate_backend($1)", row["pid"])
-    await eventually(lambda: not serves(store, items), timeout=5, what="the store refused")
+    await eventually(lambda: "source is down" in (store.refusal(items) or ""), timeout=5, what="source down")
     await eventually(lambda: serves(store, items), timeout=30, what="the store serves again")
     store.close()
 
@@ -208,20 +229,25 @@ async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store
 # ---------------------------------------------------------------- whole transactions, across processes
 
 
-def _sum_reader(directory: str, table: str, stop, results) -> None:  # type: ignore[no-untyped-def]
+def _sum_reader(directory: str, table: str, stop, ready, results) -> None:  # type: ignore[no-untyped-def]
     """In another process: sum rows 1 and 2, read in one store read, until told to stop;
-    report every distinct sum seen and how many reads the store answered."""
+    report every distinct sum seen, how many reads the store answered and how many
+    distinct revisions they were at."""
     import json
 
     store = shm.SharedMemory(directory)
     sums: set[int] = set()
+    revisions: set[int] = set()
     reads = 0
     while not stop.is_set():
         answer = store.read(table, [1, 2], None, False)
         if isinstance(answer, shm.Answer) and None not in answer.rows:
+            if not reads:
+                ready.put(True)
             reads += 1
+            revisions.add(answer.revision)
             sums.add(sum(json.loads(row)["v"] for row in answer.rows if row is not None))
-    results.put((sorted(sums), reads))
+    results.put((sorted(sums), reads, len(revisions)))
 
 
 async def test_readers_never_see_half_a_transaction(start, db, schema, store_dir):
@@ -232,11 +258,13 @@ async def test_readers_never_see_half_a_transaction(start, db, schema, store_dir
     await eventually(lambda: serves(store, table), what="the store serves the table")
     store.close()
     context = multiprocessing.get_context("spawn")
-    stop, results = context.Event(), context.Queue()
-    readers = [context.Process(target=_sum_reader, args=(store_dir, table, stop, results)) for _ in range(2)]
+    stop, ready, results = context.Event(), context.Queue(), context.Queue()
+    readers = [context.Process(target=_sum_reader, args=(store_dir, table, stop, ready, results)) for _ in range(2)]
     for reader in readers:
         reader.start()
     try:
+        for _ in readers:  # every reader reads before the writes begin
+            assert await asyncio.to_thread(ready.get, True, 60)
         for step in range(300):
             amount = (step % 7) + 1
             async with db.transaction():
@@ -251,6 +279,6 @@ async def test_readers_never_see_half_a_transaction(start, db, schema, store_dir
             await asyncio.to_thread(reader.join, 30)
     _, _, rows = snapshot(store_dir, table)
     assert len(rows) == 2
-    for sums, reads in seen:
-        assert reads > 0
+    for sums, reads, revisions in seen:
+        assert reads > 0 and revisions > 10  # (the readers read while the writes went on)
         assert sums == [1000]

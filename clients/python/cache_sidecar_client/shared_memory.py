@@ -283,6 +283,16 @@ class SharedMemory:
         self.reads += 1
         return Answer(rows, state.epoch, state.revision)
 
+    def refusal(self, table: str, allow_stale: bool = False) -> str | None:
+        """Why a read of ``table`` would go over gRPC now (None: the store answers it)."""
+        env = self._open()
+        if env is None:
+            return "no store in " + self.directory
+        with env.begin() as txn:
+            state = parse_state(txn.get(STATE_KEY, db=self._meta))
+            info = parse_table(txn.get(TABLE_PREFIX + table.encode(), db=self._meta))
+        return refusal(state, info, time.time_ns() // 1000, allow_stale, self.bound)
+
     def close(self) -> None:
         with self._lock:
             if self._env is not None:
