@@ -226,6 +226,28 @@ async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store
     store.close()
 
 
+async def test_a_follower_feeds_its_store_from_its_upstream(start_daemon, db, items, tmp_path, store_dir):
+    hub = await start_daemon([items])  # (in this process; the follower and its store in another)
+    port = free_port()
+    command = [*EXE, "serve", "--upstream", hub.target, "--listen", f"127.0.0.1:{port}", "--shared-memory", store_dir]
+    follower = subprocess.Popen(command, env=clean_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        target = f"127.0.0.1:{port}"
+        await asyncio.to_thread(wait_serving, target, follower)
+        keys: list[object] = [*range(1, 55)]
+        await same_as_grpc(store_dir, target, items, keys)
+        await db.execute(f"UPDATE {items} SET name = 'via the hub' WHERE id IN (1, 2)")
+        await db.execute(f"DELETE FROM {items} WHERE id = 3")
+        await db.execute(f"INSERT INTO {items} (id) VALUES (53)")
+        await same_as_grpc(store_dir, target, items, keys)
+        async with AsyncClient(target, shared_memory=store_dir) as cache:
+            assert (await cache.get(items, 1, consistency="strong"))["name"] == "via the hub"
+            assert cache._store is not None and cache._store.reads == 1
+    finally:
+        follower.terminate()
+        await asyncio.to_thread(follower.wait, 30)
+
+
 # ---------------------------------------------------------------- whole transactions, across processes
 
 

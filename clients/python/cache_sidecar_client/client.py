@@ -420,7 +420,7 @@ class Client:
         is one Sync, then a wait until the store holds its revision, then the read."""
         store = self._store
         assert store is not None
-        if consistency == "strong" and store.read(table, (), None, allow_stale) is None:
+        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
             return None  # (the store cannot answer this table now: no barrier of our own)
         deadline = self._core.deadline(timeout)
         target = store_target(self.sync(timeout=timeout) if consistency == "strong" else min_revision)
@@ -676,7 +676,7 @@ class AsyncClient:
         """As ``Client._from_store``."""
         store = self._store
         assert store is not None
-        if consistency == "strong" and store.read(table, (), None, allow_stale) is None:
+        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
             return None
         deadline = self._core.deadline(timeout)
         target = store_target(await self.sync(timeout=timeout) if consistency == "strong" else min_revision)
