@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import secrets
 import signal
 import subprocess
@@ -73,6 +74,10 @@ def snapshot(directory: str, table: str) -> tuple[shm.State | None, shm.TableSta
     finally:
         env.close()
     return state, info, rows
+
+
+def spawn(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(command, env=clean_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
 def serves(store: shm.SharedMemory, table: str) -> bool:
@@ -207,7 +212,50 @@ async def test_a_killed_daemon_is_not_trusted_after_the_heartbeat_bound(start, i
     await asyncio.to_thread(process.wait, 30)
     await eventually(lambda: not serves(store, items), timeout=shm.FRESH_BOUND + 5, what="the store refused")
     assert time.monotonic() - killed <= shm.FRESH_BOUND + 1.0  # (the bound, plus this machine's load)
+    # a new daemon takes the same store over (the dead writer's lock is LMDB's robust mutex),
+    # and the reader that kept it open reads again, in the new epoch
+    before = store.read(items, [1], None, True)
+    start([items])
+    await eventually(lambda: serves(store, items), timeout=30, what="the store serves again")
+    after = store.read(items, [1], None, False)
+    assert isinstance(before, shm.Answer) and isinstance(after, shm.Answer) and after.epoch != before.epoch
     store.close()
+
+
+def _hold_a_read(directory: str, table: str, holding) -> None:  # type: ignore[no-untyped-def]
+    """In another process: open a read transaction, say so, and hang (to be killed)."""
+    import lmdb
+
+    env = lmdb.open(directory, readonly=True, create=False, lock=True, max_dbs=64)
+    meta = env.open_db(shm.META_DB, create=False)
+    txn = env.begin()
+    txn.get(shm.STATE_KEY, db=meta)
+    holding.put(os.getpid())
+    time.sleep(600)
+
+
+def reader_pids(directory: str) -> set[int]:
+    import lmdb
+
+    env = lmdb.open(directory, readonly=True, create=False, lock=True, max_dbs=64)
+    try:  # (env.readers(): "    pid     thread     txnid" then a line per live slot)
+        return {int(line.split()[0]) for line in env.readers().splitlines()[1:] if line.split()[2] != "-"}
+    finally:
+        env.close()
+
+
+async def test_a_reader_killed_mid_read_leaves_no_slot_behind(start, items, store_dir):
+    start([items])
+    await eventually(lambda: os.path.exists(os.path.join(store_dir, "lock.mdb")), what="the store")
+    context = multiprocessing.get_context("spawn")
+    holding = context.Queue()
+    reader = context.Process(target=_hold_a_read, args=(store_dir, items, holding))
+    reader.start()
+    pid = await asyncio.to_thread(holding.get, True, 60)
+    assert pid in reader_pids(store_dir)  # its snapshot pins old pages while it lives
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.to_thread(reader.join, 30)
+    await eventually(lambda: pid not in reader_pids(store_dir), timeout=10, what="the dead reader's slot cleared")
 
 
 async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store_dir):
@@ -230,7 +278,7 @@ async def test_a_follower_feeds_its_store_from_its_upstream(start_daemon, db, it
     hub = await start_daemon([items])  # (in this process; the follower and its store in another)
     port = free_port()
     command = [*EXE, "serve", "--upstream", hub.target, "--listen", f"127.0.0.1:{port}", "--shared-memory", store_dir]
-    follower = subprocess.Popen(command, env=clean_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    follower = spawn(command)
     try:
         target = f"127.0.0.1:{port}"
         await asyncio.to_thread(wait_serving, target, follower)
