@@ -148,6 +148,39 @@ async def test_composite_text_uuid_bool_and_char_keys(start, db, schema, store_d
     await same_as_grpc(store_dir, target, f"{schema}.codes", ["ab", "ab   ", "abcde", "zz"])
 
 
+async def test_a_relation_through_the_store_equals_it_over_grpc(start, db, schema, store_dir, tmp_path):
+    await db.execute(
+        f"""CREATE TABLE {schema}.cities (city_id int PRIMARY KEY, name text);
+        CREATE TABLE {schema}.users (user_id int PRIMARY KEY, name text, city_id int);
+        INSERT INTO {schema}.cities VALUES (1, 'Lyon'), (2, 'Oslo');
+        INSERT INTO {schema}.users VALUES (1, 'Ada', 1), (2, 'Grace', 1), (3, 'Joan', 2)"""
+    )
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        f"""[[tables]]
+name = "{schema}.cities"
+[[tables]]
+name = "{schema}.user_city"
+query = '''SELECT u.user_id, u.name AS user_name, c.city_id, c.name AS city_name
+  FROM {schema}.users u JOIN {schema}.cities c USING (city_id)'''
+key = ["user_id"]
+[tables.sources]
+"{schema}.users" = {{ user_id = "user_id" }}
+"{schema}.cities" = {{ city_id = "city_id" }}
+"""
+    )
+    target, _ = start([], "--config", str(config))
+    relation = f"{schema}.user_city"
+    await same_as_grpc(store_dir, target, relation, [1, 2, 3, 4])
+    await db.execute(f"UPDATE {schema}.cities SET name = 'Lyon 2' WHERE city_id = 1")  # two relation rows
+    await db.execute(f"UPDATE {schema}.users SET city_id = 1 WHERE user_id = 3")
+    await db.execute(f"DELETE FROM {schema}.users WHERE user_id = 2")
+    await same_as_grpc(store_dir, target, relation, [1, 2, 3, 4])
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        rows = await cache.batch_get(relation, [1, 3], consistency="strong")
+        assert [row["city_name"] for row in rows] == ["Lyon 2", "Lyon 2"]
+
+
 async def test_a_table_whose_key_has_no_encoding_stays_on_grpc(start, db, schema, store_dir):
     await db.execute(f"CREATE TABLE {schema}.days (d date PRIMARY KEY, v int)")
     await db.execute(f"INSERT INTO {schema}.days VALUES ('2024-01-01', 1)")
