@@ -422,16 +422,19 @@ class Client:
         assert store is not None
         if consistency == "strong" and store.refusal(table, allow_stale) is not None:
             return None  # (the store cannot answer this table now: no barrier of our own)
-        deadline = self._core.deadline(timeout)
         target = store_target(self.sync(timeout=timeout) if consistency == "strong" else min_revision)
-        while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(POLL)
+        answer = store.read(table, keys, target, allow_stale)
+        if answer is WAIT:
+            deadline = self._core.deadline(timeout)
+            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(POLL)
         if answer is None:
             return None
         self._core.last_revision = Revision(answer.epoch, answer.revision)
-        return [None if row is None else self._core.decode(row) for row in answer.rows]
+        decode = self._core.decode
+        return [None if row is None else decode(row) for row in answer.rows]
 
     def query(
         self,
@@ -678,16 +681,19 @@ class AsyncClient:
         assert store is not None
         if consistency == "strong" and store.refusal(table, allow_stale) is not None:
             return None
-        deadline = self._core.deadline(timeout)
         target = store_target(await self.sync(timeout=timeout) if consistency == "strong" else min_revision)
-        while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(POLL)
+        answer = store.read(table, keys, target, allow_stale)
+        if answer is WAIT:
+            deadline = self._core.deadline(timeout)
+            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
+                if time.monotonic() >= deadline:
+                    return None
+                await asyncio.sleep(POLL)
         if answer is None:
             return None
         self._core.last_revision = Revision(answer.epoch, answer.revision)
-        return [None if row is None else self._core.decode(row) for row in answer.rows]
+        decode = self._core.decode
+        return [None if row is None else decode(row) for row in answer.rows]
 
     async def query(
         self,
