@@ -90,6 +90,12 @@ def test_the_reader_serves_only_while_the_store_is_fresh(state, table, allow_sta
     assert (why is None) if refused is None else (why is not None and refused in why)
 
 
+def test_table_names_as_the_store_spells_them():
+    assert reader.store_name("patron") == "public.patron"
+    assert reader.store_name("Sales.Patron") == "sales.patron"  # unquoted: folded, as the sidecar does
+    assert reader.store_name('public."Patron"') == 'public."Patron"'  # quoted: as given
+
+
 def test_a_revision_of_another_epoch_cannot_be_judged_by_the_store():
     state = reader.State(True, NOW, 5, "e.2")
     assert reader.reached(state, "e.2", 5) is True

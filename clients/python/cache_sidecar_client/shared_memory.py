@@ -99,6 +99,14 @@ def refusal(
     return None
 
 
+def store_name(table: str) -> str:
+    """A table's name as the store spells it, ``schema.table``: unquoted names fold to lower
+    case and default to ``public``, as the sidecar reads them (a quoted name is kept as given)."""
+    if '"' in table:
+        return table
+    return table.lower() if "." in table else "public." + table.lower()
+
+
 def reached(state: State, epoch: str, number: int) -> bool | None:
     """Whether the store holds revision ``(epoch, number)``: True, False (not yet), or
     None (another epoch: the store cannot tell; ask the sidecar)."""
@@ -223,6 +231,7 @@ class SharedMemory:
         self._state_parsed: State | None = None
         self._parsed_tables: dict[bytes, TableState | None] = {}
         self._record_keys: dict[str, bytes] = {}
+        self._names: dict[str, str] = {}  # as given -> as the store spells it
         self.reads = 0  # reads answered from the store
         self.refused = 0  # reads the store could not answer (they went over gRPC)
 
@@ -256,6 +265,7 @@ class SharedMemory:
         env = self._env or self._open()
         if env is None:
             return None
+        table = self._names.get(table) or self._name(table)
         db = self._dbs.get(table) or self._db(env, table)
         if db is None:
             self.refused += 1
@@ -310,6 +320,12 @@ class SharedMemory:
             parsed = self._parsed_tables[data] = parse_table(data)
         return parsed
 
+    def _name(self, table: str) -> str:
+        if len(self._names) > 1024:
+            self._names.clear()
+        name = self._names[table] = store_name(table)
+        return name
+
     def _record_key(self, table: str) -> bytes:
         key = self._record_keys[table] = TABLE_PREFIX + table.encode()
         return key
@@ -321,7 +337,7 @@ class SharedMemory:
             return "no store in " + self.directory
         with env.begin() as txn:
             state = parse_state(txn.get(STATE_KEY, db=self._meta))
-            info = parse_table(txn.get(TABLE_PREFIX + table.encode(), db=self._meta))
+            info = parse_table(txn.get(TABLE_PREFIX + store_name(table).encode(), db=self._meta))
         return refusal(state, info, time.time_ns() // 1000, allow_stale, self.bound)
 
     def close(self) -> None:
