@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 0.1  # seconds between heartbeats
 HELD_BACK = 1.0  # seconds the revision may stand still while changes wait before readers are told "not up"
 READER_CHECK = 1.0  # seconds between clearings of dead readers' slots
+REWRITE_CHUNK = 10_000  # rows per write transaction when a table is rewritten (the event loop runs between)
 MAX_READERS = 4096  # reader slots (one per reading thread of every process)
 FILE_MODE = 0o660  # the pod's containers share a group (Kubernetes fsGroup)
 
@@ -66,6 +67,18 @@ class _Table:
     dirty: bool = True  # its rows in the store are not a complete copy: rewrite before serving
     written: bytes = b""  # the table record last written
     pending: dict[Key, None] = field(default_factory=dict)  # keys to write in the open transaction
+    rewrite: _Rewrite | None = None  # a rewrite under way, chunk by chunk (the table not served meanwhile)
+
+
+@dataclass(slots=True)
+class _Rewrite:
+    """A big table's rewrite: its keys as of the start, written ``REWRITE_CHUNK`` at a time
+    with the rows memory holds then; the keys the published batches change meanwhile are
+    written again at the end, with the rest of the last chunk, so the copy ends exact."""
+
+    keys: list[Key]
+    done: int = 0
+    changed: dict[Key, None] = field(default_factory=dict)
 
 
 class SharedStore:
@@ -121,6 +134,7 @@ class SharedStore:
         for table in self._tables.values():
             table.dirty = True
             table.pending.clear()
+            table.rewrite = None
 
     def applied(self, revision: Revision, batches: Sequence[Batch]) -> None:
         if not batches and revision == self._revision:
@@ -129,11 +143,12 @@ class SharedStore:
         for batch in batches:
             for change in batch.changes:
                 table = tables.get(change.table)
-                if table is None or table.dirty:
+                if table is None or (table.dirty and table.rewrite is None):
                     continue
                 if change.key is None:
                     table.dirty = True
                     table.pending.clear()
+                    table.rewrite = None  # (begun again from scratch)
                     continue
                 table.pending[change.key] = None
                 if change.old_key is not None:
@@ -183,14 +198,23 @@ class SharedStore:
         if rows is None:
             table.dirty = True  # (memory is being rebuilt: the store's copy is rewritten after)
             table.pending.clear()
+            table.rewrite = None
+        elif table.rewrite is not None:
+            table.rewrite.changed.update(table.pending)  # (written at the rewrite's end)
+            table.pending.clear()
         elif table.dirty:
             txn.drop(table.db, delete=False)
-            encode = layout.encode_key
-            txn.cursor(table.db).putmulti(
-                ((encode(key), row_json(entry)) for key, entry in rows.items()), dupdata=False, overwrite=True
-            )
-            table.dirty = False
             table.pending.clear()
+            if len(rows) > REWRITE_CHUNK:
+                # A big table: written a chunk per transaction by ``rewrite_step``, not served
+                # meanwhile (readers go over gRPC), so that the event loop is never held long.
+                table.rewrite = _Rewrite(list(rows))
+            else:
+                encode = layout.encode_key
+                txn.cursor(table.db).putmulti(
+                    ((encode(key), row_json(entry)) for key, entry in rows.items()), dupdata=False, overwrite=True
+                )
+                table.dirty = False
         elif table.pending:
             encode = layout.encode_key
             db = table.db
@@ -217,6 +241,48 @@ class SharedStore:
         except lmdb.Error:
             log.exception("shared-memory store: could not mark it stale")
 
+    @property
+    def rewriting(self) -> bool:
+        return any(table.rewrite is not None for table in self._tables.values())
+
+    def rewrite_step(self) -> None:
+        """Write the next chunk of each table being rewritten; the last one also writes the
+        keys changed meanwhile and marks the table served, in the same transaction."""
+        if self.failed is not None:
+            return
+        encode = layout.encode_key
+        try:
+            with self._env.begin(write=True) as txn:
+                for table in self._tables.values():
+                    rewrite = table.rewrite
+                    if rewrite is None:
+                        continue
+                    rows = self._servable(table)
+                    if rows is None:
+                        continue  # (the next _write_table marks it dirty and drops the rewrite)
+                    chunk = rewrite.keys[rewrite.done : rewrite.done + REWRITE_CHUNK]
+                    rewrite.done += len(chunk)
+                    put = txn.put
+                    for key in chunk:
+                        entry = rows.get(key)
+                        if entry is not None:
+                            put(encode(key), row_json(entry), db=table.db)
+                    if rewrite.done < len(rewrite.keys):
+                        continue
+                    rewrite.changed.update(table.pending)
+                    table.pending.clear()
+                    for key in rewrite.changed:
+                        entry = rows.get(key)
+                        if entry is None:
+                            txn.delete(encode(key), db=table.db)
+                        else:
+                            put(encode(key), row_json(entry), db=table.db)
+                    table.rewrite = None
+                    table.dirty = False
+                    self._write_table(txn, table)  # (its record: served)
+        except lmdb.MapFullError:
+            self._fail("the store is full (raise shared_memory.map_size)")
+
     # ------------------------------------------------------------ heartbeat
 
     def beat(self) -> None:
@@ -230,10 +296,15 @@ class SharedStore:
                 log.info("shared-memory store: cleared %d slot(s) of dead readers", cleared)
 
     async def run(self) -> None:
-        """The heartbeat, until cancelled."""
+        """The heartbeat, and the chunks of big tables' rewrites, until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             self.beat()
-            await asyncio.sleep(HEARTBEAT)
+            next_beat = loop.time() + HEARTBEAT
+            while self.rewriting and loop.time() < next_beat:
+                self.rewrite_step()
+                await asyncio.sleep(0)  # (whatever waits runs between chunks)
+            await asyncio.sleep(max(0.0, next_beat - loop.time()))
 
     def close(self) -> None:
         """The daemon stops: readers go over gRPC from now on (not after the heartbeat's bound)."""

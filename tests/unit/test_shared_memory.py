@@ -4,6 +4,7 @@ reader's decision rule, and the daemon's writer driven by a fake engine."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from sidecar.hub import TABLE_CHANGED, UPDATE, Batch, Change
 from sidecar.keys import KeyColumn
 from sidecar.revisions import Revision
 from sidecar.shared_store import SharedStore
-from sidecar.wire import entry
+from sidecar.wire import entry, row_json
+from tests.support.waiting import eventually
 
 U = uuid.UUID("12345678-1234-5678-1234-567812345678")
 
@@ -240,4 +242,62 @@ def test_a_full_store_stops_being_written_and_says_so(tmp_path):
     assert store.failed is not None and "full" in store.failed
     state = held(store)[0]
     assert state is not None and not state.source_up
+    store.close()
+
+
+def test_a_big_table_is_rewritten_a_chunk_at_a_time_and_served_only_when_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    store, engine, table = make(tmp_path)
+    table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 6)}
+    store.applied(engine.revision, [])
+    _, info, rows = held(store)
+    assert store.rewriting and info is not None and not info.served and rows == {}
+    store.rewrite_step()  # rows 1, 2
+    # meanwhile: row 1 changes, row 2 goes, row 9 arrives (published), row 5 goes (not yet published)
+    table.rows[(1,)] = entry(b'{"id":1,"v":2}')
+    del table.rows[(2,)]
+    table.rows[(9,)] = entry(b'{"id":9}')
+    del table.rows[(5,)]
+    engine.revision = Revision("e.1", 2)
+    store.applied(engine.revision, [batch(2, *(Change("public.t", UPDATE, (n,)) for n in (1, 2, 9)))])
+    _, info, _ = held(store)
+    assert info is not None and not info.served
+    store.rewrite_step()  # rows 3, 4
+    _, info, _ = held(store)
+    assert store.rewriting and info is not None and not info.served
+    store.rewrite_step()  # row 5 (gone: skipped), then the changed keys; served
+    _, info, rows = held(store)
+    assert not store.rewriting and info is not None and info.served
+    assert rows == {layout.encode_key(key): row_json(value) for key, value in table.rows.items()}
+    store.close()
+
+
+def test_a_whole_table_change_during_a_rewrite_begins_it_again(tmp_path, monkeypatch):
+    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    store, engine, table = make(tmp_path)
+    table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 6)}
+    store.applied(engine.revision, [])
+    store.rewrite_step()
+    table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(10, 14)}  # (TRUNCATE, then new rows)
+    engine.revision = Revision("e.1", 2)
+    store.applied(engine.revision, [batch(2, Change("public.t", TABLE_CHANGED))])
+    while store.rewriting:
+        store.rewrite_step()
+    _, info, rows = held(store)
+    assert info is not None and info.served
+    assert rows == {layout.encode_key(key): row_json(value) for key, value in table.rows.items()}
+    store.close()
+
+
+async def test_the_heartbeat_task_drives_rewrites(tmp_path, monkeypatch):
+    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    store, engine, table = make(tmp_path)
+    table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 8)}
+    store.applied(engine.revision, [])
+    task = asyncio.create_task(store.run())
+    try:
+        await eventually(lambda: (info := held(store)[1]) is not None and info.served, what="served")
+    finally:
+        task.cancel()
+    assert len(held(store)[2]) == 7
     store.close()
