@@ -35,6 +35,7 @@ SERVED = 1
 FRESH_BOUND = 1.0  # seconds: an older heartbeat means the sidecar died or hangs
 POLL = 0.0002  # seconds between looks at the store's revision while a read waits for one
 REOPEN_AFTER = 1.0  # seconds between attempts to open a store that was not there
+READER_MAP_SIZE = 1 << 40  # bytes of address space a reader maps (the store's files grow within it)
 
 _INT = struct.Struct(">q")
 _LENGTH = struct.Struct(">I")
@@ -191,7 +192,11 @@ def _acquire(lmdb: Any, directory: str) -> tuple[Any, Any]:
     with _OPEN_LOCK:
         held = _OPEN.get(path)
         if held is None:
-            env = lmdb.open(path, readonly=True, create=False, lock=True, max_dbs=1024, readahead=False)
+            # The map: address space only for a reader, and at least the sidecar's map size
+            # (shared_memory.map_size), else LMDB refuses reads once the store grows past it.
+            env = lmdb.open(
+                path, readonly=True, create=False, lock=True, max_dbs=1024, readahead=False, map_size=READER_MAP_SIZE
+            )
             try:
                 meta = env.open_db(META_DB, create=False)  # (in a transaction of its own: py-lmdb's)
             except BaseException:
