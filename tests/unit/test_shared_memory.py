@@ -301,3 +301,13 @@ async def test_the_heartbeat_task_drives_rewrites(tmp_path, monkeypatch):
         task.cancel()
     assert len(held(store)[2]) == 7
     store.close()
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 120, 123, 124, 125, 126, 127, 128, 16375, 16379, 16380, 16384, 65525, 65535, 70000]
+)
+def test_rows_are_written_as_the_json_the_api_serves_whatever_their_size(size):
+    from sidecar.shared_store import _items
+
+    row = b"x" * size
+    assert _items({(1,): entry(row)}, [(1,), (2,)]) == [(layout.encode_key((1,)), row)]
