@@ -149,6 +149,23 @@ async def test_a_big_table_is_rewritten_in_chunks_and_then_served(start, db, sch
     assert info is not None and info.served and len(rows) == 25_000 == info.rows
 
 
+async def test_a_reader_keeps_reading_as_the_store_grows_past_lmdbs_default_map(start, db, schema, store_dir):
+    table = f"{schema}.growing"
+    await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, padding text)")
+    target, _ = start([table])
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        store = cache._store
+        assert store is not None
+        await eventually(lambda: serves(store, table), what="the store serves the table")
+        assert await cache.get(table, 1) is None  # (the reader's map is made now, the store small)
+        await db.execute(f"INSERT INTO {table} SELECT g, repeat('x', 300) FROM generate_series(1, 60000) g")
+        await cache.sync()  # (30 MB of rows: more than py-lmdb's default 10 MiB map)
+        await eventually(lambda: serves(store, table), what="the store serves the table again")
+        reads = store.reads
+        assert (await cache.get(table, 60000))["id"] == 60000
+        assert store.reads == reads + 1 and store.errors == 0, store.last_error
+
+
 async def test_composite_text_uuid_bool_and_char_keys(start, db, schema, store_dir):
     await db.execute(
         f"CREATE TABLE {schema}.pairs (a int4, b text, c uuid, d bool, v int, PRIMARY KEY (a, b, c, d));"

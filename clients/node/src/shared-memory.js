@@ -20,6 +20,7 @@ const SERVED = 1;
 const FRESH_BOUND_MS = 1000; // an older heartbeat means the sidecar died or hangs
 const POLL_MS = 1; // between looks at the store's revision while a read waits for one
 const REOPEN_AFTER_MS = 1000;
+const READER_MAP_SIZE = 2 ** 40; // bytes of address space a reader maps (the store's files grow within it)
 const WAIT = Symbol('wait'); // the store is fresh but behind the revision asked for
 const RANGES = {
   h: [-(2n ** 15n), 2n ** 15n - 1n],
@@ -130,7 +131,7 @@ function bind() {
     koffi,
     envCreate: lib.func('int mdb_env_create(_Out_ void **env)'),
     setMaxDbs: lib.func('int mdb_env_set_maxdbs(void *env, unsigned int dbs)'),
-    setMaxReaders: lib.func('int mdb_env_set_maxreaders(void *env, unsigned int readers)'),
+    setMapSize: lib.func('int mdb_env_set_mapsize(void *env, size_t size)'),
     envOpen: lib.func('int mdb_env_open(void *env, const char *path, unsigned int flags, int mode)'),
     envClose: lib.func('void mdb_env_close(void *env)'),
     txnBegin: lib.func('int mdb_txn_begin(void *env, void *parent, unsigned int flags, _Out_ void **txn)'),
@@ -163,6 +164,9 @@ function acquire(directory) {
     const env = out[0];
     try {
       check(l.setMaxDbs(env, 1024), 'mdb_env_set_maxdbs');
+      // Address space only, and at least the sidecar's map size (shared_memory.map_size):
+      // with LMDB's default, reads fail with MDB_MAP_RESIZED once the store grows past it.
+      check(l.setMapSize(env, READER_MAP_SIZE), 'mdb_env_set_mapsize');
       check(l.envOpen(env, real, MDB_RDONLY | MDB_NOTLS, 0o660), `open ${real}`);
       const txn = [null];
       check(l.txnBegin(env, null, MDB_RDONLY, txn), 'mdb_txn_begin');
@@ -206,6 +210,8 @@ class SharedMemory {
     this._nextOpen = 0;
     this.reads = 0; // reads answered from the store
     this.refused = 0; // reads the store could not answer (they went over gRPC)
+    this.errors = 0; // reads that failed in LMDB (they went over gRPC); the last one: lastError
+    this.lastError = null;
   }
 
   _open() {
@@ -251,8 +257,19 @@ class SharedMemory {
     return [parseState(this._get(txn, held.meta, STATE_KEY)), parseTable(this._get(txn, held.meta, Buffer.from(`table:${table}`)))];
   }
 
-  /** { rows, epoch, revision }; WAIT (fresh, but not yet at `target`); or null: ask over gRPC. */
+  /** { rows, epoch, revision }; WAIT (fresh, but not yet at `target`); or null: ask over gRPC
+   * (an LMDB error too: counted in `errors`, the read goes over gRPC). */
   read(table, keys, target, allowStale) {
+    try {
+      return this._read(table, keys, target, allowStale);
+    } catch (error) {
+      this.errors += 1;
+      this.lastError = error;
+      return null;
+    }
+  }
+
+  _read(table, keys, target, allowStale) {
     const held = this._open();
     if (held === null) return null;
     const dbi = this._dbi(held, table);

@@ -64,6 +64,7 @@ test('the reader serves only while the store is fresh', () => {
 // ---------------------------------------------------------------- against a daemon
 
 const ITEMS = 'public.shm_items';
+const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
 let postgres;
 let db;
 let port;
@@ -76,13 +77,15 @@ before(async () => {
   await db.connect();
   await db.query(`
     CREATE TABLE shm_items (id bigint PRIMARY KEY, name text, doc jsonb);
-    INSERT INTO shm_items SELECT g, 'item ' || g, '{"k": [1, 2]}' FROM generate_series(1, 30) g`);
+    INSERT INTO shm_items SELECT g, 'item ' || g, '{"k": [1, 2]}' FROM generate_series(1, 30) g;
+    CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
+    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g`);
   port = await freePort();
   store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
   const probe = new CacheClient(`127.0.0.1:${port}`, { timeoutMs: 1000 });
   try {
     daemon = await startDaemon(
-      ['--dsn', postgres.dsn, '--table', ITEMS, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
+      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
       async () => (await probe.listTables()).every((t) => t.loaded),
     );
   } finally {
@@ -120,6 +123,21 @@ test('rows through the store equal rows over gRPC, after changes', async () => {
   await db.query(`INSERT INTO shm_items VALUES (31, 'new', NULL)`);
   await db.query(`UPDATE shm_items SET id = 100 WHERE id = 5`);
   await sameAsGrpc(keys);
+});
+
+test('a store bigger than LMDB\'s default map size is read', async () => {
+  const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  const remote = new CacheClient(`127.0.0.1:${port}`);
+  try {
+    await remote.sync();
+    await eventually(() => local.sharedMemory.refusalOf(BIG) === null, { what: 'the store serves the big table' });
+    const keys = [1, 15000, 30000, 30001];
+    assert.deepEqual(await local.batchGet(BIG, keys), await remote.batchGet(BIG, keys));
+    assert.equal(local.sharedMemory.reads, 1, String(local.sharedMemory.lastError));
+  } finally {
+    local.close();
+    remote.close();
+  }
 });
 
 test('a strong read through the store sees the commit before it', async () => {

@@ -239,6 +239,8 @@ class SharedMemory:
         self._names: dict[str, str] = {}  # as given -> as the store spells it
         self.reads = 0  # reads answered from the store
         self.refused = 0  # reads the store could not answer (they went over gRPC)
+        self.errors = 0  # reads that failed in LMDB (they went over gRPC)
+        self.last_error: Exception | None = None
 
     def _open(self) -> Any:
         if self._env is not None:
@@ -266,7 +268,16 @@ class SharedMemory:
         return db
 
     def read(self, table: str, keys: Sequence[Any], target: tuple[str, int] | None, allow_stale: bool) -> Any:
-        """An ``Answer``; ``WAIT`` (fresh, but not yet at ``target``); or None: ask over gRPC."""
+        """An ``Answer``; ``WAIT`` (fresh, but not yet at ``target``); or None: ask over gRPC
+        (an LMDB error too: counted in ``errors``, the last one kept in ``last_error``)."""
+        try:
+            return self._read(table, keys, target, allow_stale)
+        except self._lmdb.Error as exc:
+            self.errors += 1
+            self.last_error = exc
+            return None
+
+    def _read(self, table: str, keys: Sequence[Any], target: tuple[str, int] | None, allow_stale: bool) -> Any:
         env = self._env or self._open()
         if env is None:
             return None
