@@ -210,6 +210,7 @@ class SharedMemory {
     this._nextOpen = 0;
     this.reads = 0; // reads answered from the store
     this.refused = 0; // reads the store could not answer (they went over gRPC)
+    this._recordKeys = new Map(); // table -> its record's key
     this.errors = 0; // reads that failed in LMDB (they went over gRPC); the last one: lastError
     this.lastError = null;
   }
@@ -249,12 +250,18 @@ class SharedMemory {
     const rc = lmdb.get(txn, dbi, { mv_size: key.length, mv_data: key }, data);
     if (rc === MDB_NOTFOUND) return null;
     check(rc, 'mdb_get');
-    return Buffer.from(lmdb.koffi.decode(data.mv_data, lmdb.koffi.array('uint8_t', data.mv_size)));
+    // (a copy: the bytes are LMDB's, valid only until the transaction ends)
+    return Buffer.from(new Uint8Array(lmdb.koffi.view(data.mv_data, data.mv_size)));
   }
 
   _records(held, table) {
     const txn = held.txn;
-    return [parseState(this._get(txn, held.meta, STATE_KEY)), parseTable(this._get(txn, held.meta, Buffer.from(`table:${table}`)))];
+    let recordKey = this._recordKeys.get(table);
+    if (recordKey === undefined) {
+      recordKey = Buffer.from(`table:${table}`);
+      this._recordKeys.set(table, recordKey);
+    }
+    return [parseState(this._get(txn, held.meta, STATE_KEY)), parseTable(this._get(txn, held.meta, recordKey))];
   }
 
   /** { rows, epoch, revision }; WAIT (fresh, but not yet at `target`); or null: ask over gRPC
