@@ -47,9 +47,9 @@ CUSTOM = {
 }
 # overlay -> the component sets an operator may add (deploy/README.md); each is rendered.
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
-    "direct": [(), ("monitoring",)],
+    "direct": [(), ("monitoring",), ("shared-memory",)],
     "hubs": [(), ("hub-cert-manager", "generated-tokens", "monitoring")],
-    "followers": [(), ("follower-cert-manager", "monitoring")],
+    "followers": [(), ("follower-cert-manager", "monitoring", "shared-memory")],
 }
 
 

@@ -37,6 +37,7 @@ from sidecar.notify_queue import NotifyQueue
 from sidecar.pg_source import PgChangeSource
 from sidecar.replica import ReplicaTable
 from sidecar.schema import TableSchema
+from sidecar.shared_store import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Daemon:
         self.embedded: embedded.EmbeddedPostgres | None = None
         self.db: PgDatabase | None = None
         self.engine: Engine | None = None
+        self.shared_store: SharedStore | None = None
         self.source: PgChangeSource | UpstreamSource | None = None
         self.listener: Listener | None = None  # the source's LISTEN connection (metrics, tests)
         self.server: server.Server | None = None
@@ -139,6 +141,7 @@ class Daemon:
 
         self.engine = engine = Engine.from_config(config, self.db, schemas)
         self._stack.push_async_callback(engine.close)
+        self._open_shared_store(config, engine)
         db = self.db
         self.catalog = catalog = CatalogWatch(
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
@@ -231,6 +234,7 @@ class Daemon:
         self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
         self._stack.push_async_callback(engine.close)
         engine.reads.source_name = f"upstream {link.target}"  # (a follower has no database: errors say so)
+        self._open_shared_store(config, engine)
         engine.forward_invalidate = link.invalidate
         engine.follow_state = source.state
         engine.attach(source, barrier_timeout=config.query_timeout)
@@ -265,6 +269,16 @@ class Daemon:
                 "upstream": link.target,
             },
         )
+
+    def _open_shared_store(self, config: Config, engine: Engine) -> None:
+        """The shared-memory store, when configured: told what the engine applies; closed
+        (marked stale for readers) after the server stopped."""
+        if config.shared_memory_dir is None:
+            return
+        self.shared_store = store = SharedStore(config.shared_memory_dir, config.shared_memory_map_size, engine)
+        self._stack.callback(store.close)
+        engine.observer = store
+        engine.on_state_change(store.state_changed)
 
     async def _list_with_retry(self, link: upstream.Upstream, config: Config) -> Any:
         """The upstream's tables, waiting for it to be reachable (it may start after us) and
@@ -353,6 +367,8 @@ class Daemon:
         }
         if self.catalog is not None:
             tasks.add(asyncio.create_task(self.catalog.run(), name="catalog check"))
+        if self.shared_store is not None:
+            tasks.add(asyncio.create_task(self.shared_store.run(), name="shared-memory heartbeat"))
         if self.db is not None:
             queue = NotifyQueue()
             if self.metrics is not None:

@@ -611,6 +611,28 @@ class Config:
             "Invalidate only with the caller's own 'authorization' token.",
         ),
     )
+    shared_memory_dir: str | None = field(
+        default=None,
+        metadata=declare(
+            "shared_memory.dir",
+            "Also keep every full table and relation in a shared-memory store (LMDB) in this directory, "
+            "read directly by the pod's processes (docs/shared-memory.md); in Kubernetes an emptyDir "
+            "with medium: Memory mounted into the app's containers too.",
+            flag="--shared-memory",
+            metavar="DIR",
+            unset="off",
+        ),
+    )
+    shared_memory_map_size: int = field(
+        default=4 * 1024**3,
+        metadata=declare(
+            "shared_memory.map_size",
+            "Most bytes the shared-memory store may take (reserved as address space up front, sparse: "
+            "only written pages take memory). About twice the tables' row bytes is needed while a table "
+            "is rewritten.",
+            minimum=1024 * 1024,
+        ),
+    )
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)
 
     def table(self, qualified: str) -> TableConfig:

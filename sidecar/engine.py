@@ -30,7 +30,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.barrier import Barrier
 from sidecar.cache import Rerouted, Row, TableCache
@@ -38,7 +38,7 @@ from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
 from sidecar.full import FullTable, Reloading
-from sidecar.hub import FellBehind, Filter, Hub, SharedSnapshot, Snapshot, Subscription
+from sidecar.hub import Batch, FellBehind, Filter, Hub, SharedSnapshot, Snapshot, Subscription
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
@@ -57,6 +57,16 @@ __all__ = ["Engine", "Revision", "new_epoch"]
 log = logging.getLogger(__name__)
 
 SNAPSHOT_CHUNK = 500  # rows per initial-state message
+
+
+class AppliedObserver(Protocol):
+    """Told what memory applied, in order (the shared-memory store mirrors it)."""
+
+    def rebuilt(self) -> None:
+        """Every table is being rebuilt from scratch (a new epoch, or a follower's rebuild)."""
+
+    def applied(self, revision: Revision, batches: Sequence[Batch]) -> None:
+        """``revision`` is applied; ``batches`` were published just now (whole transactions)."""
 
 
 class Engine:
@@ -96,6 +106,7 @@ class Engine:
             Callable[[str, Sequence[Sequence[Any]] | None, bool, tuple[str, ...]], Awaitable[Revision]] | None
         ) = None
         self.follow_state: Callable[[], FollowState] | None = None
+        self.observer: AppliedObserver | None = None  # set by the app (the shared-memory store)
         self._state_listeners: list[Callable[[], None]] = []
         self._connected_listeners: list[Callable[[], None]] = []
         self._was_ready = False
@@ -278,7 +289,9 @@ class Engine:
 
     def _applied(self, applied: int) -> None:
         """``applied`` may have moved: publish, tell the barrier, and health."""
-        self.hub.publish(applied)
+        batches = self.hub.publish(applied)
+        if self.observer is not None:
+            self.observer.applied(self.revision, batches)
         if self.barrier is not None:
             self.barrier.applied(applied)
         self._state_changed()
@@ -302,6 +315,8 @@ class Engine:
             )
         self.listener_up = True
         self.hub.start(self.epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
+        if self.observer is not None:
+            self.observer.rebuilt()
         for table in self.tables.values():
             table.rebuild(seq)
         self.revisions.advance()
@@ -346,6 +361,8 @@ class Engine:
         self._connected_before = True
         self.revisions.adopt(epoch, revision)
         self.hub.start(epoch, revision, reason)
+        if self.observer is not None:
+            self.observer.rebuilt()
         self.replica.rebuild(rows)
         self.revisions.advance()
         self._trust_after_fence()

@@ -280,11 +280,13 @@ class Hub:
             if batch.revision < revision:
                 return
 
-    def publish(self, applied: int) -> None:
-        """Publish every recorded batch up to ``applied``, with the rows held now."""
+    def publish(self, applied: int) -> list[Batch]:
+        """Publish every recorded batch up to ``applied``, with the rows held now; return them."""
         published = False
+        batches: list[Batch] = []
         while self._pending and self._pending[0].revision <= applied:
             batch = self._pending.popleft()
+            batches.append(batch)
             self._attach_rows(batch)
             batch.views = {}
             self._viewed.append(batch)
@@ -296,7 +298,7 @@ class Hub:
             self.published = applied
             published = True
         if not published:
-            return
+            return batches
         # Trim from the oldest end, but never the newest batch (however large it is).
         while self._live() > 1 and (self._live() > self.max_batches or self._bytes > self.max_bytes):
             self._bytes -= self._history[self._first].size
@@ -311,6 +313,7 @@ class Hub:
         self._waiting.update(self._idle)
         self._idle.clear()
         self._wake_all()
+        return batches
 
     def _wake_all(self) -> None:
         """Wake the subscribers that wait (each send is followed by such a wait),

@@ -103,6 +103,7 @@ class Report:
     link_cuts: int = 0
     hub_switches: int = 0
     revision_reads: int = 0  # reads with min_revision of a hub's Sync (checked as (a))
+    store_reads: int = 0  # reads answered from the shared-memory store (shared_memory=True)
     epochs_seen: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -133,6 +134,8 @@ class Report:
                 f"faults: followers switched hubs  {self.hub_switches} (between 2 hubs on one database)",
                 f"reads with a hub's min_revision  {self.revision_reads}",
             ]
+        if self.store_reads:
+            lines.append(f"reads from the shared-memory store {self.store_reads} (checked as all others)")
         lines += [
             f"epochs seen by readers           {self.epochs_seen}",
             f"(a) stale STRONG reads           {self.stale_strong_reads}"
@@ -148,17 +151,20 @@ class Report:
 # ---------------------------------------------------------------- readers
 
 
-def reader_process(target: str, seed: int, until: float, out: str, hubs: tuple[str, ...] = ()) -> None:
+def reader_process(
+    target: str, seed: int, until: float, out: str, hubs: tuple[str, ...] = (), store: str | None = None
+) -> None:
     """One reader: sequential reads until ``until`` (time.monotonic), records to ``out``.
     With ``hubs``, some reads are read-your-writes across the fleet: a Sync on one of the
-    hubs, then a read of ``target`` with that revision as ``min_revision``."""
+    hubs, then a read of ``target`` with that revision as ``min_revision``. With ``store``,
+    the client reads the sidecar's shared-memory store there whenever it may."""
     from cache_sidecar_client import CacheSidecarError, Client
 
     rng = random.Random(seed)
     records: list[tuple[Any, ...]] = []
     failures: collections.Counter[str] = collections.Counter()
     hub_clients = [Client(hub, timeout=5) for hub in hubs]
-    with Client(target, timeout=5) as cache:
+    with Client(target, timeout=5, shared_memory=store) as cache:
         while time.monotonic() < until:
             table = rng.choice((*TABLES, RELATION))
             dice = rng.random()
@@ -180,9 +186,10 @@ def reader_process(target: str, seed: int, until: float, out: str, hubs: tuple[s
             for key, row in zip(ids, rows, strict=True):
                 for source, source_key, version in versions(table, key, row):
                     records.append((start, end, table, source, source_key, version, epoch, consistency))
+        store_reads = cache._store.reads if cache._store is not None else 0
     for hub in hub_clients:
         hub.close()
-    Path(out).write_text(json.dumps({"records": records, "failures": failures}))
+    Path(out).write_text(json.dumps({"records": records, "failures": failures, "store_reads": store_reads}))
 
 
 def versions(table: str, key: int, row: dict[str, Any] | None) -> list[tuple[str, int, int | None]]:
@@ -579,10 +586,20 @@ async def _fleet_faults(
 
 
 def run(
-    dsn: str, restart: Any, *, duration: float, readers: int = 3, writers: int = 4, seed: int = 1, fleet: int = 0
+    dsn: str,
+    restart: Any,
+    *,
+    duration: float,
+    readers: int = 3,
+    writers: int = 4,
+    seed: int = 1,
+    fleet: int = 0,
+    shared_memory: bool = False,
 ) -> Report:
     """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None).
-    ``fleet``: that many followers of the sidecar, through which the readers read."""
+    ``fleet``: that many followers of the sidecar, through which the readers read.
+    ``shared_memory`` (without a fleet): the sidecar keeps a shared-memory store, and the
+    readers read it whenever it may answer."""
     asyncio.run(_setup(dsn))
     report = Report(duration=duration, followers=fleet)
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
@@ -600,6 +617,7 @@ def run(
             str(BULK_THRESHOLD),
             "--ping-interval",
             "1",
+            *(["--shared-memory", str(workdir / "store")] if shared_memory and not fleet else []),
         ],
         workdir,
     )
@@ -628,7 +646,14 @@ def run(
         processes = [
             context.Process(
                 target=reader_process,
-                args=(read_targets[i % len(read_targets)], seed * 100 + i, until, outs[i], hubs),
+                args=(
+                    read_targets[i % len(read_targets)],
+                    seed * 100 + i,
+                    until,
+                    outs[i],
+                    hubs,
+                    str(workdir / "store") if shared_memory and not fleet else None,
+                ),
             )
             for i in range(readers)
         ]
@@ -651,6 +676,7 @@ def run(
         for index, out in enumerate(outs):
             data = json.loads(Path(out).read_text())
             failures.update(data["failures"])
+            report.store_reads += data.get("store_reads", 0)
             epochs |= _check_reads(data["records"], writer, report, index)
         report.failed_by_status = dict(failures)
         report.epochs_seen = len(epochs)
@@ -694,6 +720,9 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fleet", type=int, default=0, help="followers of the sidecar to read through (0: none)")
+    parser.add_argument(
+        "--shared-memory", action="store_true", help="readers read the sidecar's shared-memory store (no fleet)"
+    )
     args = parser.parse_args()
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
@@ -706,6 +735,7 @@ def main() -> None:
             writers=args.writers,
             seed=args.seed,
             fleet=args.fleet,
+            shared_memory=args.shared_memory,
         )
     else:
         from tests.support.pg import EmbeddedServer
@@ -720,6 +750,7 @@ def main() -> None:
                 writers=args.writers,
                 seed=args.seed,
                 fleet=args.fleet,
+                shared_memory=args.shared_memory,
             )
         finally:
             server.stop()

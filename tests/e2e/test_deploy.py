@@ -127,7 +127,13 @@ def test_the_layouts_are_a_base_and_overlays_with_components():
     overlays = {p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml")}
     assert overlays == {"direct", "hubs", "followers"} == set(check.VARIANTS)
     components = {p.parent.name for p in (K8S / "components").glob("*/kustomization.yaml")}
-    assert components == {"hub-cert-manager", "follower-cert-manager", "generated-tokens", "monitoring"}
+    assert components == {
+        "hub-cert-manager",
+        "follower-cert-manager",
+        "generated-tokens",
+        "monitoring",
+        "shared-memory",
+    }
     for name in components:
         assert load_yaml(K8S / "components" / name / "kustomization.yaml")["kind"] == "Component"
     # every component is rendered by the lint with some overlay
@@ -209,6 +215,33 @@ def test_the_pod_runs_a_native_sidecar_with_grpc_probes_and_a_shared_socket():
     assert any(e["value"] == toml["server"]["listen"][0] for e in app["env"] if "value" in e)
     assert toml["server"]["health_listen"] == [f"0.0.0.0:{health_port}"]
     assert "/etc/cache-sidecar/sidecar.toml" in sidecar["args"]
+
+
+def _quantity(text: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
+
+
+@pytest.mark.parametrize(
+    ("overlay", "components"), [(o, c) for o, c in VARIANTS if "shared-memory" in c], ids=lambda v: str(v)
+)
+def test_the_shared_memory_store_is_one_memory_volume_in_both_containers(overlay, components):
+    objects = render(overlay, components)
+    pod = pod_spec(objects, "Deployment", "patron-service")
+    (sidecar,) = pod["initContainers"]
+    (app,) = pod["containers"]
+    store = volume(pod, "store")["emptyDir"]
+    assert store["medium"] == "Memory"
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (sidecar, app)}
+    assert mounts["cache-sidecar"]["store"] == mounts["app"]["store"]
+    env = {c["name"]: {e["name"]: e.get("value") for e in c["env"]} for c in (sidecar, app)}
+    assert env["cache-sidecar"]["CACHE_SIDECAR_SHARED_MEMORY_DIR"] == mounts["app"]["store"]
+    assert env["app"]["SIDECAR_SHARED_MEMORY"] == mounts["app"]["store"]
+    # the store fits its volume (beyond, the kubelet evicts the pod), and the writer's limit holds it
+    map_size = int(env["cache-sidecar"]["CACHE_SIDECAR_SHARED_MEMORY_MAP_SIZE"])
+    assert map_size < _quantity(store["sizeLimit"])
+    assert _quantity(sidecar["resources"]["limits"]["memory"]) >= 2**30 + map_size
+    assert pod["securityContext"]["fsGroup"]  # (a group both containers share: the files are 0660)
 
 
 def secret_refs(container: dict[str, Any]) -> set[str]:

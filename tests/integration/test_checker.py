@@ -37,3 +37,19 @@ async def test_checker_through_followers_finds_no_broken_promise_under_faults(po
     assert report.stale_strong_reads == 0, report.examples
     assert report.backwards_reads == 0, report.examples
     assert report.mismatched_rows == 0 and report.compared_rows == 2 * 3 * checker.ROWS, report.examples
+
+
+async def test_checker_through_the_shared_memory_store_finds_no_broken_promise_under_faults(postgres):
+    """The readers read the sidecar's shared-memory store whenever it may answer (the full table
+    and the relation; the lazy table over gRPC), STRONG reads through it too, under the same faults."""
+    restart = postgres.restart if postgres.can_restart else None
+    report = await asyncio.to_thread(
+        checker.run, postgres.dsn, restart, duration=25.0, readers=3, writers=4, seed=3, fleet=0, shared_memory=True
+    )
+    print(report.table())
+    assert report.reads > 1000 and report.strong_reads > 100 and report.writes_acked > 1000
+    assert report.store_reads > 500  # (the rest: the lazy table, and reads around the faults)
+    assert report.listener_kills >= 3
+    assert report.stale_strong_reads == 0, report.examples
+    assert report.backwards_reads == 0, report.examples
+    assert report.mismatched_rows == 0 and report.compared_rows == 3 * checker.ROWS, report.examples

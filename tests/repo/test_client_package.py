@@ -38,12 +38,15 @@ def test_the_client_wheel_stands_alone(tmp_path):
     requires = sorted(
         re.split(r"[<>=!~ ;]", line.removeprefix("Requires-Dist:").strip())[0]
         for line in metadata.splitlines()
-        if line.startswith("Requires-Dist")
+        if line.startswith("Requires-Dist") and "extra ==" not in line
     )
     assert requires == ["grpcio", "protobuf"]
+    extras = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra ==" in line]
+    assert extras == ['Requires-Dist: lmdb>=1.4; extra == "shared-memory"']  # (imported only when used)
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import cache_sidecar_client as c; "
-        "assert c.__file__.startswith(sys.argv[1]); assert 'sidecar' not in sys.modules; print(c.__version__)"
+        "assert c.__file__.startswith(sys.argv[1]); assert 'sidecar' not in sys.modules; "
+        "assert 'lmdb' not in sys.modules; print(c.__version__)"
     )
     imported = subprocess.run(
         [sys.executable, "-I", "-c", probe, str(tmp_path / "unpacked")], capture_output=True, text=True

@@ -124,12 +124,26 @@ export interface ClientOptions {
   decodeRow?: (bytes: Buffer) => unknown;
   /** tables to keep near: { 'public.patron': maxRows } or names (10000 rows each) */
   nearCache?: Record<string, number> | string[];
+  /** the sidecar's shared-memory store directory (--shared-memory DIR): get/batchGet of its
+   * tables read it directly while it is fresh (needs koffi and liblmdb.so.0; docs/shared-memory.md) */
+  sharedMemory?: string;
+}
+
+export class SharedMemory {
+  constructor(directory: string, options?: { boundMs?: number });
+  /** reads answered from the store, and reads it could not answer (they went over gRPC) */
+  reads: number;
+  refused: number;
+  /** why a read of `table` would go over gRPC now (null: the store answers it) */
+  refusalOf(table: string, allowStale?: boolean): string | null;
+  close(): void;
 }
 
 export class CacheClient {
   constructor(target?: string, options?: ClientOptions);
   lastRevision: Revision | null;
   readonly nearCache: NearCache | null;
+  readonly sharedMemory: SharedMemory | null;
   get(table: string, key: Key, options?: ReadOptions): Promise<Record<string, unknown> | null>;
   batchGet(table: string, keys: Key[], options?: ReadOptions): Promise<Array<Record<string, unknown> | null>>;
   invalidate(table: string, keys?: Key[] | null, options?: { refresh?: boolean; timeoutMs?: number }): Promise<Revision>;

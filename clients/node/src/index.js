@@ -22,6 +22,7 @@ const { parseExact } = require('./exact-json.js');
 const { keyPart, toKey, fromKey, batchKeys } = require('./keys.js');
 const { NearCache, nearCacheTables, qualified, ABSENT } = require('./near-cache.js');
 const { Resumer, resumable } = require('./resume.js');
+const { SharedMemory, WAIT, POLL_MS } = require('./shared-memory.js');
 
 const PROTO_FILE = 'cachesidecar/v1/cache.proto';
 const PROTO_ROOTS = [
@@ -96,9 +97,13 @@ class CacheClient {
   /**
    * @param {string} target 'host:port' or 'unix:///path/to/socket'
    * @param {{timeoutMs?: number, credentials?: object, decode?: 'json' | 'exact',
-   *          decodeRow?: (bytes: Buffer) => any, nearCache?: Record<string, number> | string[]}} options
+   *          decodeRow?: (bytes: Buffer) => any, nearCache?: Record<string, number> | string[],
+   *          sharedMemory?: string}} options
    */
-  constructor(target = '127.0.0.1:50051', { timeoutMs = 5000, credentials, decode = 'json', decodeRow, nearCache } = {}) {
+  constructor(
+    target = '127.0.0.1:50051',
+    { timeoutMs = 5000, credentials, decode = 'json', decodeRow, nearCache, sharedMemory } = {},
+  ) {
     if (decode !== 'json' && decode !== 'exact') throw new TypeError(`decode must be 'json' or 'exact', not ${decode}`);
     this.target = target;
     this.timeoutMs = timeoutMs;
@@ -112,6 +117,30 @@ class CacheClient {
     /** The near-cache (its `stats` count hits and misses), if configured. */
     this.nearCache = tables.size ? new NearCache(tables) : null;
     this._follower = this.nearCache ? this._follow() : null;
+    /** Reads of the sidecar's shared-memory store in this directory (docs/shared-memory.md), if given. */
+    this.sharedMemory = sharedMemory ? new SharedMemory(sharedMemory) : null;
+  }
+
+  /** Rows read from the shared-memory store, or null: ask over gRPC. A STRONG read is one
+   * Sync, then a wait until the store holds its revision, then the read. */
+  async _fromStore(table, keys, options) {
+    const store = this.sharedMemory;
+    const name = qualified(table);
+    const allowStale = Boolean(options.allowStale);
+    let target = options.minRevision || null;
+    if (options.consistency === 'strong') {
+      if (store.refusalOf(name, allowStale) !== null) return null; // (no barrier of our own then)
+      target = await this.sync({ timeoutMs: options.timeoutMs });
+    }
+    const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
+    let answer;
+    while ((answer = store.read(name, keys, target, allowStale)) === WAIT) {
+      if (Date.now() >= deadline) return null;
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+    if (answer === null) return null;
+    this.lastRevision = { epoch: answer.epoch, number: answer.revision };
+    return answer.rows.map((row) => (row === null ? null : this.decodeRow(row)));
   }
 
   _unary(method, request, timeoutMs) {
@@ -155,6 +184,10 @@ class CacheClient {
 
   /** One row by primary key, or null. options: { consistency: 'strong', minRevision, allowStale, timeoutMs } */
   async get(table, key, options = {}) {
+    if (this.sharedMemory !== null) {
+      const stored = await this._fromStore(table, [key], options);
+      if (stored !== null) return stored[0];
+    }
     const near = this._near(table, options);
     const name = qualified(table);
     const slot = near === null ? null : near.slot(name, key);
@@ -184,6 +217,10 @@ class CacheClient {
 
   /** Rows in the order of `keys` (null where there is none). */
   async batchGet(table, keys, options = {}) {
+    if (this.sharedMemory !== null) {
+      const stored = await this._fromStore(table, keys, options);
+      if (stored !== null) return stored;
+    }
     const near = this._near(table, options);
     const name = qualified(table);
     const results = new Array(keys.length).fill(null);
@@ -438,6 +475,7 @@ class CacheClient {
 
   /** Ends the near-cache's stream and every watch; the process can then exit. */
   close() {
+    if (this.sharedMemory !== null) this.sharedMemory.close();
     this.closed = true;
     for (const call of this._calls) call.cancel();
     for (const wake of [...this._sleepers]) wake();

@@ -41,6 +41,7 @@ from cache_sidecar_client.api.v1 import cache_pb2 as pb
 from cache_sidecar_client.api.v1 import cache_pb2_grpc as pb_grpc
 from cache_sidecar_client.errors import UndecodableRow, from_rpc_error
 from cache_sidecar_client.near import FillTicket, NearCache, near_cache_tables
+from cache_sidecar_client.shared_memory import POLL, WAIT, SharedMemory, store_target
 from cache_sidecar_client.watch import (
     Change,
     ChangeBatch,
@@ -336,10 +337,13 @@ class Client:
         retries: int = DEFAULT_RETRIES,
         decoder: Decoder = default_decoder,
         near_cache: Mapping[str, int] | Iterable[str] | None = None,
+        shared_memory: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
         self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        # Reads of the sidecar's shared-memory store in this directory (docs/shared-memory.md).
+        self._store = SharedMemory(shared_memory) if shared_memory is not None else None
         self._stub = pb_grpc.CacheStub(self._channel)
         self._core = _Core(decoder, timeout, retries, near_cache)
         self._closed = threading.Event()
@@ -383,6 +387,10 @@ class Client:
     ) -> dict[str, Any] | None:
         """One row by primary key, or ``None``. ``consistency="strong"`` passes the read
         barrier (and bypasses the near-cache)."""
+        if self._store is not None:
+            stored = self._from_store(table, (key,), consistency, min_revision, allow_stale, timeout)
+            if stored is not None:
+                return stored[0]  # type: ignore[no-any-return]
         read = _PointRead(self._core, table, key, consistency, min_revision, allow_stale)
         if read.request is None:
             return read.result
@@ -404,7 +412,12 @@ class Client:
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
         """Rows in the order of ``keys`` (``None`` where there is none)."""
-        read = _BatchRead(self._core, table, list(keys), consistency, min_revision, allow_stale)
+        keys = list(keys)
+        if self._store is not None:
+            stored = self._from_store(table, keys, consistency, min_revision, allow_stale, timeout)
+            if stored is not None:
+                return stored
+        read = _BatchRead(self._core, table, keys, consistency, min_revision, allow_stale)
         if read.request is None:
             return read.results
         try:
@@ -413,6 +426,35 @@ class Client:
             read.abandon()
             raise
         return read.finish(reply)
+
+    def _from_store(
+        self,
+        table: str,
+        keys: Sequence[Any],
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+        timeout: float | None,
+    ) -> list[Any] | None:
+        """Rows read from the shared-memory store, or None: ask over gRPC. A STRONG read
+        is one Sync, then a wait until the store holds its revision, then the read."""
+        store = self._store
+        assert store is not None
+        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
+            return None  # (the store cannot answer this table now: no barrier of our own)
+        target = store_target(self.sync(timeout=timeout) if consistency == "strong" else min_revision)
+        answer = store.read(table, keys, target, allow_stale)
+        if answer is WAIT:
+            deadline = self._core.deadline(timeout)
+            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(POLL)
+        if answer is None:
+            return None
+        self._core.last_revision = Revision(answer.epoch, answer.revision)
+        decode = self._core.decode
+        return [None if row is None else decode(row) for row in answer.rows]
 
     def query(
         self,
@@ -541,6 +583,8 @@ class Client:
                 call.cancel()
         if self._follower is not None:
             self._follower.join(5)
+        if self._store is not None:
+            self._store.close()
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -561,10 +605,13 @@ class AsyncClient:
         retries: int = DEFAULT_RETRIES,
         decoder: Decoder = default_decoder,
         near_cache: Mapping[str, int] | Iterable[str] | None = None,
+        shared_memory: str | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        # Reads of the sidecar's shared-memory store in this directory (docs/shared-memory.md).
+        self._store = SharedMemory(shared_memory) if shared_memory is not None else None
         self._stub = pb_grpc.CacheStub(self._channel)
         self._core = _Core(decoder, timeout, retries, near_cache)
         self._closed = False
@@ -601,6 +648,10 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
+        if self._store is not None:
+            stored = await self._from_store(table, (key,), consistency, min_revision, allow_stale, timeout)
+            if stored is not None:
+                return stored[0]  # type: ignore[no-any-return]
         read = _PointRead(self._core, table, key, consistency, min_revision, allow_stale)
         if read.request is None:
             return read.result
@@ -621,7 +672,12 @@ class AsyncClient:
         allow_stale: bool = False,
         timeout: float | None = None,
     ) -> list[dict[str, Any] | None]:
-        read = _BatchRead(self._core, table, list(keys), consistency, min_revision, allow_stale)
+        keys = list(keys)
+        if self._store is not None:
+            stored = await self._from_store(table, keys, consistency, min_revision, allow_stale, timeout)
+            if stored is not None:
+                return stored
+        read = _BatchRead(self._core, table, keys, consistency, min_revision, allow_stale)
         if read.request is None:
             return read.results
         try:
@@ -630,6 +686,34 @@ class AsyncClient:
             read.abandon()
             raise
         return read.finish(reply)
+
+    async def _from_store(
+        self,
+        table: str,
+        keys: Sequence[Any],
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+        timeout: float | None,
+    ) -> list[Any] | None:
+        """As ``Client._from_store``."""
+        store = self._store
+        assert store is not None
+        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
+            return None
+        target = store_target(await self.sync(timeout=timeout) if consistency == "strong" else min_revision)
+        answer = store.read(table, keys, target, allow_stale)
+        if answer is WAIT:
+            deadline = self._core.deadline(timeout)
+            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
+                if time.monotonic() >= deadline:
+                    return None
+                await asyncio.sleep(POLL)
+        if answer is None:
+            return None
+        self._core.last_revision = Revision(answer.epoch, answer.revision)
+        decode = self._core.decode
+        return [None if row is None else decode(row) for row in answer.rows]
 
     async def query(
         self,
@@ -749,6 +833,8 @@ class AsyncClient:
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
+        if self._store is not None:
+            self._store.close()
         await self._channel.close()
 
     async def __aenter__(self) -> Self:

@@ -1,0 +1,169 @@
+'use strict';
+// The shared-memory reader: its byte rules (the spec's key vectors, the
+// freshness rule) without a store, then against a real daemon started with
+// --shared-memory on a PostgreSQL of the test's own.
+
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { Client: PgClient } = require('pg');
+const { CacheClient } = require('../src/index.js');
+const shm = require('../src/shared-memory.js');
+const { freePort, eventually, startPostgres, startDaemon } = require('./support.js');
+
+// docs/shared-memory.md's vectors (tests/unit/test_shared_memory.py checks the same bytes)
+const U = '12345678-1234-5678-1234-567812345678';
+const VECTORS = [
+  [1, 'l', '010000000000000001'],
+  [-2, 'i', '01fffffffffffffffe'],
+  ['é', 's', '0200000002c3a9'],
+  ['ab  ', 'p', '02000000026162'],
+  [U, 'u', `03${U.replace(/-/g, '')}`],
+  [true, 'b', '0401'],
+  [Buffer.from([0, 255]), 'x', '050000000200ff'],
+  [[7, 'a'], 'hs', '010000000000000007020000000161'],
+];
+
+test('keys encode as the spec says', () => {
+  for (const [key, kinds, hex] of VECTORS) assert.equal(shm.encodeKey(kinds, key).toString('hex'), hex, `${kinds} ${key}`);
+  assert.equal(shm.encodeKey('l', 9223372036854775807n).toString('hex'), '017fffffffffffffff');
+  assert.equal(shm.encodeKey('i', 2 ** 31), null); // out of int4's range: the sidecar names the problem
+  assert.equal(shm.encodeKey('l', '5'), null); // the sidecar coerces strings
+  assert.equal(shm.encodeKey('l', 1.5), null);
+  assert.equal(shm.encodeKey('s', 'a\0b'), null);
+  assert.equal(shm.encodeKey('u', 'not a uuid'), null);
+  assert.equal(shm.encodeKey('ls', 1), null);
+});
+
+test('the reader serves only while the store is fresh', () => {
+  const now = 10_000_000_000n;
+  const state = (sourceUp, heartbeatUs) => ({ sourceUp, heartbeatUs, revision: 5n, epoch: 'e.1' });
+  const served = { served: true, rows: 1n, kinds: 'l' };
+  assert.equal(shm.refusal(state(true, now - 100_000n), served, now, false), null);
+  assert.match(shm.refusal(state(false, now), served, now, false), /source is down/);
+  assert.match(shm.refusal(state(true, now - 1_500_000n), served, now, false), /heartbeat is old/);
+  assert.match(shm.refusal(state(true, now), { ...served, served: false }, now, false), /not served/);
+  assert.match(shm.refusal(null, served, now, false), /no store/);
+  assert.equal(shm.refusal(state(false, 0n), served, now, true), null); // allowStale
+  assert.equal(shm.reached(state(true, now), 'e.1', '5'), true);
+  assert.equal(shm.reached(state(true, now), 'e.1', '6'), false);
+  assert.equal(shm.reached(state(true, now), 'e.0', '1'), null); // another epoch: ask the sidecar
+  const record = Buffer.alloc(24 + 3);
+  record.writeUInt32LE(1, 0);
+  record.writeUInt32LE(1, 4);
+  record.writeBigInt64LE(123n, 8);
+  record.writeBigUInt64LE(45n, 16);
+  record.write('e.1', 24);
+  assert.deepEqual(shm.parseState(record), { sourceUp: true, heartbeatUs: 123n, revision: 45n, epoch: 'e.1' });
+  record.writeUInt32LE(2, 0);
+  assert.equal(shm.parseState(record), null); // another layout
+});
+
+// ---------------------------------------------------------------- against a daemon
+
+const ITEMS = 'public.shm_items';
+const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
+let postgres;
+let db;
+let port;
+let store;
+let daemon;
+
+before(async () => {
+  postgres = await startPostgres();
+  db = new PgClient({ host: postgres.socketDir, user: 'postgres', database: 'postgres' });
+  await db.connect();
+  await db.query(`
+    CREATE TABLE shm_items (id bigint PRIMARY KEY, name text, doc jsonb);
+    INSERT INTO shm_items SELECT g, 'item ' || g, '{"k": [1, 2]}' FROM generate_series(1, 30) g;
+    CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
+    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g`);
+  port = await freePort();
+  store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
+  const probe = new CacheClient(`127.0.0.1:${port}`, { timeoutMs: 1000 });
+  try {
+    daemon = await startDaemon(
+      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
+      async () => (await probe.listTables()).every((t) => t.loaded),
+    );
+  } finally {
+    probe.close();
+  }
+});
+
+after(async () => {
+  if (daemon) await daemon.stop();
+  if (db) await db.end();
+  if (postgres) await postgres.stop();
+  if (store) fs.rmSync(store, { recursive: true, force: true });
+});
+
+async function sameAsGrpc(keys) {
+  const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  const remote = new CacheClient(`127.0.0.1:${port}`);
+  try {
+    await eventually(() => local.sharedMemory.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    const reads = local.sharedMemory.reads;
+    assert.deepEqual(await local.batchGet(ITEMS, keys, { consistency: 'strong' }), await remote.batchGet(ITEMS, keys, { consistency: 'strong' }));
+    for (const key of keys) assert.deepEqual(await local.get(ITEMS, key), await remote.get(ITEMS, key));
+    assert.equal(local.sharedMemory.reads, reads + 1 + keys.length);
+  } finally {
+    local.close();
+    remote.close();
+  }
+}
+
+test('rows through the store equal rows over gRPC, after changes', async () => {
+  const keys = [1, 2, 3, 5n, 31, 100];
+  await sameAsGrpc(keys);
+  await db.query(`UPDATE shm_items SET name = 'changed' WHERE id IN (1, 2)`);
+  await db.query(`DELETE FROM shm_items WHERE id = 3`);
+  await db.query(`INSERT INTO shm_items VALUES (31, 'new', NULL)`);
+  await db.query(`UPDATE shm_items SET id = 100 WHERE id = 5`);
+  await sameAsGrpc(keys);
+});
+
+test('a store bigger than LMDB\'s default map size is read', async () => {
+  const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  const remote = new CacheClient(`127.0.0.1:${port}`);
+  try {
+    await remote.sync();
+    await eventually(() => local.sharedMemory.refusalOf(BIG) === null, { what: 'the store serves the big table' });
+    const keys = [1, 15000, 30000, 30001];
+    assert.deepEqual(await local.batchGet(BIG, keys), await remote.batchGet(BIG, keys));
+    assert.equal(local.sharedMemory.reads, 1, String(local.sharedMemory.lastError));
+  } finally {
+    local.close();
+    remote.close();
+  }
+});
+
+test('a strong read through the store sees the commit before it', async () => {
+  const cache = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  try {
+    await eventually(() => cache.sharedMemory.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    for (let version = 0; version < 10; version++) {
+      await db.query(`UPDATE shm_items SET name = $1 WHERE id = 7`, [`v${version}`]);
+      assert.equal((await cache.get(ITEMS, 7, { consistency: 'strong' })).name, `v${version}`);
+    }
+    assert.equal(cache.sharedMemory.reads, 10);
+  } finally {
+    cache.close();
+  }
+});
+
+test('a stopped daemon is not trusted: reads go over gRPC', async () => {
+  const reader = new shm.SharedMemory(store);
+  try {
+    await eventually(() => reader.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    await daemon.stop();
+    daemon = null;
+    assert.match(reader.refusalOf(ITEMS), /source is down/);
+    assert.equal(reader.read(ITEMS, [1], null, false), null);
+    assert.notEqual(reader.read(ITEMS, [1], null, true), null); // allowStale still may
+  } finally {
+    reader.close();
+  }
+});
