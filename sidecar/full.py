@@ -194,6 +194,8 @@ class FullTable:
                 self._pending[key] = [seq, seq]
             elif seq > pending[1]:
                 pending[1] = seq
+            elif seq < pending[0]:  # (a relation refresh's moved rows, at its own older batch)
+                pending[0] = seq
             if key not in self._inflight:
                 self._queue[key] = None
         self._progress()

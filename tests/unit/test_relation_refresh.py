@@ -161,3 +161,29 @@ async def test_a_refresh_that_would_fail_again_becomes_a_reload(engine: Engine, 
     table = engine.table(REL)
     assert calls == 1 and table.degraded == 1 and table.problem is None  # type: ignore[union-attr]
     assert city_name(await engine.get(REL, [1])) == "Reloaded"
+
+
+async def test_a_refresh_whose_moved_rows_wait_on_later_batches_still_joins_its_own(engine: Engine, db: MemoryDatabase):
+    """A city renamed (batch A); before A's refresh reads, a user moved into it (B) and one
+    of its users was deleted (C), and their events arrive while it runs. The refresh finds
+    user 2 gone from the city (moved: a keyed refetch, already due for C). A is applied once
+    its refresh landed, and the relation rows it touched must be in A's Watch batch: they
+    were added after A had been published, and dropped (a follower then kept the old city
+    name for good); and A waits for user 2's refetch, or it would carry user 2's row from
+    before A."""
+    for user in (1, 2):
+        users(db)[(user,)] = row(user, 1, "Renamed")
+    users(db)[(3,)] = row(3, 1, "Renamed")  # B: user 3 moved into city 1
+    del users(db)[(2,)]  # C: user 2 deleted
+    db.hold()
+    engine.handle(city_changed(40, 1))
+    a = engine.seq
+    await db.held(1)  # A's refresh has read the rows (B and C committed), not landed
+    engine.handle(user_changed(41, 3))
+    engine.handle(user_changed(42, 2, Op.DELETE))
+    c = engine.seq
+    db.release()
+    await eventually(lambda: engine.applied >= c, what="every batch applied")
+    # (user 2 as the batch's outcome: gone, not the row it had before A)
+    assert published(engine, a) == sorted([(UPDATE, (1,), True), (UPDATE, (3,), True), (DELETE, (2,), False)])
+    assert city_name(engine.table(REL).rows.get((1,))) == "Renamed" and (2,) not in engine.table(REL).rows
