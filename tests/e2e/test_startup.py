@@ -43,18 +43,21 @@ def read_until(process: subprocess.Popen[str], needle: str, timeout: float) -> s
     assert process.stderr is not None
     seen = ""
     deadline = time.monotonic() + timeout
+    # (the file descriptor itself: a buffered readline may take several lines off the pipe
+    # and return one, and select() then waits for more output that a quiet daemon never writes)
+    fd = process.stderr.fileno()
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stderr, selectors.EVENT_READ)
+        selector.register(fd, selectors.EVENT_READ)
         while needle not in seen:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"{needle!r} not logged within {timeout}s: {seen}")
             if not selector.select(left):
                 continue
-            line = process.stderr.readline()
-            if not line:  # end of file: the process is gone
+            chunk = os.read(fd, 65536)
+            if not chunk:  # end of file: the process is gone
                 raise AssertionError(f"exited with {process.wait()} before logging {needle!r}: {seen}")
-            seen += line
+            seen += chunk.decode(errors="replace")
     return seen
 
 
