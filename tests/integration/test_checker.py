@@ -13,7 +13,7 @@ async def test_checker_finds_no_broken_promise_under_faults(postgres):
     print(report.table())
     assert report.reads > 1000 and report.strong_reads > 100 and report.writes_acked > 1000
     assert report.listener_kills >= 2  # (3 are planned; on a busy machine a recovery may outlast the run)
-    assert report.barrier_kills >= 1 and max(report.kill_to_epoch) < 1.0  # a kill mid-barrier is noticed at once
+    assert report.barrier_kills >= 1 and max(report.kill_to_epoch) < 3.0  # noticed at once (not at a ping: 5 s + 5 s)
     assert report.restarts == (1 if restart else 0)
     assert report.stale_strong_reads == 0, report.examples
     assert report.backwards_reads == 0, report.examples
