@@ -2,7 +2,7 @@
 server together, supervise the background tasks, and shut down cleanly.
 
 Start-up order matters for correctness: the tables start loading only once
-the listener's LISTEN is active (``Engine.listener_connected``), so no change
+the listener's LISTEN is active (``Engine.source_connected``), so no change
 can slip between the snapshot and the notifications.
 """
 
@@ -406,9 +406,9 @@ class Daemon:
         capture = self._capture_problems()
         if capture:
             return "; ".join(f"{table}: {problem}" for table, problem in capture.items())
-        if not engine.listener_up and engine.follow_state is not None:
+        if not engine.source_up and engine.follow_state is not None:
             return f"not following {engine.follow_state().target} (yet); reads go to the upstream"
-        if not engine.listener_up:
+        if not engine.source_up:
             return "listener down; reads go to the database"
         if engine.stalled:
             waiting = [name for name, table in engine.tables.items() if table.low_water() is not None]
@@ -446,7 +446,7 @@ class Daemon:
         await self.server.set_serving(False)
         # Watch streams end now, cleanly (UNAVAILABLE naming the revision to resume
         # from); unary calls in flight get the grace period, new ones are refused.
-        self.engine.hub.shutdown()
+        self.engine.fanout.shutdown()
         await self.server.stop(self.config.grace_period)
         for task in tasks:  # the listener closes its LISTEN connection
             task.cancel()

@@ -45,7 +45,7 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
-class Source:
+class RelationSource:
     """A table a relation reads, and which of its key columns map to relation columns."""
 
     schema: str
@@ -69,7 +69,7 @@ class TableConfig:
     where: str | None = None
     query: str | None = None
     key: tuple[str, ...] = ()  # a relation's key columns (tables: from the catalog)
-    sources: tuple[Source, ...] = ()
+    sources: tuple[RelationSource, ...] = ()
     indexes: tuple[IndexConfig, ...] = ()
 
     @functools.cached_property
@@ -786,7 +786,7 @@ def _table_from_dict(entry: Mapping[str, Any], where: str) -> TableConfig:
     )
 
 
-def _relation(entry: Mapping[str, Any], where: str) -> tuple[str | None, tuple[str, ...], tuple[Source, ...]]:
+def _relation(entry: Mapping[str, Any], where: str) -> tuple[str | None, tuple[str, ...], tuple[RelationSource, ...]]:
     query = entry.get("query")
     if query is None:
         for name in ("key", "sources"):
@@ -815,7 +815,7 @@ def _relation(entry: Mapping[str, Any], where: str) -> tuple[str | None, tuple[s
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
         ):
             raise ConfigError(spot, 'must map source columns to relation columns, e.g. { user_id = "user_id" }')
-        sources.append(Source(source_schema, source_table, tuple(mapping.items())))
+        sources.append(RelationSource(source_schema, source_table, tuple(mapping.items())))
     return query.strip().rstrip(";"), tuple(key), tuple(sources)
 
 

@@ -4,7 +4,7 @@ tables and wires the parts that each do one job --
 * ``router.ChangeRouter``: change events to tables and relations, recorded for Watch;
 * ``revisions.Revisions``: the batch sequence, the applied revision, its epoch;
 * ``reads.ReadPath``: memory or the database, decided once;
-* ``hub.Hub``: Watch history and fan-out;
+* ``fanout.FanOut``: Watch history and fan-out;
 
 -- and owns what ties them together: the listener's state (up, lost,
 reconnected: a rebuild in a new epoch) and the consistency options of a read
@@ -15,9 +15,9 @@ batches go ``Engine.batch`` -> ``replica.Replica.apply`` (rows stored as they
 come, recorded under the upstream's revision) -> ``Revisions.advance``.
 
 A notification goes: listener -> ``Engine.handle`` -> ``ChangeRouter.route``
-(``Revisions.batch_for`` numbers it; ``Hub.record`` keeps its changes; the
+(``Revisions.batch_for`` numbers it; ``FanOut.record`` keeps its changes; the
 table's ``changed`` marks keys pending) -> ``FullTable`` refetches -> the table
-pushes its low-water mark -> ``Revisions.advance`` -> ``Hub.publish`` (rows
+pushes its low-water mark -> ``Revisions.advance`` -> ``FanOut.publish`` (rows
 attached) -> each ``Subscription``.
 """
 
@@ -37,8 +37,8 @@ from sidecar.cache import Rerouted, Row, TableCache
 from sidecar.config import Config
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.events import Event, SyncToken
+from sidecar.fanout import FanOut, FellBehind, Filter, InitialState, SharedInitialState, Subscription
 from sidecar.full import FullTable, Reloading
-from sidecar.hub import FellBehind, Filter, Hub, SharedSnapshot, Snapshot, Subscription
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key, coerce_key
@@ -82,7 +82,7 @@ class Engine:
     ) -> None:
         self.db = db
         self.max_batch_keys = max_batch_keys
-        self.listener_up = False
+        self.source_up = False
         self._fences = 0  # switches back to trusting memory begun (a follower's; see _trust_after_fence)
         self._fence_tasks: set[asyncio.Task[None]] = set()
         self.barrier: Barrier | None = None  # set by the app once it can send NOTIFYs
@@ -102,7 +102,7 @@ class Engine:
         self._connected_before = False
         self.tables: dict[str, TableCache] = {}
         self.revisions = Revisions(self._applied, stall_after)
-        self.hub = Hub(
+        self.fanout = FanOut(
             rows_of=lambda name: table.authoritative_rows() if (table := self.tables.get(name)) else None,
             row_json=row_json,
             max_batches=history_batches,
@@ -137,18 +137,18 @@ class Engine:
             store = getattr(table, "store", None)
             if isinstance(store, RowStore):
                 store.retention = self.retention
-        self.router = ChangeRouter(self.tables, self.revisions, self.hub)
+        self.router = ChangeRouter(self.tables, self.revisions, self.fanout)
         # Initial states being streamed, by store snapshot and revision: streams that start
         # together share their messages (gone with the last stream that reads them).
-        self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedSnapshot] = (
+        self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedInitialState] = (
             weakref.WeakValueDictionary()
         )
-        self.replica = Replica(self.tables, self.hub)
+        self.replica = Replica(self.tables, self.fanout)
         self.reads = ReadPath(db, self._trusted_epoch, max_batch_keys)
 
     async def _fence(self) -> None:
         """Return once every commit before the call has been received (a token round trip)."""
-        if self.listener_up and self.barrier is not None:
+        if self.source_up and self.barrier is not None:
             await self.barrier.wait(applied=False)
 
     def _matched(self, name: str, seq: int, keys: set[Key]) -> None:
@@ -226,7 +226,7 @@ class Engine:
         """Serving from memory: the listener is up, every table is loaded (or known not
         to be servable), and the rebuild that began this epoch is done."""
         return (
-            self.listener_up
+            self.source_up
             and self.applied >= self.revisions.epoch_start
             and all(t.loaded or t.problem is not None for t in self.tables.values())
         )
@@ -242,7 +242,7 @@ class Engine:
     @property
     def stalled_seconds(self) -> float:
         """How long received batches have waited without the revision advancing (0: none wait)."""
-        return self.revisions.stalled_seconds(self.listener_up)
+        return self.revisions.stalled_seconds(self.source_up)
 
     @property
     def stalled(self) -> bool:
@@ -252,7 +252,7 @@ class Engine:
 
     def _trusted_epoch(self) -> str | None:
         """The epoch while memory can be trusted (the listener is up), else None."""
-        return self.revisions.epoch if self.listener_up else None
+        return self.revisions.epoch if self.source_up else None
 
     async def until_ready(self) -> None:
         """Wait until ``ready`` (bounded by the caller's deadline)."""
@@ -278,14 +278,14 @@ class Engine:
 
     def _applied(self, applied: int) -> None:
         """``applied`` may have moved: publish, tell the barrier, and health."""
-        self.hub.publish(applied)
+        self.fanout.publish(applied)
         if self.barrier is not None:
             self.barrier.applied(applied)
         self._state_changed()
 
     # ------------------------------------------------------------ listener side
 
-    def listener_connected(self) -> None:
+    def source_connected(self) -> None:
         """LISTEN is active: (re)build every table, in a new epoch.
 
         Notifications sent while no connection listened are lost, so memory
@@ -300,21 +300,21 @@ class Engine:
                 self.epoch,
                 extra={"event": "rebuild", "epoch": self.epoch},
             )
-        self.listener_up = True
-        self.hub.start(self.epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
+        self.source_up = True
+        self.fanout.start(self.epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
         for table in self.tables.values():
             table.rebuild(seq)
         self.revisions.advance()
         for callback in self._connected_listeners:
             callback()
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         """Notifications may be missed from now on: stop trusting memory.
 
         Waiting readers are released to read from the database (which is
         fresher than any revision they waited for); barriers fail.
         """
-        self.listener_up = False
+        self.source_up = False
         if self.barrier is not None:
             self.barrier.fail_all(f"listener down ({reason})")
         for table in self.tables.values():
@@ -345,7 +345,7 @@ class Engine:
             )
         self._connected_before = True
         self.revisions.adopt(epoch, revision)
-        self.hub.start(epoch, revision, reason)
+        self.fanout.start(epoch, revision, reason)
         self.replica.rebuild(rows)
         self.revisions.advance()
         self._trust_after_fence()
@@ -374,7 +374,7 @@ class Engine:
         through) while the reads in flight end and one barrier round -- an upstream Sync
         sent after them, applied here -- brings memory past all they saw."""
         if self.barrier is None:
-            self.listener_up = True
+            self.source_up = True
             self._state_changed()
             return
         self._fences += 1
@@ -395,7 +395,7 @@ class Engine:
             log.info("memory not trusted yet: %s", exc)
         else:
             if fence == self._fences:
-                self.listener_up = True
+                self.source_up = True
                 self._state_changed()
         finally:
             if not gate.done():
@@ -407,7 +407,7 @@ class Engine:
 
     async def sync(self) -> Revision:
         """Read barrier: every commit completed before this call is applied."""
-        if not self.listener_up or self.barrier is None:
+        if not self.source_up or self.barrier is None:
             if self.follow_state is not None:  # (a follower: its changes come from its upstream)
                 raise Unavailable(
                     f"upstream {self.follow_state().target} unreachable: the cache cannot be brought up to date now"
@@ -425,7 +425,7 @@ class Engine:
         While the listener is down there is nothing to wait for: reads then
         go to the database, which is newer than any revision.
         """
-        if not self.listener_up:
+        if not self.source_up:
             return
         known = self.revisions.knows(epoch)
         if known == "current":
@@ -448,7 +448,7 @@ class Engine:
         if (strong or min_revision is not None) and gate is not None:
             await asyncio.shield(gate)  # (memory is being fenced: what to wait for is known after it)
         reloading = isinstance(table, FullTable) and table.reloading
-        if strong and self.listener_up:
+        if strong and self.source_up:
             if table is None or self.barrier is None:
                 await self.sync()
             else:
@@ -525,8 +525,8 @@ class Engine:
 
     async def started(self) -> None:
         """Return once the first epoch began (no revision exists before the listener connects)."""
-        if not self.hub.started.is_set():
-            await self.hub.started.wait()
+        if not self.fanout.started.is_set():
+            await self.fanout.started.wait()
 
     def subscribe(
         self,
@@ -539,9 +539,9 @@ class Engine:
         several: bool = False,
     ) -> Subscription:
         """A Watch subscriber (raises ``OutOfRange`` for a revision that cannot be resumed,
-        ``TooManyStreams`` beyond the stream limits; see ``Hub.subscribe``)."""
+        ``TooManyStreams`` beyond the stream limits; see ``FanOut.subscribe``)."""
         names = selection.tables
-        return self.hub.subscribe(
+        return self.fanout.subscribe(
             selection,
             start=start,
             snapshot=(lambda: self.snapshot(names)) if initial_state else None,
@@ -551,14 +551,14 @@ class Engine:
         )
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self.hub.unsubscribe(subscription)
+        self.fanout.unsubscribe(subscription)
 
     @property
     def oldest_revision(self) -> str:
         """The oldest revision a Watch may resume from."""
-        return f"{self.hub.epoch}/{self.hub.oldest}"
+        return f"{self.fanout.epoch}/{self.fanout.oldest}"
 
-    async def snapshot(self, names: frozenset[str]) -> Iterator[Snapshot]:
+    async def snapshot(self, names: frozenset[str]) -> Iterator[InitialState]:
         """Every row of the named full-mode tables (all of them when ``names`` is
         empty), as of the revision published when this returns, in chunks read
         lazily from shared store snapshots (no rows copied).
@@ -584,7 +584,7 @@ class Engine:
                 # rebuild follows): look again in a moment.
                 await asyncio.sleep(0.05)
         # No await from here on: the views and the revision are of one moment.
-        epoch, revision = self.hub.epoch, self.hub.published
+        epoch, revision = self.fanout.epoch, self.fanout.published
         parts = []
         for name, table in tables:
             view = table.snapshot()
@@ -593,18 +593,18 @@ class Engine:
             key = (id(view), epoch, revision, name)  # (alive while the view is: it holds the view)
             shared = self._initial_states.get(key)
             if shared is None:
-                shared = SharedSnapshot(epoch, revision, name, view, row_json, watch_message, SNAPSHOT_CHUNK)
+                shared = SharedInitialState(epoch, revision, name, view, row_json, watch_message, SNAPSHOT_CHUNK)
                 self._initial_states[key] = shared
             parts.append(shared)
         return self._unless_given_up(itertools.chain.from_iterable(part.messages() for part in parts))
 
-    def _unless_given_up(self, messages: Iterator[Snapshot]) -> Iterator[Snapshot]:
+    def _unless_given_up(self, messages: Iterator[InitialState]) -> Iterator[InitialState]:
         """``messages``, ending the stream (fell behind: start over) if its snapshot is given up
         (it kept too many old rows alive: see ``store.Retention``)."""
         try:
             yield from messages
         except SnapshotGivenUp as exc:
-            self.hub.dropped += 1
+            self.fanout.dropped += 1
             raise FellBehind(f"watch fell behind during its initial state: {exc}") from None
 
     # ------------------------------------------------------------ the sidecar's own changes
@@ -631,7 +631,7 @@ class Engine:
             return
         self.router.invalidate(table, keys)
         self.revisions.advance()
-        if refresh and self.listener_up and table.loaded and (keys or table.holds_all_rows):
+        if refresh and self.source_up and table.loaded and (keys or table.holds_all_rows):
             try:
                 await table.get_many(keys or [])
             except Reloading:  # (a whole-table refresh: reads do not wait for it, this does)

@@ -40,7 +40,7 @@ import grpc
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.errors import InvalidKey, SidecarError, Unavailable
 from sidecar.events import SyncToken
-from sidecar.hub import SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
+from sidecar.fanout import SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
 from sidecar.keys import coerce_single
 from sidecar.listener import backoff_delay
 from sidecar.revisions import Revision
@@ -184,7 +184,7 @@ class UpstreamSource:
                 future.set_exception(Unavailable(f"lost the stream from {self.upstream.target}: {reason}"))
         self._arrivals = []
         if was and self._sink is not None:
-            self._sink.listener_lost(reason)
+            self._sink.source_lost(reason)
 
     async def _stream(self, start: Revision | None, reason: str | None) -> None:
         """One Watch stream: from the initial state (``start`` None) or resumed after ``start``,

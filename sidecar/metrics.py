@@ -211,11 +211,11 @@ class _StateCollector(Collector):
             )
         )
         families.append(
-            GaugeMetricFamily("cache_sidecar_watch_subscribers", "Open Watch streams.", engine.hub.subscribers)
+            GaugeMetricFamily("cache_sidecar_watch_subscribers", "Open Watch streams.", engine.fanout.subscribers)
         )
         families.append(
             CounterMetricFamily(
-                "cache_sidecar_watch_dropped", "Watch streams ended for falling behind.", engine.hub.dropped
+                "cache_sidecar_watch_dropped", "Watch streams ended for falling behind.", engine.fanout.dropped
             )
         )
         families.append(
@@ -223,7 +223,7 @@ class _StateCollector(Collector):
                 "cache_sidecar_watch_stalled",
                 "Watch streams ended because their client took no message for watch.send_timeout "
                 "(counted in cache_sidecar_watch_dropped too).",
-                engine.hub.stalled,
+                engine.fanout.stalled,
             )
         )
         families.append(
@@ -245,7 +245,7 @@ class _StateCollector(Collector):
             CounterMetricFamily(
                 "cache_sidecar_watch_refused",
                 "Watch streams refused by watch.max_streams or watch.max_streams_per_connection.",
-                engine.hub.refused,
+                engine.fanout.refused,
             )
         )
         families.append(

@@ -91,10 +91,10 @@ class PgChangeSource:
 
     def _up(self) -> None:
         assert self._sink is not None
-        self._sink.listener_connected()
+        self._sink.source_connected()
 
     def _down(self, reason: str) -> None:
         assert self._sink is not None
         if self.senders is not None:
             self.senders.clear()  # (held events are lost with the connection: a rebuild follows)
-        self._sink.listener_lost(reason)
+        self._sink.source_lost(reason)

@@ -1,6 +1,6 @@
 """A follower's copy of its upstream's tables: ``ReplicaTable`` (a full table as
 the upstream sends it) and ``Replica``, which applies the upstream's numbered
-batches to the tables and records them in the follower's own Watch hub.
+batches to the tables and records them in the follower's own Watch fan-out.
 
 An upstream batch carries rows (full tables: the row the upstream held when it
 published the batch, never older than the batch), so nothing is fetched: a
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from sidecar.cache import TableCache
-from sidecar.hub import TABLE_WIDE, Change, Hub
+from sidecar.fanout import TABLE_WIDE, Change, FanOut
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.progress import LoadProgress
@@ -159,9 +159,9 @@ class ReplicaTable:
 class Replica:
     """Applies numbered batches to a follower's tables and records them for its watchers."""
 
-    def __init__(self, tables: Mapping[str, TableCache], hub: Hub) -> None:
+    def __init__(self, tables: Mapping[str, TableCache], fanout: FanOut) -> None:
         self._tables = tables
-        self.hub = hub
+        self.fanout = fanout
 
     def rebuild(self, rows: Mapping[str, Rows]) -> None:
         """Every table from scratch: full ones hold ``rows`` (one missing there is not served
@@ -179,7 +179,7 @@ class Replica:
     def apply(self, batch: SourceBatch) -> None:
         """One batch: tables sent again replaced, rows stored, lazy keys dropped, all recorded."""
         seq = batch.revision
-        self.hub.ensure(seq, batch.xid)  # (a batch of no change of ours is still a revision)
+        self.fanout.ensure(seq, batch.xid)  # (a batch of no change of ours is still a revision)
         for name, rows in batch.reloaded.items():
             table = self._tables.get(name)
             if isinstance(table, ReplicaTable):
@@ -196,7 +196,7 @@ class Replica:
             table = self._tables.get(change.table)
             if table is None:
                 continue
-            self.hub.record(seq, batch.xid, Change(change.table, change.op, change.key, change.old_key))
+            self.fanout.record(seq, batch.xid, Change(change.table, change.op, change.key, change.old_key))
             if not change.apply:
                 continue
             if not isinstance(table, ReplicaTable):  # lazy: drop what the change names

@@ -1,6 +1,6 @@
 """Routing change events: each parsed notification to the caches that hear
 about its table -- the table's own, and the relations it is a source of --
-with its keys coerced to each one's columns, and recorded in the Watch hub
+with its keys coerced to each one's columns, and recorded in the Watch fan-out
 as the changes of its batch.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sidecar.cache import TableCache
 from sidecar.errors import InvalidKey
 from sidecar.events import Op, RowChange, TableChange
-from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, TRUNCATE, UPDATE, Change, Hub
+from sidecar.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, TRUNCATE, UPDATE, Change, FanOut
 from sidecar.keys import Key, KeyColumn, coerce_key, key_text
 from sidecar.revisions import Revisions
 from sidecar.schema import SourceSchema
@@ -33,9 +33,9 @@ class RouterStats:
 class ChangeRouter:
     """Events to tables and relations, numbered into batches, recorded for Watch."""
 
-    def __init__(self, tables: Mapping[str, TableCache], revisions: Revisions, hub: Hub) -> None:
+    def __init__(self, tables: Mapping[str, TableCache], revisions: Revisions, fanout: FanOut) -> None:
         self._revisions = revisions
-        self.hub = hub
+        self.fanout = fanout
         self.stats = RouterStats()
         self._tables = tables
         # Who hears about changes of a PostgreSQL table: the table's own cache
@@ -76,12 +76,12 @@ class ChangeRouter:
         name = table.schema.qualified
         if keys is None:
             log.info("%s: invalidated (whole table)", name)
-            self.hub.record(seq, 0, Change(name, TABLE_CHANGED))
+            self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))
             table.changed_all(seq)
         else:
             log.debug("%s: invalidated %s", name, ", ".join(map(key_text, keys[:10])))
             for key in keys:
-                self.hub.record(seq, 0, Change(name, INVALIDATE, key))
+                self.fanout.record(seq, 0, Change(name, INVALIDATE, key))
             table.changed(keys, seq)
 
     def reload(self, name: str, why: str) -> None:
@@ -89,7 +89,7 @@ class ChangeRouter:
         table = self._tables[name]
         log.info("%s: reloading (%s)", name, why, extra={"event": "table_reload", "table": name})
         seq = self._revisions.own_batch()
-        self.hub.record(seq, 0, Change(name, TABLE_CHANGED))
+        self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))
         table.rebuild(seq)
 
     def fail(self, name: str, problem: str) -> None:
@@ -98,13 +98,13 @@ class ChangeRouter:
         if table.problem == problem:
             return
         seq = self._revisions.own_batch()
-        self.hub.record(seq, 0, Change(name, TABLE_CHANGED))  # watchers drop what they hold of it
+        self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))  # watchers drop what they hold of it
         table.fail(problem)
 
     def matched(self, name: str, seq: int, keys: set[Key]) -> None:
         """A relation refresh ran: the rows a source change of batch ``seq`` touched join that batch."""
         for key in keys:
-            self.hub.add(seq, Change(name, UPDATE, key, by_outcome=True))
+            self.fanout.add(seq, Change(name, UPDATE, key, by_outcome=True))
 
     # ------------------------------------------------------------ applying
 
@@ -113,12 +113,12 @@ class ChangeRouter:
         if isinstance(event, TableChange):
             log.debug("%s: whole table changed (%s)", name, event.reason)
             op = TRUNCATE if event.op is Op.TRUNCATE else TABLE_CHANGED
-            self.hub.record(seq, event.xid, Change(name, op))
+            self.fanout.record(seq, event.xid, Change(name, op))
             table.changed_all(seq)
             return
         keys = self._coerce(table.schema.key_columns, event, name)
         if keys is None:
-            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
             table.changed_all(seq)
             return
         self._record_rows(seq, event, name, keys)
@@ -131,7 +131,7 @@ class ChangeRouter:
         name = relation.schema.qualified
         source_keys = None if isinstance(event, TableChange) else self._coerce(source.table.key_columns, event, name)
         if source_keys is None:
-            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
             relation.changed_all(seq)
             return
         columns = source.relation_columns
@@ -151,18 +151,18 @@ class ChangeRouter:
                 values = list(dict.fromkeys(coerce_key(value_columns, value) for value in mapped))
         except InvalidKey as exc:
             log.warning("%s: source values that do not fit (%s); reloading it", name, exc)
-            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
             relation.changed_all(seq)
             return
         if by_key:
             for key in keys:  # (a source insert may change a relation row, a delete add none...)
-                self.hub.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
+                self.fanout.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
             relation.changed(keys, seq)
         elif relation.holds_all_rows:
-            self.hub.ensure(seq, event.xid)  # its changes are known once the refresh has run
+            self.fanout.ensure(seq, event.xid)  # its changes are known once the refresh has run
             relation.changed_matching(columns, values, seq)
         else:  # a lazy relation holds no index to find the rows: drop them all
-            self.hub.record(seq, event.xid, Change(name, TABLE_CHANGED))
+            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
             relation.changed_all(seq)
 
     def _coerce(self, columns: Sequence[KeyColumn], event: RowChange, name: str) -> list[Key] | None:
@@ -182,7 +182,7 @@ class ChangeRouter:
         new_count = len(event.keys)
         moved = keys[new_count:]
         if len(moved) == 1 and new_count == 1:  # one row changed its key: pair them
-            self.hub.record(seq, event.xid, Change(name, op, keys[0], moved[0]))
+            self.fanout.record(seq, event.xid, Change(name, op, keys[0], moved[0]))
             return
         for key in keys:  # (keys an UPDATE moved away from carry no row: gone)
-            self.hub.record(seq, event.xid, Change(name, op, key))
+            self.fanout.record(seq, event.xid, Change(name, op, key))

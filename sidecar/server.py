@@ -169,7 +169,7 @@ async def start(
         result.health_server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_calls
         )
-        _add_health(result, result.health_server, max_health_watches, engine.hub.send_timeout)
+        _add_health(result, result.health_server, max_health_watches, engine.fanout.send_timeout)
         for text in health_listen:
             port = _bind(result.health_server, text, text, None, "server.health_listen")
             result.health_addresses.append(f"{parse_listen_address(text).host}:{port}")
@@ -208,7 +208,7 @@ def _build(
     health_servicer = health.aio.HealthServicer()
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     result = Server(server, health_servicer, security=security)
-    _add_health(result, server, max_health_watches, engine.hub.send_timeout)
+    _add_health(result, server, max_health_watches, engine.fanout.send_timeout)
     for text in listen:
         address = parse_listen_address(text)
         if address.unix_path is not None:

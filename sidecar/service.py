@@ -28,7 +28,7 @@ from sidecar.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
-from sidecar.hub import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Stalled, Subscription, TooManyStreams
+from sidecar.fanout import SNAPSHOT, FellBehind, Filter, OutOfRange, ShuttingDown, Stalled, Subscription, TooManyStreams
 from sidecar.keys import Key, KeyColumn, coerce_key
 from sidecar.progress import LoadProgress
 from sidecar.wire import TooLarge, row_too_large
@@ -172,7 +172,7 @@ class CacheService:
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.engine = engine
-        self._revisions = wire.Revisions()
+        self._revisions = wire.RevisionField()
         self._observe = observe  # told each call's method and duration (metrics)
         self.max_message_bytes = max_message_bytes  # the server's send limit
 
@@ -194,14 +194,14 @@ class CacheService:
             f"the answer is {len(answer)} bytes, more than the {limit} one message may carry; ask for fewer rows"
         )
 
-    def _current(self) -> wire.Revisions:
+    def _current(self) -> wire.RevisionField:
         self._revisions.update(self.engine.epoch, self.engine.applied)
         return self._revisions
 
     def _revision(self) -> pb.Revision:
         return self._current().message
 
-    def _answered_at(self, start: Revision) -> wire.Revisions:
+    def _answered_at(self, start: Revision) -> wire.RevisionField:
         """The revision a read's answer carries: the current one -- unless the epoch changed
         while it was read. Then the answer came from the database (memory was being rebuilt)
         and carries the revision the read began at: a revision of the new epoch would tell the
@@ -209,7 +209,7 @@ class CacheService:
         be (a later EVENTUAL read would seem to go back in time within one epoch)."""
         if self.engine.epoch == start.epoch:
             return self._current()
-        revisions = wire.Revisions()
+        revisions = wire.RevisionField()
         revisions.update(start.epoch, start.number)
         return revisions
 
@@ -442,7 +442,7 @@ class CacheService:
             async with contextlib.aclosing(subscription.messages(engine.until_ready)) as messages:
                 async for message in messages:
                     for encoded in wire.watch_messages(message, self.max_message_bytes):
-                        if not await send_within(context, encoded, engine.hub.send_timeout):
+                        if not await send_within(context, encoded, engine.fanout.send_timeout):
                             raise subscription.stalled()
         except (FellBehind, ShuttingDown, TooLarge) as exc:
             if isinstance(exc, Stalled):

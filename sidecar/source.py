@@ -63,11 +63,11 @@ class Database(Protocol):
 class ChangeSink(Protocol):
     """What a change source tells the core."""
 
-    def listener_connected(self) -> None:
+    def source_connected(self) -> None:
         """Changes flow from now on; those before may have been missed: rebuild."""
         ...
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         """Changes may be missed from now on: stop trusting memory."""
         ...
 
@@ -137,7 +137,7 @@ class FollowState:
 class NumberedSink(Protocol):
     """What a source that numbers its own batches tells the core."""
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         """Batches may be missed from now on: stop trusting memory."""
         ...
 

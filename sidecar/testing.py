@@ -159,7 +159,7 @@ class MemoryChangeSource:
 
     async def follow(self, sink: ChangeSink) -> None:
         self._sink = sink
-        sink.listener_connected()
+        sink.source_connected()
         await asyncio.Event().wait()  # until cancelled
 
     async def send_token(self, token: str) -> None:
@@ -173,8 +173,8 @@ class MemoryChangeSource:
 
     def lose(self, reason: str = "test") -> None:
         assert self._sink is not None
-        self._sink.listener_lost(reason)
+        self._sink.source_lost(reason)
 
     def reconnect(self) -> None:
         assert self._sink is not None
-        self._sink.listener_connected()
+        self._sink.source_connected()

@@ -15,7 +15,7 @@ read therefore encodes nothing per row: it joins bytes made at load time.
 
 from __future__ import annotations
 
-from sidecar import hub
+from sidecar import fanout
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.errors import SidecarError
 from sidecar.keys import key_text, part_kind
@@ -86,7 +86,7 @@ def row_json(entry_bytes: bytes) -> bytes:
     return entry_bytes[position + 1 :]
 
 
-class Revisions:
+class RevisionField:
     """The revision field of each response, encoded once per revision."""
 
     def __init__(self) -> None:
@@ -105,19 +105,19 @@ class Revisions:
         self.batch_field = b"\x12" + _varint(len(body)) + body
 
 
-def get_response(entry_bytes: bytes | None, revisions: Revisions) -> bytes:
+def get_response(entry_bytes: bytes | None, revisions: RevisionField) -> bytes:
     """An encoded GetResponse."""
     if entry_bytes is None:
         return revisions.get_field
     return entry_bytes[_header(entry_bytes) :] + revisions.get_field
 
 
-def batch_get_response(entries: list[bytes | None], revisions: Revisions) -> bytes:
+def batch_get_response(entries: list[bytes | None], revisions: RevisionField) -> bytes:
     """An encoded BatchGetResponse, rows in the order given."""
     return b"".join([e if e is not None else MISSING_ENTRY for e in entries]) + revisions.batch_field
 
 
-def query_response(entries: list[bytes], truncated: bool, revisions: Revisions) -> bytes:
+def query_response(entries: list[bytes], truncated: bool, revisions: RevisionField) -> bytes:
     """An encoded QueryResponse (its rows and revision numbered as BatchGetResponse's)."""
     return b"".join(entries) + revisions.batch_field + (b"\x18\x01" if truncated else b"")
 
@@ -152,7 +152,7 @@ def _key_bytes(key: tuple[object, ...]) -> bytes:
     return b"".join(out)
 
 
-def _event(change: hub.Change, head: bytes) -> bytes:
+def _event(change: fanout.Change, head: bytes) -> bytes:
     """An encoded ``ChangeEvent`` (``head``: its table and operation fields, encoded)."""
     out = [head]
     if change.key is not None:
@@ -175,7 +175,7 @@ def _head(table: str, op: int) -> bytes:
     return fields + (b"\x10" + _varint(op) if op else b"")
 
 
-def _batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> bytes:
+def _batch(epoch: str, revision: int, xid: int, changes: list[fanout.Change]) -> bytes:
     """An encoded ``WatchResponse`` whose ``changes`` is this batch."""
     name = epoch.encode()
     mark = (b"\x0a" + _varint(len(name)) + name if name else b"") + (b"\x10" + _varint(revision) if revision else b"")
@@ -200,24 +200,24 @@ BATCHES_BYTES = 1024 * 1024
 _BATCHES_TAG = b"\x2a"  # WatchResponse.batches: field 5, length-delimited
 
 
-def watch_messages(message: hub.Message, limit: int) -> list[bytes]:
+def watch_messages(message: fanout.Message, limit: int) -> list[bytes]:
     """Encode what a subscription yields, each message at most ``limit`` bytes.
 
     A batch is encoded once and kept on it: every subscriber that sees it
     whole (or through an equal filter) sends the same bytes. Several batches
-    (``hub.Batches``) become as few ``WatchResponse.batches`` messages as
+    (``fanout.Batches``) become as few ``WatchResponse.batches`` messages as
     their size allows, each the batches' own encodings joined: an element of
     ``ChangeBatches.batches`` is encoded exactly as a ``WatchResponse`` whose
     ``changes`` holds it (both are field 1). Raises ``TooLarge`` for a row
     that alone exceeds ``limit``.
     """
-    if isinstance(message, hub.Batch):
+    if isinstance(message, fanout.Batch):
         if message.encoded is None:
             message.encoded = _fitting_batch(message, limit)
         return [message.encoded]
-    if isinstance(message, hub.Batches):
+    if isinstance(message, fanout.Batches):
         return _grouped([watch_messages(batch, limit)[0] for batch in message.batches], limit)
-    if isinstance(message, hub.Snapshot):
+    if isinstance(message, fanout.InitialState):
         if message.encoded is not None and len(message.encoded) <= limit:
             return [message.encoded]
         return _snapshot(message.epoch, message.revision, message.changes, limit)
@@ -248,7 +248,7 @@ def _grouped(encoded: list[bytes], limit: int) -> list[bytes]:
     return out
 
 
-def _fitting_batch(batch: hub.Batch, limit: int) -> bytes:
+def _fitting_batch(batch: fanout.Batch, limit: int) -> bytes:
     encoded = _batch(batch.epoch, batch.revision, batch.xid, batch.changes)
     if len(encoded) <= limit:
         return encoded
@@ -258,11 +258,11 @@ def _fitting_batch(batch: hub.Batch, limit: int) -> bytes:
     # that its tables changed wholesale, as for a bulk statement: clients drop
     # what they hold of them and read again, one row at a time.
     tables = dict.fromkeys(change.table for change in batch.changes)
-    wholesale = [hub.Change(table, hub.TABLE_CHANGED) for table in tables]
+    wholesale = [fanout.Change(table, fanout.TABLE_CHANGED) for table in tables]
     return _batch(batch.epoch, batch.revision, batch.xid, wholesale)
 
 
-def _snapshot(epoch: str, revision: int, changes: list[hub.Change], limit: int) -> list[bytes]:
+def _snapshot(epoch: str, revision: int, changes: list[fanout.Change], limit: int) -> list[bytes]:
     """A chunk of initial rows, split in halves until each part fits (all carry one revision)."""
     encoded = _batch(epoch, revision, 0, changes)
     if len(encoded) <= limit:
@@ -273,7 +273,7 @@ def _snapshot(epoch: str, revision: int, changes: list[hub.Change], limit: int) 
     return _snapshot(epoch, revision, changes[:half], limit) + _snapshot(epoch, revision, changes[half:], limit)
 
 
-def _check_rows(epoch: str, revision: int, changes: list[hub.Change], limit: int) -> None:
+def _check_rows(epoch: str, revision: int, changes: list[fanout.Change], limit: int) -> None:
     """Raise ``TooLarge`` naming the largest row if it cannot be sent even alone."""
     largest = max(changes, key=lambda c: len(c.row or b""))
     alone = len(_batch(epoch, revision, 0, [largest]))
@@ -281,21 +281,21 @@ def _check_rows(epoch: str, revision: int, changes: list[hub.Change], limit: int
         raise row_too_large(largest.table, largest.key, alone, limit)
 
 
-def watch_message(message: hub.Message) -> bytes:
+def watch_message(message: fanout.Message) -> bytes:
     """Encode one message of a subscription (no size limit: see ``watch_messages``)."""
-    if isinstance(message, hub.Batches):
+    if isinstance(message, fanout.Batches):
         body = b"".join(watch_message(batch) for batch in message.batches)
         return _BATCHES_TAG + _varint(len(body)) + body
-    if isinstance(message, hub.Batch):
+    if isinstance(message, fanout.Batch):
         if message.encoded is None:
             message.encoded = _batch(message.epoch, message.revision, message.xid, message.changes)
         return message.encoded
-    if isinstance(message, hub.Snapshot):
+    if isinstance(message, fanout.InitialState):
         return _batch(message.epoch, message.revision, 0, message.changes)
     revision = pb.Revision(epoch=message.epoch, number=message.revision)
-    if isinstance(message, hub.Reset):
+    if isinstance(message, fanout.Reset):
         response = pb.WatchResponse(reset=pb.Reset(revision=revision, reason=message.reason))
-    elif isinstance(message, hub.Progress):
+    elif isinstance(message, fanout.Progress):
         response = pb.WatchResponse(progress=pb.Progress(revision=revision))
     else:
         response = pb.WatchResponse(initial_state_done=pb.InitialStateDone(revision=revision))

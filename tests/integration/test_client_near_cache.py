@@ -205,7 +205,7 @@ async def test_changes_iterator_for_event_driven_code(start_daemon, db, items):
                 seen.append(change)
 
         consumer = asyncio.create_task(consume())
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.engine.fanout.subscribers == 1)
         await db.execute(f"UPDATE {items} SET version = 1 WHERE id = 1")  # not an insert
         await db.execute(f"INSERT INTO {items} VALUES (100, 0), (101, 0)")
         await eventually(lambda: len(seen) == 2, what="two inserts")

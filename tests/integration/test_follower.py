@@ -92,8 +92,8 @@ async def shop(db: asyncpg.Connection, schema: str) -> dict[str, Any]:
         ),
         key=("id",),
         sources=(
-            cfg.Source(schema, "pet", (("id", "id"),)),
-            cfg.Source(schema, "owner", (("id", "owner_id"),)),
+            cfg.RelationSource(schema, "pet", (("id", "id"),)),
+            cfg.RelationSource(schema, "owner", (("id", "owner_id"),)),
         ),
     )
     return {"schema": schema, "tables": [item, note, pets], "item": item.qualified, "note": note.qualified}
@@ -266,14 +266,14 @@ async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower,
 
 async def watching(cache: AsyncClient, sidecar: RunningDaemon, table: str) -> tuple[list[Any], asyncio.Task[None]]:
     seen: list[Any] = []
-    before = sidecar.engine.hub.subscribers
+    before = sidecar.engine.fanout.subscribers
 
     async def read() -> None:
         async for item in cache.watch([table]):
             seen.append(item)
 
     reader = asyncio.create_task(read())
-    await eventually(lambda: sidecar.engine.hub.subscribers > before, what="subscribed")
+    await eventually(lambda: sidecar.engine.fanout.subscribers > before, what="subscribed")
     return seen, reader
 
 
@@ -287,7 +287,7 @@ async def test_history_too_short_to_resume_rebuilds_and_resets(start_daemon, sta
         async with AsyncClient(follower.target) as cache:
             seen, reader = await watching(cache, follower, shop["item"])
             proxy.block()
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+            await eventually(lambda: not follower.engine.source_up, what="the follower noticed")
             for n in range(5):  # more batches than the hub keeps
                 await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 13", f"missed {n}")
             proxy.unblock()
@@ -317,9 +317,9 @@ async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db
                     seen.append(item)
 
             reader = asyncio.create_task(read())
-            await eventually(lambda: follower.engine.hub.subscribers >= 1, what="subscribed")
+            await eventually(lambda: follower.engine.fanout.subscribers >= 1, what="subscribed")
             proxy.block()
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+            await eventually(lambda: not follower.engine.source_up, what="the follower noticed")
             await db.execute(f"UPDATE {schema}.item SET name = 'while cut' WHERE id = 5")
             proxy.unblock()
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
@@ -345,7 +345,7 @@ async def test_a_stalled_link_is_noticed_and_resumed(start_daemon, start_followe
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.stall()  # no FIN, no reset: only the missing progress marks tell
-        await eventually(lambda: not follower.engine.listener_up, timeout=10, what="the stall noticed")
+        await eventually(lambda: not follower.engine.source_up, timeout=10, what="the stall noticed")
         proxy.resume()
         proxy.cut()  # (the stalled connection's bytes are stale: start a clean one)
         await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
@@ -372,7 +372,7 @@ async def test_another_epoch_rebuilds_and_resets_watchers(start_daemon, start_fo
                 seen.append(item)
 
         reader = asyncio.create_task(read())
-        await eventually(lambda: follower.engine.hub.subscribers >= 1, what="subscribed")
+        await eventually(lambda: follower.engine.fanout.subscribers >= 1, what="subscribed")
         # The hub's LISTEN connection dies: it rebuilds in a new epoch, and so must the follower.
         await db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'"
@@ -398,7 +398,7 @@ async def test_reads_pass_through_while_not_following(start_daemon, start_follow
     try:
         async with AsyncClient(follower.target, retries=0) as cache:
             # The hub ends every Watch stream (as when shutting down) but still answers reads.
-            hub.engine.hub.shutdown()
+            hub.engine.fanout.shutdown()
             await eventually(lambda: not follower.engine.ready, what="the follower stopped following")
             await db.execute(f"UPDATE {schema}.item SET name = 'fresh' WHERE id = 8")
             before = hub.engine.barrier.rounds
@@ -416,7 +416,7 @@ async def test_reads_pass_through_while_not_following(start_daemon, start_follow
             assert "UNAVAILABLE" in repr(failed.value) or "navailable" in str(failed.value)
             assert (await cache.get(shop["item"], 9, allow_stale=True))["id"] == 9
             proxy.unblock()
-            hub.engine.hub.closing = False  # streams accepted again: the follower resumes
+            hub.engine.fanout.closing = False  # streams accepted again: the follower resumes
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
             assert follower.daemon.source.rebuilds == 0
             row = await cache.get(shop["item"], 8)
@@ -458,7 +458,7 @@ async def test_after_a_resume_it_serves_only_once_caught_up(start_daemon, start_
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.block()
-        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        await eventually(lambda: not follower.engine.source_up, what="the follower noticed")
         for n in range(200):  # a backlog the resumed stream brings
             await db.execute(f"UPDATE {schema}.item SET price = $1 WHERE id = 14", n)
         head = (await AsyncClient(hub.target).sync()).number
@@ -512,7 +512,7 @@ async def test_metrics_show_the_upstream(start_daemon, start_follower, shop):
         assert value(samples, "cache_sidecar_upstream_behind_seconds") == 0
         assert value(samples, "cache_sidecar_revision") == hub.engine.applied
         proxy.block()
-        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        await eventually(lambda: not follower.engine.source_up, what="the follower noticed")
         samples = await eventually(lambda: asyncio.to_thread(scrape, address), what="a scrape")
         assert value(samples, "cache_sidecar_upstream_following") == 0
 
@@ -620,7 +620,7 @@ async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows
             for target, source in ((ca, second.cert_file), (cert, client.cert), (key, client.key)):
                 _replace(target, source)
             proxy.cut()  # the open connection keeps its old certificates: a new one must use the new
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed the cut")
+            await eventually(lambda: not follower.engine.source_up, what="the follower noticed the cut")
             await db.execute(f"UPDATE {schema}.item SET name = 'after the rotation' WHERE id = 3")
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again, on the new CA")
             assert (await cache.get(shop["item"], 3, consistency="strong"))["name"] == "after the rotation"
@@ -654,7 +654,7 @@ async def test_a_follower_stays_serving_while_its_hub_reloads_the_table_it_reads
         LOADS.close()  # ... while the second is held
         await eventually(lambda: item.reloads > reloads, what="the first reload landed")
         await LOADS.held()
-        await eventually(lambda: hub.engine.hub.subscribers == 2, what="the follower reading the table again")
+        await eventually(lambda: hub.engine.fanout.subscribers == 2, what="the follower reading the table again")
         await asyncio.sleep(3.0)  # the hub's reload lasts three stall timeouts
         assert follower.engine.ready and not follower.engine.stalled
     finally:

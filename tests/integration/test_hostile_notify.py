@@ -70,7 +70,7 @@ async def test_poison_payloads_from_a_role_without_privileges_stop_nothing(start
     await eventually(lambda: engine.applied == engine.seq, 10, what="the revision caught up")
     assert engine.ready and not engine.stalled
     # Watch history holds only batches whose transaction ids can be sent.
-    assert all(0 <= batch.xid < 2**64 for batch in engine.hub._history)
+    assert all(0 <= batch.xid < 2**64 for batch in engine.fanout._history)
 
 
 async def test_a_stranger_cannot_end_a_barrier_with_a_token(start_daemon, db, tables, stranger):

@@ -258,7 +258,7 @@ def collision_relations(schema: str, mode: str) -> list[cfg.TableConfig]:
             mode=mode,  # type: ignore[arg-type]
             query=f"SELECT p.t, p.kind, p.head AS n FROM {schema}.plain p",
             key=("t",),
-            sources=(cfg.Source(schema, "plain", (("t", "t"),)),),
+            sources=(cfg.RelationSource(schema, "plain", (("t", "t"),)),),
         ),
         cfg.TableConfig(  # and one with a composite-typed column t
             schema=schema,
@@ -266,7 +266,7 @@ def collision_relations(schema: str, mode: str) -> list[cfg.TableConfig]:
             mode=mode,  # type: ignore[arg-type]
             query=f"SELECT c.n AS id, c.key, c.t, c.run FROM {schema}.composite c",
             key=("id", "key"),
-            sources=(cfg.Source(schema, "composite", (("n", "id"), ("key", "key"))),),
+            sources=(cfg.RelationSource(schema, "composite", (("n", "id"), ("key", "key"))),),
         ),
     ]
 
@@ -382,7 +382,7 @@ async def test_role_settings_do_not_change_served_values(postgres, superuser, sc
             name="typed_view",
             query=TYPED_QUERY.format(s=s),
             key=("id",),
-            sources=(cfg.Source(s, "typed", (("id", "id"),)),),
+            sources=(cfg.RelationSource(s, "typed", (("id", "id"),)),),
         )
         running = await start_daemon([f"{s}.typed", relation], dsn=as_user(postgres.dsn, role))
         expected = await truth(conn, f"{s}.typed", "x.id = 1")

@@ -49,7 +49,7 @@ async def test_metrics_endpoint(start_daemon, db, tables):
         await cache.sync()
         stream = cache.watch([full])
         reading = asyncio.create_task(anext(stream))
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.engine.fanout.subscribers == 1)
         samples = await asyncio.to_thread(scrape, address)
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)

@@ -47,7 +47,7 @@ async def test_database_unreachable_then_back(start_daemon, db, items, proxy, mo
         assert (await cache.get(items, 1))["version"] == 1
         epoch = sidecar.engine.epoch
         proxy.block()
-        await eventually(lambda: not sidecar.engine.listener_up, what="listener down")
+        await eventually(lambda: not sidecar.engine.source_up, what="listener down")
         assert await serving(sidecar.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(Unavailable, match="database unreachable"):
             await cache.get(items, 1)
@@ -76,9 +76,9 @@ async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db,
 
     listener._connect = through_proxy  # the next connections go through the proxy
     await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
-    await eventually(lambda: sidecar.engine.listener_up and proxy.connections > 0, what="listening via proxy")
+    await eventually(lambda: sidecar.engine.source_up and proxy.connections > 0, what="listening via proxy")
     proxy.block()
-    await eventually(lambda: not sidecar.engine.listener_up, what="listener down")
+    await eventually(lambda: not sidecar.engine.source_up, what="listener down")
     async with AsyncClient(sidecar.target) as cache:
         await db.execute(f"UPDATE {items} SET version = 9 WHERE id = 3")
         assert (await cache.get(items, 3))["version"] == 9  # from the database

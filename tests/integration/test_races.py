@@ -79,7 +79,7 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
         epoch = sidecar.engine.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")  # maybe never notified
-        await eventually(lambda: sidecar.engine.listener_up and sidecar.engine.epoch != epoch)
+        await eventually(lambda: sidecar.engine.source_up and sidecar.engine.epoch != epoch)
         table = sidecar.engine.tables[items]
         await eventually(  # the reload is due and its dispatch has run
             lambda: table._reload_needed > table._reload_done and table._dispatch_handle is None

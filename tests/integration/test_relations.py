@@ -47,9 +47,9 @@ def relation(schema: str, mode: str = "full", **extra) -> cfg.TableConfig:  # ty
         query=QUERY.format(s=schema),
         key=("user_id",),
         sources=(
-            cfg.Source(schema, "users", (("user_id", "user_id"),)),
-            cfg.Source(schema, "users_cities", (("user_id", "user_id"),)),
-            cfg.Source(schema, "cities", (("city_id", "city_id"),)),
+            cfg.RelationSource(schema, "users", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "users_cities", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "cities", (("city_id", "city_id"),)),
         ),
         **extra,
     )
@@ -147,7 +147,7 @@ async def test_watch_reports_the_relation_rows_a_source_change_touched(start_dae
                     seen.append(item)
 
         following = asyncio.create_task(follow())
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.engine.fanout.subscribers == 1)
         await db.execute(f"INSERT INTO {schema}.users_cities SELECT 1 FROM {schema}.users WHERE false")  # nothing
         await db.execute(f"UPDATE {schema}.cities SET name = 'City A' WHERE city_id = 1")
         await eventually(lambda: seen, what="a batch")
@@ -171,7 +171,7 @@ async def test_relation_configuration_errors_are_clear(postgres, schema, users, 
         name=bad.name,
         query=query or bad.query,
         key=bad.key,
-        sources=(cfg.Source(schema, "users", mapping),),
+        sources=(cfg.RelationSource(schema, "users", mapping),),
     )
     config = cfg.Config(dsn=postgres.dsn, listen=("127.0.0.1:0",), install_triggers=True, tables=(bad,))
     assert await Daemon(config, handle_signals=False).run() == 2  # the user's to fix: the exit rule's 2
@@ -274,7 +274,7 @@ async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
         name="by_group",
         query=f"SELECT {key_sql} AS g, p.id, p.tag FROM {schema}.people p",
         key=("g",),
-        sources=(cfg.Source(schema, "people", (("id", "id"),)),),
+        sources=(cfg.RelationSource(schema, "people", (("id", "id"),)),),
     )
     sidecar = await start_daemon([grouped], wait=False)
     async with AsyncClient(sidecar.target) as cache:
@@ -307,8 +307,8 @@ async def test_a_relation_row_pythons_json_refuses_follows_its_sources(start_dae
         query=f"SELECT m.user_id, m.city_id, p.odd FROM {schema}.members m JOIN {schema}.places p USING (city_id)",
         key=("user_id",),
         sources=(
-            cfg.Source(schema, "members", (("user_id", "user_id"),)),
-            cfg.Source(schema, "places", (("city_id", "city_id"),)),  # (found by the rows' city_id)
+            cfg.RelationSource(schema, "members", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "places", (("city_id", "city_id"),)),  # (found by the rows' city_id)
         ),
     )
     sidecar = await start_daemon([joined])

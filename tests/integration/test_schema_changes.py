@@ -225,7 +225,7 @@ class Owned:
             name="items_rel",
             query=RELATION_QUERY.format(s=s),
             key=("id",),
-            sources=(cfg.Source(s, "items", (("id", "id"),)),),
+            sources=(cfg.RelationSource(s, "items", (("id", "id"),)),),
         )
         return [*(cfg.TableConfig(schema=s, name=n) for n in ("items", "parts", "other")), relation]
 

@@ -106,7 +106,7 @@ async def serve() -> AsyncIterator[Serve]:
         engine.attach(source)
         following.append((asyncio.create_task(source.follow(engine)), engine))
         await eventually(lambda: engine.ready)
-        engine.hub.send_timeout = config.watch_send_timeout
+        engine.fanout.send_timeout = config.watch_send_timeout
         result = await server.start(
             engine,
             config.listen,

@@ -73,8 +73,8 @@ async def test_revision_never_goes_backwards_and_epoch_changes_on_reconnect(engi
     engine.handle(change(FULL, 9, 1))
     await eventually(lambda: engine.applied == engine.seq)
     assert engine.revision.number > before.number and engine.revision.epoch == before.epoch
-    engine.listener_lost("test")
-    engine.listener_connected()
+    engine.source_lost("test")
+    engine.source_connected()
     await eventually(lambda: engine.ready)
     assert engine.revision.epoch != before.epoch
 
@@ -103,7 +103,7 @@ async def test_truncate_reloads_full_and_clears_lazy(engine: Engine, db: MemoryD
 
 
 async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engine, db: MemoryDatabase):
-    engine.listener_lost("test")
+    engine.source_lost("test")
     assert not engine.ready
     db.put(FULL, (1,), name="changed while deaf")
     assert await engine.get(FULL, [1]) == row("changed while deaf")  # not the stale memory
@@ -112,7 +112,7 @@ async def test_reads_go_to_the_database_while_the_listener_is_down(engine: Engin
 
 
 async def test_database_unreachable_too_is_unavailable_unless_stale_allowed(engine: Engine, db: MemoryDatabase):
-    engine.listener_lost("test")
+    engine.source_lost("test")
     db.error = Unavailable("connection refused")
     with pytest.raises(Unavailable):
         await engine.get(FULL, [1])
@@ -162,7 +162,7 @@ async def test_sync_waits_for_refetches_and_shares_rounds(engine: Engine, db: Me
 
 
 async def test_sync_fails_fast_while_listener_down(engine: Engine):
-    engine.listener_lost("test")
+    engine.source_lost("test")
     with pytest.raises(Unavailable, match="listener"):
         await engine.sync()
 
@@ -175,8 +175,8 @@ async def test_min_revision_waits_within_epoch_and_passes_old_epochs(engine: Eng
     engine.handle(change(FULL, 30, 1))
     await asyncio.wait_for(waiter, 5)
     old = engine.epoch
-    engine.listener_lost("test")
-    engine.listener_connected()
+    engine.source_lost("test")
+    engine.source_connected()
     await engine.wait_revision(old, 10**9)  # rebuilt since: newer than anything of that epoch
     await engine.prepare_read(strong=False, min_revision=Revision("someone-else", 5))  # proves via barrier
 
@@ -189,7 +189,7 @@ async def test_read_through_never_joins_a_query_sent_before_it_began(db: MemoryD
     starts after a notification must not share a query sent before it."""
     engine = Engine(db, list(db.schemas.values()))
     db.hold()
-    engine.listener_connected()
+    engine.source_connected()
     await db.held(1)  # the initial load is in flight: reads pass through
     first = asyncio.create_task(engine.get(FULL, [1]))
     await db.held(2)  # its query read "v1"
@@ -217,10 +217,10 @@ async def test_sync_recovers_after_a_notify_that_hung(engine: Engine):
     engine.barrier = Barrier(send, timeout=30)
     first = asyncio.create_task(engine.sync())
     await eventually(lambda: sends == 1, what="the first NOTIFY hanging")
-    engine.listener_lost("stalled")
+    engine.source_lost("stalled")
     with pytest.raises(Unavailable):
         await asyncio.wait_for(first, 5)
-    engine.listener_connected()
+    engine.source_connected()
     await eventually(lambda: engine.ready)
     # Not queued behind the hung round (which would only give up after 30 s).
     assert await asyncio.wait_for(engine.sync(), 2) == engine.revision
@@ -317,7 +317,7 @@ async def test_readers_waiting_on_memory_go_to_the_database_when_the_listener_dr
     engine.handle(change(FULL, 40, 1))
     reader = asyncio.create_task(engine.get(FULL, [1]))
     await db.held(1)  # its refetch hangs
-    engine.listener_lost("test")
+    engine.source_lost("test")
     await db.held(2)  # the reader now asks the database itself
     db.release()
     assert await asyncio.wait_for(reader, 5) == row("committed")

@@ -14,7 +14,7 @@ from sidecar import config as cfg
 from sidecar.config import IndexConfig
 from sidecar.engine import Engine
 from sidecar.errors import ConfigError, Unavailable
-from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, Filter, Hub, Reset
+from sidecar.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, FanOut, Filter, Reset
 from sidecar.lazy import LazyTable
 from sidecar.replica import Replica, ReplicaTable
 from sidecar.revisions import Revisions
@@ -39,10 +39,10 @@ def tables() -> dict[str, object]:
     return {FULL: full, LAZY: lazy}
 
 
-def make_hub() -> Hub:
-    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e)
-    hub.start("e1", 0)
-    return hub
+def make_fanout() -> FanOut:
+    fanout = FanOut(rows_of=lambda name: None, row_json=lambda e: e)
+    fanout.start("e1", 0)
+    return fanout
 
 
 # ---------------------------------------------------------------- revisions
@@ -93,37 +93,37 @@ async def test_adopting_wakes_readers_that_waited_for_the_revision():
 
 
 async def test_a_rebuild_resets_watchers_even_in_the_same_epoch():
-    hub = make_hub()
-    subscription = hub.subscribe(Filter(frozenset()))
-    hub.start("e1", 10, "rebuilt from the upstream")
+    fanout = make_fanout()
+    subscription = fanout.subscribe(Filter(frozenset()))
+    fanout.start("e1", 10, "rebuilt from the upstream")
     messages = subscription.messages()
     first = await asyncio.wait_for(anext(messages), 1)
     assert isinstance(first, Reset) and first.revision == 10
 
 
 async def test_revision_gaps_are_followed_and_resumable():
-    hub = make_hub()
-    subscription = hub.subscribe(Filter(frozenset()))
+    fanout = make_fanout()
+    subscription = fanout.subscribe(Filter(frozenset()))
     for revision in (2, 5, 6, 9):  # a follower of a filtered stream: other revisions were not its tables'
-        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
-        hub.publish(revision)
+        fanout.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        fanout.publish(revision)
     messages = subscription.messages()
     got = [(await asyncio.wait_for(anext(messages), 1)).revision for _ in range(4)]
     assert got == [2, 5, 6, 9]
-    assert hub.next_after(3) is not None and hub.next_after(3).revision == 5
-    assert hub.next_after(9) is None
-    assert hub.oldest == 0  # nothing trimmed: every revision of the epoch resumes
-    resumed = hub.subscribe(Filter(frozenset()), start=("e1", 4))
+    assert fanout.next_after(3) is not None and fanout.next_after(3).revision == 5
+    assert fanout.next_after(9) is None
+    assert fanout.oldest == 0  # nothing trimmed: every revision of the epoch resumes
+    resumed = fanout.subscribe(Filter(frozenset()), start=("e1", 4))
     assert (await asyncio.wait_for(anext(resumed.messages()), 1)).revision == 5
 
 
 def test_trimming_a_gapped_history_keeps_resumes_exact():
-    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
-    hub.start("e1", 0)
+    fanout = FanOut(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
+    fanout.start("e1", 0)
     for revision in (3, 7, 8):
-        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
-        hub.publish(revision)
-    assert hub.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
+        fanout.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        fanout.publish(revision)
+    assert fanout.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
 
 
 # ---------------------------------------------------------------- replica
@@ -135,8 +135,8 @@ def test_batches_store_rows_and_drop_lazy_keys():
     assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
     lazy.cache[(1,)] = row(id=1)
     lazy.cache[(2,)] = row(id=2)
-    hub = make_hub()
-    replica = Replica(held, hub)  # type: ignore[arg-type]
+    fanout = make_fanout()
+    replica = Replica(held, fanout)  # type: ignore[arg-type]
     replica.apply(
         SourceBatch(
             1,
@@ -151,8 +151,8 @@ def test_batches_store_rows_and_drop_lazy_keys():
     )
     assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "a"}
     assert (1,) not in lazy.cache and (2,) in lazy.cache
-    hub.publish(1)
-    assert [c.table for c in hub.next_after(0).changes] == [FULL, FULL, LAZY]
+    fanout.publish(1)
+    assert [c.table for c in fanout.next_after(0).changes] == [FULL, FULL, LAZY]
 
 
 def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
@@ -160,7 +160,7 @@ def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
     full = held[FULL]
     assert isinstance(full, ReplicaTable)
     full.replace({(1,): row(id=1), (2,): row(id=2)})
-    replica = Replica(held, make_hub())  # type: ignore[arg-type]
+    replica = Replica(held, make_fanout())  # type: ignore[arg-type]
     replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (3,), (1,), row(id=3))]))
     assert full.store.get((1,)) is None and full.store.get((3,)) is not None
     # A key moved away from and written again in the same transaction: the row wins.
@@ -183,8 +183,8 @@ def test_changes_not_applied_are_only_told_and_tables_sent_again_replace():
     assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
     full.replace({(1,): row(id=1, v="new")})
     lazy.cache[(5,)] = row(id=5)
-    hub = make_hub()
-    replica = Replica(held, hub)  # type: ignore[arg-type]
+    fanout = make_fanout()
+    replica = Replica(held, fanout)  # type: ignore[arg-type]
     # The table came again at a newer revision than this batch: its older row must not win.
     replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="old"), apply=False)]))
     assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "new"}
@@ -194,8 +194,10 @@ def test_changes_not_applied_are_only_told_and_tables_sent_again_replace():
     assert full.problem == "gone upstream" and not full.loaded and full.authoritative_rows() is None
     replica.apply(SourceBatch(4, 0, [SourceChange(FULL, DELETE, (9,))], {FULL: {(8,): row(id=8)}}))
     assert full.problem is None and full.loaded and full.row_count == 1
-    hub.publish(4)
-    assert [b.revision for b in (hub.next_after(0), hub.next_after(1), hub.next_after(2), hub.next_after(3))] == [
+    fanout.publish(4)
+    assert [
+        b.revision for b in (fanout.next_after(0), fanout.next_after(1), fanout.next_after(2), fanout.next_after(3))
+    ] == [
         1,
         2,
         3,
@@ -246,7 +248,7 @@ async def test_the_engine_takes_the_sources_revisions():
     engine.progress(110)
     assert engine.applied == 110
     assert await engine.get(FULL, [1]) == row(id=1, v="b")
-    engine.listener_lost("test")
+    engine.source_lost("test")
     assert not engine.ready
     engine.resumed()
     assert engine.ready and engine.epoch == "hub"
@@ -381,7 +383,7 @@ class RecordingSink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         self.calls.append(("lost", reason))
 
     def handle(self, event: object) -> None:
@@ -593,7 +595,7 @@ async def test_memory_is_trusted_again_only_once_it_is_as_new_as_what_passed_thr
     engine.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
     await eventually(lambda: engine.ready, what="trusted after the first fence")
     assert await engine.get(FULL, [1]) == row(id=1, v=1)
-    engine.listener_lost("test")
+    engine.source_lost("test")
     upstream.put(FULL, (1,), id=1, v=2)  # committed upstream meanwhile (batch 6 of the stream)
     coming.append(SourceBatch(6, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v=2))]))
     assert await engine.get(FULL, [1]) == row(id=1, v=2)  # passed through: the newer row

@@ -179,7 +179,7 @@ async def engine(db: MemoryDatabase):
         asyncio.get_running_loop().call_soon(engine.handle, SyncToken(token))
 
     engine.barrier = Barrier(send)
-    engine.listener_connected()
+    engine.source_connected()
     await eventually(lambda: engine.ready)
     yield engine
     await engine.close()
@@ -209,7 +209,7 @@ async def test_a_query_sees_every_change_received_before_it(engine: Engine, db: 
 async def test_listener_down_queries_go_to_the_database(engine: Engine, db: MemoryDatabase):
     table = engine.table(TABLE)
     query = engine.plan_query(table, "by_age", None, 22, None, limit=2)
-    engine.listener_lost("test")
+    engine.source_lost("test")
     db.data[TABLE][(9,)] = person(9, "Oslo", 22, "p9")  # (no notification: the listener is down)
     entries, truncated = await engine.query(table, query)
     assert names(entries) == ["p2", "p9"] and truncated

@@ -11,8 +11,8 @@ import pytest
 
 from sidecar.engine import Engine
 from sidecar.events import Op, RowChange, TableChange
+from sidecar.fanout import SNAPSHOT, Batch, FellBehind, Filter, InitialState, InitialStateDone
 from sidecar.full import FullTable
-from sidecar.hub import SNAPSHOT, Batch, FellBehind, Filter, Snapshot, SnapshotDone
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from sidecar.wire import row_json
 from tests.support.waiting import eventually
@@ -55,16 +55,16 @@ async def next_message(stream):
     return await asyncio.wait_for(anext(stream), 5)
 
 
-async def rest_of_snapshot(stream, first: Snapshot) -> tuple[dict, SnapshotDone]:
+async def rest_of_snapshot(stream, first: InitialState) -> tuple[dict, InitialStateDone]:
     """The rows of an initial state whose first message was ``first``, and its end."""
     rows: dict = {}
     message = first
-    while isinstance(message, Snapshot):
+    while isinstance(message, InitialState):
         for change in message.changes:
             assert change.op == SNAPSHOT and change.key not in rows
             rows[change.key] = change.row
         message = await next_message(stream)
-    assert isinstance(message, SnapshotDone)
+    assert isinstance(message, InitialStateDone)
     return rows, message
 
 
@@ -77,7 +77,7 @@ async def test_an_initial_state_stays_exact_while_the_table_changes_and_reloads_
     then, revision = rows_json(db), engine.revision.number
     stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
     first = await next_message(stream)  # the snapshot is taken; one chunk of it is out
-    assert isinstance(first, Snapshot) and len(first.changes) == 500
+    assert isinstance(first, InitialState) and len(first.changes) == 500
     assert table.store.snapshots == 1
     # keyed changes of rows the stream has not sent yet: updates, deletes, inserts
     for key in range(1500, 1600):
@@ -163,7 +163,7 @@ async def test_an_initial_state_lets_other_work_run_between_its_messages(engine,
         stream = engine.subscribe(Filter(frozenset()), initial_state=True).messages()
         seen = []
         message = await anext(stream)  # (no wait_for: it would yield to the loop itself)
-        while isinstance(message, Snapshot):
+        while isinstance(message, InitialState):
             seen.append(ticks)
             message = await anext(stream)
         assert len(seen) == 4 and len(set(seen)) == 4  # the ticker ran between every two messages
@@ -175,30 +175,30 @@ async def test_an_initial_state_lets_other_work_run_between_its_messages(engine,
 async def test_an_initial_state_whose_client_takes_a_message_while_more_than_max_lag_batches_are_published_is_ended(
     engine, db
 ):
-    engine.hub.max_lag = 5
+    engine.fanout.max_lag = 5
     table = table_of(engine)
     stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
     first = await next_message(stream)  # one message handed over; the client is slow to take it
-    assert isinstance(first, Snapshot) and table.store.snapshots == 1
+    assert isinstance(first, InitialState) and table.store.snapshots == 1
     for xid in range(900, 906):  # six batches while it waited: more than max_lag
         db.put(T, (xid - 899,), version=xid)
         change_keys(engine, xid, Op.UPDATE, [xid - 899])
     await eventually(lambda: engine.applied == engine.seq, what="the batches published")
     with pytest.raises(FellBehind, match=r"during its initial state .* start over"):
         await next_message(stream)
-    assert engine.hub.dropped == 1
+    assert engine.fanout.dropped == 1
     del first
     gc.collect()
     assert table.store.snapshots == 0  # the snapshot it pinned (and the old rows it kept) is gone
 
 
 async def test_an_initial_state_whose_client_keeps_up_is_not_ended_however_busy_the_table(engine, db):
-    engine.hub.max_lag = 5
+    engine.fanout.max_lag = 5
     stream = engine.subscribe(Filter(frozenset({T})), initial_state=True).messages(engine.until_ready)
     message = await next_message(stream)
     rows = 0
     xid = 900
-    while isinstance(message, Snapshot):  # a few batches per message taken: each within max_lag
+    while isinstance(message, InitialState):  # a few batches per message taken: each within max_lag
         rows += len(message.changes)
         for _ in range(3):
             xid += 1
@@ -206,7 +206,7 @@ async def test_an_initial_state_whose_client_keeps_up_is_not_ended_however_busy_
             change_keys(engine, xid, Op.UPDATE, [1])
         await eventually(lambda: engine.applied == engine.seq)
         message = await next_message(stream)
-    assert isinstance(message, SnapshotDone) and rows == ROWS and engine.hub.dropped == 0
+    assert isinstance(message, InitialStateDone) and rows == ROWS and engine.fanout.dropped == 0
     await stream.aclose()
 
 
@@ -231,7 +231,7 @@ async def test_snapshots_that_keep_too_many_old_rows_alive_are_given_up_oldest_f
     assert engine.retention.given_up == 1 and engine.retention.held <= engine.retention.limit
     with pytest.raises(FellBehind, match=r"watch\.snapshot_max_bytes = .* start over"):
         await rest_of_snapshot(old, old_first)
-    assert engine.hub.dropped == 1
+    assert engine.fanout.dropped == 1
     rows, _done = await rest_of_snapshot(new, new_first)  # the newer one goes on, exact
     assert len(rows) == ROWS and rows[(1,)] == row_json(db.data[T][(1,)])
     await new.aclose()

@@ -14,7 +14,7 @@ import pytest
 from sidecar.config import IndexConfig, TableConfig
 from sidecar.engine import Engine
 from sidecar.events import Op, RowChange
-from sidecar.hub import DELETE, UPDATE
+from sidecar.fanout import DELETE, UPDATE
 from sidecar.keys import KeyColumn
 from sidecar.schema import SourceSchema, TableSchema
 from sidecar.testing import MemoryDatabase, int_key_schema
@@ -67,7 +67,7 @@ def db() -> MemoryDatabase:
 @pytest.fixture
 async def engine(db: MemoryDatabase):
     engine = Engine(db, list(db.schemas.values()))
-    engine.listener_connected()
+    engine.source_connected()
     await eventually(lambda: engine.ready)
     yield engine
     await engine.close()
@@ -82,7 +82,7 @@ def user_changed(xid: int, user: int, op: Op = Op.UPDATE) -> RowChange:
 
 
 def published(engine: Engine, revision: int) -> list[tuple[int, tuple, bool]]:
-    batches = [b for b in engine.hub._history if getattr(b, "revision", None) == revision]
+    batches = [b for b in engine.fanout._history if getattr(b, "revision", None) == revision]
     return sorted((c.op, c.key, c.has_row) for b in batches for c in b.changes if c.table == REL)
 
 

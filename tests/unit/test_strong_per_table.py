@@ -114,6 +114,6 @@ async def test_a_waiting_strong_read_is_released_when_the_listener_goes(engine, 
         lambda: engine.barrier is not None and engine.barrier._current is None and engine.barrier.rounds >= 1
     )
     await eventually(lambda: engine.revisions._moved is not None, what="the read waiting for its table")
-    engine.listener_lost("test")
+    engine.source_lost("test")
     await quickly(strong)  # (reads go to the database now)
     db.release()

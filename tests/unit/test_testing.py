@@ -18,10 +18,10 @@ class Sink:
     def __init__(self) -> None:
         self.seen: list[object] = []
 
-    def listener_connected(self) -> None:
+    def source_connected(self) -> None:
         self.seen.append("connected")
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         self.seen.append(f"lost: {reason}")
 
     def handle(self, event: object) -> None:

@@ -1,4 +1,4 @@
-"""The watch hub: change batches in revision order, a bounded history, and
+"""The Watch fan-out: change batches in revision order, a bounded history, and
 fan-out to any number of subscribers without ever blocking the listener.
 
 The engine *records* each transaction batch as its notifications arrive and
@@ -88,7 +88,7 @@ class Batch:
     tables: frozenset[str] = frozenset()
     encoded: bytes | None = None  # the message, encoded once (wire.watch_message)
     # The batch as each distinct filter sees it (None: seen as nothing), made once
-    # per filter while the batch is among the newest (``Hub.view_window``); None
+    # per filter while the batch is among the newest (``FanOut.view_window``); None
     # outside that window, where each catching-up subscriber filters for itself.
     views: dict[Filter, Batch | None] | None = None
 
@@ -115,7 +115,7 @@ class Progress:
 
 
 @dataclass(slots=True)
-class Snapshot:
+class InitialState:
     """A chunk of initial-state rows, all as of ``revision``."""
 
     epoch: str
@@ -125,12 +125,12 @@ class Snapshot:
 
 
 @dataclass(slots=True)
-class SnapshotDone:
+class InitialStateDone:
     epoch: str
     revision: int
 
 
-Message = Batch | Batches | Reset | Progress | Snapshot | SnapshotDone
+Message = Batch | Batches | Reset | Progress | InitialState | InitialStateDone
 _TRIMMED = Batch("", -1, 0)  # stands in for a batch dropped from the history
 SNAPSHOT_PAUSE = 0.002  # seconds: initial-state pauses are gathered to at least this long
 MAX_VIEWS = 1024  # distinct filters' views kept per batch (beyond: made per subscriber)
@@ -181,7 +181,7 @@ class Filter:
         return Batch(batch.epoch, batch.revision, batch.xid, kept, tables=batch.tables)
 
 
-class Hub:
+class FanOut:
     """History and fan-out of published change batches."""
 
     def __init__(
@@ -402,7 +402,7 @@ class Hub:
         selection: Filter,
         *,
         start: tuple[str, int] | None = None,
-        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None = None,
+        snapshot: Callable[[], Awaitable[Iterable[InitialState]]] | None = None,
         progress_interval: float = 0.0,
         connection: str | None = None,
         several: bool = False,
@@ -499,21 +499,21 @@ class Hub:
 
 
 class Subscription:
-    """One Watch stream: a cursor into the hub's history."""
+    """One Watch stream: a cursor into the fan-out's history."""
 
     def __init__(
         self,
-        hub: Hub,
+        fanout: FanOut,
         selection: Filter,
         position: int,
-        snapshot: Callable[[], Awaitable[Iterable[Snapshot]]] | None,
+        snapshot: Callable[[], Awaitable[Iterable[InitialState]]] | None,
         progress_interval: float,
         connection: str | None = None,
         several: bool = False,
     ) -> None:
-        self.hub = hub
+        self.fanout = fanout
         self.filter = selection
-        self.epoch = hub.epoch
+        self.epoch = fanout.epoch
         self.position = position  # everything up to here is delivered (or filtered out)
         self._snapshot = snapshot
         self.progress_interval = progress_interval
@@ -544,16 +544,16 @@ class Subscription:
         return f"{self.epoch}/{self.position}"
 
     async def _wait(self, turn: bool = False) -> None:
-        """Until the hub wakes it (a publish, a reset, shutdown, or a progress mark due);
+        """Until the fanout wakes it (a publish, a reset, shutdown, or a progress mark due);
         ``turn``: until its turn comes, behind the others that have something to send."""
-        hub = self.hub
+        fanout = self.fanout
         if turn:
-            hub._waiting[self] = None
-            hub._wake_all()
+            fanout._waiting[self] = None
+            fanout._wake_all()
         elif self.woken:
             return
         else:
-            hub._idle[self] = None  # (until a publish gives it a turn)
+            fanout._idle[self] = None  # (until a publish gives it a turn)
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -563,15 +563,15 @@ class Subscription:
     def _group(self, first: Batch) -> list[Batch]:
         """``first`` and the batches after it that are published already, as this
         subscriber sees them (the empty ones left out), at most ``max_group``."""
-        hub = self.hub
+        fanout = self.fanout
         group: list[Batch] = []
         batch: Batch | None = first
-        while batch is not None and len(group) < hub.max_group:
+        while batch is not None and len(group) < fanout.max_group:
             visible = self.filter.apply(batch)
             self.position = batch.revision
             if visible is not None:
                 group.append(visible)
-            batch = hub.next_after(self.position)
+            batch = fanout.next_after(self.position)
         return group
 
     async def messages(self, ready: Callable[[], Any] | None = None) -> AsyncGenerator[Message, None]:
@@ -587,10 +587,10 @@ class Subscription:
                 yield message
         loop = asyncio.get_running_loop()
         self.idle_since = loop.time()
-        hub = self.hub
+        fanout = self.fanout
         while True:
             self.woken = False
-            if hub.closing:
+            if fanout.closing:
                 raise ShuttingDown(f"the sidecar is shutting down; resume from revision {self.last_revision}")
             if self._resets:
                 reset = self._resets.popleft()
@@ -600,10 +600,10 @@ class Subscription:
                     async for message in self._initial_state(ready):
                         yield message
                 continue
-            if self.epoch == hub.epoch and self.position < hub.oldest:
-                hub.dropped += 1
+            if self.epoch == fanout.epoch and self.position < fanout.oldest:
+                fanout.dropped += 1
                 raise FellBehind(self._behind("the history moved past it"))
-            batch = hub.next_after(self.position) if self.epoch == hub.epoch else None
+            batch = fanout.next_after(self.position) if self.epoch == fanout.epoch else None
             if batch is not None:
                 changes: Batch | Batches | None
                 if self.several:
@@ -613,20 +613,21 @@ class Subscription:
                     changes = self.filter.apply(batch)
                     self.position = batch.revision
                 if changes is not None:
-                    before = hub.published
+                    before = fanout.published
                     yield changes
                     self.idle_since = loop.time()
                     self.progress_due = False
-                    if hub.published - before > hub.max_lag and not self._resets:
-                        hub.dropped += 1
-                        raise FellBehind(self._behind(f"{hub.published - before} batches published while one waited"))
+                    if fanout.published - before > fanout.max_lag and not self._resets:
+                        fanout.dropped += 1
+                        waited = fanout.published - before
+                        raise FellBehind(self._behind(f"{waited} batches published while one waited"))
                     # Every send takes a turn: with thousands of streams, one event-loop
                     # iteration runs at most wake_slice of them, so other calls (and
                     # grpc accepting them) are never stuck behind the whole fan-out.
                     await self._wait(turn=True)
                 continue
-            if self.epoch == hub.epoch and hub.published > self.position:
-                self.position = hub.published  # a revision without a batch (the start of the epoch)
+            if self.epoch == fanout.epoch and fanout.published > self.position:
+                self.position = fanout.published  # a revision without a batch (the start of the epoch)
             if self.progress_due:
                 self.progress_due = False
                 self.idle_since = loop.time()
@@ -642,10 +643,10 @@ class Subscription:
         # await between that and the next line), read chunk by chunk as the client
         # takes them: a shared view, not a copy.
         chunks = iter(await self._snapshot())
-        self.epoch, self.position = self.hub.epoch, self.hub.published
+        self.epoch, self.position = self.fanout.epoch, self.fanout.published
         owed = 0.0  # seconds of pause not taken yet
         while True:
-            async with self.hub.snapshot_turn:
+            async with self.fanout.snapshot_turn:
                 started = time.perf_counter()
                 chunk = next(chunks, None)
                 # Making initial states takes at most about half of the daemon's time
@@ -661,26 +662,26 @@ class Subscription:
                     await asyncio.sleep(0)
             if chunk is None:
                 break
-            before = self.hub.published
+            before = self.fanout.published
             yield chunk
             # As for batches (see messages): a client that takes one message while more than
             # max_lag batches are published is not reading, and the snapshot it pins keeps
             # the old entry of every row those batches changed.
-            if self.hub.published - before > self.hub.max_lag:
-                self.hub.dropped += 1
+            if self.fanout.published - before > self.fanout.max_lag:
+                self.fanout.dropped += 1
                 raise FellBehind(
-                    f"watch fell behind during its initial state ({self.hub.published - before} batches "
-                    f"published while one message waited, more than watch.max_lag = {self.hub.max_lag}); "
+                    f"watch fell behind during its initial state ({self.fanout.published - before} batches "
+                    f"published while one message waited, more than watch.max_lag = {self.fanout.max_lag}); "
                     "an initial state cannot be resumed: start over"
                 )
-        yield SnapshotDone(self.epoch, self.position)
+        yield InitialStateDone(self.epoch, self.position)
 
     def stalled(self) -> Stalled:
         """Its client took no message for ``send_timeout`` seconds: the error that ends it."""
-        hub = self.hub
-        hub.dropped += 1
-        hub.stalled += 1
-        return Stalled(self._behind(f"its client took no message for {hub.send_timeout:g} s, watch.send_timeout"))
+        fanout = self.fanout
+        fanout.dropped += 1
+        fanout.stalled += 1
+        return Stalled(self._behind(f"its client took no message for {fanout.send_timeout:g} s, watch.send_timeout"))
 
     def _behind(self, why: str) -> str:
         return f"watch fell behind ({why}); last delivered revision {self.last_revision}; resume from it"
@@ -691,14 +692,14 @@ def snapshot_chunks(
     revision: int,
     tables: Iterable[tuple[str, Iterable[list[tuple[Key, bytes]]]]],
     row_json: Callable[[bytes], bytes],
-    encode: Callable[[Snapshot], bytes] | None = None,
-) -> Iterator[Snapshot]:
+    encode: Callable[[InitialState], bytes] | None = None,
+) -> Iterator[InitialState]:
     """The rows of the given full tables (each given as chunks of (key, entry), as of
     ``revision``) as SNAPSHOT changes, one message a chunk, made (and encoded, given
     ``encode``) as they are asked for."""
     for name, chunks in tables:
         for chunk in chunks:
-            message = Snapshot(
+            message = InitialState(
                 epoch, revision, [Change(name, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk]
             )
             if encode is not None:
@@ -713,7 +714,7 @@ class SnapshotRows(Protocol):
     def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Key, bytes]]: ...
 
 
-class SharedSnapshot:
+class SharedInitialState:
     """The initial-state messages of one table's snapshot at one revision, made as streams
     ask for them and shared by the streams that read them at about the same time (the last
     few made are kept): ten followers starting together cost one."""
@@ -727,7 +728,7 @@ class SharedSnapshot:
         table: str,
         rows: SnapshotRows,
         row_json: Callable[[bytes], bytes],
-        encode: Callable[[Snapshot], bytes] | None = None,
+        encode: Callable[[InitialState], bytes] | None = None,
         size: int = 500,
     ) -> None:
         self.epoch, self.revision, self.table = epoch, revision, table
@@ -736,17 +737,17 @@ class SharedSnapshot:
         self._encode = encode
         self.size = size
         self.count = -(-len(rows) // size)  # messages
-        self._made: collections.OrderedDict[int, Snapshot] = collections.OrderedDict()
+        self._made: collections.OrderedDict[int, InitialState] = collections.OrderedDict()
         self.made = 0  # messages made (not taken from those kept)
 
-    def message(self, index: int) -> Snapshot:
+    def message(self, index: int) -> InitialState:
         message = self._made.get(index)
         if message is not None:
             self._made.move_to_end(index)
             return message
         row_json, table = self._row_json, self.table
         chunk = self._rows.items(index * self.size, (index + 1) * self.size)
-        message = Snapshot(
+        message = InitialState(
             self.epoch,
             self.revision,
             [Change(table, SNAPSHOT, key, None, row_json(entry), True) for key, entry in chunk],
@@ -759,6 +760,6 @@ class SharedSnapshot:
             self._made.popitem(last=False)
         return message
 
-    def messages(self) -> Iterator[Snapshot]:
+    def messages(self) -> Iterator[InitialState]:
         for index in range(self.count):
             yield self.message(index)

@@ -1,4 +1,4 @@
-"""The watch hub without gRPC or PostgreSQL: ordering, history bounds,
+"""The Watch fan-out without gRPC or PostgreSQL: ordering, history bounds,
 resume, filters, resets, slow subscribers, progress, initial state."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from sidecar import wire
-from sidecar.hub import (
+from sidecar.fanout import (
     DELETE,
     INSERT,
     TRUNCATE,
@@ -16,14 +16,14 @@ from sidecar.hub import (
     Batch,
     Batches,
     Change,
+    FanOut,
     FellBehind,
     Filter,
-    Hub,
+    InitialState,
+    InitialStateDone,
     OutOfRange,
     Progress,
     Reset,
-    Snapshot,
-    SnapshotDone,
     TooManyStreams,
     snapshot_chunks,
 )
@@ -33,18 +33,18 @@ T = "public.items"
 ROWS: dict[tuple[int], bytes] = {}
 
 
-def make_hub(**kwargs) -> Hub:
+def make_fanout(**kwargs) -> FanOut:
     ROWS.clear()
-    hub = Hub(rows_of=lambda table: ROWS if table == T else None, row_json=lambda e: e, **kwargs)
-    hub.start("e1", 0)
-    return hub
+    fanout = FanOut(rows_of=lambda table: ROWS if table == T else None, row_json=lambda e: e, **kwargs)
+    fanout.start("e1", 0)
+    return fanout
 
 
-def commit(hub: Hub, revision: int, *keys: int, op: int = UPDATE, table: str = T) -> None:
+def commit(fanout: FanOut, revision: int, *keys: int, op: int = UPDATE, table: str = T) -> None:
     for key in keys:
         ROWS[(key,)] = f"row{key}@{revision}".encode()
-        hub.record(revision, 1000 + revision, Change(table, op, (key,)))
-    hub.publish(revision)
+        fanout.record(revision, 1000 + revision, Change(table, op, (key,)))
+    fanout.publish(revision)
 
 
 async def take(stream, count: int, timeout: float = 2.0) -> list:
@@ -58,11 +58,11 @@ async def take(stream, count: int, timeout: float = 2.0) -> list:
 
 
 async def test_batches_in_revision_order_with_rows_attached_at_publish():
-    hub = make_hub()
-    subscriber = hub.subscribe(Filter(frozenset()))
+    fanout = make_fanout()
+    subscriber = fanout.subscribe(Filter(frozenset()))
     stream = subscriber.messages()
-    commit(hub, 1, 1, 2)
-    commit(hub, 2, 1)
+    commit(fanout, 1, 1, 2)
+    commit(fanout, 2, 1)
     got = await take(stream, 2)
     assert [b.revision for b in got] == [1, 2]
     # rows are the ones held when the batch was published
@@ -71,59 +71,59 @@ async def test_batches_in_revision_order_with_rows_attached_at_publish():
 
 
 async def test_unapplied_batches_wait_and_deleted_rows_say_so():
-    hub = make_hub()
-    stream = hub.subscribe(Filter(frozenset())).messages()
+    fanout = make_fanout()
+    stream = fanout.subscribe(Filter(frozenset())).messages()
     ROWS[(7,)] = b"x"
-    hub.record(1, 1, Change(T, INSERT, (7,)))
-    hub.record(2, 2, Change(T, DELETE, (7,)))
-    hub.publish(0)  # nothing applied yet
+    fanout.record(1, 1, Change(T, INSERT, (7,)))
+    fanout.record(2, 2, Change(T, DELETE, (7,)))
+    fanout.publish(0)  # nothing applied yet
     del ROWS[(7,)]
-    hub.publish(2)
+    fanout.publish(2)
     first, second = await take(stream, 2)
     assert (first.changes[0].has_row, second.changes[0].has_row) == (False, False)
 
 
 async def test_resume_replays_exactly_the_batches_after_the_revision():
-    hub = make_hub()
+    fanout = make_fanout()
     for revision in range(1, 6):
-        commit(hub, revision, revision)
-    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 3)
+        commit(fanout, revision, revision)
+    got = await take(fanout.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 3)
     assert [b.revision for b in got] == [3, 4, 5]
 
 
 async def test_resume_beyond_the_history_or_from_another_epoch_is_out_of_range():
-    hub = make_hub(max_batches=3)
+    fanout = make_fanout(max_batches=3)
     for revision in range(1, 7):
-        commit(hub, revision, revision)
-    assert hub.oldest == 3
+        commit(fanout, revision, revision)
+    assert fanout.oldest == 3
     with pytest.raises(OutOfRange, match="oldest available e1/3"):
-        hub.subscribe(Filter(frozenset()), start=("e1", 2))
+        fanout.subscribe(Filter(frozenset()), start=("e1", 2))
     with pytest.raises(OutOfRange, match="another epoch"):
-        hub.subscribe(Filter(frozenset()), start=("e0", 6))
-    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 3)).messages(), 3)
+        fanout.subscribe(Filter(frozenset()), start=("e0", 6))
+    got = await take(fanout.subscribe(Filter(frozenset()), start=("e1", 3)).messages(), 3)
     assert [b.revision for b in got] == [4, 5, 6]
 
 
 async def test_history_is_bounded_by_bytes_too():
-    hub = make_hub(max_bytes=600)
+    fanout = make_fanout(max_bytes=600)
     for revision in range(1, 20):
-        commit(hub, revision, revision)
-    assert 1 < hub.oldest < 18 and hub.next_after(18).revision == 19
-    huge = make_hub(max_bytes=10)
+        commit(fanout, revision, revision)
+    assert 1 < fanout.oldest < 18 and fanout.next_after(18).revision == 19
+    huge = make_fanout(max_bytes=10)
     commit(huge, 1, 1)
     commit(huge, 2, 2)
     assert huge.oldest == 1 and huge.next_after(1).revision == 2  # the newest batch always stays
 
 
 async def test_filters_keep_table_wide_events_and_skip_empty_batches():
-    hub = make_hub()
-    by_key = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(2,)}))).messages()
-    by_op = hub.subscribe(Filter(frozenset(), ops=frozenset({INSERT}))).messages()
-    commit(hub, 1, 1)
-    commit(hub, 2, 2, op=INSERT)
-    commit(hub, 3, 3, table="public.other")
-    hub.record(4, 4, Change(T, TRUNCATE))
-    hub.publish(4)
+    fanout = make_fanout()
+    by_key = fanout.subscribe(Filter(frozenset({T}), keys=frozenset({(2,)}))).messages()
+    by_op = fanout.subscribe(Filter(frozenset(), ops=frozenset({INSERT}))).messages()
+    commit(fanout, 1, 1)
+    commit(fanout, 2, 2, op=INSERT)
+    commit(fanout, 3, 3, table="public.other")
+    fanout.record(4, 4, Change(T, TRUNCATE))
+    fanout.publish(4)
     got = await take(by_key, 2)
     assert [(b.revision, [c.op for c in b.changes]) for b in got] == [(2, [INSERT]), (4, [TRUNCATE])]
     got = await take(by_op, 2)
@@ -131,29 +131,29 @@ async def test_filters_keep_table_wide_events_and_skip_empty_batches():
 
 
 async def test_an_unfiltered_batch_is_the_same_object_for_every_subscriber():
-    hub = make_hub()
-    streams = [hub.subscribe(Filter(frozenset({T}))).messages() for _ in range(3)]
-    commit(hub, 1, 1)
+    fanout = make_fanout()
+    streams = [fanout.subscribe(Filter(frozenset({T}))).messages() for _ in range(3)]
+    commit(fanout, 1, 1)
     firsts = [(await take(stream, 1))[0] for stream in streams]
     assert all(first is firsts[0] for first in firsts)  # encoded once, sent to all
 
 
 async def test_reset_reaches_every_subscriber_and_the_stream_goes_on():
-    hub = make_hub()
-    stream = hub.subscribe(Filter(frozenset())).messages()
-    commit(hub, 1, 1)
+    fanout = make_fanout()
+    stream = fanout.subscribe(Filter(frozenset())).messages()
+    commit(fanout, 1, 1)
     (first,) = await take(stream, 1)
-    hub.start("e2", 2, "rebuilt")
-    commit(hub, 3, 3)
+    fanout.start("e2", 2, "rebuilt")
+    commit(fanout, 3, 3)
     got = await take(stream, 2)
     assert isinstance(first, Batch) and isinstance(got[0], Reset) and got[0].epoch == "e2"
     assert got[1].revision == 3 and got[1].epoch == "e2"
 
 
 async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
-    hub = make_hub(max_lag=5)
-    slow_stream = hub.subscribe(Filter(frozenset())).messages()
-    fast_stream = hub.subscribe(Filter(frozenset())).messages()
+    fanout = make_fanout(max_lag=5)
+    slow_stream = fanout.subscribe(Filter(frozenset())).messages()
+    fast_stream = fanout.subscribe(Filter(frozenset())).messages()
     read: list = []
 
     async def read_fast() -> None:
@@ -163,93 +163,93 @@ async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
                 return
 
     fast = asyncio.create_task(read_fast())
-    commit(hub, 1, 1)
+    commit(fanout, 1, 1)
     assert (await take(slow_stream, 1))[0].revision == 1
     for revision in range(2, 20):
-        commit(hub, revision, revision)  # publishing never waits for the slow one
+        commit(fanout, revision, revision)  # publishing never waits for the slow one
         await eventually(lambda r=revision: len(read) == r, what=f"the fast one read {revision}")  # (as it comes)
     await asyncio.wait_for(fast, 2)
     assert [b.revision for b in read] == list(range(1, 20))
     with pytest.raises(FellBehind, match="last delivered revision e1/1"):
         await take(slow_stream, 1)
-    assert hub.dropped == 1
+    assert fanout.dropped == 1
 
 
 async def test_a_resume_far_behind_catches_up_and_is_not_ended():
-    hub = make_hub(max_lag=3)
+    fanout = make_fanout(max_lag=3)
     for revision in range(1, 30):
-        commit(hub, revision, revision)
-    got = await take(hub.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 27)
+        commit(fanout, revision, revision)
+    got = await take(fanout.subscribe(Filter(frozenset()), start=("e1", 2)).messages(), 27)
     assert [b.revision for b in got] == list(range(3, 30))
 
 
 async def test_resume_ahead_of_the_cache_is_out_of_range():
-    hub = make_hub()
-    commit(hub, 1, 1)
+    fanout = make_fanout()
+    commit(fanout, 1, 1)
     with pytest.raises(OutOfRange, match="ahead"):
-        hub.subscribe(Filter(frozenset()), start=("e1", 5))
+        fanout.subscribe(Filter(frozenset()), start=("e1", 5))
 
 
 async def test_subscribers_from_before_the_first_epoch_get_a_reset():
-    hub = Hub(rows_of=lambda table: None, row_json=bytes)
-    stream = hub.subscribe(Filter(frozenset())).messages()
-    hub.start("e1", 1)
+    fanout = FanOut(rows_of=lambda table: None, row_json=bytes)
+    stream = fanout.subscribe(Filter(frozenset())).messages()
+    fanout.start("e1", 1)
     (reset,) = await take(stream, 1)
     assert isinstance(reset, Reset) and reset.epoch == "e1"
 
 
 async def test_progress_marks_when_idle():
-    hub = make_hub()
-    commit(hub, 1, 1)
-    stream = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.05).messages()
-    commit(hub, 2, 2)  # filtered out
+    fanout = make_fanout()
+    commit(fanout, 1, 1)
+    stream = fanout.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.05).messages()
+    commit(fanout, 2, 2)  # filtered out
     (mark,) = await take(stream, 1)
     assert isinstance(mark, Progress) and mark.revision == 2
 
 
 async def test_initial_state_then_done_then_changes_after_it():
-    hub = make_hub()
-    commit(hub, 1, 1, 2)
+    fanout = make_fanout()
+    commit(fanout, 1, 1, 2)
 
     async def snapshot():
-        return snapshot_chunks(hub.epoch, hub.published, [(T, [list(ROWS.items())])], bytes)
+        return snapshot_chunks(fanout.epoch, fanout.published, [(T, [list(ROWS.items())])], bytes)
 
-    subscriber = hub.subscribe(Filter(frozenset()), snapshot=snapshot)
+    subscriber = fanout.subscribe(Filter(frozenset()), snapshot=snapshot)
     stream = subscriber.messages()
     first = await take(stream, 1)
-    commit(hub, 2, 3)
+    commit(fanout, 2, 3)
     rest = await take(stream, 2)
     snapshot, done, live = first[0], rest[0], rest[1]
-    assert isinstance(snapshot, Snapshot) and sorted(c.key for c in snapshot.changes) == [(1,), (2,)]
-    assert isinstance(done, SnapshotDone) and done.revision == 1
+    assert isinstance(snapshot, InitialState) and sorted(c.key for c in snapshot.changes) == [(1,), (2,)]
+    assert isinstance(done, InitialStateDone) and done.revision == 1
     assert live.revision == 2
 
 
 async def test_streams_beyond_the_limits_are_refused_and_those_below_are_unaffected():
-    hub = make_hub(max_streams=3, max_streams_per_connection=2)
-    first = hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
-    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    fanout = make_fanout(max_streams=3, max_streams_per_connection=2)
+    first = fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
     per_connection = r"one connection \(ipv4:10.0.0.1:5000\): 2 are open.*max_streams_per_connection = 2"
     with pytest.raises(TooManyStreams, match=per_connection):
-        hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
-    other = hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.2:6000")  # another connection
+        fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    other = fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.2:6000")  # another connection
     with pytest.raises(TooManyStreams, match=r"3 are open.*watch.max_streams = 3"):
-        hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")
+        fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")
     with pytest.raises(TooManyStreams, match=r"watch\.max_streams = 3"):
-        hub.subscribe(Filter(frozenset()))  # (a Unix-socket client: only the total bounds it)
-    assert (hub.subscribers, hub.refused) == (3, 3)
+        fanout.subscribe(Filter(frozenset()))  # (a Unix-socket client: only the total bounds it)
+    assert (fanout.subscribers, fanout.refused) == (3, 3)
     stream = first.messages()
-    commit(hub, 1, 1)
+    commit(fanout, 1, 1)
     assert [b.revision for b in await take(stream, 1)] == [1]  # the open ones go on
-    hub.unsubscribe(other)
-    hub.unsubscribe(other)  # (twice: counted once)
-    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")  # a slot is free again
-    hub.unsubscribe(first)
-    hub.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
+    fanout.unsubscribe(other)
+    fanout.unsubscribe(other)  # (twice: counted once)
+    fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.3:7000")  # a slot is free again
+    fanout.unsubscribe(first)
+    fanout.subscribe(Filter(frozenset()), connection="ipv4:10.0.0.1:5000")
 
 
 async def test_equal_filters_share_one_view_and_different_filters_never_mix():
-    hub = make_hub()
+    fanout = make_fanout()
     filters = {
         "key 1": Filter(frozenset({T}), keys=frozenset({(1,)})),
         "key 1 again": Filter(frozenset({T}), keys=frozenset({(1,)})),  # equal, another object
@@ -258,11 +258,11 @@ async def test_equal_filters_share_one_view_and_different_filters_never_mix():
         "key 1, inserts": Filter(frozenset({T}), keys=frozenset({(1,)}), ops=frozenset({INSERT})),
     }
     sees_nothing = filters.pop("key 1, inserts")
-    streams = {name: hub.subscribe(f).messages() for name, f in filters.items()}
+    streams = {name: fanout.subscribe(f).messages() for name, f in filters.items()}
     ROWS[(1,)], ROWS[(2,)] = b"one", b"two"
-    hub.record(1, 1, Change(T, UPDATE, (1,)))
-    hub.record(1, 1, Change(T, INSERT, (2,)))
-    hub.publish(1)
+    fanout.record(1, 1, Change(T, UPDATE, (1,)))
+    fanout.record(1, 1, Change(T, INSERT, (2,)))
+    fanout.publish(1)
     got = {name: (await take(stream, 1))[0] for name, stream in streams.items()}
     assert got["key 1"] is got["key 1 again"]  # made (and so encoded) once
     assert wire.watch_messages(got["key 1"], 1 << 20) == wire.watch_messages(got["key 1 again"], 1 << 20)
@@ -274,7 +274,7 @@ async def test_equal_filters_share_one_view_and_different_filters_never_mix():
         "key 2": [((2,), INSERT)],
         "inserts": [((2,), INSERT)],
     }
-    batch = hub.next_after(0)
+    batch = fanout.next_after(0)
     assert sees_nothing.apply(batch) is None and batch.views[sees_nothing] is None
     assert {f: v for f, v in batch.views.items() if v is not None} == {
         filters["key 1"]: got["key 1"],
@@ -284,60 +284,60 @@ async def test_equal_filters_share_one_view_and_different_filters_never_mix():
 
 
 async def test_views_are_kept_for_the_newest_batches_only():
-    hub = make_hub()
-    hub.view_window = 2
+    fanout = make_fanout()
+    fanout.view_window = 2
     only_3 = Filter(frozenset({T}), keys=frozenset({(3,)}))
     for revision in range(1, 5):
-        commit(hub, revision, revision)
+        commit(fanout, revision, revision)
     # batches 1 and 2 left the window: their views are gone, each subscriber filters itself
-    assert hub.next_after(0).views is None and hub.next_after(3).views == {}
-    late = hub.subscribe(only_3, start=("e1", 0)).messages()
+    assert fanout.next_after(0).views is None and fanout.next_after(3).views == {}
+    late = fanout.subscribe(only_3, start=("e1", 0)).messages()
     (view,) = await take(late, 1)
     assert view.revision == 3 and [c.key for c in view.changes] == [(3,)]
-    assert hub.next_after(2).views == {only_3: view}  # batch 3 is still in the window
-    assert only_3.apply(hub.next_after(3)) is None and hub.next_after(3).views == {only_3: None}
+    assert fanout.next_after(2).views == {only_3: view}  # batch 3 is still in the window
+    assert only_3.apply(fanout.next_after(3)) is None and fanout.next_after(3).views == {only_3: None}
 
 
 async def test_a_subscriber_behind_gets_every_batch_it_may_have_in_one_message():
-    hub = make_hub()
-    hub.max_group = 4
-    several = hub.subscribe(Filter(frozenset()), several=True).messages()
-    one_by_one = hub.subscribe(Filter(frozenset())).messages()
-    filtered = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(2,), (5,)})), several=True).messages()
+    fanout = make_fanout()
+    fanout.max_group = 4
+    several = fanout.subscribe(Filter(frozenset()), several=True).messages()
+    one_by_one = fanout.subscribe(Filter(frozenset())).messages()
+    filtered = fanout.subscribe(Filter(frozenset({T}), keys=frozenset({(2,), (5,)})), several=True).messages()
     for revision in range(1, 7):
-        commit(hub, revision, revision)
+        commit(fanout, revision, revision)
     first, second = await take(several, 2)
     assert isinstance(first, Batches) and [b.revision for b in first.batches] == [1, 2, 3, 4]
     assert isinstance(second, Batches) and [b.revision for b in second.batches] == [5, 6]
     assert [b.revision for b in await take(one_by_one, 6)] == [1, 2, 3, 4, 5, 6]
     (group,) = await take(filtered, 1)
     assert [b.revision for b in group.batches] == [2, 5]  # the batches it sees nothing of left out
-    commit(hub, 7, 7)
+    commit(fanout, 7, 7)
     (alone,) = await take(several, 1)
     assert isinstance(alone, Batch) and alone.revision == 7  # one batch goes as one
 
 
 async def test_progress_marks_come_from_one_shared_ticker_and_stop_when_not_idle():
-    hub = make_hub()
-    hub.progress_tick = 0.01
-    commit(hub, 1, 1)
-    quiet = hub.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.03).messages()
-    busy = hub.subscribe(Filter(frozenset()), progress_interval=0.03).messages()
+    fanout = make_fanout()
+    fanout.progress_tick = 0.01
+    commit(fanout, 1, 1)
+    quiet = fanout.subscribe(Filter(frozenset({T}), keys=frozenset({(9,)})), progress_interval=0.03).messages()
+    busy = fanout.subscribe(Filter(frozenset()), progress_interval=0.03).messages()
     marks = await take(quiet, 2)
     assert all(isinstance(m, Progress) and m.revision == 1 for m in marks)
-    commit(hub, 2, 2)
+    commit(fanout, 2, 2)
     (batch,) = await take(busy, 1)
     assert isinstance(batch, Batch)
-    assert hub._ticker is not None  # one timer for all of them
+    assert fanout._ticker is not None  # one timer for all of them
 
 
 async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_came_meanwhile():
-    hub = make_hub()
-    hub.wake_slice = 2
-    subscriptions = [hub.subscribe(Filter(frozenset()), several=True) for _ in range(6)]
+    fanout = make_fanout()
+    fanout.wake_slice = 2
+    subscriptions = [fanout.subscribe(Filter(frozenset()), several=True) for _ in range(6)]
     readers = [asyncio.create_task(take(s.messages(), 1)) for s in subscriptions]
     await eventually(lambda: all(s.waiting for s in subscriptions), what="every reader waits")
-    commit(hub, 1, 1)
+    commit(fanout, 1, 1)
     # How many had their message after each event-loop iteration: the property measured
     # (a slice per iteration), so this loop counts iterations on purpose.
     woken: list[int] = []
@@ -345,8 +345,8 @@ async def test_subscribers_are_woken_a_slice_at_a_time_and_the_last_take_what_ca
         while not all(r.done() for r in readers):
             await asyncio.sleep(0)
             woken.append(sum(r.done() for r in readers))
-            if woken[-1] == 2 and hub.published == 1:
-                commit(hub, 2, 2)  # published while the others still wait for their turn
+            if woken[-1] == 2 and fanout.published == 1:
+                commit(fanout, 2, 2)  # published while the others still wait for their turn
     steps = [b - a for a, b in zip([0, *woken], woken, strict=False)]
     assert max(steps) <= 2  # never more than a slice at once
     first = [(await r)[0] for r in readers]
@@ -358,8 +358,8 @@ async def test_idle_subscribers_are_not_woken_again_and_again_after_a_publish():
     """Subscribers with nothing left to send wait for the next publish; the paced wake-up
     round is for those waiting for their turn to send (it once woke idle ones in a
     ``call_soon`` chain for ever: a loop at 100 % CPU after a single publish)."""
-    hub = make_hub()
-    subscribers = [hub.subscribe(Filter(frozenset())) for _ in range(3)]
+    fanout = make_fanout()
+    subscribers = [fanout.subscribe(Filter(frozenset())) for _ in range(3)]
     received = [0] * len(subscribers)
     wakes = [0] * len(subscribers)
     for index, subscriber in enumerate(subscribers):
@@ -378,13 +378,13 @@ async def test_idle_subscribers_are_not_woken_again_and_again_after_a_publish():
     readers = [asyncio.create_task(read(i)) for i in range(len(subscribers))]
     try:
         await eventually(lambda: all(s.waiting for s in subscribers), what="every subscriber idle")
-        commit(hub, 1, 1)
+        commit(fanout, 1, 1)
         await eventually(lambda: received == [1, 1, 1], what="the batch sent to each")
         await quiescent()  # (fails if the loop never goes idle)
         woken = list(wakes)
         await quiescent()
         assert wakes == woken and all(s.waiting for s in subscribers)
-        commit(hub, 2, 2)  # (and the next publish still wakes them)
+        commit(fanout, 2, 2)  # (and the next publish still wakes them)
         await eventually(lambda: received == [2, 2, 2], what="the next batch sent to each")
     finally:
         for reader in readers:
