@@ -261,10 +261,10 @@ class FanOut:
             if subscriber.epoch != epoch or reason is not None:
                 subscriber.reset(Reset(epoch, revision, reason or "the cache was rebuilt"))
 
-    def record(self, revision: int, xid: int, change: Change) -> None:
-        """Add a change to batch ``revision`` (created on first use)."""
+    def record(self, revision: int, xid: int, *changes: Change) -> None:
+        """Add changes to batch ``revision`` (created on first use, even for none)."""
         self.ensure(revision, xid)
-        self._pending[-1].changes.append(change)
+        self._pending[-1].changes.extend(changes)
 
     def ensure(self, revision: int, xid: int) -> None:
         """Batch ``revision`` exists (its changes may only be known later: ``add``)."""
@@ -524,6 +524,10 @@ class Subscription:
         self.woken = False  # something happened since it last looked
         self.idle_since = 0.0  # when it last sent something (for progress marks)
         self.progress_due = False
+
+    def close(self) -> None:
+        """The stream ended: stop keeping anything for it."""
+        self.fanout.unsubscribe(self)
 
     def reset(self, reset: Reset) -> None:
         self._resets.append(reset)

@@ -39,7 +39,6 @@ import grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.errors import InvalidKey, SidecarError, Unavailable
-from sidecar.events import SyncToken
 from sidecar.fanout import SNAPSHOT, TABLE_CHANGED, TABLE_WIDE
 from sidecar.keys import coerce_single
 from sidecar.listener import backoff_delay
@@ -521,4 +520,4 @@ class UpstreamSource:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._arrivals.append((revision, future))
             await future
-        self._sink.handle(SyncToken(token))
+        self._sink.token_received(token)

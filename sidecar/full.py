@@ -40,7 +40,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 from sidecar.aio import TaskSet, Waiters
 from sidecar.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line, unavailable, would_repeat
@@ -59,6 +59,15 @@ class Reloading(Rerouted):
     """Internal: the table is being reloaded; the read is answered from the database."""
 
 
+class Numbering(Protocol):
+    """What a full table needs of the batch numbering (``revisions.Revisions``)."""
+
+    seq: int  # the newest batch received
+
+    def low_water(self, table: str, low: int | None) -> None:
+        """``table``'s oldest unapplied batch is now ``low`` (None: none)."""
+
+
 class FullTable:
     """Keeps every row of a table (or of its ``where`` subset) current: schedules the
     refetches, reloads and relation refreshes that changes call for and holds readers
@@ -73,18 +82,16 @@ class FullTable:
         schema: TableSchema,
         db: Database,
         *,
-        current_seq: Callable[[], int],
-        on_low_water: Callable[[int | None], None] = lambda low: None,
-        on_matched: Callable[[int, set[Key]], None] | None = None,
+        numbering: Numbering,
+        on_matched: Callable[[str, int, set[Key]], None] | None = None,
         batch_size: int = 500,
         concurrency: int = 2,
         fence: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.schema = schema
         self.db = db
-        self._seq = current_seq
-        self._on_low_water = on_low_water  # told the table's low-water mark when it may have changed
-        self._on_matched = on_matched  # told which keys a source change touched, per batch
+        self._numbering = numbering  # the newest batch; told the table's low-water mark when it may have changed
+        self._on_matched = on_matched  # told which keys a source change touched, per table and batch
         self._fence_source = fence  # returns once every commit before the call was received
         self._fence: asyncio.Future[None] | None = None  # memory answers once this is done
         self.batch_size = batch_size
@@ -164,7 +171,7 @@ class FullTable:
         return {"refetch": self.refetches, "reload": self.reloads, "degraded": self.degraded}
 
     def _progress(self) -> None:
-        self._on_low_water(self.low_water())
+        self._numbering.low_water(self.schema.qualified, self.low_water())
 
     def low_water(self) -> int | None:
         """The oldest received seq not yet applied to this table, if any."""
@@ -327,7 +334,7 @@ class FullTable:
         if self._reload_needed > self._reload_done:
             if self._fetching == 0:  # reload only once keyed fetches have landed
                 self._reloading = True
-                self._reloading_level = self._seq()
+                self._reloading_level = self._numbering.seq
                 self._tasks.spawn(self._reload(self._reloading_level), "reload")
             return
         if self._matching and not (self._keys_turn and self._queue):
@@ -335,7 +342,7 @@ class FullTable:
                 # (the requests stay in _matching until they land: reads and the
                 # revision must wait for them while they run, as for queued ones)
                 self._matching_running = True
-                self._tasks.spawn(self._refresh_matching(list(self._matching), self._seq()), "refresh")
+                self._tasks.spawn(self._refresh_matching(list(self._matching), self._numbering.seq), "refresh")
             return
         self._keys_turn = False  # after a relation refresh, queued keys go first: none starves
         while self._queue and self._fetching < self.concurrency:
@@ -348,7 +355,7 @@ class FullTable:
                 del self._queue[key]
             self._inflight.update(batch)
             self._fetching += 1
-            self._tasks.spawn(self._refetch(batch, self._seq()), "refetch")
+            self._tasks.spawn(self._refetch(batch, self._numbering.seq), "refetch")
 
     async def _refetch(self, keys: list[Key], level: int) -> None:
         try:
@@ -361,7 +368,7 @@ class FullTable:
             what = f"refetch of {len(keys)} key(s) of {self.schema.qualified}"
             if would_repeat(exc):
                 levels = [p[1] for p in map(self._pending.get, keys) if p is not None]
-                self._degrade(what, exc, max(levels, default=self._seq()))
+                self._degrade(what, exc, max(levels, default=self._numbering.seq))
             else:
                 self._failed(what, exc, keys)
             return
@@ -528,7 +535,7 @@ class FullTable:
             self.changed(moved, max(seq for seq, _, _ in requests))
         if self._on_matched is not None:  # each request's batch: the rows that held or hold its values
             for (seq, columns, wanted), held in zip(requests, before, strict=True):
-                self._on_matched(seq, held | store.matching(columns, wanted))
+                self._on_matched(self.schema.qualified, seq, held | store.matching(columns, wanted))
         self._table_waiters.release(level)
         self._progress()
         self._schedule()

@@ -57,7 +57,7 @@ class ReadPath:
         self._passthrough: Flights[tuple[str, Key], bytes] = Flights()
         self._tasks = TaskSet("reads")
         # While memory is about to be trusted again (a follower back on its upstream), reads
-        # wait here instead of reading through: see ``Engine._fence_then_trust``.
+        # wait here instead of reading through: see ``BatchIngest._fence_then_trust``.
         self.gate: asyncio.Future[None] | None = None
         self.sourced = 0  # reads answered from the source, in flight now
         self._none_sourced = asyncio.Event()

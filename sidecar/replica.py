@@ -1,6 +1,6 @@
-"""A follower's copy of its upstream's tables: ``ReplicaTable`` (a full table as
-the upstream sends it) and ``Replica``, which applies the upstream's numbered
-batches to the tables and records them in the follower's own Watch fan-out.
+"""A follower's copy of its upstream's full tables: ``ReplicaTable`` (a full table as
+the upstream sends it), which ``batches.BatchIngest`` changes as the upstream's numbered
+batches say.
 
 An upstream batch carries rows (full tables: the row the upstream held when it
 published the batch, never older than the batch), so nothing is fetched: a
@@ -16,13 +16,11 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
-from sidecar.cache import TableCache
-from sidecar.fanout import TABLE_WIDE, Change, FanOut
 from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
-from sidecar.source import Rows, SourceBatch
+from sidecar.source import Rows
 from sidecar.store import Row, RowStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -154,69 +152,3 @@ class ReplicaTable:
         entries, truncated = self.store.query(query)
         self.reads["hit"] += len(entries)
         return entries, truncated
-
-
-class Replica:
-    """Applies numbered batches to a follower's tables and records them for its watchers."""
-
-    def __init__(self, tables: Mapping[str, TableCache], fanout: FanOut) -> None:
-        self._tables = tables
-        self.fanout = fanout
-
-    def rebuild(self, rows: Mapping[str, Rows]) -> None:
-        """Every table from scratch: full ones hold ``rows`` (one missing there is not served
-        by the upstream), lazy ones nothing."""
-        for name, table in self._tables.items():
-            if isinstance(table, ReplicaTable):
-                held = rows.get(name)
-                if held is None:
-                    table.fail("the upstream does not serve it from memory")
-                else:
-                    table.replace(held)
-            else:
-                table.rebuild(0)
-
-    def apply(self, batch: SourceBatch) -> None:
-        """One batch: tables sent again replaced, rows stored, lazy keys dropped, all recorded."""
-        seq = batch.revision
-        self.fanout.ensure(seq, batch.xid)  # (a batch of no change of ours is still a revision)
-        for name, rows in batch.reloaded.items():
-            table = self._tables.get(name)
-            if isinstance(table, ReplicaTable):
-                table.replace(rows)
-        for name, problem in batch.failed.items():
-            table = self._tables.get(name)
-            if table is not None:
-                table.fail(problem)
-        # Rows are the upstream's as of publishing: every change of a key in the batch
-        # carries the same one, so the order of the changes does not matter for them.
-        carried: dict[str, dict[Key, bytes | None]] = {}
-        moved: dict[str, list[Key]] = {}
-        for change in batch.changes:
-            table = self._tables.get(change.table)
-            if table is None:
-                continue
-            self.fanout.record(seq, batch.xid, Change(change.table, change.op, change.key, change.old_key))
-            if not change.apply:
-                continue
-            if not isinstance(table, ReplicaTable):  # lazy: drop what the change names
-                if change.key is None or change.op in TABLE_WIDE:
-                    table.changed_all(seq)
-                else:
-                    table.changed([change.key] if change.old_key is None else [change.key, change.old_key], seq)
-                continue
-            if change.key is None:
-                continue  # (a whole-table change comes with the table, in ``reloaded``)
-            carried.setdefault(change.table, {})[change.key] = change.row
-            if change.old_key is not None:  # the row moved away from it (unless another change says)
-                moved.setdefault(change.table, []).append(change.old_key)
-        for name, held in carried.items():
-            for key in moved.pop(name, ()):
-                held.setdefault(key, None)
-            table = self._tables[name]
-            assert isinstance(table, ReplicaTable)
-            table.put(held)
-        for name, keys in moved.items():
-            table = self._tables[name]
-            assert isinstance(table, ReplicaTable)
-            table.put(dict.fromkeys(keys))

@@ -68,8 +68,8 @@ def earlier_run(epoch: str, than: str) -> bool:
 class Revisions:
     """The sequence and the applied revision; told by tables how far they are."""
 
-    def __init__(self, on_applied: Callable[[int], None], stall_after: float = 30.0) -> None:
-        self._on_applied = on_applied  # told each time ``applied`` may have moved (publish, barrier, health)
+    def __init__(self, stall_after: float = 30.0) -> None:
+        self._told: list[Callable[[int], None]] = []  # each time ``applied`` may have moved, in order
         self._identity = new_identity()
         self._run = 1
         self.epoch = new_epoch(self._identity, self._run)
@@ -193,7 +193,12 @@ class Revisions:
         elif self._waiting_since is None:
             self._waiting_since = time.monotonic()
         self._wake_table_readers()
-        self._on_applied(self.applied)
+        for tell in self._told:
+            tell(self.applied)
+
+    def on_applied(self, callback: Callable[[int], None]) -> None:
+        """Tell ``callback`` the applied batch each time it may have moved (after the ones told before)."""
+        self._told.append(callback)
 
     def _wake_table_readers(self) -> None:
         moved, self._moved = self._moved, None

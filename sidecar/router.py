@@ -7,7 +7,7 @@ as the changes of its batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sidecar.cache import TableCache
@@ -33,40 +33,47 @@ class RouterStats:
 class ChangeRouter:
     """Events to tables and relations, numbered into batches, recorded for Watch."""
 
-    def __init__(self, tables: Mapping[str, TableCache], revisions: Revisions, fanout: FanOut) -> None:
+    def __init__(self, revisions: Revisions, fanout: FanOut) -> None:
         self._revisions = revisions
-        self.fanout = fanout
+        self._fanout = fanout
         self.stats = RouterStats()
-        self._tables = tables
+        self._tables: dict[str, TableCache] = {}
         # Who hears about changes of a PostgreSQL table: the table's own cache
         # (source None) and the relations it is a source of.
         self._consumers: dict[tuple[str, str], list[tuple[TableCache, SourceSchema | None]]] = {}
-        for table in tables.values():
-            schema = table.schema
-            if schema.config.is_relation:
-                for source in schema.sources:
-                    config = source.table.config
-                    self._consumers.setdefault((config.schema, config.name), []).append((table, source))
-            else:
-                self._consumers.setdefault((schema.config.schema, schema.config.name), []).append((table, None))
+
+    def register(self, table: TableCache) -> None:
+        """Route the changes of ``table``'s PostgreSQL table, or of a relation's sources, to it."""
+        schema = table.schema
+        self._tables[schema.qualified] = table
+        if schema.config.is_relation:
+            for source in schema.sources:
+                config = source.table.config
+                self._consumers.setdefault((config.schema, config.name), []).append((table, source))
+        else:
+            self._consumers.setdefault((schema.config.schema, schema.config.name), []).append((table, None))
 
     def hears(self, schema: str, table: str) -> bool:
         """Whether changes of PostgreSQL table ``schema.table`` matter to a cached table."""
         return (schema, table) in self._consumers
 
     def route(self, event: RowChange | TableChange) -> None:
-        """Apply one change event (called synchronously, as notifications arrive)."""
+        """Apply one change event (called synchronously, as notifications arrive): numbered
+        into its batch, its keys coerced once per consumer, its changes recorded at once,
+        then each consumer told what to refetch."""
         consumers = self._consumers.get((event.schema, event.table))
         if consumers is None:
             self.stats.ignored += 1
             return
         self.stats.events += 1
         seq = self._revisions.batch_for(event.xid)
-        for table, source in consumers:
-            if source is None:
-                self._apply(table, event, seq)
-            else:
-                self._apply_to_relation(table, source, event, seq)
+        routes = [
+            self._own(table, event) if source is None else self._to_relation(table, source, event)
+            for table, source in consumers
+        ]
+        self._fanout.record(seq, event.xid, *(change for route in routes for change in route.changes))
+        for route in routes:
+            route.apply(seq)
 
     # ------------------------------------------------------------ the sidecar's own batches
 
@@ -76,12 +83,12 @@ class ChangeRouter:
         name = table.schema.qualified
         if keys is None:
             log.info("%s: invalidated (whole table)", name)
-            self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))
+            self._fanout.record(seq, 0, Change(name, TABLE_CHANGED))
             table.changed_all(seq)
         else:
             log.debug("%s: invalidated %s", name, ", ".join(map(key_text, keys[:10])))
             for key in keys:
-                self.fanout.record(seq, 0, Change(name, INVALIDATE, key))
+                self._fanout.record(seq, 0, Change(name, INVALIDATE, key))
             table.changed(keys, seq)
 
     def reload(self, name: str, why: str) -> None:
@@ -89,7 +96,7 @@ class ChangeRouter:
         table = self._tables[name]
         log.info("%s: reloading (%s)", name, why, extra={"event": "table_reload", "table": name})
         seq = self._revisions.own_batch()
-        self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))
+        self._fanout.record(seq, 0, Change(name, TABLE_CHANGED))
         table.rebuild(seq)
 
     def fail(self, name: str, problem: str) -> None:
@@ -98,42 +105,34 @@ class ChangeRouter:
         if table.problem == problem:
             return
         seq = self._revisions.own_batch()
-        self.fanout.record(seq, 0, Change(name, TABLE_CHANGED))  # watchers drop what they hold of it
+        self._fanout.record(seq, 0, Change(name, TABLE_CHANGED))  # watchers drop what they hold of it
         table.fail(problem)
 
     def matched(self, name: str, seq: int, keys: set[Key]) -> None:
         """A relation refresh ran: the rows a source change of batch ``seq`` touched join that batch."""
         for key in keys:
-            self.fanout.add(seq, Change(name, UPDATE, key, by_outcome=True))
+            self._fanout.add(seq, Change(name, UPDATE, key, by_outcome=True))
 
-    # ------------------------------------------------------------ applying
+    # ------------------------------------------------------------ routing one event
 
-    def _apply(self, table: TableCache, event: RowChange | TableChange, seq: int) -> None:
+    def _own(self, table: TableCache, event: RowChange | TableChange) -> Routed:
+        """A change of ``table``'s own PostgreSQL table."""
         name = table.schema.qualified
         if isinstance(event, TableChange):
             log.debug("%s: whole table changed (%s)", name, event.reason)
             op = TRUNCATE if event.op is Op.TRUNCATE else TABLE_CHANGED
-            self.fanout.record(seq, event.xid, Change(name, op))
-            table.changed_all(seq)
-            return
+            return Routed(table, [Change(name, op)])
         keys = self._coerce(table.schema.key_columns, event, name)
         if keys is None:
-            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
-            table.changed_all(seq)
-            return
-        self._record_rows(seq, event, name, keys)
-        table.changed(keys, seq)
+            return Routed(table, [Change(name, TABLE_CHANGED)])
+        return Routed(table, _row_changes(event, name, keys), keys)
 
-    def _apply_to_relation(
-        self, relation: TableCache, source: SourceSchema, event: RowChange | TableChange, seq: int
-    ) -> None:
+    def _to_relation(self, relation: TableCache, source: SourceSchema, event: RowChange | TableChange) -> Routed:
         """A source of ``relation`` changed: refresh exactly the relation rows it affects."""
         name = relation.schema.qualified
         source_keys = None if isinstance(event, TableChange) else self._coerce(source.table.key_columns, event, name)
         if source_keys is None:
-            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
-            relation.changed_all(seq)
-            return
+            return Routed(relation, [Change(name, TABLE_CHANGED)])
         columns = source.relation_columns
         mapped = [tuple(key[position] for position, _ in source.mapping) for key in source_keys]
         key_names = [c.name for c in relation.schema.key_columns]
@@ -151,19 +150,13 @@ class ChangeRouter:
                 values = list(dict.fromkeys(coerce_key(value_columns, value) for value in mapped))
         except InvalidKey as exc:
             log.warning("%s: source values that do not fit (%s); reloading it", name, exc)
-            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
-            relation.changed_all(seq)
-            return
-        if by_key:
-            for key in keys:  # (a source insert may change a relation row, a delete add none...)
-                self.fanout.record(seq, event.xid, Change(name, UPDATE, key, by_outcome=True))
-            relation.changed(keys, seq)
-        elif relation.holds_all_rows:
-            self.fanout.ensure(seq, event.xid)  # its changes are known once the refresh has run
-            relation.changed_matching(columns, values, seq)
-        else:  # a lazy relation holds no index to find the rows: drop them all
-            self.fanout.record(seq, event.xid, Change(name, TABLE_CHANGED))
-            relation.changed_all(seq)
+            return Routed(relation, [Change(name, TABLE_CHANGED)])
+        if by_key:  # (a source insert may change a relation row, a delete add none...)
+            return Routed(relation, [Change(name, UPDATE, key, by_outcome=True) for key in keys], keys)
+        if relation.holds_all_rows:  # its changes are known once the refresh has run
+            return Routed(relation, [], matching=(columns, values))
+        # a lazy relation holds no index to find the rows: drop them all
+        return Routed(relation, [Change(name, TABLE_CHANGED)])
 
     def _coerce(self, columns: Sequence[KeyColumn], event: RowChange, name: str) -> list[Key] | None:
         """The event's keys (new, then old) coerced to ``columns``; None when one does not fit."""
@@ -177,12 +170,30 @@ class ChangeRouter:
             return None
         return keys
 
-    def _record_rows(self, seq: int, event: RowChange, name: str, keys: list[Key]) -> None:
-        op = _OPS[event.op]
-        new_count = len(event.keys)
-        moved = keys[new_count:]
-        if len(moved) == 1 and new_count == 1:  # one row changed its key: pair them
-            self.fanout.record(seq, event.xid, Change(name, op, keys[0], moved[0]))
-            return
-        for key in keys:  # (keys an UPDATE moved away from carry no row: gone)
-            self.fanout.record(seq, event.xid, Change(name, op, key))
+
+@dataclass
+class Routed:
+    """What one event means for one consumer: the changes Watch records, and what the
+    table refetches -- ``keys``, the rows ``matching`` source values, or (neither) all."""
+
+    table: TableCache
+    changes: list[Change]
+    keys: list[Key] | None = None
+    matching: tuple[tuple[str, ...], list[Key]] | None = None
+
+    def apply(self, seq: int) -> None:
+        if self.matching is not None:
+            self.table.changed_matching(*self.matching, seq)
+        elif self.keys is not None:
+            self.table.changed(self.keys, seq)
+        else:
+            self.table.changed_all(seq)
+
+
+def _row_changes(event: RowChange, name: str, keys: list[Key]) -> list[Change]:
+    op = _OPS[event.op]
+    new_count = len(event.keys)
+    moved = keys[new_count:]
+    if len(moved) == 1 and new_count == 1:  # one row changed its key: pair them
+        return [Change(name, op, keys[0], moved[0])]
+    return [Change(name, op, key) for key in keys]  # (keys an UPDATE moved away from carry no row: gone)

@@ -34,8 +34,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.addresses import ListenAddress, parse_listen_address
+from sidecar.assembly import Core
 from sidecar.auth import ServerSecurity
-from sidecar.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.service import SERVICE_NAME, CacheService, add_to_server, end_stream, send_within
 
@@ -152,7 +152,7 @@ class Server:
 
 
 async def start(
-    engine: Engine,
+    core: Core,
     listen: Sequence[str],
     observe: Callable[[str, float], None] | None = None,
     health_listen: Sequence[str] = (),
@@ -162,14 +162,14 @@ async def start(
     max_health_watches: int = MAX_HEALTH_WATCHES,
 ) -> Server:
     """Bind every address and start serving; health starts NOT_SERVING (liveness SERVING)."""
-    result = _build(engine, listen, observe, security or ServerSecurity(), max_concurrent_calls, max_health_watches)
+    result = _build(core, listen, observe, security or ServerSecurity(), max_concurrent_calls, max_health_watches)
     if health_listen:
         # As on the main server: with SO_REUSEPORT a second sidecar would share the port
         # and the kubelet would probe either at random.
         result.health_server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_calls
         )
-        _add_health(result, result.health_server, max_health_watches, engine.fanout.send_timeout)
+        _add_health(result, result.health_server, max_health_watches, core.options.watch_send_timeout)
         for text in health_listen:
             port = _bind(result.health_server, text, text, None, "server.health_listen")
             result.health_addresses.append(f"{parse_listen_address(text).host}:{port}")
@@ -188,7 +188,7 @@ def _add_health(result: Server, server: grpc.aio.Server, max_watches: int, send_
 
 
 def _build(
-    engine: Engine,
+    core: Core,
     listen: Sequence[str],
     observe: Callable[[str, float], None] | None,
     security: ServerSecurity,
@@ -199,16 +199,16 @@ def _build(
         interceptors=security.interceptors,
         options=[
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ("grpc.max_receive_message_length", max_receive_bytes(engine.max_batch_keys)),
+            ("grpc.max_receive_message_length", max_receive_bytes(core.options.max_batch_keys)),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=max_concurrent_calls,
     )
-    add_to_server(CacheService(engine, observe, max_message_bytes=MAX_SEND_BYTES), server)
+    add_to_server(CacheService(core, observe, max_message_bytes=MAX_SEND_BYTES), server)
     health_servicer = health.aio.HealthServicer()
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     result = Server(server, health_servicer, security=security)
-    _add_health(result, server, max_health_watches, engine.fanout.send_timeout)
+    _add_health(result, server, max_health_watches, core.options.watch_send_timeout)
     for text in listen:
         address = parse_listen_address(text)
         if address.unix_path is not None:

@@ -15,8 +15,9 @@ import grpc
 
 from sidecar import jsonread, wire
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.assembly import Core
 from sidecar.cache import TableCache
-from sidecar.engine import Engine, Revision
+from sidecar.engine import Revision
 from sidecar.errors import (
     InvalidKey,
     InvalidRequest,
@@ -50,6 +51,7 @@ STATUS_OF: tuple[tuple[type[SidecarError], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 MAX_PROGRESS_INTERVAL_MS = 3_600_000
+MAX_WAIT = 30.0  # seconds: the longest a read waits for its consistency (STRONG, min_revision, Sync)
 AUTHORIZATION = "authorization"  # the metadata key of a caller's bearer token
 WATCH_OPERATIONS = frozenset(v for v in pb.Operation.values() if v not in (pb.OPERATION_UNSPECIFIED, SNAPSHOT))
 
@@ -167,18 +169,22 @@ class CacheService:
 
     def __init__(
         self,
-        engine: Engine,
+        core: Core,
         observe: Callable[[str, float], None] | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        self.engine = engine
+        self.engine = core.engine  # reads' consistency, Watch, Invalidate
+        self._reads = core.reads  # keys coerced, rows and index queries read
+        self._core = core
+        self.max_batch_keys = core.options.max_batch_keys
+        self.send_timeout = core.options.watch_send_timeout  # of each Watch message
         self._revisions = wire.RevisionField()
         self._observe = observe  # told each call's method and duration (metrics)
         self.max_message_bytes = max_message_bytes  # the server's send limit
 
     def _check_count(self, count: int, what: str = "keys requested") -> None:
         """Bound a repeated field before any per-element work (parsing, coercing)."""
-        limit = self.engine.max_batch_keys
+        limit = self.max_batch_keys
         if count > limit:
             raise InvalidRequest(f"{count} {what}; at most {limit} per call (server.max_batch_keys)")
 
@@ -195,7 +201,8 @@ class CacheService:
         )
 
     def _current(self) -> wire.RevisionField:
-        self._revisions.update(self.engine.epoch, self.engine.applied)
+        revision = self.engine.revision
+        self._revisions.update(revision.epoch, revision.number)
         return self._revisions
 
     def _revision(self) -> pb.Revision:
@@ -207,7 +214,7 @@ class CacheService:
         and carries the revision the read began at: a revision of the new epoch would tell the
         client that rows the rebuilt memory serves next are at least as new, and they may not
         be (a later EVENTUAL read would seem to go back in time within one epoch)."""
-        if self.engine.epoch == start.epoch:
+        if self.engine.revision.epoch == start.epoch:
             return self._current()
         revisions = wire.RevisionField()
         revisions.update(start.epoch, start.number)
@@ -264,7 +271,7 @@ class CacheService:
                 raise InvalidRequest("min_revision needs the epoch of the revision it came from")
             min_revision = Revision(options.min_revision.epoch, options.min_revision.number)
         if strong or min_revision is not None:
-            async with asyncio.timeout(self.engine.max_wait):
+            async with asyncio.timeout(MAX_WAIT):
                 await self.engine.prepare_read(strong, min_revision, table)
 
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -297,7 +304,7 @@ class CacheService:
             if options.consistency == pb.STRONG or options.HasField("min_revision"):
                 await self._prepare(options, table)
             start = engine.revision
-            rows = await engine.read(table, keys, options.allow_stale)
+            rows = await self._reads.read(table, keys, options.allow_stale)
             answer = wire.batch_get_response(rows, self._answered_at(start))
             if len(answer) > self.max_message_bytes:
                 found: list[tuple[Key | None, bytes]] = [(k, e) for k, e in zip(keys, rows, strict=True) if e]
@@ -315,14 +322,14 @@ class CacheService:
             raise InvalidRequest(f"give one of keys, int_keys and string_keys, not {' and '.join(forms)}")
         self._check_count(sum(sizes))
         if int_keys:
-            return self.engine.single_keys(table, int_keys)
+            return self._reads.single_keys(table, int_keys)
         if string_keys:
-            return self.engine.single_keys(table, string_keys)
+            return self._reads.single_keys(table, string_keys)
         if len(table.schema.key_columns) == 1:
             values = single_parts(keys)
             if values is not None:
-                return self.engine.single_keys(table, values)
-        return self.engine.keys(table, keys_parts(keys, "keys"))
+                return self._reads.single_keys(table, values)
+        return self._reads.keys(table, keys_parts(keys, "keys"))
 
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Answers an encoded QueryResponse."""
@@ -337,7 +344,7 @@ class CacheService:
             self._check_count(len(request.values), "values requested")
             values = keys_parts(request.values, "values") if request.values else None
             bounds = request.range
-            query = self.engine.plan_query(
+            query = self._reads.plan_query(
                 table,
                 request.index,
                 values,
@@ -350,7 +357,7 @@ class CacheService:
             )
             await self._prepare(request.options, table)
             start = self.engine.revision
-            entries, truncated = await self.engine.query(table, query, request.options.allow_stale)
+            entries, truncated = await self._reads.query(table, query, request.options.allow_stale)
             answer = wire.query_response(entries, truncated, self._answered_at(start))
             columns = [c.name for c in table.schema.key_columns]
             return self._fits(answer, table.schema.qualified, lambda: [(_key_of(e, columns), e) for e in entries])
@@ -376,7 +383,7 @@ class CacheService:
 
     async def Sync(self, request: pb.SyncRequest, context: grpc.aio.ServicerContext) -> pb.SyncResponse:
         async def work() -> pb.SyncResponse:
-            async with asyncio.timeout(self.engine.max_wait):  # also without a client deadline
+            async with asyncio.timeout(MAX_WAIT):  # also without a client deadline
                 await self.engine.sync()
             return pb.SyncResponse(revision=self._revision())
 
@@ -408,8 +415,8 @@ class CacheService:
                 )
             )
         answer = pb.ListTablesResponse(tables=tables, revision=revision)
-        if self.engine.follow_state is not None:
-            state = self.engine.follow_state()
+        state = self._core.upstream_state()
+        if state is not None:
             answer.upstream.CopyFrom(
                 pb.UpstreamInfo(
                     target=state.target,
@@ -442,7 +449,7 @@ class CacheService:
             async with contextlib.aclosing(subscription.messages(engine.until_ready)) as messages:
                 async for message in messages:
                     for encoded in wire.watch_messages(message, self.max_message_bytes):
-                        if not await send_within(context, encoded, engine.fanout.send_timeout):
+                        if not await send_within(context, encoded, self.send_timeout):
                             raise subscription.stalled()
         except (FellBehind, ShuttingDown, TooLarge) as exc:
             if isinstance(exc, Stalled):
@@ -450,7 +457,7 @@ class CacheService:
             context.set_trailing_metadata((("cachesidecar-last-revision", subscription.last_revision),))
             await end_stream(context, status_of(exc), str(exc))
         finally:
-            engine.unsubscribe(subscription)
+            subscription.close()
 
     def _subscribe(self, request: pb.WatchRequest, connection: str | None) -> Subscription:
         engine = self.engine

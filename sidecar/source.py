@@ -10,7 +10,7 @@
   ``Database`` its rows come from. ``pg_source.PgChangeSource`` is PostgreSQL's
   (LISTEN + the pool); ``testing.MemoryChangeSource`` the in-memory one;
   ``follower.UpstreamSource`` a follower's upstream sidecar (Watch + BatchGet + Sync).
-* ``ChangeSink``: what a source tells the core (the ``Engine`` is one).
+* ``ChangeSink``: what a source tells the core (``notices.NoticeIngest`` is one).
 * ``NumberedSink``: what a source that numbers its batches itself tells the core.
   PostgreSQL's notifications carry no revision, so the engine numbers them; an
   upstream sidecar's batches come numbered, rows attached, and the follower
@@ -141,9 +141,8 @@ class NumberedSink(Protocol):
         """Batches may be missed from now on: stop trusting memory."""
         ...
 
-    def handle(self, event: Event) -> None:
-        """A read-barrier token (``events.SyncToken``), once every batch before it arrived."""
-        ...
+    def token_received(self, token: str) -> None:
+        """A read barrier's token is back: every batch before it has been delivered."""
 
     def epoch_began(self, epoch: str, revision: int, rows: Mapping[str, Rows], reason: str | None) -> None:
         """Memory is rebuilt: the full tables hold ``rows`` (as of ``revision`` of ``epoch``),

@@ -130,7 +130,7 @@ async def test_relation_rows_converge_with_the_query(start_daemon, db, schema, u
         )
         await cache.sync()
         truth = {r["user_id"]: dict(r) for r in await db.fetch(QUERY.format(s=s))}
-        table = sidecar.engine.tables[users]
+        table = sidecar.core.tables[users]
         assert table.row_count == len(truth)
         got = await cache.batch_get(users, sorted(truth))
         assert {r["user_id"]: r for r in got} == truth
@@ -147,7 +147,7 @@ async def test_watch_reports_the_relation_rows_a_source_change_touched(start_dae
                     seen.append(item)
 
         following = asyncio.create_task(follow())
-        await eventually(lambda: sidecar.engine.fanout.subscribers == 1)
+        await eventually(lambda: sidecar.core.fanout.subscribers == 1)
         await db.execute(f"INSERT INTO {schema}.users_cities SELECT 1 FROM {schema}.users WHERE false")  # nothing
         await db.execute(f"UPDATE {schema}.cities SET name = 'City A' WHERE city_id = 1")
         await eventually(lambda: seen, what="a batch")

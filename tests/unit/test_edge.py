@@ -26,8 +26,8 @@ from sidecar import config as cfg
 from sidecar import tls as tls_files
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from sidecar.assembly import Direct, direct
 from sidecar.channels import UpstreamSecurity
-from sidecar.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import CredentialCollector
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
@@ -95,20 +95,20 @@ Serve = Callable[..., Awaitable[server.Server]]
 async def serve() -> AsyncIterator[Serve]:
     """``await serve(**settings)``: the gRPC server over an in-memory table, on loopback."""
     started: list[server.Server] = []
-    following: list[tuple[asyncio.Task[None], Engine]] = []
+    following: list[tuple[asyncio.Task[None], Direct]] = []
 
     async def start(listen: tuple[str, ...] = ("127.0.0.1:0",), health_listen: tuple[str, ...] = (), **settings: Any):
         config = cfg.Config(listen=listen, **settings)
         database = MemoryDatabase(int_key_schema())
         database.put("public.items", (1,), id=1, name="one")
-        engine = Engine(database, list(database.schemas.values()))
+        core = direct(database, list(database.schemas.values()))
         source = MemoryChangeSource(database)
-        engine.attach(source)
-        following.append((asyncio.create_task(source.follow(engine)), engine))
-        await eventually(lambda: engine.ready)
-        engine.fanout.send_timeout = config.watch_send_timeout
+        core.notices.attach(source)
+        following.append((asyncio.create_task(source.follow(core.notices)), core))
+        await eventually(lambda: core.engine.ready)
+        core.fanout.send_timeout = config.watch_send_timeout
         result = await server.start(
-            engine,
+            core,
             config.listen,
             None,
             health_listen,
@@ -123,9 +123,9 @@ async def serve() -> AsyncIterator[Serve]:
     yield start
     for each in started:
         await each.stop(0)
-    for task, engine in following:
+    for task, core in following:
         task.cancel()
-        await engine.close()
+        await core.close()
 
 
 @dataclass
