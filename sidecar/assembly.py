@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.batches import BatchIngest, Forwarder
-from sidecar.cache import TableCache
+from sidecar.cache import RefetchingTable, TableCache
 from sidecar.config import Config
 from sidecar.engine import Engine
 from sidecar.fanout import FanOut
@@ -80,6 +80,7 @@ class Core:
 
     engine: Engine
     tables: Mapping[str, TableCache]
+    full: Mapping[str, FullTable]  # the full tables among them (none on a follower)
     revisions: Revisions
     fanout: FanOut
     trust: Trust
@@ -139,15 +140,17 @@ def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None
     """The parts of a sidecar that follows PostgreSQL's change notices."""
     options = options or Options()
     revisions = Revisions(options.stall_after)
-    tables: dict[str, TableCache] = {}  # (filled below: the fan-out reads them only when publishing)
+    tables: dict[str, RefetchingTable] = {}  # (filled below: the fan-out reads them only when publishing)
     fanout = _fanout(tables, options)
     revisions.on_applied(fanout.publish)
     trust = Trust(revisions, unavailable="the listener is down; the cache cannot be brought up to date now")
     router = ChangeRouter(revisions, fanout)
+    retention = Retention(options.snapshot_max_bytes)  # what initial states keep alive, across tables
+    full: dict[str, FullTable] = {}
     for schema in schemas:
-        table: TableCache
+        table: RefetchingTable
         if schema.config.mode == "full":
-            table = FullTable(
+            table = full[schema.qualified] = FullTable(
                 schema,
                 db,
                 numbering=revisions,
@@ -156,15 +159,15 @@ def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None
                 concurrency=options.refetch_concurrency,
                 fence=trust.fence,
             )
+            table.store.retention = retention
         else:
             table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
         tables[schema.qualified] = table
         router.register(table)
-    notices = NoticeIngest(tables, router, revisions, fanout, trust)
+    notices = NoticeIngest(tables, full, router, revisions, fanout, trust)
     reads = ReadPath(db, trust.trusted_epoch, options.max_batch_keys)
-    retention = Retention(options.snapshot_max_bytes)
-    engine = Engine(tables, revisions, fanout, trust, reads, notices, retention)
-    return Direct(engine, tables, revisions, fanout, trust, reads, retention, options, notices)
+    engine = Engine(tables, full, revisions, fanout, trust, reads, notices)
+    return Direct(engine, tables, full, revisions, fanout, trust, reads, retention, options, notices)
 
 
 def following(
@@ -181,17 +184,22 @@ def following(
     (the upstream behind its barrier); its own Invalidates go to ``forwarder``."""
     options = options or Options()
     revisions = Revisions(options.stall_after)
-    tables: dict[str, ReplicaTable | LazyTable] = {}
+    tables: dict[str, TableCache] = {}
     fanout = _fanout(tables, options)
     revisions.on_applied(fanout.publish)
     trust = Trust(revisions, unavailable=f"upstream {target} unreachable: the cache cannot be brought up to date now")
+    retention = Retention(options.snapshot_max_bytes)
+    replicas: dict[str, ReplicaTable] = {}
+    lazies: dict[str, LazyTable] = {}
     for schema in schemas:
         if schema.config.mode == "full":
-            tables[schema.qualified] = ReplicaTable(schema)
+            tables[schema.qualified] = replica = replicas[schema.qualified] = ReplicaTable(schema)
+            replica.store.retention = retention
         else:
-            tables[schema.qualified] = LazyTable(schema, fills, max_rows=schema.config.max_rows)
+            tables[schema.qualified] = lazies[schema.qualified] = LazyTable(
+                schema, fills, max_rows=schema.config.max_rows
+            )
     reads = ReadPath(db, trust.trusted_epoch, options.max_batch_keys, source_name=f"upstream {target}")
-    batches = BatchIngest(tables, revisions, fanout, trust, reads, forwarder)
-    retention = Retention(options.snapshot_max_bytes)
-    engine = Engine(tables, revisions, fanout, trust, reads, batches, retention)
-    return Following(engine, tables, revisions, fanout, trust, reads, retention, options, batches, follow_state)
+    batches = BatchIngest(replicas, lazies, revisions, fanout, trust, reads, forwarder)
+    engine = Engine(tables, {}, revisions, fanout, trust, reads, batches)
+    return Following(engine, tables, {}, revisions, fanout, trust, reads, retention, options, batches, follow_state)

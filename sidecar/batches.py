@@ -47,14 +47,16 @@ class BatchIngest:
 
     def __init__(
         self,
-        tables: Mapping[str, ReplicaTable | LazyTable],
+        replicas: Mapping[str, ReplicaTable],
+        lazies: Mapping[str, LazyTable],
         revisions: Revisions,
         fanout: FanOut,
         trust: Trust,
         reads: ReadPath,
         forwarder: Forwarder,
     ) -> None:
-        self._tables = tables
+        self._replicas = replicas  # full tables: rows as the batches carry them
+        self._lazies = lazies  # lazy tables: keys the batches name dropped
         self._revisions = revisions
         self._fanout = fanout
         self._trust = trust
@@ -103,9 +105,6 @@ class BatchIngest:
     def source_lost(self, reason: str) -> None:
         """Batches may be missed from now on: stop trusting memory (reads go to the source)."""
         self._trust.lost(f"listener down ({reason})")
-        for table in self._tables.values():
-            if isinstance(table, LazyTable):
-                table.reroute()
         self._revisions.release_all()
 
     def token_received(self, token: str) -> None:
@@ -119,58 +118,55 @@ class BatchIngest:
     def _rebuild(self, rows: Mapping[str, Rows]) -> None:
         """Every table from scratch: full ones hold ``rows`` (one missing there is not served
         by the upstream), lazy ones nothing."""
-        for name, table in self._tables.items():
-            if isinstance(table, ReplicaTable):
-                held = rows.get(name)
-                if held is None:
-                    table.fail("the upstream does not serve it from memory")
-                else:
-                    table.replace(held)
+        for name, replica in self._replicas.items():
+            held = rows.get(name)
+            if held is None:
+                replica.fail("the upstream does not serve it from memory")
             else:
-                table.rebuild(0)
+                replica.replace(held)
+        for lazy in self._lazies.values():
+            lazy.rebuild(0)
 
     def _apply(self, batch: SourceBatch) -> None:
         """One batch: tables sent again replaced, rows stored, lazy keys dropped, all recorded."""
         seq = batch.revision
         self._fanout.ensure(seq, batch.xid)  # (a batch of no change of ours is still a revision)
         for name, rows in batch.reloaded.items():
-            table = self._tables.get(name)
-            if isinstance(table, ReplicaTable):
-                table.replace(rows)
+            if (replica := self._replicas.get(name)) is not None:
+                replica.replace(rows)
         for name, problem in batch.failed.items():
-            table = self._tables.get(name)
-            if table is not None:
-                table.fail(problem)
+            if (replica := self._replicas.get(name)) is not None:
+                replica.fail(problem)
+            elif (lazy := self._lazies.get(name)) is not None:
+                lazy.fail(problem)
         # Rows are the upstream's as of publishing: every change of a key in the batch
         # carries the same one, so the order of the changes does not matter for them.
         carried: dict[str, dict[Key, bytes | None]] = {}
         moved: dict[str, list[Key]] = {}
-        replicas: dict[str, ReplicaTable] = {}
         for change in batch.changes:
-            table = self._tables.get(change.table)
-            if table is None:
+            lazy = self._lazies.get(change.table)
+            if lazy is None and change.table not in self._replicas:
                 continue
             self._fanout.record(seq, batch.xid, Change(change.table, change.op, change.key, change.old_key))
             if not change.apply:
                 continue
-            if isinstance(table, LazyTable):  # drop what the change names
+            if lazy is not None:  # drop what the change names
                 if change.key is None or change.op in TABLE_WIDE:
-                    table.changed_all(seq)
+                    lazy.changed_all(seq)
                 else:
-                    table.changed([change.key] if change.old_key is None else [change.key, change.old_key], seq)
+                    lazy.changed([change.key] if change.old_key is None else [change.key, change.old_key], seq)
                 continue
             if change.key is None:
                 continue  # (a whole-table change comes with the table, in ``reloaded``)
-            replicas[change.table] = table
             carried.setdefault(change.table, {})[change.key] = change.row
             if change.old_key is not None:  # the row moved away from it (unless another change says)
                 moved.setdefault(change.table, []).append(change.old_key)
         for name, held in carried.items():
             for key in moved.pop(name, ()):
                 held.setdefault(key, None)
-            replicas[name].put(held)
+            self._replicas[name].put(held)
         for name, keys in moved.items():
-            replicas[name].put(dict.fromkeys(keys))
+            self._replicas[name].put(dict.fromkeys(keys))
 
     # ------------------------------------------------------------ trusting memory again
 
@@ -228,6 +224,5 @@ class BatchIngest:
         for task in list(self._fence_tasks):
             task.cancel()
         await asyncio.gather(*self._fence_tasks, return_exceptions=True)
-        for table in self._tables.values():
-            if isinstance(table, LazyTable):
-                await table.close()
+        for lazy in self._lazies.values():
+            await lazy.close()

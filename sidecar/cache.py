@@ -1,6 +1,9 @@
-"""What the engine needs of a table's cache (``TableCache``), and what the two
-kinds share: ``full.py`` (the whole table in memory, kept complete by batched
-refetches) and ``lazy.py`` (read-through, bounded, LRU/TTL).
+"""What every cached table offers for reads (``TableCache``); what a table that holds
+every row adds (``WholeTable``: index queries, initial states); and what a table kept
+current by refetching adds (``RefetchingTable``: told of changes by key). The kinds:
+``full.py`` (every row, refetched: whole and refetching), ``lazy.py`` (read-through,
+bounded, LRU/TTL: refetching) and ``replica.py`` (every row, as a follower's upstream
+sends them: whole).
 
 All database access goes through ``source.Database``, so unit tests drive the
 caches with an in-memory fake.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard
 
 from sidecar.errors import QueryFailed, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery
@@ -19,7 +22,7 @@ from sidecar.keys import Key
 from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
 from sidecar.source import Rows
-from sidecar.store import Row
+from sidecar.store import Row, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +31,25 @@ FETCH_ERRORS: tuple[type[BaseException], ...] = (Unavailable, QueryFailed)
 RETRY_MIN_DELAY = 0.05
 RETRY_MAX_DELAY = 5.0
 
-__all__ = ["FETCH_ERRORS", "Rerouted", "Row", "Rows", "TableCache", "would_repeat"]
+__all__ = [
+    "FETCH_ERRORS",
+    "RefetchingTable",
+    "Rerouted",
+    "Row",
+    "Rows",
+    "TableCache",
+    "WholeTable",
+    "whole",
+    "would_repeat",
+]
 
 
 class TableCache(Protocol):
-    """One cached table (or relation), as the engine drives it."""
+    """One cached table (or relation), as reads see it."""
 
     schema: TableSchema
     mode: Literal["full", "lazy"]
-    holds_all_rows: bool  # full: a missing key is a definite "no such row"
+    holds_all_rows: bool  # every row is in memory: a missing key is a definite "no such row"
     max_rows: int  # lazy: the LRU bound; 0 for full tables
     loaded: bool  # reads may be answered from memory
     problem: str | None  # why the table is not served from memory, if it is not
@@ -62,21 +75,42 @@ class TableCache(Protocol):
         """Every row, when memory is the table (full and served); else None."""
         ...
 
+    def stale_get(self, key: Key) -> Row: ...
+    def peek(self, key: Key) -> tuple[bool, Row]: ...
+    async def get_many(self, keys: Sequence[Key]) -> list[Row]: ...
+
+
+class WholeTable(TableCache, Protocol):
+    """A table that holds every row (``holds_all_rows``): index queries and initial states."""
+
+    async def query_current(self, query: IndexQuery) -> tuple[list[bytes], bool]:
+        """An index query's entries (and whether more matched) once every change received
+        before the call is applied to rows and indexes."""
+        ...
+
+    def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
+        """The same, from memory as it is now (a stale read)."""
+        ...
+
+    def snapshot(self) -> Snapshot | None:
+        """Every row as of now, read lazily, when memory is the table; else None."""
+        ...
+
+
+def whole(table: TableCache) -> TypeGuard[WholeTable]:
+    """Whether ``table`` holds every row (and so answers index queries and initial states)."""
+    return table.holds_all_rows
+
+
+class RefetchingTable(TableCache, Protocol):
+    """A table kept current by refetching what change notices name."""
+
     def rebuild(self, seq: int) -> None: ...
     def changed(self, keys: Iterable[Key], seq: int) -> None: ...
     def changed_all(self, seq: int) -> None: ...
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None: ...
-    def reroute(self) -> None:
-        """Memory stopped being trustworthy: readers waiting here go to the database."""
-        ...
-
     def fail(self, problem: str) -> None: ...
     async def close(self) -> None: ...
-    def stale_get(self, key: Key) -> Row: ...
-    def peek(self, key: Key) -> tuple[bool, Row]: ...
-    async def get_many(self, keys: Sequence[Key]) -> list[Row]: ...
-    async def settle(self) -> None: ...
-    def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]: ...
 
 
 def would_repeat(exc: BaseException) -> bool:

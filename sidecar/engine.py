@@ -26,16 +26,15 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from sidecar.cache import Rerouted, Row, TableCache
+from sidecar.cache import Rerouted, Row, TableCache, whole
 from sidecar.errors import ConfigError, InvalidRequest, Unavailable, UnknownTable
 from sidecar.fanout import FanOut, FellBehind, Filter, InitialState, SharedInitialState, Subscription
 from sidecar.full import FullTable
 from sidecar.identifiers import parse_table_name, qualified_name
 from sidecar.keys import Key, coerce_key
 from sidecar.reads import ReadPath
-from sidecar.replica import ReplicaTable
 from sidecar.revisions import Revision, Revisions, new_epoch
-from sidecar.store import Retention, RowStore, SnapshotGivenUp
+from sidecar.store import SnapshotGivenUp
 from sidecar.trust import Trust
 from sidecar.wire import row_json, watch_message
 
@@ -66,14 +65,15 @@ class Engine:
     def __init__(
         self,
         tables: Mapping[str, TableCache],
+        full: Mapping[str, FullTable],
         revisions: Revisions,
         fanout: FanOut,
         trust: Trust,
         reads: ReadPath,
         ingest: Ingest,
-        retention: Retention,
     ) -> None:
         self._tables = tables
+        self._full = full  # the tables that reload (their reads go to the database meanwhile)
         self._revisions = revisions
         self._fanout = fanout
         self._trust = trust
@@ -82,11 +82,6 @@ class Engine:
         self._ready_listeners: list[Callable[[], None]] = []
         self._barrier_listeners: list[Callable[[float], None]] = []
         self._was_ready = False
-        # What initial-state snapshots keep alive, bounded across tables (see store.Retention).
-        for table in tables.values():
-            store = getattr(table, "store", None)
-            if isinstance(store, RowStore):
-                store.retention = retention
         # Initial states being streamed, by store snapshot and revision: streams that start
         # together share their messages (gone with the last stream that reads them).
         self._initial_states: weakref.WeakValueDictionary[tuple[int, str, int, str], SharedInitialState] = (
@@ -197,7 +192,8 @@ class Engine:
         gate = self._reads.gate
         if (strong or min_revision is not None) and gate is not None:
             await asyncio.shield(gate)  # (memory is being fenced: what to wait for is known after it)
-        reloading = isinstance(table, FullTable) and table.reloading
+        full = self._full.get(table.schema.qualified) if table is not None else None
+        reloading = full is not None and full.reloading
         barrier = self._trust.barrier
         if strong and self._trust.up:
             if table is None or barrier is None:
@@ -210,7 +206,7 @@ class Engine:
                 received = await barrier.wait(applied=False)
                 # (a reload may have begun meanwhile -- a schema change the round found: then
                 # the database answers, as for any reload, newer than what the round covers)
-                reloading = reloading or (isinstance(table, FullTable) and table.reloading)
+                reloading = reloading or (full is not None and full.reloading)
                 if not reloading and received is not None:
                     await self._revisions.wait_for_table(table.schema.qualified, received)
                 self._barrier_took(started)
@@ -298,12 +294,11 @@ class Engine:
         already -- under a steady stream of whole-table changes there is always one.
         """
         tables = [
-            (name, table)
-            for name, table in self._tables.items()
-            if isinstance(table, FullTable | ReplicaTable) and (not names or name in names)
+            (name, table) for name, table in self._tables.items() if whole(table) and (not names or name in names)
         ]
         while waiting := next(
-            (t for _, t in tables if isinstance(t, FullTable) and t.mixed and t.problem is None), None
+            (full for name, _ in tables if (full := self._full.get(name)) and full.mixed and full.problem is None),
+            None,
         ):
             try:
                 await waiting.until_reloaded()

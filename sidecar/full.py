@@ -279,6 +279,10 @@ class FullTable:
         self.reads["not_found"] += len(found) - hits
         return found
 
+    async def query_current(self, query: IndexQuery) -> tuple[list[bytes], bool]:
+        await self.settle()
+        return self.query_memory(query)
+
     async def settle(self) -> None:
         """Wait until every change received before the call is applied to rows and
         indexes (what a read of the whole table, such as an index query, needs);

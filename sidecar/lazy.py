@@ -18,8 +18,6 @@ from cachetools import Cache, LRUCache, TTLCache
 
 from sidecar.aio import Flights, TaskSet, await_all
 from sidecar.cache import unavailable
-from sidecar.errors import InvalidRequest
-from sidecar.indexes import IndexQuery
 from sidecar.keys import Key
 from sidecar.progress import LoadProgress
 from sidecar.schema import TableSchema
@@ -80,18 +78,9 @@ class LazyTable:
     def queries(self) -> dict[str, int]:
         return {"fill": self.fills}
 
-    def reroute(self) -> None:
-        """Nothing waits here on changes (fills are plain reads)."""
-
-    async def settle(self) -> None:
-        """Changes apply the moment they arrive: nothing to wait for."""
-
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
         # (no index to find the rows by: the engine clears lazy relations whole instead)
         self.changed_all(seq)
-
-    def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
-        raise InvalidRequest(f"{self.schema.qualified} is lazy: index queries need mode = 'full'")
 
     def rebuild(self, seq: int) -> None:
         """Forget everything (notifications may have been lost); fill again on demand."""

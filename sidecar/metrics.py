@@ -21,7 +21,6 @@ from prometheus_client.registry import Collector
 from sidecar.addresses import parse_listen_address
 from sidecar.assembly import Core, Direct
 from sidecar.auth import ServerSecurity
-from sidecar.full import FullTable
 from sidecar.listener import Listener
 from sidecar.notify_queue import NotifyQueue
 from sidecar.senders import SenderGate, SenderStats
@@ -176,8 +175,8 @@ class _StateCollector(Collector):
             reads.add_metric([name, "database"], core.reads.stats.database_reads.get(name, 0))
             for kind, count in table.queries().items():
                 queries.add_metric([name, kind], count)
-            if isinstance(table, FullTable):
-                coalesced.add_metric([name], table.coalesced)
+            if (full := core.full.get(name)) is not None:
+                coalesced.add_metric([name], full.coalesced)
             rows.add_metric([name], table.row_count)
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)

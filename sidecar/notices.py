@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from sidecar.barrier import Barrier
-from sidecar.cache import TableCache
+from sidecar.cache import RefetchingTable, TableCache
 from sidecar.events import Event, SyncToken
 from sidecar.fanout import FanOut
 from sidecar.full import FullTable, Reloading
@@ -36,13 +36,15 @@ class NoticeIngest:
 
     def __init__(
         self,
-        tables: Mapping[str, TableCache],
+        tables: Mapping[str, RefetchingTable],
+        full: Mapping[str, FullTable],
         router: ChangeRouter,
         revisions: Revisions,
         fanout: FanOut,
         trust: Trust,
     ) -> None:
         self._tables = tables
+        self._full = full  # the full tables among them (reloads, readers held until refetches land)
         self._router = router
         self._revisions = revisions
         self._fanout = fanout
@@ -117,8 +119,8 @@ class NoticeIngest:
         fresher than any revision they waited for); barriers fail.
         """
         self._trust.lost(f"listener down ({reason})")
-        for table in self._tables.values():
-            table.reroute()
+        for full in self._full.values():
+            full.reroute()
         self._revisions.release_all()
 
     def handle(self, event: Event) -> None:
@@ -143,14 +145,13 @@ class NoticeIngest:
     ) -> Revision | None:
         """Drop cached rows of ``table`` (all of them when ``keys`` is None), as a batch of
         the sidecar's own; with ``refresh``, return once they are read again."""
-        self._router.invalidate(table, keys)
+        self._router.invalidate(self._tables[table.schema.qualified], keys)
         self._revisions.advance()
         if refresh and self._trust.up and table.loaded and (keys or table.holds_all_rows):
             try:
                 await table.get_many(keys or [])
             except Reloading:  # (a whole-table refresh: reads do not wait for it, this does)
-                assert isinstance(table, FullTable)
-                await table.until_reloaded()
+                await self._full[table.schema.qualified].until_reloaded()
         return None  # (applied here already: nothing to wait for)
 
     def reload_table(self, name: str, why: str) -> None:

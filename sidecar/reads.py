@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sidecar.aio import Flights, TaskSet, await_all
-from sidecar.cache import FETCH_ERRORS, Rerouted, Row, TableCache
+from sidecar.cache import FETCH_ERRORS, Rerouted, Row, TableCache, whole
 from sidecar.errors import InvalidRequest, QueryFailed, SidecarError, Unavailable
 from sidecar.indexes import IndexQuery, plan
 from sidecar.keys import Key, coerce_key, coerce_single
@@ -224,10 +224,6 @@ class ReadPath:
         applied; from the database while memory cannot be trusted, as reads are.
         """
 
-        async def memory() -> tuple[list[bytes], bool]:
-            await table.settle()
-            return table.query_memory(query)
-
         async def source() -> tuple[list[bytes], bool]:
             try:
                 rows = await self.db.query(table.schema, query)
@@ -237,12 +233,15 @@ class ReadPath:
             entries = list(rows.values())
             return entries[: query.limit], len(entries) > query.limit
 
-        whole = table.holds_all_rows
+        if not whole(table):  # (a lazy table holds no index: the database answers)
+            return await self._serve(table, memory=None, source=source, stale=None)
+        held = table
+
         return await self._serve(
             table,
-            memory=memory if whole else None,
+            memory=lambda: held.query_current(query),
             source=source,
-            stale=(lambda: table.query_memory(query)) if allow_stale and whole else None,
+            stale=(lambda: held.query_memory(query)) if allow_stale else None,
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from sidecar.indexes import IndexQuery
@@ -107,27 +107,6 @@ class ReplicaTable:
         self.loaded = False
         self.store.clear()
 
-    # The engine's change entry points are PostgreSQL's: on a follower, rows come with
-    # the upstream's batches (``Replica.apply``), never from a refetch.
-
-    def rebuild(self, seq: int) -> None:
-        """Nothing to do: the upstream's initial state rebuilds it (``replace``)."""
-
-    def changed(self, keys: Iterable[Key], seq: int) -> None:
-        """Nothing to do: the upstream's batches carry the rows."""
-
-    def changed_all(self, seq: int) -> None:
-        """Nothing to do: the upstream sends the table again."""
-
-    def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
-        """Nothing to do: the upstream's batches name the relation's rows."""
-
-    def reroute(self) -> None:
-        """Nothing waits here."""
-
-    async def close(self) -> None:
-        """Nothing runs here."""
-
     # ------------------------------------------------------------ reads
 
     def stale_get(self, key: Key) -> Row:
@@ -145,8 +124,8 @@ class ReplicaTable:
         self.reads["not_found"] += len(found) - hits
         return found
 
-    async def settle(self) -> None:
-        """Every batch received is applied already."""
+    async def query_current(self, query: IndexQuery) -> tuple[list[bytes], bool]:
+        return self.query_memory(query)  # (every batch received is applied already)
 
     def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
         entries, truncated = self.store.query(query)

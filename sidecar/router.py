@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.cache import TableCache
+from sidecar.cache import RefetchingTable
 from sidecar.errors import InvalidKey
 from sidecar.events import Op, RowChange, TableChange
 from sidecar.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, TRUNCATE, UPDATE, Change, FanOut
@@ -37,12 +37,12 @@ class ChangeRouter:
         self._revisions = revisions
         self._fanout = fanout
         self.stats = RouterStats()
-        self._tables: dict[str, TableCache] = {}
+        self._tables: dict[str, RefetchingTable] = {}
         # Who hears about changes of a PostgreSQL table: the table's own cache
         # (source None) and the relations it is a source of.
-        self._consumers: dict[tuple[str, str], list[tuple[TableCache, SourceSchema | None]]] = {}
+        self._consumers: dict[tuple[str, str], list[tuple[RefetchingTable, SourceSchema | None]]] = {}
 
-    def register(self, table: TableCache) -> None:
+    def register(self, table: RefetchingTable) -> None:
         """Route the changes of ``table``'s PostgreSQL table, or of a relation's sources, to it."""
         schema = table.schema
         self._tables[schema.qualified] = table
@@ -77,7 +77,7 @@ class ChangeRouter:
 
     # ------------------------------------------------------------ the sidecar's own batches
 
-    def invalidate(self, table: TableCache, keys: list[Key] | None) -> None:
+    def invalidate(self, table: RefetchingTable, keys: list[Key] | None) -> None:
         """Drop cached rows (all when ``keys`` is None), as a batch of the sidecar's own."""
         seq = self._revisions.own_batch()
         name = table.schema.qualified
@@ -115,7 +115,7 @@ class ChangeRouter:
 
     # ------------------------------------------------------------ routing one event
 
-    def _own(self, table: TableCache, event: RowChange | TableChange) -> Routed:
+    def _own(self, table: RefetchingTable, event: RowChange | TableChange) -> Routed:
         """A change of ``table``'s own PostgreSQL table."""
         name = table.schema.qualified
         if isinstance(event, TableChange):
@@ -127,7 +127,7 @@ class ChangeRouter:
             return Routed(table, [Change(name, TABLE_CHANGED)])
         return Routed(table, _row_changes(event, name, keys), keys)
 
-    def _to_relation(self, relation: TableCache, source: SourceSchema, event: RowChange | TableChange) -> Routed:
+    def _to_relation(self, relation: RefetchingTable, source: SourceSchema, event: RowChange | TableChange) -> Routed:
         """A source of ``relation`` changed: refresh exactly the relation rows it affects."""
         name = relation.schema.qualified
         source_keys = None if isinstance(event, TableChange) else self._coerce(source.table.key_columns, event, name)
@@ -176,7 +176,7 @@ class Routed:
     """What one event means for one consumer: the changes Watch records, and what the
     table refetches -- ``keys``, the rows ``matching`` source values, or (neither) all."""
 
-    table: TableCache
+    table: RefetchingTable
     changes: list[Change]
     keys: list[Key] | None = None
     matching: tuple[tuple[str, ...], list[Key]] | None = None
