@@ -21,21 +21,25 @@ from typing import Any
 
 import asyncpg
 
-from sidecar import assembly, auth, channels, db, dsn, embedded, preflight, server, triggers, upstream
-from sidecar.assembly import Core, Direct, Following, Options
-from sidecar.catalog import CatalogWatch
-from sidecar.config import Config
-from sidecar.db import PgDatabase
-from sidecar.dsn import scrub
-from sidecar.engine import Engine
+from sidecar.config import Config, dsn
+from sidecar.config.dsn import scrub
+from sidecar.core import assembly
+from sidecar.core.aio import backoff_delay
+from sidecar.core.assembly import Core, Direct, Following, Options
+from sidecar.core.engine import Engine
+from sidecar.core.schema import TableSchema
+from sidecar.edge import auth, server
 from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
-from sidecar.follower import UpstreamSource
-from sidecar.listener import Listener, backoff_delay
+from sidecar.fleet import channels, upstream
+from sidecar.fleet.follower import UpstreamSource
 from sidecar.metrics import Metrics
-from sidecar.notify_queue import NotifyQueue
-from sidecar.pg_source import PgChangeSource
-from sidecar.schema import TableSchema
-from sidecar.senders import SenderGate
+from sidecar.pg import db, embedded, preflight, triggers
+from sidecar.pg.catalog import CatalogWatch
+from sidecar.pg.db import PgDatabase
+from sidecar.pg.listener import Listener
+from sidecar.pg.notify_queue import NotifyQueue
+from sidecar.pg.pg_source import PgChangeSource
+from sidecar.pg.senders import SenderGate
 
 log = logging.getLogger(__name__)
 

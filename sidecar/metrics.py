@@ -18,13 +18,13 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.addresses import parse_listen_address
-from sidecar.assembly import Core, Direct
-from sidecar.auth import ServerSecurity
-from sidecar.listener import Listener
-from sidecar.notify_queue import NotifyQueue
-from sidecar.senders import SenderGate, SenderStats
-from sidecar.source import FollowState
+from sidecar.config.addresses import parse_listen_address
+from sidecar.core.assembly import Core, Direct
+from sidecar.core.source import FollowState
+from sidecar.edge.auth import ServerSecurity
+from sidecar.pg.listener import Listener
+from sidecar.pg.notify_queue import NotifyQueue
+from sidecar.pg.senders import SenderGate, SenderStats
 
 log = logging.getLogger(__name__)
 

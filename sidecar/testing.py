@@ -15,13 +15,13 @@ from dataclasses import replace
 from typing import Any
 
 from sidecar.config import TableConfig
+from sidecar.core.events import Event, SyncToken
+from sidecar.core.indexes import IndexQuery, IndexSet
+from sidecar.core.keys import Key, KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import ChangeSink, Rows
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import SchemaError
-from sidecar.events import Event, SyncToken
-from sidecar.indexes import IndexQuery, IndexSet
-from sidecar.keys import Key, KeyColumn
-from sidecar.schema import TableSchema
-from sidecar.source import ChangeSink, Rows
-from sidecar.wire import entry, row_json
 
 
 def int_key_schema(name: str = "public.items", mode: str = "full", **table: Any) -> TableSchema:

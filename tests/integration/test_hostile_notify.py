@@ -11,7 +11,7 @@ import secrets
 import asyncpg
 import pytest
 
-from sidecar import barrier, events
+from sidecar.core import barrier, events
 from tests.integration import test_metrics as metrics
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually

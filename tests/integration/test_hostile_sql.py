@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 
 from sidecar import config as cfg
-from sidecar import triggers
-from sidecar.db import PgDatabase, describe_table, query_sql
+from sidecar.core.indexes import IndexQuery
+from sidecar.core.wire import row_json
 from sidecar.identifiers import quote_ident
-from sidecar.indexes import IndexQuery
-from sidecar.wire import row_json
+from sidecar.pg import triggers
+from sidecar.pg.db import PgDatabase, describe_table, query_sql
 from tests.support.pg import Postgres
 from tests.support.waiting import eventually
 

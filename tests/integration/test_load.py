@@ -13,12 +13,12 @@ import grpc
 import pytest
 
 from sidecar import config as cfg
-from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.db import PINNED_SETTINGS, PgDatabase
+from sidecar.core import wire
+from sidecar.core.keys import normalize_stored
 from sidecar.errors import Unavailable
-from sidecar.keys import normalize_stored
+from sidecar.pg.db import PINNED_SETTINGS, PgDatabase
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_types import VALUES
 from tests.support.waiting import eventually

@@ -17,8 +17,8 @@ import pytest
 from cache_sidecar_client import AsyncClient, Client, IndexInfo, InvalidArgument, TableNotFound
 
 from sidecar import config as cfg
-from sidecar.db import PgDatabase
-from sidecar.indexes import IndexSet, plan
+from sidecar.core.indexes import IndexSet, plan
+from sidecar.pg.db import PgDatabase
 from tests.integration.test_relations import QUERY, relation
 from tests.support.waiting import eventually
 

@@ -266,7 +266,7 @@ async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
     start_daemon, db, schema, monkeypatch, key_sql, chunk_rows
 ):
     if chunk_rows is not None:
-        monkeypatch.setattr("sidecar.db.LOAD_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr("sidecar.pg.db.LOAD_CHUNK_ROWS", chunk_rows)
     await db.execute(f"CREATE TABLE {schema}.people (id int PRIMARY KEY, grp int, tag text)")
     await db.execute(f"INSERT INTO {schema}.people VALUES (1, 1, 'a'), (2, 1, 'b'), (3, 2, 'c')")
     grouped = cfg.TableConfig(

@@ -13,7 +13,7 @@ import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, Revision
 
 from sidecar import config as cfg
-from sidecar.full import FullTable
+from sidecar.core.full import FullTable
 from tests.support import gate as gating
 from tests.support.gate import LOADS
 from tests.support.waiting import eventually

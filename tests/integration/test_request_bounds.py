@@ -15,10 +15,10 @@ import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, TooLarge
 
 from sidecar import config as cfg
-from sidecar import server
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.wire import _varint
+from sidecar.core.wire import _varint
+from sidecar.edge import server
 from tests.support.waiting import eventually
 
 CACHE = "/cachesidecar.v1.Cache/"

@@ -23,9 +23,9 @@ import pytest
 from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
-from sidecar import triggers
-from sidecar.db import describe_table
 from sidecar.errors import QueryFailed
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
 
 
@@ -137,7 +137,7 @@ async def test_row_level_role_settings_cannot_hide_ddl(db, two):
     await db.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
     try:
         await db.execute(f"SET ROLE {role}")
-        from sidecar.catalog import STATE_SQL, contents, dependencies
+        from sidecar.pg.catalog import STATE_SQL, contents, dependencies
 
         schema_name, table = a.split(".")
         row = await db.fetchrow(STATE_SQL, schema_name, table)
@@ -282,7 +282,7 @@ async def served(cache: AsyncClient, owned: Owned, name: str, keys: list[int], s
 @pytest.mark.parametrize("read", ["strong", "sync"])
 @pytest.mark.parametrize("case", list(DDLS))
 async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_daemon, owned, case, read, caplog):
-    caplog.set_level(logging.INFO, logger="sidecar.catalog")
+    caplog.set_level(logging.INFO, logger="sidecar.pg.catalog")
     ddl, name, keys = DDLS[case]
     sidecar = await start_owned(start_daemon, owned, interval=3600)  # no periodic check would help
     async with AsyncClient(sidecar.target, timeout=20) as cache:

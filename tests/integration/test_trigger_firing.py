@@ -28,9 +28,9 @@ import pytest
 from cache_sidecar_client import AsyncClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import triggers
 from sidecar.config import TableConfig
-from sidecar.db import describe_table
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

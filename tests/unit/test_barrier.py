@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from sidecar.assembly import direct
-from sidecar.barrier import Barrier
+from sidecar.core.assembly import direct
+from sidecar.core.barrier import Barrier
 from sidecar.errors import Unavailable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually

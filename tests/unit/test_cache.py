@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
+from sidecar.core.full import FullTable, Reloading
+from sidecar.core.lazy import LazyTable
+from sidecar.core.wire import entry
 from sidecar.errors import Unavailable
-from sidecar.full import FullTable, Reloading
-from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually, quiescent
 
 T = "public.items"

@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
-from sidecar.assembly import Direct, Options, direct
-from sidecar.barrier import Barrier
-from sidecar.engine import Revision
+from sidecar.core.assembly import Direct, Options, direct
+from sidecar.core.barrier import Barrier
+from sidecar.core.engine import Revision
+from sidecar.core.events import Op, RowChange, SyncToken, TableChange
+from sidecar.core.full import FullTable
+from sidecar.core.wire import entry
 from sidecar.errors import InvalidKey, InvalidRequest, QueryFailed, Unavailable, UnknownTable
-from sidecar.events import Op, RowChange, SyncToken, TableChange
-from sidecar.full import FullTable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 FULL = "public.items"

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from sidecar import wire
-from sidecar.fanout import (
+from sidecar.core import wire
+from sidecar.core.fanout import (
     DELETE,
     INSERT,
     TRUNCATE,

@@ -11,17 +11,17 @@ import json
 import pytest
 
 from sidecar import config as cfg
-from sidecar.assembly import Following, following
 from sidecar.config import IndexConfig
+from sidecar.core.assembly import Following, following
+from sidecar.core.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, FanOut, Filter, Reset
+from sidecar.core.lazy import LazyTable
+from sidecar.core.replica import ReplicaTable
+from sidecar.core.revisions import Revision, Revisions
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import SourceBatch, SourceChange
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import ConfigError, Unavailable
-from sidecar.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, FanOut, Filter, Reset
-from sidecar.lazy import LazyTable
-from sidecar.replica import ReplicaTable
-from sidecar.revisions import Revision, Revisions
-from sidecar.schema import TableSchema
-from sidecar.source import SourceBatch, SourceChange
 from sidecar.testing import MemoryDatabase, int_key_schema
-from sidecar.wire import entry, row_json
 from tests.support.waiting import eventually, quiescent
 
 FULL = "public.items"
@@ -374,7 +374,7 @@ class FakeUpstream:
         self.stub = Stub()
 
     async def sync(self, timeout: float) -> object:
-        from sidecar.revisions import Revision
+        from sidecar.core.revisions import Revision
 
         self.syncs += 1
         return Revision("E", self.head)
@@ -436,7 +436,7 @@ def pb_messages():  # type: ignore[no-untyped-def]
 
 
 def source_for(upstream: FakeUpstream):  # type: ignore[no-untyped-def]
-    from sidecar.follower import UpstreamSource
+    from sidecar.fleet.follower import UpstreamSource
 
     return UpstreamSource(
         upstream,  # type: ignore[arg-type]
@@ -610,7 +610,7 @@ async def test_memory_is_trusted_again_only_once_it_is_as_new_as_what_passed_thr
 
 def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_refused():
     from sidecar.api.v1 import cache_pb2 as pb
-    from sidecar.follower import Lost
+    from sidecar.fleet.follower import Lost
 
     source = source_for(FakeUpstream())
 
@@ -633,8 +633,8 @@ def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_ref
 def test_an_upstreams_status_reaches_the_caller_unchanged():
     import grpc
 
+    from sidecar.edge.service import status_of
     from sidecar.errors import UpstreamFailed, UpstreamUnavailable
-    from sidecar.service import status_of
 
     assert status_of(UpstreamFailed("Invalidate", "PERMISSION_DENIED")) == grpc.StatusCode.PERMISSION_DENIED
     assert status_of(UpstreamFailed("reading", "NOT_FOUND")) == grpc.StatusCode.NOT_FOUND

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from sidecar.assembly import Direct, Options, direct
-from sidecar.barrier import Barrier
 from sidecar.config import IndexConfig, TableConfig
+from sidecar.core.assembly import Direct, Options, direct
+from sidecar.core.barrier import Barrier
+from sidecar.core.events import Op, RowChange, SyncToken
+from sidecar.core.indexes import IndexSet, plan
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
-from sidecar.events import Op, RowChange, SyncToken
-from sidecar.indexes import IndexSet, plan
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
 from sidecar.testing import MemoryDatabase
-from sidecar.wire import entry, row_json
 from tests.support.waiting import eventually
 
 TABLE = "public.people"

@@ -9,12 +9,12 @@ import gc
 
 import pytest
 
-from sidecar.assembly import Direct, direct
-from sidecar.events import Op, RowChange, TableChange
-from sidecar.fanout import SNAPSHOT, Batch, FellBehind, Filter, InitialState, InitialStateDone
-from sidecar.full import FullTable
+from sidecar.core.assembly import Direct, direct
+from sidecar.core.events import Op, RowChange, TableChange
+from sidecar.core.fanout import SNAPSHOT, Batch, FellBehind, Filter, InitialState, InitialStateDone
+from sidecar.core.full import FullTable
+from sidecar.core.wire import row_json
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import row_json
 from tests.support.waiting import eventually
 
 T = "public.items"

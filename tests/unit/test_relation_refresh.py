@@ -11,14 +11,14 @@ import json
 
 import pytest
 
-from sidecar.assembly import Direct, direct
 from sidecar.config import IndexConfig, TableConfig
-from sidecar.events import Op, RowChange
-from sidecar.fanout import DELETE, UPDATE
-from sidecar.keys import KeyColumn
-from sidecar.schema import SourceSchema, TableSchema
+from sidecar.core.assembly import Direct, direct
+from sidecar.core.events import Op, RowChange
+from sidecar.core.fanout import DELETE, UPDATE
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import SourceSchema, TableSchema
+from sidecar.core.wire import entry, row_json
 from sidecar.testing import MemoryDatabase, int_key_schema
-from sidecar.wire import entry, row_json
 from tests.support.waiting import eventually
 
 REL = "public.user_city"

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sidecar.assembly import Direct, direct
-from sidecar.engine import Revision
-from sidecar.events import Op, RowChange, TableChange
-from sidecar.full import FullTable
-from sidecar.schema import TableSchema
-from sidecar.source import Rows
+from sidecar.core.assembly import Direct, direct
+from sidecar.core.engine import Revision
+from sidecar.core.events import Op, RowChange, TableChange
+from sidecar.core.full import FullTable
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import Rows
+from sidecar.core.wire import entry
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 T = "public.items"

@@ -3,7 +3,7 @@ iteration ends, tables push their low-water marks, and applied never passes the 
 
 from __future__ import annotations
 
-from sidecar.revisions import Revisions
+from sidecar.core.revisions import Revisions
 from tests.support.waiting import eventually
 
 

@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.assembly import Options, direct
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
-from sidecar.service import CacheService
+from sidecar.core.assembly import Options, direct
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.edge.service import CacheService
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
 

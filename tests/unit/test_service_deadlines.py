@@ -11,9 +11,9 @@ import time
 import grpc
 import pytest
 
-from sidecar.assembly import direct
+from sidecar.core.assembly import direct
+from sidecar.edge.service import CacheService
 from sidecar.errors import Unavailable
-from sidecar.service import CacheService
 from sidecar.testing import MemoryDatabase
 
 

@@ -11,8 +11,8 @@ import asyncio
 import pytest
 
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.assembly import direct
-from sidecar.service import CacheService
+from sidecar.core.assembly import direct
+from sidecar.edge.service import CacheService
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
 

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from sidecar.assembly import Direct, direct
-from sidecar.events import Op, RowChange, TableChange
-from sidecar.full import FullTable
+from sidecar.core.assembly import Direct, direct
+from sidecar.core.events import Op, RowChange, TableChange
+from sidecar.core.full import FullTable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually, quiescent
 from tests.unit.test_reload_reads import HeldLoads, row

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
+from sidecar.core.events import Op, RowChange, SyncToken
+from sidecar.core.wire import entry
 from sidecar.errors import QueryFailed
-from sidecar.events import Op, RowChange, SyncToken
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 

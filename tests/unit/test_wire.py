@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import fanout, wire
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.core import fanout, wire
 
 SIZES = [0, 1, 120, 121, 122, 127, 128, 4095, 4096, 16379, 16380, 16384, 300_000]
 
@@ -132,7 +132,7 @@ def _runtime_batch(epoch: str, revision: int, xid: int, changes: list[fanout.Cha
     """The same batch built with the protobuf runtime (what the hand encoding must equal)."""
 
     def key(values: tuple[object, ...]) -> pb.Key:
-        from sidecar.keys import part_kind
+        from sidecar.core.keys import part_kind
 
         return pb.Key(parts=[pb.KeyPart(**dict([part_kind(v)])) for v in values])
 
