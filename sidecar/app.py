@@ -2,7 +2,7 @@
 server together, supervise the background tasks, and shut down cleanly.
 
 Start-up order matters for correctness: the tables start loading only once
-the listener's LISTEN is active (``Engine.listener_connected``), so no change
+the listener's LISTEN is active (``NoticeIngest.source_connected``), so no change
 can slip between the snapshot and the notifications.
 """
 
@@ -16,28 +16,31 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
 
-from sidecar import auth, channels, db, dsn, embedded, preflight, server, triggers, upstream
-from sidecar.aio import wait_set
-from sidecar.catalog import CatalogWatch
-from sidecar.config import Config
-from sidecar.db import PgDatabase
-from sidecar.dsn import scrub
-from sidecar.engine import Engine
+from sidecar.config import Config, dsn
+from sidecar.config.dsn import scrub
+from sidecar.core import assembly
+from sidecar.core.aio import backoff_delay, wait_set
+from sidecar.core.assembly import Core, Direct, Following, Options
+from sidecar.core.engine import Engine
+from sidecar.core.schema import TableSchema
+from sidecar.edge import auth, server
 from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, Unavailable
-from sidecar.follower import UpstreamSource
-from sidecar.lazy import LazyTable
-from sidecar.listener import Listener, backoff_delay
+from sidecar.fleet import channels, upstream
+from sidecar.fleet.follower import UpstreamSource
 from sidecar.metrics import Metrics
-from sidecar.notify_queue import NotifyQueue
-from sidecar.pg_source import PgChangeSource
-from sidecar.replica import ReplicaTable
-from sidecar.schema import TableSchema
-from sidecar.shared_store import SharedStore
+from sidecar.pg import db, embedded, preflight, triggers
+from sidecar.pg.catalog import CatalogWatch
+from sidecar.pg.db import PgDatabase
+from sidecar.pg.listener import Listener
+from sidecar.pg.notify_queue import NotifyQueue
+from sidecar.pg.pg_source import PgChangeSource
+from sidecar.pg.senders import SenderGate
+from sidecar.shm.store import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.embedded: embedded.EmbeddedPostgres | None = None
         self.db: PgDatabase | None = None
+        self.core: Core | None = None  # the cache's parts (tests read them)
         self.engine: Engine | None = None
         self.shared_store: SharedStore | None = None
         self.source: PgChangeSource | UpstreamSource | None = None
@@ -139,44 +143,33 @@ class Daemon:
             await preflight.check_privileges(conn, schemas)
         await self._check_triggers(config, schemas)
 
-        self.engine = engine = Engine.from_config(config, self.db, schemas)
-        self._stack.push_async_callback(engine.close)
-        self._open_shared_store(config, engine)
+        self.core = core = assembly.direct(self.db, schemas, Options.from_config(config))
+        self.engine = core.engine
+        self._stack.push_async_callback(core.close)
+        self._open_shared_store(config, core)
         db = self.db
+        notices = core.notices
         self.catalog = catalog = CatalogWatch(
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
             describe=db.describe,
             schemas=schemas,
             trigger_sets=triggers.trigger_sets(schemas, config.channel, config.bulk_threshold),
             install=config.install_triggers,
-            reload=engine.reload_table,
-            fail=engine.fail_table,
-            problem=engine.problem,
+            reload=notices.reload_table,
+            fail=notices.fail_table,
+            problem=notices.problem,
             interval=config.catalog_check_interval,
             capture_changed=self._health_dirty.set,
         )
         await catalog.baseline()
 
-        engine.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
-
-        self.metrics = Metrics() if config.metrics_listen else None
-        self.server = await server.start(
-            engine,
-            config.listen,
-            self.metrics.observe_call if self.metrics is not None else None,
-            config.health_listen,
-            security,
-            max_concurrent_calls=config.max_concurrent_calls,
-            max_health_watches=config.max_health_watches,
-        )
-        self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
-        engine.on_state_change(self._health_dirty.set)
+        notices.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
         self.source = source = PgChangeSource(
             db,
             connect=_listener_connect(config),
             channel=config.channel,
             query_timeout=config.query_timeout,
-            hears=engine.router.hears,
+            hears=notices.hears,
             check_senders=config.check_senders,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
@@ -186,20 +179,14 @@ class Daemon:
         )
         self._stack.push_async_callback(source.close)
         self.listener = source.listener
-        engine.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
-        if self.metrics is not None:
-            self.metrics.watch(engine, self.listener, asyncio.get_running_loop(), source.senders, security=security)
-            try:
-                self.metrics_address = self.metrics.serve(config.metrics_listen)
-            except OSError as exc:
-                raise ConfigError("metrics.listen", f"cannot listen on {config.metrics_listen}: {exc}") from None
-            self._stack.callback(self.metrics.close)
+        notices.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
+        served = await self._serve(config, core, security, source.listener, source.senders)
         self.config = config
         log.info(
             "serving %s on %s",
             ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
-            ", ".join(self.server.addresses),
-            extra={"event": "serving", "tables": [s.qualified for s in schemas], "listen": self.server.addresses},
+            ", ".join(served.addresses),
+            extra={"event": "serving", "tables": [s.qualified for s in schemas], "listen": served.addresses},
         )
 
     async def _start_follower(self, config: Config, security: Any) -> None:
@@ -217,11 +204,6 @@ class Daemon:
         schemas = upstream.follower_schemas(listing, config.tables)
         fills = upstream.UpstreamDatabase(link, strong=False)  # lazy tables' fills: the upstream's memory
 
-        def make_table(schema: TableSchema) -> Any:
-            if schema.config.mode == "full":
-                return ReplicaTable(schema)
-            return LazyTable(schema, fills, max_rows=schema.config.max_rows)
-
         self.source = source = UpstreamSource(
             link,
             {s.qualified: s for s in schemas},
@@ -231,16 +213,34 @@ class Daemon:
             reconnect_max_delay=config.reconnect_max_delay,
             reread_patience=config.stall_seconds,
         )
-        self.engine = engine = Engine.from_config(config, source.database, schemas, make_table=make_table)
-        self._stack.push_async_callback(engine.close)
-        engine.reads.source_name = f"upstream {link.target}"  # (a follower has no database: errors say so)
-        self._open_shared_store(config, engine)
-        engine.forward_invalidate = link.invalidate
-        engine.follow_state = source.state
-        engine.attach(source, barrier_timeout=config.query_timeout)
+        self.core = core = assembly.following(
+            source.database, fills, schemas, link, source.state, link.target, Options.from_config(config)
+        )
+        self.engine = core.engine
+        self._stack.push_async_callback(core.close)
+        self._open_shared_store(config, core)
+        core.batches.attach(source, barrier_timeout=config.query_timeout)
+        served = await self._serve(config, core, security, None, None)
+        log.info(
+            "serving %s on %s, following %s",
+            ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
+            ", ".join(served.addresses),
+            link.target,
+            extra={
+                "event": "serving",
+                "tables": [s.qualified for s in schemas],
+                "listen": served.addresses,
+                "upstream": link.target,
+            },
+        )
+
+    async def _serve(
+        self, config: Config, core: Core, security: Any, listener: Listener | None, senders: SenderGate | None
+    ) -> server.Server:
+        """What both start-ups share: the gRPC server, health following readiness, metrics."""
         self.metrics = Metrics() if config.metrics_listen else None
-        self.server = await server.start(
-            engine,
+        self.server = served = await server.start(
+            core,
             config.listen,
             self.metrics.observe_call if self.metrics is not None else None,
             config.health_listen,
@@ -248,37 +248,35 @@ class Daemon:
             max_concurrent_calls=config.max_concurrent_calls,
             max_health_watches=config.max_health_watches,
         )
-        self._stack.push_async_callback(self.server.stop, 0)
-        engine.on_state_change(self._health_dirty.set)
+        self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
+        core.engine.on_state_change(self._health_dirty.set)
         if self.metrics is not None:
-            self.metrics.watch(engine, None, asyncio.get_running_loop(), security=security)
+            self.metrics.watch(core, listener, asyncio.get_running_loop(), senders, security=security)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
                 raise ConfigError("metrics.listen", f"cannot listen on {config.metrics_listen}: {exc}") from None
             self._stack.callback(self.metrics.close)
-        log.info(
-            "serving %s on %s, following %s",
-            ", ".join(f"{s.qualified} ({s.config.mode})" for s in schemas),
-            ", ".join(self.server.addresses),
-            link.target,
-            extra={
-                "event": "serving",
-                "tables": [s.qualified for s in schemas],
-                "listen": self.server.addresses,
-                "upstream": link.target,
-            },
-        )
+        return served
 
-    def _open_shared_store(self, config: Config, engine: Engine) -> None:
-        """The shared-memory store, when configured: told what the engine applies; closed
+    def _follow_changes(self) -> Coroutine[Any, Any, None]:
+        """The change source, feeding the side its changes come in by."""
+        core, source = self.core, self.source
+        if isinstance(core, Direct):
+            assert isinstance(source, PgChangeSource)
+            return source.follow(core.notices)
+        assert isinstance(core, Following) and isinstance(source, UpstreamSource)
+        return source.follow(core.batches)
+
+    def _open_shared_store(self, config: Config, core: Core) -> None:
+        """The shared-memory store, when configured: told what the fan-out publishes; closed
         (marked stale for readers) after the server stopped."""
         if config.shared_memory_dir is None:
             return
-        self.shared_store = store = SharedStore(config.shared_memory_dir, config.shared_memory_map_size, engine)
+        self.shared_store = store = SharedStore(config.shared_memory_dir, config.shared_memory_map_size, core)
         self._stack.callback(store.close)
-        engine.observer = store
-        engine.on_state_change(store.state_changed)
+        core.fanout.observe(store)
+        core.engine.on_state_change(store.state_changed)
 
     async def _list_with_retry(self, link: upstream.Upstream, config: Config) -> Any:
         """The upstream's tables, waiting for it to be reachable (it may start after us) and
@@ -362,7 +360,7 @@ class Daemon:
     async def _supervise(self) -> int:
         assert self.source is not None and self.engine is not None and self.server is not None
         tasks = {
-            asyncio.create_task(self.source.follow(self.engine), name="listener"),
+            asyncio.create_task(self._follow_changes(), name="listener"),
             asyncio.create_task(self._follow_health(), name="health"),
         }
         if self.catalog is not None:
@@ -405,7 +403,7 @@ class Daemon:
                 if ready:
                     log.info(
                         "ready: every table is loaded and the %s is up (revision %s)",
-                        "listener" if self.engine.follow_state is None else "upstream stream",
+                        "listener" if self.config.upstream_target is None else "upstream stream",
                         self.engine.revision,
                         extra={"event": "ready", "revision": str(self.engine.revision)},
                     )
@@ -417,22 +415,24 @@ class Daemon:
         return self.catalog.capture_problems if self.catalog is not None else {}
 
     def _why_not_ready(self) -> str:
-        assert self.engine is not None
-        engine = self.engine
+        assert self.core is not None
+        core, engine = self.core, self.core.engine
         capture = self._capture_problems()
         if capture:
             return "; ".join(f"{table}: {problem}" for table, problem in capture.items())
-        if not engine.listener_up and engine.follow_state is not None:
-            return f"not following {engine.follow_state().target} (yet); reads go to the upstream"
-        if not engine.listener_up:
+        following = core.upstream_state()
+        if not core.trust.up and following is not None:
+            return f"not following {following.target} (yet); reads go to the upstream"
+        if not core.trust.up:
             return "listener down; reads go to the database"
         if engine.stalled:
-            waiting = [name for name, table in engine.tables.items() if table.low_water() is not None]
+            waiting = [name for name, table in core.tables.items() if table.low_water() is not None]
+            behind = core.revisions.seq - core.revisions.applied
             return (
                 f"the revision has not advanced for {engine.stalled_seconds:.0f}s while "
-                f"{engine.seq - engine.applied} received batch(es) wait (on {', '.join(waiting) or 'nothing'})"
+                f"{behind} received batch(es) wait (on {', '.join(waiting) or 'nothing'})"
             )
-        loading = [name for name, table in engine.tables.items() if not table.loaded and table.problem is None]
+        loading = [name for name, table in core.tables.items() if not table.loaded and table.problem is None]
         return f"loading {', '.join(loading)}"
 
     def _install_signal_handlers(self) -> None:
@@ -457,12 +457,12 @@ class Daemon:
         self.stop_event.set()
 
     async def _shutdown(self, tasks: set[asyncio.Task[Any]]) -> None:
-        assert self.server is not None and self.engine is not None
+        assert self.server is not None and self.core is not None
         started = time.monotonic()
         await self.server.set_serving(False)
         # Watch streams end now, cleanly (UNAVAILABLE naming the revision to resume
         # from); unary calls in flight get the grace period, new ones are refused.
-        self.engine.hub.shutdown()
+        self.core.fanout.shutdown()
         await self.server.stop(self.config.grace_period)
         for task in tasks:  # the listener closes its LISTEN connection
             task.cancel()

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from sidecar import __version__, dsn
+from sidecar import __version__
 from sidecar import config as cfg
+from sidecar.config import dsn
 from sidecar.errors import ConfigError, SidecarError
 
 log = logging.getLogger("sidecar")
@@ -386,9 +387,9 @@ def _print_demo_banner(daemon: Any) -> None:
 
 
 def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
-    from sidecar import triggers
     from sidecar.app import call_with_db, exit_code
-    from sidecar.db import describe_table
+    from sidecar.pg import triggers
+    from sidecar.pg.db import describe_table
 
     if not config.tables:
         print(
@@ -432,7 +433,7 @@ def _pg_env() -> bool:
 
 def _remote(args: argparse.Namespace) -> int:
     from sidecar import remote
-    from sidecar.channels import UpstreamSecurity
+    from sidecar.fleet.channels import UpstreamSecurity
 
     security = UpstreamSecurity(
         args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.token_file, keys=dict(remote.FLAG_NAMES)

@@ -18,14 +18,13 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.addresses import parse_listen_address
-from sidecar.auth import ServerSecurity
-from sidecar.engine import Engine
-from sidecar.full import FullTable
-from sidecar.listener import Listener
-from sidecar.notify_queue import NotifyQueue
-from sidecar.senders import SenderGate, SenderStats
-from sidecar.source import FollowState
+from sidecar.config.addresses import parse_listen_address
+from sidecar.core.assembly import Core, Direct
+from sidecar.core.source import FollowState
+from sidecar.edge.auth import ServerSecurity
+from sidecar.pg.listener import Listener
+from sidecar.pg.notify_queue import NotifyQueue
+from sidecar.pg.senders import SenderGate, SenderStats
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,18 @@ class Metrics:
 
     def watch(
         self,
-        engine: Engine,
+        core: Core,
         listener: Listener | None,
         loop: asyncio.AbstractEventLoop,
         senders: SenderGate | None = None,
         *,
         security: ServerSecurity | None = None,
     ) -> None:
-        """Report the state of ``engine``, ``listener`` and ``senders`` (read on ``loop``; a
+        """Report the state of ``core``, ``listener`` and ``senders`` (read on ``loop``; a
         follower has no listener; no sender gate when senders are not checked), and of the
         credential files of ``security``."""
-        engine.on_barrier = self.barrier_seconds.observe
-        self.registry.register(_StateCollector(engine, listener, loop, self, senders))
+        core.engine.on_barrier(self.barrier_seconds.observe)
+        self.registry.register(_StateCollector(core, listener, loop, self, senders))
         if security is not None:
             self.registry.register(CredentialCollector(security))
 
@@ -94,13 +93,13 @@ class Metrics:
 class _StateCollector(Collector):
     def __init__(
         self,
-        engine: Engine,
+        core: Core,
         listener: Listener | None,
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics,
         senders: SenderGate | None = None,
     ) -> None:
-        self.engine = engine
+        self.core = core
         self.listener = listener
         self.senders = senders
         self.loop = loop
@@ -116,7 +115,8 @@ class _StateCollector(Collector):
             log.warning("metrics: could not read the engine's state: %s", exc)
 
     async def _snapshot(self) -> list[Any]:
-        engine, listener = self.engine, self.listener
+        core, engine, listener = self.core, self.core.engine, self.listener
+        notices = core.notices if isinstance(core, Direct) else None
         reads = CounterMetricFamily(
             "cache_sidecar_reads",
             "Keys read, by table and result (hit, not_found, miss; database: "
@@ -163,7 +163,7 @@ class _StateCollector(Collector):
             "Seconds the running load still needs at its rate so far (0: not running, or cannot tell).",
             labels=["table"],
         )
-        for name, table in engine.tables.items():
+        for name, table in core.tables.items():
             if (progress := table.load_progress) is not None:
                 state = progress.state()
                 loading.add_metric([name], 1 if state.running else 0)
@@ -172,11 +172,11 @@ class _StateCollector(Collector):
                 load_eta.add_metric([name], state.eta or 0.0)
             for result, count in table.reads.items():
                 reads.add_metric([name, result], count)
-            reads.add_metric([name, "database"], engine.reads.stats.database_reads.get(name, 0))
+            reads.add_metric([name, "database"], core.reads.stats.database_reads.get(name, 0))
             for kind, count in table.queries().items():
                 queries.add_metric([name, kind], count)
-            if isinstance(table, FullTable):
-                coalesced.add_metric([name], table.coalesced)
+            if (full := core.full.get(name)) is not None:
+                coalesced.add_metric([name], full.coalesced)
             rows.add_metric([name], table.row_count)
             size.add_metric([name], table.byte_count())
             loaded.add_metric([name], 1 if table.loaded else 0)
@@ -187,8 +187,8 @@ class _StateCollector(Collector):
             families += self._listener(listener)
         if self.senders is not None:
             families += _senders(self.senders.stats)
-        if engine.follow_state is not None:
-            families += _upstream(engine.follow_state())
+        if (following := core.upstream_state()) is not None:
+            families += _upstream(following)
         families.append(
             GaugeMetricFamily(
                 "cache_sidecar_revision_stalled_seconds",
@@ -202,20 +202,22 @@ class _StateCollector(Collector):
                 "cache_sidecar_ready", "1 while serving from memory (health SERVING).", 1 if engine.ready else 0
             )
         )
-        families.append(GaugeMetricFamily("cache_sidecar_revision", "The applied revision number.", engine.applied))
+        families.append(
+            GaugeMetricFamily("cache_sidecar_revision", "The applied revision number.", core.revisions.applied)
+        )
         families.append(
             GaugeMetricFamily(
                 "cache_sidecar_revision_received",
                 "Revision numbers received (applied lags it by refetches).",
-                engine.seq,
+                core.revisions.seq,
             )
         )
         families.append(
-            GaugeMetricFamily("cache_sidecar_watch_subscribers", "Open Watch streams.", engine.hub.subscribers)
+            GaugeMetricFamily("cache_sidecar_watch_subscribers", "Open Watch streams.", core.fanout.subscribers)
         )
         families.append(
             CounterMetricFamily(
-                "cache_sidecar_watch_dropped", "Watch streams ended for falling behind.", engine.hub.dropped
+                "cache_sidecar_watch_dropped", "Watch streams ended for falling behind.", core.fanout.dropped
             )
         )
         families.append(
@@ -223,14 +225,14 @@ class _StateCollector(Collector):
                 "cache_sidecar_watch_stalled",
                 "Watch streams ended because their client took no message for watch.send_timeout "
                 "(counted in cache_sidecar_watch_dropped too).",
-                engine.hub.stalled,
+                core.fanout.stalled,
             )
         )
         families.append(
             GaugeMetricFamily(
                 "cache_sidecar_watch_snapshot_bytes",
                 "Bytes of old rows that initial-state snapshots keep alive (at most watch.snapshot_max_bytes).",
-                engine.retention.held,
+                core.retention.held,
             )
         )
         families.append(
@@ -238,21 +240,21 @@ class _StateCollector(Collector):
                 "cache_sidecar_watch_snapshots_given_up",
                 "Initial-state snapshots given up for keeping more than watch.snapshot_max_bytes alive "
                 "(their streams ended; clients start over).",
-                engine.retention.given_up,
+                core.retention.given_up,
             )
         )
         families.append(
             CounterMetricFamily(
                 "cache_sidecar_watch_refused",
                 "Watch streams refused by watch.max_streams or watch.max_streams_per_connection.",
-                engine.hub.refused,
+                core.fanout.refused,
             )
         )
         families.append(
             CounterMetricFamily(
                 "cache_sidecar_events_ignored",
                 "Notifications for tables this sidecar does not cache.",
-                engine.router.stats.ignored,
+                notices.stats.ignored if notices is not None else 0,
             )
         )
         queue = self.metrics.queue
@@ -268,7 +270,8 @@ class _StateCollector(Collector):
         return families
 
     def _listener(self, listener: Listener) -> list[Any]:
-        engine, stats = self.engine, listener.stats
+        stats = listener.stats
+        notices = self.core.notices if isinstance(self.core, Direct) else None
         families: list[Any] = []
         families.append(
             CounterMetricFamily("cache_sidecar_notifications", "Notifications received.", stats.notifications)
@@ -291,7 +294,7 @@ class _StateCollector(Collector):
             CounterMetricFamily(
                 "cache_sidecar_notifications_degraded",
                 "Notifications whose keys did not fit their columns (the table was reloaded instead).",
-                engine.router.stats.bad_keys,
+                notices.stats.bad_keys if notices is not None else 0,
             )
         )
         families.append(

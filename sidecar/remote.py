@@ -14,8 +14,8 @@ import grpc
 
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.channels import UpstreamSecurity, explain, sync_channel
 from sidecar.errors import ConfigError
+from sidecar.fleet.channels import UpstreamSecurity, explain, sync_channel
 
 # The command line's names for the settings of a channel (its error messages name them).
 FLAG_NAMES = {"ca": "--tls-ca-file", "cert": "--tls-cert-file", "key": "--tls-key-file", "token": "--token-file"}

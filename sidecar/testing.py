@@ -15,13 +15,13 @@ from dataclasses import replace
 from typing import Any
 
 from sidecar.config import TableConfig
+from sidecar.core.events import Event, SyncToken
+from sidecar.core.indexes import IndexQuery, IndexSet
+from sidecar.core.keys import Key, KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import ChangeSink, Rows
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import SchemaError
-from sidecar.events import Event, SyncToken
-from sidecar.indexes import IndexQuery, IndexSet
-from sidecar.keys import Key, KeyColumn
-from sidecar.schema import TableSchema
-from sidecar.source import ChangeSink, Rows
-from sidecar.wire import entry, row_json
 
 
 def int_key_schema(name: str = "public.items", mode: str = "full", **table: Any) -> TableSchema:
@@ -159,7 +159,7 @@ class MemoryChangeSource:
 
     async def follow(self, sink: ChangeSink) -> None:
         self._sink = sink
-        sink.listener_connected()
+        sink.source_connected()
         await asyncio.Event().wait()  # until cancelled
 
     async def send_token(self, token: str) -> None:
@@ -173,8 +173,8 @@ class MemoryChangeSource:
 
     def lose(self, reason: str = "test") -> None:
         assert self._sink is not None
-        self._sink.listener_lost(reason)
+        self._sink.source_lost(reason)
 
     def reconnect(self) -> None:
         assert self._sink is not None
-        self._sink.listener_connected()
+        self._sink.source_connected()

@@ -96,6 +96,11 @@ class RunningDaemon:
         return self.daemon.engine
 
     @property
+    def core(self) -> Any:
+        """The daemon's wired parts (``assembly.Direct`` or ``Following``)."""
+        return self.daemon.core
+
+    @property
     def target(self) -> str:
         assert self.daemon.server is not None
         return self.daemon.server.addresses[0]

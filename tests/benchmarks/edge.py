@@ -2,7 +2,7 @@
 
 a unary Get through a sidecar process in plaintext, with tokens, over TLS, over TLS with
 tokens, and over mutual TLS with tokens; 1 and 16 concurrent callers from one asyncio
-client process whose channel is built by ``sidecar.channels`` (as a follower's is). One
+client process whose channel is built by ``sidecar.fleet.channels`` (as a follower's is). One
 sidecar process per mode, all started first, measured in rounds (each mode in turn, so a
 machine that gets busier mid-run slows all alike); each channel stays open (the TLS
 handshake is paid once).
@@ -22,9 +22,9 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sidecar import channels
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
+from sidecar.fleet import channels
 from tests.benchmarks.run import TABLE, Result, free_port, measure, prepare, table, wait_serving
 from tests.support.certs import Authority
 

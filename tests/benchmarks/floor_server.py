@@ -25,8 +25,8 @@ from typing import Any
 
 import grpc
 
-from sidecar import wire
-from sidecar.service import SERVICE_NAME
+from sidecar.core import wire
+from sidecar.edge.names import SERVICE_NAME
 
 
 def replies(row: bytes) -> tuple[bytes, bytes]:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from sidecar import triggers
 from sidecar.config import TableConfig
-from sidecar.db import describe_table
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 
 ROWS = 100_000
 

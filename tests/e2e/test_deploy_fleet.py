@@ -27,7 +27,7 @@ import pytest
 from cache_sidecar_client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import tokens
+from sidecar.edge import tokens
 from tests.e2e.test_deploy import BIN, K8S, check, free_port, one, pod_spec, render, sidecar_toml
 from tests.support.certs import Authority
 from tests.support.waiting import wait_until

@@ -69,10 +69,10 @@ async def test_no_stale_read_after_a_reset(start_daemon, db, items):
         await eventually(lambda: near.connected)
         assert await version(cache, items, 4) == 0
         flushes = near.stats.flushes
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 8 WHERE id = 4")  # possibly never notified
-        await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch, what="rebuilt")
+        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="rebuilt")
         await eventually(lambda: near.stats.flushes > flushes and near.connected, what="reset reached the client")
         assert await version(cache, items, 4) == 8
 
@@ -205,7 +205,7 @@ async def test_changes_iterator_for_event_driven_code(start_daemon, db, items):
                 seen.append(change)
 
         consumer = asyncio.create_task(consume())
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.core.fanout.subscribers == 1)
         await db.execute(f"UPDATE {items} SET version = 1 WHERE id = 1")  # not an insert
         await db.execute(f"INSERT INTO {items} VALUES (100, 0), (101, 0)")
         await eventually(lambda: len(seen) == 2, what="two inserts")

@@ -72,7 +72,7 @@ async def test_lazy_table_reads_through_and_follows_changes(start_daemon, db, pa
     )
     async with AsyncClient(sidecar.target) as cache:
         assert [r["id"] for r in await cache.batch_get(patrons, [1, 2, 3, 4, 5])] == [1, 2, 3, 4, 5]
-        table = sidecar.engine.tables[patrons]
+        table = sidecar.core.tables[patrons]
         assert table.row_count == 3  # the LRU bound
         assert (await cache.get(patrons, 5))["name"] == "p5"
         await db.execute(f"UPDATE {patrons} SET name = 'changed' WHERE id = 5")
@@ -94,12 +94,12 @@ async def test_listener_killed_then_rows_changed_meanwhile_are_served_fresh(star
     sidecar = await start_daemon([f"{patrons}:{mode}"])
     async with AsyncClient(sidecar.target) as cache:
         assert (await cache.get(patrons, 7))["name"] == "p7"
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         pid = sidecar.daemon.listener.backend_pid
         assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
         # Committed while the listener may be gone: this NOTIFY can be lost.
         await db.execute(f"UPDATE {patrons} SET name = 'while deaf' WHERE id = 7")
-        await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch, what="reconnected")
+        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="reconnected")
         assert (await cache.get(patrons, 7))["name"] == "while deaf"
         assert sidecar.daemon.listener.stats.disconnects >= 1
         # and it keeps following changes on the new connection
@@ -178,7 +178,7 @@ async def test_malformed_messages_get_clear_statuses(start_daemon, db, schema, p
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
             assert message in info.value.details()
         # a revision the cache has not reached: bounded by the caller's deadline
-        future = pb.Revision(epoch=sidecar.engine.epoch, number=sidecar.engine.applied + 1000)
+        future = pb.Revision(epoch=sidecar.core.revisions.epoch, number=sidecar.core.revisions.applied + 1000)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Get(
                 pb.GetRequest(table=patrons, key=one, options=pb.ReadOptions(min_revision=future)),
@@ -198,7 +198,7 @@ async def test_invalidate_sync_and_strong_reads(start_daemon, db, patrons):
         assert (await cache.get(patrons, 9))["name"] == "p9"
         revision = await cache.invalidate(patrons, [9], refresh=True)
         assert (await cache.get(patrons, 9))["name"] == "silent"
-        assert revision.epoch == sidecar.engine.epoch
+        assert revision.epoch == sidecar.core.revisions.epoch
         # Strong read: sees a commit that completed just before it, no waiting on our side.
         await db.execute(f"UPDATE {patrons} SET name = 'strong' WHERE id = 9")
         assert (await cache.get(patrons, 9, consistency="strong"))["name"] == "strong"
@@ -208,7 +208,7 @@ async def test_invalidate_sync_and_strong_reads(start_daemon, db, patrons):
 
 async def test_concurrent_barriers_share_round_trips(start_daemon, patrons):
     sidecar = await start_daemon([patrons])
-    barrier = sidecar.engine.barrier
+    barrier = sidecar.core.trust.barrier
     async with AsyncClient(sidecar.target) as cache:
         await cache.sync()
         before = barrier.rounds

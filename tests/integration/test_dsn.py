@@ -8,8 +8,8 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.app import Daemon, call_with_db
-from sidecar.db import PgDatabase, connect_kwargs
 from sidecar.errors import ConfigError, Unavailable
+from sidecar.pg.db import PgDatabase, connect_kwargs
 
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR")
 

@@ -92,8 +92,8 @@ async def shop(db: asyncpg.Connection, schema: str) -> dict[str, Any]:
         ),
         key=("id",),
         sources=(
-            cfg.Source(schema, "pet", (("id", "id"),)),
-            cfg.Source(schema, "owner", (("id", "owner_id"),)),
+            cfg.RelationSource(schema, "pet", (("id", "id"),)),
+            cfg.RelationSource(schema, "owner", (("id", "owner_id"),)),
         ),
     )
     return {"schema": schema, "tables": [item, note, pets], "item": item.qualified, "note": note.qualified}
@@ -115,7 +115,7 @@ async def test_a_follower_serves_what_its_hub_serves(start_daemon, start_followe
         assert [r["id"] for r in result.rows] == [5, 6, 7]
         assert [r["id"] for r in (await cache.query(shop["item"], "by_name", ["item 4"])).rows] == [4]
         # Served from the follower's memory, not the hub's: no read reached the hub.
-        assert hub.engine.reads.stats.passthrough_reads == 0
+        assert hub.core.reads.stats.passthrough_reads == 0
 
         # A committed change reaches the follower with its rows, relations and index included.
         await db.execute(f"UPDATE {schema}.item SET price = 55 WHERE id = 2")
@@ -123,7 +123,9 @@ async def test_a_follower_serves_what_its_hub_serves(start_daemon, start_followe
         await db.execute(f"UPDATE {schema}.note SET body = 'uno' WHERE id = 1")
         await db.execute(f"DELETE FROM {schema}.item WHERE id = 3")
         revision = (await AsyncClient(hub.target).sync()).number
-        await eventually(lambda: follower.engine.applied >= revision, what="the follower applied the hub's revision")
+        await eventually(
+            lambda: follower.core.revisions.applied >= revision, what="the follower applied the hub's revision"
+        )
         assert await cache.get(f"{schema}.pets", 10) == {"id": 10, "name": "Rex", "owner_id": 1, "owner": "Ada L."}
         assert await cache.get(shop["item"], 3) is None
         assert await cache.get(shop["note"], 1) == {"id": 1, "body": "uno"}  # the lazy key was dropped
@@ -131,7 +133,7 @@ async def test_a_follower_serves_what_its_hub_serves(start_daemon, start_followe
         assert [r["id"] for r in result.rows] == [5, 2, 6, 7]  # (55 sorts after 50)
     # Rows came with the stream: the follower's memory equals the hub's.
     for name in (shop["item"], f"{schema}.pets"):
-        assert follower.engine.tables[name].authoritative_rows() == hub.engine.tables[name].authoritative_rows()
+        assert follower.core.tables[name].authoritative_rows() == hub.core.tables[name].authoritative_rows()
 
 
 async def test_revisions_are_the_hubs_on_every_follower(start_daemon, start_follower, db, shop):
@@ -139,15 +141,15 @@ async def test_revisions_are_the_hubs_on_every_follower(start_daemon, start_foll
     hub = await start_daemon(shop["tables"])
     a = await start_follower(hub.target)
     b = await start_follower(hub.target)
-    assert a.engine.epoch == b.engine.epoch == hub.engine.epoch
+    assert a.core.revisions.epoch == b.core.revisions.epoch == hub.core.revisions.epoch
     async with AsyncClient(a.target) as on_a, AsyncClient(b.target) as on_b:
         await db.execute(f"UPDATE {schema}.item SET name = 'written' WHERE id = 1")
         written = await on_a.sync()  # the service that wrote asks its own pod's follower
-        assert written.epoch == hub.engine.epoch and written.number >= hub.engine.applied - 1
+        assert written.epoch == hub.core.revisions.epoch and written.number >= hub.core.revisions.applied - 1
         # ... and passes the revision on: another pod's follower honours it.
         row = await on_b.get(shop["item"], 1, min_revision=written)
         assert row is not None and row["name"] == "written"
-        assert b.engine.applied >= written.number
+        assert b.core.revisions.applied >= written.number
 
 
 async def test_min_revision_waits_on_a_follower_behind(start_daemon, start_follower, db, shop):
@@ -163,7 +165,7 @@ async def test_min_revision_waits_on_a_follower_behind(start_daemon, start_follo
             await db.execute(f"UPDATE {schema}.item SET name = 'late' WHERE id = 1")
             written = await on_a.sync()
             read = asyncio.create_task(on_b.get(shop["item"], 1, min_revision=written, timeout=20))
-            await eventually(lambda: b.engine.revisions.waiting >= 1 or read.done(), what="B waiting")
+            await eventually(lambda: b.core.revisions.waiting >= 1 or read.done(), what="B waiting")
             assert not read.done()  # B waits for the revision rather than answer what it holds
             proxy.resume()
             row = await read
@@ -181,11 +183,11 @@ async def test_strong_reads_and_sync_go_through_the_hub(start_daemon, start_foll
             await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 1", f"v{n}")
             row = await cache.get(shop["item"], 1, consistency="strong")
             assert row is not None and row["name"] == f"v{n}"
-    rounds = hub.engine.barrier.rounds
+    rounds = hub.core.trust.barrier.rounds
     await asyncio.gather(*(follower.engine.sync() for _ in range(20)))
     # Concurrent callers share the upstream's round trips (two: the first caller's, and one for
     # those who came while it was being sent).
-    assert hub.engine.barrier.rounds - rounds <= 2
+    assert hub.core.trust.barrier.rounds - rounds <= 2
 
 
 async def test_invalidate_on_a_follower_goes_to_the_hub(start_daemon, start_follower, db, shop):
@@ -204,14 +206,14 @@ async def test_invalidate_on_a_follower_goes_to_the_hub(start_daemon, start_foll
         await db.execute("SET session_replication_role = origin")
         await cache.invalidate(shop["note"], [2])
         assert await cache.get(shop["note"], 2) == {"id": 2, "body": "deux"}
-        sent_again = other.engine.tables[shop["item"]].reloads
+        sent_again = other.core.tables[shop["item"]].reloads
         revision = await cache.invalidate(shop["item"], [4, 5], refresh=True)
         row = await on_other.get(shop["item"], 4, min_revision=revision)
         assert row is not None and row["name"] == "quiet"  # every follower heard of it
         assert await on_other.get(shop["item"], 5, min_revision=revision) is None
-        await eventually(lambda: other.engine.applied >= revision.number, what="other follower applied")
+        await eventually(lambda: other.core.revisions.applied >= revision.number, what="other follower applied")
         # the keyed INVALIDATE brought the keys' rows: the table was not sent again
-        assert other.engine.tables[shop["item"]].reloads == sent_again
+        assert other.core.tables[shop["item"]].reloads == sent_again
         assert await on_other.get(shop["note"], 2) == {"id": 2, "body": "deux"}
 
 
@@ -228,17 +230,14 @@ async def test_whole_table_changes_send_the_table_again(start_daemon, start_foll
         revision = await AsyncClient(hub.target).sync()
         assert await cache.get(shop["item"], 1, min_revision=revision) is None
         assert await cache.get(shop["item"], 99) == {"id": 99, "name": "new", "price": 1}
-    assert (
-        follower.engine.tables[shop["item"]].authoritative_rows()
-        == hub.engine.tables[shop["item"]].authoritative_rows()
-    )
+    assert follower.core.tables[shop["item"]].authoritative_rows() == hub.core.tables[shop["item"]].authoritative_rows()
 
 
 async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower, db, shop):
     schema = shop["schema"]
     hub = await start_daemon(shop["tables"])
     follower = await start_follower(hub.target, tables=(shop["item"],))
-    assert list(follower.engine.tables) == [shop["item"]]
+    assert list(follower.core.tables) == [shop["item"]]
     async with AsyncClient(follower.target) as cache:
         seen, reader = await watching(cache, follower, shop["item"])
         # The hub's revisions of other tables never reach this follower: its own have gaps.
@@ -266,14 +265,14 @@ async def test_narrowed_follower_and_unknown_table(start_daemon, start_follower,
 
 async def watching(cache: AsyncClient, sidecar: RunningDaemon, table: str) -> tuple[list[Any], asyncio.Task[None]]:
     seen: list[Any] = []
-    before = sidecar.engine.hub.subscribers
+    before = sidecar.core.fanout.subscribers
 
     async def read() -> None:
         async for item in cache.watch([table]):
             seen.append(item)
 
     reader = asyncio.create_task(read())
-    await eventually(lambda: sidecar.engine.hub.subscribers > before, what="subscribed")
+    await eventually(lambda: sidecar.core.fanout.subscribers > before, what="subscribed")
     return seen, reader
 
 
@@ -287,12 +286,12 @@ async def test_history_too_short_to_resume_rebuilds_and_resets(start_daemon, sta
         async with AsyncClient(follower.target) as cache:
             seen, reader = await watching(cache, follower, shop["item"])
             proxy.block()
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+            await eventually(lambda: not follower.core.trust.up, what="the follower noticed")
             for n in range(5):  # more batches than the hub keeps
                 await db.execute(f"UPDATE {schema}.item SET name = $1 WHERE id = 13", f"missed {n}")
             proxy.unblock()
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
-            assert follower.engine.epoch == hub.engine.epoch
+            assert follower.core.revisions.epoch == hub.core.revisions.epoch
             assert follower.daemon.source.rebuilds == 1
             await eventually(lambda: any(isinstance(i, Reset) for i in seen), what="its watcher was reset")
             reader.cancel()
@@ -307,7 +306,7 @@ async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db
     proxy = await link_to(hub)
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
-        epoch = follower.engine.epoch
+        epoch = follower.core.revisions.epoch
         async with AsyncClient(follower.target) as cache:
             stream = cache.watch([shop["item"]])
             seen: list[Any] = []
@@ -317,9 +316,9 @@ async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db
                     seen.append(item)
 
             reader = asyncio.create_task(read())
-            await eventually(lambda: follower.engine.hub.subscribers >= 1, what="subscribed")
+            await eventually(lambda: follower.core.fanout.subscribers >= 1, what="subscribed")
             proxy.block()
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+            await eventually(lambda: not follower.core.trust.up, what="the follower noticed")
             await db.execute(f"UPDATE {schema}.item SET name = 'while cut' WHERE id = 5")
             proxy.unblock()
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
@@ -331,7 +330,7 @@ async def test_a_cut_link_resumes_without_reset(start_daemon, start_follower, db
                 what="the watcher got the change",
             )
             reader.cancel()
-        assert follower.engine.epoch == epoch
+        assert follower.core.revisions.epoch == epoch
         assert follower.daemon.source.resumes >= 1 and follower.daemon.source.rebuilds == 0
         assert not any(isinstance(i, Reset) for i in seen)
     finally:
@@ -345,7 +344,7 @@ async def test_a_stalled_link_is_noticed_and_resumed(start_daemon, start_followe
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.stall()  # no FIN, no reset: only the missing progress marks tell
-        await eventually(lambda: not follower.engine.listener_up, timeout=10, what="the stall noticed")
+        await eventually(lambda: not follower.core.trust.up, timeout=10, what="the stall noticed")
         proxy.resume()
         proxy.cut()  # (the stalled connection's bytes are stale: start a clean one)
         await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
@@ -372,13 +371,15 @@ async def test_another_epoch_rebuilds_and_resets_watchers(start_daemon, start_fo
                 seen.append(item)
 
         reader = asyncio.create_task(read())
-        await eventually(lambda: follower.engine.hub.subscribers >= 1, what="subscribed")
+        await eventually(lambda: follower.core.fanout.subscribers >= 1, what="subscribed")
         # The hub's LISTEN connection dies: it rebuilds in a new epoch, and so must the follower.
         await db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'"
         )
         await eventually(
-            lambda: follower.engine.epoch == hub.engine.epoch and follower.engine.ready and hub.engine.ready,
+            lambda: (
+                follower.core.revisions.epoch == hub.core.revisions.epoch and follower.engine.ready and hub.engine.ready
+            ),
             timeout=20,
             what="the follower rebuilt in the hub's new epoch",
         )
@@ -398,17 +399,17 @@ async def test_reads_pass_through_while_not_following(start_daemon, start_follow
     try:
         async with AsyncClient(follower.target, retries=0) as cache:
             # The hub ends every Watch stream (as when shutting down) but still answers reads.
-            hub.engine.hub.shutdown()
+            hub.core.fanout.shutdown()
             await eventually(lambda: not follower.engine.ready, what="the follower stopped following")
             await db.execute(f"UPDATE {schema}.item SET name = 'fresh' WHERE id = 8")
-            before = hub.engine.barrier.rounds
+            before = hub.core.trust.barrier.rounds
             row = await cache.get(shop["item"], 8)
             assert row is not None and row["name"] == "fresh"  # from the hub, behind its barrier
-            assert hub.engine.barrier.rounds > before
+            assert hub.core.trust.barrier.rounds > before
             result = await cache.query(shop["item"], "by_price", lower=80, upper=80)
             assert [r["id"] for r in result.rows] == [8]
             assert await cache.get(shop["note"], 2) == {"id": 2, "body": "two"}
-            assert follower.engine.tables[shop["item"]].stale_get((8,)) is not None  # (memory kept, unused)
+            assert follower.core.tables[shop["item"]].stale_get((8,)) is not None  # (memory kept, unused)
             # Upstream unreachable too: UNAVAILABLE, unless stale reads are allowed.
             proxy.block()
             with pytest.raises(Exception) as failed:
@@ -416,7 +417,7 @@ async def test_reads_pass_through_while_not_following(start_daemon, start_follow
             assert "UNAVAILABLE" in repr(failed.value) or "navailable" in str(failed.value)
             assert (await cache.get(shop["item"], 9, allow_stale=True))["id"] == 9
             proxy.unblock()
-            hub.engine.hub.closing = False  # streams accepted again: the follower resumes
+            hub.core.fanout.closing = False  # streams accepted again: the follower resumes
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again")
             assert follower.daemon.source.rebuilds == 0
             row = await cache.get(shop["item"], 8)
@@ -431,7 +432,7 @@ async def test_list_tables_shows_the_upstream(start_daemon, start_follower, shop
     async with grpc.aio.insecure_channel(follower.target) as channel:
         answer = await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest())
     assert answer.upstream.target == hub.target and answer.upstream.following
-    assert answer.upstream.upstream_revision.epoch == hub.engine.epoch
+    assert answer.upstream.upstream_revision.epoch == hub.core.revisions.epoch
     assert answer.upstream.behind_revisions == 0
     async with grpc.aio.insecure_channel(hub.target) as channel:
         assert not (await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest())).HasField("upstream")
@@ -442,7 +443,7 @@ async def test_a_follower_of_a_follower(start_daemon, start_follower, db, shop):
     hub = await start_daemon(shop["tables"])
     middle = await start_follower(hub.target)
     leaf = await start_follower(middle.target)
-    assert leaf.engine.epoch == hub.engine.epoch
+    assert leaf.core.revisions.epoch == hub.core.revisions.epoch
     async with AsyncClient(leaf.target) as cache:
         await db.execute(f"UPDATE {schema}.item SET name = 'chained' WHERE id = 10")
         row = await cache.get(shop["item"], 10, consistency="strong")
@@ -458,13 +459,14 @@ async def test_after_a_resume_it_serves_only_once_caught_up(start_daemon, start_
     follower = await start_follower(f"127.0.0.1:{proxy.port}")
     try:
         proxy.block()
-        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        await eventually(lambda: not follower.core.trust.up, what="the follower noticed")
         for n in range(200):  # a backlog the resumed stream brings
             await db.execute(f"UPDATE {schema}.item SET price = $1 WHERE id = 14", n)
         head = (await AsyncClient(hub.target).sync()).number
         ready_at: list[int] = []
         engine = follower.engine
-        engine.on_state_change(lambda: ready_at.append(engine.applied) if engine.ready else None)
+        revisions = follower.core.revisions
+        engine.on_state_change(lambda: ready_at.append(revisions.applied) if engine.ready else None)
         proxy.unblock()
         await eventually(lambda: ready_at, timeout=15, what="ready again")
         assert ready_at[0] >= head  # not one moment of serving memory that lacks the backlog
@@ -510,9 +512,9 @@ async def test_metrics_show_the_upstream(start_daemon, start_follower, shop):
         assert value(samples, "cache_sidecar_upstream_following") == 1
         assert value(samples, "cache_sidecar_upstream_behind_revisions") == 0
         assert value(samples, "cache_sidecar_upstream_behind_seconds") == 0
-        assert value(samples, "cache_sidecar_revision") == hub.engine.applied
+        assert value(samples, "cache_sidecar_revision") == hub.core.revisions.applied
         proxy.block()
-        await eventually(lambda: not follower.engine.listener_up, what="the follower noticed")
+        await eventually(lambda: not follower.core.trust.up, what="the follower noticed")
         samples = await eventually(lambda: asyncio.to_thread(scrape, address), what="a scrape")
         assert value(samples, "cache_sidecar_upstream_following") == 0
 
@@ -543,7 +545,7 @@ async def test_a_watch_resumes_on_another_follower_of_the_hub(start_daemon, star
         )
         reader.cancel()
     first = batches[0].revision
-    await eventually(lambda: b.engine.applied >= batches[-1].revision.number, what="B has them too")
+    await eventually(lambda: b.core.revisions.applied >= batches[-1].revision.number, what="B has them too")
     # The watcher's pod moved: it resumes on B from the revision A gave it, and misses nothing.
     request = pb.WatchRequest(
         tables=[shop["item"]], start_revision=pb.Revision(epoch=first.epoch, number=first.number - 1)
@@ -620,7 +622,7 @@ async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows
             for target, source in ((ca, second.cert_file), (cert, client.cert), (key, client.key)):
                 _replace(target, source)
             proxy.cut()  # the open connection keeps its old certificates: a new one must use the new
-            await eventually(lambda: not follower.engine.listener_up, what="the follower noticed the cut")
+            await eventually(lambda: not follower.core.trust.up, what="the follower noticed the cut")
             await db.execute(f"UPDATE {schema}.item SET name = 'after the rotation' WHERE id = 3")
             await eventually(lambda: follower.engine.ready, timeout=15, what="following again, on the new CA")
             assert (await cache.get(shop["item"], 3, consistency="strong"))["name"] == "after the rotation"
@@ -642,19 +644,19 @@ async def test_a_follower_stays_serving_while_its_hub_reloads_the_table_it_reads
     follower = await start_follower(hub.target)  # (a stall timeout of 1 s)
     flips: list[bool] = []
     follower.engine.on_state_change(lambda: flips.append(follower.engine.ready))
-    item = hub.engine.tables[shop["item"]]
+    item = hub.core.tables[shop["item"]]
     try:
         LOADS.close()
         await db.execute(f"UPDATE {schema}.item SET price = price + 1")  # a bulk statement: whole-table
         await LOADS.held()  # its reload read the table and waits
         await db.execute(f"UPDATE {schema}.item SET price = price + 1")  # another, due behind it
-        await hub.engine.barrier.wait(applied=False)  # (received)
+        await hub.core.trust.barrier.wait(applied=False)  # (received)
         reloads = item.reloads
         LOADS.open()  # the first lands: the follower hears of it and reads the table again ...
         LOADS.close()  # ... while the second is held
         await eventually(lambda: item.reloads > reloads, what="the first reload landed")
         await LOADS.held()
-        await eventually(lambda: hub.engine.hub.subscribers == 2, what="the follower reading the table again")
+        await eventually(lambda: hub.core.fanout.subscribers == 2, what="the follower reading the table again")
         await asyncio.sleep(3.0)  # the hub's reload lasts three stall timeouts
         assert follower.engine.ready and not follower.engine.stalled
     finally:

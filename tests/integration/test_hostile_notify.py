@@ -11,7 +11,7 @@ import secrets
 import asyncpg
 import pytest
 
-from sidecar import barrier, events
+from sidecar.core import barrier, events
 from tests.integration import test_metrics as metrics
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
@@ -67,10 +67,11 @@ async def test_poison_payloads_from_a_role_without_privileges_stop_nothing(start
     assert b'"v":1' in (await engine.get(num, [1]) or b"")
     await engine.prepare_read(True, None)
     assert b'"v":1' in (await engine.get(txt, ["a"]) or b"")
-    await eventually(lambda: engine.applied == engine.seq, 10, what="the revision caught up")
+    revisions = sidecar.core.revisions
+    await eventually(lambda: revisions.applied == revisions.seq, 10, what="the revision caught up")
     assert engine.ready and not engine.stalled
     # Watch history holds only batches whose transaction ids can be sent.
-    assert all(0 <= batch.xid < 2**64 for batch in engine.hub._history)
+    assert all(0 <= batch.xid < 2**64 for batch in sidecar.core.fanout._history)
 
 
 async def test_a_stranger_cannot_end_a_barrier_with_a_token(start_daemon, db, tables, stranger):
@@ -108,7 +109,7 @@ async def test_forged_barrier_tokens_do_not_end_a_barrier(start_daemon, db, sche
     channel = sidecar.daemon.config.channel
     stale = 0
     for value in range(1, 31):
-        predicted = f"tok-{engine.barrier.rounds + 1}"  # (one round per STRONG read here)
+        predicted = f"tok-{sidecar.core.trust.barrier.rounds + 1}"  # (one round per STRONG read here)
         await stranger.execute("SELECT pg_notify($1, $2)", channel, events.sync_payload(predicted))
         await db.execute(f"UPDATE {name} SET v = $1 WHERE id = 1", value)  # acknowledged: committed
         await engine.prepare_read(True, None)  # a STRONG read
@@ -134,7 +135,7 @@ async def test_whole_table_changes_forged_by_a_role_that_cannot_write_cost_no_re
     )
     name = f"{schema}.big"
     sidecar = await start_daemon([name], metrics_listen="127.0.0.1:0")
-    engine, table = sidecar.engine, sidecar.engine.tables[name]
+    engine, table = sidecar.engine, sidecar.core.tables[name]
     flips: list[bool] = []
     engine.on_state_change(lambda: flips.append(engine.ready))
     reloads = table.reloads
@@ -203,7 +204,7 @@ async def test_whole_table_changes_from_roles_that_may_change_the_table_are_appl
     may be real, and is applied."""
     name = f"{schema}.child"
     sidecar = await start_daemon([name])
-    table = sidecar.engine.tables[name]
+    table = sidecar.core.tables[name]
     reloads = table.reloads
     await writers[kind].execute("SELECT pg_notify($1, $2)", sidecar.daemon.config.channel, whole_table(schema, "child"))
     await sidecar.engine.sync()
@@ -230,7 +231,7 @@ async def test_a_whole_table_change_whose_sender_has_gone_is_applied(
     num, _ = tables
     schema = num.split(".")[0]
     sidecar = await start_daemon([num], dsn=f"postgresql://postgres@127.0.0.1:{link.port}/postgres")
-    table = sidecar.engine.tables[num]
+    table = sidecar.core.tables[num]
     reloads = table.reloads
     link.stall()  # the sidecar hears nothing until the sender is gone
     try:

@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 
 from sidecar import config as cfg
-from sidecar import triggers
-from sidecar.db import PgDatabase, describe_table, query_sql
+from sidecar.core.indexes import IndexQuery
+from sidecar.core.wire import row_json
 from sidecar.identifiers import quote_ident
-from sidecar.indexes import IndexQuery
-from sidecar.wire import row_json
+from sidecar.pg import triggers
+from sidecar.pg.db import PgDatabase, describe_table, query_sql
 from tests.support.pg import Postgres
 from tests.support.waiting import eventually
 
@@ -258,7 +258,7 @@ def collision_relations(schema: str, mode: str) -> list[cfg.TableConfig]:
             mode=mode,  # type: ignore[arg-type]
             query=f"SELECT p.t, p.kind, p.head AS n FROM {schema}.plain p",
             key=("t",),
-            sources=(cfg.Source(schema, "plain", (("t", "t"),)),),
+            sources=(cfg.RelationSource(schema, "plain", (("t", "t"),)),),
         ),
         cfg.TableConfig(  # and one with a composite-typed column t
             schema=schema,
@@ -266,7 +266,7 @@ def collision_relations(schema: str, mode: str) -> list[cfg.TableConfig]:
             mode=mode,  # type: ignore[arg-type]
             query=f"SELECT c.n AS id, c.key, c.t, c.run FROM {schema}.composite c",
             key=("id", "key"),
-            sources=(cfg.Source(schema, "composite", (("n", "id"), ("key", "key"))),),
+            sources=(cfg.RelationSource(schema, "composite", (("n", "id"), ("key", "key"))),),
         ),
     ]
 
@@ -382,7 +382,7 @@ async def test_role_settings_do_not_change_served_values(postgres, superuser, sc
             name="typed_view",
             query=TYPED_QUERY.format(s=s),
             key=("id",),
-            sources=(cfg.Source(s, "typed", (("id", "id"),)),),
+            sources=(cfg.RelationSource(s, "typed", (("id", "id"),)),),
         )
         running = await start_daemon([f"{s}.typed", relation], dsn=as_user(postgres.dsn, role))
         expected = await truth(conn, f"{s}.typed", "x.id = 1")

@@ -9,8 +9,8 @@ import itertools
 import asyncpg
 import pytest
 
-from sidecar import events
-from sidecar.listener import Listener
+from sidecar.core import events
+from sidecar.pg.listener import Listener
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 

@@ -13,12 +13,12 @@ import grpc
 import pytest
 
 from sidecar import config as cfg
-from sidecar import wire
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.db import PINNED_SETTINGS, PgDatabase
+from sidecar.core import wire
+from sidecar.core.keys import normalize_stored
 from sidecar.errors import Unavailable
-from sidecar.keys import normalize_stored
+from sidecar.pg.db import PINNED_SETTINGS, PgDatabase
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_types import VALUES
 from tests.support.waiting import eventually
@@ -159,7 +159,7 @@ async def test_list_tables_and_the_metrics_show_the_loads(start_daemon, db, sche
         assert (info.load.running, info.load.rows, info.load.expected_rows) == (False, 3000, 3000)
         assert info.load.completed == 1 and info.load.seconds > 0 and info.load.rows_per_second > 0
         await stub.Invalidate(pb.InvalidateRequest(table=full, all_rows=True))
-        await eventually(lambda: sidecar.engine.tables[full].load_progress.completed == 2, what="reloaded")
+        await eventually(lambda: sidecar.core.tables[full].load_progress.completed == 2, what="reloaded")
         assert (await listed())[full].load.completed == 2
     samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
     assert value(samples, "cache_sidecar_load_rows", table=full) == 3000

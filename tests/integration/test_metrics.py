@@ -49,7 +49,7 @@ async def test_metrics_endpoint(start_daemon, db, tables):
         await cache.sync()
         stream = cache.watch([full])
         reading = asyncio.create_task(anext(stream))
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.core.fanout.subscribers == 1)
         samples = await asyncio.to_thread(scrape, address)
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
@@ -69,7 +69,7 @@ async def test_metrics_endpoint(start_daemon, db, tables):
     assert value(samples, "cache_sidecar_listener_connected") == 1
     assert value(samples, "cache_sidecar_listener_reconnects_total") == 0
     assert value(samples, "cache_sidecar_ready") == 1
-    assert value(samples, "cache_sidecar_revision") == sidecar.engine.applied
+    assert value(samples, "cache_sidecar_revision") == sidecar.core.revisions.applied
     assert value(samples, "cache_sidecar_watch_subscribers") == 1
     assert value(samples, "cache_sidecar_watch_dropped_total") == 0
     assert value(samples, "cache_sidecar_watch_refused_total") == 0
@@ -83,8 +83,8 @@ async def test_metrics_endpoint(start_daemon, db, tables):
 async def test_reconnects_are_counted(start_daemon, db, tables):
     full, _ = tables
     sidecar = await start_daemon([full], metrics_listen="127.0.0.1:0")
-    epoch = sidecar.engine.epoch
+    epoch = sidecar.core.revisions.epoch
     await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
-    await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch)
+    await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch)
     samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
     assert value(samples, "cache_sidecar_listener_reconnects_total") == 1

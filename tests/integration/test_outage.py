@@ -45,9 +45,9 @@ async def test_database_unreachable_then_back(start_daemon, db, items, proxy, mo
     sidecar = await start_daemon([f"{items}:{mode}"], dsn=dsn, query_timeout=1.0, connect_timeout=1.0)
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         assert (await cache.get(items, 1))["version"] == 1
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         proxy.block()
-        await eventually(lambda: not sidecar.engine.listener_up, what="listener down")
+        await eventually(lambda: not sidecar.core.trust.up, what="listener down")
         assert await serving(sidecar.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(Unavailable, match="database unreachable"):
             await cache.get(items, 1)
@@ -56,7 +56,7 @@ async def test_database_unreachable_then_back(start_daemon, db, items, proxy, mo
         await db.execute(f"UPDATE {items} SET version = 2 WHERE id = 1")  # nobody hears this NOTIFY
         proxy.unblock()
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch,
+            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
             timeout=20,
             what="reconnected and rebuilt",
         )
@@ -76,16 +76,16 @@ async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db,
 
     listener._connect = through_proxy  # the next connections go through the proxy
     await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
-    await eventually(lambda: sidecar.engine.listener_up and proxy.connections > 0, what="listening via proxy")
+    await eventually(lambda: sidecar.core.trust.up and proxy.connections > 0, what="listening via proxy")
     proxy.block()
-    await eventually(lambda: not sidecar.engine.listener_up, what="listener down")
+    await eventually(lambda: not sidecar.core.trust.up, what="listener down")
     async with AsyncClient(sidecar.target) as cache:
         await db.execute(f"UPDATE {items} SET version = 9 WHERE id = 3")
         assert (await cache.get(items, 3))["version"] == 9  # from the database
         assert (await cache.get(items, 3, consistency="strong"))["version"] == 9
-        held = sidecar.engine.tables[items].rows[(3,)]
+        held = sidecar.core.tables[items].rows[(3,)]
         assert b'"version":1' in held  # memory was not updated by those reads
-        assert sidecar.engine.reads.stats.passthrough_reads >= 2
+        assert sidecar.core.reads.stats.passthrough_reads >= 2
     listener._connect = real_connect
     proxy.unblock()
     await eventually(lambda: sidecar.engine.ready, timeout=20, what="back")
@@ -100,13 +100,13 @@ async def test_postgresql_restart(start_daemon, postgres, db, schema, items):
     sidecar = await start_daemon([items, f"{lazy}:lazy"])
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         assert (await cache.get(lazy, 2))["version"] == 1
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         postgres.restart()
         conn = await asyncpg.connect(postgres.dsn)
         await conn.execute(f"UPDATE {items} SET version = 4 WHERE id = 2; UPDATE {lazy} SET version = 4 WHERE id = 2")
         await conn.close()
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch,
+            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
             timeout=30,
             what="rebuilt after restart",
         )
@@ -114,4 +114,4 @@ async def test_postgresql_restart(start_daemon, postgres, db, schema, items):
         # EVENTUAL read may still race the UPDATE's refetch (it is fresh after notify only).
         assert (await cache.get(items, 2, consistency="strong"))["version"] == 4
         assert (await cache.get(lazy, 2, consistency="strong"))["version"] == 4
-        assert (await cache.sync()).epoch == sidecar.engine.epoch
+        assert (await cache.sync()).epoch == sidecar.core.revisions.epoch

@@ -17,8 +17,8 @@ import pytest
 from cache_sidecar_client import AsyncClient, Client, IndexInfo, InvalidArgument, TableNotFound
 
 from sidecar import config as cfg
-from sidecar.db import PgDatabase
-from sidecar.indexes import IndexSet, plan
+from sidecar.core.indexes import IndexSet, plan
+from sidecar.pg.db import PgDatabase
 from tests.integration.test_relations import QUERY, relation
 from tests.support.waiting import eventually
 
@@ -350,7 +350,7 @@ async def test_values_that_do_not_fit_match_nothing_in_memory_and_in_sql(db, sch
             name="code_names",
             query=f"SELECT code, name FROM {schema}.codes",
             key=("code",),
-            sources=(cfg.Source(schema, "codes", (("code", "code"),)),),
+            sources=(cfg.RelationSource(schema, "codes", (("code", "code"),)),),
         )
         code_names = await database.describe(relation)  # (its key's type comes from the query)
         assert list(await database.fetch(code_names, [("abc",)])) == [("abc",)]  # (char(1) would give 'a')

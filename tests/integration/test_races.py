@@ -34,14 +34,14 @@ async def items(db, schema) -> str:
 
 async def commit_and_deliver(sidecar, db, sql: str) -> None:
     """Commit ``sql`` and wait until the sidecar has received its notification."""
-    before = sidecar.engine.router.stats.events
+    before = sidecar.core.notices.stats.events
     await db.execute(sql)
-    await eventually(lambda: sidecar.engine.router.stats.events > before, what="notification received")
+    await eventually(lambda: sidecar.core.notices.stats.events > before, what="notification received")
 
 
 async def test_lazy_fill_that_read_before_a_commit_is_never_stored(start_daemon, db, items):
     sidecar = await start_daemon([f"{items}:lazy"])
-    table = sidecar.engine.tables[items]
+    table = sidecar.core.tables[items]
     async with AsyncClient(sidecar.target) as cache:
         GATE.close()
         reader = asyncio.create_task(cache.get(items, 1))
@@ -55,7 +55,7 @@ async def test_lazy_fill_that_read_before_a_commit_is_never_stored(start_daemon,
 
 async def test_full_refetch_that_read_before_a_newer_commit_cannot_satisfy_it(start_daemon, db, items):
     sidecar = await start_daemon([items])
-    table = sidecar.engine.tables[items]
+    table = sidecar.core.tables[items]
     async with AsyncClient(sidecar.target) as cache:
         GATE.close()
         await commit_and_deliver(sidecar, db, f"UPDATE {items} SET version = 2 WHERE id = 1")
@@ -76,11 +76,11 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
         GATE.close()
         await commit_and_deliver(sidecar, db, f"UPDATE {items} SET version = 2 WHERE id = 1")
         await GATE.held()  # the refetch read version 2
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")  # maybe never notified
-        await eventually(lambda: sidecar.engine.listener_up and sidecar.engine.epoch != epoch)
-        table = sidecar.engine.tables[items]
+        await eventually(lambda: sidecar.core.trust.up and sidecar.core.revisions.epoch != epoch)
+        table = sidecar.core.tables[items]
         await eventually(  # the reload is due and its dispatch has run
             lambda: table._reload_needed > table._reload_done and table._dispatch_handle is None
         )
@@ -93,15 +93,15 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
 
 async def test_lazy_fill_in_flight_across_a_reconnect_is_not_stored(start_daemon, db, items):
     sidecar = await start_daemon([f"{items}:lazy"])
-    table = sidecar.engine.tables[items]
+    table = sidecar.core.tables[items]
     async with AsyncClient(sidecar.target) as cache:
         GATE.close()
         reader = asyncio.create_task(cache.get(items, 1))
         await GATE.held()
-        epoch = sidecar.engine.epoch
+        epoch = sidecar.core.revisions.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
         await db.execute(f"UPDATE {items} SET version = 5 WHERE id = 1")
-        await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch, what="reconnect")
+        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="reconnect")
         GATE.open()
         await reader
         assert (1,) not in table.cache
@@ -125,13 +125,13 @@ async def test_writes_during_the_initial_load_are_not_lost(start_daemon, db, sch
     for key in touched:  # committed after the snapshot, notified during the load
         await db.execute(f"UPDATE {table} SET version = version + 1 WHERE id = $1", key)
     await db.execute(f"DELETE FROM {table} WHERE id = 1; INSERT INTO {table} VALUES ({rows + 1}, 7)")
-    await eventually(lambda: sidecar.engine.router.stats.events >= len(touched) + 2, what="notifications")
+    await eventually(lambda: sidecar.core.notices.stats.events >= len(touched) + 2, what="notifications")
     GATE.open()
     await sidecar.ready()
     async with AsyncClient(sidecar.target) as cache:
         await cache.sync()
         expected = {r["id"]: r["version"] for r in await db.fetch(f"SELECT id, version FROM {table}")}
-        held = sidecar.engine.tables[table]
+        held = sidecar.core.tables[table]
         assert held.row_count == len(expected)
         ids = sorted(expected)
         for start in range(0, len(ids), 1000):

@@ -47,9 +47,9 @@ def relation(schema: str, mode: str = "full", **extra) -> cfg.TableConfig:  # ty
         query=QUERY.format(s=schema),
         key=("user_id",),
         sources=(
-            cfg.Source(schema, "users", (("user_id", "user_id"),)),
-            cfg.Source(schema, "users_cities", (("user_id", "user_id"),)),
-            cfg.Source(schema, "cities", (("city_id", "city_id"),)),
+            cfg.RelationSource(schema, "users", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "users_cities", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "cities", (("city_id", "city_id"),)),
         ),
         **extra,
     )
@@ -130,7 +130,7 @@ async def test_relation_rows_converge_with_the_query(start_daemon, db, schema, u
         )
         await cache.sync()
         truth = {r["user_id"]: dict(r) for r in await db.fetch(QUERY.format(s=s))}
-        table = sidecar.engine.tables[users]
+        table = sidecar.core.tables[users]
         assert table.row_count == len(truth)
         got = await cache.batch_get(users, sorted(truth))
         assert {r["user_id"]: r for r in got} == truth
@@ -147,7 +147,7 @@ async def test_watch_reports_the_relation_rows_a_source_change_touched(start_dae
                     seen.append(item)
 
         following = asyncio.create_task(follow())
-        await eventually(lambda: sidecar.engine.hub.subscribers == 1)
+        await eventually(lambda: sidecar.core.fanout.subscribers == 1)
         await db.execute(f"INSERT INTO {schema}.users_cities SELECT 1 FROM {schema}.users WHERE false")  # nothing
         await db.execute(f"UPDATE {schema}.cities SET name = 'City A' WHERE city_id = 1")
         await eventually(lambda: seen, what="a batch")
@@ -171,7 +171,7 @@ async def test_relation_configuration_errors_are_clear(postgres, schema, users, 
         name=bad.name,
         query=query or bad.query,
         key=bad.key,
-        sources=(cfg.Source(schema, "users", mapping),),
+        sources=(cfg.RelationSource(schema, "users", mapping),),
     )
     config = cfg.Config(dsn=postgres.dsn, listen=("127.0.0.1:0",), install_triggers=True, tables=(bad,))
     assert await Daemon(config, handle_signals=False).run() == 2  # the user's to fix: the exit rule's 2
@@ -266,7 +266,7 @@ async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
     start_daemon, db, schema, monkeypatch, key_sql, chunk_rows
 ):
     if chunk_rows is not None:
-        monkeypatch.setattr("sidecar.db.LOAD_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr("sidecar.pg.db.LOAD_CHUNK_ROWS", chunk_rows)
     await db.execute(f"CREATE TABLE {schema}.people (id int PRIMARY KEY, grp int, tag text)")
     await db.execute(f"INSERT INTO {schema}.people VALUES (1, 1, 'a'), (2, 1, 'b'), (3, 2, 'c')")
     grouped = cfg.TableConfig(
@@ -274,7 +274,7 @@ async def test_a_relation_key_two_rows_share_is_an_error_not_a_missing_row(
         name="by_group",
         query=f"SELECT {key_sql} AS g, p.id, p.tag FROM {schema}.people p",
         key=("g",),
-        sources=(cfg.Source(schema, "people", (("id", "id"),)),),
+        sources=(cfg.RelationSource(schema, "people", (("id", "id"),)),),
     )
     sidecar = await start_daemon([grouped], wait=False)
     async with AsyncClient(sidecar.target) as cache:
@@ -307,8 +307,8 @@ async def test_a_relation_row_pythons_json_refuses_follows_its_sources(start_dae
         query=f"SELECT m.user_id, m.city_id, p.odd FROM {schema}.members m JOIN {schema}.places p USING (city_id)",
         key=("user_id",),
         sources=(
-            cfg.Source(schema, "members", (("user_id", "user_id"),)),
-            cfg.Source(schema, "places", (("city_id", "city_id"),)),  # (found by the rows' city_id)
+            cfg.RelationSource(schema, "members", (("user_id", "user_id"),)),
+            cfg.RelationSource(schema, "places", (("city_id", "city_id"),)),  # (found by the rows' city_id)
         ),
     )
     sidecar = await start_daemon([joined])

@@ -13,7 +13,7 @@ import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, Revision
 
 from sidecar import config as cfg
-from sidecar.full import FullTable
+from sidecar.core.full import FullTable
 from tests.support import gate as gating
 from tests.support.gate import LOADS
 from tests.support.waiting import eventually
@@ -37,7 +37,7 @@ async def items(db, schema) -> cfg.TableConfig:
 
 
 def full(sidecar, name: str) -> FullTable:
-    table = sidecar.engine.tables[name]
+    table = sidecar.core.tables[name]
     assert isinstance(table, FullTable)
     return table
 
@@ -51,7 +51,7 @@ async def test_reads_during_a_reload_come_from_the_database_and_are_never_stale(
         await db.execute(f"UPDATE {name} SET version = 2")  # 20 rows: one whole-table event
         await LOADS.held()  # the reload read the table (version 2) and waits
         assert table.reloading
-        before = sidecar.engine.reads.stats.database_reads[name]
+        before = sidecar.core.reads.stats.database_reads[name]
         assert (await cache.get(name, 1, timeout=5))["version"] == 2
         # writes committed during the reload are seen by reads that begin after them
         await db.execute(f"UPDATE {name} SET version = 3 WHERE id = 3")
@@ -64,19 +64,21 @@ async def test_reads_during_a_reload_come_from_the_database_and_are_never_stale(
         odd = await cache.query(name, "by_grp", [1], timeout=5)
         assert {r["id"]: r["version"] for r in odd.rows} == {i: 3 if i == 3 else 2 for i in range(1, 21, 2)} | {100: 3}
         assert (await cache.get(name, 5, consistency="strong", timeout=5))["version"] == 2
-        received = Revision(sidecar.engine.epoch, sidecar.engine.seq)  # received, not applied: the reload holds it
-        assert sidecar.engine.applied < received.number
+        received = Revision(
+            sidecar.core.revisions.epoch, sidecar.core.revisions.seq
+        )  # received, not applied: the reload holds it
+        assert sidecar.core.revisions.applied < received.number
         assert (await cache.get(name, 3, min_revision=received, timeout=5))["version"] == 3
         assert table.reloading and LOADS.waiting == 1  # all of that while the reload was held
-        assert sidecar.engine.reads.stats.database_reads[name] > before
+        assert sidecar.core.reads.stats.database_reads[name] > before
         LOADS.open()
         await eventually(lambda: not table.reloading, what="the reload landed")
         # memory again: the reload's rows and, after them, the writes made meanwhile
         rows = await cache.batch_get(name, [1, 3, 4, 100], consistency="strong", timeout=5)
         assert [r and r["version"] for r in rows] == [2, 3, None, 3]
-        served = sidecar.engine.reads.stats.database_reads[name]
+        served = sidecar.core.reads.stats.database_reads[name]
         assert (await cache.get(name, 3, timeout=5))["version"] == 3
-        assert sidecar.engine.reads.stats.database_reads[name] == served  # (from memory)
+        assert sidecar.core.reads.stats.database_reads[name] == served  # (from memory)
         assert table.reloads == 2
 
 

@@ -15,10 +15,10 @@ import pytest
 from cache_sidecar_client import AsyncClient, ChangeBatch, InitialStateDone, TooLarge
 
 from sidecar import config as cfg
-from sidecar import server
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.wire import _varint
+from sidecar.core.wire import _varint
+from sidecar.edge import server
 from tests.support.waiting import eventually
 
 CACHE = "/cachesidecar.v1.Cache/"
@@ -221,7 +221,7 @@ async def test_a_row_above_the_limit_gets_a_clear_status_everywhere(small_messag
                 async for item in cache.watch([blobs], initial_state=True):
                     got.append(item)
         assert 13 not in [c.key for b in got if isinstance(b, ChangeBatch) for c in b.changes]
-        await eventually(lambda: sidecar.engine.hub.subscribers == 0, what="stream ended, not resumed")
+        await eventually(lambda: sidecar.core.fanout.subscribers == 0, what="stream ended, not resumed")
 
 
 async def test_watch_batches_above_the_limit(small_messages, start_daemon, db, blobs):
@@ -253,7 +253,7 @@ async def test_watch_batches_above_the_limit(small_messages, start_daemon, db, b
                 await asyncio.wait_for(reader, 20)
         finally:
             reader.cancel()
-        await eventually(lambda: sidecar.engine.hub.subscribers == 0, what="stream ended, not resumed")
+        await eventually(lambda: sidecar.core.fanout.subscribers == 0, what="stream ended, not resumed")
         assert (await cache.get(blobs, 8))["body"] == "c" * 2000  # reads of other rows go on
 
 
@@ -262,7 +262,7 @@ async def test_watch_batches_above_the_limit(small_messages, start_daemon, db, b
 
 async def test_calls_whose_deadline_passed_log_no_error(start_daemon, patrons, caplog):
     sidecar = await start_daemon([patrons])
-    barrier = sidecar.engine.barrier
+    barrier = sidecar.core.trust.barrier
     real_wait = barrier.wait
     one = pb.Key(parts=[pb.KeyPart(int_value=1)])
     stall = {"seconds": 0.0, "fail": False}

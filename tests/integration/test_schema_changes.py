@@ -23,9 +23,9 @@ import pytest
 from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
-from sidecar import triggers
-from sidecar.db import describe_table
 from sidecar.errors import QueryFailed
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
 
 
@@ -59,7 +59,7 @@ async def test_altered_columns_reload_the_table(start_daemon, db, two, ddl):
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
     await db.execute(ddl.format(t=a))
     expected = (await db.fetchval(f"SELECT row_to_json(x.*)::text FROM {a} x WHERE id = 1")).encode()
-    await eventually(lambda: sidecar.engine.tables[a].loaded and sidecar.engine.tables[a].reloads >= 2, 10)
+    await eventually(lambda: sidecar.core.tables[a].loaded and sidecar.core.tables[a].reloads >= 2, 10)
     row = await sidecar.engine.get(a, [1])
     assert row is not None and row.endswith(expected)  # the new shape, not the loaded one
     await still_serves(sidecar, db, b, "dos")
@@ -70,8 +70,8 @@ async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, 
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
     await db.execute(f"DROP TABLE {a}")
-    await eventually(lambda: sidecar.engine.tables[a].problem is not None, 10, what="a marked not served")
-    assert "does not exist" in sidecar.engine.tables[a].problem
+    await eventually(lambda: sidecar.core.tables[a].problem is not None, 10, what="a marked not served")
+    assert "does not exist" in sidecar.core.tables[a].problem
     with pytest.raises(QueryFailed, match="not served from memory"):  # (FAILED_PRECONDITION: not retried)
         await sidecar.engine.get(a, [1])
     await still_serves(sidecar, db, b, "dos")
@@ -82,7 +82,7 @@ async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, 
         assert b in [n for n, t in listed.items() if t.loaded]
     # Created again, without triggers: never silently unchanging. Installed here (install_triggers).
     await db.execute(f"CREATE TABLE {a} (id int PRIMARY KEY, v text NOT NULL); INSERT INTO {a} VALUES (1, 'again')")
-    await eventually(lambda: sidecar.engine.tables[a].problem is None and sidecar.engine.tables[a].loaded, 10)
+    await eventually(lambda: sidecar.core.tables[a].problem is None and sidecar.core.tables[a].loaded, 10)
     assert b"again" in (await sidecar.engine.get(a, [1]) or b"")
     await still_serves(sidecar, db, a, "followed")
 
@@ -92,8 +92,8 @@ async def test_recreated_table_without_triggers_is_not_served_when_not_installin
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
     sidecar.daemon.catalog._install = False  # (as a sidecar started without --install-triggers)
     await db.execute(f"DROP TABLE {a}; CREATE TABLE {a} (id int PRIMARY KEY, v text NOT NULL)")
-    await eventually(lambda: "triggers" in (sidecar.engine.tables[a].problem or ""), 10, what="a not served")
-    assert "triggers install" in sidecar.engine.tables[a].problem
+    await eventually(lambda: "triggers" in (sidecar.core.tables[a].problem or ""), 10, what="a not served")
+    assert "triggers install" in sidecar.core.tables[a].problem
     await still_serves(sidecar, db, b, "dos")
 
 
@@ -101,18 +101,18 @@ async def test_changed_primary_key_is_not_served(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
     await db.execute(f"ALTER TABLE {a} DROP CONSTRAINT a_pkey, ADD PRIMARY KEY (id, v)")
-    await eventually(lambda: "key" in (sidecar.engine.tables[a].problem or ""), 10, what="a not served")
+    await eventually(lambda: "key" in (sidecar.core.tables[a].problem or ""), 10, what="a not served")
     await still_serves(sidecar, db, b, "dos")
 
 
 async def test_drop_then_reconnect_keeps_the_daemon_serving(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=3600)  # only the reconnect checks
-    epoch = sidecar.engine.epoch
+    epoch = sidecar.core.revisions.epoch
     await db.execute(f"DROP TABLE {a}")
     assert await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
-    await eventually(lambda: sidecar.engine.epoch != epoch and sidecar.engine.ready, 15, what="rebuilt")
-    await eventually(lambda: sidecar.engine.tables[a].problem is not None, 10)
+    await eventually(lambda: sidecar.core.revisions.epoch != epoch and sidecar.engine.ready, 15, what="rebuilt")
+    await eventually(lambda: sidecar.core.tables[a].problem is not None, 10)
     await still_serves(sidecar, db, b, "dos")
 
 
@@ -137,7 +137,7 @@ async def test_row_level_role_settings_cannot_hide_ddl(db, two):
     await db.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
     try:
         await db.execute(f"SET ROLE {role}")
-        from sidecar.catalog import STATE_SQL, contents, dependencies
+        from sidecar.pg.catalog import STATE_SQL, contents, dependencies
 
         schema_name, table = a.split(".")
         row = await db.fetchrow(STATE_SQL, schema_name, table)
@@ -225,7 +225,7 @@ class Owned:
             name="items_rel",
             query=RELATION_QUERY.format(s=s),
             key=("id",),
-            sources=(cfg.Source(s, "items", (("id", "id"),)),),
+            sources=(cfg.RelationSource(s, "items", (("id", "id"),)),),
         )
         return [*(cfg.TableConfig(schema=s, name=n) for n in ("items", "parts", "other")), relation]
 
@@ -282,7 +282,7 @@ async def served(cache: AsyncClient, owned: Owned, name: str, keys: list[int], s
 @pytest.mark.parametrize("read", ["strong", "sync"])
 @pytest.mark.parametrize("case", list(DDLS))
 async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_daemon, owned, case, read, caplog):
-    caplog.set_level(logging.INFO, logger="sidecar.catalog")
+    caplog.set_level(logging.INFO, logger="sidecar.pg.catalog")
     ddl, name, keys = DDLS[case]
     sidecar = await start_owned(start_daemon, owned, interval=3600)  # no periodic check would help
     async with AsyncClient(sidecar.target, timeout=20) as cache:
@@ -295,7 +295,7 @@ async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_dae
         if read == "sync":
             revision = await cache.sync()
             # The revision Sync answered covers the reload (a watcher had its TABLE_CHANGED by then).
-            assert revision.number >= sidecar.engine._schema_batch > 0
+            assert revision.number >= sidecar.core.notices._schema_batch > 0
             assert await served(cache, owned, name, keys, strong=False) == expected
         else:
             assert await served(cache, owned, name, keys, strong=True) == expected
@@ -305,7 +305,7 @@ async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_dae
         # One full check, called for by the barrier's query; later rounds found nothing new.
         assert sidecar.daemon.catalog.checks == checks + 1
     assert [r for r in caplog.records if "changed in the catalog" in r.getMessage()]  # and it says what changed
-    problem = sidecar.engine.tables[f"{owned.schema}.{name}"].problem
+    problem = sidecar.core.tables[f"{owned.schema}.{name}"].problem
     if case == "partition attached":  # (without triggers, which this sidecar may not install: not served)
         assert problem is not None and "parts_high" in problem and "lacks the triggers" in problem
     else:
@@ -329,9 +329,9 @@ async def test_eventual_reads_converge_within_the_check_interval(start_daemon, o
 async def test_concurrent_barriers_share_one_catalog_query(start_daemon, owned):
     sidecar = await start_owned(start_daemon, owned, interval=3600)
     engine, catalog = sidecar.engine, sidecar.daemon.catalog
-    rounds, verified = engine.barrier.rounds, catalog.verified
+    rounds, verified = sidecar.core.trust.barrier.rounds, catalog.verified
     await asyncio.gather(*(engine.sync() for _ in range(50)))
-    assert catalog.verified - verified == engine.barrier.rounds - rounds < 50
+    assert catalog.verified - verified == sidecar.core.trust.barrier.rounds - rounds < 50
 
 
 async def test_a_schema_change_reaches_a_strong_read_with_a_pool_of_one_connection(start_daemon, owned):

@@ -28,9 +28,9 @@ import pytest
 from cache_sidecar_client import AsyncClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import triggers
 from sidecar.config import TableConfig
-from sidecar.db import describe_table
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -156,7 +156,7 @@ async def test_a_partition_attached_later_gets_the_triggers(roles, start_daemon,
     await make_tables(roles)
     sidecar = await start(start_daemon, roles, ["p"], roles.installer_dsn)
     p = f"{roles.schema}.p"
-    reloads = sidecar.engine.tables[p].reloads
+    reloads = sidecar.core.tables[p].reloads
     await roles.owner.execute(
         "CREATE TABLE p_as (id int, region text, v text, PRIMARY KEY (id, region));"
         "INSERT INTO p_as VALUES (5, 'as', 'attached');"
@@ -167,7 +167,7 @@ async def test_a_partition_attached_later_gets_the_triggers(roles, start_daemon,
         15,
         what="the new partition noticed and given the triggers",
     )
-    await eventually(lambda: sidecar.engine.tables[p].reloads > reloads and sidecar.engine.tables[p].loaded, 10)
+    await eventually(lambda: sidecar.core.tables[p].reloads > reloads and sidecar.core.tables[p].loaded, 10)
     assert await strong(sidecar, p, (5, "as")) == "attached"
     await roles.owner.execute("UPDATE p_as SET v = 'followed' WHERE id = 5")
     assert await strong(sidecar, p, (5, "as")) == "followed"
@@ -184,13 +184,13 @@ async def test_a_new_partition_the_sidecar_cannot_install_on_is_not_served_until
     await roles.owner.execute(
         "CREATE TABLE p_as PARTITION OF p FOR VALUES IN ('as'); INSERT INTO p_as VALUES (5, 'as', 'x')"
     )
-    await eventually(lambda: "p_as" in (sidecar.engine.tables[p].problem or ""), 15, what="p not served")
-    assert "lacks the triggers" in sidecar.engine.tables[p].problem
+    await eventually(lambda: "p_as" in (sidecar.core.tables[p].problem or ""), 15, what="p not served")
+    assert "lacks the triggers" in sidecar.core.tables[p].problem
     await eventually(_is(health, sidecar, NOT_SERVING), 10, what="health NOT_SERVING")
     assert await strong(sidecar, p, (5, "as")) == "x"  # from PostgreSQL, not from memory
     await owner_installs(roles, ["p"], channel)
     await eventually(_is(health, sidecar, SERVING), 15, what="served again")
-    assert sidecar.engine.tables[p].problem is None
+    assert sidecar.core.tables[p].problem is None
     await roles.owner.execute("UPDATE p_as SET v = 'followed' WHERE id = 5")
     assert await strong(sidecar, p, (5, "as")) == "followed"
 
@@ -243,7 +243,7 @@ async def test_triggers_that_do_not_fire_are_reinstalled(roles, start_daemon, ca
     channel = f"cs_{secrets.token_hex(4)}"
     sidecar = await start(start_daemon, roles, ["q"], roles.installer_dsn, channel=channel)
     q = f"{roles.schema}.q"
-    reloads = sidecar.engine.tables[q].reloads
+    reloads = sidecar.core.tables[q].reloads
     sql = await sabotage_sql(kind, roles.owner)
     if kind == "body_replaced":  # (by the function's owner: the role that installed it)
         installer = await asyncpg.connect(roles.installer_dsn)
@@ -258,7 +258,7 @@ async def test_triggers_that_do_not_fire_are_reinstalled(roles, start_daemon, ca
     messages = [r.getMessage() for r in caplog.records if "reinstalled the triggers" in r.getMessage()]
     assert all(q in message for message in messages) and SABOTAGE[kind][1] in messages[0]
     # (what was written before the triggers were put right is read by the reload that follows)
-    await eventually(lambda: sidecar.engine.tables[q].reloads > reloads and sidecar.engine.tables[q].loaded, 10)
+    await eventually(lambda: sidecar.core.tables[q].reloads > reloads and sidecar.core.tables[q].loaded, 10)
     assert await strong(sidecar, q, 1) == "unseen" and await strong(sidecar, q, 2) == "unseen"
     await roles.owner.execute("UPDATE q SET v = 'seen' WHERE id IN (1, 2)")
     assert await strong(sidecar, q, 1) == "seen" and await strong(sidecar, q, 2) == "seen"
@@ -275,8 +275,8 @@ async def test_triggers_that_do_not_fire_stop_the_table_being_served(roles, star
     assert await health(sidecar) == SERVING
     await roles.owner.execute(await sabotage_sql(kind, roles.owner))
     await roles.owner.execute("UPDATE q SET v = 'unseen' WHERE id IN (1, 2)")
-    await eventually(lambda: sidecar.engine.tables[q].problem is not None, 15, what="q not served")
-    assert SABOTAGE[kind][1] in sidecar.engine.tables[q].problem
+    await eventually(lambda: sidecar.core.tables[q].problem is not None, 15, what="q not served")
+    assert SABOTAGE[kind][1] in sidecar.core.tables[q].problem
     await eventually(_is(health, sidecar, NOT_SERVING), 10, what="health NOT_SERVING")
     assert await strong(sidecar, q, 1) == "unseen" and await strong(sidecar, q, 2) == "unseen"  # from PostgreSQL
     await roles.owner.execute("DROP FUNCTION IF EXISTS quiet() CASCADE")
@@ -375,9 +375,9 @@ async def test_health_comes_back_when_triggers_are_fixed_across_a_reconnect(role
     sidecar.daemon.catalog.poke()
     await eventually(_is(health, sidecar, NOT_SERVING), 10, what="health NOT_SERVING")
     await owner_installs(roles, ["q"], channel)
-    epoch = sidecar.engine.epoch
+    epoch = sidecar.core.revisions.epoch
     assert await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
-    await eventually(lambda: sidecar.engine.epoch != epoch, 15, what="reconnected")
+    await eventually(lambda: sidecar.core.revisions.epoch != epoch, 15, what="reconnected")
     await eventually(_is(health, sidecar, SERVING), 15, what="served again")
     await roles.owner.execute("UPDATE q SET v = 'seen' WHERE id = 1")
     assert await strong(sidecar, f"{roles.schema}.q", 1) == "seen"

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sidecar import events, triggers
 from sidecar.config import TableConfig
-from sidecar.db import describe_table
+from sidecar.core import events
+from sidecar.core.keys import coerce_key, normalize_stored
 from sidecar.errors import SchemaError
-from sidecar.keys import coerce_key, normalize_stored
+from sidecar.pg import triggers
+from sidecar.pg.db import describe_table
 from tests.support.pg import Postgres
 
 CHANNEL = "trigger_test"

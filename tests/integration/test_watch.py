@@ -61,7 +61,7 @@ async def test_batches_are_ordered_gap_free_one_per_transaction(start_daemon, po
         collecting = asyncio.create_task(
             collect(stream, lambda got: sum(isinstance(i, ChangeBatch) for i in got) >= total)
         )
-        await eventually(lambda: sidecar.engine.hub.subscribers >= 1, what="subscribed")
+        await eventually(lambda: sidecar.core.fanout.subscribers >= 1, what="subscribed")
         await write_versions(postgres, items, writers=4, per_writer=60, keys=range(1, 4))
         batches = [b for b in await collecting if isinstance(b, ChangeBatch)]
         await stream.aclose()
@@ -81,7 +81,7 @@ async def test_resume_after_disconnect_mid_burst(start_daemon, postgres, items):
         start = sidecar.engine.revision.number
         first_stream = cache.watch([items], resume=False)
         reading = asyncio.create_task(collect(first_stream, lambda got: len(got) >= 40))
-        await eventually(lambda: sidecar.engine.hub.subscribers >= 1, what="subscribed")
+        await eventually(lambda: sidecar.core.fanout.subscribers >= 1, what="subscribed")
         burst = asyncio.create_task(write_versions(postgres, items, writers=2, per_writer=100, keys=range(1, 51)))
         first = await reading
         await first_stream.aclose()  # the client goes away mid-burst
@@ -98,7 +98,7 @@ async def test_initial_state_then_live_has_no_seam(start_daemon, postgres, db, i
     sidecar = await start_daemon([items])
     async with AsyncClient(sidecar.target) as cache:
         writing = asyncio.create_task(write_versions(postgres, items, writers=3, per_writer=80, keys=range(1, 51)))
-        await eventually(lambda: sidecar.engine.hub.published_batches >= 5, what="writes under way")
+        await eventually(lambda: sidecar.core.fanout.published_batches >= 5, what="writes under way")
         mirror: dict[int, int] = {}
         done = asyncio.Event()
         target: list = []
@@ -141,7 +141,7 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
         )
         slow_stream = slow_client.watch([wide], resume=False)
         first = asyncio.create_task(anext(slow_stream))  # subscribes, reads one batch, then stalls
-        await eventually(lambda: sidecar.engine.hub.subscribers == 2)
+        await eventually(lambda: sidecar.core.fanout.subscribers == 2)
         await write_versions(postgres, wide, writers=1, per_writer=400, keys=range(1, 51), pace=0.004)
         await first
         assert len(await fast) == 400  # every batch, none dropped, while the slow one lagged
@@ -151,7 +151,7 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
                     pass
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "last delivered revision" in str(info.value)
-        assert sidecar.engine.hub.dropped == 1
+        assert sidecar.core.fanout.dropped == 1
         # ... and resuming from there catches up, at its own pace, without being ended again
         epoch, number = str(info.value).split("last delivered revision ")[1].split(";")[0].split("/")
         rest = await collect(
@@ -160,7 +160,7 @@ async def test_a_slow_subscriber_is_ended_while_a_fast_one_keeps_up(start_daemon
             timeout=60,
         )
         assert [b.revision.number for b in rest] == list(range(int(number) + 1, start + 401))
-        assert sidecar.engine.hub.dropped == 1
+        assert sidecar.core.fanout.dropped == 1
 
 
 async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snapshot_released(start_daemon, db, schema):
@@ -171,13 +171,13 @@ async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snap
     )
     wide = f"{schema}.wide"
     sidecar = await start_daemon([wide], watch_send_timeout=1.0)
-    table = sidecar.engine.tables[wide]
+    table = sidecar.core.tables[wide]
     options = [("grpc.max_receive_message_length", -1)]
     async with grpc.aio.insecure_channel(sidecar.target, options=options) as channel:
         call = pb_grpc.CacheStub(channel).Watch(pb.WatchRequest(tables=[wide], initial_state=True))
         await asyncio.wait_for(call.initial_metadata(), 10)  # subscribed; it reads nothing from now on
-        await eventually(lambda: sidecar.engine.hub.stalled == 1, timeout=30, what="the stalled stream ended")
-        await eventually(lambda: sidecar.engine.hub.subscribers == 0, what="unsubscribed")
+        await eventually(lambda: sidecar.core.fanout.stalled == 1, timeout=30, what="the stalled stream ended")
+        await eventually(lambda: sidecar.core.fanout.subscribers == 0, what="unsubscribed")
         await eventually(lambda: table.store.snapshots == 0, what="the snapshot it held released")
         # Reading at last, the client gets what was sent, then why the stream ended.
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -186,7 +186,7 @@ async def test_an_initial_state_whose_client_stops_reading_is_ended_and_its_snap
                     pass
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "took no message for 1 s, watch.send_timeout" in info.value.details()
-    assert sidecar.engine.hub.dropped == 1
+    assert sidecar.core.fanout.dropped == 1
 
 
 async def test_reset_on_listener_loss_then_the_stream_goes_on(start_daemon, db, items):
@@ -202,10 +202,10 @@ async def test_reset_on_listener_loss_then_the_stream_goes_on(start_daemon, db, 
             )
         )
         await db.execute(f"UPDATE {items} SET version = 1 WHERE id = 1")
-        await eventually(lambda: sidecar.engine.hub.published_batches >= 1)
-        epoch = sidecar.engine.epoch
+        await eventually(lambda: sidecar.core.fanout.published_batches >= 1)
+        epoch = sidecar.core.revisions.epoch
         await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
-        await eventually(lambda: sidecar.engine.ready and sidecar.engine.epoch != epoch, what="rebuilt")
+        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="rebuilt")
         await db.execute(f"UPDATE {items} SET version = 2 WHERE id = 1")
         got = await reading
         await stream.aclose()
@@ -225,14 +225,14 @@ async def test_a_hundred_subscribers(start_daemon, db, items):
             asyncio.create_task(collect(s, lambda got: got[-1].revision.number >= start + 20, timeout=30))
             for s in streams
         ]
-        await eventually(lambda: sidecar.engine.hub.subscribers == 100, what="100 subscribed")
+        await eventually(lambda: sidecar.core.fanout.subscribers == 100, what="100 subscribed")
         for version in range(20):
             await db.execute(f"UPDATE {items} SET version = $1 WHERE id = 1", version + 100)
         results = await asyncio.gather(*readers)
         for stream in streams:
             await stream.aclose()
     assert all([b.revision.number for b in r] == list(range(start + 1, start + 21)) for r in results)
-    await eventually(lambda: sidecar.engine.hub.subscribers == 0, what="cancellation frees subscribers")
+    await eventually(lambda: sidecar.core.fanout.subscribers == 0, what="cancellation frees subscribers")
 
 
 async def test_filtered_subscriber_gets_progress_and_table_wide_events(start_daemon, db, items):
@@ -266,7 +266,7 @@ async def test_filtered_subscriber_gets_progress_and_table_wide_events(start_dae
 
 async def test_bad_watch_requests(start_daemon, schema, items):
     sidecar = await start_daemon([items])
-    good_revision = pb.Revision(epoch=sidecar.engine.epoch, number=sidecar.engine.applied)
+    good_revision = pb.Revision(epoch=sidecar.core.revisions.epoch, number=sidecar.core.revisions.applied)
     cases = [
         (pb.WatchRequest(tables=["public.nope"]), grpc.StatusCode.NOT_FOUND, "not cached here"),
         (
@@ -304,7 +304,7 @@ async def test_bad_watch_requests(start_daemon, schema, items):
         with pytest.raises(grpc.aio.AioRpcError):
             await call.read()
         metadata = dict(await call.trailing_metadata())
-        assert metadata["cachesidecar-oldest-revision"].startswith(sidecar.engine.epoch)
+        assert metadata["cachesidecar-oldest-revision"].startswith(sidecar.core.revisions.epoch)
 
 
 async def test_client_resumes_through_a_cut_connection_without_gap_or_duplicate(start_daemon, postgres, items):
@@ -319,9 +319,9 @@ async def test_client_resumes_through_a_cut_connection_without_gap_or_duplicate(
             reading = asyncio.create_task(
                 collect(stream, lambda got: got[-1].revision.number >= start + 120, timeout=30)
             )
-            await eventually(lambda: sidecar.engine.hub.subscribers >= 1, what="subscribed")
+            await eventually(lambda: sidecar.core.fanout.subscribers >= 1, what="subscribed")
             burst = asyncio.create_task(write_versions(postgres, items, writers=1, per_writer=120, keys=range(1, 51)))
-            await eventually(lambda: sidecar.engine.hub.published > start + 30)
+            await eventually(lambda: sidecar.core.fanout.published > start + 30)
             proxy.cut()  # the network drops mid-burst; the client reconnects and resumes
             await burst
             got = await reading
@@ -357,7 +357,7 @@ async def test_streams_beyond_the_caps_are_refused_and_the_open_ones_go_on(start
             await asyncio.wait_for(pb_grpc.CacheStub(three).Watch(request).read(), 10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "watch.max_streams = 3" in info.value.details()
-        assert (sidecar.engine.hub.subscribers, sidecar.engine.hub.refused) == (3, 2)
+        assert (sidecar.core.fanout.subscribers, sidecar.core.fanout.refused) == (3, 2)
         # the Python client raises it (no headers yet: not a subscriber that fell behind)
         async with AsyncClient(sidecar.target) as cache:
             with pytest.raises(CacheSidecarError) as refusal:
@@ -369,7 +369,7 @@ async def test_streams_beyond_the_caps_are_refused_and_the_open_ones_go_on(start
             message = await asyncio.wait_for(call.read(), 10)
             assert message.changes.events[0].key.parts[0].int_value == 3
         open_calls.pop().cancel()
-        await eventually(lambda: sidecar.engine.hub.subscribers == 2, what="a slot freed")
+        await eventually(lambda: sidecar.core.fanout.subscribers == 2, what="a slot freed")
         replacement = pb_grpc.CacheStub(three).Watch(request)
         await replacement.initial_metadata()
         replacement.cancel()
@@ -379,10 +379,10 @@ async def test_streams_beyond_the_caps_are_refused_and_the_open_ones_go_on(start
 
 async def test_a_stream_behind_gets_several_batches_in_one_message_only_if_it_asked(start_daemon, db, items):
     sidecar = await start_daemon([items])
-    start = pb.Revision(epoch=sidecar.engine.epoch, number=sidecar.engine.applied)
+    start = pb.Revision(epoch=sidecar.core.revisions.epoch, number=sidecar.core.revisions.applied)
     for version in range(1, 21):
         await db.execute(f"UPDATE {items} SET version = $1 WHERE id = $2", version, version)
-    await eventually(lambda: sidecar.engine.hub.published >= start.number + 20, what="20 batches published")
+    await eventually(lambda: sidecar.core.fanout.published >= start.number + 20, what="20 batches published")
 
     async def read(accept_batches: bool) -> tuple[list[str], list[pb.ChangeBatch]]:
         kinds, batches = [], []

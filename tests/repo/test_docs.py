@@ -50,4 +50,4 @@ def test_the_settings_table_says_what_the_declarations_say():
             wrong.append(f"{s.key}: flag {flag!r}, declared {s.flag}")
         if default != shown:
             wrong.append(f"{s.key}: default {default!r}, declared {shown}")
-    assert not wrong, "README.md's settings table disagrees with sidecar/config.py:\n" + "\n".join(wrong)
+    assert not wrong, "README.md's settings table disagrees with sidecar/config/settings.py:\n" + "\n".join(wrong)

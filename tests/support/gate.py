@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from sidecar.db import PgDatabase, Rows
-from sidecar.keys import Key
-from sidecar.schema import TableSchema
+from sidecar.core.keys import Key
+from sidecar.core.schema import TableSchema
+from sidecar.pg.db import PgDatabase, Rows
 
 
 class Gate:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from sidecar.db import PINNED_SETTINGS
+from sidecar.pg.db import PINNED_SETTINGS
 from tests.support.pg import LOGICAL_SETTINGS, LocalCluster, pgserver_bindir
 
 

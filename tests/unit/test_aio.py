@@ -1,4 +1,4 @@
-"""sidecar.aio's waits."""
+"""sidecar.core.aio's waits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sidecar.aio import wait_set
+from sidecar.core.aio import wait_set
 from tests.support.waiting import quiescent
 
 

@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from sidecar.barrier import Barrier
-from sidecar.engine import Engine
+from sidecar.core.assembly import direct
+from sidecar.core.barrier import Barrier
 from sidecar.errors import Unavailable
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
@@ -219,7 +219,7 @@ async def test_through_the_engine_a_reload_the_check_started_is_covered():
     db = MemoryDatabase(int_key_schema(table))
     db.put(table, (1,), name="old")
     source = MemoryChangeSource(db)
-    engine = Engine(source.database, list(db.schemas.values()))
+    core = direct(source.database, list(db.schemas.values()))
     changed: list[str] = []  # tables the next check finds changed in the catalog
     reloads: list[int] = []  # the batches of the reloads it started
     go = asyncio.Event()  # the check's query answers
@@ -228,21 +228,21 @@ async def test_through_the_engine_a_reload_the_check_started_is_covered():
     async def check_catalog() -> None:
         await go.wait()
         while changed:
-            engine.reload_table(changed.pop(), "changed in the catalog")
-            reloads.append(engine.revisions.seq)
+            core.notices.reload_table(changed.pop(), "changed in the catalog")
+            reloads.append(core.revisions.seq)
 
-    engine.attach(source, check_catalog=check_catalog)
-    following = asyncio.create_task(source.follow(engine))
+    core.notices.attach(source, check_catalog=check_catalog)
+    following = asyncio.create_task(source.follow(core.notices))
     try:
-        await eventually(lambda: engine.ready)
+        await eventually(lambda: core.engine.ready)
         loads = HeldLoads(db, only=table)
         loads.gate.clear()
         db.put(table, (1,), name="new")  # (a rewrite: no notification)
         changed.append(table)
         go.clear()
         tokens = source.tokens
-        receiving = asyncio.create_task(engine.barrier.wait(applied=False))
-        strong = asyncio.create_task(engine.prepare_read(True, None, engine.tables[table]))  # (same round)
+        receiving = asyncio.create_task(core.trust.barrier.wait(applied=False))
+        strong = asyncio.create_task(core.engine.prepare_read(True, None, core.tables[table]))  # (same round)
         await eventually(lambda: source.tokens > tokens)
         go.set()  # (the token, already on its way, comes back first: the check acts later)
         received = await asyncio.wait_for(receiving, 5)
@@ -251,13 +251,13 @@ async def test_through_the_engine_a_reload_the_check_started_is_covered():
         # The STRONG read is answered without waiting for the reload, by PostgreSQL (newer than
         # the change), as during any reload ...
         await asyncio.wait_for(strong, 5)
-        assert b'"new"' in (await engine.get(table, [1]) or b"")
-        sync = asyncio.create_task(engine.sync())
+        assert b'"new"' in (await core.engine.get(table, [1]) or b"")
+        sync = asyncio.create_task(core.engine.sync())
         loads.gate.set()
         revision = await asyncio.wait_for(sync, 5)
         assert revision.number >= reloads[0]  # ... and Sync's revision covers the reload (watchers had TABLE_CHANGED)
-        await engine.prepare_read(True, None, engine.tables[table])
-        assert b'"new"' in (await engine.get(table, [1]) or b"")
+        await core.engine.prepare_read(True, None, core.tables[table])
+        assert b'"new"' in (await core.engine.get(table, [1]) or b"")
     finally:
         following.cancel()
-        await engine.close()
+        await core.close()

@@ -6,18 +6,18 @@ import asyncio
 
 import pytest
 
+from sidecar.core.full import FullTable, Reloading
+from sidecar.core.lazy import LazyTable
+from sidecar.core.wire import entry
 from sidecar.errors import Unavailable
-from sidecar.full import FullTable, Reloading
-from sidecar.lazy import LazyTable
 from sidecar.testing import MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually, quiescent
 
 T = "public.items"
 
 
 class Seq:
-    """Stands in for the engine's batch counter."""
+    """Stands in for the batch numbering (``Revisions``)."""
 
     def __init__(self) -> None:
         self.value = 0
@@ -31,7 +31,11 @@ class Seq:
         self.value += 1
         return self.value
 
-    def on_low_water(self, low: int | None) -> None:
+    @property
+    def seq(self) -> int:
+        return self.value
+
+    def low_water(self, table: str, low: int | None) -> None:
         self.progress += 1
         self.low = low
 
@@ -60,7 +64,7 @@ def db() -> MemoryDatabase:
 
 
 async def full_table(db: MemoryDatabase, seq: Seq, **kwargs) -> FullTable:
-    table = FullTable(db.schemas[T], db, current_seq=seq, on_low_water=seq.on_low_water, **kwargs)
+    table = FullTable(db.schemas[T], db, numbering=seq, **kwargs)
     table.rebuild(seq.next())
     await eventually(lambda: table.loaded)
     return table

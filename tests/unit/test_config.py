@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
-from sidecar.addresses import parse_listen_address
-from sidecar.dsn import redact as redact_dsn
-from sidecar.dsn import scrub
+from sidecar.config.addresses import parse_listen_address
+from sidecar.config.dsn import redact as redact_dsn
+from sidecar.config.dsn import scrub
 from sidecar.errors import ConfigError
 from sidecar.identifiers import parse_table_name, qualified_name
 

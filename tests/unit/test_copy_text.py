@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import wire
-from sidecar.copy_text import Abandoned, IntegerKeyRows, unescape
-from sidecar.source import Rows
+from sidecar.core import wire
+from sidecar.core.source import Rows
+from sidecar.pg.copy_text import Abandoned, IntegerKeyRows, unescape
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from sidecar.db import translated
 from sidecar.errors import QueryFailed, Unavailable
+from sidecar.pg.db import translated
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
-from sidecar import dsn
+from sidecar.config import dsn
 from sidecar.errors import ConfigError
 
 

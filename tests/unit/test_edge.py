@@ -1,7 +1,7 @@
 """The network edge, in process on loopback: TLS (good and bad certificates, client
 certificates), bearer tokens (none, wrong, read-only against admin), rotation of both
 without a restart, the warning on an exposed plaintext bind, the health-only port, and
-the client side's sentence for each failure (sidecar/auth.py, sidecar/channels.py)."""
+the client side's sentence for each failure (sidecar/edge/auth.py, sidecar/fleet/channels.py)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sidecar import auth, channels, filewatch, server
 from sidecar import config as cfg
-from sidecar import tls as tls_files
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
-from sidecar.channels import UpstreamSecurity
-from sidecar.engine import Engine
+from sidecar.core.assembly import Direct, direct
+from sidecar.edge import auth, filewatch, server
+from sidecar.edge import tls as tls_files
 from sidecar.errors import ConfigError
+from sidecar.fleet import channels
+from sidecar.fleet.channels import UpstreamSecurity
 from sidecar.metrics import CredentialCollector
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.certs import Authority, Issued
@@ -95,20 +96,20 @@ Serve = Callable[..., Awaitable[server.Server]]
 async def serve() -> AsyncIterator[Serve]:
     """``await serve(**settings)``: the gRPC server over an in-memory table, on loopback."""
     started: list[server.Server] = []
-    following: list[tuple[asyncio.Task[None], Engine]] = []
+    following: list[tuple[asyncio.Task[None], Direct]] = []
 
     async def start(listen: tuple[str, ...] = ("127.0.0.1:0",), health_listen: tuple[str, ...] = (), **settings: Any):
         config = cfg.Config(listen=listen, **settings)
         database = MemoryDatabase(int_key_schema())
         database.put("public.items", (1,), id=1, name="one")
-        engine = Engine(database, list(database.schemas.values()))
+        core = direct(database, list(database.schemas.values()))
         source = MemoryChangeSource(database)
-        engine.attach(source)
-        following.append((asyncio.create_task(source.follow(engine)), engine))
-        await eventually(lambda: engine.ready)
-        engine.hub.send_timeout = config.watch_send_timeout
+        core.notices.attach(source)
+        following.append((asyncio.create_task(source.follow(core.notices)), core))
+        await eventually(lambda: core.engine.ready)
+        core.fanout.send_timeout = config.watch_send_timeout
         result = await server.start(
-            engine,
+            core,
             config.listen,
             None,
             health_listen,
@@ -123,9 +124,9 @@ async def serve() -> AsyncIterator[Serve]:
     yield start
     for each in started:
         await each.stop(0)
-    for task, engine in following:
+    for task, core in following:
         task.cancel()
-        await engine.close()
+        await core.close()
 
 
 @dataclass
@@ -265,7 +266,7 @@ async def test_a_rotated_certificate_that_is_not_valid_now_is_not_taken(serve, p
     write(key, pki.server.key.read_text())
     hub = await serve(tls_cert_file=str(cert), tls_key_file=str(key))
     target = hub.addresses[0]
-    caplog.set_level(logging.ERROR, logger="sidecar.filewatch")
+    caplog.set_level(logging.ERROR, logger="sidecar.edge.filewatch")
     for bad, words in ((pki.expired_server, "expired on"), (pki.future_server, "not valid before")):
         caplog.clear()
         write(key, bad.key.read_text())
@@ -317,7 +318,7 @@ async def test_a_rotated_certificate_is_served_to_new_connections_without_a_rest
     assert (await call(target, trusting(pki, ca=pki.other_ca))).code == grpc.StatusCode.UNAVAILABLE
 
     # A bad file (half a certificate) is not taken: the last good one is still served.
-    with caplog.at_level(logging.ERROR, logger="sidecar.filewatch"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.edge.filewatch"):
         write(cert, pki.server.cert.read_text()[:100])
         assert (await call(target, trusting(pki))).code == grpc.StatusCode.OK
     assert any("keeping the previous one" in r.getMessage() for r in caplog.records)
@@ -561,7 +562,7 @@ def insecure_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_an_exposed_plaintext_unauthenticated_bind_warns_loudly(serve, pki, tokens, caplog):
-    with caplog.at_level(logging.WARNING, logger="sidecar.server"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.edge.server"):
         await serve(listen=("127.0.0.1:0",))
         assert insecure_warnings(caplog) == []
         await serve(listen=("0.0.0.0:0",))
@@ -752,7 +753,7 @@ async def test_tls_and_tokens_on_a_unix_socket(serve, pki, tokens, tmp_path):
 
 
 def test_which_listen_addresses_stay_on_this_host():
-    from sidecar.addresses import parse_listen_address
+    from sidecar.config.addresses import parse_listen_address
 
     local = ("127.0.0.1:1", "127.3.4.5:1", "localhost:1", "[::1]:1", "unix:///run/s.sock")
     exposed = ("0.0.0.0:1", ":1", "[::]:1", "10.0.0.7:1", "[fe80::1]:1", "hub.example:1", "127.example:1")

@@ -6,7 +6,7 @@ import decimal
 
 import pytest
 
-from sidecar import events
+from sidecar.core import events
 from sidecar.errors import PayloadError
 
 

@@ -1,6 +1,6 @@
 """Follower mode's core without gRPC or PostgreSQL: revisions adopted from the
-source, the hub across a same-epoch rebuild and revision gaps, ``Replica``
-applying numbered batches, the engine as a ``NumberedSink``, and the
+source, the hub across a same-epoch rebuild and revision gaps, ``BatchIngest``
+applying numbered batches, the core as a ``NumberedSink``, and the
 configuration's rules for ``upstream.*``."""
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.config import IndexConfig
-from sidecar.engine import Engine
+from sidecar.core.assembly import Following, following
+from sidecar.core.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, FanOut, Filter, Reset
+from sidecar.core.lazy import LazyTable
+from sidecar.core.replica import ReplicaTable
+from sidecar.core.revisions import Revision, Revisions
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import SourceBatch, SourceChange
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import ConfigError, Unavailable
-from sidecar.hub import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, Filter, Hub, Reset
-from sidecar.lazy import LazyTable
-from sidecar.replica import Replica, ReplicaTable
-from sidecar.revisions import Revisions
-from sidecar.source import SourceBatch, SourceChange
 from sidecar.testing import MemoryDatabase, int_key_schema
-from sidecar.wire import entry, row_json
 from tests.support.waiting import eventually, quiescent
 
 FULL = "public.items"
@@ -31,25 +32,34 @@ def row(**values: object) -> bytes:
     return entry(json.dumps(values, separators=(",", ":")).encode())
 
 
-def tables() -> dict[str, object]:
-    full = ReplicaTable(int_key_schema(FULL))
-    lazy = LazyTable(int_key_schema(LAZY, mode="lazy"), MemoryDatabase(), max_rows=10)
-    full.replace({})
-    lazy.rebuild(0)
-    return {FULL: full, LAZY: lazy}
+class NoForwarder:
+    async def invalidate(self, *args: object) -> Revision:
+        raise AssertionError("not forwarded in these tests")
 
 
-def make_hub() -> Hub:
-    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e)
-    hub.start("e1", 0)
-    return hub
+def follower_core(db: MemoryDatabase, *schemas: TableSchema) -> Following:
+    """A follower's parts over ``db`` (what reads that pass through see)."""
+    return following(db, db, list(schemas), NoForwarder(), lambda: None, "hub:1")  # type: ignore[arg-type,return-value]
+
+
+def replica_tables() -> Following:
+    """A follower's parts with a full and a lazy table, in epoch e1 at revision 0."""
+    core = follower_core(MemoryDatabase(), int_key_schema(FULL), int_key_schema(LAZY, mode="lazy"))
+    core.batches.epoch_began("e1", 0, {FULL: {}}, None)
+    return core
+
+
+def make_fanout() -> FanOut:
+    fanout = FanOut(rows_of=lambda name: None, row_json=lambda e: e)
+    fanout.start("e1", 0)
+    return fanout
 
 
 # ---------------------------------------------------------------- revisions
 
 
 def test_revisions_adopt_the_sources_epoch_and_numbers():
-    revisions = Revisions(lambda applied: None)
+    revisions = Revisions()
     own = revisions.epoch
     revisions.adopt("hub.1", 41)
     assert (revisions.epoch, revisions.seq, revisions.applied, revisions.epoch_start) == ("hub.1", 41, 41, 41)
@@ -66,7 +76,7 @@ def test_revisions_adopt_the_sources_epoch_and_numbers():
 
 def test_a_hub_followed_before_is_not_past_once_the_follower_is_back_on_another():
     """A -> B -> A: B's epoch is a live hub's, maybe ahead of A's; only A's earlier runs are past."""
-    revisions = Revisions(lambda applied: None)
+    revisions = Revisions()
     revisions.adopt("hubA.1", 10)
     revisions.adopt("hubB.1", 12)
     assert revisions.knows("hubA.1") == "unknown"
@@ -80,7 +90,7 @@ def test_a_hub_followed_before_is_not_past_once_the_follower_is_back_on_another(
 
 
 async def test_adopting_wakes_readers_that_waited_for_the_revision():
-    revisions = Revisions(lambda applied: None)
+    revisions = Revisions()
     revisions.adopt("e", 1)
     waiting = asyncio.create_task(revisions.wait(5))
     await quiescent()
@@ -93,51 +103,49 @@ async def test_adopting_wakes_readers_that_waited_for_the_revision():
 
 
 async def test_a_rebuild_resets_watchers_even_in_the_same_epoch():
-    hub = make_hub()
-    subscription = hub.subscribe(Filter(frozenset()))
-    hub.start("e1", 10, "rebuilt from the upstream")
+    fanout = make_fanout()
+    subscription = fanout.subscribe(Filter(frozenset()))
+    fanout.start("e1", 10, "rebuilt from the upstream")
     messages = subscription.messages()
     first = await asyncio.wait_for(anext(messages), 1)
     assert isinstance(first, Reset) and first.revision == 10
 
 
 async def test_revision_gaps_are_followed_and_resumable():
-    hub = make_hub()
-    subscription = hub.subscribe(Filter(frozenset()))
+    fanout = make_fanout()
+    subscription = fanout.subscribe(Filter(frozenset()))
     for revision in (2, 5, 6, 9):  # a follower of a filtered stream: other revisions were not its tables'
-        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
-        hub.publish(revision)
+        fanout.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        fanout.publish(revision)
     messages = subscription.messages()
     got = [(await asyncio.wait_for(anext(messages), 1)).revision for _ in range(4)]
     assert got == [2, 5, 6, 9]
-    assert hub.next_after(3) is not None and hub.next_after(3).revision == 5
-    assert hub.next_after(9) is None
-    assert hub.oldest == 0  # nothing trimmed: every revision of the epoch resumes
-    resumed = hub.subscribe(Filter(frozenset()), start=("e1", 4))
+    assert fanout.next_after(3) is not None and fanout.next_after(3).revision == 5
+    assert fanout.next_after(9) is None
+    assert fanout.oldest == 0  # nothing trimmed: every revision of the epoch resumes
+    resumed = fanout.subscribe(Filter(frozenset()), start=("e1", 4))
     assert (await asyncio.wait_for(anext(resumed.messages()), 1)).revision == 5
 
 
 def test_trimming_a_gapped_history_keeps_resumes_exact():
-    hub = Hub(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
-    hub.start("e1", 0)
+    fanout = FanOut(rows_of=lambda name: None, row_json=lambda e: e, max_batches=2)
+    fanout.start("e1", 0)
     for revision in (3, 7, 8):
-        hub.record(revision, 0, Change(FULL, UPDATE, (revision,)))
-        hub.publish(revision)
-    assert hub.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
+        fanout.record(revision, 0, Change(FULL, UPDATE, (revision,)))
+        fanout.publish(revision)
+    assert fanout.oldest == 3  # batch 3 was trimmed: resuming from 3..6 is exact, from below is not
 
 
 # ---------------------------------------------------------------- replica
 
 
 def test_batches_store_rows_and_drop_lazy_keys():
-    held = tables()
-    full, lazy = held[FULL], held[LAZY]
+    core = replica_tables()
+    full, lazy, fanout = core.tables[FULL], core.tables[LAZY], core.fanout
     assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
     lazy.cache[(1,)] = row(id=1)
     lazy.cache[(2,)] = row(id=2)
-    hub = make_hub()
-    replica = Replica(held, hub)  # type: ignore[arg-type]
-    replica.apply(
+    core.batches.batch(
         SourceBatch(
             1,
             7,
@@ -151,20 +159,19 @@ def test_batches_store_rows_and_drop_lazy_keys():
     )
     assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "a"}
     assert (1,) not in lazy.cache and (2,) in lazy.cache
-    hub.publish(1)
-    assert [c.table for c in hub.next_after(0).changes] == [FULL, FULL, LAZY]
+    fanout.publish(1)
+    assert [c.table for c in fanout.next_after(0).changes] == [FULL, FULL, LAZY]
 
 
 def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
-    held = tables()
-    full = held[FULL]
+    core = replica_tables()
+    full = core.tables[FULL]
     assert isinstance(full, ReplicaTable)
     full.replace({(1,): row(id=1), (2,): row(id=2)})
-    replica = Replica(held, make_hub())  # type: ignore[arg-type]
-    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (3,), (1,), row(id=3))]))
+    core.batches.batch(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (3,), (1,), row(id=3))]))
     assert full.store.get((1,)) is None and full.store.get((3,)) is not None
     # A key moved away from and written again in the same transaction: the row wins.
-    replica.apply(
+    core.batches.batch(
         SourceBatch(
             2,
             0,
@@ -178,24 +185,26 @@ def test_a_moved_key_loses_its_row_unless_the_batch_says_otherwise():
 
 
 def test_changes_not_applied_are_only_told_and_tables_sent_again_replace():
-    held = tables()
-    full, lazy = held[FULL], held[LAZY]
+    core = replica_tables()
+    full, lazy, fanout = core.tables[FULL], core.tables[LAZY], core.fanout
     assert isinstance(full, ReplicaTable) and isinstance(lazy, LazyTable)
     full.replace({(1,): row(id=1, v="new")})
     lazy.cache[(5,)] = row(id=5)
-    hub = make_hub()
-    replica = Replica(held, hub)  # type: ignore[arg-type]
     # The table came again at a newer revision than this batch: its older row must not win.
-    replica.apply(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="old"), apply=False)]))
+    core.batches.batch(SourceBatch(1, 0, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="old"), apply=False)]))
     assert json.loads(row_json(full.store.get((1,)))) == {"id": 1, "v": "new"}
-    replica.apply(SourceBatch(2, 0, [SourceChange(FULL, TABLE_CHANGED), SourceChange(LAZY, TABLE_CHANGED)], {FULL: {}}))
+    core.batches.batch(
+        SourceBatch(2, 0, [SourceChange(FULL, TABLE_CHANGED), SourceChange(LAZY, TABLE_CHANGED)], {FULL: {}})
+    )
     assert full.row_count == 0 and len(lazy.cache) == 0
-    replica.apply(SourceBatch(3, 0, [SourceChange(FULL, INVALIDATE, (1,))], failed={FULL: "gone upstream"}))
+    core.batches.batch(SourceBatch(3, 0, [SourceChange(FULL, INVALIDATE, (1,))], failed={FULL: "gone upstream"}))
     assert full.problem == "gone upstream" and not full.loaded and full.authoritative_rows() is None
-    replica.apply(SourceBatch(4, 0, [SourceChange(FULL, DELETE, (9,))], {FULL: {(8,): row(id=8)}}))
+    core.batches.batch(SourceBatch(4, 0, [SourceChange(FULL, DELETE, (9,))], {FULL: {(8,): row(id=8)}}))
     assert full.problem is None and full.loaded and full.row_count == 1
-    hub.publish(4)
-    assert [b.revision for b in (hub.next_after(0), hub.next_after(1), hub.next_after(2), hub.next_after(3))] == [
+    fanout.publish(4)
+    assert [
+        b.revision for b in (fanout.next_after(0), fanout.next_after(1), fanout.next_after(2), fanout.next_after(3))
+    ] == [
         1,
         2,
         3,
@@ -229,30 +238,30 @@ def test_a_row_whose_index_values_cannot_be_read_fails_the_table(when):
     assert table.problem is not None and "not JSON objects" in table.problem and not table.loaded
 
 
-# ---------------------------------------------------------------- the engine as a numbered sink
+# ---------------------------------------------------------------- the core as a numbered sink
 
 
 async def test_the_engine_takes_the_sources_revisions():
     schema = int_key_schema(FULL)
-    engine = Engine(MemoryDatabase(schema), [schema], make_table=ReplicaTable)
-    assert not engine.ready
-    engine.epoch_began("hub", 100, {FULL: {(1,): row(id=1, v="a")}}, None)
-    assert engine.ready and str(engine.revision) == "hub/100"
-    subscription = engine.subscribe(Filter(frozenset()))
-    engine.batch(SourceBatch(103, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="b"))]))
-    assert engine.applied == 103
+    core = follower_core(MemoryDatabase(schema), schema)
+    assert not core.engine.ready
+    core.batches.epoch_began("hub", 100, {FULL: {(1,): row(id=1, v="a")}}, None)
+    assert core.engine.ready and str(core.engine.revision) == "hub/100"
+    subscription = core.engine.subscribe(Filter(frozenset()))
+    core.batches.batch(SourceBatch(103, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v="b"))]))
+    assert core.revisions.applied == 103
     batch = await asyncio.wait_for(anext(subscription.messages()), 1)
     assert batch.revision == 103 and batch.changes[0].row is not None
-    engine.progress(110)
-    assert engine.applied == 110
-    assert await engine.get(FULL, [1]) == row(id=1, v="b")
-    engine.listener_lost("test")
-    assert not engine.ready
-    engine.resumed()
-    assert engine.ready and engine.epoch == "hub"
-    engine.epoch_began("hub2", 5, {}, "the upstream restarted")
-    assert engine.tables[FULL].problem is not None  # not in the snapshot: not served upstream
-    await engine.close()
+    core.batches.progress(110)
+    assert core.revisions.applied == 110
+    assert await core.engine.get(FULL, [1]) == row(id=1, v="b")
+    core.batches.source_lost("test")
+    assert not core.engine.ready
+    core.batches.resumed()
+    assert core.engine.ready and core.revisions.epoch == "hub"
+    core.batches.epoch_began("hub2", 5, {}, "the upstream restarted")
+    assert core.tables[FULL].problem is not None  # not in the snapshot: not served upstream
+    await core.close()
 
 
 # ---------------------------------------------------------------- configuration
@@ -365,7 +374,7 @@ class FakeUpstream:
         self.stub = Stub()
 
     async def sync(self, timeout: float) -> object:
-        from sidecar.revisions import Revision
+        from sidecar.core.revisions import Revision
 
         self.syncs += 1
         return Revision("E", self.head)
@@ -381,11 +390,11 @@ class RecordingSink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         self.calls.append(("lost", reason))
 
-    def handle(self, event: object) -> None:
-        self.calls.append(("handle", event))
+    def token_received(self, token: str) -> None:
+        self.calls.append(("token_received", token))
 
     def epoch_began(self, epoch: str, revision: int, rows: object, reason: str | None) -> None:
         self.calls.append(("began", (epoch, revision, rows, reason)))
@@ -427,7 +436,7 @@ def pb_messages():  # type: ignore[no-untyped-def]
 
 
 def source_for(upstream: FakeUpstream):  # type: ignore[no-untyped-def]
-    from sidecar.follower import UpstreamSource
+    from sidecar.fleet.follower import UpstreamSource
 
     return UpstreamSource(
         upstream,  # type: ignore[arg-type]
@@ -514,8 +523,6 @@ async def test_rows_of_batches_older_than_a_table_sent_again_are_not_applied():
 
 
 async def test_a_barrier_token_comes_back_only_once_the_stream_brought_the_upstreams_revision():
-    from sidecar.events import SyncToken
-
     snapshot, done, batch, _ = pb_messages()
     stream = FakeCall([snapshot(5, 1), done(5)])
     upstream = FakeUpstream(stream, head=5)
@@ -532,7 +539,7 @@ async def test_a_barrier_token_comes_back_only_once_the_stream_brought_the_upstr
         assert not token.done() and not [c for c in sink.calls if c[0] == "handle"]
         stream.push(batch(7, UPDATE, 1, b'{"id":1,"v":7}'))
         await asyncio.wait_for(token, 5)
-        assert sink.calls[-1] == ("handle", SyncToken("t"))
+        assert sink.calls[-1] == ("token_received", "t")
         kind, before = sink.calls[-2]
         assert kind == "batch" and isinstance(before, SourceBatch) and before.revision == 7  # right after it
     finally:
@@ -570,42 +577,40 @@ async def test_memory_is_trusted_again_only_once_it_is_as_new_as_what_passed_thr
     that answer back (a version going backwards, found by the fleet checker). The follower
     first lets passed-through reads end and runs one barrier round, which brings the newer
     batch; reads meanwhile wait for it."""
-    from sidecar.events import SyncToken
-
     schema = int_key_schema(FULL)
     upstream = MemoryDatabase(schema)  # what reads passed through see: the upstream's memory
-    engine = Engine(upstream, [schema], make_table=ReplicaTable)
+    core = follower_core(upstream, schema)
 
     coming: list[SourceBatch] = []  # what the stream brings before the next token
 
     class Source:
         database = upstream
 
-        async def follow(self, sink: object) -> None:  # (not used: the test drives the engine)
+        async def follow(self, sink: object) -> None:  # (not used: the test drives the core)
             await asyncio.Event().wait()
 
         async def send_token(self, token: str) -> None:
             while coming:
-                engine.batch(coming.pop(0))
-            engine.handle(SyncToken(token))
+                core.batches.batch(coming.pop(0))
+            core.batches.token_received(token)
 
-    engine.attach(Source())  # type: ignore[arg-type]
-    engine.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
-    await eventually(lambda: engine.ready, what="trusted after the first fence")
-    assert await engine.get(FULL, [1]) == row(id=1, v=1)
-    engine.listener_lost("test")
+    core.batches.attach(Source())  # type: ignore[arg-type]
+    core.batches.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
+    await eventually(lambda: core.engine.ready, what="trusted after the first fence")
+    assert await core.engine.get(FULL, [1]) == row(id=1, v=1)
+    core.batches.source_lost("test")
     upstream.put(FULL, (1,), id=1, v=2)  # committed upstream meanwhile (batch 6 of the stream)
     coming.append(SourceBatch(6, 9, [SourceChange(FULL, UPDATE, (1,), row=row(id=1, v=2))]))
-    assert await engine.get(FULL, [1]) == row(id=1, v=2)  # passed through: the newer row
-    engine.resumed()  # caught up at revision 5 (the batch with v=2 not yet here)
-    assert await engine.get(FULL, [1]) == row(id=1, v=2)  # never back to v=1
-    assert engine.ready and engine.applied == 6
-    await engine.close()
+    assert await core.engine.get(FULL, [1]) == row(id=1, v=2)  # passed through: the newer row
+    core.batches.resumed()  # caught up at revision 5 (the batch with v=2 not yet here)
+    assert await core.engine.get(FULL, [1]) == row(id=1, v=2)  # never back to v=1
+    assert core.engine.ready and core.revisions.applied == 6
+    await core.close()
 
 
 def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_refused():
     from sidecar.api.v1 import cache_pb2 as pb
-    from sidecar.follower import Lost
+    from sidecar.fleet.follower import Lost
 
     source = source_for(FakeUpstream())
 
@@ -628,8 +633,8 @@ def test_initial_state_keys_are_coerced_a_message_at_a_time_and_a_bad_one_is_ref
 def test_an_upstreams_status_reaches_the_caller_unchanged():
     import grpc
 
+    from sidecar.edge.service import status_of
     from sidecar.errors import UpstreamFailed, UpstreamUnavailable
-    from sidecar.service import status_of
 
     assert status_of(UpstreamFailed("Invalidate", "PERMISSION_DENIED")) == grpc.StatusCode.PERMISSION_DENIED
     assert status_of(UpstreamFailed("reading", "NOT_FOUND")) == grpc.StatusCode.NOT_FOUND

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar import heap
-from sidecar.heap import Heap
-from sidecar.store import RowStore
+from sidecar.core import heap
+from sidecar.core.heap import Heap
+from sidecar.core.store import RowStore
 from tests.support.waiting import eventually
 from tests.unit.test_store import INDEXED, row
 

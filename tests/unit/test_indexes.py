@@ -1,6 +1,6 @@
 """Secondary indexes: kept in step with rows, answering equality and ranges
 exactly as a brute-force scan of the rows would; and index queries through the
-engine (fresh after pending changes, from the database while memory cannot be
+core (fresh after pending changes, from the database while memory cannot be
 trusted)."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from sidecar.barrier import Barrier
 from sidecar.config import IndexConfig, TableConfig
-from sidecar.engine import Engine
+from sidecar.core.assembly import Direct, Options, direct
+from sidecar.core.barrier import Barrier
+from sidecar.core.events import Op, RowChange, SyncToken
+from sidecar.core.indexes import IndexSet, plan
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.core.wire import entry, row_json
 from sidecar.errors import InvalidKey, InvalidRequest, Unavailable, UnknownTable
-from sidecar.events import Op, RowChange, SyncToken
-from sidecar.indexes import IndexSet, plan
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
 from sidecar.testing import MemoryDatabase
-from sidecar.wire import entry, row_json
 from tests.support.waiting import eventually
 
 TABLE = "public.people"
@@ -160,7 +160,7 @@ def test_bad_queries_name_the_problem():
         plan(schema, "by_city_age", [["Oslo"]], None, None, limit=1)
 
 
-# ------------------------------------------------------------ through the engine
+# ------------------------------------------------------------ through the core
 
 
 @pytest.fixture
@@ -172,61 +172,61 @@ def db() -> MemoryDatabase:
 
 
 @pytest.fixture
-async def engine(db: MemoryDatabase):
-    engine = Engine(db, list(db.schemas.values()), max_batch_keys=50)
+async def core(db: MemoryDatabase):
+    core = direct(db, list(db.schemas.values()), Options(max_batch_keys=50))
 
     async def send(token: str) -> None:
-        asyncio.get_running_loop().call_soon(engine.handle, SyncToken(token))
+        asyncio.get_running_loop().call_soon(core.notices.handle, SyncToken(token))
 
-    engine.barrier = Barrier(send)
-    engine.listener_connected()
-    await eventually(lambda: engine.ready)
-    yield engine
-    await engine.close()
+    core.trust.barrier = Barrier(send)
+    core.notices.source_connected()
+    await eventually(lambda: core.engine.ready)
+    yield core
+    await core.close()
 
 
 def names(entries: list[bytes]) -> list[str]:
     return [fields(e)["name"] for e in entries]
 
 
-async def test_a_query_sees_every_change_received_before_it(engine: Engine, db: MemoryDatabase):
-    table = engine.table(TABLE)
-    oslo = engine.plan_query(table, "by_city", [["Oslo"]], None, None)
-    assert names((await engine.query(table, oslo))[0]) == ["p1", "p2", "p3", "p4", "p5"]
+async def test_a_query_sees_every_change_received_before_it(core: Direct, db: MemoryDatabase):
+    table = core.engine.table(TABLE)
+    oslo = core.reads.plan_query(table, "by_city", [["Oslo"]], None, None)
+    assert names((await core.reads.query(table, oslo))[0]) == ["p1", "p2", "p3", "p4", "p5"]
     db.hold()  # the refetch reads the new value, then waits
     db.data[TABLE][(2,)] = person(2, "Bergen", 22, "p2")
-    engine.handle(RowChange("public", "people", Op.UPDATE, 10, ((2,),)))
+    core.notices.handle(RowChange("public", "people", Op.UPDATE, 10, ((2,),)))
     await db.held(1)
-    answer = asyncio.ensure_future(engine.query(table, oslo))
+    answer = asyncio.ensure_future(core.reads.query(table, oslo))
     await eventually(lambda: table._waiters.get((2,)), what="the query waiting for the refetch")
     assert not answer.done()
     db.release()
     assert names((await answer)[0]) == ["p1", "p3", "p4", "p5"]
-    bergen = engine.plan_query(table, "by_city", [["Bergen"]], None, None)
-    assert names((await engine.query(table, bergen))[0]) == ["p2"]
+    bergen = core.reads.plan_query(table, "by_city", [["Bergen"]], None, None)
+    assert names((await core.reads.query(table, bergen))[0]) == ["p2"]
 
 
-async def test_listener_down_queries_go_to_the_database(engine: Engine, db: MemoryDatabase):
-    table = engine.table(TABLE)
-    query = engine.plan_query(table, "by_age", None, 22, None, limit=2)
-    engine.listener_lost("test")
+async def test_listener_down_queries_go_to_the_database(core: Direct, db: MemoryDatabase):
+    table = core.engine.table(TABLE)
+    query = core.reads.plan_query(table, "by_age", None, 22, None, limit=2)
+    core.notices.source_lost("test")
     db.data[TABLE][(9,)] = person(9, "Oslo", 22, "p9")  # (no notification: the listener is down)
-    entries, truncated = await engine.query(table, query)
+    entries, truncated = await core.reads.query(table, query)
     assert names(entries) == ["p2", "p9"] and truncated
     db.error = Unavailable("connection refused")
     with pytest.raises(Unavailable, match="database unreachable"):
-        await engine.query(table, query)
-    entries, truncated = await engine.query(table, query, allow_stale=True)
+        await core.reads.query(table, query)
+    entries, truncated = await core.reads.query(table, query, allow_stale=True)
     assert names(entries) == ["p2", "p3"] and truncated  # what memory held
 
 
-async def test_limits_are_checked(engine: Engine):
-    table = engine.table(TABLE)
+async def test_limits_are_checked(core: Direct):
+    table = core.engine.table(TABLE)
     with pytest.raises(InvalidRequest, match=r"limit 51 is above .* \(50, server.max_batch_keys\)"):
-        engine.plan_query(table, "by_age", None, None, None, limit=51)
+        core.reads.plan_query(table, "by_age", None, None, None, limit=51)
     with pytest.raises(InvalidRequest, match="51 keys requested"):
-        engine.plan_query(table, "by_city", [["x"]] * 51, None, None)
-    assert engine.plan_query(table, "by_age", None, None, None).limit == 50
+        core.reads.plan_query(table, "by_city", [["x"]] * 51, None, None)
+    assert core.reads.plan_query(table, "by_age", None, None, None).limit == 50
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from sidecar import jsonread
-from sidecar.jsonread import _iterative
+from sidecar.core import jsonread
+from sidecar.core.jsonread import _iterative
 
 
 @pytest.mark.parametrize(

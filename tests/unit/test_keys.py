@@ -10,8 +10,7 @@ import uuid
 
 import pytest
 
-from sidecar.errors import InvalidKey, SchemaError
-from sidecar.keys import (
+from sidecar.core.keys import (
     INFINITY,
     MINUS_INFINITY,
     NAN,
@@ -21,6 +20,7 @@ from sidecar.keys import (
     normalize_stored,
     part_kind,
 )
+from sidecar.errors import InvalidKey, SchemaError
 
 U = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
 UTC = dt.UTC

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sidecar import events
-from sidecar.listener import Listener, backoff_delay
+from sidecar.core import events
+from sidecar.core.aio import backoff_delay
+from sidecar.pg.listener import Listener
 
 
 def test_backoff_doubles_is_capped_and_jittered():
@@ -50,7 +51,7 @@ def test_barrier_tokens_count_only_from_our_own_backend(caplog):
 
 
 def test_barrier_tokens_are_unguessable():
-    from sidecar.barrier import new_token
+    from sidecar.core.barrier import new_token
 
     tokens = {new_token() for _ in range(1000)}
     assert len(tokens) == 1000 and all(len(t) >= 22 for t in tokens)  # 128 random bits each

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from sidecar.notify_queue import WARN_AT, NotifyQueue
+from sidecar.pg.notify_queue import WARN_AT, NotifyQueue
 
 
 class FakePool:
@@ -27,7 +27,7 @@ class FakePool:
 
 
 async def test_warns_above_half_full_and_says_when_it_is_back(caplog):
-    caplog.set_level(logging.INFO, logger="sidecar.notify_queue")
+    caplog.set_level(logging.INFO, logger="sidecar.pg.notify_queue")
     queue = NotifyQueue()
     pool = FakePool(0.1, 0.55, 0.58, 0.7, 0.3)
     for _ in range(5):

@@ -1,4 +1,4 @@
-"""sidecar.pgoutput against real messages captured from PostgreSQL (pgoutput_messages.json,
+"""sidecar.pg.pgoutput against real messages captured from PostgreSQL (pgoutput_messages.json,
 made by ``python -m tests.support.logical``), forged ones, and a fuzzer."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import pgoutput as p
+from sidecar.pg import pgoutput as p
 
 FIXTURES = json.loads((Path(__file__).parent / "pgoutput_messages.json").read_text())
 SCENARIOS: dict[str, list[bytes]] = {

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sidecar import progress
+from sidecar.core import progress
+from sidecar.core.progress import LoadProgress
 from sidecar.errors import Unavailable
-from sidecar.progress import LoadProgress
 
 
 class Clock:
@@ -148,7 +148,7 @@ async def test_long_loads_log_at_intervals(caplog, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(progress, "LOG_INTERVAL", 2.5)
     tracker = LoadProgress("public.big", clock=clock)
-    with caplog.at_level(logging.INFO, logger="sidecar.progress"):
+    with caplog.at_level(logging.INFO, logger="sidecar.core.progress"):
         await drain(tracker, ChunkedDatabase(clock, [100] * 10))
     lines = [r for r in caplog.records if getattr(r, "event", None) == "table_load_progress"]
     # After 3 s (the first chunk at or past 2.5 s), then 6 s and 9 s.
@@ -160,6 +160,6 @@ async def test_long_loads_log_at_intervals(caplog, monkeypatch):
 async def test_short_loads_do_not_log(caplog):
     clock = Clock()
     tracker = LoadProgress("public.big", clock=clock, interval=10.0)
-    with caplog.at_level(logging.INFO, logger="sidecar.progress"):
+    with caplog.at_level(logging.INFO, logger="sidecar.core.progress"):
         await drain(tracker, ChunkedDatabase(clock, [100] * 9))
     assert not [r for r in caplog.records if getattr(r, "event", None) == "table_load_progress"]

@@ -1,4 +1,4 @@
-"""Reads of a full table while it reloads, through the engine with fakes: answered
+"""Reads of a full table while it reloads, through the core with fakes: answered
 from the database at once (EVENTUAL, STRONG, min_revision), and never contradicted
 by memory once the reload landed."""
 
@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sidecar.engine import Engine, Revision
-from sidecar.events import Op, RowChange, TableChange
-from sidecar.full import FullTable
-from sidecar.schema import TableSchema
-from sidecar.source import Rows
+from sidecar.core.assembly import Direct, direct
+from sidecar.core.engine import Revision
+from sidecar.core.events import Op, RowChange, TableChange
+from sidecar.core.full import FullTable
+from sidecar.core.schema import TableSchema
+from sidecar.core.source import Rows
+from sidecar.core.wire import entry
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 T = "public.items"
@@ -63,14 +64,14 @@ def source(db: MemoryDatabase) -> MemoryChangeSource:
 
 
 @pytest.fixture
-async def engine(db: MemoryDatabase, source: MemoryChangeSource):
-    engine = Engine(source.database, list(db.schemas.values()))
-    engine.attach(source)
-    following = asyncio.create_task(source.follow(engine))
-    await eventually(lambda: engine.ready)
-    yield engine
+async def core(db: MemoryDatabase, source: MemoryChangeSource):
+    core = direct(source.database, list(db.schemas.values()))
+    core.notices.attach(source)
+    following = asyncio.create_task(source.follow(core.notices))
+    await eventually(lambda: core.engine.ready)
+    yield core
     following.cancel()
-    await engine.close()
+    await core.close()
 
 
 @pytest.fixture
@@ -78,16 +79,16 @@ def loads(db: MemoryDatabase) -> HeldLoads:
     return HeldLoads(db)
 
 
-def table_of(engine: Engine) -> FullTable:
-    table = engine.tables[T]
+def table_of(core: Direct) -> FullTable:
+    table = core.tables[T]
     assert isinstance(table, FullTable)
     return table
 
 
-async def reloading(engine: Engine, loads: HeldLoads) -> None:
+async def reloading(core: Direct, loads: HeldLoads) -> None:
     """A whole-table change arrives; its reload read the table and is held."""
     loads.gate.clear()
-    engine.handle(TableChange("public", "items", Op.TRUNCATE, 900, "bulk"))
+    core.notices.handle(TableChange("public", "items", Op.TRUNCATE, 900, "bulk"))
     await eventually(lambda: loads.waiting == 1, what="the reload held")
 
 
@@ -95,40 +96,40 @@ async def quickly(awaitable):
     return await asyncio.wait_for(awaitable, 2)
 
 
-async def test_reads_during_a_reload_come_from_the_database_at_once(engine, db, loads):
-    await reloading(engine, loads)
+async def test_reads_during_a_reload_come_from_the_database_at_once(core, db, loads):
+    await reloading(core, loads)
     db.put(T, (1,), name="newer")  # committed after the reload read the table
     db.put(T, (9,), name="new")
-    assert await quickly(engine.get(T, [1])) == row("newer")
-    assert await quickly(engine.get_many(T, [[9], [2]])) == [row("new"), row("v2")]
-    assert engine.reads.stats.database_reads[T] == 3
-    strong = asyncio.create_task(engine.prepare_read(True, None, table_of(engine)))
+    assert await quickly(core.engine.get(T, [1])) == row("newer")
+    assert await quickly(core.engine.get_many(T, [[9], [2]])) == [row("new"), row("v2")]
+    assert core.reads.stats.database_reads[T] == 3
+    strong = asyncio.create_task(core.engine.prepare_read(True, None, table_of(core)))
     assert await quickly(strong) is None  # the barrier's token, not the reload
-    current = Revision(engine.epoch, engine.seq)  # the revision of the whole-table change, not applied
-    assert engine.applied < current.number
-    await quickly(engine.prepare_read(False, current, table_of(engine)))
+    current = Revision(core.revisions.epoch, core.revisions.seq)  # the revision of the whole-table change, not applied
+    assert core.revisions.applied < current.number
+    await quickly(core.engine.prepare_read(False, current, table_of(core)))
     loads.gate.set()
-    await eventually(lambda: not table_of(engine).reloading)
+    await eventually(lambda: not table_of(core).reloading)
 
 
-async def test_sync_still_waits_for_the_reload(engine, db, loads):
-    await reloading(engine, loads)
-    barrier = engine.barrier
+async def test_sync_still_waits_for_the_reload(core, db, loads):
+    await reloading(core, loads)
+    barrier = core.trust.barrier
     await eventually(lambda: barrier._current is None, what="no round in flight")
-    sync = asyncio.create_task(engine.sync())
+    sync = asyncio.create_task(core.engine.sync())
     await eventually(lambda: barrier.landing == 1, what="the token back")
     assert not sync.done()  # every commit before it arrived; the reload is not applied yet
     loads.gate.set()
-    assert (await quickly(sync)).number >= engine.seq - 1
+    assert (await quickly(sync)).number >= core.revisions.seq - 1
 
 
-async def test_memory_never_contradicts_a_database_read_made_during_the_reload(engine, db, source, loads):
+async def test_memory_never_contradicts_a_database_read_made_during_the_reload(core, db, source, loads):
     """A database read during the reload saw a commit whose notification had not come yet;
     memory answers again only once the notifications of every earlier commit arrived."""
-    await reloading(engine, loads)
+    await reloading(core, loads)
     db.put(T, (1,), name="newer")  # committed; its notification is on its way
-    assert await quickly(engine.get(T, [1])) == row("newer")  # (from the database)
-    barrier = engine.barrier
+    assert await quickly(core.engine.get(T, [1])) == row("newer")  # (from the database)
+    barrier = core.trust.barrier
     send_token = barrier._send
 
     async def in_commit_order(token: str) -> None:
@@ -138,17 +139,17 @@ async def test_memory_never_contradicts_a_database_read_made_during_the_reload(e
 
     barrier._send = in_commit_order
     loads.gate.set()  # the reload lands with what it read: "v1"
-    await eventually(lambda: not table_of(engine).reloading)
-    assert await quickly(engine.get(T, [1])) == row("newer")  # never back to "v1"
+    await eventually(lambda: not table_of(core).reloading)
+    assert await quickly(core.engine.get(T, [1])) == row("newer")  # never back to "v1"
 
 
-async def test_invalidate_all_with_refresh_returns_once_reloaded(engine, db, loads):
+async def test_invalidate_all_with_refresh_returns_once_reloaded(core, db, loads):
     loads.gate.clear()
     db.put(T, (1,), name="changed")
-    invalidating = asyncio.create_task(engine.invalidate(T, None, refresh=True))
+    invalidating = asyncio.create_task(core.engine.invalidate(T, None, refresh=True))
     await eventually(lambda: loads.waiting == 1, what="the reload held")
-    assert await quickly(engine.get(T, [1])) == row("changed")  # (reads do not wait)
+    assert await quickly(core.engine.get(T, [1])) == row("changed")  # (reads do not wait)
     assert not invalidating.done()
     loads.gate.set()
     await quickly(invalidating)
-    assert table_of(engine).rows[(1,)] == row("changed")
+    assert table_of(core).rows[(1,)] == row("changed")

@@ -3,13 +3,15 @@ iteration ends, tables push their low-water marks, and applied never passes the 
 
 from __future__ import annotations
 
-from sidecar.revisions import Revisions
+from sidecar.core.revisions import Revisions
 from tests.support.waiting import eventually
 
 
 def revisions() -> tuple[Revisions, list[int]]:
     told: list[int] = []
-    return Revisions(told.append), told
+    revisions = Revisions()
+    revisions.on_applied(told.append)
+    return revisions, told
 
 
 async def test_one_transaction_one_batch_until_the_iteration_ends():
@@ -40,7 +42,7 @@ async def test_waiters_and_epochs():
     assert revs.knows(epoch) == "current" and revs.knows("other") == "unknown"
     revs.begin_epoch(rebuild=True)
     assert revs.knows(epoch) == "past" and revs.epoch != epoch
-    assert revs.knows(Revisions(lambda applied: None).epoch) == "unknown"  # another process's first run
+    assert revs.knows(Revisions().epoch) == "unknown"  # another process's first run
     target = revs.own_batch()
     revs.low_water("t", target)
     revs.advance()

@@ -1,4 +1,4 @@
-"""sidecar.rowjson without a database: the conversions, the record and array text readers,
+"""sidecar.pg.rowjson without a database: the conversions, the record and array text readers,
 and what is refused. (tests/integration/logical/test_rowjson_exact.py compares with
 PostgreSQL's own row_to_json byte for byte.)"""
 
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from sidecar import pgoutput, rowjson
-from sidecar.rowjson import Array, Base, Composite, Domain, Enum, Unconvertible, row_json, value_json
+from sidecar.pg import pgoutput, rowjson
+from sidecar.pg.rowjson import Array, Base, Composite, Domain, Enum, Unconvertible, row_json, value_json
 
 INT4, TEXT, NUMERIC, FLOAT8, BOOL, JSONB, TS, TSTZ, DATE, TIMETZ, BOX = (
     23,

@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
+from sidecar.core.events import Event, Op, RowChange, SyncToken, TableChange
 from sidecar.errors import Unavailable
-from sidecar.events import Event, Op, RowChange, SyncToken, TableChange
-from sidecar.senders import KEEP, SenderGate, Verdict
+from sidecar.pg.senders import KEEP, SenderGate, Verdict
 from tests.support.waiting import eventually
 
 WRITER, STRANGER, GONE, BROKEN = 10, 20, 30, 40
@@ -136,7 +136,7 @@ async def test_a_failure_to_apply_after_a_look_up_is_reported():
 
 
 async def test_the_verdicts_kept_are_bounded(monkeypatch):
-    monkeypatch.setattr("sidecar.senders.MAX_VERDICTS", 2)
+    monkeypatch.setattr("sidecar.pg.senders.MAX_VERDICTS", 2)
     h = Harness()
     for table in ("a", "b", "c", "a"):  # "a" was forgotten when "c" came
         h.gate.receive(whole(table), STRANGER)

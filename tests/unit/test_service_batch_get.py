@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.engine import Engine
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
-from sidecar.service import CacheService
+from sidecar.core.assembly import Options, direct
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.edge.service import CacheService
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
 
@@ -49,13 +49,13 @@ async def service():
         db.put(T, (i,), id=i)
     db.put(PAIRS, (1, "x"), a=1, b="x")
     source = MemoryChangeSource(db)
-    engine = Engine(db, list(db.schemas.values()), max_batch_keys=5)
-    engine.attach(source)
-    following = asyncio.create_task(source.follow(engine))
-    await eventually(lambda: engine.ready)
-    yield CacheService(engine)
+    core = direct(db, list(db.schemas.values()), Options(max_batch_keys=5))
+    core.notices.attach(source)
+    following = asyncio.create_task(source.follow(core.notices))
+    await eventually(lambda: core.engine.ready)
+    yield CacheService(core)
     following.cancel()
-    await engine.close()
+    await core.close()
 
 
 def key(*values: object) -> pb.Key:

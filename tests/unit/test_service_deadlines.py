@@ -11,8 +11,10 @@ import time
 import grpc
 import pytest
 
+from sidecar.core.assembly import direct
+from sidecar.edge.service import CacheService
 from sidecar.errors import Unavailable
-from sidecar.service import CacheService
+from sidecar.testing import MemoryDatabase
 
 
 class ExpiredCall(Exception):
@@ -35,7 +37,7 @@ class Context:
 
 
 def service() -> CacheService:
-    return CacheService(engine=None)  # type: ignore[arg-type]  # _call does not use it
+    return CacheService(direct(MemoryDatabase(), []))  # (no table: _call does not read one)
 
 
 async def test_a_call_that_arrives_expired_does_no_work():

@@ -11,8 +11,8 @@ import asyncio
 import pytest
 
 from sidecar.api.v1 import cache_pb2 as pb
-from sidecar.engine import Engine
-from sidecar.service import CacheService
+from sidecar.core.assembly import direct
+from sidecar.edge.service import CacheService
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually
 
@@ -32,13 +32,13 @@ async def running():
     db = MemoryDatabase(int_key_schema(T))
     db.put(T, (1,), name="v1")
     source = MemoryChangeSource(db)
-    engine = Engine(db, list(db.schemas.values()))
-    engine.attach(source)
-    following = asyncio.create_task(source.follow(engine))
-    await eventually(lambda: engine.ready)
-    yield engine, source, db
+    core = direct(db, list(db.schemas.values()))
+    core.notices.attach(source)
+    following = asyncio.create_task(source.follow(core.notices))
+    await eventually(lambda: core.engine.ready)
+    yield core, source, db
     following.cancel()
-    await engine.close()
+    await core.close()
 
 
 def get_request() -> pb.GetRequest:
@@ -46,21 +46,21 @@ def get_request() -> pb.GetRequest:
 
 
 async def test_a_database_read_across_a_rebuild_carries_the_epoch_it_began_in(running):
-    engine, source, db = running
-    service = CacheService(engine)
+    core, source, db = running
+    service = CacheService(core)
     source.lose("cut")
-    before = engine.epoch
+    before = core.revisions.epoch
     db.hold()
     read = asyncio.create_task(service.Get(get_request(), Context()))  # type: ignore[arg-type]
     await db.held(1)  # the read went to the database and waits there
     source.reconnect()  # a new epoch begins; memory reloads
-    assert engine.epoch != before
+    assert core.revisions.epoch != before
     db.release()
     reply = pb.GetResponse.FromString(await asyncio.wait_for(read, 5))
     assert reply.found and reply.revision.epoch == before
 
 
 async def test_a_read_within_one_epoch_carries_the_current_revision(running):
-    engine, _, _ = running
-    reply = pb.GetResponse.FromString(await CacheService(engine).Get(get_request(), Context()))  # type: ignore[arg-type]
-    assert reply.revision.epoch == engine.epoch and reply.revision.number == engine.applied
+    core, _, _ = running
+    reply = pb.GetResponse.FromString(await CacheService(core).Get(get_request(), Context()))  # type: ignore[arg-type]
+    assert reply.revision.epoch == core.revisions.epoch and reply.revision.number == core.revisions.applied

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.service import _connection
+from sidecar.edge.service import _connection
 
 
 @pytest.mark.parametrize(

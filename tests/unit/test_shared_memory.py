@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from cache_sidecar_client import shared_memory as reader
 
-from sidecar import shared_layout as layout
-from sidecar.hub import TABLE_CHANGED, UPDATE, Batch, Change
-from sidecar.keys import KeyColumn
-from sidecar.revisions import Revision
-from sidecar.shared_store import SharedStore
-from sidecar.wire import entry, row_json
+from sidecar.core.fanout import TABLE_CHANGED, UPDATE, Batch, Change
+from sidecar.core.keys import KeyColumn
+from sidecar.core.revisions import Revision
+from sidecar.core.wire import entry, row_json
+from sidecar.shm import layout
+from sidecar.shm.store import SharedStore
 from tests.support.waiting import eventually
 
 U = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -129,10 +129,20 @@ class FakeTable:
 
 @dataclass
 class FakeEngine:
+    """The parts of the cache the store reads (``assembly.Core``'s tables, engine and trust), in one."""
+
     tables: dict[str, Any]
     revision: Revision = field(default_factory=lambda: Revision("e.1", 1))
-    listener_up: bool = True
+    up: bool = True  # (the trust's: the change source is up)
     stalled_seconds: float = 0.0
+
+    @property
+    def engine(self) -> FakeEngine:
+        return self
+
+    @property
+    def trust(self) -> FakeEngine:
+        return self
 
 
 def make(tmp_path, map_size: int = 64 * 1024 * 1024) -> tuple[SharedStore, FakeEngine, FakeTable]:
@@ -218,10 +228,10 @@ def test_a_table_being_reloaded_is_not_served_and_is_rewritten_after(tmp_path):
 def test_source_down_held_back_and_closed_stores_are_not_fresh(tmp_path):
     store, engine, _ = make(tmp_path)
     store.applied(engine.revision, [])
-    engine.listener_up = False
+    engine.up = False
     store.state_changed()
     assert held(store)[0].source_up is False  # type: ignore[union-attr]
-    engine.listener_up, engine.stalled_seconds = True, 5.0  # the revision stands still while changes wait
+    engine.up, engine.stalled_seconds = True, 5.0  # the revision stands still while changes wait
     store.beat()
     assert held(store)[0].source_up is False  # type: ignore[union-attr]
     engine.stalled_seconds = 0.0
@@ -246,7 +256,7 @@ def test_a_full_store_stops_being_written_and_says_so(tmp_path):
 
 
 def test_a_big_table_is_rewritten_a_chunk_at_a_time_and_served_only_when_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    monkeypatch.setattr("sidecar.shm.store.REWRITE_CHUNK", 2)
     store, engine, table = make(tmp_path)
     table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 6)}
     store.applied(engine.revision, [])
@@ -273,7 +283,7 @@ def test_a_big_table_is_rewritten_a_chunk_at_a_time_and_served_only_when_whole(t
 
 
 def test_a_whole_table_change_during_a_rewrite_begins_it_again(tmp_path, monkeypatch):
-    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    monkeypatch.setattr("sidecar.shm.store.REWRITE_CHUNK", 2)
     store, engine, table = make(tmp_path)
     table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 6)}
     store.applied(engine.revision, [])
@@ -290,7 +300,7 @@ def test_a_whole_table_change_during_a_rewrite_begins_it_again(tmp_path, monkeyp
 
 
 async def test_the_heartbeat_task_drives_rewrites(tmp_path, monkeypatch):
-    monkeypatch.setattr("sidecar.shared_store.REWRITE_CHUNK", 2)
+    monkeypatch.setattr("sidecar.shm.store.REWRITE_CHUNK", 2)
     store, engine, table = make(tmp_path)
     table.rows = {(n,): entry(b'{"id":%d}' % n) for n in range(1, 8)}
     store.applied(engine.revision, [])
@@ -307,7 +317,7 @@ async def test_the_heartbeat_task_drives_rewrites(tmp_path, monkeypatch):
     "size", [0, 1, 120, 123, 124, 125, 126, 127, 128, 16375, 16379, 16380, 16384, 65525, 65535, 70000]
 )
 def test_rows_are_written_as_the_json_the_api_serves_whatever_their_size(size):
-    from sidecar.shared_store import _items
+    from sidecar.shm.store import _items
 
     row = b"x" * size
     assert _items({(1,): entry(row)}, [(1,), (2,)]) == [(layout.encode_key((1,)), row)]

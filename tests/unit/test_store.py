@@ -8,11 +8,11 @@ import json
 import random
 
 from sidecar.config import IndexConfig, TableConfig
-from sidecar.indexes import plan
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
-from sidecar.store import RowStore
-from sidecar.wire import entry
+from sidecar.core.indexes import plan
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.core.store import RowStore
+from sidecar.core.wire import entry
 
 INDEXED = TableSchema(
     config=TableConfig(

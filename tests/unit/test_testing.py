@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
+from sidecar.core.events import Op, RowChange, SyncToken
+from sidecar.core.wire import entry
 from sidecar.errors import QueryFailed
-from sidecar.events import Op, RowChange, SyncToken
 from sidecar.testing import MemoryChangeSource, MemoryDatabase, int_key_schema
-from sidecar.wire import entry
 from tests.support.waiting import eventually
 
 
@@ -18,10 +18,10 @@ class Sink:
     def __init__(self) -> None:
         self.seen: list[object] = []
 
-    def listener_connected(self) -> None:
+    def source_connected(self) -> None:
         self.seen.append("connected")
 
-    def listener_lost(self, reason: str) -> None:
+    def source_lost(self, reason: str) -> None:
         self.seen.append(f"lost: {reason}")
 
     def handle(self, event: object) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.filewatch import FileProblem
-from sidecar.tokens import Role, bearer, parse_client_token, parse_token_set, read_token_set
+from sidecar.edge.filewatch import FileProblem
+from sidecar.edge.tokens import Role, bearer, parse_client_token, parse_token_set, read_token_set
 
 ADMIN = "A" * 20
 READER = "r-" + "x" * 30

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 
-from sidecar import triggers
 from sidecar.config import TableConfig
-from sidecar.keys import KeyColumn
-from sidecar.schema import TableSchema
+from sidecar.core.keys import KeyColumn
+from sidecar.core.schema import TableSchema
+from sidecar.pg import triggers
 
 
 def schema(name: str = "patron", namespace: str = "public", *columns: KeyColumn) -> TableSchema:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar import hub, wire
 from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.core import fanout, wire
 
 SIZES = [0, 1, 120, 121, 122, 127, 128, 4095, 4096, 16379, 16380, 16384, 300_000]
 
 
-def revisions(epoch: str = "0123456789abcdef", number: int = 300) -> wire.Revisions:
-    r = wire.Revisions()
+def revisions(epoch: str = "0123456789abcdef", number: int = 300) -> wire.RevisionField:
+    r = wire.RevisionField()
     r.update(epoch, number)
     return r
 
@@ -73,12 +73,12 @@ def test_query_response(truncated):
     assert encoded == expected.SerializeToString()
 
 
-def _batches(count: int, row_size: int = 10) -> list[hub.Batch]:
+def _batches(count: int, row_size: int = 10) -> list[fanout.Batch]:
     out = []
     for revision in range(1, count + 1):
-        change = hub.Change("public.t", hub.UPDATE, (revision, "k"), None, b"x" * (row_size + revision), True)
-        other = hub.Change("public.t", hub.DELETE, (-revision, "k"), (revision, "old"), None, False)
-        out.append(hub.Batch("epoch", revision, 1000 + revision, [change, other]))
+        change = fanout.Change("public.t", fanout.UPDATE, (revision, "k"), None, b"x" * (row_size + revision), True)
+        other = fanout.Change("public.t", fanout.DELETE, (-revision, "k"), (revision, "old"), None, False)
+        out.append(fanout.Batch("epoch", revision, 1000 + revision, [change, other]))
     return out
 
 
@@ -99,19 +99,19 @@ def _decoded(messages: list[bytes]) -> list[pb.ChangeBatch]:
 def test_several_batches_decode_to_the_same_batches_in_order_as_single_ones(count):
     batches = _batches(count)
     singles = [wire.watch_messages(b, 1 << 20)[0] for b in batches]
-    (grouped,) = wire.watch_messages(hub.Batches(batches), 1 << 20)
+    (grouped,) = wire.watch_messages(fanout.Batches(batches), 1 << 20)
     response = pb.WatchResponse.FromString(grouped)
     assert response.WhichOneof("kind") == "batches"
     assert list(response.batches.batches) == [pb.WatchResponse.FromString(s).changes for s in singles]
     assert [b.revision.number for b in response.batches.batches] == list(range(1, count + 1))
-    assert wire.watch_message(hub.Batches(batches)) == grouped
+    assert wire.watch_message(fanout.Batches(batches)) == grouped
 
 
 def test_several_batches_are_split_to_fit_and_a_big_one_goes_alone(monkeypatch):
     monkeypatch.setattr(wire, "BATCHES_BYTES", 600)
-    big = hub.Batch("epoch", 31, 1, [hub.Change("public.t", hub.INSERT, (31,), None, b"y" * 900, True)])
+    big = fanout.Batch("epoch", 31, 1, [fanout.Change("public.t", fanout.INSERT, (31,), None, b"y" * 900, True)])
     batches = [*_batches(30), big, *_batches(3)]  # (revisions repeat: only order matters here)
-    messages = wire.watch_messages(hub.Batches(batches), 1 << 20)
+    messages = wire.watch_messages(fanout.Batches(batches), 1 << 20)
     assert len(messages) > 3
     assert all(len(m) <= 600 for m in messages if pb.WatchResponse.FromString(m).WhichOneof("kind") == "batches")
     alone = [m for m in messages if len(m) > 600]
@@ -120,7 +120,7 @@ def test_several_batches_are_split_to_fit_and_a_big_one_goes_alone(monkeypatch):
     assert _decoded(messages) == singles
     # the server's message limit bounds them too, when it is the smaller
     monkeypatch.setattr(wire, "BATCHES_BYTES", 1 << 20)
-    limited = wire.watch_messages(hub.Batches(_batches(30)), 400)
+    limited = wire.watch_messages(fanout.Batches(_batches(30)), 400)
     assert len(limited) > 1 and all(len(m) <= 400 for m in limited)
     assert _decoded(limited) == [pb.WatchResponse.FromString(wire.watch_message(b)).changes for b in _batches(30)]
 
@@ -128,11 +128,11 @@ def test_several_batches_are_split_to_fit_and_a_big_one_goes_alone(monkeypatch):
 # ---------------------------------------------------------------- Watch batches, by hand
 
 
-def _runtime_batch(epoch: str, revision: int, xid: int, changes: list[hub.Change]) -> bytes:
+def _runtime_batch(epoch: str, revision: int, xid: int, changes: list[fanout.Change]) -> bytes:
     """The same batch built with the protobuf runtime (what the hand encoding must equal)."""
 
     def key(values: tuple[object, ...]) -> pb.Key:
-        from sidecar.keys import part_kind
+        from sidecar.core.keys import part_kind
 
         return pb.Key(parts=[pb.KeyPart(**dict([part_kind(v)])) for v in values])
 
@@ -178,9 +178,9 @@ def test_hand_encoded_batches_equal_the_runtimes(seed):
     changes = []
     for _ in range(rng.randrange(0, 30)):
         changes.append(
-            hub.Change(
+            fanout.Change(
                 rng.choice(["public.items", "s.t", "", "ü" * 70]),
-                rng.choice([hub.INSERT, hub.UPDATE, hub.DELETE, hub.TRUNCATE, hub.SNAPSHOT, 0]),
+                rng.choice([fanout.INSERT, fanout.UPDATE, fanout.DELETE, fanout.TRUNCATE, fanout.SNAPSHOT, 0]),
                 None if rng.random() < 0.1 else _random_key(rng),
                 _random_key(rng) if rng.random() < 0.2 else None,
                 rng.choice([None, b"", b'{"id":1}', b"x" * rng.randrange(0, 300)]),
@@ -197,4 +197,4 @@ def test_hand_encoded_batches_equal_the_runtimes(seed):
 
 def test_a_key_value_out_of_int64_is_refused_as_by_the_runtime():
     with pytest.raises(ValueError):
-        wire._batch("e", 1, 0, [hub.Change("public.items", hub.UPDATE, (1 << 64,))])
+        wire._batch("e", 1, 0, [fanout.Change("public.items", fanout.UPDATE, (1 << 64,))])

@@ -1,11 +1,11 @@
-"""sidecar.pgoutput on messages a live server sends now (the unit tests read a stored capture)."""
+"""sidecar.pg.pgoutput on messages a live server sends now (the unit tests read a stored capture)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from sidecar import pgoutput as p
+from sidecar.pg import pgoutput as p
 from tests.support.logical import SCENARIOS, capture, trimmed
 
 STORED = json.loads((Path(__file__).parents[2] / "unit" / "pgoutput_messages.json").read_text())["scenarios"]

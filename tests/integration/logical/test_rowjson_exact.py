@@ -1,4 +1,4 @@
-"""sidecar.rowjson builds, from pgoutput's text columns, the very bytes PostgreSQL's
+"""sidecar.pg.rowjson builds, from pgoutput's text columns, the very bytes PostgreSQL's
 ``row_to_json(t)::text`` gives, for every type the README lists and more, with hostile values;
 and refuses (so the caller refetches) where it cannot."""
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sidecar import pgoutput, rowjson
+from sidecar.pg import pgoutput, rowjson
 from tests.support.logical import Slot, connect
 
 # A table with a column of every kind; dropped columns (of the table and of a composite type)

@@ -1,0 +1,176 @@
+"""PostgreSQL's change notices into the tables: ``NoticeIngest``.
+
+A notice names keys (or a whole table), never rows: the tables refetch. So this side
+owns the ``router.ChangeRouter`` (a notice to the tables and relations that hear of it,
+numbered into its batch by ``Revisions.batch_for`` and recorded in the Watch fan-out)
+and the full tables, whose refetches push their low-water marks to ``Revisions``; the
+revision then advances, and the fan-out publishes (``revisions.Revisions.on_applied``).
+
+It is the ``source.ChangeSink`` of ``pg_source.PgChangeSource`` (and of the in-memory
+source of the tests): connected, lost, and each parsed notice -- a change, or a read
+barrier's token coming back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from sidecar.core.barrier import Barrier
+from sidecar.core.cache import RefetchingTable, TableCache
+from sidecar.core.events import Event, SyncToken
+from sidecar.core.fanout import FanOut
+from sidecar.core.full import FullTable, Reloading
+from sidecar.core.keys import Key
+from sidecar.core.revisions import Revision, Revisions
+from sidecar.core.router import ChangeRouter, RouterStats
+from sidecar.core.source import ChangeSource
+from sidecar.core.trust import Trust
+
+log = logging.getLogger(__name__)
+
+
+class NoticeIngest:
+    """Change notices (keys to refetch) from PostgreSQL, applied to the tables that hear of them."""
+
+    def __init__(
+        self,
+        tables: Mapping[str, RefetchingTable],
+        full: Mapping[str, FullTable],
+        router: ChangeRouter,
+        revisions: Revisions,
+        fanout: FanOut,
+        trust: Trust,
+    ) -> None:
+        self._tables = tables
+        self._full = full  # the full tables among them (reloads, readers held until refetches land)
+        self._router = router
+        self._revisions = revisions
+        self._fanout = fanout
+        self._trust = trust
+        self._connected_before = False
+        self._told_connected: list[Callable[[], None]] = []
+        self._check_catalog: Callable[[], Awaitable[None]] | None = None
+        self._schema_batch = 0  # the newest batch of a reload or failure for a schema change
+
+    @property
+    def stats(self) -> RouterStats:
+        return self._router.stats
+
+    def hears(self, schema: str, table: str) -> bool:
+        """Whether changes of PostgreSQL table ``schema.table`` matter to a cached table."""
+        return self._router.hears(schema, table)
+
+    def attach(
+        self,
+        source: ChangeSource,
+        barrier_timeout: float = 30.0,
+        check_catalog: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Read barriers go through ``source``: its tokens come back ordered with its changes.
+        With ``check_catalog`` (``CatalogWatch.verify``), each round also checks the catalog:
+        DDL sends no notification."""
+        self._check_catalog = check_catalog
+        check = self._barrier_check if check_catalog is not None else None
+        self._trust.use_barrier(Barrier(source.send_token, timeout=barrier_timeout, check=check))
+
+    async def _barrier_check(self) -> int:
+        """A barrier round's catalog check; the newest batch a schema change made (the
+        round covers it: a reload the check started, or one a check under way started)."""
+        assert self._check_catalog is not None
+        await self._check_catalog()
+        return self._schema_batch
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each (re)connection's rebuild has begun."""
+        self._told_connected.append(callback)
+
+    # ------------------------------------------------------------ the source's side (source.ChangeSink)
+
+    def source_connected(self) -> None:
+        """LISTEN is active: (re)build every table, in a new epoch.
+
+        Notifications sent while no connection listened are lost, so memory
+        is rebuilt from scratch: full tables reload, lazy tables empty.
+        """
+        rebuild = self._connected_before
+        self._connected_before = True
+        seq = self._revisions.begin_epoch(rebuild)
+        epoch = self._revisions.epoch
+        if rebuild:
+            log.info(
+                "rebuilding every table after reconnect (new epoch %s)",
+                epoch,
+                extra={"event": "rebuild", "epoch": epoch},
+            )
+        self._trust.set_up(True)
+        self._fanout.start(epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
+        for table in self._tables.values():
+            table.rebuild(seq)
+        self._revisions.advance()
+        for callback in self._told_connected:
+            callback()
+
+    def source_lost(self, reason: str) -> None:
+        """Notifications may be missed from now on: stop trusting memory.
+
+        Waiting readers are released to read from the database (which is
+        fresher than any revision they waited for); barriers fail.
+        """
+        self._trust.lost(f"listener down ({reason})")
+        for full in self._full.values():
+            full.reroute()
+        self._revisions.release_all()
+
+    def handle(self, event: Event) -> None:
+        """Apply one parsed notification (called synchronously by the listener)."""
+        if isinstance(event, SyncToken):
+            barrier = self._trust.barrier
+            if barrier is not None and barrier.token_received(event.token, self._revisions.seq):
+                self._revisions.advance()
+            return
+        self._router.route(event)
+        self._revisions.advance()
+
+    # ------------------------------------------------------------ the sidecar's own changes
+
+    async def invalidate(
+        self,
+        table: TableCache,
+        raw_keys: Sequence[Sequence[Any]] | None,
+        keys: list[Key] | None,
+        refresh: bool,
+        credentials: tuple[str, ...],
+    ) -> Revision | None:
+        """Drop cached rows of ``table`` (all of them when ``keys`` is None), as a batch of
+        the sidecar's own; with ``refresh``, return once they are read again."""
+        self._router.invalidate(self._tables[table.schema.qualified], keys)
+        self._revisions.advance()
+        if refresh and self._trust.up and table.loaded and (keys or table.holds_all_rows):
+            try:
+                await table.get_many(keys or [])
+            except Reloading:  # (a whole-table refresh: reads do not wait for it, this does)
+                await self._full[table.schema.qualified].until_reloaded()
+        return None  # (applied here already: nothing to wait for)
+
+    def reload_table(self, name: str, why: str) -> None:
+        """Reload a cached table from scratch (its definition changed, or it can be served again)."""
+        self._router.reload(name, why)
+        self._schema_batch = self._revisions.seq
+        self._revisions.advance()
+
+    def fail_table(self, name: str, problem: str) -> None:
+        """Stop serving a cached table from memory (reads go to the database) because of ``problem``."""
+        seq = self._revisions.seq
+        self._router.fail(name, problem)
+        if self._revisions.seq != seq:  # (no batch when the table was not served for that already)
+            self._schema_batch = self._revisions.seq
+        self._revisions.advance()
+
+    def problem(self, name: str) -> str | None:
+        return self._tables[name].problem
+
+    async def close(self) -> None:
+        for table in self._tables.values():
+            await table.close()

@@ -1,0 +1,1 @@
+"""The network edge: the gRPC service and server, TLS, bearer tokens, credential files."""

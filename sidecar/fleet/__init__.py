@@ -1,0 +1,1 @@
+"""The fleet: a follower's upstream sidecar (its channel, its Watch as a change source)."""
