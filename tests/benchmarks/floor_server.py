@@ -30,7 +30,7 @@ from sidecar.edge.names import SERVICE_NAME
 
 
 def replies(row: bytes) -> tuple[bytes, bytes]:
-    revisions = wire.Revisions()
+    revisions = wire.RevisionField()
     revisions.update("0123456789abcdef", 1)
     entry = wire.entry(row)
     return wire.get_response(entry, revisions), wire.batch_get_response([entry] * 100, revisions)

@@ -251,6 +251,51 @@ def _accepted(resumer: Resumer, response: pb.WatchResponse, decode: Decoder) -> 
     return accepted
 
 
+class _StoreRead:
+    """One read from the shared-memory store, its decisions in one place (the two shells only
+    Sync and sleep): whether the store may answer, the revision it must reach, the retries
+    until the deadline, and the rows decoded. ``done`` False: not answered yet (retry after
+    ``POLL``); ``rows`` None: ask over gRPC."""
+
+    def __init__(
+        self,
+        core: _Core,
+        store: SharedMemory,
+        table: str,
+        keys: Sequence[Any],
+        consistency: Consistency,
+        min_revision: Revision | None,
+        allow_stale: bool,
+        timeout: float | None,
+    ) -> None:
+        self.core, self.store, self.table, self.keys, self.allow_stale = core, store, table, keys, allow_stale
+        self.strong = consistency == "strong"
+        self.min_revision = min_revision
+        self.timeout = timeout
+        # (a STRONG read the store cannot answer now is not worth a barrier of our own)
+        self.possible = not (self.strong and store.refusal(table, allow_stale) is not None)
+        self.rows: list[Any] | None = None
+        self._target: Any = None
+        self._deadline: float | None = None
+
+    def aim(self, synced: Revision | None) -> None:
+        """The revision the store must hold: the Sync's for a STRONG read, else ``min_revision``."""
+        self._target = store_target(synced if self.strong else self.min_revision)
+
+    def attempt(self) -> bool:
+        """Read once; True when done (``rows`` the answer, or None: ask over gRPC)."""
+        answer = self.store.read(self.table, self.keys, self._target, self.allow_stale)
+        if answer is WAIT:
+            if self._deadline is None:
+                self._deadline = self.core.deadline(self.timeout)
+            return time.monotonic() >= self._deadline
+        if answer is not None:
+            self.core.last_revision = Revision(answer.epoch, answer.revision)
+            decode = self.core.decode
+            self.rows = [None if row is None else decode(row) for row in answer.rows]
+        return True
+
+
 class _BatchRead:
     """One BatchGet through the near-cache: hits answered at once, the rest asked for
     (with fill tickets, so a change racing the answer is never stored)."""
@@ -438,23 +483,14 @@ class Client:
     ) -> list[Any] | None:
         """Rows read from the shared-memory store, or None: ask over gRPC. A STRONG read
         is one Sync, then a wait until the store holds its revision, then the read."""
-        store = self._store
-        assert store is not None
-        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
-            return None  # (the store cannot answer this table now: no barrier of our own)
-        target = store_target(self.sync(timeout=timeout) if consistency == "strong" else min_revision)
-        answer = store.read(table, keys, target, allow_stale)
-        if answer is WAIT:
-            deadline = self._core.deadline(timeout)
-            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
-                if time.monotonic() >= deadline:
-                    return None
-                time.sleep(POLL)
-        if answer is None:
+        assert self._store is not None
+        read = _StoreRead(self._core, self._store, table, keys, consistency, min_revision, allow_stale, timeout)
+        if not read.possible:
             return None
-        self._core.last_revision = Revision(answer.epoch, answer.revision)
-        decode = self._core.decode
-        return [None if row is None else decode(row) for row in answer.rows]
+        read.aim(self.sync(timeout=timeout) if read.strong else None)
+        while not read.attempt():
+            time.sleep(POLL)
+        return read.rows
 
     def query(
         self,
@@ -697,23 +733,14 @@ class AsyncClient:
         timeout: float | None,
     ) -> list[Any] | None:
         """As ``Client._from_store``."""
-        store = self._store
-        assert store is not None
-        if consistency == "strong" and store.refusal(table, allow_stale) is not None:
+        assert self._store is not None
+        read = _StoreRead(self._core, self._store, table, keys, consistency, min_revision, allow_stale, timeout)
+        if not read.possible:
             return None
-        target = store_target(await self.sync(timeout=timeout) if consistency == "strong" else min_revision)
-        answer = store.read(table, keys, target, allow_stale)
-        if answer is WAIT:
-            deadline = self._core.deadline(timeout)
-            while (answer := store.read(table, keys, target, allow_stale)) is WAIT:
-                if time.monotonic() >= deadline:
-                    return None
-                await asyncio.sleep(POLL)
-        if answer is None:
-            return None
-        self._core.last_revision = Revision(answer.epoch, answer.revision)
-        decode = self._core.decode
-        return [None if row is None else decode(row) for row in answer.rows]
+        read.aim(await self.sync(timeout=timeout) if read.strong else None)
+        while not read.attempt():  # noqa: ASYNC110 (the store is another process's: nothing to await but time)
+            await asyncio.sleep(POLL)
+        return read.rows
 
     async def query(
         self,
