@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol, TypeGuard
 
 from sidecar.core.indexes import IndexQuery
@@ -109,6 +109,14 @@ class RefetchingTable(TableCache, Protocol):
     def changed(self, keys: Iterable[Key], seq: int) -> None: ...
     def changed_all(self, seq: int) -> None: ...
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None: ...
+    def carried(self, rows: Mapping[Key, bytes | None], seq: int) -> None:
+        """These keys changed in batch ``seq`` and the change brought their rows (None: gone)."""
+        ...
+
+    def emptied(self, seq: int) -> None:
+        """The table was emptied (TRUNCATE) in batch ``seq``, and the change stream says so."""
+        ...
+
     def fail(self, problem: str) -> None: ...
     async def close(self) -> None: ...
 

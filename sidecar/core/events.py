@@ -44,6 +44,9 @@ class RowChange:
     xid: int
     keys: tuple[tuple[Any, ...], ...]
     old_keys: tuple[tuple[Any, ...], ...] = ()
+    # The rows now, one per key of ``keys`` (cache entries; None: deleted), when the change
+    # came with them (logical decoding); None: refetch them.
+    rows: tuple[bytes | None, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,9 @@ class TableChange:
     op: Op
     xid: int
     reason: str
+    # The change stream brought the outcome: the table is empty now (a TRUNCATE decoded
+    # from the WAL), nothing to reload.
+    emptied: bool = False
 
 
 @dataclass(frozen=True, slots=True)

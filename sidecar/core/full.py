@@ -39,7 +39,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from sidecar.core.aio import TaskSet, Waiters
@@ -100,6 +100,14 @@ class FullTable:
         self.load_progress = LoadProgress(schema.qualified, due=lambda: self.reloading and self.problem is None)
         self.loaded = False
         self.problem: str | None = None  # why the table is not served: a failure that would repeat
+        # Changes bring their rows (logical decoding), stored as they come, in commit order.
+        # A database read (a refetch, a reload) may see commits the stream has not brought
+        # yet, after which a row the stream brings could be older than the one held; so the
+        # first change that needs one turns this off until the next exact rebuild, and from
+        # then on every change is refetched as notices are.
+        self.streamed = False
+        self.streams = False  # whether an exact rebuild turns ``streamed`` on (set by the ingest)
+        self.stream_stopped: str | None = None  # why ``streamed`` went off (logged once)
         self.refetches = 0
         self.reloads = 0
         self.degraded = 0  # keyed refetches or relation refreshes that became reloads
@@ -185,16 +193,60 @@ class FullTable:
 
     # -------------------------------------------------------------- changes
 
-    def rebuild(self, seq: int) -> None:
+    def rebuild(self, seq: int, exact: bool = False) -> None:
         """(Re)load from scratch at ``seq`` (LISTEN must already be active); a table
-        that could not be served tries again."""
+        that could not be served tries again. ``exact``: the load reads the database
+        exactly as of ``seq`` (a snapshot the change stream starts from), so changes that
+        bring rows may be stored as they come again."""
         self.problem = None
+        self.streamed = False  # (quietly: a rebuild is no reason to log)
+        self.changed_all(seq)
+        if exact and self.streams:
+            self.streamed = True
+            self.stream_stopped = None
+
+    def _stop_streaming(self, why: str) -> None:
+        if self.streamed:
+            self.streamed = False
+            self.stream_stopped = why
+            log.info(
+                "%s: %s; its changes are refetched from now on (until the next rebuild)",
+                self.schema.qualified,
+                why,
+                extra={"event": "rows_refetched", "table": self.schema.qualified, "reason": why},
+            )
+
+    def carried(self, rows: Mapping[Key, bytes | None], seq: int) -> None:
+        """These keys changed in batch ``seq`` and the change brought their rows (None: gone):
+        stored at once while the table takes rows from its changes and nothing is pending
+        for them; otherwise refetched like any change."""
+        if self.problem is not None:
+            return
+        if (
+            self.streamed
+            and self._reload_needed <= self._reload_done
+            and not self._matching
+            and (not self._pending or self._pending.keys().isdisjoint(rows))
+        ):
+            self.store.store(rows, rows)  # type: ignore[arg-type]  # (None: removed)
+            return
+        self.changed(rows, seq)
+
+    def emptied(self, seq: int) -> None:
+        """The table was emptied (TRUNCATE) in batch ``seq``, as the change stream says:
+        its rows dropped at once while it takes rows from its changes; otherwise reloaded."""
+        if self.problem is not None:
+            return
+        if self.streamed and self._reload_needed <= self._reload_done and not self._matching and not self._pending:
+            self.store.store(list(self.store.rows), {})
+            return
         self.changed_all(seq)
 
     def changed(self, keys: Iterable[Key], seq: int) -> None:
         """These keys changed in batch ``seq``: refetch them."""
         if self.problem is not None:
             return  # not served: nothing to keep current until it is rebuilt
+        self._stop_streaming("a change had to be refetched")
         for key in keys:
             pending = self._pending.get(key)
             if pending is None:
@@ -212,6 +264,7 @@ class FullTable:
         """The whole table changed in batch ``seq``: reload it."""
         if self.problem is not None:
             return
+        self._stop_streaming("the table had to be reloaded")
         if self._reloading and self._reload_needed > self._reloading_level:
             self.coalesced += 1  # (the reload queued behind the one in flight covers it)
         elif not self._reloading and self.loaded and self._reload_needed > self._reload_done:
@@ -230,6 +283,7 @@ class FullTable:
         source changed): refresh exactly those rows, including ones that appear or vanish."""
         if self.problem is not None:
             return
+        self._stop_streaming("a relation refresh")
         self._matching.append((seq, columns, values))
         self._progress()
         self._schedule()

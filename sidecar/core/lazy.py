@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from cachetools import Cache, LRUCache, TTLCache
@@ -104,6 +104,12 @@ class LazyTable:
         for key in keys:
             self.cache.pop(key, None)
             self._flights.detach(key)
+
+    def carried(self, rows: Mapping[Key, bytes | None], seq: int) -> None:
+        self.changed(rows, seq)  # (a lazy table holds what a read asked for: it drops them)
+
+    def emptied(self, seq: int) -> None:
+        self.changed_all(seq)
 
     def changed_all(self, seq: int) -> None:
         self.cache.clear()

@@ -13,20 +13,22 @@ barrier's token coming back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from sidecar.core.barrier import Barrier
-from sidecar.core.cache import RefetchingTable, TableCache
-from sidecar.core.events import Event, SyncToken
+from sidecar.core.cache import RefetchingTable, Rerouted, TableCache
+from sidecar.core.events import Event, RowChange, SyncToken, TableChange
 from sidecar.core.fanout import FanOut
 from sidecar.core.full import FullTable, Reloading
 from sidecar.core.keys import Key
 from sidecar.core.revisions import Revision, Revisions
 from sidecar.core.router import ChangeRouter, RouterStats
-from sidecar.core.source import ChangeSource
+from sidecar.core.source import TokenSender
 from sidecar.core.trust import Trust
+from sidecar.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class NoticeIngest:
 
     def attach(
         self,
-        source: ChangeSource,
+        source: TokenSender,
         barrier_timeout: float = 30.0,
         check_catalog: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -88,15 +90,18 @@ class NoticeIngest:
 
     # ------------------------------------------------------------ the source's side (source.ChangeSink)
 
-    def source_connected(self) -> None:
+    def source_connected(self, at: int | None = None, exact: bool = False) -> None:
         """LISTEN is active: (re)build every table, in a new epoch.
 
         Notifications sent while no connection listened are lost, so memory
-        is rebuilt from scratch: full tables reload, lazy tables empty.
+        is rebuilt from scratch: full tables reload, lazy tables empty. A source
+        that numbers changes by their position in its log gives the position the
+        rebuild is at (``at``); ``exact``: the loads read the database exactly as of
+        it (an exported snapshot), so tables whose changes bring rows store them.
         """
         rebuild = self._connected_before
         self._connected_before = True
-        seq = self._revisions.begin_epoch(rebuild)
+        seq = self._revisions.begin_epoch(rebuild, at)
         epoch = self._revisions.epoch
         if rebuild:
             log.info(
@@ -107,7 +112,10 @@ class NoticeIngest:
         self._trust.set_up(True)
         self._fanout.start(epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
         for table in self._tables.values():
-            table.rebuild(seq)
+            if isinstance(table, FullTable):
+                table.rebuild(seq, exact)
+            else:
+                table.rebuild(seq)
         self._revisions.advance()
         for callback in self._told_connected:
             callback()
@@ -132,6 +140,50 @@ class NoticeIngest:
             return
         self._router.route(event)
         self._revisions.advance()
+
+    def transaction(self, position: int, xid: int, events: Sequence[Event]) -> None:
+        """One committed transaction's events, whole, numbered by its commit ``position``
+        (a source that sees transactions whole: logical decoding). A read barrier's token
+        among them counts from the transaction before."""
+        changes = [event for event in events if isinstance(event, RowChange | TableChange)]
+        if changes:
+            self._revisions.open_commit(position, xid)
+            for change in changes:
+                self._router.route(change)
+            self._revisions.close_commit()
+        for event in events:
+            if isinstance(event, SyncToken):
+                self.handle(event)
+
+    def streamed(self, name: str) -> bool:
+        """Whether the changes of cached table ``name`` should bring their rows (a full
+        table read whole, not a relation or a filtered one) -- the source decides whether
+        it can build them."""
+        table = self._full.get(name)
+        return table is not None and not table.schema.config.is_relation and not table.schema.config.where
+
+    def take_rows(self, name: str, on: bool) -> None:
+        """Whether the next exact rebuild lets full table ``name`` store the rows its
+        changes bring (the source can build them exactly) or refetch them."""
+        table = self._full.get(name)
+        if table is not None:
+            table.streams = on
+
+    def cached_row(self, name: str, key: Key) -> bytes | None:
+        """The row (cache entry) a full table holds for ``key`` while it takes rows from
+        its changes (what an UPDATE that did not send an unchanged TOASTed value keeps)."""
+        table = self._full.get(name)
+        if table is None or not table.streamed:
+            return None
+        return table.store.get(key)
+
+    async def until_loaded(self) -> None:
+        """Return once every full table's (re)load asked for before the call has landed
+        (or failed as it would again)."""
+        for table in self._full.values():
+            while table.reloading and table.problem is None:
+                with contextlib.suppress(Unavailable, Rerouted):  # (a failed attempt is retried)
+                    await table.until_reloaded()
 
     # ------------------------------------------------------------ the sidecar's own changes
 

@@ -112,18 +112,38 @@ class Revisions:
         self.batch_open = False
         self.advance()
 
+    # A source that sees whole transactions with their commit positions (logical
+    # decoding) numbers each by that position: the same on every sidecar reading the
+    # same log. (A batch of the sidecar's own between two commits takes the next number;
+    # in the rare case that it reached the next commit's position, that commit takes the
+    # number after it.)
+
+    def open_commit(self, position: int, xid: int) -> int:
+        """The batch of the transaction that committed at ``position``: its events join it
+        (``batch_for``) until ``close_commit``."""
+        self.seq = position if position > self.seq else self.seq + 1
+        self._open_xid = xid
+        self.batch_open = True
+        return self.seq
+
+    def close_commit(self) -> None:
+        self.batch_open = False
+        self._open_xid = None
+        self.advance()
+
     def own_batch(self) -> int:
         """A batch of the sidecar's own making (not a transaction's)."""
         self.seq += 1
         self._open_xid = None  # later notifications start their own batch
         return self.seq
 
-    def begin_epoch(self, rebuild: bool) -> int:
-        """A new epoch (when ``rebuild``: continuity broke) at a new batch; return it."""
+    def begin_epoch(self, rebuild: bool, at: int | None = None) -> int:
+        """A new epoch (when ``rebuild``: continuity broke) at a new batch -- numbered
+        ``at`` when given and above the last (a position in the source's log) -- ; return it."""
         if rebuild:
             self._run += 1
             self.epoch = new_epoch(self._identity, self._run)
-        self.seq += 1
+        self.seq = at if at is not None and at > self.seq else self.seq + 1
         self.epoch_start = self.seq
         self.batch_open = False
         self._open_xid = None

@@ -121,11 +121,15 @@ class ChangeRouter:
         if isinstance(event, TableChange):
             log.debug("%s: whole table changed (%s)", name, event.reason)
             op = TRUNCATE if event.op is Op.TRUNCATE else TABLE_CHANGED
-            return Routed(table, [Change(name, op)])
+            return Routed(table, [Change(name, op)], emptied=event.emptied)
         keys = self._coerce(table.schema.key_columns, event, name)
         if keys is None:
             return Routed(table, [Change(name, TABLE_CHANGED)])
-        return Routed(table, _row_changes(event, name, keys), keys)
+        rows = None
+        if event.rows is not None:  # (the change brought the rows: keys an UPDATE moved away from are gone)
+            rows = dict.fromkeys(keys[len(event.keys) :])
+            rows.update(zip(keys, event.rows, strict=False))
+        return Routed(table, _row_changes(event, name, keys), keys, rows=rows)
 
     def _to_relation(self, relation: RefetchingTable, source: SourceSchema, event: RowChange | TableChange) -> Routed:
         """A source of ``relation`` changed: refresh exactly the relation rows it affects."""
@@ -174,15 +178,22 @@ class ChangeRouter:
 @dataclass
 class Routed:
     """What one event means for one consumer: the changes Watch records, and what the
-    table refetches -- ``keys``, the rows ``matching`` source values, or (neither) all."""
+    table refetches -- ``keys``, the rows ``matching`` source values, or (neither) all --
+    or the ``rows`` the change brought with it."""
 
     table: RefetchingTable
     changes: list[Change]
     keys: list[Key] | None = None
     matching: tuple[tuple[str, ...], list[Key]] | None = None
+    rows: dict[Key, bytes | None] | None = None  # the rows the change brought, by key
+    emptied: bool = False  # the change brought the outcome: the table is empty
 
     def apply(self, seq: int) -> None:
-        if self.matching is not None:
+        if self.emptied:
+            self.table.emptied(seq)
+        elif self.rows is not None:
+            self.table.carried(self.rows, seq)
+        elif self.matching is not None:
             self.table.changed_matching(*self.matching, seq)
         elif self.keys is not None:
             self.table.changed(self.keys, seq)

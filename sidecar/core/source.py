@@ -76,6 +76,15 @@ class ChangeSink(Protocol):
         ...
 
 
+class TokenSender(Protocol):
+    """Where read-barrier tokens go (every change source)."""
+
+    async def send_token(self, token: str) -> None:
+        """Send a read-barrier token: it comes back to the sink after every change that
+        was committed before it was sent."""
+        ...
+
+
 class ChangeSource(Protocol):
     """Where changes and rows come from."""
 

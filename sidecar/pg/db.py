@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+_SNAPSHOT_NAME = re.compile(r"[0-9A-F]+-[0-9A-F]+-[0-9]+")
 # Rows per chunk a load yields (a cursor's fetch; a COPY's parsed lines).
 LOAD_CHUNK_ROWS = 10_000
 # Keys a load streams by COPY: its text form of these is what int() reads.
@@ -309,6 +311,8 @@ class PgDatabase:
         self.pool = pool
         self._dsn = dsn
         self.timeout = timeout  # per query and per wait for a connection: a stall must not hang readers
+        # An exported snapshot loads read under (logical decoding's start: the slot's), or None.
+        self.snapshot: str | None = None
 
     @classmethod
     async def connect(cls, config: Config) -> PgDatabase:
@@ -345,6 +349,7 @@ class PgDatabase:
                 self.pool.acquire(timeout=self.timeout) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
+                await self._use_snapshot(conn)
                 cursor = await conn.cursor(schema.select_all_sql())
                 while records := await cursor.fetch(LOAD_CHUNK_ROWS):
                     yield _rows(records, columns, len(columns), schema.qualified)
@@ -356,7 +361,10 @@ class PgDatabase:
         chunks: asyncio.Queue[Rows] = asyncio.Queue(maxsize=2)
         parser = IntegerKeyRows(chunks.put, LOAD_CHUNK_ROWS)
         with translated(f"loading {schema.qualified}"):
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+            async with self.pool.acquire(timeout=self.timeout) as conn, contextlib.AsyncExitStack() as stack:
+                if self.snapshot is not None:
+                    await stack.enter_async_context(conn.transaction(isolation="repeatable_read", readonly=True))
+                    await self._use_snapshot(conn)
                 copying = asyncio.ensure_future(
                     conn.copy_from_query(schema.select_all_sql(as_text=True), output=parser.feed, timeout=COPY_TIMEOUT)
                 )
@@ -386,6 +394,15 @@ class PgDatabase:
                         taking.cancel()
                     if not copying.done():
                         await _stop_copy(conn, copying, parser, chunks, self.timeout)
+
+    async def _use_snapshot(self, conn: Any) -> None:
+        """Read under the exported snapshot, if one is set (the transaction's first statement)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        if not _SNAPSHOT_NAME.fullmatch(snapshot):
+            raise QueryFailed(f"not a snapshot name: {snapshot[:40]!r}")
+        await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=self.timeout)
 
     async def estimate(self, schema: TableSchema) -> int | None:
         # The planner's estimate of the load's own query: it covers filters and relations too.

@@ -516,3 +516,61 @@ def row_from_tuple(
     if len(values) != len(columns):
         raise Unconvertible(f"{len(values)} values for the {len(columns)} columns of {relation.name}")
     return row_json(columns, texts, types)
+
+
+# -- what the cached row already says ----------------------------------------------------
+
+_TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],:]', re.DOTALL)
+
+
+def object_values(raw: bytes) -> list[bytes]:
+    """The values of a JSON object's top-level fields, in order, as raw JSON text (a row of
+    ``row_to_json``: its fields are the columns, in order). Raises ``Unconvertible`` when
+    ``raw`` is not one object."""
+    if not raw.startswith(b"{"):
+        raise Unconvertible("a cached row is not a JSON object")
+    values: list[bytes] = []
+    depth, start, expect_value = 0, -1, False
+    for match in _TOKENS.finditer(raw, 1):
+        token = match[0]
+        if depth == 0:
+            if token == b":":
+                start, expect_value = match.end(), True
+                continue
+            if token in (b",", b"}"):
+                if expect_value:
+                    values.append(raw[start : match.start()].strip())
+                    expect_value = False
+                if token == b"}":
+                    if match.end() != len(raw.rstrip()):
+                        raise Unconvertible("a cached row has bytes after its object")
+                    return values
+                continue
+        if token in (b"{", b"["):
+            depth += 1
+        elif token in (b"}", b"]"):
+            depth -= 1
+            if depth < 0:
+                raise Unconvertible("a cached row's brackets do not match")
+    raise Unconvertible("a cached row is not a complete JSON object")
+
+
+def describes(type_oid: int, types: Mapping[int, TypeInfo], depth: int = 0) -> str | None:
+    """None when values of ``type_oid`` convert exactly (by ``value_json``), else why not."""
+    if depth > _MAX_DEPTH:
+        return f"type {type_oid} nests deeper than {_MAX_DEPTH} levels"
+    info = types.get(type_oid)
+    if info is None:
+        return None if type_oid in PLAIN_TYPES else f"type {type_oid} is not one row_to_json's text is known for"
+    if isinstance(info, Domain):
+        return describes(info.base, types, depth + 1)
+    if isinstance(info, Array):
+        return describes(info.element, types, depth + 1)
+    if isinstance(info, Composite):
+        for _, field_type in info.fields:
+            if (why := describes(field_type, types, depth + 1)) is not None:
+                return why
+        return None
+    if info.json_cast:
+        return f"type {type_oid} has a cast to json, which row_to_json calls"
+    return None

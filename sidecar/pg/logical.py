@@ -1,0 +1,648 @@
+"""PostgreSQL as a change source by logical decoding: one replication connection
+streaming ``pgoutput`` from a temporary slot, the query pool for loads, barriers and
+the rows a change cannot bring.
+
+Why psycopg2 for the stream: it is the one maintained Python client of PostgreSQL's
+replication protocol (asyncpg and psycopg 3 have none). It is used here only for the
+replication connection: ``CREATE_REPLICATION_SLOT`` and ``START_REPLICATION`` run in a
+thread (they block), then its socket is read from the event loop (``add_reader`` and
+the non-blocking ``read_message``); everything else stays on asyncpg.
+
+A start, gap-free: the slot is created with an exported snapshot; every full table
+loads under that snapshot (``PgDatabase.snapshot``) while the replication connection
+stays idle (the snapshot lives until it runs another command); then the stream starts
+at the slot's consistent point. Memory is then exactly the database at that position,
+and every transaction after it arrives once, whole, at its commit, in commit order.
+
+A transaction's changes become events (keys, and for full tables read whole the rows
+as ``row_to_json`` would make them, built by ``rowjson`` with no query), handed to the
+sink at the commit, numbered by the commit's LSN (``NoticeIngest.transaction``). A
+value that cannot be converted exactly, an unchanged TOASTed value the cached row does
+not have, a column list that is not the cached table's: the change goes without rows,
+and the table refetches from then on (see ``FullTable.streamed``).
+
+A read barrier is a transactional ``pg_logical_emit_message`` carrying the token,
+committed with ``synchronous_commit = on`` (its commit flushes the WAL before it: the
+walsender sends only flushed WAL, so everything committed before the barrier comes
+before the token, whatever writers' ``synchronous_commit`` says). A lost replication
+connection is a lost listener: memory stops being trusted, and the next connection
+rebuilds everything in a new epoch from a new slot.
+
+Everything the stream says is checked as it is read (``pgoutput`` raises on any
+malformed message); a message this code does not expect ends the connection (a rebuild
+follows) rather than being guessed at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+
+from sidecar.core.events import Event, Op, RowChange, SyncToken, TableChange
+from sidecar.core.jsonread import loads
+from sidecar.core.keys import Key, KeyColumn, coerce_key
+from sidecar.core.schema import TableSchema
+from sidecar.core.wire import entry
+from sidecar.core.wire import row_json as entry_row
+from sidecar.errors import InvalidKey, Unavailable
+from sidecar.identifiers import qualified_name
+from sidecar.pg import pgoutput, rowjson
+from sidecar.pg.db import CONNECTION_ERRORS, PINNED_SETTINGS, PgDatabase
+
+log = logging.getLogger(__name__)
+
+MESSAGE_PREFIX = "cache_sidecar_sync"  # pg_logical_emit_message's prefix of barrier tokens
+MAX_TOKEN_BYTES = 64
+# Row changes of one table buffered in one transaction before it counts as a bulk change
+# (the table is then reloaded once, as a bulk statement's trigger asks in NOTIFY mode).
+MAX_TRANSACTION_ROWS = 100_000
+FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's confirmed position)
+
+
+class LogicalSink(Protocol):
+    """What the stream tells the core (``notices.NoticeIngest``)."""
+
+    def source_connected(self, at: int | None = None, exact: bool = False) -> None: ...
+    def source_lost(self, reason: str) -> None: ...
+    def transaction(self, position: int, xid: int, events: Sequence[Event]) -> None: ...
+    def streamed(self, name: str) -> bool: ...
+    def take_rows(self, name: str, on: bool) -> None: ...
+    def cached_row(self, name: str, key: Key) -> bytes | None: ...
+    async def until_loaded(self) -> None: ...
+
+
+@dataclass
+class _Table:
+    """What the stream needs to know of one published table the cache hears of."""
+
+    schema: str
+    name: str
+    key: tuple[KeyColumn, ...]  # the columns an event's keys are made of (as the triggers' keys)
+    qualified: str = ""  # the cached full table whose rows changes bring ("" : none)
+    columns: tuple[tuple[str, int], ...] = ()  # its columns (name, type) as row_to_json reads them
+    types: dict[int, rowjson.TypeInfo] = field(default_factory=dict)
+
+
+@dataclass
+class _Decoder:
+    """One Relation message of a table the cache hears of, ready to turn tuples into events."""
+
+    table: _Table
+    relation: pgoutput.Relation
+    key_positions: tuple[int, ...] | None  # the key columns in the tuple (None: not all there)
+    key_in_identity: bool  # every key column is in the replica identity (old keys are sent)
+    rows: bool  # build rows: the Relation's columns are the cached table's
+    why_no_rows: str | None = None
+
+
+@dataclass
+class _Transaction:
+    xid: int
+    position: int  # the commit's LSN (Begin's final LSN)
+    events: list[Event] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # row changes per table
+    bulk: set[str] = field(default_factory=set)  # tables past MAX_TRANSACTION_ROWS
+    latest: dict[tuple[str, Key], bytes | None] = field(default_factory=dict)  # rows so far, by key
+
+
+@dataclass
+class SlotState:
+    """The slot, for metrics and ListTables."""
+
+    name: str = ""
+    streaming: bool = False
+    confirmed: int = 0  # the position confirmed to the server (applied)
+    server_end: int = 0  # the server's end of WAL as last told
+    received: int = 0  # the end of the last message received
+
+
+class LogicalSource:
+    """``source.ChangeSource`` over a pgoutput stream and an asyncpg pool."""
+
+    def __init__(
+        self,
+        database: PgDatabase,
+        *,
+        conninfo: str | None,
+        publication: str,
+        tables: Mapping[tuple[str, str], TableSchema],
+        query_timeout: float,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 5.0,
+        reconnect_min_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
+        connect_timeout: float = 10.0,
+        redact: Callable[[str], str] = lambda text: text,
+        application_name: str = "cache-sidecar replication",
+    ) -> None:
+        self._database = database
+        self._conninfo = conninfo or ""
+        self.publication = publication
+        self._heard = {name: _Table(name[0], name[1], schema.key_columns) for name, schema in tables.items()}
+        self.query_timeout = query_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.reconnect_min_delay = reconnect_min_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.connect_timeout = connect_timeout
+        self._redact = redact
+        self._application_name = application_name
+        self.slot = SlotState()
+        self.connects = 0
+        self.losses = 0
+        self.transactions = 0
+        self._sink: LogicalSink | None = None
+        self._conn: Any = None
+        self._cursor: Any = None
+        self._up = False
+        self._readable: asyncio.Future[None] | None = None
+
+    @property
+    def database(self) -> PgDatabase:
+        return self._database
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    async def close(self) -> None:
+        await self._close_connection()
+
+    # ------------------------------------------------------------ the barrier
+
+    async def send_token(self, token: str) -> None:
+        """Emit ``token`` into the WAL (transactional, flushed): it comes back in the stream
+        after every transaction committed before this call."""
+        if not self._up:
+            raise Unavailable("the replication stream is down")
+        try:
+            async with self._database.pool.acquire(timeout=self.query_timeout) as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = on", timeout=self.query_timeout)
+                await conn.execute(
+                    "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2::text)",
+                    MESSAGE_PREFIX,
+                    token,
+                    timeout=self.query_timeout,
+                )
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise Unavailable(f"sending a barrier token: {type(exc).__name__}: {exc}") from None
+
+    # ------------------------------------------------------------ following
+
+    async def follow(self, sink: LogicalSink) -> None:
+        """Stream until cancelled; each connection starts from a new slot and a rebuild."""
+        self._sink = sink
+        attempt = 0
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._run_once(sink)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # (any failure of the connection: a rebuild follows)
+                    reason = self._redact(f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0][:300])
+                    if self._up or attempt == 0:
+                        log.warning(
+                            "replication stream lost: %s", reason, extra={"event": "listener_down", "reason": reason}
+                        )
+                    else:
+                        log.info("replication stream not connected: %s", reason)
+                    self._lose(sink, reason)
+                if time.monotonic() - started > 10 * self.reconnect_max_delay:
+                    attempt = 0
+                delay = min(self.reconnect_max_delay, self.reconnect_min_delay * 2**attempt)
+                attempt += 1
+                await asyncio.sleep(delay)
+        finally:
+            self._lose(sink, "stopped")
+            await self._close_connection()
+
+    def _lose(self, sink: LogicalSink, reason: str) -> None:
+        was_up = self._up
+        self._up = False
+        self.slot.streaming = False
+        self._database.snapshot = None
+        if was_up or self.connects:
+            self.losses += was_up
+            sink.source_lost(reason)
+
+    async def _run_once(self, sink: LogicalSink) -> None:
+        await self._close_connection()
+        self._conn, self._cursor = await asyncio.to_thread(self._connect)
+        slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
+        position, snapshot = await asyncio.to_thread(self._create_slot, slot)
+        self.slot = SlotState(name=slot, confirmed=position, received=position)
+        await self._prepare_tables()
+        # Every full table loads under the slot's snapshot: memory is then the database
+        # exactly at ``position``, where the stream starts.
+        self._database.snapshot = snapshot
+        self.connects += 1
+        self._up = True
+        sink.source_connected(at=position, exact=True)
+        try:
+            await sink.until_loaded()
+        finally:
+            self._database.snapshot = None
+        await asyncio.to_thread(self._start, slot, position)
+        self.slot.streaming = True
+        log.info(
+            "streaming changes from slot %s at %s (publication %s)",
+            slot,
+            pgoutput.format_lsn(position),
+            self.publication,
+            extra={"event": "listener_up", "slot": slot},
+        )
+        await self._stream(sink)
+
+    # ------------------------------------------------------------ the replication connection (threads)
+
+    def _connect(self) -> tuple[Any, Any]:
+        import psycopg2  # type: ignore[import-untyped]
+        import psycopg2.extras  # type: ignore[import-untyped]
+
+        settings = {**PINNED_SETTINGS, "client_encoding": "UTF8"}
+        options = " ".join(f"-c {name}={_escape_option(value)}" for name, value in settings.items())
+        conn = psycopg2.connect(
+            self._conninfo,
+            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+            application_name=self._application_name,
+            connect_timeout=max(1, int(self.connect_timeout)),
+            options=options,
+            keepalives=1,
+            keepalives_idle=max(1, int(self.ping_interval)),
+            keepalives_interval=max(1, int(self.ping_timeout)),
+            keepalives_count=3,
+        )
+        return conn, conn.cursor()
+
+    def _create_slot(self, slot: str) -> tuple[int, str]:
+        self._cursor.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")
+        row = self._cursor.fetchone()
+        return pgoutput.parse_lsn(row[1]), str(row[2])
+
+    def _start(self, slot: str, position: int) -> None:
+        version = self._conn.server_version
+        proto = 4 if version >= 160000 else 3 if version >= 150000 else 2 if version >= 140000 else 1
+        self._cursor.start_replication(
+            slot_name=slot,
+            decode=False,
+            start_lsn=position,
+            options={"proto_version": str(proto), "publication_names": self.publication, "messages": "true"},
+        )
+
+    async def _close_connection(self) -> None:
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+        with contextlib.suppress(Exception):
+            conn.close()  # (the temporary slot goes with the session)
+
+    # ------------------------------------------------------------ the stream (event loop)
+
+    async def _stream(self, sink: LogicalSink) -> None:
+        loop = asyncio.get_running_loop()
+        cursor = self._cursor
+        fd = self._conn.fileno()
+        loop.add_reader(fd, self._wake)
+        decoder = pgoutput.StreamDecoder()
+        relations: dict[int, _Decoder | None] = {}
+        transaction: _Transaction | None = None
+        last_feedback = last_heard = time.monotonic()
+        asked_at: float | None = None
+        try:
+            while True:
+                message = cursor.read_message()
+                now = time.monotonic()
+                if message is None:
+                    if cursor.io_timestamp is not None:
+                        heard = _seconds(cursor.io_timestamp)
+                        if heard is not None:
+                            last_heard = max(last_heard, now - max(0.0, time.time() - heard))
+                    if asked_at is not None and last_heard >= asked_at:
+                        asked_at = None
+                    if asked_at is not None and now - asked_at > self.ping_timeout:
+                        raise TimeoutError(f"the server did not answer a status request in {self.ping_timeout:g}s")
+                    if now - last_feedback >= FEEDBACK_INTERVAL or (
+                        asked_at is None and now - last_heard >= self.ping_interval
+                    ):
+                        ask = asked_at is None and now - last_heard >= self.ping_interval
+                        confirmed = self.slot.confirmed
+                        cursor.send_feedback(
+                            write_lsn=confirmed, flush_lsn=confirmed, apply_lsn=confirmed, reply=ask, force=True
+                        )
+                        last_feedback = now
+                        if ask:
+                            asked_at = now
+                    self.slot.server_end = max(self.slot.server_end, int(cursor.wal_end or 0))
+                    await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
+                    continue
+                last_heard = now
+                self.slot.received = max(self.slot.received, int(message.data_start))
+                self.slot.server_end = max(self.slot.server_end, int(message.wal_end))
+                parsed = decoder.feed(bytes(message.payload))
+                if isinstance(parsed, pgoutput.Begin):
+                    transaction = _Transaction(parsed.xid, parsed.final_lsn)
+                elif isinstance(parsed, pgoutput.Commit):
+                    if transaction is None:
+                        raise pgoutput.ProtocolError("a Commit outside a transaction")
+                    self._commit(sink, transaction, parsed)
+                    transaction = None
+                    await asyncio.sleep(0)  # (a long backlog: readers and barriers get their turn)
+                elif isinstance(parsed, pgoutput.Relation):
+                    relations[parsed.relation_id] = await self._decoder(parsed)
+                elif isinstance(parsed, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
+                    if transaction is None:
+                        raise pgoutput.ProtocolError("a row change outside a transaction")
+                    if parsed.relation_id not in relations:
+                        raise pgoutput.ProtocolError(f"a change of relation {parsed.relation_id} before its Relation")
+                    relation = relations[parsed.relation_id]
+                    if relation is not None:
+                        self._row_change(sink, transaction, relation, parsed)
+                elif isinstance(parsed, pgoutput.Truncate):
+                    if transaction is None:
+                        raise pgoutput.ProtocolError("a Truncate outside a transaction")
+                    for relation_id in parsed.relation_ids:
+                        relation = relations.get(relation_id)
+                        if relation is not None:
+                            table = relation.table
+                            transaction.events.append(
+                                TableChange(table.schema, table.name, Op.TRUNCATE, transaction.xid, "truncate", True)
+                            )
+                elif isinstance(parsed, pgoutput.LogicalMessage):
+                    if (
+                        transaction is not None
+                        and parsed.transactional
+                        and parsed.prefix == MESSAGE_PREFIX
+                        and len(parsed.content) <= MAX_TOKEN_BYTES
+                    ):
+                        with contextlib.suppress(UnicodeDecodeError):
+                            transaction.events.append(SyncToken(parsed.content.decode()))
+                elif isinstance(parsed, pgoutput.Type | pgoutput.Origin):
+                    pass
+                else:  # streamed or prepared transactions: not asked for
+                    raise pgoutput.ProtocolError(f"an unexpected {type(parsed).__name__} message")
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+
+    def _wake(self) -> None:
+        readable = self._readable
+        if readable is not None and not readable.done():
+            readable.set_result(None)
+
+    async def _wait_readable(self, timeout: float) -> None:
+        self._readable = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._readable
+        except TimeoutError:
+            pass
+        finally:
+            self._readable = None
+
+    def _commit(self, sink: LogicalSink, transaction: _Transaction, commit: pgoutput.Commit) -> None:
+        if transaction.events:
+            self.transactions += 1
+            sink.transaction(transaction.position, transaction.xid, transaction.events)
+        self.slot.confirmed = max(self.slot.confirmed, commit.end_lsn)
+
+    # ------------------------------------------------------------ tables
+
+    async def _prepare_tables(self) -> None:
+        """For each cached full table read whole: its columns and their types, to build its
+        rows from the stream (told to the sink: ``take_rows``), or why that cannot be."""
+        sink = self._sink
+        assert sink is not None
+        async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+            for (schema, name), table in self._heard.items():
+                qualified = _qualified(schema, name)
+                table.qualified, table.columns, table.types = "", (), {}
+                if not sink.streamed(qualified):
+                    continue
+                rows = await conn.fetch(_COLUMNS_SQL, schema, name, timeout=self.query_timeout)
+                why = None
+                if not rows:
+                    why = "not found in the catalog"
+                elif any(r["generated"] for r in rows):
+                    why = "it has generated columns, which pgoutput does not send"
+                columns = tuple((str(r["name"]), int(r["type"])) for r in rows)
+                if why is None:
+                    found = await conn.fetch(rowjson.CATALOG_QUERY, [t for _, t in columns], timeout=self.query_timeout)
+                    types = rowjson.types_from_catalog(found)
+                    for column, type_oid in columns:
+                        if (problem := rowjson.describes(type_oid, types)) is not None:
+                            why = f"column {column}: {problem}"
+                            break
+                if why is None:
+                    table.qualified, table.columns, table.types = qualified, columns, types
+                    sink.take_rows(qualified, True)
+                else:
+                    log.info("%s: its changes are refetched in logical mode (%s)", qualified, why)
+                    sink.take_rows(qualified, False)
+
+    async def _decoder(self, relation: pgoutput.Relation) -> _Decoder | None:
+        table = self._heard.get((relation.namespace or "pg_catalog", relation.name))
+        if table is None:
+            return None  # (published for another configuration's sidecar, say)
+        names = [c.name for c in relation.columns]
+        positions = []
+        for column in table.key:
+            if column.name not in names:
+                break
+            positions.append(names.index(column.name))
+        key_positions = tuple(positions) if len(positions) == len(table.key) else None
+        key_in_identity = key_positions is not None and (
+            relation.replica_identity == "f" or all(relation.columns[p].is_key for p in key_positions)
+        )
+        why = None
+        if not table.qualified:
+            why = "not a full table read whole"
+        elif tuple((c.name, c.type_oid) for c in relation.columns) != table.columns:
+            why = "its columns are not the ones loaded (the table changed)"
+        if why is not None and table.qualified:
+            log.info("%s: changes come without rows from now on (%s)", table.qualified, why)
+        return _Decoder(table, relation, key_positions, key_in_identity, why is None, why)
+
+    # ------------------------------------------------------------ one row change
+
+    def _row_change(
+        self,
+        sink: LogicalSink,
+        transaction: _Transaction,
+        decoder: _Decoder,
+        change: pgoutput.Insert | pgoutput.Update | pgoutput.Delete,
+    ) -> None:
+        table = decoder.table
+        label = f"{table.schema}.{table.name}"
+        if label in transaction.bulk:
+            return
+        count = transaction.counts[label] = transaction.counts.get(label, 0) + 1
+        if count > MAX_TRANSACTION_ROWS:  # one reload instead of holding every row of it
+            transaction.bulk.add(label)
+            transaction.events = [
+                e
+                for e in transaction.events
+                if not (isinstance(e, RowChange) and (e.schema, e.table) == (table.schema, table.name))
+            ]
+            transaction.events.append(TableChange(table.schema, table.name, Op.UPDATE, transaction.xid, "bulk change"))
+            return
+        xid = transaction.xid
+        try:
+            event = self._event(sink, transaction, decoder, change)
+        except (InvalidKey, rowjson.Unconvertible, ValueError) as exc:
+            log.warning("%s: a change cannot be read (%s); reloading the table", label, exc)
+            event = TableChange(table.schema, table.name, Op.UPDATE, xid, "unreadable change")
+        transaction.events.append(event)
+
+    def _event(
+        self,
+        sink: LogicalSink,
+        transaction: _Transaction,
+        decoder: _Decoder,
+        change: pgoutput.Insert | pgoutput.Update | pgoutput.Delete,
+    ) -> Event:
+        table, xid = decoder.table, transaction.xid
+        if decoder.key_positions is None:
+            return TableChange(table.schema, table.name, Op.UPDATE, xid, "the key columns are not in the change")
+        if isinstance(change, pgoutput.Delete):
+            if not decoder.key_in_identity:
+                return TableChange(table.schema, table.name, Op.DELETE, xid, "a delete not naming the cached key")
+            key = self._key(decoder, change.old)
+            rows = (None,) if decoder.rows else None
+            if decoder.rows:
+                transaction.latest[(table.qualified, self._coerced(table, key))] = None
+            return RowChange(table.schema, table.name, Op.DELETE, xid, (key,), (), rows)
+        key = self._key(decoder, change.new)
+        old: tuple[Any, ...] | None = None
+        if isinstance(change, pgoutput.Update):
+            if change.old is not None:
+                if not decoder.key_in_identity:
+                    return TableChange(table.schema, table.name, Op.UPDATE, xid, "an update not naming the cached key")
+                old = self._key(decoder, change.old)
+                if old == key:
+                    old = None
+            elif not decoder.key_in_identity:
+                return TableChange(table.schema, table.name, Op.UPDATE, xid, "an update not naming the cached key")
+        op = Op.INSERT if isinstance(change, pgoutput.Insert) else Op.UPDATE
+        old_keys = (old,) if old is not None else ()
+        if not decoder.rows:
+            return RowChange(table.schema, table.name, op, xid, (key,), old_keys)
+        row = self._row(sink, transaction, decoder, change.new, old if old is not None else key)
+        if row is None:
+            return RowChange(table.schema, table.name, op, xid, (key,), old_keys)
+        cached = entry(row)
+        coerced = self._coerced(table, key)
+        transaction.latest[(table.qualified, coerced)] = cached
+        if old is not None:
+            transaction.latest[(table.qualified, self._coerced(table, old))] = None
+        return RowChange(table.schema, table.name, op, xid, (key,), old_keys, (cached,))
+
+    def _key(self, decoder: _Decoder, values: Sequence[pgoutput.Datum]) -> tuple[Any, ...]:
+        """A key's parts as the triggers send them (each column's JSON, read)."""
+        assert decoder.key_positions is not None
+        parts = []
+        for position in decoder.key_positions:
+            value = values[position] if position < len(values) else None
+            column = decoder.relation.columns[position]
+            if not isinstance(value, pgoutput.Text):
+                raise ValueError(f"key column {column.name} was not sent as text")
+            parts.append(loads(rowjson.value_json(value.data, column.type_oid, decoder.table.types)))
+        return tuple(parts)
+
+    @staticmethod
+    def _coerced(table: _Table, parts: tuple[Any, ...]) -> Key:
+        return coerce_key(table.key, parts)
+
+    def _row(
+        self,
+        sink: LogicalSink,
+        transaction: _Transaction,
+        decoder: _Decoder,
+        values: Sequence[pgoutput.Datum],
+        previous_key: tuple[Any, ...],
+    ) -> bytes | None:
+        """The row's ``row_to_json`` bytes, or None when they cannot be built exactly (the
+        change then goes without rows: the table refetches)."""
+        table = decoder.table
+        columns = table.columns
+        if len(values) != len(columns):
+            return None
+        previous: list[bytes] | None = None
+        parts = []
+        try:
+            for index, ((name, type_oid), value) in enumerate(zip(columns, values, strict=True)):
+                if value is pgoutput.UNCHANGED:
+                    if previous is None:
+                        previous = self._previous(sink, transaction, table, previous_key)
+                        if previous is None or len(previous) != len(columns):
+                            log.debug("%s: an unchanged TOASTed value with no cached row", table.qualified)
+                            return None
+                    fragment = previous[index]
+                elif isinstance(value, pgoutput.Text):
+                    fragment = rowjson.value_json(value.data, type_oid, table.types)
+                elif value is None:
+                    fragment = b"null"
+                else:
+                    return None  # (binary: not asked for)
+                parts.append(_name(name) + fragment)
+        except rowjson.Unconvertible as exc:
+            log.info("%s: a value cannot be converted exactly (%s)", table.qualified, exc)
+            return None
+        return b"{" + b",".join(parts) + b"}"
+
+    def _previous(
+        self, sink: LogicalSink, transaction: _Transaction, table: _Table, parts: tuple[Any, ...]
+    ) -> list[bytes] | None:
+        key = self._coerced(table, parts)
+        held = transaction.latest.get((table.qualified, key), _ABSENT)
+        if held is _ABSENT:
+            held = sink.cached_row(table.qualified, key)
+        if not isinstance(held, bytes):
+            return None
+        return rowjson.object_values(entry_row(held))
+
+
+_ABSENT: Any = object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _name(name: str) -> bytes:
+    return rowjson.value_json(name.encode(), 25, {}) + b":"
+
+
+def _qualified(schema: str, name: str) -> str:
+    return qualified_name(schema, name)
+
+
+def _escape_option(value: str) -> str:
+    """A value inside libpq's ``options`` (spaces and backslashes escaped)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def _seconds(moment: Any) -> float | None:
+    with contextlib.suppress(Exception):
+        return float(moment.timestamp())
+    return None
+
+
+_COLUMNS_SQL = """
+SELECT a.attname::pg_catalog.text AS name, a.atttypid::pg_catalog.int8 AS type, a.attgenerated <> '' AS generated
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
