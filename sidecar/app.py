@@ -33,10 +33,11 @@ from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, 
 from sidecar.fleet import channels, upstream
 from sidecar.fleet.follower import UpstreamSource
 from sidecar.metrics import Metrics
-from sidecar.pg import db, embedded, preflight, triggers
+from sidecar.pg import db, embedded, preflight, publication, triggers
 from sidecar.pg.catalog import CatalogWatch
 from sidecar.pg.db import PgDatabase
 from sidecar.pg.listener import Listener
+from sidecar.pg.logical import LogicalSource
 from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.pg_source import PgChangeSource
 from sidecar.pg.senders import SenderGate
@@ -72,7 +73,7 @@ class Daemon:
         self.core: Core | None = None  # the cache's parts (tests read them)
         self.engine: Engine | None = None
         self.shared_store: SharedStore | None = None
-        self.source: PgChangeSource | UpstreamSource | None = None
+        self.source: PgChangeSource | LogicalSource | UpstreamSource | None = None
         self.listener: Listener | None = None  # the source's LISTEN connection (metrics, tests)
         self.server: server.Server | None = None
         self.metrics: Metrics | None = None
@@ -139,9 +140,14 @@ class Daemon:
         self.db = await self._connect_with_retry(config)
         self._stack.push_async_callback(_close_pool, self.db)
         schemas = [await self.db.describe(table) for table in config.tables]
+        logical = config.capture == "logical"
         async with self.db.pool.acquire(timeout=config.query_timeout) as conn:
             await preflight.check_privileges(conn, schemas)
-        await self._check_triggers(config, schemas)
+            if logical:
+                await preflight.check_logical(conn, schemas)
+                await publication.check_or_install(conn, config, schemas)
+        if not logical:
+            await self._check_triggers(config, schemas)
 
         self.core = core = assembly.direct(self.db, schemas, Options.from_config(config))
         self.engine = core.engine
@@ -149,11 +155,13 @@ class Daemon:
         self._open_shared_store(config, core)
         db = self.db
         notices = core.notices
+        trigger_sets = triggers.trigger_sets(schemas, config.channel, config.bulk_threshold)
         self.catalog = catalog = CatalogWatch(
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
             describe=db.describe,
             schemas=schemas,
-            trigger_sets=triggers.trigger_sets(schemas, config.channel, config.bulk_threshold),
+            # (logical capture reads the WAL: no trigger to check; DDL is still checked)
+            trigger_sets=[] if logical else trigger_sets,
             install=config.install_triggers,
             reload=notices.reload_table,
             fail=notices.fail_table,
@@ -164,6 +172,25 @@ class Daemon:
         await catalog.baseline()
 
         notices.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
+        if logical:
+            self.source = logical_source = LogicalSource(
+                db,
+                conninfo=config.dsn,
+                publication=publication.Publication.of(schemas).name,
+                tables={(t.schema.config.schema, t.schema.config.name): t.schema for t in trigger_sets},
+                query_timeout=config.query_timeout,
+                ping_interval=config.ping_interval,
+                ping_timeout=config.ping_timeout,
+                reconnect_min_delay=config.reconnect_min_delay,
+                reconnect_max_delay=config.reconnect_max_delay,
+                connect_timeout=config.connect_timeout,
+                redact=lambda text: scrub(text, config.dsn),
+            )
+            notices.attach(logical_source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
+            self._stack.push_async_callback(logical_source.close)
+            served = await self._serve(config, core, security, None, None)
+            self._log_serving(config, schemas, served)
+            return
         self.source = source = PgChangeSource(
             db,
             connect=_listener_connect(config),
@@ -181,6 +208,9 @@ class Daemon:
         self.listener = source.listener
         notices.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
         served = await self._serve(config, core, security, source.listener, source.senders)
+        self._log_serving(config, schemas, served)
+
+    def _log_serving(self, config: Config, schemas: list[TableSchema], served: server.Server) -> None:
         self.config = config
         log.info(
             "serving %s on %s",
@@ -263,7 +293,7 @@ class Daemon:
         """The change source, feeding the side its changes come in by."""
         core, source = self.core, self.source
         if isinstance(core, Direct):
-            assert isinstance(source, PgChangeSource)
+            assert isinstance(source, PgChangeSource | LogicalSource)
             return source.follow(core.notices)
         assert isinstance(core, Following) and isinstance(source, UpstreamSource)
         return source.follow(core.batches)

@@ -244,6 +244,15 @@ class Config:
             choices=("auto", "uvloop", "asyncio"),
         ),
     )
+    capture: str = field(
+        default="notify",
+        metadata=declare(
+            "database.capture",
+            "TEMP",
+            flag="--capture",
+            choices=("notify", "logical"),
+        ),
+    )
     channel: str = field(
         default="cache_sidecar",
         metadata=declare(
