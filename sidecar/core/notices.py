@@ -197,6 +197,18 @@ class NoticeIngest:
     ) -> Revision | None:
         """Drop cached rows of ``table`` (all of them when ``keys`` is None), as a batch of
         the sidecar's own; with ``refresh``, return once they are read again."""
+        full = self._full.get(table.schema.qualified)
+        if full is not None and full.streamed:
+            # Its rows come with every change in the log, in commit order: nothing can have
+            # been missed, so nothing is dropped (a refetch would end taking rows from the
+            # stream). Watchers still hear of it; ``refresh`` returns once every commit
+            # before the call is applied, which is what a refetch would have shown.
+            self._router.invalidate(full, keys, drop=False)
+            self._revisions.advance()
+            barrier = self._trust.barrier
+            if refresh and self._trust.up and barrier is not None:
+                await barrier.wait()
+            return None
         self._router.invalidate(self._tables[table.schema.qualified], keys)
         self._revisions.advance()
         if refresh and self._trust.up and table.loaded and (keys or table.holds_all_rows):

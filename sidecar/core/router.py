@@ -77,19 +77,22 @@ class ChangeRouter:
 
     # ------------------------------------------------------------ the sidecar's own batches
 
-    def invalidate(self, table: RefetchingTable, keys: list[Key] | None) -> None:
-        """Drop cached rows (all when ``keys`` is None), as a batch of the sidecar's own."""
+    def invalidate(self, table: RefetchingTable, keys: list[Key] | None, drop: bool = True) -> None:
+        """Drop cached rows (all when ``keys`` is None), as a batch of the sidecar's own
+        (``drop`` False: only told to watchers)."""
         seq = self._revisions.own_batch()
         name = table.schema.qualified
         if keys is None:
             log.info("%s: invalidated (whole table)", name)
             self._fanout.record(seq, 0, Change(name, TABLE_CHANGED))
-            table.changed_all(seq)
+            if drop:
+                table.changed_all(seq)
         else:
             log.debug("%s: invalidated %s", name, ", ".join(map(key_text, keys[:10])))
             for key in keys:
                 self._fanout.record(seq, 0, Change(name, INVALIDATE, key))
-            table.changed(keys, seq)
+            if drop:
+                table.changed(keys, seq)
 
     def reload(self, name: str, why: str) -> None:
         """Reload a cached table from scratch (its definition changed, or it can be served again)."""

@@ -67,6 +67,9 @@ MAX_TOKEN_BYTES = 64
 # (the table is then reloaded once, as a bulk statement's trigger asks in NOTIFY mode).
 MAX_TRANSACTION_ROWS = 100_000
 FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's confirmed position)
+# Seconds between checks that the column types rows are built with are still the catalog's
+# (a composite's field renamed sends no Relation message for the tables using it).
+TYPES_CHECK_INTERVAL = 10.0
 
 
 class LogicalSink(Protocol):
@@ -77,6 +80,7 @@ class LogicalSink(Protocol):
     def transaction(self, position: int, xid: int, events: Sequence[Event]) -> None: ...
     def streamed(self, name: str) -> bool: ...
     def take_rows(self, name: str, on: bool) -> None: ...
+    def reload_table(self, name: str, why: str) -> None: ...
     def cached_row(self, name: str, key: Key) -> bytes | None: ...
     async def until_loaded(self) -> None: ...
 
@@ -240,10 +244,12 @@ class LogicalSource:
     async def _run_once(self, sink: LogicalSink) -> None:
         await self._close_connection()
         self._conn, self._cursor = await asyncio.to_thread(self._connect)
+        # (the columns before the snapshot: a change of them in between makes the stream's
+        # Relation differ from them, and such a table refetches, rather than the other way)
+        await self._prepare_tables()
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
         position, snapshot = await asyncio.to_thread(self._create_slot, slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
-        await self._prepare_tables()
         # Every full table loads under the slot's snapshot: memory is then the database
         # exactly at ``position``, where the stream starts.
         self._database.snapshot = snapshot
@@ -318,9 +324,9 @@ class LogicalSource:
         fd = self._conn.fileno()
         loop.add_reader(fd, self._wake)
         decoder = pgoutput.StreamDecoder()
-        relations: dict[int, _Decoder | None] = {}
+        relations: dict[int, list[_Decoder]] = {}
         transaction: _Transaction | None = None
-        last_feedback = last_heard = time.monotonic()
+        last_feedback = last_heard = types_checked = time.monotonic()
         asked_at: float | None = None
         try:
             while True:
@@ -335,6 +341,13 @@ class LogicalSource:
                         asked_at = None
                     if asked_at is not None and now - asked_at > self.ping_timeout:
                         raise TimeoutError(f"the server did not answer a status request in {self.ping_timeout:g}s")
+                    server_end = int(cursor.wal_end or 0)
+                    self.slot.server_end = max(self.slot.server_end, server_end)
+                    if transaction is None and server_end > self.slot.confirmed:
+                        # Everything the server had for us up to its end of WAL has come and
+                        # is applied: confirm it, or the slot would hold the WAL of every
+                        # other table's writes while ours stay quiet.
+                        self.slot.confirmed = server_end
                     if now - last_feedback >= FEEDBACK_INTERVAL or (
                         asked_at is None and now - last_heard >= self.ping_interval
                     ):
@@ -346,7 +359,9 @@ class LogicalSource:
                         last_feedback = now
                         if ask:
                             asked_at = now
-                    self.slot.server_end = max(self.slot.server_end, int(cursor.wal_end or 0))
+                    if transaction is None and now - types_checked >= TYPES_CHECK_INTERVAL:
+                        types_checked = now
+                        await self._check_types(sink)
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
                     continue
                 last_heard = now
@@ -362,24 +377,24 @@ class LogicalSource:
                     transaction = None
                     await asyncio.sleep(0)  # (a long backlog: readers and barriers get their turn)
                 elif isinstance(parsed, pgoutput.Relation):
-                    relations[parsed.relation_id] = await self._decoder(parsed)
+                    relations[parsed.relation_id] = await self._decoders(parsed)
                 elif isinstance(parsed, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
                     if transaction is None:
                         raise pgoutput.ProtocolError("a row change outside a transaction")
                     if parsed.relation_id not in relations:
                         raise pgoutput.ProtocolError(f"a change of relation {parsed.relation_id} before its Relation")
-                    relation = relations[parsed.relation_id]
-                    if relation is not None:
+                    for relation in relations[parsed.relation_id]:
                         self._row_change(sink, transaction, relation, parsed)
                 elif isinstance(parsed, pgoutput.Truncate):
                     if transaction is None:
                         raise pgoutput.ProtocolError("a Truncate outside a transaction")
                     for relation_id in parsed.relation_ids:
-                        relation = relations.get(relation_id)
-                        if relation is not None:
+                        for relation in relations.get(relation_id, ()):
                             table = relation.table
+                            # (a partition's or child's emptied: its ancestor's cache reloads)
+                            whole = (relation.relation.namespace, relation.relation.name) == (table.schema, table.name)
                             transaction.events.append(
-                                TableChange(table.schema, table.name, Op.TRUNCATE, transaction.xid, "truncate", True)
+                                TableChange(table.schema, table.name, Op.TRUNCATE, transaction.xid, "truncate", whole)
                             )
                 elif isinstance(parsed, pgoutput.LogicalMessage):
                     if (
@@ -432,20 +447,7 @@ class LogicalSource:
                 table.qualified, table.columns, table.types = "", (), {}
                 if not sink.streamed(qualified):
                     continue
-                rows = await conn.fetch(_COLUMNS_SQL, schema, name, timeout=self.query_timeout)
-                why = None
-                if not rows:
-                    why = "not found in the catalog"
-                elif any(r["generated"] for r in rows):
-                    why = "it has generated columns, which pgoutput does not send"
-                columns = tuple((str(r["name"]), int(r["type"])) for r in rows)
-                if why is None:
-                    found = await conn.fetch(rowjson.CATALOG_QUERY, [t for _, t in columns], timeout=self.query_timeout)
-                    types = rowjson.types_from_catalog(found)
-                    for column, type_oid in columns:
-                        if (problem := rowjson.describes(type_oid, types)) is not None:
-                            why = f"column {column}: {problem}"
-                            break
+                columns, types, why = await self._described(conn, table)
                 if why is None:
                     table.qualified, table.columns, table.types = qualified, columns, types
                     sink.take_rows(qualified, True)
@@ -453,10 +455,57 @@ class LogicalSource:
                     log.info("%s: its changes are refetched in logical mode (%s)", qualified, why)
                     sink.take_rows(qualified, False)
 
-    async def _decoder(self, relation: pgoutput.Relation) -> _Decoder | None:
-        table = self._heard.get((relation.namespace or "pg_catalog", relation.name))
-        if table is None:
-            return None  # (published for another configuration's sidecar, say)
+    async def _described(
+        self, conn: Any, table: _Table
+    ) -> tuple[tuple[tuple[str, int], ...], dict[int, Any], str | None]:
+        """The table's columns and their types as the catalog has them now, or why its rows
+        cannot be built from the stream."""
+        rows = await conn.fetch(_COLUMNS_SQL, table.schema, table.name, timeout=self.query_timeout)
+        if not rows:
+            return (), {}, "not found in the catalog"
+        if any(r["generated"] for r in rows):
+            return (), {}, "it has generated columns, which pgoutput does not send"
+        columns = tuple((str(r["name"]), int(r["type"])) for r in rows)
+        found = await conn.fetch(rowjson.CATALOG_QUERY, [t for _, t in columns], timeout=self.query_timeout)
+        types = rowjson.types_from_catalog(found)
+        for column, type_oid in columns:
+            if (problem := rowjson.describes(type_oid, types)) is not None:
+                return columns, types, f"column {column}: {problem}"
+        return columns, types, None
+
+    async def _check_types(self, sink: LogicalSink) -> None:
+        """A table whose columns' types changed without a Relation message (a composite's
+        field renamed, a domain's base changed) stops taking rows from the stream and reloads."""
+        built = [table for table in self._heard.values() if table.qualified]
+        if not built:
+            return
+        try:
+            async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+                for table in built:
+                    columns, types, why = await self._described(conn, table)
+                    if why is None and columns == table.columns and types == table.types:
+                        continue
+                    name, table.qualified = table.qualified, ""
+                    sink.reload_table(name, why or "the types of its columns changed")
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.debug("checking column types: %s", exc)  # (the next round tries again)
+
+    async def _decoders(self, relation: pgoutput.Relation) -> list[_Decoder]:
+        """Who hears of a published table's changes: its own cache, and the caches of its
+        ancestors (a partition's changes are published under the partition's name -- not
+        via the root: pgoutput then leaves a partition's TRUNCATE out --, an inheritance
+        child's under the child's)."""
+        own = self._heard.get((relation.namespace or "pg_catalog", relation.name))
+        tables = [own] if own is not None else []
+        async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+            ancestors = await conn.fetch(_ANCESTORS_SQL, relation.relation_id, timeout=self.query_timeout)
+        for row in ancestors:
+            heard = self._heard.get((str(row["schema"]), str(row["name"])))
+            if heard is not None and heard not in tables:
+                tables.append(heard)
+        return [self._decoder(relation, table) for table in tables]
+
+    def _decoder(self, relation: pgoutput.Relation, table: _Table) -> _Decoder:
         names = [c.name for c in relation.columns]
         positions = []
         for column in table.key:
@@ -471,7 +520,7 @@ class LogicalSource:
         if not table.qualified:
             why = "not a full table read whole"
         elif tuple((c.name, c.type_oid) for c in relation.columns) != table.columns:
-            why = "its columns are not the ones loaded (the table changed)"
+            why = f"the columns of {relation.namespace}.{relation.name} are not the ones loaded"
         if why is not None and table.qualified:
             log.info("%s: changes come without rows from now on (%s)", table.qualified, why)
         return _Decoder(table, relation, key_positions, key_in_identity, why is None, why)
@@ -521,8 +570,8 @@ class LogicalSource:
             if not decoder.key_in_identity:
                 return TableChange(table.schema, table.name, Op.DELETE, xid, "a delete not naming the cached key")
             key = self._key(decoder, change.old)
-            rows = (None,) if decoder.rows else None
-            if decoder.rows:
+            rows = (None,) if decoder.rows and table.qualified else None
+            if rows is not None:
                 transaction.latest[(table.qualified, self._coerced(table, key))] = None
             return RowChange(table.schema, table.name, Op.DELETE, xid, (key,), (), rows)
         key = self._key(decoder, change.new)
@@ -538,7 +587,7 @@ class LogicalSource:
                 return TableChange(table.schema, table.name, Op.UPDATE, xid, "an update not naming the cached key")
         op = Op.INSERT if isinstance(change, pgoutput.Insert) else Op.UPDATE
         old_keys = (old,) if old is not None else ()
-        if not decoder.rows:
+        if not decoder.rows or not table.qualified:
             return RowChange(table.schema, table.name, op, xid, (key,), old_keys)
         row = self._row(sink, transaction, decoder, change.new, old if old is not None else key)
         if row is None:
@@ -637,6 +686,17 @@ def _seconds(moment: Any) -> float | None:
         return float(moment.timestamp())
     return None
 
+
+_ANCESTORS_SQL = """
+WITH RECURSIVE up(oid, depth) AS (
+    SELECT i.inhparent, 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = $1::pg_catalog.oid
+  UNION
+    SELECT i.inhparent, up.depth + 1 FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid
+    WHERE up.depth < 64
+)
+SELECT n.nspname::pg_catalog.text AS schema, c.relname::pg_catalog.text AS name
+FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+"""
 
 _COLUMNS_SQL = """
 SELECT a.attname::pg_catalog.text AS name, a.atttypid::pg_catalog.int8 AS type, a.attgenerated <> '' AS generated

@@ -31,5 +31,5 @@ async def check_or_install(conn: Any, config: Any, schemas: Sequence[TableSchema
         return
     await conn.execute(
         f"CREATE PUBLICATION {quote_ident(pub.name)} FOR TABLE {', '.join(pub.tables)} "
-        "WITH (publish_via_partition_root = true)"
+        "WITH (publish_via_partition_root = false)"
     )

@@ -76,3 +76,32 @@ async def test_rows_come_from_the_stream(logical_dsn: str, lschema: str, start_l
     assert engine.revision.number > 0
     await conn.close()
     print(engine.revision, lsn)
+
+
+async def test_partitions_and_inheritance_children_reach_the_cached_ancestor(
+    logical_dsn: str, lschema: str, start_logical: Any
+) -> None:
+    conn = await asyncpg.connect(logical_dsn)
+    s = lschema
+    await conn.execute(
+        f"CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+        f"CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);"
+        f"CREATE TABLE {s}.p2 PARTITION OF {s}.p FOR VALUES FROM (100) TO (200);"
+        f"CREATE TABLE {s}.par (id int PRIMARY KEY, v text);"
+        f"CREATE TABLE {s}.ch (extra int) INHERITS ({s}.par); ALTER TABLE {s}.ch ADD PRIMARY KEY (id);"
+        f"INSERT INTO {s}.p VALUES (1, 'a'), (150, 'b'); INSERT INTO {s}.par VALUES (1, 'x')"
+    )
+    daemon = await start_logical([f"{s}.p", f"{s}.par"])
+    engine = daemon.engine
+    p, par = daemon.core.tables[f"{s}.p"], daemon.core.tables[f"{s}.par"]
+    await conn.execute(f"INSERT INTO {s}.p1 VALUES (2, 'c')")
+    await conn.execute(f"UPDATE {s}.p SET id = 120 WHERE id = 2")  # moves it to p2
+    await conn.execute(f"INSERT INTO {s}.ch VALUES (7, 'child', 1)")
+    await engine.sync()
+    assert sorted(k[0] for k in p.rows) == [1, 120, 150]
+    assert sorted(k[0] for k in par.rows) == [1, 7]
+    assert p.streamed and p.refetches == 0
+    await conn.execute(f"TRUNCATE {s}.p1")
+    await engine.sync()
+    await eventually(lambda: sorted(k[0] for k in p.rows) == [120, 150] and not p.reloading, 10, what="p1 emptied")
+    await conn.close()
