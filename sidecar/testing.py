@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -93,7 +93,7 @@ class MemoryDatabase:
         table = self.data.get(schema.qualified)
         return None if table is None else len(table)
 
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+    async def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
         if self.error is not None:
             raise self.error
         self.loads.append(schema.qualified)

@@ -50,6 +50,7 @@ from sidecar.core.progress import LoadProgress
 from sidecar.core.schema import TableSchema
 from sidecar.core.source import Database, Rows
 from sidecar.core.store import Row, RowStore, Snapshot
+from sidecar.core.xids import Visibility
 from sidecar.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,18 @@ class FullTable:
         self.problem: str | None = None  # why the table is not served: a failure that would repeat
         # Changes bring their rows (logical decoding), stored as they come, in commit order.
         # A database read (a refetch, a reload) may see commits the stream has not brought
-        # yet, after which a row the stream brings could be older than the one held; so the
-        # first change that needs one turns this off until the next exact rebuild, and from
-        # then on every change is refetched as notices are.
+        # yet, after which a row the stream brings could be older than the one held; so a
+        # keyed refetch turns this off (every change is then refetched, as notices are),
+        # and a reload records its snapshot to skip what it saw (``_resumed``).
         self.streamed = False
-        self.streams = False  # whether an exact rebuild turns ``streamed`` on (set by the ingest)
+        self.streams = False  # whether rows may be taken from changes at all (set by the ingest)
         self.stream_stopped: str | None = None  # why ``streamed`` went off (logged once)
+        # A reload is due or running after which rows are taken again: changes wait in
+        # ``_held`` (batch, transaction, rows or None for emptied) until it landed; then
+        # ``_seen`` says which transactions its snapshot saw, until a fence completed.
+        self._resume = False
+        self._held: list[tuple[int, int, Mapping[Key, bytes | None] | None]] = []
+        self._seen: Visibility | None = None
         self.refetches = 0
         self.reloads = 0
         self.degraded = 0  # keyed refetches or relation refreshes that became reloads
@@ -199,46 +206,66 @@ class FullTable:
         exactly as of ``seq`` (a snapshot the change stream starts from), so changes that
         bring rows may be stored as they come again."""
         self.problem = None
-        self.streamed = False  # (quietly: a rebuild is no reason to log)
+        self.streamed = False
+        self._resume = self.streams  # (a reload that records its snapshot may take rows again)
+        self._held.clear()
+        self._seen = None
         self.changed_all(seq)
         if exact and self.streams:
+            self._resume = False
             self.streamed = True
             self.stream_stopped = None
 
     def _stop_streaming(self, why: str) -> None:
-        if self.streamed:
-            self.streamed = False
+        """Changes are refetched from now on: rows held for a reload become refetches."""
+        was = self.streamed or self._resume
+        self.streamed = self._resume = False
+        self._seen = None
+        held, self._held = self._held, []
+        for seq, _, rows in held:
+            if rows is None:
+                self.changed_all(seq)
+            else:
+                self._refetch_keys(rows, seq)
+        if was:
             self.stream_stopped = why
             log.info(
-                "%s: %s; its changes are refetched from now on (until the next rebuild)",
+                "%s: %s; its changes are refetched from now on (until a reload)",
                 self.schema.qualified,
                 why,
                 extra={"event": "rows_refetched", "table": self.schema.qualified, "reason": why},
             )
 
-    def carried(self, rows: Mapping[Key, bytes | None], seq: int) -> None:
-        """These keys changed in batch ``seq`` and the change brought their rows (None: gone):
-        stored at once while the table takes rows from its changes and nothing is pending
-        for them; otherwise refetched like any change."""
+    def _takes_rows(self) -> bool:
+        return self.streamed and self._reload_needed <= self._reload_done and not self._matching
+
+    def carried(self, rows: Mapping[Key, bytes | None], seq: int, xid: int = 0) -> None:
+        """These keys changed in batch ``seq`` (transaction ``xid``) and the change brought
+        their rows (None: gone): stored at once while the table takes rows from its changes
+        (unless a reload's snapshot saw that transaction already), held while a reload runs
+        after which it takes them again, otherwise refetched like any change."""
         if self.problem is not None:
             return
-        if (
-            self.streamed
-            and self._reload_needed <= self._reload_done
-            and not self._matching
-            and (not self._pending or self._pending.keys().isdisjoint(rows))
-        ):
-            self.store.store(rows, rows)  # type: ignore[arg-type]  # (None: removed)
+        if self._resume:
+            self._held.append((seq, xid, rows))
+            return
+        if self._takes_rows() and (not self._pending or self._pending.keys().isdisjoint(rows)):
+            if self._seen is None or not self._seen.saw(xid):
+                self.store.store(rows, rows)  # type: ignore[arg-type]  # (None: removed)
             return
         self.changed(rows, seq)
 
-    def emptied(self, seq: int) -> None:
+    def emptied(self, seq: int, xid: int = 0) -> None:
         """The table was emptied (TRUNCATE) in batch ``seq``, as the change stream says:
         its rows dropped at once while it takes rows from its changes; otherwise reloaded."""
         if self.problem is not None:
             return
-        if self.streamed and self._reload_needed <= self._reload_done and not self._matching and not self._pending:
-            self.store.store(list(self.store.rows), {})
+        if self._resume:
+            self._held.append((seq, xid, None))
+            return
+        if self._takes_rows() and not self._pending:
+            if self._seen is None or not self._seen.saw(xid):
+                self.store.store(list(self.store.rows), {})
             return
         self.changed_all(seq)
 
@@ -247,6 +274,9 @@ class FullTable:
         if self.problem is not None:
             return  # not served: nothing to keep current until it is rebuilt
         self._stop_streaming("a change had to be refetched")
+        self._refetch_keys(keys, seq)
+
+    def _refetch_keys(self, keys: Iterable[Key], seq: int) -> None:
         for key in keys:
             pending = self._pending.get(key)
             if pending is None:
@@ -261,10 +291,15 @@ class FullTable:
         self._schedule()
 
     def changed_all(self, seq: int) -> None:
-        """The whole table changed in batch ``seq``: reload it."""
+        """The whole table changed in batch ``seq``: reload it. A table that takes rows
+        from its changes holds the ones that come meanwhile, and takes rows again once the
+        reload landed (see ``_resumed``)."""
         if self.problem is not None:
             return
-        self._stop_streaming("the table had to be reloaded")
+        if self.streams and (self.streamed or self._resume) and not self._pending and not self._matching:
+            self.streamed, self._resume = False, True
+        elif self.streamed or self._resume:
+            self._stop_streaming("the table had to be reloaded")
         if self._reloading and self._reload_needed > self._reloading_level:
             self.coalesced += 1  # (the reload queued behind the one in flight covers it)
         elif not self._reloading and self.loaded and self._reload_needed > self._reload_done:
@@ -277,6 +312,33 @@ class FullTable:
         self._send_readers_away(Reloading())
         self._progress()
         self._schedule()
+
+    def _resumed(self, snapshot: str | None) -> None:
+        """A reload landed while changes were held for it: the ones its snapshot did not see
+        are applied, and rows are taken from changes again -- except the ones that
+        snapshot saw, until a barrier round shows the stream has brought all of those. A
+        reload that could not tell its snapshot leaves the held changes to refetches."""
+        if not self._resume or self.reloading:
+            return  # (another reload is due: the held changes wait for it)
+        try:
+            seen = Visibility.parse(snapshot) if snapshot is not None else None
+        except ValueError as exc:
+            log.warning("%s: %s", self.schema.qualified, exc)
+            seen = None
+        if seen is None or self._pending or self._matching:
+            self._stop_streaming("a reload could not tell what it saw")
+            return
+        held, self._held = self._held, []
+        self._resume = False
+        for _, xid, rows in held:
+            if seen.saw(xid):
+                continue
+            if rows is None:
+                self.store.store(list(self.store.rows), {})
+            else:
+                self.store.store(rows, rows)  # type: ignore[arg-type]
+        self.streamed = True
+        self._seen = seen
 
     def changed_matching(self, columns: tuple[str, ...], values: list[Key], seq: int) -> None:
         """Rows whose ``columns`` hold one of ``values`` changed in batch ``seq`` (a relation's
@@ -458,7 +520,8 @@ class FullTable:
         store.begin_reload()
         self._mixed = True
         count = 0
-        chunks = self.load_progress.track(self.db, self.schema)
+        snapshot: list[str] = []  # (the load's, when changes are held for it)
+        chunks = self.load_progress.track(self.db, self.schema, snapshot.append if self._resume else None)
         try:
             async for chunk in chunks:
                 if generation != self._generation:
@@ -501,6 +564,7 @@ class FullTable:
             else:
                 pending[0] = max(pending[0], level + 1)
                 self._queue[key] = None
+        self._resumed(snapshot[0] if snapshot else None)
         self._start_fence()
         self._table_waiters.release(level)
         self._reload_waiters.release(level)
@@ -547,6 +611,7 @@ class FullTable:
         else:
             if not fence.done():
                 fence.set_result(None)
+            self._seen = None  # (every transaction a reload saw has come through the stream by now)
         finally:
             if self._fence is fence:
                 self._fence = None
@@ -633,6 +698,9 @@ class FullTable:
         self._pending.clear()
         self._queue.clear()
         self._matching.clear()
+        self._held.clear()
+        self.streamed = self._resume = False
+        self._seen = None
         self._reload_done = self._reload_needed
         self.loaded = False
         self.store.clear()

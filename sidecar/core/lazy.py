@@ -105,10 +105,10 @@ class LazyTable:
             self.cache.pop(key, None)
             self._flights.detach(key)
 
-    def carried(self, rows: Mapping[Key, bytes | None], seq: int) -> None:
+    def carried(self, rows: Mapping[Key, bytes | None], seq: int, xid: int = 0) -> None:
         self.changed(rows, seq)  # (a lazy table holds what a read asked for: it drops them)
 
-    def emptied(self, seq: int) -> None:
+    def emptied(self, seq: int, xid: int = 0) -> None:
         self.changed_all(seq)
 
     def changed_all(self, seq: int) -> None:

@@ -63,11 +63,14 @@ class LoadProgress:
         self._begun = False
         self.completed = 0
 
-    async def track(self, db: Database, schema: TableSchema) -> AsyncIterator[Rows]:
-        """``db.load(schema)``, chunk by chunk, counted as they land."""
+    async def track(
+        self, db: Database, schema: TableSchema, seen: Callable[[str], None] | None = None
+    ) -> AsyncIterator[Rows]:
+        """``db.load(schema)``, chunk by chunk, counted as they land (``seen``: see
+        ``Database.load``)."""
         self.start(await _estimate(db, schema))
         finished = False
-        chunks = db.load(schema)
+        chunks = db.load(schema) if seen is None else db.load(schema, seen)
         try:
             async for chunk in chunks:
                 self.advance(len(chunk))

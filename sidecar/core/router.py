@@ -73,7 +73,7 @@ class ChangeRouter:
         ]
         self._fanout.record(seq, event.xid, *(change for route in routes for change in route.changes))
         for route in routes:
-            route.apply(seq)
+            route.apply(seq, event.xid)
 
     # ------------------------------------------------------------ the sidecar's own batches
 
@@ -191,11 +191,11 @@ class Routed:
     rows: dict[Key, bytes | None] | None = None  # the rows the change brought, by key
     emptied: bool = False  # the change brought the outcome: the table is empty
 
-    def apply(self, seq: int) -> None:
+    def apply(self, seq: int, xid: int = 0) -> None:
         if self.emptied:
-            self.table.emptied(seq)
+            self.table.emptied(seq, xid)
         elif self.rows is not None:
-            self.table.carried(self.rows, seq)
+            self.table.carried(self.rows, seq, xid)
         elif self.matching is not None:
             self.table.changed_matching(*self.matching, seq)
         elif self.keys is not None:

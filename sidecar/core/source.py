@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,8 +39,10 @@ class Database(Protocol):
 
     async def describe(self, table: TableConfig) -> TableSchema: ...
 
-    def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        """Every row of the table, in chunks, from one snapshot."""
+    def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
+        """Every row of the table, in chunks, from one snapshot; ``seen`` (when given, and
+        the database can tell) is told that snapshot as ``pg_current_snapshot()`` gives it,
+        before the first chunk."""
         ...
 
     async def estimate(self, schema: TableSchema) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,7 +271,7 @@ class UpstreamDatabase:
     async def estimate(self, schema: TableSchema) -> int | None:
         return None  # (a follower loads no table: its rows come with the upstream's stream)
 
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+    async def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
         raise QueryFailed(f"{schema.qualified}: a follower's full tables come from its upstream's Watch")
         yield {}  # pragma: no cover (an async generator)
 

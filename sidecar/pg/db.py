@@ -18,7 +18,7 @@ import difflib
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -335,12 +335,13 @@ class PgDatabase:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             return await describe_table(conn, table)
 
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
-        """A key of one integer column streams by COPY (see copy_text.py); others by a cursor."""
+    async def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
+        """A key of one integer column streams by COPY (see copy_text.py); others by a cursor.
+        ``seen`` is told the load's snapshot (``pg_current_snapshot()``'s text) before any row."""
         columns = schema.key_columns
         if len(columns) == 1 and columns[0].type_name in COPY_KEY_TYPES:
             # (closed with this one: left to the garbage collector, a COPY would go on meanwhile)
-            async with contextlib.aclosing(self._copy_load(schema)) as chunks:
+            async with contextlib.aclosing(self._copy_load(schema, seen)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
@@ -349,12 +350,14 @@ class PgDatabase:
                 self.pool.acquire(timeout=self.timeout) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                await self._use_snapshot(conn)
+                await self._use_snapshot(conn, seen)
                 cursor = await conn.cursor(schema.select_all_sql())
                 while records := await cursor.fetch(LOAD_CHUNK_ROWS):
                     yield _rows(records, columns, len(columns), schema.qualified)
 
-    async def _copy_load(self, schema: TableSchema) -> AsyncGenerator[Rows, None]:
+    async def _copy_load(
+        self, schema: TableSchema, seen: Callable[[str], None] | None = None
+    ) -> AsyncGenerator[Rows, None]:
         # One statement: one snapshot. The COPY runs as a task that parses as data comes and
         # waits while two chunks are not taken yet; a stall is told per chunk, as a cursor's
         # fetches would tell it, not by a bound on the whole (a big table may take minutes).
@@ -362,9 +365,9 @@ class PgDatabase:
         parser = IntegerKeyRows(chunks.put, LOAD_CHUNK_ROWS)
         with translated(f"loading {schema.qualified}"):
             async with self.pool.acquire(timeout=self.timeout) as conn, contextlib.AsyncExitStack() as stack:
-                if self.snapshot is not None:
+                if self.snapshot is not None or seen is not None:
                     await stack.enter_async_context(conn.transaction(isolation="repeatable_read", readonly=True))
-                    await self._use_snapshot(conn)
+                    await self._use_snapshot(conn, seen)
                 copying = asyncio.ensure_future(
                     conn.copy_from_query(schema.select_all_sql(as_text=True), output=parser.feed, timeout=COPY_TIMEOUT)
                 )
@@ -395,14 +398,16 @@ class PgDatabase:
                     if not copying.done():
                         await _stop_copy(conn, copying, parser, chunks, self.timeout)
 
-    async def _use_snapshot(self, conn: Any) -> None:
-        """Read under the exported snapshot, if one is set (the transaction's first statement)."""
+    async def _use_snapshot(self, conn: Any, seen: Callable[[str], None] | None = None) -> None:
+        """Read under the exported snapshot, if one is set (the transaction's first statement);
+        tell ``seen`` which snapshot the transaction reads."""
         snapshot = self.snapshot
-        if snapshot is None:
-            return
-        if not _SNAPSHOT_NAME.fullmatch(snapshot):
-            raise QueryFailed(f"not a snapshot name: {snapshot[:40]!r}")
-        await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=self.timeout)
+        if snapshot is not None:
+            if not _SNAPSHOT_NAME.fullmatch(snapshot):
+                raise QueryFailed(f"not a snapshot name: {snapshot[:40]!r}")
+            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=self.timeout)
+        if seen is not None:
+            seen(await conn.fetchval("SELECT pg_catalog.pg_current_snapshot()::text", timeout=self.timeout))
 
     async def estimate(self, schema: TableSchema) -> int | None:
         # The planner's estimate of the load's own query: it covers filters and relations too.

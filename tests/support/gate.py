@@ -9,7 +9,7 @@ listener, before the stale answer arrives.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from sidecar.core.keys import Key
 from sidecar.core.schema import TableSchema
@@ -58,7 +58,7 @@ class GatedPgDatabase(PgDatabase):
         await GATE.passage()
         return rows
 
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+    async def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
         chunks = [chunk async for chunk in super().load(schema)]
         await GATE.passage()
         await LOADS.passage()

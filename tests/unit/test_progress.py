@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -35,7 +35,7 @@ class ChunkedDatabase:
             raise self._estimate
         return self._estimate  # type: ignore[no-any-return]
 
-    async def load(self, schema: Any) -> AsyncIterator[dict[Any, bytes]]:
+    async def load(self, schema: Any, seen: Callable[[str], None] | None = None) -> AsyncIterator[dict[Any, bytes]]:
         start = 0
         for index, size in enumerate(self.chunks):
             if self.fail_after is not None and index == self.fail_after:

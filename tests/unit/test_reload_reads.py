@@ -5,7 +5,7 @@ by memory once the reload landed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -38,7 +38,7 @@ class HeldLoads:
         self.waiting = 0
         db.load = self.load  # type: ignore[method-assign]
 
-    async def load(self, schema: TableSchema) -> AsyncIterator[Rows]:
+    async def load(self, schema: TableSchema, seen: Callable[[str], None] | None = None) -> AsyncIterator[Rows]:
         chunks = [chunk async for chunk in self._load(schema)]
         if self._only in (None, schema.qualified):
             self.waiting += 1
