@@ -92,7 +92,8 @@ class _Table:
     schema: str
     name: str
     key: tuple[KeyColumn, ...]  # the columns an event's keys are made of (as the triggers' keys)
-    qualified: str = ""  # the cached full table whose rows changes bring ("" : none)
+    qualified: str = ""  # the cached full table whose rows changes bring ("" : none now)
+    candidate: str = ""  # the cached full table read whole of this name, if any
     columns: tuple[tuple[str, int], ...] = ()  # its columns (name, type) as row_to_json reads them
     types: dict[int, rowjson.TypeInfo] = field(default_factory=dict)
 
@@ -445,7 +446,8 @@ class LogicalSource:
             for (schema, name), table in self._heard.items():
                 qualified = _qualified(schema, name)
                 table.qualified, table.columns, table.types = "", (), {}
-                if not sink.streamed(qualified):
+                table.candidate = qualified if sink.streamed(qualified) else ""
+                if not table.candidate:
                     continue
                 columns, types, why = await self._described(conn, table)
                 if why is None:
@@ -499,11 +501,28 @@ class LogicalSource:
         tables = [own] if own is not None else []
         async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
             ancestors = await conn.fetch(_ANCESTORS_SQL, relation.relation_id, timeout=self.query_timeout)
+            if own is not None and own.candidate and _columns(relation) != own.columns:
+                await self._redescribe(conn, own, relation)
         for row in ancestors:
             heard = self._heard.get((str(row["schema"]), str(row["name"])))
             if heard is not None and heard not in tables:
                 tables.append(heard)
         return [self._decoder(relation, table) for table in tables]
+
+    async def _redescribe(self, conn: Any, table: _Table, relation: pgoutput.Relation) -> None:
+        """The table's columns changed (the stream's Relation says so before the first row
+        of the new shape): rows are built again when the catalog's columns are the
+        Relation's, after a reload of the table (the rows held have the old shape)."""
+        sink = self._sink
+        assert sink is not None
+        columns, types, why = await self._described(conn, table)
+        if why is None and columns == _columns(relation):
+            table.qualified, table.columns, table.types = table.candidate, columns, types
+            sink.take_rows(table.candidate, True)
+            sink.reload_table(table.candidate, "its columns changed")
+        else:
+            table.qualified = ""
+            log.info("%s: its changes are refetched (%s)", table.candidate, why or "its columns are changing")
 
     def _decoder(self, relation: pgoutput.Relation, table: _Table) -> _Decoder:
         names = [c.name for c in relation.columns]
@@ -519,7 +538,7 @@ class LogicalSource:
         why = None
         if not table.qualified:
             why = "not a full table read whole"
-        elif tuple((c.name, c.type_oid) for c in relation.columns) != table.columns:
+        elif _columns(relation) != table.columns:
             why = f"the columns of {relation.namespace}.{relation.name} are not the ones loaded"
         if why is not None and table.qualified:
             log.info("%s: changes come without rows from now on (%s)", table.qualified, why)
@@ -674,6 +693,10 @@ def _name(name: str) -> bytes:
 
 def _qualified(schema: str, name: str) -> str:
     return qualified_name(schema, name)
+
+
+def _columns(relation: pgoutput.Relation) -> tuple[tuple[str, int], ...]:
+    return tuple((c.name, c.type_oid) for c in relation.columns)
 
 
 def _escape_option(value: str) -> str:

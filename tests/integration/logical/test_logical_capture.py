@@ -169,3 +169,23 @@ async def test_a_reload_under_writes_takes_rows_from_the_stream_again(
     assert got == want
     assert table.streamed and table.refetches == 0
     await conn.close()
+
+
+async def test_a_column_added_under_writes_reloads_once_and_rows_come_from_the_stream_again(
+    logical_dsn: str, lschema: str, start_logical: Any
+) -> None:
+    conn = await asyncpg.connect(logical_dsn)
+    s = lschema
+    await conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY, v text); INSERT INTO {s}.t VALUES (1, 'a'), (2, 'b')")
+    daemon = await start_logical([f"{s}.t"])
+    engine, table = daemon.engine, daemon.core.tables[f"{s}.t"]
+    await conn.execute(f"ALTER TABLE {s}.t ADD COLUMN w int DEFAULT 7")
+    await conn.execute(f"UPDATE {s}.t SET v = 'A' WHERE id = 1")
+    await engine.sync()
+    await eventually(lambda: table.streamed and not table.reloading, 15, what="streamed again")
+    await conn.execute(f"INSERT INTO {s}.t VALUES (3, 'c', 9)")
+    await engine.sync()
+    want = {r["id"]: r["j"] for r in await conn.fetch(f"SELECT id, row_to_json(t.*)::text AS j FROM {s}.t t")}
+    assert {k[0]: row_json(v).decode() for k, v in table.rows.items()} == want
+    assert table.streamed and table.refetches == 0
+    await conn.close()
