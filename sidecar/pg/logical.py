@@ -191,14 +191,10 @@ class LogicalSource:
         if not self._up:
             raise Unavailable("the replication stream is down")
         try:
-            async with self._database.pool.acquire(timeout=self.query_timeout) as conn, conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = on", timeout=self.query_timeout)
-                await conn.execute(
-                    "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2::text)",
-                    MESSAGE_PREFIX,
-                    token,
-                    timeout=self.query_timeout,
-                )
+            async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+                # One statement, one transaction, one round trip; its commit flushes the WAL
+                # whatever synchronous_commit the role or database has (set for it alone).
+                await conn.execute(_EMIT_SQL, MESSAGE_PREFIX, token, timeout=self.query_timeout)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token: {type(exc).__name__}: {exc}") from None
 
@@ -709,6 +705,11 @@ def _seconds(moment: Any) -> float | None:
         return float(moment.timestamp())
     return None
 
+
+_EMIT_SQL = """
+SELECT pg_catalog.set_config('synchronous_commit', 'on', true),
+    pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)
+"""
 
 _ANCESTORS_SQL = """
 WITH RECURSIVE up(oid, depth) AS (
