@@ -324,7 +324,7 @@ class Daemon:
                 await link.renew_if_rotated()
 
     async def _start_embedded(self, config: Config) -> Config:
-        self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir)
+        self.embedded = embedded.EmbeddedPostgres(config.embedded_data_dir, logical=config.capture == "logical")
         self._stack.push_async_callback(asyncio.to_thread, self.embedded.stop)
         starting = asyncio.ensure_future(asyncio.to_thread(self.embedded.start))
         try:

@@ -7,6 +7,7 @@ Only used when no database is configured; production images do not install
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -45,10 +46,12 @@ SELECT setval('public.patron_id_seq', (SELECT max(id) FROM public.patron));
 class EmbeddedPostgres:
     """A PostgreSQL server in a local directory, reachable over a Unix socket."""
 
-    def __init__(self, data_dir: str | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, logical: bool = False) -> None:
         self._keep = data_dir is not None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="cache-sidecar-pg-"))
+        self.logical = logical  # wal_level = logical (for --capture logical)
         self._server: Any = None
+        self._restarted = False
 
     def start(self) -> str:
         """Start (or reuse) the cluster; return its DSN. Blocking: run in a thread."""
@@ -69,7 +72,22 @@ class EmbeddedPostgres:
             self.data_dir, cleanup_mode="stop" if self._keep else "delete"
         )
         dsn: str = self._server.get_uri()
+        if self.logical:
+            self._enable_logical(pgserver)
         return dsn
+
+    def _enable_logical(self, pgserver: Any) -> None:
+        """``wal_level = logical`` (a restart, once per data directory)."""
+        level = self._server.psql("SHOW wal_level;")
+        if "logical" in level:
+            return
+        log.info("restarting the embedded PostgreSQL with wal_level = logical")
+        self._server.psql(
+            "ALTER SYSTEM SET wal_level = logical; ALTER SYSTEM SET max_replication_slots = 20; "
+            "ALTER SYSTEM SET max_wal_senders = 20; ALTER SYSTEM SET max_prepared_transactions = 10;"
+        )
+        pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self._server.pgdata, user=self._server.system_user)
+        self._restarted = True
 
     @property
     def psql(self) -> str:
@@ -79,5 +97,13 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
+            # pgserver stops only the postmaster it started: after a restart, this one.
+            if self._restarted and (Path(self._server.pgdata) / "postmaster.pid").exists():
+                import pgserver
+
+                with contextlib.suppress(Exception):
+                    pgserver.pg_ctl(
+                        ["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata, user=self._server.system_user
+                    )
             self._server.cleanup()
             self._server = None
