@@ -23,6 +23,7 @@ publication). Names in the SQL are always quoted; comments never carry a raw nam
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -70,8 +71,7 @@ class Publication:
 
     @property
     def name(self) -> str:
-        # (PostgreSQL names cannot hold a NUL, so the joined text is unambiguous)
-        identity = "\0".join(f"{schema}\0{name}" for schema, name in self.tables)
+        identity = json.dumps(self.tables)  # (unambiguous whatever the names hold)
         return "cache_sidecar_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
 
     @property
