@@ -389,14 +389,14 @@ def test_capture_is_notify_unless_logical_is_asked_for(tmp_path):
         lambda: cfg.load(write(tmp_path, '[database]\ncapture = "wal"\n'), env={}),
         lambda: cfg.load(env={"CACHE_SIDECAR_DATABASE_CAPTURE": "wal"}),
     ):
-        with pytest.raises(ConfigError, match="database.capture.*notify.*logical.*'wal'"):
+        with pytest.raises(ConfigError, match=r"database\.capture.*notify.*logical.*'wal'"):
             load()
     with pytest.raises(ConfigError, match=r"config database\.capture: must be notify .* or logical"):
         validate(cfg.Config(capture="triggers"))
 
 
 def test_a_follower_captures_nothing(tmp_path):
-    with pytest.raises(ConfigError, match="config database.capture: a follower"):
+    with pytest.raises(ConfigError, match=r"config database\.capture: a follower"):
         cfg.load(env={}, flags={"upstream.target": "hub:50051", "database.capture": "logical"})
 
 

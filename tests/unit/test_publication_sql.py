@@ -93,7 +93,9 @@ def test_the_script_is_one_locked_transaction_and_says_what_the_server_needs():
     assert f'DROP PUBLICATION IF EXISTS "{wanted.name}";' in removal and "wal_level" not in removal
 
 
-def identity(kind: str = "r", ident: str = "d", pk: tuple[str, ...] | None = ("id",), **more: object) -> ReplicaIdentity:
+def identity(
+    kind: str = "r", ident: str = "d", pk: tuple[str, ...] | None = ("id",), **more: object
+) -> ReplicaIdentity:
     return ReplicaIdentity("public", "t", kind, ident, pk, more.get("index"), more.get("candidates", ()))  # type: ignore[arg-type]
 
 
