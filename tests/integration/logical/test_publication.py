@@ -349,3 +349,23 @@ async def test_preflight_refuses_when_no_replication_slot_is_free(place: Place) 
         for name in names:
             await place.conn.execute("SELECT pg_drop_replication_slot($1)", name)
     await preflight.check_logical(place.conn, schemas)
+
+
+async def test_preflight_refuses_when_no_wal_sender_is_free(place: Place) -> None:
+    await place.conn.execute(f"CREATE TABLE {place.schema}.a (id int PRIMARY KEY)")
+    schemas = await place.describe("a")
+    in_use = await place.conn.fetchval("SELECT count(*) FROM pg_stat_replication")
+    free = int(await place.conn.fetchval("SHOW max_wal_senders")) - in_use
+    senders = []
+    try:
+        for _ in range(free):  # (a replication connection is a WAL sender from its start)
+            senders.append(await asyncpg.connect(place.dsn, server_settings={"replication": "database"}))
+        with pytest.raises(ConfigError, match="max_wal_senders is 10 and 10 are in use"):
+            await preflight.check_logical(place.conn, schemas)
+    finally:
+        for sender in senders:
+            await sender.close()
+    await eventually(
+        lambda: place.conn.fetchval("SELECT count(*) = $1 FROM pg_stat_replication", in_use), what="the senders gone"
+    )
+    await preflight.check_logical(place.conn, schemas)
