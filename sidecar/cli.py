@@ -449,6 +449,7 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
 async def _publication(conn: Any, schemas: list[Any], args: argparse.Namespace) -> int:
     """The ``capture`` command in logical mode: the publication."""
     from sidecar.pg import publication
+    from sidecar.pg.preflight import WAL_LEVEL_FIX
 
     wanted = publication.for_schemas(schemas)
     if args.action == "sql":
@@ -457,6 +458,9 @@ async def _publication(conn: Any, schemas: list[Any], args: argparse.Namespace) 
     elif args.action == "install":
         changed = await publication.install(conn, wanted)
         print(f"installed: publication {wanted.name}" if changed else "already installed: nothing to do")
+        level = await conn.fetchval("SHOW wal_level")
+        if level != "logical":  # (a publication can be made before the server is ready for it)
+            print(f"note: the server's wal_level is {level}, and logical capture needs logical: {WAL_LEVEL_FIX}")
     else:
         gone = await publication.uninstall(conn, wanted)
         print(f"removed: publication {wanted.name}" if gone else "not installed: nothing to do")

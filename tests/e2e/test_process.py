@@ -243,6 +243,11 @@ def test_capture_is_the_triggers_command_by_a_better_name(postgres, table):
     assert run("capture", "install").stdout.startswith("installed:")
     assert run("triggers", "install").stdout.startswith("already installed")
     assert run("capture", "uninstall").stdout.startswith("removed:")
+    # logical mode's publication can be made before the server is ready for it, and it says so
+    install = run("capture", "install", "--capture", "logical")
+    assert install.returncode == 0 and install.stdout.startswith("installed: publication cache_sidecar_")
+    assert "note: the server's wal_level is replica, and logical capture needs logical" in install.stdout
+    assert run("capture", "uninstall", "--capture", "logical").stdout.startswith("removed: publication")
 
 
 def test_unreachable_sidecar_is_a_clear_cli_error():
