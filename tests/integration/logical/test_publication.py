@@ -369,3 +369,17 @@ async def test_preflight_refuses_when_no_wal_sender_is_free(place: Place) -> Non
         lambda: place.conn.fetchval("SELECT count(*) = $1 FROM pg_stat_replication", in_use), what="the senders gone"
     )
     await preflight.check_logical(place.conn, schemas)
+
+
+async def test_a_newer_sidecars_publication_is_never_replaced(place: Place) -> None:
+    await place.conn.execute(f"CREATE TABLE {place.schema}.a (id int PRIMARY KEY)")
+    wanted = await place.publication("a")
+    await place.conn.execute(
+        f"CREATE PUBLICATION {wanted.sql_name} FOR TABLE {place.schema}.a WITH (publish = 'insert')"
+    )
+    await place.conn.execute(
+        f"COMMENT ON PUBLICATION {wanted.sql_name} IS 'cache-sidecar logical capture (definition 99): the tables'"
+    )
+    with pytest.raises(SchemaError, match=r"made by a newer cache-sidecar \(definition 99; this one has 1\)"):
+        await publication.install(place.conn, wanted)
+    assert not await place.conn.fetchval("SELECT pubupdate FROM pg_publication WHERE pubname = $1", wanted.name)
