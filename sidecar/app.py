@@ -144,8 +144,9 @@ class Daemon:
         async with self.db.pool.acquire(timeout=config.query_timeout) as conn:
             await preflight.check_privileges(conn, schemas)
             if logical:
-                await preflight.check_logical(conn, schemas)
-                await publication.check_or_install(conn, config, schemas)
+                await preflight.check_logical(conn, schemas)  # (first: publishing a table with no
+                # replica identity would make the application's UPDATEs and DELETEs of it fail)
+                publication_name = (await publication.check_or_install(conn, config, schemas)).name
         if not logical:
             await self._check_triggers(config, schemas)
 
@@ -176,7 +177,7 @@ class Daemon:
             self.source = logical_source = LogicalSource(
                 db,
                 conninfo=config.dsn,
-                publication=publication.Publication.of(schemas).name,
+                publication=publication_name,
                 tables={(t.schema.config.schema, t.schema.config.name): t.schema for t in trigger_sets},
                 query_timeout=config.query_timeout,
                 ping_interval=config.ping_interval,

@@ -59,9 +59,17 @@ examples:
 """
 
 
-# 'triggers' only builds the trigger SQL and talks to the database: the daemon's
-# other settings would mean nothing there, so it takes no flags for them.
-TRIGGERS_FLAGS = ("database.dsn", "listener.channel", "triggers.bulk_threshold", "logging.level", "logging.format")
+# 'capture' (alias 'triggers') only builds the capture SQL and talks to the database: the
+# daemon's other settings would mean nothing there, so it takes no flags for them.
+TRIGGERS_FLAGS = (
+    "database.dsn",
+    "database.capture",
+    "listener.channel",
+    "triggers.bulk_threshold",
+    "logging.level",
+    "logging.format",
+)
+CAPTURE_COMMANDS = ("capture", "triggers")
 
 
 def _settings_help() -> str:
@@ -77,7 +85,12 @@ def _add_setting_flag(group: argparse._ArgumentGroup, setting: cfg.Setting) -> N
     assert setting.flag is not None
     if setting.kind == "bool":  # a switch: off unless given, nothing to say about a default
         group.add_argument(
-            setting.flag, dest=setting.key, action="store_true", default=None, help=setting.help.replace("%", "%%")
+            setting.flag,
+            *setting.aliases,
+            dest=setting.key,
+            action="store_true",
+            default=None,
+            help=setting.help.replace("%", "%%"),
         )
         return
     shown = setting.shown_default
@@ -86,6 +99,7 @@ def _add_setting_flag(group: argparse._ArgumentGroup, setting: cfg.Setting) -> N
     metavar = None if setting.choices else setting.metavar or setting.flag.lstrip("-").upper()
     group.add_argument(
         setting.flag,
+        *setting.aliases,
         dest=setting.key,
         action="append" if setting.kind == "list" else "store",
         type={"int": int, "float": float}.get(setting.kind, str),
@@ -147,20 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(serve, serve=True)
 
-    trig = commands.add_parser(
-        "triggers",
-        help="print, install or remove the change triggers",
-        description="Manage the triggers that send a NOTIFY on every committed change of a cached table. "
-        "'sql' prints the script for review (nothing is changed); install is idempotent; uninstall "
-        "removes exactly what install created.",
-    )
-    trig.add_argument(
-        "action",
-        choices=("sql", "install", "uninstall"),
-        help="sql: print the install script; install or uninstall: change the database",
-    )
-    trig.add_argument("--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead")
-    _add_config_flags(trig, serve=False)
+    for name in CAPTURE_COMMANDS:
+        trig = commands.add_parser(
+            name,
+            help="print, install or remove what change capture needs in the database"
+            + (" (the same as 'capture')" if name == "triggers" else ""),
+            description="Manage what change capture needs in the database: with database.capture notify "
+            "(the default), the triggers that send a NOTIFY on every committed change of a cached table; "
+            "with logical (--capture logical), the publication the replication stream reads. 'sql' prints "
+            "the script for review (nothing is changed; in logical mode with the server settings and role "
+            "attribute needed, as comments); install is idempotent; uninstall removes exactly what install "
+            "created. 'triggers' is the older name of 'capture'.",
+        )
+        trig.add_argument(
+            "action",
+            choices=("sql", "install", "uninstall"),
+            help="sql: print the install script; install or uninstall: change the database",
+        )
+        trig.add_argument("--uninstall-sql", action="store_true", help="with 'sql': print the removal script instead")
+        _add_config_flags(trig, serve=False)
 
     get = commands.add_parser(
         "get",
@@ -406,13 +425,15 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
 
     async def work(conn: Any) -> int:
         schemas = [await describe_table(conn, table) for table in config.tables]
+        if config.capture == "logical":
+            return await _publication(conn, schemas, args)
         sets = triggers.trigger_sets(schemas, config.channel, config.bulk_threshold)
         if args.action == "sql":
             print(triggers.script(await triggers.resolve(conn, sets), uninstall=args.uninstall_sql), end="")
         elif args.action == "install":
             changed = await triggers.install(conn, sets)
             print(f"installed: {', '.join(changed)}" if changed else "already installed: nothing to do")
-            print(f"note: {triggers.TWO_PHASE_NOTE}; logical capture (planned, not in this version) has no such limit")
+            print(f"note: {triggers.TWO_PHASE_NOTE}; logical capture (--capture logical) has no such limit")
         else:
             changed = await triggers.uninstall(conn, sets)
             print(f"removed: {', '.join(changed)}" if changed else "not installed: nothing to do")
@@ -423,6 +444,27 @@ def _triggers(config: cfg.Config, args: argparse.Namespace) -> int:
     except SidecarError as exc:
         print(f"cache-sidecar: error: {dsn.scrub(str(exc), config.dsn)}", file=sys.stderr)
         return exit_code(exc)
+
+
+async def _publication(conn: Any, schemas: list[Any], args: argparse.Namespace) -> int:
+    """The ``capture`` command in logical mode: the publication."""
+    from sidecar.pg import publication
+    from sidecar.pg.preflight import WAL_LEVEL_FIX
+
+    wanted = publication.for_schemas(schemas)
+    if args.action == "sql":
+        found = await publication.inspect(conn, wanted)
+        print(publication.script(wanted, found, uninstall=args.uninstall_sql), end="")
+    elif args.action == "install":
+        changed = await publication.install(conn, wanted)
+        print(f"installed: publication {wanted.name}" if changed else "already installed: nothing to do")
+        level = await conn.fetchval("SHOW wal_level")
+        if level != "logical":  # (a publication can be made before the server is ready for it)
+            print(f"note: the server's wal_level is {level}, and logical capture needs logical: {WAL_LEVEL_FIX}")
+    else:
+        gone = await publication.uninstall(conn, wanted)
+        print(f"removed: publication {wanted.name}" if gone else "not installed: nothing to do")
+    return 0
 
 
 def _pg_env() -> bool:

@@ -33,6 +33,7 @@ class Setting:
     key: str  # dotted TOML key, e.g. "server.listen"; the environment variable derives from it
     help: str
     flag: str | None = None
+    aliases: tuple[str, ...] = ()  # more flags for the same setting (an older or a newer name)
     metavar: str | None = None
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
@@ -74,6 +75,7 @@ def declare(
     help: str,
     *,
     flag: str | None = None,
+    aliases: tuple[str, ...] = (),
     metavar: str | None = None,
     minimum: float | None = None,
     choices: tuple[str, ...] | None = None,
@@ -87,6 +89,7 @@ def declare(
         key=key,
         help=help,
         flag=flag,
+        aliases=aliases,
         metavar=metavar,
         minimum=minimum,
         choices=choices,
@@ -122,6 +125,18 @@ def _upstream_target(value: str) -> None:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
         raise ConfigError("upstream.target", f"{value!r}: must be host:port (another sidecar's gRPC address)")
+
+
+CAPTURE_MODES = ("notify", "logical")
+
+
+def _capture_mode(value: str) -> None:
+    if value not in CAPTURE_MODES:
+        raise ConfigError(
+            "database.capture",
+            f"must be notify (triggers and NOTIFY, the default) or logical (logical decoding: needs the "
+            f"server's wal_level = logical and a role with REPLICATION), not {value!r}",
+        )
 
 
 def _plain_identifier(value: str) -> None:
@@ -186,6 +201,19 @@ class Config:
             minimum=0.1,
         ),
     )
+    capture: str = field(
+        default="notify",
+        metadata=declare(
+            "database.capture",
+            "How changes are captured: notify (triggers send NOTIFY; no server setting, no privilege beyond "
+            "owning the triggers) or logical (logical decoding of the WAL through a publication and a "
+            "replication slot; needs wal_level = logical and a role with REPLICATION, and costs writers "
+            "far less).",
+            flag="--capture",
+            choices=CAPTURE_MODES,
+            check=_capture_mode,
+        ),
+    )
     listen: tuple[str, ...] = field(
         default=DEFAULT_LISTEN,
         metadata=declare(
@@ -213,8 +241,10 @@ class Config:
         default=False,
         metadata=declare(
             "server.install_triggers",
-            "Install (or update) the change triggers of the cached tables at start.",
+            "Install (or update) at start what change capture needs in the database: the triggers of the "
+            "cached tables (capture notify), or their publication (capture logical).",
             flag="--install-triggers",
+            aliases=("--install-capture",),
         ),
     )
     max_batch_keys: int = field(
@@ -242,15 +272,6 @@ class Config:
             "server.event_loop",
             "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
             choices=("auto", "uvloop", "asyncio"),
-        ),
-    )
-    capture: str = field(
-        default="notify",
-        metadata=declare(
-            "database.capture",
-            "TEMP",
-            flag="--capture",
-            choices=("notify", "logical"),
         ),
     )
     channel: str = field(
@@ -628,6 +649,7 @@ def validate(config: Config) -> None:
             (config.dsn is not None, "database.dsn"),
             (config.embedded, "database.embedded"),
             (config.install_triggers, "server.install_triggers"),
+            (config.capture != "notify", "database.capture"),
         ):
             if given:
                 raise ConfigError(key, "a follower (upstream.target) has no database: give one of the two, not both")

@@ -102,7 +102,7 @@ class EmbeddedPostgres:
                 import pgserver
 
                 with contextlib.suppress(Exception):
-                    pgserver.pg_ctl(
+                    pgserver.pg_ctl(  # type: ignore[attr-defined]
                         ["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata, user=self._server.system_user
                     )
             self._server.cleanup()

@@ -1,12 +1,14 @@
-"""Checks made at start, before the daemon changes anything (triggers, socket files): that
-every address it will listen on can be listened on, and that its database role may read
-every configured table. A problem found here stops the start with a message naming the
+"""Checks made at start, before the daemon changes anything (triggers, publication, socket
+files): that every address it will listen on can be listened on, that its database role may
+read every configured table, and, for logical capture, that the server, the role and the
+tables allow it. A problem found here stops the start with a message naming the
 setting or the table and what is missing (exit 2), instead of a half-done start.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -19,6 +21,11 @@ from sidecar.config import Config
 from sidecar.config.addresses import ListenAddress, parse_listen_address
 from sidecar.core.schema import TableSchema
 from sidecar.errors import ConfigError, MissingPrivilege
+from sidecar.identifiers import quote_ident
+from sidecar.pg import publication
+from sidecar.pg.triggers import captured_tables
+
+log = logging.getLogger(__name__)
 
 
 def check_listen(config: Config) -> None:
@@ -125,5 +132,78 @@ async def check_privileges(conn: Any, schemas: Sequence[TableSchema]) -> None:
         )
 
 
-async def check_logical(conn: Any, schemas: Sequence[TableSchema]) -> None:  # TEMP stand-in
-    return None
+# ------------------------------------------------------------------ logical capture
+
+WAL_LEVEL_FIX = (
+    "set it and restart PostgreSQL: ALTER SYSTEM SET wal_level = logical (a server you run); Amazon RDS / "
+    "Aurora: rds.logical_replication = 1 in the DB (cluster) parameter group, then reboot; Google Cloud SQL: "
+    "the database flag cloudsql.logical_decoding = on; Azure Database for PostgreSQL: the server parameter "
+    "wal_level = logical, then restart; Supabase: it is on already; Neon: enable logical replication in the "
+    "project's settings"
+)
+
+LOGICAL_SERVER_SQL = """
+SELECT pg_catalog.current_setting('server_version_num')::int AS version,
+       pg_catalog.current_setting('wal_level') AS wal_level,
+       pg_catalog.current_setting('max_replication_slots')::int AS max_slots,
+       (SELECT pg_catalog.count(*) FROM pg_catalog.pg_replication_slots)::int AS slots,
+       pg_catalog.current_setting('max_wal_senders')::int AS max_senders,
+       (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication)::int AS senders,
+       r.rolname AS role, r.rolsuper AS superuser, r.rolreplication AS replication,
+       pg_catalog.to_regrole('rds_replication') IS NOT NULL AS rds
+  FROM pg_catalog.pg_roles r
+ WHERE r.rolname = session_user
+"""
+
+
+async def check_logical(conn: Any, schemas: Sequence[TableSchema]) -> None:
+    """What logical capture (``database.capture = logical``) needs of the server, of the
+    sidecar's role and of the cached tables, all checked before anything is changed; every
+    problem found is named in one error (``ConfigError`` on ``database.capture``) with its fix,
+    so that one restart of the server can fix them all. Key columns outside a table's replica
+    identity are logged as a warning: capture works, with reloads where the old key is unknown."""
+    server = await conn.fetchrow(LOGICAL_SERVER_SQL)
+    problems: list[str] = []
+    if server["version"] < publication.MIN_SERVER_VERSION:
+        problems.append(f"PostgreSQL {server['version'] // 10000} is too old: logical capture needs 13 or newer")
+    if server["wal_level"] != "logical":
+        problems.append(
+            f"the server's wal_level is {server['wal_level']}, logical decoding needs logical: {WAL_LEVEL_FIX}"
+        )
+    if not (server["superuser"] or server["replication"]):
+        rds = server["rds"] and await conn.fetchval(
+            "SELECT pg_catalog.pg_has_role(session_user, 'rds_replication', 'MEMBER')"
+        )
+        if not rds:
+            role = quote_ident(server["role"])
+            problems.append(
+                f"the role {server['role']} lacks the REPLICATION attribute a replication connection needs: "
+                f"ALTER ROLE {role} WITH REPLICATION (run by a superuser, or on Cloud SQL, Azure and Neon by the "
+                f"admin role); on Amazon RDS / Aurora: GRANT rds_replication TO {role}"
+            )
+    if server["slots"] >= server["max_slots"]:
+        problems.append(
+            f"max_replication_slots is {server['max_slots']} and {server['slots']} slots exist: the sidecar needs "
+            "one more; raise max_replication_slots (a restart applies it) or drop slots no longer used "
+            "(SELECT slot_name, active FROM pg_replication_slots; SELECT pg_drop_replication_slot(...))"
+        )
+    if server["senders"] >= server["max_senders"]:
+        problems.append(
+            f"max_wal_senders is {server['max_senders']} and {server['senders']} are in use: the sidecar needs "
+            "one more; raise max_wal_senders (a restart applies it)"
+        )
+    tables = captured_tables(schemas)
+    for table in tables:
+        for identity in await publication.identities(conn, table.config.schema, table.config.name):
+            problem = identity.problem()
+            if problem is not None:
+                problems.append(f"{problem} ({publication.IDENTITY_NOTE})")
+            note = identity.key_note([column.name for column in table.key_columns])
+            if note is not None:
+                log.warning("%s", note, extra={"event": "replica_identity_note", "table": identity.qualified})
+    if problems:
+        raise ConfigError(
+            "database.capture",
+            "'logical' cannot work with this database as it is (or use capture 'notify', which needs none of "
+            "this): " + "; ".join(f"({n}) {p}" for n, p in enumerate(problems, 1)),
+        )

@@ -300,13 +300,19 @@ END"""
         )
 
 
-def trigger_sets(schemas: Sequence[TableSchema], channel: str, bulk_threshold: int) -> list[TriggerSet]:
-    """The triggers the cached tables need: on each table, and on every source of each relation."""
+def captured_tables(schemas: Sequence[TableSchema]) -> list[TableSchema]:
+    """The PostgreSQL tables whose changes the cache must learn of: each cached table, and
+    every source of each relation (once each, in the order configured)."""
     tables: dict[str, TableSchema] = {}
     for schema in schemas:
         for table in [source.table for source in schema.sources] if schema.config.is_relation else [schema]:
             tables.setdefault(table.qualified, table)
-    return [TriggerSet(table, channel, bulk_threshold) for table in tables.values()]
+    return list(tables.values())
+
+
+def trigger_sets(schemas: Sequence[TableSchema], channel: str, bulk_threshold: int) -> list[TriggerSet]:
+    """The triggers the cached tables need: on each table, and on every source of each relation."""
+    return [TriggerSet(table, channel, bulk_threshold) for table in captured_tables(schemas)]
 
 
 def _sql_name(schema: str, name: str) -> str:

@@ -231,6 +231,25 @@ def test_triggers_command(postgres, table):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_capture_is_the_triggers_command_by_a_better_name(postgres, table):
+    flags = ["--dsn", postgres.dsn, "--table", table]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*EXE, *args, *flags], capture_output=True, text=True, env=clean_env())
+
+    sql = run("capture", "sql")
+    assert sql.returncode == 0 and sql.stdout == run("triggers", "sql").stdout  # notify: the triggers
+    assert re.search(r"CREATE TRIGGER cache_sidecar_[0-9a-f]{10}_update ", sql.stdout)
+    assert run("capture", "install").stdout.startswith("installed:")
+    assert run("triggers", "install").stdout.startswith("already installed")
+    assert run("capture", "uninstall").stdout.startswith("removed:")
+    # logical mode's publication can be made before the server is ready for it, and it says so
+    install = run("capture", "install", "--capture", "logical")
+    assert install.returncode == 0 and install.stdout.startswith("installed: publication cache_sidecar_")
+    assert "note: the server's wal_level is replica, and logical capture needs logical" in install.stdout
+    assert run("capture", "uninstall", "--capture", "logical").stdout.startswith("removed: publication")
+
+
 def test_unreachable_sidecar_is_a_clear_cli_error():
     out = subprocess.run(
         [*EXE, "get", "public.patron", "1", "--target", f"127.0.0.1:{free_port()}"],

@@ -10,6 +10,7 @@ from sidecar import config as cfg
 from sidecar.config.addresses import parse_listen_address
 from sidecar.config.dsn import redact as redact_dsn
 from sidecar.config.dsn import scrub
+from sidecar.config.settings import validate
 from sidecar.errors import ConfigError
 from sidecar.identifiers import parse_table_name, qualified_name
 
@@ -377,3 +378,36 @@ def test_a_password_on_the_command_line_is_warned_about():
     cfg.load(env={}, flags={"database.dsn": "postgresql://app@db/shop"}, warn=quiet.append)
     cfg.load(env={"CACHE_SIDECAR_DATABASE_DSN": "postgresql://app:pw@db/shop"}, warn=quiet.append)
     assert quiet == []
+
+
+def test_capture_is_notify_unless_logical_is_asked_for(tmp_path):
+    assert cfg.load(env={}).capture == "notify"
+    assert cfg.load(write(tmp_path, '[database]\ncapture = "logical"\n'), env={}).capture == "logical"
+    assert cfg.load(env={"CACHE_SIDECAR_DATABASE_CAPTURE": "Logical"}).capture == "logical"
+    assert cfg.load(env={}, flags={"database.capture": "logical"}).capture == "logical"
+    for load in (
+        lambda: cfg.load(write(tmp_path, '[database]\ncapture = "wal"\n'), env={}),
+        lambda: cfg.load(env={"CACHE_SIDECAR_DATABASE_CAPTURE": "wal"}),
+    ):
+        with pytest.raises(ConfigError, match=r"database\.capture.*notify.*logical.*'wal'"):
+            load()
+    with pytest.raises(ConfigError, match=r"config database\.capture: must be notify .* or logical"):
+        validate(cfg.Config(capture="triggers"))
+
+
+def test_a_follower_captures_nothing(tmp_path):
+    with pytest.raises(ConfigError, match=r"config database\.capture: a follower"):
+        cfg.load(env={}, flags={"upstream.target": "hub:50051", "database.capture": "logical"})
+
+
+def test_install_capture_is_install_triggers_by_a_better_name():
+    from sidecar.cli import _flags, build_parser
+
+    for flag in ("--install-capture", "--install-triggers"):
+        args = build_parser().parse_args(["serve", flag, "--capture", "logical"])
+        config = cfg.load(env={}, flags=_flags(args))
+        assert config.install_triggers and config.capture == "logical"
+    assert not cfg.load(env={}, flags=_flags(build_parser().parse_args(["serve"]))).install_triggers
+    for command in ("capture", "triggers"):  # the command and its older name take --capture
+        args = build_parser().parse_args([command, "sql", "--capture", "logical"])
+        assert cfg.load(env={}, flags=_flags(args)).capture == "logical"
