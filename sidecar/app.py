@@ -141,12 +141,13 @@ class Daemon:
         self._stack.push_async_callback(_close_pool, self.db)
         schemas = [await self.db.describe(table) for table in config.tables]
         logical = config.capture == "logical"
+        captured: publication.Publication | None = None
         async with self.db.pool.acquire(timeout=config.query_timeout) as conn:
             await preflight.check_privileges(conn, schemas)
             if logical:
                 await preflight.check_logical(conn, schemas)  # (first: publishing a table with no
                 # replica identity would make the application's UPDATEs and DELETEs of it fail)
-                publication_name = (await publication.check_or_install(conn, config, schemas)).name
+                captured = await publication.check_or_install(conn, config, schemas)
         if not logical:
             await self._check_triggers(config, schemas)
 
@@ -161,23 +162,24 @@ class Daemon:
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
             describe=db.describe,
             schemas=schemas,
-            # (logical capture reads the WAL: no trigger to check; DDL is still checked)
-            trigger_sets=[] if logical else trigger_sets,
+            trigger_sets=trigger_sets,
             install=config.install_triggers,
             reload=notices.reload_table,
             fail=notices.fail_table,
             problem=notices.problem,
             interval=config.catalog_check_interval,
             capture_changed=self._health_dirty.set,
+            # (logical capture: the publication must hold every table, instead of triggers on it)
+            capture=publication.PublicationCapture(captured) if captured is not None else None,
         )
         await catalog.baseline()
 
         notices.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
-        if logical:
+        if captured is not None:
             self.source = logical_source = LogicalSource(
                 db,
                 conninfo=config.dsn,
-                publication=publication_name,
+                publication=captured.name,
                 tables={(t.schema.config.schema, t.schema.config.name): t.schema for t in trigger_sets},
                 query_timeout=config.query_timeout,
                 ping_interval=config.ping_interval,

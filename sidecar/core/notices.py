@@ -53,6 +53,7 @@ class NoticeIngest:
         self._trust = trust
         self._connected_before = False
         self._told_connected: list[Callable[[], None]] = []
+        self._told_reload: list[Callable[[str], None]] = []
         self._check_catalog: Callable[[], Awaitable[None]] | None = None
         self._schema_batch = 0  # the newest batch of a reload or failure for a schema change
 
@@ -83,6 +84,11 @@ class NoticeIngest:
         assert self._check_catalog is not None
         await self._check_catalog()
         return self._schema_batch
+
+    def on_reload(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback`` with a table's name each time it is reloaded for a schema change
+        (a source that builds rows describes the table again)."""
+        self._told_reload.append(callback)
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after each (re)connection's rebuild has begun."""
@@ -223,6 +229,8 @@ class NoticeIngest:
         self._router.reload(name, why)
         self._schema_batch = self._revisions.seq
         self._revisions.advance()
+        for callback in self._told_reload:
+            callback(name)
 
     def fail_table(self, name: str, problem: str) -> None:
         """Stop serving a cached table from memory (reads go to the database) because of ``problem``."""

@@ -41,7 +41,7 @@ import logging
 import operator
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.core.aio import wait_set
 from sidecar.core.schema import TableSchema
@@ -189,12 +189,49 @@ def shape(schema: TableSchema) -> tuple[Any, ...]:
     return tuple((c.name, c.sql_type, c.type_name) for c in (*schema.key_columns, *(c for _, c in columns)))
 
 
-async def table_state(conn: Any, trigger_set: triggers.TriggerSet) -> TableState:
+class Capture(Protocol):
+    """What tells the cache of a table's changes, as the catalog holds it: the triggers
+    (``TriggerCapture``) or the publication (``publication.PublicationCapture``)."""
+
+    objects: str  # what is installed, in a log line: "the triggers on" (a table)
+
+    async def inspect(self, conn: Any, trigger_set: triggers.TriggerSet) -> triggers.Installed:
+        """'current' when every change of the table will be told."""
+        ...
+
+    async def install(self, conn: Any, trigger_set: triggers.TriggerSet) -> None: ...
+
+    def problem(self, table: str, what: str, trigger_set: triggers.TriggerSet) -> str:
+        """Why a reader of ``table`` is not served, and what to run."""
+        ...
+
+
+class TriggerCapture:
+    """Capture by the triggers: NOTIFY mode's."""
+
+    objects = "the triggers on"
+
+    async def inspect(self, conn: Any, trigger_set: triggers.TriggerSet) -> triggers.Installed:
+        return await triggers.inspect(conn, trigger_set)
+
+    async def install(self, conn: Any, trigger_set: triggers.TriggerSet) -> None:
+        await triggers.install(conn, [trigger_set])
+
+    def problem(self, table: str, what: str, trigger_set: triggers.TriggerSet) -> str:
+        return (
+            f"the cache-sidecar triggers on {table} would not report every change ({what}): they must "
+            f"be installed and enabled on it and on its partitions, children and parents, notifying channel "
+            f"{trigger_set.channel} with this version's definition; run 'cache-sidecar triggers install' "
+            "as the table's owner (or start with --install-triggers)"
+        )
+
+
+async def table_state(conn: Any, trigger_set: triggers.TriggerSet, capture: Capture | None = None) -> TableState:
     config = trigger_set.schema.config
     row = await conn.fetchrow(STATE_SQL, config.schema, config.name)
     if row is None:
         return TableState(None)
-    installed = await triggers.inspect(conn, trigger_set)
+    installed = await (capture or TriggerCapture()).inspect(conn, trigger_set)
     depends = await dependencies(conn, row["oid"])
     facts = await contents(conn, depends)
     return TableState(
@@ -218,7 +255,9 @@ class CatalogWatch:
         problem: Callable[[str], str | None],
         interval: float = 10.0,
         capture_changed: Callable[[], None] | None = None,
+        capture: Capture | None = None,
     ) -> None:
+        self._capture_by = capture or TriggerCapture()
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
         self._schemas = {s.qualified: s for s in schemas}
@@ -256,7 +295,7 @@ class CatalogWatch:
         """Take the catalog as it is now as what the tables were loaded with."""
         async with self._acquire() as conn:
             for name, trigger_set in self._sets.items():
-                self._known[name] = await table_state(conn, trigger_set)
+                self._known[name] = await table_state(conn, trigger_set, self._capture_by)
         self._watched = None
 
     async def run(self) -> None:
@@ -314,7 +353,7 @@ class CatalogWatch:
         settle: list[tuple[str, TableState, list[str], bool]] = []  # (settled with the connection back:
         async with self._acquire() as conn:  # describing takes one, and the pool may have one only)
             for name, trigger_set in self._sets.items():
-                state = await table_state(conn, trigger_set)
+                state = await table_state(conn, trigger_set, self._capture_by)
                 known = self._known.get(name)
                 changed = known is not None and (state.oid, state.columns, state.key, state.contents) != (
                     known.oid,
@@ -337,7 +376,7 @@ class CatalogWatch:
                     )
                 if state.oid is not None and state.triggers != "current" and self._install:
                     await self._reinstall(conn, name, state, trigger_set)
-                    state = await table_state(conn, trigger_set)
+                    state = await table_state(conn, trigger_set, self._capture_by)
                 settle.append((name, state, readers, changed))
         for name, state, readers, changed in settle:
             await self._settle(name, state, readers, changed)
@@ -346,12 +385,12 @@ class CatalogWatch:
     async def _reinstall(self, conn: Any, name: str, state: TableState, trigger_set: triggers.TriggerSet) -> None:
         what = "; ".join(state.trigger_problems) or state.triggers
         try:
-            await triggers.install(conn, [trigger_set])
+            await self._capture_by.install(conn, trigger_set)
         except SidecarError as exc:
-            log.warning("cannot reinstall the triggers on %s (%s): %s", name, what, exc)
+            log.warning("cannot reinstall %s %s (%s): %s", self._capture_by.objects, name, what, exc)
         else:
             log.warning(
-                "reinstalled the triggers on %s: %s",
+                f"reinstalled {self._capture_by.objects} %s: %s",
                 name,
                 what,
                 extra={"event": "triggers_reinstalled", "table": name},
@@ -378,12 +417,7 @@ class CatalogWatch:
                 continue
             if state.triggers != "current":
                 what = "; ".join(state.trigger_problems) or f"{state.triggers}"
-                problem = (
-                    f"the cache-sidecar triggers on {name} would not report every change ({what}): they must "
-                    f"be installed and enabled on it and on its partitions, children and parents, notifying channel "
-                    f"{trigger_set.channel} with this version's definition; run 'cache-sidecar triggers install' "
-                    "as the table's owner (or start with --install-triggers)"
-                )
+                problem = self._capture_by.problem(name, what, trigger_set)
                 self._capture(reader, problem)
                 self._fail(reader, problem)
                 continue

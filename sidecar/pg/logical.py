@@ -81,6 +81,7 @@ class LogicalSink(Protocol):
     def streamed(self, name: str) -> bool: ...
     def take_rows(self, name: str, on: bool) -> None: ...
     def reload_table(self, name: str, why: str) -> None: ...
+    def on_reload(self, callback: Callable[[str], None]) -> None: ...
     def cached_row(self, name: str, key: Key) -> bytes | None: ...
     async def until_loaded(self) -> None: ...
 
@@ -94,6 +95,8 @@ class _Table:
     key: tuple[KeyColumn, ...]  # the columns an event's keys are made of (as the triggers' keys)
     qualified: str = ""  # the cached full table whose rows changes bring ("" : none now)
     candidate: str = ""  # the cached full table read whole of this name, if any
+    relation: tuple[tuple[str, int], ...] = ()  # its columns as the stream's last Relation message said
+    recheck: bool = False  # describe it again before the next message (its schema changed)
     columns: tuple[tuple[str, int], ...] = ()  # its columns (name, type) as row_to_json reads them
     types: dict[int, rowjson.TypeInfo] = field(default_factory=dict)
 
@@ -202,6 +205,8 @@ class LogicalSource:
 
     async def follow(self, sink: LogicalSink) -> None:
         """Stream until cancelled; each connection starts from a new slot and a rebuild."""
+        if self._sink is None:
+            sink.on_reload(self._schema_changed)
         self._sink = sink
         attempt = 0
         try:
@@ -327,6 +332,8 @@ class LogicalSource:
         asked_at: float | None = None
         try:
             while True:
+                if transaction is None and any(t.recheck for t in self._heard.values()):
+                    await self._recheck(sink)
                 message = cursor.read_message()
                 now = time.monotonic()
                 if message is None:
@@ -471,22 +478,47 @@ class LogicalSource:
                 return columns, types, f"column {column}: {problem}"
         return columns, types, None
 
+    def _schema_changed(self, name: str) -> None:
+        """The catalog check reloads ``name`` for a schema change: describe it again before
+        building another row of it (a composite's fields renamed keep the Relation as is)."""
+        for table in self._heard.values():
+            if table.candidate == name:
+                table.recheck = True
+
     async def _check_types(self, sink: LogicalSink) -> None:
-        """A table whose columns' types changed without a Relation message (a composite's
-        field renamed, a domain's base changed) stops taking rows from the stream and reloads."""
-        built = [table for table in self._heard.values() if table.qualified]
-        if not built:
-            return
+        """Now and then, every table rows are built for, as ``_recheck`` does."""
+        for table in self._heard.values():
+            if table.candidate:
+                table.recheck = True
+        await self._recheck(sink)
+
+    async def _recheck(self, sink: LogicalSink) -> None:
+        """Describe the tables marked again: the same columns and types, nothing to do;
+        others (the catalog's columns the stream's last Relation's) are built with the new
+        ones after a reload of the table (the rows held are of the old shape); rows are not
+        built while the two differ (a change of columns under way)."""
+        tables = [table for table in self._heard.values() if table.recheck]
         try:
             async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
-                for table in built:
+                for table in tables:
                     columns, types, why = await self._described(conn, table)
-                    if why is None and columns == table.columns and types == table.types:
+                    table.recheck = False
+                    current = table.qualified and (columns, types) == (table.columns, table.types)
+                    if why is None and current:
                         continue
-                    name, table.qualified = table.qualified, ""
-                    sink.reload_table(name, why or "the types of its columns changed")
+                    if why is None and (not table.relation or columns == table.relation):
+                        table.qualified, table.columns, table.types = table.candidate, columns, types
+                        sink.take_rows(table.candidate, True)
+                        sink.reload_table(table.candidate, "its columns or their types changed")
+                    elif table.qualified:
+                        table.qualified = ""
+                        log.info(
+                            "%s: its changes are refetched (%s)", table.candidate, why or "its columns are changing"
+                        )
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            log.debug("checking column types: %s", exc)  # (the next round tries again)
+            for table in tables:
+                table.recheck = True
+            log.debug("describing tables again: %s", exc)  # (the next round tries again)
 
     async def _decoders(self, relation: pgoutput.Relation) -> list[_Decoder]:
         """Who hears of a published table's changes: its own cache, and the caches of its
@@ -497,28 +529,20 @@ class LogicalSource:
         tables = [own] if own is not None else []
         async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
             ancestors = await conn.fetch(_ANCESTORS_SQL, relation.relation_id, timeout=self.query_timeout)
-            if own is not None and own.candidate and _columns(relation) != own.columns:
-                await self._redescribe(conn, own, relation)
+        if own is not None and own.candidate:
+            own.relation = _columns(relation)
+            if own.relation != own.columns:
+                own.recheck = True
+                await self._recheck(self._sink_or_fail())
         for row in ancestors:
             heard = self._heard.get((str(row["schema"]), str(row["name"])))
             if heard is not None and heard not in tables:
                 tables.append(heard)
         return [self._decoder(relation, table) for table in tables]
 
-    async def _redescribe(self, conn: Any, table: _Table, relation: pgoutput.Relation) -> None:
-        """The table's columns changed (the stream's Relation says so before the first row
-        of the new shape): rows are built again when the catalog's columns are the
-        Relation's, after a reload of the table (the rows held have the old shape)."""
-        sink = self._sink
-        assert sink is not None
-        columns, types, why = await self._described(conn, table)
-        if why is None and columns == _columns(relation):
-            table.qualified, table.columns, table.types = table.candidate, columns, types
-            sink.take_rows(table.candidate, True)
-            sink.reload_table(table.candidate, "its columns changed")
-        else:
-            table.qualified = ""
-            log.info("%s: its changes are refetched (%s)", table.candidate, why or "its columns are changing")
+    def _sink_or_fail(self) -> LogicalSink:
+        assert self._sink is not None
+        return self._sink
 
     def _decoder(self, relation: pgoutput.Relation, table: _Table) -> _Decoder:
         names = [c.name for c in relation.columns]

@@ -39,6 +39,7 @@ from sidecar.config import Config
 from sidecar.core.schema import TableSchema
 from sidecar.errors import SchemaError
 from sidecar.identifiers import qualified_name, quote_ident
+from sidecar.pg import triggers
 from sidecar.pg.triggers import _comment_text, _literal, _sql_name, captured_tables
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,30 @@ SELECT p.oid, p.puballtables AS all_tables,
 PUBLICATION_TABLES_SQL = """
 SELECT n.nspname AS schema, c.relname AS name,
        (pg_catalog.to_jsonb(r) ->> 'prqual') IS NOT NULL AS row_filter,
-       (pg_catalog.to_jsonb(r) ->> 'prattrs') IS NOT NULL AS column_list
+       (pg_catalog.to_jsonb(r) ->> 'prattrs') IS NOT NULL AS column_list,
+       EXISTS (SELECT FROM pg_catalog.pg_inherits i
+                 JOIN pg_catalog.pg_publication_rel p ON p.prrelid = i.inhparent AND p.prpubid = r.prpubid
+                WHERE i.inhrelid = c.oid) AS inherited
   FROM pg_catalog.pg_publication_rel r
   JOIN pg_catalog.pg_class c ON c.oid = r.prrelid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE r.prpubid = $1
+ ORDER BY 1, 2
+"""
+# Inheritance children (not partitions: a partitioned table publishes every partition,
+# present and future) of the published tables that the publication lacks: "FOR TABLE t"
+# adds t's children as they are then, and a child made later is not published at all.
+UNPUBLISHED_CHILDREN_SQL = """
+WITH RECURSIVE tree(oid) AS (
+    SELECT r.prrelid FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = $1
+  UNION
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid
+)
+SELECT n.nspname AS schema, c.relname AS name
+  FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE NOT c.relispartition AND c.relkind = 'r'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = $1 AND r.prrelid = c.oid)
  ORDER BY 1, 2
 """
 PUBLICATION_SCHEMAS_SQL = """
@@ -187,9 +207,14 @@ async def inspect(conn: Any, publication: Publication) -> Inspected:
     rows = await conn.fetch(PUBLICATION_TABLES_SQL, row["oid"])
     present = {(r["schema"], r["name"]) for r in rows}
     absent = [t for t in publication.tables if t not in present]
-    extra = sorted(present - set(publication.tables))
+    # (a published table's inheritance children are in it too, by "FOR TABLE")
+    extra = sorted(present - set(publication.tables) - {(r["schema"], r["name"]) for r in rows if r["inherited"]})
     if absent and not row["all_tables"]:
         problems.append(f"it lacks {_names(absent)}")
+    if not row["all_tables"]:
+        children = [(r["schema"], r["name"]) for r in await conn.fetch(UNPUBLISHED_CHILDREN_SQL, row["oid"])]
+        if children:
+            problems.append(f"it lacks the inheritance children {_names(children)} (made after it)")
     if extra:
         problems.append(f"it also publishes {_names(extra)}")
     for r in rows:
@@ -475,3 +500,29 @@ async def _run(conn: Any, sql: str, doing: str, needs: str, creating: bool = Fal
 
 def _names(tables: Iterable[tuple[str, str]]) -> str:
     return ", ".join(qualified_name(schema, name) for schema, name in tables)
+
+
+class PublicationCapture:
+    """``catalog.Capture`` by the publication: every table the cache reads must be in it,
+    and the publication as this sidecar defines it (else changes go untold)."""
+
+    objects = "the publication for"
+
+    def __init__(self, publication: Publication) -> None:
+        self.publication = publication
+
+    async def inspect(self, conn: Any, trigger_set: triggers.TriggerSet) -> triggers.Installed:
+        found = await inspect(conn, self.publication)
+        if found.status == "ok":
+            return triggers.Installed("current")
+        return triggers.Installed("missing" if found.status == "missing" else "outdated", found.problems)
+
+    async def install(self, conn: Any, trigger_set: triggers.TriggerSet) -> None:
+        await install(conn, self.publication)
+
+    def problem(self, table: str, what: str, trigger_set: triggers.TriggerSet) -> str:
+        return (
+            f"the publication {self.publication.name} would not send every change of {table} ({what}); run "
+            "'cache-sidecar capture install --capture logical' (or 'capture sql' for a DBA), or start with "
+            "--install-capture"
+        )
