@@ -349,6 +349,12 @@ class LogicalSource:
                         if ask:
                             asked_at = now
                     self.slot.server_end = max(self.slot.server_end, int(cursor.wal_end or 0))
+                    if transaction is None:
+                        # Between transactions, with every message handed over: what the server
+                        # has sent (a keepalive's WAL end) is confirmed too, as psycopg2 itself
+                        # tells the server (its feedback then moves past transactions the
+                        # publication filtered out).
+                        self.slot.confirmed = max(self.slot.confirmed, self.slot.server_end)
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
                     continue
                 last_heard = self.slot.heard = now
