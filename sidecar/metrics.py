@@ -366,8 +366,8 @@ def _replication(stream: ReplicationStream, watch: SlotWatch | None) -> list[Any
         families.append(
             GaugeMetricFamily(
                 "cache_sidecar_replication_lag_bytes",
-                "Bytes of WAL between the server's end of WAL (as last told) and the position the "
-                "sidecar confirmed (applied).",
+                "Bytes of WAL between what the server has sent (as it last said) and the position the "
+                "sidecar has confirmed.",
                 max(0, slot.server_end - slot.confirmed),
             )
         )
