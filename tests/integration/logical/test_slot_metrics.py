@@ -95,8 +95,9 @@ async def test_writes_to_other_tables_do_not_make_the_slot_hold_wal(
 ) -> None:
     """Only the cached tables are published: the server sends nothing of other tables'
     transactions (PostgreSQL 15+ not even their Begin and Commit), so the stream must
-    confirm the positions its keepalives report, or the slot holds every byte written
-    to the rest of the database for as long as the cached tables see no write."""
+    confirm the positions its keepalives report (psycopg2 does, between transactions), or
+    the slot holds every byte written to the rest of the database for as long as the
+    cached tables see no write; the lag the sidecar reports counts them as confirmed too."""
     conn = await asyncpg.connect(logical_dsn)
     try:
         await conn.execute(f"CREATE TABLE {lschema}.t (id int PRIMARY KEY, v text)")
