@@ -41,6 +41,7 @@ from sidecar.pg.logical import LogicalSource
 from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.pg_source import PgChangeSource
 from sidecar.pg.senders import SenderGate
+from sidecar.pg.slot_watch import SlotWatch
 from sidecar.shm.store import SharedStore
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,8 @@ class Daemon:
         self._stack.push_async_callback(self.server.stop, 0)  # (at once: a graceful stop came first, if any)
         core.engine.on_state_change(self._health_dirty.set)
         if self.metrics is not None:
-            self.metrics.watch(core, listener, asyncio.get_running_loop(), senders, security=security)
+            logical = self.source if isinstance(self.source, LogicalSource) else None
+            self.metrics.watch(core, listener, asyncio.get_running_loop(), senders, security=security, logical=logical)
             try:
                 self.metrics_address = self.metrics.serve(config.metrics_listen)
             except OSError as exc:
@@ -405,6 +407,12 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.queue = queue
             tasks.add(asyncio.create_task(queue.run(self.db.pool), name="notify queue"))
+        if self.db is not None and isinstance(self.source, LogicalSource):
+            stream = self.source
+            slot = SlotWatch(lambda: stream.slot.name, self.config.query_timeout)
+            if self.metrics is not None:
+                self.metrics.slot = slot
+            tasks.add(asyncio.create_task(slot.run(self.db.pool), name="slot watch"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)
@@ -436,12 +444,18 @@ class Daemon:
                 if ready:
                     log.info(
                         "ready: every table is loaded and the %s is up (revision %s)",
-                        "listener" if self.config.upstream_target is None else "upstream stream",
+                        self._source_name(),
                         self.engine.revision,
                         extra={"event": "ready", "revision": str(self.engine.revision)},
                     )
                 else:
                     log.warning("not serving from memory: %s", self._why_not_ready(), extra={"event": "not_ready"})
+
+    def _source_name(self) -> str:
+        """What changes come by, in words (the ready and not-ready log lines)."""
+        if self.config.upstream_target is not None:
+            return "upstream stream"
+        return "replication stream" if self.config.capture == "logical" else "listener"
 
     def _capture_problems(self) -> dict[str, str]:
         """Cached tables whose triggers would not report every change (see ``CatalogWatch``)."""
@@ -457,7 +471,7 @@ class Daemon:
         if not core.trust.up and following is not None:
             return f"not following {following.target} (yet); reads go to the upstream"
         if not core.trust.up:
-            return "listener down; reads go to the database"
+            return f"{self._source_name()} down; reads go to the database"
         if engine.stalled:
             waiting = [name for name, table in core.tables.items() if table.low_water() is not None]
             behind = core.revisions.seq - core.revisions.applied

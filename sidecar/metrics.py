@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,12 +24,29 @@ from sidecar.core.assembly import Core, Direct
 from sidecar.core.source import FollowState
 from sidecar.edge.auth import ServerSecurity
 from sidecar.pg.listener import Listener
+from sidecar.pg.logical import SlotState
 from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.senders import SenderGate, SenderStats
+from sidecar.pg.slot_watch import WAL_STATUSES, SlotWatch
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class ReplicationStream(Protocol):
+    """What the metrics read of logical capture's stream (``logical.LogicalSource``)."""
+
+    @property
+    def up(self) -> bool: ...
+    @property
+    def connects(self) -> int: ...
+    @property
+    def losses(self) -> int: ...
+    @property
+    def transactions(self) -> int: ...
+    @property
+    def slot(self) -> SlotState: ...
 
 
 class Metrics:
@@ -50,6 +68,7 @@ class Metrics:
             registry=self.registry,
         )
         self.queue: NotifyQueue | None = None  # set by the daemon: its queue samples
+        self.slot: SlotWatch | None = None  # set by the daemon in logical mode: its slot samples
         self._server: Any = None
 
     def observe_call(self, method: str, seconds: float) -> None:
@@ -63,12 +82,14 @@ class Metrics:
         senders: SenderGate | None = None,
         *,
         security: ServerSecurity | None = None,
+        logical: ReplicationStream | None = None,
     ) -> None:
         """Report the state of ``core``, ``listener`` and ``senders`` (read on ``loop``; a
-        follower has no listener; no sender gate when senders are not checked), and of the
+        follower has no listener; no sender gate when senders are not checked), of the
+        replication stream ``logical`` (logical capture: no listener then), and of the
         credential files of ``security``."""
         core.engine.on_barrier(self.barrier_seconds.observe)
-        self.registry.register(_StateCollector(core, listener, loop, self, senders))
+        self.registry.register(_StateCollector(core, listener, loop, self, senders, logical))
         if security is not None:
             self.registry.register(CredentialCollector(security))
 
@@ -98,10 +119,12 @@ class _StateCollector(Collector):
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics,
         senders: SenderGate | None = None,
+        logical: ReplicationStream | None = None,
     ) -> None:
         self.core = core
         self.listener = listener
         self.senders = senders
+        self.logical = logical
         self.loop = loop
         self.metrics = metrics
 
@@ -185,6 +208,8 @@ class _StateCollector(Collector):
         families += [loading, load_rows, load_expected, load_eta]
         if listener is not None:
             families += self._listener(listener)
+        if self.logical is not None:
+            families += _replication(self.logical, self.metrics.slot)
         if self.senders is not None:
             families += _senders(self.senders.stats)
         if (following := core.upstream_state()) is not None:
@@ -310,6 +335,81 @@ class _StateCollector(Collector):
             )
         )
         return families
+
+
+def _replication(stream: ReplicationStream, watch: SlotWatch | None) -> list[Any]:
+    """Logical capture's: the replication stream, and the WAL its slot holds back."""
+    slot = stream.slot
+    families: list[Any] = [
+        GaugeMetricFamily(
+            "cache_sidecar_replication_connected",
+            "1 while the replication stream is up (its slot created; tables load, then changes stream).",
+            1 if stream.up else 0,
+        ),
+        CounterMetricFamily(
+            "cache_sidecar_replication_reconnects",
+            "Times the replication stream was re-established (each from a new slot, with a rebuild).",
+            max(0, stream.connects - 1),
+        ),
+        CounterMetricFamily(
+            "cache_sidecar_replication_losses",
+            "Times the replication stream was lost while up (memory stops being trusted until the rebuild).",
+            stream.losses,
+        ),
+        CounterMetricFamily(
+            "cache_sidecar_replication_transactions",
+            "Committed transactions received that changed a cached table or carried a read barrier's token.",
+            stream.transactions,
+        ),
+    ]
+    if stream.up and slot.streaming:
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_replication_lag_bytes",
+                "Bytes of WAL between what the server has sent (as it last said) and the position the "
+                "sidecar has confirmed.",
+                max(0, slot.server_end - slot.confirmed),
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "cache_sidecar_replication_last_message_seconds",
+                "Seconds since the server last sent anything on the stream (a change or a keepalive; "
+                "the sidecar asks for one after listener.ping_interval of silence).",
+                max(0.0, time.monotonic() - slot.heard),
+            )
+        )
+    sample = watch.sample if watch is not None else None
+    if sample is not None:
+        if sample.retained is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "cache_sidecar_slot_retained_bytes",
+                    "Bytes of WAL the sidecar's replication slot makes the server keep (its current WAL "
+                    "position minus the slot's restart_lsn, sampled every 15 s); alert when it stays high.",
+                    max(0, sample.retained),
+                )
+            )
+        if sample.safe_wal_size is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "cache_sidecar_slot_safe_wal_bytes",
+                    "Bytes of WAL that may still be written before the slot is in danger of losing WAL it "
+                    "needs (pg_replication_slots.safe_wal_size; only with max_slot_wal_keep_size).",
+                    sample.safe_wal_size,
+                )
+            )
+        if sample.wal_status is not None:
+            status = GaugeMetricFamily(
+                "cache_sidecar_slot_wal_status",
+                "1 for the slot's wal_status (reserved, extended: safe; unreserved: WAL it needs goes at the "
+                "next checkpoint unless it catches up; lost: gone, the stream breaks and tables rebuild).",
+                labels=["status"],
+            )
+            for name in WAL_STATUSES:
+                status.add_metric([name], 1 if sample.wal_status == name else 0)
+            families.append(status)
+    return families
 
 
 def _senders(stats: SenderStats) -> list[Any]:

@@ -44,6 +44,7 @@ class Options:
     watch_send_timeout: float = 30.0
     snapshot_max_bytes: int = 256 * 1024 * 1024
     stall_after: float = 30.0
+    source_name: str = "listener"  # what PostgreSQL's changes come by, in messages
 
     @classmethod
     def from_config(cls, config: Config) -> Options:
@@ -59,6 +60,7 @@ class Options:
             watch_send_timeout=config.watch_send_timeout,
             snapshot_max_bytes=config.watch_snapshot_max_bytes,
             stall_after=config.stall_seconds,
+            source_name="replication stream" if config.capture == "logical" else "listener",
         )
 
 
@@ -143,7 +145,9 @@ def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None
     tables: dict[str, RefetchingTable] = {}  # (filled below: the fan-out reads them only when publishing)
     fanout = _fanout(tables, options)
     revisions.on_applied(fanout.publish)
-    trust = Trust(revisions, unavailable="the listener is down; the cache cannot be brought up to date now")
+    trust = Trust(
+        revisions, unavailable=f"the {options.source_name} is down; the cache cannot be brought up to date now"
+    )
     router = ChangeRouter(revisions, fanout)
     retention = Retention(options.snapshot_max_bytes)  # what initial states keep alive, across tables
     full: dict[str, FullTable] = {}
@@ -164,7 +168,7 @@ def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None
             table = LazyTable(schema, db, max_rows=schema.config.max_rows, ttl_seconds=schema.config.ttl_seconds)
         tables[schema.qualified] = table
         router.register(table)
-    notices = NoticeIngest(tables, full, router, revisions, fanout, trust)
+    notices = NoticeIngest(tables, full, router, revisions, fanout, trust, options.source_name)
     reads = ReadPath(db, trust.trusted_epoch, options.max_batch_keys)
     engine = Engine(tables, full, revisions, fanout, trust, reads, notices)
     return Direct(engine, tables, full, revisions, fanout, trust, reads, retention, options, notices)

@@ -44,6 +44,7 @@ class NoticeIngest:
         revisions: Revisions,
         fanout: FanOut,
         trust: Trust,
+        source_name: str = "listener",
     ) -> None:
         self._tables = tables
         self._full = full  # the full tables among them (reloads, readers held until refetches land)
@@ -51,6 +52,7 @@ class NoticeIngest:
         self._revisions = revisions
         self._fanout = fanout
         self._trust = trust
+        self._source_name = source_name  # (in words: "listener", "replication stream")
         self._connected_before = False
         self._told_connected: list[Callable[[], None]] = []
         self._told_reload: list[Callable[[str], None]] = []
@@ -116,7 +118,7 @@ class NoticeIngest:
                 extra={"event": "rebuild", "epoch": epoch},
             )
         self._trust.set_up(True)
-        self._fanout.start(epoch, seq, "cache rebuilt after the listener reconnected" if rebuild else None)
+        self._fanout.start(epoch, seq, f"cache rebuilt after the {self._source_name} reconnected" if rebuild else None)
         for table in self._tables.values():
             if isinstance(table, FullTable):
                 table.rebuild(seq, exact)
@@ -132,7 +134,7 @@ class NoticeIngest:
         Waiting readers are released to read from the database (which is
         fresher than any revision they waited for); barriers fail.
         """
-        self._trust.lost(f"listener down ({reason})")
+        self._trust.lost(f"{self._source_name} down ({reason})")
         for full in self._full.values():
             full.reroute()
         self._revisions.release_all()

@@ -132,6 +132,7 @@ class SlotState:
     confirmed: int = 0  # the position confirmed to the server (applied)
     server_end: int = 0  # the server's end of WAL as last told
     received: int = 0  # the end of the last message received
+    heard: float = 0.0  # time.monotonic() the server last sent anything (a change or a keepalive)
 
 
 class LogicalSource:
@@ -328,7 +329,7 @@ class LogicalSource:
         decoder = pgoutput.StreamDecoder()
         relations: dict[int, list[_Decoder]] = {}
         transaction: _Transaction | None = None
-        last_feedback = last_heard = types_checked = time.monotonic()
+        last_feedback = last_heard = types_checked = self.slot.heard = time.monotonic()
         asked_at: float | None = None
         try:
             while True:
@@ -341,6 +342,7 @@ class LogicalSource:
                         heard = _seconds(cursor.io_timestamp)
                         if heard is not None:
                             last_heard = max(last_heard, now - max(0.0, time.time() - heard))
+                    self.slot.heard = last_heard
                     if asked_at is not None and last_heard >= asked_at:
                         asked_at = None
                     if asked_at is not None and now - asked_at > self.ping_timeout:
@@ -368,7 +370,7 @@ class LogicalSource:
                         await self._check_types(sink)
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
                     continue
-                last_heard = now
+                last_heard = self.slot.heard = now
                 self.slot.received = max(self.slot.received, int(message.data_start))
                 self.slot.server_end = max(self.slot.server_end, int(message.wal_end))
                 parsed = decoder.feed(bytes(message.payload))
