@@ -611,7 +611,8 @@ class FullTable:
         else:
             if not fence.done():
                 fence.set_result(None)
-            self._seen = None  # (every transaction a reload saw has come through the stream by now)
+            if self._fence is fence:  # (an earlier fence says nothing of a later reload's snapshot)
+                self._seen = None  # (every transaction the reload saw has come through the stream)
         finally:
             if self._fence is fence:
                 self._fence = None

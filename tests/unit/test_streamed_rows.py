@@ -140,3 +140,28 @@ async def test_a_keyed_refetch_ends_taking_rows() -> None:
     numbering.seq = 3
     table.carried({(1,): row("x")}, 3, xid=60)  # refetched, not stored as brought
     await eventually(lambda: db.refetched.count((1,)) >= 1, 5, what="refetched")
+
+
+async def test_an_earlier_reloads_fence_does_not_end_a_later_reloads_skipping() -> None:
+    table, db, numbering, _ = await streamed_table()
+    first = asyncio.Event()
+    later = asyncio.Event()
+    fences = iter([first, later])
+    table._fence_source = lambda: next(fences).wait()
+    db.put(T, (1,), name="b")
+    numbering.seq = 3
+    table.changed_all(3)
+    await eventually(lambda: table.reloads == 2, 5, what="the first reload landed")
+    first_fence = table._fence
+    assert first_fence is not None
+    db.snapshot = "200:210:"
+    db.put(T, (1,), name="c")
+    numbering.seq = 4
+    table.changed_all(4)
+    await eventually(lambda: table.reloads == 3, 5, what="the second reload landed")
+    first.set()  # the first reload's fence completes: it began before the second's snapshot
+    await asyncio.wait_for(first_fence, 5)
+    numbering.seq = 5
+    table.carried({(1,): row("old")}, 5, xid=150)  # seen by the second snapshot, streamed late
+    assert name_of(table, 1) == "c"
+    later.set()
