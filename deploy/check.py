@@ -47,8 +47,8 @@ CUSTOM = {
 }
 # overlay -> the component sets an operator may add (deploy/README.md); each is rendered.
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
-    "direct": [(), ("monitoring",), ("shared-memory",)],
-    "hubs": [(), ("hub-cert-manager", "generated-tokens", "monitoring")],
+    "direct": [(), ("monitoring",), ("shared-memory",), ("logical-capture",)],
+    "hubs": [(), ("hub-cert-manager", "generated-tokens", "monitoring"), ("logical-capture",)],
     "followers": [(), ("follower-cert-manager", "monitoring", "shared-memory")],
 }
 

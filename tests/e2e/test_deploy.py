@@ -133,6 +133,7 @@ def test_the_layouts_are_a_base_and_overlays_with_components():
         "generated-tokens",
         "monitoring",
         "shared-memory",
+        "logical-capture",
     }
     for name in components:
         assert load_yaml(K8S / "components" / name / "kustomization.yaml")["kind"] == "Component"
@@ -615,3 +616,29 @@ def test_the_image_command_serves_over_the_unix_socket(postgres, schema, tmp_pat
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize("overlay", ["direct", "hubs"])
+def test_logical_capture_sets_the_mode_on_the_sidecars_and_the_install_job(overlay):
+    objects = render(overlay, ("logical-capture",))
+    sidecars = [
+        container
+        for obj in objects
+        if obj["kind"] == "Deployment"
+        for container in [
+            *obj["spec"]["template"]["spec"].get("initContainers", []),
+            *obj["spec"]["template"]["spec"]["containers"],
+        ]
+        if container["name"] == "cache-sidecar"
+    ]
+    jobs = [
+        container
+        for obj in objects
+        if obj["kind"] == "Job" and obj["metadata"]["name"].endswith("cache-sidecar-triggers")
+        for container in obj["spec"]["template"]["spec"]["containers"]
+    ]
+    assert sidecars and jobs
+    for container in sidecars + jobs:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("CACHE_SIDECAR_DATABASE_CAPTURE") == "logical", container["name"]
+    # (a follower has no database: the component is for direct and hubs only)
