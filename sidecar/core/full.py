@@ -236,6 +236,21 @@ class FullTable:
                 extra={"event": "rows_refetched", "table": self.schema.qualified, "reason": why},
             )
 
+    def row_before(self, key: Key) -> bytes | None:
+        """The row as the change stream has it so far, while rows are taken from it (or held
+        for a reload): what an UPDATE that did not send an unchanged TOASTed value keeps.
+        None when the table does not take rows, or holds none for ``key``. (While a reload
+        runs, a key no held change names has the same row in the rows before it and in the
+        reload's: a change of it between the two would have come, and be held.)"""
+        if self._resume:
+            for _, _, rows in reversed(self._held):
+                if rows is None:
+                    return None  # (emptied)
+                if key in rows:
+                    return rows[key]
+            return self.store.get(key)
+        return self.store.get(key) if self.streamed else None
+
     def _takes_rows(self) -> bool:
         return self.streamed and self._reload_needed <= self._reload_done and not self._matching
 

@@ -181,9 +181,7 @@ class NoticeIngest:
         """The row (cache entry) a full table holds for ``key`` while it takes rows from
         its changes (what an UPDATE that did not send an unchanged TOASTed value keeps)."""
         table = self._full.get(name)
-        if table is None or not table.streamed:
-            return None
-        return table.store.get(key)
+        return table.row_before(key) if table is not None else None
 
     async def until_loaded(self) -> None:
         """Return once every full table's (re)load asked for before the call has landed

@@ -165,3 +165,20 @@ async def test_an_earlier_reloads_fence_does_not_end_a_later_reloads_skipping() 
     table.carried({(1,): row("old")}, 5, xid=150)  # seen by the second snapshot, streamed late
     assert name_of(table, 1) == "c"
     later.set()
+
+
+async def test_the_row_before_a_change_is_the_streams_while_a_reload_holds_changes() -> None:
+    table, db, numbering, _ = await streamed_table()
+    assert table.row_before((1,)) == row("start")
+    db.gate.clear()
+    numbering.seq = 3
+    table.changed_all(3)
+    await eventually(lambda: table.mixed, 5, what="the reload running")
+    assert table.row_before((1,)) == row("start")  # no held change names it
+    table.carried({(1,): row("held")}, 4, xid=120)
+    assert table.row_before((1,)) == row("held")
+    table.emptied(5, xid=121)
+    assert table.row_before((1,)) is None
+    db.gate.set()
+    table.changed([(1,)], 6)  # refetched from now on: the stream's rows are not the table's
+    assert table.row_before((1,)) is None
