@@ -233,3 +233,34 @@ def test_text_is_not_validated_against_its_type_but_stays_valid_json() -> None:
     assert value_json(b"(x,y)", PAIR, TYPES) == b'{"a":"x","b":"y"}'
     assert value_json(b"{1;2}", INT4_ARRAY, TYPES) == b'["1;2"]'
     assert json.loads(value_json(b"(x,y)", PAIR, TYPES)) == {"a": "x", "b": "y"}
+
+
+def test_object_values_splits_a_row_at_its_top_level_fields() -> None:
+    raw = b'{"a":1,"b":"x,}\\"{[","c":{"d": [1, {"e": "]"}]},"e":null,"f":[[1,2],[3]],"g":-1.5e+10}'
+    assert rowjson.object_values(raw) == [
+        b"1",
+        b'"x,}\\"{["',
+        b'{"d": [1, {"e": "]"}]}',
+        b"null",
+        b"[[1,2],[3]]",
+        b"-1.5e+10",
+    ]
+    assert rowjson.object_values(b"{}") == []
+    for bad in (b"", b"[1]", b'{"a":1', b'{"a":[1}', b'{"a":1}x'):
+        with pytest.raises(rowjson.Unconvertible):
+            rowjson.object_values(bad)
+
+
+def test_describes_says_why_a_type_cannot_be_converted() -> None:
+    composite = 90001
+    types = {
+        composite: rowjson.Composite((("a", 23), ("r", 3904))),  # int4range: not described
+        90002: rowjson.Domain(composite),
+        90003: rowjson.Array(90002),
+        90004: rowjson.Base(json_cast=True),
+        90005: rowjson.Enum(),
+    }
+    assert rowjson.describes(23, types) is None and rowjson.describes(90005, types) is None
+    assert "3904" in (rowjson.describes(90003, types) or "")
+    assert "cast to json" in (rowjson.describes(90004, types) or "")
+    assert rowjson.describes(12345678, {}) is not None
