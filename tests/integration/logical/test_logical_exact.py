@@ -300,3 +300,143 @@ async def test_hstore_is_refetched_and_exact(system_logical_dsn: str, start_logi
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
         await conn.close()
+
+
+# ---------------------------------------------------------------- 2. partitions, inheritance
+
+
+async def _partitioned(conn: asyncpg.Connection, s: str) -> None:
+    await conn.execute(f"""
+        CREATE TABLE {s}.p (id integer PRIMARY KEY, v text, n numeric) PARTITION BY RANGE (id);
+        CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
+        CREATE TABLE {s}.p2 PARTITION OF {s}.p FOR VALUES FROM (100) TO (200);
+        INSERT INTO {s}.p SELECT g, 'v' || g, g / 7.0 FROM generate_series(1, 150, 10) g""")
+
+
+async def test_writes_naming_partitions_reach_the_roots_cache(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p"])
+    root = f"{s}.p"
+    await conn.execute(f"INSERT INTO {s}.p1 VALUES (2, 'in p1', 2)")
+    await conn.execute(f"INSERT INTO {s}.p VALUES (102, 'via the root', 102)")
+    await conn.execute(f"UPDATE {s}.p2 SET v = 'updated in p2' WHERE id = 111")
+    await conn.execute(f"UPDATE {s}.p1 SET v = 'updated in p1', n = NULL WHERE id = 1")
+    await conn.execute(f"UPDATE {s}.p SET id = 122, v = 'moved to p2' WHERE id = 21")  # p1 -> p2
+    await conn.execute(f"UPDATE {s}.p1 SET id = 123 WHERE id = 51")  # p1 -> p2, naming p1
+    await conn.execute(f"UPDATE {s}.p SET id = 32, v = 'moved to p1' WHERE id = 131")  # p2 -> p1
+    await conn.execute(f"DELETE FROM {s}.p2 WHERE id = 141")
+    await conn.execute(f"DELETE FROM {s}.p1 WHERE id = 11")
+    async with conn.transaction():  # several partitions in one transaction
+        await conn.execute(f"UPDATE {s}.p SET n = -n WHERE id IN (31, 121)")
+        await conn.execute(f"DELETE FROM {s}.p WHERE id IN (41, 101)")
+    await assert_exact(daemon, conn, root)
+    assert_from_stream(daemon, root)
+
+
+async def test_a_partition_added_later_is_heard(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p"])
+    root = f"{s}.p"
+    await conn.execute(f"CREATE TABLE {s}.p3 PARTITION OF {s}.p FOR VALUES FROM (200) TO (300)")
+    # Another column order (and a dropped column) than the root's: rows come in the root's.
+    await conn.execute(f"""
+        CREATE TABLE {s}.p4 (gone integer, n numeric, v text, id integer NOT NULL);
+        ALTER TABLE {s}.p4 DROP COLUMN gone;
+        ALTER TABLE {s}.p ATTACH PARTITION {s}.p4 FOR VALUES FROM (300) TO (400)""")
+    await conn.execute(f"INSERT INTO {s}.p3 VALUES (201, 'in p3', 1.5)")
+    await conn.execute(f"INSERT INTO {s}.p4 (id, v, n) VALUES (301, 'in p4', 2.5), (302, 'in p4 too', NULL)")
+    await conn.execute(f"UPDATE {s}.p4 SET v = 'updated in p4' WHERE id = 302")
+    await conn.execute(f"UPDATE {s}.p SET id = 202 WHERE id = 301")  # p4 -> p3
+    await conn.execute(f"UPDATE {s}.p SET id = 5 WHERE id = 201")  # p3 -> p1
+    await conn.execute(f"DELETE FROM {s}.p4 WHERE id = 302")
+    await assert_exact(daemon, conn, root)
+    assert_from_stream(daemon, root)
+
+
+@pytest.mark.parametrize("capture", ["notify", "logical"])
+async def test_attaching_a_partition_with_rows(
+    logical_dsn: str, lschema: str, start_logical: Start, capture: str
+) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p"], capture=capture)
+    await conn.execute(f"""
+        CREATE TABLE {s}.p5 (id integer PRIMARY KEY, v text, n numeric);
+        INSERT INTO {s}.p5 VALUES (501, 'there before the attach', 1);
+        ALTER TABLE {s}.p ATTACH PARTITION {s}.p5 FOR VALUES FROM (500) TO (600)""")
+    await assert_exact(daemon, conn, f"{s}.p")
+
+
+@pytest.mark.parametrize("capture", ["notify", "logical"])
+async def test_detaching_a_partition(logical_dsn: str, lschema: str, start_logical: Start, capture: str) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p"], capture=capture)
+    await conn.execute(f"ALTER TABLE {s}.p DETACH PARTITION {s}.p2")
+    await assert_exact(daemon, conn, f"{s}.p")
+
+
+@pytest.mark.parametrize("capture", ["notify", "logical"])
+async def test_truncating_a_partition(logical_dsn: str, lschema: str, start_logical: Start, capture: str) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p"], capture=capture)
+    await conn.execute(f"TRUNCATE {s}.p2")
+    await assert_exact(daemon, conn, f"{s}.p")
+
+
+async def test_inheritance_children_changes_are_heard(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    """A cached parent's rows include its children's (the load reads ``FROM parent``), so
+    their changes must be heard too."""
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {s}.parent (id integer PRIMARY KEY, v text);
+        CREATE TABLE {s}.child (extra text, PRIMARY KEY (id)) INHERITS ({s}.parent);
+        INSERT INTO {s}.parent VALUES (1, 'parent row');
+        INSERT INTO {s}.child VALUES (2, 'child row', 'x'), (3, 'child row', 'y')""")
+    daemon = await start_logical([f"{s}.parent"])
+    assert len(cached_rows(daemon, f"{s}.parent")) == 3
+    await conn.execute(f"INSERT INTO {s}.parent VALUES (4, 'parent row')")
+    await conn.execute(f"INSERT INTO {s}.child VALUES (5, 'child row', 'z')")
+    await conn.execute(f"UPDATE {s}.child SET v = 'child updated' WHERE id = 2")
+    await conn.execute(f"DELETE FROM {s}.child WHERE id = 3")
+    await assert_exact(daemon, conn, f"{s}.parent")
+
+
+async def test_an_inheritance_child_added_later_is_heard(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"CREATE TABLE {s}.parent (id integer PRIMARY KEY, v text)")
+    daemon = await start_logical([f"{s}.parent"])
+    await conn.execute(f"""
+        CREATE TABLE {s}.late (PRIMARY KEY (id)) INHERITS ({s}.parent);
+        INSERT INTO {s}.late VALUES (1, 'late child row')""")
+    await conn.execute(f"UPDATE {s}.late SET v = 'updated' WHERE id = 1")
+    await assert_exact(daemon, conn, f"{s}.parent")
+
+
+async def test_writes_to_an_inheritance_child_without_a_key_still_work(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    """The publication must not make the application's own writes fail: an inheritance
+    child with no primary key has no replica identity, and a table in a publication that
+    publishes updates and deletes refuses them then."""
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {s}.parent (id integer PRIMARY KEY, v text);
+        CREATE TABLE {s}.keyless () INHERITS ({s}.parent);
+        INSERT INTO {s}.keyless VALUES (1, 'a')""")
+    await start_logical([f"{s}.parent"])
+    await conn.execute(f"UPDATE {s}.keyless SET v = 'b'")
+    await conn.execute(f"DELETE FROM {s}.keyless")
