@@ -160,8 +160,8 @@ class Daemon:
             acquire=lambda: db.pool.acquire(timeout=config.query_timeout),
             describe=db.describe,
             schemas=schemas,
-            # (logical capture reads the WAL: no trigger to check; DDL is still checked)
-            trigger_sets=[] if logical else trigger_sets,
+            trigger_sets=trigger_sets,
+            check_triggers=not logical,  # (logical capture reads the WAL: no trigger to check; DDL is still checked)
             install=config.install_triggers,
             reload=notices.reload_table,
             fail=notices.fail_table,

@@ -189,12 +189,14 @@ def shape(schema: TableSchema) -> tuple[Any, ...]:
     return tuple((c.name, c.sql_type, c.type_name) for c in (*schema.key_columns, *(c for _, c in columns)))
 
 
-async def table_state(conn: Any, trigger_set: triggers.TriggerSet) -> TableState:
+async def table_state(conn: Any, trigger_set: triggers.TriggerSet, check_triggers: bool = True) -> TableState:
+    """``check_triggers`` False: changes are not captured by triggers (logical decoding), so
+    they are not inspected (and count as current)."""
     config = trigger_set.schema.config
     row = await conn.fetchrow(STATE_SQL, config.schema, config.name)
     if row is None:
         return TableState(None)
-    installed = await triggers.inspect(conn, trigger_set)
+    installed = await triggers.inspect(conn, trigger_set) if check_triggers else triggers.Installed("current")
     depends = await dependencies(conn, row["oid"])
     facts = await contents(conn, depends)
     return TableState(
@@ -218,12 +220,14 @@ class CatalogWatch:
         problem: Callable[[str], str | None],
         interval: float = 10.0,
         capture_changed: Callable[[], None] | None = None,
+        check_triggers: bool = True,
     ) -> None:
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
         self._schemas = {s.qualified: s for s in schemas}
         self._sets = {s.schema.qualified: s for s in trigger_sets}
         self._install = install
+        self._check_triggers = check_triggers  # (off: changes are captured from the WAL, DDL is still checked)
         self._reload = reload  # (cached table, why): reload it in memory
         self._fail = fail  # (cached table, problem): stop serving it from memory
         self._problem = problem  # a cached table's current problem, if any
@@ -256,7 +260,7 @@ class CatalogWatch:
         """Take the catalog as it is now as what the tables were loaded with."""
         async with self._acquire() as conn:
             for name, trigger_set in self._sets.items():
-                self._known[name] = await table_state(conn, trigger_set)
+                self._known[name] = await table_state(conn, trigger_set, self._check_triggers)
         self._watched = None
 
     async def run(self) -> None:
@@ -314,7 +318,7 @@ class CatalogWatch:
         settle: list[tuple[str, TableState, list[str], bool]] = []  # (settled with the connection back:
         async with self._acquire() as conn:  # describing takes one, and the pool may have one only)
             for name, trigger_set in self._sets.items():
-                state = await table_state(conn, trigger_set)
+                state = await table_state(conn, trigger_set, self._check_triggers)
                 known = self._known.get(name)
                 changed = known is not None and (state.oid, state.columns, state.key, state.contents) != (
                     known.oid,
@@ -337,7 +341,7 @@ class CatalogWatch:
                     )
                 if state.oid is not None and state.triggers != "current" and self._install:
                     await self._reinstall(conn, name, state, trigger_set)
-                    state = await table_state(conn, trigger_set)
+                    state = await table_state(conn, trigger_set, self._check_triggers)
                 settle.append((name, state, readers, changed))
         for name, state, readers, changed in settle:
             await self._settle(name, state, readers, changed)
