@@ -7,7 +7,10 @@ unchanged TOASTed values, keys the replica identity does not name) come out righ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,13 +19,19 @@ import pytest
 from cache_sidecar_client import AsyncClient
 
 from sidecar.core.wire import row_json
+from sidecar.pg import logical
 from tests.conftest import RunningDaemon
 from tests.integration.logical.test_rowjson_exact import ROWS, SCHEMA
 from tests.support.logical import connect
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
 Start = Callable[..., Awaitable[RunningDaemon]]
+
+
+class RolledBack(Exception):
+    """Raised in a savepoint (``conn.transaction()`` inside another) to roll it back."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -41,8 +50,10 @@ def cached_rows(daemon: RunningDaemon, table: str) -> dict[Any, bytes]:
 
 async def served_rows(daemon: RunningDaemon, table: str, keys: list[Any]) -> dict[Any, bytes | None]:
     """The bytes the daemon serves over gRPC (BatchGet, STRONG) for ``keys``."""
+    rows: list[Any] = []
     async with AsyncClient(daemon.target, decoder=bytes) as client:
-        rows = await client.batch_get(table, keys, consistency="strong")
+        for start in range(0, len(keys), 1000):  # (server.max_batch_keys)
+            rows += await client.batch_get(table, keys[start : start + 1000], consistency="strong")
     return dict(zip(keys, rows, strict=True))
 
 
@@ -475,3 +486,157 @@ async def test_a_rewrite_that_sends_no_row_changes_is_seen(
     daemon = await start_logical([f"{s}.w"])
     await conn.execute(f"ALTER TABLE {s}.w ALTER COLUMN v TYPE text USING upper(v)")
     await assert_exact(daemon, conn, f"{s}.w")
+
+
+# ---------------------------------------------------------------- 3. big transactions
+
+
+async def test_a_transaction_larger_than_logical_decoding_work_mem(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    assert await conn.fetchval("SHOW logical_decoding_work_mem") == "64kB"
+    await conn.execute(f"""
+        CREATE TABLE {s}.big (id integer PRIMARY KEY, v text, n integer);
+        INSERT INTO {s}.big SELECT g, 'before ' || g, g FROM generate_series(1, 100) g""")
+    daemon = await start_logical([f"{s}.big"])
+    async with conn.transaction():  # about 1 MB of changes: spilled to disk while decoded
+        await conn.execute(
+            f"INSERT INTO {s}.big SELECT g, repeat(md5(g::text), 8), g FROM generate_series(101, 3100) AS g"
+        )
+        await conn.execute(f"UPDATE {s}.big SET v = v || ' updated', n = -n WHERE id % 3 = 0")
+        await conn.execute(f"UPDATE {s}.big SET id = id + 10000 WHERE id BETWEEN 50 AND 80")  # key changes
+        await conn.execute(f"DELETE FROM {s}.big WHERE id % 7 = 0")
+        with contextlib.suppress(RolledBack):
+            async with conn.transaction():  # a rolled-back savepoint inside it
+                await conn.execute(f"INSERT INTO {s}.big SELECT g, 'no', g FROM generate_series(20001, 22000) g")
+                await conn.execute(f"UPDATE {s}.big SET v = 'rolled back' WHERE id < 50")
+                raise RolledBack
+    want = await assert_exact(daemon, conn, f"{s}.big")
+    assert len(want) > 2500
+    assert_from_stream(daemon, f"{s}.big")
+
+
+async def test_a_transaction_of_more_rows_than_are_held_reloads_once_and_is_never_stale(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    s = lschema
+    table = f"{s}.many"
+    rows = logical.MAX_TRANSACTION_ROWS + 10
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {table} (id integer PRIMARY KEY, n integer NOT NULL);
+        INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {rows}) g""")
+    daemon = await start_logical([table])
+    seen: list[int | None] = []
+    stop = asyncio.Event()
+
+    async def read_all_along(client: AsyncClient) -> None:
+        while not stop.is_set():  # (EVENTUAL reads, as fast as they come)
+            (first, last) = await client.batch_get(table, [1, rows])
+            seen.extend((first and first["n"], last and last["n"]))
+
+    async with AsyncClient(daemon.target) as client:
+        reader = asyncio.create_task(read_all_along(client))
+        await eventually(lambda: len(seen) > 10, what="reads before the change")
+        await conn.execute(f"UPDATE {table} SET n = n + 1")  # one transaction, more rows than held
+        started = time.monotonic()
+        # (the barrier's token comes after the whole transaction is decoded: give it time)
+        (first,) = await client.batch_get(table, [1], consistency="strong", timeout=120)
+        print(f"STRONG read after {time.monotonic() - started:.1f}s")
+        assert first == {"id": 1, "n": 1}
+        count = len(seen)
+        await eventually(lambda: len(seen) > count + 10, what="reads after the change")
+        stop.set()
+        await reader
+    # Once a read saw the change, none saw the row before it again.
+    assert None not in seen
+    assert seen[-1] == 1 and seen == sorted(seen), "a read went back to the row before the change"
+    full = daemon.core.tables[table]
+    assert (full.refetches, full.reloads) == (0, 2), full.queries()
+    assert len(await assert_exact(daemon, conn, table)) == rows
+
+
+# ---------------------------------------------------------------- 4-6. TRUNCATE, savepoints, replica role
+
+
+async def until_held(daemon: RunningDaemon, conn: asyncpg.Connection, table: str) -> None:
+    """Wait, with no read barrier (which asks the catalog too), until the daemon holds the
+    database's rows of ``table``."""
+    want = await database_rows(conn, table)
+    await eventually(lambda: cached_rows(daemon, table) == want, what=f"{table} as in the database")
+
+
+async def test_truncate_empties_the_cache_from_the_stream(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    names = [f"{s}.{t}" for t in ("a", "b", "c")]
+    for name in names:
+        await conn.execute(f"CREATE TABLE {name} (id integer PRIMARY KEY, v text)")
+        await conn.execute(f"INSERT INTO {name} SELECT g, 'row ' || g FROM generate_series(1, 20) g")
+    daemon = await start_logical(names)
+    await conn.execute(f"TRUNCATE {s}.a")
+    await until_held(daemon, conn, f"{s}.a")
+    await conn.execute(f"TRUNCATE {s}.b, {s}.c")  # several tables in one statement
+    for name in names:
+        await until_held(daemon, conn, name)
+    await conn.execute(f"INSERT INTO {s}.a VALUES (1, 'before'), (2, 'before')")
+    async with conn.transaction():  # TRUNCATE, then rows, in one transaction
+        await conn.execute(f"INSERT INTO {s}.b VALUES (1, 'gone with the truncate')")
+        await conn.execute(f"TRUNCATE {s}.a, {s}.b")
+        await conn.execute(f"INSERT INTO {s}.a VALUES (2, 'after'), (3, 'after')")
+        await conn.execute(f"UPDATE {s}.a SET v = 'after, updated' WHERE id = 3")
+        await conn.execute(f"INSERT INTO {s}.b VALUES (5, 'after')")
+    for name in names:
+        await until_held(daemon, conn, name)
+    assert cached_rows(daemon, f"{s}.a") == {2: b'{"id":2,"v":"after"}', 3: b'{"id":3,"v":"after, updated"}'}
+    for name in names:
+        assert_from_stream(daemon, name)
+    # A read barrier's catalog check sees the new storage a TRUNCATE gives a table (as a
+    # rewrite's, which decodes to no change at all) and reloads it: still right.
+    for name in names:
+        await assert_exact(daemon, conn, name)
+
+
+async def test_a_rolled_back_savepoint_is_not_applied(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(
+        f"CREATE TABLE {s}.t (id integer PRIMARY KEY, v text); INSERT INTO {s}.t VALUES (1, 'a'), (2, 'b')"
+    )
+    daemon = await start_logical([f"{s}.t"])
+    async with conn.transaction():
+        await conn.execute(f"INSERT INTO {s}.t VALUES (3, 'kept')")
+        with contextlib.suppress(RolledBack):
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {s}.t VALUES (4, 'rolled back')")
+                await conn.execute(f"UPDATE {s}.t SET v = 'rolled back' WHERE id = 1")
+                await conn.execute(f"DELETE FROM {s}.t WHERE id = 2")
+                raise RolledBack
+        async with conn.transaction():  # a released savepoint: kept
+            await conn.execute(f"UPDATE {s}.t SET v = 'kept' WHERE id = 2")
+        with contextlib.suppress(RolledBack):
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {s}.t SET v = 'rolled back too' WHERE id = 3")
+                raise RolledBack
+    want = await assert_exact(daemon, conn, f"{s}.t")
+    assert set(want) == {1, 2, 3}
+    assert_from_stream(daemon, f"{s}.t")
+
+
+async def test_writes_in_replica_sessions_are_seen(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    """``session_replication_role = replica`` (a bulk-load trick) fires no ordinary trigger;
+    the WAL has the writes all the same."""
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"CREATE TABLE {s}.t (id integer PRIMARY KEY, v text); INSERT INTO {s}.t VALUES (1, 'a')")
+    daemon = await start_logical([f"{s}.t"])
+    await conn.execute("SET session_replication_role = replica")
+    await conn.execute(f"INSERT INTO {s}.t SELECT g, 'bulk' FROM generate_series(2, 500) g")
+    await conn.execute(f"UPDATE {s}.t SET v = 'replica' WHERE id = 1")
+    await conn.execute(f"DELETE FROM {s}.t WHERE id = 2")
+    await conn.execute("RESET session_replication_role")
+    want = await assert_exact(daemon, conn, f"{s}.t")
+    assert len(want) == 499
+    assert_from_stream(daemon, f"{s}.t")
