@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from cache_sidecar_client import AsyncClient
 
+from sidecar import config as cfg
 from sidecar.core.wire import row_json
 from sidecar.pg import logical
 from tests.conftest import RunningDaemon
@@ -681,3 +682,68 @@ async def test_unchanged_toasted_values_are_kept_from_the_cached_row(
     assert set(want) == {1, 3, 5, 6, 8, 9, 102, 107, 204}
     assert all(len(want[k]) > 4800 for k in (1, 3, 6, 8, 9, 102, 107, 204))
     assert_from_stream(daemon, table)
+
+
+# ---------------------------------------------------------------- 8. keys the replica identity does not name
+
+
+async def test_a_replica_identity_that_is_not_the_key_reloads_and_is_right(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    """REPLICA IDENTITY USING INDEX on a unique column that is not the primary key: updates
+    and deletes name the row by that column, not by the cached key, so the table reloads."""
+    s = lschema
+    table = f"{s}.coded"
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {table} (id integer PRIMARY KEY, code text NOT NULL UNIQUE, v text);
+        ALTER TABLE {table} REPLICA IDENTITY USING INDEX coded_code_key;
+        INSERT INTO {table} SELECT g, 'c' || g, 'v' FROM generate_series(1, 10) g""")
+    daemon = await start_logical([table])
+    await conn.execute(f"INSERT INTO {table} VALUES (11, 'c11', 'inserted')")  # (an insert names the key)
+    await until_held(daemon, conn, table)
+    assert_from_stream(daemon, table)
+    await conn.execute(f"UPDATE {table} SET v = 'updated' WHERE id = 1")
+    await assert_exact(daemon, conn, table)
+    await conn.execute(f"UPDATE {table} SET code = 'changed' WHERE id = 2")
+    await assert_exact(daemon, conn, table)
+    await conn.execute(f"UPDATE {table} SET id = 30 WHERE id = 3")  # the key changes, the identity does not
+    await assert_exact(daemon, conn, table)
+    await conn.execute(f"DELETE FROM {table} WHERE id = 4")
+    want = await assert_exact(daemon, conn, table)
+    assert set(want) == {1, 2, 5, 6, 7, 8, 9, 10, 11, 30}
+    assert daemon.core.tables[table].reloads > 1
+
+
+async def test_a_relation_keyed_by_a_unique_column(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    """A relation whose configured key is a unique column, not its source's primary key
+    (default replica identity): its source's updates and deletes refresh the right rows."""
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {s}.users (id integer PRIMARY KEY, email text NOT NULL UNIQUE, name text);
+        INSERT INTO {s}.users SELECT g, 'u' || g || '@x', 'user ' || g FROM generate_series(1, 10) g""")
+    by_email = cfg.TableConfig(
+        schema=s,
+        name="by_email",
+        query=f"SELECT email, id, name FROM {s}.users",
+        key=("email",),
+        sources=(cfg.RelationSource(s, "users", (("id", "id"),)),),
+    )
+    daemon = await start_logical([by_email])
+    relation = f"{s}.by_email"
+    await conn.execute(f"UPDATE {s}.users SET name = 'renamed' WHERE id = 1")
+    await conn.execute(f"UPDATE {s}.users SET email = 'new@x' WHERE id = 2")  # the relation's key changes
+    await conn.execute(f"UPDATE {s}.users SET id = 30 WHERE id = 3")  # the source's key changes
+    await conn.execute(f"DELETE FROM {s}.users WHERE id = 4")
+    await conn.execute(f"INSERT INTO {s}.users VALUES (11, 'u11@x', 'inserted')")
+    await daemon.engine.sync()
+    want = {
+        str(r["email"]): str(r["j"]).encode()
+        for r in await conn.fetch(
+            f"SELECT email, row_to_json(t.*)::text AS j FROM (SELECT email, id, name FROM {s}.users) t"
+        )
+    }
+    assert cached_rows(daemon, relation) == want
+    served = await served_rows(daemon, relation, [*want, "u2@x", "u4@x"])
+    assert served == {**want, "u2@x": None, "u4@x": None}
