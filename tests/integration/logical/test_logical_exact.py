@@ -747,3 +747,73 @@ async def test_a_relation_keyed_by_a_unique_column(logical_dsn: str, lschema: st
     assert cached_rows(daemon, relation) == want
     served = await served_rows(daemon, relation, [*want, "u2@x", "u4@x"])
     assert served == {**want, "u2@x": None, "u4@x": None}
+
+
+# ---------------------------------------------------------------- keys read from the stream
+
+# (key column type, SQL literals of rows loaded at start, of a row inserted while running)
+STREAM_KEYS = [
+    ("int2", ["-32768", "7"], "8"),
+    ("int8", ["9007199254740993", "-9223372036854775808"], "9223372036854775807"),
+    ("numeric", ["1.50", "'NaN'", "100", "1e-20"], "'-0.000'"),
+    ("numeric(6,2)", ["1.5", "-0"], "2"),
+    ("real", ["0.1", "'NaN'", "'-Infinity'", "'-0'"], "3.4028235e38"),
+    ("float8", ["0.1", "'NaN'", "5e-324"], "'Infinity'"),
+    ("text", ["'héllo'", "E'\\u0001\\t\"\\\\'", "''"], "'NULL'"),
+    ("varchar(8)", ["'v'"], "'w w'"),
+    ("char(4)", ["'ab'", "''"], "'x'"),
+    ("uuid", ["'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'"], "gen_random_uuid()"),
+    ("bool", ["true"], "false"),
+    ("name", ["'pg'"], "'x y'"),
+    ("oid", ["0", "4294967295"], "42"),
+    ("date", ["'2024-02-29'", "'infinity'", "'0001-01-01'"], "'-infinity'"),
+    ("timestamp", ["'2024-01-01 10:00:00.5'", "'infinity'", "'0001-01-01 00:00'"], "'9999-12-31 23:59:59.999999'"),
+    ("timestamptz", ["'2024-01-01 10:00:00+05:30'", "'-infinity'", "'0001-01-01 00:00+00'"], "now()"),
+    ("bytea", ["'\\x00ff'", "'\\x'"], "'\\x5c22'"),
+    ("{s}.mood", ["'sad'", "'so \"so\"'"], "'happy'"),
+    ("{s}.code", ["'a'"], "'b'"),
+]
+
+
+async def assert_same_rows(daemon: RunningDaemon, conn: asyncpg.Connection, table: str) -> None:
+    """After a barrier the daemon holds the database's rows exactly, none twice (the keys
+    the stream names are the keys the load stored)."""
+    await daemon.engine.sync()
+    rows = await conn.fetch(f"SELECT row_to_json(t.*)::text AS j FROM {table} t")
+    want = sorted(str(r["j"]).encode() for r in rows)
+    held = sorted(row_json(entry) for entry in daemon.core.tables[table].rows.values())
+    assert held == want, table
+
+
+async def test_keys_read_from_the_stream_are_the_keys_loaded(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TYPE {s}.mood AS ENUM ('sad', 'so "so"', 'happy');
+        CREATE DOMAIN {s}.code AS text CHECK (VALUE <> '')""")
+    names = []
+    for number, (sql_type, loaded, _) in enumerate(STREAM_KEYS):
+        name = f"{s}.k{number}"
+        names.append(name)
+        await conn.execute(
+            f"CREATE TABLE {name} (id {sql_type.replace('{s}', s)}, n integer, tag text, PRIMARY KEY (id, n))"
+        )
+        for literal in loaded:
+            await conn.execute(f"INSERT INTO {name} VALUES ({literal.replace('{s}', s)}, 1, 'loaded')")
+    daemon = await start_logical(names)
+    for name, (_, loaded, inserted) in zip(names, STREAM_KEYS, strict=True):
+        assert len(daemon.core.tables[name].rows) == len(loaded), name
+        await conn.execute(f"INSERT INTO {name} VALUES ({inserted.replace('{s}', s)}, 1, 'inserted')")
+        await conn.execute(f"UPDATE {name} SET tag = 'updated'")  # every row, loaded or streamed
+        await conn.execute(f"UPDATE {name} SET n = 2 WHERE tag = 'updated' AND ctid = (SELECT min(ctid) FROM {name})")
+    for name in names:
+        await assert_same_rows(daemon, conn, name)
+        assert_from_stream(daemon, name)
+    for name in names:
+        await conn.execute(f"DELETE FROM {name}")
+    for name in names:
+        await assert_same_rows(daemon, conn, name)
+        assert not daemon.core.tables[name].rows, name
+        assert_from_stream(daemon, name)
