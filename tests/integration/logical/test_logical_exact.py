@@ -817,3 +817,32 @@ async def test_keys_read_from_the_stream_are_the_keys_loaded(
         await assert_same_rows(daemon, conn, name)
         assert not daemon.core.tables[name].rows, name
         assert_from_stream(daemon, name)
+
+
+@pytest.mark.parametrize("identity", ["DEFAULT", "FULL"])
+async def test_an_unchanged_toasted_key_is_read_from_the_old_key(
+    logical_dsn: str, lschema: str, start_logical: Start, identity: str
+) -> None:
+    """A key stored out of line and not changed by an UPDATE comes as "unchanged" in the new
+    row; the old key (which PostgreSQL sends then) names the row: no reload."""
+    s = lschema
+    table = f"{s}.bigkey"
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {table} (id text PRIMARY KEY, v text);
+        ALTER TABLE {table} ALTER COLUMN id SET STORAGE EXTERNAL;
+        ALTER TABLE {table} REPLICA IDENTITY {identity};
+        INSERT INTO {table} SELECT string_agg(md5(g::text || n::text), ''), 'loaded'
+            FROM generate_series(1, 66) g, generate_series(1, 3) n GROUP BY n""")
+    daemon = await start_logical([table])
+    await conn.execute(f"UPDATE {table} SET v = 'updated'")
+    await conn.execute(f"UPDATE {table} SET id = id || 'x' WHERE id = (SELECT min(id) FROM {table})")
+    async with conn.transaction():
+        await conn.execute(f"UPDATE {table} SET v = 'twice' WHERE id = (SELECT max(id) FROM {table})")
+        await conn.execute(f"UPDATE {table} SET v = v || ', twice' WHERE id = (SELECT max(id) FROM {table})")
+    await daemon.engine.sync()
+    want = await database_rows(conn, table)
+    assert len(want) == 3 and all(len(k) > 2000 for k in want)
+    assert cached_rows(daemon, table) == want
+    assert await served_rows(daemon, table, list(want)) == want
+    assert_from_stream(daemon, table)
