@@ -525,7 +525,8 @@ class LogicalSource:
             if decoder.rows:
                 transaction.latest[(table.qualified, self._coerced(table, key))] = None
             return RowChange(table.schema, table.name, Op.DELETE, xid, (key,), (), rows)
-        key = self._key(decoder, change.new)
+        # (a key stored out of line and not changed comes as "unchanged": the old key has it)
+        key = self._key(decoder, change.new, change.old if isinstance(change, pgoutput.Update) else None)
         old: tuple[Any, ...] | None = None
         if isinstance(change, pgoutput.Update):
             if change.old is not None:
@@ -550,12 +551,17 @@ class LogicalSource:
             transaction.latest[(table.qualified, self._coerced(table, old))] = None
         return RowChange(table.schema, table.name, op, xid, (key,), old_keys, (cached,))
 
-    def _key(self, decoder: _Decoder, values: Sequence[pgoutput.Datum]) -> tuple[Any, ...]:
-        """A key's parts as the triggers send them (each column's JSON, read)."""
+    def _key(
+        self, decoder: _Decoder, values: Sequence[pgoutput.Datum], old: Sequence[pgoutput.Datum] | None = None
+    ) -> tuple[Any, ...]:
+        """A key's parts as the triggers send them (each column's JSON, read); a part sent
+        as an unchanged TOASTed value is taken from the ``old`` tuple, if one came."""
         assert decoder.key_positions is not None
         parts = []
         for position in decoder.key_positions:
             value = values[position] if position < len(values) else None
+            if value is pgoutput.UNCHANGED and old is not None and position < len(old):
+                value = old[position]
             column = decoder.relation.columns[position]
             if not isinstance(value, pgoutput.Text):
                 raise ValueError(f"key column {column.name} was not sent as text")
