@@ -887,3 +887,25 @@ async def test_an_unchanged_toasted_key_is_read_from_the_old_key(
     assert cached_rows(daemon, table) == want
     assert await served_rows(daemon, table, list(want)) == want
     assert_from_stream(daemon, table)
+
+
+async def test_an_unchanged_toasted_json_keeps_its_own_whitespace(
+    logical_dsn: str, lschema: str, start_logical: Start
+) -> None:
+    """``json`` keeps its text as written, spaces and newlines around the value included, and
+    ``row_to_json`` embeds it as is: an unchanged one taken from the cached row must too."""
+    s = lschema
+    table = f"{s}.doc"
+    conn = await connect(logical_dsn)
+    await conn.execute(f"""
+        CREATE TABLE {table} (id integer PRIMARY KEY, j json, jb jsonb, small text);
+        ALTER TABLE {table} ALTER COLUMN j SET STORAGE EXTERNAL, ALTER COLUMN jb SET STORAGE EXTERNAL""")
+    daemon = await start_logical([table])
+    await conn.execute(f"""
+        INSERT INTO {table} SELECT g, (E'\\n  {{"k": "' || {BIG} || E'"}}\\n\\t ')::json,
+            ('{{"k": "' || {BIG} || '"}}')::jsonb, 'a'
+        FROM generate_series(1, 2) g""")
+    await conn.execute(f"UPDATE {table} SET small = 'b'")
+    want = await assert_exact(daemon, conn, table)
+    assert all(b'"j":\n  {' in row for row in want.values())
+    assert_from_stream(daemon, table)
