@@ -539,7 +539,7 @@ def object_values(raw: bytes) -> list[bytes]:
                 continue
             if token in (b",", b"}"):
                 if expect_value:
-                    values.append(raw[start : match.start()].strip())
+                    values.append(raw[start : match.start()])  # (a json value keeps its spaces)
                     expect_value = False
                 if token == b"}":
                     if match.end() != len(raw.rstrip()):

@@ -233,3 +233,12 @@ def test_text_is_not_validated_against_its_type_but_stays_valid_json() -> None:
     assert value_json(b"(x,y)", PAIR, TYPES) == b'{"a":"x","b":"y"}'
     assert value_json(b"{1;2}", INT4_ARRAY, TYPES) == b'["1;2"]'
     assert json.loads(value_json(b"(x,y)", PAIR, TYPES)) == {"a": "x", "b": "y"}
+
+
+def test_object_values_are_the_fields_text_exactly() -> None:
+    """A cached row's fields as row_to_json wrote them: a json value's own whitespace (kept
+    by the json type, embedded as is) is part of it."""
+    raw = b'{"a":1,"j":\n  {"k": [1, ","]}\n\t ,"s":"x\\",:{","e":{},"last":  [ ] }'
+    assert rowjson.object_values(raw) == [b"1", b'\n  {"k": [1, ","]}\n\t ', b'"x\\",:{"', b"{}", b"  [ ] "]
+    with pytest.raises(Unconvertible):
+        rowjson.object_values(b'{"a":1')
