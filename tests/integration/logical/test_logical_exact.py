@@ -287,6 +287,21 @@ async def test_types_that_cannot_be_built_exactly_are_refetched_and_still_exact(
     await conn.close()
 
 
+async def test_vector_types_are_built_from_the_stream(logical_dsn: str, lschema: str, start_logical: Start) -> None:
+    """int2vector and oidvector are arrays to row_to_json (JSON arrays of their elements),
+    but their text is not array text: "1 2 3"."""
+    s = lschema
+    table = f"{s}.vectors"
+    conn = await connect(logical_dsn)
+    await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, iv int2vector, ov oidvector)")
+    daemon = await start_logical([table])
+    await conn.execute(f"INSERT INTO {table} VALUES (1, '1 2 3', '4 5'), (2, '', NULL), (3, '-32768', '4294967295')")
+    await conn.execute(f"UPDATE {table} SET iv = '-1', ov = '' WHERE id = 2")
+    want = await assert_exact(daemon, conn, table)
+    assert want[1] == b'{"id":1,"iv":[1,2,3],"ov":["4","5"]}'
+    assert_from_stream(daemon, table)
+
+
 async def test_hstore_is_refetched_and_exact(system_logical_dsn: str, start_logical: Start) -> None:
     """hstore (an extension type with a cast to json) on the machine's PostgreSQL, whose
     contrib modules are installed (the embedded server has none)."""
