@@ -242,3 +242,10 @@ def test_object_values_are_the_fields_text_exactly() -> None:
     assert rowjson.object_values(raw) == [b"1", b'\n  {"k": [1, ","]}\n\t ', b'"x\\",:{"', b"{}", b"  [ ] "]
     with pytest.raises(Unconvertible):
         rowjson.object_values(b'{"a":1')
+
+
+def test_vectors_are_arrays_written_with_spaces() -> None:
+    types = {22: Array(21), 30: Array(26)}
+    assert value_json(b"1 -2 3", 22, types) == b"[1,-2,3]"
+    assert value_json(b"", 22, types) == b"[]"
+    assert value_json(b"4 4294967295", 30, types) == b'["4","4294967295"]'
