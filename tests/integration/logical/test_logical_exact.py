@@ -389,6 +389,34 @@ async def test_a_partition_added_later_is_heard(logical_dsn: str, lschema: str, 
     await assert_exact(daemon, conn, root)
 
 
+@pytest.mark.parametrize(
+    "capture",
+    [
+        "notify",
+        pytest.param(
+            "logical",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="with publish_via_partition_root a partition's changes are sent as its root's only: "
+                "the partition's own cache hears none of them (for the lead)",
+            ),
+        ),
+    ],
+)
+async def test_a_partition_cached_beside_its_root(
+    logical_dsn: str, lschema: str, start_logical: Start, capture: str
+) -> None:
+    s = lschema
+    conn = await connect(logical_dsn)
+    await _partitioned(conn, s)
+    daemon = await start_logical([f"{s}.p", f"{s}.p1"], capture=capture)
+    await conn.execute(f"INSERT INTO {s}.p1 VALUES (2, 'naming the partition', 1)")
+    await conn.execute(f"UPDATE {s}.p SET v = 'naming the root' WHERE id = 1")
+    await conn.execute(f"DELETE FROM {s}.p WHERE id = 11")
+    await assert_exact(daemon, conn, f"{s}.p")
+    await assert_exact(daemon, conn, f"{s}.p1")
+
+
 @pytest.mark.parametrize("capture", ["notify", "logical"])
 async def test_attaching_a_partition_with_rows(
     logical_dsn: str, lschema: str, start_logical: Start, capture: str
