@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -186,17 +186,28 @@ def _insert(table: str, number: int, row: dict[str, str], s: str) -> str:
     return f"INSERT INTO {s}.{table} ({names}) VALUES ({values})"
 
 
+@pytest.fixture
+async def any_lschema(any_logical_dsn: str) -> AsyncIterator[tuple[str, str]]:
+    """A fresh schema on each available PostgreSQL version: (dsn, schema)."""
+    name = f"l_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(any_logical_dsn)
+    await conn.execute(f"CREATE SCHEMA {name}")
+    yield any_logical_dsn, name
+    await conn.execute(f"DROP SCHEMA {name} CASCADE")
+    await conn.close()
+
+
 async def test_every_type_is_served_byte_exact_in_both_modes(
-    logical_dsn: str, lschema: str, start_logical: Start
+    any_lschema: tuple[str, str], start_logical: Start
 ) -> None:
-    s = lschema
-    conn = await connect(logical_dsn)
+    dsn, s = any_lschema
+    conn = await connect(dsn)
     await conn.execute(SCHEMA.replace("{s}", s))
     await conn.execute(EXTRA_SCHEMA.replace("{s}", s))
     tables = [f"{s}.t", f"{s}.x"]
     # The NOTIFY daemon first: its triggers are in place before the logical daemon's start.
-    notify = await start_logical(tables, capture="notify")
-    streamed = await start_logical(tables)
+    notify = await start_logical(tables, capture="notify", dsn=dsn)
+    streamed = await start_logical(tables, dsn=dsn)
     for table in tables:
         assert streamed.core.tables[table].streamed, table
         assert not notify.core.tables[table].streamed, table
