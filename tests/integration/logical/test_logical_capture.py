@@ -3,53 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from sidecar import config as cfg
-from tests.conftest import RunningDaemon, start_in_process, stop_all
-from tests.support.waiting import eventually
-
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def lschema(logical_dsn: str) -> AsyncIterator[str]:
-    name = f"l_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(logical_dsn)
-    await conn.execute(f"CREATE SCHEMA {name}")
-    yield name
-    await conn.execute(f"DROP SCHEMA {name} CASCADE")
-    await conn.close()
-
-
-@pytest.fixture
-async def start_logical(logical_dsn: str) -> AsyncIterator[Any]:
-    running: list[RunningDaemon] = []
-
-    async def start(tables: list[str], wait: bool = True, **settings: Any) -> RunningDaemon:
-        values: dict[str, Any] = {
-            "dsn": logical_dsn,
-            "listen": ("127.0.0.1:0",),
-            "install_triggers": True,
-            "capture": "logical",
-            "ping_interval": 1.0,
-            "ping_timeout": 1.0,
-            "reconnect_min_delay": 0.05,
-            "reconnect_max_delay": 0.5,
-            "grace_period": 2.0,
-            "tables": tuple(cfg.parse_table_spec(t, "test") for t in tables),
-        }
-        values.update(settings)
-        return await start_in_process(cfg.Config(**values), running, wait, "daemon")
-
-    yield start
-    await stop_all(running)
 
 
 async def test_rows_come_from_the_stream(logical_dsn: str, lschema: str, start_logical: Any) -> None:
