@@ -111,6 +111,7 @@ class _Decoder:
     key_in_identity: bool  # every key column is in the replica identity (old keys are sent)
     rows: bool  # build rows: the Relation's columns are the cached table's
     why_no_rows: str | None = None
+    empties: bool = False  # a Truncate of it leaves the cached table empty
 
 
 @dataclass
@@ -398,9 +399,10 @@ class LogicalSource:
                         for relation in relations.get(relation_id, ()):
                             table = relation.table
                             # (a partition's or child's emptied: its ancestor's cache reloads)
-                            whole = (relation.relation.namespace, relation.relation.name) == (table.schema, table.name)
                             transaction.events.append(
-                                TableChange(table.schema, table.name, Op.TRUNCATE, transaction.xid, "truncate", whole)
+                                TableChange(
+                                    table.schema, table.name, Op.TRUNCATE, transaction.xid, "truncate", relation.empties
+                                )
                             )
                 elif isinstance(parsed, pgoutput.LogicalMessage):
                     if (
@@ -531,6 +533,7 @@ class LogicalSource:
         tables = [own] if own is not None else []
         async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
             ancestors = await conn.fetch(_ANCESTORS_SQL, relation.relation_id, timeout=self.query_timeout)
+            parent = bool(await conn.fetchval(_PARENT_SQL, relation.relation_id, timeout=self.query_timeout))
         if own is not None and own.candidate:
             own.relation = _columns(relation)
             if own.relation != own.columns:
@@ -540,7 +543,12 @@ class LogicalSource:
             heard = self._heard.get((str(row["schema"]), str(row["name"])))
             if heard is not None and heard not in tables:
                 tables.append(heard)
-        return [self._decoder(relation, table) for table in tables]
+        decoders = [self._decoder(relation, table) for table in tables]
+        for decoder in decoders:
+            # A TRUNCATE of the table itself empties its cache, unless the table has
+            # children (TRUNCATE ONLY leaves theirs, which its cache holds too): a reload then.
+            decoder.empties = decoder.table is own and not parent
+        return decoders
 
     def _sink_or_fail(self) -> LogicalSink:
         assert self._sink is not None
@@ -615,7 +623,8 @@ class LogicalSource:
             if rows is not None:
                 transaction.latest[(table.qualified, self._coerced(table, key))] = None
             return RowChange(table.schema, table.name, Op.DELETE, xid, (key,), (), rows)
-        key = self._key(decoder, change.new)
+        # (a key stored out of line and not changed comes as "unchanged": the old key has it)
+        key = self._key(decoder, change.new, change.old if isinstance(change, pgoutput.Update) else None)
         old: tuple[Any, ...] | None = None
         if isinstance(change, pgoutput.Update):
             if change.old is not None:
@@ -640,12 +649,17 @@ class LogicalSource:
             transaction.latest[(table.qualified, self._coerced(table, old))] = None
         return RowChange(table.schema, table.name, op, xid, (key,), old_keys, (cached,))
 
-    def _key(self, decoder: _Decoder, values: Sequence[pgoutput.Datum]) -> tuple[Any, ...]:
-        """A key's parts as the triggers send them (each column's JSON, read)."""
+    def _key(
+        self, decoder: _Decoder, values: Sequence[pgoutput.Datum], old: Sequence[pgoutput.Datum] | None = None
+    ) -> tuple[Any, ...]:
+        """A key's parts as the triggers send them (each column's JSON, read); a part sent
+        as an unchanged TOASTed value is taken from the ``old`` tuple, if one came."""
         assert decoder.key_positions is not None
         parts = []
         for position in decoder.key_positions:
             value = values[position] if position < len(values) else None
+            if value is pgoutput.UNCHANGED and old is not None and position < len(old):
+                value = old[position]
             column = decoder.relation.columns[position]
             if not isinstance(value, pgoutput.Text):
                 raise ValueError(f"key column {column.name} was not sent as text")
@@ -736,6 +750,8 @@ _EMIT_SQL = """
 SELECT pg_catalog.set_config('synchronous_commit', 'on', true),
     pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)
 """
+
+_PARENT_SQL = "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhparent = $1::pg_catalog.oid)"
 
 _ANCESTORS_SQL = """
 WITH RECURSIVE up(oid, depth) AS (

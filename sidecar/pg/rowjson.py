@@ -147,6 +147,7 @@ PLAIN_TYPES: Final[frozenset[int]] = frozenset(
 )
 """Built-in base types converted without a description in ``types``."""
 
+_VECTORS: Final = frozenset({22, 30})  # int2vector, oidvector
 _MAX_DEPTH: Final = 32  # nested composites and arrays (arrays alone have at most 6 dimensions)
 
 # What pg_catalog says about the types of a table's columns, and of their elements, bases and
@@ -258,6 +259,12 @@ def value_json(text: bytes | None, type_oid: int, types: Mapping[int, TypeInfo],
     else:
         raise Unconvertible(f"domains nested deeper than {_MAX_DEPTH} levels")
     if isinstance(info, Array):
+        if type_oid in _VECTORS:  # (arrays to row_to_json, but written "1 2 3")
+            return (
+                b"["
+                + b",".join(value_json(part, info.element, types, depth + 1) for part in text.split(b" ") if part)
+                + b"]"
+            )
         return _array(text, info, types, depth)
     if isinstance(info, Composite):
         return _composite(text, info, types, depth)
@@ -539,7 +546,7 @@ def object_values(raw: bytes) -> list[bytes]:
                 continue
             if token in (b",", b"}"):
                 if expect_value:
-                    values.append(raw[start : match.start()].strip())
+                    values.append(raw[start : match.start()])  # (a json value keeps its spaces)
                     expect_value = False
                 if token == b"}":
                     if match.end() != len(raw.rstrip()):

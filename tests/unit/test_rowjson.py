@@ -264,3 +264,19 @@ def test_describes_says_why_a_type_cannot_be_converted() -> None:
     assert "3904" in (rowjson.describes(90003, types) or "")
     assert "cast to json" in (rowjson.describes(90004, types) or "")
     assert rowjson.describes(12345678, {}) is not None
+
+
+def test_object_values_are_the_fields_text_exactly() -> None:
+    """A cached row's fields as row_to_json wrote them: a json value's own whitespace (kept
+    by the json type, embedded as is) is part of it."""
+    raw = b'{"a":1,"j":\n  {"k": [1, ","]}\n\t ,"s":"x\\",:{","e":{},"last":  [ ] }'
+    assert rowjson.object_values(raw) == [b"1", b'\n  {"k": [1, ","]}\n\t ', b'"x\\",:{"', b"{}", b"  [ ] "]
+    with pytest.raises(Unconvertible):
+        rowjson.object_values(b'{"a":1')
+
+
+def test_vectors_are_arrays_written_with_spaces() -> None:
+    types = {22: Array(21), 30: Array(26)}
+    assert value_json(b"1 -2 3", 22, types) == b"[1,-2,3]"
+    assert value_json(b"", 22, types) == b"[]"
+    assert value_json(b"4 4294967295", 30, types) == b'["4","4294967295"]'

@@ -4,7 +4,7 @@ session's shared server keeps its settings; a wal_level change needs a restart).
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -48,7 +48,7 @@ def any_logical_dsn(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def lschema(logical_dsn: str) -> AsyncIterator[str]:
-    """A schema of its own on the logical cluster (dropped after)."""
+    """A fresh schema on the logical cluster (its publication, if any, dropped with it)."""
     name = f"l_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(logical_dsn)
     await conn.execute(f"CREATE SCHEMA {name}")
@@ -58,25 +58,27 @@ async def lschema(logical_dsn: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def start_logical(logical_dsn: str) -> AsyncIterator[Any]:
-    """Starts daemons in this process with ``database.capture = logical`` (stopped after)."""
+async def start_logical(logical_dsn: str) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
+    """Start an in-process daemon on the logical cluster: ``await start_logical([tables])``,
+    in logical capture unless ``capture="notify"`` is passed (its own channel then)."""
     running: list[RunningDaemon] = []
 
-    async def start(tables: list[str], wait: bool = True, **settings: Any) -> RunningDaemon:
+    async def start(tables: list[str] | list[cfg.TableConfig], wait: bool = True, **settings: Any) -> RunningDaemon:
         values: dict[str, Any] = {
             "dsn": logical_dsn,
             "listen": ("127.0.0.1:0",),
             "install_triggers": True,
             "capture": "logical",
+            "channel": f"cs_{secrets.token_hex(4)}",
             "ping_interval": 1.0,
             "ping_timeout": 1.0,
             "reconnect_min_delay": 0.05,
             "reconnect_max_delay": 0.5,
             "grace_period": 2.0,
-            "tables": tuple(cfg.parse_table_spec(t, "test") for t in tables),
+            "tables": tuple(t if isinstance(t, cfg.TableConfig) else cfg.parse_table_spec(t, "test") for t in tables),
         }
         values.update(settings)
-        return await start_in_process(cfg.Config(**values), running, wait, "daemon")
+        return await start_in_process(cfg.Config(**values), running, wait, f"{values['capture']} daemon")
 
     yield start
     await stop_all(running)
