@@ -102,8 +102,10 @@ class Listener:
             try:
                 reason = await self._hold(conn)
             finally:
+                # (first: a look-up or NOTIFY that took it now would run beside the close,
+                # and the driver fails that with an internal error rather than a lost connection)
+                self._conn = None
                 await _close(conn)
-            self._conn = None
             if self.connected:
                 self.connected = False
                 self.backend_pid = None

@@ -71,7 +71,14 @@ class PgChangeSource:
             known, may = await self.listener.fetchrow(
                 MAY_WRITE_SQL, pid, schema, table, timeout=self.listener.ping_timeout
             )
-        except (ConnectionError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (
+            ConnectionError,
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # (the connection in a state it cannot take a query in)
+        ) as exc:
             raise Unavailable(f"looking up backend {pid}: {type(exc).__name__}: {exc}") from None
         return bool(may) if known else None
 
