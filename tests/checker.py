@@ -25,7 +25,9 @@ several times and PostgreSQL is restarted once. Then it checks:
 Logical mode (``--capture logical``): the cluster runs with ``wal_level = logical``,
 the sidecar(s) capture changes by logical decoding, and the faults fit: instead of the
 listener's backend, the walsender of the sidecar's replication connection is
-terminated (PostgreSQL is restarted as in the default mode).
+terminated (PostgreSQL is restarted as in the default mode). The big statements do not
+degrade there: each of their rows comes in the stream. With ``--fleet N`` both hubs
+capture so (a slot each); the followers follow as in the default mode.
 
 Fleet mode (``--fleet N``): the sidecar above is a hub, and a second hub runs on
 the same database (the shipped two-hub layout); N followers (``serve
