@@ -108,6 +108,7 @@ class Report:
     write_errors: int = 0
     reads: int = 0
     strong_reads: int = 0
+    strong_seconds: list[float] = field(default_factory=list)  # each STRONG request's time (a batch once)
     stale_strong_reads: int = 0  # (a)
     backwards_reads: int = 0  # (b)
     mismatched_rows: int = 0  # (c)
@@ -136,6 +137,7 @@ class Report:
             f"duration                         {self.duration:.0f} s",
             f"writes acknowledged              {self.writes_acked}  (failed: {self.write_errors})",
             f"reads                            {self.reads}  (STRONG: {self.strong_reads})",
+            f"STRONG requests' time            {_percentiles(self.strong_seconds)}",
             f"capture                          {self.capture}",
             (
                 f"faults: walsender terminated     {self.listener_kills}"
@@ -448,10 +450,22 @@ async def _final_comparison(dsn: str, target: str, report: Report) -> None:
             await conn.close()
 
 
+def _percentiles(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    ordered = sorted(seconds)
+    at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000 for q in (0.5, 0.99)]
+    return f"p50 {at[0]:.0f} ms, p99 {at[1]:.0f} ms, max {ordered[-1] * 1000:.0f} ms"
+
+
 def _check_reads(records: list[list[Any]], writers: Writers, report: Report, reader: int) -> set[str]:
     epochs: set[str] = set()
     last_seen: dict[tuple[str, str, int, str], int] = {}
-    for start, _end, read, table, key, version, epoch, consistency in records:
+    timed: set[tuple[float, float]] = set()  # (a batch's keys are records of one request)
+    for start, end, read, table, key, version, epoch, consistency in records:
+        if consistency == "strong" and (start, end) not in timed:
+            timed.add((start, end))
+            report.strong_seconds.append(end - start)
         report.reads += 1
         epochs.add(epoch)
         what = f"{table} id {key}" + (f" (through {read})" if read != table else "")
