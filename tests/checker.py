@@ -3,6 +3,7 @@ and real faults, then a count of every broken promise.
 
     python -m tests.checker --duration 300        # the long run
     python -m tests.checker --duration 300 --fleet 2   # readers through 2 followers of the sidecar
+    python -m tests.checker --duration 300 --capture logical   # changes by logical decoding
     (tests/integration/test_checker.py runs a short one of each in CI)
 
 Writers (asyncio tasks here) bump a version counter on rows of a full and a
@@ -20,6 +21,13 @@ several times and PostgreSQL is restarted once. Then it checks:
   (b) a row's version going backwards for one reader within one epoch           -> must be 0
   (c) after Sync, every cached row compared with the database                   -> must be identical
   (d) requests that failed, by status (expected around the faults)
+
+Logical mode (``--capture logical``): the cluster runs with ``wal_level = logical``,
+the sidecar(s) capture changes by logical decoding, and the faults fit: instead of the
+listener's backend, the walsender of the sidecar's replication connection is
+terminated (PostgreSQL is restarted as in the default mode). The big statements do not
+degrade there: each of their rows comes in the stream. With ``--fleet N`` both hubs
+capture so (a slot each); the followers follow as in the default mode.
 
 Fleet mode (``--fleet N``): the sidecar above is a hub, and a second hub runs on
 the same database (the shipped two-hub layout); N followers (``serve
@@ -56,6 +64,8 @@ from typing import Any
 
 import asyncpg
 
+from sidecar.identifiers import quote_ident
+
 ROWS = 200
 BULK_THRESHOLD = 50  # triggers degrade bigger statements to whole-table events
 TABLES = ("checker_full", "checker_lazy")
@@ -81,13 +91,24 @@ sources = {{ "public.checker_lazy" = {{ id = "id" }}, "public.checker_full" = {{
 BUMP = "UPDATE public.{table} SET version = version + 1 WHERE id = $1 RETURNING id, version"
 
 
+CAPTURES = ("notify", "logical")
+# The backend each capture mode's fault terminates: the LISTEN connection, or the
+# walsender of the replication connection (sidecar/pg/logical.py names it).
+CAPTURE_BACKENDS = {
+    "notify": "application_name = 'cache-sidecar-listener'",
+    "logical": "backend_type = 'walsender' AND application_name = 'cache-sidecar replication'",
+}
+
+
 @dataclass
 class Report:
     duration: float
+    capture: str = "notify"
     writes_acked: int = 0
     write_errors: int = 0
     reads: int = 0
     strong_reads: int = 0
+    strong_seconds: list[float] = field(default_factory=list)  # each STRONG request's time (a batch once)
     stale_strong_reads: int = 0  # (a)
     backwards_reads: int = 0  # (b)
     mismatched_rows: int = 0  # (c)
@@ -116,7 +137,13 @@ class Report:
             f"duration                         {self.duration:.0f} s",
             f"writes acknowledged              {self.writes_acked}  (failed: {self.write_errors})",
             f"reads                            {self.reads}  (STRONG: {self.strong_reads})",
-            f"faults: listener killed          {self.listener_kills}",
+            f"STRONG requests' time            {_percentiles(self.strong_seconds)}",
+            f"capture                          {self.capture}",
+            (
+                f"faults: walsender terminated     {self.listener_kills}"
+                if self.capture == "logical"
+                else f"faults: listener killed          {self.listener_kills}"
+            ),
             f"  of them with barriers in flight {self.barrier_kills}; kill -> new epoch: "
             + (
                 f"max {max(self.kill_to_epoch) * 1000:.0f} ms, median "
@@ -214,6 +241,14 @@ def _free_port() -> int:
 async def _setup(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
+        # A publication of an earlier run's tables would outlive them, empty, under the name the
+        # sidecar looks for: drop it with them (the sidecar creates it again, --install-triggers).
+        for name in await conn.fetch(
+            "SELECT DISTINCT pubname FROM pg_catalog.pg_publication_tables "
+            "WHERE schemaname = 'public' AND tablename = ANY($1::text[])",
+            list(TABLES),
+        ):
+            await conn.execute(f"DROP PUBLICATION {quote_ident(name['pubname'])}")
         for table in TABLES:
             await conn.execute(f"DROP TABLE IF EXISTS public.{table}")
             await conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, version bigint NOT NULL)")
@@ -300,8 +335,9 @@ class Writers:
 
 
 async def _faults(dsn: str, target: str, restart: Any, start: float, until: float, report: Report, seed: int) -> None:
-    """Kill the listener's backend several times (every other time while Sync barriers are in
-    flight on it); restart PostgreSQL once, mid-run."""
+    """Kill the capture's backend (the listener's, or the walsender in logical mode) several
+    times (every other time while Sync barriers are in flight on it); restart PostgreSQL once,
+    mid-run."""
     rng = random.Random(seed)
     duration = until - start
     kills = max(3, int(duration / 8))
@@ -318,17 +354,18 @@ async def _faults(dsn: str, target: str, restart: Any, start: float, until: floa
             if len(moments) % 2:
                 await _kill_during_barriers(dsn, target, report)
             else:
-                report.listener_kills += await _kill_listener(dsn)
+                report.listener_kills += await _kill_capture(dsn, report.capture)
         await asyncio.sleep(0.05)
 
 
-async def _kill_listener(dsn: str) -> int:
+async def _kill_capture(dsn: str, capture: str) -> int:
+    """Terminate the backends the sidecars capture changes through; how many."""
     try:
         conn = await asyncpg.connect(dsn, timeout=2)
         try:
             killed = await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'cache-sidecar-listener'"
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                f"WHERE {CAPTURE_BACKENDS[capture]}"
             )
         finally:
             await conn.close()
@@ -338,8 +375,9 @@ async def _kill_listener(dsn: str) -> int:
 
 
 async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
-    """Kill the listener while Sync calls keep barrier NOTIFYs in flight on its connection,
-    and time how long the sidecar takes to notice (a new epoch)."""
+    """Kill the capture's backend while Sync calls keep barriers in flight on its connection
+    (NOTIFYs, or tokens coming back in the stream), and time how long the sidecar takes to
+    notice (a new epoch)."""
     from cache_sidecar_client import AsyncClient, CacheSidecarError
 
     async with AsyncClient(target, timeout=5) as cache:
@@ -363,7 +401,7 @@ async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
         syncs = [asyncio.create_task(barriers()) for _ in range(4)]
         try:
             await asyncio.sleep(0.05)
-            killed = await _kill_listener(dsn)
+            killed = await _kill_capture(dsn, report.capture)
             killed_at = time.monotonic()
             if not killed:
                 return
@@ -412,10 +450,22 @@ async def _final_comparison(dsn: str, target: str, report: Report) -> None:
             await conn.close()
 
 
+def _percentiles(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    ordered = sorted(seconds)
+    at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000 for q in (0.5, 0.99)]
+    return f"p50 {at[0]:.0f} ms, p99 {at[1]:.0f} ms, max {ordered[-1] * 1000:.0f} ms"
+
+
 def _check_reads(records: list[list[Any]], writers: Writers, report: Report, reader: int) -> set[str]:
     epochs: set[str] = set()
     last_seen: dict[tuple[str, str, int, str], int] = {}
-    for start, _end, read, table, key, version, epoch, consistency in records:
+    timed: set[tuple[float, float]] = set()  # (a batch's keys are records of one request)
+    for start, end, read, table, key, version, epoch, consistency in records:
+        if consistency == "strong" and (start, end) not in timed:
+            timed.add((start, end))
+            report.strong_seconds.append(end - start)
         report.reads += 1
         epochs.add(epoch)
         what = f"{table} id {key}" + (f" (through {read})" if read != table else "")
@@ -595,13 +645,17 @@ def run(
     seed: int = 1,
     fleet: int = 0,
     shared_memory: bool = False,
+    capture: str = "notify",
 ) -> Report:
     """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None).
     ``fleet``: that many followers of the sidecar, through which the readers read.
     ``shared_memory`` (without a fleet): the sidecar keeps a shared-memory store, and the
-    readers read it whenever it may answer."""
+    readers read it whenever it may answer. ``capture``: the hubs' capture mode ("logical"
+    needs ``wal_level = logical``; followers take what their hub sends either way)."""
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
     asyncio.run(_setup(dsn))
-    report = Report(duration=duration, followers=fleet)
+    report = Report(duration=duration, capture=capture, followers=fleet)
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
     config_path = workdir / "sidecar.toml"
     config_path.write_text(CONFIG)
@@ -617,6 +671,8 @@ def run(
             str(BULK_THRESHOLD),
             "--ping-interval",
             "1",
+            "--capture",
+            capture,
             *(["--shared-memory", str(workdir / "store")] if shared_memory and not fleet else []),
         ],
         workdir,
@@ -723,35 +779,35 @@ def main() -> None:
     parser.add_argument(
         "--shared-memory", action="store_true", help="readers read the sidecar's shared-memory store (no fleet)"
     )
+    parser.add_argument(
+        "--capture",
+        choices=CAPTURES,
+        default="notify",
+        help="how the sidecar captures changes (logical: a cluster with wal_level = logical)",
+    )
     args = parser.parse_args()
+    settings = {
+        "duration": args.duration,
+        "readers": args.readers,
+        "writers": args.writers,
+        "seed": args.seed,
+        "fleet": args.fleet,
+        "shared_memory": args.shared_memory,
+        "capture": args.capture,
+    }
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
         print("SIDECAR_TEST_DSN set: PostgreSQL will not be restarted", file=sys.stderr)
-        report = run(
-            external,
-            None,
-            duration=args.duration,
-            readers=args.readers,
-            writers=args.writers,
-            seed=args.seed,
-            fleet=args.fleet,
-            shared_memory=args.shared_memory,
-        )
+        report = run(external, None, **settings)
     else:
-        from tests.support.pg import EmbeddedServer
+        from tests.support.logical import start_logical_cluster
+        from tests.support.pg import EmbeddedServer, LocalCluster
 
-        server = EmbeddedServer()
+        server: EmbeddedServer | LocalCluster = (
+            start_logical_cluster() if args.capture == "logical" else EmbeddedServer()
+        )
         try:
-            report = run(
-                server.dsn,
-                server.restart,
-                duration=args.duration,
-                readers=args.readers,
-                writers=args.writers,
-                seed=args.seed,
-                fleet=args.fleet,
-                shared_memory=args.shared_memory,
-            )
+            report = run(server.dsn, server.restart, **settings)
         finally:
             server.stop()
     print(report.table())

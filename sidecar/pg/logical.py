@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from sidecar.core.aio import backoff_delay
 from sidecar.core.events import Event, Op, RowChange, SyncToken, TableChange
 from sidecar.core.jsonread import loads
 from sidecar.core.keys import Key, KeyColumn, coerce_key
@@ -213,7 +214,6 @@ class LogicalSource:
         attempt = 0
         try:
             while True:
-                started = time.monotonic()
                 try:
                     await self._run_once(sink)
                 except asyncio.CancelledError:
@@ -226,12 +226,14 @@ class LogicalSource:
                         )
                     else:
                         log.info("replication stream not connected: %s", reason)
+                    # A stream that streamed was a success, as a LISTEN connection that connected
+                    # is (listener.py): its loss waits the shortest delay, however many came before.
+                    # Failures before streaming (slot, load, start) keep backing off.
+                    if self.slot.streaming:
+                        attempt = 0
                     self._lose(sink, reason)
-                if time.monotonic() - started > 10 * self.reconnect_max_delay:
-                    attempt = 0
-                delay = min(self.reconnect_max_delay, self.reconnect_min_delay * 2**attempt)
+                await asyncio.sleep(backoff_delay(attempt, self.reconnect_min_delay, self.reconnect_max_delay))
                 attempt += 1
-                await asyncio.sleep(delay)
         finally:
             self._lose(sink, "stopped")
             await self._close_connection()

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+
+import pytest
 
 from tests import checker
+from tests.support.logical import start_logical_cluster
+from tests.support.pg import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def logical_cluster() -> Iterator[LocalCluster]:
+    """A cluster with wal_level = logical of the checker's own (it is restarted mid-run)."""
+    cluster = start_logical_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 async def test_checker_finds_no_broken_promise_under_faults(postgres):
@@ -15,6 +30,24 @@ async def test_checker_finds_no_broken_promise_under_faults(postgres):
     assert report.listener_kills >= 2  # (3 are planned; on a busy machine a recovery may outlast the run)
     assert report.barrier_kills >= 1 and max(report.kill_to_epoch) < 3.0  # noticed at once (not at a ping: 5 s + 5 s)
     assert report.restarts == (1 if restart else 0)
+    assert report.stale_strong_reads == 0, report.examples
+    assert report.backwards_reads == 0, report.examples
+    assert report.mismatched_rows == 0 and report.compared_rows == 3 * checker.ROWS, report.examples
+
+
+async def test_checker_with_logical_capture_finds_no_broken_promise_under_faults(logical_cluster):
+    """The sidecar captures by logical decoding; the walsender of its replication connection
+    is terminated (every other time while barrier tokens are in flight in the stream) and
+    PostgreSQL restarts."""
+    report = await asyncio.to_thread(
+        checker.run, logical_cluster.dsn, logical_cluster.restart, duration=25.0, seed=4, capture="logical"
+    )
+    print(report.table())
+    assert report.capture == "logical"
+    assert report.reads > 1000 and report.strong_reads > 100 and report.writes_acked > 1000
+    assert report.listener_kills >= 2  # walsenders (3 are planned; a recovery under load may outlast the run)
+    assert report.barrier_kills >= 1 and max(report.kill_to_epoch) < 3.0  # noticed at once, reconnected soon
+    assert report.restarts == 1
     assert report.stale_strong_reads == 0, report.examples
     assert report.backwards_reads == 0, report.examples
     assert report.mismatched_rows == 0 and report.compared_rows == 3 * checker.ROWS, report.examples

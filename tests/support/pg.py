@@ -145,7 +145,9 @@ class LocalCluster:
         )
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "restart")
+        # (-l again: pg_ctl does not remember it, and a server logging to the pipe _run reads
+        # would hold that pipe open: the restart would seem to hang until _run's timeout)
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-m", "fast", "restart")
 
     def stop(self) -> None:
         try:
