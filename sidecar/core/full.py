@@ -95,6 +95,7 @@ class FullTable:
         self._on_matched = on_matched  # told which keys a source change touched, per table and batch
         self._fence_source = fence  # returns once every commit before the call was received
         self._fence: asyncio.Future[None] | None = None  # memory answers once this is done
+        self._key_fences: dict[Key, asyncio.Future[None]] = {}  # a relation's rows just refreshed
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
@@ -389,7 +390,13 @@ class FullTable:
 
     def peek(self, key: Key) -> tuple[bool, Row]:
         """Answer from memory if no change to ``key`` (or the table) is pending."""
-        if self._reload_needed > self._reload_done or key in self._pending or self._matching or self._fence is not None:
+        if (
+            self._reload_needed > self._reload_done
+            or key in self._pending
+            or self._matching
+            or self._fence is not None
+            or key in self._key_fences
+        ):
             return False, None
         row = self.store.get(key)
         self.reads["hit" if row is not None else "not_found"] += 1
@@ -399,6 +406,8 @@ class FullTable:
         """The rows of ``keys``, fresh as of every change received before the call
         (raises ``Reloading`` while a reload is due: memory cannot tell then)."""
         await self._memory_served()
+        if self._key_fences:
+            await self._keys_fenced(keys)
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         if self._pending:
@@ -421,6 +430,8 @@ class FullTable:
         indexes (what a read of the whole table, such as an index query, needs);
         raises ``Reloading`` while a reload is due."""
         await self._memory_served()
+        if self._key_fences:
+            await self._keys_fenced(list(self._key_fences))
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         for key, level in [(key, pending[1]) for key, pending in self._pending.items()]:
@@ -516,6 +527,7 @@ class FullTable:
         if self.problem is not None:  # (the table stopped being served meanwhile)
             return
         self.store.store(keys, rows)
+        self._fence_relation(keys)
         for key in keys:
             pending = self._pending.get(key)
             if pending is not None:
@@ -605,6 +617,46 @@ class FullTable:
         self._progress()
         self._schedule()
 
+    def _fence_relation(self, keys: Iterable[Key]) -> None:
+        """A relation's rows just read may show a source row newer than its other rows
+        joined to it show (a commit read whose change has not arrived, so they are not
+        pending yet): memory answers for these keys once a barrier round brought that
+        change -- the others are pending by then, and a read of them waits for them.
+        (A table's own rows have no such siblings.) Per key, so that reads of a relation
+        under constant writes wait for one round at most, not for every new one."""
+        if not self.schema.config.is_relation or self._fence_source is None:
+            return
+        keys = list(keys)
+        if not keys:
+            return
+        fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fence.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for key in keys:
+            self._key_fences[key] = fence
+        self._tasks.spawn(self._run_key_fence(fence, keys), "key fence")
+
+    async def _run_key_fence(self, fence: asyncio.Future[None], keys: list[Key]) -> None:
+        assert self._fence_source is not None
+        try:
+            await self._fence_source()
+        except Exception as exc:  # (the source went down, a barrier timed out)
+            log.debug("fence after refreshing rows of %s failed: %s", self.schema.qualified, exc)
+            if not fence.done():
+                fence.set_exception(Reloading())  # readers waiting for it ask the database
+        else:
+            if not fence.done():
+                fence.set_result(None)
+        finally:
+            for key in keys:
+                if self._key_fences.get(key) is fence:
+                    del self._key_fences[key]
+
+    async def _keys_fenced(self, keys: Iterable[Key]) -> None:
+        """Wait for the fences of ``keys`` under way now (``Reloading`` if one failed)."""
+        fences = {id(f): f for key in keys if (f := self._key_fences.get(key)) is not None}
+        for fence in fences.values():
+            await asyncio.shield(fence)
+
     def _start_fence(self) -> None:
         """Memory answers again once every commit a database read meanwhile may have
         seen has been received (see the module's docstring)."""
@@ -666,6 +718,7 @@ class FullTable:
             store.store(rows.keys(), rows)
             fetched_keys.update(rows)
         moved -= fetched_keys
+        self._fence_relation(fetched_keys)
         for key in fetched_keys:
             pending = self._pending.get(key)
             if pending is not None and pending[1] <= level:

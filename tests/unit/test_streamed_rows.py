@@ -175,10 +175,13 @@ async def test_the_row_before_a_change_is_the_streams_while_a_reload_holds_chang
     table.changed_all(3)
     await eventually(lambda: table.mixed, 5, what="the reload running")
     assert table.row_before((1,)) == row("start")  # no held change names it
+    numbering.seq = 4
     table.carried({(1,): row("held")}, 4, xid=120)
     assert table.row_before((1,)) == row("held")
+    numbering.seq = 5
     table.emptied(5, xid=121)
     assert table.row_before((1,)) is None
     db.gate.set()
+    numbering.seq = 6
     table.changed([(1,)], 6)  # refetched from now on: the stream's rows are not the table's
     assert table.row_before((1,)) is None
