@@ -44,7 +44,11 @@ pgbench and PostgreSQL must not be starved by them (a sidecar runs off the datab
 ``--cpus split`` puts PostgreSQL alone on the first CPU and everything else on the others
 (``tests.benchmarks.fleet``); by default everything shares every CPU.
 
+``--recvlogical`` adds a fourth mode: a slot streamed by pg_recvlogical (C; it discards what
+it reads), i.e. PostgreSQL's own decoding cost without the daemon's CPU beside it.
+
     python -m tests.benchmarks.write_cost [--quick] [--seconds 2] [--rounds 2] [--cpus shared|split]
+                                          [--nice 10] [--recvlogical]
 """
 
 from __future__ import annotations
