@@ -175,6 +175,40 @@ async def test_a_subscriber_that_falls_behind_is_ended_with_its_last_revision():
     assert fanout.dropped == 1
 
 
+async def test_lag_counts_batches_not_revision_numbers():
+    # Logical capture numbers revisions by commit LSN: consecutive batches are WAL bytes
+    # apart. A subscriber that held one message while 3 batches were published is not
+    # behind (max_lag 5), however far the revision numbers moved.
+    fanout = make_fanout(max_lag=5)
+    stream = fanout.subscribe(Filter(frozenset())).messages()
+    commit(fanout, 1000, 1)
+    assert (await take(stream, 1))[0].revision == 1000
+    for revision in (2000, 3000, 4000):
+        commit(fanout, revision, revision)
+    assert [b.revision for b in await take(stream, 3)] == [2000, 3000, 4000]
+    assert fanout.dropped == 0
+    for revision in range(5000, 12000, 1000):  # 7 batches while it holds one: behind
+        commit(fanout, revision, revision)
+    with pytest.raises(FellBehind, match="7 batches published while one waited"):
+        await take(stream, 1)
+
+
+async def test_an_initial_state_lag_counts_batches_not_revision_numbers():
+    fanout = make_fanout(max_lag=5)
+    commit(fanout, 1000, 1, 2)
+
+    async def snapshot():
+        return snapshot_chunks(fanout.epoch, fanout.published, [(T, [list(ROWS.items())])], bytes)
+
+    stream = fanout.subscribe(Filter(frozenset()), snapshot=snapshot).messages()
+    (first,) = await take(stream, 1)
+    for revision in (2000, 3000):
+        commit(fanout, revision, revision)
+    done, *live = await take(stream, 3)
+    assert isinstance(first, InitialState) and isinstance(done, InitialStateDone)
+    assert [b.revision for b in live] == [2000, 3000]
+
+
 async def test_a_resume_far_behind_catches_up_and_is_not_ended():
     fanout = make_fanout(max_lag=3)
     for revision in range(1, 30):
