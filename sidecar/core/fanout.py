@@ -644,13 +644,14 @@ class Subscription:
                     changes = self.filter.apply(batch)
                     self.position = batch.revision
                 if changes is not None:
-                    before = fanout.published
+                    # (batches counted, not revisions: a commit LSN is no count of anything)
+                    before = fanout.published_batches
                     yield changes
                     self.idle_since = loop.time()
                     self.progress_due = False
-                    if fanout.published - before > fanout.max_lag and not self._resets:
+                    if fanout.published_batches - before > fanout.max_lag and not self._resets:
                         fanout.dropped += 1
-                        waited = fanout.published - before
+                        waited = fanout.published_batches - before
                         raise FellBehind(self._behind(f"{waited} batches published while one waited"))
                     # Every send takes a turn: with thousands of streams, one event-loop
                     # iteration runs at most wake_slice of them, so other calls (and
@@ -693,15 +694,16 @@ class Subscription:
                     await asyncio.sleep(0)
             if chunk is None:
                 break
-            before = self.fanout.published
+            before = self.fanout.published_batches
             yield chunk
             # As for batches (see messages): a client that takes one message while more than
             # max_lag batches are published is not reading, and the snapshot it pins keeps
             # the old entry of every row those batches changed.
-            if self.fanout.published - before > self.fanout.max_lag:
+            waited = self.fanout.published_batches - before
+            if waited > self.fanout.max_lag:
                 self.fanout.dropped += 1
                 raise FellBehind(
-                    f"watch fell behind during its initial state ({self.fanout.published - before} batches "
+                    f"watch fell behind during its initial state ({waited} batches "
                     f"published while one message waited, more than watch.max_lag = {self.fanout.max_lag}); "
                     "an initial state cannot be resumed: start over"
                 )
