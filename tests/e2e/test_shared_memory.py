@@ -27,9 +27,11 @@ from tests.support.waiting import eventually
 
 Start = Callable[..., tuple[str, subprocess.Popen[str]]]
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 
 @pytest.fixture
-def start(postgres, tmp_path) -> Iterator[Start]:
+def start(postgres, tmp_path, capture) -> Iterator[Start]:
     """Start a daemon process keeping ``tables`` in the store: ``(target, process)``."""
     processes: list[subprocess.Popen[str]] = []
 
@@ -37,6 +39,7 @@ def start(postgres, tmp_path) -> Iterator[Start]:
         port = free_port()
         command = [*EXE, "serve", "--dsn", postgres.dsn, "--listen", f"127.0.0.1:{port}", "--install-triggers"]
         command += ["--shared-memory", str(tmp_path / "store"), "--channel", f"cs_{secrets.token_hex(4)}"]
+        command += ["--capture", capture]
         for table in tables:
             command += ["--table", table]
         process = subprocess.Popen(
@@ -336,7 +339,8 @@ async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store
     store = shm.SharedMemory(store_dir)
     await eventually(lambda: serves(store, items), what="the store serves the table")
     pids = await db.fetch(  # (this test's daemon is the only one running)
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'"
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE application_name IN ('cache-sidecar-listener', 'cache-sidecar replication')"
     )
     assert pids
     for row in pids:

@@ -28,6 +28,8 @@ from sidecar.pg import triggers
 from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 
 @pytest.fixture
 async def two(db, schema) -> tuple[str, str]:
@@ -110,7 +112,7 @@ async def test_drop_then_reconnect_keeps_the_daemon_serving(start_daemon, db, tw
     sidecar = await start_daemon([a, b], catalog_check_interval=3600)  # only the reconnect checks
     epoch = sidecar.core.revisions.epoch
     await db.execute(f"DROP TABLE {a}")
-    assert await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
     await eventually(lambda: sidecar.core.revisions.epoch != epoch and sidecar.engine.ready, 15, what="rebuilt")
     await eventually(lambda: sidecar.core.tables[a].problem is not None, 10)
     await still_serves(sidecar, db, b, "dos")
