@@ -161,7 +161,8 @@ class Daemon:
             describe=db.describe,
             schemas=schemas,
             # (logical capture reads the WAL: no trigger to check; DDL is still checked)
-            trigger_sets=[] if logical else trigger_sets,
+            trigger_sets=trigger_sets,
+            check_triggers=not logical,
             install=config.install_triggers,
             reload=notices.reload_table,
             fail=notices.fail_table,

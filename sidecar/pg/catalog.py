@@ -218,12 +218,15 @@ class CatalogWatch:
         problem: Callable[[str], str | None],
         interval: float = 10.0,
         capture_changed: Callable[[], None] | None = None,
+        check_triggers: bool = True,
     ) -> None:
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
         self._schemas = {s.qualified: s for s in schemas}
         self._sets = {s.schema.qualified: s for s in trigger_sets}
         self._install = install
+        # (off in logical capture: the WAL reports changes, no trigger; the tables' DDL is still checked)
+        self._check_triggers = check_triggers
         self._reload = reload  # (cached table, why): reload it in memory
         self._fail = fail  # (cached table, problem): stop serving it from memory
         self._problem = problem  # a cached table's current problem, if any
@@ -324,7 +327,7 @@ class CatalogWatch:
                 )
                 readers = self._readers(name)
                 retry = [r for r in readers if self._problem(r) is not None or r in self.capture_problems]
-                if not changed and state.triggers == "current" and not retry:
+                if not changed and self._reporting(state) and not retry:
                     self._known[name] = state
                     continue
                 if changed:
@@ -335,13 +338,17 @@ class CatalogWatch:
                         _difference(known, state),
                         extra={"event": "schema_changed", "table": name},
                     )
-                if state.oid is not None and state.triggers != "current" and self._install:
+                if state.oid is not None and not self._reporting(state) and self._install:
                     await self._reinstall(conn, name, state, trigger_set)
                     state = await table_state(conn, trigger_set)
                 settle.append((name, state, readers, changed))
         for name, state, readers, changed in settle:
             await self._settle(name, state, readers, changed)
             self._known[name] = state  # (after: a check stopped before acting finds the change again)
+
+    def _reporting(self, state: TableState) -> bool:
+        """Whether the table's changes are reported (its triggers are current, or none are needed)."""
+        return not self._check_triggers or state.triggers == "current"
 
     async def _reinstall(self, conn: Any, name: str, state: TableState, trigger_set: triggers.TriggerSet) -> None:
         what = "; ".join(state.trigger_problems) or state.triggers
@@ -376,7 +383,7 @@ class CatalogWatch:
                 self._fail(reader, f"{name} does not exist (dropped?)")
                 self._capture(reader, None)
                 continue
-            if state.triggers != "current":
+            if not self._reporting(state):
                 what = "; ".join(state.trigger_problems) or f"{state.triggers}"
                 problem = (
                     f"the cache-sidecar triggers on {name} would not report every change ({what}): they must "
