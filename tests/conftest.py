@@ -56,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "captures(*modes, reason=None): the capture modes (database.capture) the daemons of a test or "
         "module run in, each a test of its own ([notify], [logical]); unmarked: notify only",
     )
+    config.addinivalue_line(
+        "markers",
+        "logical_bug(reason, strict=True): the test's [logical] run is expected to fail for a known bug of "
+        "logical capture, named in reason (strict: it fails the run once the bug is fixed; remove the mark then)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -69,7 +74,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if unknown or not modes:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: captures{modes}: modes are {CAPTURES}")
     if modes != ("notify",):  # (the default adds nothing to the test's id)
-        metafunc.parametrize("capture", modes, indirect=True)
+        bug = metafunc.definition.get_closest_marker("logical_bug")
+        params = [
+            pytest.param(mode, marks=pytest.mark.xfail(reason=bug.args[0], strict=bug.kwargs.get("strict", True)))
+            if mode == "logical" and bug is not None
+            else mode
+            for mode in modes
+        ]
+        metafunc.parametrize("capture", params, indirect=True)
 
 
 @pytest.fixture
