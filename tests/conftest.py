@@ -53,7 +53,7 @@ CAPTURES = ("notify", "logical")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "captures(*modes, reason=None): the capture modes (database.capture) the daemons of a test or "
+        "captures(*modes): the capture modes (database.capture) the daemons of a test or "
         "module run in, each a test of its own ([notify], [logical]); unmarked: notify only",
     )
     config.addinivalue_line(
