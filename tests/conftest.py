@@ -19,31 +19,78 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.app import Daemon
-from tests.support.pg import EmbeddedServer, LocalCluster, Postgres, system_bindir
+from tests.support.pg import SESSION_SETTINGS, EmbeddedServer, LocalCluster, Postgres, system_bindir
 from tests.support.waiting import eventually
 
 
-def _version(dsn: str) -> str:
-    async def ask() -> str:
+def _server(dsn: str, handle: Any = None, kind: str = "embedded") -> Postgres:
+    async def ask() -> tuple[str, str]:
         conn = await asyncpg.connect(dsn)
         try:
-            return str(await conn.fetchval("SHOW server_version"))
+            return str(await conn.fetchval("SHOW server_version")), str(await conn.fetchval("SHOW wal_level"))
         finally:
             await conn.close()
 
-    return asyncio.run(ask())
+    version, wal_level = asyncio.run(ask())
+    return Postgres(dsn, version, handle=handle, kind=kind, wal_level=wal_level)
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     external = os.environ.get("SIDECAR_TEST_DSN")
     if external:
-        yield Postgres(external, _version(external), kind="external")
+        yield _server(external, kind="external")
         return
-    server = EmbeddedServer()
-    pg = Postgres(server.dsn, _version(server.dsn), handle=server, kind="embedded")
+    server = EmbeddedServer(SESSION_SETTINGS)
+    pg = _server(server.dsn, server)
     yield pg
     pg.stop()
+
+
+CAPTURES = ("notify", "logical")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "captures(*modes): the capture modes (database.capture) the daemons of a test or "
+        "module run in, each a test of its own ([notify], [logical]); unmarked: notify only",
+    )
+    config.addinivalue_line(
+        "markers",
+        "logical_bug(reason, strict=True): the test's [logical] run is expected to fail for a known bug of "
+        "logical capture, named in reason (strict: it fails the run once the bug is fixed; remove the mark then)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests whose daemons take the ``capture`` fixture run once per mode their closest
+    ``captures`` marker names (a test's marker overrides its module's)."""
+    if "capture" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("captures")
+    modes = marker.args if marker is not None else ("notify",)
+    unknown = set(modes) - set(CAPTURES)
+    if unknown or not modes:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: captures{modes}: modes are {CAPTURES}")
+    if modes != ("notify",):  # (the default adds nothing to the test's id)
+        bug = metafunc.definition.get_closest_marker("logical_bug")
+        params = [
+            pytest.param(mode, marks=pytest.mark.xfail(reason=bug.args[0], strict=bug.kwargs.get("strict", True)))
+            if mode == "logical" and bug is not None
+            else mode
+            for mode in modes
+        ]
+        metafunc.parametrize("capture", params, indirect=True)
+
+
+@pytest.fixture
+def capture(request: pytest.FixtureRequest, postgres: Postgres) -> str:
+    """The capture mode the test's daemons run in (see ``captures``)."""
+    mode: str = getattr(request, "param", "notify")
+    if mode == "logical" and not postgres.logical:
+        pytest.skip(f"the {postgres.kind} server has wal_level {postgres.wal_level!r}, not 'logical'")
+    return mode
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +100,7 @@ def system_postgres(postgres: Postgres) -> Iterator[Postgres]:
     if bindir is None:
         pytest.skip("no system PostgreSQL installed (set SIDECAR_TEST_PG_BINDIR to use one)")
     cluster = LocalCluster(bindir, run_as="pgserver")
-    pg = Postgres(cluster.dsn, _version(cluster.dsn), handle=cluster, kind="system")
+    pg = _server(cluster.dsn, cluster, "system")
     yield pg
     pg.stop()
 
@@ -105,6 +152,27 @@ class RunningDaemon:
         assert self.daemon.server is not None
         return self.daemon.server.addresses[0]
 
+    @property
+    def capture(self) -> str:
+        return self.daemon.config.capture
+
+    async def capture_pid(self, db: asyncpg.Connection) -> int:
+        """The backend the daemon's changes come through: the LISTEN connection's, or in
+        logical mode the walsender streaming its slot (terminating it is a lost source)."""
+        if self.capture == "notify":
+            return int(self.daemon.listener.backend_pid)
+        slot = self.daemon.source.slot.name
+        pid = await db.fetchval("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", slot)
+        assert pid is not None, f"slot {slot!r} is not streaming"
+        return int(pid)
+
+    @property
+    def capture_losses(self) -> int:
+        """How often the daemon's change source was lost (LISTEN connection or stream)."""
+        if self.capture == "notify":
+            return int(self.daemon.listener.stats.disconnects)
+        return int(self.daemon.source.losses)
+
     async def ready(self, timeout: float = 15.0) -> None:
         await eventually(lambda: self.engine is not None and self.engine.ready, timeout, what="daemon ready")
 
@@ -117,8 +185,9 @@ StartDaemon = Callable[..., Awaitable[RunningDaemon]]
 
 
 @pytest.fixture
-async def start_daemon(postgres: Postgres) -> AsyncIterator[StartDaemon]:
-    """Start an in-process daemon: ``await start_daemon(tables=[...], **settings)``."""
+async def start_daemon(postgres: Postgres, capture: str) -> AsyncIterator[StartDaemon]:
+    """Start an in-process daemon: ``await start_daemon(tables=[...], **settings)``, in the
+    test's capture mode unless ``capture=`` says otherwise."""
     running: list[RunningDaemon] = []
 
     async def start(tables: list[str] | list[cfg.TableConfig], wait: bool = True, **settings: Any) -> RunningDaemon:
@@ -127,6 +196,7 @@ async def start_daemon(postgres: Postgres) -> AsyncIterator[StartDaemon]:
             "dsn": postgres.dsn,
             "listen": ("127.0.0.1:0",),
             "install_triggers": True,
+            "capture": capture,
             "channel": f"cs_{secrets.token_hex(4)}",
             "ping_interval": 1.0,
             "ping_timeout": 1.0,

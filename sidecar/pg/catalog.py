@@ -363,7 +363,7 @@ class CatalogWatch:
                 )
                 readers = self._readers(name)
                 retry = [r for r in readers if self._problem(r) is not None or r in self.capture_problems]
-                if not changed and state.triggers == "current" and not retry:
+                if not changed and self._reporting(state) and not retry:
                     self._known[name] = state
                     continue
                 if changed:
@@ -374,13 +374,17 @@ class CatalogWatch:
                         _difference(known, state),
                         extra={"event": "schema_changed", "table": name},
                     )
-                if state.oid is not None and state.triggers != "current" and self._install:
+                if state.oid is not None and not self._reporting(state) and self._install:
                     await self._reinstall(conn, name, state, trigger_set)
                     state = await table_state(conn, trigger_set, self._capture_by)
                 settle.append((name, state, readers, changed))
         for name, state, readers, changed in settle:
             await self._settle(name, state, readers, changed)
             self._known[name] = state  # (after: a check stopped before acting finds the change again)
+
+    def _reporting(self, state: TableState) -> bool:
+        """Whether the table's changes are reported (its triggers are current, or none are needed)."""
+        return state.triggers == "current"
 
     async def _reinstall(self, conn: Any, name: str, state: TableState, trigger_set: triggers.TriggerSet) -> None:
         what = "; ".join(state.trigger_problems) or state.triggers
@@ -415,7 +419,7 @@ class CatalogWatch:
                 self._fail(reader, f"{name} does not exist (dropped?)")
                 self._capture(reader, None)
                 continue
-            if state.triggers != "current":
+            if not self._reporting(state):
                 what = "; ".join(state.trigger_problems) or f"{state.triggers}"
                 problem = self._capture_by.problem(name, what, trigger_set)
                 self._capture(reader, problem)

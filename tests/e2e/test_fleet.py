@@ -29,6 +29,8 @@ from tests.e2e.test_process import EXE, clean_env, free_port
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")  # (the hubs' capture mode)
+
 FOLLOWER_ENV = {
     "CACHE_SIDECAR_UPSTREAM_PROGRESS_INTERVAL": "0.2",
     "CACHE_SIDECAR_UPSTREAM_STALL_TIMEOUT": "1.5",
@@ -96,7 +98,7 @@ async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
 
 
 @pytest.fixture
-async def hub_config(postgres: Any, schema: str, tmp_path: Path) -> dict[str, Any]:
+async def hub_config(postgres: Any, schema: str, tmp_path: Path, capture: str) -> dict[str, Any]:
     conn = await asyncpg.connect(postgres.dsn)
     await conn.execute(
         f"""
@@ -116,6 +118,7 @@ async def hub_config(postgres: Any, schema: str, tmp_path: Path) -> dict[str, An
         f"""
 [database]
 dsn = "{postgres.dsn}"
+capture = "{capture}"
 
 [server]
 install_triggers = true

@@ -58,8 +58,11 @@ def wait_for_event(process: subprocess.Popen[str], event: str, timeout: float) -
     return found.wait(timeout)
 
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
+
 @pytest.fixture
-def daemon(postgres, schema):
+def daemon(postgres, schema, capture):
     sql(postgres.dsn, f"CREATE TABLE {schema}.items (id int PRIMARY KEY, version int NOT NULL)")
     sql(postgres.dsn, f"INSERT INTO {schema}.items SELECT g, 0 FROM generate_series(1, 20) g")
     port = free_port()
@@ -81,6 +84,8 @@ def daemon(postgres, schema):
                 f"127.0.0.1:{port}",
                 "--grace-period",
                 str(grace),
+                "--capture",
+                capture,
                 "--log-format",
                 "json",
             ],
@@ -118,7 +123,11 @@ def test_sigterm_ends_streams_lets_calls_finish_and_exits_zero(daemon, postgres)
     process = launch(grace=10)
     listener_pids = [
         r["pid"]
-        for r in sql(postgres.dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'")
+        for r in sql(
+            postgres.dsn,
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name IN ('cache-sidecar-listener', 'cache-sidecar replication')",
+        )
     ]
     assert listener_pids
 

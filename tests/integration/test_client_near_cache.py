@@ -13,6 +13,8 @@ from cache_sidecar_client import AsyncClient, Change, Client, UndecodableRow, ca
 
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 
 @pytest.fixture
 async def items(db, schema) -> str:
@@ -70,7 +72,7 @@ async def test_no_stale_read_after_a_reset(start_daemon, db, items):
         assert await version(cache, items, 4) == 0
         flushes = near.stats.flushes
         epoch = sidecar.core.revisions.epoch
-        await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
+        await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
         await db.execute(f"UPDATE {items} SET version = 8 WHERE id = 4")  # possibly never notified
         await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="rebuilt")
         await eventually(lambda: near.stats.flushes > flushes and near.connected, what="reset reached the client")

@@ -10,6 +10,9 @@ from sidecar import config as cfg
 from sidecar.app import Daemon, call_with_db
 from sidecar.errors import ConfigError, Unavailable
 from sidecar.pg.db import PgDatabase, connect_kwargs
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.captures("notify", "logical")
 
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR")
 
@@ -75,9 +78,12 @@ async def test_pg_service_file_is_honoured(socket_dir, tmp_path, monkeypatch):
 async def test_every_connection_of_the_daemon_uses_the_dsn(start_daemon, db, schema, socket_dir, tmp_path):
     await db.execute(f"CREATE TABLE {schema}.item (id int PRIMARY KEY, name text)")
     await db.execute(f"INSERT INTO {schema}.item VALUES (1, 'one')")
-    # pool, listener and catalog check all on a key=value DSN
+    # pool, listener (or replication stream) and catalog check all on a key=value DSN
     sidecar = await start_daemon([f"{schema}.item"], dsn=f"host={socket_dir} user=postgres dbname=postgres")
-    assert sidecar.daemon.listener is not None and sidecar.daemon.listener.connected
+    if sidecar.capture == "notify":
+        assert sidecar.daemon.listener is not None and sidecar.daemon.listener.connected
+    else:
+        await eventually(lambda: sidecar.daemon.source.slot.streaming, what="streaming")
     await sidecar.stop()
 
     async def work(conn: asyncpg.Connection) -> int:

@@ -19,6 +19,8 @@ from aiohttp import web
 
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 APP = Path(__file__).resolve().parents[2] / "clients" / "python" / "examples" / "patron_service" / "app.py"
 
 

@@ -29,6 +29,8 @@ from tests.support.gate import LOADS
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 StartFollower = Callable[..., Awaitable[RunningDaemon]]
 
 
@@ -372,10 +374,8 @@ async def test_another_epoch_rebuilds_and_resets_watchers(start_daemon, start_fo
 
         reader = asyncio.create_task(read())
         await eventually(lambda: follower.core.fanout.subscribers >= 1, what="subscribed")
-        # The hub's LISTEN connection dies: it rebuilds in a new epoch, and so must the follower.
-        await db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cache-sidecar-listener'"
-        )
+        # The hub's LISTEN connection (or stream) dies: it rebuilds in a new epoch, and so must the follower.
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", await hub.capture_pid(db))
         await eventually(
             lambda: (
                 follower.core.revisions.epoch == hub.core.revisions.epoch and follower.engine.ready and hub.engine.ready
@@ -630,6 +630,8 @@ async def test_a_follower_reaches_a_hub_over_mutual_tls_with_a_token_and_follows
         await proxy.close()
 
 
+# (bulk_threshold is the triggers' whole-table switch; a logical stream sends every row)
+@pytest.mark.captures("notify")
 async def test_a_follower_stays_serving_while_its_hub_reloads_the_table_it_reads_again(
     start_daemon, start_follower, db, shop, monkeypatch
 ):

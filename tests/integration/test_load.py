@@ -23,6 +23,8 @@ from tests.integration.test_metrics import scrape, value
 from tests.integration.test_types import VALUES
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 JSON_COLUMN = next(i for i, (sql_type, _, _) in enumerate(VALUES) if sql_type == "json")
 
 

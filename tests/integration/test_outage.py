@@ -4,6 +4,8 @@ the cache is rebuilt in a new epoch afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import grpc
 import pytest
@@ -12,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.proxy import Proxy
 from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.captures("notify", "logical")
 
 
 @pytest.fixture
@@ -68,14 +72,21 @@ async def test_database_unreachable_then_back(start_daemon, db, items, proxy, mo
 async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db, items, proxy):
     """Only the listener is cut off: reads are answered from PostgreSQL, fresh, and not cached."""
     sidecar = await start_daemon([items])
-    listener = sidecar.daemon.listener
-    real_connect = listener._connect
+    proxied = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+    # The next connections of the change source go through the proxy (the LISTEN
+    # connection's connect function, or the replication connection's DSN).
+    if sidecar.capture == "notify":
+        listener = sidecar.daemon.listener
+        real_connect = listener._connect
 
-    async def through_proxy() -> asyncpg.Connection:
-        return await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres")
+        async def through_proxy() -> asyncpg.Connection:
+            return await asyncpg.connect(proxied)
 
-    listener._connect = through_proxy  # the next connections go through the proxy
-    await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
+        listener._connect = through_proxy
+    else:
+        source = sidecar.daemon.source
+        real_conninfo, source._conninfo = source._conninfo, proxied
+    await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
     await eventually(lambda: sidecar.core.trust.up and proxy.connections > 0, what="listening via proxy")
     proxy.block()
     await eventually(lambda: not sidecar.core.trust.up, what="listener down")
@@ -86,7 +97,10 @@ async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db,
         held = sidecar.core.tables[items].rows[(3,)]
         assert b'"version":1' in held  # memory was not updated by those reads
         assert sidecar.core.reads.stats.passthrough_reads >= 2
-    listener._connect = real_connect
+    if sidecar.capture == "notify":
+        listener._connect = real_connect
+    else:
+        source._conninfo = real_conninfo
     proxy.unblock()
     await eventually(lambda: sidecar.engine.ready, timeout=20, what="back")
 
@@ -101,7 +115,9 @@ async def test_postgresql_restart(start_daemon, postgres, db, schema, items):
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         assert (await cache.get(lazy, 2))["version"] == 1
         epoch = sidecar.core.revisions.epoch
-        postgres.restart()
+        # (in a thread: the daemon under test shares this event loop, and a logical
+        # capture's walsender waits for the client at shutdown)
+        await asyncio.to_thread(postgres.restart)
         conn = await asyncpg.connect(postgres.dsn)
         await conn.execute(f"UPDATE {items} SET version = 4 WHERE id = 2; UPDATE {lazy} SET version = 4 WHERE id = 2")
         await conn.close()

@@ -22,6 +22,8 @@ from sidecar.pg.db import PgDatabase
 from tests.integration.test_relations import QUERY, relation
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 ORDERS_SQL = """
 CREATE TABLE {s}.orders (
     id bigint PRIMARY KEY,

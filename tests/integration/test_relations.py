@@ -21,6 +21,8 @@ from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 SCHEMA_SQL = """
 CREATE TABLE {s}.users (user_id integer PRIMARY KEY, name text NOT NULL, nickname text);
 CREATE TABLE {s}.cities (city_id integer PRIMARY KEY, name text NOT NULL);
@@ -68,6 +70,12 @@ async def follows(cache: AsyncClient, name: str, key: int, expected) -> None:  #
     await eventually(matches, what=f"{name} {key} == {expected}")
 
 
+@pytest.mark.logical_bug(
+    "a refetch sent when the stream's Commit arrives can read a snapshot without that transaction (the "
+    "walsender sends a commit once its WAL is flushed, a moment before other sessions see it): the relation "
+    "row stays stale; fails about one run in four here",
+    strict=False,
+)
 @pytest.mark.parametrize("mode", ["full", "lazy"])
 async def test_the_reference_example_follows_every_source(start_daemon, db, schema, users, mode):
     sidecar = await start_daemon([relation(schema, mode)])
@@ -210,11 +218,19 @@ async def example_dsn(postgres, db) -> AsyncIterator[str]:
     finally:
         await conn.close()
     yield dsn
+
+    async def unused() -> bool:  # (a stopped daemon's walsender ends, and frees its slot, a moment later)
+        slots = "SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE database = $1 AND active"
+        return await db.fetchval(slots, name) == 0
+
+    await eventually(unused, what=f"no replication slot in use in {name}")
     await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-async def test_the_documented_example_works_as_written(start_daemon, example_dsn):
+async def test_the_documented_example_works_as_written(example_dsn, start_daemon):
     """examples/relations: its schema and its sidecar.toml, through the steps of its README."""
+    # (example_dsn first: its database is dropped after the daemon stopped -- FORCE ends
+    # sessions, but a database with an active replication slot is not dropped)
     config = cfg.load(EXAMPLE / "sidecar.toml", env={})
     sidecar = await start_daemon(list(config.tables), dsn=example_dsn)
     name = "public.user_city"

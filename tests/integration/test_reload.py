@@ -1,5 +1,7 @@
 """Whole-table reloads against a real PostgreSQL: reads meanwhile are answered
 from the database at once and never stale; a Watch initial state streamed from
+
+pytestmark = pytest.mark.captures("notify", "logical")
 a shared snapshot stays exact while the table changes and reloads under it.
 
 The reload is made slow deterministically: the test database wrapper holds

@@ -21,6 +21,8 @@ from sidecar.core.wire import _varint
 from sidecar.edge import server
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 CACHE = "/cachesidecar.v1.Cache/"
 MILLION = 1_000_000
 

@@ -24,9 +24,11 @@ from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
 from sidecar.errors import QueryFailed
-from sidecar.pg import triggers
+from sidecar.pg import publication, triggers
 from sidecar.pg.db import describe_table
 from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.captures("notify", "logical")
 
 
 @pytest.fixture
@@ -66,6 +68,10 @@ async def test_altered_columns_reload_the_table(start_daemon, db, two, ddl):
     assert sidecar.engine.ready
 
 
+@pytest.mark.logical_bug(
+    "a table created again is not in the publication (FOR TABLE names the dropped one), and the catalog "
+    "check does not look at the publication: its changes never come, even a STRONG read is stale"
+)
 async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
@@ -87,6 +93,7 @@ async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, 
     await still_serves(sidecar, db, a, "followed")
 
 
+@pytest.mark.captures("notify")  # (triggers; the publication's counterpart belongs with the publication's tests)
 async def test_recreated_table_without_triggers_is_not_served_when_not_installing(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
@@ -110,12 +117,13 @@ async def test_drop_then_reconnect_keeps_the_daemon_serving(start_daemon, db, tw
     sidecar = await start_daemon([a, b], catalog_check_interval=3600)  # only the reconnect checks
     epoch = sidecar.core.revisions.epoch
     await db.execute(f"DROP TABLE {a}")
-    assert await db.fetchval("SELECT pg_terminate_backend($1)", sidecar.daemon.listener.backend_pid)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
     await eventually(lambda: sidecar.core.revisions.epoch != epoch and sidecar.engine.ready, 15, what="rebuilt")
     await eventually(lambda: sidecar.core.tables[a].problem is not None, 10)
     await still_serves(sidecar, db, b, "dos")
 
 
+@pytest.mark.captures("notify")  # (the triggers' channel)
 async def test_triggers_for_another_channel_refuse_the_start(start_daemon, db, two, postgres):
     a, _ = two
     first = await start_daemon([a])  # installs triggers for its own channel
@@ -236,7 +244,7 @@ class Owned:
 
 
 @pytest.fixture
-async def owned(postgres, db, schema) -> AsyncIterator[Owned]:
+async def owned(postgres, db, schema, capture) -> AsyncIterator[Owned]:
     suffix = secrets.token_hex(3)
     owner, reader = f"ddl_owner_{suffix}", f"ddl_sidecar_{suffix}"
     await db.execute(
@@ -248,10 +256,17 @@ async def owned(postgres, db, schema) -> AsyncIterator[Owned]:
         await conn.execute(DEPENDENT_SQL.format(s=schema))
         await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {reader}")
         owned = Owned(schema, conn, as_user(postgres.dsn, reader), f"cs_{suffix}")
-        # The owner installs the triggers (as a DBA would run 'cache-sidecar triggers sql').
         schemas = [await describe_table(conn, t) for t in owned.tables()]
-        sets = triggers.trigger_sets(schemas, owned.channel, cfg.Config().bulk_threshold)
-        await conn.execute(triggers.script(await triggers.resolve(conn, sets)))  # (partitions included)
+        if capture == "notify":
+            # The owner installs the triggers (as a DBA would run 'cache-sidecar triggers sql').
+            sets = triggers.trigger_sets(schemas, owned.channel, cfg.Config().bulk_threshold)
+            await conn.execute(triggers.script(await triggers.resolve(conn, sets)))  # (partitions included)
+        else:
+            # The owner creates the publication, and the sidecar's role may replicate.
+            await db.execute(f"ALTER ROLE {reader} REPLICATION")
+            await db.execute(f"GRANT CREATE ON DATABASE {await db.fetchval('SELECT current_database()')} TO {owner}")
+            # (as a DBA would run 'cache-sidecar capture sql --capture logical')
+            await publication.install(conn, publication.for_schemas(schemas))
         yield owned
     finally:
         await conn.close()
@@ -306,7 +321,9 @@ async def test_ddl_committed_before_a_strong_read_or_sync_is_reflected(start_dae
         assert sidecar.daemon.catalog.checks == checks + 1
     assert [r for r in caplog.records if "changed in the catalog" in r.getMessage()]  # and it says what changed
     problem = sidecar.core.tables[f"{owned.schema}.{name}"].problem
-    if case == "partition attached":  # (without triggers, which this sidecar may not install: not served)
+    if case == "partition attached" and sidecar.capture == "notify":
+        # (without triggers, which this sidecar may not install: not served; a publication
+        # of the partitioned table publishes every partition, through the root, attached later too)
         assert problem is not None and "parts_high" in problem and "lacks the triggers" in problem
     else:
         assert problem is None

@@ -15,6 +15,8 @@ from sidecar import config as cfg
 from sidecar.app import Daemon
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.captures("notify", "logical")
+
 # (column type, SQL literal, JSON value the row carries) -- the README's table.
 VALUES = [
     ("int2", "-32768", -32768),

@@ -26,6 +26,12 @@ class Postgres:
     version: str
     handle: Any = None
     kind: str = "embedded"
+    wal_level: str = "replica"
+
+    @property
+    def logical(self) -> bool:
+        """Logical decoding is possible (``database.capture = logical`` can run)."""
+        return self.wal_level == "logical"
 
     @property
     def can_restart(self) -> bool:
@@ -45,9 +51,13 @@ class Postgres:
 
 
 class EmbeddedServer:
-    """pgserver's cluster (works as root: it runs the server as a 'pgserver' user)."""
+    """pgserver's cluster (works as root: it runs the server as a 'pgserver' user).
 
-    def __init__(self) -> None:
+    ``settings`` go to ``postgresql.auto.conf`` (``ALTER SYSTEM``) followed by one restart:
+    pgserver starts the server itself and takes no server options, and settings such as
+    ``wal_level`` take effect only at a start."""
+
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         import pgserver
 
@@ -56,6 +66,9 @@ class EmbeddedServer:
         self.dsn = self.server.get_uri()
         self.socket_path = os.path.join(self.dsn.split("host=")[-1], ".s.PGSQL.5432")
         self._restarted = False  # (then the postmaster is no longer the one pgserver started)
+        if settings:
+            self.server.psql("".join(f"ALTER SYSTEM SET {name} = '{value}';\n" for name, value in settings.items()))
+            self.restart()
 
     def restart(self) -> None:
         self._pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.server.pgdata, user=self.server.system_user)
@@ -68,6 +81,9 @@ class EmbeddedServer:
             with contextlib.suppress(subprocess.CalledProcessError):
                 user = self.server.system_user
                 self._pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=user)
+            # (else pgserver tries to stop the first postmaster -- an unreaped zombie, here
+            # -- logs an error and signals it)
+            self.server._postmaster_info = None
         self.server.cleanup()
 
     def postmaster_pid(self) -> int:
@@ -171,6 +187,17 @@ LOGICAL_SETTINGS = {
     "max_wal_senders": "10",
     "max_prepared_transactions": "10",
     "logical_decoding_work_mem": "64kB",
+}
+
+# The test session's shared server: every capture mode can run on it (each daemon in
+# logical mode holds one replication connection and one temporary slot, and tests start
+# several daemons at once, in parallel sessions too); logical_decoding_work_mem keeps its
+# default, so the daemons' transactions decode in memory as they would in production.
+SESSION_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "64",
+    "max_wal_senders": "64",
+    "max_prepared_transactions": "10",
 }
 
 

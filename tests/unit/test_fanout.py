@@ -424,3 +424,21 @@ async def test_idle_subscribers_are_not_woken_again_and_again_after_a_publish():
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_max_lag_counts_batches_not_revision_numbers():
+    """Revisions that are commit LSNs (logical capture) lie far apart: a subscriber that
+    took one message while three batches were published is not behind, one that took it
+    while six were (more than max_lag) is."""
+    fanout = make_fanout(max_lag=5)
+    stream = fanout.subscribe(Filter(frozenset())).messages()
+    commit(fanout, 1000, 1)
+    assert (await take(stream, 1))[0].revision == 1000
+    for revision in (2000, 3000, 4000):
+        commit(fanout, revision, 1)
+    assert [b.revision for b in await take(stream, 3)] == [2000, 3000, 4000]
+    for revision in range(5000, 11000, 1000):
+        commit(fanout, revision, 1)
+    with pytest.raises(FellBehind, match=r"6 batches published while one waited\); last delivered revision e1/4000"):
+        await take(stream, 1)
+    assert fanout.dropped == 1
