@@ -182,6 +182,12 @@ class Daemon:
                 conninfo=config.dsn,
                 publication=captured.name,
                 tables={(t.schema.config.schema, t.schema.config.name): t.schema for t in trigger_sets},
+                read_on_change={
+                    (source.table.config.schema, source.table.config.name)
+                    for schema in schemas
+                    if schema.config.is_relation
+                    for source in schema.sources
+                },
                 query_timeout=config.query_timeout,
                 ping_interval=config.ping_interval,
                 ping_timeout=config.ping_timeout,

@@ -42,7 +42,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ from sidecar.core.keys import Key, KeyColumn, coerce_key
 from sidecar.core.schema import TableSchema
 from sidecar.core.wire import entry
 from sidecar.core.wire import row_json as entry_row
+from sidecar.core.xids import Visibility
 from sidecar.errors import InvalidKey, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.pg import pgoutput, rowjson
@@ -71,6 +72,7 @@ FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's co
 # Seconds between checks that the column types rows are built with are still the catalog's
 # (a composite's field renamed sends no Relation message for the tables using it).
 TYPES_CHECK_INTERVAL = 10.0
+YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
 
 
 class LogicalSink(Protocol):
@@ -148,6 +150,7 @@ class LogicalSource:
         publication: str,
         tables: Mapping[tuple[str, str], TableSchema],
         query_timeout: float,
+        read_on_change: Collection[tuple[str, str]] = (),
         ping_interval: float = 5.0,
         ping_timeout: float = 5.0,
         reconnect_min_delay: float = 0.1,
@@ -160,6 +163,10 @@ class LogicalSource:
         self._conninfo = conninfo or ""
         self.publication = publication
         self._heard = {name: _Table(name[0], name[1], schema.key_columns) for name, schema in tables.items()}
+        # Tables a change of which makes the cache read the database (a relation's sources:
+        # their refresh), besides changes that come without rows.
+        self._read_on_change = frozenset(read_on_change)
+        self.visibility_waits = 0  # transactions waited for until other sessions saw them
         self.query_timeout = query_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -334,6 +341,7 @@ class LogicalSource:
         transaction: _Transaction | None = None
         last_feedback = last_heard = types_checked = self.slot.heard = time.monotonic()
         asked_at: float | None = None
+        read = 0
         try:
             while True:
                 if transaction is None and any(t.recheck for t in self._heard.values()):
@@ -374,6 +382,9 @@ class LogicalSource:
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
                     continue
                 last_heard = self.slot.heard = now
+                read += 1
+                if read % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # (a big transaction: readers and barriers get their turn)
                 self.slot.received = max(self.slot.received, int(message.data_start))
                 self.slot.server_end = max(self.slot.server_end, int(message.wal_end))
                 parsed = decoder.feed(bytes(message.payload))
@@ -382,6 +393,8 @@ class LogicalSource:
                 elif isinstance(parsed, pgoutput.Commit):
                     if transaction is None:
                         raise pgoutput.ProtocolError("a Commit outside a transaction")
+                    if self._reads_after(transaction):
+                        await self._until_visible(transaction.xid)
                     self._commit(sink, transaction, parsed)
                     transaction = None
                     await asyncio.sleep(0)  # (a long backlog: readers and barriers get their turn)
@@ -437,6 +450,39 @@ class LogicalSource:
             pass
         finally:
             self._readable = None
+
+    def _reads_after(self, transaction: _Transaction) -> bool:
+        """Whether applying the transaction makes the cache read the database (a refetch,
+        a reload, a relation refresh, a lazy table's next fill)."""
+        for event in transaction.events:
+            if isinstance(event, SyncToken):
+                continue
+            if (event.schema, event.table) in self._read_on_change:
+                return True
+            if isinstance(event, RowChange) and event.rows is None:
+                return True
+            if isinstance(event, TableChange) and not event.emptied:
+                return True
+        return False
+
+    async def _until_visible(self, xid: int) -> None:
+        """Wait until other sessions see transaction ``xid``: the walsender sends a commit
+        once its WAL is flushed, a moment before the transaction is visible, and a read the
+        change starts must not miss it (it would keep the row as it was)."""
+        deadline = time.monotonic() + self.query_timeout
+        try:
+            async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+                while True:
+                    snapshot = await conn.fetchval(_SNAPSHOT_SQL, timeout=self.query_timeout)
+                    if Visibility.parse(str(snapshot)).saw(xid):
+                        return
+                    self.visibility_waits += 1
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"transaction {xid} not visible after {self.query_timeout:g}s")
+                    await asyncio.sleep(0.001)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            # (a read that cannot be made now fails and is retried: it sees the transaction then)
+            log.debug("waiting for transaction %d to be visible: %s", xid, exc)
 
     def _commit(self, sink: LogicalSink, transaction: _Transaction, commit: pgoutput.Commit) -> None:
         if transaction.events:
@@ -752,6 +798,8 @@ _EMIT_SQL = """
 SELECT pg_catalog.set_config('synchronous_commit', 'on', true),
     pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)
 """
+
+_SNAPSHOT_SQL = "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text"
 
 _PARENT_SQL = "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhparent = $1::pg_catalog.oid)"
 

@@ -70,12 +70,6 @@ async def follows(cache: AsyncClient, name: str, key: int, expected) -> None:  #
     await eventually(matches, what=f"{name} {key} == {expected}")
 
 
-@pytest.mark.logical_bug(
-    "a refetch sent when the stream's Commit arrives can read a snapshot without that transaction (the "
-    "walsender sends a commit once its WAL is flushed, a moment before other sessions see it): the relation "
-    "row stays stale; fails about one run in four here",
-    strict=False,
-)
 @pytest.mark.parametrize("mode", ["full", "lazy"])
 async def test_the_reference_example_follows_every_source(start_daemon, db, schema, users, mode):
     sidecar = await start_daemon([relation(schema, mode)])

@@ -68,10 +68,6 @@ async def test_altered_columns_reload_the_table(start_daemon, db, two, ddl):
     assert sidecar.engine.ready
 
 
-@pytest.mark.logical_bug(
-    "a table created again is not in the publication (FOR TABLE names the dropped one), and the catalog "
-    "check does not look at the publication: its changes never come, even a STRONG read is stale"
-)
 async def test_dropped_table_is_not_served_and_the_others_are(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=0.1)
