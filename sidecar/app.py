@@ -480,10 +480,10 @@ class Daemon:
             return f"{self._source_name()} down; reads go to the database"
         if engine.stalled:
             waiting = [name for name, table in core.tables.items() if table.low_water() is not None]
-            behind = core.revisions.seq - core.revisions.applied
+            revisions = core.revisions
             return (
-                f"the revision has not advanced for {engine.stalled_seconds:.0f}s while "
-                f"{behind} received batch(es) wait (on {', '.join(waiting) or 'nothing'})"
+                f"the revision has not advanced for {engine.stalled_seconds:.0f}s (applied {revisions.applied}, "
+                f"received up to {revisions.seq}) while received batches wait (on {', '.join(waiting) or 'nothing'})"
             )
         loading = [name for name, table in core.tables.items() if not table.loaded and table.problem is None]
         return f"loading {', '.join(loading)}"

@@ -488,7 +488,8 @@ def _upstream(state: FollowState) -> list[Any]:
         ),
         GaugeMetricFamily(
             "cache_sidecar_upstream_behind_revisions",
-            "Upstream revisions known of and not applied yet.",
+            "How far the newest upstream revision known of is ahead of the applied one, in revision "
+            "numbers (a hub in logical capture numbers by commit LSN: WAL bytes then).",
             state.behind_revisions,
         ),
         GaugeMetricFamily(
