@@ -629,27 +629,15 @@ class FullTable:
         keys = list(keys)
         if not keys:
             return
-        fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fence.add_done_callback(lambda f: f.cancelled() or f.exception())
+        fence = self._new_fence(f"refreshing rows of {self.schema.qualified}")
         for key in keys:
             self._key_fences[key] = fence
-        self._tasks.spawn(self._run_key_fence(fence, keys), "key fence")
+        fence.add_done_callback(lambda _: self._drop_key_fences(fence, keys))
 
-    async def _run_key_fence(self, fence: asyncio.Future[None], keys: list[Key]) -> None:
-        assert self._fence_source is not None
-        try:
-            await self._fence_source()
-        except Exception as exc:  # (the source went down, a barrier timed out)
-            log.debug("fence after refreshing rows of %s failed: %s", self.schema.qualified, exc)
-            if not fence.done():
-                fence.set_exception(Reloading())  # readers waiting for it ask the database
-        else:
-            if not fence.done():
-                fence.set_result(None)
-        finally:
-            for key in keys:
-                if self._key_fences.get(key) is fence:
-                    del self._key_fences[key]
+    def _drop_key_fences(self, fence: asyncio.Future[None], keys: list[Key]) -> None:
+        for key in keys:
+            if self._key_fences.get(key) is fence:
+                del self._key_fences[key]
 
     async def _keys_fenced(self, keys: Iterable[Key]) -> None:
         """Wait for the fences of ``keys`` under way now (``Reloading`` if one failed)."""
@@ -662,27 +650,36 @@ class FullTable:
         seen has been received (see the module's docstring)."""
         if self._fence_source is None:
             return
+        fence = self._fence = self._new_fence(f"reloading {self.schema.qualified}")
+        fence.add_done_callback(self._fence_done)
+
+    def _fence_done(self, fence: asyncio.Future[None]) -> None:
+        if self._fence is not fence:
+            return  # (an earlier fence says nothing of a later reload's snapshot)
+        self._fence = None
+        if not fence.cancelled() and fence.exception() is None:
+            self._seen = None  # (every transaction the reload saw has come through the stream)
+
+    def _new_fence(self, after: str) -> asyncio.Future[None]:
+        """A future done once every commit before now has been received (a barrier round
+        through ``fence``); failed with ``Reloading`` (readers ask the database) if the round
+        fails."""
         fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fence.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._fence = fence
-        self._tasks.spawn(self._run_fence(fence), "fence")
+        self._tasks.spawn(self._run_fence(fence, after), "fence")
+        return fence
 
-    async def _run_fence(self, fence: asyncio.Future[None]) -> None:
+    async def _run_fence(self, fence: asyncio.Future[None], after: str) -> None:
         assert self._fence_source is not None
         try:
             await self._fence_source()
-        except Exception as exc:  # (the listener went down, a barrier timed out)
-            log.debug("fence after reloading %s failed: %s", self.schema.qualified, exc)
+        except Exception as exc:  # (the change source went down, a barrier timed out)
+            log.debug("fence after %s failed: %s", after, exc)
             if not fence.done():
-                fence.set_exception(Reloading())  # readers waiting for it ask the database
+                fence.set_exception(Reloading())
         else:
             if not fence.done():
                 fence.set_result(None)
-            if self._fence is fence:  # (an earlier fence says nothing of a later reload's snapshot)
-                self._seen = None  # (every transaction the reload saw has come through the stream)
-        finally:
-            if self._fence is fence:
-                self._fence = None
 
     async def _refresh_matching(self, requests: list[tuple[int, tuple[str, ...], list[Key]]], level: int) -> None:
         by_columns: dict[tuple[str, ...], set[Key]] = {}
