@@ -145,7 +145,9 @@ class LocalCluster:
         )
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "restart")
+        # (with the log file named again: without -l the new server writes to pg_ctl's own
+        # output, the captured pipes, and pg_ctl never returns)
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-m", "fast", "restart")
 
     def stop(self) -> None:
         try:
