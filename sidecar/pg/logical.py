@@ -327,10 +327,9 @@ class LogicalSource:
                 message = cursor.read_message()
                 now = time.monotonic()
                 if message is None:
-                    if cursor.io_timestamp is not None:
-                        heard = _seconds(cursor.io_timestamp)
-                        if heard is not None:
-                            last_heard = max(last_heard, now - max(0.0, time.time() - heard))
+                    heard = _server_spoke(cursor)
+                    if heard is not None:
+                        last_heard = max(last_heard, now - max(0.0, time.time() - heard))
                     if asked_at is not None and last_heard >= asked_at:
                         asked_at = None
                     if asked_at is not None and now - asked_at > self.ping_timeout:
@@ -630,6 +629,18 @@ def _qualified(schema: str, name: str) -> str:
 def _escape_option(value: str) -> str:
     """A value inside libpq's ``options`` (spaces and backslashes escaped)."""
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def _server_spoke(cursor: Any) -> float | None:
+    """When the server last sent something that ``read_message`` consumed itself (a
+    keepalive, the answer to a status request), as ``time.time()`` seconds; None if
+    unknown. psycopg2's ``io_timestamp`` moves with our own feedback too (it is set to
+    ``feedback_timestamp`` when one is sent): only when it is later than that does it
+    tell of the server -- else our feedback alone would keep a stalled stream "alive"."""
+    spoke, sent = cursor.io_timestamp, cursor.feedback_timestamp
+    if spoke is None or (sent is not None and spoke <= sent):
+        return None
+    return _seconds(spoke)
 
 
 def _seconds(moment: Any) -> float | None:
