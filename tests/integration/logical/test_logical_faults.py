@@ -238,52 +238,40 @@ async def test_walsender_terminated(cluster, pg, tables, start):
 # ---------------------------------------------------------------- PostgreSQL restarted
 
 
-@contextlib.contextmanager
-def replication_refused(cluster: LocalCluster) -> Iterator[None]:
-    """pg_hba.conf refuses replication connections (read at the next start or reload)."""
-    hba = Path(cluster.data) / "pg_hba.conf"
-    before = hba.read_text()
-    hba.write_text("local replication all reject\nhost replication all all reject\n" + before)
-    try:
-        yield
-    finally:
-        hba.write_text(before)
-
-
-async def test_postgresql_restart(cluster, pg, tables, start):
-    """PostgreSQL restarts under the daemon and, for a while, refuses replication
-    connections (so the outage lasts until the test says): the loss is noticed while the
-    server is down; the database answers reads meanwhile (fresh, memory untouched); then
-    a new epoch, every table rebuilt, a RESET, the outage's write served after."""
+async def test_postgresql_restart(cluster, pg, tables, start, proxy):
+    """PostgreSQL restarts under the daemon, and for a while the replication connection
+    cannot come back (its way goes through a proxy that refuses new connections; the
+    pool's does not), so the outage lasts until the test says: the loss is noticed while
+    the server is down; the database answers reads meanwhile (fresh, memory untouched);
+    then a new epoch, every table rebuilt, a RESET, the outage's write served after."""
     items, others = tables
     sidecar = await start([items, others])
+    await stream_through(sidecar, pg, proxy)
     source = sidecar.daemon.source
-    epoch, loaded = sidecar.core.revisions.epoch, reloads(sidecar, tables)
+    epoch, loaded, losses = sidecar.core.revisions.epoch, reloads(sidecar, tables), source.losses
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         stream = cache.watch([items])
         reading = asyncio.create_task(collect(stream, reset_then_version(items, 3)))
         await eventually(lambda: sidecar.core.fanout.subscribers == 1, what="the watcher subscribed")
-        with replication_refused(cluster):
-            restarting = asyncio.create_task(asyncio.to_thread(cluster.restart))
-            await eventually(lambda: not sidecar.core.trust.up, timeout=10, what="the loss noticed")
-            await restarting
-            assert source.losses == 1
-            conn = await asyncpg.connect(cluster.dsn)
-            await conn.execute(f"UPDATE {items} SET version = 2 WHERE id = 1")
-            await conn.close()
-            passthrough = sidecar.core.reads.stats.passthrough_reads
-            read = await eventually(
-                lambda: _answered(cache.get(items, 1, consistency="strong")),
-                timeout=20,
-                what="the database answering reads again",
-            )
-            assert read["version"] == 2
-            assert (await cache.get(items, 1))["version"] == 2
-            assert sidecar.core.reads.stats.passthrough_reads >= passthrough + 2
-            assert b'"version":1' in held(sidecar, items, 1)
-            assert sidecar.core.revisions.epoch == epoch and not sidecar.core.trust.up  # (refused)
+        proxy.refuse()
+        restarting = asyncio.create_task(asyncio.to_thread(cluster.restart))
+        await eventually(lambda: not sidecar.core.trust.up, timeout=10, what="the loss noticed")
+        await restarting
+        assert source.losses == losses + 1
         conn = await asyncpg.connect(cluster.dsn)  # (``pg`` died with the restart)
-        await conn.fetchval("SELECT pg_reload_conf()")
+        await conn.execute(f"UPDATE {items} SET version = 2 WHERE id = 1")
+        passthrough = sidecar.core.reads.stats.passthrough_reads
+        read = await eventually(
+            lambda: _answered(cache.get(items, 1, consistency="strong")),
+            timeout=20,
+            what="the database answering reads again",
+        )
+        assert read["version"] == 2
+        assert (await cache.get(items, 1))["version"] == 2
+        assert sidecar.core.reads.stats.passthrough_reads >= passthrough + 2
+        assert b'"version":1' in held(sidecar, items, 1)
+        assert sidecar.core.revisions.epoch == epoch and not sidecar.core.trust.up  # (refused)
+        proxy.unblock()
         await eventually(
             lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
             timeout=30,
@@ -490,7 +478,14 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
             assert sidecar.core.revisions.epoch == epoch  # (nothing told the daemon yet: the proxy holds it)
             strong = await _answered(cache.get(items, 1, consistency="strong", timeout=5))
             assert strong is None or strong["version"] == 2, "a STRONG read served a stale row"
-            proxy.resume()
+            proxy.refuse()  # (no new stream for now: the outage lasts until the test says)
+            proxy.resume()  # (the invalidated slot's connection ends: its walsender is gone)
+            await eventually(lambda: not sidecar.core.trust.up, timeout=10, what="the end of the stream noticed")
+            assert (await cache.get(items, 1))["version"] == 2  # from the database
+            assert (await cache.get(items, 1, consistency="strong"))["version"] == 2
+            # (memory may hold version 2 by now: the walsender had sent that transaction
+            # into the proxy before the slot was invalidated, and the resume delivered it)
+            proxy.unblock()
             await eventually(
                 lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
                 timeout=30,
