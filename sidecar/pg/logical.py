@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -166,6 +166,7 @@ class LogicalSource:
         self._cursor: Any = None
         self._up = False
         self._readable: asyncio.Future[None] | None = None
+        self._busy = False  # a command runs on the replication connection in a thread
 
     @property
     def database(self) -> PgDatabase:
@@ -241,7 +242,7 @@ class LogicalSource:
         await self._close_connection()
         self._conn, self._cursor = await asyncio.to_thread(self._connect)
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
-        position, snapshot = await asyncio.to_thread(self._create_slot, slot)
+        position, snapshot = await self._blocking(self._create_slot, slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
         await self._prepare_tables()
         # Every full table loads under the slot's snapshot: memory is then the database
@@ -254,7 +255,7 @@ class LogicalSource:
             await sink.until_loaded()
         finally:
             self._database.snapshot = None
-        await asyncio.to_thread(self._start, slot, position)
+        await self._blocking(self._start, slot, position)
         self.slot.streaming = True
         log.info(
             "streaming changes from slot %s at %s (publication %s)",
@@ -301,12 +302,33 @@ class LogicalSource:
             options={"proto_version": str(proto), "publication_names": self.publication, "messages": "true"},
         )
 
+    async def _blocking(self, command: Callable[..., _T], *args: Any) -> _T:
+        """``command`` (a blocking one on the replication connection) in a thread."""
+
+        def run() -> _T:
+            self._busy = True
+            try:
+                return command(*args)
+            finally:
+                self._busy = False
+
+        return await asyncio.to_thread(run)
+
     async def _close_connection(self) -> None:
         conn, self._conn, self._cursor = self._conn, None, None
         if conn is None:
             return
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(conn.fileno())
+        if self._busy:
+            # A thread's command holds the connection (a slot creation waits for every
+            # older transaction to end: it may wait hours), and close() would wait for it
+            # with the event loop frozen. Cancel the command, and close, off the loop.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(conn.cancel), self.connect_timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(conn.close), self.connect_timeout)
+            return
         with contextlib.suppress(Exception):
             conn.close()  # (the temporary slot goes with the session)
 
@@ -615,6 +637,7 @@ class LogicalSource:
 
 
 _ABSENT: Any = object()
+_T = TypeVar("_T")
 
 
 @functools.lru_cache(maxsize=4096)
