@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -233,6 +234,54 @@ async def test_walsender_terminated(cluster, pg, tables, start):
     slots = await sidecar_slots(pg)
     assert old_slot not in slots and source.slot.name != old_slot
     assert list(slots) == [source.slot.name] and slots[source.slot.name]["active"]
+
+
+async def test_a_stop_while_the_new_slot_waits(cluster, pg, tables, start):
+    """SIGTERM while the reconnect's slot creation waits for an old transaction (which may
+    last hours): the daemon stops at once, and no slot is left. (The creation runs in a
+    thread on the replication connection; closing that connection from the event loop
+    waited for the command, freezing the loop -- gRPC, health, the stop itself.) A timer
+    ends the old transaction after 30 s so that the test ends either way."""
+    items, _ = tables
+    sidecar = await start([items])
+    blocker = await asyncpg.connect(cluster.dsn)
+    transaction = blocker.transaction()
+    await transaction.start()
+    blocker_pid = blocker.get_server_pid()
+    safety = threading.Timer(30, _terminate_backend, (cluster.dsn, blocker_pid))
+    safety.start()
+    try:
+        await blocker.fetchval("SELECT pg_current_xact_id()")
+        await pg.fetchval("SELECT pg_terminate_backend($1)", await walsender(pg, sidecar))
+        await eventually(lambda: not sidecar.core.trust.up, timeout=3, what="the loss noticed")
+        await eventually(lambda: _creating_slot(pg), timeout=10, what="the new slot waiting for the old transaction")
+        started = time.monotonic()
+        assert await sidecar.stop() == 0
+        took = time.monotonic() - started
+        assert took < 10, f"the stop waited {took:.1f}s for the old transaction"
+        assert await blocker.fetchval("SELECT 1") == 1, "(the old transaction was still open)"
+        await eventually(lambda: _none_of(pg, "cache_sidecar_"), timeout=10, what="no slot left")
+    finally:
+        safety.cancel()
+        if not blocker.is_closed():
+            blocker.terminate()
+
+
+def _terminate_backend(dsn: str, pid: int) -> None:
+    import psycopg2  # type: ignore[import-untyped]
+
+    with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def _creating_slot(pg: asyncpg.Connection) -> bool:
+    return bool(
+        await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' AND application_name = $1"
+            " AND query LIKE 'CREATE_REPLICATION_SLOT%' AND state = 'active'",
+            APPLICATION_NAME,
+        )
+    )
 
 
 # ---------------------------------------------------------------- PostgreSQL restarted
