@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +12,6 @@ import pytest
 
 from sidecar import config as cfg
 from tests.conftest import RunningDaemon, start_in_process, stop_all
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
