@@ -67,6 +67,10 @@ MAX_TOKEN_BYTES = 64
 # (the table is then reloaded once, as a bulk statement's trigger asks in NOTIFY mode).
 MAX_TRANSACTION_ROWS = 100_000
 FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's confirmed position)
+SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
+# wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
+# next checkpoint) by ending its walsender, which looks to us like any terminated connection.
+_PAST_KEEP_SIZE = ("unreserved", "lost")
 
 
 class LogicalSink(Protocol):
@@ -124,6 +128,7 @@ class SlotState:
     confirmed: int = 0  # the position confirmed to the server (applied)
     server_end: int = 0  # the server's end of WAL as last told
     received: int = 0  # the end of the last message received
+    wal_status: str = ""  # pg_replication_slots.wal_status as last read (checked every SLOT_CHECK_INTERVAL)
 
 
 class LogicalSource:
@@ -167,6 +172,7 @@ class LogicalSource:
         self._up = False
         self._readable: asyncio.Future[None] | None = None
         self._busy = False  # a command runs on the replication connection in a thread
+        self.slot_check_interval = SLOT_CHECK_INTERVAL
 
     @property
     def database(self) -> PgDatabase:
@@ -213,6 +219,8 @@ class LogicalSource:
                     raise
                 except Exception as exc:  # (any failure of the connection: a rebuild follows)
                     reason = self._redact(f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0][:300])
+                    if self.slot.wal_status in _PAST_KEEP_SIZE:
+                        reason += f" (slot {self.slot.name} had passed max_slot_wal_keep_size: invalidated)"
                     if self._up or attempt == 0:
                         log.warning(
                             "replication stream lost: %s", reason, extra={"event": "listener_down", "reason": reason}
@@ -264,7 +272,13 @@ class LogicalSource:
             self.publication,
             extra={"event": "listener_up", "slot": slot},
         )
-        await self._stream(sink)
+        checking = asyncio.create_task(self._check_slot(slot), name=f"wal_status of slot {slot}")
+        try:
+            await self._stream(sink)
+        finally:
+            checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checking
 
     # ------------------------------------------------------------ the replication connection (threads)
 
@@ -301,6 +315,36 @@ class LogicalSource:
             start_lsn=position,
             options={"proto_version": str(proto), "publication_names": self.publication, "messages": "true"},
         )
+
+    async def _check_slot(self, slot: str) -> None:
+        """Read the slot's ``wal_status`` now and then: past ``max_slot_wal_keep_size`` the
+        server will invalidate the slot, and only this tells that the connection's end,
+        when it comes, is that (a temporary slot leaves nothing to look at after)."""
+        while True:
+            await asyncio.sleep(self.slot_check_interval)
+            try:
+                async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+                    status = await conn.fetchval(
+                        "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                        slot,
+                        timeout=self.query_timeout,
+                    )
+            except Exception as exc:  # (best effort: the stream's own checks decide what is lost)
+                log.debug("reading the wal_status of slot %s: %s", slot, exc)
+                continue
+            if status is None:
+                continue  # (gone: its walsender ended -- the last status read tells why)
+            status = str(status)
+            if status != self.slot.wal_status and status in _PAST_KEEP_SIZE:
+                log.warning(
+                    "slot %s retains more WAL than max_slot_wal_keep_size (wal_status %s): the server "
+                    "invalidates it at its next checkpoint, and every table is rebuilt then",
+                    slot,
+                    status,
+                    extra={"event": "slot_past_keep_size", "slot": slot},
+                )
+            if self.slot.name == slot:
+                self.slot.wal_status = status
 
     async def _blocking(self, command: Callable[..., _T], *args: Any) -> _T:
         """``command`` (a blocking one on the replication connection) in a thread."""
