@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -73,6 +73,10 @@ FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's co
 # (a composite's field renamed sends no Relation message for the tables using it).
 TYPES_CHECK_INTERVAL = 10.0
 YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
+SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
+# wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
+# next checkpoint) by ending its walsender, which looks to us like any terminated connection.
+_PAST_KEEP_SIZE = ("unreserved", "lost")
 
 
 class LogicalSink(Protocol):
@@ -137,6 +141,7 @@ class SlotState:
     server_end: int = 0  # the server's end of WAL as last told
     received: int = 0  # the end of the last message received
     heard: float = 0.0  # time.monotonic() the server last sent anything (a change or a keepalive)
+    wal_status: str = ""  # pg_replication_slots.wal_status as last read (checked every SLOT_CHECK_INTERVAL)
 
 
 class LogicalSource:
@@ -184,6 +189,8 @@ class LogicalSource:
         self._cursor: Any = None
         self._up = False
         self._readable: asyncio.Future[None] | None = None
+        self._busy = False  # a command runs on the replication connection in a thread
+        self.slot_check_interval = SLOT_CHECK_INTERVAL
 
     @property
     def database(self) -> PgDatabase:
@@ -227,6 +234,8 @@ class LogicalSource:
                     raise
                 except Exception as exc:  # (any failure of the connection: a rebuild follows)
                     reason = self._redact(f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0][:300])
+                    if self.slot.wal_status in _PAST_KEEP_SIZE:
+                        reason += f" (slot {self.slot.name} had passed max_slot_wal_keep_size: invalidated)"
                     if self._up or attempt == 0:
                         log.warning(
                             "replication stream lost: %s", reason, extra={"event": "listener_down", "reason": reason}
@@ -261,7 +270,7 @@ class LogicalSource:
         # Relation differ from them, and such a table refetches, rather than the other way)
         await self._prepare_tables()
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
-        position, snapshot = await asyncio.to_thread(self._create_slot, slot)
+        position, snapshot = await self._blocking(self._create_slot, slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
         # Every full table loads under the slot's snapshot: memory is then the database
         # exactly at ``position``, where the stream starts.
@@ -273,7 +282,7 @@ class LogicalSource:
             await sink.until_loaded()
         finally:
             self._database.snapshot = None
-        await asyncio.to_thread(self._start, slot, position)
+        await self._blocking(self._start, slot, position)
         self.slot.streaming = True
         log.info(
             "streaming changes from slot %s at %s (publication %s)",
@@ -282,7 +291,13 @@ class LogicalSource:
             self.publication,
             extra={"event": "listener_up", "slot": slot},
         )
-        await self._stream(sink)
+        checking = asyncio.create_task(self._check_slot(slot), name=f"wal_status of slot {slot}")
+        try:
+            await self._stream(sink)
+        finally:
+            checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checking
 
     # ------------------------------------------------------------ the replication connection (threads)
 
@@ -320,12 +335,63 @@ class LogicalSource:
             options={"proto_version": str(proto), "publication_names": self.publication, "messages": "true"},
         )
 
+    async def _check_slot(self, slot: str) -> None:
+        """Read the slot's ``wal_status`` now and then: past ``max_slot_wal_keep_size`` the
+        server will invalidate the slot, and only this tells that the connection's end,
+        when it comes, is that (a temporary slot leaves nothing to look at after)."""
+        while True:
+            await asyncio.sleep(self.slot_check_interval)
+            try:
+                async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
+                    status = await conn.fetchval(
+                        "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                        slot,
+                        timeout=self.query_timeout,
+                    )
+            except Exception as exc:  # (best effort: the stream's own checks decide what is lost)
+                log.debug("reading the wal_status of slot %s: %s", slot, exc)
+                continue
+            if status is None:
+                continue  # (gone: its walsender ended -- the last status read tells why)
+            status = str(status)
+            if status != self.slot.wal_status and status in _PAST_KEEP_SIZE:
+                log.warning(
+                    "slot %s retains more WAL than max_slot_wal_keep_size (wal_status %s): the server "
+                    "invalidates it at its next checkpoint, and every table is rebuilt then",
+                    slot,
+                    status,
+                    extra={"event": "slot_past_keep_size", "slot": slot},
+                )
+            if self.slot.name == slot:
+                self.slot.wal_status = status
+
+    async def _blocking(self, command: Callable[..., _T], *args: Any) -> _T:
+        """``command`` (a blocking one on the replication connection) in a thread."""
+
+        def run() -> _T:
+            self._busy = True
+            try:
+                return command(*args)
+            finally:
+                self._busy = False
+
+        return await asyncio.to_thread(run)
+
     async def _close_connection(self) -> None:
         conn, self._conn, self._cursor = self._conn, None, None
         if conn is None:
             return
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(conn.fileno())
+        if self._busy:
+            # A thread's command holds the connection (a slot creation waits for every
+            # older transaction to end: it may wait hours), and close() would wait for it
+            # with the event loop frozen. Cancel the command, and close, off the loop.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(conn.cancel), self.connect_timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(conn.close), self.connect_timeout)
+            return
         with contextlib.suppress(Exception):
             conn.close()  # (the temporary slot goes with the session)
 
@@ -349,10 +415,9 @@ class LogicalSource:
                 message = cursor.read_message()
                 now = time.monotonic()
                 if message is None:
-                    if cursor.io_timestamp is not None:
-                        heard = _seconds(cursor.io_timestamp)
-                        if heard is not None:
-                            last_heard = max(last_heard, now - max(0.0, time.time() - heard))
+                    heard = _server_spoke(cursor)
+                    if heard is not None:
+                        last_heard = max(last_heard, now - max(0.0, time.time() - heard))
                     self.slot.heard = last_heard
                     if asked_at is not None and last_heard >= asked_at:
                         asked_at = None
@@ -768,6 +833,7 @@ class LogicalSource:
 
 
 _ABSENT: Any = object()
+_T = TypeVar("_T")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -786,6 +852,18 @@ def _columns(relation: pgoutput.Relation) -> tuple[tuple[str, int], ...]:
 def _escape_option(value: str) -> str:
     """A value inside libpq's ``options`` (spaces and backslashes escaped)."""
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def _server_spoke(cursor: Any) -> float | None:
+    """When the server last sent something that ``read_message`` consumed itself (a
+    keepalive, the answer to a status request), as ``time.time()`` seconds; None if
+    unknown. psycopg2's ``io_timestamp`` moves with our own feedback too (it is set to
+    ``feedback_timestamp`` when one is sent): only when it is later than that does it
+    tell of the server -- else our feedback alone would keep a stalled stream "alive"."""
+    spoke, sent = cursor.io_timestamp, cursor.feedback_timestamp
+    if spoke is None or (sent is not None and spoke <= sent):
+        return None
+    return _seconds(spoke)
 
 
 def _seconds(moment: Any) -> float | None:

@@ -152,13 +152,15 @@ class LocalCluster:
         self.socket_path = str(self.base / f".s.PGSQL.{self.port}")
 
     def _run(self, program: str, *args: str) -> None:
-        subprocess.run(
-            [os.path.join(self.bindir, program), *args],
-            check=True,
-            capture_output=True,
-            user=self.user,
-            timeout=60,
-        )
+        command = [os.path.join(self.bindir, program), *args]
+        user = self.user
+        runuser = shutil.which("runuser") if user else None
+        if user and runuser:
+            # (subprocess's user= forks without vfork, so the fork handlers of the threads
+            # a test runs -- gRPC's -- run in the child: pg_ctl restart died of SIGSEGV
+            # there now and then; runuser switches user after a plain vfork and exec)
+            command, user = [runuser, "-u", user, "--", *command], None
+        subprocess.run(command, check=True, capture_output=True, user=user, timeout=60)
 
     def restart(self) -> None:
         # (-l again: pg_ctl does not remember it, and a server logging to the pipe _run reads

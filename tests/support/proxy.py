@@ -12,7 +12,8 @@ class Proxy:
     ``stall()`` keeps connections open but stops moving bytes (a dead network
     without FIN); ``resume()`` moves them again; ``cut()`` closes every
     connection (a reset); ``block()`` cuts and refuses new ones until
-    ``unblock()`` (the database is unreachable); ``retarget()`` cuts and sends new
+    ``unblock()`` (the database is unreachable); ``refuse()`` refuses new ones
+    and leaves the open ones be; ``retarget()`` cuts and sends new
     connections to another TCP address (a Service routing to another pod).
     ``delay`` seconds hold every byte from the server to the client that long (a
     slow link; order is kept; a change applies to connections made after it).
@@ -46,6 +47,10 @@ class Proxy:
     def block(self) -> None:
         self.blocked = True
         self.cut()
+
+    def refuse(self) -> None:
+        """Refuse new connections; the open ones go on (``unblock()`` ends this)."""
+        self.blocked = True
 
     def unblock(self) -> None:
         self.blocked = False
