@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -18,6 +18,7 @@ from sidecar.core.schema import TableSchema
 from sidecar.errors import ConfigError, SchemaError
 from sidecar.pg import preflight, publication
 from sidecar.pg.db import describe_table
+from tests.support.pg import LocalCluster, pgserver_bindir
 from tests.support.waiting import eventually
 
 
@@ -75,10 +76,20 @@ async def any_place(any_logical_dsn: str) -> AsyncIterator[Place]:
         yield made
 
 
+@pytest.fixture(scope="module")
+def replica_dsn() -> Iterator[str]:
+    """A cluster of its own with the default wal_level = replica (the session's runs with logical)."""
+    cluster = LocalCluster(pgserver_bindir(), run_as="pgserver")
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-async def replica_place(postgres) -> AsyncIterator[Place]:
-    """On the session's server, which runs with wal_level = replica."""
-    async for made in _place(postgres.dsn):
+async def replica_place(replica_dsn: str) -> AsyncIterator[Place]:
+    """On a server with wal_level = replica."""
+    async for made in _place(replica_dsn):
         yield made
 
 
