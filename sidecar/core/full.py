@@ -444,9 +444,13 @@ class FullTable:
         while True:
             if self._reload_needed > self._reload_done:
                 raise Reloading()
-            if self._fence is None:
+            fence = self._fence
+            if fence is None:
                 return
-            await asyncio.shield(self._fence)  # (about one round trip; Reloading if it failed)
+            if fence.done():  # (its callbacks have not run yet: awaiting it again would spin)
+                self._fence_done(fence)
+                continue
+            await asyncio.shield(fence)  # (about one round trip; Reloading if it failed)
 
     def query_memory(self, query: IndexQuery) -> tuple[list[bytes], bool]:
         """An index query answered from memory (after ``settle``)."""
