@@ -128,7 +128,8 @@ class _Transaction:
     events: list[Event] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # row changes per table
     bulk: set[str] = field(default_factory=set)  # tables past MAX_TRANSACTION_ROWS
-    latest: dict[tuple[str, Key], bytes | None] = field(default_factory=dict)  # rows so far, by key
+    # rows so far, by table and key parts as sent (the newest last)
+    latest: dict[tuple[str, tuple[Any, ...]], bytes | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -734,7 +735,7 @@ class LogicalSource:
             key = self._key(decoder, change.old)
             rows = (None,) if decoder.rows and table.qualified else None
             if rows is not None:
-                transaction.latest[(table.qualified, self._coerced(table, key))] = None
+                _remember(transaction, table.qualified, key, None)
             return RowChange(table.schema, table.name, Op.DELETE, xid, (key,), (), rows)
         # (a key stored out of line and not changed comes as "unchanged": the old key has it)
         key = self._key(decoder, change.new, change.old if isinstance(change, pgoutput.Update) else None)
@@ -756,10 +757,9 @@ class LogicalSource:
         if row is None:
             return RowChange(table.schema, table.name, op, xid, (key,), old_keys)
         cached = entry(row)
-        coerced = self._coerced(table, key)
-        transaction.latest[(table.qualified, coerced)] = cached
+        _remember(transaction, table.qualified, key, cached)
         if old is not None:
-            transaction.latest[(table.qualified, self._coerced(table, old))] = None
+            _remember(transaction, table.qualified, old, None)
         return RowChange(table.schema, table.name, op, xid, (key,), old_keys, (cached,))
 
     def _key(
@@ -776,7 +776,10 @@ class LogicalSource:
             column = decoder.relation.columns[position]
             if not isinstance(value, pgoutput.Text):
                 raise ValueError(f"key column {column.name} was not sent as text")
-            parts.append(loads(rowjson.value_json(value.data, column.type_oid, decoder.table.types)))
+            if column.type_oid in _INTEGERS:  # (the common key: its JSON is its text)
+                parts.append(int(value.data))
+            else:
+                parts.append(loads(rowjson.value_json(value.data, column.type_oid, decoder.table.types)))
         return tuple(parts)
 
     @staticmethod
@@ -823,8 +826,16 @@ class LogicalSource:
     def _previous(
         self, sink: LogicalSink, transaction: _Transaction, table: _Table, parts: tuple[Any, ...]
     ) -> list[bytes] | None:
+        # (``latest`` is by the parts as sent: the same parts are the same key; other parts
+        # may be the same key too -- numeric 1.0 and 1.00 -- unless the key's types have one
+        # text per value)
+        held = transaction.latest.get((table.qualified, parts), _ABSENT)
         key = self._coerced(table, parts)
-        held = transaction.latest.get((table.qualified, key), _ABSENT)
+        if held is _ABSENT and not all(c.type_name in _ONE_TEXT_PER_VALUE for c in table.key):
+            for (name, other), row in reversed(transaction.latest.items()):
+                if name == table.qualified and self._coerced(table, other) == key:
+                    held = row
+                    break
         if held is _ABSENT:
             held = sink.cached_row(table.qualified, key)
         if not isinstance(held, bytes):
@@ -833,6 +844,16 @@ class LogicalSource:
 
 
 _ABSENT: Any = object()
+
+
+def _remember(transaction: _Transaction, table: str, parts: tuple[Any, ...], row: bytes | None) -> None:
+    """The row of ``parts`` so far in the transaction, kept the newest last."""
+    transaction.latest.pop((table, parts), None)
+    transaction.latest[(table, parts)] = row
+
+
+_INTEGERS = frozenset({20, 21, 23})  # int8, int2, int4
+_ONE_TEXT_PER_VALUE = frozenset({"int2", "int4", "int8", "text", "varchar", "uuid", "bool"})
 _T = TypeVar("_T")
 
 
