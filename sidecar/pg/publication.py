@@ -512,10 +512,24 @@ class PublicationCapture:
         self.publication = publication
 
     async def inspect(self, conn: Any, trigger_set: triggers.TriggerSet) -> triggers.Installed:
+        """Whether every change of ``trigger_set``'s table is sent: the publication's problems
+        that concern it (another table missing from it does not)."""
         found = await inspect(conn, self.publication)
-        if found.status == "ok":
-            return triggers.Installed("current")
-        return triggers.Installed("missing" if found.status == "missing" else "outdated", found.problems)
+        if found.status == "missing":
+            return triggers.Installed("missing")
+        config = trigger_set.schema.config
+        name = qualified_name(config.schema, config.name)
+        problems = [
+            p
+            for p in found.problems
+            if p.startswith(_EVERY_TABLE_PROBLEMS) or (name in p and not p.startswith("it also publishes"))
+        ]
+        children = await conn.fetch(_TABLE_UNPUBLISHED_CHILDREN_SQL, await _oid(conn, self.publication))
+        root = (config.schema, config.name)
+        mine = {(r["schema"], r["name"]) for r in children if (r["root_schema"], r["root"]) == root}
+        if mine:
+            problems.append(f"it lacks the inheritance children {_names(sorted(mine))} of {name} (made after it)")
+        return triggers.Installed("outdated" if problems else "current", tuple(problems))
 
     async def install(self, conn: Any, trigger_set: triggers.TriggerSet) -> None:
         await install(conn, self.publication)
@@ -526,3 +540,33 @@ class PublicationCapture:
             "'cache-sidecar capture install --capture logical' (or 'capture sql' for a DBA), or start with "
             "--install-capture"
         )
+
+
+# Problems of the publication as a whole (every table's changes may go unsent).
+_EVERY_TABLE_PROBLEMS = (
+    "made by a newer",
+    "it publishes every table",
+    "it does not publish every operation",
+    "publish_via_partition_root",
+)
+
+# UNPUBLISHED_CHILDREN_SQL, with the published table each child descends from.
+_TABLE_UNPUBLISHED_CHILDREN_SQL = """
+WITH RECURSIVE tree(oid, root) AS (
+    SELECT r.prrelid, r.prrelid FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = $1
+  UNION
+    SELECT i.inhrelid, tree.root FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid
+)
+SELECT n.nspname AS schema, c.relname AS name, rn.nspname AS root_schema, rc.relname AS root
+  FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_class rc ON rc.oid = tree.root
+  JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+ WHERE NOT c.relispartition AND c.relkind = 'r'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = $1 AND r.prrelid = c.oid)
+"""
+
+
+async def _oid(conn: Any, publication: Publication) -> int | None:
+    oid = await conn.fetchval("SELECT oid FROM pg_catalog.pg_publication WHERE pubname = $1", publication.name)
+    return None if oid is None else int(oid)
