@@ -138,12 +138,6 @@ async def test_rows_through_the_store_equal_rows_over_grpc_after_every_kind_of_c
     assert info is not None and info.served and len(rows) == 2 == info.rows
 
 
-@pytest.mark.logical_bug(
-    "a TRUNCATE and 25 000-row INSERT in one transaction holds the daemon's event loop for seconds in "
-    "logical mode (0.6 s idle, 17 s on this loaded machine; NOTIFY mode: 0.01 s): the Sync after it "
-    "exceeds the client's 5 s deadline under load",
-    strict=False,
-)
 async def test_a_big_table_is_rewritten_in_chunks_and_then_served(start, db, schema, store_dir):
     table = f"{schema}.big"
     await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")

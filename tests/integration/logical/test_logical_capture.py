@@ -152,3 +152,28 @@ async def test_a_column_added_under_writes_reloads_once_and_rows_come_from_the_s
     assert {k[0]: row_json(v).decode() for k, v in table.rows.items()} == want
     assert table.streamed and table.refetches == 0
     await conn.close()
+
+
+async def test_invalidate_of_a_table_from_the_stream_drops_nothing_and_covers_every_earlier_commit(
+    logical_dsn: str, lschema: str, start_logical: Any
+) -> None:
+    """Nothing escapes the WAL: an Invalidate keeps the rows (a refetch would end taking rows
+    from the stream), returns once everything committed before it is applied, and watchers
+    still hear of it."""
+    from sidecar.core.fanout import INVALIDATE
+
+    conn = await asyncpg.connect(logical_dsn)
+    s = lschema
+    await conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY, v text); INSERT INTO {s}.t VALUES (1, 'a'), (2, 'b')")
+    daemon = await start_logical([f"{s}.t"])
+    table = daemon.core.tables[f"{s}.t"]
+    engine = daemon.engine
+    recorded: list[Any] = []
+    original = daemon.core.fanout.record
+    daemon.core.fanout.record = lambda seq, xid, *changes: (recorded.extend(changes), original(seq, xid, *changes))[1]
+    await conn.execute(f"UPDATE {s}.t SET v = 'A' WHERE id = 1")
+    await engine.invalidate(f"{s}.t", [[1]], refresh=True)
+    assert json.loads(row_json(table.rows[(1,)]))["v"] == "A"  # (applied before it returned)
+    assert table.streamed and table.refetches == 0 and table.reloads == 1
+    assert any(c.op == INVALIDATE and c.key == (1,) for c in recorded)
+    await conn.close()
