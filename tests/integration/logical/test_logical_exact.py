@@ -657,6 +657,7 @@ async def test_a_transaction_of_more_rows_than_are_held_reloads_once_and_is_neve
     assert None not in seen
     assert seen[-1] == 1 and seen == sorted(seen), "a read went back to the row before the change"
     full = daemon.core.tables[table]
+    await eventually(lambda: full.reloads == 2, what="the one reload landed")  # (reads went to the database)
     assert (full.refetches, full.reloads) == (0, 2), full.queries()
     assert len(await assert_exact(daemon, conn, table)) == rows
 
