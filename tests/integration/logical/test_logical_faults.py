@@ -32,6 +32,7 @@ from cache_sidecar_client.errors import DeadlineExceeded
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import config as cfg
+from sidecar.pg import logical
 from tests.conftest import RunningDaemon, start_in_process, stop_all
 from tests.support.logical import start_logical_cluster
 from tests.support.pg import LocalCluster
@@ -522,7 +523,9 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
             assert strong is None or strong["version"] == 2, "a STRONG read served a stale row"
             await generate_wal(pg, schema, 4)
             await eventually(
-                lambda: source.slot.wal_status == "unreserved", timeout=10, what="the daemon seeing its slot unreserved"
+                lambda: source.slot.wal_status == "unreserved",
+                timeout=3 * logical.SLOT_CHECK_INTERVAL,  # (read every interval; a busy machine is late)
+                what="the daemon seeing its slot unreserved",
             )
             await pg.execute("CHECKPOINT", timeout=60)
             await eventually(lambda: _invalidated(pg, slot), timeout=30, what="the slot invalidated")
