@@ -405,7 +405,12 @@ class PgDatabase:
         if snapshot is not None:
             if not _SNAPSHOT_NAME.fullmatch(snapshot):
                 raise QueryFailed(f"not a snapshot name: {snapshot[:40]!r}")
-            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=self.timeout)
+            try:
+                await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=self.timeout)
+            except asyncpg.PostgresError as exc:
+                # (the replication connection that exported it ended: a rebuild follows; not a
+                # failure of the table that would repeat)
+                raise Unavailable(f"the exported snapshot is gone: {exc}") from None
         if seen is not None:
             seen(await conn.fetchval("SELECT pg_catalog.pg_current_snapshot()::text", timeout=self.timeout))
 

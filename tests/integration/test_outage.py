@@ -87,7 +87,9 @@ async def test_reads_during_listener_outage_go_to_the_database(start_daemon, db,
         source = sidecar.daemon.source
         real_conninfo, source._conninfo = source._conninfo, proxied
     await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
-    await eventually(lambda: sidecar.core.trust.up and proxy.connections > 0, what="listening via proxy")
+    # (ready: the rebuild's loads landed too -- in logical mode they read under the snapshot
+    # the connection through the proxy exported)
+    await eventually(lambda: sidecar.engine.ready and proxy.connections > 0, what="listening via proxy")
     proxy.block()
     await eventually(lambda: not sidecar.core.trust.up, what="listener down")
     async with AsyncClient(sidecar.target) as cache:
