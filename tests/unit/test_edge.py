@@ -135,6 +135,9 @@ class Outcome:
     explained: str
 
 
+CALL_TIMEOUT = 30.0  # a deadline, not a pace: a busy machine's handshakes take seconds
+
+
 async def call(target: str, security: UpstreamSecurity | None = None, method: str = "ListTables") -> Outcome:
     """One call on a new channel (so a new handshake): OK, or the code and the client's sentence."""
     security = security or UpstreamSecurity()
@@ -142,21 +145,26 @@ async def call(target: str, security: UpstreamSecurity | None = None, method: st
     stub = pb_grpc.CacheStub(channel)
     try:
         if method == "ListTables":
-            await stub.ListTables(pb.ListTablesRequest(), timeout=5)
+            await stub.ListTables(pb.ListTablesRequest(), timeout=CALL_TIMEOUT)
         elif method == "Get":
-            await stub.Get(pb.GetRequest(table="public.items", key=pb.Key(parts=[pb.KeyPart(int_value=1)])), timeout=5)
+            await stub.Get(
+                pb.GetRequest(table="public.items", key=pb.Key(parts=[pb.KeyPart(int_value=1)])), timeout=CALL_TIMEOUT
+            )
         elif method == "Invalidate":
             await stub.Invalidate(
-                pb.InvalidateRequest(table="public.items", keys=[pb.Key(parts=[pb.KeyPart(int_value=1)])]), timeout=5
+                pb.InvalidateRequest(table="public.items", keys=[pb.Key(parts=[pb.KeyPart(int_value=1)])]),
+                timeout=CALL_TIMEOUT,
             )
         elif method == "Watch":
-            stream = stub.Watch(pb.WatchRequest(tables=["public.items"], initial_state=True), timeout=5)
+            stream = stub.Watch(pb.WatchRequest(tables=["public.items"], initial_state=True), timeout=CALL_TIMEOUT)
             await stream.read()
         elif method == "Health":
-            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
         elif method == "Reflection":
             requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(requests, timeout=5)
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                requests, timeout=CALL_TIMEOUT
+            )
             await stream.read()
         else:
             raise AssertionError(method)
