@@ -161,7 +161,9 @@ async def call(target: str, security: UpstreamSecurity | None = None, method: st
         elif method == "Health":
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
         elif method == "Reflection":
-            requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            # No request is written: a client write that races the server's refusal turns the
+            # status into INTERNAL on the client (grpc/grpc#36066), which a loaded machine hit.
+            requests: Iterator[reflection_pb2.ServerReflectionRequest] = iter([])
             stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
                 requests, timeout=CALL_TIMEOUT
             )
