@@ -5,8 +5,8 @@ connection; two-phase commit.
 
 The rule each fault must keep (issue 21, item 3): the loss is noticed at once, memory
 stops being trusted (reads go to the database, or fail; never stale), the next
-connection rebuilds every table (the same epoch: the database's history; a new start), a Watch gets a RESET, and what was
-written meanwhile is served after.
+connection rebuilds every table (in the same epoch, the database's history, from a
+new start), a Watch gets a RESET, and what was written meanwhile is served after.
 """
 
 from __future__ import annotations
