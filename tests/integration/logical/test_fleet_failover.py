@@ -221,3 +221,63 @@ async def test_a_hub_restarted_with_a_later_history_makes_the_follower_rebuild_o
     assert source.rebuilds == 1
     assert len([i for i in seen if isinstance(i, Reset)]) == 1
     assert follower.core.revisions.epoch == restarted.core.revisions.epoch
+
+
+def socket_of(dsn: str) -> str:
+    """The Unix socket of a ``LocalCluster``'s DSN (``...?host=<dir>&port=<port>``)."""
+    query = dict(part.split("=", 1) for part in dsn.split("?", 1)[1].split("&"))
+    return f"{query['host']}/.s.PGSQL.{query['port']}"
+
+
+async def test_a_hub_behind_the_follower_makes_its_resume_wait_not_rebuild(
+    start_logical, start_follower, logical_dsn, accounts
+):
+    """Hub B's link to PostgreSQL stalls while A goes on: the follower, switched from A to B,
+    is ahead of B. B holds the resume until it has applied the follower's revision (never
+    streaming anything older, never OUT_OF_RANGE); the follower does not rebuild."""
+    a = await start_logical([accounts])
+    database_link = Proxy(unix_path=socket_of(logical_dsn))
+    await database_link.start()
+    # (its liveness checks far off: the stall must not end its stream, which would be a rebuild)
+    b = await start_logical(
+        [accounts], dsn=f"postgresql://postgres@127.0.0.1:{database_link.port}/postgres", ping_interval=30.0
+    )
+    proxy = Proxy(host="127.0.0.1", port=await port_of(a))
+    await proxy.start()
+    follower = await start_follower(f"127.0.0.1:{proxy.port}")
+    source = follower.daemon.source
+    try:
+        async with AsyncClient(follower.target) as cache, Writer(logical_dsn, accounts):
+            seen, watcher = watch_on(cache, accounts)
+            await eventually(lambda: follower.core.fanout.subscribers >= 1, what="the watcher subscribed")
+            await eventually(
+                lambda: follower.core.revisions.applied >= b.core.fanout.oldest,
+                timeout=30,
+                what="the follower past B's first revision",
+            )
+            database_link.stall()
+            stalled_at = b.core.fanout.published
+            await eventually(
+                lambda: follower.core.revisions.applied > b.core.fanout.published,
+                timeout=30,
+                what="the follower ahead of B",
+            )
+            position = follower.core.revisions.applied
+            proxy.retarget("127.0.0.1", await port_of(b))
+            await eventually(lambda: b.core.revisions.waiting >= 1, timeout=15, what="B holding the resume")
+            assert b.core.fanout.published == stalled_at < position  # (B is still behind)
+            assert source.rebuilds == 0 and not source.following
+            database_link.resume()
+            await eventually(lambda: source.following, timeout=30, what="following B")
+            assert source.rebuilds == 0 and source.resumes >= 1
+            assert follower.core.revisions.applied >= position
+            await cache.sync()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    finally:
+        await proxy.close()
+        await database_link.close()
+    assert not [i for i in seen if isinstance(i, Reset)], "the follower's watcher was reset"
+    numbers = [i.revision.number for i in seen if isinstance(i, ChangeBatch)]
+    assert numbers == sorted(set(numbers)), "the watcher's revisions went back or repeated"
