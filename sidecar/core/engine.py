@@ -174,7 +174,9 @@ class Engine:
             return
         known = self._revisions.knows(epoch)
         if known == "current":
-            await self._reach(number)
+            # (a number ahead, maybe another hub's of the same history, is waited for: a read
+            # asks for that revision, and gets it, or its deadline)
+            await self._revisions.wait(number)
         elif known == "unknown":  # another process's (another hub's) revision, maybe ahead: prove freshness
             await self.sync()
         # (an earlier run of the process whose epoch is current: rebuilt since, newer than all of it)
@@ -186,10 +188,11 @@ class Engine:
         In an epoch of a database's history (logical capture: commit LSNs), a number not
         received yet may be another sidecar's: another hub's, ahead of this one -- or a
         number it gave a batch of its own between two commits, which no commit here will
-        take. A read barrier run meanwhile settles it: every commit made before this
-        call is then received, so a number still beyond them is no commit's to wait for.
-        Both are waited for at once: the barrier may be slow (its upstream stalled) while
-        the stream brings the number."""
+        take (on a quiet database, none may come for long). A read barrier run meanwhile
+        settles it: every commit made before this call is then received, so a number
+        still beyond them is no commit's to wait for. Both are waited for at once: the
+        barrier may be slow (its upstream stalled) while the stream brings the number.
+        (Reads with ``min_revision`` wait for the number itself, as they always did.)"""
         revisions = self._revisions
         barrier = self._trust.barrier
         if number <= revisions.seq or not shared_history(revisions.epoch) or barrier is None or not self._trust.up:

@@ -178,11 +178,17 @@ async def test_a_number_no_commit_here_takes_is_settled_by_a_read_barrier(core: 
     first = await asyncio.wait_for(anext(messages), 5)
     assert isinstance(first, Batch) and first.revision == 1200
     await messages.aclose()
-    # min_revision reads too: the barrier, then memory is served.
+
+async def test_a_min_revision_read_ahead_waits_for_that_revision(core: Direct, tokens: HeldTokens):
+    """A read asks for the revision itself (another hub's, ahead): it gets it, or its deadline."""
+    await commit(core, 1100, 1)
     reading = asyncio.create_task(core.engine.wait_revision(E, 1250))
-    await eventually(lambda: tokens.held, what="a barrier round sent")
+    await eventually(lambda: core.revisions.waiting >= 1, what="the read waiting")
+    tokens.release()  # (a barrier's round, if one were sent, would not end the wait)
+    await commit(core, 1200, 2)
     assert not reading.done()
-    await tokens.release_until(reading)
+    await commit(core, 1250, 3)
+    await asyncio.wait_for(reading, 5)
 
 
 async def test_a_resume_ahead_that_is_not_reached_in_time_is_unavailable(core: Direct):
