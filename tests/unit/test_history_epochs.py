@@ -179,6 +179,7 @@ async def test_a_number_no_commit_here_takes_is_settled_by_a_read_barrier(core: 
     assert isinstance(first, Batch) and first.revision == 1200
     await messages.aclose()
 
+
 async def test_a_min_revision_read_ahead_waits_for_that_revision(core: Direct, tokens: HeldTokens):
     """A read asks for the revision itself (another hub's, ahead): it gets it, or its deadline."""
     await commit(core, 1100, 1)
