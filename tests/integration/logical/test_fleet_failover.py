@@ -73,6 +73,9 @@ class Writer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
         assert self._task is not None
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -165,6 +168,7 @@ async def test_a_follower_switched_between_two_hubs_resumes_without_a_rebuild(
                 before = writer.commits
                 await eventually(lambda n=before: writer.commits > n + 5, what="writes between switches")  # type: ignore[misc]
             # Everything the database holds, the follower holds (after a barrier through its hub).
+            await writer.stop()
             await cache.sync()
             expected = {r["id"]: r["v"] for r in await db.fetch(f"SELECT id, v FROM {accounts}")}
             got = await cache.batch_get(accounts, list(expected))
