@@ -377,8 +377,9 @@ async def _kill_capture(dsn: str, capture: str) -> int:
 async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
     """Kill the capture's backend while Sync calls keep barriers in flight on its connection
     (NOTIFYs, or tokens coming back in the stream), and time how long the sidecar takes to
-    notice (a new epoch)."""
-    from cache_sidecar_client import AsyncClient, CacheSidecarError
+    notice (a rebuild: a new epoch, or in logical capture -- whose epoch is the database's
+    history and outlives a reconnect -- the Watch streams' reset)."""
+    from cache_sidecar_client import AsyncClient, CacheSidecarError, Reset
 
     async with AsyncClient(target, timeout=5) as cache:
         epoch = None
@@ -398,8 +399,20 @@ async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
                 except CacheSidecarError:
                     await asyncio.sleep(0.005)
 
+        reset, watching = asyncio.Event(), asyncio.Event()
+
+        async def watch() -> None:
+            with contextlib.suppress(CacheSidecarError):
+                async for item in cache.watch(progress_interval=0.2):
+                    watching.set()  # (the first message: subscribed before the kill)
+                    if isinstance(item, Reset):
+                        reset.set()
+
         syncs = [asyncio.create_task(barriers()) for _ in range(4)]
+        syncs.append(asyncio.create_task(watch()))
         try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watching.wait(), 5)
             await asyncio.sleep(0.05)
             killed = await _kill_capture(dsn, report.capture)
             killed_at = time.monotonic()
@@ -411,7 +424,7 @@ async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
                 with contextlib.suppress(CacheSidecarError):
                     await cache.list_tables(timeout=1)
                 revision = cache.last_revision
-                if revision is not None and revision.epoch != epoch:
+                if reset.is_set() or (revision is not None and revision.epoch != epoch):
                     report.kill_to_epoch.append(time.monotonic() - killed_at)
                     return
                 await asyncio.sleep(0.002)

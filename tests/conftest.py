@@ -156,6 +156,14 @@ class RunningDaemon:
     def capture(self) -> str:
         return self.daemon.config.capture
 
+    @property
+    def history(self) -> tuple[str, int]:
+        """Where the history it serves began, ``(epoch, revision)``: every rebuild changes it
+        (NOTIFY capture: a new epoch; logical capture, whose epoch is the database's history
+        and outlives a reconnect: a new first revision)."""
+        revisions = self.core.revisions
+        return (revisions.epoch, revisions.epoch_start)
+
     async def capture_pid(self, db: asyncpg.Connection) -> int:
         """The backend the daemon's changes come through: the LISTEN connection's, or in
         logical mode the walsender streaming its slot (terminating it is a lost source)."""

@@ -31,7 +31,7 @@ from sidecar.core.fanout import FanOut, FellBehind, Filter, InitialState, Shared
 from sidecar.core.full import FullTable
 from sidecar.core.keys import Key, coerce_key
 from sidecar.core.reads import ReadPath
-from sidecar.core.revisions import Revision, Revisions, new_epoch
+from sidecar.core.revisions import Revision, Revisions, new_epoch, shared_history
 from sidecar.core.store import SnapshotGivenUp
 from sidecar.core.trust import Trust
 from sidecar.core.wire import row_json, watch_message
@@ -174,10 +174,73 @@ class Engine:
             return
         known = self._revisions.knows(epoch)
         if known == "current":
+            # (a number ahead, maybe another hub's of the same history, is waited for: a read
+            # asks for that revision, and gets it, or its deadline)
             await self._revisions.wait(number)
         elif known == "unknown":  # another process's (another hub's) revision, maybe ahead: prove freshness
             await self.sync()
         # (an earlier run of the process whose epoch is current: rebuilt since, newer than all of it)
+
+    async def _reach(self, number: int) -> bool:
+        """Return once ``applied`` reached ``number`` of the current epoch (False), or once a
+        read barrier showed that nothing numbered up to it is still to come here (True).
+
+        In an epoch of a database's history (logical capture: commit LSNs), a number not
+        received yet may be another sidecar's: another hub's, ahead of this one -- or a
+        number it gave a batch of its own between two commits, which no commit here will
+        take (on a quiet database, none may come for long). A read barrier run meanwhile
+        settles it: every commit made before this call is then received, so a number
+        still beyond them is no commit's to wait for. Both are waited for at once: the
+        barrier may be slow (its upstream stalled) while the stream brings the number.
+        (Reads with ``min_revision`` wait for the number itself, as they always did.)"""
+        revisions = self._revisions
+        barrier = self._trust.barrier
+        if number <= revisions.seq or not shared_history(revisions.epoch) or barrier is None or not self._trust.up:
+            await revisions.wait(number)
+            return False
+        reached = asyncio.ensure_future(revisions.wait(number))
+        proven = asyncio.ensure_future(self.sync())
+        try:
+            await asyncio.wait({reached, proven}, return_when=asyncio.FIRST_COMPLETED)
+            if reached.done():
+                reached.result()
+                return False
+            if proven.exception() is None and number > revisions.seq:
+                return True
+            await reached  # (the barrier failed, or brought the number: it is being applied)
+            return False
+        finally:
+            for task in (reached, proven):
+                if task.done() and not task.cancelled():
+                    task.exception()  # (retrieved: a failure here is no one else's to log)
+                task.cancel()
+
+    async def until_resumable(self, epoch: str, number: int) -> bool:
+        """Before a Watch resumes after ``epoch/number``: a revision of the current epoch
+        not published here yet (the watcher came from another sidecar of the same history,
+        ahead of this one) is waited for -- nothing older is ever streamed to it -- up to
+        ``stall_after`` seconds, then ``Unavailable`` (resume later, or elsewhere). True
+        when the stream may start beyond the published revision (``FanOut.subscribe``'s
+        ``beyond``: a read barrier showed nothing up to it is still to come)."""
+        fanout = self._fanout
+        if epoch != fanout.epoch or number <= fanout.published:
+            return False
+        limit = self._revisions.stall_after
+        try:
+            async with asyncio.timeout(limit):
+                beyond = await self._reach(number)
+        except TimeoutError:
+            raise Unavailable(
+                f"revision {epoch}/{number} is ahead of this sidecar (at {fanout.epoch}/{fanout.published}), "
+                f"which did not reach it within {limit:g} s (cache.stall_seconds); resume later, or elsewhere"
+            ) from None
+        if epoch == fanout.epoch and number > fanout.published and not beyond:
+            raise Unavailable(
+                f"revision {epoch}/{number} is ahead of this sidecar (at {fanout.epoch}/{fanout.published}), "
+                f"which cannot reach it now ({self._trust.unavailable or 'its change source is down'}); "
+                "resume later, or elsewhere"
+            )
+        return beyond
 
     async def prepare_read(self, strong: bool, min_revision: Revision | None, table: TableCache | None = None) -> None:
         """Honour read options before answering a read of ``table`` (see ReadOptions in the API).
@@ -264,9 +327,11 @@ class Engine:
         progress_interval: float = 0.0,
         connection: str | None = None,
         several: bool = False,
+        beyond: bool = False,
     ) -> Subscription:
         """A Watch subscriber (raises ``OutOfRange`` for a revision that cannot be resumed,
-        ``TooManyStreams`` beyond the stream limits; see ``FanOut.subscribe``)."""
+        ``TooManyStreams`` beyond the stream limits; see ``FanOut.subscribe``; a ``start``
+        ahead of this sidecar is first waited for: ``until_resumable``)."""
         names = selection.tables
         return self._fanout.subscribe(
             selection,
@@ -275,6 +340,7 @@ class Engine:
             progress_interval=progress_interval,
             connection=connection,
             several=several,
+            beyond=beyond,
         )
 
     @property

@@ -433,11 +433,15 @@ class FanOut:
         progress_interval: float = 0.0,
         connection: str | None = None,
         several: bool = False,
+        beyond: bool = False,
     ) -> Subscription:
         """A new subscriber; raises ``OutOfRange`` for a revision that cannot be resumed,
         ``TooManyStreams`` beyond ``max_streams`` in all or ``max_streams_per_connection``
         on ``connection`` (None: a client that cannot be told apart from others).
-        ``several``: its client takes several batches in one message (``Batches``)."""
+        ``several``: its client takes several batches in one message (``Batches``).
+        ``beyond``: a ``start`` ahead of the published revision is a position to stream
+        after (the caller proved that no batch up to it is still to come here: see
+        ``Engine.until_resumable``), not an error."""
         if start is not None:
             epoch, revision = start
             if epoch != self.epoch:
@@ -450,7 +454,7 @@ class FanOut:
                     f"revision {epoch}/{revision} is older than the history "
                     f"(oldest available {self.epoch}/{self.oldest}); resync"
                 )
-            if revision > self.published:
+            if revision > self.published and not beyond:
                 raise OutOfRange(f"revision {epoch}/{revision} is ahead of the cache ({self.epoch}/{self.published})")
             position = revision
         else:

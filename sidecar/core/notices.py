@@ -98,7 +98,7 @@ class NoticeIngest:
 
     # ------------------------------------------------------------ the source's side (source.ChangeSink)
 
-    def source_connected(self, at: int | None = None, exact: bool = False) -> None:
+    def source_connected(self, at: int | None = None, exact: bool = False, epoch: str | None = None) -> None:
         """LISTEN is active: (re)build every table, in a new epoch.
 
         Notifications sent while no connection listened are lost, so memory
@@ -106,15 +106,21 @@ class NoticeIngest:
         that numbers changes by their position in its log gives the position the
         rebuild is at (``at``); ``exact``: the loads read the database exactly as of
         it (an exported snapshot), so tables whose changes bring rows store them.
+        Such a source may also give the ``epoch`` (its log's history, the same on every
+        sidecar reading it): a rebuild then keeps it, and only the Watch history starts
+        again at ``at`` (every subscriber is still reset: its stream broke here).
         """
         rebuild = self._connected_before
         self._connected_before = True
-        seq = self._revisions.begin_epoch(rebuild, at)
+        before = self._revisions.epoch
+        seq = self._revisions.begin_epoch(rebuild, at, epoch)
         epoch = self._revisions.epoch
         if rebuild:
             log.info(
-                "rebuilding every table after reconnect (new epoch %s)",
+                "rebuilding every table after reconnect (%s epoch %s, history from revision %d)",
+                "same" if epoch == before else "new",
                 epoch,
+                seq,
                 extra={"event": "rebuild", "epoch": epoch},
             )
         self._trust.set_up(True)

@@ -9,15 +9,20 @@ the lowest mark -- never past a batch still being received in this loop
 iteration. The epoch changes whenever continuity breaks (a rebuild).
 
 An epoch is ``<identity>.<run>``: a random identity per process and the runs of
-that process counted from 1. Only an earlier run of the identity now followed is
-"past" (rebuilt since: older than anything now served); any other epoch -- another
-hub's, another process's, a later run not seen yet -- is "unknown" and must be
-proven by a read barrier, never assumed older. Clients treat the epoch as opaque.
+that process counted from 1 -- or, given by a source that numbers batches by their
+position in the database's log (logical decoding: commit LSNs), the identity of the
+database's history and its timeline (``history_epoch``): every sidecar decoding the
+same database then numbers the same commit alike, in the same epoch. Only an earlier
+run of the identity now followed is "past" (rebuilt since, or an earlier timeline:
+older than anything now served); any other epoch -- another hub's, another
+process's, a later run not seen yet -- is "unknown" and must be proven by a read
+barrier, never assumed older. Clients treat the epoch as opaque.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -46,6 +51,37 @@ def new_identity() -> str:
 
 def new_epoch(identity: str | None = None, run: int = 1) -> str:
     return f"{identity or new_identity()}.{run}"
+
+
+HISTORY = "wal-"  # the identity of a history epoch begins so (a process's is hex digits)
+MAX_SYSTEM_ID_DIGITS = 20  # pg_control's system identifier is a uint64
+MAX_TIMELINE = 2**32 - 1  # a TimeLineID is a uint32
+MAX_DATABASE_NAME_BYTES = 255  # NAMEDATALEN is 64; a server built wider is still bounded
+
+
+def history_epoch(system_id: str, database: str, timeline: int) -> str:
+    """The epoch of a database's history as its log numbers it: ``<identity>.<timeline>``,
+    the identity a digest of the cluster's system identifier and the database's name (the
+    same on every sidecar that decodes it, on a primary or its standbys), the run its
+    timeline (a promotion or a restore begins a later one: the earlier is "past").
+
+    Raises ``ValueError`` for values no PostgreSQL gives (they come from the server)."""
+    if not (system_id.isascii() and system_id.isdigit() and len(system_id) <= MAX_SYSTEM_ID_DIGITS):
+        raise ValueError(f"system identifier {system_id[:40]!r} is not a number of at most 20 digits")
+    if not 1 <= timeline <= MAX_TIMELINE:
+        raise ValueError(f"timeline {timeline} is not a PostgreSQL timeline (1 to {MAX_TIMELINE})")
+    named = database.encode("utf-8", "surrogateescape")
+    if not named or len(named) > MAX_DATABASE_NAME_BYTES:
+        raise ValueError(f"database name of {len(named)} bytes (expected 1 to {MAX_DATABASE_NAME_BYTES})")
+    digest = hashlib.sha256(b"cache-sidecar history\0" + system_id.encode() + b"\0" + named).hexdigest()
+    return new_epoch(f"{HISTORY}{digest[:16]}", timeline)
+
+
+def shared_history(epoch: str) -> bool:
+    """Whether ``epoch`` is a database history's (``history_epoch``): sidecars that read
+    that log independently number it alike, each as far as it has read -- a number of it
+    may come from one that is ahead, or be one such a sidecar gave a batch of its own."""
+    return epoch.startswith(HISTORY)
 
 
 def _run_of(epoch: str) -> tuple[str, int] | None:
@@ -137,10 +173,23 @@ class Revisions:
         self._open_xid = None  # later notifications start their own batch
         return self.seq
 
-    def begin_epoch(self, rebuild: bool, at: int | None = None) -> int:
-        """A new epoch (when ``rebuild``: continuity broke) at a new batch -- numbered
-        ``at`` when given and above the last (a position in the source's log) -- ; return it."""
-        if rebuild:
+    def begin_epoch(self, rebuild: bool, at: int | None = None, epoch: str | None = None) -> int:
+        """A rebuild at a new batch -- numbered ``at`` when given and above the last (a
+        position in the source's log) -- ; return it. The epoch is ``epoch`` when the source
+        gives one (its log's history: a rebuild in the same one keeps it, and its numbers
+        never go back), else a new run of this process's when ``rebuild`` (continuity broke)."""
+        if epoch is not None:
+            if epoch != self.epoch:
+                # Another history (the first connection, a new timeline): its numbers are
+                # its log's, whatever this process numbered before (they may be lower).
+                self.epoch = epoch
+                if at is not None:
+                    self.seq = at - 1
+                    self.applied = min(self.applied, self.seq)
+                self._waiters.release_all()  # (they waited for numbers of another epoch)
+                self._releases += 1
+                self._wake_table_readers()
+        elif rebuild:
             self._run += 1
             self.epoch = new_epoch(self._identity, self._run)
         self.seq = at if at is not None and at > self.seq else self.seq + 1

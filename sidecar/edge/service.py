@@ -442,7 +442,7 @@ class CacheService:
         engine = self.engine
         await engine.started()  # no epoch before the listener first connects
         try:
-            subscription = self._subscribe(request, _connection(context.peer()))
+            subscription = await self._subscribe(request, _connection(context.peer()))
         except SidecarError as exc:
             if isinstance(exc, OutOfRange):
                 context.set_trailing_metadata((("cachesidecar-oldest-revision", engine.oldest_revision),))
@@ -466,7 +466,7 @@ class CacheService:
         finally:
             subscription.close()
 
-    def _subscribe(self, request: pb.WatchRequest, connection: str | None) -> Subscription:
+    async def _subscribe(self, request: pb.WatchRequest, connection: str | None) -> Subscription:
         engine = self.engine
         self._check_count(len(request.keys), "keys in the key filter")
         self._check_count(len(request.tables), "tables named")
@@ -491,6 +491,8 @@ class CacheService:
             if request.initial_state:
                 raise InvalidRequest("give start_revision (resume) or initial_state (start over), not both")
             start = (request.start_revision.epoch, request.start_revision.number)
+        # (a revision ahead of this sidecar, of its epoch, is waited for: another of the same history was ahead)
+        beyond = start is not None and await engine.until_resumable(*start)
         return engine.subscribe(
             Filter(names, keys, frozenset(request.operations)),
             start=start,
@@ -498,6 +500,7 @@ class CacheService:
             progress_interval=request.progress_interval_ms / 1000,
             connection=connection,
             several=request.accept_batches,
+            beyond=beyond,
         )
 
 

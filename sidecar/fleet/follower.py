@@ -8,9 +8,11 @@ so no row is fetched twice. The batches come numbered and the numbers are kept
 Losing the stream (an error, the upstream ending it, or silence: with a
 progress interval asked for, no message for ``stall_timeout`` seconds means the
 link is dead) stops trusting memory, then the stream is resumed from the last
-applied revision; if the upstream no longer has it (``OUT_OF_RANGE``, a reset,
-another epoch) the follower rebuilds from a new initial state and resets its
-own watchers. It follows again (health SERVING) once it has applied the
+applied revision -- on whichever upstream answers: one of the same epoch (in
+logical capture every hub of the same database's history) resumes it, after
+catching up if it was behind; if the upstream no longer has it (``OUT_OF_RANGE``,
+a reset, another epoch) the follower rebuilds from a new initial state (never one
+older than what it served) and resets its own watchers. It follows again (health SERVING) once it has applied the
 upstream's revision of the moment it reconnected.
 
 A read barrier is one ``Sync`` on the upstream (the same channel as the
@@ -324,6 +326,13 @@ class UpstreamSource:
     def _began(self, revision: Revision, snapshot: dict[str, Rows], reason: str | None) -> None:
         assert self._sink is not None
         first = not self.epoch
+        if revision.epoch == self.epoch and revision.number < self.received:
+            # Another upstream of the same history (a hub behind the one followed before):
+            # rebuilding from its state would take back revisions served already.
+            raise Lost(
+                f"the upstream's initial state is at {revision}, behind revision {self.received} of the "
+                "same epoch that this follower served already; trying again"
+            )
         self.epoch, self.received = revision.epoch, revision.number
         self._fresh.clear()
         self._learn(revision)

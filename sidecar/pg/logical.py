@@ -26,7 +26,10 @@ committed with ``synchronous_commit = on`` (its commit flushes the WAL before it
 walsender sends only flushed WAL, so everything committed before the barrier comes
 before the token, whatever writers' ``synchronous_commit`` says). A lost replication
 connection is a lost listener: memory stops being trusted, and the next connection
-rebuilds everything in a new epoch from a new slot.
+rebuilds everything from a new slot. The epoch is the database's history
+(``IDENTIFY_SYSTEM``: system identifier, database, timeline), not this process's:
+every sidecar decoding the same database numbers the same commit alike, and a
+rebuild keeps the epoch (only the Watch history starts again, at the new slot).
 
 Everything the stream says is checked as it is read (``pgoutput`` raises on any
 malformed message); a message this code does not expect ends the connection (a rebuild
@@ -52,6 +55,7 @@ from sidecar.core.aio import backoff_delay
 from sidecar.core.events import Event, Op, RowChange, SyncToken, TableChange
 from sidecar.core.jsonread import loads
 from sidecar.core.keys import Key, KeyColumn, coerce_key
+from sidecar.core.revisions import history_epoch
 from sidecar.core.schema import TableSchema
 from sidecar.core.wire import entry
 from sidecar.core.wire import row_json as entry_row
@@ -82,7 +86,7 @@ _PAST_KEEP_SIZE = ("unreserved", "lost")
 class LogicalSink(Protocol):
     """What the stream tells the core (``notices.NoticeIngest``)."""
 
-    def source_connected(self, at: int | None = None, exact: bool = False) -> None: ...
+    def source_connected(self, at: int | None = None, exact: bool = False, epoch: str | None = None) -> None: ...
     def source_lost(self, reason: str) -> None: ...
     def transaction(self, position: int, xid: int, events: Sequence[Event]) -> None: ...
     def streamed(self, name: str) -> bool: ...
@@ -270,6 +274,7 @@ class LogicalSource:
         # (the columns before the snapshot: a change of them in between makes the stream's
         # Relation differ from them, and such a table refetches, rather than the other way)
         await self._prepare_tables()
+        epoch = await self._blocking(self._identify)
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
         position, snapshot = await self._blocking(self._create_slot, slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
@@ -278,7 +283,7 @@ class LogicalSource:
         self._database.snapshot = snapshot
         self.connects += 1
         self._up = True
-        sink.source_connected(at=position, exact=True)
+        sink.source_connected(at=position, exact=True, epoch=epoch)
         try:
             await sink.until_loaded()
         finally:
@@ -320,6 +325,16 @@ class LogicalSource:
             keepalives_count=3,
         )
         return conn, conn.cursor()
+
+    def _identify(self) -> str:
+        """The epoch of the history this connection decodes (``revisions.history_epoch``:
+        the cluster's system identifier, the database, the timeline): commit LSNs mean the
+        same on every sidecar decoding it, so its revisions are theirs too."""
+        self._cursor.execute("IDENTIFY_SYSTEM")
+        row = self._cursor.fetchone()
+        if row is None or len(row) < 4 or not isinstance(row[1], int) or not isinstance(row[3], str):
+            raise ValueError(f"IDENTIFY_SYSTEM answered {str(row)[:200]!r}, not (systemid, timeline, xlogpos, dbname)")
+        return history_epoch(str(row[0]), row[3], row[1])
 
     def _create_slot(self, slot: str) -> tuple[int, str]:
         self._cursor.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")

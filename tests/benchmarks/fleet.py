@@ -28,6 +28,13 @@ once after their hub restarts.
 
     python -m tests.benchmarks.fleet [--sizes 1,10,30] [--seconds 5] [--cpus split|shared]
                                      [--bootstrap-rows 100000,1000000]
+
+Hub failover (``--failover``, on a logical-decoding cluster of its own): two hubs, K
+followers of hub A each behind a TCP proxy (a Service), switched to hub B at once under
+write load: per follower the time until it follows again, the rows it read again, its
+watchers' Resets -- hubs in logical capture (resume by commit LSN) beside NOTIFY (rebuild).
+
+    python -m tests.benchmarks.fleet --failover [--failover-followers 3] [--failover-rows 100000]
 """
 
 from __future__ import annotations
@@ -413,6 +420,139 @@ async def run_restart(dsn: str, args: argparse.Namespace) -> tuple[int, float, f
     return size, hub_ready, max(times)
 
 
+# ---------------------------------------------------------------- hub failover
+
+
+@dataclass
+class Failover:
+    capture: str
+    followers: int
+    seconds: list[float]  # per follower: the switch -> following again
+    rows_reread: int  # rows the followers read again (each rebuild: every row of the table)
+    watchers_reset: int  # Resets the followers' own watchers got
+    rebuilds: int
+    resumes: int
+
+
+async def _scrape(port: int) -> dict[str, float]:
+    """A follower's upstream metrics (``cache_sidecar_upstream_*``), by name."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    values = {}
+    for line in body.splitlines():
+        if line.startswith("cache_sidecar_upstream_") and "{" not in line:
+            name, _, value = line.partition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def _write(dsn: str, rate: float, rows: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        n = 0
+        while True:
+            n += 1
+            await conn.execute(f"UPDATE {TABLE} SET v = v + 1 WHERE id = $1", 1 + n % rows)
+            await asyncio.sleep(1 / rate)
+    finally:
+        await conn.close()
+
+
+async def _count_resets(target: str, resets: list[int], index: int) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        async for message in pb_grpc.CacheStub(channel).Watch(pb.WatchRequest(tables=[TABLE])):
+            if message.WhichOneof("kind") == "reset":
+                resets[index] += 1
+
+
+async def _following_again(port: int, was: dict[str, float], switched: float) -> float:
+    """Seconds from ``switched`` until the follower resumed or rebuilt, and follows."""
+    done = ("cache_sidecar_upstream_resumes_total", "cache_sidecar_upstream_rebuilds_total")
+    while True:
+        now = await _scrape(port)
+        if sum(now[k] for k in done) > sum(was[k] for k in done) and now["cache_sidecar_upstream_following"]:
+            return time.perf_counter() - switched
+        await asyncio.sleep(0.005)
+
+
+async def run_failover(dsn: str, args: argparse.Namespace) -> list[Failover]:
+    """K followers of hub A, each behind a TCP proxy (a Service), all switched to hub B at
+    once under write load: per follower, the time until it follows again; rows read again;
+    its watchers' Resets -- logical capture (a resume by LSN) beside NOTIFY (a rebuild)."""
+    from tests.support.proxy import Proxy
+
+    rows = args.failover_rows
+    await prepare(dsn, TABLE, rows)
+    results = []
+    for capture in ("logical", "notify"):
+        print(f"failover: {capture} capture, {args.failover_followers} followers ...", file=sys.stderr)
+        hub_args = ["--dsn", dsn, "--table", TABLE, "--capture", capture, "--install-triggers"]
+        with running([start(hub_args), start(hub_args)]) as (a, b):
+            await serving([a, b])
+            port_of = {hub.target: int(hub.target.rsplit(":", 1)[1]) for hub in (a, b)}
+            proxies = [Proxy(host="127.0.0.1", port=port_of[a.target]) for _ in range(args.failover_followers)]
+            for proxy in proxies:
+                await proxy.start()
+            metrics = [free_port() for _ in proxies]
+            followers = [
+                start(["--upstream", f"127.0.0.1:{proxy.port}", "--metrics-listen", f"127.0.0.1:{port}"])
+                for proxy, port in zip(proxies, metrics, strict=True)
+            ]
+            resets = [0] * len(followers)
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                with running(followers):
+                    await serving(followers)
+                    tasks = [asyncio.create_task(_count_resets(f.target, resets, i)) for i, f in enumerate(followers)]
+                    tasks.append(asyncio.create_task(_write(dsn, args.rate, rows)))
+                    await asyncio.sleep(2.0)  # (write load under way; the followers past B's first revision)
+                    before = [await _scrape(port) for port in metrics]
+                    switched = time.perf_counter()
+                    for proxy in proxies:
+                        proxy.retarget("127.0.0.1", port_of[b.target])
+
+                    waits = [_following_again(p, w, switched) for p, w in zip(metrics, before, strict=True)]
+                    seconds = await asyncio.wait_for(asyncio.gather(*waits), 120)
+                    await asyncio.sleep(0.5)  # (the watchers' Resets, if any, are on their way)
+                    after = [await _scrape(port) for port in metrics]
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for proxy in proxies:
+                    await proxy.close()
+            rebuilds = int(
+                sum(
+                    x["cache_sidecar_upstream_rebuilds_total"] - y["cache_sidecar_upstream_rebuilds_total"]
+                    for x, y in zip(after, before, strict=True)
+                )
+            )
+            resumes = int(
+                sum(
+                    x["cache_sidecar_upstream_resumes_total"] - y["cache_sidecar_upstream_resumes_total"]
+                    for x, y in zip(after, before, strict=True)
+                )
+            )
+            results.append(
+                Failover(capture, len(followers), list(seconds), rebuilds * rows, sum(resets), rebuilds, resumes)
+            )
+    return results
+
+
+def report_failover(results: list[Failover], rows: int, rate: float) -> None:
+    print(f"hub failover: every follower switched from hub A to hub B at once; {rows:,} rows, ~{rate:.0f} writes/s")
+    print()
+    print("| capture | followers | following again p50 / max s | rows re-read | watchers reset | rebuilds | resumes |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.capture} | {r.followers} | {pct(r.seconds, 0.5):.3f} / {max(r.seconds):.3f} "
+            f"| {r.rows_reread:,} | {r.watchers_reset} | {r.rebuilds} | {r.resumes} |"
+        )
+
+
 # ---------------------------------------------------------------- CPUs
 
 
@@ -532,8 +672,25 @@ def main() -> None:
         default="split",
         help="split: PostgreSQL alone on the first CPU, the rest elsewhere (as deployed); shared: all on all",
     )
+    parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="only the hub failover comparison (logical vs NOTIFY), on a logical-decoding cluster of its own",
+    )
+    parser.add_argument("--failover-followers", type=int, default=3, help="followers switched in --failover")
+    parser.add_argument("--failover-rows", type=int, default=100_000, help="table rows in --failover")
     args = parser.parse_args()
     NICE = args.nice
+    if args.failover:
+        from tests.support.logical import start_logical_cluster
+
+        cluster = start_logical_cluster()
+        try:
+            results = asyncio.run(run_failover(cluster.dsn, args))
+        finally:
+            cluster.stop()
+        report_failover(results, args.failover_rows, args.rate)
+        return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.bootstrap_rows = [int(s) for s in args.bootstrap_rows.split(",") if s]
     from sidecar.cli import GRPC_EXPERIMENTS

@@ -71,10 +71,10 @@ async def test_no_stale_read_after_a_reset(start_daemon, db, items):
         await eventually(lambda: near.connected)
         assert await version(cache, items, 4) == 0
         flushes = near.stats.flushes
-        epoch = sidecar.core.revisions.epoch
+        history = sidecar.history
         await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
         await db.execute(f"UPDATE {items} SET version = 8 WHERE id = 4")  # possibly never notified
-        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="rebuilt")
+        await eventually(lambda: sidecar.engine.ready and sidecar.history != history, what="rebuilt")
         await eventually(lambda: near.stats.flushes > flushes and near.connected, what="reset reached the client")
         assert await version(cache, items, 4) == 8
 

@@ -96,11 +96,11 @@ async def test_listener_killed_then_rows_changed_meanwhile_are_served_fresh(star
     sidecar = await start_daemon([f"{patrons}:{mode}"])
     async with AsyncClient(sidecar.target) as cache:
         assert (await cache.get(patrons, 7))["name"] == "p7"
-        epoch = sidecar.core.revisions.epoch
+        history = sidecar.history
         assert await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
         # Committed while the listener may be gone: this change can be lost.
         await db.execute(f"UPDATE {patrons} SET name = 'while deaf' WHERE id = 7")
-        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="reconnected")
+        await eventually(lambda: sidecar.engine.ready and sidecar.history != history, what="reconnected")
         assert (await cache.get(patrons, 7))["name"] == "while deaf"
         assert sidecar.capture_losses >= 1
         # and it keeps following changes on the new connection
@@ -180,11 +180,9 @@ async def test_malformed_messages_get_clear_statuses(start_daemon, db, schema, p
             assert message in info.value.details()
         # a revision the cache has not reached: bounded by the caller's deadline
         future = pb.Revision(epoch=sidecar.core.revisions.epoch, number=sidecar.core.revisions.applied + 1000)
+        request = pb.GetRequest(table=patrons, key=one, options=pb.ReadOptions(min_revision=future))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Get(
-                pb.GetRequest(table=patrons, key=one, options=pb.ReadOptions(min_revision=future)),
-                timeout=0.3,
-            )
+            await stub.Get(request, timeout=0.3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (await stub.Get(pb.GetRequest(table=patrons, key=one), timeout=5)).found  # still serving
 

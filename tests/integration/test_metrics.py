@@ -92,8 +92,8 @@ async def test_metrics_endpoint(start_daemon, db, tables):
 async def test_reconnects_are_counted(start_daemon, db, tables):
     full, _ = tables
     sidecar = await start_daemon([full], metrics_listen="127.0.0.1:0")
-    epoch = sidecar.core.revisions.epoch
+    history = sidecar.history
     await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
-    await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch)
+    await eventually(lambda: sidecar.engine.ready and sidecar.history != history)
     samples = await asyncio.to_thread(scrape, sidecar.daemon.metrics_address)
     assert value(samples, "cache_sidecar_listener_reconnects_total") == 1

@@ -81,10 +81,10 @@ async def test_full_refetch_in_flight_across_a_reconnect_is_superseded(start_dae
         GATE.close()
         await commit_and_deliver(sidecar, db, f"UPDATE {items} SET version = 2 WHERE id = 1")
         await GATE.held()  # the refetch read version 2
-        epoch = sidecar.core.revisions.epoch
+        history = sidecar.history
         await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
         await db.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")  # maybe never notified
-        await eventually(lambda: sidecar.core.trust.up and sidecar.core.revisions.epoch != epoch)
+        await eventually(lambda: sidecar.core.trust.up and sidecar.history != history)
         table = sidecar.core.tables[items]
         await eventually(  # the reload is due and its dispatch has run
             lambda: table._reload_needed > table._reload_done and table._dispatch_handle is None
@@ -103,10 +103,10 @@ async def test_lazy_fill_in_flight_across_a_reconnect_is_not_stored(start_daemon
         GATE.close()
         reader = asyncio.create_task(cache.get(items, 1))
         await GATE.held()
-        epoch = sidecar.core.revisions.epoch
+        history = sidecar.history
         await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
         await db.execute(f"UPDATE {items} SET version = 5 WHERE id = 1")
-        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, what="reconnect")
+        await eventually(lambda: sidecar.engine.ready and sidecar.history != history, what="reconnect")
         GATE.open()
         await reader
         assert (1,) not in table.cache

@@ -111,10 +111,10 @@ async def test_changed_primary_key_is_not_served(start_daemon, db, two):
 async def test_drop_then_reconnect_keeps_the_daemon_serving(start_daemon, db, two):
     a, b = two
     sidecar = await start_daemon([a, b], catalog_check_interval=3600)  # only the reconnect checks
-    epoch = sidecar.core.revisions.epoch
+    history = sidecar.history
     await db.execute(f"DROP TABLE {a}")
     assert await db.fetchval("SELECT pg_terminate_backend($1)", await sidecar.capture_pid(db))
-    await eventually(lambda: sidecar.core.revisions.epoch != epoch and sidecar.engine.ready, 15, what="rebuilt")
+    await eventually(lambda: sidecar.history != history and sidecar.engine.ready, 15, what="rebuilt")
     await eventually(lambda: sidecar.core.tables[a].problem is not None, 10)
     await still_serves(sidecar, db, b, "dos")
 

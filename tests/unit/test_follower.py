@@ -495,6 +495,26 @@ async def test_a_resume_the_upstream_refuses_is_a_rebuild():
     assert upstream.requests[2].initial_state and source.rebuilds == 1
 
 
+async def test_a_rebuild_never_takes_an_initial_state_older_than_what_was_served():
+    """Behind a Service, the next hub of the same history may be behind the last one: its
+    initial state would take revisions back; the follower tries again until it is not."""
+    import grpc
+
+    snapshot, done, batch, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1), done(5), batch(12, UPDATE, 1, b'{"id":1,"v":2}')]),  # then silence
+        FakeCall([], refused=grpc.StatusCode.OUT_OF_RANGE),  # the next hub does not reach back to 12
+        FakeCall([snapshot(11, 1), done(11)]),  # ... and is at 11 only
+        FakeCall([snapshot(14, 1, 2), done(14)]),
+        head=14,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: [k for k, _ in calls].count("began") == 2)
+    began = [args[1] for kind, args in sink.calls if kind == "began"]
+    assert began == [5, 14] and source.rebuilds == 1
+    assert any(kind == "lost" and "behind revision 12" in str(why) for kind, why in sink.calls)
+
+
 async def test_rows_of_batches_older_than_a_table_sent_again_are_not_applied():
     """A whole-table change comes with the table again, as of a later revision (8): batch 7,
     published before that, carries an older row, which must not overwrite the newer one."""

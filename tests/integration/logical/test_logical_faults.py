@@ -5,8 +5,8 @@ connection; two-phase commit.
 
 The rule each fault must keep (issue 21, item 3): the loss is noticed at once, memory
 stops being trusted (reads go to the database, or fail; never stale), the next
-connection rebuilds every table in a new epoch, a Watch gets a RESET, and what was
-written meanwhile is served after.
+connection rebuilds every table (in the same epoch, the database's history, from a
+new start), a Watch gets a RESET, and what was written meanwhile is served after.
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def reset_then_version(table: str, version: int) -> Callable[[list[Any]], bool]:
     return done
 
 
-def check_reset(got: list[Any], epoch: str) -> None:
+def check_reset(got: list[Any], history: tuple[str, int]) -> None:
+    """A RESET to the new history: the same epoch (the database's), a later start."""
     reset = next(item for item in got if isinstance(item, Reset))
-    assert reset.revision.epoch != epoch and "rebuilt" in reset.reason
+    assert reset.revision.epoch == history[0] and reset.revision.number > history[1] and "rebuilt" in reset.reason
 
 
 def reloads(sidecar: RunningDaemon, names: tuple[str, ...]) -> dict[str, int]:
@@ -191,12 +192,12 @@ def through(proxy: Proxy) -> str:
 async def test_walsender_terminated(cluster, pg, tables, start):
     """Noticed at once; while the new slot cannot be made (a transaction holding an xid
     delays a logical slot's creation, as a long transaction does in production) reads go
-    to the database; then a new slot, a new epoch, every table rebuilt, a RESET, the
+    to the database; then a new slot, a new history start, every table rebuilt, a RESET, the
     write of the outage served from memory; the old slot is gone, none left inactive."""
     items, others = tables
     sidecar = await start([items, others])
     source = sidecar.daemon.source
-    epoch, loaded, old_slot = sidecar.core.revisions.epoch, reloads(sidecar, tables), source.slot.name
+    history, loaded, old_slot = sidecar.history, reloads(sidecar, tables), source.slot.name
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         stream = cache.watch([items])
         reading = asyncio.create_task(collect(stream, reset_then_version(items, 3)))
@@ -214,12 +215,12 @@ async def test_walsender_terminated(cluster, pg, tables, start):
             assert (await cache.get(items, 1, consistency="strong"))["version"] == 2
             assert sidecar.core.reads.stats.passthrough_reads == passthrough + 2
             assert b'"version":1' in held(sidecar, items, 1)  # memory not trusted, not touched
-            assert sidecar.core.revisions.epoch == epoch and not sidecar.engine.ready  # (still down)
+            assert sidecar.history == history and not sidecar.engine.ready  # (still down)
         finally:
             await transaction.rollback()
             await blocker.close()
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
+            lambda: sidecar.engine.ready and sidecar.history != history,
             timeout=30,
             what="a new slot and a rebuild",
         )
@@ -230,7 +231,7 @@ async def test_walsender_terminated(cluster, pg, tables, start):
         await pg.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")
         got = await reading
         await stream.aclose()
-    check_reset(got, epoch)
+    check_reset(got, history)
     assert source.losses == 1
     slots = await sidecar_slots(pg)
     assert old_slot not in slots and source.slot.name != old_slot
@@ -293,12 +294,12 @@ async def test_postgresql_restart(cluster, pg, tables, start, proxy):
     cannot come back (its way goes through a proxy that refuses new connections; the
     pool's does not), so the outage lasts until the test says: the loss is noticed while
     the server is down; the database answers reads meanwhile (fresh, memory untouched);
-    then a new epoch, every table rebuilt, a RESET, the outage's write served after."""
+    then a new history start, every table rebuilt, a RESET, the outage's write served after."""
     items, others = tables
     sidecar = await start([items, others])
     await stream_through(sidecar, pg, proxy)
     source = sidecar.daemon.source
-    epoch, loaded, losses = sidecar.core.revisions.epoch, reloads(sidecar, tables), source.losses
+    history, loaded, losses = sidecar.history, reloads(sidecar, tables), source.losses
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         stream = cache.watch([items])
         reading = asyncio.create_task(collect(stream, reset_then_version(items, 3)))
@@ -320,10 +321,10 @@ async def test_postgresql_restart(cluster, pg, tables, start, proxy):
         assert (await cache.get(items, 1))["version"] == 2
         assert sidecar.core.reads.stats.passthrough_reads >= passthrough + 2
         assert b'"version":1' in held(sidecar, items, 1)
-        assert sidecar.core.revisions.epoch == epoch and not sidecar.core.trust.up  # (refused)
+        assert sidecar.history == history and not sidecar.core.trust.up  # (refused)
         proxy.unblock()
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
+            lambda: sidecar.engine.ready and sidecar.history != history,
             timeout=30,
             what="reconnected and rebuilt",
         )
@@ -336,7 +337,7 @@ async def test_postgresql_restart(cluster, pg, tables, start, proxy):
         await stream.aclose()
         assert list(await sidecar_slots(conn)) == [source.slot.name]
         await conn.close()
-    check_reset(got, epoch)
+    check_reset(got, history)
 
 
 async def _answered(read: Any) -> Any:
@@ -364,16 +365,16 @@ async def test_stalled_stream(cluster, pg, tables, start, proxy, path):
         sidecar = await start([items, others], dsn=through(proxy), query_timeout=2.0, connect_timeout=2.0)
     else:
         sidecar = await start([items, others], query_timeout=2.0, connect_timeout=2.0)
-        first = sidecar.core.revisions.epoch
+        first = sidecar.history
         sidecar.daemon.source._conninfo = through(proxy)  # the next replication connection goes through it
         await pg.fetchval("SELECT pg_terminate_backend($1)", await walsender(pg, sidecar))
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != first and proxy.connections == 1,
+            lambda: sidecar.engine.ready and sidecar.history != first and proxy.connections == 1,
             timeout=30,
             what="streaming through the proxy",
         )
     source = sidecar.daemon.source
-    epoch, loaded, losses = sidecar.core.revisions.epoch, reloads(sidecar, tables), source.losses
+    history, loaded, losses = sidecar.history, reloads(sidecar, tables), source.losses
     async with AsyncClient(sidecar.target, timeout=10) as cache:
         stream = cache.watch([items])
         reading = asyncio.create_task(collect(stream, reset_then_version(items, 3)))
@@ -406,7 +407,7 @@ async def test_stalled_stream(cluster, pg, tables, start, proxy, path):
         assert b'"version":1' in held(sidecar, items, 1)
         proxy.resume()
         await eventually(
-            lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
+            lambda: sidecar.engine.ready and sidecar.history != history,
             timeout=30,
             what="streaming again, rebuilt",
         )
@@ -415,7 +416,7 @@ async def test_stalled_stream(cluster, pg, tables, start, proxy, path):
         await pg.execute(f"UPDATE {items} SET version = 3 WHERE id = 1")
         got = await reading
         await stream.aclose()
-    check_reset(got, epoch)
+    check_reset(got, history)
     assert source.losses == losses + 1
     await eventually(
         lambda: _only(pg, source.slot.name), timeout=10, what="the stalled connection's slot gone with its walsender"
@@ -458,11 +459,11 @@ async def generate_wal(pg: asyncpg.Connection, schema: str, segments: int) -> No
 
 async def stream_through(sidecar: RunningDaemon, pg: asyncpg.Connection, proxy: Proxy) -> None:
     """Move the daemon's replication connection (only) behind ``proxy``."""
-    epoch = sidecar.core.revisions.epoch
+    history = sidecar.history
     sidecar.daemon.source._conninfo = through(proxy)
     await pg.fetchval("SELECT pg_terminate_backend($1)", await walsender(pg, sidecar))
     await eventually(
-        lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch and proxy.connections == 1,
+        lambda: sidecar.engine.ready and sidecar.history != history and proxy.connections == 1,
         timeout=30,
         what="streaming through the proxy",
     )
@@ -478,7 +479,7 @@ async def test_a_flowing_stream_keeps_its_slot(pg, tables, start):
     async with wal_keep_size(pg, "1MB"):
         sidecar = await start([items, others])
         source = sidecar.daemon.source
-        epoch, slot = sidecar.core.revisions.epoch, source.slot.name
+        history, slot = sidecar.history, source.slot.name
         await generate_wal(pg, schema, 4)
         await pg.fetchval("SELECT pg_log_standby_snapshot()")  # (a point the slot's restart may move to)
         end = await pg.fetchval("SELECT pg_current_wal_lsn()")
@@ -488,7 +489,7 @@ async def test_a_flowing_stream_keeps_its_slot(pg, tables, start):
         await pg.execute("CHECKPOINT", timeout=60)
         slots = await sidecar_slots(pg)
         assert slots[slot]["active"] and slots[slot]["wal_status"] in ("reserved", "extended"), slots[slot]
-        assert sidecar.core.revisions.epoch == epoch and source.losses == 0
+        assert sidecar.history == history and source.losses == 0
 
 
 async def _slot_reached(pg: asyncpg.Connection, slot: str, lsn: Any) -> bool:
@@ -507,7 +508,7 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
     the server writes more WAL than ``max_slot_wal_keep_size``: the checkpoint invalidates
     the slot and ends its walsender. STRONG reads meanwhile fail, never stale; when the
     bytes flow again the daemon finds its stream gone, logs it, and rebuilds from a new
-    slot in a new epoch, serving the write it missed."""
+    slot (a new history start), serving the write it missed."""
     items, others = tables
     schema = items.split(".")[0]
     async with wal_keep_size(pg, "1MB"):
@@ -515,7 +516,7 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
         await stream_through(sidecar, pg, proxy)
         source = sidecar.daemon.source
         source.slot_check_interval = 0.2  # (read again before each check)
-        epoch, loaded, slot = sidecar.core.revisions.epoch, reloads(sidecar, tables), source.slot.name
+        history, loaded, slot = sidecar.history, reloads(sidecar, tables), source.slot.name
         async with AsyncClient(sidecar.target, timeout=10) as cache:
             proxy.stall()
             await pg.execute(f"UPDATE {items} SET version = 2 WHERE id = 1")
@@ -531,7 +532,7 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
             await eventually(lambda: _invalidated(pg, slot), timeout=30, what="the slot invalidated")
             server_log = (Path(cluster.base) / "log").read_text()
             assert f'to release replication slot "{slot}"' in server_log  # (the server says why)
-            assert sidecar.core.revisions.epoch == epoch  # (nothing told the daemon yet: the proxy holds it)
+            assert sidecar.history == history  # (nothing told the daemon yet: the proxy holds it)
             strong = await _answered(cache.get(items, 1, consistency="strong", timeout=5))
             assert strong is None or strong["version"] == 2, "a STRONG read served a stale row"
             proxy.refuse()  # (no new stream for now: the outage lasts until the test says)
@@ -543,7 +544,7 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
             # into the proxy before the slot was invalidated, and the resume delivered it)
             proxy.unblock()
             await eventually(
-                lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch,
+                lambda: sidecar.engine.ready and sidecar.history != history,
                 timeout=30,
                 what="a new slot and a rebuild",
             )

@@ -126,13 +126,13 @@ async def test_a_lost_stream_is_counted(logical_dsn: str, lschema: str, start_lo
         assert before["cache_sidecar_replication_connected"] == 1
         assert before["cache_sidecar_replication_losses_total"] == 0
         assert before["cache_sidecar_replication_reconnects_total"] == 0
-        epoch = sidecar.core.revisions.epoch
+        history = sidecar.history
         killed = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication WHERE application_name = $1",
             "cache-sidecar replication",
         )
         assert killed == 1
-        await eventually(lambda: sidecar.engine.ready and sidecar.core.revisions.epoch != epoch, 30)
+        await eventually(lambda: sidecar.engine.ready and sidecar.history != history, 30)
         after = await scraper.until(lambda s: s["cache_sidecar_replication_connected"] == 1, "reconnected")
         assert after["cache_sidecar_replication_losses_total"] == 1
         assert after["cache_sidecar_replication_reconnects_total"] == 1
