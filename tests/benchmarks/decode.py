@@ -74,6 +74,7 @@ SETUP = [
     "FROM generate_series(1, {rows}) g",
 ]
 
+BY_FUNCTION = False  # --by-function: the sampled runs' innermost sidecar functions, to stderr
 SAMPLED = 5  # the sampled run's transactions, times the clean run's
 STAGES = ("loop", "parse", "row build", "apply", "fanout", "other")
 
@@ -88,8 +89,16 @@ class Sampler:
     def __init__(self, interval: float = 0.0002) -> None:
         self.interval = interval
         self.samples: collections.Counter[str] = collections.Counter()
+        self.functions: collections.Counter[str] = collections.Counter()  # (--by-function)
 
     def _sample(self, signum: int, frame: types.FrameType | None) -> None:
+        if BY_FUNCTION:
+            inner = frame
+            while inner is not None and "/sidecar/" not in inner.f_code.co_filename:
+                inner = inner.f_back
+            if inner is not None:
+                code = inner.f_code
+                self.functions[f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
         while frame is not None:
             code = frame.f_code
             where = os.path.basename(code.co_filename)
@@ -222,6 +231,9 @@ async def run(
                 with sampler.sampling():  # (more transactions: the kernel's timer ticks are coarse)
                     sampled = await consume(daemon, dsn, workload, SAMPLED * n, rows) / (SAMPLED * n) * 1e6
                 total = sum(sampler.samples.values()) or 1
+                if BY_FUNCTION:
+                    for function, count in sampler.functions.most_common(25):
+                        print(f"    {sampled * count / total:5.1f} µs/row  {function}", file=sys.stderr)
                 shares = {stage: sampled * sampler.samples[stage] / total for stage in STAGES}
             results[workload] = (clean, sampled, shares)
             print(
@@ -239,7 +251,10 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000, help="rows per table")
     parser.add_argument("--profile", choices=list(WORKLOADS), help="cProfile this workload's clean run, to stderr")
     parser.add_argument("--no-stages", action="store_true", help="only the clean runs")
+    parser.add_argument("--by-function", action="store_true", help="the sampled runs' innermost functions")
     args = parser.parse_args()
+    global BY_FUNCTION
+    BY_FUNCTION = args.by_function
     began = time.perf_counter()
     cluster = start_logical_cluster()
     try:
