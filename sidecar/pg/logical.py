@@ -461,12 +461,15 @@ class LogicalSource:
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
                     yielded = time.monotonic()
                     continue
-                last_heard = self.slot.heard = now
+                slot = self.slot
+                last_heard = slot.heard = now
                 read += 1
                 if read % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # (a big transaction: readers and barriers get their turn)
-                self.slot.received = max(self.slot.received, int(message.data_start))
-                self.slot.server_end = max(self.slot.server_end, int(message.wal_end))
+                if (start := message.data_start) > slot.received:
+                    slot.received = int(start)
+                if (end := message.wal_end) > slot.server_end:
+                    slot.server_end = int(end)
                 parsed = decoder.feed(message.payload)
                 # (the common messages first, by their exact type)
                 if type(parsed) is pgoutput.Begin:
@@ -542,10 +545,11 @@ class LogicalSource:
     def _reads_after(self, transaction: _Transaction) -> bool:
         """Whether applying the transaction makes the cache read the database (a refetch,
         a reload, a relation refresh, a lazy table's next fill)."""
+        read_on_change = self._read_on_change
         for event in transaction.events:
             if isinstance(event, SyncToken):
                 continue
-            if (event.schema, event.table) in self._read_on_change:
+            if read_on_change and (event.schema, event.table) in read_on_change:
                 return True
             if isinstance(event, RowChange) and event.rows is None:
                 return True
