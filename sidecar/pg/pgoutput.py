@@ -719,6 +719,10 @@ class StreamDecoder:
         self.streamed_xid: int | None = None
 
     def feed(self, data: bytes) -> Message:
+        if self.streamed_xid is None and type(data) is bytes and data:  # (parse's fast path, one call less)
+            fast = _FAST.get(data[0])
+            if fast is not None and (message := fast(data)) is not None:
+                return message  # (never a Stream Start or Stop)
         message = parse(data, streamed=self.streamed_xid is not None)
         if data[0] != 0x53 and data[0] != 0x45:  # (not 'S' or 'E': the common case)
             return message
