@@ -275,9 +275,13 @@ def value_json(text: bytes | None, type_oid: int, types: Mapping[int, TypeInfo],
     if info is None and type_oid not in PLAIN_TYPES:
         raise Unconvertible(f"type {type_oid} is not described")
     if type_oid in _NUMBERS:
-        return _number(text)
+        return text if _JSON_NUMBER.fullmatch(text) else _string(text)
     if type_oid == BOOL:
-        return _bool(text)
+        if text == b"t":
+            return b"true"
+        if text == b"f":
+            return b"false"
+        raise Unconvertible(f"boolean text {text[:20]!r}")
     if type_oid in (JSON, JSONB):
         return text
     if type_oid == TIMESTAMP:
@@ -312,6 +316,8 @@ def _general(text: bytes, *, type_oid: int, types: Mapping[int, TypeInfo]) -> by
 
 
 def _number(text: bytes) -> bytes:
+    if text.isdigit() and text[0] != 0x30:  # (ASCII digits, no leading zero: the common JSON number)
+        return text
     return text if _JSON_NUMBER.fullmatch(text) else _string(text)
 
 

@@ -89,6 +89,11 @@ def test_a_columns_converter_gives_value_json_s_bytes_and_errors() -> None:
     built-in type (nothing, a plain base type, one with a json cast)."""
     texts = [
         b"-12",
+        b"12",
+        b"0",
+        b"007",
+        b"-0",
+        b"1\xd9\xa3",
         b"1.50",
         b"NaN",
         b"-Infinity",
