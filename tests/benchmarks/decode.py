@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import collections
 import contextlib
+import cProfile
 import os
 import pstats
 import secrets
@@ -225,21 +225,19 @@ async def run(
             if profiler is not None:
                 profiler.disable()
                 pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(35)
-            sampled, shares = float("nan"), {}
+            sampled, shares, counts = float("nan"), {}, {}
             if stages:
                 sampler = Sampler()
                 with sampler.sampling():  # (more transactions: the kernel's timer ticks are coarse)
                     sampled = await consume(daemon, dsn, workload, SAMPLED * n, rows) / (SAMPLED * n) * 1e6
-                total = sum(sampler.samples.values()) or 1
+                counts = dict(sampler.samples)
+                total = sum(counts.values()) or 1
                 if BY_FUNCTION:
                     for function, count in sampler.functions.most_common(25):
                         print(f"    {sampled * count / total:5.1f} µs/row  {function}", file=sys.stderr)
                 shares = {stage: sampled * sampler.samples[stage] / total for stage in STAGES}
             results[workload] = (clean, sampled, shares)
-            print(
-                f"  {workload}: {clean:.1f} µs/row (sampled run {sampled:.1f}; {dict(sampler.samples) if stages else ''})",
-                file=sys.stderr,
-            )
+            print(f"  {workload}: {clean:.1f} µs/row (sampled run {sampled:.1f}; samples {counts})", file=sys.stderr)
     finally:
         await stop(daemon, task)
     return results
