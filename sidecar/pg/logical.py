@@ -533,13 +533,16 @@ class LogicalSource:
             readable.set_result(None)
 
     async def _wait_readable(self, timeout: float) -> None:
-        self._readable = asyncio.get_running_loop().create_future()
+        """Until the connection's socket is readable, or ``timeout`` seconds passed. (A timer
+        that wakes the same way, not ``asyncio.timeout``: this runs for every wake-up of a
+        stream that keeps up, and a timeout context costs several times a timer.)"""
+        loop = asyncio.get_running_loop()
+        self._readable = readable = loop.create_future()
+        timer = loop.call_later(timeout, self._wake)
         try:
-            async with asyncio.timeout(timeout):
-                await self._readable
-        except TimeoutError:
-            pass
+            await readable
         finally:
+            timer.cancel()
             self._readable = None
 
     def _reads_after(self, transaction: _Transaction) -> bool:
