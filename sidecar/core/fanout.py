@@ -324,7 +324,8 @@ class FanOut:
         if not published:
             return batches
         # Trim from the oldest end, but never the newest batch (however large it is).
-        while self._live() > 1 and (self._live() > self.max_batches or self._bytes > self.max_bytes):
+        history = self._history
+        while (live := len(history) - self._first) > 1 and (live > self.max_batches or self._bytes > self.max_bytes):
             self._bytes -= self._history[self._first].size
             self._trimmed_to = self._history[self._first].revision
             self._history[self._first] = _TRIMMED

@@ -159,15 +159,21 @@ class NoticeIngest:
         """One committed transaction's events, whole, numbered by its commit ``position``
         (a source that sees transactions whole: logical decoding). A read barrier's token
         among them counts from the transaction before."""
-        changes = [event for event in events if isinstance(event, RowChange | TableChange)]
-        if changes:
-            self._revisions.open_commit(position, xid)
-            for change in changes:
-                self._router.route(change)
-            self._revisions.close_commit()
-        for event in events:
-            if isinstance(event, SyncToken):
-                self.handle(event)
+        revisions, route = self._revisions, self._router.route
+        opened = False
+        tokens: list[SyncToken] = []
+        for event in events:  # (one pass: this runs for every transaction of the stream)
+            if isinstance(event, (RowChange, TableChange)):
+                if not opened:
+                    revisions.open_commit(position, xid)
+                    opened = True
+                route(event)
+            elif isinstance(event, SyncToken):
+                tokens.append(event)
+        if opened:
+            revisions.close_commit()
+        for token in tokens:
+            self.handle(token)
 
     def streamed(self, name: str) -> bool:
         """Whether the changes of cached table ``name`` should bring their rows (a full

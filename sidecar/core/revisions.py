@@ -252,14 +252,14 @@ class Revisions:
         if self._lows:
             oldest = min(oldest, min(self._lows.values()))
         applied = oldest - 1
-        if applied > self.applied:
-            self._waiting_since = time.monotonic()
+        moved = applied > self.applied
+        if moved:
             self.applied = applied
             if self._waiters:
                 self._waiters.release(applied)
         if self.seq <= self.applied:
             self._waiting_since = None
-        elif self._waiting_since is None:
+        elif moved or self._waiting_since is None:
             self._waiting_since = time.monotonic()
         self._wake_table_readers()
         for tell in self._told:

@@ -67,6 +67,12 @@ class ChangeRouter:
             return
         self.stats.events += 1
         seq = self._revisions.batch_for(event.xid)
+        if len(consumers) == 1:  # (the common case, without the lists: it runs for every change)
+            table, source = consumers[0]
+            route = self._own(table, event) if source is None else self._to_relation(table, source, event)
+            self._fanout.record(seq, event.xid, *route.changes)
+            route.apply(seq, event.xid)
+            return
         routes = [
             self._own(table, event) if source is None else self._to_relation(table, source, event)
             for table, source in consumers

@@ -77,6 +77,10 @@ FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's co
 # (a composite's field renamed sends no Relation message for the tables using it).
 TYPES_CHECK_INTERVAL = 10.0
 YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
+# Seconds of reading a backlog before other tasks get a turn (readers waiting for the commits
+# applied meanwhile, barriers): a turn costs an event loop round, too much to give one per
+# single-row transaction.
+YIELD_INTERVAL = 0.001
 SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
 # wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
 # next checkpoint) by ending its walsender, which looks to us like any terminated connection.
@@ -110,6 +114,14 @@ class _Table:
     recheck: bool = False  # describe it again before the next message (its schema changed)
     columns: tuple[tuple[str, int], ...] = ()  # its columns (name, type) as row_to_json reads them
     types: dict[int, rowjson.TypeInfo] = field(default_factory=dict)
+    label: str = ""  # schema.name, as logs name it
+    # how a row of ``columns`` and ``types`` is built: per column, its '"name":' and its
+    # conversion (made again when either is replaced: see ``_plan``)
+    plan: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = ()
+    plan_of: tuple[Any, Any] = (None, None)
+
+    def __post_init__(self) -> None:
+        self.label = f"{self.schema}.{self.name}"
 
 
 @dataclass
@@ -424,6 +436,7 @@ class LogicalSource:
         last_feedback = last_heard = types_checked = self.slot.heard = time.monotonic()
         asked_at: float | None = None
         read = 0
+        yielded = last_heard
         try:
             while True:
                 if transaction is None and any(t.recheck for t in self._heard.values()):
@@ -461,33 +474,45 @@ class LogicalSource:
                         types_checked = now
                         await self._check_types(sink)
                     await self._wait_readable(min(FEEDBACK_INTERVAL, self.ping_interval))
+                    yielded = time.monotonic()
                     continue
-                last_heard = self.slot.heard = now
+                slot = self.slot
+                last_heard = slot.heard = now
                 read += 1
                 if read % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # (a big transaction: readers and barriers get their turn)
-                self.slot.received = max(self.slot.received, int(message.data_start))
-                self.slot.server_end = max(self.slot.server_end, int(message.wal_end))
-                parsed = decoder.feed(bytes(message.payload))
-                if isinstance(parsed, pgoutput.Begin):
+                if (start := message.data_start) > slot.received:
+                    slot.received = int(start)
+                if (end := message.wal_end) > slot.server_end:
+                    slot.server_end = int(end)
+                parsed = decoder.feed(message.payload)
+                # (the common messages first, by their exact type)
+                if type(parsed) is pgoutput.Begin:
                     transaction = _Transaction(parsed.xid, parsed.final_lsn)
-                elif isinstance(parsed, pgoutput.Commit):
+                elif type(parsed) is pgoutput.Commit:
                     if transaction is None:
                         raise pgoutput.ProtocolError("a Commit outside a transaction")
                     if self._reads_after(transaction):
                         await self._until_visible(transaction.xid)
                     self._commit(sink, transaction, parsed)
                     transaction = None
-                    await asyncio.sleep(0)  # (a long backlog: readers and barriers get their turn)
-                elif isinstance(parsed, pgoutput.Relation):
-                    relations[parsed.relation_id] = await self._decoders(parsed)
-                elif isinstance(parsed, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
+                    if now - yielded >= YIELD_INTERVAL:
+                        await asyncio.sleep(0)  # (a long backlog: readers and barriers get their turn)
+                        yielded = time.monotonic()
+                elif (
+                    type(parsed) is pgoutput.Update
+                    or type(parsed) is pgoutput.Insert
+                    or type(parsed) is pgoutput.Delete
+                ):
                     if transaction is None:
                         raise pgoutput.ProtocolError("a row change outside a transaction")
-                    if parsed.relation_id not in relations:
+                    decoders = relations.get(parsed.relation_id)
+                    if decoders is None:
                         raise pgoutput.ProtocolError(f"a change of relation {parsed.relation_id} before its Relation")
-                    for relation in relations[parsed.relation_id]:
+                    for relation in decoders:
                         self._row_change(sink, transaction, relation, parsed)
+                elif isinstance(parsed, pgoutput.Relation):
+                    relations[parsed.relation_id] = await self._decoders(parsed)
                 elif isinstance(parsed, pgoutput.Truncate):
                     if transaction is None:
                         raise pgoutput.ProtocolError("a Truncate outside a transaction")
@@ -523,22 +548,26 @@ class LogicalSource:
             readable.set_result(None)
 
     async def _wait_readable(self, timeout: float) -> None:
-        self._readable = asyncio.get_running_loop().create_future()
+        """Until the connection's socket is readable, or ``timeout`` seconds passed. (A timer
+        that wakes the same way, not ``asyncio.timeout``: this runs for every wake-up of a
+        stream that keeps up, and a timeout context costs several times a timer.)"""
+        loop = asyncio.get_running_loop()
+        self._readable = readable = loop.create_future()
+        timer = loop.call_later(timeout, self._wake)
         try:
-            async with asyncio.timeout(timeout):
-                await self._readable
-        except TimeoutError:
-            pass
+            await readable
         finally:
+            timer.cancel()
             self._readable = None
 
     def _reads_after(self, transaction: _Transaction) -> bool:
         """Whether applying the transaction makes the cache read the database (a refetch,
         a reload, a relation refresh, a lazy table's next fill)."""
+        read_on_change = self._read_on_change
         for event in transaction.events:
             if isinstance(event, SyncToken):
                 continue
-            if (event.schema, event.table) in self._read_on_change:
+            if read_on_change and (event.schema, event.table) in read_on_change:
                 return True
             if isinstance(event, RowChange) and event.rows is None:
                 return True
@@ -713,7 +742,7 @@ class LogicalSource:
         change: pgoutput.Insert | pgoutput.Update | pgoutput.Delete,
     ) -> None:
         table = decoder.table
-        label = f"{table.schema}.{table.name}"
+        label = table.label
         if label in transaction.bulk:
             return
         count = transaction.counts[label] = transaction.counts.get(label, 0) + 1
@@ -815,24 +844,26 @@ class LogicalSource:
         columns = table.columns
         if len(values) != len(columns):
             return None
+        plan = _plan(table)
         previous: list[bytes] | None = None
-        parts = []
+        parts: list[bytes] = []
+        append = parts.append
+        text = pgoutput.Text
         try:
-            for index, ((name, type_oid), value) in enumerate(zip(columns, values, strict=True)):
-                if value is pgoutput.UNCHANGED:
+            for index, ((name, convert), value) in enumerate(zip(plan, values, strict=True)):
+                if value.__class__ is text:
+                    append(name + convert(value.data))
+                elif value is None:
+                    append(name + b"null")
+                elif value is pgoutput.UNCHANGED:
                     if previous is None:
                         previous = self._previous(sink, transaction, table, previous_key)
                         if previous is None or len(previous) != len(columns):
                             log.debug("%s: an unchanged TOASTed value with no cached row", table.qualified)
                             return None
-                    fragment = previous[index]
-                elif isinstance(value, pgoutput.Text):
-                    fragment = rowjson.value_json(value.data, type_oid, table.types)
-                elif value is None:
-                    fragment = b"null"
+                    append(name + previous[index])
                 else:
                     return None  # (binary: not asked for)
-                parts.append(_name(name) + fragment)
         except rowjson.Unconvertible as exc:
             log.info("%s: a value cannot be converted exactly (%s)", table.qualified, exc)
             return None
@@ -875,6 +906,15 @@ _T = TypeVar("_T")
 @functools.lru_cache(maxsize=4096)
 def _name(name: str) -> bytes:
     return rowjson.value_json(name.encode(), 25, {}) + b":"
+
+
+def _plan(table: _Table) -> tuple[tuple[bytes, Callable[[bytes], bytes]], ...]:
+    """How a row of the table's columns is built (made once per columns and types)."""
+    columns, types = table.columns, table.types
+    if table.plan_of[0] is not columns or table.plan_of[1] is not types:
+        table.plan = tuple((_name(name), rowjson.converter(type_oid, types)) for name, type_oid in columns)
+        table.plan_of = (columns, types)
+    return table.plan
 
 
 def _qualified(schema: str, name: str) -> str:

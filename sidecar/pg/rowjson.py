@@ -42,8 +42,9 @@ when they differ.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -59,6 +60,7 @@ __all__ = [
     "Enum",
     "TypeInfo",
     "Unconvertible",
+    "converter",
     "row_from_tuple",
     "row_json",
     "types_from_catalog",
@@ -287,6 +289,48 @@ def value_json(text: bytes | None, type_oid: int, types: Mapping[int, TypeInfo],
     if type_oid == TIMESTAMPTZ:
         return _timestamptz(text)
     return _string(text)
+
+
+def converter(type_oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes], bytes]:
+    """``value_json(text, type_oid, types)`` for a value's text (not NULL), as one function
+    chosen once per column: the common built-in types get theirs directly, every other type
+    the general ``value_json``. Same bytes, same ``Unconvertible``."""
+    info = types.get(type_oid)
+    if type_oid in PLAIN_TYPES and (info is None or (isinstance(info, Base | Enum) and not info.json_cast)):
+        if type_oid in _NUMBERS:
+            return _number
+        if type_oid == BOOL:
+            return _bool
+        if type_oid in (JSON, JSONB):
+            return _same
+        if type_oid == TIMESTAMP:
+            return _timestamp
+        if type_oid == TIMESTAMPTZ:
+            return _timestamptz
+        return _string
+    return functools.partial(_general, type_oid=type_oid, types=types)
+
+
+def _general(text: bytes, *, type_oid: int, types: Mapping[int, TypeInfo]) -> bytes:
+    return value_json(text, type_oid, types)
+
+
+def _number(text: bytes) -> bytes:
+    if text.isdigit() and text[0] != 0x30:  # (ASCII digits, no leading zero: the common JSON number)
+        return text
+    return text if _JSON_NUMBER.fullmatch(text) else _string(text)
+
+
+def _bool(text: bytes) -> bytes:
+    if text == b"t":
+        return b"true"
+    if text == b"f":
+        return b"false"
+    raise Unconvertible(f"boolean text {text[:20]!r}")
+
+
+def _same(text: bytes) -> bytes:
+    return text
 
 
 def _timestamp(text: bytes) -> bytes:

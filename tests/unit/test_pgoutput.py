@@ -297,6 +297,38 @@ def test_fuzzing_the_captured_messages_raises_only_protocol_errors() -> None:
     assert time.monotonic() - started < 30
 
 
+def _outcome(parse: object, data: bytes, streamed: bool) -> object:
+    try:
+        return parse(data, streamed)  # type: ignore[operator]
+    except p.ProtocolError as exc:
+        return ("refused", str(exc))
+
+
+def test_the_fast_path_reads_what_the_general_parser_reads() -> None:
+    """Begin, Commit, Insert and Update are read by a fast path: for every captured message
+    and thousands of mutations of them, ``parse`` gives what the general reader gives --
+    the same message, or the same error."""
+    rng = random.Random(20261208)
+    corpus = [m for m, streamed in all_messages() if not streamed and m[:1] in (b"B", b"C", b"I", b"U")]
+    assert {m[:1] for m in corpus} == {b"B", b"C", b"I", b"U"}
+    cases = [bytes(m) for m in corpus]
+    for message in corpus:
+        cases += [message[:end] for end in range(len(message))] + [message + b"\0"]
+    for _ in range(20_000):
+        data = bytearray(rng.choice(corpus))
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(1, len(data))] = rng.choice(
+                (0, 1, 0x4E, 0x4B, 0x4F, 0x6E, 0x74, 0x75, 0xFF, rng.randrange(256))
+            )
+        cases.append(bytes(data))
+    fast = 0
+    for data in cases:
+        expected = _outcome(p._parse, data, False)
+        assert _outcome(lambda d, s: p.parse(d, streamed=s), data, False) == expected, data.hex()
+        fast += not isinstance(expected, tuple)
+    assert fast > 1000
+
+
 # -- framing, LSNs, times ---------------------------------------------------------------
 
 

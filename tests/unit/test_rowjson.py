@@ -4,6 +4,7 @@ PostgreSQL's own row_to_json byte for byte.)"""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -74,6 +75,61 @@ def j(text: bytes | None, oid: int) -> bytes:
 )
 def test_values(text: bytes | None, oid: int, expected: bytes) -> None:
     assert j(text, oid) == expected
+
+
+def _converted(convert: object, text: bytes) -> object:
+    try:
+        return convert(text)  # type: ignore[operator]
+    except Unconvertible as exc:
+        return ("refused", str(exc))
+
+
+def test_a_columns_converter_gives_value_json_s_bytes_and_errors() -> None:
+    """``converter`` (chosen once per column, for rows built from the stream) is
+    ``value_json``: the same bytes or the same refusal, whatever the catalog says of a
+    built-in type (nothing, a plain base type, one with a json cast)."""
+    texts = [
+        b"-12",
+        b"12",
+        b"0",
+        b"007",
+        b"-0",
+        b"1\xd9\xa3",
+        b"1.50",
+        b"NaN",
+        b"-Infinity",
+        b"1e+300",
+        b"12a",
+        b"",
+        b"t",
+        b"f",
+        b"true",
+        b'{"a": 1}',
+        b"2024-01-02 03:04:05.5",
+        b"2024-01-02 03:04:05+00",
+        b"2024-01-02 03:04:05.1-05:30",
+        b"infinity",
+        b"01/02/2024",
+        b"0044-03-15 12:00:00 BC",
+        b'he said "hi"\n\x01',
+        b"{1,2}",
+        b"(1,x)",
+        b"happy",
+    ]
+    oids = [16, 20, 21, 23, 25, 114, 700, 701, 1043, 1082, 1114, 1184, 1700, 3802, 2950]
+    oids += [INT4_ARRAY, TEXT_ARRAY, PAIR, MOOD, POSINT, BOX, 603, 99999]
+    catalogs: list[dict[int, rowjson.TypeInfo]] = [
+        TYPES,
+        {**TYPES, **{oid: Base() for oid in oids if oid not in TYPES}},
+        {**TYPES, **{oid: Base(json_cast=True) for oid in oids if oid not in TYPES}},
+        {**TYPES, **{oid: Enum() for oid in oids if oid not in TYPES}},
+    ]
+    for types in catalogs:
+        for oid in oids:
+            convert = rowjson.converter(oid, types)
+            for text in texts:
+                reference = functools.partial(value_json, type_oid=oid, types=types)
+                assert _converted(convert, text) == _converted(reference, text), (oid, text)
 
 
 def test_strings_are_escaped_as_escape_json_does() -> None:
