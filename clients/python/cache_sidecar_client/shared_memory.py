@@ -38,6 +38,7 @@ REOPEN_AFTER = 1.0  # seconds between attempts to open a store that was not ther
 READER_MAP_SIZE = 1 << 40  # bytes of address space a reader maps (the store's files grow within it)
 
 _INT = struct.Struct(">q")
+_TAGGED_INT = struct.Struct(">Bq").pack  # (the tag and the integer: one call)
 _LENGTH = struct.Struct(">I")
 _RANGES = {"h": (-(2**15), 2**15 - 1), "i": (-(2**31), 2**31 - 1), "l": (-(2**63), 2**63 - 1), "o": (0, 2**32 - 1)}
 
@@ -286,9 +287,11 @@ class SharedMemory:
         if db is None:
             self.refused += 1
             return None
-        with env.begin() as txn:
-            state = self._state(txn.get(STATE_KEY, db=self._meta))
-            info = self._table(txn.get(self._record_keys.get(table) or self._record_key(table), db=self._meta))
+        meta = self._meta
+        with env.begin(db=db) as txn:  # (the rows' database the default: a keyword less per key)
+            get = txn.get
+            state = self._state(get(STATE_KEY, db=meta))
+            info = self._table(get(self._record_keys.get(table) or self._record_key(table), db=meta))
             if refusal(state, info, time.time_ns() // 1000, allow_stale, self.bound) is not None:
                 self.refused += 1
                 return None
@@ -301,21 +304,26 @@ class SharedMemory:
                 if not at:
                     return WAIT
             kinds = info.kinds
-            get = txn.get
-            if kinds in _RANGES and all(type(key) is int for key in keys):  # the common case, cheaper
-                low, high = _RANGES[kinds]
-                if all(low <= key <= high for key in keys):
-                    pack = _INT.pack
-                    rows = [get(b"\x01" + pack(key), db=db) for key in keys]
+            rows: list[bytes | None] = []
+            append = rows.append
+            bounds = _RANGES.get(kinds)
+            if bounds is not None:  # one integer column, the common case: no call per key but LMDB's
+                low, high = bounds
+                pack = _TAGGED_INT
+                for key in keys:
+                    if type(key) is not int or not low <= key <= high:
+                        break
+                    append(get(pack(1, key)))
+                else:
                     self.reads += 1
                     return Answer(rows, state.epoch, state.revision)
-            rows = []
+                rows.clear()
             for key in keys:
                 encoded = encode_key(kinds, key)
                 if encoded is None:
                     self.refused += 1
                     return None
-                rows.append(get(encoded, db=db))
+                append(get(encoded))
         self.reads += 1
         return Answer(rows, state.epoch, state.revision)
 
