@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,15 +47,16 @@ for _size in range(_FAST):
         _JSON_AT[_prefix + _size] = _prefix
 
 
-def _items(rows: Mapping[Key, bytes], keys: Iterable[Key]) -> list[tuple[bytes, bytes]]:
+def _items(
+    rows: Mapping[Key, bytes], keys: Iterable[Key], encode: Callable[[Key], bytes] = layout.encode_key
+) -> list[tuple[bytes, bytes]]:
     """(store key, row JSON) of each of ``keys`` that ``rows`` holds."""
-    encode, at, found = layout.encode_key, _JSON_AT, []
-    for key in keys:
-        entry = rows.get(key)
-        if entry is not None:
-            size = len(entry)
-            found.append((encode(key), entry[at[size] :] if size < _FAST else row_json(entry)))
-    return found
+    at = _JSON_AT
+    return [
+        (encode(key), entry[at[size] :] if (size := len(entry)) < _FAST else row_json(entry))
+        for key in keys
+        if (entry := rows.get(key)) is not None
+    ]
 
 
 HEARTBEAT = 0.1  # seconds between heartbeats
@@ -93,6 +94,7 @@ class _Table:
     name: str
     cache: TableCache
     kinds: str | None  # None: the key has no encoding; the table is not written
+    encode: Callable[[Key], bytes] = layout.encode_key  # (layout.key_encoder's for its kinds)
     db: Any = None
     dirty: bool = True  # its rows in the store are not a complete copy: rewrite before serving
     written: bytes = b""  # the table record last written
@@ -139,7 +141,7 @@ class SharedStore:
             if cache.mode != "full":
                 continue
             kinds = layout.key_kinds(cache.schema.key_columns)
-            table = _Table(name, cache, kinds)
+            table = _Table(name, cache, kinds, layout.key_encoder(kinds))
             if kinds is None:
                 log.info("%s: its key types have no shared-memory encoding; its reads stay on gRPC", name)
             else:
@@ -240,10 +242,10 @@ class SharedStore:
                 # meanwhile (readers go over gRPC), so that the event loop is never held long.
                 table.rewrite = _Rewrite(list(rows))
             else:
-                txn.cursor(table.db).putmulti(_items(rows, rows), dupdata=False, overwrite=True)
+                txn.cursor(table.db).putmulti(_items(rows, rows, table.encode), dupdata=False, overwrite=True)
                 table.dirty = False
         elif table.pending:
-            encode = layout.encode_key
+            encode = table.encode
             db = table.db
             for key in table.pending:
                 entry = rows.get(key)
@@ -277,7 +279,6 @@ class SharedStore:
         keys changed meanwhile and marks the table served, in the same transaction."""
         if self.failed is not None:
             return
-        encode = layout.encode_key
         try:
             with self._env.begin(write=True) as txn:
                 for table in self._tables.values():
@@ -289,11 +290,12 @@ class SharedStore:
                         continue  # (the next _write_table marks it dirty and drops the rewrite)
                     chunk = rewrite.keys[rewrite.done : rewrite.done + REWRITE_CHUNK]
                     rewrite.done += len(chunk)
-                    txn.cursor(table.db).putmulti(_items(rows, chunk), dupdata=False, overwrite=True)
+                    txn.cursor(table.db).putmulti(_items(rows, chunk, table.encode), dupdata=False, overwrite=True)
                     if rewrite.done < len(rewrite.keys):
                         continue
                     rewrite.changed.update(table.pending)
                     table.pending.clear()
+                    encode = table.encode
                     for key in rewrite.changed:
                         entry = rows.get(key)
                         if entry is None:

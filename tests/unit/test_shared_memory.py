@@ -39,7 +39,14 @@ VECTORS: list[tuple[tuple[Any, ...], Any, str, bytes]] = [
 @pytest.mark.parametrize(("coerced", "given", "kinds", "expected"), VECTORS)
 def test_the_daemon_and_the_client_encode_keys_alike(coerced, given, kinds, expected):
     assert layout.encode_key(coerced) == expected
+    assert layout.key_encoder(kinds)(coerced) == expected  # (the writer's per-table encoder)
     assert reader.encode_key(kinds, given) == expected
+
+
+@pytest.mark.parametrize("kinds", ["h", "i", "l", "o"])
+@pytest.mark.parametrize("value", [0, 1, -1, 2**31, -(2**63), 2**63 - 1])
+def test_the_writers_integer_key_encoder_is_encode_key(kinds, value):
+    assert layout.key_encoder(kinds)((value,)) == layout.encode_key((value,))
 
 
 def test_values_the_store_cannot_look_up_go_to_grpc():
@@ -321,3 +328,62 @@ def test_rows_are_written_as_the_json_the_api_serves_whatever_their_size(size):
 
     row = b"x" * size
     assert _items({(1,): entry(row)}, [(1,), (2,)]) == [(layout.encode_key((1,)), row)]
+
+
+# ---------------------------------------------------------------- the reader, with a fake LMDB
+
+
+class FakeTxn:
+    def __init__(self, snapshot: int, data: dict[tuple[str, bytes], bytes], looked_up: list[bytes]) -> None:
+        self.snapshot, self.data, self.looked_up = snapshot, data, looked_up
+
+    def __enter__(self) -> FakeTxn:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def id(self) -> int:
+        return self.snapshot
+
+    def get(self, key: bytes, db: str = "rows") -> bytes | None:
+        self.looked_up.append(key)
+        return self.data.get((db, key))
+
+
+@dataclass
+class FakeEnv:
+    """An LMDB environment's snapshots: each ``commit`` makes a new one (a new transaction id)."""
+
+    snapshot: int = 0
+    data: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
+    looked_up: list[bytes] = field(default_factory=list)
+
+    def commit(self, revision: int, row: bytes, source_up: bool = True) -> None:
+        self.snapshot += 1
+        self.data = {
+            ("meta", reader.STATE_KEY): layout.state_record(source_up, time.time_ns() // 1000, revision, "e.1"),
+            ("meta", reader.TABLE_PREFIX + b"public.t"): layout.table_record(True, 1, "l"),
+            ("rows", layout.encode_key((1,))): row,
+        }
+
+    def begin(self, db: str | None = None) -> FakeTxn:
+        return FakeTxn(self.snapshot, self.data, self.looked_up)
+
+
+def test_the_reader_reads_the_records_of_the_snapshot_it_reads_rows_from():
+    env = FakeEnv()
+    env.commit(5, b'{"v":1}')
+    store = reader.SharedMemory("/nonexistent")
+    store._env, store._meta, store._dbs["public.t"] = env, "meta", "rows"
+    first = store.read("public.t", [1], None, False)
+    assert isinstance(first, reader.Answer) and (first.revision, first.rows) == (5, [b'{"v":1}'])
+    env.looked_up.clear()
+    again = store.read("public.t", [1, 2], None, False)  # the same snapshot: its rows only
+    assert isinstance(again, reader.Answer) and again.revision == 5 and again.rows == [b'{"v":1}', None]
+    assert env.looked_up == [layout.encode_key((1,)), layout.encode_key((2,))]
+    env.commit(6, b'{"v":2}')  # the writer's next transaction: the records read again with the rows
+    after = store.read("public.t", [1], None, False)
+    assert isinstance(after, reader.Answer) and (after.revision, after.rows) == (6, [b'{"v":2}'])
+    env.commit(7, b'{"v":3}', source_up=False)
+    assert store.read("public.t", [1], None, False) is None  # (this snapshot's state: source down)

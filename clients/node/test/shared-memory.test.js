@@ -65,6 +65,7 @@ test('the reader serves only while the store is fresh', () => {
 
 const ITEMS = 'public.shm_items';
 const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
+const NAMES = 'public.shm_names'; // text keys, one longer than the reader's first key buffer
 let postgres;
 let db;
 let port;
@@ -78,20 +79,28 @@ before(async () => {
   await db.query(`
     CREATE TABLE shm_items (id bigint PRIMARY KEY, name text, doc jsonb);
     INSERT INTO shm_items SELECT g, 'item ' || g, '{"k": [1, 2]}' FROM generate_series(1, 30) g;
+    INSERT INTO shm_items VALUES (-7, 'negative', NULL), (1099511627776, 'past 32 bits', NULL), (-1099511627777, 'below', NULL);
     CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
-    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g`);
+    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g;
+    CREATE TABLE shm_names (name text PRIMARY KEY, v int);
+    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('n', 2000), 3), (repeat('m', 700), 4)`);
   port = await freePort();
   store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
+  daemon = await runDaemon();
+});
+
+/** A daemon keeping the test's tables in `store` (a new one takes the store over). */
+async function runDaemon() {
   const probe = new CacheClient(`127.0.0.1:${port}`, { timeoutMs: 1000 });
   try {
-    daemon = await startDaemon(
-      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
+    return await startDaemon(
+      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--table', NAMES, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
       async () => (await probe.listTables()).every((t) => t.loaded),
     );
   } finally {
     probe.close();
   }
-});
+}
 
 after(async () => {
   if (daemon) await daemon.stop();
@@ -100,14 +109,14 @@ after(async () => {
   if (store) fs.rmSync(store, { recursive: true, force: true });
 });
 
-async function sameAsGrpc(keys) {
+async function sameAsGrpc(keys, table = ITEMS) {
   const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
   const remote = new CacheClient(`127.0.0.1:${port}`);
   try {
-    await eventually(() => local.sharedMemory.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    await eventually(() => local.sharedMemory.refusalOf(table) === null, { what: 'the store serves the table' });
     const reads = local.sharedMemory.reads;
-    assert.deepEqual(await local.batchGet(ITEMS, keys, { consistency: 'strong' }), await remote.batchGet(ITEMS, keys, { consistency: 'strong' }));
-    for (const key of keys) assert.deepEqual(await local.get(ITEMS, key), await remote.get(ITEMS, key));
+    assert.deepEqual(await local.batchGet(table, keys, { consistency: 'strong' }), await remote.batchGet(table, keys, { consistency: 'strong' }));
+    for (const key of keys) assert.deepEqual(await local.get(table, key), await remote.get(table, key), `${table} ${key}`);
     assert.equal(local.sharedMemory.reads, reads + 1 + keys.length);
   } finally {
     local.close();
@@ -116,13 +125,17 @@ async function sameAsGrpc(keys) {
 }
 
 test('rows through the store equal rows over gRPC, after changes', async () => {
-  const keys = [1, 2, 3, 5n, 31, 100];
+  const keys = [1, 2, 3, 5n, 31, 100, -7, -8, 1099511627776, -1099511627777, 1099511627777, -1099511627777n];
   await sameAsGrpc(keys);
   await db.query(`UPDATE shm_items SET name = 'changed' WHERE id IN (1, 2)`);
   await db.query(`DELETE FROM shm_items WHERE id = 3`);
   await db.query(`INSERT INTO shm_items VALUES (31, 'new', NULL)`);
   await db.query(`UPDATE shm_items SET id = 100 WHERE id = 5`);
   await sameAsGrpc(keys);
+});
+
+test('text keys through the store, one longer than the reader\'s key buffer', async () => {
+  await sameAsGrpc(['short', 'é', 'n'.repeat(2000), 'm'.repeat(700), 'n'.repeat(1999), 'absent']);
 });
 
 test('a store bigger than LMDB\'s default map size is read', async () => {
@@ -161,6 +174,27 @@ test('a stopped daemon is not trusted: reads go over gRPC', async () => {
     await daemon.stop();
     daemon = null;
     assert.match(reader.refusalOf(ITEMS), /source is down/);
+    assert.equal(reader.read(ITEMS, [1], null, false), null);
+    assert.notEqual(reader.read(ITEMS, [1], null, true), null); // allowStale still may
+  } finally {
+    reader.close();
+  }
+});
+
+test('a killed daemon is not trusted once its heartbeat is older than the bound', async () => {
+  daemon = await runDaemon(); // (the one before was stopped)
+  const reader = new shm.SharedMemory(store);
+  try {
+    await eventually(() => reader.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    assert.notEqual(reader.read(ITEMS, [1], null, false), null);
+    const killed = Date.now();
+    await daemon.kill(); // (SIGKILL: the store says nothing more; its heartbeat ages)
+    daemon = null;
+    await eventually(() => /heartbeat is old/.test(reader.refusalOf(ITEMS) || ''), {
+      timeoutMs: shm.FRESH_BOUND_MS + 5000,
+      what: 'the heartbeat judged old',
+    });
+    assert.ok(Date.now() - killed <= shm.FRESH_BOUND_MS + 1000, `refused ${Date.now() - killed} ms after the kill`);
     assert.equal(reader.read(ITEMS, [1], null, false), null);
     assert.notEqual(reader.read(ITEMS, [1], null, true), null); // allowStale still may
   } finally {

@@ -233,8 +233,11 @@ class SharedMemory:
         self._dbs: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._next_open = 0.0
-        self._state_bytes: bytes | None = None
-        self._state_parsed: State | None = None
+        self._state_seen: tuple[bytes | None, State | None] = (None, None)  # (one tuple: threads read it whole)
+        # The records as of one LMDB snapshot (its transaction id): the same snapshot holds the
+        # same records, so reads between two of the sidecar's transactions (the heartbeat's are
+        # 100 ms apart) look up only their rows. (snapshot, state, table -> its record)
+        self._snapshot: tuple[int, State | None, dict[str, TableState]] = (-1, None, {})
         self._parsed_tables: dict[bytes, TableState | None] = {}
         self._record_keys: dict[str, bytes] = {}
         self._names: dict[str, str] = {}  # as given -> as the store spells it
@@ -290,8 +293,15 @@ class SharedMemory:
         meta = self._meta
         with env.begin(db=db) as txn:  # (the rows' database the default: a keyword less per key)
             get = txn.get
-            state = self._state(get(STATE_KEY, db=meta))
-            info = self._table(get(self._record_keys.get(table) or self._record_key(table), db=meta))
+            snapshot = self._snapshot
+            if snapshot[0] != txn.id():
+                snapshot = self._snapshot = (txn.id(), self._state(get(STATE_KEY, db=meta)), {})
+            state = snapshot[1]
+            info = snapshot[2].get(table)
+            if info is None:
+                info = self._table(get(self._record_keys.get(table) or self._record_key(table), db=meta))
+                if info is not None:
+                    snapshot[2][table] = info
             if refusal(state, info, time.time_ns() // 1000, allow_stale, self.bound) is not None:
                 self.refused += 1
                 return None
@@ -330,9 +340,10 @@ class SharedMemory:
     # Records change rarely (the state at each heartbeat): each is parsed once per value.
 
     def _state(self, data: bytes | None) -> State | None:
-        if data != self._state_bytes:
-            self._state_bytes, self._state_parsed = data, parse_state(data)
-        return self._state_parsed
+        seen = self._state_seen
+        if data != seen[0]:
+            seen = self._state_seen = (data, parse_state(data))
+        return seen[1]
 
     def _table(self, data: bytes | None) -> TableState | None:
         if data is None:
