@@ -14,7 +14,9 @@ its payload --
     0x05 bytea    4-byte big-endian length, then the bytes
 
 Other key column types (numeric, float, date, timestamp) have no encoding in this
-layout: such tables are not written to the store (their reads stay on gRPC).
+layout: such tables are not written to the store (their reads stay on gRPC). A key
+whose encoding is longer than ``MAX_KEY`` bytes (LMDB's limit) is not written either:
+readers ask gRPC for such keys.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from sidecar.core.keys import Key, KeyColumn
 
 LAYOUT = 1
+MAX_KEY = 511  # bytes: LMDB's largest key (its default build's); longer keys are not in the store
 META_DB = b"meta"
 STATE_KEY = b"state"
 TABLE_PREFIX = b"table:"

@@ -50,13 +50,29 @@ for _size in range(_FAST):
 def _items(
     rows: Mapping[Key, bytes], keys: Iterable[Key], encode: Callable[[Key], bytes] = layout.encode_key
 ) -> list[tuple[bytes, bytes]]:
-    """(store key, row JSON) of each of ``keys`` that ``rows`` holds."""
-    at = _JSON_AT
+    """(store key, row JSON) of each of ``keys`` that ``rows`` holds (but those whose key is
+    too long for LMDB: readers ask gRPC for them)."""
+    at, limit = _JSON_AT, layout.MAX_KEY
     return [
-        (encode(key), entry[at[size] :] if (size := len(entry)) < _FAST else row_json(entry))
+        (stored, entry[at[size] :] if (size := len(entry)) < _FAST else row_json(entry))
         for key in keys
-        if (entry := rows.get(key)) is not None
+        if (entry := rows.get(key)) is not None and len(stored := encode(key)) <= limit
     ]
+
+
+def _write_keys(txn: Any, table: _Table, rows: Mapping[Key, bytes], keys: Iterable[Key]) -> None:
+    """Write (or delete) the rows memory holds for ``keys`` (a key too long for LMDB is never
+    in the store: LMDB would refuse it, and readers ask gRPC for it)."""
+    encode, db, limit = table.encode, table.db, layout.MAX_KEY
+    for key in keys:
+        stored = encode(key)
+        if len(stored) > limit:
+            continue
+        entry = rows.get(key)
+        if entry is None:
+            txn.delete(stored, db=db)
+        else:
+            txn.put(stored, row_json(entry), db=db)
 
 
 HEARTBEAT = 0.1  # seconds between heartbeats
@@ -135,6 +151,9 @@ class SharedStore:
             )
         except (OSError, lmdb.Error) as exc:
             raise ConfigError("shared_memory.dir", f"{directory!r}: cannot open the store there: {exc}") from exc
+        if self._env.max_key_size() < layout.MAX_KEY:  # (an LMDB built with a smaller limit)
+            self._env.close()
+            raise ConfigError("shared_memory.dir", f"this LMDB's keys are too short for layout {layout.LAYOUT}")
         self._meta = self._env.open_db(layout.META_DB)
         self._tables: dict[str, _Table] = {}
         for name, cache in source.tables.items():
@@ -245,14 +264,7 @@ class SharedStore:
                 txn.cursor(table.db).putmulti(_items(rows, rows, table.encode), dupdata=False, overwrite=True)
                 table.dirty = False
         elif table.pending:
-            encode = table.encode
-            db = table.db
-            for key in table.pending:
-                entry = rows.get(key)
-                if entry is None:
-                    txn.delete(encode(key), db=db)
-                else:
-                    txn.put(encode(key), row_json(entry), db=db)
+            _write_keys(txn, table, rows, table.pending)
             table.pending.clear()
         served = rows is not None and not table.dirty
         record = layout.table_record(served, len(rows) if served and rows is not None else 0, table.kinds)
@@ -295,13 +307,7 @@ class SharedStore:
                         continue
                     rewrite.changed.update(table.pending)
                     table.pending.clear()
-                    encode = table.encode
-                    for key in rewrite.changed:
-                        entry = rows.get(key)
-                        if entry is None:
-                            txn.delete(encode(key), db=table.db)
-                        else:
-                            txn.put(encode(key), row_json(entry), db=table.db)
+                    _write_keys(txn, table, rows, rewrite.changed)
                     table.rewrite = None
                     table.dirty = False
                     self._write_table(txn, table)  # (its record: served)

@@ -108,13 +108,15 @@ def _throughput(target: str, store: str | None, rows: int, seconds: float, start
         while time.time() < start_at:
             time.sleep(0.001)
         end = time.perf_counter() + seconds
+        cpu = time.process_time()
         done = 0
         while time.perf_counter() < end:
             for _ in range(100):
                 client.get(TABLE, rng.randrange(1, rows + 1))
             done += 100
+        cpu = time.process_time() - cpu
         reads = client._store.reads if client._store is not None else 0
-    results.put((done / seconds, reads))
+    results.put((done / seconds, reads, done / max(cpu, 1e-9)))
 
 
 def _whole_table(target: str, store: str | None, rows: int, results) -> None:  # type: ignore[no-untyped-def]
@@ -150,7 +152,9 @@ def in_fresh_process(target: Callable[..., None], *args: Any, timeout: float = 6
         process.join(60)
 
 
-def keys_per_second(target: str, store: str | None, rows: int, processes: int, seconds: float) -> float:
+def keys_per_second(target: str, store: str | None, rows: int, processes: int, seconds: float) -> tuple[float, float]:
+    """Keys/s of ``processes`` reader processes at once, and keys per CPU-second of a process
+    (their mean: what each gets done with the CPU it gets, whatever else runs on the machine)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + 3.0  # (spawned interpreters import the client first)
@@ -164,8 +168,8 @@ def keys_per_second(target: str, store: str | None, rows: int, processes: int, s
     for worker in workers:
         worker.join(30)
     if store is not None:
-        assert all(reads > 0 for _, reads in answers), "the store answered no read"
-    return float(sum(rate for rate, _ in answers))
+        assert all(reads > 0 for _, reads, _ in answers), "the store answered no read"
+    return float(sum(rate for rate, _, _ in answers)), sum(per_cpu for _, _, per_cpu in answers) / len(answers)
 
 
 # ---------------------------------------------------------------- in this process
@@ -283,7 +287,7 @@ def run(
     sidecar = subprocess.Popen(command, env={**os.environ})
     rng = random.Random(5)
     results: dict[str, list[int]] = {}
-    rates: dict[tuple[str, int], float] = {}
+    rates: dict[tuple[str, int], tuple[float, float]] = {}
     whole: dict[str, dict[str, Any]] = {}
     node_figures: dict[str, Any] | None = None
     try:
@@ -332,7 +336,7 @@ def report(
     without_store: float,
     loaded: float,
     results: dict[str, list[int]],
-    rates: dict[tuple[str, int], float],
+    rates: dict[tuple[str, int], tuple[float, float]],
     processes: list[int],
     whole: dict[str, dict[str, Any]],
     node: dict[str, Any] | None,
@@ -343,28 +347,30 @@ def report(
     )
     base = stats(results["Get, gRPC"])[0]
     batch_base = stats(results["BatchGet(100), gRPC"])[0]
-    print(f"| {'read (one process)':<36} | {'p50 µs':>9} | {'p99 µs':>9} | {'gRPC p50 / this p50':>20} |")
-    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 22}|")
+    print(f"| {'read (one process)':<40} | {'p50 µs':>9} | {'p99 µs':>9} | {'gRPC p50 / this p50':>20} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 22}|")
     for name, samples in results.items():
         if name.startswith("commit"):
             continue
         p50, p99 = stats(samples)
         ratio = (batch_base if name.startswith("Batch") else base) / p50
-        print(f"| {name:<36} | {p50:>9,.1f} | {p99:>9,.1f} | {ratio:>19,.1f}x |")
+        print(f"| {name:<40} | {p50:>9,.1f} | {p99:>9,.1f} | {ratio:>19,.1f}x |")
     if node is not None:
         for name in ("Get, store (first touch)", "Get, store (touched before)", "BatchGet(100), store", "Get, gRPC"):
             p50, p99 = node[name]
-            print(f"| {'Node ' + name:<36} | {p50:>9,.1f} | {p99:>9,.1f} | {node['Get, gRPC'][0] / p50:>19,.1f}x |")
+            print(f"| {'Node ' + name:<40} | {p50:>9,.1f} | {p99:>9,.1f} | {node['Get, gRPC'][0] / p50:>19,.1f}x |")
     else:
         print("\n(Node reader not measured: node, or clients/node/node_modules with koffi, missing)")
     heads = [f"{n} process(es)".rjust(14) for n in processes] + [f"{n} / 1".rjust(6) for n in processes[1:]]
-    print(f"\n| {'Get throughput, keys/s':<22} | " + " | ".join(heads) + " |")
+    print(f"\n| {'Get throughput, keys/s':<30} | " + " | ".join(heads) + " |")
     for kind in ("store", "gRPC"):
-        one = rates[(kind, processes[0])]
-        cells = [f"{rates[(kind, n)]:>14,.0f}" for n in processes] + [
-            f"{rates[(kind, n)] / one:>5.2f}x" for n in processes[1:]
-        ]
-        print(f"| {kind:<22} | " + " | ".join(cells) + " |")
+        for what, at in (("", 0), (" per CPU-second", 1)):
+            one = rates[(kind, processes[0])][at]
+            cells = [f"{rates[(kind, n)][at]:>14,.0f}" for n in processes] + [
+                f"{rates[(kind, n)][at] / one:>5.2f}x" for n in processes[1:]
+            ]
+            print(f"| {kind + what:<30} | " + " | ".join(cells) + " |")
+    print("(per CPU-second: keys a reader process read per second of CPU it got: for gRPC the client's CPU only)")
     visible_store, visible_grpc = stats(results["commit -> visible, store"]), stats(results["commit -> visible, gRPC"])
     print(f"\n| {'commit -> visible':<26} | {'p50 µs':>9} | {'p99 µs':>9} |")
     print(f"| {'through the store':<26} | {visible_store[0]:>9,.0f} | {visible_store[1]:>9,.0f} |")
@@ -390,7 +396,7 @@ def report(
         ("BatchGet(100) from the store p50 ≤ 100 µs", f"{batch_p50:.1f} µs", batch_p50 <= 100),
     ]
     if 2 in processes:
-        scale = rates[("store", 2)] / rates[("store", 1)]
+        scale = rates[("store", 2)][0] / rates[("store", 1)][0]
         checks.append(("2 reader processes ≥ 1.7x the keys/s of 1", f"{scale:.2f}x", scale >= 1.7))
     if growth:
         share = growth["store"][0] / max(1, growth["near-cache"][0])

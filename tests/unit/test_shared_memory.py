@@ -387,3 +387,27 @@ def test_the_reader_reads_the_records_of_the_snapshot_it_reads_rows_from():
     assert isinstance(after, reader.Answer) and (after.revision, after.rows) == (6, [b'{"v":2}'])
     env.commit(7, b'{"v":3}', source_up=False)
     assert store.read("public.t", [1], None, False) is None  # (this snapshot's state: source down)
+
+
+def test_keys_too_long_for_lmdb_are_not_written_and_the_writer_goes_on(tmp_path):
+    table = FakeTable(FakeSchema("public.t", [KeyColumn.create("name", "text", "text")]))
+    longest, too_long = "m" * (layout.MAX_KEY - 5), "n" * (layout.MAX_KEY - 4)  # (5 bytes: tag and length)
+    table.rows = {("a",): entry(b'{"n":1}'), (longest,): entry(b'{"n":2}'), (too_long,): entry(b'{"n":3}')}
+    engine = FakeEngine({"public.t": table})
+    store = SharedStore(str(tmp_path / "store"), 64 * 1024 * 1024, engine)
+    store.applied(engine.revision, [])  # (the table's first write: a rewrite)
+    _, info, rows = held(store)
+    assert info is not None and info.served and set(rows) == {layout.encode_key(("a",)), layout.encode_key((longest,))}
+    table.rows[(too_long,)] = entry(b'{"n":4}')  # changed, then deleted: nothing to write either way
+    table.rows[("x" * 2000,)] = entry(b'{"n":5}')
+    engine.revision = Revision("e.1", 2)
+    store.applied(
+        engine.revision, [batch(2, Change("public.t", UPDATE, (too_long,)), Change("public.t", UPDATE, ("x" * 2000,)))]
+    )
+    del table.rows[(too_long,)]
+    engine.revision = Revision("e.1", 3)
+    store.applied(engine.revision, [batch(3, Change("public.t", UPDATE, (too_long,)))])
+    state, info, rows = held(store)
+    assert store.failed is None and state is not None and state.revision == 3 and info is not None and info.served
+    assert len(rows) == 2
+    store.close()

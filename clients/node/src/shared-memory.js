@@ -17,6 +17,7 @@ const path = require('node:path');
 const LAYOUT = 1;
 const SOURCE_UP = 1;
 const SERVED = 1;
+const MAX_KEY = 511; // bytes: longer keys are not in the store (LMDB's limit): ask gRPC for them
 const FRESH_BOUND_MS = 1000; // an older heartbeat means the sidecar died or hangs
 const POLL_MS = 1; // between looks at the store's revision while a read waits for one
 const REOPEN_AFTER_MS = 1000;
@@ -355,7 +356,7 @@ class SharedMemory {
           continue;
         }
         const encoded = encodeKey(kinds, key);
-        if (encoded === null) {
+        if (encoded === null || encoded.length > MAX_KEY) {
           this.refused += 1;
           return null;
         }

@@ -65,7 +65,7 @@ test('the reader serves only while the store is fresh', () => {
 
 const ITEMS = 'public.shm_items';
 const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
-const NAMES = 'public.shm_names'; // text keys, one longer than the reader's first key buffer
+const NAMES = 'public.shm_names'; // text keys, some too long for LMDB (over 511 bytes encoded)
 let postgres;
 let db;
 let port;
@@ -83,7 +83,7 @@ before(async () => {
     CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
     INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g;
     CREATE TABLE shm_names (name text PRIMARY KEY, v int);
-    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('n', 2000), 3), (repeat('m', 700), 4)`);
+    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('m', 506), 3), (repeat('n', 507), 4), (repeat('o', 2000), 5)`);
   port = await freePort();
   store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
   daemon = await runDaemon();
@@ -134,8 +134,22 @@ test('rows through the store equal rows over gRPC, after changes', async () => {
   await sameAsGrpc(keys);
 });
 
-test('text keys through the store, one longer than the reader\'s key buffer', async () => {
-  await sameAsGrpc(['short', 'é', 'n'.repeat(2000), 'm'.repeat(700), 'n'.repeat(1999), 'absent']);
+test('text keys through the store; keys too long for LMDB over gRPC', async () => {
+  await sameAsGrpc(['short', 'é', 'm'.repeat(506), 'm'.repeat(505), 'absent'], NAMES); // (506: 511 bytes encoded)
+  const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  const remote = new CacheClient(`127.0.0.1:${port}`);
+  try {
+    for (const [key, v] of [['n'.repeat(507), 4], ['o'.repeat(2000), 5]]) {
+      const refused = local.sharedMemory.refused;
+      assert.equal((await local.get(NAMES, key)).v, v);
+      assert.deepEqual(await local.get(NAMES, key), await remote.get(NAMES, key));
+      assert.equal(local.sharedMemory.refused, refused + 2);
+    }
+    assert.equal(local.sharedMemory.errors, 0, String(local.sharedMemory.lastError));
+  } finally {
+    local.close();
+    remote.close();
+  }
 });
 
 test('a store bigger than LMDB\'s default map size is read', async () => {

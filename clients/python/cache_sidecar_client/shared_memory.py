@@ -32,6 +32,7 @@ STATE_HEADER = struct.Struct("<IIqQ")  # layout, flags, heartbeat (µs since 197
 TABLE_HEADER = struct.Struct("<IIQ")  # layout, flags, rows
 SOURCE_UP = 1
 SERVED = 1
+MAX_KEY = 511  # bytes: longer keys are not in the store (LMDB's limit): ask gRPC for them
 FRESH_BOUND = 1.0  # seconds: an older heartbeat means the sidecar died or hangs
 POLL = 0.0002  # seconds between looks at the store's revision while a read waits for one
 REOPEN_AFTER = 1.0  # seconds between attempts to open a store that was not there
@@ -330,7 +331,7 @@ class SharedMemory:
                 rows.clear()
             for key in keys:
                 encoded = encode_key(kinds, key)
-                if encoded is None:
+                if encoded is None or len(encoded) > MAX_KEY:
                     self.refused += 1
                     return None
                 append(get(encoded))
