@@ -334,14 +334,12 @@ def test_rows_are_written_as_the_json_the_api_serves_whatever_their_size(size):
 
 
 class FakeTxn:
-    def __init__(self, snapshot: int, data: dict[tuple[str, bytes], bytes], looked_up: list[bytes]) -> None:
-        self.snapshot, self.data, self.looked_up = snapshot, data, looked_up
+    def __init__(self, env: FakeEnv) -> None:
+        self.env, self.snapshot, self.data, self.looked_up = env, env.snapshot, env.data, env.looked_up
+        env.open += 1
 
-    def __enter__(self) -> FakeTxn:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        return None
+    def abort(self) -> None:
+        self.env.open -= 1
 
     def id(self) -> int:
         return self.snapshot
@@ -358,6 +356,7 @@ class FakeEnv:
     snapshot: int = 0
     data: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
     looked_up: list[bytes] = field(default_factory=list)
+    open: int = 0  # read transactions begun and not ended (each pins a snapshot's pages)
 
     def commit(self, revision: int, row: bytes, source_up: bool = True) -> None:
         self.snapshot += 1
@@ -368,7 +367,7 @@ class FakeEnv:
         }
 
     def begin(self, db: str | None = None) -> FakeTxn:
-        return FakeTxn(self.snapshot, self.data, self.looked_up)
+        return FakeTxn(self)
 
 
 def test_the_reader_reads_the_records_of_the_snapshot_it_reads_rows_from():
@@ -387,6 +386,8 @@ def test_the_reader_reads_the_records_of_the_snapshot_it_reads_rows_from():
     assert isinstance(after, reader.Answer) and (after.revision, after.rows) == (6, [b'{"v":2}'])
     env.commit(7, b'{"v":3}', source_up=False)
     assert store.read("public.t", [1], None, False) is None  # (this snapshot's state: source down)
+    assert store.read("public.t", [1], ("e.1", 8), True) is reader.WAIT
+    assert env.open == 0  # every read ended its transaction, answered, refused or waiting
 
 
 def test_keys_too_long_for_lmdb_are_not_written_and_the_writer_goes_on(tmp_path):

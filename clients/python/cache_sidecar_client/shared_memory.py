@@ -292,7 +292,8 @@ class SharedMemory:
             self.refused += 1
             return None
         meta = self._meta
-        with env.begin(db=db) as txn:  # (the rows' database the default: a keyword less per key)
+        txn = env.begin(db=db)  # (the rows' database the default: a keyword less per key)
+        try:
             get = txn.get
             snapshot = self._snapshot
             if snapshot[0] != txn.id():
@@ -335,6 +336,8 @@ class SharedMemory:
                     self.refused += 1
                     return None
                 append(get(encoded))
+        finally:
+            txn.abort()  # (a read transaction: nothing to commit; cheaper than the context manager)
         self.reads += 1
         return Answer(rows, state.epoch, state.revision)
 
