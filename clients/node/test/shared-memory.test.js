@@ -66,6 +66,7 @@ test('the reader serves only while the store is fresh', () => {
 const ITEMS = 'public.shm_items';
 const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
 const NAMES = 'public.shm_names'; // text keys, some too long for LMDB (over 511 bytes encoded)
+const ACCOUNTS = 'public.shm_accounts'; // two rows whose sum every transaction keeps
 let postgres;
 let db;
 let port;
@@ -83,7 +84,9 @@ before(async () => {
     CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
     INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g;
     CREATE TABLE shm_names (name text PRIMARY KEY, v int);
-    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('m', 506), 3), (repeat('n', 507), 4), (repeat('o', 2000), 5)`);
+    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('m', 506), 3), (repeat('n', 507), 4), (repeat('o', 2000), 5);
+    CREATE TABLE shm_accounts (id int PRIMARY KEY, v int);
+    INSERT INTO shm_accounts VALUES (1, 500), (2, 500)`);
   port = await freePort();
   store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
   daemon = await runDaemon();
@@ -94,7 +97,7 @@ async function runDaemon() {
   const probe = new CacheClient(`127.0.0.1:${port}`, { timeoutMs: 1000 });
   try {
     return await startDaemon(
-      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--table', NAMES, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
+      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--table', NAMES, '--table', ACCOUNTS, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
       async () => (await probe.listTables()).every((t) => t.loaded),
     );
   } finally {
@@ -178,6 +181,73 @@ test('a strong read through the store sees the commit before it', async () => {
     assert.equal(cache.sharedMemory.reads, 10);
   } finally {
     cache.close();
+  }
+});
+
+// In another process: read rows 1 and 2 in one store read, again and again, until stdin
+// closes; then print every distinct sum seen, the reads the store answered, and how many
+// distinct revisions they were at.
+const SUM_READER = `
+const shm = require(${JSON.stringify(path.join(__dirname, '..', 'src', 'shared-memory.js'))});
+const [store, table] = process.argv.slice(1);
+const reader = new shm.SharedMemory(store);
+const sums = new Set();
+const revisions = new Set();
+let reads = 0;
+let open = true;
+process.stdin.on('end', () => { open = false; });
+process.stdin.resume();
+function spin() {
+  const until = Date.now() + 20;
+  while (Date.now() < until) {
+    const answer = reader.read(table, [1, 2], null, false);
+    if (answer && answer !== shm.WAIT && answer.rows.every((row) => row !== null)) {
+      if (reads === 0) process.stdout.write('ready\\n');
+      reads += 1;
+      revisions.add(answer.revision);
+      sums.add(answer.rows.reduce((sum, row) => sum + JSON.parse(row).v, 0));
+    }
+  }
+  if (open) setImmediate(spin);
+  else process.stdout.write(JSON.stringify({ sums: [...sums], reads, revisions: revisions.size }) + '\\n');
+}
+spin();
+`;
+
+test('readers in other processes never see half a transaction', async () => {
+  const { spawn } = require('node:child_process');
+  const readers = [0, 1].map(() => {
+    const child = spawn(process.execPath, ['-e', SUM_READER, store, ACCOUNTS], { stdio: ['pipe', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (chunk) => {
+      out += chunk;
+    });
+    const done = new Promise((resolve) => child.once('exit', resolve));
+    return { child, done, out: () => out };
+  });
+  try {
+    for (const reader of readers) await eventually(() => reader.out().startsWith('ready'), { what: 'a reader reading' });
+    for (let step = 0; step < 200; step++) {
+      const amount = (step % 7) + 1;
+      await db.query('BEGIN');
+      await db.query('UPDATE shm_accounts SET v = v - $1 WHERE id = 1', [amount]);
+      await db.query('UPDATE shm_accounts SET v = v + $1 WHERE id = 2', [amount]);
+      await db.query('COMMIT');
+    }
+    const cache = new CacheClient(`127.0.0.1:${port}`);
+    try {
+      await cache.sync();
+    } finally {
+      cache.close();
+    }
+  } finally {
+    for (const reader of readers) reader.child.stdin.end();
+  }
+  for (const reader of readers) {
+    await reader.done;
+    const seen = JSON.parse(reader.out().trim().split('\n').pop());
+    assert.ok(seen.reads > 0 && seen.revisions > 10, `the reader read while the writes went on: ${JSON.stringify(seen)}`);
+    assert.deepEqual(seen.sums, [1000]);
   }
 });
 
