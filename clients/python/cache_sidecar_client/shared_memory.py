@@ -384,4 +384,5 @@ class SharedMemory:
             if self._env is not None:
                 self._env = None
                 self._dbs.clear()
+                self._snapshot = (-1, None, {})  # (a store opened again may be another file: its ids too)
                 _release(self.directory)
