@@ -412,3 +412,17 @@ def test_keys_too_long_for_lmdb_are_not_written_and_the_writer_goes_on(tmp_path)
     assert store.failed is None and state is not None and state.revision == 3 and info is not None and info.served
     assert len(rows) == 2
     store.close()
+
+
+def test_a_reader_closed_and_opened_again_forgets_the_old_stores_records(monkeypatch):
+    monkeypatch.setattr(reader, "_release", lambda directory: None)  # (no real environment here)
+    old, new = FakeEnv(), FakeEnv()
+    old.commit(5, b'{"v":1}')
+    new.commit(1, b'{"v":9}')  # a store made anew: its transaction ids start over (the same id, 1)
+    store = reader.SharedMemory("/nonexistent")
+    store._env, store._meta, store._dbs["public.t"] = old, "meta", "rows"
+    assert store.read("public.t", [1], None, False).revision == 5
+    store.close()
+    store._env, store._meta, store._dbs["public.t"] = new, "meta", "rows"
+    answer = store.read("public.t", [1], None, False)
+    assert isinstance(answer, reader.Answer) and (answer.revision, answer.rows) == (1, [b'{"v":9}'])
