@@ -1,6 +1,7 @@
-"""Reads through the shared-memory store vs over gRPC vs a near-cache hit vs asyncpg,
-side by side in one run, and every figure of issue 22's "Done when" list with its
-target, in one table at the end:
+"""The shared-memory store against gRPC, a near-cache and asyncpg, with issue 22's targets.
+
+Side by side in one run, and every figure of issue 22's "Done when" list with its
+target in one table at the end:
 
     python -m tests.benchmarks.shared_memory [--rows 1000000] [--reads 20000] [--seconds 2]
         [--processes 1,2,4] [--visible 200] [--load-rounds 3] [--no-memory] [--no-node]
