@@ -14,19 +14,22 @@ its payload --
     0x05 bytea    4-byte big-endian length, then the bytes
 
 Other key column types (numeric, float, date, timestamp) have no encoding in this
-layout: such tables are not written to the store (their reads stay on gRPC).
+layout: such tables are not written to the store (their reads stay on gRPC). A key
+whose encoding is longer than ``MAX_KEY`` bytes (LMDB's limit) is not written either:
+readers ask gRPC for such keys.
 """
 
 from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sidecar.core.keys import Key, KeyColumn
 
 LAYOUT = 1
+MAX_KEY = 511  # bytes: LMDB's largest key (its default build's); longer keys are not in the store
 META_DB = b"meta"
 STATE_KEY = b"state"
 TABLE_PREFIX = b"table:"
@@ -87,6 +90,19 @@ def encode_key(key: Key) -> bytes:
     if len(key) == 1:
         return encode_part(key[0])
     return b"".join(map(encode_part, key))
+
+
+_TAGGED_INT = struct.Struct(">Bq").pack
+
+
+def _one_integer(key: Key) -> bytes:
+    return _TAGGED_INT(1, key[0])
+
+
+def key_encoder(kinds: str | None) -> Callable[[Key], bytes]:
+    """``encode_key``, or for a key of one integer column (most tables) the same bytes in one
+    call: a 1 M-row table's rewrite encodes a million keys."""
+    return _one_integer if kinds is not None and len(kinds) == 1 and kinds in "hilo" else encode_key
 
 
 def state_record(source_up: bool, heartbeat_us: int, revision: int, epoch: str) -> bytes:

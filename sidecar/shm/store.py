@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,15 +47,32 @@ for _size in range(_FAST):
         _JSON_AT[_prefix + _size] = _prefix
 
 
-def _items(rows: Mapping[Key, bytes], keys: Iterable[Key]) -> list[tuple[bytes, bytes]]:
-    """(store key, row JSON) of each of ``keys`` that ``rows`` holds."""
-    encode, at, found = layout.encode_key, _JSON_AT, []
+def _items(
+    rows: Mapping[Key, bytes], keys: Iterable[Key], encode: Callable[[Key], bytes] = layout.encode_key
+) -> list[tuple[bytes, bytes]]:
+    """(store key, row JSON) of each of ``keys`` that ``rows`` holds (but those whose key is
+    too long for LMDB: readers ask gRPC for them)."""
+    at, limit = _JSON_AT, layout.MAX_KEY
+    return [
+        (stored, entry[at[size] :] if (size := len(entry)) < _FAST else row_json(entry))
+        for key in keys
+        if (entry := rows.get(key)) is not None and len(stored := encode(key)) <= limit
+    ]
+
+
+def _write_keys(txn: Any, table: _Table, rows: Mapping[Key, bytes], keys: Iterable[Key]) -> None:
+    """Write (or delete) the rows memory holds for ``keys`` (a key too long for LMDB is never
+    in the store: LMDB would refuse it, and readers ask gRPC for it)."""
+    encode, db, limit = table.encode, table.db, layout.MAX_KEY
     for key in keys:
+        stored = encode(key)
+        if len(stored) > limit:
+            continue
         entry = rows.get(key)
-        if entry is not None:
-            size = len(entry)
-            found.append((encode(key), entry[at[size] :] if size < _FAST else row_json(entry)))
-    return found
+        if entry is None:
+            txn.delete(stored, db=db)
+        else:
+            txn.put(stored, row_json(entry), db=db)
 
 
 HEARTBEAT = 0.1  # seconds between heartbeats
@@ -93,6 +110,7 @@ class _Table:
     name: str
     cache: TableCache
     kinds: str | None  # None: the key has no encoding; the table is not written
+    encode: Callable[[Key], bytes] = layout.encode_key  # (layout.key_encoder's for its kinds)
     db: Any = None
     dirty: bool = True  # its rows in the store are not a complete copy: rewrite before serving
     written: bytes = b""  # the table record last written
@@ -133,13 +151,16 @@ class SharedStore:
             )
         except (OSError, lmdb.Error) as exc:
             raise ConfigError("shared_memory.dir", f"{directory!r}: cannot open the store there: {exc}") from exc
+        if self._env.max_key_size() < layout.MAX_KEY:  # (an LMDB built with a smaller limit)
+            self._env.close()
+            raise ConfigError("shared_memory.dir", f"this LMDB's keys are too short for layout {layout.LAYOUT}")
         self._meta = self._env.open_db(layout.META_DB)
         self._tables: dict[str, _Table] = {}
         for name, cache in source.tables.items():
             if cache.mode != "full":
                 continue
             kinds = layout.key_kinds(cache.schema.key_columns)
-            table = _Table(name, cache, kinds)
+            table = _Table(name, cache, kinds, layout.key_encoder(kinds))
             if kinds is None:
                 log.info("%s: its key types have no shared-memory encoding; its reads stay on gRPC", name)
             else:
@@ -240,17 +261,10 @@ class SharedStore:
                 # meanwhile (readers go over gRPC), so that the event loop is never held long.
                 table.rewrite = _Rewrite(list(rows))
             else:
-                txn.cursor(table.db).putmulti(_items(rows, rows), dupdata=False, overwrite=True)
+                txn.cursor(table.db).putmulti(_items(rows, rows, table.encode), dupdata=False, overwrite=True)
                 table.dirty = False
         elif table.pending:
-            encode = layout.encode_key
-            db = table.db
-            for key in table.pending:
-                entry = rows.get(key)
-                if entry is None:
-                    txn.delete(encode(key), db=db)
-                else:
-                    txn.put(encode(key), row_json(entry), db=db)
+            _write_keys(txn, table, rows, table.pending)
             table.pending.clear()
         served = rows is not None and not table.dirty
         record = layout.table_record(served, len(rows) if served and rows is not None else 0, table.kinds)
@@ -277,7 +291,6 @@ class SharedStore:
         keys changed meanwhile and marks the table served, in the same transaction."""
         if self.failed is not None:
             return
-        encode = layout.encode_key
         try:
             with self._env.begin(write=True) as txn:
                 for table in self._tables.values():
@@ -289,17 +302,12 @@ class SharedStore:
                         continue  # (the next _write_table marks it dirty and drops the rewrite)
                     chunk = rewrite.keys[rewrite.done : rewrite.done + REWRITE_CHUNK]
                     rewrite.done += len(chunk)
-                    txn.cursor(table.db).putmulti(_items(rows, chunk), dupdata=False, overwrite=True)
+                    txn.cursor(table.db).putmulti(_items(rows, chunk, table.encode), dupdata=False, overwrite=True)
                     if rewrite.done < len(rewrite.keys):
                         continue
                     rewrite.changed.update(table.pending)
                     table.pending.clear()
-                    for key in rewrite.changed:
-                        entry = rows.get(key)
-                        if entry is None:
-                            txn.delete(encode(key), db=table.db)
-                        else:
-                            txn.put(encode(key), row_json(entry), db=table.db)
+                    _write_keys(txn, table, rows, rewrite.changed)
                     table.rewrite = None
                     table.dirty = False
                     self._write_table(txn, table)  # (its record: served)

@@ -183,6 +183,90 @@ async def test_composite_text_uuid_bool_and_char_keys(start, db, schema, store_d
     await same_as_grpc(store_dir, target, f"{schema}.codes", ["ab", "ab   ", "abcde", "zz"])
 
 
+# Key types the store holds (layout.KIND_BY_TYPE), as a client passes their values natively;
+# tests/integration/test_types.py's KEYS hold the others too (their reads stay on gRPC).
+STORE_KEY_TYPES = ("int2", "int4", "int8", "text", "varchar(8)", "char(4)", "uuid", "bool", "bytea")
+
+
+def as_served(row: bytes) -> bytes:
+    return row
+
+
+async def test_every_type_reads_the_same_bytes_through_the_store_as_over_grpc(start, db, schema, store_dir):
+    """The row of every type of the documented mapping, and a table per key type: through a
+    store-backed client the exact bytes gRPC serves (the decoder returns them untouched),
+    before and after an UPDATE; the key types with an encoding answered by the store."""
+    from tests.integration.test_types import KEYS, VALUES
+
+    columns = ", ".join(f"c{i} {t}" for i, (t, _, _) in enumerate(VALUES))
+    literals = ", ".join(literal for _, literal, _ in VALUES)
+    await db.execute(f"CREATE TABLE {schema}.typed (id int PRIMARY KEY, {columns})")
+    await db.execute(f"INSERT INTO {schema}.typed VALUES (1, {literals}), (2, {literals})")
+    for i, (sql_type, literal, _) in enumerate(KEYS):
+        await db.execute(f"CREATE TABLE {schema}.k{i} (id {sql_type} PRIMARY KEY, tag text)")
+        await db.execute(f"INSERT INTO {schema}.k{i} VALUES ({literal}, 'found')")
+    await db.execute(f"CREATE TYPE {schema}.mood AS ENUM ('happy', 'sad')")
+    await db.execute(f"CREATE TABLE {schema}.kenum (id {schema}.mood, n int2, tag text, PRIMARY KEY (id, n))")
+    await db.execute(f"INSERT INTO {schema}.kenum VALUES ('sad', 3, 'found')")
+    tables = [f"{schema}.typed", *(f"{schema}.k{i}" for i in range(len(KEYS))), f"{schema}.kenum"]
+    target, _ = start(tables)
+    async with (
+        AsyncClient(target, decoder=as_served) as remote,
+        AsyncClient(target, shared_memory=store_dir, decoder=as_served) as local,
+    ):
+        store = local._store
+        assert store is not None
+        for update in ("", f"UPDATE {schema}.typed SET c0 = NULL, c8 = 'é' WHERE id = 2"):
+            if update:
+                await db.execute(update)
+            await remote.sync()
+            await eventually(lambda: serves(store, f"{schema}.typed"), what="the store serves the table")
+            reads = store.reads
+            for key in (1, 2, 3):
+                got = await local.get(f"{schema}.typed", key, min_revision=remote.last_revision)
+                assert got == await remote.get(f"{schema}.typed", key), key
+            assert store.reads == reads + 3
+        for i, (sql_type, _, key) in enumerate(KEYS):
+            table = f"{schema}.k{i}"
+            reads = store.reads
+            got = await local.get(table, key)
+            assert got is not None and got == await remote.get(table, key), sql_type
+            # (a string for an integer column goes to the sidecar, which coerces it)
+            from_store = sql_type in STORE_KEY_TYPES and not (isinstance(key, str) and sql_type.startswith("int"))
+            assert store.reads == reads + from_store, f"{sql_type}: from the store {store.reads - reads} time(s)"
+        reads = store.reads
+        for key in (("sad", 3), ("happy", 3)):
+            assert await local.get(f"{schema}.kenum", key) == await remote.get(f"{schema}.kenum", key)
+        assert store.reads == reads + 2
+
+
+async def test_keys_too_long_for_lmdb_are_read_over_grpc_and_the_daemon_goes_on(start, db, schema, store_dir):
+    """LMDB refuses keys over 511 bytes: such rows are not in the store (loaded, changed or
+    deleted, the daemon goes on writing the others) and readers ask gRPC for them."""
+    table = f"{schema}.names"
+    longest, too_long, far_too_long = "m" * 506, "n" * 507, "o" * 3000  # (+5 bytes: tag and length)
+    await db.execute(f"CREATE TABLE {table} (name text PRIMARY KEY, v int)")
+    await db.execute(
+        f"INSERT INTO {table} VALUES ('short', 1), ($1, 2), ($2, 3), ($3, 4)", longest, too_long, far_too_long
+    )
+    target, process = start([table])
+    await same_as_grpc(store_dir, target, table, ["short", longest, "absent"])
+    await db.execute(f"UPDATE {table} SET v = v + 10")  # (4 rows: keyed changes)
+    await db.execute(f"INSERT INTO {table} VALUES ($1, 5)", "p" * 600)
+    await db.execute(f"DELETE FROM {table} WHERE name = $1", too_long)
+    await same_as_grpc(store_dir, target, table, ["short", longest, "absent"])
+    async with AsyncClient(target) as remote, AsyncClient(target, shared_memory=store_dir) as local:
+        store = local._store
+        assert store is not None
+        for key in (too_long, far_too_long, "p" * 600):
+            refused = store.refused
+            assert await local.get(table, key) == await remote.get(table, key)
+            assert store.refused == refused + 1
+        assert [row and row["v"] for row in await local.batch_get(table, ["short", far_too_long])] == [11, 14]
+        assert store.errors == 0, store.last_error
+    assert process.poll() is None
+
+
 def relation_config(schema: str, path) -> str:  # type: ignore[no-untyped-def]
     path.write_text(
         f"""[[tables]]
@@ -321,8 +405,20 @@ def reader_pids(directory: str) -> set[int]:
         env.close()
 
 
-async def test_a_reader_killed_mid_read_leaves_no_slot_behind(start, items, store_dir):
-    start([items])
+async def written_and_read(db, target: str, store_dir: str, items: str, name: str) -> None:  # type: ignore[no-untyped-def]
+    """A change committed now is applied to the store and read from it."""
+    await db.execute(f"UPDATE {items} SET name = $1 WHERE id = 1", name)
+    async with AsyncClient(target, shared_memory=store_dir) as cache:
+        store = cache._store
+        assert store is not None
+        await eventually(lambda: serves(store, items), what="the store serves the table")
+        reads = store.reads
+        assert (await cache.get(items, 1, consistency="strong", timeout=10))["name"] == name
+        assert store.reads == reads + 1
+
+
+async def test_a_reader_killed_mid_read_leaves_nothing_that_blocks_the_writer(start, db, items, store_dir):
+    target, _ = start([items])
     await eventually(lambda: os.path.exists(os.path.join(store_dir, "lock.mdb")), what="the store")
     context = multiprocessing.get_context("spawn")
     holding = context.Queue()
@@ -330,9 +426,11 @@ async def test_a_reader_killed_mid_read_leaves_no_slot_behind(start, items, stor
     reader.start()
     pid = await asyncio.to_thread(holding.get, True, 60)
     assert pid in reader_pids(store_dir)  # its snapshot pins old pages while it lives
+    await written_and_read(db, target, store_dir, items, "while a reader holds an old snapshot")
     os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(reader.join, 30)
     await eventually(lambda: pid not in reader_pids(store_dir), timeout=10, what="the dead reader's slot cleared")
+    await written_and_read(db, target, store_dir, items, "after the reader was killed")
 
 
 async def test_a_lost_listener_marks_the_store_not_fresh(start, db, items, store_dir):

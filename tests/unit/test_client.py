@@ -148,3 +148,6 @@ def test_the_default_decoder_reads_rows_json_loads_refuses():
     for bad in (b"[1,]", b'{"a" 1}', b"{", b"[1]x", b""):
         with pytest.raises(ValueError):
             default_decoder(bad)
+    # what json.loads reads besides the sidecar's plain UTF-8 rows, read alike
+    for other in (b'{"a": 1} ', b' {"a":1}', '{"a":"é"}'.encode("utf-16"), b'\xef\xbb\xbf{"a":1}', bytearray(b"[1]")):
+        assert default_decoder(other) == json.loads(other)

@@ -39,7 +39,14 @@ VECTORS: list[tuple[tuple[Any, ...], Any, str, bytes]] = [
 @pytest.mark.parametrize(("coerced", "given", "kinds", "expected"), VECTORS)
 def test_the_daemon_and_the_client_encode_keys_alike(coerced, given, kinds, expected):
     assert layout.encode_key(coerced) == expected
+    assert layout.key_encoder(kinds)(coerced) == expected  # (the writer's per-table encoder)
     assert reader.encode_key(kinds, given) == expected
+
+
+@pytest.mark.parametrize("kinds", ["h", "i", "l", "o"])
+@pytest.mark.parametrize("value", [0, 1, -1, 2**31, -(2**63), 2**63 - 1])
+def test_the_writers_integer_key_encoder_is_encode_key(kinds, value):
+    assert layout.key_encoder(kinds)((value,)) == layout.encode_key((value,))
 
 
 def test_values_the_store_cannot_look_up_go_to_grpc():
@@ -321,3 +328,101 @@ def test_rows_are_written_as_the_json_the_api_serves_whatever_their_size(size):
 
     row = b"x" * size
     assert _items({(1,): entry(row)}, [(1,), (2,)]) == [(layout.encode_key((1,)), row)]
+
+
+# ---------------------------------------------------------------- the reader, with a fake LMDB
+
+
+class FakeTxn:
+    def __init__(self, env: FakeEnv) -> None:
+        self.env, self.snapshot, self.data, self.looked_up = env, env.snapshot, env.data, env.looked_up
+        env.open += 1
+
+    def abort(self) -> None:
+        self.env.open -= 1
+
+    def id(self) -> int:
+        return self.snapshot
+
+    def get(self, key: bytes, db: str = "rows") -> bytes | None:
+        self.looked_up.append(key)
+        return self.data.get((db, key))
+
+
+@dataclass
+class FakeEnv:
+    """An LMDB environment's snapshots: each ``commit`` makes a new one (a new transaction id)."""
+
+    snapshot: int = 0
+    data: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
+    looked_up: list[bytes] = field(default_factory=list)
+    open: int = 0  # read transactions begun and not ended (each pins a snapshot's pages)
+
+    def commit(self, revision: int, row: bytes, source_up: bool = True) -> None:
+        self.snapshot += 1
+        self.data = {
+            ("meta", reader.STATE_KEY): layout.state_record(source_up, time.time_ns() // 1000, revision, "e.1"),
+            ("meta", reader.TABLE_PREFIX + b"public.t"): layout.table_record(True, 1, "l"),
+            ("rows", layout.encode_key((1,))): row,
+        }
+
+    def begin(self, db: str | None = None) -> FakeTxn:
+        return FakeTxn(self)
+
+
+def test_the_reader_reads_the_records_of_the_snapshot_it_reads_rows_from():
+    env = FakeEnv()
+    env.commit(5, b'{"v":1}')
+    store = reader.SharedMemory("/nonexistent")
+    store._env, store._meta, store._dbs["public.t"] = env, "meta", "rows"
+    first = store.read("public.t", [1], None, False)
+    assert isinstance(first, reader.Answer) and (first.revision, first.rows) == (5, [b'{"v":1}'])
+    env.looked_up.clear()
+    again = store.read("public.t", [1, 2], None, False)  # the same snapshot: its rows only
+    assert isinstance(again, reader.Answer) and again.revision == 5 and again.rows == [b'{"v":1}', None]
+    assert env.looked_up == [layout.encode_key((1,)), layout.encode_key((2,))]
+    env.commit(6, b'{"v":2}')  # the writer's next transaction: the records read again with the rows
+    after = store.read("public.t", [1], None, False)
+    assert isinstance(after, reader.Answer) and (after.revision, after.rows) == (6, [b'{"v":2}'])
+    env.commit(7, b'{"v":3}', source_up=False)
+    assert store.read("public.t", [1], None, False) is None  # (this snapshot's state: source down)
+    assert store.read("public.t", [1], ("e.1", 8), True) is reader.WAIT
+    assert env.open == 0  # every read ended its transaction, answered, refused or waiting
+
+
+def test_keys_too_long_for_lmdb_are_not_written_and_the_writer_goes_on(tmp_path):
+    table = FakeTable(FakeSchema("public.t", [KeyColumn.create("name", "text", "text")]))
+    longest, too_long = "m" * (layout.MAX_KEY - 5), "n" * (layout.MAX_KEY - 4)  # (5 bytes: tag and length)
+    table.rows = {("a",): entry(b'{"n":1}'), (longest,): entry(b'{"n":2}'), (too_long,): entry(b'{"n":3}')}
+    engine = FakeEngine({"public.t": table})
+    store = SharedStore(str(tmp_path / "store"), 64 * 1024 * 1024, engine)
+    store.applied(engine.revision, [])  # (the table's first write: a rewrite)
+    _, info, rows = held(store)
+    assert info is not None and info.served and set(rows) == {layout.encode_key(("a",)), layout.encode_key((longest,))}
+    table.rows[(too_long,)] = entry(b'{"n":4}')  # changed, then deleted: nothing to write either way
+    table.rows[("x" * 2000,)] = entry(b'{"n":5}')
+    engine.revision = Revision("e.1", 2)
+    store.applied(
+        engine.revision, [batch(2, Change("public.t", UPDATE, (too_long,)), Change("public.t", UPDATE, ("x" * 2000,)))]
+    )
+    del table.rows[(too_long,)]
+    engine.revision = Revision("e.1", 3)
+    store.applied(engine.revision, [batch(3, Change("public.t", UPDATE, (too_long,)))])
+    state, info, rows = held(store)
+    assert store.failed is None and state is not None and state.revision == 3 and info is not None and info.served
+    assert len(rows) == 2
+    store.close()
+
+
+def test_a_reader_closed_and_opened_again_forgets_the_old_stores_records(monkeypatch):
+    monkeypatch.setattr(reader, "_release", lambda directory: None)  # (no real environment here)
+    old, new = FakeEnv(), FakeEnv()
+    old.commit(5, b'{"v":1}')
+    new.commit(1, b'{"v":9}')  # a store made anew: its transaction ids start over (the same id, 1)
+    store = reader.SharedMemory("/nonexistent")
+    store._env, store._meta, store._dbs["public.t"] = old, "meta", "rows"
+    assert store.read("public.t", [1], None, False).revision == 5
+    store.close()
+    store._env, store._meta, store._dbs["public.t"] = new, "meta", "rows"
+    answer = store.read("public.t", [1], None, False)
+    assert isinstance(answer, reader.Answer) and (answer.revision, answer.rows) == (1, [b'{"v":9}'])

@@ -65,6 +65,8 @@ test('the reader serves only while the store is fresh', () => {
 
 const ITEMS = 'public.shm_items';
 const BIG = 'public.shm_big'; // more than LMDB's default map size (1 MiB) of rows
+const NAMES = 'public.shm_names'; // text keys, some too long for LMDB (over 511 bytes encoded)
+const ACCOUNTS = 'public.shm_accounts'; // two rows whose sum every transaction keeps
 let postgres;
 let db;
 let port;
@@ -78,20 +80,30 @@ before(async () => {
   await db.query(`
     CREATE TABLE shm_items (id bigint PRIMARY KEY, name text, doc jsonb);
     INSERT INTO shm_items SELECT g, 'item ' || g, '{"k": [1, 2]}' FROM generate_series(1, 30) g;
+    INSERT INTO shm_items VALUES (-7, 'negative', NULL), (1099511627776, 'past 32 bits', NULL), (-1099511627777, 'below', NULL);
     CREATE TABLE shm_big (id int PRIMARY KEY, padding text);
-    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g`);
+    INSERT INTO shm_big SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g;
+    CREATE TABLE shm_names (name text PRIMARY KEY, v int);
+    INSERT INTO shm_names VALUES ('short', 1), ('é', 2), (repeat('m', 506), 3), (repeat('n', 507), 4), (repeat('o', 2000), 5);
+    CREATE TABLE shm_accounts (id int PRIMARY KEY, v int);
+    INSERT INTO shm_accounts VALUES (1, 500), (2, 500)`);
   port = await freePort();
   store = fs.mkdtempSync(path.join(os.tmpdir(), 'node-shm-'));
+  daemon = await runDaemon();
+});
+
+/** A daemon keeping the test's tables in `store` (a new one takes the store over). */
+async function runDaemon() {
   const probe = new CacheClient(`127.0.0.1:${port}`, { timeoutMs: 1000 });
   try {
-    daemon = await startDaemon(
-      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
+    return await startDaemon(
+      ['--dsn', postgres.dsn, '--table', ITEMS, '--table', BIG, '--table', NAMES, '--table', ACCOUNTS, '--install-triggers', '--listen', `127.0.0.1:${port}`, '--shared-memory', store],
       async () => (await probe.listTables()).every((t) => t.loaded),
     );
   } finally {
     probe.close();
   }
-});
+}
 
 after(async () => {
   if (daemon) await daemon.stop();
@@ -100,14 +112,14 @@ after(async () => {
   if (store) fs.rmSync(store, { recursive: true, force: true });
 });
 
-async function sameAsGrpc(keys) {
+async function sameAsGrpc(keys, table = ITEMS) {
   const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
   const remote = new CacheClient(`127.0.0.1:${port}`);
   try {
-    await eventually(() => local.sharedMemory.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    await eventually(() => local.sharedMemory.refusalOf(table) === null, { what: 'the store serves the table' });
     const reads = local.sharedMemory.reads;
-    assert.deepEqual(await local.batchGet(ITEMS, keys, { consistency: 'strong' }), await remote.batchGet(ITEMS, keys, { consistency: 'strong' }));
-    for (const key of keys) assert.deepEqual(await local.get(ITEMS, key), await remote.get(ITEMS, key));
+    assert.deepEqual(await local.batchGet(table, keys, { consistency: 'strong' }), await remote.batchGet(table, keys, { consistency: 'strong' }));
+    for (const key of keys) assert.deepEqual(await local.get(table, key), await remote.get(table, key), `${table} ${key}`);
     assert.equal(local.sharedMemory.reads, reads + 1 + keys.length);
   } finally {
     local.close();
@@ -116,13 +128,31 @@ async function sameAsGrpc(keys) {
 }
 
 test('rows through the store equal rows over gRPC, after changes', async () => {
-  const keys = [1, 2, 3, 5n, 31, 100];
+  const keys = [1, 2, 3, 5n, 31, 100, -7, -8, 1099511627776, -1099511627777, 1099511627777, -1099511627777n];
   await sameAsGrpc(keys);
   await db.query(`UPDATE shm_items SET name = 'changed' WHERE id IN (1, 2)`);
   await db.query(`DELETE FROM shm_items WHERE id = 3`);
   await db.query(`INSERT INTO shm_items VALUES (31, 'new', NULL)`);
   await db.query(`UPDATE shm_items SET id = 100 WHERE id = 5`);
   await sameAsGrpc(keys);
+});
+
+test('text keys through the store; keys too long for LMDB over gRPC', async () => {
+  await sameAsGrpc(['short', 'é', 'm'.repeat(506), 'm'.repeat(505), 'absent'], NAMES); // (506: 511 bytes encoded)
+  const local = new CacheClient(`127.0.0.1:${port}`, { sharedMemory: store });
+  const remote = new CacheClient(`127.0.0.1:${port}`);
+  try {
+    for (const [key, v] of [['n'.repeat(507), 4], ['o'.repeat(2000), 5]]) {
+      const refused = local.sharedMemory.refused;
+      assert.equal((await local.get(NAMES, key)).v, v);
+      assert.deepEqual(await local.get(NAMES, key), await remote.get(NAMES, key));
+      assert.equal(local.sharedMemory.refused, refused + 2);
+    }
+    assert.equal(local.sharedMemory.errors, 0, String(local.sharedMemory.lastError));
+  } finally {
+    local.close();
+    remote.close();
+  }
 });
 
 test('a store bigger than LMDB\'s default map size is read', async () => {
@@ -154,6 +184,73 @@ test('a strong read through the store sees the commit before it', async () => {
   }
 });
 
+// In another process: read rows 1 and 2 in one store read, again and again, until stdin
+// closes; then print every distinct sum seen, the reads the store answered, and how many
+// distinct revisions they were at.
+const SUM_READER = `
+const shm = require(${JSON.stringify(path.join(__dirname, '..', 'src', 'shared-memory.js'))});
+const [store, table] = process.argv.slice(1);
+const reader = new shm.SharedMemory(store);
+const sums = new Set();
+const revisions = new Set();
+let reads = 0;
+let open = true;
+process.stdin.on('end', () => { open = false; });
+process.stdin.resume();
+function spin() {
+  const until = Date.now() + 20;
+  while (Date.now() < until) {
+    const answer = reader.read(table, [1, 2], null, false);
+    if (answer && answer !== shm.WAIT && answer.rows.every((row) => row !== null)) {
+      if (reads === 0) process.stdout.write('ready\\n');
+      reads += 1;
+      revisions.add(answer.revision);
+      sums.add(answer.rows.reduce((sum, row) => sum + JSON.parse(row).v, 0));
+    }
+  }
+  if (open) setImmediate(spin);
+  else process.stdout.write(JSON.stringify({ sums: [...sums], reads, revisions: revisions.size }) + '\\n');
+}
+spin();
+`;
+
+test('readers in other processes never see half a transaction', async () => {
+  const { spawn } = require('node:child_process');
+  const readers = [0, 1].map(() => {
+    const child = spawn(process.execPath, ['-e', SUM_READER, store, ACCOUNTS], { stdio: ['pipe', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (chunk) => {
+      out += chunk;
+    });
+    const done = new Promise((resolve) => child.once('exit', resolve));
+    return { child, done, out: () => out };
+  });
+  try {
+    for (const reader of readers) await eventually(() => reader.out().startsWith('ready'), { what: 'a reader reading' });
+    for (let step = 0; step < 200; step++) {
+      const amount = (step % 7) + 1;
+      await db.query('BEGIN');
+      await db.query('UPDATE shm_accounts SET v = v - $1 WHERE id = 1', [amount]);
+      await db.query('UPDATE shm_accounts SET v = v + $1 WHERE id = 2', [amount]);
+      await db.query('COMMIT');
+    }
+    const cache = new CacheClient(`127.0.0.1:${port}`);
+    try {
+      await cache.sync();
+    } finally {
+      cache.close();
+    }
+  } finally {
+    for (const reader of readers) reader.child.stdin.end();
+  }
+  for (const reader of readers) {
+    await reader.done;
+    const seen = JSON.parse(reader.out().trim().split('\n').pop());
+    assert.ok(seen.reads > 0 && seen.revisions > 10, `the reader read while the writes went on: ${JSON.stringify(seen)}`);
+    assert.deepEqual(seen.sums, [1000]);
+  }
+});
+
 test('a stopped daemon is not trusted: reads go over gRPC', async () => {
   const reader = new shm.SharedMemory(store);
   try {
@@ -161,6 +258,27 @@ test('a stopped daemon is not trusted: reads go over gRPC', async () => {
     await daemon.stop();
     daemon = null;
     assert.match(reader.refusalOf(ITEMS), /source is down/);
+    assert.equal(reader.read(ITEMS, [1], null, false), null);
+    assert.notEqual(reader.read(ITEMS, [1], null, true), null); // allowStale still may
+  } finally {
+    reader.close();
+  }
+});
+
+test('a killed daemon is not trusted once its heartbeat is older than the bound', async () => {
+  daemon = await runDaemon(); // (the one before was stopped)
+  const reader = new shm.SharedMemory(store);
+  try {
+    await eventually(() => reader.refusalOf(ITEMS) === null, { what: 'the store serves the table' });
+    assert.notEqual(reader.read(ITEMS, [1], null, false), null);
+    const killed = Date.now();
+    await daemon.kill(); // (SIGKILL: the store says nothing more; its heartbeat ages)
+    daemon = null;
+    await eventually(() => /heartbeat is old/.test(reader.refusalOf(ITEMS) || ''), {
+      timeoutMs: shm.FRESH_BOUND_MS + 5000,
+      what: 'the heartbeat judged old',
+    });
+    assert.ok(Date.now() - killed <= shm.FRESH_BOUND_MS + 1000, `refused ${Date.now() - killed} ms after the kill`);
     assert.equal(reader.read(ITEMS, [1], null, false), null);
     assert.notEqual(reader.read(ITEMS, [1], null, true), null); // allowStale still may
   } finally {

@@ -97,6 +97,10 @@ async function startDaemon(args, ready) {
       daemon.kill('SIGTERM');
       return exited;
     },
+    async kill() {
+      daemon.kill('SIGKILL');
+      return exited;
+    },
   };
 }
 
