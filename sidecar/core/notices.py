@@ -58,6 +58,7 @@ class NoticeIngest:
         self._told_reload: list[Callable[[str], None]] = []
         self._check_catalog: Callable[[], Awaitable[None]] | None = None
         self._schema_batch = 0  # the newest batch of a reload or failure for a schema change
+        self.numbered_apart = 0  # commits numbered past their log position (see _numbered_apart)
 
     @property
     def stats(self) -> RouterStats:
@@ -165,7 +166,8 @@ class NoticeIngest:
         for event in events:  # (one pass: this runs for every transaction of the stream)
             if isinstance(event, (RowChange, TableChange)):
                 if not opened:
-                    revisions.open_commit(position, xid)
+                    if revisions.open_commit(position, xid) != position:
+                        self._numbered_apart(position)
                     opened = True
                 route(event)
             elif isinstance(event, SyncToken):
@@ -174,6 +176,21 @@ class NoticeIngest:
             revisions.close_commit()
         for token in tokens:
             self.handle(token)
+
+    def _numbered_apart(self, position: int) -> None:
+        """A commit could not be numbered by its log position: batches of the sidecar's own
+        since the last commit (reloads, invalidations) took numbers up to it. This sidecar's
+        own history stays consistent, but its numbers from here on are not other sidecars'
+        of the same history: said loudly, counted (``numbered_apart``)."""
+        self.numbered_apart += 1
+        log.warning(
+            "commit at %s numbered %s: batches of the sidecar's own reached its log position, so "
+            "revisions here no longer match other sidecars decoding the same database (a follower "
+            "switching hubs may rebuild or miss changes until this sidecar restarts its stream)",
+            position,
+            self._revisions.seq,
+            extra={"event": "numbered_apart", "position": position, "revision": self._revisions.seq},
+        )
 
     def streamed(self, name: str) -> bool:
         """Whether the changes of cached table ``name`` should bring their rows (a full

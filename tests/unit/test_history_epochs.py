@@ -220,3 +220,18 @@ async def test_a_process_epoch_ahead_waits_for_the_number_without_a_barrier():
         await asyncio.wait_for(waiting, 5)
     finally:
         await core.close()
+
+
+async def test_a_commit_numbered_apart_from_its_log_position_is_said_and_counted(
+    core: Direct, caplog: pytest.LogCaptureFixture
+):
+    """Batches of the sidecar's own that reached the next commit's position: the commit
+    takes the next number (this sidecar's history stays in order), said loudly, counted."""
+    await commit(core, 1100, 1)
+    for _ in range(3):
+        core.revisions.own_batch()  # (1103)
+    core.notices.transaction(1102, 1102, [change(1102, 2)])
+    assert core.revisions.seq == 1104 and core.notices.numbered_apart == 1
+    assert "numbered 1104" in caplog.text
+    await commit(core, 1200, 3)
+    assert core.revisions.seq == 1200 and core.notices.numbered_apart == 1
