@@ -558,6 +558,8 @@ async def run_failover(dsn: str, args: argparse.Namespace) -> list[Failover]:
                     lost = time.time()
                     if not args.failover_switch:
                         a.process.kill()  # (the hub's pod is gone; the Service routes to the other)
+                    moment = datetime.datetime.fromtimestamp(lost).isoformat(sep=" ", timespec="milliseconds")
+                    print(f"failover: hub A {a.target} lost at {moment}, hub B {b.target}", file=sys.stderr)
                     for proxy in proxies:
                         proxy.retarget("127.0.0.1", port_of[b.target])
 
