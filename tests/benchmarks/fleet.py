@@ -30,11 +30,14 @@ once after their hub restarts.
                                      [--bootstrap-rows 100000,1000000]
 
 Hub failover (``--failover``, on a logical-decoding cluster of its own): two hubs, K
-followers of hub A each behind a TCP proxy (a Service), switched to hub B at once under
-write load: per follower the time until it follows again, the rows it read again, its
-watchers' Resets -- hubs in logical capture (resume by commit LSN) beside NOTIFY (rebuild).
+followers of hub A, each a process of its own behind a TCP proxy (a Service) and with a
+watcher of its own; under write load hub A is killed (SIGKILL) and every proxy routes its
+follower to hub B: per follower the time until it follows again (from its log), the rows it
+read again, its watcher's Resets, and the CPU and memory this took -- hubs in logical
+capture (resume by commit LSN) beside NOTIFY (rebuild). ``--failover-switch`` only moves the
+proxies, hub A lives on.
 
-    python -m tests.benchmarks.fleet --failover [--failover-followers 3] [--failover-rows 100000]
+    python -m tests.benchmarks.fleet --failover [--failover-followers 30] [--failover-rows 50000]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import os
 import re
 import shutil
@@ -427,11 +431,16 @@ async def run_restart(dsn: str, args: argparse.Namespace) -> tuple[int, float, f
 class Failover:
     capture: str
     followers: int
-    seconds: list[float]  # per follower: the switch -> following again
-    rows_reread: int  # rows the followers read again (each rebuild: every row of the table)
-    watchers_reset: int  # Resets the followers' own watchers got
+    seconds: list[float]  # per follower that follows again: the loss -> following again
+    never: int  # followers not following again within the deadline
+    rows_reread: int  # rows the followers read again (their logs' initial states after the loss)
+    watchers_reset: int  # Resets the followers' own watchers got (one watcher per follower)
     rebuilds: int
     resumes: int
+    hub_cpu: float  # CPU seconds of the surviving hub from the loss until every follower followed
+    followers_cpu: float  # and of the followers together
+    rss_mb: tuple[float, float]  # before the loss: one hub, the followers together
+    load: tuple[float, float]  # 1-minute load average at the loss and when every follower followed
 
 
 async def _scrape(port: int) -> dict[str, float]:
@@ -467,20 +476,52 @@ async def _count_resets(target: str, resets: list[int], index: int) -> None:
                 resets[index] += 1
 
 
-async def _following_again(port: int, was: dict[str, float], switched: float) -> float:
-    """Seconds from ``switched`` until the follower resumed or rebuilt, and follows."""
-    done = ("cache_sidecar_upstream_resumes_total", "cache_sidecar_upstream_rebuilds_total")
-    while True:
-        now = await _scrape(port)
-        if sum(now[k] for k in done) > sum(was[k] for k in done) and now["cache_sidecar_upstream_following"]:
-            return time.perf_counter() - switched
-        await asyncio.sleep(0.005)
+# The follower's log lines that say it follows (again): a resume, or an initial state taken.
+_RESUMED = re.compile(r"^(\S+ \S+) INFO .*: following \S+ again at revision")
+_BEGAN = re.compile(r"^(\S+ \S+) INFO .*: following \S+ from its revision \S+ \((\d+) rows\)")
+
+
+def _log_time(stamp: str) -> float:
+    """A log line's time (``logging``'s asctime: local time, milliseconds) as a Unix time."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _followed_again(log: Path, offset: int) -> tuple[float, int] | None:
+    """From the follower's log past ``offset``: (the time it first follows again, the rows
+    of the initial states it took meanwhile), or None while it does not follow yet."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    rows = 0
+    for line in text.splitlines():
+        if began := _BEGAN.match(line):
+            return _log_time(began.group(1)), rows + int(began.group(2))
+        if resumed := _RESUMED.match(line):
+            return _log_time(resumed.group(1)), rows
+    return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _total(after: list[dict[str, float]], before: list[dict[str, float]], name: str) -> int:
+    """A counter's growth, summed over the followers."""
+    return int(sum(x[name] - y[name] for x, y in zip(after, before, strict=True)))
+
+
+def _log_of(sidecar: Sidecar) -> Path:
+    return LOGS / f"sidecar-{sidecar.target.rsplit(':', 1)[1]}.log"
 
 
 async def run_failover(dsn: str, args: argparse.Namespace) -> list[Failover]:
-    """K followers of hub A, each behind a TCP proxy (a Service), all switched to hub B at
-    once under write load: per follower, the time until it follows again; rows read again;
-    its watchers' Resets -- logical capture (a resume by LSN) beside NOTIFY (a rebuild)."""
+    """Two hubs; K followers of hub A, each behind a TCP proxy (a Service), each with a
+    watcher of its own; under write load hub A is killed (SIGKILL: ``--failover-switch``
+    only moves the proxies) and every proxy sends its follower to hub B: per follower, the
+    time until it follows again (from its log), the rows it read again, its watcher's
+    Resets -- logical capture (a resume by LSN) beside NOTIFY (a rebuild)."""
     from tests.support.proxy import Proxy
 
     rows = args.failover_rows
@@ -507,15 +548,31 @@ async def run_failover(dsn: str, args: argparse.Namespace) -> list[Failover]:
                     await serving(followers)
                     tasks = [asyncio.create_task(_count_resets(f.target, resets, i)) for i, f in enumerate(followers)]
                     tasks.append(asyncio.create_task(_write(dsn, args.rate, rows)))
-                    await asyncio.sleep(2.0)  # (write load under way; the followers past B's first revision)
+                    await asyncio.sleep(3.0)  # (write load under way; the followers past B's first revision)
                     before = [await _scrape(port) for port in metrics]
-                    switched = time.perf_counter()
+                    rss = (a.rss_mb(), sum(f.rss_mb() for f in followers))
+                    logs = [_log_of(f) for f in followers]
+                    offsets = [log.stat().st_size for log in logs]
+                    cpu = [_cpu_seconds(p.process.pid) for p in (b, *followers)]
+                    load_then = os.getloadavg()[0]
+                    lost = time.time()
+                    if not args.failover_switch:
+                        a.process.kill()  # (the hub's pod is gone; the Service routes to the other)
+                    moment = datetime.datetime.fromtimestamp(lost).isoformat(sep=" ", timespec="milliseconds")
+                    print(f"failover: hub A {a.target} lost at {moment}, hub B {b.target}", file=sys.stderr)
                     for proxy in proxies:
                         proxy.retarget("127.0.0.1", port_of[b.target])
 
-                    waits = [_following_again(p, w, switched) for p, w in zip(metrics, before, strict=True)]
-                    seconds = await asyncio.wait_for(asyncio.gather(*waits), 120)
-                    await asyncio.sleep(0.5)  # (the watchers' Resets, if any, are on their way)
+                    found: list[tuple[float, int] | None] = [None] * len(followers)
+                    deadline = time.perf_counter() + args.failover_deadline
+                    while time.perf_counter() < deadline and None in found:
+                        await asyncio.sleep(0.1)
+                        for i, log in enumerate(logs):
+                            if found[i] is None:
+                                found[i] = _followed_again(log, offsets[i])
+                    cpu = [_cpu_seconds(p.process.pid) - c for p, c in zip((b, *followers), cpu, strict=True)]
+                    load_now = os.getloadavg()[0]
+                    await asyncio.sleep(1.0)  # (the watchers' Resets, if any, are on their way)
                     after = [await _scrape(port) for port in metrics]
             finally:
                 for task in tasks:
@@ -523,34 +580,45 @@ async def run_failover(dsn: str, args: argparse.Namespace) -> list[Failover]:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 for proxy in proxies:
                     await proxy.close()
-            rebuilds = int(
-                sum(
-                    x["cache_sidecar_upstream_rebuilds_total"] - y["cache_sidecar_upstream_rebuilds_total"]
-                    for x, y in zip(after, before, strict=True)
-                )
-            )
-            resumes = int(
-                sum(
-                    x["cache_sidecar_upstream_resumes_total"] - y["cache_sidecar_upstream_resumes_total"]
-                    for x, y in zip(after, before, strict=True)
-                )
-            )
+
+            done = [f for f in found if f is not None]
             results.append(
-                Failover(capture, len(followers), list(seconds), rebuilds * rows, sum(resets), rebuilds, resumes)
+                Failover(
+                    capture,
+                    len(followers),
+                    [max(0.0, at - lost) for at, _ in done],
+                    len(found) - len(done),
+                    sum(n for _, n in done),
+                    sum(resets),
+                    _total(after, before, "cache_sidecar_upstream_rebuilds_total"),
+                    _total(after, before, "cache_sidecar_upstream_resumes_total"),
+                    cpu[0],
+                    sum(cpu[1:]),
+                    rss,
+                    (load_then, load_now),
+                )
             )
     return results
 
 
-def report_failover(results: list[Failover], rows: int, rate: float) -> None:
-    print(f"hub failover: every follower switched from hub A to hub B at once; {rows:,} rows, ~{rate:.0f} writes/s")
+def report_failover(results: list[Failover], rows: int, rate: float, switch: bool) -> None:
+    what = "hub A's followers sent to hub B by their proxies" if switch else "hub A killed (SIGKILL)"
+    print(f"hub failover: {what}, its followers moved to hub B at once; {rows:,} rows, ~{rate:.0f} writes/s")
     print()
-    print("| capture | followers | following again p50 / max s | rows re-read | watchers reset | rebuilds | resumes |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| capture | followers | following again p50 / max s | never | rows re-read | watchers reset "
+        "| rebuilds | resumes | CPU s: hub B / followers | RSS MB: hub / followers | load 1 min |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        seconds = f"{pct(r.seconds, 0.5):.3f} / {max(r.seconds):.3f}" if r.seconds else "--"
         print(
-            f"| {r.capture} | {r.followers} | {pct(r.seconds, 0.5):.3f} / {max(r.seconds):.3f} "
-            f"| {r.rows_reread:,} | {r.watchers_reset} | {r.rebuilds} | {r.resumes} |"
+            f"| {r.capture} | {r.followers} | {seconds} | {r.never} | {r.rows_reread:,} | {r.watchers_reset} "
+            f"| {r.rebuilds} | {r.resumes} | {r.hub_cpu:.1f} / {r.followers_cpu:.1f} "
+            f"| {r.rss_mb[0]:.0f} / {r.rss_mb[1]:.0f} | {r.load[0]:.2f} → {r.load[1]:.2f} |"
         )
+    print()
+    print(f"(logs: {LOGS})")
 
 
 # ---------------------------------------------------------------- CPUs
@@ -678,7 +746,15 @@ def main() -> None:
         help="only the hub failover comparison (logical vs NOTIFY), on a logical-decoding cluster of its own",
     )
     parser.add_argument("--failover-followers", type=int, default=3, help="followers switched in --failover")
-    parser.add_argument("--failover-rows", type=int, default=100_000, help="table rows in --failover")
+    parser.add_argument("--failover-rows", type=int, default=50_000, help="table rows in --failover")
+    parser.add_argument(
+        "--failover-switch",
+        action="store_true",
+        help="in --failover, only send hub A's followers to hub B (their proxies), without killing hub A",
+    )
+    parser.add_argument(
+        "--failover-deadline", type=float, default=300.0, help="seconds the followers have to follow again"
+    )
     args = parser.parse_args()
     NICE = args.nice
     if args.failover:
@@ -689,7 +765,7 @@ def main() -> None:
             results = asyncio.run(run_failover(cluster.dsn, args))
         finally:
             cluster.stop()
-        report_failover(results, args.failover_rows, args.rate)
+        report_failover(results, args.failover_rows, args.rate, args.failover_switch)
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.bootstrap_rows = [int(s) for s in args.bootstrap_rows.split(",") if s]
