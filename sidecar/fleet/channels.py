@@ -272,19 +272,25 @@ class _SyncToken(
 # ---------------------------------------------------------------- what a failure means
 
 
-def explain(error: grpc.RpcError, target: str, security: UpstreamSecurity | None = None) -> str:
-    """A failed call to ``target`` as a sentence naming the likely cause (and grpc's own words)."""
+def explain(
+    error: grpc.RpcError, target: str, security: UpstreamSecurity | None = None, established: bool = False
+) -> str:
+    """A failed call to ``target`` as a sentence naming the likely cause (and grpc's own words).
+    ``established``: the call had been answered (a stream running), so a closed connection
+    says nothing of the handshake."""
     security = security or UpstreamSecurity()
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
     lowered = details.lower()
-    cause = _cause(code, lowered, target, security)
+    cause = _cause(code, lowered, target, security, established)
     if cause is None:
         return f"{target}: {code.name}: {details}"
     return f"{target}: {cause} ({code.name}: {details})"
 
 
-def _cause(code: grpc.StatusCode, details: str, target: str, security: UpstreamSecurity) -> str | None:
+def _cause(
+    code: grpc.StatusCode, details: str, target: str, security: UpstreamSecurity, established: bool = False
+) -> str | None:
     keys = security.keys
     ca = security.tls_ca_file or keys["ca"]
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -321,6 +327,8 @@ def _cause(code: grpc.StatusCode, details: str, target: str, security: UpstreamS
     if "tls handshake failed" in details or "ssl_error" in details:
         return "the TLS handshake failed: the other side is not a TLS gRPC server"
     if "socket closed" in details or "connection reset" in details:
+        if established:
+            return "the connection was closed (the sidecar stopped or restarted, or the network cut it)"
         if security.tls and security.tls_cert_file is None:
             return (
                 "the sidecar closed the connection during the TLS handshake: it probably requires a client "

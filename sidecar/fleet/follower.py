@@ -149,7 +149,8 @@ class UpstreamSource:
             except Lost as exc:
                 why = str(exc)
             except grpc.aio.AioRpcError as exc:
-                why = self.upstream.explain(exc)
+                # (a stream that was up lost its connection: no handshake to blame)
+                why = self.upstream.explain(exc, established=self.stream_up)
             except SidecarError as exc:  # (the upstream's answers: unreachable, refused, not a sidecar's)
                 why = str(exc)
             if self._progressed:  # (a stream that brought something: the next try is a fresh start)

@@ -145,9 +145,10 @@ class Upstream:
         await old.close()
         return True
 
-    def explain(self, error: grpc.aio.AioRpcError) -> str:
-        """A failed call as a sentence naming the likely cause (wrong CA, token, not a sidecar...)."""
-        return explain(error, self.target, self.security)
+    def explain(self, error: grpc.aio.AioRpcError, established: bool = False) -> str:
+        """A failed call as a sentence naming the likely cause (wrong CA, token, not a sidecar...);
+        ``established``: of a call that had been answered."""
+        return explain(error, self.target, self.security, established)
 
     @property
     def stub(self) -> pb_grpc.CacheStub:

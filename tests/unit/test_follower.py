@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 
 from sidecar import config as cfg
@@ -21,6 +22,7 @@ from sidecar.core.schema import TableSchema
 from sidecar.core.source import SourceBatch, SourceChange
 from sidecar.core.wire import entry, row_json
 from sidecar.errors import ConfigError, Unavailable
+from sidecar.fleet.channels import explain
 from sidecar.testing import MemoryDatabase, int_key_schema
 from tests.support.waiting import eventually, quiescent
 
@@ -353,7 +355,7 @@ class FakeUpstream:
         self.renewed += 1
         return False
 
-    def explain(self, error: object) -> str:
+    def explain(self, error: object, established: bool = False) -> str:
         return f"fake:1: {error}"
 
     def __init__(self, *calls: FakeCall, head: int = 0) -> None:
@@ -716,3 +718,19 @@ async def test_a_table_read_again_gives_up_when_the_upstream_does_not_answer_or_
     await follow_until(source, sink, lambda calls: any(kind == "lost" for kind, _ in calls))
     lost = next(reason for kind, reason in sink.calls if kind == "lost")
     assert ("no answer" in lost) if why == "gone" else ("while reading a table again" in lost)
+
+
+class _Closed(grpc.RpcError):
+    """grpc's words for a connection closed under a call."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Socket closed"
+
+
+def test_a_closed_connection_blames_the_handshake_only_before_the_stream_was_up():
+    assert "probably requires TLS" in explain(_Closed(), "hub:50051")
+    running = explain(_Closed(), "hub:50051", established=True)
+    assert "TLS" not in running and "closed" in running and "Socket closed" in running
