@@ -60,6 +60,7 @@ from sidecar.errors import InvalidKey, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.pg import pgoutput, rowjson
 from sidecar.pg.db import CONNECTION_ERRORS, PINNED_SETTINGS, PgDatabase
+from sidecar.pg.primary import Primary
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ FEEDBACK_INTERVAL = 1.0  # seconds between standby status updates (the slot's co
 # (a composite's field renamed sends no Relation message for the tables using it).
 TYPES_CHECK_INTERVAL = 10.0
 YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
+# Seconds a slot's creation on a standby waits before (again) asking the primary for the
+# running-transactions record it waits for.
+NUDGE_INTERVAL = 1.0
 SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
 # wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
 # next checkpoint) by ending its walsender, which looks to us like any terminated connection.
@@ -164,8 +168,12 @@ class LogicalSource:
         connect_timeout: float = 10.0,
         redact: Callable[[str], str] = lambda text: text,
         application_name: str = "cache-sidecar replication",
+        primary: Primary | None = None,
     ) -> None:
         self._database = database
+        # database.dsn is a hot standby: barrier tokens go to the primary, which replicates
+        # them to the standby in WAL order (see primary.py); None: database.dsn is the primary.
+        self._primary = primary
         self._conninfo = conninfo or ""
         self.publication = publication
         self._heard = {name: _Table(name[0], name[1], schema.key_columns) for name, schema in tables.items()}
@@ -211,6 +219,9 @@ class LogicalSource:
         after every transaction committed before this call."""
         if not self._up:
             raise Unavailable("the replication stream is down")
+        if self._primary is not None:
+            await self._primary.emit(MESSAGE_PREFIX, token)
+            return
         try:
             async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
                 # One statement, one transaction, one round trip; its commit flushes the WAL
@@ -271,7 +282,7 @@ class LogicalSource:
         # Relation differ from them, and such a table refetches, rather than the other way)
         await self._prepare_tables()
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
-        position, snapshot = await self._blocking(self._create_slot, slot)
+        position, snapshot = await self._created(slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
         # Every full table loads under the slot's snapshot: memory is then the database
         # exactly at ``position``, where the stream starts.
@@ -325,6 +336,23 @@ class LogicalSource:
         self._cursor.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")
         row = self._cursor.fetchone()
         return pgoutput.parse_lsn(row[1]), str(row[2])
+
+    async def _created(self, slot: str) -> tuple[int, str]:
+        """The slot, made; on a standby, the primary is nudged meanwhile: the slot becomes
+        consistent at the primary's next running-transactions record (see primary.py)."""
+        primary = self._primary
+        if primary is None:
+            return await self._blocking(self._create_slot, slot)
+        creating = asyncio.ensure_future(self._blocking(self._create_slot, slot))
+        try:
+            while True:
+                done, _ = await asyncio.wait({creating}, timeout=NUDGE_INTERVAL)
+                if done:
+                    return creating.result()
+                await primary.nudge()
+        finally:
+            if not creating.done():
+                creating.cancel()  # (_close_connection cancels the command itself)
 
     def _start(self, slot: str, position: int) -> None:
         version = self._conn.server_version

@@ -63,9 +63,7 @@ class StandbyPair:
     def caught_up(self) -> bool:
         """The standby has replayed everything the primary had logged when this asked."""
         (end,) = self.query(self.primary.dsn, "SELECT pg_current_wal_lsn()::text")[0]
-        (replayed,) = self.query(
-            self.standby.dsn, f"SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '{end}') >= 0"
-        )[0]
+        (replayed,) = self.query(self.standby.dsn, f"SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '{end}') >= 0")[0]
         return bool(replayed)
 
     def wait_caught_up(self, timeout: float = 60.0) -> None:
