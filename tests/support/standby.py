@@ -73,14 +73,17 @@ class StandbyPair:
                 raise TimeoutError(f"the standby did not catch up with the primary in {timeout:g}s")
             time.sleep(0.05)
 
-    def statements(self, application_name: str) -> list[str]:
-        """The statements the primary has logged for sessions of ``application_name``."""
+    def statements(self, application_prefix: str) -> list[str]:
+        """The statements the primary has logged for sessions whose application name
+        starts with ``application_prefix`` (simple and extended protocol alike)."""
         text = (self.primary.base / "log").read_text(errors="replace")
-        prefix = f"app={application_name}@@"
-        return [m.group(1) for m in _STATEMENT.finditer(text) if m.group(0).startswith(prefix)]
+        return [m.group(2) for m in _STATEMENT.finditer(text) if m.group(1).startswith(application_prefix)]
 
 
-_STATEMENT = re.compile(r"^app=.*?@@[A-Z]+:  statement: (.*)$", re.MULTILINE)
+# (a statement's text runs on to the next line the server logs: SQL may span lines)
+_STATEMENT = re.compile(
+    r"^app=([^\n]*?)@@[A-Z]+:  (?:statement|execute [^:\n]*): (.*?)(?=^app=|\Z)", re.MULTILINE | re.DOTALL
+)
 
 
 def start_standby_pair(bindir: str | None = None) -> StandbyPair:

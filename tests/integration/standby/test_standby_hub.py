@@ -8,8 +8,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sidecar import config as cfg
+from sidecar.app import Daemon
 from sidecar.core.wire import row_json
 from tests.support.standby import StandbyPair
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,3 +41,73 @@ async def test_rows_served_are_the_primarys(standby_pair: StandbyPair, sschema: 
     assert _cached(daemon, table) == await _rows(primary, table)
     assert daemon.core.tables[table].refetches == 0
     await primary.close()
+
+
+async def test_the_primary_runs_nothing_per_change_and_one_statement_per_barrier(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    table = f"{sschema}.t"
+    await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    daemon = await start_on_standby([table])
+    await daemon.engine.sync()
+    before = standby_pair.statements("cache-sidecar")
+    for i in range(50):  # (50 transactions)
+        await primary.execute(f"INSERT INTO {table} VALUES ($1, 'x')", i)
+    await eventually(lambda: len(daemon.core.tables[table].rows) == 50, timeout=30, what="the writes decoded")
+    assert standby_pair.statements("cache-sidecar") == before, "the primary ran statements for changes"
+    for _ in range(3):
+        await daemon.engine.sync()
+    new = standby_pair.statements("cache-sidecar")[len(before) :]
+    assert len(new) == 3, new
+    assert all("pg_logical_emit_message(true" in statement for statement in new), new
+    await primary.close()
+
+
+def _config(standby_pair: StandbyPair, table: str, **settings: Any) -> cfg.Config:
+    values: dict[str, Any] = {
+        "dsn": standby_pair.standby.dsn,
+        "listen": ("127.0.0.1:0",),
+        "install_triggers": True,
+        "capture": "logical",
+        "tables": (cfg.parse_table_spec(table, "test"),),
+    }
+    values.update(settings)
+    return cfg.Config(**values)
+
+
+async def test_logical_on_a_standby_without_primary_dsn_is_refused(
+    standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
+    await primary.close()
+    await eventually(standby_pair.caught_up, what="the standby caught up")
+    assert await Daemon(_config(standby_pair, f"{sschema}.t"), handle_signals=False).run() == 2
+    assert "database.primary_dsn" in caplog.text and "hot standby" in caplog.text
+
+
+async def test_notify_on_a_standby_is_refused(
+    standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
+    await primary.close()
+    await eventually(standby_pair.caught_up, what="the standby caught up")
+    config = _config(standby_pair, f"{sschema}.t", capture="notify")
+    assert await Daemon(config, handle_signals=False).run() == 2
+    assert "database.capture" in caplog.text and "hot standby" in caplog.text
+    # (and nothing was installed: a standby is read-only, and the check comes first)
+    assert "read-only transaction" not in caplog.text
+
+
+async def test_primary_dsn_that_is_the_standby_is_refused(
+    standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
+    await primary.close()
+    await eventually(standby_pair.caught_up, what="the standby caught up")
+    config = _config(standby_pair, f"{sschema}.t", primary_dsn=standby_pair.standby.dsn)
+    assert await Daemon(config, handle_signals=False).run() == 2
+    assert "database.primary_dsn is a standby too" in caplog.text
