@@ -3,14 +3,19 @@ there, and the primary sees only its barriers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
+from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
 from sidecar.app import Daemon
 from sidecar.core.wire import row_json
+from tests.support.proxy import Proxy
 from tests.support.standby import StandbyPair
 from tests.support.waiting import eventually
 
@@ -111,3 +116,61 @@ async def test_primary_dsn_that_is_the_standby_is_refused(
     config = _config(standby_pair, f"{sschema}.t", primary_dsn=standby_pair.standby.dsn)
     assert await Daemon(config, handle_signals=False).run() == 2
     assert "database.primary_dsn is a standby too" in caplog.text
+
+
+@contextlib.asynccontextmanager
+async def _link_through_proxy(standby_pair: StandbyPair) -> AsyncIterator[Proxy]:
+    """The standby's primary_conninfo through a TCP proxy (a link the test can stall);
+    the walreceiver restarts on the reload. Put back as it was after."""
+    proxy = Proxy(unix_path=standby_pair.primary.socket_path)
+    port = await proxy.start()
+    standby = await asyncpg.connect(standby_pair.standby.dsn)
+    original = await standby.fetchval("SHOW primary_conninfo")
+    slot = standby_pair.standby.standby_slot
+    conninfo = f"host=127.0.0.1 port={port} user=postgres application_name=standby_via_proxy"
+    await standby.execute(f"ALTER SYSTEM SET primary_conninfo = '{conninfo}'")
+    await standby.execute("SELECT pg_reload_conf()")
+
+    async def through_proxy() -> bool:
+        row = await standby.fetchrow("SELECT status, sender_port, slot_name FROM pg_stat_wal_receiver")
+        return row is not None and row["status"] == "streaming" and row["sender_port"] == port
+
+    try:
+        await eventually(through_proxy, timeout=30, what="the standby streaming through the proxy")
+        assert slot  # (the physical slot keeps the WAL the standby misses meanwhile)
+        yield proxy
+    finally:
+        proxy.resume()
+        quoted = original.replace("'", "''")
+        await standby.execute(f"ALTER SYSTEM SET primary_conninfo = '{quoted}'")
+        await standby.execute("SELECT pg_reload_conf()")
+        await eventually(
+            lambda: standby.fetchval(
+                "SELECT status = 'streaming' AND sender_port <> $1 FROM pg_stat_wal_receiver", port
+            ),
+            timeout=30,
+            what="the standby streaming directly again",
+        )
+        await standby.close()
+        await proxy.close()
+
+
+async def test_a_standby_that_falls_behind_makes_strong_reads_wait_never_stale(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    table = f"{sschema}.t"
+    await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    await primary.execute(f"INSERT INTO {table} VALUES (1, 'old')")
+    daemon = await start_on_standby([table], query_timeout=30.0)
+    async with _link_through_proxy(standby_pair) as proxy, AsyncClient(daemon.target) as cache:
+        assert (await cache.get(table, 1, consistency="strong"))["v"] == "old"
+        proxy.stall()
+        await primary.execute(f"UPDATE {table} SET v = 'new' WHERE id = 1")  # (committed on the primary)
+        read = asyncio.create_task(cache.get(table, 1, consistency="strong"))
+        done, _ = await asyncio.wait({read}, timeout=2.0)
+        assert not done, f"a STRONG read answered while the standby could not have the commit: {read.result()}"
+        assert (await cache.get(table, 1))["v"] == "old"  # (an EVENTUAL read: the standby's state, as it is)
+        proxy.resume()
+        assert (await read)["v"] == "new"
+    await primary.close()
