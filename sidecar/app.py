@@ -42,6 +42,7 @@ from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.pg_source import PgChangeSource
 from sidecar.pg.senders import SenderGate
 from sidecar.pg.slot_watch import SlotWatch
+from sidecar.pg.standby_watch import StandbyWatch
 from sidecar.shm.store import SharedStore
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Daemon:
         self.metrics_address: str | None = None
         self.catalog: CatalogWatch | None = None
         self.primary: primary.Primary | None = None  # database.dsn is a standby: the barriers' primary
+        self.standby_watch: StandbyWatch | None = None  # and how far behind the primary that standby is
         self._health_dirty = asyncio.Event()
         self._signals = 0
         # What start-up sets up, each part entered in order and left in reverse.
@@ -449,6 +451,12 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.slot = slot
             tasks.add(asyncio.create_task(slot.run(self.db.pool), name="slot watch"))
+            if self.primary is not None:
+                barriers = self.primary
+                self.standby_watch = lag = StandbyWatch(lambda: barriers.position, self.config.query_timeout)
+                if self.metrics is not None:
+                    self.metrics.standby = lag
+                tasks.add(asyncio.create_task(lag.run(self.db.pool), name="standby lag"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)

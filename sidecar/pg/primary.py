@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
@@ -39,8 +40,8 @@ APPLICATION_NAME = "cache-sidecar barrier"
 NUDGE_PREFIX = "cache_sidecar_nudge"
 
 EMIT_SQL = """
-SELECT pg_catalog.set_config('synchronous_commit', 'on', true),
-    pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)
+SELECT pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)::pg_catalog.text,
+    pg_catalog.set_config('synchronous_commit', 'on', true)
 """
 _STANDBY_SNAPSHOT_SQL = "SELECT pg_catalog.pg_log_standby_snapshot()"
 _NUDGE_SQL = "SELECT pg_catalog.pg_logical_emit_message(false, $1::pg_catalog.text, ''::pg_catalog.text)"
@@ -76,6 +77,7 @@ class Primary:
         self._lock = asyncio.Lock()
         self._may_log_snapshot = True
         self.statements = 0  # statements sent (barrier tokens and nudges)
+        self.position: str | None = None  # the last barrier token's position in the primary's WAL
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -94,12 +96,13 @@ class Primary:
                 raise Unavailable(f"connecting to the primary (database.primary_dsn): {exc.problem}") from None
         return self._conn
 
-    async def _execute(self, sql: str, *args: str) -> None:
+    async def _execute(self, sql: str, *args: str) -> Any:
+        """The statement's first value."""
         async with self._lock:
             conn = await self._connection()
             self.statements += 1
             try:
-                await conn.execute(sql, *args, timeout=self.timeout)
+                return await conn.fetchval(sql, *args, timeout=self.timeout)
             except CONNECTION_ERRORS:
                 self._conn = None
                 conn.terminate()
@@ -108,7 +111,7 @@ class Primary:
     async def emit(self, prefix: str, token: str) -> None:
         """The barrier's token into the primary's WAL (one statement, its commit flushed)."""
         try:
-            await self._execute(EMIT_SQL, prefix, token)
+            self.position = str(await self._execute(EMIT_SQL, prefix, token))
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token to the primary: {type(exc).__name__}: {exc}") from None
 

@@ -15,6 +15,7 @@ from cache_sidecar_client import AsyncClient
 from sidecar import config as cfg
 from sidecar.app import Daemon
 from sidecar.core.wire import row_json
+from tests.integration.logical.test_slot_metrics import scrape
 from tests.support.proxy import Proxy
 from tests.support.standby import StandbyPair
 from tests.support.waiting import eventually
@@ -162,15 +163,26 @@ async def test_a_standby_that_falls_behind_makes_strong_reads_wait_never_stale(
     table = f"{sschema}.t"
     await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     await primary.execute(f"INSERT INTO {table} VALUES (1, 'old')")
-    daemon = await start_on_standby([table], query_timeout=30.0)
+    daemon = await start_on_standby([table], query_timeout=30.0, metrics_listen="127.0.0.1:0")
+    lag, pool = daemon.daemon.standby_watch, daemon.daemon.db.pool
+    assert lag is not None
     async with _link_through_proxy(standby_pair) as proxy, AsyncClient(daemon.target) as cache:
         assert (await cache.get(table, 1, consistency="strong"))["v"] == "old"
+        await lag.sample_once(pool)
+        assert lag.sample is not None and lag.sample.behind_bytes == 0 and lag.sample.receiving
         proxy.stall()
         await primary.execute(f"UPDATE {table} SET v = 'new' WHERE id = 1")  # (committed on the primary)
         read = asyncio.create_task(cache.get(table, 1, consistency="strong"))
         done, _ = await asyncio.wait({read}, timeout=2.0)
         assert not done, f"a STRONG read answered while the standby could not have the commit: {read.result()}"
         assert (await cache.get(table, 1))["v"] == "old"  # (an EVENTUAL read: the standby's state, as it is)
+        # The lag shows (the barrier's token is on the primary, past what the standby replayed).
+        await lag.sample_once(pool)
+        assert lag.sample is not None and lag.sample.behind_bytes > 0 and lag.sample.behind_seconds > 0
+        metrics = await asyncio.to_thread(scrape, daemon.daemon.metrics_address)
+        assert metrics["cache_sidecar_standby_replay_lag_bytes"] > 0
         proxy.resume()
         assert (await read)["v"] == "new"
+        await lag.sample_once(pool)
+        assert lag.sample is not None and lag.sample.behind_bytes == 0 and lag.sample.behind_seconds == 0
     await primary.close()
