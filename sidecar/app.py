@@ -160,7 +160,12 @@ class Daemon:
         if not logical:
             await self._check_triggers(config, schemas)
 
-        self.core = core = assembly.direct(self.db, schemas, Options.from_config(config))
+        if on_standby:
+            self.standby_watch = StandbyWatch(
+                lambda: self.primary.position if self.primary is not None else None, config.query_timeout
+            )
+        lag = self.standby_watch.lag if self.standby_watch is not None else None
+        self.core = core = assembly.direct(self.db, schemas, Options.from_config(config), standby_lag=lag)
         self.engine = core.engine
         self._stack.push_async_callback(core.close)
         self._open_shared_store(config, core)
@@ -451,12 +456,10 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.slot = slot
             tasks.add(asyncio.create_task(slot.run(self.db.pool), name="slot watch"))
-            if self.primary is not None:
-                barriers = self.primary
-                self.standby_watch = lag = StandbyWatch(lambda: barriers.position, self.config.query_timeout)
+            if self.standby_watch is not None:
                 if self.metrics is not None:
-                    self.metrics.standby = lag
-                tasks.add(asyncio.create_task(lag.run(self.db.pool), name="standby lag"))
+                    self.metrics.standby = self.standby_watch
+                tasks.add(asyncio.create_task(self.standby_watch.run(self.db.pool), name="standby lag"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)

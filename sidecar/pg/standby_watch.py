@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core.source import StandbyLag
+
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 5.0  # seconds between samples (read at each sleep: tests may change it)
@@ -49,6 +51,13 @@ class StandbySample:
 
 class StandbyWatch:
     """The latest ``StandbySample`` of the standby ``database.dsn`` is."""
+
+    def lag(self) -> StandbyLag | None:
+        """The latest sample, as ListTables shows it (None: none, or no longer a standby)."""
+        sample = self.sample
+        if sample is None or not sample.standby:
+            return None
+        return StandbyLag(sample.behind_bytes, sample.behind_seconds, sample.receiving)
 
     def __init__(self, barrier_position: Callable[[], str | None], query_timeout: float) -> None:
         self._barrier_position = barrier_position  # the last barrier token's position on the primary

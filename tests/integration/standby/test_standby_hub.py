@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
+from sidecar.api.v1 import cache_pb2 as pb
+from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from sidecar.core.wire import row_json
 from tests.integration.logical.test_slot_metrics import scrape
@@ -68,6 +71,11 @@ async def test_the_primary_runs_nothing_per_change_and_one_statement_per_barrier
     assert len(new) == 3, new
     assert all("pg_logical_emit_message(true" in statement for statement in new), new
     await primary.close()
+
+
+async def _list_tables(target: str) -> pb.ListTablesResponse:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await pb_grpc.CacheStub(channel).ListTables(pb.ListTablesRequest())
 
 
 def _config(standby_pair: StandbyPair, table: str, **settings: Any) -> cfg.Config:
@@ -180,7 +188,9 @@ async def test_a_standby_that_falls_behind_makes_strong_reads_wait_never_stale(
         await lag.sample_once(pool)
         assert lag.sample is not None and lag.sample.behind_bytes > 0 and lag.sample.behind_seconds > 0
         metrics = await asyncio.to_thread(scrape, daemon.daemon.metrics_address)
-        assert metrics["cache_sidecar_standby_replay_lag_bytes"] > 0
+        assert metrics["cache_sidecar_standby_replay_lag_bytes"] == lag.sample.behind_bytes
+        listing = await _list_tables(daemon.target)
+        assert listing.HasField("standby") and listing.standby.replay_lag_bytes == lag.sample.behind_bytes
         proxy.resume()
         assert (await read)["v"] == "new"
         await lag.sample_once(pool)
