@@ -18,6 +18,7 @@ from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from sidecar.core.wire import row_json
+from sidecar.errors import Unavailable
 from tests.integration.logical.test_slot_metrics import scrape
 from tests.support.proxy import Proxy
 from tests.support.standby import StandbyPair
@@ -195,4 +196,46 @@ async def test_a_standby_that_falls_behind_makes_strong_reads_wait_never_stale(
         assert (await read)["v"] == "new"
         await lag.sample_once(pool)
         assert lag.sample is not None and lag.sample.behind_bytes == 0 and lag.sample.behind_seconds == 0
+    await primary.close()
+
+
+async def _synced_and_equal(daemon: Any, primary: asyncpg.Connection, table: str) -> bool:
+    """A barrier passed (covering every commit on the primary so far) and the rows are the primary's."""
+    try:
+        await daemon.engine.sync()
+    except Unavailable:
+        return False
+    return _cached(daemon, table) == await _rows(primary, table)
+
+
+async def test_the_hub_rebuilds_after_its_walsender_ends_and_after_the_standby_restarts(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    table = f"{sschema}.t"
+    await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    await primary.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 200) g")
+    daemon = await start_on_standby([table])
+    source = daemon.daemon.source
+    await daemon.engine.sync()
+
+    # The standby's walsender serving the hub ends: a new slot there, a rebuild.
+    standby = await asyncpg.connect(standby_pair.standby.dsn)
+    connects = source.connects
+    await standby.execute("SELECT pg_terminate_backend($1)", await daemon.capture_pid(standby))
+    await standby.close()
+    for i in range(1, 21):  # (writes while the hub rebuilds)
+        await primary.execute(f"UPDATE {table} SET v = 'a{i}' WHERE id = $1", i)
+    await eventually(lambda: source.connects > connects and source.slot.streaming, timeout=60, what="a new stream")
+    await eventually(lambda: _synced_and_equal(daemon, primary, table), timeout=60, what="the rows after a new stream")
+
+    # The standby restarts: every connection to it ends; the hub comes back when it does.
+    connects = source.connects
+    await asyncio.to_thread(standby_pair.standby.restart)
+    for i in range(21, 41):
+        await primary.execute(f"UPDATE {table} SET v = 'b{i}' WHERE id = $1", i)
+    await primary.execute(f"DELETE FROM {table} WHERE id > 190")
+    await eventually(lambda: source.connects > connects and source.slot.streaming, timeout=90, what="a stream again")
+    await eventually(lambda: _synced_and_equal(daemon, primary, table), timeout=60, what="the rows after a restart")
+    assert daemon.core.tables[table].refetches == 0
     await primary.close()
