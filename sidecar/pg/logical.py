@@ -230,6 +230,17 @@ class LogicalSource:
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token: {type(exc).__name__}: {exc}") from None
 
+    def promoted(self) -> None:
+        """database.dsn is no longer a standby (promoted): barrier tokens are emitted there
+        from now on. (Until this is known, a token sent to the former primary never reaches
+        the stream: the barrier times out, nothing is answered stale.)"""
+        if self._primary is not None:
+            self._primary = None
+            log.warning(
+                "database.dsn was promoted: read barriers go to it now, not to database.primary_dsn",
+                extra={"event": "standby_promoted"},
+            )
+
     # ------------------------------------------------------------ following
 
     async def follow(self, sink: LogicalSink) -> None:
