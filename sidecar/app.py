@@ -162,7 +162,9 @@ class Daemon:
 
         if on_standby:
             self.standby_watch = StandbyWatch(
-                lambda: self.primary.position if self.primary is not None else None, config.query_timeout
+                lambda: self.primary.position if self.primary is not None else None,
+                config.query_timeout,
+                on_promoted=self._promoted,
             )
         lag = self.standby_watch.lag if self.standby_watch is not None else None
         self.core = core = assembly.direct(self.db, schemas, Options.from_config(config), standby_lag=lag)
@@ -241,6 +243,10 @@ class Daemon:
         notices.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
         served = await self._serve(config, core, security, source.listener, source.senders)
         self._log_serving(config, schemas, served)
+
+    def _promoted(self) -> None:
+        if isinstance(self.source, LogicalSource):
+            self.source.promoted()
 
     async def _standby_publication(
         self, config: Config, standby: Any, schemas: list[TableSchema]

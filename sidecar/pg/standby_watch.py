@@ -59,8 +59,14 @@ class StandbyWatch:
             return None
         return StandbyLag(sample.behind_bytes, sample.behind_seconds, sample.receiving)
 
-    def __init__(self, barrier_position: Callable[[], str | None], query_timeout: float) -> None:
+    def __init__(
+        self,
+        barrier_position: Callable[[], str | None],
+        query_timeout: float,
+        on_promoted: Callable[[], None] = lambda: None,
+    ) -> None:
         self._barrier_position = barrier_position  # the last barrier token's position on the primary
+        self._on_promoted = on_promoted  # told when a sample finds it no longer a standby
         self.query_timeout = query_timeout
         self.sample: StandbySample | None = None
         self.failures = 0
@@ -89,3 +95,5 @@ class StandbyWatch:
             receiving=bool(row["receiving"]),
             standby=bool(row["standby"]),
         )
+        if not self.sample.standby:
+            self._on_promoted()

@@ -19,9 +19,10 @@ from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
 from sidecar.core.wire import row_json
 from sidecar.errors import Unavailable
+from tests.conftest import RunningDaemon, start_in_process, stop_all
 from tests.integration.logical.test_slot_metrics import scrape
 from tests.support.proxy import Proxy
-from tests.support.standby import StandbyPair
+from tests.support.standby import StandbyPair, start_standby_pair
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -239,3 +240,34 @@ async def test_the_hub_rebuilds_after_its_walsender_ends_and_after_the_standby_r
     await eventually(lambda: _synced_and_equal(daemon, primary, table), timeout=60, what="the rows after a restart")
     assert daemon.core.tables[table].refetches == 0
     await primary.close()
+
+
+async def test_after_a_promotion_the_hub_serves_the_promoted_server(caplog: pytest.LogCaptureFixture) -> None:
+    """A pair of its own (promotion ends it): the hub's stream goes on or rebuilds, and its
+    barriers go to the promoted server (a token written on the former primary would never
+    reach the stream: barriers would time out)."""
+    pair = await asyncio.to_thread(start_standby_pair)
+    running: list[RunningDaemon] = []
+    try:
+        primary = await asyncpg.connect(pair.primary.dsn)
+        await primary.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'before')")
+        await primary.close()
+        await eventually(pair.caught_up, what="the standby caught up")
+        config = _config(pair, "public.t", primary_dsn=pair.primary.dsn, query_timeout=5.0)
+        daemon = await start_in_process(config, running, True, "hub on a standby")
+        await daemon.engine.sync()
+        connects = daemon.daemon.source.connects
+        promoted = await asyncpg.connect(pair.standby.dsn)
+        assert await promoted.fetchval("SELECT pg_promote()")
+        await promoted.execute("UPDATE t SET v = 'after' WHERE id = 1")
+        watch = daemon.daemon.standby_watch
+        assert watch is not None
+        await watch.sample_once(daemon.daemon.db.pool)
+        assert "database.dsn was promoted" in caplog.text
+        await eventually(lambda: _synced_and_equal(daemon, promoted, "public.t"), timeout=60, what="the promoted rows")
+        assert _cached(daemon, "public.t")[1] == '{"id":1,"v":"after"}'
+        print("stream connects across the promotion:", connects, "->", daemon.daemon.source.connects)
+        await promoted.close()
+    finally:
+        await stop_all(running)
+        await asyncio.to_thread(pair.stop)
