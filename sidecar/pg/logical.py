@@ -77,6 +77,7 @@ YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
 # Seconds a slot's creation on a standby waits before (again) asking the primary for the
 # running-transactions record it waits for.
 NUDGE_INTERVAL = 1.0
+FIRST_NUDGE_DELAY = 0.1
 SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
 # wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
 # next checkpoint) by ending its walsender, which looks to us like any terminated connection.
@@ -355,12 +356,14 @@ class LogicalSource:
         if primary is None:
             return await self._blocking(self._create_slot, slot)
         creating = asyncio.ensure_future(self._blocking(self._create_slot, slot))
+        wait = FIRST_NUDGE_DELAY  # (a record written before the slot reserved its WAL would not do)
         try:
             while True:
-                done, _ = await asyncio.wait({creating}, timeout=NUDGE_INTERVAL)
+                done, _ = await asyncio.wait({creating}, timeout=wait)
                 if done:
                     return creating.result()
                 await primary.nudge()
+                wait = NUDGE_INTERVAL
         finally:
             if not creating.done():
                 creating.cancel()  # (_close_connection cancels the command itself)
