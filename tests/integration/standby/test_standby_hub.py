@@ -271,3 +271,4 @@ async def test_after_a_promotion_the_hub_serves_the_promoted_server(caplog: pyte
     finally:
         await stop_all(running)
         await asyncio.to_thread(pair.stop)
+
