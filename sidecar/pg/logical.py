@@ -60,7 +60,7 @@ from sidecar.errors import InvalidKey, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.pg import pgoutput, rowjson
 from sidecar.pg.db import CONNECTION_ERRORS, PINNED_SETTINGS, PgDatabase
-from sidecar.pg.primary import Primary
+from sidecar.pg.primary import Primary, replayed
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,16 @@ class LogicalSource:
                 await conn.execute(_EMIT_SQL, MESSAGE_PREFIX, token, timeout=self.query_timeout)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token: {type(exc).__name__}: {exc}") from None
+
+    async def database_fresh(self) -> None:
+        """Make the database (the query pool's) hold every commit completed before this
+        call, for the reads it answers while the stream is down: at once on a primary; a
+        standby is waited for until it has replayed the primary's WAL as of now (one
+        statement on the primary; ``Unavailable`` after query_timeout)."""
+        primary = self._primary
+        if primary is None:
+            return
+        await replayed(self._database.pool, await primary.current_position(), self.query_timeout)
 
     def promoted(self) -> None:
         """database.dsn is no longer a standby (promoted): barrier tokens are emitted there
