@@ -221,6 +221,8 @@ class Daemon:
                 primary=barriers,
             )
             notices.attach(logical_source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
+            if on_standby:  # (reads the standby answers while the stream is down wait for it to catch up)
+                core.engine.database_fresh = logical_source.database_fresh
             self._stack.push_async_callback(logical_source.close)
             served = await self._serve(config, core, security, None, None)
             self._log_serving(config, schemas, served)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "cache-sidecar barrier"
 NUDGE_PREFIX = "cache_sidecar_nudge"
+FRESH_PREFIX = "cache_sidecar_fresh"  # a position for reads the standby answers (not a barrier token)
+REPLAY_POLL = 0.005  # seconds between reads of the standby's replay position
 
 EMIT_SQL = """
 SELECT pg_catalog.pg_logical_emit_message(true, $1::pg_catalog.text, $2::pg_catalog.text)::pg_catalog.text,
@@ -51,6 +54,29 @@ def primary_config(config: Config) -> Config:
     """``config`` with ``database.dsn`` the primary's (how every connection to it is made)."""
     assert config.primary_dsn is not None
     return dataclasses.replace(config, dsn=config.primary_dsn, primary_dsn=None)
+
+
+async def replayed(pool: Any, position: str, timeout: float) -> None:
+    """Wait until the standby (``pool``'s) has replayed the primary's WAL up to ``position``
+    (``Unavailable`` after ``timeout``: it lags, or cannot reach the primary)."""
+    deadline = time.monotonic() + timeout
+    try:
+        async with pool.acquire(timeout=timeout) as conn:
+            while not await conn.fetchval(_REPLAYED_SQL, position, timeout=timeout):
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"the standby (database.dsn) has not replayed the primary's WAL up to {position} "
+                        f"in {timeout:g}s: it lags behind its primary"
+                    )
+                await asyncio.sleep(REPLAY_POLL)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise Unavailable(f"reading the standby's replay position: {type(exc).__name__}: {exc}") from None
+
+
+_REPLAYED_SQL = """
+SELECT coalesce(pg_catalog.pg_last_wal_replay_lsn() >= $1::pg_catalog.text::pg_catalog.pg_lsn
+                OR NOT pg_catalog.pg_is_in_recovery(), false)
+"""
 
 
 @contextlib.asynccontextmanager
@@ -114,6 +140,14 @@ class Primary:
             self.position = str(await self._execute(EMIT_SQL, prefix, token))
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token to the primary: {type(exc).__name__}: {exc}") from None
+
+    async def current_position(self) -> str:
+        """A position in the primary's WAL past every commit completed before this call (a
+        flushed message's: the standby receives it, however idle the primary is)."""
+        try:
+            return str(await self._execute(EMIT_SQL, FRESH_PREFIX, ""))
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise Unavailable(f"reading the primary's WAL position: {type(exc).__name__}: {exc}") from None
 
     async def nudge(self) -> None:
         """Make the primary log a running-transactions record soon (see the module's text)."""

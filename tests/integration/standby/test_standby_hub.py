@@ -272,3 +272,32 @@ async def test_after_a_promotion_the_hub_serves_the_promoted_server(caplog: pyte
         await stop_all(running)
         await asyncio.to_thread(pair.stop)
 
+
+async def test_strong_reads_while_the_stream_is_down_wait_for_the_standby_to_replay(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any
+) -> None:
+    """While the stream is down reads go to the database: on a primary that is fresh, on a
+    standby it may be behind the primary's commits -- a STRONG read must then wait until the
+    standby has replayed what the primary had when the read began (found by the checker)."""
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    table = f"{sschema}.t"
+    await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    await primary.execute(f"INSERT INTO {table} VALUES (1, 'old')")
+    daemon = await start_on_standby([table], query_timeout=30.0)
+    source = daemon.daemon.source
+    async with _link_through_proxy(standby_pair) as proxy, AsyncClient(daemon.target) as cache:
+        assert (await cache.get(table, 1, consistency="strong"))["v"] == "old"
+        proxy.stall()
+        await primary.execute(f"UPDATE {table} SET v = 'new' WHERE id = 1")  # (committed on the primary)
+        standby = await asyncpg.connect(standby_pair.standby.dsn)
+        await standby.execute("SELECT pg_terminate_backend($1)", await daemon.capture_pid(standby))
+        await standby.close()
+        # (a new slot on the standby waits for the primary's running-transactions record: the
+        # stalled link holds it back, so the stream stays down and reads go to the database)
+        await eventually(lambda: not source.up, what="the stream down")
+        read = asyncio.create_task(cache.get(table, 1, consistency="strong"))
+        done, _ = await asyncio.wait({read}, timeout=2.0)
+        assert not done, f"a STRONG read answered while the standby could not have the commit: {read.result()}"
+        proxy.resume()
+        assert (await read)["v"] == "new"
+    await primary.close()
