@@ -175,6 +175,7 @@ class LogicalSource:
         # database.dsn is a hot standby: barrier tokens go to the primary, which replicates
         # them to the standby in WAL order (see primary.py); None: database.dsn is the primary.
         self._primary = primary
+        self._fresh_next: asyncio.Future[None] | None = None  # database_fresh's round taking callers
         self._conninfo = conninfo or ""
         self.publication = publication
         self._heard = {name: _Table(name[0], name[1], schema.key_columns) for name, schema in tables.items()}
@@ -239,6 +240,18 @@ class LogicalSource:
         primary = self._primary
         if primary is None:
             return
+        # Reads that come together share one round (one statement on the primary): a round
+        # takes callers until it sends its statement, so it covers each of them.
+        round_ = self._fresh_next
+        if round_ is None:
+            round_ = self._fresh_next = asyncio.ensure_future(self._fresh_round(primary))
+        await asyncio.shield(round_)
+
+    async def _fresh_round(self, primary: Primary) -> None:
+        try:
+            await asyncio.sleep(0)  # (the callers of this turn of the event loop join it)
+        finally:
+            self._fresh_next = None  # (callers from now on need a later round)
         await replayed(self._database.pool, await primary.current_position(), self.query_timeout)
 
     def promoted(self) -> None:
