@@ -883,6 +883,9 @@ def main() -> None:
         pair = start_standby_pair()
         try:
             report = run(pair.primary.dsn, pair.standby.restart, standby=pair, **settings)
+        except BaseException:
+            print(f"standby log:\n{pair.log_tail()}", file=sys.stderr)
+            raise
         finally:
             pair.stop()
     elif external:

@@ -73,6 +73,12 @@ class StandbyPair:
                 raise TimeoutError(f"the standby did not catch up with the primary in {timeout:g}s")
             time.sleep(0.05)
 
+    def log_tail(self, lines: int = 60) -> str:
+        """The standby's log without the statements (what a failed run shows)."""
+        text = (self.standby.base / "log").read_text(errors="replace").splitlines()
+        kept = [line for line in text if not line.startswith("app=") and "STATEMENT:" not in line]
+        return "\n".join(kept[-lines:])
+
     def statements(self, application_prefix: str) -> list[str]:
         """The statements the primary has logged for sessions whose application name
         starts with ``application_prefix`` (simple and extended protocol alike)."""
