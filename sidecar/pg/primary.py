@@ -129,16 +129,26 @@ class Primary:
             self.statements += 1
             try:
                 return await conn.fetchval(sql, *args, timeout=self.timeout)
-            except CONNECTION_ERRORS:
-                self._conn = None
-                conn.terminate()
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.PostgresConnectionError):
+                    self._drop(conn)
                 raise
+            except BaseException:
+                # (lost, timed out, cancelled, or in a state the driver cannot go on from --
+                # asyncpg's InternalClientError after a server shutdown: the next one is new)
+                self._drop(conn)
+                raise
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+        conn.terminate()
 
     async def emit(self, prefix: str, token: str) -> None:
         """The barrier's token into the primary's WAL (one statement, its commit flushed)."""
         try:
             self.position = str(await self._execute(EMIT_SQL, prefix, token))
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # (any failure fails this barrier round, and the next one retries)
             raise Unavailable(f"sending a barrier token to the primary: {type(exc).__name__}: {exc}") from None
 
     async def current_position(self) -> str:
@@ -146,7 +156,7 @@ class Primary:
         flushed message's: the standby receives it, however idle the primary is)."""
         try:
             return str(await self._execute(EMIT_SQL, FRESH_PREFIX, ""))
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except Exception as exc:
             raise Unavailable(f"reading the primary's WAL position: {type(exc).__name__}: {exc}") from None
 
     async def nudge(self) -> None:
@@ -163,5 +173,5 @@ class Primary:
                         "waits for the primary's next running-transactions record (within 15 s of a write)"
                     )
             await self._execute(_NUDGE_SQL, NUDGE_PREFIX)
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except Exception as exc:
             log.debug("nudging the primary: %s", exc)
