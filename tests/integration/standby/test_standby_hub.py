@@ -14,6 +14,7 @@ import pytest
 from cache_sidecar_client import AsyncClient
 
 from sidecar import config as cfg
+from sidecar import remote
 from sidecar.api.v1 import cache_pb2 as pb
 from sidecar.api.v1 import cache_pb2_grpc as pb_grpc
 from sidecar.app import Daemon
@@ -52,6 +53,18 @@ async def test_rows_served_are_the_primarys(standby_pair: StandbyPair, sschema: 
     assert _cached(daemon, table) == await _rows(primary, table)
     assert daemon.core.tables[table].refetches == 0
     await primary.close()
+
+
+async def test_cache_sidecar_tables_shows_the_standby(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
+    await primary.close()
+    daemon = await start_on_standby([f"{sschema}.t"])
+    await eventually(lambda: daemon.daemon.standby_watch.sample is not None, what="a standby sample")
+    assert await asyncio.to_thread(remote.tables, daemon.target) == 0
+    assert "database: a standby, receiving, behind by 0 bytes of WAL, 0.0s" in capsys.readouterr().out
 
 
 async def test_the_primary_runs_nothing_per_change_and_one_statement_per_barrier(
