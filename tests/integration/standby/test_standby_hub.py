@@ -314,3 +314,29 @@ async def test_strong_reads_while_the_stream_is_down_wait_for_the_standby_to_rep
         proxy.resume()
         assert (await read)["v"] == "new"
     await primary.close()
+
+
+async def test_a_dropped_publication_is_reinstalled_on_the_primary(
+    standby_pair: StandbyPair, sschema: str, start_on_standby: Any
+) -> None:
+    """The catalog check reads the publication on the standby and installs it where it can
+    be installed: the primary (the standby is read-only)."""
+    primary = await asyncpg.connect(standby_pair.primary.dsn)
+    table = f"{sschema}.t"
+    await primary.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    daemon = await start_on_standby([table], catalog_check_interval=0.2)
+    name = daemon.daemon.source.publication
+    await primary.execute(f"DROP PUBLICATION {name}")
+    await eventually(
+        lambda: primary.fetchval("SELECT count(*) = 0 FROM pg_publication WHERE pubname = $1", name),
+        what="the drop seen",
+    )
+    await eventually(
+        lambda: primary.fetchval("SELECT count(*) = 1 FROM pg_publication WHERE pubname = $1", name),
+        timeout=30,
+        what="the publication reinstalled on the primary",
+    )
+    await primary.execute(f"INSERT INTO {table} VALUES (1, 'after')")
+    await eventually(lambda: _synced_and_equal(daemon, primary, table), timeout=60, what="the rows after")
+    assert _cached(daemon, table) == {1: '{"id":1,"v":"after"}'}
+    await primary.close()
