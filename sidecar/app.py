@@ -33,7 +33,7 @@ from sidecar.errors import ConfigError, QueryFailed, SchemaError, SidecarError, 
 from sidecar.fleet import channels, upstream
 from sidecar.fleet.follower import UpstreamSource
 from sidecar.metrics import Metrics
-from sidecar.pg import db, embedded, preflight, publication, triggers
+from sidecar.pg import db, embedded, preflight, primary, publication, triggers
 from sidecar.pg.catalog import CatalogWatch
 from sidecar.pg.db import PgDatabase
 from sidecar.pg.listener import Listener
@@ -42,6 +42,7 @@ from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.pg_source import PgChangeSource
 from sidecar.pg.senders import SenderGate
 from sidecar.pg.slot_watch import SlotWatch
+from sidecar.pg.standby_watch import StandbyWatch
 from sidecar.shm.store import SharedStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.metrics_address: str | None = None
         self.catalog: CatalogWatch | None = None
+        self.primary: primary.Primary | None = None  # database.dsn is a standby: the barriers' primary
+        self.standby_watch: StandbyWatch | None = None  # and how far behind the primary that standby is
         self._health_dirty = asyncio.Event()
         self._signals = 0
         # What start-up sets up, each part entered in order and left in reverse.
@@ -144,15 +147,27 @@ class Daemon:
         logical = config.capture == "logical"
         captured: publication.Publication | None = None
         async with self.db.pool.acquire(timeout=config.query_timeout) as conn:
+            # (a standby: decoding there, or a clear refusal, before anything else is checked)
+            on_standby = await preflight.check_standby(conn, config)
             await preflight.check_privileges(conn, schemas)
             if logical:
                 await preflight.check_logical(conn, schemas)  # (first: publishing a table with no
                 # replica identity would make the application's UPDATEs and DELETEs of it fail)
-                captured = await publication.check_or_install(conn, config, schemas)
+                if on_standby:
+                    captured = await self._standby_publication(config, conn, schemas)
+                else:
+                    captured = await publication.check_or_install(conn, config, schemas)
         if not logical:
             await self._check_triggers(config, schemas)
 
-        self.core = core = assembly.direct(self.db, schemas, Options.from_config(config))
+        if on_standby:
+            self.standby_watch = StandbyWatch(
+                lambda: self.primary.position if self.primary is not None else None,
+                config.query_timeout,
+                on_promoted=self._promoted,
+            )
+        lag = self.standby_watch.lag if self.standby_watch is not None else None
+        self.core = core = assembly.direct(self.db, schemas, Options.from_config(config), standby_lag=lag)
         self.engine = core.engine
         self._stack.push_async_callback(core.close)
         self._open_shared_store(config, core)
@@ -171,12 +186,20 @@ class Daemon:
             interval=config.catalog_check_interval,
             capture_changed=self._health_dirty.set,
             # (logical capture: the publication must hold every table, instead of triggers on it)
-            capture=publication.PublicationCapture(captured) if captured is not None else None,
+            capture=publication.PublicationCapture(
+                captured, install_on=(lambda: primary.connection(config)) if on_standby else None
+            )
+            if captured is not None
+            else None,
         )
         await catalog.baseline()
 
         notices.on_connected(catalog.poke)  # what changed while nobody listened is found now, not at the next check
         if captured is not None:
+            barriers = None
+            if on_standby:
+                self.primary = barriers = primary.Primary(config)
+                self._stack.push_async_callback(barriers.close)
             self.source = logical_source = LogicalSource(
                 db,
                 conninfo=config.dsn,
@@ -195,8 +218,11 @@ class Daemon:
                 reconnect_max_delay=config.reconnect_max_delay,
                 connect_timeout=config.connect_timeout,
                 redact=lambda text: scrub(text, config.dsn),
+                primary=barriers,
             )
             notices.attach(logical_source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
+            if on_standby:  # (reads the standby answers while the stream is down wait for it to catch up)
+                core.engine.database_fresh = logical_source.database_fresh
             self._stack.push_async_callback(logical_source.close)
             served = await self._serve(config, core, security, None, None)
             self._log_serving(config, schemas, served)
@@ -219,6 +245,25 @@ class Daemon:
         notices.attach(source, barrier_timeout=config.query_timeout, check_catalog=catalog.verify)
         served = await self._serve(config, core, security, source.listener, source.senders)
         self._log_serving(config, schemas, served)
+
+    def _promoted(self) -> None:
+        if isinstance(self.source, LogicalSource):
+            self.source.promoted()
+
+    async def _standby_publication(
+        self, config: Config, standby: Any, schemas: list[TableSchema]
+    ) -> publication.Publication:
+        """A hub on a standby: the primary checked, the publication installed (or checked)
+        there, and replayed on the standby before any slot is made there."""
+        async with primary.connection(config) as conn:
+            await preflight.check_primary(conn, standby)
+            captured = await publication.check_or_install(conn, config, schemas)
+        await publication.replicated(standby, captured, config.connect_timeout + config.query_timeout)
+        log.info(
+            "database.dsn is a hot standby: decoding there; read barriers go to the primary",
+            extra={"event": "hub_on_standby"},
+        )
+        return captured
 
     def _log_serving(self, config: Config, schemas: list[TableSchema], served: server.Server) -> None:
         self.config = config
@@ -419,6 +464,10 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.slot = slot
             tasks.add(asyncio.create_task(slot.run(self.db.pool), name="slot watch"))
+            if self.standby_watch is not None:
+                if self.metrics is not None:
+                    self.metrics.standby = self.standby_watch
+                tasks.add(asyncio.create_task(self.standby_watch.run(self.db.pool), name="standby lag"))
         stop = asyncio.create_task(self.stop_event.wait(), name="stop")
         if self.on_ready is not None:
             self.on_ready(self)

@@ -28,6 +28,7 @@ from sidecar.pg.logical import SlotState
 from sidecar.pg.notify_queue import NotifyQueue
 from sidecar.pg.senders import SenderGate, SenderStats
 from sidecar.pg.slot_watch import WAL_STATUSES, SlotWatch
+from sidecar.pg.standby_watch import StandbySample, StandbyWatch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Metrics:
         )
         self.queue: NotifyQueue | None = None  # set by the daemon: its queue samples
         self.slot: SlotWatch | None = None  # set by the daemon in logical mode: its slot samples
+        self.standby: StandbyWatch | None = None  # set by a hub on a standby: how far behind the primary
         self._server: Any = None
 
     def observe_call(self, method: str, seconds: float) -> None:
@@ -210,6 +212,9 @@ class _StateCollector(Collector):
             families += self._listener(listener)
         if self.logical is not None:
             families += _replication(self.logical, self.metrics.slot)
+            standby = self.metrics.standby
+            if standby is not None and standby.sample is not None:
+                families += _standby(standby.sample)
         if self.senders is not None:
             families += _senders(self.senders.stats)
         if (following := core.upstream_state()) is not None:
@@ -410,6 +415,30 @@ def _replication(stream: ReplicationStream, watch: SlotWatch | None) -> list[Any
                 status.add_metric([name], 1 if sample.wal_status == name else 0)
             families.append(status)
     return families
+
+
+def _standby(sample: StandbySample) -> list[Any]:
+    """A hub on a standby (database.primary_dsn): how far the standby is behind the primary."""
+    return [
+        GaugeMetricFamily(
+            "cache_sidecar_standby_replay_lag_bytes",
+            "Bytes of the primary's WAL (as the standby's receiver or the hub's last read barrier last saw its "
+            "end) the standby has not replayed, sampled every 5 s: the stream is that far behind the primary, "
+            "and read barriers wait for it.",
+            sample.behind_bytes,
+        ),
+        GaugeMetricFamily(
+            "cache_sidecar_standby_replay_lag_seconds",
+            "0 while the standby has replayed all it knows the primary has; else seconds since it replayed a commit.",
+            sample.behind_seconds,
+        ),
+        GaugeMetricFamily(
+            "cache_sidecar_standby_receiving",
+            "1 while the standby's WAL receiver streams from the primary (0: disconnected, or not visible to "
+            "the role: pg_stat_wal_receiver needs pg_read_all_stats).",
+            1 if sample.receiving else 0,
+        ),
+    ]
 
 
 def _senders(stats: SenderStats) -> list[Any]:

@@ -73,6 +73,13 @@ def tables(target: str, security: UpstreamSecurity | None = None) -> int:
             up = listing.upstream
             state = "following" if up.following else "NOT following (reads go to the upstream)"
             print(f"upstream {up.target}: {state}, behind {up.behind_revisions} revision(s), {up.behind_seconds:.1f}s")
+        if listing.HasField("standby"):
+            lag = listing.standby
+            receiving = "receiving" if lag.receiving else "NOT receiving from its primary"
+            print(
+                f"database: a standby, {receiving}, behind by {lag.replay_lag_bytes} bytes of WAL, "
+                f"{lag.replay_lag_seconds:.1f}s"
+            )
         return 0
 
     return _call(target, work, security)

@@ -29,6 +29,14 @@ terminated (PostgreSQL is restarted as in the default mode). The big statements 
 degrade there: each of their rows comes in the stream. With ``--fleet N`` both hubs
 capture so (a slot each); the followers follow as in the default mode.
 
+Standby mode (``--standby``, with ``--capture logical``): a primary and a streaming hot
+standby (``pg_basebackup``, both local); the hubs decode on the standby (``--dsn`` the
+standby, ``--primary-dsn`` the primary: their barrier tokens are written there), the
+writers write to the primary and (c) compares with the primary. The faults move to the
+standby: its walsenders serving the hubs are terminated, the standby (not the primary) is
+restarted once, and the primary->standby link (a TCP proxy in the standby's
+``primary_conninfo``) is stalled for a few seconds twice: STRONG reads wait, never stale.
+
 Fleet mode (``--fleet N``): the sidecar above is a hub, and a second hub runs on
 the same database (the shipped two-hub layout); N followers (``serve
 --upstream``) follow the first, each through its own TCP proxy, and the readers
@@ -104,6 +112,8 @@ CAPTURE_BACKENDS = {
 class Report:
     duration: float
     capture: str = "notify"
+    standby: bool = False  # the hubs decode on a standby of the primary written to
+    standby_stalls: int = 0  # the primary->standby link stalled
     writes_acked: int = 0
     write_errors: int = 0
     reads: int = 0
@@ -151,8 +161,13 @@ class Report:
                 if self.kill_to_epoch
                 else "-"
             ),
-            f"faults: PostgreSQL restarted     {self.restarts}",
+            f"faults: PostgreSQL restarted     {self.restarts}" + (" (the standby)" if self.standby else ""),
         ]
+        if self.standby:
+            lines.append(
+                f"standby: hubs decode on a standby; primary->standby link stalled {self.standby_stalls}x "
+                f"{STANDBY_STALL_SECONDS:g} s"
+            )
         if self.followers:
             lines += [
                 f"fleet: followers                 {self.followers} (readers read through them)",
@@ -356,6 +371,53 @@ async def _faults(dsn: str, target: str, restart: Any, start: float, until: floa
             else:
                 report.listener_kills += await _kill_capture(dsn, report.capture)
         await asyncio.sleep(0.05)
+
+
+STANDBY_STALL_SECONDS = 3.0
+
+
+async def _stall_standby_link(
+    standby_dsn: str, primary_socket: str, start: float, until: float, report: Report
+) -> None:
+    """Route the standby's primary_conninfo through a TCP proxy; stall it twice for
+    STANDBY_STALL_SECONDS (the standby falls behind; the hubs' STRONG reads must wait)."""
+    from tests.support.proxy import Proxy
+
+    proxy = Proxy(unix_path=primary_socket)
+    port = await proxy.start()
+    conn = await asyncpg.connect(standby_dsn)
+    original = str(await conn.fetchval("SHOW primary_conninfo"))
+    await conn.close()
+
+    async def configure(conninfo: str) -> None:
+        for _ in range(600):  # (the standby may be restarting: another fault)
+            try:
+                conn = await asyncpg.connect(standby_dsn, timeout=2)
+                try:
+                    quoted = conninfo.replace("'", "''")
+                    await conn.execute(f"ALTER SYSTEM SET primary_conninfo = '{quoted}'")
+                    await conn.execute("SELECT pg_reload_conf()")
+                    return
+                finally:
+                    await conn.close()
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                await asyncio.sleep(0.1)
+
+    await configure(f"host=127.0.0.1 port={port} user=postgres application_name=checker_standby")
+    try:
+        duration = until - start
+        for at in (0.3, 0.7):
+            await asyncio.sleep(max(0.0, start + duration * at - time.monotonic()))
+            if time.monotonic() > until - STANDBY_STALL_SECONDS - 1:
+                break
+            proxy.stall()
+            await asyncio.sleep(STANDBY_STALL_SECONDS)
+            proxy.resume()
+            report.standby_stalls += 1
+    finally:
+        proxy.resume()
+        await configure(original)
+        await proxy.close()
 
 
 async def _kill_capture(dsn: str, capture: str) -> int:
@@ -659,24 +721,34 @@ def run(
     fleet: int = 0,
     shared_memory: bool = False,
     capture: str = "notify",
+    standby: Any = None,
 ) -> Report:
     """Run the checker against the PostgreSQL at ``dsn``; ``restart`` restarts it (or None).
     ``fleet``: that many followers of the sidecar, through which the readers read.
     ``shared_memory`` (without a fleet): the sidecar keeps a shared-memory store, and the
     readers read it whenever it may answer. ``capture``: the hubs' capture mode ("logical"
-    needs ``wal_level = logical``; followers take what their hub sends either way)."""
+    needs ``wal_level = logical``; followers take what their hub sends either way).
+    ``standby``: a ``tests.support.standby.StandbyPair`` whose primary ``dsn`` is: the hubs
+    decode on its standby, and ``restart`` restarts the standby."""
     if capture not in CAPTURES:
         raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
+    if standby is not None and capture != "logical":
+        raise ValueError("a standby needs capture logical")
     asyncio.run(_setup(dsn))
-    report = Report(duration=duration, capture=capture, followers=fleet)
+    report = Report(duration=duration, capture=capture, followers=fleet, standby=standby is not None)
+    hub_dsn = ["--dsn", dsn]
+    capture_dsn = dsn  # where the capture's backends run (the faults terminate them there)
+    if standby is not None:
+        standby.wait_caught_up()
+        hub_dsn = ["--dsn", standby.standby.dsn, "--primary-dsn", dsn]
+        capture_dsn = standby.standby.dsn
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-checker-"))
     config_path = workdir / "sidecar.toml"
     config_path.write_text(CONFIG)
     hub = Daemon(
         "sidecar",
         [
-            "--dsn",
-            dsn,
+            *hub_dsn,
             "--config",
             str(config_path),
             "--install-triggers",
@@ -731,7 +803,9 @@ def run(
         writer = Writers(dsn, writers, seed)
 
         async def write_and_fault() -> None:
-            jobs = [writer.run(until), _faults(dsn, hub.target, restart, start, until, report, seed)]
+            jobs = [writer.run(until), _faults(capture_dsn, hub.target, restart, start, until, report, seed)]
+            if standby is not None:
+                jobs.append(_stall_standby_link(standby.standby.dsn, standby.primary.socket_path, start, until, report))
             if links is not None and other is not None:
                 jobs.append(_fleet_faults(hub, other, links, start, until, report, seed))
             await asyncio.gather(*jobs)
@@ -798,7 +872,14 @@ def main() -> None:
         default="notify",
         help="how the sidecar captures changes (logical: a cluster with wal_level = logical)",
     )
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="the hubs decode on a hot standby of the primary written to (needs --capture logical)",
+    )
     args = parser.parse_args()
+    if args.standby and args.capture != "logical":
+        parser.error("--standby needs --capture logical")
     settings = {
         "duration": args.duration,
         "readers": args.readers,
@@ -809,7 +890,18 @@ def main() -> None:
         "capture": args.capture,
     }
     external = os.environ.get("SIDECAR_TEST_DSN")
-    if external:
+    if args.standby:
+        from tests.support.standby import start_standby_pair
+
+        pair = start_standby_pair()
+        try:
+            report = run(pair.primary.dsn, pair.standby.restart, standby=pair, **settings)
+        except BaseException:
+            print(f"standby log:\n{pair.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            pair.stop()
+    elif external:
         print("SIDECAR_TEST_DSN set: PostgreSQL will not be restarted", file=sys.stderr)
         report = run(external, None, **settings)
     else:

@@ -105,6 +105,13 @@ def _dsn_parses(value: str) -> None:
     dsn_module.parse(value)  # a DSN that cannot parse would be retried forever at start
 
 
+def _primary_dsn_parses(value: str) -> None:
+    try:
+        dsn_module.parse(value)
+    except ConfigError as exc:
+        raise ConfigError("database.primary_dsn", exc.problem) from None
+
+
 def _listen_addresses(value: tuple[str, ...]) -> None:
     for address in value:
         parse_listen_address(address)
@@ -159,6 +166,19 @@ class Config:
             flag="--dsn",
             secret=True,
             check=_dsn_parses,
+        ),
+    )
+    primary_dsn: str | None = field(
+        default=None,
+        metadata=declare(
+            "database.primary_dsn",
+            "The primary's DSN, when database.dsn is a hot standby (PostgreSQL 16 or newer; logical capture "
+            "only): the slot, loads and refetches stay on the standby; read barriers emit their token on the "
+            "primary (one statement each) and the publication is installed and checked there.",
+            flag="--primary-dsn",
+            secret=True,
+            unset="database.dsn is the primary",
+            check=_primary_dsn_parses,
         ),
     )
     embedded: bool = field(
@@ -647,6 +667,7 @@ def validate(config: Config) -> None:
         # A follower's rows come from its upstream: a database of its own would be a second source of truth.
         for given, key in (
             (config.dsn is not None, "database.dsn"),
+            (config.primary_dsn is not None, "database.primary_dsn"),
             (config.embedded, "database.embedded"),
             (config.install_triggers, "server.install_triggers"),
             (config.capture != "notify", "database.capture"),
@@ -655,6 +676,12 @@ def validate(config: Config) -> None:
                 raise ConfigError(key, "a follower (upstream.target) has no database: give one of the two, not both")
         if config.upstream_stall_timeout <= config.upstream_progress_interval:
             raise ConfigError("upstream.stall_timeout", "must exceed upstream.progress_interval")
+    if config.primary_dsn is not None and config.capture != "logical":
+        raise ConfigError(
+            "database.primary_dsn",
+            "a hub on a standby needs database.capture = logical (NOTIFY capture runs triggers and LISTEN, "
+            "which a standby cannot): set capture logical, or point database.dsn at the primary without it",
+        )
     seen: set[str] = set()
     for table in config.tables:
         if table.qualified in seen:

@@ -23,7 +23,7 @@ from sidecar.core.replica import ReplicaTable
 from sidecar.core.revisions import Revisions
 from sidecar.core.router import ChangeRouter
 from sidecar.core.schema import TableSchema
-from sidecar.core.source import Database, FollowState, Rows
+from sidecar.core.source import Database, FollowState, Rows, StandbyLag
 from sidecar.core.store import Retention
 from sidecar.core.trust import Trust
 from sidecar.core.wire import row_json
@@ -94,6 +94,11 @@ class Core:
         """A follower's state of following its upstream (None: not a follower)."""
         return None
 
+    def standby_state(self) -> StandbyLag | None:
+        """How far behind its primary the standby this hub decodes on is (None: not on a
+        standby, or not sampled yet)."""
+        return None
+
     async def close(self) -> None:
         await self.reads.close()
         await self.trust.close()
@@ -104,6 +109,10 @@ class Direct(Core):
     """A sidecar on PostgreSQL: its change notices come in by ``notices``."""
 
     notices: NoticeIngest
+    standby_lag: Callable[[], StandbyLag | None] | None = None
+
+    def standby_state(self) -> StandbyLag | None:
+        return self.standby_lag() if self.standby_lag is not None else None
 
     async def close(self) -> None:
         await super().close()
@@ -138,8 +147,14 @@ def _fanout(tables: Mapping[str, TableCache], options: Options) -> FanOut:
     )
 
 
-def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None = None) -> Direct:
-    """The parts of a sidecar that follows PostgreSQL's change notices."""
+def direct(
+    db: Database,
+    schemas: Sequence[TableSchema],
+    options: Options | None = None,
+    standby_lag: Callable[[], StandbyLag | None] | None = None,
+) -> Direct:
+    """The parts of a sidecar that follows PostgreSQL's change notices (``standby_lag``:
+    how far behind its primary the standby it decodes on is, if it is one)."""
     options = options or Options()
     revisions = Revisions(options.stall_after)
     tables: dict[str, RefetchingTable] = {}  # (filled below: the fan-out reads them only when publishing)
@@ -171,7 +186,7 @@ def direct(db: Database, schemas: Sequence[TableSchema], options: Options | None
     notices = NoticeIngest(tables, full, router, revisions, fanout, trust, options.source_name)
     reads = ReadPath(db, trust.trusted_epoch, options.max_batch_keys)
     engine = Engine(tables, full, revisions, fanout, trust, reads, notices)
-    return Direct(engine, tables, full, revisions, fanout, trust, reads, retention, options, notices)
+    return Direct(engine, tables, full, revisions, fanout, trust, reads, retention, options, notices, standby_lag)
 
 
 def following(

@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from sidecar.core.cache import Rerouted, Row, TableCache, whole
@@ -80,6 +80,10 @@ class Engine:
         self._reads = reads
         self._ingest = ingest
         self._ready_listeners: list[Callable[[], None]] = []
+        # Makes the database hold every commit completed before the call, for the reads it
+        # answers while the change source is down (None: it always does -- a primary; a hub
+        # on a standby waits until the standby has replayed the primary's WAL as of the call).
+        self.database_fresh: Callable[[], Awaitable[None]] | None = None
         self._barrier_listeners: list[Callable[[float], None]] = []
         self._was_ready = False
         # Initial states being streamed, by store snapshot and revision: streams that start
@@ -255,6 +259,11 @@ class Engine:
         gate = self._reads.gate
         if (strong or min_revision is not None) and gate is not None:
             await asyncio.shield(gate)  # (memory is being fenced: what to wait for is known after it)
+        if (strong or min_revision is not None) and not self._trust.up and self.database_fresh is not None:
+            # The database answers while the change source is down: "newer than any revision"
+            # on a primary, not on a standby that lags it. (Up again meanwhile: the barrier
+            # below covers the read.)
+            await self.database_fresh()
         full = self._full.get(table.schema.qualified) if table is not None else None
         reloading = full is not None and full.reloading
         barrier = self._trust.barrier

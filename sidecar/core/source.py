@@ -145,6 +145,15 @@ class FollowState:
     rebuilds: int
 
 
+@dataclass(frozen=True, slots=True)
+class StandbyLag:
+    """How far behind its primary the standby a hub decodes on is (ListTables shows it)."""
+
+    behind_bytes: int  # the primary's WAL (as last seen) the standby has not replayed
+    behind_seconds: float  # 0 while caught up; else seconds since it replayed a commit
+    receiving: bool  # its WAL receiver streams from the primary
+
+
 class NumberedSink(Protocol):
     """What a source that numbers its own batches tells the core."""
 

@@ -433,6 +433,13 @@ class CacheService:
                     behind_seconds=state.behind_seconds,
                 )
             )
+        lag = self._core.standby_state()
+        if lag is not None:
+            answer.standby.CopyFrom(
+                pb.StandbyInfo(
+                    replay_lag_bytes=lag.behind_bytes, replay_lag_seconds=lag.behind_seconds, receiving=lag.receiving
+                )
+            )
         return answer
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:

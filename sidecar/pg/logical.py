@@ -64,6 +64,7 @@ from sidecar.errors import InvalidKey, Unavailable
 from sidecar.identifiers import qualified_name
 from sidecar.pg import pgoutput, rowjson
 from sidecar.pg.db import CONNECTION_ERRORS, PINNED_SETTINGS, PgDatabase
+from sidecar.pg.primary import Primary, replayed
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ YIELD_EVERY = 500  # messages read in a row before other tasks get a turn
 # applied meanwhile, barriers): a turn costs an event loop round, too much to give one per
 # single-row transaction.
 YIELD_INTERVAL = 0.001
+# Seconds a slot's creation on a standby waits before (again) asking the primary for the
+# running-transactions record it waits for.
+NUDGE_INTERVAL = 1.0
+FIRST_NUDGE_DELAY = 0.1
 SLOT_CHECK_INTERVAL = 10.0  # seconds between reads of the slot's wal_status (max_slot_wal_keep_size)
 # wal_status values of a slot past max_slot_wal_keep_size: the server invalidates it (at its
 # next checkpoint) by ending its walsender, which looks to us like any terminated connection.
@@ -180,8 +185,13 @@ class LogicalSource:
         connect_timeout: float = 10.0,
         redact: Callable[[str], str] = lambda text: text,
         application_name: str = "cache-sidecar replication",
+        primary: Primary | None = None,
     ) -> None:
         self._database = database
+        # database.dsn is a hot standby: barrier tokens go to the primary, which replicates
+        # them to the standby in WAL order (see primary.py); None: database.dsn is the primary.
+        self._primary = primary
+        self._fresh_next: asyncio.Future[None] | None = None  # database_fresh's round taking callers
         self._conninfo = conninfo or ""
         self.publication = publication
         self._heard = {name: _Table(name[0], name[1], schema.key_columns) for name, schema in tables.items()}
@@ -227,6 +237,9 @@ class LogicalSource:
         after every transaction committed before this call."""
         if not self._up:
             raise Unavailable("the replication stream is down")
+        if self._primary is not None:
+            await self._primary.emit(MESSAGE_PREFIX, token)
+            return
         try:
             async with self._database.pool.acquire(timeout=self.query_timeout) as conn:
                 # One statement, one transaction, one round trip; its commit flushes the WAL
@@ -234,6 +247,39 @@ class LogicalSource:
                 await conn.execute(_EMIT_SQL, MESSAGE_PREFIX, token, timeout=self.query_timeout)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise Unavailable(f"sending a barrier token: {type(exc).__name__}: {exc}") from None
+
+    async def database_fresh(self) -> None:
+        """Make the database (the query pool's) hold every commit completed before this
+        call, for the reads it answers while the stream is down: at once on a primary; a
+        standby is waited for until it has replayed the primary's WAL as of now (one
+        statement on the primary; ``Unavailable`` after query_timeout)."""
+        primary = self._primary
+        if primary is None:
+            return
+        # Reads that come together share one round (one statement on the primary): a round
+        # takes callers until it sends its statement, so it covers each of them.
+        round_ = self._fresh_next
+        if round_ is None:
+            round_ = self._fresh_next = asyncio.ensure_future(self._fresh_round(primary))
+        await asyncio.shield(round_)
+
+    async def _fresh_round(self, primary: Primary) -> None:
+        try:
+            await asyncio.sleep(0)  # (the callers of this turn of the event loop join it)
+        finally:
+            self._fresh_next = None  # (callers from now on need a later round)
+        await replayed(self._database.pool, await primary.current_position(), self.query_timeout)
+
+    def promoted(self) -> None:
+        """database.dsn is no longer a standby (promoted): barrier tokens are emitted there
+        from now on. (Until this is known, a token sent to the former primary never reaches
+        the stream: the barrier times out, nothing is answered stale.)"""
+        if self._primary is not None:
+            self._primary = None
+            log.warning(
+                "database.dsn was promoted: read barriers go to it now, not to database.primary_dsn",
+                extra={"event": "standby_promoted"},
+            )
 
     # ------------------------------------------------------------ following
 
@@ -288,7 +334,7 @@ class LogicalSource:
         await self._prepare_tables()
         epoch = await self._blocking(self._identify)
         slot = f"cache_sidecar_{os.getpid()}_{secrets.token_hex(4)}"
-        position, snapshot = await self._blocking(self._create_slot, slot)
+        position, snapshot = await self._created(slot)
         self.slot = SlotState(name=slot, confirmed=position, received=position)
         # Every full table loads under the slot's snapshot: memory is then the database
         # exactly at ``position``, where the stream starts.
@@ -352,6 +398,25 @@ class LogicalSource:
         self._cursor.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")
         row = self._cursor.fetchone()
         return pgoutput.parse_lsn(row[1]), str(row[2])
+
+    async def _created(self, slot: str) -> tuple[int, str]:
+        """The slot, made; on a standby, the primary is nudged meanwhile: the slot becomes
+        consistent at the primary's next running-transactions record (see primary.py)."""
+        primary = self._primary
+        if primary is None:
+            return await self._blocking(self._create_slot, slot)
+        creating = asyncio.ensure_future(self._blocking(self._create_slot, slot))
+        wait = FIRST_NUDGE_DELAY  # (a record written before the slot reserved its WAL would not do)
+        try:
+            while True:
+                done, _ = await asyncio.wait({creating}, timeout=wait)
+                if done:
+                    return creating.result()
+                await primary.nudge()
+                wait = NUDGE_INTERVAL
+        finally:
+            if not creating.done():
+                creating.cancel()  # (_close_connection cancels the command itself)
 
     def _start(self, slot: str, position: int) -> None:
         version = self._conn.server_version

@@ -207,3 +207,91 @@ async def check_logical(conn: Any, schemas: Sequence[TableSchema]) -> None:
             "'logical' cannot work with this database as it is (or use capture 'notify', which needs none of "
             "this): " + "; ".join(f"({n}) {p}" for n, p in enumerate(problems, 1)),
         )
+
+
+# ------------------------------------------------------------------ a hub on a hot standby
+
+STANDBY_SQL = """
+SELECT pg_catalog.pg_is_in_recovery() AS standby,
+       pg_catalog.current_setting('server_version_num')::int AS version,
+       pg_catalog.current_setting('hot_standby_feedback')::bool AS feedback
+"""
+PRIMARY_SQL = """
+SELECT pg_catalog.pg_is_in_recovery() AS standby,
+       pg_catalog.current_setting('wal_level') AS wal_level
+"""
+SYSTEM_SQL = "SELECT system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system()"
+MIN_STANDBY_VERSION = 160000  # logical decoding on a standby
+
+
+async def check_standby(conn: Any, config: Config) -> bool:
+    """Whether ``database.dsn`` is a hot standby the hub may decode on; refuses what cannot
+    run there (``ConfigError``, exit 2, naming the setting to change). A ``primary_dsn``
+    given while ``database.dsn`` is no standby (promoted since) is not used: the barriers go
+    to ``database.dsn`` itself, which is then the primary."""
+    row = await conn.fetchrow(STANDBY_SQL)
+    if not row["standby"]:
+        if config.primary_dsn is not None:
+            log.warning(
+                "database.dsn is not a standby (promoted?): it is used as the primary, database.primary_dsn is not",
+                extra={"event": "primary_dsn_unused"},
+            )
+        return False
+    if config.capture != "logical":
+        raise ConfigError(
+            "database.capture",
+            "database.dsn is a hot standby (read-only): capture notify needs the primary (its triggers NOTIFY, "
+            "its LISTEN connection hears them). Set database.capture = logical with database.primary_dsn, or "
+            "point database.dsn at the primary",
+        )
+    if config.primary_dsn is None:
+        raise ConfigError(
+            "database.primary_dsn",
+            "database.dsn is a hot standby: logical capture there needs the primary too (read barriers emit "
+            "their token there; the publication is installed there). Set database.primary_dsn (--primary-dsn), "
+            "or point database.dsn at the primary",
+        )
+    if row["version"] < MIN_STANDBY_VERSION:
+        raise ConfigError(
+            "database.dsn",
+            f"database.dsn is a hot standby of PostgreSQL {row['version'] // 10000}: logical decoding on a "
+            "standby needs PostgreSQL 16 or newer; point database.dsn at the primary",
+        )
+    return True
+
+
+async def check_primary(primary: Any, standby: Any) -> None:
+    """``database.primary_dsn`` is the primary of the standby ``database.dsn`` is, and both
+    allow decoding there (every problem named in one ``ConfigError``)."""
+    row = await primary.fetchrow(PRIMARY_SQL)
+    problems: list[str] = []
+    if row["standby"]:
+        problems.append("database.primary_dsn is a standby too: give the primary's DSN")
+    if row["wal_level"] != "logical":
+        problems.append(
+            f"the primary's wal_level is {row['wal_level']}; decoding on its standby needs logical there: "
+            + WAL_LEVEL_FIX
+        )
+    if not await standby.fetchval("SELECT pg_catalog.current_setting('hot_standby_feedback')::bool"):
+        problems.append(
+            "the standby's hot_standby_feedback is off: the primary would vacuum away catalog rows the slot "
+            "still needs and PostgreSQL would invalidate it (a rebuild each time); ALTER SYSTEM SET "
+            "hot_standby_feedback = on on the standby, then reload it"
+        )
+    systems = []
+    for conn in (primary, standby):
+        try:
+            systems.append(await conn.fetchval(SYSTEM_SQL))
+        except asyncpg.InsufficientPrivilegeError:
+            break  # (pg_control_system() is for superusers unless granted: not checked then)
+    if len(systems) == 2 and systems[0] != systems[1]:
+        problems.append(
+            f"database.primary_dsn is another cluster (system identifier {systems[0]}) than database.dsn's "
+            f"({systems[1]}): its barrier tokens would never reach the standby's stream"
+        )
+    if problems:
+        raise ConfigError(
+            "database.primary_dsn",
+            "a hub on a standby cannot work with these servers as they are: "
+            + "; ".join(f"({n}) {p}" for n, p in enumerate(problems, 1)),
+        )

@@ -25,11 +25,14 @@ publication). Names in the SQL are always quoted; comments never carry a raw nam
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,6 +328,19 @@ async def check_or_install(conn: Any, config: Config, schemas: Sequence[TableSch
     return publication
 
 
+async def replicated(conn: Any, publication: Publication, timeout: float) -> None:
+    """Wait until a standby (``conn``) has replayed the publication as the primary has it
+    now: a slot made there before would decode without it (``SchemaError`` after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while (found := await inspect(conn, publication)).status != "ok":
+        if time.monotonic() > deadline:
+            raise SchemaError(
+                f"the standby (database.dsn) does not have the publication {publication.name} as the primary has it "
+                f"after {timeout:g}s ({found.description}): is database.primary_dsn its primary, and is it replaying?"
+            )
+        await asyncio.sleep(0.05)
+
+
 def script(publication: Publication, found: Inspected, uninstall: bool = False) -> str:
     """The install (or removal) script for a DBA: what the catalog needs changed now (create,
     update, or nothing), one locked transaction; the server's and role's needs as comments."""
@@ -508,8 +524,13 @@ class PublicationCapture:
 
     objects = "the publication for"
 
-    def __init__(self, publication: Publication) -> None:
+    def __init__(
+        self, publication: Publication, install_on: Callable[[], AbstractAsyncContextManager[Any]] | None = None
+    ) -> None:
         self.publication = publication
+        # A hub on a standby reads the publication there and installs it on the primary
+        # (a connection ``install_on()`` opens); None: where it is read.
+        self._install_on = install_on
 
     async def inspect(self, conn: Any, trigger_set: triggers.TriggerSet) -> triggers.Installed:
         """Whether every change of ``trigger_set``'s table is sent: the publication's problems
@@ -532,7 +553,11 @@ class PublicationCapture:
         return triggers.Installed("outdated" if problems else "current", tuple(problems))
 
     async def install(self, conn: Any, trigger_set: triggers.TriggerSet) -> None:
-        await install(conn, self.publication)
+        if self._install_on is None:
+            await install(conn, self.publication)
+            return
+        async with self._install_on() as primary:
+            await install(primary, self.publication)
 
     def problem(self, table: str, what: str, trigger_set: triggers.TriggerSet) -> str:
         return (

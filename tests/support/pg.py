@@ -125,16 +125,34 @@ class LocalCluster:
     """A throwaway cluster from a bin directory, on a Unix socket. As root, the
     server runs as a non-root user (PostgreSQL refuses root)."""
 
-    def __init__(self, bindir: str, run_as: str | None = None, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        bindir: str,
+        run_as: str | None = None,
+        settings: dict[str, str] | None = None,
+        standby_of: LocalCluster | None = None,
+    ) -> None:
+        """A new cluster (initdb), or with ``standby_of`` a streaming standby of that one:
+        ``pg_basebackup -R`` from it over a physical slot of its own (``standby_slot``), so
+        the primary keeps the WAL the standby has not received and hears its feedback."""
         self.bindir = bindir
         self.base = Path(tempfile.mkdtemp(prefix="sidecar-test-syspg-"))
         self.data = self.base / "data"
         self.user = run_as if os.geteuid() == 0 else None
+        self.standby_slot = ""
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chmod(self.base, 0o755)
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        if standby_of is None:
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        else:
+            self.standby_slot = f"standby_{self.base.name.replace('-', '_').lower()}"
+            self._run(
+                "pg_basebackup",
+                *("-D", str(self.data), "-R", "-X", "stream", "-C", "-S", self.standby_slot),
+                *("-h", str(standby_of.base), "-p", str(standby_of.port), "-U", "postgres"),
+            )
         self.port = _free_port()
         extra = "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
         self._run(

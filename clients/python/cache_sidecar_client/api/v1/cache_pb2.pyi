@@ -319,14 +319,26 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., unique: _Optional[bool] = ..., range: _Optional[bool] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
-    __slots__ = ("tables", "revision", "upstream")
+    __slots__ = ("tables", "revision", "upstream", "standby")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     revision: Revision
     upstream: UpstreamInfo
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., upstream: _Optional[_Union[UpstreamInfo, _Mapping]] = ...) -> None: ...
+    standby: StandbyInfo
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., upstream: _Optional[_Union[UpstreamInfo, _Mapping]] = ..., standby: _Optional[_Union[StandbyInfo, _Mapping]] = ...) -> None: ...
+
+class StandbyInfo(_message.Message):
+    __slots__ = ("replay_lag_bytes", "replay_lag_seconds", "receiving")
+    REPLAY_LAG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVING_FIELD_NUMBER: _ClassVar[int]
+    replay_lag_bytes: int
+    replay_lag_seconds: float
+    receiving: bool
+    def __init__(self, replay_lag_bytes: _Optional[int] = ..., replay_lag_seconds: _Optional[float] = ..., receiving: _Optional[bool] = ...) -> None: ...
 
 class UpstreamInfo(_message.Message):
     __slots__ = ("target", "following", "upstream_revision", "behind_revisions", "behind_seconds")
