@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from sidecar.core.aio import backoff_delay
 from sidecar.core.barrier import Barrier
 from sidecar.core.cache import TableCache
 from sidecar.core.fanout import TABLE_WIDE, Change, FanOut
@@ -32,6 +33,10 @@ from sidecar.core.trust import Trust
 from sidecar.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+# Seconds between barrier rounds that try to trust memory again after one failed (the stream up).
+FENCE_RETRY_MIN = 0.1
+FENCE_RETRY_MAX = 5.0
 
 
 class Forwarder(Protocol):
@@ -104,6 +109,7 @@ class BatchIngest:
 
     def source_lost(self, reason: str) -> None:
         """Batches may be missed from now on: stop trusting memory (reads go to the source)."""
+        self._fences += 1  # (a fence under way no longer says anything)
         self._trust.lost(f"listener down ({reason})")
         self._revisions.release_all()
 
@@ -189,16 +195,29 @@ class BatchIngest:
         task.add_done_callback(self._fence_tasks.discard)
 
     async def _fence_then_trust(self, fence: int, gate: asyncio.Future[None]) -> None:
+        """One barrier round, then trust memory -- unless the stream was lost meanwhile (a
+        later fence, or none, decides). A round that fails while the stream stays up (it
+        timed out behind a slow upstream) is tried again: nothing else would ever trust
+        memory again, and the follower would refuse ``Sync`` until its stream broke."""
         barrier = self._trust.barrier
         assert barrier is not None
+        attempt = 0
         try:
-            await self._reads.until_none_sourced()
-            await barrier.wait()
-        except Unavailable as exc:  # lost again meanwhile: reads go on passing through
-            log.info("memory not trusted yet: %s", exc)
-        else:
-            if fence == self._fences:
-                self._trust.set_up(True)
+            while fence == self._fences:
+                try:
+                    await self._reads.until_none_sourced()
+                    await barrier.wait()
+                except Unavailable as exc:
+                    if fence != self._fences:
+                        break  # (lost again meanwhile: reads go on passing through)
+                    delay = backoff_delay(attempt, FENCE_RETRY_MIN, FENCE_RETRY_MAX)
+                    attempt += 1
+                    log.info("memory not trusted yet (%s); another barrier round in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                else:
+                    if fence == self._fences:
+                        self._trust.set_up(True)
+                    break
         finally:
             if not gate.done():
                 gate.set_result(None)

@@ -13,6 +13,7 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.config import IndexConfig
+from sidecar.core import batches as batches_module
 from sidecar.core.assembly import Following, following
 from sidecar.core.fanout import DELETE, INSERT, INVALIDATE, TABLE_CHANGED, UPDATE, Change, FanOut, Filter, Reset
 from sidecar.core.lazy import LazyTable
@@ -734,3 +735,58 @@ def test_a_closed_connection_blames_the_handshake_only_before_the_stream_was_up(
     assert "probably requires TLS" in explain(_Closed(), "hub:50051")
     running = explain(_Closed(), "hub:50051", established=True)
     assert "TLS" not in running and "closed" in running and "Socket closed" in running
+
+
+async def test_a_fence_whose_barrier_failed_is_tried_again_while_the_stream_is_up(monkeypatch):
+    """The barrier round that would trust memory again failed (it timed out behind a slow
+    upstream) while the stream stayed up: another round follows, and memory is trusted --
+    nothing else would, and the follower would refuse Sync until its stream broke."""
+    monkeypatch.setattr(batches_module, "FENCE_RETRY_MIN", 0.0, raising=False)
+    schema = int_key_schema(FULL)
+    upstream = MemoryDatabase(schema)
+    core = follower_core(upstream, schema)
+    failures = [Unavailable("read barrier failed: timed out")]
+
+    class Source:
+        database = upstream
+
+        async def follow(self, sink: object) -> None:  # (not used: the test drives the core)
+            await asyncio.Event().wait()
+
+        async def send_token(self, token: str) -> None:
+            if failures:
+                raise failures.pop()
+            core.batches.token_received(token)
+
+    core.batches.attach(Source())  # type: ignore[arg-type]
+    core.batches.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
+    await eventually(lambda: core.engine.ready, what="trusted after a second barrier round")
+    assert not failures
+    assert (await core.engine.sync()).number == 5
+    await core.close()
+
+
+async def test_a_fence_of_a_stream_lost_meanwhile_does_not_trust_memory():
+    schema = int_key_schema(FULL)
+    upstream = MemoryDatabase(schema)
+    core = follower_core(upstream, schema)
+    release = asyncio.Event()
+
+    class Source:
+        database = upstream
+
+        async def follow(self, sink: object) -> None:
+            await asyncio.Event().wait()
+
+        async def send_token(self, token: str) -> None:
+            await release.wait()
+            core.batches.token_received(token)
+
+    core.batches.attach(Source())  # type: ignore[arg-type]
+    core.batches.epoch_began("hub", 5, {FULL: {(1,): row(id=1, v=1)}}, None)
+    await eventually(lambda: core.trust.barrier is not None and core.trust.barrier.rounds == 1, what="a round sent")
+    core.batches.source_lost("test")
+    release.set()
+    await quiescent()
+    assert not core.engine.ready
+    await core.close()
