@@ -172,6 +172,7 @@ class Daemon:
             capture_changed=self._health_dirty.set,
             # (logical capture: the publication must hold every table, instead of triggers on it)
             capture=publication.PublicationCapture(captured) if captured is not None else None,
+            definitions=core.definitions,
         )
         await catalog.baseline()
 
@@ -254,7 +255,14 @@ class Daemon:
             reread_patience=config.stall_seconds,
         )
         self.core = core = assembly.following(
-            source.database, fills, schemas, link, source.state, link.target, Options.from_config(config)
+            source.database,
+            fills,
+            schemas,
+            link,
+            source.state,
+            link.target,
+            Options.from_config(config),
+            definitions=source.definitions,
         )
         self.engine = core.engine
         self._stack.push_async_callback(core.close)
