@@ -580,7 +580,9 @@ class UpstreamSource:
         not yet run since a DDL another hub acted on; the hub behind this follower's
         revision). So when anything differs, one Sync on the upstream first -- its barrier
         acts on every DDL committed before it began and applies every commit before it --
-        and a listing after it is what counts. Rows read again are as of a revision not
+        and a listing after it is what counts (else, back on a hub that has not checked its
+        catalog yet, the follower would read again rows that hub is about to reload; trusting
+        memory again waits for a barrier round anyway, which would bring that reload). Rows read again are as of a revision not
         below what this follower served (else the stream is given up and resumed later);
         batches up to that revision apply none of their rows to the table (``_fresh``).
         Memory changes now, while reads still pass through to the upstream; watchers hear a

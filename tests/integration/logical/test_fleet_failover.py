@@ -377,6 +377,19 @@ async def test_a_follower_resumed_on_a_hub_that_reloaded_a_table_its_old_hub_did
                 timeout=30,
                 what="the watcher told of the table read again",
             )
+            # Back to A, which has still not checked its catalog: its listing says the old
+            # definition. The follower's Sync on A makes A act on the DDL before the listing
+            # counts, so nothing is read again from A's rows without the column (A's own
+            # reload comes by the stream), and memory holds the column throughout.
+            resumes = source.resumes
+            proxy.retarget("127.0.0.1", await port_of(a))
+            await eventually(
+                lambda: source.resumes > resumes and source.following, timeout=30, what="following A again"
+            )
+            await eventually(lambda: follower.core.engine.ready, what="memory trusted again")
+            assert await cache.batch_get(accounts, list(expected)) == list(expected.values())
+            assert "extra" in (await on_a.get(accounts, 1) or {})
+            assert source.reconciled == 1
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
