@@ -582,12 +582,12 @@ class UpstreamSource:
         acts on every DDL committed before it began and applies every commit before it --
         and a listing after it is what counts (else, back on a hub that has not checked its
         catalog yet, the follower would read again rows that hub is about to reload; trusting
-        memory again waits for a barrier round anyway, which would bring that reload). Rows read again are as of a revision not
-        below what this follower served (else the stream is given up and resumed later);
-        batches up to that revision apply none of their rows to the table (``_fresh``).
-        Memory changes now, while reads still pass through to the upstream; watchers hear a
-        whole-table change of each table with the next revision the upstream sends (no
-        number of this follower's own: the upstream's next batch may have it)."""
+        memory again waits for a barrier round anyway, which would bring that reload). Rows
+        read again are as of a revision not below what this follower served (else the stream
+        is given up and resumed later); batches up to that revision apply none of their rows
+        to the table (``_fresh``). Memory changes now, while reads still pass through to the
+        upstream; watchers hear a whole-table change of each table with the next revision
+        the upstream sends (no number of this follower's own: the upstream's next batch may have it)."""
         assert self._sink is not None
         if not self._differences(listing):
             return
