@@ -191,6 +191,7 @@ class Daemon:
             )
             if captured is not None
             else None,
+            definitions=core.definitions,
         )
         await catalog.baseline()
 
@@ -299,7 +300,14 @@ class Daemon:
             reread_patience=config.stall_seconds,
         )
         self.core = core = assembly.following(
-            source.database, fills, schemas, link, source.state, link.target, Options.from_config(config)
+            source.database,
+            fills,
+            schemas,
+            link,
+            source.state,
+            link.target,
+            Options.from_config(config),
+            definitions=source.definitions,
         )
         self.engine = core.engine
         self._stack.push_async_callback(core.close)

@@ -8,7 +8,7 @@ when built; ``Revisions`` tells, in this order, the fan-out (publish), the barri
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.config import Config
 from sidecar.core.batches import BatchIngest, Forwarder
@@ -89,6 +89,9 @@ class Core:
     reads: ReadPath
     retention: Retention
     options: Options
+    # Full table -> the definition its rows were read with (ListTables' ``definition``): a
+    # sidecar on PostgreSQL fills it from its catalog checks, a follower from its upstream.
+    definitions: dict[str, str] = field(default_factory=dict, kw_only=True)
 
     def upstream_state(self) -> FollowState | None:
         """A follower's state of following its upstream (None: not a follower)."""
@@ -197,6 +200,7 @@ def following(
     follow_state: Callable[[], FollowState],
     target: str,
     options: Options | None = None,
+    definitions: dict[str, str] | None = None,
 ) -> Following:
     """The parts of a follower: full tables as its upstream's batches say, lazy ones filled
     from ``fills`` (the upstream's memory), reads memory cannot answer passed to ``db``
@@ -221,4 +225,17 @@ def following(
     reads = ReadPath(db, trust.trusted_epoch, options.max_batch_keys, source_name=f"upstream {target}")
     batches = BatchIngest(replicas, lazies, revisions, fanout, trust, reads, forwarder)
     engine = Engine(tables, {}, revisions, fanout, trust, reads, batches)
-    return Following(engine, tables, {}, revisions, fanout, trust, reads, retention, options, batches, follow_state)
+    return Following(
+        engine,
+        tables,
+        {},
+        revisions,
+        fanout,
+        trust,
+        reads,
+        retention,
+        options,
+        batches,
+        follow_state,
+        definitions={} if definitions is None else definitions,
+    )

@@ -103,6 +103,16 @@ class BatchIngest:
         self._revisions.number(revision)
         self._revisions.advance()
 
+    def reconciled(self, reloaded: Mapping[str, Rows], failed: Mapping[str, str]) -> None:
+        """Tables read again, or no longer served, as the source found them on resuming (not
+        trusted meanwhile: reads pass through); the next batch tells watchers."""
+        for name, rows in reloaded.items():
+            if (replica := self._replicas.get(name)) is not None:
+                replica.replace(rows)
+        for name, problem in failed.items():
+            if (replica := self._replicas.get(name)) is not None:
+                replica.fail(problem)
+
     def resumed(self) -> None:
         """The source follows again without having missed anything: trust memory again."""
         self._trust_after_fence()

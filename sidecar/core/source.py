@@ -177,6 +177,12 @@ class NumberedSink(Protocol):
         """Nothing for us happened up to ``revision``."""
         ...
 
+    def reconciled(self, reloaded: Mapping[str, Rows], failed: Mapping[str, str]) -> None:
+        """Full tables found otherwise at the source than memory holds them (a follower resumed
+        on another hub): ``reloaded`` ones hold these rows now, ``failed`` ones are not served
+        from memory. No revision: the source tells of them with its next batch."""
+        ...
+
     def resumed(self) -> None:
         """Following again, without a rebuild (nothing was missed), and caught up."""
         ...

@@ -419,6 +419,7 @@ class CacheService:
                     problem=table.problem or "",
                     indexed_columns=[_column(c) for _, c in sorted(table.schema.columns.items())],
                     load=_load_info(table.load_progress),
+                    definition=self._core.definitions.get(table.schema.qualified, ""),
                 )
             )
         answer = pb.ListTablesResponse(tables=tables, revision=revision)

@@ -27,6 +27,12 @@ upstream sends those rows only once its own reload of the table landed, so
 that stream's silence is no stall while the upstream answers ListTables (for
 up to ``cache.stall_seconds``, when the upstream's health gives up too): the
 follower keeps serving meanwhile.
+
+Each hub also makes batches of its own, numbered after the last commit it had: a
+table reloaded for a schema change its catalog check found, one it stops serving,
+one it can serve again. Another hub of the same history makes them at other
+numbers (or not yet), so a follower resumed on another hub may have missed one;
+``UpstreamSource._reconcile`` makes up for it from the new upstream's ListTables.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -47,12 +54,38 @@ from sidecar.core.revisions import Revision
 from sidecar.core.schema import TableSchema
 from sidecar.core.source import FollowState, NumberedSink, Rows, SourceBatch, SourceChange
 from sidecar.core.wire import entry
-from sidecar.errors import InvalidKey, SidecarError, Unavailable
-from sidecar.fleet.upstream import Upstream, UpstreamDatabase, key_of, revision_of
+from sidecar.errors import InvalidKey, SchemaError, SidecarError, Unavailable
+from sidecar.fleet.upstream import Upstream, UpstreamDatabase, key_of, revision_of, table_schema
 
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1_000_000  # more events than this in one message is no sidecar's
+
+
+@dataclass(frozen=True)
+class Reread:
+    """A full table's every row again, as the upstream sent them."""
+
+    rows: Rows
+    at: int  # the upstream's revision they are as of
+    problem: str | None  # the upstream does not serve the table from memory (then no rows)
+    definition: str  # the upstream's definition of the table when they were read
+
+
+def _shape(schema: TableSchema) -> tuple[Any, ...]:
+    """What a follower's cache of a table is built on: its mode, key and indexes, and the
+    columns they read, typed (``table_schema`` of the upstream's listing)."""
+
+    def typed(columns: Any) -> tuple[tuple[str, str, str, bool], ...]:
+        return tuple((c.name, c.type_name, c.sql_type, c.enum) for c in columns)
+
+    config = schema.config
+    return (
+        config.mode,
+        typed(schema.key_columns),
+        typed(c for _, c in sorted(schema.columns.items())),
+        config.indexes,
+    )
 
 
 class Lost(Exception):
@@ -97,6 +130,12 @@ class UpstreamSource:
         self._behind_since: float | None = None  # following, but not applied the head yet since
         self._lost_at: float | None = time.monotonic()  # not following since
         self._fresh: dict[str, int] = {}  # full table -> revision its rows were sent again at
+        # Full table -> the upstream's definition (ListTables) when its rows were read; shared
+        # with the core, whose ListTables passes it on (a follower may have followers).
+        self.definitions: dict[str, str] = {}
+        self._unserved: dict[str, str] = {}  # full tables not served from memory, and why
+        self._untold: set[str] = set()  # tables reconciled at a resume: watchers hear of it next batch
+        self.reconciled = 0  # tables read again or stopped serving by ``_reconcile``
         self._arrivals: list[tuple[Revision, asyncio.Future[None]]] = []
         self._progressed = False  # the current stream brought something
         self.resumes = 0
@@ -196,9 +235,10 @@ class UpstreamSource:
         request = pb.WatchRequest(
             tables=names, progress_interval_ms=max(1, int(self.progress_interval * 1000)), accept_batches=True
         )
+        listed: dict[str, pb.TableInfo] = {}
         if start is None:
             request.initial_state = True
-            served = await self._served()
+            listed = await self._served()
         else:
             request.start_revision.CopyFrom(pb.Revision(epoch=start.epoch, number=start.number))
         call = self.upstream.stub.Watch(request)
@@ -206,13 +246,19 @@ class UpstreamSource:
             await self._established(call, start)
             snapshot: dict[str, Rows] | None = None
             if start is None:
-                snapshot = {n: {} for n, s in self._schemas.items() if s.config.mode == "full" and n in served}
+                snapshot = {
+                    n: {}
+                    for n, s in self._schemas.items()
+                    if s.config.mode == "full" and n in listed and not listed[n].problem
+                }
             else:
                 # Following again once it has what the upstream had when the stream was back.
-                head = revision_of((await self.upstream.list_tables()).revision)
+                listing = await self.upstream.list_tables()
+                head = revision_of(listing.revision)
                 if head.epoch != self.epoch:
                     raise Rebuild(f"the upstream is in another epoch now ({self.epoch} -> {head.epoch})")
                 self._learn(head)
+                await self._reconcile(listing)
                 self._caught_up_at = head.number
                 self._check_caught_up()
             async for message in self._messages(call):
@@ -226,7 +272,7 @@ class UpstreamSource:
                 elif kind == "initial_state_done":
                     if snapshot is None:
                         raise Lost("the upstream sent an initial state nobody asked for")
-                    self._began(revision_of(message.initial_state_done.revision), snapshot, reason)
+                    self._began(revision_of(message.initial_state_done.revision), snapshot, listed, reason)
                     snapshot = None
                     self._progressed = True
                 elif kind == "progress":
@@ -243,14 +289,15 @@ class UpstreamSource:
         finally:
             call.cancel()
 
-    async def _served(self) -> set[str]:
-        """The followed tables the upstream serves from memory, once it has loaded them (its
-        initial state waits for that, silently: longer than a stall)."""
+    async def _served(self) -> dict[str, pb.TableInfo]:
+        """The upstream's listing of the followed tables, once it has loaded them (its initial
+        state waits for that, silently: longer than a stall); those without a problem it
+        serves from memory."""
         while True:
             listing = await self.upstream.list_tables()
             infos = [t for t in listing.tables if t.name in self._schemas]
             if all(t.loaded or t.problem for t in infos):
-                return {t.name for t in infos if not t.problem}
+                return {t.name: t for t in infos}
             log.info("waiting for %s to load its tables", self.upstream.target)
             await asyncio.sleep(self.progress_interval)
 
@@ -324,7 +371,9 @@ class UpstreamSource:
 
     # ------------------------------------------------------------ what comes
 
-    def _began(self, revision: Revision, snapshot: dict[str, Rows], reason: str | None) -> None:
+    def _began(
+        self, revision: Revision, snapshot: dict[str, Rows], listed: Mapping[str, pb.TableInfo], reason: str | None
+    ) -> None:
         assert self._sink is not None
         first = not self.epoch
         if revision.epoch == self.epoch and revision.number < self.received:
@@ -336,6 +385,16 @@ class UpstreamSource:
             )
         self.epoch, self.received = revision.epoch, revision.number
         self._fresh.clear()
+        self._untold.clear()
+        self._unserved.clear()
+        self.definitions.clear()
+        for name, schema in self._schemas.items():
+            if schema.config.mode != "full":
+                continue
+            if name in snapshot:  # (the listing came before the rows: at worst, an older definition)
+                self.definitions[name] = listed[name].definition
+            else:
+                self._unserved[name] = "the upstream does not serve it from memory"
         self._learn(revision)
         if not first:
             self.rebuilds += 1
@@ -415,14 +474,17 @@ class UpstreamSource:
             fresh = self._fresh.get(event.table, -1) >= revision.number or event.table in again
             row = entry(event.row) if full and event.has_row else None
             out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh))
+        reread: dict[str, Reread] = {}
         for name in again:
-            rows, at, problem = await self._reload(name)
-            if problem is not None:
-                out.failed[name] = problem
+            reread[name] = got = await self._reload(name)
+            if got.problem is not None:
+                out.failed[name] = got.problem
             else:
-                out.reloaded[name] = rows
-            self._fresh[name] = at
+                out.reloaded[name] = got.rows
+            self._fresh[name] = got.at
+        self._tell_reconciled(out)
         self._sink.batch(out)
+        self._held(reread)
         self.received = revision.number
         self._learn(revision)
         self._arrived()
@@ -434,13 +496,23 @@ class UpstreamSource:
             raise Rebuild(f"the upstream's progress mark {revision} is of another epoch than {self.epoch}")
         if revision.number > self.received:
             self.received = revision.number
-            self._sink.progress(revision.number)
+            told = SourceBatch(revision.number)
+            if self._tell_reconciled(told):  # (a revision of the upstream's to tell watchers at)
+                self._sink.batch(told)
+            else:
+                self._sink.progress(revision.number)
         self._learn(revision)
         self._arrived()
         self._check_caught_up()
 
-    async def _reload(self, name: str) -> tuple[Rows, int, str | None]:
+    async def _reload(self, name: str) -> Reread:
         """A full table's every row again (a second Watch of just it, on the same channel)."""
+        # (its definition listed before the rows are read: at worst an older one, read again later)
+        try:
+            listed = await self.upstream.list_tables()
+        except SidecarError as exc:
+            raise Lost(f"no answer before reading {name} again: {exc}") from None
+        definition = next((t.definition for t in listed.tables if t.name == name), "")
         request = pb.WatchRequest(tables=[name], initial_state=True, accept_batches=True)
         call = self.upstream.stub.Watch(request)
         rows: dict[str, Rows] = {name: {}}
@@ -475,7 +547,135 @@ class UpstreamSource:
             at,
             extra={"event": "table_reloaded", "table": name},
         )
-        return rows[name], at.number, problem
+        return Reread(rows[name], at.number, problem, definition)
+
+    def _held(self, reread: Mapping[str, Reread]) -> None:
+        """Tables read again (or found not served) are now so in the core's memory."""
+        for name, got in reread.items():
+            if got.problem is not None:
+                self._unserved[name] = got.problem
+                self.definitions.pop(name, None)
+            else:
+                self._unserved.pop(name, None)
+                self.definitions[name] = got.definition
+
+    # ------------------------------------------------------------ resuming on another upstream
+
+    async def _reconcile(self, listing: pb.ListTablesResponse) -> None:
+        """Make memory agree with the upstream the stream resumed on, before following it again.
+
+        Besides the commits of the database's log, each hub numbers batches of its own
+        making, after the last commit it had: a table reloaded for a schema change its
+        catalog check found, one it stopped serving, one it serves again. Those are that
+        hub's alone, made when it chooses: another hub of the same history made them at
+        other numbers, or not yet. A follower resumed on another hub from its last revision
+        may so have missed one whose number is below it (it would then serve a table's rows
+        without a column added, until each row changes; or a table the upstream no longer
+        serves, from memory, with no end). So the upstream's ListTables is compared with
+        what memory holds: a full table it does not serve (or whose key or indexes are not
+        the ones this follower was built for) stops being served here too, as its fail batch
+        would do; one it serves whose ``definition`` differs from the one its rows were read
+        with, or that this follower does not serve, is read again (``_reload``).
+
+        Ordering: a listing may be older than this follower's memory (the hub's catalog check
+        not yet run since a DDL another hub acted on; the hub behind this follower's
+        revision). So when anything differs, one Sync on the upstream first -- its barrier
+        acts on every DDL committed before it began and applies every commit before it --
+        and a listing after it is what counts (else, back on a hub that has not checked its
+        catalog yet, the follower would read again rows that hub is about to reload; trusting
+        memory again waits for a barrier round anyway, which would bring that reload). Rows
+        read again are as of a revision not below what this follower served (else the stream
+        is given up and resumed later); batches up to that revision apply none of their rows
+        to the table (``_fresh``). Memory changes now, while reads still pass through to the
+        upstream; watchers hear a whole-table change of each table with the next revision
+        the upstream sends (no number of this follower's own: the upstream's next batch may have it)."""
+        assert self._sink is not None
+        if not self._differences(listing):
+            return
+        await self.upstream.sync(self.upstream.timeout)
+        listing = await self.upstream.list_tables()
+        head = revision_of(listing.revision)
+        if head.epoch != self.epoch:
+            raise Rebuild(f"the upstream is in another epoch now ({self.epoch} -> {head.epoch})")
+        self._learn(head)
+        reread: dict[str, Reread] = {}
+        for name, problem in self._differences(listing).items():
+            if problem is not None:
+                reread[name] = Reread({}, self.received, problem, "")
+                continue
+            got = await self._reload(name)
+            if got.at < self.received:
+                raise Lost(
+                    f"the upstream sent {name} again as of revision {got.at}, behind revision {self.received} "
+                    "that this follower served already; trying again"
+                )
+            reread[name] = got
+        if not reread:
+            return
+        for name, got in reread.items():
+            if got.problem is None:
+                self._fresh[name] = got.at
+        self._sink.reconciled(
+            {name: got.rows for name, got in reread.items() if got.problem is None},
+            {name: got.problem for name, got in reread.items() if got.problem is not None},
+        )
+        self._held(reread)
+        self._untold.update(reread)
+        self.reconciled += len(reread)
+        log.warning(
+            "resumed on %s, which serves %s otherwise than memory held: %s",
+            self.upstream.target,
+            ", ".join(sorted(reread)),
+            "; ".join(
+                f"{name}: {'read again' if got.problem is None else 'not served: ' + got.problem}"
+                for name, got in sorted(reread.items())
+            ),
+            extra={"event": "upstream_reconciled", "tables": sorted(reread)},
+        )
+
+    def _differences(self, listing: pb.ListTablesResponse) -> dict[str, str | None]:
+        """Full tables memory holds otherwise than ``listing`` says the upstream serves them:
+        each with why it is not to be served (None: to be read again)."""
+        infos = {t.name: t for t in listing.tables}
+        differ: dict[str, str | None] = {}
+        for name, schema in self._schemas.items():
+            if schema.config.mode != "full":
+                continue  # (a lazy table's rows are the upstream's answers: nothing held to differ)
+            info = infos.get(name)
+            problem: str | None = None
+            if info is None:
+                problem = "the upstream no longer serves it"
+            elif info.problem:
+                problem = f"the upstream does not serve it from memory: {info.problem[:500]}"
+            else:
+                try:
+                    theirs = _shape(table_schema(info))
+                except SchemaError as exc:
+                    problem = f"the upstream lists it so that it cannot be followed: {exc}"
+                else:
+                    if theirs != _shape(schema):
+                        problem = (
+                            "its key, indexes or their columns on the upstream are not the ones this follower "
+                            "was started with; restart the follower to cache the new shape"
+                        )
+            if problem is not None:
+                if name not in self._unserved:
+                    differ[name] = problem
+            elif name in self._unserved or (
+                info is not None
+                and info.definition
+                and info.definition != (self.definitions.get(name) or info.definition)
+            ):
+                differ[name] = None
+        return differ
+
+    def _tell_reconciled(self, out: SourceBatch) -> bool:
+        """The whole-table changes a resume's reconciling made, told in ``out`` (whether any)."""
+        if not self._untold:
+            return False
+        out.changes[:0] = [SourceChange(name, TABLE_CHANGED, apply=False) for name in sorted(self._untold)]
+        self._untold.clear()
+        return True
 
     # ------------------------------------------------------------ progress and barriers
 

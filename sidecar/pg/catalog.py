@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Sequence
@@ -183,6 +184,24 @@ class TableState:
     trigger_problems: tuple[str, ...] = ()  # triggers.inspect: what is not as installed, or not firing
 
 
+def definition(states: Sequence[tuple[str, TableState | None]]) -> str:
+    """A digest of what rows read from these tables depend on (``ListTables``' definition):
+    their oid, columns and types, key and the facts of their contents but their triggers
+    (NOTIFY's means, not the rows'). Every sidecar reading the same database (a primary
+    and its standbys share oids) that has seen the same DDL gives the same one; a follower
+    resuming on another hub compares it with the one its rows were read with."""
+    digest = hashlib.sha256(b"cache-sidecar definition 1")
+    for name, state in states:
+        digest.update(b"\0table\0" + name.encode())
+        if state is None or state.oid is None:
+            digest.update(b"\0none")
+            continue
+        facts = sorted(f"{kind} {fact}" for kind, fact in state.contents if kind != "triggers")
+        for part in (str(state.oid), *state.columns, "key", *state.key, "contents", *facts):
+            digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:32]
+
+
 def shape(schema: TableSchema) -> tuple[Any, ...]:
     """What a cache of ``schema`` depends on besides row contents: key and indexed columns, typed."""
     columns = sorted(schema.columns.items())
@@ -256,8 +275,11 @@ class CatalogWatch:
         interval: float = 10.0,
         capture_changed: Callable[[], None] | None = None,
         capture: Capture | None = None,
+        definitions: dict[str, str] | None = None,
     ) -> None:
         self._capture_by = capture or TriggerCapture()
+        # cached table -> ``definition`` of what it was last (re)loaded with (ListTables)
+        self.definitions = {} if definitions is None else definitions
         self._acquire = acquire  # an async context manager giving a connection
         self._describe = describe
         self._schemas = {s.qualified: s for s in schemas}
@@ -297,6 +319,14 @@ class CatalogWatch:
             for name, trigger_set in self._sets.items():
                 self._known[name] = await table_state(conn, trigger_set, self._capture_by)
         self._watched = None
+        self._define()
+
+    def _define(self) -> None:
+        """Each cached table's definition from what the catalog said of the tables it reads
+        when it was last (re)loaded (``definition``)."""
+        for reader, schema in self._schemas.items():
+            sources = [s.table.qualified for s in schema.sources] if schema.config.is_relation else [reader]
+            self.definitions[reader] = definition([(name, self._known.get(name)) for name in sorted(set(sources))])
 
     async def run(self) -> None:
         while True:
@@ -381,6 +411,8 @@ class CatalogWatch:
         for name, state, readers, changed in settle:
             await self._settle(name, state, readers, changed)
             self._known[name] = state  # (after: a check stopped before acting finds the change again)
+        if settle:
+            self._define()
 
     def _reporting(self, state: TableState) -> bool:
         """Whether the table's changes are reported (its triggers are current, or none are needed)."""

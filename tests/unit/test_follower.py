@@ -367,6 +367,9 @@ class FakeUpstream:
         self.requests: list[object] = []
         self.head = head
         self.syncs = 0
+        self.problem = ""  # what ListTables says of FULL
+        self.definition = "d1"
+        self.listed = True
         outer = self
 
         class Stub:
@@ -384,8 +387,15 @@ class FakeUpstream:
 
     async def list_tables(self) -> object:
         pb = self.pb
+        info = pb.TableInfo(
+            name=FULL,
+            loaded=True,
+            key_columns=[pb.Column(name="id", type="bigint", type_name="int8")],
+            problem=self.problem,
+            definition=self.definition,
+        )
         return pb.ListTablesResponse(
-            tables=[pb.TableInfo(name=FULL, loaded=True)], revision=pb.Revision(epoch="E", number=self.head)
+            tables=[info] if self.listed else [], revision=pb.Revision(epoch="E", number=self.head)
         )
 
 
@@ -410,6 +420,9 @@ class RecordingSink:
 
     def resumed(self) -> None:
         self.calls.append(("resumed", None))
+
+    def reconciled(self, reloaded: object, failed: object) -> None:
+        self.calls.append(("reconciled", (reloaded, failed)))
 
 
 def pb_messages():  # type: ignore[no-untyped-def]
@@ -790,3 +803,160 @@ async def test_a_fence_of_a_stream_lost_meanwhile_does_not_trust_memory():
     await quiescent()
     assert not core.engine.ready
     await core.close()
+
+
+# ---------------------------------------------------------------- resuming on another hub of the same history
+
+
+async def test_a_resume_reads_again_a_table_whose_definition_differs_on_the_upstream():
+    """Another hub reloaded the table for a schema change at a number of its own, below the
+    revision the follower resumes from: the stream never brings that batch. Its ListTables
+    says the table's definition differs from the one memory was read with: the follower
+    asks it for a barrier (its catalog as new as the database's), reads the table again,
+    and only then follows again; its watchers hear of it with the upstream's next batch."""
+    snapshot, done, batch, progress = pb_messages()
+    resumed_stream = FakeCall([progress(9)])
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1, 2), done(5), batch(8, UPDATE, 1, b'{"id":1}')]),  # then silence
+        resumed_stream,
+        FakeCall([snapshot(9, 1, 2), done(9)]),  # the table again: rows with the new column
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.received == 8, what="batch 8 in")
+        upstream.definition = "d2"  # (the hub the stream resumes on acted on a DDL at its own number)
+        await eventually(lambda: ("resumed", None) in sink.calls, what="following again")
+        kinds = [kind for kind, _ in sink.calls]
+        assert kinds.index("reconciled") < kinds.index("resumed")
+        reloaded, failed = next(args for kind, args in sink.calls if kind == "reconciled")
+        assert set(reloaded[FULL]) == {(1,), (2,)} and failed == {}
+        assert upstream.syncs == 1  # (a barrier first: a listing may be older than the catalog)
+        assert list(upstream.requests[2].tables) == [FULL] and upstream.requests[2].initial_state
+        assert source.definitions == {FULL: "d2"} and source.reconciled == 1 and source.rebuilds == 0
+        told = [args for kind, args in sink.calls if kind == "batch"][-1]  # (the progress mark to 9)
+        assert isinstance(told, SourceBatch) and told.revision == 9
+        assert [(c.table, c.op, c.apply) for c in told.changes] == [(FULL, TABLE_CHANGED, False)]
+        resumed_stream.push(batch(10, UPDATE, 2, b'{"id":2,"v":1}'))
+        await eventually(lambda: source.received == 10, what="batch 10 in")
+        after = sink.calls[-1][1]
+        assert isinstance(after, SourceBatch) and [(c.op, c.apply) for c in after.changes] == [(UPDATE, True)]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("how", ["problem", "gone", "key"])
+async def test_a_resume_stops_serving_a_table_the_upstream_does_not_serve(how: str):
+    """The new hub stopped serving the table (dropped, out of the publication, a key changed
+    and restarted) at a number of its own the stream never brings: memory must not go on
+    serving it. Watchers hear of it with the next revision, a progress mark here."""
+    snapshot, done, batch, progress = pb_messages()
+    resumed_stream = FakeCall([])
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1), done(5), batch(8, UPDATE, 1, b'{"id":1}')]), resumed_stream, head=8
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.received == 8, what="batch 8 in")
+        if how == "problem":
+            upstream.problem = "public.items does not exist (dropped?)"
+        elif how == "gone":
+            upstream.listed = False
+        else:
+            source._schemas[FULL] = int_key_schema(FULL, indexes=(IndexConfig("by_id", ("id",)),))
+        await eventually(lambda: ("resumed", None) in sink.calls, what="following again")
+        reloaded, failed = next(args for kind, args in sink.calls if kind == "reconciled")
+        assert reloaded == {} and list(failed) == [FULL]
+        assert {"problem": "dropped?", "gone": "no longer serves", "key": "restart the follower"}[how] in failed[FULL]
+        assert len(upstream.requests) == 2  # (nothing read again)
+        resumed_stream.push(progress(9))
+        await eventually(lambda: source.received == 9, what="progress 9 in")
+        told = sink.calls[-1][1]
+        assert isinstance(told, SourceBatch) and told.revision == 9
+        assert [(c.table, c.op, c.apply) for c in told.changes] == [(FULL, TABLE_CHANGED, False)]
+        upstream.definition = "d2"  # (not served here: nothing more to do until it is served again)
+        assert source._differences(await upstream.list_tables()) == {}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_resume_on_an_upstream_that_agrees_costs_nothing_more():
+    snapshot, done, batch, progress = pb_messages()
+    upstream = FakeUpstream(FakeCall([snapshot(5, 1), done(5), batch(8, UPDATE, 1, b'{"id":1}')]), head=8)
+    upstream.calls.append(FakeCall([progress(8)]))
+    source, sink = source_for(upstream), RecordingSink()
+    await follow_until(source, sink, lambda calls: ("resumed", None) in calls)
+    assert "reconciled" not in [kind for kind, _ in sink.calls]
+    assert upstream.syncs == 0 and len(upstream.requests) == 2 and source.reconciled == 0
+
+
+async def test_a_resume_reads_again_a_table_the_upstream_serves_again():
+    """Not served when the follower began (its initial state had no rows of it); the new
+    hub serves it again since, at a number of its own below the resume."""
+    snapshot, done, batch, _ = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5), done(5), batch(8, UPDATE, 1, b'{"id":1}')]),
+        FakeCall([]),
+        FakeCall([snapshot(8, 1, 3), done(8)]),
+        head=8,
+    )
+    upstream.problem = "its load failed"
+    source, sink = source_for(upstream), RecordingSink()
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.received == 8, what="batch 8 in")
+        assert sink.calls[0][1][2] == {}  # type: ignore[index]  (began without the table)
+        upstream.problem = ""
+        await eventually(lambda: ("resumed", None) in sink.calls, what="following again")
+        reloaded, failed = next(args for kind, args in sink.calls if kind == "reconciled")
+        assert set(reloaded[FULL]) == {(1,), (3,)} and failed == {}
+        assert source._differences(await upstream.list_tables()) == {}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_resume_never_reads_a_table_again_from_an_upstream_behind_what_was_served():
+    """The table's rows as of revision 6 would take back batch 8 that memory holds: the
+    follower gives up that stream and tries again (here: the upstream caught up)."""
+    snapshot, done, batch, progress = pb_messages()
+    upstream = FakeUpstream(
+        FakeCall([snapshot(5, 1), done(5), batch(8, UPDATE, 1, b'{"id":1,"v":8}')]),
+        FakeCall([]),
+        FakeCall([snapshot(6, 1), done(6)]),  # behind
+        FakeCall([progress(9)]),
+        FakeCall([snapshot(9, 1, 2), done(9)]),
+        head=9,
+    )
+    source, sink = source_for(upstream), RecordingSink()
+    task = asyncio.create_task(source.follow(sink))
+    try:
+        await eventually(lambda: source.received == 8, what="batch 8 in")
+        upstream.definition = "d2"
+        await eventually(lambda: ("resumed", None) in sink.calls, what="following again")
+        reconciled = [args for kind, args in sink.calls if kind == "reconciled"]
+        assert len(reconciled) == 1 and set(reconciled[0][0][FULL]) == {(1,), (2,)}
+        assert any(kind == "lost" and "behind revision 8" in str(why) for kind, why in sink.calls)
+        assert source.rebuilds == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_a_reconciled_table_is_held_as_the_source_found_it():
+    core = replica_tables()
+    core.batches.batch(SourceBatch(3, 1, [SourceChange(FULL, INSERT, (1,), row=row(id=1))]))
+    core.batches.reconciled({FULL: {(1,): row(id=1, added=None), (2,): row(id=2, added=7)}}, {})
+    replica = core.tables[FULL]
+    assert replica.stale_get((1,)) == row(id=1, added=None) and replica.stale_get((2,)) == row(id=2, added=7)
+    assert core.revisions.applied == 3  # (no revision of its own: the next batch tells watchers)
+    core.batches.reconciled({}, {FULL: "the upstream does not serve it from memory: dropped"})
+    assert replica.problem is not None and not replica.loaded and replica.row_count == 0

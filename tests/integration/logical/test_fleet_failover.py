@@ -185,6 +185,7 @@ async def test_a_follower_switched_between_two_hubs_resumes_without_a_rebuild(
     )
     assert source.rebuilds == 0, f"{source.rebuilds} rebuilds"
     assert source.resumes >= SWITCHES
+    assert source.reconciled == 0, "a table was read again: the hubs listed different definitions of it"
     assert follower.core.revisions.epoch == epoch
     assert not [i for i in seen if isinstance(i, Reset)], "the follower's watcher was reset"
     numbers = [i.revision.number for i in seen if isinstance(i, ChangeBatch)]
@@ -285,3 +286,158 @@ async def test_a_hub_behind_the_follower_makes_its_resume_wait_not_rebuild(
     assert not [i for i in seen if isinstance(i, Reset)], "the follower's watcher was reset"
     numbers = [i.revision.number for i in seen if isinstance(i, ChangeBatch)]
     assert numbers == sorted(set(numbers)), "the watcher's revisions went back or repeated"
+
+
+# ---------------------------------------------------------------- batches only one hub made
+
+
+@pytest.fixture
+async def others(logical_dsn: str, lschema: str) -> AsyncIterator[str]:
+    """``<schema>.other``: a second table, whose commits move the follower on."""
+    conn = await asyncpg.connect(logical_dsn)
+    await conn.execute(f"CREATE TABLE {lschema}.other (id int PRIMARY KEY, v bigint NOT NULL)")
+    await conn.close()
+    yield f"{lschema}.other"
+
+
+async def past_a_batch_only_b_made(
+    db: asyncpg.Connection, b: RunningDaemon, follower: RunningDaemon, others: str, ddl: str
+) -> int:
+    """Run ``ddl`` and a Sync on B only (the catalog checks are hours apart: B's barrier is
+    what finds it and makes a batch of its own; A knows nothing of it), then commit to the
+    other table until the follower, on A, is past B's batch. Returns B's batch number."""
+    await db.execute(ddl)
+    async with AsyncClient(b.target) as on_b:
+        await on_b.sync()  # (B's barrier round checks the catalog and acts)
+    made = b.core.revisions.seq
+    n = 0
+    while follower.core.revisions.applied <= made:
+        n += 1
+        before = follower.core.revisions.applied
+        await db.execute(f"INSERT INTO {others} VALUES ($1, 0) ON CONFLICT (id) DO UPDATE SET v = {others}.v + 1", n)
+        await eventually(
+            lambda before=before: follower.core.revisions.applied > before,  # type: ignore[misc]
+            timeout=30,
+            what="the commit applied on the follower",
+        )
+    return made
+
+
+async def test_a_follower_resumed_on_a_hub_that_reloaded_a_table_its_old_hub_did_not_reads_it_again(
+    start_logical, start_follower, logical_dsn, accounts, others
+):
+    """A column added to ``acct``: hub B's catalog check (a Sync on B) reloads it at a number of
+    B's own; A has not checked. The follower, on A, applies commits of another table past that
+    number, then is switched to B and resumes after it: the stream never brings B's reload.
+    Resuming, it reads ``acct`` again (B lists another definition of it): it serves the rows
+    with the new column, as the database has them, without a rebuild and without a RESET."""
+    slow = {"catalog_check_interval": 3600.0}
+    a = await start_logical([accounts, others], **slow)
+    b = await start_logical([accounts, others], **slow)
+    proxy = Proxy(host="127.0.0.1", port=await port_of(a))
+    await proxy.start()
+    db = await asyncpg.connect(logical_dsn)
+    follower = await start_follower(f"127.0.0.1:{proxy.port}")
+    source = follower.daemon.source
+    try:
+        async with AsyncClient(follower.target) as cache, AsyncClient(a.target) as on_a:
+            seen, watcher = watch_on(cache, accounts)
+            await eventually(lambda: follower.core.fanout.subscribers >= 1, what="the watcher subscribed")
+            await db.execute(f"INSERT INTO {others} VALUES (0, 0)")
+            await eventually(
+                lambda: follower.core.revisions.applied >= b.core.fanout.oldest,
+                timeout=30,
+                what="the follower past B's first revision",
+            )
+            made = await past_a_batch_only_b_made(
+                db, b, follower, others, f"ALTER TABLE {accounts} ADD COLUMN extra int NOT NULL DEFAULT 7"
+            )
+            assert "extra" not in (await on_a.get(accounts, 1) or {})  # (A has not noticed)
+            assert "extra" not in (await cache.get(accounts, 1) or {})
+            resumes = source.resumes
+            position = follower.core.revisions.applied
+            assert position > made
+            proxy.retarget("127.0.0.1", await port_of(b))
+            await eventually(
+                lambda: source.resumes > resumes and source.following, timeout=30, what="following B again"
+            )
+            expected = {r["id"]: dict(r) for r in await db.fetch(f"SELECT id, v, extra FROM {accounts}")}
+            await eventually(lambda: follower.core.engine.ready, what="memory trusted again")
+            got = await cache.batch_get(accounts, list(expected))  # (EVENTUAL: from memory)
+            assert got == list(expected.values())
+            # Its watchers hear of it with B's next revision: the table changed as a whole.
+            await db.execute(f"UPDATE {others} SET v = v + 1 WHERE id = 0")
+            await eventually(
+                lambda: any(
+                    isinstance(i, ChangeBatch)
+                    and i.revision.number > position
+                    and any(c.operation == "table_changed" for c in i.changes)
+                    for i in seen
+                ),
+                timeout=30,
+                what="the watcher told of the table read again",
+            )
+            # Back to A, which has still not checked its catalog: its listing says the old
+            # definition. The follower's Sync on A makes A act on the DDL before the listing
+            # counts, so nothing is read again from A's rows without the column (A's own
+            # reload comes by the stream), and memory holds the column throughout.
+            resumes = source.resumes
+            proxy.retarget("127.0.0.1", await port_of(a))
+            await eventually(
+                lambda: source.resumes > resumes and source.following, timeout=30, what="following A again"
+            )
+            await eventually(lambda: follower.core.engine.ready, what="memory trusted again")
+            assert await cache.batch_get(accounts, list(expected)) == list(expected.values())
+            assert "extra" in (await on_a.get(accounts, 1) or {})
+            assert source.reconciled == 1
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    finally:
+        await proxy.close()
+        await db.close()
+    assert source.rebuilds == 0 and source.reconciled == 1
+    assert not [i for i in seen if isinstance(i, Reset)], "the follower's watcher was reset"
+
+
+async def test_a_follower_resumed_on_a_hub_that_stopped_serving_a_table_stops_serving_it_too(
+    start_logical, start_follower, logical_dsn, accounts, others
+):
+    """``acct`` dropped: hub B's catalog check stops serving it, at a number of its own; A has
+    not checked (a DROP sends nothing down the stream). The follower, switched to B past that
+    number, must not go on serving ``acct``'s rows from memory, with no end."""
+    slow = {"catalog_check_interval": 3600.0}
+    a = await start_logical([accounts, others], **slow)
+    b = await start_logical([accounts, others], **slow)
+    proxy = Proxy(host="127.0.0.1", port=await port_of(a))
+    await proxy.start()
+    db = await asyncpg.connect(logical_dsn)
+    follower = await start_follower(f"127.0.0.1:{proxy.port}")
+    source = follower.daemon.source
+    try:
+        async with AsyncClient(follower.target) as cache:
+            await db.execute(f"INSERT INTO {others} VALUES (0, 0)")
+            await eventually(
+                lambda: follower.core.revisions.applied >= b.core.fanout.oldest,
+                timeout=30,
+                what="the follower past B's first revision",
+            )
+            assert await cache.get(accounts, 1) is not None
+            await past_a_batch_only_b_made(db, b, follower, others, f"DROP TABLE {accounts}")
+            assert b.core.tables[accounts].problem is not None and a.core.tables[accounts].problem is None
+            assert follower.core.tables[accounts].problem is None  # (A's stream said nothing)
+            resumes = source.resumes
+            proxy.retarget("127.0.0.1", await port_of(b))
+            await eventually(
+                lambda: source.resumes > resumes and source.following, timeout=30, what="following B again"
+            )
+            problem = follower.core.tables[accounts].problem
+            assert problem is not None and "does not exist" in problem
+            listed = {t.name: t for t in await cache.list_tables()}
+            assert listed[accounts].problem and listed[others].problem == ""
+            await db.execute(f"UPDATE {others} SET v = 5 WHERE id = 0")
+            assert (await cache.get(others, 0, consistency="strong"))["v"] == 5  # (the other table: served)
+    finally:
+        await proxy.close()
+        await db.close()
+    assert source.rebuilds == 0 and source.reconciled == 1

@@ -261,7 +261,7 @@ class Column(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., type_name: _Optional[str] = ..., enum: _Optional[bool] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem", "load", "indexed_columns")
+    __slots__ = ("name", "key_columns", "mode", "row_count", "loaded", "revision", "max_rows", "bytes", "indexes", "problem", "load", "indexed_columns", "definition")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class TableInfo(_message.Message):
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     INDEXED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_columns: _containers.RepeatedCompositeFieldContainer[Column]
     mode: TableMode
@@ -286,7 +287,8 @@ class TableInfo(_message.Message):
     problem: str
     load: LoadProgress
     indexed_columns: _containers.RepeatedCompositeFieldContainer[Column]
-    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ..., load: _Optional[_Union[LoadProgress, _Mapping]] = ..., indexed_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
+    definition: str
+    def __init__(self, name: _Optional[str] = ..., key_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mode: _Optional[_Union[TableMode, str]] = ..., row_count: _Optional[int] = ..., loaded: _Optional[bool] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., max_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., problem: _Optional[str] = ..., load: _Optional[_Union[LoadProgress, _Mapping]] = ..., indexed_columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., definition: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("running", "rows", "expected_rows", "seconds", "rows_per_second", "eta_seconds", "completed")
