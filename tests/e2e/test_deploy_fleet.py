@@ -191,6 +191,108 @@ def test_followers_trust_cert_managers_ca_without_the_hubs_key():
     }
 
 
+# -- hubs on a read replica (components/hubs-on-replica) ---------------------------------
+
+REPLICA = ("logical-capture", "hubs-on-replica")  # in this order: the component needs logical capture
+REPLICA_SECRETS = {  # dummy Secrets, as an operator creates them (deploy/README.md)
+    ("cache-sidecar-hub-replica-db", "dsn"): "postgresql://cache_sidecar:replica-pw@db-replica/app",
+    ("cache-sidecar-hub-db", "dsn"): "postgresql://cache_sidecar:primary-pw@db/app",
+}
+
+
+def without_hub_env(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects with the hub container's environment left out."""
+    copied = json.loads(json.dumps(objects))
+    for container in pod_spec(copied, "Deployment", "cache-sidecar-hub")["containers"]:
+        container.pop("env")
+    return copied  # type: ignore[no-any-return]
+
+
+def resolved_env(container: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's environment as the kubelet gives it, the Secrets' keys from ``secrets``."""
+    env = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[(ref["name"], ref["key"])]
+    return env
+
+
+def test_hubs_on_a_replica_read_it_and_send_barriers_to_the_primary():
+    objects = hubs(REPLICA)
+    (hub,) = pod_spec(objects, "Deployment", "cache-sidecar-hub")["containers"]
+    env = {e["name"]: e for e in hub["env"]}
+    assert len(env) == len(hub["env"]), "a variable set twice"
+    assert env["CACHE_SIDECAR_DATABASE_DSN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "cache-sidecar-hub-replica-db", "key": "dsn"}
+    }
+    assert env["CACHE_SIDECAR_DATABASE_PRIMARY_DSN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "cache-sidecar-hub-db", "key": "dsn"}
+    }
+    assert env["CACHE_SIDECAR_DATABASE_CAPTURE"] == {"name": "CACHE_SIDECAR_DATABASE_CAPTURE", "value": "logical"}
+    # Nothing else changes: probes (readiness: every table loaded), resources, the Service
+    # the followers dial, the PDB, the NetworkPolicy, the ConfigMap; and the install Job
+    # stays on the primary as the tables' owner (the publication is made there).
+    assert without_hub_env(objects) == without_hub_env(hubs(("logical-capture",)))
+    (job,) = pod_spec(objects, "Job", "cache-sidecar-triggers")["containers"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in job["env"] if "valueFrom" in e]
+    assert refs == [{"name": "cache-sidecar-owner-db", "key": "dsn"}]
+
+
+def test_hubs_on_a_replica_leave_the_followers_as_they_are():
+    """The followers' overlay is not touched (they follow the same Service); the component
+    cannot land on it (no hubs there: it would never put a DSN into an app's pod)."""
+    assert one(hubs(REPLICA), "Service", "cache-sidecar-hub") == one(hubs(), "Service", "cache-sidecar-hub")
+    assert one(hubs(REPLICA), "NetworkPolicy") == one(hubs(), "NetworkPolicy")
+    with pytest.raises(RuntimeError, match="cache-sidecar-hub"):
+        check.render("followers", ("hubs-on-replica",))
+
+
+@pytest.mark.parametrize("components", [("hubs-on-replica",), ("hubs-on-replica", "logical-capture")])
+def test_hubs_on_a_replica_do_not_render_without_logical_capture_before_them(components):
+    """A standby has no triggers and no LISTEN: without capture logical the hubs would
+    refuse to start (exit 2, database.primary_dsn); the render says so first."""
+    with pytest.raises(RuntimeError, match="CACHE_SIDECAR_DATABASE_CAPTURE"):
+        check.render("hubs", components)
+
+
+def test_the_hubs_command_on_a_replica_takes_both_dsns(tmp_path):
+    """The hub container's exact command, with its environment (dummy Secrets) and its
+    sidecar.toml, run here with --print-config: both DSNs and logical capture are taken."""
+    objects = hubs(REPLICA)
+    spec = pod_spec(objects, "Deployment", "cache-sidecar-hub")
+    (hub,) = spec["containers"]
+    (tmp_path / "sidecar.toml").write_text(sidecar_toml(objects, spec, hub))
+    args = [a.replace("/etc/cache-sidecar/sidecar.toml", str(tmp_path / "sidecar.toml")) for a in hub["args"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
+    container_env = resolved_env(hub, REPLICA_SECRETS)
+    printed = subprocess.run(
+        [str(BIN / "cache-sidecar"), *args, "--print-config"],
+        env={**env, **container_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    database = tomllib.loads(printed.stdout)["database"]
+    assert database["dsn"] == "postgresql://cache_sidecar@db-replica/app"  # the password is never printed
+    assert database["primary_dsn"] == "postgresql://cache_sidecar@db/app"
+    assert database["capture"] == "logical"
+    assert "-pw" not in printed.stdout
+    # the daemon's own check, which the render guard spares the operator
+    del container_env["CACHE_SIDECAR_DATABASE_CAPTURE"]
+    refused = subprocess.run(
+        [str(BIN / "cache-sidecar"), *args, "--print-config"],
+        env={**env, **container_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "database.primary_dsn" in refused.stderr
+
+
 # -- the tokens Job's script, against a stand-in for the Kubernetes API ---------------------
 
 
