@@ -48,7 +48,12 @@ CUSTOM = {
 # overlay -> the component sets an operator may add (deploy/README.md); each is rendered.
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "direct": [(), ("monitoring",), ("shared-memory",), ("logical-capture",)],
-    "hubs": [(), ("hub-cert-manager", "generated-tokens", "monitoring"), ("logical-capture",)],
+    "hubs": [
+        (),
+        ("hub-cert-manager", "generated-tokens", "monitoring"),
+        ("logical-capture",),
+        ("logical-capture", "hubs-on-replica"),  # in this order: hubs-on-replica needs logical capture
+    ],
     "followers": [(), ("follower-cert-manager", "monitoring", "shared-memory")],
 }
 

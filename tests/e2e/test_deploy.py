@@ -134,6 +134,7 @@ def test_the_layouts_are_a_base_and_overlays_with_components():
         "monitoring",
         "shared-memory",
         "logical-capture",
+        "hubs-on-replica",
     }
     for name in components:
         assert load_yaml(K8S / "components" / name / "kustomization.yaml")["kind"] == "Component"

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import secrets as secrets_module
 import signal
 import ssl
 import subprocess
@@ -189,6 +190,193 @@ def test_followers_trust_cert_managers_ca_without_the_hubs_key():
         "secretName": "cache-sidecar-hub-tls",
         "items": [{"key": "ca.crt", "path": PurePosixPath(upstream["tls_ca_file"]).name}],
     }
+
+
+# -- hubs on a read replica (components/hubs-on-replica) ---------------------------------
+
+REPLICA = ("logical-capture", "hubs-on-replica")  # in this order: the component needs logical capture
+REPLICA_SECRETS = {  # dummy Secrets, as an operator creates them (deploy/README.md)
+    ("cache-sidecar-hub-replica-db", "dsn"): "postgresql://cache_sidecar:replica-pw@db-replica/app",
+    ("cache-sidecar-hub-db", "dsn"): "postgresql://cache_sidecar:primary-pw@db/app",
+}
+
+
+def without_hub_env(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects with the hub container's environment left out."""
+    copied = json.loads(json.dumps(objects))
+    for container in pod_spec(copied, "Deployment", "cache-sidecar-hub")["containers"]:
+        container.pop("env")
+    return copied  # type: ignore[no-any-return]
+
+
+def resolved_env(container: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's environment as the kubelet gives it, the Secrets' keys from ``secrets``."""
+    env = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[(ref["name"], ref["key"])]
+    return env
+
+
+def test_hubs_on_a_replica_read_it_and_send_barriers_to_the_primary():
+    objects = hubs(REPLICA)
+    (hub,) = pod_spec(objects, "Deployment", "cache-sidecar-hub")["containers"]
+    env = {e["name"]: e for e in hub["env"]}
+    assert len(env) == len(hub["env"]), "a variable set twice"
+    assert env["CACHE_SIDECAR_DATABASE_DSN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "cache-sidecar-hub-replica-db", "key": "dsn"}
+    }
+    assert env["CACHE_SIDECAR_DATABASE_PRIMARY_DSN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "cache-sidecar-hub-db", "key": "dsn"}
+    }
+    assert env["CACHE_SIDECAR_DATABASE_CAPTURE"] == {"name": "CACHE_SIDECAR_DATABASE_CAPTURE", "value": "logical"}
+    # Nothing else changes: probes (readiness: every table loaded), resources, the Service
+    # the followers dial, the PDB, the NetworkPolicy, the ConfigMap; and the install Job
+    # stays on the primary as the tables' owner (the publication is made there).
+    assert without_hub_env(objects) == without_hub_env(hubs(("logical-capture",)))
+    (job,) = pod_spec(objects, "Job", "cache-sidecar-triggers")["containers"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in job["env"] if "valueFrom" in e]
+    assert refs == [{"name": "cache-sidecar-owner-db", "key": "dsn"}]
+
+
+def test_hubs_on_a_replica_leave_the_followers_as_they_are():
+    """The followers' overlay is not touched (they follow the same Service); the component
+    cannot land on it (no hubs there: it would never put a DSN into an app's pod)."""
+    assert one(hubs(REPLICA), "Service", "cache-sidecar-hub") == one(hubs(), "Service", "cache-sidecar-hub")
+    assert one(hubs(REPLICA), "NetworkPolicy") == one(hubs(), "NetworkPolicy")
+    with pytest.raises(RuntimeError, match="cache-sidecar-hub"):
+        check.render("followers", ("hubs-on-replica",))
+
+
+@pytest.mark.parametrize("components", [("hubs-on-replica",), ("hubs-on-replica", "logical-capture")])
+def test_hubs_on_a_replica_do_not_render_without_logical_capture_before_them(components):
+    """A standby has no triggers and no LISTEN: without capture logical the hubs would
+    refuse to start (exit 2, database.primary_dsn); the render says so first."""
+    with pytest.raises(RuntimeError, match="CACHE_SIDECAR_DATABASE_CAPTURE"):
+        check.render("hubs", components)
+
+
+def test_the_hubs_command_on_a_replica_takes_both_dsns(tmp_path):
+    """The hub container's exact command, with its environment (dummy Secrets) and its
+    sidecar.toml, run here with --print-config: both DSNs and logical capture are taken."""
+    objects = hubs(REPLICA)
+    spec = pod_spec(objects, "Deployment", "cache-sidecar-hub")
+    (hub,) = spec["containers"]
+    (tmp_path / "sidecar.toml").write_text(sidecar_toml(objects, spec, hub))
+    args = [a.replace("/etc/cache-sidecar/sidecar.toml", str(tmp_path / "sidecar.toml")) for a in hub["args"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
+    container_env = resolved_env(hub, REPLICA_SECRETS)
+    printed = subprocess.run(
+        [str(BIN / "cache-sidecar"), *args, "--print-config"],
+        env={**env, **container_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    database = tomllib.loads(printed.stdout)["database"]
+    assert database["dsn"] == "postgresql://cache_sidecar@db-replica/app"  # the password is never printed
+    assert database["primary_dsn"] == "postgresql://cache_sidecar@db/app"
+    assert database["capture"] == "logical"
+    assert "-pw" not in printed.stdout
+    # the daemon's own check, which the render guard spares the operator
+    del container_env["CACHE_SIDECAR_DATABASE_CAPTURE"]
+    refused = subprocess.run(
+        [str(BIN / "cache-sidecar"), *args, "--print-config"],
+        env={**env, **container_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "database.primary_dsn" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def standby_pair() -> Any:
+    """A primary and its streaming hot standby (tests/support/standby.py), both local."""
+    from tests.support.standby import start_standby_pair
+
+    pair = start_standby_pair()
+    yield pair
+    pair.stop()
+
+
+def test_the_hubs_on_a_replica_serve_from_it_with_barriers_on_the_primary(standby_pair, tmp_path):
+    """The composition's install Job and hub, their exact commands and environments (the
+    Secrets: the owner's and the hubs' DSN the primary, the replica's the standby) and the
+    overlay's sidecar.toml but for paths and ports: the Job installs the publication on the
+    primary, the hub becomes ready (the probe's health) with its slot on the standby, serves
+    over TLS with a token, and a STRONG read sees a commit just made on the primary."""
+    primary_dsn, replica_dsn = standby_pair.primary.dsn, standby_pair.standby.dsn
+    standby_pair.query(primary_dsn, "CREATE TABLE public.patron (id int PRIMARY KEY, name text)")
+    standby_pair.query(primary_dsn, "INSERT INTO public.patron VALUES (1, 'Ada')")
+    objects = hubs(REPLICA)
+    spec = pod_spec(objects, "Deployment", "cache-sidecar-hub")
+    (hub,) = spec["containers"]
+    authority = Authority(tmp_path / "ca", "fleet CA")
+    issued = authority.issue("hub", hosts=("127.0.0.1", "localhost"))
+    token = secrets_module.token_hex(32)
+    (tmp_path / "tokens").write_text(token + "\n")
+    hub_port, hub_health = free_port(), free_port()
+    (tmp_path / "hub.toml").write_text(
+        sidecar_toml(objects, spec, hub)
+        .replace("0.0.0.0:50051", f"127.0.0.1:{hub_port}")
+        .replace("0.0.0.0:50052", f"127.0.0.1:{hub_health}")
+        .replace('listen = "0.0.0.0:9464"', 'listen = ""')
+        .replace("/etc/cache-sidecar/tls/tls.crt", str(issued.cert))
+        .replace("/etc/cache-sidecar/tls/tls.key", str(issued.key))
+        .replace("/etc/cache-sidecar/tokens/tokens", str(tmp_path / "tokens"))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CACHE_SIDECAR_"))}
+    exe = str(BIN / "cache-sidecar")
+
+    def command(args: list[str]) -> list[str]:
+        return [exe, *(a.replace("/etc/cache-sidecar/sidecar.toml", str(tmp_path / "hub.toml")) for a in args)]
+
+    (installer,) = pod_spec(objects, "Job", "cache-sidecar-triggers")["containers"]
+    job_env = resolved_env(installer, {("cache-sidecar-owner-db", "dsn"): primary_dsn})
+    installed = subprocess.run(command(installer["args"]), env={**env, **job_env}, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    hub_env = resolved_env(
+        hub, {("cache-sidecar-hub-replica-db", "dsn"): replica_dsn, ("cache-sidecar-hub-db", "dsn"): primary_dsn}
+    )
+    process = subprocess.Popen(command(hub["args"]), env={**env, **hub_env}, stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{hub_health}") as channel:
+            probe = health_pb2_grpc.HealthStub(channel)
+
+            def ready() -> bool:
+                if process.poll() is not None:
+                    raise RuntimeError(process.stderr.read() if process.stderr else "exited")
+                try:
+                    return bool(probe.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1)
+                except grpc.RpcError:
+                    return False
+
+            wait_until(ready, 120, 0.05, what="the hub on the replica ready")
+        logical_slots = "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'"
+        assert standby_pair.query(replica_dsn, logical_slots) == [(1,)]
+        assert standby_pair.query(primary_dsn, logical_slots) == [(0,)]
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=authority.cert_file.read_bytes()),
+            grpc.access_token_call_credentials(token),
+        )
+        target = f"localhost:{hub_port}"
+        with Client(target, channel=grpc.secure_channel(target, credentials)) as cache:
+            assert cache.get("public.patron", 1) == {"id": 1, "name": "Ada"}
+            standby_pair.query(primary_dsn, "UPDATE public.patron SET name = 'Grace' WHERE id = 1")
+            before = standby_pair.statements("cache-sidecar")
+            assert cache.get("public.patron", 1, consistency="strong") == {"id": 1, "name": "Grace"}
+            barriers = standby_pair.statements("cache-sidecar")[len(before) :]
+            assert barriers and all("pg_logical_emit_message(true" in text for text in barriers), barriers
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 # -- the tokens Job's script, against a stand-in for the Kubernetes API ---------------------
