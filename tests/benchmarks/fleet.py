@@ -241,7 +241,7 @@ async def commits(conn: asyncpg.Connection) -> int:
 
 
 async def visibility(
-    dsn: str, watched: list[Sidecar], rate: float, seconds: float, everyone: list[Sidecar]
+    dsn: str, watched: list[Sidecar], rate: float, seconds: float, everyone: list[Sidecar], settle: bool = True
 ) -> list[list[float]]:
     """Paced single-row UPDATEs; for each watched sidecar, commit -> batch-on-its-Watch
     latencies in ms (the commit time is when the UPDATE returned to the writer). Every one
@@ -279,7 +279,7 @@ async def visibility(
                     raise
                 await asyncio.sleep(0.2)
 
-    settling = [grpc.aio.insecure_channel(s.target) for s in everyone]
+    settling = [grpc.aio.insecure_channel(s.target) for s in everyone] if settle else []
     try:
         await asyncio.gather(*(synced(c) for c in settling))
     finally:
@@ -638,6 +638,21 @@ QUIET = "-c log_statement=none"
 
 
 @dataclass
+class Syncs:
+    """Syncs through the followers in a window: succeeded, failed (and why), their times."""
+
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    ms: list[float] = field(default_factory=list)
+
+    def cell(self) -> str:
+        if not self.ok and not self.failed:
+            return "--"
+        times = f"{pct(self.ms, 0.5):.0f} / {pct(self.ms, 0.99):.0f}" if self.ms else "-- / --"
+        return f"{self.ok} / {sum(self.failed.values())}; {times}"
+
+
+@dataclass
 class StandbyLayout:
     name: str
     hubs: int = 0
@@ -649,9 +664,7 @@ class StandbyLayout:
     statements: int = 0  # the daemon's statements on the primary in them
     tokens: int = 0  # of which barrier tokens (pg_logical_emit_message)
     others: list[str] = field(default_factory=list)  # the rest, a few for the report
-    syncs: int = 0  # Syncs through the followers that succeeded in the windows
-    sync_failures: int = 0
-    sync_ms: list[float] = field(default_factory=list)
+    syncs: list[Syncs] = field(default_factory=lambda: [Syncs(), Syncs()])  # under pgbench, under paced writes
     barrier_waits: int = 0  # reads the hubs' barriers answered (cache_sidecar_barrier_seconds_count)
     backends: int = 0  # the daemon's backends on the primary (most seen)
     edge_ms: list[float] = field(default_factory=list)  # commit -> visible on followers
@@ -687,7 +700,7 @@ async def _hub_barriers(port: int) -> float:
     return 0.0
 
 
-async def _sync_trickle(followers: list[Sidecar], rate: float, layout: StandbyLayout) -> None:
+async def _sync_trickle(followers: list[Sidecar], rate: float, count: Syncs) -> None:
     """Syncs through the followers in turn, ``rate`` a second (each its own call, not waiting
     for the one before): read barriers on their hubs, as STRONG reads would make."""
     channels = [grpc.aio.insecure_channel(f.target) for f in followers]
@@ -697,11 +710,12 @@ async def _sync_trickle(followers: list[Sidecar], rate: float, layout: StandbyLa
         began = time.perf_counter()
         try:
             await pb_grpc.CacheStub(channel).Sync(pb.SyncRequest(), timeout=10)
-        except grpc.RpcError:
-            layout.sync_failures += 1
+        except grpc.RpcError as exc:
+            why = f"{exc.code().name}: {(exc.details() or '')[:80]}"
+            count.failed[why] = count.failed.get(why, 0) + 1
             return
-        layout.syncs += 1
-        layout.sync_ms.append((time.perf_counter() - began) * 1000)
+        count.ok += 1
+        count.ms.append((time.perf_counter() - began) * 1000)
 
     try:
         n = 0
@@ -721,18 +735,18 @@ async def _sync_trickle(followers: list[Sidecar], rate: float, layout: StandbyLa
 
 
 async def _standby_round(pair: Any, layout: StandbyLayout, args: argparse.Namespace, first: bool) -> None:
-    """One round of one layout: its fleet started (if any), pgbench on the primary with the
-    Sync trickle, then commit -> visible on the followers; the fleet stopped."""
+    """One round of one layout: its fleet started (if any); pgbench on the primary, then
+    paced single-row UPDATEs timed commit -> visible on followers, each with a trickle of
+    Syncs through the followers and the daemon's statements on the primary counted; the
+    fleet stopped."""
     primary = pair.primary.dsn
     hubs: list[Sidecar] = []
     metrics: list[int] = []
     if layout.name != "no fleet":
         common = ["--table", TABLE, "--capture", "logical", "--install-capture"]
-        where = (
-            ["--dsn", primary]
-            if layout.name == "hubs on the primary"
-            else ["--dsn", pair.standby.dsn, "--primary-dsn", primary]
-        )
+        where = ["--dsn", primary]
+        if layout.name == "hubs on the standby":
+            where = ["--dsn", pair.standby.dsn, "--primary-dsn", primary]
         metrics = [free_port() for _ in range(args.standby_hubs)]
         hubs = [start([*where, *common, "--metrics-listen", f"127.0.0.1:{port}"]) for port in metrics]
     with running(hubs):
@@ -742,46 +756,56 @@ async def _standby_round(pair: Any, layout: StandbyLayout, args: argparse.Namesp
             await serving(followers)
             layout.hubs, layout.followers = len(hubs), len(followers)
             everyone = [*hubs, *followers]
-            if everyone:  # every follower caught up before anything is measured
-                await visibility(primary, [], args.rate, 0, everyone)
             conn = await asyncpg.connect(primary, server_settings={"log_statement": "none"})
             try:
-                log = pair.primary.base / "log"
-                offset = log.stat().st_size
-                barriers = [await _hub_barriers(port) for port in metrics]
-                layout.backends = max(layout.backends, await backends(conn))
-                trickle = (
-                    asyncio.create_task(_sync_trickle(followers, args.standby_sync_rate, layout)) if followers else None
-                )
-                began = time.perf_counter()
-                try:
+
+                @contextlib.asynccontextmanager
+                async def window(count: Syncs) -> Any:
+                    """The daemon's statements on the primary, hub barriers and Syncs meanwhile."""
+                    if everyone:  # every follower caught up (no backlog counted here)
+                        await visibility(primary, [], args.rate, 0, everyone)
+                    log = pair.primary.base / "log"
+                    offset = log.stat().st_size
+                    barriers = [await _hub_barriers(port) for port in metrics]
+                    layout.backends = max(layout.backends, await backends(conn))
+                    rate = args.standby_sync_rate
+                    trickle = asyncio.create_task(_sync_trickle(followers, rate, count)) if followers else None
+                    began = time.perf_counter()
+                    try:
+                        yield
+                    finally:
+                        if trickle is not None:
+                            trickle.cancel()
+                            await asyncio.gather(trickle, return_exceptions=True)
+                    layout.seconds += time.perf_counter() - began
+                    layout.backends = max(layout.backends, await backends(conn))
+                    layout.barrier_waits += int(sum([await _hub_barriers(p) for p in metrics]) - sum(barriers))
+                    for app, statement in _statements_since(log, offset):
+                        if not app.startswith("cache-sidecar"):
+                            continue
+                        layout.statements += 1
+                        if "pg_logical_emit_message(true" in statement:
+                            layout.tokens += 1
+                        elif len(layout.others) < 6:
+                            layout.others.append(f"{app}: {' '.join(statement.split())[:100]}")
+
+                async with window(layout.syncs[0]):
                     # (the order of sync on/off alternates from round to round)
                     for synchronous in (True, False) if first else (False, True):
                         tps, done = await asyncio.to_thread(pgbench, primary, args.seconds, synchronous, 8, QUIET)
                         (layout.tps_on if synchronous else layout.tps_off).append(tps)
                         layout.changes += done
-                        layout.backends = max(layout.backends, await backends(conn))
-                finally:
-                    if trickle is not None:
-                        trickle.cancel()
-                        await asyncio.gather(trickle, return_exceptions=True)
-                layout.seconds += time.perf_counter() - began
-                layout.barrier_waits += int(sum([await _hub_barriers(p) for p in metrics]) - sum(barriers))
+                if followers:
+                    async with window(layout.syncs[1]):
+                        watched = followers[: args.watched]
+                        with every_cpu(everyone):
+                            latencies = await visibility(
+                                primary, watched, args.rate, args.visibility_seconds, everyone, settle=False
+                            )
+                        layout.edge_ms += [v for per in latencies for v in per]
+                        layout.changes += int(args.rate * args.visibility_seconds)
             finally:
                 await conn.close()
-            for app, statement in _statements_since(log, offset):
-                if not app.startswith("cache-sidecar"):
-                    continue
-                layout.statements += 1
-                if "pg_logical_emit_message(true" in statement:
-                    layout.tokens += 1
-                elif len(layout.others) < 5:
-                    layout.others.append(f"{app}: {statement[:120]}")
-            if followers:
-                watched = followers[: args.watched]
-                with every_cpu(everyone):
-                    latencies = await visibility(primary, watched, args.rate, args.visibility_seconds, everyone)
-                layout.edge_ms += [v for per in latencies for v in per]
 
 
 async def run_standby(pair: Any, args: argparse.Namespace, loads: list[float]) -> list[StandbyLayout]:
@@ -809,34 +833,41 @@ def report_standby(layouts: list[StandbyLayout], args: argparse.Namespace, cpus:
     print()
     base = layouts[0]
     print(
-        "| layout | hubs + followers | tps sync on | x no fleet | tps sync off | x no fleet | daemon backends "
-        "on the primary | daemon statements on the primary /s | barrier tokens | other statements "
-        "| Syncs ok / failed | statements per Sync | statements per change | Sync p50/p99 ms "
+        "| layout | hubs + followers | tps sync on | x no fleet | tps sync off | x no fleet "
+        "| daemon backends on the primary | daemon statements on the primary /s | barrier tokens "
+        "| other statements | statements per Sync | other statements per change "
+        "| Syncs ok / failed; p50 / p99 ms, under pgbench | the same, under paced writes "
         "| commit→visible on followers p50/p99 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for r in layouts:
-        per_sync = f"{r.statements / r.syncs:.3f}" if r.syncs else "--"
+        syncs = sum(c.ok + sum(c.failed.values()) for c in r.syncs)
+        per_sync = f"{r.statements / syncs:.3f}" if syncs else "--"
         per_change = f"{(r.statements - r.tokens) / r.changes:.4f}" if r.changes else "--"
         rate = r.statements / r.seconds if r.seconds else 0.0
-        sync_ms = f"{pct(r.sync_ms, 0.5):.1f} / {pct(r.sync_ms, 0.99):.1f}" if r.sync_ms else "--"
         edge = f"{pct(r.edge_ms, 0.5):.1f} / {pct(r.edge_ms, 0.99):.1f}" if r.edge_ms else "--"
         print(
             f"| {r.name} | {r.hubs} + {r.followers} | {r.tps(True):,.0f} | {r.tps(True) / base.tps(True):.3f} "
-            f"| {r.tps(False):,.0f} | {r.tps(False) / base.tps(False):.3f} | {r.backends} | {rate:.1f} "
-            f"| {r.tokens} | {r.statements - r.tokens} | {r.syncs} / {r.sync_failures} | {per_sync} | {per_change} "
-            f"| {sync_ms} | {edge} |"
+            f"| {r.tps(False):,.0f} | {r.tps(False) / base.tps(False):.3f} | {r.backends} | {rate:.2f} "
+            f"| {r.tokens} | {r.statements - r.tokens} | {per_sync} | {per_change} "
+            f"| {r.syncs[0].cell()} | {r.syncs[1].cell()} | {edge} |"
         )
     print()
     for r in layouts:
         tps = " ".join(f"{x:,.0f}" for x in r.tps_on) + " (on); " + " ".join(f"{x:,.0f}" for x in r.tps_off)
-        print(f"{r.name}: tps per round {tps} (off); hub barrier waits {r.barrier_waits}; changes {r.changes:,}")
+        print(
+            f"{r.name}: tps per round {tps} (off); hub barrier waits {r.barrier_waits}; changes {r.changes:,}; "
+            f"windows {r.seconds:.0f} s"
+        )
+        for c in r.syncs:
+            for why, n in c.failed.items():
+                print(f"  Sync failed {n}x: {why}")
         for line in r.others:
             print(f"  other statement: {line}")
     print()
     print(
-        "(statements per change: the daemon's statements on the primary other than barrier tokens, "
-        "per pgbench transaction)"
+        "(statements per Sync: the daemon's statements on the primary per Sync issued; other statements "
+        "per change: those that are not barrier tokens, per committed change)"
     )
     print(f"(logs: {LOGS})")
 
