@@ -38,6 +38,20 @@ capture (resume by commit LSN) beside NOTIFY (rebuild). ``--failover-switch`` on
 proxies, hub A lives on.
 
     python -m tests.benchmarks.fleet --failover [--failover-followers 30] [--failover-rows 50000]
+
+Hubs on a standby (``--standby``, issue 23): a primary and its streaming hot standby
+(tests/support/standby.py, the primary alone on the first CPU with ``--cpus split``), logical
+capture, three layouts in interleaved rounds (each fleet started afresh, the order reversed
+every other round): no fleet; 2 hubs on the primary + N followers; 2 hubs on the standby
+(``--primary-dsn``) + N followers. Per layout: pgbench tps on the primary (sync on and off)
+and its ratio to no fleet; the daemon's statements on the primary (the primary logs every
+statement with its application name; pgbench's and this script's sessions are not logged),
+split into barrier tokens and the rest, per second, per Sync and per change; the daemon's
+backends on the primary; Syncs through the followers (a steady trickle, under pgbench and
+under paced writes) that succeeded or failed; commit -> visible on followers p50/p99.
+
+    python -m tests.benchmarks.fleet --standby [--standby-followers 30] [--standby-rounds 2]
+                                     [--standby-sync-rate 20] [--seconds 5]
 """
 
 from __future__ import annotations
