@@ -38,6 +38,20 @@ capture (resume by commit LSN) beside NOTIFY (rebuild). ``--failover-switch`` on
 proxies, hub A lives on.
 
     python -m tests.benchmarks.fleet --failover [--failover-followers 30] [--failover-rows 50000]
+
+Hubs on a standby (``--standby``, issue 23): a primary and its streaming hot standby
+(tests/support/standby.py, the primary alone on the first CPU with ``--cpus split``), logical
+capture, three layouts in interleaved rounds (each fleet started afresh, the order reversed
+every other round): no fleet; 2 hubs on the primary + N followers; 2 hubs on the standby
+(``--primary-dsn``) + N followers. Per layout: pgbench tps on the primary (sync on and off)
+and its ratio to no fleet; the daemon's statements on the primary (the primary logs every
+statement with its application name; pgbench's and this script's sessions are not logged),
+split into barrier tokens and the rest, per second, per Sync and per change; the daemon's
+backends on the primary; Syncs through the followers (a steady trickle, under pgbench and
+under paced writes) that succeeded or failed; commit -> visible on followers p50/p99.
+
+    python -m tests.benchmarks.fleet --standby [--standby-followers 30] [--standby-rounds 2]
+                                     [--standby-sync-rate 20] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -159,7 +174,9 @@ def running(sidecars: list[Sidecar]) -> Iterator[list[Sidecar]]:
 # ---------------------------------------------------------------- database side
 
 
-async def prepare(dsn: str, table: str, rows: int) -> None:
+async def prepare(dsn: str, table: str, rows: int, triggers: bool = True) -> None:
+    """The table, filled; with ``triggers`` NOTIFY capture's triggers too (logical capture's
+    publication is installed by its hubs: ``--install-capture``)."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
@@ -175,6 +192,8 @@ async def prepare(dsn: str, table: str, rows: int) -> None:
         await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()
+    if not triggers:
+        return
     installed = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "sidecar", "triggers", "install", "--dsn", dsn, "--table", table],
@@ -198,11 +217,15 @@ def pgbench_binary() -> str:
     return found
 
 
-def pgbench(dsn: str, seconds: float, synchronous_commit: bool, clients: int = 8) -> tuple[float, int]:
-    """Single-row UPDATEs of the cached table: (tps, transactions)."""
+def pgbench(
+    dsn: str, seconds: float, synchronous_commit: bool, clients: int = 8, options: str = ""
+) -> tuple[float, int]:
+    """Single-row UPDATEs of the cached table: (tps, transactions); ``options`` more
+    server settings for its sessions (``-c name=value ...``)."""
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
         script.write(f"\\set id random(1, {ROWS})\nUPDATE {TABLE} SET v = v + 1 WHERE id = :id;\n")
-    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={'on' if synchronous_commit else 'off'}"}
+    sync = f"-c synchronous_commit={'on' if synchronous_commit else 'off'}"
+    env = {**os.environ, "PGOPTIONS": f"{sync} {options}".strip()}
     try:
         result = subprocess.run(
             [pgbench_binary(), "-n", "-f", script.name, "-c", str(clients), "-j", "2", "-T", str(int(seconds)), dsn],
@@ -232,7 +255,7 @@ async def commits(conn: asyncpg.Connection) -> int:
 
 
 async def visibility(
-    dsn: str, watched: list[Sidecar], rate: float, seconds: float, everyone: list[Sidecar]
+    dsn: str, watched: list[Sidecar], rate: float, seconds: float, everyone: list[Sidecar], settle: bool = True
 ) -> list[list[float]]:
     """Paced single-row UPDATEs; for each watched sidecar, commit -> batch-on-its-Watch
     latencies in ms (the commit time is when the UPDATE returned to the writer). Every one
@@ -270,7 +293,7 @@ async def visibility(
                     raise
                 await asyncio.sleep(0.2)
 
-    settling = [grpc.aio.insecure_channel(s.target) for s in everyone]
+    settling = [grpc.aio.insecure_channel(s.target) for s in everyone] if settle else []
     try:
         await asyncio.gather(*(synced(c) for c in settling))
     finally:
@@ -621,6 +644,248 @@ def report_failover(results: list[Failover], rows: int, rate: float, switch: boo
     print(f"(logs: {LOGS})")
 
 
+# ---------------------------------------------------------------- hubs on a standby
+
+# What the benchmark's own sessions on the primary run is not logged (the primary logs every
+# statement, with its application name, so that the daemon's can be counted).
+QUIET = "-c log_statement=none"
+
+
+@dataclass
+class Syncs:
+    """Syncs through the followers in a window: succeeded, failed (and why), their times."""
+
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    ms: list[float] = field(default_factory=list)
+
+    def cell(self) -> str:
+        if not self.ok and not self.failed:
+            return "--"
+        times = f"{pct(self.ms, 0.5):.0f} / {pct(self.ms, 0.99):.0f}" if self.ms else "-- / --"
+        return f"{self.ok} / {sum(self.failed.values())}; {times}"
+
+
+@dataclass
+class StandbyLayout:
+    name: str
+    hubs: int = 0
+    followers: int = 0
+    tps_on: list[float] = field(default_factory=list)
+    tps_off: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # the windows (pgbench with the Sync trickle) in all
+    changes: int = 0  # pgbench's transactions in them
+    statements: int = 0  # the daemon's statements on the primary in them
+    tokens: int = 0  # of which barrier tokens (pg_logical_emit_message)
+    others: list[str] = field(default_factory=list)  # the rest, a few for the report
+    syncs: list[Syncs] = field(default_factory=lambda: [Syncs(), Syncs()])  # under pgbench, under paced writes
+    barrier_waits: int = 0  # reads the hubs' barriers answered (cache_sidecar_barrier_seconds_count)
+    backends: int = 0  # the daemon's backends on the primary (most seen)
+    edge_ms: list[float] = field(default_factory=list)  # commit -> visible on followers
+
+    def tps(self, synchronous: bool) -> float:
+        values = self.tps_on if synchronous else self.tps_off
+        return sum(values) / len(values) if values else float("nan")
+
+
+def _postmaster(base: Path) -> int:
+    return int((base / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def _statements_since(log: Path, offset: int) -> list[tuple[str, str]]:
+    """(application name, statement) the primary logged past ``offset``."""
+    from tests.support.standby import _STATEMENT
+
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [(m.group(1), m.group(2).strip()) for m in _STATEMENT.finditer(text)]
+
+
+async def _hub_barriers(port: int) -> float:
+    """How many reads a hub's read barriers have answered (its barrier histogram's count)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    for line in body.splitlines():
+        if line.startswith("cache_sidecar_barrier_seconds_count"):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+async def _sync_trickle(followers: list[Sidecar], rate: float, count: Syncs) -> None:
+    """Syncs through the followers in turn, ``rate`` a second (each its own call, not waiting
+    for the one before): read barriers on their hubs, as STRONG reads would make."""
+    channels = [grpc.aio.insecure_channel(f.target) for f in followers]
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(channel: grpc.aio.Channel) -> None:
+        began = time.perf_counter()
+        try:
+            await pb_grpc.CacheStub(channel).Sync(pb.SyncRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            why = f"{exc.code().name}: {(exc.details() or '')[:80]}"
+            count.failed[why] = count.failed.get(why, 0) + 1
+            return
+        count.ok += 1
+        count.ms.append((time.perf_counter() - began) * 1000)
+
+    try:
+        n = 0
+        next_at = time.perf_counter()
+        while True:
+            task = asyncio.create_task(one(channels[n % len(channels)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+            next_at += 1 / rate
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    finally:
+        if pending:
+            await asyncio.wait(pending, timeout=15)
+        for channel in channels:
+            await channel.close()
+
+
+async def _standby_round(pair: Any, layout: StandbyLayout, args: argparse.Namespace, first: bool) -> None:
+    """One round of one layout: its fleet started (if any); pgbench on the primary, then
+    paced single-row UPDATEs timed commit -> visible on followers, each with a trickle of
+    Syncs through the followers and the daemon's statements on the primary counted; the
+    fleet stopped."""
+    primary = pair.primary.dsn
+    hubs: list[Sidecar] = []
+    metrics: list[int] = []
+    if layout.name != "no fleet":
+        common = ["--table", TABLE, "--capture", "logical", "--install-capture"]
+        where = ["--dsn", primary]
+        if layout.name == "hubs on the standby":
+            where = ["--dsn", pair.standby.dsn, "--primary-dsn", primary]
+        metrics = [free_port() for _ in range(args.standby_hubs)]
+        hubs = [start([*where, *common, "--metrics-listen", f"127.0.0.1:{port}"]) for port in metrics]
+    with running(hubs):
+        await serving(hubs)
+        followers = [follower(hubs[i % len(hubs)]) for i in range(args.standby_followers)] if hubs else []
+        with running(followers):
+            await serving(followers)
+            layout.hubs, layout.followers = len(hubs), len(followers)
+            everyone = [*hubs, *followers]
+            conn = await asyncpg.connect(primary, server_settings={"log_statement": "none"})
+            try:
+
+                @contextlib.asynccontextmanager
+                async def window(count: Syncs) -> Any:
+                    """The daemon's statements on the primary, hub barriers and Syncs meanwhile."""
+                    if everyone:  # every follower caught up (no backlog counted here)
+                        await visibility(primary, [], args.rate, 0, everyone)
+                    log = pair.primary.base / "log"
+                    offset = log.stat().st_size
+                    barriers = [await _hub_barriers(port) for port in metrics]
+                    layout.backends = max(layout.backends, await backends(conn))
+                    rate = args.standby_sync_rate
+                    trickle = asyncio.create_task(_sync_trickle(followers, rate, count)) if followers else None
+                    began = time.perf_counter()
+                    try:
+                        yield
+                    finally:
+                        if trickle is not None:
+                            trickle.cancel()
+                            await asyncio.gather(trickle, return_exceptions=True)
+                    layout.seconds += time.perf_counter() - began
+                    layout.backends = max(layout.backends, await backends(conn))
+                    layout.barrier_waits += int(sum([await _hub_barriers(p) for p in metrics]) - sum(barriers))
+                    for app, statement in _statements_since(log, offset):
+                        if not app.startswith("cache-sidecar"):
+                            continue
+                        layout.statements += 1
+                        if "pg_logical_emit_message(true" in statement:
+                            layout.tokens += 1
+                        elif len(layout.others) < 6:
+                            layout.others.append(f"{app}: {' '.join(statement.split())[:100]}")
+
+                async with window(layout.syncs[0]):
+                    # (the order of sync on/off alternates from round to round)
+                    for synchronous in (True, False) if first else (False, True):
+                        tps, done = await asyncio.to_thread(pgbench, primary, args.seconds, synchronous, 8, QUIET)
+                        (layout.tps_on if synchronous else layout.tps_off).append(tps)
+                        layout.changes += done
+                if followers:
+                    async with window(layout.syncs[1]):
+                        watched = followers[: args.watched]
+                        with every_cpu(everyone):
+                            latencies = await visibility(
+                                primary, watched, args.rate, args.visibility_seconds, everyone, settle=False
+                            )
+                        layout.edge_ms += [v for per in latencies for v in per]
+                        layout.changes += int(args.rate * args.visibility_seconds)
+            finally:
+                await conn.close()
+
+
+async def run_standby(pair: Any, args: argparse.Namespace, loads: list[float]) -> list[StandbyLayout]:
+    """No fleet, hubs on the primary, hubs on the standby: ``--standby-rounds`` rounds, each
+    layout once a round (its fleet started afresh), the order reversed every other round."""
+    await prepare(pair.primary.dsn, TABLE, ROWS + VISIBLE, triggers=False)
+    await asyncio.to_thread(pair.wait_caught_up)
+    layouts = [StandbyLayout("no fleet"), StandbyLayout("hubs on the primary"), StandbyLayout("hubs on the standby")]
+    for n in range(args.standby_rounds):
+        for layout in layouts if n % 2 == 0 else layouts[::-1]:
+            loads.append(os.getloadavg()[0])
+            print(f"standby: round {n + 1}, {layout.name}, load {loads[-1]:.1f} ... (logs in {LOGS})", file=sys.stderr)
+            await _standby_round(pair, layout, args, n % 2 == 0)
+    return layouts
+
+
+def report_standby(layouts: list[StandbyLayout], args: argparse.Namespace, cpus: str, loads: list[float]) -> None:
+    print(cpus)
+    print(
+        f"{args.standby_rounds} rounds, the layouts interleaved; per round per layout pgbench (8 clients, "
+        f"single-row UPDATEs) {args.seconds:g} s with synchronous_commit on and {args.seconds:g} s off; "
+        f"~{args.standby_sync_rate:g} Syncs/s through the followers meanwhile; "
+        f"load average (1 min) {' / '.join(f'{x:.1f}' for x in loads)}"
+    )
+    print()
+    base = layouts[0]
+    print(
+        "| layout | hubs + followers | tps sync on | x no fleet | tps sync off | x no fleet "
+        "| daemon backends on the primary | daemon statements on the primary /s | barrier tokens "
+        "| other statements | statements per Sync | other statements per change "
+        "| Syncs ok / failed; p50 / p99 ms, under pgbench | the same, under paced writes "
+        "| commit→visible on followers p50/p99 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    for r in layouts:
+        syncs = sum(c.ok + sum(c.failed.values()) for c in r.syncs)
+        per_sync = f"{r.statements / syncs:.3f}" if syncs else "--"
+        per_change = f"{(r.statements - r.tokens) / r.changes:.4f}" if r.changes else "--"
+        rate = r.statements / r.seconds if r.seconds else 0.0
+        edge = f"{pct(r.edge_ms, 0.5):.1f} / {pct(r.edge_ms, 0.99):.1f}" if r.edge_ms else "--"
+        print(
+            f"| {r.name} | {r.hubs} + {r.followers} | {r.tps(True):,.0f} | {r.tps(True) / base.tps(True):.3f} "
+            f"| {r.tps(False):,.0f} | {r.tps(False) / base.tps(False):.3f} | {r.backends} | {rate:.2f} "
+            f"| {r.tokens} | {r.statements - r.tokens} | {per_sync} | {per_change} "
+            f"| {r.syncs[0].cell()} | {r.syncs[1].cell()} | {edge} |"
+        )
+    print()
+    for r in layouts:
+        tps = " ".join(f"{x:,.0f}" for x in r.tps_on) + " (on); " + " ".join(f"{x:,.0f}" for x in r.tps_off)
+        print(
+            f"{r.name}: tps per round {tps} (off); hub barrier waits {r.barrier_waits}; changes {r.changes:,}; "
+            f"windows {r.seconds:.0f} s"
+        )
+        for c in r.syncs:
+            for why, n in c.failed.items():
+                print(f"  Sync failed {n}x: {why}")
+        for line in r.others:
+            print(f"  other statement: {line}")
+    print()
+    print(
+        "(statements per Sync: the daemon's statements on the primary per Sync issued; other statements "
+        "per change: those that are not barrier tokens, per committed change)"
+    )
+    print(f"(logs: {LOGS})")
+
+
 # ---------------------------------------------------------------- CPUs
 
 
@@ -755,8 +1020,22 @@ def main() -> None:
     parser.add_argument(
         "--failover-deadline", type=float, default=300.0, help="seconds the followers have to follow again"
     )
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="only the hubs-on-a-standby comparison: no fleet, hubs on the primary, hubs on a standby",
+    )
+    parser.add_argument("--standby-hubs", type=int, default=2, help="hubs in --standby")
+    parser.add_argument("--standby-followers", type=int, default=30, help="followers in --standby")
+    parser.add_argument("--standby-rounds", type=int, default=2, help="interleaved rounds in --standby")
+    parser.add_argument(
+        "--standby-sync-rate", type=float, default=20.0, help="Syncs per second through the followers in --standby"
+    )
     args = parser.parse_args()
     NICE = args.nice
+    if args.standby:
+        run_standby_main(args)
+        return
     if args.failover:
         from tests.support.logical import start_logical_cluster
 
@@ -788,6 +1067,32 @@ def main() -> None:
         asyncio.run(run(server.dsn, args, cpus))
     finally:
         server.stop()
+
+
+def run_standby_main(args: argparse.Namespace) -> None:
+    """A primary and its streaming standby (tests/support/standby.py); with ``--cpus split``
+    the primary alone on the first CPU, the standby with everything else."""
+    from sidecar.cli import GRPC_EXPERIMENTS
+    from tests.support.standby import start_standby_pair
+
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    pair = start_standby_pair()
+    try:
+        cpus = "CPUs: shared by everything"
+        if args.cpus == "split":
+            cpus = split_cpus(_postmaster(pair.primary.base)).replace("PostgreSQL", "the primary", 1)
+            if SPLIT is not None:
+                standby = _postmaster(pair.standby.base)
+                children = subprocess.run(["pgrep", "-P", str(standby)], capture_output=True, text=True).stdout.split()
+                for pid in [standby, *map(int, children)]:
+                    _set_cpus(pid, SPLIT[1])
+                cpus += "; the standby with them"
+        loads: list[float] = []
+        layouts = asyncio.run(run_standby(pair, args, loads))
+        loads.append(os.getloadavg()[0])
+    finally:
+        pair.stop()
+    report_standby(layouts, args, cpus, loads)
 
 
 async def _allow_connections(dsn: str, count: int) -> None:
