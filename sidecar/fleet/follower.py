@@ -413,7 +413,7 @@ class UpstreamSource:
             # (a keyed INVALIDATE of a full table carries the row refetched since, as any change)
             fresh = self._fresh.get(event.table, -1) >= revision.number or event.table in again
             row = entry(event.row) if full and event.has_row else None
-            out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh))
+            out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh, ahead=event.ahead))
         for name in again:
             rows, at, problem = await self._reload(name)
             if problem is not None:
