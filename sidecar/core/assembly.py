@@ -16,6 +16,7 @@ from sidecar.core.cache import RefetchingTable, TableCache
 from sidecar.core.engine import Engine
 from sidecar.core.fanout import FanOut
 from sidecar.core.full import FullTable
+from sidecar.core.keys import Key
 from sidecar.core.lazy import LazyTable
 from sidecar.core.notices import NoticeIngest
 from sidecar.core.reads import ReadPath
@@ -137,10 +138,26 @@ class Following(Core):
         await super().close()
 
 
-def _fanout(tables: Mapping[str, TableCache], options: Options) -> FanOut:
+class AheadRows:
+    """Whether a table's row held now may be newer than its other rows as of a revision
+    show (a relation's row read from the database, or marked so by the upstream): what
+    the fan-out marks ``ahead`` in a published batch."""
+
+    def __init__(self, tables: Mapping[str, FullTable | ReplicaTable]) -> None:
+        self._tables = tables
+
+    def __call__(self, name: str, key: Key, revision: int) -> bool:
+        table = self._tables.get(name)
+        return table is not None and table.ahead(key, revision)
+
+
+def _fanout(
+    tables: Mapping[str, TableCache], options: Options, ahead: Mapping[str, FullTable | ReplicaTable]
+) -> FanOut:
     return FanOut(
         rows_of=HeldRows(tables),
         row_json=row_json,
+        ahead_of=AheadRows(ahead),
         max_batches=options.history_batches,
         max_bytes=options.history_bytes,
         max_lag=options.watch_max_lag,
@@ -161,14 +178,14 @@ def direct(
     options = options or Options()
     revisions = Revisions(options.stall_after)
     tables: dict[str, RefetchingTable] = {}  # (filled below: the fan-out reads them only when publishing)
-    fanout = _fanout(tables, options)
+    full: dict[str, FullTable] = {}
+    fanout = _fanout(tables, options, full)
     revisions.on_applied(fanout.publish)
     trust = Trust(
         revisions, unavailable=f"the {options.source_name} is down; the cache cannot be brought up to date now"
     )
     router = ChangeRouter(revisions, fanout)
     retention = Retention(options.snapshot_max_bytes)  # what initial states keep alive, across tables
-    full: dict[str, FullTable] = {}
     for schema in schemas:
         table: RefetchingTable
         if schema.config.mode == "full":
@@ -208,15 +225,17 @@ def following(
     options = options or Options()
     revisions = Revisions(options.stall_after)
     tables: dict[str, TableCache] = {}
-    fanout = _fanout(tables, options)
+    replicas: dict[str, ReplicaTable] = {}
+    fanout = _fanout(tables, options, replicas)
     revisions.on_applied(fanout.publish)
     trust = Trust(revisions, unavailable=f"upstream {target} unreachable: the cache cannot be brought up to date now")
     retention = Retention(options.snapshot_max_bytes)
-    replicas: dict[str, ReplicaTable] = {}
     lazies: dict[str, LazyTable] = {}
     for schema in schemas:
         if schema.config.mode == "full":
-            tables[schema.qualified] = replica = replicas[schema.qualified] = ReplicaTable(schema)
+            tables[schema.qualified] = replica = replicas[schema.qualified] = ReplicaTable(
+                schema, fence=trust.fence, seq=lambda: revisions.seq
+            )
             replica.store.retention = retention
         else:
             tables[schema.qualified] = lazies[schema.qualified] = LazyTable(

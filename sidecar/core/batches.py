@@ -159,6 +159,7 @@ class BatchIngest:
         # carries the same one, so the order of the changes does not matter for them.
         carried: dict[str, dict[Key, bytes | None]] = {}
         moved: dict[str, list[Key]] = {}
+        ahead: dict[str, list[Key]] = {}  # rows newer than the batch's other rows: fenced once stored
         for change in batch.changes:
             lazy = self._lazies.get(change.table)
             if lazy is None and change.table not in self._replicas:
@@ -175,6 +176,8 @@ class BatchIngest:
             if change.key is None:
                 continue  # (a whole-table change comes with the table, in ``reloaded``)
             carried.setdefault(change.table, {})[change.key] = change.row
+            if change.ahead:
+                ahead.setdefault(change.table, []).append(change.key)
             if change.old_key is not None:  # the row moved away from it (unless another change says)
                 moved.setdefault(change.table, []).append(change.old_key)
         for name, held in carried.items():
@@ -183,6 +186,8 @@ class BatchIngest:
             self._replicas[name].put(held)
         for name, keys in moved.items():
             self._replicas[name].put(dict.fromkeys(keys))
+        for name, keys in ahead.items():
+            self._replicas[name].fence_ahead(keys)
 
     # ------------------------------------------------------------ trusting memory again
 
@@ -255,3 +260,5 @@ class BatchIngest:
         await asyncio.gather(*self._fence_tasks, return_exceptions=True)
         for lazy in self._lazies.values():
             await lazy.close()
+        for replica in self._replicas.values():
+            await replica.close()

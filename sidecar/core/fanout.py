@@ -77,6 +77,10 @@ class Change:
     # there is one, DELETE if not (relation rows, whose source change does not
     # tell whether the join gained, changed or lost the row).
     by_outcome: bool = False
+    # The row may be newer than other rows of the batch showing the same source rows (a
+    # relation's row read from the database while the change stream had not brought
+    # every commit that read saw): a replica fences the key (ChangeEvent.ahead).
+    ahead: bool = False
 
 
 @dataclass(slots=True)
@@ -200,6 +204,7 @@ class FanOut:
         *,
         rows_of: Callable[[str], dict[Key, bytes] | None],
         row_json: Callable[[bytes], bytes],
+        ahead_of: Callable[[str, Key, int], bool] | None = None,
         max_batches: int = 10_000,
         max_bytes: int = 64 * 1024 * 1024,
         max_lag: int = 1_000,
@@ -209,6 +214,7 @@ class FanOut:
     ) -> None:
         self._rows_of = rows_of  # a full table's rows (key -> cache entry); None for lazy tables
         self._row_json = row_json
+        self._ahead_of = ahead_of  # whether a table's row held now may be newer than a revision's other rows
         self.max_batches = max_batches
         self.max_bytes = max_bytes
         self.max_lag = max_lag
@@ -401,6 +407,8 @@ class FanOut:
             if entry is not None:
                 change.row = self._row_json(entry)
                 size += len(change.row)
+                if self._ahead_of is not None:
+                    change.ahead = self._ahead_of(change.table, change.key, batch.revision)
         batch.size = 2 * size  # and once more for the encoded message every subscriber shares
         batch.tables = frozenset(tables)
 

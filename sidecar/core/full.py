@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
+from sidecar.core.ahead import KeyFences
 from sidecar.core.aio import TaskSet, Waiters
 from sidecar.core.cache import RETRY_MAX_DELAY, RETRY_MIN_DELAY, Rerouted, first_line, unavailable, would_repeat
 from sidecar.core.indexes import IndexQuery
@@ -95,7 +96,7 @@ class FullTable:
         self._on_matched = on_matched  # told which keys a source change touched, per table and batch
         self._fence_source = fence  # returns once every commit before the call was received
         self._fence: asyncio.Future[None] | None = None  # memory answers once this is done
-        self._key_fences: dict[Key, asyncio.Future[None]] = {}  # a relation's rows just refreshed
+        self._key_fences = KeyFences(lambda: self._numbering.seq)  # a relation's rows just refreshed
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.store = RowStore(schema)
@@ -407,7 +408,7 @@ class FullTable:
         (raises ``Reloading`` while a reload is due: memory cannot tell then)."""
         await self._memory_served()
         if self._key_fences:
-            await self._keys_fenced(keys)
+            await self._key_fences.wait(keys)
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         if self._pending:
@@ -431,7 +432,7 @@ class FullTable:
         raises ``Reloading`` while a reload is due."""
         await self._memory_served()
         if self._key_fences:
-            await self._keys_fenced(list(self._key_fences))
+            await self._key_fences.wait(self._key_fences.keys())
         if self._matching:
             await self._table_waiters.wait(self._matching[-1][0])
         for key, level in [(key, pending[1]) for key, pending in self._pending.items()]:
@@ -633,21 +634,12 @@ class FullTable:
         keys = list(keys)
         if not keys:
             return
-        fence = self._new_fence(f"refreshing rows of {self.schema.qualified}")
-        for key in keys:
-            self._key_fences[key] = fence
-        fence.add_done_callback(lambda _: self._drop_key_fences(fence, keys))
+        self._key_fences.add(keys, self._new_fence(f"refreshing rows of {self.schema.qualified}"))
 
-    def _drop_key_fences(self, fence: asyncio.Future[None], keys: list[Key]) -> None:
-        for key in keys:
-            if self._key_fences.get(key) is fence:
-                del self._key_fences[key]
-
-    async def _keys_fenced(self, keys: Iterable[Key]) -> None:
-        """Wait for the fences of ``keys`` under way now (``Reloading`` if one failed)."""
-        fences = {id(f): f for key in keys if (f := self._key_fences.get(key)) is not None}
-        for fence in fences.values():
-            await asyncio.shield(fence)
+    def ahead(self, key: Key, revision: int) -> bool:
+        """Whether ``key``'s row may be newer than the table's other rows as of batch
+        ``revision`` show (the Watch marks it: ``ahead.KeyFences``)."""
+        return self._key_fences.ahead(key, revision)
 
     def _start_fence(self) -> None:
         """Memory answers again once every commit a database read meanwhile may have

@@ -115,6 +115,7 @@ class SourceChange:
     old_key: Key | None = None
     row: bytes | None = None  # full tables: the row now (a cache entry); None: no row
     apply: bool = True  # False: only told to watchers (memory already holds something newer)
+    ahead: bool = False  # the row may be newer than the batch's other rows: fenced (ChangeEvent.ahead)
 
 
 @dataclass(slots=True)

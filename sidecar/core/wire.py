@@ -165,6 +165,8 @@ def _event(change: fanout.Change, head: bytes) -> bytes:
         out += (b"\x2a", _varint(len(change.row)), change.row)
     if change.has_row:
         out.append(b"\x30\x01")
+    if change.ahead:
+        out.append(b"\x38\x01")
     body = b"".join(out)
     return b"\x12" + _varint(len(body)) + body  # ChangeBatch.events (field 2)
 

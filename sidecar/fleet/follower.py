@@ -473,7 +473,7 @@ class UpstreamSource:
             # (a keyed INVALIDATE of a full table carries the row refetched since, as any change)
             fresh = self._fresh.get(event.table, -1) >= revision.number or event.table in again
             row = entry(event.row) if full and event.has_row else None
-            out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh))
+            out.changes.append(SourceChange(event.table, op, key, old_key, row, apply=not fresh, ahead=event.ahead))
         reread: dict[str, Reread] = {}
         for name in again:
             reread[name] = got = await self._reload(name)

@@ -46,6 +46,16 @@ def test_fill_then_hit_then_changes_apply_in_revision_order():
     assert (cache.stats.hits, cache.stats.misses) == (3, 2)
 
 
+def test_a_row_marked_ahead_drops_the_key():
+    """A relation's row the sidecar read ahead of its stream may show a source row newer than
+    the rows held for its other keys do: not served from here, read from the sidecar."""
+    cache = near()
+    fill(cache, 1, version=5, revision=12)
+    row = {"id": 1, "version": 6}
+    cache.apply(batch(13, Change(T, "update", 1, None, row, True, ahead=True)))
+    assert cache.lookup(T, 1) == (False, None)
+
+
 def test_changes_do_not_insert_keys_nobody_read():
     cache = near()
     cache.apply(batch(11, update(7, 1)))
@@ -100,3 +110,20 @@ def test_lru_bound_and_key_moves():
     fill(cache, 4, 1, 11)
     cache.apply(batch(12, Change(T, "update", 40, 4, {"id": 40}, True)))  # key 4 moved to 40
     assert cache.lookup(T, 4) == (False, None)
+
+
+def test_the_client_reads_the_mark_from_the_stream():
+    import json
+
+    from cache_sidecar_client import watch
+    from cache_sidecar_client.api.v1 import cache_pb2 as pb
+
+    def event(ahead: bool) -> pb.ChangeEvent:
+        key = pb.Key(parts=[pb.KeyPart(int_value=1)])
+        return pb.ChangeEvent(table=T, operation=pb.UPDATE, key=key, row=b'{"id":1}', has_row=True, ahead=ahead)
+
+    message = pb.WatchResponse(
+        changes=pb.ChangeBatch(revision=pb.Revision(epoch="e", number=3), events=[event(True), event(False)])
+    )
+    [got] = watch.events(message, json.loads)
+    assert isinstance(got, ChangeBatch) and [c.ahead for c in got.changes] == [True, False]

@@ -138,7 +138,7 @@ def _runtime_batch(epoch: str, revision: int, xid: int, changes: list[fanout.Cha
 
     events = []
     for c in changes:
-        event = pb.ChangeEvent(table=c.table, operation=c.op, has_row=c.has_row)  # type: ignore[arg-type]
+        event = pb.ChangeEvent(table=c.table, operation=c.op, has_row=c.has_row, ahead=c.ahead)  # type: ignore[arg-type]
         if c.key is not None:
             event.key.CopyFrom(key(c.key))
         if c.old_key is not None:
@@ -185,6 +185,7 @@ def test_hand_encoded_batches_equal_the_runtimes(seed):
                 _random_key(rng) if rng.random() < 0.2 else None,
                 rng.choice([None, b"", b'{"id":1}', b"x" * rng.randrange(0, 300)]),
                 rng.random() < 0.5,
+                ahead=rng.random() < 0.3,  # (a row newer than the batch's others: ChangeEvent.ahead)
             )
         )
     epoch = rng.choice(["", "0123456789abcdef"])

@@ -30,6 +30,9 @@ export interface Change {
   oldKey: ReceivedKeyPart | ReceivedKeyPart[] | null;
   row: Record<string, unknown> | null;
   hasRow: boolean;
+  /** The row may be newer than the batch's other rows of the same source rows (a relation's row
+   * read ahead of the sidecar's change stream): drop what you hold of the key and read it. */
+  ahead: boolean;
   /** The decoder could not read the row (`row` is null): the stream goes on; `error` says why. */
   undecodable?: true;
   error?: string;

@@ -317,7 +317,7 @@ class CacheClient {
 
   /**
    * Changes as an async iterator of
-   *   { type: 'changes', revision, xid, changes: [{ table, operation, key, oldKey, row, hasRow }] }
+   *   { type: 'changes', revision, xid, changes: [{ table, operation, key, oldKey, row, hasRow, ahead }] }
    *   { type: 'reset', revision, reason }   discard what you derived from the stream
    *   { type: 'progress', revision }
    *   { type: 'initialStateDone', revision }
@@ -448,6 +448,7 @@ class CacheClient {
       oldKey: fromKey(e.oldKey),
       row: null,
       hasRow: e.hasRow,
+      ahead: Boolean(e.ahead), // newer than the batch's other rows of the same source rows: drop the key, read it
     };
     if (!e.hasRow) return change;
     try {

@@ -210,7 +210,7 @@ class NearCache {
         if (this.inflight.has(id)) this.dirty.add(id);
         const entry = entries.get(slot);
         if (entry === undefined || !newer(batch.revision.number, entry.number)) continue; // not held, or from a newer read
-        if (change.hasRow && slot === newKey && !change.undecodable) entries.set(slot, { row: change.row, number: BigInt(batch.revision.number) });
+        if (change.hasRow && slot === newKey && !change.undecodable && !change.ahead) entries.set(slot, { row: change.row, number: BigInt(batch.revision.number) });
         else entries.delete(slot);
       }
     }

@@ -46,6 +46,13 @@ test('filled on read, then changes apply in revision order', () => {
   assert.deepEqual([cache.stats.hits, cache.stats.misses], [3, 2]);
 });
 
+test('a row marked ahead drops the key rather than being served', () => {
+  const cache = near();
+  fill(cache, 1, 5, 12);
+  cache.apply(batch(13, { ...update(1, 6), ahead: true }));
+  assert.equal(held(cache, 1), null);
+});
+
 test('changes do not insert keys nobody read', () => {
   const cache = near();
   cache.apply(batch(11, update(7, 1)));

@@ -12,6 +12,8 @@ Ordering rules (the sidecar's, applied here):
   never overwritten by an older batch still in flight;
 * a fill that was in flight when a change to its key (or a flush) arrived is
   not stored: the value it read may predate that change;
+* a row marked ``ahead`` (newer than the batch's other rows) drops the key: the
+  sidecar answers it once the rows it is newer than are brought up to it;
 * misses ask the sidecar with ``min_revision`` = the stream's position, so a
   read never returns a value older than one the near-cache already served;
 * a key is held only in the form the change stream names it (an int for an
@@ -215,7 +217,7 @@ class NearCache:
                     entry = entries.get(key)
                     if entry is None or entry[1] >= number:
                         continue  # not held, or held from a newer read
-                    if change.has_row and key == change.key and not change.undecodable:
+                    if change.has_row and key == change.key and not change.undecodable and not change.ahead:
                         entries[key] = (change.row, number)
                     else:
                         del entries[key]

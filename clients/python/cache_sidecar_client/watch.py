@@ -77,6 +77,11 @@ class Change:
     # on; ``error`` says why. Drop what you hold of the key and read it when you need it.
     undecodable: bool = False
     error: str = ""
+    # The row may be newer than the batch's other rows that show the same source rows (a
+    # relation's row the sidecar read ahead of its change stream): a cache that serves reads
+    # from the stream should drop the key and read it from the sidecar, which answers it once
+    # those rows are brought up to it.
+    ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ def _change(e: pb.ChangeEvent, decode: Decoder) -> Change:
         row = decode(e.row)
     except Exception as exc:  # (one row the decoder cannot read must not end the stream)
         return Change(e.table, operation, key, old_key, None, True, True, f"{type(exc).__name__}: {exc}"[:500])
-    return Change(e.table, operation, key, old_key, row, True)
+    return Change(e.table, operation, key, old_key, row, True, ahead=e.ahead)
 
 
 def _change_batch(batch: pb.ChangeBatch, decode: Decoder) -> ChangeBatch:

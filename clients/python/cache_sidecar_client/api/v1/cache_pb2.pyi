@@ -169,20 +169,22 @@ class WatchRequest(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., start_revision: _Optional[_Union[Revision, _Mapping]] = ..., initial_state: _Optional[bool] = ..., progress_interval_ms: _Optional[int] = ..., accept_batches: _Optional[bool] = ...) -> None: ...
 
 class ChangeEvent(_message.Message):
-    __slots__ = ("table", "operation", "key", "old_key", "row", "has_row")
+    __slots__ = ("table", "operation", "key", "old_key", "row", "has_row", "ahead")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     OLD_KEY_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     HAS_ROW_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
     table: str
     operation: Operation
     key: Key
     old_key: Key
     row: bytes
     has_row: bool
-    def __init__(self, table: _Optional[str] = ..., operation: _Optional[_Union[Operation, str]] = ..., key: _Optional[_Union[Key, _Mapping]] = ..., old_key: _Optional[_Union[Key, _Mapping]] = ..., row: _Optional[bytes] = ..., has_row: _Optional[bool] = ...) -> None: ...
+    ahead: bool
+    def __init__(self, table: _Optional[str] = ..., operation: _Optional[_Union[Operation, str]] = ..., key: _Optional[_Union[Key, _Mapping]] = ..., old_key: _Optional[_Union[Key, _Mapping]] = ..., row: _Optional[bytes] = ..., has_row: _Optional[bool] = ..., ahead: _Optional[bool] = ...) -> None: ...
 
 class ChangeBatch(_message.Message):
     __slots__ = ("revision", "events", "xid")
