@@ -232,6 +232,7 @@ def pgbench(
             capture_output=True,
             text=True,
             env=env,
+            preexec_fn=None if PGBENCH_CPUS is None else lambda: os.sched_setaffinity(0, PGBENCH_CPUS or set()),
         )
     finally:
         os.unlink(script.name)
@@ -890,6 +891,7 @@ def report_standby(layouts: list[StandbyLayout], args: argparse.Namespace, cpus:
 
 
 SPLIT: tuple[set[int], set[int]] | None = None  # (every CPU, the sidecars' CPUs) once split
+PGBENCH_CPUS: set[int] | None = None  # pgbench's CPUs when they are not this process's (--cpus apart)
 
 
 def _set_cpus(pid: int, cpus: set[int]) -> None:
@@ -1001,9 +1003,11 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of every sidecar process (0: none)")
     parser.add_argument(
         "--cpus",
-        choices=("split", "shared"),
+        choices=("split", "shared", "apart"),
         default="split",
-        help="split: PostgreSQL alone on the first CPU, the rest elsewhere (as deployed); shared: all on all",
+        help="split: PostgreSQL alone on the first CPU, the rest elsewhere (as deployed); shared: all on all; "
+        "apart (--standby only): the primary and pgbench on the first CPU, the standby and the fleet on the "
+        "others (as if they ran on machines of their own)",
     )
     parser.add_argument(
         "--failover",
@@ -1079,6 +1083,8 @@ def run_standby_main(args: argparse.Namespace) -> None:
     pair = start_standby_pair()
     try:
         cpus = "CPUs: shared by everything"
+        if args.cpus == "apart":
+            cpus = _apart(pair)
         if args.cpus == "split":
             cpus = split_cpus(_postmaster(pair.primary.base)).replace("PostgreSQL", "the primary", 1)
             if SPLIT is not None:
@@ -1093,6 +1099,26 @@ def run_standby_main(args: argparse.Namespace) -> None:
     finally:
         pair.stop()
     report_standby(layouts, args, cpus, loads)
+
+
+def _apart(pair: Any) -> str:
+    """The primary and pgbench on the first CPU; the standby, this process and what it starts
+    (hubs, followers) on the others: the fleet's CPU is not the primary's, as when the
+    standby and the fleet run on machines of their own (pgbench's client work stays beside
+    the primary in every layout alike)."""
+    global PGBENCH_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return f"CPUs: shared (only {len(cpus)} CPU)"
+    primary, others = {cpus[0]}, set(cpus[1:])
+    for base, where in ((pair.primary.base, primary), (pair.standby.base, others)):
+        postmaster = _postmaster(base)
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            _set_cpus(pid, where)
+    os.sched_setaffinity(0, others)  # (before the fleet starts: its processes inherit it)
+    PGBENCH_CPUS = primary
+    return f"CPUs: the primary and pgbench on CPU {cpus[0]}; the standby, hubs and followers on {sorted(others)}"
 
 
 async def _allow_connections(dsn: str, count: int) -> None:
