@@ -178,18 +178,25 @@ class LocalCluster:
             # a test runs -- gRPC's -- run in the child: pg_ctl restart died of SIGSEGV
             # there now and then; runuser switches user after a plain vfork and exec)
             command, user = [runuser, "-u", user, "--", *command], None
-        subprocess.run(command, check=True, capture_output=True, user=user, timeout=60)
+        subprocess.run(command, check=True, capture_output=True, user=user, timeout=PG_CTL_SECONDS + 30)
 
     def restart(self) -> None:
         # (-l again: pg_ctl does not remember it, and a server logging to the pipe _run reads
         # would hold that pipe open: the restart would seem to hang until _run's timeout)
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-m", "fast", "restart")
+        log = str(self.base / "log")
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", str(PG_CTL_SECONDS), "-m", "fast", "restart")
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+            self._run("pg_ctl", "-D", str(self.data), "-w", "-t", str(PG_CTL_SECONDS), "-m", "fast", "stop")
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+# Seconds pg_ctl waits for a stop or restart: with logical capture a fast shutdown waits until
+# every walsender has sent its WAL and its client confirmed it, and a sidecar behind a burst of
+# writes on a loaded machine takes a while to read its backlog (pg_ctl's own default is 60 s).
+PG_CTL_SECONDS = 300
 
 
 def pgserver_bindir() -> str:
