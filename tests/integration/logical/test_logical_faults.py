@@ -525,7 +525,7 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size(cluster, pg, tables, s
             await generate_wal(pg, schema, 4)
             await eventually(
                 lambda: source.slot.wal_status == "unreserved",
-                timeout=3 * logical.SLOT_CHECK_INTERVAL,  # (read every interval; a busy machine is late)
+                timeout=6 * logical.SLOT_CHECK_INTERVAL,  # (read every interval; a busy machine is late)
                 what="the daemon seeing its slot unreserved",
             )
             await pg.execute("CHECKPOINT", timeout=60)
