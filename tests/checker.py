@@ -497,12 +497,17 @@ async def _kill_during_barriers(dsn: str, target: str, report: Report) -> None:
             await asyncio.gather(*syncs, return_exceptions=True)
 
 
+FINAL_SYNC_SECONDS = 300.0  # how long the final comparison waits for a Sync to succeed
+
+
 async def _final_comparison(dsn: str, target: str, report: Report) -> None:
     from cache_sidecar_client import AsyncClient, CacheSidecarError
 
     async with AsyncClient(target, timeout=10) as cache:
-        deadline = time.monotonic() + 60
-        while True:  # the sidecar may still be rebuilding after the last fault
+        # (the sidecar may still be rebuilding after the last fault, or reading the backlog
+        # unthrottled writers left: logical hubs on a loaded machine take minutes)
+        deadline = time.monotonic() + FINAL_SYNC_SECONDS
+        while True:
             try:
                 await cache.sync()
                 break
