@@ -105,13 +105,18 @@ def _config(standby_pair: StandbyPair, table: str, **settings: Any) -> cfg.Confi
     return cfg.Config(**values)
 
 
-async def test_logical_on_a_standby_without_primary_dsn_is_refused(
-    standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def _table_on_both(standby_pair: StandbyPair, sschema: str) -> None:
+    """Table ``t`` made on the primary, and replayed on the standby."""
     primary = await asyncpg.connect(standby_pair.primary.dsn)
     await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
     await primary.close()
     await eventually(standby_pair.caught_up, what="the standby caught up")
+
+
+async def test_logical_on_a_standby_without_primary_dsn_is_refused(
+    standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _table_on_both(standby_pair, sschema)
     assert await Daemon(_config(standby_pair, f"{sschema}.t"), handle_signals=False).run() == 2
     assert "database.primary_dsn" in caplog.text and "hot standby" in caplog.text
 
@@ -119,10 +124,7 @@ async def test_logical_on_a_standby_without_primary_dsn_is_refused(
 async def test_notify_on_a_standby_is_refused(
     standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    primary = await asyncpg.connect(standby_pair.primary.dsn)
-    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
-    await primary.close()
-    await eventually(standby_pair.caught_up, what="the standby caught up")
+    await _table_on_both(standby_pair, sschema)
     config = _config(standby_pair, f"{sschema}.t", capture="notify")
     assert await Daemon(config, handle_signals=False).run() == 2
     assert "database.capture" in caplog.text and "hot standby" in caplog.text
@@ -133,10 +135,7 @@ async def test_notify_on_a_standby_is_refused(
 async def test_primary_dsn_that_is_the_standby_is_refused(
     standby_pair: StandbyPair, sschema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    primary = await asyncpg.connect(standby_pair.primary.dsn)
-    await primary.execute(f"CREATE TABLE {sschema}.t (id int PRIMARY KEY)")
-    await primary.close()
-    await eventually(standby_pair.caught_up, what="the standby caught up")
+    await _table_on_both(standby_pair, sschema)
     config = _config(standby_pair, f"{sschema}.t", primary_dsn=standby_pair.standby.dsn)
     assert await Daemon(config, handle_signals=False).run() == 2
     assert "database.primary_dsn is a standby too" in caplog.text
